@@ -1,0 +1,9 @@
+"""deepwatch: network intrusion detection with deep learning.
+
+Importing the package is cheap: heavy libraries (torch, onnxruntime, polars) load only in the
+modules that need them.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

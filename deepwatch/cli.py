@@ -1,0 +1,238 @@
+"""The ``deepwatch`` command. Thin: each command parses its options and makes one call.
+
+Heavy libraries load inside the commands, so ``deepwatch --help`` and ``score`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import DeepwatchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="deepwatch: network intrusion detection with deep learning.",
+                  pretty_exceptions_enable=False)
+datasets_app = typer.Typer(no_args_is_help=True, help="Known public data sets.")
+app.add_typer(datasets_app, name="datasets")
+
+
+def _err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _progress() -> bool:
+    from .progress import enabled
+
+    return enabled()
+
+
+Files = Annotated[list[str], typer.Argument(help="Input files (.gz ok), globs, PATH=LABEL, or -")]
+Format = Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")]
+
+
+@app.command()
+def train(
+    files: Files,
+    fmt: Format,
+    model: Annotated[str, typer.Option("--model", "-m",
+                                       help="mlp, resnet, snn, stack, autoencoder, hybrid")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Bundle directory to write")],
+    val: Annotated[list[str] | None, typer.Option("--val", help="Validation file(s)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs per network")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (splits, init, sampling)")] = 0,
+    target_fpr: Annotated[float, typer.Option(
+        "--target-fpr", help="False-positive rate the anomaly threshold is calibrated at")] = 0.01,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    decision: Annotated[str, typer.Option(
+        help="auto (KDD data: least expected contest cost), cost or threshold")] = "auto",
+) -> None:
+    """Train a model on labelled (or, for autoencoders, benign) records and save a bundle."""
+    from .train.api import train as run
+
+    manifest = run(fmt, model, files, out, val_inputs=val or (), epochs=epochs, seed=seed,
+                   target_fpr=target_fpr, device=device, policy=decision,
+                   progress=_progress(), log=_err)
+    cal = manifest["metrics"]["calibration"]
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in cal.items()
+                        if isinstance(v, float) and k in ("precision", "recall", "f1", "fpr"))
+    _err(f"validation: {summary}")
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[str, typer.Argument(help="Bundle directory")],
+    files: Files,
+    fmt: Format,
+    json_out: Annotated[str, typer.Option("--json", help="Write metrics JSON here")],
+    report: Annotated[str | None, typer.Option(help="Also write an HTML report")] = None,
+    engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+) -> None:
+    """Score labelled records and write metrics (binary, per type, KDD cost) as JSON."""
+    from .evaluate.run import evaluate as run
+
+    result, cols = run(bundle, fmt, files, engine=engine, progress=_progress())
+    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    b = result["binary"]
+    line = (f"n {result['n']:,}: precision {b['precision']:.4f} recall {b['recall']:.4f} "
+            f"f1 {b['f1']:.4f} fpr {b['fpr']:.4f}")
+    if result.get("kdd_cost") is not None:
+        line += f" kdd_cost {result['kdd_cost']:.4f}"
+    _err(line + f" ({result['rows_per_second']:,.0f} rows/s)")
+    if report:
+        from .viz.report import write_report
+
+        write_report(report, result, cols, title=f"deepwatch evaluation of {bundle}")
+        _err(f"report written to {report}")
+
+
+@app.command()
+def score(
+    bundle: Annotated[str, typer.Argument(help="Bundle directory")],
+    files: Files,
+    fmt: Format,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output .parquet or .jsonl (- stdout)")],
+    alerts_only: Annotated[bool, typer.Option("--alerts-only", help="Keep malicious only")] = False,
+    rejects: Annotated[str | None, typer.Option(help="Write rejected lines (JSONL) here")] = None,
+    engine: Annotated[str, typer.Option(help="local (ONNX Runtime) or spark")] = "local",
+    master: Annotated[str | None, typer.Option(help="Spark master URL (engine spark)")] = None,
+    backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+    cluster: Annotated[bool, typer.Option(
+        "--cluster", help="Group alerts into campaigns (needs an autoencoder)")] = False,
+) -> None:
+    """Score records with a bundle: one row per parsed record, in input order."""
+    if engine == "spark":
+        from .spark import score_spark
+
+        report = score_spark(bundle, fmt, files, out, alerts_only=alerts_only,
+                             rejects=rejects, master=master)
+    elif engine == "local":
+        from .scoring import score_files
+
+        report = score_files(bundle, fmt, files, out, alerts_only=alerts_only, rejects=rejects,
+                             engine=backend, progress=_progress())
+    else:
+        raise typer.BadParameter(f"unknown engine {engine!r}; use local or spark")
+    _err(f"{report.stats.summary()}; {report.alerts:,} malicious; {report.written:,} rows "
+         f"written to {out} in {report.seconds:.1f}s ({report.engine})")
+
+
+@app.command()
+def report(
+    bundle: Annotated[str, typer.Argument(help="Bundle directory")],
+    files: Files,
+    fmt: Format,
+    out: Annotated[str, typer.Option("--out", "-o", help="HTML file to write")],
+) -> None:
+    """An HTML report: per-type detection (Sankey), t-SNE map, metrics."""
+    from .evaluate.run import evaluate as run
+    from .viz.report import write_report
+
+    result, cols = run(bundle, fmt, files, progress=_progress())
+    write_report(out, result, cols, title=f"deepwatch report: {bundle}")
+    _err(f"report written to {out}")
+
+
+@app.command()
+def serve(
+    bundle: Annotated[str, typer.Argument(help="Bundle directory")],
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key_file: Annotated[str | None, typer.Option(
+        "--api-key-file", help="Require 'Authorization: Bearer <key>' with this key")] = None,
+) -> None:
+    """Serve the REST API, dashboard and metrics."""
+    from .serve.app import run_server
+
+    run_server(bundle, host=host, port=port, api_key_file=api_key_file)
+
+
+@app.command()
+def demo(out: Annotated[str, typer.Option(help="Directory for the demo's outputs")] = "demo-out",
+         ) -> None:
+    """Run the whole pipeline offline on data at hand and print what it found."""
+    from .demo import run_demo
+
+    run_demo(out, log=_err)
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the known data sets and where each is found."""
+    from .datasets import describe_all
+
+    for line in describe_all():
+        typer.echo(line)
+
+
+@datasets_app.command("fetch")
+def datasets_fetch(
+    name: Annotated[str, typer.Argument(help="Data set name (see `datasets list`)")],
+    from_dir: Annotated[str | None, typer.Option("--from", help="Copy from this directory")] = None,
+) -> None:
+    """Download a data set into the cache (or copy it from a local directory)."""
+    from .datasets import fetch
+
+    for path in fetch(name, from_dir=from_dir, progress=_progress()):
+        typer.echo(path)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"deepwatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version,
+                                                 is_eager=True)] = False) -> None:
+    pass
+
+
+def _register_optional() -> None:
+    """Commands that live with their subsystems (stream, ingest, simulate)."""
+    import importlib
+
+    for module in ("deepwatch.serve.cli", "deepwatch.web_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_optional()
+    try:
+        app(args=argv, standalone_mode=False)
+    except DeepwatchError as exc:
+        _err(f"error: {exc}")
+        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        _err("aborted")
+        return 130
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The exception tree. Every error a user can cause is a `DeepwatchError` with one clear sentence.
+
+Exit codes used by the CLI: 2 for a usage or input mistake, 3 for a bundle problem, 4 for a data
+problem, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+
+class DeepwatchError(Exception):
+    """Base of every error deepwatch raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(DeepwatchError):
+    """A command was called with arguments that cannot work."""
+
+    exit_code = 2
+
+
+class InputError(DeepwatchError):
+    """An input file is missing, unreadable or of the wrong kind."""
+
+    exit_code = 2
+
+
+class FormatError(DeepwatchError):
+    """An unknown format name or a format that cannot be used the way it was asked."""
+
+    exit_code = 2
+
+
+class BundleError(DeepwatchError):
+    """A model bundle is missing, damaged, tampered with or from an incompatible version."""
+
+    exit_code = 3
+
+
+class DataError(DeepwatchError):
+    """The data cannot train or evaluate a model (no rows, one class only, no labels...)."""
+
+    exit_code = 4

@@ -1,0 +1,1 @@
+"""Evaluation: binary and per-type metrics, the KDD contest cost, reports."""

@@ -1,0 +1,104 @@
+"""``deepwatch evaluate``: score labelled inputs with a bundle and compute the contract JSON."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import DataError, UsageError
+from ..formats import get_format
+from ..io import InputReader
+from ..labels import BENIGN, KDD_CATEGORIES, kdd_category
+from .metrics import binary_metrics, confusion, kdd_cost
+
+
+def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bool = False
+            ) -> tuple[dict[str, np.ndarray], Any, float]:
+    """Score every input; returns (columns incl. ``label``, reader stats, seconds)."""
+    fmt = get_format(format_name)
+    if format_name != detector.format:
+        raise UsageError(f"the bundle was trained on format {detector.format!r}, "
+                         f"not {format_name!r}")
+    reader = InputReader(fmt, inputs, progress=progress)
+    parts: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    state = detector.new_state()
+    for batch, _rej, _spec in reader:
+        if batch.num_rows == 0:
+            continue
+        cols = detector.decide(batch, state)
+        if "label" not in batch.schema.names or batch.column("label").null_count:
+            raise DataError("evaluate needs labelled records: every record needs a label "
+                            "(from the data, or PATH=LABEL)")
+        cols["label"] = np.asarray(batch.column("label").to_pylist(), dtype=object)
+        for k, v in cols.items():
+            if not k.startswith("_"):
+                parts.setdefault(k, []).append(np.asarray(v))
+            elif k == "_explain_rows":
+                parts.setdefault(k, []).append(np.asarray(v))
+    seconds = time.perf_counter() - t0
+    if not parts:
+        raise DataError("no records could be parsed from the evaluation inputs")
+    return {k: np.concatenate(v) for k, v in parts.items()}, reader.stats, seconds
+
+
+def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None,
+                 seconds: float) -> dict[str, Any]:
+    labels = cols["label"]
+    y = labels != BENIGN
+    verdict = cols["verdict"].astype(bool)
+    result: dict[str, Any] = {
+        "n": int(len(labels)),
+        "binary": binary_metrics(y, cols["score"], verdict, threshold),
+    }
+    per_label: dict[str, Any] = {}
+    for lab in sorted(set(labels.tolist())):
+        m = labels == lab
+        right = ~verdict[m] if lab == BENIGN else verdict[m]
+        per_label[lab] = {"support": int(m.sum()), "detection_rate": float(right.mean())}
+    if kdd and "category" in cols:
+        true_cat = np.array([kdd_category(v) for v in labels], dtype=object)
+        pred_cat = cols["category"]
+        cats = list(KDD_CATEGORIES)
+        result["kdd_cost"] = kdd_cost(true_cat, pred_cat)
+        categories = {}
+        for c in cats:
+            m = true_cat == c
+            categories[c] = {"support": int(m.sum()),
+                             "detection_rate": float((pred_cat[m] == c).mean()) if m.any() else 0.0}
+        result["categories"] = categories
+        result["confusion"] = {"labels": cats, "matrix": confusion(true_cat, pred_cat, cats)}
+    else:
+        result["kdd_cost"] = None
+        result["categories"] = None
+        result["confusion"] = None
+    result["per_label"] = per_label
+    result["rows_per_second"] = float(len(labels) / seconds) if seconds > 0 else 0.0
+    return result
+
+
+def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str = "auto",
+             progress: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    from ..models.detector import Detector
+
+    det = Detector(bundle, engine=engine)
+    cols, stats, seconds = collect(det, format_name, inputs, progress)
+    fmt = get_format(format_name)
+    threshold = det.decision.threshold if det.decision.supervised else det.decision.anomaly_threshold
+    result = metrics_from(cols, fmt.kdd_labels, threshold, seconds)
+    if "anomaly_score" in cols:
+        result["anomaly"] = binary_metrics(cols["label"] != BENIGN, cols["anomaly_score"],
+                                           cols["anomaly_score"] >= (det.decision.anomaly_threshold
+                                                                     or np.inf),
+                                           det.decision.anomaly_threshold)
+    result["records"] = {"lines": stats.lines, "parsed": stats.parsed, "rejected": stats.rejected}
+    result["bundle"] = {"kind": det.kind, "engine": det.engine, "path": str(bundle)}
+    return result, cols
+
+
+def to_table(cols: dict[str, np.ndarray]) -> pa.Table:
+    return pa.table({k: v for k, v in cols.items() if v.ndim == 1})

@@ -1,0 +1,146 @@
+"""The fitted featurizer: one-hot with learned vocabularies and an ``other`` slot, log1p for
+heavy-tailed numbers, standardisation. Fitted state is plain JSON (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import DataError
+from ._derive import get_deriver
+
+OTHER = "<other>"
+CLIP = 50.0
+
+
+class Featurizer:
+    """Vectorises Arrow tables with a fixed spec.
+
+    spec keys: ``categorical`` (columns one-hot encoded), ``numeric`` (columns standardised),
+    ``log1p`` (numeric columns log1p-transformed first), ``min_count`` (a category needs this
+    many training records to get its own slot), ``max_categories`` (per column), ``derive``
+    (``{"name": ..., "params": {...}}``, optional).
+    """
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+
+    # -- fitting ---------------------------------------------------------------------------
+    def fit(self, table: pa.Table) -> Featurizer:
+        if table.num_rows == 0:
+            raise DataError("cannot fit a featurizer on zero records")
+        table = self._derive(table, state={})
+        spec = self.spec
+        min_count = int(spec.get("min_count", 1))
+        max_cats = int(spec.get("max_categories", 256))
+        vocab: dict[str, list[str]] = {}
+        for name in spec.get("categorical", []):
+            counts = pc.value_counts(pc.cast(table.column(name), pa.string())).to_pylist()
+            pairs = [(d["values"], d["counts"]) for d in counts if d["values"] is not None]
+            pairs.sort(key=lambda p: (-p[1], p[0]))
+            vocab[name] = [v for v, c in pairs if c >= min_count][:max_cats]
+        log_cols = set(spec.get("log1p", []))
+        mean, std = {}, {}
+        for name in spec.get("numeric", []):
+            x = self._numeric(table, name, name in log_cols)
+            mean[name] = float(np.mean(x))
+            s = float(np.std(x))
+            std[name] = s if s > 1e-9 else 1.0
+        self.vocab_ = vocab
+        self.mean_ = mean
+        self.std_ = std
+        self.feature_names_ = self._names()
+        return self
+
+    def _derive(self, table: pa.Table, state: dict[str, Any]) -> pa.Table:
+        d = self.spec.get("derive")
+        if not d:
+            return table
+        return get_deriver(d["name"])(table, d.get("params", {}), state)
+
+    @staticmethod
+    def _numeric(table: pa.Table, name: str, log: bool) -> np.ndarray:
+        col = table.column(name)
+        x = pc.fill_null(pc.cast(col, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+        if log:
+            x = np.log1p(np.maximum(x, 0.0))
+        return x
+
+    def _names(self) -> list[str]:
+        names = []
+        for col in self.spec.get("categorical", []):
+            vocab = self.vocab_[col]
+            names.extend(f"{col}={v}" for v in vocab)
+            names.append(f"{col}={OTHER}")
+        names.extend(self.spec.get("numeric", []))
+        return names
+
+    # -- transforming ----------------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names_)
+
+    def transform(self, table: pa.Table | pa.RecordBatch,
+                  state: dict[str, Any] | None = None) -> np.ndarray:
+        """Float32 matrix ``(rows, n_features)``. Unseen categories land in the ``other`` slot."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        table = self._derive(table, state if state is not None else {})
+        n = table.num_rows
+        out = np.zeros((n, self.n_features), dtype=np.float32)
+        offset = 0
+        rows = np.arange(n)
+        for name in self.spec.get("categorical", []):
+            vocab = self.vocab_[name]
+            col = pc.cast(table.column(name), pa.string())
+            idx = pc.index_in(col, value_set=pa.array(vocab, pa.string()))
+            idx_np = pc.fill_null(idx, len(vocab)).to_numpy(zero_copy_only=False)
+            out[rows, offset + idx_np] = 1.0
+            offset += len(vocab) + 1
+        log_cols = set(self.spec.get("log1p", []))
+        for name in self.spec.get("numeric", []):
+            x = self._numeric(table, name, name in log_cols)
+            z = (x - self.mean_[name]) / self.std_[name]
+            out[:, offset] = np.clip(z, -CLIP, CLIP)
+            offset += 1
+        return out
+
+    # -- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "tabular/v1",
+            "spec": self.spec,
+            "vocab": self.vocab_,
+            "mean": self.mean_,
+            "std": self.std_,
+            "feature_names": self.feature_names_,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Featurizer:
+        if d.get("kind") != "tabular/v1":
+            raise ValueError(f"unknown featurizer kind {d.get('kind')!r}")
+        f = cls(d["spec"])
+        f.vocab_ = {k: list(v) for k, v in d["vocab"].items()}
+        f.mean_ = {k: float(v) for k, v in d["mean"].items()}
+        f.std_ = {k: float(v) for k, v in d["std"].items()}
+        f.feature_names_ = list(d["feature_names"])
+        return f
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Featurizer:
+        return cls.from_dict(json.loads(text))
+
+    def schema_hash(self) -> str:
+        """Identifies the input layout the models were trained on (names and order)."""
+        blob = json.dumps({"names": self.feature_names_, "spec": self.spec}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,111 @@
+"""What every input format provides: text lines in, an Arrow RecordBatch and rejects out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+#: Schema of rejected records, wherever they are kept (JSONL, dead-letter topic, REST reply).
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("line", pa.int64()),
+        pa.field("raw", pa.string()),
+        pa.field("reason", pa.string()),
+    ]
+)
+
+
+def empty_rejects() -> pa.Table:
+    return REJECT_SCHEMA.empty_table()
+
+
+def make_rejects(lines: list[int], raws: list[str], reasons: list[str]) -> pa.Table:
+    return pa.table(
+        {
+            "line": pa.array(lines, pa.int64()),
+            "raw": pa.array(raws, pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+        },
+        schema=REJECT_SCHEMA,
+    )
+
+
+@dataclass
+class ParseResult:
+    """Parsed records of one chunk of input and the lines that could not be parsed.
+
+    ``rows`` holds, for every parsed record, its 1-based line number in the input, so that
+    ``len(batch) + len(rejects) == lines`` can always be checked.
+    """
+
+    batch: pa.RecordBatch
+    rejects: pa.Table
+    lines: int
+    line_numbers: pa.Array = field(default_factory=lambda: pa.array([], pa.int64()))
+
+    def __post_init__(self) -> None:
+        if self.batch.num_rows + self.rejects.num_rows != self.lines:
+            raise AssertionError(
+                f"parser lost records: {self.batch.num_rows} parsed + "
+                f"{self.rejects.num_rows} rejected != {self.lines} lines"
+            )
+
+
+def split_lines(data: bytes | str) -> list[str]:
+    """Split raw input into lines the way every format counts them.
+
+    Only ``\\n`` ends a line; one trailing ``\\r`` is dropped (CRLF files); a final line without a
+    newline counts; bytes that are not UTF-8 are replaced, never fatal.
+    """
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    if not text:
+        return []
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def count_lines(data: bytes) -> int:
+    if not data:
+        return 0
+    return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+
+
+class Format(ABC):
+    """An input format. Subclasses declare their schema and implement :meth:`parse`.
+
+    Formats are stateless and cheap to construct; the registry in :mod:`deepwatch.formats`
+    creates them by name.
+    """
+
+    name: ClassVar[str]
+    #: The schema of the batches :meth:`parse` returns (a ``label`` column may be null).
+    schema: ClassVar[pa.Schema]
+    #: Whether the raw text carries a ground-truth label.
+    has_label: ClassVar[bool] = False
+    #: ECS alert field -> column of this format (``source.ip``, ``destination.port`` ...).
+    ecs_fields: ClassVar[dict[str, str]] = {}
+    #: Whether KDD categories and the contest cost apply to this format's labels.
+    kdd_labels: ClassVar[bool] = False
+
+    @abstractmethod
+    def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        """Parse a chunk of raw text made of whole lines. ``first_line`` numbers its first line."""
+
+    def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
+        """Parse records given as JSON objects of already-split fields (the REST API)."""
+        from ._records import records_to_batch
+
+        return records_to_batch(self.schema, records)
+
+    def feature_spec(self) -> dict[str, Any]:
+        """The default featurizer specification for this format (see deepwatch.features)."""
+        raise NotImplementedError(f"format {self.name!r} declares no features")
+
+    def category_of(self, label: str) -> str:
+        """The category a ground-truth label belongs to (label itself unless KDD)."""
+        return label

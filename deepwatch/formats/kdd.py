@@ -1,0 +1,97 @@
+"""KDD Cup 99 and NSL-KDD connection records: 41 features, then the label (and NSL's difficulty).
+
+Unlabelled records (the 41 features alone) are accepted too: live traffic has no label.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from ..labels import kdd_category
+from ._base import Format, ParseResult
+from ._delimited import parse_delimited
+
+KDD_FEATURES: tuple[str, ...] = (
+    "duration", "protocol_type", "service", "flag", "src_bytes", "dst_bytes", "land",
+    "wrong_fragment", "urgent", "hot", "num_failed_logins", "logged_in", "num_compromised",
+    "root_shell", "su_attempted", "num_root", "num_file_creations", "num_shells",
+    "num_access_files", "num_outbound_cmds", "is_host_login", "is_guest_login", "count",
+    "srv_count", "serror_rate", "srv_serror_rate", "rerror_rate", "srv_rerror_rate",
+    "same_srv_rate", "diff_srv_rate", "srv_diff_host_rate", "dst_host_count",
+    "dst_host_srv_count", "dst_host_same_srv_rate", "dst_host_diff_srv_rate",
+    "dst_host_same_src_port_rate", "dst_host_srv_diff_host_rate", "dst_host_serror_rate",
+    "dst_host_srv_serror_rate", "dst_host_rerror_rate", "dst_host_srv_rerror_rate",
+)
+CATEGORICAL = ("protocol_type", "service", "flag")
+#: Heavy-tailed sizes and counts: log1p before standardising.
+LOG_FEATURES = (
+    "duration", "src_bytes", "dst_bytes", "wrong_fragment", "urgent", "hot",
+    "num_failed_logins", "num_compromised", "num_root", "num_file_creations", "num_shells",
+    "num_access_files", "num_outbound_cmds", "count", "srv_count", "dst_host_count",
+    "dst_host_srv_count",
+)
+_RATES = tuple(f for f in KDD_FEATURES if f.endswith("_rate"))
+
+
+def _feature_fields() -> list[pa.Field]:
+    out = []
+    for name in KDD_FEATURES:
+        if name in CATEGORICAL:
+            typ = pa.string()
+        elif name in _RATES:
+            typ = pa.float64()
+        else:
+            typ = pa.int64()
+        out.append(pa.field(name, typ, nullable=False))
+    return out
+
+
+class KDD(Format):
+    name: ClassVar[str] = "kdd"
+    has_label: ClassVar[bool] = True
+    kdd_labels: ClassVar[bool] = True
+    schema: ClassVar[pa.Schema] = pa.schema([*_feature_fields(), pa.field("label", pa.string())])
+    _unlabelled: ClassVar[pa.Schema] = pa.schema(_feature_fields())
+
+    def _schemas(self) -> list[pa.Schema]:
+        return [self.schema, self._unlabelled]
+
+    def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        table, result = parse_delimited(
+            data, self._schemas(), first_line=first_line, sep=",",
+            nonneg=[f for f in KDD_FEATURES if f not in CATEGORICAL],
+        )
+        result.batch = self._finish(result.batch)
+        return result
+
+    def _finish(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        import pyarrow.compute as pc
+
+        i = batch.schema.get_field_index("label")
+        label = pc.utf8_rtrim(batch.column(i), characters=".")
+        return batch.set_column(i, "label", label)
+
+    def feature_spec(self) -> dict[str, Any]:
+        numeric = [f for f in KDD_FEATURES if f not in CATEGORICAL]
+        return {
+            "categorical": list(CATEGORICAL),
+            "numeric": numeric,
+            "log1p": list(LOG_FEATURES),
+            "min_count": 1,
+        }
+
+    def category_of(self, label: str) -> str:
+        return kdd_category(label)
+
+
+class NSLKDD(KDD):
+    name: ClassVar[str] = "nslkdd"
+    schema: ClassVar[pa.Schema] = pa.schema(
+        [*_feature_fields(), pa.field("label", pa.string()), pa.field("difficulty", pa.int64())]
+    )
+    _labelled: ClassVar[pa.Schema] = pa.schema([*_feature_fields(), pa.field("label", pa.string())])
+
+    def _schemas(self) -> list[pa.Schema]:
+        return [self.schema, self._labelled, self._unlabelled]

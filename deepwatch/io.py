@@ -1,0 +1,138 @@
+"""Parsing many inputs into batches, with labels from ``PATH=LABEL``, progress and rejects."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import DataError
+from .formats import Format
+from .sources.files import InputSpec, iter_chunks, parse_input_spec
+
+
+@dataclass
+class Stats:
+    lines: int = 0
+    parsed: int = 0
+    rejected: int = 0
+    by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, source: str, lines: int, rejected: int) -> None:
+        self.lines += lines
+        self.rejected += rejected
+        self.parsed += lines - rejected
+        s = self.by_source.setdefault(source, {"lines": 0, "parsed": 0, "rejected": 0})
+        s["lines"] += lines
+        s["rejected"] += rejected
+        s["parsed"] += lines - rejected
+
+    def summary(self) -> str:
+        return f"{self.lines:,} lines read: {self.parsed:,} parsed, {self.rejected:,} rejected"
+
+
+def with_label(batch: pa.RecordBatch, label: str | None) -> pa.RecordBatch:
+    """Set every record's ground-truth label (``PATH=LABEL``), adding the column if needed."""
+    if label is None:
+        return batch
+    col = pa.array([label] * batch.num_rows, pa.string())
+    i = batch.schema.get_field_index("label")
+    if i >= 0:
+        return batch.set_column(i, "label", col)
+    return batch.append_column("label", col)
+
+
+class InputReader:
+    """Iterates ``(batch, rejects, spec)`` over inputs; rejects carry their source."""
+
+    def __init__(self, fmt: Format, specs: Sequence[str | InputSpec], progress: bool = False):
+        self.fmt = fmt
+        self.specs: list[InputSpec] = []
+        for s in specs:
+            self.specs.extend(parse_input_spec(s) if isinstance(s, str) else [s])
+        self.progress = progress
+        self.stats = Stats()
+
+    def _total_bytes(self) -> int | None:
+        total = 0
+        for s in self.specs:
+            if s.path == "-":
+                return None
+            total += os.path.getsize(s.path)
+        return total
+
+    def __iter__(self) -> Iterator[tuple[pa.RecordBatch, pa.Table, InputSpec]]:
+        from contextlib import nullcontext
+
+        from .progress import byte_progress
+
+        ctx = byte_progress("reading", self._total_bytes()) if self.progress else nullcontext()
+        with ctx as advance:
+            for spec in self.specs:
+                compressed = spec.path.endswith(".gz")
+                for chunk in iter_chunks(spec):
+                    result = self.fmt.parse(chunk.data, first_line=chunk.first_line)
+                    self.stats.add(spec.display, result.lines, result.rejects.num_rows)
+                    if advance is not None:
+                        advance(len(chunk.data) // (4 if compressed else 1))
+                    rejects = result.rejects
+                    if rejects.num_rows:
+                        rejects = rejects.append_column(
+                            "source", pa.array([spec.display] * rejects.num_rows, pa.string())
+                        )
+                    yield with_label(result.batch, spec.label), rejects, spec
+
+    def read_all(self) -> tuple[pa.Table, pa.Table, Stats]:
+        batches, rejects = [], []
+        for batch, rej, _ in self:
+            if batch.num_rows:
+                batches.append(batch)
+            if rej.num_rows:
+                rejects.append(rej)
+        schema = batches[0].schema if batches else self.fmt.schema
+        table = pa.Table.from_batches(_unify(batches), schema=_unify_schema(batches, schema))
+        rej_table = (
+            pa.concat_tables(rejects)
+            if rejects
+            else pa.table({"line": pa.array([], pa.int64()), "raw": pa.array([], pa.string()),
+                           "reason": pa.array([], pa.string()),
+                           "source": pa.array([], pa.string())})
+        )
+        return table, rej_table, self.stats
+
+
+def _unify_schema(batches: list[pa.RecordBatch], default: pa.Schema) -> pa.Schema:
+    if not batches:
+        return default
+    return pa.unify_schemas([b.schema for b in batches])
+
+
+def _unify(batches: list[pa.RecordBatch]) -> list[pa.RecordBatch]:
+    if not batches:
+        return []
+    schema = _unify_schema(batches, batches[0].schema)
+    out = []
+    for b in batches:
+        if b.schema.equals(schema):
+            out.append(b)
+            continue
+        cols = [b.column(f.name) if f.name in b.schema.names else pa.nulls(b.num_rows, f.type)
+                for f in schema]
+        out.append(pa.RecordBatch.from_arrays(cols, schema=schema))
+    return out
+
+
+def labels_of(table: pa.Table) -> list[str] | None:
+    """The ground-truth labels of a table, or None when it has none."""
+    if "label" not in table.schema.names:
+        return None
+    col = table.column("label")
+    if col.null_count == len(col):
+        return None
+    if col.null_count:
+        raise DataError(f"{col.null_count:,} records have no label; label every input "
+                        "(PATH=LABEL) or none")
+    return pc.cast(col, pa.string()).to_pylist()

@@ -1,0 +1,92 @@
+"""Where scored records go: Parquet or JSONL files (by extension), rejects as JSONL."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+
+from .errors import UsageError
+
+
+class RecordSink:
+    """Writes scored batches to ``.parquet`` or ``.jsonl`` (``-`` is JSONL on stdout)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if path == "-":
+            self.kind = "jsonl"
+        elif path.endswith(".parquet"):
+            self.kind = "parquet"
+        elif path.endswith((".jsonl", ".ndjson", ".json")):
+            self.kind = "jsonl"
+        else:
+            raise UsageError(f"--out must end in .parquet or .jsonl, not {path!r}")
+        if path != "-":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer: Any = None
+        self._fh: IO[bytes] | None = None
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.path, batch.schema, compression="zstd")
+            self._writer.write_batch(batch)
+            return
+        if self._fh is None:
+            self._fh = sys.stdout.buffer if self.path == "-" else open(self.path, "wb")  # noqa: SIM115
+        if batch.num_rows:
+            write_jsonl(batch, self._fh)
+
+    def close(self, schema: pa.Schema | None = None) -> None:
+        if self.kind == "parquet":
+            if self._writer is None and schema is not None:
+                import pyarrow.parquet as pq
+
+                pq.write_table(schema.empty_table(), self.path)
+            elif self._writer is not None:
+                self._writer.close()
+        elif self._fh is None and self.path != "-":
+            Path(self.path).write_bytes(b"")
+        elif self._fh is not None and self.path != "-":
+            self._fh.close()
+        elif self._fh is not None:
+            self._fh.flush()
+
+
+def write_jsonl(batch: pa.RecordBatch | pa.Table, fh: IO[bytes]) -> None:
+    import polars as pl
+
+    df = pl.from_arrow(batch)
+    assert isinstance(df, pl.DataFrame)
+    df.write_ndjson(fh)
+
+
+class RejectSink:
+    """Rejected records, one JSON object per line: line, raw, reason (and source)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.count = 0
+        self._fh: IO[str] | None = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, rejects: pa.Table) -> None:
+        self.count += rejects.num_rows
+        if self._fh is None or rejects.num_rows == 0:
+            return
+        for row in rejects.to_pylist():
+            self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()

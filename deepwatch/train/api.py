@@ -1,0 +1,307 @@
+"""Train a bundle from raw input files: parse, split, featurise, fit, calibrate, export, save."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from torch import nn
+
+from ..bundle import FEATURIZER, ONNX, WEIGHTS, save_bundle, sha256_file
+from ..errors import DataError, UsageError
+from ..features import Featurizer
+from ..formats import Format, get_format
+from ..io import InputReader, labels_of
+from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST
+from ..models import MODEL_KINDS
+from .data import dedupe, label_vocabulary, stratified_split
+from .loop import TrainConfig, pick_device
+
+
+@dataclass
+class Split:
+    """One part of the data: features, label indices (-1: label unseen in training), strings."""
+
+    X: np.ndarray
+    labels: np.ndarray  # label strings (object) or None
+    y: np.ndarray | None
+    w: np.ndarray  # multiplicities (de-duplicated rows)
+
+    def known(self) -> Split:
+        if self.y is None:
+            return self
+        keep = self.y >= 0
+        return Split(self.X[keep], self.labels[keep], self.y[keep], self.w[keep])
+
+    def benign(self) -> Split:
+        if self.labels is None:
+            return self
+        keep = self.labels == BENIGN
+        return Split(self.X[keep], self.labels[keep],
+                     self.y[keep] if self.y is not None else None, self.w[keep])
+
+
+@dataclass
+class TrainContext:
+    """Everything a model trainer gets. ``train`` fits, ``early`` stops, ``calib`` calibrates
+    thresholds and the stack's meta-learner."""
+
+    fmt: Format
+    featurizer: Featurizer
+    vocab: list[str]
+    train: Split
+    early: Split
+    calib: Split
+    cfg: TrainConfig
+    target_fpr: float
+    policy: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def decision_base(self) -> dict[str, Any]:
+        if not self.vocab:
+            return {"labels": [], "label_category": [], "categories": [], "policy": "threshold"}
+        if self.fmt.kdd_labels:
+            cats = list(KDD_CATEGORIES)
+            label_cat = [self.fmt.category_of(lab) for lab in self.vocab]
+            unknown = sorted({c for c in label_cat if c not in cats})
+            cats += unknown
+            cost = KDD_COST.tolist() if not unknown else None
+        else:
+            cats = [BENIGN] + [lab for lab in self.vocab if lab != BENIGN]
+            label_cat = list(self.vocab)
+            cost = None
+        return {"labels": self.vocab, "label_category": label_cat, "categories": cats,
+                "policy": self.policy if cost is not None else "threshold",
+                "cost_matrix": cost, "threshold": 0.5}
+
+
+@dataclass
+class Trained:
+    """What a trainer returns: the module to export, how to rebuild it, and its decision."""
+
+    module: nn.Module
+    network: dict[str, Any]
+    outputs: list[str]
+    decision: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+Trainer = Callable[[str, TrainContext], Trained]
+
+_TRAINERS: dict[str, str] = {
+    "mlp": "deepwatch.train.api:train_classifier",
+    "resnet": "deepwatch.train.api:train_classifier",
+    "snn": "deepwatch.train.api:train_classifier",
+    "stack": "deepwatch.train.api:train_classifier",
+    "autoencoder": "deepwatch.train.anomaly:train_autoencoder",
+    "hybrid": "deepwatch.train.anomaly:train_hybrid",
+}
+
+
+def _trainer(kind: str) -> Trainer:
+    module, attr = _TRAINERS[kind].split(":")
+    fn: Trainer = getattr(importlib.import_module(module), attr)
+    return fn
+
+
+def train_classifier(kind: str, ctx: TrainContext) -> Trained:
+    from .supervised import proba_module, train_supervised
+
+    if not ctx.vocab or len(ctx.vocab) < 2:
+        raise DataError(f"--model {kind} needs labelled data with at least two labels "
+                        f"(found {ctx.vocab or 'none'})")
+    tr, es, cal = ctx.train, ctx.early.known(), ctx.calib.known()
+    if len(es.X) == 0 or len(cal.X) == 0:
+        raise DataError("the validation data has no records with labels seen in training")
+    assert tr.y is not None and es.y is not None and cal.y is not None
+    net, network = train_supervised(kind, tr.X, tr.y, tr.w, es.X, es.y, es.w,
+                                    cal.X, cal.y, cal.w, len(ctx.vocab), ctx.cfg)
+    network = {**network, "head": "proba"}
+    return Trained(proba_module(net), network, ["proba"], ctx.decision_base())
+
+
+def _split_labels(labels: np.ndarray | None, n: int, fractions: tuple[float, ...],
+                  seed: int) -> list[np.ndarray]:
+    if labels is None:
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n)
+        cuts = (np.cumsum(fractions)[:-1] / sum(fractions) * n).astype(int)
+        return [np.sort(p) for p in np.split(perm, cuts)]
+    return stratified_split(labels, fractions, seed)
+
+
+def _labels(table: pa.Table) -> np.ndarray | None:
+    labs = labels_of(table)
+    return np.array(labs, dtype=object) if labs is not None else None
+
+
+def train(
+    format_name: str,
+    model: str,
+    inputs: Sequence[str],
+    out: str | Path,
+    val_inputs: Sequence[str] = (),
+    epochs: int | None = None,
+    seed: int = 0,
+    target_fpr: float = 0.01,
+    device: str = "auto",
+    policy: str = "auto",
+    progress: bool = False,
+    options: dict[str, Any] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest."""
+    if model not in MODEL_KINDS:
+        raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
+    if not 0.0 < target_fpr < 1.0:
+        raise UsageError(f"--target-fpr must be between 0 and 1, not {target_fpr}")
+    if policy not in ("auto", "cost", "threshold"):
+        raise UsageError(f"unknown decision policy {policy!r}; use auto, cost or threshold")
+    if not inputs:
+        raise UsageError("no training input given")
+    t0 = time.perf_counter()
+    fmt = get_format(format_name)
+    reader = InputReader(fmt, inputs, progress=progress)
+    table, _rejects, stats = reader.read_all()
+    log(f"training data: {stats.summary()}")
+    if table.num_rows < 10:
+        raise DataError(f"too few training records ({table.num_rows}) to train a model")
+    labels = _labels(table)
+    if val_inputs:
+        vreader = InputReader(fmt, val_inputs, progress=progress)
+        vtable, _vrej, vstats = vreader.read_all()
+        log(f"validation data: {vstats.summary()}")
+        vlabels = _labels(vtable)
+        if vtable.num_rows < 2:
+            raise DataError("the validation data has fewer than two records")
+        es_idx, cal_idx = _split_labels(vlabels, vtable.num_rows, (0.5, 0.5), seed + 1)
+        tr_table, tr_labels = table, labels
+        es_table, cal_table = vtable.take(pa.array(es_idx)), vtable.take(pa.array(cal_idx))
+        es_labels = vlabels[es_idx] if vlabels is not None else None
+        cal_labels = vlabels[cal_idx] if vlabels is not None else None
+    else:
+        tr_idx, es_idx, cal_idx = _split_labels(labels, table.num_rows, (0.8, 0.1, 0.1), seed)
+        tr_table = table.take(pa.array(tr_idx))
+        es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
+        tr_labels = labels[tr_idx] if labels is not None else None
+        es_labels = labels[es_idx] if labels is not None else None
+        cal_labels = labels[cal_idx] if labels is not None else None
+
+    featurizer = Featurizer(fmt.feature_spec()).fit(tr_table)
+    vocab = label_vocabulary(tr_labels) if tr_labels is not None else []
+    index = {lab: i for i, lab in enumerate(vocab)}
+
+    def part(t: pa.Table, labs: np.ndarray | None, collapse: bool) -> Split:
+        X = featurizer.transform(t)
+        y = np.array([index.get(v, -1) for v in labs], dtype=np.int64) if labs is not None else None
+        if not collapse:
+            return Split(X, labs, y, np.ones(len(X)))
+        Xu, yu, w = dedupe(X, y if y is not None else None)
+        if labs is None:
+            return Split(Xu, None, None, w)
+        # labels of the unique rows: y -> string (unseen labels cannot occur in training)
+        return Split(Xu, np.array(vocab, dtype=object)[yu], yu, w)
+
+    train_split = part(tr_table, tr_labels, collapse=True)
+    early_split = part(es_table, es_labels, collapse=False)
+    calib_split = part(cal_table, cal_labels, collapse=False)
+    log(f"features: {featurizer.n_features}; training rows {tr_table.num_rows:,} "
+        f"({len(train_split.X):,} distinct), early-stopping rows {es_table.num_rows:,}, "
+        f"calibration rows {cal_table.num_rows:,}")
+    cfg = TrainConfig(seed=seed, device=device)
+    if epochs is not None:
+        if epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, not {epochs}")
+        cfg = cfg.with_(epochs=epochs)
+    ctx = TrainContext(fmt, featurizer, vocab, train_split, early_split, calib_split, cfg,
+                       target_fpr, "cost" if policy == "auto" else policy, options or {})
+    trained = _trainer(model)(model, ctx)
+    t_train = time.perf_counter() - t0
+
+    from ..models.decision import Decision
+    from ..models.export import to_onnx
+    module = trained.module.eval()
+    outs = run_module(module, calib_split.X, trained.outputs)
+    decision = Decision(trained.decision).apply(outs)
+    calib_metrics = _calibration_metrics(decision, calib_split.labels)
+
+    from safetensors.torch import save as save_safetensors
+
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    files = {
+        FEATURIZER: featurizer.to_json().encode(),
+        WEIGHTS: save_safetensors(state),
+        ONNX: to_onnx(module, featurizer.n_features, trained.outputs),
+    }
+    thresholds: dict[str, Any] = {"score": trained.decision.get("threshold"),
+                                  "policy": trained.decision.get("policy")}
+    if trained.decision.get("anomaly_threshold") is not None:
+        thresholds["anomaly"] = trained.decision["anomaly_threshold"]
+        thresholds["target_fpr"] = target_fpr
+    thresholds["calibration_fpr"] = calib_metrics.get("fpr")
+    manifest = {
+        "model_kind": model,
+        "input_format": format_name,
+        "featurizer_schema_hash": featurizer.schema_hash(),
+        "n_features": featurizer.n_features,
+        "network": trained.network,
+        "outputs": trained.outputs,
+        "decision": trained.decision,
+        "thresholds": thresholds,
+        "training": {
+            "records": stats.parsed,
+            "rejected": stats.rejected,
+            "train_rows": tr_table.num_rows,
+            "distinct_train_rows": int(len(train_split.X)),
+            "early_stopping_rows": es_table.num_rows,
+            "calibration_rows": cal_table.num_rows,
+            "seed": seed,
+            "device": str(pick_device(device)),
+            "seconds": round(t_train, 2),
+            "history": cfg.history,
+            **trained.info,
+        },
+        "metrics": {"calibration": calib_metrics},
+        "data": [_checksum(s) for s in reader.specs],
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    save_bundle(out, manifest, files)
+    log(f"saved {model} bundle to {out} in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def run_module(module: nn.Module, X: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """Run an export module over ``X`` in batches; its outputs by name."""
+    import torch
+
+    parts: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for i in range(0, len(X), 16384):
+            out = module(torch.as_tensor(X[i : i + 16384]))
+            if not isinstance(out, tuple | list):
+                out = (out,)
+            parts.append([o.numpy() for o in out])
+    return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
+
+
+def _calibration_metrics(cols: dict[str, np.ndarray], labels: np.ndarray | None
+                         ) -> dict[str, Any]:
+    if labels is None:
+        return {"flagged_share": float(np.mean(cols["verdict"]))}
+    from ..evaluate.metrics import binary_metrics
+
+    y = labels != BENIGN
+    return binary_metrics(y, cols["score"], cols["verdict"])
+
+
+def _checksum(spec: Any) -> dict[str, Any]:
+    if spec.path == "-":
+        return {"path": "<stdin>", "label": spec.label}
+    return {"path": str(spec.path), "sha256": sha256_file(spec.path), "label": spec.label}

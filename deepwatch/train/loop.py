@@ -1,0 +1,174 @@
+"""The training template shared by every torch model: device, sampling, epochs, early stopping.
+
+A model supplies its network and a loss; this module owns the rest (STYLE.md, practice 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..progress import step_progress
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 4
+    seed: int = 0
+    device: str = "auto"
+    #: Sampling mass of a class is proportional to (its weight) ** class_balance:
+    #: 1 keeps the natural mix, 0 balances classes fully, 0.5 is in between.
+    class_balance: float = 0.5
+    #: Samples drawn per epoch (default: the number of training rows, at most 200k).
+    epoch_size: int | None = None
+    label: str = "training"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def with_(self, **kw: Any) -> TrainConfig:
+        return replace(self, history=[], **kw)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        from ..errors import UsageError
+
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import UsageError
+
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def sampling_probs(y: np.ndarray | None, w: np.ndarray, balance: float) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float64)
+    if y is None or balance == 1.0:
+        p = w
+    else:
+        totals = np.bincount(y, weights=w)
+        factor = np.where(totals > 0, np.power(np.maximum(totals, 1e-12), balance - 1.0), 0.0)
+        p = w * factor[y]
+    return p / p.sum()
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def fit(
+    net: nn.Module,
+    loss_fn: LossFn,
+    X: np.ndarray,
+    y: np.ndarray | None,
+    w: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray | None,
+    w_val: np.ndarray,
+    cfg: TrainConfig,
+) -> nn.Module:
+    """Train ``net`` by minimising ``loss_fn``; keep the weights with the best validation loss.
+
+    ``w`` are per-row multiplicities (rows may be de-duplicated); training batches are drawn with
+    probability proportional to them (re-balanced across classes by ``cfg.class_balance``).
+    Validation loss is the multiplicity-weighted mean on the natural distribution.
+    """
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    use_amp = device.type == "cuda"
+    net = net.to(device)
+    Xt = torch.as_tensor(X, dtype=torch.float32, device=device)
+    yt = torch.as_tensor(y, dtype=torch.long, device=device) if y is not None else None
+    Xv = torch.as_tensor(X_val, dtype=torch.float32, device=device)
+    yv = torch.as_tensor(y_val, dtype=torch.long, device=device) if y_val is not None else None
+    wv = torch.as_tensor(w_val, dtype=torch.float32, device=device)
+    probs = sampling_probs(y, w, cfg.class_balance)
+    rng = np.random.default_rng(cfg.seed)
+    epoch_size = cfg.epoch_size or min(len(X), 200_000)
+    steps = max(1, math.ceil(epoch_size / cfg.batch_size))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=steps * cfg.epochs, pct_start=0.1
+    )
+    best = math.inf
+    best_state = copy.deepcopy(net.state_dict())
+    stale = 0
+    with step_progress(cfg.label, cfg.epochs) as update:
+        for epoch in range(cfg.epochs):
+            net.train()
+            idx = torch.as_tensor(rng.choice(len(X), size=steps * cfg.batch_size, p=probs),
+                                  device=device)
+            total = 0.0
+            for s in range(steps):
+                b = idx[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = loss_fn(net, Xt[b], yt[b] if yt is not None else None)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach())
+            val = evaluate_loss(net, loss_fn, Xv, yv, wv)
+            cfg.history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val})
+            update(1, f"val loss {val:.5f}")
+            if val < best - 1e-6:
+                best, stale = val, 0
+                best_state = copy.deepcopy(net.state_dict())
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    update(cfg.epochs - epoch - 1, f"early stop, best val loss {best:.5f}")
+                    break
+    net.load_state_dict(best_state)
+    return net.cpu().eval()
+
+
+@torch.no_grad()
+def evaluate_loss(net: nn.Module, loss_fn: LossFn, X: torch.Tensor, y: torch.Tensor | None,
+                  w: torch.Tensor, batch: int = 8192) -> float:
+    net.eval()
+    total, weight = 0.0, 0.0
+    for i in range(0, len(X), batch):
+        xb = X[i : i + batch]
+        yb = y[i : i + batch] if y is not None else None
+        wb = w[i : i + batch]
+        per_row = loss_fn(net, xb, yb, reduction="none")  # type: ignore[call-arg]
+        total += float((per_row.float() * wb).sum())
+        weight += float(wb.sum())
+    return total / max(weight, 1e-12)
+
+
+@torch.no_grad()
+def predict(net: nn.Module, X: np.ndarray, batch: int = 16384) -> np.ndarray:
+    """Run ``net`` in eval mode over ``X`` in batches on the CPU; returns numpy."""
+    net.eval()
+    outs = []
+    for i in range(0, len(X), batch):
+        outs.append(net(torch.as_tensor(X[i : i + batch])).numpy())
+    return np.concatenate(outs) if outs else np.zeros((0,))
+
+
+def cross_entropy(net: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                  reduction: str = "mean") -> torch.Tensor:
+    assert y is not None
+    return nn.functional.cross_entropy(net(x).float(), y, reduction=reduction)
