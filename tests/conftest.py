@@ -1,0 +1,95 @@
+"""Shared fixtures: the real data sets (through DEEPWATCH_DATA) and small trained bundles.
+
+Under CI=true a missing data file or optional dependency is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("DEEPWATCH_DATA", ROOT.parent / "shared" / "data"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, what: str) -> None:
+    """Skip locally, fail in CI, when something a test needs is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"missing in CI: {what}")
+    pytest.skip(f"missing: {what}")
+
+
+def data_file(rel: str) -> Path:
+    p = DATA / rel
+    need(p.exists(), f"data file {p} (set DEEPWATCH_DATA)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def kdd_train_file() -> Path:
+    return data_file("kddcup99/kddcup.data_10_percent.gz")
+
+
+@pytest.fixture(scope="session")
+def kdd_test_file() -> Path:
+    return data_file("kddcup99/corrected.gz")
+
+
+def head_lines(src: Path, n: int, every: int = 1) -> list[str]:
+    out = []
+    with gzip.open(src, "rt") as f:
+        for i, line in enumerate(f):
+            if i % every == 0:
+                out.append(line)
+                if len(out) >= n:
+                    break
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_kdd(tmp_path_factory: pytest.TempPathFactory, kdd_train_file: Path) -> Path:
+    """About 20k records spread over the whole 10% file (every 24th line), plain text."""
+    p = tmp_path_factory.mktemp("data") / "kdd_small.csv"
+    p.write_text("".join(head_lines(kdd_train_file, 20_000, every=24)))
+    return p
+
+
+@pytest.fixture(scope="session")
+def small_kdd_test(tmp_path_factory: pytest.TempPathFactory, kdd_test_file: Path) -> Path:
+    """About 10k records spread over `corrected` (every 31st line)."""
+    p = tmp_path_factory.mktemp("data") / "kdd_test_small.csv"
+    p.write_text("".join(head_lines(kdd_test_file, 10_000, every=31)))
+    return p
+
+
+_BUNDLES: dict[str, Path] = {}
+
+
+def trained_bundle(kind: str, train_file: Path, tmp_root: Path, epochs: int = 3,
+                   fmt: str = "kdd") -> Path:
+    """A small bundle of ``kind``, trained once per session and shared by the tests."""
+    key = f"{fmt}:{kind}:{train_file}"
+    if key not in _BUNDLES:
+        from deepwatch.train.api import train
+
+        out = tmp_root / f"bundle_{fmt}_{kind}"
+        train(fmt, kind, [str(train_file)], out, epochs=epochs, seed=0)
+        _BUNDLES[key] = out
+    return _BUNDLES[key]
+
+
+@pytest.fixture(scope="session")
+def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="session")
+def kdd_bundle(small_kdd: Path, bundle_root: Path) -> Path:
+    """A small `mlp` bundle on KDD data: the bundle most service tests score with."""
+    return trained_bundle("mlp", small_kdd, bundle_root)
