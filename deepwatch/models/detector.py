@@ -1,0 +1,130 @@
+"""The Detector: featurizer + network + decision. ``score_batch`` is the one scoring function
+that the CLI, REST service, Kafka worker and Spark jobs all call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_manifest
+from ..errors import BundleError, UsageError
+from ..features import Featurizer
+from .decision import Decision
+
+#: Columns score_batch appends, in order (those a bundle cannot produce are left out).
+OUTPUT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category")
+
+
+class Detector:
+    def __init__(self, path: str | Path, engine: str = "auto", verify: bool = True,
+                 device: str = "cpu"):
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = read_manifest(self.path, verify=verify)
+        try:
+            self.featurizer = Featurizer.from_json((self.path / FEATURIZER).read_text())
+        except (ValueError, KeyError) as exc:
+            raise BundleError(f"{self.path / FEATURIZER} is not a valid featurizer: {exc}") from None
+        if self.featurizer.schema_hash() != self.manifest.get("featurizer_schema_hash"):
+            raise BundleError(f"{self.path}: featurizer does not match the model it was saved with")
+        self.decision = Decision(self.manifest["decision"])
+        self.outputs: list[str] = list(self.manifest["outputs"])
+        self.format: str = self.manifest["input_format"]
+        self.kind: str = self.manifest["model_kind"]
+        self.backend = self._backend(engine, device)
+        self._explain = None
+
+    def _backend(self, engine: str, device: str):  # type: ignore[no-untyped-def]
+        from ..runtime import OnnxBackend, TorchBackend
+
+        onnx_path = self.path / ONNX
+        if engine not in ("auto", "onnx", "torch"):
+            raise UsageError(f"unknown engine {engine!r}; use auto, onnx or torch")
+        if engine in ("auto", "onnx") and onnx_path.exists():
+            try:
+                return OnnxBackend(onnx_path, self.outputs)
+            except ImportError:
+                if engine == "onnx":
+                    raise UsageError("onnxruntime is not installed") from None
+        if engine == "onnx":
+            raise BundleError(f"{self.path} has no {ONNX}")
+        return TorchBackend(self.manifest["network"], self.path / WEIGHTS, self.outputs, device)
+
+    @property
+    def engine(self) -> str:
+        return str(self.backend.name)
+
+    def new_state(self) -> dict[str, Any]:
+        """State carried across batches of one stream (per-client windows of derived features)."""
+        return {}
+
+    def raw_outputs(self, batch: pa.RecordBatch | pa.Table,
+                    state: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        X = self.featurizer.transform(batch, state)
+        return X, self.backend.run(X)
+
+    def decide(self, batch: pa.RecordBatch | pa.Table, state: dict[str, Any] | None = None
+               ) -> dict[str, np.ndarray]:
+        X, out = self.raw_outputs(batch, state)
+        cols = self.decision.apply(out)
+        cols["_X"] = X
+        cols["_out"] = out  # type: ignore[assignment]
+        return cols
+
+    def score_batch(self, batch: pa.RecordBatch, state: dict[str, Any] | None = None
+                    ) -> pa.RecordBatch:
+        """The input batch with ``score``, ``anomaly_score`` (autoencoders), ``verdict``
+        (``normal``/``malicious``), ``attack_type`` and ``category`` (classifiers) appended."""
+        if batch.num_rows == 0:
+            return _append(batch, self._empty_columns())
+        cols = self.decide(batch, state)
+        return _append(batch, self._columns(cols))
+
+    def _columns(self, cols: dict[str, Any]) -> dict[str, pa.Array]:
+        out: dict[str, pa.Array] = {}
+        for name in OUTPUT_COLUMNS:
+            if name not in cols:
+                continue
+            v = cols[name]
+            if name == "verdict":
+                out[name] = pa.array(np.where(v, "malicious", "normal"), pa.string())
+            elif name in ("score", "anomaly_score"):
+                out[name] = pa.array(np.asarray(v, dtype=np.float64))
+            else:
+                out[name] = pa.array(np.asarray(v, dtype=object), pa.string())
+        if "explain" in cols:
+            out["explanation"] = pa.array(cols["explain"], pa.string())
+        return out
+
+    def _empty_columns(self) -> dict[str, pa.Array]:
+        types = {"score": pa.float64(), "anomaly_score": pa.float64()}
+        names = ["score"]
+        if "anomaly" in self.outputs:
+            names.append("anomaly_score")
+        names.append("verdict")
+        if self.decision.supervised:
+            names += ["attack_type", "category"]
+        return {n: pa.array([], types.get(n, pa.string())) for n in names}
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"kind": self.kind, "format": self.format, "engine": self.engine,
+                "thresholds": m.get("thresholds"), "trained_at": m.get("trained_at"),
+                "deepwatch_version": m.get("deepwatch_version")}
+
+
+def _append(batch: pa.RecordBatch, cols: dict[str, pa.Array]) -> pa.RecordBatch:
+    names = [n for n in batch.schema.names if n not in cols]
+    arrays = [batch.column(n) for n in names]
+    return pa.RecordBatch.from_arrays(arrays + list(cols.values()), names=names + list(cols))
+
+
+def load(path: str | Path, **kw: Any) -> Detector:
+    return Detector(path, **kw)
+
+
+def manifest_json(det: Detector) -> str:
+    return json.dumps(det.manifest, indent=2)
