@@ -1,0 +1,91 @@
+"""User agent -> browser, OS and device class (ua-parser); client IP -> country (iptocc, offline)
+and private/public. Each distinct value is looked up once and remembered, so a batch costs one
+lookup per *new* agent or address, never one per record.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+#: Generic marks of automated clients (not names of attack tools: those must be learned).
+_BOT_WORDS = ("bot", "crawl", "spider", "slurp", "curl", "wget", "python", "java/", "go-http",
+              "libwww")
+_MOBILE_OS = ("iOS", "Android", "Windows Phone", "BlackBerry OS", "Symbian OS", "Firefox OS")
+_DESKTOP_OS = ("Windows", "Mac OS X", "Linux", "Ubuntu", "Chrome OS", "Fedora", "Debian",
+               "FreeBSD", "OpenBSD", "macOS")
+
+
+@lru_cache(maxsize=65536)
+def agent_info(agent: str) -> tuple[str, str, str]:
+    """(browser family, OS family, device class) of one user agent string."""
+    if not agent or agent == "-":
+        return "none", "none", "none"
+    import ua_parser
+
+    result = ua_parser.parse(agent[:2000])
+    browser = result.user_agent.family if result.user_agent else "Other"
+    os_family = result.os.family if result.os else "Other"
+    device = result.device.family if result.device else "Other"
+    low = agent.lower()
+    if device == "Spider" or any(w in low for w in _BOT_WORDS):
+        cls = "bot"
+    elif "ipad" in low or "tablet" in low:
+        cls = "tablet"
+    elif os_family in _MOBILE_OS or "mobile" in low:
+        cls = "mobile"
+    elif os_family.startswith(_DESKTOP_OS):
+        cls = "desktop"
+    else:
+        cls = "other"
+    return browser, os_family, cls
+
+
+@lru_cache(maxsize=262144)
+def ip_info(addr: str) -> tuple[str, bool, bool]:
+    """(country code or 'private'/'unknown'/'invalid', is private, is IPv6) of one address."""
+    try:
+        ip = ipaddress.ip_address(addr.strip("[]"))
+    except ValueError:
+        return "invalid", False, False
+    v6 = ip.version == 6
+    if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved:
+        return "private", True, v6
+    import iptocc
+
+    cc = iptocc.country_code(str(ip))
+    return (cc or "unknown"), False, v6
+
+
+def _per_distinct(col: pa.Array | pa.ChunkedArray, fn, width: int  # type: ignore[no-untyped-def]
+                  ) -> tuple[list[list[object]], np.ndarray]:
+    """Apply ``fn`` to each distinct value; returns (results per distinct value, index per row)."""
+    col = pc.fill_null(col, "")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    encoded = pc.dictionary_encode(col)
+    values = encoded.dictionary.to_pylist()
+    idx = encoded.indices.to_numpy(zero_copy_only=False)
+    results = [fn(v) for v in values]
+    columns = [[r[k] for r in results] for k in range(width)]
+    return columns, idx
+
+
+def agents(col: pa.Array | pa.ChunkedArray) -> dict[str, pa.Array]:
+    cols, idx = _per_distinct(col, agent_info, 3)
+    names = ("browser", "os", "device")
+    return {n: pa.array(c, pa.string()).take(pa.array(idx)) for n, c in zip(names, cols,
+                                                                            strict=True)}
+
+
+def addresses(col: pa.Array | pa.ChunkedArray) -> dict[str, pa.Array | np.ndarray]:
+    cols, idx = _per_distinct(col, ip_info, 3)
+    return {
+        "country": pa.array(cols[0], pa.string()).take(pa.array(idx)),
+        "ip_private": np.asarray(cols[1], dtype=np.float64)[idx],
+        "ip_v6": np.asarray(cols[2], dtype=np.float64)[idx],
+    }

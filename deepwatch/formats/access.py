@@ -1,0 +1,170 @@
+"""Web server access logs: NGINX/Apache ``combined`` and ``common`` formats.
+
+One regular expression, applied to a whole chunk at once by polars (Rust regex, no per-line
+Python), splits each line into its fields. What real servers write is accepted: ``-`` for absent
+fields, ``\\"`` and ``\\xHH`` escapes inside quoted fields, IPv6 clients, extra fields after the
+user agent, and request lines that are not ``METHOD TARGET PROTOCOL`` (scanners send garbage,
+TLS handshakes and bare paths): such a record is kept with its raw request and null method, as
+it is evidence in its own right. A line is rejected only when its frame (client, time, quoted
+request, status, size) cannot be read; the reason says which part failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from ._base import Format, ParseResult, empty_rejects, make_rejects, split_lines
+
+#: A quoted field: anything but an unescaped quote; ``\\"`` and ``\\xHH`` stay as written.
+_QUOTED = r'"((?:[^"\\]|\\.)*)"'
+_LINE = (
+    r"(?s)^\s*(\S+) (\S+) (\S+(?: \S+)*?) \[([^\]]+)\] "
+    + _QUOTED
+    + r" (\S+) (\S+)(?: "
+    + _QUOTED
+    + " "
+    + _QUOTED
+    + r")?(?:\s.*)?$"
+)
+_GROUPS = ("client_ip", "ident", "user", "time", "request", "status", "bytes",
+           "referer", "user_agent")
+#: Request line: method token, target, optional protocol.
+_REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S+)(?: (HTTP/\d(?:\.\d)?))?$"
+_TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
+MAX_RAW = 10_000
+
+SCHEMA = pa.schema(
+    [
+        pa.field("client_ip", pa.string(), nullable=False),
+        pa.field("ident", pa.string()),
+        pa.field("user", pa.string()),
+        pa.field("timestamp", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("request", pa.string(), nullable=False),
+        pa.field("method", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("query", pa.string()),
+        pa.field("protocol", pa.string()),
+        pa.field("status", pa.int64(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("referer", pa.string()),
+        pa.field("user_agent", pa.string()),
+        pa.field("label", pa.string()),
+    ]
+)
+
+
+def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
+    """(polars frame of typed fields, polars Series of reject reasons: null where parsed)."""
+    import polars as pl
+
+    raw = pl.Series("raw", lines, dtype=pl.String)
+    df = pl.DataFrame({"raw": raw})
+    groups = pl.col("raw").str.extract_groups(_LINE)
+    df = df.with_columns(groups.struct.rename_fields(list(_GROUPS)).alias("g")).unnest("g")
+
+    def dash_null(name: str) -> pl.Expr:
+        c = pl.col(name)
+        return pl.when(c == "-").then(None).otherwise(c).alias(name)
+
+    status = pl.col("status").cast(pl.Int64, strict=False)
+    size = pl.when(pl.col("bytes") == "-").then(0).otherwise(
+        pl.col("bytes").cast(pl.Int64, strict=False))
+    stamp = pl.col("time").str.to_datetime(_TIME_FORMAT, strict=False, time_unit="ms")
+    df = df.with_columns(
+        status.alias("_status"),
+        size.alias("_bytes"),
+        stamp.dt.convert_time_zone("UTC").alias("_ts"),
+    )
+    matched = pl.col("client_ip").is_not_null()
+    reason = (
+        pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
+        .when(~matched).then(pl.lit("not in common or combined log format"))
+        .when(pl.col("_ts").is_null())
+        .then(pl.lit("unreadable time '") + pl.col("time").str.slice(0, 60) + pl.lit("'"))
+        .when(pl.col("_status").is_null() | (pl.col("_status") < 100) | (pl.col("_status") > 599))
+        .then(pl.lit("status is not a code 100-599: '") + pl.col("status").str.slice(0, 20)
+              + pl.lit("'"))
+        .when(pl.col("_bytes").is_null() | (pl.col("_bytes") < 0))
+        .then(pl.lit("size is not a byte count: '") + pl.col("bytes").str.slice(0, 30)
+              + pl.lit("'"))
+        .otherwise(None)
+        .alias("reason")
+    )
+    df = df.with_columns(reason)
+    req = pl.col("request").str.extract_groups(_REQUEST).struct.rename_fields(
+        ["method", "url", "protocol"])
+    good = (
+        df.filter(pl.col("reason").is_null())
+        .with_columns(req.alias("r"))
+        .unnest("r")
+        .with_columns(
+            pl.col("method").str.to_uppercase(),
+            pl.col("url").str.extract(r"(?s)^([^?#]*)", 1).alias("path"),
+            pl.col("url").str.extract(r"(?s)\?([^#]*)", 1).alias("query"),
+            dash_null("ident"),
+            dash_null("user"),
+            dash_null("referer"),
+            dash_null("user_agent"),
+        )
+    )
+    return good, df.get_column("reason")
+
+
+def _to_batch(good: Any) -> pa.RecordBatch:
+    import polars as pl
+
+    n = good.height
+    out = good.select(
+        pl.col("client_ip"), pl.col("ident"), pl.col("user"), pl.col("_ts").alias("timestamp"),
+        pl.col("request"), pl.col("method"), pl.col("url"), pl.col("path"), pl.col("query"),
+        pl.col("protocol"), pl.col("_status").alias("status"), pl.col("_bytes").alias("bytes"),
+        pl.col("referer"), pl.col("user_agent"),
+    ).to_arrow()
+    arrays = [out.column(f.name).combine_chunks().cast(f.type) for f in SCHEMA if f.name != "label"]
+    arrays.append(pa.nulls(n, pa.string()))
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+class Access(Format):
+    """NGINX/Apache access logs (``combined``, or ``common`` without referer and agent)."""
+
+    name: ClassVar[str] = "access"
+    schema: ClassVar[pa.Schema] = SCHEMA
+    has_label: ClassVar[bool] = False
+    ecs_fields: ClassVar[dict[str, str]] = {
+        "source.ip": "client_ip",
+        "@timestamp": "timestamp",
+        "http.request.method": "method",
+        "url.original": "url",
+        "url.path": "path",
+        "url.query": "query",
+        "http.response.status_code": "status",
+        "http.response.body.bytes": "bytes",
+        "http.request.referrer": "referer",
+        "user_agent.original": "user_agent",
+        "user.name": "user",
+    }
+
+    def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        lines = split_lines(data)
+        if not lines:
+            return ParseResult(pa.RecordBatch.from_pylist([], schema=SCHEMA), empty_rejects(), 0)
+        good, reasons = _parse_frame(lines)
+        ok = reasons.is_null().to_numpy()
+        bad = np.flatnonzero(~ok)
+        rejects = make_rejects(
+            (bad + first_line).tolist(),
+            [lines[i][:MAX_RAW] for i in bad],
+            reasons.filter(~reasons.is_null()).to_list(),
+        ) if len(bad) else empty_rejects()
+        numbers = pa.array(np.flatnonzero(ok).astype(np.int64) + first_line)
+        return ParseResult(_to_batch(good), rejects, len(lines), numbers)
+
+    def feature_spec(self) -> dict[str, Any]:
+        from ..features.web import access_feature_spec
+
+        return access_feature_spec()
