@@ -1,0 +1,385 @@
+"""The public data sets deepwatch knows by name: where they come from, how to check a copy, where
+a local copy lives.
+
+Sizes, record counts and sha256 are of the *uncompressed text*, so a gzipped copy and a plain one
+of the same file check out alike (the originals are gzipped for KDD 99 and plain for NSL-KDD).
+Where a figure is not known to us (files we could not see when the registry was written) it is
+``None``; the first fetch then records what it found in the cache ("trust on first use") and later
+fetches are checked against that.
+
+A file is looked for, in order, under ``$DEEPWATCH_DATA`` and in the cache
+(``$DEEPWATCH_CACHE``, else ``$XDG_CACHE_HOME/deepwatch``, else ``~/.cache/deepwatch``), in
+``<dir>/<group>/<file>`` or ``<dir>/<file>``, as ``<file>.gz`` or plain.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, cast
+
+from .errors import DataError
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_BLOCK = 1 << 20
+_UCI = "http://kdd.ics.uci.edu/databases/kddcup99/"
+#: UNB distributes NSL-KDD behind a form; this public GitHub copy is the usual direct download.
+_NSL_MIRROR = "https://raw.githubusercontent.com/defcom17/NSL_KDD/master/"
+_NSL_HOME = "https://www.unb.ca/cic/datasets/nsl.html"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    #: The file's own name, without a ``.gz`` its original may carry.
+    text_name: str
+    group: str
+    format: str
+    description: str
+    urls: tuple[str, ...]
+    #: Records (lines) of the text; published figure where ``sha256`` is None.
+    records: int | None
+    #: Size in bytes and sha256 of the uncompressed text; None where not known.
+    text_bytes: int | None
+    sha256: str | None
+    home: str = ""
+
+    def candidates(self) -> tuple[str, str]:
+        return (self.text_name + ".gz", self.text_name)
+
+
+DATASETS: dict[str, Dataset] = {d.name: d for d in (
+    Dataset("kdd99-10percent", "kddcup.data_10_percent", "kddcup99", "kdd",
+            "KDD Cup 1999: the contest's 10% training set",
+            (_UCI + "kddcup.data_10_percent.gz",
+             "https://ndownloader.figshare.com/files/5976042"),  # scikit-learn's mirror
+            494_021, 74_889_749,
+            "f8c8267ebcd9c0ed1fd7d6277fe5bfff8732e9b7db8e61b873542b2a534b6f9a",
+            "https://kdd.ics.uci.edu/databases/kddcup99/kddcup99.html"),
+    Dataset("kdd99-corrected", "corrected", "kddcup99", "kdd",
+            "KDD Cup 1999: the labelled test set (17 attack types unseen in training)",
+            (_UCI + "corrected.gz",),
+            311_029, 47_251_540,
+            "547dfb9c0f0dc1d9944219ec79e851191faebaeb8acbfa1cd171c418397052a4",
+            "https://kdd.ics.uci.edu/databases/kddcup99/kddcup99.html"),
+    Dataset("nslkdd-train", "KDDTrain+.txt", "nslkdd", "nslkdd",
+            "NSL-KDD: the full training set",
+            (_NSL_MIRROR + "KDDTrain+.txt",), 125_973, None, None, _NSL_HOME),
+    Dataset("nslkdd-train20", "KDDTrain+_20Percent.txt", "nslkdd", "nslkdd",
+            "NSL-KDD: a 20% subset of the training set",
+            (_NSL_MIRROR + "KDDTrain+_20Percent.txt",), 25_192, 3_847_223,
+            "5bf25df3ec1544eb3297b9a90b56736ba11e31f429df20e5aa0cfd49ca0fc896", _NSL_HOME),
+    Dataset("nslkdd-test", "KDDTest+.txt", "nslkdd", "nslkdd",
+            "NSL-KDD: the test set",
+            (_NSL_MIRROR + "KDDTest+.txt",), 22_544, 3_464_055,
+            "6ff4e09deee2c50c4877bbfe84f926dffafe3ef33d24f9dcfe0e425f4a8df5a2", _NSL_HOME),
+    Dataset("nslkdd-test21", "KDDTest-21.txt", "nslkdd", "nslkdd",
+            "NSL-KDD: the test records fewer than 21 of the original learners got right",
+            (_NSL_MIRROR + "KDDTest-21.txt",), 11_850, None, None, _NSL_HOME),
+)}
+
+#: Names that stand for several data sets at once.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "kdd99": ("kdd99-10percent", "kdd99-corrected"),
+    "nslkdd": ("nslkdd-train", "nslkdd-train20", "nslkdd-test", "nslkdd-test21"),
+}
+
+
+# ---- where things are ------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    root = os.environ.get("DEEPWATCH_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "deepwatch"
+
+
+def _data_dir() -> Path | None:
+    root = os.environ.get("DEEPWATCH_DATA")
+    return Path(root).expanduser() if root else None
+
+
+def get(name: str) -> Dataset:
+    """The data set called ``name`` (its registry name or its file's name)."""
+    if name in DATASETS:
+        return DATASETS[name]
+    bare = name.removesuffix(".gz")
+    for ds in DATASETS.values():
+        if bare in (ds.text_name, ds.text_name.removesuffix(".txt")):
+            return ds
+    known = ", ".join([*DATASETS, *GROUPS])
+    raise DataError(f"unknown data set {name!r}; known: {known}")
+
+
+def _expand(name: str) -> list[Dataset]:
+    if name in GROUPS:
+        return [DATASETS[n] for n in GROUPS[name]]
+    return [get(name)]
+
+
+def _look_in(ds: Dataset, root: Path) -> Path | None:
+    for folder in (root / ds.group, root):
+        for cand in ds.candidates():
+            p = folder / cand
+            if p.is_file():
+                return p
+    return None
+
+
+def find(name: str) -> Path | None:
+    """A local copy of a data set (``$DEEPWATCH_DATA`` first, then the cache), unverified."""
+    ds = get(name)
+    for root in (_data_dir(), cache_dir() / "datasets"):
+        if root is not None and (hit := _look_in(ds, root)) is not None:
+            return hit
+    return None
+
+
+def path(name: str) -> Path:
+    """The local path of a data set, or a clear error saying how to get it."""
+    found = find(name)
+    if found is None:
+        ds = get(name)
+        raise DataError(f"data set {ds.name!r} ({ds.text_name}) is not here; set DEEPWATCH_DATA "
+                        f"to a directory holding it or run `deepwatch datasets fetch {ds.name}`")
+    return found
+
+
+# ---- checking a copy -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Digest:
+    sha256: str
+    text_bytes: int
+    records: int
+
+
+def _open_text(p: Path) -> IO[bytes]:
+    with open(p, "rb") as f:
+        magic = f.read(2)
+    if magic == _GZIP_MAGIC:
+        return cast(IO[bytes], gzip.open(p, "rb"))
+    return open(p, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def digest(p: Path) -> Digest:
+    """sha256, size and line count of the text in ``p`` (gzipped or plain)."""
+    h = hashlib.sha256()
+    size = lines = 0
+    last = b""
+    try:
+        with _open_text(p) as f:
+            for block in iter(lambda: f.read(_BLOCK), b""):
+                h.update(block)
+                size += len(block)
+                lines += block.count(b"\n")
+                last = block[-1:]
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"cannot read {p}: {exc}") from None
+    if size and last != b"\n":
+        lines += 1
+    return Digest(h.hexdigest(), size, lines)
+
+
+def _recorded_path() -> Path:
+    return cache_dir() / "datasets" / "recorded.json"
+
+
+def _recorded() -> dict[str, Any]:
+    try:
+        data = json.loads(_recorded_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def expected(ds: Dataset) -> tuple[str | None, int | None, str]:
+    """(sha256, text bytes, where the figures come from) to check a copy of ``ds`` against."""
+    if ds.sha256 is not None:
+        return ds.sha256, ds.text_bytes, "registry"
+    rec = _recorded().get(ds.name)
+    if rec:
+        return rec["sha256"], rec["text_bytes"], f"recorded on first fetch from {rec['source']}"
+    return None, None, "unknown"
+
+
+def verify(ds: Dataset, p: Path) -> Digest:
+    """Check ``p`` against the registry (or what the first fetch recorded); raise if it differs."""
+    got = digest(p)
+    sha, size, origin = expected(ds)
+    if sha is None:
+        _check_parses(ds, p)
+        return got
+    if got.sha256 != sha or (size is not None and got.text_bytes != size):
+        raise DataError(f"{p} is not the expected {ds.name} (sha256 {got.sha256[:12]}…, "
+                        f"{got.text_bytes:,} bytes; {origin}: {sha[:12]}…"
+                        + (f", {size:,} bytes" if size is not None else "")
+                        + "): a modified or different copy; refusing it")
+    return got
+
+
+def _check_parses(ds: Dataset, p: Path) -> None:
+    """Without a checksum, at least make sure the file is the right kind of data."""
+    from .formats import get_format
+
+    with _open_text(p) as f:
+        head = f.read(64 << 10)
+    head = head[: head.rfind(b"\n") + 1] or head
+    result = get_format(ds.format).parse(head)
+    if result.lines == 0 or result.rejects.num_rows > result.lines // 10:
+        raise DataError(f"{p} does not look like {ds.name} ({ds.format} records): "
+                        f"{result.rejects.num_rows} of its first {result.lines} lines are not "
+                        f"{ds.format} records; refusing it")
+
+
+def _record(ds: Dataset, got: Digest, source: str) -> None:
+    """Trust on first use: remember the figures of a data set the registry has none for."""
+    if ds.sha256 is not None or ds.name in _recorded():
+        return
+    data = _recorded()
+    data[ds.name] = {"sha256": got.sha256, "text_bytes": got.text_bytes,
+                     "records": got.records, "source": source,
+                     "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    target = _recorded_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, target)
+
+
+# ---- getting a copy --------------------------------------------------------------------------
+
+def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
+    """Verify ``src`` and put it into the cache under its proper name; returns the new path."""
+    got = verify(ds, src)
+    with open(src, "rb") as f:
+        gz = f.read(2) == _GZIP_MAGIC
+    dest_dir = cache_dir() / "datasets" / ds.group
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / ds.candidates()[0 if gz else 1]
+    other = dest_dir / ds.candidates()[1 if gz else 0]
+    tmp = dest_dir / f".{dest.name}.part"
+    if move:
+        os.replace(src, tmp)
+    else:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    other.unlink(missing_ok=True)  # one copy per data set
+    _record(ds, got, source)
+    return dest
+
+
+def _download(ds: Dataset, progress: bool) -> Path:
+    import urllib.error
+    import urllib.request
+    from contextlib import nullcontext
+
+    from . import __version__
+    from .progress import byte_progress
+
+    part_dir = cache_dir() / "datasets" / ds.group
+    part_dir.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    for url in ds.urls:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{ds.name}.", suffix=".download", dir=part_dir)
+        tmp = Path(tmp_name)
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": f"deepwatch/{__version__}"})
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=30) as resp:
+                total = resp.headers.get("Content-Length")
+                size = int(total) if total and total.isdigit() else None
+                bar = byte_progress(ds.name, size) if progress else nullcontext()
+                with bar as advance:
+                    for block in iter(lambda: resp.read(_BLOCK), b""):
+                        out.write(block)
+                        if advance is not None:
+                            advance(len(block))
+            return _store(ds, tmp, url, move=True)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            failures.append(f"{url}: {reason}")
+        except DataError as exc:
+            failures.append(f"{url}: {exc}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise DataError(f"cannot download {ds.name} (no internet, or its servers are unreachable: "
+                    f"{'; '.join(failures)}); copy it from a local directory with "
+                    f"`deepwatch datasets fetch {ds.name} --from DIR`")
+
+
+def _fetch_one(ds: Dataset, from_dir: str | None, progress: bool) -> Path:
+    if from_dir is not None:
+        root = Path(from_dir).expanduser()
+        if not root.is_dir():
+            raise DataError(f"--from {from_dir}: no such directory")
+        src = _look_in(ds, root)
+        if src is None:
+            raise DataError(f"no copy of {ds.name} in {from_dir} (looked for "
+                            f"{' or '.join(ds.candidates())}, also under {ds.group}/)")
+        return _store(ds, src, str(src.resolve()), move=False)
+    here = find(ds.name)
+    if here is not None:
+        got = verify(ds, here)
+        _record(ds, got, str(here.resolve()))
+        return here
+    return _download(ds, progress)
+
+
+def fetch(name: str, from_dir: str | None = None, progress: bool = False) -> Iterator[Path]:
+    """Make a data set (or each of a group) available locally and verified; yields the paths.
+
+    With ``from_dir`` the copy found there is verified and copied into the cache; otherwise a copy
+    already under ``$DEEPWATCH_DATA`` or in the cache is verified, else the file is downloaded.
+    """
+    for ds in _expand(name):
+        yield _fetch_one(ds, from_dir, progress)
+
+
+# ---- describing ------------------------------------------------------------------------------
+
+def _status(ds: Dataset) -> str:
+    here = find(ds.name)
+    return f"at {here}" if here else "not here: `deepwatch datasets fetch` it"
+
+
+def describe(ds: Dataset) -> list[str]:
+    sha, size, origin = expected(ds)
+    if sha is None:
+        check = ("sha256 and size unknown to this registry (file not seen when it was written); "
+                 "the first fetch records them, later copies are checked against that")
+    else:
+        check = f"sha256 {sha} ({origin})"
+    size_txt = f"{size / 1e6:,.1f} MB text" if size else "size unknown"
+    records = f"{ds.records:,} records" if ds.records else "records unknown"
+    if ds.sha256 is None and ds.records:
+        records += " (published)"
+    return [f"{ds.name:<17} {ds.description}",
+            f"{'':<17} file {ds.text_name} · format {ds.format} · {records} · {size_txt}",
+            f"{'':<17} {check}",
+            *(f"{'':<17} url {u}" for u in ds.urls),
+            *([f"{'':<17} home {ds.home}"] if ds.home else []),
+            f"{'':<17} {_status(ds)}"]
+
+
+def describe_all() -> list[str]:
+    """Lines for ``deepwatch datasets list``."""
+    lines = [f"data sets (DEEPWATCH_DATA={os.environ.get('DEEPWATCH_DATA', '')!s}, "
+             f"cache {cache_dir() / 'datasets'}); sizes and sha256 are of the uncompressed text"]
+    for ds in DATASETS.values():
+        lines += describe(ds)
+    lines.append("groups: " + "; ".join(f"{g} = {', '.join(m)}" for g, m in GROUPS.items()))
+    return lines
+
+
+__all__ = ["DATASETS", "GROUPS", "Dataset", "Digest", "cache_dir", "describe_all", "digest",
+           "fetch", "find", "get", "path", "verify"]

@@ -1,0 +1,214 @@
+"""The data set registry: listing, fetching from a directory or a (loopback) server, checksums."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import http.server
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import data_file
+
+from deepwatch import datasets
+from deepwatch.cli import main
+from deepwatch.errors import DataError
+
+NSL_TEST = "nslkdd/KDDTest+.txt.gz"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private cache, and no DEEPWATCH_DATA unless a test sets one."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DEEPWATCH_CACHE", str(cache))
+    monkeypatch.delenv("DEEPWATCH_DATA", raising=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def nsl_test_gz() -> Path:
+    return data_file(NSL_TEST)
+
+
+def test_registry_knows_the_public_files() -> None:
+    names = {d.text_name for d in datasets.DATASETS.values()}
+    assert {"kddcup.data_10_percent", "corrected", "KDDTrain+.txt", "KDDTrain+_20Percent.txt",
+            "KDDTest+.txt", "KDDTest-21.txt"} <= names
+    for ds in datasets.DATASETS.values():
+        assert ds.urls and all(u.startswith(("http://", "https://")) for u in ds.urls)
+        assert (ds.sha256 is None) == (ds.text_bytes is None)
+        assert ds.sha256 is None or len(ds.sha256) == 64
+    assert datasets.get("corrected.gz").name == "kdd99-corrected"
+    assert datasets.get("KDDTest+").name == "nslkdd-test"
+    with pytest.raises(DataError, match="unknown data set 'kdd2000'"):
+        datasets.get("kdd2000")
+
+
+@pytest.mark.parametrize("rel,name", [("kddcup99/corrected.gz", "kdd99-corrected"),
+                                      ("nslkdd/KDDTrain+_20Percent.txt.gz", "nslkdd-train20"),
+                                      (NSL_TEST, "nslkdd-test")])
+def test_registry_checksums_match_the_shared_copies(rel: str, name: str) -> None:
+    ds = datasets.get(name)
+    got = datasets.verify(ds, data_file(rel))
+    assert (got.sha256, got.text_bytes, got.records) == (ds.sha256, ds.text_bytes, ds.records)
+
+
+def test_list_shows_every_data_set_and_where_it_is(
+        nsl_test_gz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    (data / "nslkdd").mkdir(parents=True)
+    shutil.copy(nsl_test_gz, data / "nslkdd")
+    monkeypatch.setenv("DEEPWATCH_DATA", str(data))
+    assert main(["datasets", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in datasets.DATASETS:
+        assert name in out
+    assert f"at {data / NSL_TEST}" in out
+    assert "sha256 6ff4e09deee2" in out
+    # files the registry has no checksum for say so
+    assert out.count("unknown to this registry") == 2
+
+
+def test_fetch_from_directory_verifies_and_caches(
+        nsl_test_gz: Path, tmp_path: Path, isolated: Path) -> None:
+    src = tmp_path / "downloads"
+    src.mkdir()
+    shutil.copy(nsl_test_gz, src / "KDDTest+.txt.gz")
+    (got,) = datasets.fetch("nslkdd-test", from_dir=str(src))
+    assert got == isolated / "datasets" / "nslkdd" / "KDDTest+.txt.gz"
+    assert got.read_bytes() == nsl_test_gz.read_bytes()
+    # now found without DEEPWATCH_DATA, through the cache
+    assert datasets.path("nslkdd-test") == got
+
+
+def test_fetch_accepts_a_plain_copy(nsl_test_gz: Path, tmp_path: Path, isolated: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "plain"
+    (src / "nslkdd").mkdir(parents=True)
+    (src / "nslkdd" / "KDDTest+.txt").write_bytes(gzip.decompress(nsl_test_gz.read_bytes()))
+    assert main(["datasets", "fetch", "nslkdd-test", "--from", str(src)]) == 0
+    dest = isolated / "datasets" / "nslkdd" / "KDDTest+.txt"
+    assert capsys.readouterr().out.strip() == str(dest)
+    assert datasets.digest(dest).sha256 == datasets.get("nslkdd-test").sha256
+
+
+def test_tampered_copy_is_refused(nsl_test_gz: Path, tmp_path: Path, isolated: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    text = gzip.decompress(nsl_test_gz.read_bytes())
+    tampered = text.replace(b",neptune,", b",apache2,", 1)  # same size, still parses
+    assert tampered != text and len(tampered) == len(text)
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "KDDTest+.txt").write_bytes(tampered)
+    assert main(["datasets", "fetch", "nslkdd-test", "--from", str(src)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "refusing it" in err and len(err.splitlines()) == 1
+    assert not (isolated / "datasets" / "nslkdd").exists() or not any(
+        (isolated / "datasets" / "nslkdd").iterdir())
+
+
+def test_data_dir_is_looked_in_first(nsl_test_gz: Path, tmp_path: Path, isolated: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    cached = isolated / "datasets" / "nslkdd"
+    cached.mkdir(parents=True)
+    shutil.copy(nsl_test_gz, cached / "KDDTest+.txt.gz")
+    data = tmp_path / "flat"
+    data.mkdir()
+    shutil.copy(nsl_test_gz, data / "KDDTest+.txt.gz")  # no group folder: also found
+    monkeypatch.setenv("DEEPWATCH_DATA", str(data))
+    assert datasets.path("nslkdd-test") == data / "KDDTest+.txt.gz"
+    # fetch with a verified local copy at hand neither copies nor downloads
+    assert list(datasets.fetch("nslkdd-test")) == [data / "KDDTest+.txt.gz"]
+    monkeypatch.delenv("DEEPWATCH_DATA")
+    assert datasets.path("nslkdd-test") == cached / "KDDTest+.txt.gz"
+
+
+def test_missing_data_set_says_how_to_get_it() -> None:
+    with pytest.raises(DataError, match="datasets fetch kdd99-corrected"):
+        datasets.path("kdd99-corrected")
+
+
+def test_unknown_checksum_is_recorded_on_first_fetch(
+        nsl_test_gz: Path, tmp_path: Path) -> None:
+    lines = gzip.decompress(nsl_test_gz.read_bytes()).splitlines(keepends=True)
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d, part in ((first, lines[:300]), (second, lines[300:600])):
+        d.mkdir()
+        (d / "KDDTest-21.txt").write_bytes(b"".join(part))
+    assert datasets.expected(datasets.get("nslkdd-test21"))[0] is None
+    (got,) = datasets.fetch("nslkdd-test21", from_dir=str(first))
+    sha, size, origin = datasets.expected(datasets.get("nslkdd-test21"))
+    assert sha == datasets.digest(got).sha256 and size == got.stat().st_size
+    assert origin.startswith("recorded on first fetch")
+    with pytest.raises(DataError, match="not the expected nslkdd-test21"):
+        list(datasets.fetch("nslkdd-test21", from_dir=str(second)))
+
+
+def test_unknown_checksum_still_refuses_the_wrong_kind_of_file(tmp_path: Path) -> None:
+    (tmp_path / "KDDTrain+.txt").write_text("<html><body>Please register</body></html>\n" * 5)
+    with pytest.raises(DataError, match="does not look like nslkdd-train"):
+        list(datasets.fetch("nslkdd-train", from_dir=str(tmp_path)))
+    assert datasets.expected(datasets.get("nslkdd-train"))[0] is None
+
+
+# ---- downloads, from a real HTTP server on the loopback interface only ----------------------
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _point_at(monkeypatch: pytest.MonkeyPatch, name: str, *urls: str) -> None:
+    ds = dataclasses.replace(datasets.DATASETS[name], urls=urls)
+    monkeypatch.setitem(datasets.DATASETS, name, ds)
+
+
+def test_download_verifies_and_falls_back_to_the_next_url(
+        served: tuple[str, Path], nsl_test_gz: Path, isolated: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    base, root = served
+    (root / "wrong.txt").write_bytes(b"0,tcp,http,SF,1,2\n")  # a different file: refused
+    (root / "KDDTest+.txt").write_bytes(gzip.decompress(nsl_test_gz.read_bytes()))
+    _point_at(monkeypatch, "nslkdd-test", f"{base}/missing.txt", f"{base}/wrong.txt",
+              f"{base}/KDDTest+.txt")
+    (got,) = datasets.fetch("nslkdd-test", progress=False)
+    assert got == isolated / "datasets" / "nslkdd" / "KDDTest+.txt"
+    assert datasets.digest(got).sha256 == datasets.get("nslkdd-test").sha256
+    leftovers = [p.name for p in got.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_no_internet_is_one_clear_line(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _point_at(monkeypatch, "kdd99-corrected", f"http://127.0.0.1:{port}/corrected.gz")
+    assert main(["datasets", "fetch", "kdd99-corrected"]) == 4
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "cannot download kdd99-corrected" in err and "--from DIR" in err
