@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import DataError
-from .formats import Format
+from .formats import REJECT_SCHEMA, Format
 from .sources.files import InputSpec, iter_chunks, parse_input_spec
 
 
@@ -48,11 +48,13 @@ def with_label(batch: pa.RecordBatch, label: str | None) -> pa.RecordBatch:
 class InputReader:
     """Iterates ``(batch, rejects, spec)`` over inputs; rejects carry their source."""
 
-    def __init__(self, fmt: Format, specs: Sequence[str | InputSpec], progress: bool = False):
+    def __init__(self, fmt: Format, specs: Sequence[str | InputSpec], progress: bool = False,
+                 lakes: Sequence[str] = ()):
         self.fmt = fmt
         self.specs: list[InputSpec] = []
         for s in specs:
             self.specs.extend(parse_input_spec(s) if isinstance(s, str) else [s])
+        self.lakes = list(lakes)
         self.progress = progress
         self.stats = Stats()
 
@@ -84,6 +86,21 @@ class InputReader:
                             "source", pa.array([spec.display] * rejects.num_rows, pa.string())
                         )
                     yield with_label(result.batch, spec.label), rejects, spec
+        yield from self._iter_lakes()
+
+    def _iter_lakes(self) -> Iterator[tuple[pa.RecordBatch, pa.Table, InputSpec]]:
+        """Records already parsed into a lake (``--lake DIR``), labels as stored."""
+        from .lake import iter_lake, lake_format
+
+        for root in self.lakes:
+            held = lake_format(root)
+            if held != self.fmt.name:
+                raise DataError(f"the lake at {root} holds {held!r} records, not "
+                                f"{self.fmt.name!r}")
+            spec = InputSpec(root)
+            for batch in iter_lake(root):
+                self.stats.add(f"lake:{root}", batch.num_rows, 0)
+                yield batch, REJECT_SCHEMA.empty_table(), spec
 
     def read_all(self) -> tuple[pa.Table, pa.Table, Stats]:
         batches, rejects = [], []
