@@ -1,0 +1,76 @@
+"""Commands of the web pipeline: ``ingest`` (records into the lake) and ``simulate`` (traffic).
+
+``cli.py`` calls :func:`register` when this module is present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Annotated
+
+import typer
+
+from .lake import LakeStats
+
+
+def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = False,
+           on_batch: Callable[[int], None] | None = None) -> tuple[LakeStats, str]:
+    """Parse ``inputs`` into the lake at ``lake``; returns the lake's counts and a summary."""
+    from .formats import get_format
+    from .io import InputReader
+    from .lake import LakeWriter
+
+    fmt = get_format(format_name)
+    writer = LakeWriter(lake, format_name)
+    reader = InputReader(fmt, inputs, progress=progress)
+    for batch, rejects, _spec in reader:
+        writer.write(batch)
+        writer.write_rejects(rejects)
+        if on_batch is not None:
+            on_batch(batch.num_rows)
+    return writer.stats, reader.stats.summary()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ingest")
+    def ingest_cmd(
+        files: Annotated[list[str], typer.Argument(
+            help="Input files (.gz ok), globs, PATH=LABEL, or - for stdin")],
+        fmt: Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")],
+        lake: Annotated[str, typer.Option("--lake", help="Lake directory (created if new)")],
+    ) -> None:
+        """Parse records into a Parquet lake partitioned by day; rejected lines kept beside."""
+        from .progress import enabled
+
+        stats, summary = ingest(fmt, lake, files, progress=enabled())
+        days = sorted(stats.days or ())
+        span = f"{days[0]} .. {days[-1]}" if days else "no days"
+        typer.echo(f"{summary}; {stats.records:,} records in {stats.files} files ({span}), "
+                   f"{stats.rejects:,} rejects kept in {lake}/rejects", err=True)
+
+    @app.command("simulate")
+    def simulate_cmd(
+        out: Annotated[str, typer.Option("--out", "-o", help="Directory for the logs")],
+        visits: Annotated[int, typer.Option(help="Number of visits (normal sessions)")] = 2000,
+        attack_share: Annotated[float, typer.Option(
+            "--attack-share", help="Attack lines per normal line, all kinds together")] = 0.05,
+        attacks: Annotated[str, typer.Option(
+            help="Comma-separated attack kinds, or 'none'")] = ",".join(_attack_names()),
+        seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+        hours: Annotated[float, typer.Option(help="Time span of the traffic")] = 24.0,
+    ) -> None:
+        """Simulate a web shop's traffic with labelled attacks: one combined log per label."""
+        from .simulate import simulate
+
+        kinds = [] if attacks.strip() in ("", "none") else [a.strip() for a in attacks.split(",")]
+        paths = simulate(out, visits=visits, attacks=kinds, attack_share=attack_share,
+                         seed=seed, hours=hours, log=lambda s: typer.echo(s, err=True))
+        args = " ".join(f"{p}={label}" for label, p in paths.items())
+        typer.echo(f"evaluate with: deepwatch evaluate BUNDLE --format access --json OUT.json "
+                   f"{args}", err=True)
+
+
+def _attack_names() -> tuple[str, ...]:
+    from .simulate import ATTACKS
+
+    return ATTACKS
