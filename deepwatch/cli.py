@@ -34,6 +34,10 @@ def _progress() -> bool:
 
 Files = Annotated[list[str], typer.Argument(help="Input files (.gz ok), globs, PATH=LABEL, or -")]
 Format = Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")]
+OptionalFiles = Annotated[list[str] | None, typer.Argument(
+    help="Input files (.gz ok), globs, PATH=LABEL, or - (optional with --lake)")]
+LakeOption = Annotated[list[str] | None, typer.Option(
+    "--lake", help="Also read the records of this lake directory (see `ingest`)")]
 
 
 @app.command()
@@ -95,7 +99,6 @@ def evaluate(
 @app.command()
 def score(
     bundle: Annotated[str, typer.Argument(help="Bundle directory")],
-    files: Files,
     fmt: Format,
     out: Annotated[str, typer.Option("--out", "-o", help="Output .parquet or .jsonl (- stdout)")],
     alerts_only: Annotated[bool, typer.Option("--alerts-only", help="Keep malicious only")] = False,
@@ -105,18 +108,21 @@ def score(
     backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
     cluster: Annotated[bool, typer.Option(
         "--cluster", help="Group alerts into campaigns (needs an autoencoder)")] = False,
+    files: OptionalFiles = None,
+    lake: LakeOption = None,
 ) -> None:
     """Score records with a bundle: one row per parsed record, in input order."""
     if engine == "spark":
         from .spark import score_spark
 
-        report = score_spark(bundle, fmt, files, out, alerts_only=alerts_only,
+        report = score_spark(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, master=master)
     elif engine == "local":
         from .scoring import score_files
 
-        report = score_files(bundle, fmt, files, out, alerts_only=alerts_only, rejects=rejects,
-                             engine=backend, progress=_progress())
+        report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,
+                             rejects=rejects, engine=backend, progress=_progress(),
+                             lakes=lake or [])
     else:
         raise typer.BadParameter(f"unknown engine {engine!r}; use local or spark")
     _err(f"{report.stats.summary()}; {report.alerts:,} malicious; {report.written:,} rows "

@@ -27,7 +27,8 @@ class ScoreReport:
 
 def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                 alerts_only: bool = False, rejects: str | None = None, engine: str = "auto",
-                progress: bool = False, detector: Any = None) -> ScoreReport:
+                progress: bool = False, detector: Any = None,
+                lakes: Sequence[str] = ()) -> ScoreReport:
     from .models.detector import Detector
 
     t0 = time.perf_counter()
@@ -35,7 +36,9 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     if format_name != det.format:
         raise UsageError(f"the bundle was trained on format {det.format!r}, not {format_name!r}")
     fmt = get_format(format_name)
-    reader = InputReader(fmt, inputs, progress=progress)
+    if not inputs and not lakes:
+        raise UsageError("nothing to score: give input files or --lake DIR")
+    reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
     sink = RecordSink(out)
     reject_sink = RejectSink(rejects)
     alerts = 0
