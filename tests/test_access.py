@@ -1,0 +1,156 @@
+"""The access-log parser: real-world lines, rejects with reasons, and property tests."""
+
+from __future__ import annotations
+
+import gzip
+from datetime import UTC, datetime
+
+import pyarrow as pa
+from conftest import data_file
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepwatch.formats import get_format
+from deepwatch.formats.access import SCHEMA
+
+FMT = get_format("access")
+
+COMBINED = ('203.0.113.9 - - [17/May/2015:10:05:03 +0000] "GET /shop/item?id=7&q=a%20b HTTP/1.1" '
+            '200 5123 "http://example.com/shop/" "Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0"')
+
+
+def parse(text: str, first_line: int = 1):  # type: ignore[no-untyped-def]
+    result = FMT.parse(text, first_line=first_line)
+    assert result.batch.num_rows + result.rejects.num_rows == result.lines
+    return result
+
+
+def test_combined_line_fields() -> None:
+    row = parse(COMBINED).batch.to_pylist()[0]
+    assert row["client_ip"] == "203.0.113.9"
+    assert row["timestamp"] == datetime(2015, 5, 17, 10, 5, 3, tzinfo=UTC)
+    assert (row["method"], row["path"], row["query"]) == ("GET", "/shop/item", "id=7&q=a%20b")
+    assert row["protocol"] == "HTTP/1.1"
+    assert (row["status"], row["bytes"]) == (200, 5123)
+    assert row["referer"] == "http://example.com/shop/"
+    assert row["user_agent"].endswith("Firefox/125.0")
+    assert row["ident"] is None and row["user"] is None and row["label"] is None
+
+
+def test_common_format_ipv6_and_dash_fields() -> None:
+    lines = [
+        '2001:db8::17 - frank [10/Oct/2000:13:55:36 -0700] "GET /apache_pb.gif HTTP/1.0" 200 2326',
+        '::1 - - [10/Oct/2000:13:55:36 +0200] "HEAD / HTTP/1.1" 304 - "-" "-"',
+    ]
+    rows = parse("\n".join(lines)).batch.to_pylist()
+    assert rows[0]["client_ip"] == "2001:db8::17" and rows[0]["user"] == "frank"
+    assert rows[0]["timestamp"] == datetime(2000, 10, 10, 20, 55, 36, tzinfo=UTC)
+    assert rows[0]["referer"] is None and rows[0]["user_agent"] is None
+    assert rows[1]["bytes"] == 0  # '-' means no body
+    assert rows[1]["referer"] is None and rows[1]["user_agent"] is None
+    assert rows[1]["timestamp"] == datetime(2000, 10, 10, 11, 55, 36, tzinfo=UTC)
+
+
+def test_escapes_and_malformed_request_lines_are_kept() -> None:
+    lines = [
+        r'1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "\x16\x03\x01\x00\xa5\x01" 400 166 "-" "-"',
+        '1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "-" 408 0 "-" "-"',
+        r'1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "GET /a\"b HTTP/1.1" 404 9 "-" "say \"hi\""',
+        '1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "GET /nothttp" 200 1 "-" "x"',
+        '1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 1 "-" "x" "10.0.0.1" 0.004',
+    ]
+    res = parse("\n".join(lines))
+    assert res.rejects.num_rows == 0
+    rows = res.batch.to_pylist()
+    assert rows[0]["method"] is None and rows[0]["request"].startswith(r"\x16\x03")
+    assert rows[1]["method"] is None and rows[1]["request"] == "-"
+    assert rows[2]["url"] == r'/a\"b' and rows[2]["user_agent"] == r'say \"hi\"'
+    assert rows[3]["method"] == "GET" and rows[3]["protocol"] is None
+    assert rows[4]["user_agent"] == "x"
+
+
+def test_very_long_url() -> None:
+    url = "/search?q=" + "A" * 200_000
+    line = f'1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "GET {url} HTTP/1.1" 414 0 "-" "x"'
+    row = parse(line).batch.to_pylist()[0]
+    assert row["url"] == url and row["status"] == 414
+
+
+def test_rejects_keep_line_number_raw_and_reason() -> None:
+    lines = [
+        COMBINED,
+        "",
+        "just some text",
+        '1.2.3.4 - - [31/Foo/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 1',
+        '1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 999 1',
+        '1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 -5',
+        COMBINED,
+    ]
+    res = parse("\n".join(lines) + "\n", first_line=101)
+    assert res.batch.num_rows == 2
+    assert res.line_numbers.to_pylist() == [101, 107]
+    rej = res.rejects.to_pylist()
+    assert [r["line"] for r in rej] == [102, 103, 104, 105, 106]
+    assert rej[1]["raw"] == "just some text"
+    reasons = [r["reason"] for r in rej]
+    assert reasons[0] == "empty line"
+    assert "not in common or combined" in reasons[1]
+    assert "unreadable time" in reasons[2]
+    assert "status" in reasons[3] and "999" in reasons[3]
+    assert "size" in reasons[4]
+
+
+def test_invalid_utf8_and_crlf() -> None:
+    data = COMBINED.encode() + b"\r\n" + COMBINED.replace("GET", "GE\xff").encode("latin-1")
+    res = FMT.parse(data)
+    assert res.lines == 2 and res.rejects.num_rows == 0
+    assert res.batch.column("user_agent")[0].as_py().endswith("Firefox/125.0")
+
+
+def test_empty_input() -> None:
+    res = parse("")
+    assert res.lines == 0 and res.batch.schema.equals(SCHEMA)
+
+
+def test_real_logs_parse_completely() -> None:
+    for name in ("apache_access.log.gz", "scan_w3af.log.gz"):
+        with gzip.open(data_file(f"weblogs/{name}")) as fh:
+            data = fh.read()
+        res = FMT.parse(data)
+        assert res.rejects.num_rows == 0
+        assert res.batch.num_rows == data.count(b"\n")
+
+
+# -- properties ------------------------------------------------------------------------------
+_FIELD = st.text(st.characters(codec="utf-8", exclude_characters="\n"), max_size=30)
+_LOGLIKE = st.builds(
+    lambda ip, user, day, req, status, size, ref, ua: (
+        f'{ip} - {user} [{day}/May/2015:10:05:03 +0000] "{req}" {status} {size} "{ref}" "{ua}"'),
+    st.sampled_from(["1.2.3.4", "::1", "-", "a b", ""]),
+    st.sampled_from(["-", "bob", "x y"]),
+    st.integers(0, 40),
+    _FIELD, st.integers(-5, 1000), st.one_of(st.integers(-3, 10**6), st.just("-")),
+    _FIELD, _FIELD,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_LOGLIKE, _FIELD), max_size=12), st.integers(1, 10**6))
+def test_property_counts_reconcile(lines: list[str], first: int) -> None:
+    text = "\n".join(lines)
+    res = FMT.parse(text, first_line=first)
+    expected = 0 if text == "" else text.count("\n") + (not text.endswith("\n"))
+    assert res.lines == expected
+    assert res.batch.num_rows + res.rejects.num_rows == res.lines
+    numbers = sorted(res.line_numbers.to_pylist() + res.rejects.column("line").to_pylist())
+    assert numbers == list(range(first, first + res.lines))
+    assert res.batch.schema.equals(SCHEMA)
+    assert all(r for r in res.rejects.column("reason").to_pylist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=400))
+def test_property_no_bytes_crash_it(data: bytes) -> None:
+    res = FMT.parse(data)
+    assert res.batch.num_rows + res.rejects.num_rows == res.lines
+    assert isinstance(res.batch, pa.RecordBatch)
