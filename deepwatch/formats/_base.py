@@ -91,6 +91,8 @@ class Format(ABC):
     ecs_fields: ClassVar[dict[str, str]] = {}
     #: Whether KDD categories and the contest cost apply to this format's labels.
     kdd_labels: ClassVar[bool] = False
+    #: Numeric columns that may not be negative (checked for records given as objects too).
+    nonnegative: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
@@ -100,7 +102,7 @@ class Format(ABC):
         """Parse records given as JSON objects of already-split fields (the REST API)."""
         from ._records import records_to_batch
 
-        return records_to_batch(self.schema, records)
+        return records_to_batch(self.schema, records, self.nonnegative)
 
     def feature_spec(self) -> dict[str, Any]:
         """The default featurizer specification for this format (see deepwatch.features)."""

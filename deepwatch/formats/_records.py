@@ -1,84 +1,204 @@
-"""Records given as JSON objects (REST), validated against a format's schema, row by row only
-where a row is bad."""
+"""Records given as JSON objects of already-split fields (the REST API), validated against a
+format's schema.
+
+Column by column: a column whose values all have the expected Python type converts in one Arrow
+call; only a column holding something else is walked value by value, to coerce what can be
+coerced (``"3"`` is not an integer, ``3.0`` is) and to name the reason for what cannot.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ._base import ParseResult, make_rejects
 
+_NONE = type(None)
+#: Python types that convert to an Arrow type without a check, per kind of Arrow type.
+_CLEAN = {
+    "int": {int, _NONE},
+    "float": {int, float, _NONE},
+    "str": {str, _NONE},
+    "bool": {bool, _NONE},
+}
+
+
+def _kind(typ: pa.DataType) -> str:
+    if pa.types.is_integer(typ):
+        return "int"
+    if pa.types.is_floating(typ):
+        return "float"
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return "str"
+    if pa.types.is_boolean(typ):
+        return "bool"
+    if pa.types.is_timestamp(typ):
+        return "timestamp"
+    return "other"
+
 
 def _coerce(value: Any, typ: pa.DataType) -> Any:
-    if value is None:
-        return None
-    if pa.types.is_integer(typ):
-        if isinstance(value, bool):
-            raise ValueError("is a boolean, not an integer")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return int(value) if not isinstance(value, float) else _raise("is not an integer")
-    if pa.types.is_floating(typ):
-        if isinstance(value, bool):
-            raise ValueError("is a boolean, not a number")
+    """One value made fit for ``typ``, or ValueError with the reason (``"is not ..."``)."""
+    kind = _kind(typ)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("is not an integer")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError("is not an integer")
+            value = int(value)
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("is out of range")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("is not a number")
         v = float(value)
-        if v != v or v in (float("inf"), float("-inf")):
+        if not np.isfinite(v):
             raise ValueError("is not a finite number")
         return v
-    if pa.types.is_string(typ):
-        if not isinstance(value, str | int | float):
+    if kind == "str":
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ValueError("is not a string")
         return str(value)
-    if pa.types.is_timestamp(typ):
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError("is not a boolean")
         return value
+    if kind == "timestamp":
+        return _timestamp(value, typ)
+    try:
+        pa.array([value], typ)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        raise ValueError(f"is not a valid {typ}") from None
     return value
 
 
-def _raise(msg: str) -> Any:
-    raise ValueError(msg)
+def _timestamp(value: Any, typ: pa.DataType) -> Any:
+    """ISO-8601 text or seconds since the epoch, as an integer in the column's unit."""
+    per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[typ.unit]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not np.isfinite(value):
+            raise ValueError("is not a finite timestamp")
+        return int(round(value * per_second))
+    if isinstance(value, str):
+        try:
+            parsed = pa.array([value]).cast(pa.timestamp(typ.unit, tz=typ.tz))
+        except (pa.ArrowException, ValueError):
+            raise ValueError("is not an ISO-8601 timestamp") from None
+        return parsed[0].value
+    raise ValueError("is not a timestamp (ISO-8601 text or seconds since the epoch)")
 
 
-def records_to_batch(schema: pa.Schema, records: list[dict[str, Any]]) -> ParseResult:
-    good: dict[str, list[Any]] = {f.name: [] for f in schema}
-    kept: list[int] = []
-    lines, raws, reasons = [], [], []
-    required = [f.name for f in schema if not f.nullable]
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            lines.append(i + 1)
-            raws.append(str(rec)[:10_000])
-            reasons.append("record is not a JSON object")
-            continue
-        row: dict[str, Any] = {}
-        reason = None
-        for f in schema:
-            if f.name not in rec or rec[f.name] is None:
-                if f.name in required:
-                    reason = f"missing field {f.name!r}"
-                    break
-                row[f.name] = None
+def _column(values: list[Any], field: pa.Field, nonnegative: bool
+            ) -> tuple[pa.Array, dict[int, str]]:
+    """The Arrow column of ``values`` (null where bad) and the reason for each bad row."""
+    name, typ = field.name, field.type
+    kind = _kind(typ)
+    bad: dict[int, str] = {}
+    types = set(map(type, values))
+    if _NONE in types and not field.nullable:
+        bad.update((i, f"missing field {name!r}") for i, v in enumerate(values) if v is None)
+    arr: pa.Array | None = None
+    if kind in _CLEAN and types <= _CLEAN[kind]:
+        try:
+            arr = pa.array(values, typ)
+        except (pa.ArrowException, OverflowError):
+            arr = None
+    if arr is None:
+        coerced: list[Any] = []
+        for i, v in enumerate(values):
+            if v is None:
+                coerced.append(None)
                 continue
             try:
-                row[f.name] = _coerce(rec[f.name], f.type)
-            except (TypeError, ValueError) as exc:
-                msg = str(exc) if str(exc).startswith("is ") else "has the wrong type"
-                reason = f"field {f.name!r} {msg}: {rec[f.name]!r}"[:500]
-                break
-        if reason is not None:
-            lines.append(i + 1)
-            raws.append(str(rec)[:10_000])
-            reasons.append(reason)
-            continue
-        kept.append(i + 1)
-        for k, v in row.items():
-            good[k].append(v)
-    batch = pa.RecordBatch.from_arrays(
-        [pa.array(good[f.name], f.type) for f in schema], schema=schema
-    )
+                coerced.append(_coerce(v, typ))
+            except ValueError as exc:
+                bad.setdefault(i, f"field {name!r} {exc}: {v!r}"[:500])
+                coerced.append(None)
+        arr = pa.array(coerced, pa.int64() if kind == "timestamp" else typ)
+        if kind == "timestamp":
+            arr = arr.cast(typ)
+    _check_values(arr, values, field, nonnegative, bad)
+    return arr, bad
+
+
+def _check_values(arr: pa.Array, values: list[Any], field: pa.Field, nonnegative: bool,
+                  bad: dict[int, str]) -> None:
+    """What the raw-text parsers refuse too: non-finite numbers, negatives where a format
+    forbids them, empty text in a required field."""
+    kind = _kind(field.type)
+    name = field.name
+    if kind in ("int", "float") and (kind == "float" or nonnegative):
+        filled = arr.fill_null(0) if arr.null_count else arr
+        x = filled.to_numpy(zero_copy_only=False)
+        if kind == "float" and not np.isfinite(x).all():
+            for i in np.flatnonzero(~np.isfinite(x)):
+                bad.setdefault(int(i), f"field {name!r} is not a finite number: {values[i]!r}")
+        if nonnegative and (x < 0).any():
+            for i in np.flatnonzero(x < 0):
+                bad.setdefault(int(i), f"field {name!r} is negative: {values[i]!r}")
+    elif kind == "str" and not field.nullable and len(arr):
+        import pyarrow.compute as pc
+
+        empty = pc.fill_null(pc.equal(pc.utf8_length(arr), 0), False)
+        for i in np.flatnonzero(empty.to_numpy(zero_copy_only=False)):
+            bad.setdefault(int(i), f"field {name!r} is an empty string")
+
+
+def _raw(record: Any) -> str:
+    try:
+        return json.dumps(record, ensure_ascii=False, default=str)[:10_000]
+    except (TypeError, ValueError):
+        return str(record)[:10_000]
+
+
+def records_to_batch(schema: pa.Schema, records: list[Any],
+                     nonnegative: Sequence[str] = ()) -> ParseResult:
+    """Validate ``records`` against ``schema``: the good ones as a batch in their order, the
+    others as rejects (line = 1-based position, raw = the record as JSON, reason).
+
+    Fields missing from a record are null (a reject where the field is required); fields the
+    schema does not know are ignored. Where a record has several problems, the first field in
+    schema order gives the reason.
+    """
+    n = len(records)
+    bad: dict[int, str] = {}
+    objects: list[Any] = records
+    if not all(type(r) is dict for r in records):
+        objects = []
+        for i, r in enumerate(records):
+            if isinstance(r, dict):
+                objects.append(r)
+            else:
+                bad[i] = "record is not a JSON object"
+                objects.append({})
+    nonneg = set(nonnegative)
+    columns: list[pa.Array] = []
+    for f in schema:
+        name = f.name  # bound once: pyarrow builds a new str on every ``f.name``
+        values = [r.get(name) for r in objects]
+        arr, col_bad = _column(values, f, f.name in nonneg)
+        for i, reason in col_bad.items():
+            bad.setdefault(i, reason)
+        columns.append(arr)
+    batch = pa.RecordBatch.from_arrays(columns, schema=schema)
+    if bad:
+        keep = np.ones(n, dtype=bool)
+        keep[list(bad)] = False
+        batch = batch.filter(pa.array(keep))
+        kept = np.flatnonzero(keep)
+    else:
+        kept = np.arange(n)
+    order = sorted(bad)
     return ParseResult(
         batch=batch,
-        rejects=make_rejects(lines, raws, reasons),
-        lines=len(records),
-        line_numbers=pa.array(kept, pa.int64()),
+        rejects=make_rejects([i + 1 for i in order], [_raw(records[i]) for i in order],
+                             [bad[i] for i in order]),
+        lines=n,
+        line_numbers=pa.array(kept + 1, pa.int64()),
     )
