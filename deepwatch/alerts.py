@@ -1,0 +1,200 @@
+"""ECS alerts from scored records, built a batch at a time.
+
+Every alert field is a column expression evaluated once per batch; polars then serialises the
+rows. ``score``, the REST service, the stream worker and the demo all use this module, so an
+alert looks the same wherever it is raised.
+
+Risk and severity: ``event.risk_score`` (0-100) is ``100 * score`` for classifiers, whose score is
+a probability. For an autoencoder alone the score is an unbounded reconstruction error, mapped to
+``100 * a / (a + threshold)`` so that the calibrated threshold reads as 50. ``event.severity`` is
+1 (low, risk < 40), 2 (medium, < 70), 3 (high, < 90) or 4 (critical).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from . import __version__
+
+ALERT_CATEGORY = ("network", "intrusion_detection")
+#: Columns score_batch appends: alerts carry them under ``deepwatch.*``, not in the record.
+SCORE_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category", "explanation")
+SEVERITY_BOUNDS = (40.0, 70.0, 90.0)  # risk at which severity rises to 2, 3, 4
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.3fZ"
+
+
+@dataclass(frozen=True)
+class AlertContext:
+    """What an alert needs besides the scored record: the rule and the format's ECS fields."""
+
+    rule_name: str
+    rule_version: str
+    format_name: str
+    ecs_fields: Mapping[str, str] = field(default_factory=dict)
+    bounded_score: bool = True
+    anomaly_threshold: float | None = None
+    include_record: bool = True
+
+    @classmethod
+    def from_detector(cls, detector: Any, include_record: bool = True) -> AlertContext:
+        from .formats import get_format
+
+        fmt = get_format(detector.format)
+        manifest = detector.manifest
+        weights = manifest.get("files", {})
+        digest = next((str(v) for k, v in sorted(weights.items()) if k.endswith(".safetensors")),
+                      "")
+        version = digest[:12] or str(manifest.get("trained_at") or __version__)
+        threshold = detector.decision.anomaly_threshold
+        return cls(
+            rule_name=f"deepwatch-{detector.kind}",
+            rule_version=version,
+            format_name=fmt.name,
+            ecs_fields=dict(fmt.ecs_fields),
+            bounded_score=bool(detector.decision.supervised),
+            anomaly_threshold=float(threshold) if threshold is not None else None,
+            include_record=include_record,
+        )
+
+
+def risk_scores(score: np.ndarray, ctx: AlertContext) -> np.ndarray:
+    """0-100, rounded to one decimal; higher means more likely malicious."""
+    s = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=0.0, posinf=1e30)
+    s = np.maximum(s, 0.0)
+    if ctx.bounded_score:
+        risk = 100.0 * np.minimum(s, 1.0)
+    elif ctx.anomaly_threshold and ctx.anomaly_threshold > 0:
+        risk = 100.0 * s / (s + ctx.anomaly_threshold)
+    else:
+        risk = 100.0 * (1.0 - np.exp(-s))
+    return np.round(risk, 1)
+
+
+def severities(risk: np.ndarray) -> np.ndarray:
+    return (1 + np.searchsorted(np.asarray(SEVERITY_BOUNDS), risk, side="right")).astype(np.int64)
+
+
+def _timestamp(frame: pl.DataFrame, ctx: AlertContext, now: datetime | None) -> pl.Expr:
+    column = ctx.ecs_fields.get("@timestamp")
+    if column and column in frame.columns:
+        dtype = frame.schema[column]
+        if dtype == pl.Datetime or isinstance(dtype, pl.Datetime):
+            expr = pl.col(column)
+            if getattr(dtype, "time_zone", None):
+                expr = expr.dt.convert_time_zone("UTC")
+            return expr.dt.strftime(TIME_FORMAT)
+        if dtype.is_numeric():  # epoch seconds (Zeek's ts)
+            micros = (pl.col(column).cast(pl.Float64) * 1e6).cast(pl.Int64)
+            return pl.from_epoch(micros, time_unit="us").dt.strftime(TIME_FORMAT)
+        return pl.col(column).cast(pl.String)
+    stamp = (now or datetime.now(UTC)).astimezone(UTC)
+    return pl.lit(stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z")
+
+
+def _nest(tree: dict[str, Any], dotted: str, expr: pl.Expr) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = expr
+
+
+def _to_struct(name: str, node: dict[str, Any] | pl.Expr) -> pl.Expr:
+    if isinstance(node, pl.Expr):
+        return node.alias(name)
+    return pl.struct([_to_struct(k, v) for k, v in node.items()]).alias(name)
+
+
+def _explanation(frame: pl.DataFrame) -> pl.Series:
+    col = frame["explanation"]
+    try:
+        return col.str.json_decode(infer_schema_length=None)
+    except Exception:  # not JSON: keep the text as the detector gave it
+        return col
+
+
+def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertContext,
+                source: pl.DataFrame | None = None, now: datetime | None = None) -> pl.DataFrame:
+    """One row per record of ``scored`` (callers pass the malicious ones), one column per
+    top-level ECS object; ``source`` (same length) becomes ``deepwatch.source``."""
+    frame = scored if isinstance(scored, pl.DataFrame) else pl.from_arrow(scored)
+    assert isinstance(frame, pl.DataFrame)
+    if source is not None and source.height != frame.height:
+        raise ValueError(f"{source.height} source rows for {frame.height} alerts")
+    risk = risk_scores(frame["score"].to_numpy(), ctx)
+    extra = {"_risk": pl.Series(risk), "_severity": pl.Series(severities(risk))}
+    if "explanation" in frame.columns:
+        extra["_explanation"] = _explanation(frame)
+    if source is not None:
+        extra["_source"] = source.select(pl.struct(pl.all()).alias("s"))["s"]
+    work = frame.with_columns(**extra)
+
+    tree: dict[str, Any] = {
+        "@timestamp": _timestamp(frame, ctx, now),
+        "event": {
+            "kind": pl.lit("alert"),
+            "category": pl.lit(list(ALERT_CATEGORY), dtype=pl.List(pl.String)),
+            "type": pl.lit(["info"], dtype=pl.List(pl.String)),
+            "module": pl.lit("deepwatch"),
+            "dataset": pl.lit(f"deepwatch.{ctx.format_name}"),
+            "severity": pl.col("_severity"),
+            "risk_score": pl.col("_risk"),
+        },
+        "rule": {"name": pl.lit(ctx.rule_name), "version": pl.lit(ctx.rule_version)},
+        "observer": {"type": pl.lit("ids"), "vendor": pl.lit("deepwatch"),
+                     "product": pl.lit("deepwatch"), "version": pl.lit(__version__)},
+    }
+    for dotted, column in ctx.ecs_fields.items():
+        if dotted != "@timestamp" and column in frame.columns:
+            _nest(tree, dotted, pl.col(column))
+    own: dict[str, Any] = {}
+    for name in ("score", "anomaly_score", "verdict", "attack_type", "category"):
+        if name in frame.columns:
+            own[name] = pl.col(name)
+    if "_explanation" in work.columns:
+        own["explanation"] = pl.col("_explanation")
+    if ctx.include_record:
+        record = [c for c in frame.columns if c not in SCORE_COLUMNS]
+        if record:
+            own["record"] = pl.struct(record)
+    if source is not None:
+        own["source"] = pl.col("_source")
+    tree["deepwatch"] = own
+    return work.select([_to_struct(k, v) for k, v in tree.items()])
+
+
+def alert_lines(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertContext,
+                source: pl.DataFrame | None = None, now: datetime | None = None) -> list[bytes]:
+    """Each alert as one JSON document (bytes, no newline): one Kafka message each."""
+    frame = alert_frame(scored, ctx, source, now)
+    if frame.height == 0:
+        return []
+    encoded = frame.select(pl.struct(pl.all()).struct.json_encode().alias("j"))["j"]
+    return encoded.cast(pl.Binary).to_list()
+
+
+def write_alerts(fh: IO[bytes], scored: pa.RecordBatch | pa.Table | pl.DataFrame,
+                 ctx: AlertContext, source: pl.DataFrame | None = None,
+                 now: datetime | None = None) -> int:
+    """Append alerts as JSON lines to a binary file; returns how many were written."""
+    frame = alert_frame(scored, ctx, source, now)
+    if frame.height:
+        buf = io.BytesIO()
+        frame.write_ndjson(buf)
+        fh.write(buf.getvalue())
+    return frame.height
+
+
+def malicious(scored: pa.RecordBatch | pa.Table) -> pa.RecordBatch | pa.Table:
+    """The rows of ``scored`` whose verdict is malicious."""
+    import pyarrow.compute as pc
+
+    return scored.filter(pc.equal(scored.column("verdict"), "malicious"))

@@ -1,0 +1,151 @@
+"""The I/O-free heart of ``deepwatch stream``: raw records in, serialised messages out.
+
+A :class:`RawBatch` is a micro-batch of records, one per line, each with its origin (Kafka
+topic/partition/offset, or file/line) and optional message key. :class:`StreamProcessor` parses
+it with the bundle's format, scores it through ``Detector.score_batch`` with one featurizer state
+per worker, and returns every message to write: an ECS alert per malicious record, a verdict per
+scored record and a dead letter per rejected one, each keyed by its input's key and carrying its
+origin under ``deepwatch.source``. Sources and sinks live elsewhere (Kafka, files, memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from ..alerts import AlertContext, alert_lines
+from ..formats import Format
+
+ALERT, VERDICT, DEAD_LETTER = "alert", "verdict", "dead_letter"
+KINDS = (ALERT, VERDICT, DEAD_LETTER)
+
+
+@dataclass
+class RawBatch:
+    """``count`` records joined by ``\\n`` (one record a line) and, per record, its origin."""
+
+    data: bytes
+    count: int
+    origin: pl.DataFrame
+    keys: list[bytes | None] | None = None
+    #: Where a consumer may resume once this batch is written: (topic, partition) -> offset.
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.origin.height != self.count:
+            raise ValueError(f"{self.origin.height} origins for {self.count} records")
+        if self.keys is not None and len(self.keys) != self.count:
+            raise ValueError(f"{len(self.keys)} keys for {self.count} records")
+
+
+@dataclass
+class Messages:
+    """Serialised messages of one kind and, for each, the key of the record it came from."""
+
+    values: list[bytes] = field(default_factory=list)
+    keys: list[bytes | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class Output:
+    """Everything one RawBatch produced."""
+
+    messages: dict[str, Messages]
+    records: int
+    scored: int
+    rejected: int
+    alerts: int
+
+
+def _take_keys(keys: list[bytes | None] | None, idx: np.ndarray) -> list[bytes | None] | None:
+    if keys is None:
+        return None
+    arr = pa.array(keys, pa.binary())
+    return arr.take(pa.array(idx, pa.int64())).to_pylist()  # type: ignore[no-any-return]
+
+
+def _with_source(frame: pl.DataFrame, origin: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with ``deepwatch: {source: {...origin...}}`` appended (same row count)."""
+    src = origin.select(pl.struct(pl.all()).alias("source"))
+    return frame.with_columns(src.select(pl.struct("source").alias("deepwatch"))["deepwatch"])
+
+
+def encode_rows(frame: pl.DataFrame) -> list[bytes]:
+    """Each row as one JSON document (bytes, no newline)."""
+    if frame.height == 0:
+        return []
+    encoded = frame.select(pl.struct(pl.all()).struct.json_encode().alias("j"))["j"]
+    return encoded.cast(pl.Binary).to_list()
+
+
+class StreamProcessor:
+    """Parses, scores and serialises micro-batches for one worker (not thread-safe)."""
+
+    def __init__(self, detector: Any, fmt: Format, verdicts: bool = True,
+                 alert_context: AlertContext | None = None):
+        self.detector = detector
+        self.fmt = fmt
+        self.verdicts = verdicts
+        self.alert_context = alert_context or AlertContext.from_detector(detector)
+        self.state = detector.new_state()
+
+    def process(self, raw: RawBatch, now: datetime | None = None) -> Output:
+        result = self.fmt.parse(raw.data, first_line=0) if raw.count else None
+        if result is not None and result.lines != raw.count:
+            raise ValueError(f"{raw.count} records became {result.lines} lines; a record "
+                             "holds a line break")
+        messages = {k: Messages(keys=[] if raw.keys is not None else None) for k in KINDS}
+        if result is None:
+            return Output(messages, 0, 0, 0, 0)
+        now = now or datetime.now(UTC)
+        scored_idx = np.asarray(result.line_numbers, dtype=np.int64)
+        n_alerts = 0
+        if result.batch.num_rows:
+            scored = self.detector.score_batch(result.batch, self.state)
+            frame = pl.from_arrow(scored)
+            assert isinstance(frame, pl.DataFrame)
+            origin = raw.origin[scored_idx]
+            if self.verdicts:
+                messages[VERDICT] = Messages(encode_rows(_with_source(frame, origin)),
+                                             _take_keys(raw.keys, scored_idx))
+            bad = (frame["verdict"] == "malicious").to_numpy()
+            n_alerts = int(bad.sum())
+            if n_alerts:
+                pick = np.flatnonzero(bad)
+                messages[ALERT] = Messages(
+                    alert_lines(frame[pick], self.alert_context, origin[pick], now),
+                    _take_keys(raw.keys, scored_idx[pick]))
+        rejects = result.rejects
+        if rejects.num_rows:
+            reject_idx = np.asarray(rejects.column("line"), dtype=np.int64)
+            dead = pl.DataFrame({
+                "@timestamp": [now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"] * len(reject_idx),
+                "format": [self.fmt.name] * len(reject_idx),
+                "raw": rejects.column("raw").to_pylist(),
+                "reason": rejects.column("reason").to_pylist(),
+            })
+            messages[DEAD_LETTER] = Messages(
+                encode_rows(_with_source(dead, raw.origin[reject_idx])),
+                _take_keys(raw.keys, reject_idx))
+        return Output(messages, raw.count, result.batch.num_rows, rejects.num_rows, n_alerts)
+
+
+def join_records(values: list[bytes | None]) -> bytes:
+    """One record per message: values joined by ``\\n`` so that a format parses them as lines.
+
+    A trailing line break is dropped and one inside a value is written as the two characters
+    ``\\n``: every message stays one record (rejected, never split, when that breaks it).
+    """
+    clean = [v if v is not None else b"" for v in values]
+    data = b"\n".join(clean)
+    if data.count(b"\n") == max(len(clean) - 1, 0):
+        return data
+    return b"\n".join(v.rstrip(b"\r\n").replace(b"\n", b"\\n") for v in clean)

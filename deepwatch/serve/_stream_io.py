@@ -1,0 +1,226 @@
+"""Sources and sinks of ``deepwatch stream`` without a broker: the interfaces, in-memory versions
+(for tests) and the embedded default (files, ``--follow`` or stdin in, JSON lines out)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Protocol
+
+import numpy as np
+import polars as pl
+
+from ..errors import DeepwatchError, UsageError
+from ..formats._base import count_lines
+from ..sources.files import Chunk, InputSpec, iter_chunks, parse_input_spec
+from ..sources.follow import follow_chunks
+from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_records
+
+CHUNK_BYTES = 4 << 20
+
+
+class DeliveryError(DeepwatchError):
+    """A sink could not get its messages acknowledged; nothing of the batch may be committed."""
+
+
+class Source(Protocol):
+    def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
+        """Micro-batches until the input ends or ``stop`` is set."""
+        ...
+
+    def commit(self, batch: RawBatch) -> None:
+        """Everything ``batch`` produced is acknowledged: it need not be read again."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    def write(self, out: Output) -> None: ...
+
+    def flush(self) -> None:
+        """Block until every message written is acknowledged; raise DeliveryError otherwise."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------- in memory
+
+
+class MemorySource:
+    """Records given as a list of message values, handed out ``batch_size`` at a time with
+    origin ``{topic, partition: 0, offset}``; ``committed`` is the next offset to read."""
+
+    def __init__(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None,
+                 batch_size: int = 1000, topic: str = "memory"):
+        self.values = list(values)
+        self.keys = list(keys) if keys is not None else None
+        self.batch_size = batch_size
+        self.topic = topic
+        self.committed = 0
+
+    def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
+        for start in range(self.committed, len(self.values), self.batch_size):
+            if stop.is_set():
+                return
+            part = self.values[start:start + self.batch_size]
+            n = len(part)
+            origin = pl.DataFrame({"topic": [self.topic] * n, "partition": np.zeros(n, np.int32),
+                                   "offset": np.arange(start, start + n, dtype=np.int64)})
+            keys = self.keys[start:start + n] if self.keys is not None else None
+            yield RawBatch(join_records(part), n, origin, keys,
+                           {(self.topic, 0): start + n})
+
+    def commit(self, batch: RawBatch) -> None:
+        self.committed = max(self.committed, *batch.positions.values())
+
+    def close(self) -> None:
+        pass
+
+
+class MemorySink:
+    """Keeps every acknowledged message: ``messages[kind]`` is a list of ``(key, value)``."""
+
+    def __init__(self, fail_flush: bool = False):
+        self.pending: dict[str, list[tuple[bytes | None, bytes]]] = {}
+        self.messages: dict[str, list[tuple[bytes | None, bytes]]] = {
+            ALERT: [], VERDICT: [], DEAD_LETTER: []}
+        self.fail_flush = fail_flush
+
+    def write(self, out: Output) -> None:
+        for kind, msgs in out.messages.items():
+            keys: Iterable[bytes | None] = msgs.keys if msgs.keys is not None else [None] * len(
+                msgs)
+            self.pending.setdefault(kind, []).extend(zip(keys, msgs.values, strict=True))
+
+    def flush(self) -> None:
+        if self.fail_flush:
+            raise DeliveryError("the in-memory sink was told to fail")
+        for kind, msgs in self.pending.items():
+            self.messages.setdefault(kind, []).extend(msgs)
+        self.pending.clear()
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------- embedded
+
+
+def _stdin_chunks(spec: InputSpec, chunk_bytes: int) -> Iterator[Chunk]:
+    """Whole lines from stdin as soon as they arrive (``read1``: no waiting for a full chunk)."""
+    stream = sys.stdin.buffer
+    line, rest = 1, b""
+    while True:
+        block = stream.read1(chunk_bytes)
+        if not block:
+            if rest:
+                yield Chunk(rest, line, spec)
+            return
+        data = rest + block
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            rest = data
+            continue
+        whole, rest = data[: cut + 1], data[cut + 1:]
+        yield Chunk(whole, line, spec)
+        line += whole.count(b"\n")
+
+
+class FileSource:
+    """Files (plain or .gz, globs) or stdin (``-``); ``follow`` tails plain files like
+    ``tail -F``. Origin of a record: ``{file, line}``."""
+
+    def __init__(self, inputs: Sequence[str], follow: bool = False,
+                 chunk_bytes: int = CHUNK_BYTES):
+        self.specs: list[InputSpec] = []
+        for text in inputs or ["-"]:
+            for spec in parse_input_spec(text):
+                if spec.label is not None:
+                    raise UsageError(f"stream reads unlabelled traffic; drop the label of {text!r}")
+                if follow and spec.path.endswith(".gz"):
+                    raise UsageError(f"--follow cannot tail a compressed file: {spec.path}")
+                self.specs.append(spec)
+        if follow and len(self.specs) != 1:
+            raise UsageError("--follow tails exactly one file (or stdin)")
+        self.follow = follow
+        self.chunk_bytes = chunk_bytes
+
+    def _chunks(self, spec: InputSpec, stop: threading.Event) -> Iterator[Chunk]:
+        if spec.path == "-":
+            return _stdin_chunks(spec, self.chunk_bytes)
+        if self.follow:
+            return follow_chunks(spec, stop, self.chunk_bytes)
+        return iter_chunks(spec, self.chunk_bytes)
+
+    def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
+        for spec in self.specs:
+            chunks = self._chunks(spec, stop)
+            try:
+                for chunk in chunks:
+                    n = count_lines(chunk.data)
+                    origin = pl.DataFrame({
+                        "file": pl.repeat(spec.display, n, eager=True, dtype=pl.String),
+                        "line": np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64),
+                    })
+                    yield RawBatch(chunk.data, n, origin)
+                    if stop.is_set():
+                        return
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+
+    def commit(self, batch: RawBatch) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink:
+    """Alerts to ``alerts`` (``-`` is stdout), every verdict to ``verdicts`` and dead letters to
+    ``dead_letters`` when named: one JSON object a line."""
+
+    def __init__(self, alerts: str = "-", verdicts: str | None = None,
+                 dead_letters: str | None = None):
+        self._files: dict[str, IO[bytes]] = {}
+        self._own: list[IO[bytes]] = []
+        for kind, path in ((ALERT, alerts), (VERDICT, verdicts), (DEAD_LETTER, dead_letters)):
+            if path is None:
+                continue
+            if path == "-":
+                self._files[kind] = sys.stdout.buffer
+                continue
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+            except OSError as exc:
+                raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+            self._files[kind] = fh
+            self._own.append(fh)
+
+    @property
+    def kinds(self) -> set[str]:
+        return set(self._files)
+
+    def write(self, out: Output) -> None:
+        for kind, msgs in out.messages.items():
+            fh = self._files.get(kind)
+            if fh is not None and len(msgs):
+                fh.write(b"\n".join(msgs.values) + b"\n")
+
+    def flush(self) -> None:
+        for fh in self._files.values():
+            try:
+                fh.flush()
+            except OSError as exc:
+                raise DeliveryError(f"cannot write: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        self.flush()
+        for fh in self._own:
+            fh.close()

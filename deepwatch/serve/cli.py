@@ -1,0 +1,68 @@
+"""The ``deepwatch stream`` command; ``deepwatch.cli`` calls :func:`register` at start-up."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def stream(
+    bundle: Annotated[str, typer.Argument(help="Bundle directory")],
+    files: Annotated[list[str] | None, typer.Argument(
+        help="Without --brokers: files (.gz ok), globs or - (stdin, the default)")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")] = "",
+    brokers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers HOST:PORT")] = None,
+    input_topic: Annotated[str | None, typer.Option(help="Topic of raw records")] = None,
+    output_topic: Annotated[str | None, typer.Option(help="Topic for ECS alerts")] = None,
+    verdict_topic: Annotated[str | None, typer.Option(
+        help="Topic for every record's verdict")] = None,
+    dead_letter_topic: Annotated[str | None, typer.Option(
+        help="Topic for rejected records [default: INPUT_TOPIC.dead-letter]")] = None,
+    group: Annotated[str, typer.Option(help="Kafka consumer group")] = "deepwatch",
+    batch_size: Annotated[int, typer.Option(help="Most records in one micro-batch")] = 10000,
+    batch_wait_ms: Annotated[int, typer.Option(
+        help="Longest wait to fill a micro-batch (ms)")] = 500,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on this port")] = None,
+    metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port")] = "127.0.0.1",
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Keep reading a growing file, as tail -F")] = False,
+    out: Annotated[str, typer.Option("--out", "-o", help="Without --brokers: alerts JSONL "
+                                     "(- stdout)")] = "-",
+    verdicts: Annotated[str | None, typer.Option(
+        help="Without --brokers: every verdict to this JSONL file")] = None,
+    rejects: Annotated[str | None, typer.Option(
+        help="Without --brokers: rejected records to this JSONL file")] = None,
+    backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+    kafka_option: Annotated[list[str] | None, typer.Option(
+        help="Extra librdkafka setting KEY=VALUE (repeatable)")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Score records as they arrive: from Kafka, or from files, a followed log or stdin.
+
+    Writes an ECS alert per malicious record, every verdict when asked, and every rejected
+    record to the dead-letter topic or file. Logs are JSON lines on stderr.
+    """
+    from ..errors import UsageError
+    from ._jsonlog import setup
+    from ._kafka_io import parse_options
+    from .stream import StreamOptions, run_stream
+
+    if not fmt:
+        raise UsageError("stream needs --format (kdd, nslkdd, access or zeek)")
+    setup(log_level)
+    opts = StreamOptions(
+        bundle=bundle, format=fmt, inputs=list(files or []), brokers=brokers,
+        input_topic=input_topic, output_topic=output_topic, verdict_topic=verdict_topic,
+        dead_letter_topic=dead_letter_topic, group=group, batch_size=batch_size,
+        batch_wait_ms=batch_wait_ms, metrics_port=metrics_port, metrics_host=metrics_host,
+        follow=follow, out=out, verdicts=verdicts, rejects=rejects, backend=backend,
+        kafka_options=parse_options(kafka_option or []),
+    )
+    report = run_stream(opts)
+    typer.echo(report.summary(), err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("stream")(stream)

@@ -1,0 +1,223 @@
+"""``deepwatch stream``: score records as they arrive, from Kafka or (the embedded default) from
+files, a followed log or stdin, and write alerts, verdicts and dead letters.
+
+The loop is the same for every source and sink: take a micro-batch, parse and score it, write
+what it produced, wait until the sink acknowledged all of it, then tell the source the batch is
+done (Kafka: commit its offsets). SIGTERM or SIGINT ends the loop after the batch in hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UsageError
+from ..formats import get_format
+from ._stream_core import KINDS, StreamProcessor
+from ._stream_io import DeliveryError, FileSource, JsonlSink, Sink, Source
+from ._stream_metrics import StreamMetrics
+
+log = logging.getLogger("deepwatch.stream")
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class StreamReport:
+    records: int = 0
+    scored: int = 0
+    rejected: int = 0
+    alerts: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    produced: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+
+    def summary(self) -> str:
+        rate = self.records / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.records:,} records: {self.scored:,} scored, {self.rejected:,} rejected; "
+                f"{self.alerts:,} alerts; {self.batches:,} batches in {self.seconds:.1f}s "
+                f"({rate:,.0f} records/s)")
+
+
+def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threading.Event,
+             metrics: StreamMetrics | None = None) -> StreamReport:
+    """Process micro-batches until the source ends or ``stop`` is set. A batch whose messages
+    are not all acknowledged raises DeliveryError before anything of it is committed."""
+    report = StreamReport()
+    t_start = last_log = time.perf_counter()
+    for raw in source.batches(stop):
+        t0 = time.perf_counter()
+        out = processor.process(raw)
+        sink.write(out)
+        try:
+            sink.flush()
+        except DeliveryError:
+            if metrics is not None:
+                metrics.delivery_errors.inc()
+            raise
+        source.commit(raw)
+        now = time.perf_counter()
+        report.batches += 1
+        report.records += out.records
+        report.scored += out.scored
+        report.rejected += out.rejected
+        report.alerts += out.alerts
+        for kind, msgs in out.messages.items():
+            report.produced[kind] = report.produced.get(kind, 0) + len(msgs)
+        if metrics is not None:
+            _observe(metrics, out, now - t0)
+        if now - last_log >= PROGRESS_EVERY_S:
+            last_log = now
+            log.info("progress", extra={"event": "progress", "records": report.records,
+                                        "rejected": report.rejected, "alerts": report.alerts,
+                                        "records_per_s": round(report.records / (now - t_start))})
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _observe(metrics: StreamMetrics, out: Any, seconds: float) -> None:
+    metrics.batches.inc()
+    metrics.batch_seconds.observe(seconds)
+    metrics.batch_records.observe(out.records)
+    metrics.records.labels("scored").inc(out.scored)
+    metrics.records.labels("rejected").inc(out.rejected)
+    metrics.alerts.inc(out.alerts)
+    for kind, msgs in out.messages.items():
+        if len(msgs):
+            metrics.produced.labels(kind).inc(len(msgs))
+    metrics.last_batch.set_to_current_time()
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` (the batch in hand finishes) instead of killing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("stopping after the batch in hand",
+                 extra={"event": "signal", "signal": signal.Signals(signum).name})
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class StreamOptions:
+    """Everything ``deepwatch stream`` is told on its command line."""
+
+    bundle: str
+    format: str
+    inputs: Sequence[str] = ()
+    brokers: str | None = None
+    input_topic: str | None = None
+    output_topic: str | None = None
+    verdict_topic: str | None = None
+    dead_letter_topic: str | None = None
+    group: str = "deepwatch"
+    batch_size: int = 10000
+    batch_wait_ms: int = 500
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    follow: bool = False
+    out: str = "-"
+    verdicts: str | None = None
+    rejects: str | None = None
+    backend: str = "auto"
+    kafka_options: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.batch_wait_ms < 1:
+            raise UsageError(f"--batch-wait-ms must be at least 1, not {self.batch_wait_ms}")
+        if self.brokers:
+            missing = [flag for flag, v in (("--input-topic", self.input_topic),
+                                            ("--output-topic", self.output_topic)) if not v]
+            if missing:
+                raise UsageError(f"stream with --brokers needs {' and '.join(missing)}")
+            if self.inputs:
+                raise UsageError("stream reads either --brokers or files, not both")
+            if self.follow:
+                raise UsageError("--follow tails files; it does not apply to --brokers")
+        else:
+            kafka_only = [flag for flag, v in (("--input-topic", self.input_topic),
+                                               ("--output-topic", self.output_topic),
+                                               ("--verdict-topic", self.verdict_topic),
+                                               ("--dead-letter-topic", self.dead_letter_topic))
+                          if v]
+            if kafka_only:
+                raise UsageError(f"{', '.join(kafka_only)} need --brokers")
+
+    @property
+    def dead_letters(self) -> str:
+        return self.dead_letter_topic or f"{self.input_topic}.dead-letter"
+
+
+def _kafka_io(opts: StreamOptions, metrics: StreamMetrics) -> tuple[Source, Sink]:
+    from ._kafka_io import KafkaSink, KafkaSource
+
+    assert opts.brokers and opts.input_topic
+    consumer_opts = {k: v for k, v in opts.kafka_options.items()}
+    source = KafkaSource(opts.brokers, opts.input_topic, opts.group, opts.batch_size,
+                         opts.batch_wait_ms / 1000.0, consumer_opts, metrics.on_source_event)
+    topics = {"alert": opts.output_topic, "verdict": opts.verdict_topic,
+              "dead_letter": opts.dead_letters}
+    producer_opts = {k: v for k, v in opts.kafka_options.items()
+                     if not k.startswith(("group.", "session.", "heartbeat.", "auto.offset",
+                                          "max.poll", "partition.assignment", "fetch.",
+                                          "queued.", "enable.auto"))}
+    return source, KafkaSink(opts.brokers, topics, producer_opts)
+
+
+def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
+               detector: Any = None) -> StreamReport:
+    """Build the source, sink and processor ``opts`` asks for and run until done or stopped."""
+    from ..models.detector import Detector
+
+    opts.check()
+    det = detector or Detector(opts.bundle, engine=opts.backend)
+    if opts.format != det.format:
+        raise UsageError(f"the bundle was trained on format {det.format!r}, not {opts.format!r}")
+    fmt = get_format(opts.format)
+    stop = stop or threading.Event()
+    metrics = StreamMetrics()
+    if opts.brokers:
+        source, sink = _kafka_io(opts, metrics)
+        verdicts = bool(opts.verdict_topic)
+    else:
+        source = FileSource(opts.inputs, follow=opts.follow)
+        sink = JsonlSink(opts.out, opts.verdicts, opts.rejects)
+        verdicts = opts.verdicts is not None
+    processor = StreamProcessor(det, fmt, verdicts=verdicts)
+    if opts.metrics_port is not None:
+        metrics.serve(opts.metrics_port, opts.metrics_host)
+    log.info("stream started", extra={
+        "event": "start", "bundle": opts.bundle, "format": fmt.name, "engine": det.engine,
+        "source": f"kafka:{opts.input_topic}" if opts.brokers else list(opts.inputs or ["-"]),
+        "group": opts.group if opts.brokers else None, "batch_size": opts.batch_size})
+    try:
+        with stop_on_signals(stop):
+            report = run_loop(source, sink, processor, stop, metrics)
+    finally:
+        # The source commits only what the sink acknowledged, so closing is safe after a failure.
+        for close in (sink.close, source.close, metrics.close):
+            try:
+                close()
+            except Exception as exc:  # closing must not hide what stopped the loop
+                log.warning("close failed", extra={"event": "close_error", "error": str(exc)})
+    log.info("stream stopped", extra={"event": "stop", "records": report.records,
+                                      "scored": report.scored, "rejected": report.rejected,
+                                      "alerts": report.alerts, "seconds": round(report.seconds, 3)})
+    return report
