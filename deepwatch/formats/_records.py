@@ -19,7 +19,7 @@ from ._base import ParseResult, make_rejects
 
 _NONE = type(None)
 #: Python types that convert to an Arrow type without a check, per kind of Arrow type.
-_CLEAN = {
+_CLEAN: dict[str, set[type]] = {
     "int": {int, _NONE},
     "float": {int, float, _NONE},
     "str": {str, _NONE},

@@ -1,0 +1,61 @@
+"""Prometheus metrics of the REST service, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+#: Request latencies of a fast scoring service: 0.5 ms to 10 s.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+                   0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
+#: The paths requests are counted under; anything else is ``other`` (bounded label values).
+KNOWN_PATHS = frozenset({"/", "/v1/score", "/v1/reload", "/v1/stats", "/healthz", "/metrics",
+                         "/docs", "/openapi.json"})
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("deepwatch_http_requests", "HTTP requests answered",
+                                ["path", "status"], registry=r)
+        self.request_seconds = Histogram("deepwatch_http_request_duration_seconds",
+                                         "Time to answer an HTTP request", ["path"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.score_seconds = Histogram("deepwatch_score_duration_seconds",
+                                       "Time to parse and score the records of one request",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_records = Histogram("deepwatch_score_batch_records",
+                                       "Records in one score request", buckets=BATCH_BUCKETS,
+                                       registry=r)
+        self.records = Counter("deepwatch_records", "Records received, by outcome",
+                               ["outcome"], registry=r)
+        self.alerts = Counter("deepwatch_alerts", "Records given a malicious verdict",
+                              registry=r)
+        self.rejected_requests = Counter("deepwatch_rejected_requests",
+                                         "Requests refused as a whole, by reason",
+                                         ["reason"], registry=r)
+        self.reloads = Counter("deepwatch_model_reloads", "Model reloads, by result",
+                               ["result"], registry=r)
+        self.model_info = Gauge("deepwatch_model_info", "The model being served (value 1)",
+                                ["kind", "format", "engine"], registry=r)
+        self.model_loaded = Gauge("deepwatch_model_loaded_timestamp_seconds",
+                                  "When the model being served was loaded", registry=r)
+        for outcome in ("scored", "rejected"):
+            self.records.labels(outcome)
+
+    def set_model(self, kind: str, fmt: str, engine: str, loaded_at: float) -> None:
+        self.model_info.clear()
+        self.model_info.labels(kind, fmt, engine).set(1)
+        self.model_loaded.set(loaded_at)
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        label = path if path in KNOWN_PATHS else "other"
+        self.requests.labels(label, str(status)).inc()
+        self.request_seconds.labels(label).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,132 @@
+"""The body of ``POST /v1/score``: validated, then parsed into one Arrow batch plus rejects.
+
+``records`` may hold raw lines (parsed by the format, exactly as a file would be), JSON objects of
+parsed fields (validated against the format's schema), or both mixed; the accepted records keep
+their order and every other record becomes a reject naming its index in the request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from ..errors import DeepwatchError
+from ..formats import Format, ParseResult, get_format
+
+ALLOWED_KEYS = frozenset({"format", "records"})
+
+
+class RequestError(DeepwatchError):
+    """A request the service refuses as a whole; ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Parsed:
+    """The accepted records of one request and what happened to the others."""
+
+    batch: pa.RecordBatch
+    #: For each row of ``batch``, the record's index in the request.
+    index: np.ndarray
+    #: ``{"index", "reason"}`` for each refused record, by index.
+    rejects: list[dict[str, Any]]
+
+
+def decode(body: bytes, bundle_format: str, max_records: int) -> tuple[Format, list[Any]]:
+    """The format and records of a score request, or RequestError with the reason."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(422, "the body must be a JSON object with a 'records' array")
+    unknown = sorted(set(payload) - ALLOWED_KEYS)
+    if unknown:
+        raise RequestError(422, f"unknown key(s) {', '.join(map(repr, unknown))}; "
+                                "the body takes 'format' and 'records'")
+    name = payload.get("format", bundle_format)
+    if not isinstance(name, str):
+        raise RequestError(422, "'format' must be a string")
+    try:
+        fmt = get_format(name)
+    except DeepwatchError as exc:
+        raise RequestError(422, str(exc)) from None
+    if name != bundle_format:
+        raise RequestError(422, f"this service's model reads format {bundle_format!r}, "
+                                f"not {name!r}")
+    records = payload.get("records")
+    if not isinstance(records, list):
+        raise RequestError(422, "'records' must be an array of raw lines or JSON objects")
+    if len(records) > max_records:
+        raise RequestError(413, f"{len(records):,} records in one request; the limit is "
+                                f"{max_records:,} (split the batch)")
+    return fmt, records
+
+
+def parse(fmt: Format, records: list[Any]) -> Parsed:
+    """Parse ``records``: strings as raw lines, objects as parsed fields, anything else refused."""
+    if all(type(r) is str for r in records):
+        return _lines(fmt, records, np.arange(len(records)))
+    if all(type(r) is dict for r in records):
+        return _result(fmt.parse_records(records), np.arange(len(records)))
+    kinds = np.array([0 if type(r) is str else 1 if type(r) is dict else 2 for r in records],
+                     dtype=np.int8)
+    parts: list[Parsed] = []
+    idx_lines, idx_objects = np.flatnonzero(kinds == 0), np.flatnonzero(kinds == 1)
+    if idx_lines.size:
+        parts.append(_lines(fmt, [records[i] for i in idx_lines], idx_lines))
+    if idx_objects.size:
+        objects = [records[i] for i in idx_objects]
+        parts.append(_result(fmt.parse_records(objects), idx_objects))
+    refused = [{"index": int(i), "reason": "a record must be a raw line (string) or a JSON "
+                "object of fields"} for i in np.flatnonzero(kinds == 2)]
+    return _merge(fmt, parts, refused)
+
+
+def _lines(fmt: Format, lines: list[str], positions: np.ndarray) -> Parsed:
+    text = "\n".join(lines)
+    if text.count("\n") != len(lines) - 1 and lines:
+        # a record holding a line break would shift every record after it: refuse those alone
+        broken = np.array(["\n" in s for s in lines])
+        good = np.flatnonzero(~broken)
+        inner = _lines(fmt, [lines[i] for i in good], positions[good])
+        refused = [{"index": int(positions[i]),
+                    "reason": "the record holds a line break; send one record per element"}
+                   for i in np.flatnonzero(broken)]
+        return _merge(fmt, [inner], refused)
+    result = fmt.parse(text + "\n" if lines else "")
+    return _result(result, positions)
+
+
+def _result(result: ParseResult, positions: np.ndarray) -> Parsed:
+    """Map a ParseResult (1-based line numbers within the part) to request indices."""
+    rows = result.line_numbers.to_numpy(zero_copy_only=False).astype(np.int64) - 1
+    rejects: list[dict[str, Any]] = []
+    if result.rejects.num_rows:
+        lines = result.rejects.column("line").to_numpy(zero_copy_only=False) - 1
+        reasons = result.rejects.column("reason").to_pylist()
+        rejects = [{"index": int(positions[i]), "reason": r}
+                   for i, r in zip(lines, reasons, strict=True)]
+    return Parsed(result.batch, positions[rows], rejects)
+
+
+def _merge(fmt: Format, parts: list[Parsed], refused: list[dict[str, Any]]) -> Parsed:
+    batches = [p.batch.cast(fmt.schema) if p.batch.schema != fmt.schema else p.batch
+               for p in parts if p.batch.num_rows]
+    index = np.concatenate([p.index for p in parts if p.batch.num_rows] or [np.array([], int)])
+    if batches:
+        table = pa.Table.from_batches(batches).take(pa.array(np.argsort(index, kind="stable")))
+        batch = table.combine_chunks().to_batches()[0]
+    else:
+        batch = pa.RecordBatch.from_pylist([], schema=fmt.schema)
+    rejects = [r for p in parts for r in p.rejects] + refused
+    rejects.sort(key=lambda r: r["index"])
+    return Parsed(batch, np.sort(index), rejects)

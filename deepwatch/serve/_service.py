@@ -1,0 +1,158 @@
+"""The scoring service behind the REST API: the model being served, swapped atomically on reload,
+and the one path from a request body to the response bytes.
+
+A request reads the current model once, at its start, and uses that model to the end, so a
+reload (``POST /v1/reload`` or SIGHUP) never changes the model under a request in flight: the new
+model serves the requests that start after the swap, and the old one is freed when the last
+request holding it finishes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..bundle import MANIFEST, sha256_file
+from ..errors import DeepwatchError
+from ..formats import Format, get_format
+from ..models.detector import Detector
+from ._metrics import Metrics
+from ._request import Parsed, decode, parse
+from ._stats import RecentStats
+
+#: Columns of a result, in this order, where the model produces them.
+RESULT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category", "explanation")
+#: Alerts kept per request for the dashboard (the newest).
+DASHBOARD_ALERTS_PER_REQUEST = 10
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_records: int = 10_000
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    detector: Detector
+    format: str
+    path: Path
+    fingerprint: str  # sha256 of the manifest: tells which bundle is being served
+    loaded_at: float
+    generation: int
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.detector.describe(), "bundle": str(self.path),
+                "fingerprint": self.fingerprint, "generation": self.generation,
+                "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
+
+
+class ScoringService:
+    def __init__(self, bundle: str | Path, engine: str = "auto",
+                 limits: Limits | None = None) -> None:
+        self.engine = engine
+        self.limits = limits or Limits()
+        self.metrics = Metrics()
+        self.stats = RecentStats()
+        self._reload_lock = threading.Lock()
+        self._model = self._load(Path(bundle), generation=1)
+        self.metrics.reloads.labels("ok")
+        self.metrics.reloads.labels("failed")
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._model
+
+    def _load(self, path: Path, generation: int) -> LoadedModel:
+        detector = Detector(path, engine=self.engine)
+        get_format(detector.format)  # a bundle of a format this build lacks is refused now
+        model = LoadedModel(detector, detector.format, path, sha256_file(path / MANIFEST),
+                            time.time(), generation)
+        self.metrics.set_model(detector.kind, detector.format, detector.engine, model.loaded_at)
+        return model
+
+    def reload(self, bundle: str | Path | None = None) -> LoadedModel:
+        """Load ``bundle`` (default: the bundle path being served, re-read from disk) and swap it
+        in. On any error the model being served stays, and the error is raised."""
+        with self._reload_lock:
+            path = Path(bundle) if bundle is not None else self._model.path
+            try:
+                model = self._load(path, self._model.generation + 1)
+            except DeepwatchError:
+                self.metrics.reloads.labels("failed").inc()
+                raise
+            self._model = model  # the swap: one reference assignment
+            self.metrics.reloads.labels("ok").inc()
+            return model
+
+    def score(self, body: bytes) -> bytes:
+        """Response bytes of ``POST /v1/score``; RequestError for a request refused as a whole."""
+        model = self._model
+        t0 = time.perf_counter()
+        fmt, records = decode(body, model.format, self.limits.max_records)
+        parsed = parse(fmt, records)
+        detector = model.detector
+        scored = detector.score_batch(parsed.batch, detector.new_state())
+        out = render(scored, parsed)
+        seconds = time.perf_counter() - t0
+        self._account(fmt, scored, parsed, len(records), seconds)
+        return out
+
+    def _account(self, fmt: Format, scored: pa.RecordBatch, parsed: Parsed, n: int,
+                 seconds: float) -> None:
+        m = self.metrics
+        n_rejects = len(parsed.rejects)
+        m.score_seconds.observe(seconds)
+        m.batch_records.observe(n)
+        m.records.labels("scored").inc(scored.num_rows)
+        if n_rejects:
+            m.records.labels("rejected").inc(n_rejects)
+        alerts, rows = 0, None
+        if scored.num_rows:
+            malicious = pc.equal(scored.column("verdict"), "malicious")
+            alerts = int(pc.sum(malicious).as_py() or 0)
+            if alerts:
+                m.alerts.inc(alerts)
+                rows = _alert_rows(fmt, scored, parsed.index, malicious)
+        self.stats.record(n, alerts, n_rejects, seconds, rows)
+
+
+def render(scored: pa.RecordBatch, parsed: Parsed) -> bytes:
+    """``{"results": [...], "rejects": [...]}``: one result per accepted record, in order, each
+    with the record's ``index`` in the request."""
+    names = ["index", *(c for c in RESULT_COLUMNS if c in scored.schema.names)]
+    columns = [parsed.index.tolist(), *(scored.column(c).to_pylist() for c in names[1:])]
+    results = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
+    return orjson.dumps({"results": results, "rejects": parsed.rejects})
+
+
+def _summary_fields(fmt: Format, names: list[str]) -> list[str]:
+    """A few identifying fields of a record for the dashboard's alert list."""
+    fields = [c for c in fmt.ecs_fields.values() if c in names]
+    if not fields:
+        fields = [f.name for f in fmt.schema
+                  if pa.types.is_string(f.type) and f.name != "label"][:3]
+    return fields[:6]
+
+
+def _alert_rows(fmt: Format, scored: pa.RecordBatch, index: np.ndarray,
+                malicious: pa.Array) -> list[dict[str, Any]]:
+    where = np.flatnonzero(malicious.to_numpy(zero_copy_only=False))
+    where = where[-DASHBOARD_ALERTS_PER_REQUEST:]
+    fields = _summary_fields(fmt, scored.schema.names)
+    keep = [c for c in ("score", "anomaly_score", "attack_type", "category")
+            if c in scored.schema.names]
+    rows = scored.select(keep + fields).take(pa.array(where)).to_pylist()
+    for row, i in zip(rows, index[where], strict=True):
+        row["index"] = int(i)
+    return rows
