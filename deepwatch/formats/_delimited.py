@@ -23,6 +23,10 @@ THREADED_PARSE_BYTES = 1 << 20
 def _fast(
     data: bytes, schema: pa.Schema, sep: str, nonneg: Sequence[str]
 ) -> pa.Table | None:
+    try:  # Arrow decodes an invalid row as UTF-8 to hand it to the handler, and an error raised
+        data.decode("utf-8")  # there escapes as an unraisable exception: such bytes go robust
+    except UnicodeDecodeError:
+        return None
     invalid: list[object] = []
 
     def handler(row: object) -> str:
