@@ -209,6 +209,17 @@ def _install_sighup(service: ScoringService) -> None:
         signal.signal(signal.SIGHUP, on_hup)
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """uvicorn finishes the requests in flight on SIGTERM, then raises the signal again with the
+    handler that was there before it: this one, so that a stop asked for is a clean exit (0)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
                api_key_file: str | None = None, *, engine: str = "auto",
                limits: Limits | None = None) -> None:
@@ -228,6 +239,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
                             server_header=False, timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     _install_sighup(app.state.service)
+    _exit_cleanly_on_sigterm()
     model = app.state.service.model
     log.warning("serving %s (%s on %s, %s) at http://%s:%d/", model.path,
                 model.detector.kind, model.format, model.detector.engine, host, port)

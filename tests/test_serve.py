@@ -1,0 +1,467 @@
+"""The REST service against a real uvicorn server on a free loopback port, with an httpx client.
+
+One server (with an API key and small limits) serves most tests; the reload, SIGHUP and browser
+tests start their own so that swapping bundles cannot disturb the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from conftest import need
+
+from deepwatch.formats import get_format
+from deepwatch.models.detector import Detector
+
+uvicorn = pytest.importorskip("uvicorn")
+from deepwatch.serve._service import Limits  # noqa: E402
+from deepwatch.serve.app import create_app  # noqa: E402
+
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LIMITS = Limits(max_body_bytes=256 * 1024, max_records=500)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThreadServer:
+    """A real uvicorn server in a thread of the test process."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def lines(small_kdd: Path) -> list[str]:
+    return small_kdd.read_text().splitlines()[:400]
+
+
+@pytest.fixture(scope="module")
+def server(kdd_bundle: Path) -> Iterator[ThreadServer]:
+    with ThreadServer(create_app(kdd_bundle, api_key=KEY, limits=LIMITS)) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server: ThreadServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+def score(client: httpx.Client, records: list[Any], **extra: Any) -> dict[str, Any]:
+    r = client.post("/v1/score", json={"format": "kdd", "records": records, **extra})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+# -- scoring -------------------------------------------------------------------------------------
+
+def test_raw_lines_get_the_verdicts_of_score_batch(client: httpx.Client, lines: list[str],
+                                                  kdd_bundle: Path) -> None:
+    body = score(client, lines[:200])
+    assert body["rejects"] == []
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(200))
+    det = Detector(kdd_bundle)
+    expected = det.score_batch(get_format("kdd").parse("\n".join(lines[:200]) + "\n").batch)
+    np.testing.assert_allclose([r["score"] for r in results],
+                               expected.column("score").to_numpy(), rtol=0, atol=1e-9)
+    assert [r["verdict"] for r in results] == expected.column("verdict").to_pylist()
+    assert [r["attack_type"] for r in results] == expected.column("attack_type").to_pylist()
+    assert {r["verdict"] for r in results} <= {"normal", "malicious"}
+    assert {"malicious", "normal"} <= {r["verdict"] for r in results}, "sample has both kinds"
+    assert all(0.0 <= r["score"] <= 1.0 for r in results)
+    assert {"category", "attack_type", "score", "verdict"} <= set(results[0])
+
+
+def test_objects_of_fields_score_like_their_raw_lines(client: httpx.Client,
+                                                      lines: list[str]) -> None:
+    objects = get_format("kdd").parse("\n".join(lines[:50]) + "\n").batch.to_pylist()
+    by_lines = score(client, lines[:50])["results"]
+    by_objects = score(client, objects)["results"]
+    assert by_objects == by_lines
+
+
+def test_format_may_be_left_out(client: httpx.Client, lines: list[str]) -> None:
+    r = client.post("/v1/score", json={"records": lines[:3]})
+    assert r.status_code == 200
+    assert len(r.json()["results"]) == 3
+
+
+def test_good_and_bad_records_in_one_request(client: httpx.Client, lines: list[str]) -> None:
+    good_object = get_format("kdd").parse(lines[3] + "\n").batch.to_pylist()[0]
+    negative = dict(good_object, src_bytes=-5)
+    missing = {k: v for k, v in good_object.items() if k != "service"}
+    records: list[Any] = [
+        lines[0],                       # 0 good line
+        "this is not a KDD record",     # 1 bad line: wrong field count
+        good_object,                    # 2 good object
+        missing,                        # 3 bad object: a required field missing
+        lines[1],                       # 4 good line
+        42,                             # 5 neither a line nor an object
+        lines[2] + "\n" + lines[2],     # 6 two lines in one record
+        negative,                       # 7 bad object: negative byte count
+        "",                             # 8 empty line
+        lines[2].replace(",tcp,", ",tcp,,", 1),  # 9 bad line: one field too many
+    ]
+    body = score(client, records)
+    assert [r["index"] for r in body["results"]] == [0, 2, 4]
+    rejects = {r["index"]: r["reason"] for r in body["rejects"]}
+    assert sorted(rejects) == [1, 3, 5, 6, 7, 8, 9]
+    assert "expected 42 fields" in rejects[1]
+    assert "service" in rejects[3]
+    assert "raw line" in rejects[5]
+    assert "line break" in rejects[6]
+    assert "src_bytes" in rejects[7] and "negative" in rejects[7]
+    assert rejects[8] == "empty line"
+    assert "fields" in rejects[9]
+    assert [r["index"] for r in body["rejects"]] == sorted(rejects)
+    alone = score(client, [lines[0], good_object, lines[1]])["results"]
+    assert [r["score"] for r in body["results"]] == [r["score"] for r in alone]
+
+
+def test_an_empty_batch_is_answered(client: httpx.Client) -> None:
+    assert score(client, []) == {"results": [], "rejects": []}
+
+
+def test_only_bad_records(client: httpx.Client) -> None:
+    body = score(client, ["junk", {"duration": "x"}])
+    assert body["results"] == []
+    assert [r["index"] for r in body["rejects"]] == [0, 1]
+
+
+# -- refusing requests ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "not valid JSON"),
+    (b"[1, 2]", 422, "JSON object"),
+    (b'"records"', 422, "JSON object"),
+    (b'{"format": "kdd"}', 422, "'records'"),
+    (b'{"format": "kdd", "records": "a line"}', 422, "'records'"),
+    (b'{"format": "kdd", "records": {"a": 1}}', 422, "'records'"),
+    (b'{"format": 7, "records": []}', 422, "'format'"),
+    (b'{"format": "nope", "records": []}', 422, "unknown format"),
+    (b'{"format": "nslkdd", "records": []}', 422, "format 'kdd'"),
+    (b'{"format": "kdd", "records": [], "extra": 1}', 422, "unknown key"),
+])
+def test_malformed_bodies_get_4xx_with_a_reason(client: httpx.Client, body: bytes, status: int,
+                                                words: str) -> None:
+    r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_wrong_methods_and_paths_are_4xx(client: httpx.Client) -> None:
+    assert client.get("/v1/score").status_code == 405
+    assert client.post("/nowhere", json={}).status_code == 404
+
+
+def test_body_size_is_bounded(client: httpx.Client) -> None:
+    big = b'{"records": ["' + b"x" * (LIMITS.max_body_bytes + 10) + b'"]}'
+    r = client.post("/v1/score", content=big)
+    assert r.status_code == 413
+    assert "limit" in r.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the server counts as it reads
+        yield b'{"records": ["'
+        for _ in range(LIMITS.max_body_bytes // 65536 + 2):
+            yield b"y" * 65536
+        yield b'"]}'
+
+    r = client.post("/v1/score", content=chunks())
+    assert r.status_code == 413
+
+
+def test_batch_length_is_bounded(client: httpx.Client, lines: list[str]) -> None:
+    records = ["1"] * (LIMITS.max_records + 1)
+    r = client.post("/v1/score", json={"records": records})
+    assert r.status_code == 413
+    assert f"{LIMITS.max_records:,}" in r.json()["detail"]
+    assert client.post("/v1/score", json={"records": ["1"] * LIMITS.max_records}).status_code == 200
+
+
+# -- the API key ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/score"), ("POST", "/v1/reload"), ("GET", "/metrics"), ("GET", "/"),
+    ("GET", "/v1/stats"), ("GET", "/docs"), ("GET", "/openapi.json"),
+])
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key", f"Basic {KEY}", "Bearer",
+                                    f"Bearer {KEY}x", f"Bearer {KEY[:-1]}"])
+def test_every_endpoint_but_healthz_needs_the_key(server: ThreadServer, method: str, path: str,
+                                                  header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    r = httpx.request(method, server.url + path, headers=headers, json={"records": []})
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert "API key" in r.json()["detail"]
+
+
+def test_healthz_needs_no_key_and_the_key_opens_the_rest(server: ThreadServer,
+                                                         client: httpx.Client) -> None:
+    r = httpx.get(server.url + "/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert client.get("/docs").status_code == 200
+    assert "/v1/score" in client.get("/openapi.json").json()["paths"]
+    r = client.post("/v1/score", json={"records": []},
+                    headers={"Authorization": f"bearer {KEY}"})
+    assert r.status_code == 200, "the scheme is case-insensitive"
+
+
+# -- metrics and dashboard data ------------------------------------------------------------------
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + (("{" + labels + "}") if labels else " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{labels}}} not in /metrics")
+
+
+def test_metrics_count_records_requests_and_latency(client: httpx.Client,
+                                                    lines: list[str]) -> None:
+    before = client.get("/metrics").text
+    body = score(client, lines[:30] + ["garbage", "more garbage"])
+    after = client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    scored = _metric(text, "deepwatch_records_total", 'outcome="scored"')
+    assert scored - _metric(before, "deepwatch_records_total", 'outcome="scored"') == 30
+    rejected = _metric(text, "deepwatch_records_total", 'outcome="rejected"')
+    assert rejected - _metric(before, "deepwatch_records_total", 'outcome="rejected"') == 2
+    alerts = sum(r["verdict"] == "malicious" for r in body["results"])
+    assert (_metric(text, "deepwatch_alerts_total")
+            - _metric(before, "deepwatch_alerts_total")) == alerts
+    assert _metric(text, "deepwatch_http_requests_total", 'path="/v1/score",status="200"') >= 1
+    assert 'deepwatch_http_request_duration_seconds_bucket{le="0.01",path="/v1/score"}' in text
+    assert "deepwatch_score_duration_seconds_count" in text
+    assert "deepwatch_score_batch_records_bucket" in text
+    assert 'deepwatch_model_info{engine="onnxruntime:CPU",format="kdd",kind="mlp"} 1.0' in text
+    names = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if not ln.startswith("#")}
+    assert all(n.startswith("deepwatch_") for n in names), names
+
+
+def test_stats_feed_the_dashboard(client: httpx.Client, lines: list[str]) -> None:
+    score(client, lines[:100])
+    s = client.get("/v1/stats").json()
+    assert s["model"]["kind"] == "mlp" and s["model"]["format"] == "kdd"
+    assert s["totals"]["records"] >= 100
+    assert s["latency_ms"]["p99"] >= s["latency_ms"]["p50"] > 0
+    assert len(s["series"]["rows"]) == 300
+    assert sum(row[2] for row in s["series"]["rows"]) >= 100
+    if s["totals"]["alerts"]:
+        alert = s["recent_alerts"][0]
+        assert {"score", "attack_type", "category", "index", "time", "service"} <= set(alert)
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/stats" in page.text
+
+
+# -- reload --------------------------------------------------------------------------------------
+
+def variant_bundle(src: Path, dst: Path, threshold: float) -> Path:
+    """A copy of ``src`` whose decision flags every record scoring at least ``threshold``.
+
+    Only the manifest changes (it records the checksums of the other files, not its own)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["decision"]["policy"] = "threshold"
+    manifest["decision"]["threshold"] = threshold
+    manifest["trained_at"] = "variant"
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_reload_swaps_the_bundle_without_dropping_requests(kdd_bundle: Path, tmp_path: Path,
+                                                           lines: list[str]) -> None:
+    everything = variant_bundle(kdd_bundle, tmp_path / "all-malicious", threshold=0.0)
+    with ThreadServer(create_app(kdd_bundle)) as srv, httpx.Client(base_url=srv.url) as c:
+        payload = {"records": lines[:50]}
+        before = c.post("/v1/score", json=payload).json()["results"]
+        assert {r["verdict"] for r in before} == {"normal", "malicious"}
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as h:
+                while not stop.is_set():
+                    r = h.post("/v1/score", json=payload)
+                    statuses.append(r.status_code)
+                    assert len(r.json()["results"]) == 50
+
+        workers = [threading.Thread(target=hammer) for _ in range(2)]
+        for w in workers:
+            w.start()
+        time.sleep(0.3)
+        r = c.post("/v1/reload", json={"bundle": str(everything)})
+        time.sleep(0.3)
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["generation"] == 2
+        assert len(statuses) > 2 and set(statuses) == {200}, "no request failed during the swap"
+        after = c.post("/v1/score", json=payload).json()["results"]
+        assert {r["verdict"] for r in after} == {"malicious"}
+        assert [r["score"] for r in after] == [r["score"] for r in before]
+        stats = c.get("/v1/stats").json()["model"]
+        assert stats["bundle"] == str(everything) and stats["generation"] == 2
+
+        # a bundle that cannot load is refused, and the one being served stays
+        r = c.post("/v1/reload", json={"bundle": str(tmp_path / "missing")})
+        assert r.status_code == 422 and "still serving" in r.json()["detail"]
+        assert c.get("/healthz").json()["generation"] == 2
+        assert c.post("/v1/reload", content=b"{bad").status_code == 400
+        assert c.post("/v1/reload", json={"bundle": 3}).status_code == 422
+        # no body: the bundle being served is read again from disk
+        assert c.post("/v1/reload").json()["model"]["generation"] == 3
+        metrics = c.get("/metrics").text
+        assert 'deepwatch_model_reloads_total{result="ok"} 2.0' in metrics
+        assert 'deepwatch_model_reloads_total{result="failed"} 1.0' in metrics
+
+
+# -- the command line: a served process, SIGHUP, SIGTERM -----------------------------------------
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"server exited: {err}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become healthy")
+
+
+@pytest.mark.slow
+def test_cli_serve_with_key_file_reloads_on_sighup(kdd_bundle: Path, tmp_path: Path,
+                                                   lines: list[str]) -> None:
+    bundle = tmp_path / "served"
+    shutil.copytree(kdd_bundle, bundle)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(bundle), "--port", str(port),
+         "--api-key-file", str(key_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": ""})
+    try:
+        _wait_healthy(url, proc)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            assert httpx.post(url + "/v1/score", json={"records": lines[:2]}).status_code == 401
+            first = c.post("/v1/score", json={"records": lines[:40]}).json()["results"]
+            assert {r["verdict"] for r in first} == {"normal", "malicious"}
+            # retrain in place (here: the same weights, a decision that flags everything)
+            variant = variant_bundle(kdd_bundle, tmp_path / "next", threshold=0.0)
+            shutil.rmtree(bundle)
+            variant.rename(bundle)
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while c.get("/healthz").json()["generation"] != 2:
+                assert time.monotonic() < deadline, "SIGHUP did not reload the bundle"
+                time.sleep(0.1)
+            after = c.post("/v1/score", json={"records": lines[:40]}).json()["results"]
+            assert {r["verdict"] for r in after} == {"malicious"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "SIGHUP: reloaded" in err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@pytest.mark.parametrize(("key_text", "words"), [(None, "does not exist"), ("", "is empty"),
+                                                 ("two words", "whitespace")])
+def test_cli_serve_refuses_a_bad_key_file(kdd_bundle: Path, tmp_path: Path,
+                                          key_text: str | None, words: str) -> None:
+    key_file = tmp_path / "key"
+    if key_text is not None:
+        key_file.write_text(key_text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port",
+         str(free_port()), "--api-key-file", str(key_file)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and words in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_serve_refuses_a_missing_bundle(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(tmp_path / "none"), "--port",
+         str(free_port())], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "no bundle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the dashboard in a real browser -------------------------------------------------------------
+
+@pytest.mark.integration
+def test_dashboard_renders_live_numbers_in_headless_chromium(kdd_bundle: Path,
+                                                             lines: list[str]) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    with ThreadServer(create_app(kdd_bundle)) as srv, httpx.Client(base_url=srv.url) as c:
+        body = c.post("/v1/score", json={"records": lines[:300]}).json()
+        alerts = sum(r["verdict"] == "malicious" for r in body["results"])
+        proc = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-dev-shm-usage",
+             "--virtual-time-budget=5000", "--dump-dom", srv.url + "/"],
+            capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert 'data-state="live"' in dom, (dom[:2000], proc.stderr[-2000:])
+    assert '<div class="v" id="total-records">300</div>' in dom
+    assert f'<div class="v" id="total-alerts">{alerts}</div>' in dom
+    assert "model: mlp on kdd" in dom
+    assert "<polyline" in dom
+    if alerts:
+        assert 'class="alert-row"' in dom
