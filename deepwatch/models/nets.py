@@ -106,7 +106,7 @@ def build_network(config: dict[str, Any]) -> nn.Module:
         bases = [build_network(c) for c in config["bases"]]
         return Stack(bases, config["n_out"])
     if kind in _CLASSES:
-        hp = {k: v for k, v in config.items() if k not in ("kind", "d_in", "n_out")}
+        hp = {k: v for k, v in config.items() if k not in ("kind", "d_in", "n_out", "head")}
         return _CLASSES[kind](config["d_in"], config["n_out"], **hp)
     from . import autoencoder  # noqa: F401 - registers autoencoder kinds
 
