@@ -42,7 +42,6 @@ LakeOption = Annotated[list[str] | None, typer.Option(
 
 @app.command()
 def train(
-    files: Files,
     fmt: Format,
     model: Annotated[str, typer.Option("--model", "-m",
                                        help="mlp, resnet, snn, stack, autoencoder, hybrid")],
@@ -55,13 +54,15 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     decision: Annotated[str, typer.Option(
         help="auto (KDD data: least expected contest cost), cost or threshold")] = "auto",
+    files: OptionalFiles = None,
+    lake: LakeOption = None,
 ) -> None:
     """Train a model on labelled (or, for autoencoders, benign) records and save a bundle."""
     from .train.api import train as run
 
-    manifest = run(fmt, model, files, out, val_inputs=val or (), epochs=epochs, seed=seed,
+    manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
                    target_fpr=target_fpr, device=device, policy=decision,
-                   progress=_progress(), log=_err)
+                   progress=_progress(), log=_err, lakes=lake or [])
     cal = manifest["metrics"]["calibration"]
     summary = ", ".join(f"{k} {v:.4f}" for k, v in cal.items()
                         if isinstance(v, float) and k in ("precision", "recall", "f1", "fpr"))

@@ -95,6 +95,9 @@ class Trained:
 
 Trainer = Callable[[str, TrainContext], Trained]
 
+#: Training-loop settings that ``train(options=...)`` may override (see TrainConfig).
+_LOOP_OPTIONS = ("batch_size", "lr", "weight_decay", "patience", "class_balance", "epoch_size")
+
 _TRAINERS: dict[str, str] = {
     "mlp": "deepwatch.train.api:train_classifier",
     "resnet": "deepwatch.train.api:train_classifier",
@@ -156,6 +159,7 @@ def train(
     progress: bool = False,
     options: dict[str, Any] | None = None,
     log: Callable[[str], None] = lambda s: None,
+    lakes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest."""
     if model not in MODEL_KINDS:
@@ -164,12 +168,13 @@ def train(
         raise UsageError(f"--target-fpr must be between 0 and 1, not {target_fpr}")
     if policy not in ("auto", "cost", "threshold"):
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost or threshold")
-    if not inputs:
-        raise UsageError("no training input given")
+    if not inputs and not lakes:
+        raise UsageError("no training input given (files or --lake DIR)")
     t0 = time.perf_counter()
     fmt = get_format(format_name)
-    reader = InputReader(fmt, inputs, progress=progress)
+    reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
     table, _rejects, stats = reader.read_all()
+    table = _derive_in_order(fmt, table)
     log(f"training data: {stats.summary()}")
     if table.num_rows < 10:
         raise DataError(f"too few training records ({table.num_rows}) to train a model")
@@ -177,6 +182,7 @@ def train(
     if val_inputs:
         vreader = InputReader(fmt, val_inputs, progress=progress)
         vtable, _vrej, vstats = vreader.read_all()
+        vtable = _derive_in_order(fmt, vtable)
         log(f"validation data: {vstats.summary()}")
         vlabels = _labels(vtable)
         if vtable.num_rows < 2:
@@ -220,6 +226,9 @@ def train(
         if epochs < 1:
             raise UsageError(f"--epochs must be at least 1, not {epochs}")
         cfg = cfg.with_(epochs=epochs)
+    loop_options = {k: v for k, v in (options or {}).items() if k in _LOOP_OPTIONS}
+    if loop_options:
+        cfg = cfg.with_(**loop_options)
     ctx = TrainContext(fmt, featurizer, vocab, train_split, early_split, calib_split, cfg,
                        target_fpr, "cost" if policy == "auto" else policy, options or {})
     trained = _trainer(model)(model, ctx)
@@ -275,6 +284,17 @@ def train(
     save_bundle(out, manifest, files)
     log(f"saved {model} bundle to {out} in {time.perf_counter() - t0:.1f}s")
     return manifest
+
+
+def _derive_in_order(fmt: Format, table: pa.Table) -> pa.Table:
+    """Derived features over all records in arrival order, before any split: per-client windows
+    must see every record of a client, not a random subset (derivers skip derived tables)."""
+    derive = fmt.feature_spec().get("derive") if table.num_rows else None
+    if not derive:
+        return table
+    from ..features._derive import get_deriver
+
+    return get_deriver(derive["name"])(table, derive.get("params", {}), {})
 
 
 def run_module(module: nn.Module, X: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
