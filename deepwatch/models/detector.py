@@ -21,7 +21,7 @@ OUTPUT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category"
 
 class Detector:
     def __init__(self, path: str | Path, engine: str = "auto", verify: bool = True,
-                 device: str = "cpu"):
+                 device: str = "cpu", explain: bool = True):
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path, verify=verify)
         try:
@@ -35,7 +35,8 @@ class Detector:
         self.format: str = self.manifest["input_format"]
         self.kind: str = self.manifest["model_kind"]
         self.backend = self._backend(engine, device)
-        self._explain = None
+        #: add the ``explanation`` column (top features) for malicious records
+        self.explain = explain
 
     def _backend(self, engine: str, device: str):  # type: ignore[no-untyped-def]
         from ..runtime import OnnxBackend, TorchBackend
@@ -70,6 +71,12 @@ class Detector:
                ) -> dict[str, np.ndarray]:
         X, out = self.raw_outputs(batch, state)
         cols = self.decision.apply(out)
+        if self.explain and "verdict" in cols:
+            from .explain import explain_columns
+
+            explained = explain_columns(self, X, out, cols)
+            if explained is not None:
+                cols["explain"] = explained
         cols["_X"] = X
         cols["_out"] = out  # type: ignore[assignment]
         return cols
@@ -78,10 +85,15 @@ class Detector:
                     ) -> pa.RecordBatch:
         """The input batch with ``score``, ``anomaly_score`` (autoencoders), ``verdict``
         (``normal``/``malicious``), ``attack_type`` and ``category`` (classifiers) appended."""
+        return self.score_with_outputs(batch, state)[0]
+
+    def score_with_outputs(self, batch: pa.RecordBatch, state: dict[str, Any] | None = None
+                           ) -> tuple[pa.RecordBatch, dict[str, np.ndarray]]:
+        """``score_batch`` plus the network's named outputs (e.g. ``latent`` for campaigns)."""
         if batch.num_rows == 0:
-            return _append(batch, self._empty_columns())
+            return _append(batch, self._empty_columns()), {}
         cols = self.decide(batch, state)
-        return _append(batch, self._columns(cols))
+        return _append(batch, self._columns(cols)), cols["_out"]  # type: ignore[return-value]
 
     def _columns(self, cols: dict[str, Any]) -> dict[str, pa.Array]:
         out: dict[str, pa.Array] = {}
@@ -107,6 +119,8 @@ class Detector:
         names.append("verdict")
         if self.decision.supervised:
             names += ["attack_type", "category"]
+        if self.explain and ("errors" in self.outputs or self.decision.supervised):
+            names.append("explanation")
         return {n: pa.array([], types.get(n, pa.string())) for n in names}
 
     def describe(self) -> dict[str, Any]:
