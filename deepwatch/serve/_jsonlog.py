@@ -29,13 +29,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup(level: str = "info", logger: str = "deepwatch") -> logging.Logger:
     """Send ``logger``'s records to stderr as JSON lines (once, however often it is called)."""
     log = logging.getLogger(logger)
     numeric = logging.getLevelName(level.upper())
     log.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
     if not any(isinstance(h.formatter, JsonFormatter) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(JsonFormatter())
         log.addHandler(handler)
     log.propagate = False

