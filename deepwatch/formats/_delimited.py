@@ -190,8 +190,7 @@ def parse_delimited(
 
 
 def _conform(table: pa.Table, full: pa.Schema) -> pa.Table:
-    if table.schema.names == full.names:
-        return table
+    """``table`` with exactly the ``full`` schema (missing trailing columns null)."""
     cols = []
     for f in full:
         if f.name in table.schema.names:

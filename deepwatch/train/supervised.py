@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..models.nets import ProbaHead, Stack, build_network
-from .loop import TrainConfig, cross_entropy, fit, predict, seed_everything
+from .loop import TrainConfig, cross_entropy, fit, seed_everything
 
 DEFAULT_HP: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": 128, "depth": 3, "dropout": 0.1},
@@ -41,10 +41,10 @@ def fit_meta(stack: Stack, X: np.ndarray, y: np.ndarray, w: np.ndarray, seed: in
              l2: float = 1e-3, steps: int = 300) -> None:
     """Fit the meta-learner on held-out base predictions (multinomial logistic regression)."""
     seed_everything(seed)
+    stack.eval()
     with torch.no_grad():
-        Z = torch.as_tensor(np.concatenate(
-            [predict(lambda x: stack.base_logprobs(x), X[i : i + 65536])  # type: ignore[arg-type]
-             for i in range(0, len(X), 65536)]))
+        Z = torch.cat([stack.base_logprobs(torch.as_tensor(X[i : i + 65536]))
+                       for i in range(0, len(X), 65536)])
     n_out = stack.meta.out_features
     k = len(stack.bases)
     with torch.no_grad():  # start from the plain average of the bases' log-probabilities

@@ -1,0 +1,94 @@
+"""KDD / NSL-KDD parsing: bulk paths agree, every bad line is a counted reject with a reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepwatch.errors import FormatError
+from deepwatch.formats import get_format
+from deepwatch.formats.kdd import KDD_FEATURES
+
+GOOD = ("0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,0.00,0.00,1.00,"
+        "0.00,0.00,9,9,1.00,0.00,0.11,0.00,0.00,0.00,0.00,0.00,normal.")
+
+
+def test_clean_lines_parse_with_labels_stripped() -> None:
+    r = get_format("kdd").parse((GOOD + "\n") * 3)
+    assert r.lines == 3 and r.batch.num_rows == 3 and r.rejects.num_rows == 0
+    assert r.batch.column("label").to_pylist() == ["normal"] * 3
+    assert r.batch.column("src_bytes").to_pylist() == [181] * 3
+    assert r.batch.schema.field("serror_rate").type == pa.float64()
+    assert r.line_numbers.to_pylist() == [1, 2, 3]
+
+
+def test_bad_lines_are_rejected_with_reasons_and_line_numbers() -> None:
+    lines = [
+        GOOD,
+        "garbage",
+        "",
+        GOOD.replace(",181,", ",abc,"),
+        GOOD.replace(",181,", ",-5,"),
+        GOOD.replace(",0.11,", ",nan,"),
+        GOOD,
+    ]
+    r = get_format("kdd").parse("\n".join(lines) + "\n", first_line=10)
+    assert r.batch.num_rows == 2 and r.rejects.num_rows == 5
+    rej = r.rejects.to_pylist()
+    assert [x["line"] for x in rej] == [11, 12, 13, 14, 15]
+    assert "expected 42 fields" in rej[0]["reason"]
+    assert rej[1]["reason"] == "empty line"
+    assert "src_bytes" in rej[2]["reason"] and "'abc'" in rej[2]["reason"]
+    assert "non-negative" in rej[3]["reason"]
+    assert "dst_host_same_src_port_rate" in rej[4]["reason"]
+    assert r.line_numbers.to_pylist() == [10, 16]
+
+
+def test_fast_and_robust_paths_agree(kdd_test_file: Path) -> None:
+    import gzip
+
+    data = gzip.open(kdd_test_file).read()[:400_000]
+    data = data[: data.rfind(b"\n") + 1]
+    fmt = get_format("kdd")
+    clean = fmt.parse(data)
+    dirty = fmt.parse(data + b"not,a,record\n")  # forces the robust path for the chunk
+    assert dirty.rejects.num_rows == 1
+    assert dirty.batch.equals(clean.batch)
+
+
+def test_unlabelled_records_and_crlf() -> None:
+    unlabelled = GOOD.rsplit(",", 1)[0]
+    r = get_format("kdd").parse(unlabelled + "\r\n" + GOOD + "\r\n")
+    assert r.rejects.num_rows == 0
+    assert r.batch.column("label").to_pylist() == [None, "normal"]
+
+
+def test_nslkdd_with_difficulty(tmp_path: Path) -> None:
+    line = GOOD.removesuffix("normal.") + "neptune,21"
+    r = get_format("nslkdd").parse(line + "\r\n" + line)  # no final newline, CRLF
+    assert r.batch.num_rows == 2 and r.rejects.num_rows == 0
+    assert r.batch.column("label").to_pylist() == ["neptune"] * 2
+    assert r.batch.column("difficulty").to_pylist() == [21, 21]
+    assert len(r.batch.schema) == len(KDD_FEATURES) + 2
+
+
+def test_unknown_format_is_a_clear_error() -> None:
+    with pytest.raises(FormatError, match="unknown format 'nope'; known formats: .*kdd"):
+        get_format("nope")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.just(GOOD), st.text(max_size=120),
+                          st.binary(max_size=80).map(lambda b: b.decode("latin-1"))),
+                max_size=30))
+def test_no_input_crashes_and_counts_reconcile(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    r = get_format("kdd").parse(text)
+    assert r.batch.num_rows + r.rejects.num_rows == r.lines
+    expected_lines = 0 if text == "" else text.count("\n") + (0 if text.endswith("\n") else 1)
+    assert r.lines == expected_lines
+    assert all(reason for reason in r.rejects.column("reason").to_pylist())
