@@ -16,9 +16,17 @@ from ..labels import BENIGN, KDD_CATEGORIES, kdd_category
 from .metrics import binary_metrics, confusion, kdd_cost
 
 
-def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bool = False
-            ) -> tuple[dict[str, np.ndarray], Any, float]:
-    """Score every input; returns (columns incl. ``label``, reader stats, seconds)."""
+def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bool = False,
+            feature_sample: int = 3000) -> tuple[dict[str, np.ndarray], Any, float]:
+    """Score every input; returns (columns incl. ``label``, reader stats, seconds).
+
+    With ``feature_sample`` > 0 the columns also hold ``_sample_rows``/``_sample_X``: up to that
+    many records of every label and their feature rows (for the report's t-SNE map).
+    """
+    from ..viz.sample import LabelSample
+
+    sampler = LabelSample(per_label=feature_sample) if feature_sample > 0 else None
+    offset = 0
     fmt = get_format(format_name)
     if format_name != detector.format:
         raise UsageError(f"the bundle was trained on format {detector.format!r}, "
@@ -40,10 +48,16 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
                 parts.setdefault(k, []).append(np.asarray(v))
             elif k == "_explain_rows":
                 parts.setdefault(k, []).append(np.asarray(v))
+        if sampler is not None and "_X" in cols:
+            sampler.add(cols["label"], cols["_X"], offset)
+        offset += batch.num_rows
     seconds = time.perf_counter() - t0
     if not parts:
         raise DataError("no records could be parsed from the evaluation inputs")
-    return {k: np.concatenate(v) for k, v in parts.items()}, reader.stats, seconds
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    if sampler is not None:
+        out["_sample_rows"], out["_sample_X"] = sampler.result()
+    return out, reader.stats, seconds
 
 
 def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None,
@@ -101,4 +115,4 @@ def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str =
 
 
 def to_table(cols: dict[str, np.ndarray]) -> pa.Table:
-    return pa.table({k: v for k, v in cols.items() if v.ndim == 1})
+    return pa.table({k: v for k, v in cols.items() if v.ndim == 1 and not k.startswith("_sample")})
