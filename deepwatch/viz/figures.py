@@ -1,0 +1,152 @@
+"""plotly figures of an evaluation: Sankey of true type -> verdict, confusion matrix, detection
+rates, score distributions and the t-SNE map. Each builder takes plain arrays and returns a figure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..labels import BENIGN
+
+RIGHT = "rgba(46, 139, 87, 0.45)"  # the verdict was right
+WRONG = "rgba(214, 39, 40, 0.55)"  # a missed attack or a false alarm
+VERDICT_COLOURS = {"normal": "#2e8b57", "malicious": "#d62728"}
+
+
+def verdict_names(verdict: np.ndarray) -> np.ndarray:
+    """Verdicts as the words ``normal``/``malicious`` whether given as booleans or words."""
+    v = np.asarray(verdict)
+    if v.dtype == bool:
+        return np.where(v, "malicious", "normal")
+    return v.astype(str)
+
+
+def label_order(labels: np.ndarray) -> list[str]:
+    """``normal`` first, then attack types by descending count."""
+    uniq, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
+    order = sorted(zip(uniq.tolist(), counts.tolist(), strict=True),
+                   key=lambda t: (t[0] != BENIGN, -t[1], t[0]))
+    return [u for u, _ in order]
+
+
+def sankey(labels: np.ndarray, verdict: np.ndarray) -> Any:
+    """True type (left) -> verdict (right); a flow's width is its number of records."""
+    import plotly.graph_objects as go
+
+    labels = np.asarray(labels, dtype=str)
+    verdicts = verdict_names(verdict)
+    types = label_order(labels)
+    type_index = {t: i for i, t in enumerate(types)}
+    uniq, inverse = np.unique(labels, return_inverse=True)
+    row = np.array([type_index[u] for u in uniq.tolist()], dtype=np.int64)[inverse]
+    is_bad = (verdicts == "malicious").astype(np.int64)
+    counts = np.bincount(row * 2 + is_bad, minlength=2 * len(types)).reshape(-1, 2)
+    totals = counts.sum(axis=1)
+    src, dst, val, colour, text = [], [], [], [], []
+    for i, lab in enumerate(types):
+        for j, ver in enumerate(("normal", "malicious")):
+            if counts[i, j] == 0:
+                continue
+            src.append(i)
+            dst.append(len(types) + j)
+            val.append(int(counts[i, j]))
+            right = (lab == BENIGN) == (ver == "normal")
+            colour.append(RIGHT if right else WRONG)
+            text.append(f"{counts[i, j] / totals[i]:.2%} of {lab}")
+    node_labels = [f"{t} ({n:,})" for t, n in zip(types, totals.tolist(), strict=True)]
+    node_labels += ["verdict: normal", "verdict: malicious"]
+    node_colours = ["#7f7f7f"] * len(types) + [VERDICT_COLOURS["normal"],
+                                               VERDICT_COLOURS["malicious"]]
+    fig = go.Figure(go.Sankey(
+        arrangement="snap",
+        node={"label": node_labels, "color": node_colours, "pad": 6, "thickness": 16},
+        link={"source": src, "target": dst, "value": val, "color": colour,
+              "customdata": text,
+              "hovertemplate": "%{source.label} → %{target.label}<br>%{value:,} records "
+                               "(%{customdata})<extra></extra>"},
+    ))
+    fig.update_layout(height=max(420, 22 * len(types)), margin={"l": 10, "r": 10, "t": 10,
+                                                                 "b": 10})
+    return fig
+
+
+def confusion(labels: list[str], matrix: list[list[int]]) -> Any:
+    """The category confusion matrix; colour is the share of the true row, text the count."""
+    import plotly.graph_objects as go
+
+    m = np.asarray(matrix, dtype=np.float64)
+    rows = m.sum(axis=1, keepdims=True)
+    share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    fig = go.Figure(go.Heatmap(
+        z=share, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+        text=[[f"{int(v):,}" for v in row] for row in m], texttemplate="%{text}",
+        hovertemplate="true %{y}, predicted %{x}: %{text} (%{z:.1%} of the row)<extra></extra>",
+        colorbar={"title": {"text": "share of true"}},
+    ))
+    fig.update_layout(xaxis_title="predicted category", yaxis_title="true category",
+                      yaxis_autorange="reversed", height=420,
+                      margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    return fig
+
+
+def detection_bars(rates: dict[str, dict[str, Any]], what: str) -> Any:
+    """Horizontal bars of detection rate per category or label, with the support on hover."""
+    import plotly.graph_objects as go
+
+    names = list(rates)
+    rate = [float(rates[n]["detection_rate"]) for n in names]
+    support = [int(rates[n]["support"]) for n in names]
+    fig = go.Figure(go.Bar(
+        x=rate, y=names, orientation="h", customdata=support,
+        marker_color=[VERDICT_COLOURS["normal"] if r >= 0.9 else
+                      "#ff7f0e" if r >= 0.5 else VERDICT_COLOURS["malicious"] for r in rate],
+        hovertemplate=f"%{{y}}: %{{x:.2%}} of %{{customdata:,}} {what}<extra></extra>",
+    ))
+    fig.update_layout(xaxis={"range": [0, 1], "tickformat": ".0%", "title": "detection rate"},
+                      yaxis={"autorange": "reversed"}, height=max(260, 20 * len(names) + 80),
+                      margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    return fig
+
+
+def score_histogram(labels: np.ndarray, score: np.ndarray, threshold: float | None) -> Any:
+    """How scores of benign and attack records spread, with the decision threshold marked."""
+    import plotly.graph_objects as go
+
+    attack = np.asarray(labels, dtype=str) != BENIGN
+    bins = np.linspace(0.0, 1.0, 51)
+    fig = go.Figure()
+    for name, mask, colour in (("normal", ~attack, VERDICT_COLOURS["normal"]),
+                               ("attack", attack, VERDICT_COLOURS["malicious"])):
+        counts, _ = np.histogram(np.clip(score[mask], 0.0, 1.0), bins=bins)
+        fig.add_trace(go.Bar(x=(bins[:-1] + bins[1:]) / 2, y=counts, name=name, opacity=0.7,
+                             marker_color=colour, width=0.02))
+    if threshold is not None and 0.0 <= threshold <= 1.0:
+        fig.add_vline(x=threshold, line_dash="dash", annotation_text="threshold")
+    fig.update_layout(barmode="overlay", yaxis_type="log", xaxis_title="score",
+                      yaxis_title="records", height=320,
+                      margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    return fig
+
+
+def tsne_scatter(xy: np.ndarray, labels: np.ndarray, verdict: np.ndarray) -> Any:
+    """The t-SNE map: one colour per true type; a cross marks a record given the wrong verdict."""
+    import plotly.graph_objects as go
+
+    labels = np.asarray(labels, dtype=str)
+    verdicts = verdict_names(verdict)
+    wrong = (labels == BENIGN) != (verdicts == "normal")
+    fig = go.Figure()
+    for lab in label_order(labels):
+        m = labels == lab
+        fig.add_trace(go.Scatter(
+            x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{lab} ({int(m.sum())})",
+            marker={"size": 5, "symbol": np.where(wrong[m], "x", "circle").tolist()},
+            customdata=verdicts[m],
+            hovertemplate=f"{lab}: verdict %{{customdata}}<extra></extra>",
+        ))
+    fig.update_layout(height=560, xaxis={"visible": False}, yaxis={"visible": False},
+                      legend={"title": {"text": "true type"}},
+                      margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    return fig

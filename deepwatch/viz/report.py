@@ -1,0 +1,161 @@
+"""The evaluation report: one self-contained HTML page (plotly.js inlined, nothing fetched).
+
+``write_report`` takes the ``evaluate`` result (the contract JSON plus ``records``/``bundle``) and
+the per-record columns ``evaluate`` collected: ``label``, ``score``, ``verdict`` and, where the
+model gives them, ``attack_type``/``category``; for the t-SNE map also ``_sample_rows`` (record
+numbers) and ``_sample_X`` (their feature rows), a per-label sample taken while scoring.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UsageError
+from . import figures
+from .sample import balanced_pick
+from .tsne import MAX_POINTS, tsne_map
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2.2rem; }
+table { border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }
+td, th { border-bottom: 1px solid #ddd; padding: .25rem .8rem; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+.note { color: #666; font-size: .85rem; }
+"""
+
+_METRICS = (("records", "n"), ("precision", "precision"), ("recall", "recall"), ("F1", "f1"),
+            ("accuracy", "accuracy"), ("ROC AUC", "roc_auc"), ("PR AUC", "pr_auc"),
+            ("false-positive rate", "fpr"), ("threshold", "threshold"))
+
+
+def _num(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, int):  # bool too
+        return f"{v:,}"
+    return f"{float(v):.2%}" if pct else f"{float(v):.4f}"
+
+
+def _table(head: list[str], rows: list[list[str]], table_id: str) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f'<table id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _plot(fig: Any, div_id: str) -> str:
+    import plotly.io as pio
+
+    # an explicit height: a percentage would collapse inside the page's flow layout
+    height = fig.layout.height or 450
+    out: str = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"plot-{div_id}",
+                           default_width="100%", default_height=f"{int(height)}px",
+                           config={"displaylogo": False, "responsive": True})
+    return out
+
+
+def _summary(result: dict[str, Any]) -> str:
+    b = result.get("binary") or {}
+    rows = [[name, _num(result["n"] if key == "n" else b.get(key))] for name, key in _METRICS]
+    if result.get("kdd_cost") is not None:
+        rows.append(["KDD cost per record", _num(result["kdd_cost"])])
+    rows.append(["rows per second", f"{float(result.get('rows_per_second') or 0):,.0f}"])
+    rec = result.get("records")
+    if rec:
+        rows.append(["lines read / rejected", f"{rec['lines']:,} / {rec['rejected']:,}"])
+    return _table(["metric (binary: every attack is positive)", "value"], rows, "metrics")
+
+
+def _rates_table(rates: dict[str, dict[str, Any]], table_id: str) -> str:
+    rows = [[name, f"{int(r['support']):,}", _num(r["detection_rate"], pct=True)]
+            for name, r in rates.items()]
+    return _table(["", "records", "detection rate"], rows, table_id)
+
+
+def _tsne_section(cols: dict[str, np.ndarray], seed: int) -> str:
+    rows, X = cols.get("_sample_rows"), cols.get("_sample_X")
+    if rows is None or X is None or len(rows) < 5:
+        return '<p class="note">No feature sample was collected, so no map was drawn.</p>'
+    labels = np.asarray(cols["label"], dtype=str)[rows]
+    pick = balanced_pick(labels, MAX_POINTS, seed=seed)
+    t0 = time.perf_counter()
+    xy = tsne_map(np.asarray(X)[pick], seed=seed)
+    took = time.perf_counter() - t0
+    fig = figures.tsne_scatter(xy, labels[pick], np.asarray(cols["verdict"])[rows[pick]])
+    return (f'<p class="note">{len(pick):,} records, sampled per true type (rare types '
+            f"kept whole), mapped from the model's input features in {took:.1f}s; a cross marks "
+            f"a wrong verdict.</p>" + _plot(fig, "tsne"))
+
+
+def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed: int = 0
+           ) -> str:
+    """The report page as a string."""
+    from plotly.offline import get_plotlyjs
+
+    for need in ("label", "score", "verdict"):
+        if need not in cols:
+            raise UsageError(f"a report needs the per-record column {need!r}")
+    labels = np.asarray(cols["label"], dtype=str)
+    verdict = np.asarray(cols["verdict"])
+    b = result.get("binary") or {}
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="note">generated {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}'
+             + _bundle_note(result) + "</p>",
+             '<section id="summary"><h2>Metrics</h2>', _summary(result), "</section>",
+             '<section id="flows"><h2>True type → verdict</h2><p class="note">Each flow is the '
+             "records of one true type given one verdict; red flows are missed attacks or false "
+             "alarms.</p>", _plot(figures.sankey(labels, verdict), "sankey"), "</section>"]
+    if result.get("categories"):
+        parts += ['<section id="categories"><h2>Per category</h2>',
+                  _rates_table(result["categories"], "categories-table"),
+                  _plot(figures.detection_bars(result["categories"], "records"), "categories"),
+                  "</section>"]
+    if result.get("confusion"):
+        c = result["confusion"]
+        parts += ['<section id="confusion-matrix"><h2>Category confusion matrix</h2>',
+                  _plot(figures.confusion(c["labels"], c["matrix"]), "confusion"), "</section>"]
+    per_label = result.get("per_label") or {}
+    if per_label:
+        ordered = {k: per_label[k] for k in figures.label_order(labels) if k in per_label}
+        ordered.update({k: v for k, v in per_label.items() if k not in ordered})
+        parts += ['<section id="labels"><h2>Per true type</h2><p class="note">Detection rate: '
+                  "the share of the type's records given the right verdict.</p>",
+                  _rates_table(ordered, "labels-table"),
+                  _plot(figures.detection_bars(ordered, "records"), "per-label"), "</section>"]
+    parts += ['<section id="scores"><h2>Scores</h2>',
+              _plot(figures.score_histogram(labels, np.asarray(cols["score"], dtype=np.float64),
+                                            b.get("threshold")), "score-histogram"),
+              "</section>",
+              '<section id="map"><h2>t-SNE map of the traffic</h2>', _tsne_section(cols, seed),
+              "</section>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+            f'<script type="text/javascript">{get_plotlyjs()}</script></head>'
+            f"<body>{''.join(parts)}</body></html>\n")
+
+
+def _bundle_note(result: dict[str, Any]) -> str:
+    bundle = result.get("bundle")
+    if not bundle:
+        return ""
+    return html.escape(f" · model {bundle.get('kind')} ({bundle.get('engine')}) "
+                       f"from {bundle.get('path')}")
+
+
+def write_report(path: str | Path, result: dict[str, Any], cols: dict[str, np.ndarray],
+                 title: str = "deepwatch report") -> Path:
+    """Write the report page to ``path``; returns the path."""
+    out = Path(path)
+    page = render(result, cols, title)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    return out

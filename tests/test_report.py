@@ -1,0 +1,159 @@
+"""The HTML report: sampling for the t-SNE map, the figures' numbers, and the page in Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import need
+
+from deepwatch.viz import figures
+from deepwatch.viz.sample import LabelSample, balanced_pick
+
+
+def _stream(labels: np.ndarray, cuts: list[int], per_label: int) -> tuple[np.ndarray, np.ndarray]:
+    X = np.arange(len(labels), dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    sample = LabelSample(per_label=per_label, seed=7)
+    for a, b in zip([0, *cuts], [*cuts, len(labels)], strict=True):
+        sample.add(labels[a:b], X[a:b], a)
+    return sample.result()
+
+
+def test_label_sample_is_bounded_per_label_and_independent_of_batching() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.choice(np.array(["normal", "smurf", "neptune", "perl"]), size=5000,
+                        p=[0.5, 0.3, 0.199, 0.001])
+    rows, X = _stream(labels, [1000, 1001, 3333], per_label=200)
+    rows2, _ = _stream(labels, [2500], per_label=200)
+    assert np.array_equal(rows, rows2)  # the same sample however the stream is cut
+    assert np.all(np.diff(rows) > 0)
+    assert np.array_equal(X[:, 0], rows)  # feature rows travel with their record numbers
+    kept = dict(zip(*np.unique(labels[rows], return_counts=True), strict=True))
+    total = dict(zip(*np.unique(labels, return_counts=True), strict=True))
+    assert kept == {k: min(200, v) for k, v in total.items()}
+
+
+def test_balanced_pick_keeps_rare_types_and_respects_the_cap() -> None:
+    labels = np.array(["smurf"] * 9000 + ["normal"] * 3000 + ["perl"] * 3 + ["nmap"] * 40)
+    pick = balanced_pick(labels, 500, seed=1)
+    assert len(pick) == 500 and len(set(pick.tolist())) == 500
+    got = dict(zip(*np.unique(labels[pick], return_counts=True), strict=True))
+    assert got["perl"] == 3 and got["nmap"] == 40
+    assert abs(got["smurf"] - got["normal"]) <= 1
+    assert np.array_equal(balanced_pick(labels[:10], 500), np.arange(10))
+
+
+def test_sankey_flows_count_every_record_once() -> None:
+    labels = np.array(["normal"] * 5 + ["smurf"] * 4 + ["perl"] * 2)
+    verdict = np.array([False, False, False, False, True, True, True, True, True, False, False])
+    fig = figures.sankey(labels, verdict)
+    node = list(fig.data[0].node.label)
+    link = fig.data[0].link
+    flows = {(node[s], node[t]): v for s, t, v in zip(link.source, link.target, link.value,
+                                                       strict=True)}
+    assert flows == {("normal (5)", "verdict: normal"): 4,
+                     ("normal (5)", "verdict: malicious"): 1,
+                     ("smurf (4)", "verdict: malicious"): 4,
+                     ("perl (2)", "verdict: normal"): 2}
+    colours = dict(zip(zip(link.source, link.target, strict=True), link.color, strict=True))
+    assert colours[(node.index("perl (2)"), node.index("verdict: normal"))] == figures.WRONG
+    assert colours[(node.index("smurf (4)"), node.index("verdict: malicious"))] == figures.RIGHT
+    # verdicts given as words draw the same flows
+    words = figures.sankey(labels, np.where(verdict, "malicious", "normal"))
+    assert list(words.data[0].link.value) == list(link.value)
+
+
+# ---- the page, end to end -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def report_page(kdd_bundle: Path, small_kdd_test: Path, tmp_path_factory: pytest.TempPathFactory,
+                ) -> tuple[Path, dict]:
+    """``deepwatch evaluate --report`` on 10k KDD test records (a 600-point map, to stay fast)."""
+    import json
+
+    from deepwatch import cli
+    from deepwatch.viz import report
+
+    out = tmp_path_factory.mktemp("report")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(report, "MAX_POINTS", 600)
+    try:
+        rc = cli.main(["evaluate", str(kdd_bundle), "--format", "kdd", "--json",
+                       str(out / "eval.json"), "--report", str(out / "report.html"),
+                       str(small_kdd_test)])
+    finally:
+        mp.undo()
+    assert rc == 0
+    return out / "report.html", json.loads((out / "eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_report_page_is_self_contained_and_carries_the_numbers(report_page: tuple[Path, dict]
+                                                               ) -> None:
+    page, result = report_page
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    # plotly.js is inlined (its own code mentions URLs); nothing else is loaded from elsewhere
+    head, _, rest = text.partition('<script type="text/javascript">')
+    assert "Plotly" in rest.partition("</script>")[0]
+    outside = head + rest.partition("</script>")[2]
+    assert not re.search(r"<script[^>]+src=", outside)
+    assert not re.search(r"""(src|href)=["']https?://""", outside)
+    for div in ("plot-sankey", "plot-categories", "plot-confusion", "plot-per-label",
+                "plot-score-histogram", "plot-tsne"):
+        assert f'id="{div}"' in text
+    assert f"{result['n']:,}" in text
+    assert f"{result['binary']['precision']:.4f}" in text
+    assert f"{result['kdd_cost']:.4f}" in text
+    smurf = result["per_label"]["smurf"]
+    assert f"<td>smurf</td><td>{smurf['support']:,}</td>" in text
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _headless(browser: str, *args: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-component-update", "--no-first-run",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+             "--virtual-time-budget=15000", *args],
+            capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_report_renders_in_headless_chromium(report_page: tuple[Path, dict], tmp_path: Path
+                                             ) -> None:
+    browser = _chromium()
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    page, result = report_page
+    run = _headless(browser, "--dump-dom", page.as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    dom = run.stdout
+    # every figure was drawn by plotly.js, not just declared
+    for div in ("plot-sankey", "plot-categories", "plot-confusion", "plot-per-label",
+                "plot-score-histogram", "plot-tsne"):
+        m = re.search(rf'<div id="{div}" class="([^"]*)"', dom)
+        assert m and "js-plotly-plot" in m.group(1), f"{div} was not rendered"
+    # the Sankey: one node per true type plus the two verdicts
+    n_types = len(result["per_label"])
+    assert dom.count('class="sankey-node"') == n_types + 2
+    assert dom.count('class="sankey-link"') >= n_types
+    # the t-SNE map: hundreds of drawn points
+    tsne = dom[dom.index('id="plot-tsne"'):]
+    assert len(re.findall(r'<path class="point', tsne)) >= 300
+    # the confusion heatmap shows its counts
+    assert "predicted category" in dom
+    shot = tmp_path / "report.png"
+    run = _headless(browser, "--window-size=1200,3000", "--hide-scrollbars",
+                    f"--screenshot={shot}", page.as_uri())
+    assert run.returncode == 0 and shot.stat().st_size > 50_000
