@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,6 +14,15 @@ from .errors import UsageError
 from .formats import get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink
+
+if TYPE_CHECKING:
+    from .models.campaigns import Campaigns
+
+
+def _campaigns(det: Any, alerts_only: bool) -> Campaigns:
+    from .models.campaigns import Campaigns
+
+    return Campaigns(det, alerts_only)
 
 
 @dataclass
@@ -28,7 +37,7 @@ class ScoreReport:
 def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                 alerts_only: bool = False, rejects: str | None = None, engine: str = "auto",
                 progress: bool = False, detector: Any = None,
-                lakes: Sequence[str] = ()) -> ScoreReport:
+                lakes: Sequence[str] = (), cluster: bool = False) -> ScoreReport:
     from .models.detector import Detector
 
     t0 = time.perf_counter()
@@ -44,9 +53,13 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     alerts = 0
     schema = None
     state = det.new_state()
+    campaigns = _campaigns(det, alerts_only) if cluster else None
     try:
         for batch, rej, _spec in reader:
             reject_sink.write(rej)
+            if campaigns is not None:  # held back until every alert's campaign is known
+                alerts += campaigns.add(*det.score_with_outputs(batch, state))
+                continue
             scored = det.score_batch(batch, state)
             schema = scored.schema
             malicious = pc.equal(scored.column("verdict"), "malicious")
@@ -55,6 +68,10 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
             if alerts_only:
                 scored = scored.filter(malicious)
             sink.write(scored)
+        if campaigns is not None:
+            for scored in campaigns.batches():
+                schema = scored.schema
+                sink.write(scored)
     finally:
         sink.close(schema)
         reject_sink.close()

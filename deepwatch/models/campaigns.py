@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 CLUSTER_COLUMN = "cluster"
-CANDIDATE_K = (4, 8, 12, 16, 24, 32)
-_SAMPLE = 20_000
-_SILHOUETTE_SAMPLE = 4_000
+CANDIDATE_K = (4, 8, 16, 32)
+_SAMPLE = 10_000
+_SILHOUETTE_SAMPLE = 3_000
 
 
 def _standardise(Z: np.ndarray) -> np.ndarray:
@@ -31,7 +31,15 @@ def _standardise(Z: np.ndarray) -> np.ndarray:
 
 def cluster_latent(Z: np.ndarray, seed: int = 0, k: int | None = None) -> np.ndarray:
     """Cluster the rows of ``Z`` (alerts' latent codes); cluster ids ordered by size, 0 largest."""
-    from sklearn.cluster import MiniBatchKMeans
+    from threadpoolctl import threadpool_limits
+
+    # one thread: k-means on a few thousand rows is fast, OpenMP start-up on busy cores is not
+    with threadpool_limits(1):
+        return _cluster(Z, seed, k)
+
+
+def _cluster(Z: np.ndarray, seed: int, k: int | None) -> np.ndarray:
+    from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
     n = len(Z)
@@ -48,7 +56,7 @@ def cluster_latent(Z: np.ndarray, seed: int = 0, k: int | None = None) -> np.nda
     best_score = -np.inf
     probe = sample[: _SILHOUETTE_SAMPLE]
     for c in candidates:
-        km = MiniBatchKMeans(n_clusters=c, random_state=seed, n_init=3, batch_size=2048)
+        km = KMeans(n_clusters=c, random_state=seed, n_init=1, max_iter=100)
         km.fit(sample)
         if len(candidates) == 1:
             best = km
@@ -100,3 +108,44 @@ def cluster_report(cluster: np.ndarray, labels: np.ndarray, coverage: float = 0.
     return {"alerts": int(n), "clusters": int(len(order)),
             "purity": float(table.max(axis=1).sum() / n),
             "clusters_for_90pct": need, "largest": largest}
+
+
+class Campaigns:
+    """``score --cluster``: holds one run's scored batches until every alert is in, clusters the
+    alerts' latent codes, then hands the batches back with a ``cluster`` column (int, null for
+    records that are not alerts). The scored output of the run is held in memory."""
+
+    def __init__(self, detector: Any, alerts_only: bool = False, seed: int = 0):
+        from ..errors import UsageError
+
+        if "latent" not in detector.outputs:
+            raise UsageError("--cluster needs a bundle with an autoencoder "
+                             f"(--model autoencoder or hybrid); this one is {detector.kind!r}")
+        self.alerts_only = alerts_only
+        self.seed = seed
+        self._held: list[tuple[Any, np.ndarray]] = []
+        self._latent: list[np.ndarray] = []
+
+    def add(self, scored: Any, outputs: dict[str, np.ndarray]) -> int:
+        """Keep one scored batch and its outputs; returns its number of alerts."""
+        malicious = scored.column("verdict").to_numpy(zero_copy_only=False) == "malicious"
+        if scored.num_rows:
+            self._latent.append(np.asarray(outputs["latent"])[malicious])
+        if self.alerts_only:
+            scored = scored.filter(malicious)
+            malicious = malicious[malicious]
+        self._held.append((scored, malicious))
+        return int(malicious.sum())
+
+    def batches(self) -> Any:
+        import pyarrow as pa
+
+        Z = np.concatenate(self._latent) if self._latent else np.zeros((0, 1))
+        ids = cluster_latent(Z, self.seed)
+        start = 0
+        for scored, malicious in self._held:
+            col = np.full(len(malicious), -1, dtype=np.int64)
+            col[malicious] = ids[start : start + int(malicious.sum())]
+            start += int(malicious.sum())
+            yield scored.append_column(CLUSTER_COLUMN, pa.array(col, mask=col < 0))
+        self._held = []
