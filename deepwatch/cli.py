@@ -116,6 +116,8 @@ def score(
     if engine == "spark":
         from .spark import score_spark
 
+        if cluster:
+            raise typer.BadParameter("--cluster works with --engine local only")
         report = score_spark(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, master=master)
     elif engine == "local":
@@ -123,7 +125,7 @@ def score(
 
         report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, engine=backend, progress=_progress(),
-                             lakes=lake or [])
+                             lakes=lake or [], cluster=cluster)
     else:
         raise typer.BadParameter(f"unknown engine {engine!r}; use local or spark")
     _err(f"{report.stats.summary()}; {report.alerts:,} malicious; {report.written:,} rows "
