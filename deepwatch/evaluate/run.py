@@ -44,10 +44,10 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
                             "(from the data, or PATH=LABEL)")
         cols["label"] = np.asarray(batch.column("label").to_pylist(), dtype=object)
         for k, v in cols.items():
-            if not k.startswith("_"):
+            if not k.startswith("_") or k == "_explain_rows":
                 parts.setdefault(k, []).append(np.asarray(v))
-            elif k == "_explain_rows":
-                parts.setdefault(k, []).append(np.asarray(v))
+            elif k == "_out" and "latent" in v:  # for campaign clustering
+                parts.setdefault("_latent", []).append(np.asarray(v["latent"]))
         if sampler is not None and "_X" in cols:
             sampler.add(cols["label"], cols["_X"], offset)
         offset += batch.num_rows
@@ -99,16 +99,23 @@ def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str =
              progress: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from ..models.detector import Detector
 
-    det = Detector(bundle, engine=engine)
+    det = Detector(bundle, engine=engine, explain=False)
     cols, stats, seconds = collect(det, format_name, inputs, progress)
     fmt = get_format(format_name)
-    threshold = det.decision.threshold if det.decision.supervised else det.decision.anomaly_threshold
+    threshold = (det.decision.threshold if det.decision.supervised
+                 else det.decision.anomaly_threshold)
     result = metrics_from(cols, fmt.kdd_labels, threshold, seconds)
     if "anomaly_score" in cols:
         result["anomaly"] = binary_metrics(cols["label"] != BENIGN, cols["anomaly_score"],
                                            cols["anomaly_score"] >= (det.decision.anomaly_threshold
                                                                      or np.inf),
                                            det.decision.anomaly_threshold)
+        result["anomaly"]["target_fpr"] = det.decision.config.get("target_fpr")
+    if "_latent" in cols:  # extra key: campaigns (alert clusters) against the true labels
+        from ..models.campaigns import cluster_alerts, cluster_report
+
+        cols["cluster"] = cluster_alerts(cols["_latent"], cols["verdict"].astype(bool))
+        result["clusters"] = cluster_report(cols["cluster"], cols["label"])
     result["records"] = {"lines": stats.lines, "parsed": stats.parsed, "rejected": stats.rejected}
     result["bundle"] = {"kind": det.kind, "engine": det.engine, "path": str(bundle)}
     return result, cols
