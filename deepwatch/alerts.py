@@ -12,7 +12,6 @@ a probability. For an autoencoder alone the score is an unbounded reconstruction
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -113,26 +112,31 @@ def _to_struct(name: str, node: dict[str, Any] | pl.Expr) -> pl.Expr:
     return pl.struct([_to_struct(k, v) for k, v in node.items()]).alias(name)
 
 
-def _explanation(frame: pl.DataFrame) -> pl.Series:
+def _json_explanation(frame: pl.DataFrame) -> pl.Series | None:
+    """The explanation column when every value is a JSON array or object (what the detector
+    writes), spliced into alerts as is; None when some value is plain text."""
+    if "explanation" not in frame.columns:
+        return None
     col = frame["explanation"]
-    try:
-        return col.str.json_decode(infer_schema_length=None)
-    except Exception:  # not JSON: keep the text as the detector gave it
-        return col
+    text = col.drop_nulls().str.strip_chars_start()
+    if not (text.str.starts_with("[") | text.str.starts_with("{")).all():
+        return None
+    return col.fill_null("null")
 
 
 def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertContext,
-                source: pl.DataFrame | None = None, now: datetime | None = None) -> pl.DataFrame:
+                source: pl.DataFrame | None = None, now: datetime | None = None,
+                splice_explanation: bool = False) -> pl.DataFrame:
     """One row per record of ``scored`` (callers pass the malicious ones), one column per
-    top-level ECS object; ``source`` (same length) becomes ``deepwatch.source``."""
+    top-level ECS object, ``deepwatch`` last; ``source`` (same length) becomes
+    ``deepwatch.source``. With ``splice_explanation`` the explanation is left out (the caller
+    splices its JSON text in)."""
     frame = scored if isinstance(scored, pl.DataFrame) else pl.from_arrow(scored)
     assert isinstance(frame, pl.DataFrame)
     if source is not None and source.height != frame.height:
         raise ValueError(f"{source.height} source rows for {frame.height} alerts")
     risk = risk_scores(frame["score"].to_numpy(), ctx)
     extra = {"_risk": pl.Series(risk), "_severity": pl.Series(severities(risk))}
-    if "explanation" in frame.columns:
-        extra["_explanation"] = _explanation(frame)
     if source is not None:
         extra["_source"] = source.select(pl.struct(pl.all()).alias("s"))["s"]
     work = frame.with_columns(**extra)
@@ -159,8 +163,8 @@ def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
     for name in ("score", "anomaly_score", "verdict", "attack_type", "category"):
         if name in frame.columns:
             own[name] = pl.col(name)
-    if "_explanation" in work.columns:
-        own["explanation"] = pl.col("_explanation")
+    if "explanation" in frame.columns and not splice_explanation:
+        own["explanation"] = pl.col("explanation")
     if ctx.include_record:
         record = [c for c in frame.columns if c not in SCORE_COLUMNS]
         if record:
@@ -173,11 +177,22 @@ def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
 
 def alert_lines(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertContext,
                 source: pl.DataFrame | None = None, now: datetime | None = None) -> list[bytes]:
-    """Each alert as one JSON document (bytes, no newline): one Kafka message each."""
-    frame = alert_frame(scored, ctx, source, now)
+    """Each alert as one JSON document (bytes, no newline): one Kafka message each.
+
+    The detector's explanation is already JSON text: it is spliced in as
+    ``deepwatch.explanation`` rather than decoded and encoded again.
+    """
+    frame = scored if isinstance(scored, pl.DataFrame) else pl.from_arrow(scored)
+    assert isinstance(frame, pl.DataFrame)
     if frame.height == 0:
         return []
-    encoded = frame.select(pl.struct(pl.all()).struct.json_encode().alias("j"))["j"]
+    explanation = _json_explanation(frame)
+    alerts = alert_frame(frame, ctx, source, now, splice_explanation=explanation is not None)
+    encoded = alerts.select(pl.struct(pl.all()).struct.json_encode().alias("j"))["j"]
+    if explanation is not None:  # every document ends with "}}": deepwatch's and its own
+        encoded = pl.select(pl.concat_str([
+            encoded.str.slice(0, encoded.str.len_bytes() - 2), pl.lit(',"explanation":'),
+            explanation, pl.lit("}}")]))[:, 0]
     return encoded.cast(pl.Binary).to_list()
 
 
@@ -185,12 +200,10 @@ def write_alerts(fh: IO[bytes], scored: pa.RecordBatch | pa.Table | pl.DataFrame
                  ctx: AlertContext, source: pl.DataFrame | None = None,
                  now: datetime | None = None) -> int:
     """Append alerts as JSON lines to a binary file; returns how many were written."""
-    frame = alert_frame(scored, ctx, source, now)
-    if frame.height:
-        buf = io.BytesIO()
-        frame.write_ndjson(buf)
-        fh.write(buf.getvalue())
-    return frame.height
+    lines = alert_lines(scored, ctx, source, now)
+    if lines:
+        fh.write(b"\n".join(lines) + b"\n")
+    return len(lines)
 
 
 def malicious(scored: pa.RecordBatch | pa.Table) -> pa.RecordBatch | pa.Table:

@@ -61,7 +61,8 @@ def test_alert_has_the_contract_fields() -> None:
     dw = a["deepwatch"]
     assert (dw["score"], dw["verdict"], dw["attack_type"], dw["category"]) == (
         0.97, "malicious", "smurf", "dos")
-    assert dw["explanation"]["src_bytes"] == 0.61  # decoded, not a string in a string
+    assert dw["explanation"]["src_bytes"] == 0.61  # JSON, not a string in a string
+    assert docs[1]["deepwatch"]["explanation"] == {"flag": 0.9}
     assert dw["record"]["client_ip"] == "203.0.113.9" and "score" not in dw["record"]
     assert docs[1]["event"]["severity"] == 2 and docs[1]["deepwatch"]["attack_type"] == "satan"
 
@@ -102,3 +103,10 @@ def test_risk_and_severity_scales() -> None:
     anomaly = _ctx(bounded_score=False, anomaly_threshold=2.0)
     assert risk_scores(np.array([0.0, 2.0, 6.0, 1e9]), anomaly).tolist() == [
         0.0, 50.0, 75.0, 100.0]
+
+
+def test_plain_text_explanation_stays_a_string() -> None:
+    scored = malicious(_scored()).drop_columns(["explanation"]).append_column(
+        "explanation", pa.array(["src_bytes high", "flag odd"]))
+    docs = [json.loads(b) for b in alert_lines(scored, _ctx(), now=NOW)]
+    assert [d["deepwatch"]["explanation"] for d in docs] == ["src_bytes high", "flag odd"]

@@ -351,6 +351,12 @@ class Worker:
         events = [x for x in self.logs() if x.get("event") in ("assign", "revoke")]
         return events[-1]["partitions"] if events and events[-1]["event"] == "assign" else None
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to commit anything more."""
+        self.proc.kill()
+        self.proc.wait(30)
+        self._fh.close()
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
         try:
@@ -378,8 +384,7 @@ def test_sigkill_mid_stream_loses_nothing(broker: str, kdd_bundle: Path, small_k
 
     first = Worker(kdd_bundle, broker, topic, group, tmp_path / "w1.log", batch_size=250)
     _wait("the first worker's verdicts", lambda: _count(broker, f"{topic}.verdicts") >= 1500)
-    first.proc.kill()  # SIGKILL: no chance to commit anything more
-    first.proc.wait(30)
+    first.kill()
     assert _committed(broker, group, topic, 3) < len(values)
 
     second = Worker(kdd_bundle, broker, topic, group, tmp_path / "w2.log", batch_size=2000)

@@ -23,6 +23,9 @@ from ..formats import Format
 
 ALERT, VERDICT, DEAD_LETTER = "alert", "verdict", "dead_letter"
 KINDS = (ALERT, VERDICT, DEAD_LETTER)
+#: What a verdict message holds besides ``deepwatch.source``: the record itself stays in the
+#: input topic (its key and offset name it); ``label`` only where the input carries one.
+VERDICT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category", "label")
 
 
 @dataclass
@@ -94,7 +97,8 @@ class StreamProcessor:
         self.detector = detector
         self.fmt = fmt
         self.verdicts = verdicts
-        self.alert_context = alert_context or AlertContext.from_detector(detector)
+        self.alert_context = alert_context or AlertContext.from_detector(
+            detector, include_record=False)
         self.state = detector.new_state()
 
     def process(self, raw: RawBatch, now: datetime | None = None) -> Output:
@@ -114,7 +118,8 @@ class StreamProcessor:
             assert isinstance(frame, pl.DataFrame)
             origin = raw.origin[scored_idx]
             if self.verdicts:
-                messages[VERDICT] = Messages(encode_rows(_with_source(frame, origin)),
+                lean = frame.select([c for c in VERDICT_COLUMNS if c in frame.columns])
+                messages[VERDICT] = Messages(encode_rows(_with_source(lean, origin)),
                                              _take_keys(raw.keys, scored_idx))
             bad = (frame["verdict"] == "malicious").to_numpy()
             n_alerts = int(bad.sum())

@@ -35,6 +35,10 @@ def stream(
     rejects: Annotated[str | None, typer.Option(
         help="Without --brokers: rejected records to this JSONL file")] = None,
     backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+    explain: Annotated[bool, typer.Option(
+        "--explain/--no-explain", help="Name the features behind each alert")] = True,
+    alert_record: Annotated[bool, typer.Option(
+        "--alert-record", help="Copy every parsed field into alerts (deepwatch.record)")] = False,
     kafka_option: Annotated[list[str] | None, typer.Option(
         help="Extra librdkafka setting KEY=VALUE (repeatable)")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
@@ -58,7 +62,7 @@ def stream(
         dead_letter_topic=dead_letter_topic, group=group, batch_size=batch_size,
         batch_wait_ms=batch_wait_ms, metrics_port=metrics_port, metrics_host=metrics_host,
         follow=follow, out=out, verdicts=verdicts, rejects=rejects, backend=backend,
-        kafka_options=parse_options(kafka_option or []),
+        explain=explain, alert_record=alert_record, kafka_options=parse_options(kafka_option or []),
     )
     report = run_stream(opts)
     typer.echo(report.summary(), err=True)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..alerts import AlertContext
 from ..errors import UsageError
 from ..formats import get_format
 from ._stream_core import KINDS, StreamProcessor
@@ -135,6 +136,8 @@ class StreamOptions:
     verdicts: str | None = None
     rejects: str | None = None
     backend: str = "auto"
+    explain: bool = True
+    alert_record: bool = False
     kafka_options: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -187,7 +190,7 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
     from ..models.detector import Detector
 
     opts.check()
-    det = detector or Detector(opts.bundle, engine=opts.backend)
+    det = detector or Detector(opts.bundle, engine=opts.backend, explain=opts.explain)
     if opts.format != det.format:
         raise UsageError(f"the bundle was trained on format {det.format!r}, not {opts.format!r}")
     fmt = get_format(opts.format)
@@ -200,7 +203,8 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
         source = FileSource(opts.inputs, follow=opts.follow)
         sink = JsonlSink(opts.out, opts.verdicts, opts.rejects)
         verdicts = opts.verdicts is not None
-    processor = StreamProcessor(det, fmt, verdicts=verdicts)
+    context = AlertContext.from_detector(det, include_record=opts.alert_record)
+    processor = StreamProcessor(det, fmt, verdicts=verdicts, alert_context=context)
     if opts.metrics_port is not None:
         metrics.serve(opts.metrics_port, opts.metrics_host)
     log.info("stream started", extra={
