@@ -87,6 +87,7 @@ def _isolation_forest(featurizer: Any, train_path: Path, fmt: Any, seed: int
 
 
 def run(quick: bool = False) -> list[str]:
+    os.environ.setdefault("DEEPWATCH_TORCH_THREADS", "1")
     from deepwatch.formats import get_format
     from deepwatch.models.detector import Detector
     from deepwatch.train.api import train
