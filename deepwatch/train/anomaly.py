@@ -26,7 +26,7 @@ from .loop import TrainConfig, fit, seed_everything
 
 DEFAULTS: dict[str, Any] = {"hidden": 64, "depth": 2, "dropout": 0.0, "noise": 0.05,
                             "scale_floor": 0.05, "min_latent": 4, "max_latent": 24,
-                            "explained": 0.99, "dup_power": 1.0}
+                            "explained": 0.99, "dup_power": 0.5}
 #: Fewer epochs than the classifiers: an autoencoder on de-duplicated benign rows converges fast.
 AE_EPOCHS = 15
 
