@@ -84,6 +84,16 @@ class Featurizer:
 
     # -- transforming ----------------------------------------------------------------------
     @property
+    def stateful(self) -> bool:
+        """Whether features depend on earlier records (a deriver with windows over time)."""
+        return bool(self.spec.get("derive"))
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The parsed columns the features are computed from (stateless featurizers)."""
+        return [*self.spec.get("categorical", []), *self.spec.get("numeric", [])]
+
+    @property
     def n_features(self) -> int:
         return len(self.feature_names_)
 
