@@ -1,0 +1,323 @@
+"""``deepwatch score --engine spark``: the same scoring, spread over a Spark cluster.
+
+Spark reads the raw text (plain or ``.gz``; lines end at ``\\n`` only, as for the local engine)
+and numbers every line of every file; ``mapInArrow`` then hands runs of consecutive lines to the
+executors, which parse them with the format's own ``Format.parse`` and score them with
+``Detector.score_batch`` (the bundle loaded and verified once per partition, from its path). So a
+record gets the same verdict as with the local engine. Scored records and rejects travel together,
+keyed by (file, line); Spark writes them to a staging directory beside ``--out`` and the driver
+streams them, in input order, into the one output file the contract asks for.
+
+With a cluster (``--master`` other than ``local[...]``), the bundle, the inputs and the directory of
+``--out`` must be at the same paths on every executor (a shared filesystem), and the executors
+need deepwatch installed. Formats whose parsing depends on earlier lines, and derived features
+with state across records, see each partition on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import DeepwatchError, UsageError
+from .formats import Format, get_format
+from .io import Stats, with_label
+from .scoring import ScoreReport
+from .sinks import RecordSink, RejectSink
+from .sources.files import InputSpec, iter_chunks, parse_input_spec
+
+#: Columns that travel with every row between the executors and the driver.
+HELPERS = pa.schema([pa.field("_file", pa.int32()), pa.field("_line", pa.int64()),
+                     pa.field("_raw", pa.string()), pa.field("_reason", pa.string())])
+DEFAULT_MASTER = "local[2]"
+_HEAD_BYTES = 256 << 10
+
+
+class SparkError(DeepwatchError):
+    """Spark could not be started or a job failed."""
+
+    exit_code = 1
+
+
+# ---- the session ----------------------------------------------------------------------------
+
+def spark_session(master: str | None = None) -> tuple[Any, bool]:
+    """The active SparkSession, or a new one for ``master``; and whether it was created here."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise UsageError("the spark engine needs pyspark: pip install 'deepwatch[spark]'") from None
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        running = active.sparkContext.master
+        if master and master != running:
+            raise UsageError(f"a Spark session for {running} already runs in this process; "
+                             f"cannot also use --master {master}")
+        return active, False
+    master = master or DEFAULT_MASTER
+    builder = (SparkSession.builder.master(master).appName("deepwatch score")
+               .config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false")
+               .config("spark.sql.execution.arrow.maxRecordsPerBatch", "50000"))
+    if master.startswith("local"):
+        # nothing listens beyond loopback, and the workers run this very interpreter
+        builder = (builder.config("spark.driver.host", "127.0.0.1")
+                   .config("spark.driver.bindAddress", "127.0.0.1")
+                   .config("spark.pyspark.python", sys.executable))
+        # PySpark starts its Python workers with $PYSPARK_PYTHON, else whatever `python3` is
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    try:
+        session = builder.getOrCreate()
+    except Exception as exc:  # py4j / JVM start-up failures have many types
+        raise SparkError(f"cannot start Spark with master {master} (is Java 17 installed and "
+                         f"JAVA_HOME set?): {str(exc).splitlines()[0] if str(exc) else exc}"
+                         ) from None
+    session.sparkContext.setLogLevel("ERROR")
+    return session, True
+
+
+# ---- on the executors -----------------------------------------------------------------------
+
+def _conform(batch: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with exactly ``schema``'s columns: missing ones null, types cast."""
+    n = batch.num_rows
+    cols = []
+    for f in schema:
+        if f.name in batch.schema.names:
+            col = batch.column(f.name)
+            cols.append(col if col.type == f.type else pc.cast(col, f.type))
+        else:
+            cols.append(pa.nulls(n, f.type))
+    arrays = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _record_lines(result: Any, first_line: int) -> np.ndarray:
+    """Line numbers of the parsed records (from the parser, or what the rejects leave)."""
+    if len(result.line_numbers) == result.batch.num_rows:
+        return np.asarray(result.line_numbers, dtype=np.int64)
+    every = np.arange(first_line, first_line + result.lines, dtype=np.int64)
+    rejected = np.asarray(result.rejects.column("line"), dtype=np.int64)
+    return every[~np.isin(every, rejected)]
+
+
+def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: int,
+               label: str | None, parsed: pa.Schema, union: pa.Schema) -> pa.RecordBatch:
+    """Parse and score one run of consecutive lines of one file; records and rejects in order."""
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(text)], pa.int32()), text),
+                            "\n")[0].as_py()
+    result = fmt.parse(joined + "\n", first_line=first_line)
+    parts = []
+    if result.batch.num_rows:
+        records = _conform(with_label(result.batch, label), parsed)
+        scored = det.score_batch(records)
+        lines = _record_lines(result, first_line)
+        extra = {"_file": pa.array(np.full(len(lines), file_no, np.int32)),
+                 "_line": pa.array(lines)}
+        table = pa.Table.from_batches([scored])
+        for name, arr in extra.items():
+            table = table.append_column(name, arr)
+        parts.append(_conform(table, union))
+    rej = result.rejects
+    if rej.num_rows:
+        n = rej.num_rows
+        table = pa.table({"_file": pa.array(np.full(n, file_no, np.int32)),
+                          "_line": rej.column("line"), "_raw": rej.column("raw"),
+                          "_reason": rej.column("reason")})
+        parts.append(_conform(table, union))
+    both = pa.Table.from_batches(parts, schema=union)
+    return _conform(both.take(pc.sort_indices(both.column("_line"))), union)
+
+
+def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name: str,
+                    labels: Sequence[str | None], parsed: pa.Schema, union: pa.Schema
+                    ) -> Iterator[pa.RecordBatch]:
+    """The ``mapInArrow`` function: (file, line, text) rows in, scored rows and rejects out."""
+    from .models.detector import Detector
+
+    det = Detector(bundle)  # once per partition; verify=True checks every file's sha256
+    fmt = get_format(format_name)
+    for batch in batches:
+        n = batch.num_rows
+        if n == 0:
+            continue
+        files = np.asarray(batch.column("file"), dtype=np.int64)
+        lines = np.asarray(batch.column("line"), dtype=np.int64)
+        text = batch.column("text")
+        cut = np.flatnonzero((np.diff(files) != 0) | (np.diff(lines) != 1)) + 1
+        for a, b in zip(np.r_[0, cut], np.r_[cut, n], strict=True):
+            f = int(files[a])
+            yield _score_run(det, fmt, text.slice(a, b - a), f, int(lines[a]), labels[f],
+                             parsed, union)
+
+
+# ---- on the driver --------------------------------------------------------------------------
+
+def _specs(inputs: Sequence[str]) -> list[InputSpec]:
+    specs: list[InputSpec] = []
+    for text in inputs:
+        if text == "-":
+            raise UsageError("the spark engine reads files, not stdin; use --engine local")
+        specs.extend(parse_input_spec(text))
+    if not specs:
+        raise UsageError("no input files")
+    return specs
+
+
+def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, pa.RecordBatch]:
+    """The schema of parsed batches, and a few real parsed rows, from the head of each input."""
+    sample = None
+    labelled = False
+    for spec in specs:
+        chunk = next(iter_chunks(spec, chunk_bytes=_HEAD_BYTES), None)
+        if chunk is None:
+            continue
+        batch = with_label(fmt.parse(chunk.data, first_line=1).batch, spec.label)
+        labelled = labelled or "label" in batch.schema.names
+        if sample is None and batch.num_rows:
+            sample = batch.slice(0, 64)
+    if sample is None:
+        empty = fmt.schema.empty_table()
+        return fmt.schema, _conform(empty, fmt.schema)
+    schema = sample.schema
+    if labelled and "label" not in schema.names:
+        schema = schema.append(pa.field("label", pa.string()))
+    return schema, _conform(sample, schema)
+
+
+def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
+    """A DataFrame (file, line, text): every line of every input, numbered from 1 per file."""
+    sc = session.sparkContext
+    conf = {"textinputformat.record.delimiter": "\n"}  # \n only, like the local engine
+    rdds = []
+    for i, spec in enumerate(specs):
+        raw = sc.newAPIHadoopFile(Path(spec.path).resolve().as_uri(),
+                                  "org.apache.hadoop.mapreduce.lib.input.TextInputFormat",
+                                  "org.apache.hadoop.io.LongWritable",
+                                  "org.apache.hadoop.io.Text", conf=conf)
+        rdds.append(raw.values().zipWithIndex().map(functools.partial(_numbered, i)))
+    return session.createDataFrame(sc.union(rdds), "file int, line long, text string")
+
+
+def _numbered(file_no: int, pair: tuple[str, int]) -> tuple[int, int, str]:
+    return file_no, pair[1] + 1, pair[0]
+
+
+def _first_key(path: Path) -> tuple[int, int] | None:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1, columns=["_file", "_line"]):
+        if batch.num_rows:
+            return int(batch.column(0)[0].as_py()), int(batch.column(1)[0].as_py())
+    return None
+
+
+def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: RecordSink,
+           reject_sink: RejectSink, alerts_only: bool) -> tuple[Stats, int]:
+    """Stream the staged parts, in (file, line) order, into the output and rejects sinks."""
+    import pyarrow.parquet as pq
+
+    keyed = [(k, p) for p in staging.glob("*.parquet") if (k := _first_key(p)) is not None]
+    stats = Stats()
+    alerts = 0
+    last = (-1, 0)
+    names = [s.display for s in specs]
+    for _key, part in sorted(keyed):
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
+            files = np.asarray(batch.column("_file"), dtype=np.int64)
+            lines = np.asarray(batch.column("_line"), dtype=np.int64)
+            key = np.stack([files, lines], axis=1)
+            order_ok = (tuple(key[0]) > last and
+                        bool(np.all((np.diff(files) > 0) | ((np.diff(files) == 0)
+                                                            & (np.diff(lines) > 0)))))
+            if not order_ok:
+                raise SparkError("Spark returned records out of input order; please report")
+            last = (int(files[-1]), int(lines[-1]))
+            bad = np.asarray(pc.is_valid(batch.column("_reason")), dtype=bool)
+            for f in np.unique(files).tolist():
+                mine = files == f
+                stats.add(names[f], int(mine.sum()), int((mine & bad).sum()))
+            if bad.any():
+                rej = batch.filter(pa.array(bad))
+                reject_sink.write(pa.table({
+                    "line": rej.column("_line"), "raw": rej.column("_raw"),
+                    "reason": rej.column("_reason"),
+                    "source": pa.array([names[f] for f in
+                                        np.asarray(rej.column("_file")).tolist()], pa.string()),
+                }))
+            records = _conform(batch.filter(pa.array(~bad)), scored)
+            malicious = pc.equal(records.column("verdict"), "malicious")
+            alerts += int(pc.sum(malicious).as_py() or 0)
+            if alerts_only:
+                records = records.filter(malicious)
+            if records.num_rows:
+                sink.write(records)
+    return stats, alerts
+
+
+def score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
+                alerts_only: bool = False, rejects: str | None = None,
+                master: str | None = None) -> ScoreReport:
+    """Score ``inputs`` on Spark into ``out`` (.parquet or .jsonl), rejects to ``rejects``."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from .models.detector import Detector
+
+    t0 = time.perf_counter()
+    det = Detector(bundle)  # fail here, not on an executor, for a bad bundle
+    if format_name != det.format:
+        raise UsageError(f"the bundle was trained on format {det.format!r}, not {format_name!r}")
+    if out == "-":
+        raise UsageError("the spark engine writes a file; give --out a .parquet or .jsonl path")
+    fmt = get_format(format_name)
+    specs = _specs(inputs)
+    sink = RecordSink(out)
+    parsed, sample = _parsed_schema(fmt, specs)
+    scored = det.score_batch(sample).schema
+    union = pa.schema([f.with_nullable(True) for f in scored] + list(HELPERS))
+    session, owned = spark_session(master)
+    staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-", dir=Path(out).parent))
+    reject_sink = RejectSink(rejects)
+    try:
+        work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
+                                 format_name=format_name, labels=[s.label for s in specs],
+                                 parsed=parsed, union=union)
+        with warnings.catch_warnings():  # pyspark's notice about pandas 3, which we do not use
+            warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
+                                    FutureWarning)
+            frame = _lines_frame(session, specs).mapInArrow(work, from_arrow_schema(union))
+        try:
+            frame.write.mode("overwrite").parquet(str(staging / "parts"))
+        except Exception as exc:
+            raise SparkError(f"the Spark job failed: {_first_line(exc)}") from None
+        stats, alerts = _merge(staging / "parts", specs, scored, sink, reject_sink, alerts_only)
+    finally:
+        sink.close(scored)
+        reject_sink.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        engine = f"spark {session.sparkContext.master}, {det.engine}"
+        if owned:
+            session.stop()
+    return ScoreReport(stats, sink.rows, alerts, time.perf_counter() - t0, engine)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The useful line of a Spark/py4j error: the Python exception raised on the executor."""
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("deepwatch.errors.") or "Error:" in line:
+            return line
+    return text.splitlines()[0] if text else type(exc).__name__
