@@ -79,9 +79,11 @@ def evaluate(
     engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
 ) -> None:
     """Score labelled records and write metrics (binary, per type, KDD cost) as JSON."""
+    from .evaluate.run import REPORT_SAMPLE
     from .evaluate.run import evaluate as run
 
-    result, cols = run(bundle, fmt, files, engine=engine, progress=_progress())
+    result, cols = run(bundle, fmt, files, engine=engine, progress=_progress(),
+                       feature_sample=REPORT_SAMPLE if report else 0)
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     b = result["binary"]
@@ -140,10 +142,11 @@ def report(
     out: Annotated[str, typer.Option("--out", "-o", help="HTML file to write")],
 ) -> None:
     """An HTML report: per-type detection (Sankey), t-SNE map, metrics."""
+    from .evaluate.run import REPORT_SAMPLE
     from .evaluate.run import evaluate as run
     from .viz.report import write_report
 
-    result, cols = run(bundle, fmt, files, progress=_progress())
+    result, cols = run(bundle, fmt, files, progress=_progress(), feature_sample=REPORT_SAMPLE)
     write_report(out, result, cols, title=f"deepwatch report: {bundle}")
     _err(f"report written to {out}")
 
