@@ -15,9 +15,12 @@ from ..io import InputReader
 from ..labels import BENIGN, KDD_CATEGORIES, kdd_category
 from .metrics import binary_metrics, confusion, kdd_cost
 
+#: Records of every label whose features a report keeps for its t-SNE map.
+REPORT_SAMPLE = 3000
+
 
 def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bool = False,
-            feature_sample: int = 3000) -> tuple[dict[str, np.ndarray], Any, float]:
+            feature_sample: int = 0) -> tuple[dict[str, np.ndarray], Any, float]:
     """Score every input; returns (columns incl. ``label``, reader stats, seconds).
 
     With ``feature_sample`` > 0 the columns also hold ``_sample_rows``/``_sample_X``: up to that
@@ -96,11 +99,12 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
 
 
 def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str = "auto",
-             progress: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+             progress: bool = False, feature_sample: int = 0
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from ..models.detector import Detector
 
     det = Detector(bundle, engine=engine, explain=False)
-    cols, stats, seconds = collect(det, format_name, inputs, progress)
+    cols, stats, seconds = collect(det, format_name, inputs, progress, feature_sample)
     fmt = get_format(format_name)
     threshold = (det.decision.threshold if det.decision.supervised
                  else det.decision.anomaly_threshold)
