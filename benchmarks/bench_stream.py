@@ -148,6 +148,7 @@ class Offsets:
                                   "enable.auto.commit": False})
 
     def end(self, topic: str) -> int:
+        """Messages in ``topic`` by its high watermarks (Tansu's lag a little behind)."""
         from confluent_kafka import TopicPartition
 
         meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
@@ -167,9 +168,10 @@ class Offsets:
         self.consumer.close()
 
 
-def _read_keys(brokers: str, topic: str, malicious_only: bool = False) -> tuple[list[int], float]:
-    """Keys of every message of ``topic`` (partitions assigned directly) and the read rate.
-    With ``malicious_only``, keys of verdict messages whose verdict is malicious."""
+def _read_keys(brokers: str, topic: str, malicious_only: bool = False) -> list[int]:
+    """Keys of every message of ``topic`` (partitions assigned directly, no group), read until
+    the topic has been quiet for 3 s: Tansu's high watermark lags behind its last batch, so it
+    cannot say when everything was read. With ``malicious_only``: keys of malicious verdicts."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": "bench-reader",
@@ -178,42 +180,33 @@ def _read_keys(brokers: str, topic: str, malicious_only: bool = False) -> tuple[
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
-            return [], 0.0
-        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
-        consumer.assign(parts)
-        total, seen, t_first = sum(ends.values()), 0, 0.0
-        deadline = time.monotonic() + 600
-        while seen < total and time.monotonic() < deadline:
-            msgs = consumer.consume(10000, 1.0)
-            if msgs and not t_first:
-                t_first = time.perf_counter()
+            return []
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 3.0:
+            msgs = consumer.consume(10000, 0.5)
+            if msgs:
+                quiet_since = time.monotonic()
             for m in msgs:
-                if m.error() is not None:
-                    continue
-                seen += 1
-                if not malicious_only or b'"verdict":"malicious"' in m.value():
+                if m.error() is None and (not malicious_only
+                                          or b'"verdict":"malicious"' in m.value()):
                     keys.append(int(m.key()))
-        rate = seen / max(time.perf_counter() - t_first, 1e-9)
-        if seen < total:
-            raise RuntimeError(f"read {seen:,} of {total:,} messages of {topic}")
-        return keys, rate
+        return keys
     finally:
         consumer.close()
 
 
-def _raw_consume_rate(brokers: str) -> float:
-    """The peer: a bare consumer reading the input topic, touching every value."""
+def _raw_consume_rate(brokers: str, total: int) -> float:
+    """The peer: a bare consumer reading all ``total`` input messages, touching every value."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": "bench-raw",
                          "enable.auto.commit": False, "fetch.max.bytes": 64 << 20})
     try:
-        parts = [TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in range(PARTITIONS)]
-        total = sum(consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts)
-        consumer.assign(parts)
+        consumer.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
         seen, nbytes, t_first = 0, 0, 0.0
-        while seen < total:
+        deadline = time.monotonic() + 600
+        while seen < total and time.monotonic() < deadline:
             msgs = consumer.consume(BATCH_SIZE, 1.0)
             if msgs and not t_first:
                 t_first = time.perf_counter()
@@ -221,6 +214,8 @@ def _raw_consume_rate(brokers: str) -> float:
                 value = m.value()
                 nbytes += len(value) if value else 0
             seen += len(msgs)
+        if seen < total:
+            raise RuntimeError(f"the bare consumer read {seen:,} of {total:,} messages")
         return seen / (time.perf_counter() - t_first)
     finally:
         consumer.close()
@@ -276,11 +271,11 @@ def run(quick: bool = False, bundle: str | None = None, explain: bool = False) -
         exit_code = second.wait(120)
         offsets.close()
 
-        verdict_keys, _ = _read_keys(broker.address, f"{TOPIC}.verdicts")
-        dead_keys, _ = _read_keys(broker.address, f"{TOPIC}.dead")
-        alert_keys, _ = _read_keys(broker.address, f"{TOPIC}.alerts")
-        malicious_keys, _ = _read_keys(broker.address, f"{TOPIC}.verdicts", malicious_only=True)
-        raw_rate = _raw_consume_rate(broker.address)
+        verdict_keys = _read_keys(broker.address, f"{TOPIC}.verdicts")
+        dead_keys = _read_keys(broker.address, f"{TOPIC}.dead")
+        alert_keys = _read_keys(broker.address, f"{TOPIC}.alerts")
+        malicious_keys = _read_keys(broker.address, f"{TOPIC}.verdicts", malicious_only=True)
+        raw_rate = _raw_consume_rate(broker.address, n)
     seconds = time.perf_counter() - t_start
     load_after = os.getloadavg()[0]
 

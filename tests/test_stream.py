@@ -246,7 +246,8 @@ def _produce(brokers: str, topic: str, values: list[bytes]) -> None:
 
 
 def _read_all(brokers: str, topic: str) -> list[tuple[int, dict]]:
-    """Every message of ``topic`` as (key, JSON value): partitions assigned directly (no group)."""
+    """Every message of ``topic`` as (key, JSON value): partitions assigned directly (no group),
+    read until quiet for 3 s (Tansu's high watermark lags behind its last batch)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": "test-reader",
@@ -255,20 +256,14 @@ def _read_all(brokers: str, topic: str) -> list[tuple[int, dict]]:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         if meta.error is not None:
             return []
-        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
-        consumer.assign(parts)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
         out: list[tuple[int, dict]] = []
-        done = {p for p, end in ends.items() if end == 0}
-        deadline = time.monotonic() + 60
-        while len(done) < len(ends) and time.monotonic() < deadline:
-            for m in consumer.consume(5000, 0.5):
-                if m.error() is not None:
-                    continue
-                out.append((int(m.key()), json.loads(m.value())))
-                if m.offset() + 1 >= ends[m.partition()]:
-                    done.add(m.partition())
-        assert len(done) == len(ends), f"could not read all of {topic}"
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 3.0:
+            msgs = consumer.consume(5000, 0.5)
+            if msgs:
+                quiet_since = time.monotonic()
+            out += [(int(m.key()), json.loads(m.value())) for m in msgs if m.error() is None]
         return out
     finally:
         consumer.close()

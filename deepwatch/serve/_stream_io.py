@@ -7,7 +7,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -112,7 +112,7 @@ class MemorySink:
 
 def _stdin_chunks(spec: InputSpec, chunk_bytes: int) -> Iterator[Chunk]:
     """Whole lines from stdin as soon as they arrive (``read1``: no waiting for a full chunk)."""
-    stream = sys.stdin.buffer
+    stream: Any = sys.stdin.buffer  # a BufferedReader: read1 returns what has arrived
     line, rest = 1, b""
     while True:
         block = stream.read1(chunk_bytes)
