@@ -99,6 +99,24 @@ def _write_alerts(det: Any, scored: pa.Table, path: Path) -> int:
         return write_alerts(fh, flagged.drop_columns(["label"]), ctx)
 
 
+def _full_report(path: Path, det: Any, labels: np.ndarray, verdict: np.ndarray,
+                 scored: pa.Table, seconds: float) -> bool:
+    """The evaluation report (Sankey, per-type detection, scores) where this build has it."""
+    try:
+        from .evaluate.run import metrics_from
+        from .viz.report import write_report
+    except ImportError:
+        return False
+    cols = {"label": labels, "verdict": verdict,
+            "score": scored.column("score").to_numpy(zero_copy_only=False)}
+    threshold = det.decision.anomaly_threshold if not det.decision.supervised else \
+        det.decision.threshold
+    result = metrics_from(cols, False, threshold, seconds)
+    result["bundle"] = {"kind": det.kind, "engine": det.engine, "path": str(det.path)}
+    write_report(path, result, cols, title="deepwatch demo: held-out day of a simulated web shop")
+    return True
+
+
 def _per_label(labels: np.ndarray, verdict: np.ndarray) -> dict[str, dict[str, float]]:
     out = {}
     for lab in sorted(set(labels.tolist()), key=lambda v: (v != "normal", v)):
@@ -129,7 +147,8 @@ th{{background:#f3f3f3;text-align:left}}</style></head><body>
 <h1>deepwatch demo: simulated web shop</h1>
 <p>Model: <b>{html.escape(model)}</b>, trained on a simulated day of normal traffic read from the
 lake; scored on a later day with labelled attacks. {alerts:,} alerts written to
-<code>alerts.jsonl</code> (Elastic Common Schema).</p>
+<code>alerts.jsonl</code> (Elastic Common Schema). The full evaluation report, where this build
+has it: <a href="report.html">report.html</a>.</p>
 <h2>Detection per label</h2>
 <table><tr><th>label</th><th>records</th><th>verdict right</th></tr>{detect}</table>
 <h2>Timings</h2><table><tr><th>step</th><th>time</th></tr>{timing}</table>
@@ -209,7 +228,8 @@ def run_demo(out_dir: str | Path = "demo-out", log: Callable[[str], None] = prin
     order = "anomaly_score" if "anomaly_score" in scored.schema.names else "score"
     top = scored.filter(pc.equal(scored.column("verdict"), "malicious")).sort_by(
         [(order, "descending")]).slice(0, 25).to_pylist()
-    clock.step("write alerts and summary", t0, f"{n_alerts:,} alerts")
+    reported = _full_report(out / "report.html", det, labels, verdict, scored, seconds)
+    clock.step("write alerts and reports", t0, f"{n_alerts:,} alerts")
     total = time.perf_counter() - started
     clock.steps.append(("total", total))
     _summary_html(out / "summary.html", model, per_label, clock.steps, n_alerts, top)
@@ -222,8 +242,9 @@ def run_demo(out_dir: str | Path = "demo-out", log: Callable[[str], None] = prin
     for lab, v in per_label.items():
         what = "kept normal" if lab == "normal" else "flagged"
         log(f"{lab:<12}{v['records']:>9,}  {100 * v['detected']:5.1f}% {what}")
-    log(f"\n{n_alerts:,} alerts -> {out / 'alerts.jsonl'}; summary -> {out / 'summary.html'}; "
-        f"total {total:.1f}s")
+    report = f", report -> {out / 'report.html'}" if reported else ""
+    log(f"\n{n_alerts:,} alerts -> {out / 'alerts.jsonl'}; summary -> {out / 'summary.html'}"
+        f"{report}; total {total:.1f}s")
     return result
 
 

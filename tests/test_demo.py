@@ -31,6 +31,8 @@ def test_demo_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert first["source"]["ip"]
     page = (out / "summary.html").read_text()
     assert "Detection per label" in page and "bruteforce" in page
+    report = (out / "report.html").read_text()
+    assert 'id="labels-table"' in report and "xss" in report
     assert json.loads((out / "summary.json").read_text())["alerts"] == result["alerts"]
     # it prints per-attack detection and timings
     text = "\n".join(said)
