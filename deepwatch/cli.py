@@ -53,7 +53,9 @@ def train(
         "--target-fpr", help="False-positive rate the anomaly threshold is calibrated at")] = 0.01,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     decision: Annotated[str, typer.Option(
-        help="auto (KDD data: least expected contest cost), cost or threshold")] = "auto",
+        help="auto (KDD data: least expected contest cost, else threshold 0.5), cost, "
+             "threshold (0.5 on the attack probability) or fpr (threshold calibrated on "
+             "held-out benign records at --target-fpr)")] = "auto",
     files: OptionalFiles = None,
     lake: LakeOption = None,
 ) -> None:

@@ -127,7 +127,23 @@ def train_classifier(kind: str, ctx: TrainContext) -> Trained:
     net, network = train_supervised(kind, tr.X, tr.y, tr.w, es.X, es.y, es.w,
                                     cal.X, cal.y, cal.w, len(ctx.vocab), ctx.cfg)
     network = {**network, "head": "proba"}
-    return Trained(proba_module(net), network, ["proba"], ctx.decision_base())
+    module = proba_module(net)
+    decision = ctx.decision_base()
+    if ctx.policy == "fpr":
+        decision["policy"] = "threshold"
+        decision["threshold"] = fpr_threshold(module, ctx, decision)
+    return Trained(module, network, ["proba"], decision)
+
+
+def fpr_threshold(module: nn.Module, ctx: TrainContext, decision: dict[str, Any]) -> float:
+    """The score threshold whose false-positive rate on held-out benign records is
+    ``ctx.target_fpr`` (scores: 1 - P(normal))."""
+    benign = ctx.calib.benign()
+    if len(benign.X) == 0 or BENIGN not in decision["labels"]:
+        raise DataError("--decision fpr needs benign ('normal') records in the validation data")
+    proba = run_module(module, benign.X, ["proba"])["proba"]
+    score = 1.0 - proba[:, decision["labels"].index(BENIGN)].astype(np.float64)
+    return float(np.quantile(score, 1.0 - ctx.target_fpr, method="higher"))
 
 
 def _split_labels(labels: np.ndarray | None, n: int, fractions: tuple[float, ...],
@@ -166,8 +182,8 @@ def train(
         raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
     if not 0.0 < target_fpr < 1.0:
         raise UsageError(f"--target-fpr must be between 0 and 1, not {target_fpr}")
-    if policy not in ("auto", "cost", "threshold"):
-        raise UsageError(f"unknown decision policy {policy!r}; use auto, cost or threshold")
+    if policy not in ("auto", "cost", "threshold", "fpr"):
+        raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
     t0 = time.perf_counter()
