@@ -75,10 +75,16 @@ class AnomalyHead(nn.Module):
     feature it reconstructs perfectly does not make every tiny deviation an alert.
     """
 
-    def __init__(self, ae: nn.Module, d_in: int):
+    scale: torch.Tensor
+
+    def __init__(self, ae: AutoEncoder, d_in: int):
         super().__init__()
         self.ae = ae
         self.register_buffer("scale", torch.ones(d_in))
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.ae.encode(x)

@@ -108,11 +108,10 @@ def train_anomaly_head(ctx: TrainContext) -> tuple[AnomalyHead, dict[str, Any], 
     run = ctx.cfg.with_(epochs=epochs, label="autoencoder", class_balance=1.0,
                         epoch_size=epoch_size)
     # duplicates are drawn w ** dup_power often: < 1 lets rare benign patterns be learnt too
-    ae = fit(ae, reconstruction_loss(float(opts["noise"])), tr.X, None,
-             tr.w ** float(opts["dup_power"]),
-             es.X, None, es.w, run)
+    fit(ae, reconstruction_loss(float(opts["noise"])), tr.X, None,
+        tr.w ** float(opts["dup_power"]), es.X, None, es.w, run)  # trains ae in place
     head = AnomalyHead(ae, d)
-    head.scale.copy_(fit_scale(ae, es.X, float(opts["scale_floor"])))
+    head.set_scale(fit_scale(ae, es.X, float(opts["scale_floor"])))
     head.eval()
     with torch.no_grad():
         cal_scores = np.concatenate([head(torch.as_tensor(cal.X[i : i + 16384]))[0].numpy()
@@ -138,7 +137,7 @@ def train_hybrid(kind: str, ctx: TrainContext) -> Trained:
     from ..models.hybrid import default_combine
 
     stack = train_classifier("stack", ctx)
-    classifier = stack.module.net  # ProbaHead(net): the hybrid head applies softmax itself
+    classifier: nn.Module = stack.module.net  # type: ignore[assignment]  # ProbaHead(net)
     head, ae_config, info = train_anomaly_head(ctx)
     network = {"kind": "hybrid", "head": "hybrid", "classifier": stack.network,
                "autoencoder": ae_config}
