@@ -154,3 +154,20 @@ def test_property_no_bytes_crash_it(data: bytes) -> None:
     res = FMT.parse(data)
     assert res.batch.num_rows + res.rejects.num_rows == res.lines
     assert isinstance(res.batch, pa.RecordBatch)
+
+
+def test_records_as_objects_split_their_request_line() -> None:
+    res = FMT.parse_records([
+        {"client_ip": "1.2.3.4", "timestamp": "2024-05-14T10:00:00Z",
+         "request": "POST /login?next=%2F HTTP/1.1", "status": 302, "bytes": 0},
+        {"client_ip": "1.2.3.4", "timestamp": "2024-05-14T10:00:01Z", "request": "\\x16\\x03",
+         "status": 400, "bytes": 0},
+        {"client_ip": "1.2.3.4", "request": "GET / HTTP/1.1", "status": 200, "bytes": 1},
+        {"client_ip": "1.2.3.4", "timestamp": "2024-05-14T10:00:01Z", "request": "GET /",
+         "status": 200, "bytes": -1},
+    ])
+    assert res.batch.num_rows == 2 and res.rejects.num_rows == 2
+    first, second = res.batch.to_pylist()
+    assert (first["method"], first["path"], first["query"]) == ("POST", "/login", "next=%2F")
+    assert second["method"] is None and second["url"] is None
+    assert "timestamp" in res.rejects.column("reason")[0].as_py()

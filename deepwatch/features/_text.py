@@ -78,7 +78,6 @@ def hashed_ngrams(arr: pa.Array | pa.ChunkedArray, n_gram: int, buckets: int) ->
     n-grams too. The hash is a fixed polynomial, stable across runs and library versions.
     """
     n = len(arr)
-    out = np.zeros((n, buckets), dtype=np.float64)
     data, rows = byte_view(arr)
     # frame every string: 0x02 <bytes> 0x03
     lengths = np.bincount(rows, minlength=n)
@@ -95,15 +94,15 @@ def hashed_ngrams(arr: pa.Array | pa.ChunkedArray, n_gram: int, buckets: int) ->
     frow = np.repeat(np.arange(n, dtype=np.int64), framed_len)
     m = framed.size - n_gram + 1
     if m <= 0:
-        return out
+        return np.zeros((n, buckets), dtype=np.float64)
     h = np.zeros(m, dtype=np.uint64)
     for k in range(n_gram):
         h = h * _PRIME + framed[k : k + m] + np.uint64(1)
     # an n-gram is valid when it does not cross into the next string
     valid = frow[:m] == frow[n_gram - 1 : n_gram - 1 + m]
     bucket = (h[valid] % np.uint64(buckets)).astype(np.int64)
-    np.add.at(out, (frow[:m][valid], bucket), 1.0)
-    return out
+    cell = frow[:m][valid] * buckets + bucket
+    return np.bincount(cell, minlength=n * buckets).astype(np.float64).reshape(n, buckets)
 
 
 def count_matches(arr: pa.Array | pa.ChunkedArray, pattern: str) -> np.ndarray:

@@ -129,12 +129,40 @@ def _to_batch(good: Any) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
+def _split_requests(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Fill method, url, path, query and protocol from ``request`` where all five are absent."""
+    import polars as pl
+
+    if batch.num_rows == 0:
+        return batch
+    parts = ("method", "url", "path", "query", "protocol")
+    frame = pl.from_arrow(pa.Table.from_batches([batch]))
+    assert isinstance(frame, pl.DataFrame)
+    req = pl.col("request").str.extract_groups(_REQUEST).struct.rename_fields(
+        ["_m", "_u", "_p"])
+    frame = frame.with_columns(req.alias("_r")).unnest("_r").with_columns(
+        pl.col("_m").str.to_uppercase(),
+        pl.col("_u").str.extract(r"(?s)^([^?#]*)", 1).alias("_path"),
+        pl.col("_u").str.extract(r"(?s)\?([^#]*)", 1).alias("_query"),
+    )
+    absent = pl.all_horizontal([pl.col(c).is_null() for c in parts])
+    derived = {"method": "_m", "url": "_u", "path": "_path", "query": "_query", "protocol": "_p"}
+    frame = frame.with_columns(
+        [pl.when(absent).then(pl.col(src)).otherwise(pl.col(dst)).alias(dst)
+         for dst, src in derived.items()]
+    ).select(batch.schema.names)
+    table = frame.to_arrow()
+    arrays = [table.column(f.name).combine_chunks().cast(f.type) for f in batch.schema]
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+
+
 class Access(Format):
     """NGINX/Apache access logs (``combined``, or ``common`` without referer and agent)."""
 
     name: ClassVar[str] = "access"
     schema: ClassVar[pa.Schema] = SCHEMA
     has_label: ClassVar[bool] = False
+    nonnegative: ClassVar[tuple[str, ...]] = ("status", "bytes")
     ecs_fields: ClassVar[dict[str, str]] = {
         "source.ip": "client_ip",
         "@timestamp": "timestamp",
@@ -163,6 +191,13 @@ class Access(Format):
         ) if len(bad) else empty_rejects()
         numbers = pa.array(np.flatnonzero(ok).astype(np.int64) + first_line)
         return ParseResult(_to_batch(good), rejects, len(lines), numbers)
+
+    def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
+        """Records as JSON objects (REST): the method, URL, path, query and protocol of a record
+        that gives only its ``request`` line are split from it, as for a log line."""
+        result = super().parse_records(records)
+        result.batch = _split_requests(result.batch)
+        return result
 
     def feature_spec(self) -> dict[str, Any]:
         from ..features.web import access_feature_spec
