@@ -1,0 +1,242 @@
+"""REST latency: ``deepwatch serve`` on loopback, one record and 1,000-record batches.
+
+Percentiles (p50/p95/p99) as a client sees them (httpx, keep-alive, one request at a time),
+against two peers measured in the same run on the same payloads:
+
+* a bare FastAPI echo endpoint on the same uvicorn setup: the floor that HTTP, the framework and
+  the client cost before any scoring;
+* the in-process scoring path (``ScoringService.score``: decode, parse, ``score_batch``, encode)
+  with no HTTP at all.
+
+The targets (issue 5, 2 cores): single-record p99 <= 10 ms, 1,000-record p99 <= 60 ms.
+
+Run alone: ``python benchmarks/bench_rest.py [--quick] [--bundle DIR]``; ``benchmarks/run.py``
+calls ``run``. The bundle is ``models/kdd-stack`` where it exists, else a small ``mlp`` trained
+here on a subsample of the KDD 10% training file (cached in the temp directory).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Request  # module level: the echo route's annotations resolve here
+from fastapi.responses import Response
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("DEEPWATCH_DATA", ROOT.parent / "shared" / "data"))
+TRAIN_FILE = DATA / "kddcup99" / "kddcup.data_10_percent.gz"
+STACK = ROOT / "models" / "kdd-stack"
+BATCH = 1000
+TARGET_SINGLE_P99_MS = 10.0
+TARGET_BATCH_P99_MS = 60.0
+
+
+def _kdd_lines(n: int, every: int = 24) -> list[str]:
+    out: list[str] = []
+    with gzip.open(TRAIN_FILE, "rt") as fh:
+        for i, line in enumerate(fh):
+            if i % every == 0:
+                out.append(line.rstrip("\n"))
+                if len(out) >= n:
+                    break
+    return out
+
+
+def _bundle(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if (STACK / "manifest.json").exists():
+        return STACK
+    cache = Path(tempfile.gettempdir()) / "deepwatch-bench" / "rest-mlp"
+    if not (cache / "manifest.json").exists():
+        from deepwatch.train.api import train
+
+        sample = cache.parent / "kdd_sample.csv"
+        sample.parent.mkdir(parents=True, exist_ok=True)
+        sample.write_text("\n".join(_kdd_lines(20_000)) + "\n")
+        train("kdd", "mlp", [str(sample)], cache, epochs=3, seed=0)
+    return cache
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _process(args: list[str], port: int) -> Iterator[str]:
+    """A server subprocess, until it answers ``/healthz``; stopped with SIGTERM afterwards."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"server exited: {err[-2000:]}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def _http_latencies(url: str, bodies: list[bytes], n: int, warmup: int) -> np.ndarray:
+    import httpx
+
+    headers = {"content-type": "application/json"}
+    out = np.empty(n)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(warmup):
+            client.post("/v1/score", content=bodies[i % len(bodies)], headers=headers)
+        for i in range(n):
+            body = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            r = client.post("/v1/score", content=body, headers=headers)
+            out[i] = time.perf_counter() - t0
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+    return out * 1000.0
+
+
+def _inprocess_latencies(bundle: Path, bodies: list[bytes], n: int, warmup: int) -> np.ndarray:
+    from deepwatch.serve._service import ScoringService
+
+    service = ScoringService(bundle)
+    for i in range(warmup):
+        service.score(bodies[i % len(bodies)])
+    out = np.empty(n)
+    for i in range(n):
+        body = bodies[i % len(bodies)]
+        t0 = time.perf_counter()
+        service.score(body)
+        out[i] = time.perf_counter() - t0
+    return out * 1000.0
+
+
+def _row(what: str, path: str, ms: np.ndarray, records: int) -> str:
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    rate = records * len(ms) / (ms.sum() / 1000.0)
+    return (f"| {what} | {path} | {len(ms):,} | {p50:.2f} | {p95:.2f} | {p99:.2f} | "
+            f"{rate:,.0f} |")
+
+
+def run(quick: bool = False, bundle: str | None = None) -> list[str]:
+    import orjson
+
+    n_single, n_batch = (300, 40) if quick else (2000, 200)
+    path = _bundle(bundle)
+    lines = _kdd_lines(4000)
+    singles = [orjson.dumps({"format": "kdd", "records": [ln]}) for ln in lines[:1000]]
+    batches = [orjson.dumps({"format": "kdd", "records": lines[i : i + BATCH]})
+               for i in range(0, len(lines) - BATCH + 1, BATCH)]
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, np.ndarray]] = {}
+    serve = ["-m", "deepwatch.cli", "serve", str(path), "--port"]
+    port = _free_port()
+    with _process([*serve, str(port)], port) as url:
+        results["rest"] = {"single": _http_latencies(url, singles, n_single, 100),
+                           "batch": _http_latencies(url, batches, n_batch, 5)}
+    port = _free_port()
+    with _process([__file__, "--echo-server", str(port)], port) as url:
+        results["echo"] = {"single": _http_latencies(url, singles, n_single, 100),
+                           "batch": _http_latencies(url, batches, n_batch, 5)}
+    results["inproc"] = {"single": _inprocess_latencies(path, singles, n_single, 100),
+                         "batch": _inprocess_latencies(path, batches, n_batch, 5)}
+    seconds = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
+
+    from deepwatch.models.detector import Detector
+
+    det = Detector(path)
+    names = {"rest": "`deepwatch serve` POST /v1/score",
+             "echo": "peer: bare FastAPI echo, same uvicorn (HTTP floor)",
+             "inproc": "peer: in-process ScoringService.score (no HTTP)"}
+    out = ["## REST scoring latency (loopback)", "",
+           f"Bundle: `{det.kind}` on `{det.format}` ({det.engine}); KDD training-file records; "
+           "client: httpx, keep-alive, one request at a time, on the same machine as the "
+           f"server. Load average {load_before:.1f} before, {load_after:.1f} after "
+           f"({os.cpu_count()} cores, shared with other work: timings are indicative). "
+           f"{seconds:.0f} s.", "",
+           "| request | path | requests | p50 ms | p95 ms | p99 ms | records/s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for kind, label, records in (("single", "1 record", 1), ("batch", f"{BATCH:,} records",
+                                                              BATCH)):
+        for key in ("rest", "echo", "inproc"):
+            out.append(_row(label, names[key], results[key][kind], records))
+    verdicts = []
+    for kind, target in (("single", TARGET_SINGLE_P99_MS), ("batch", TARGET_BATCH_P99_MS)):
+        rest = results["rest"][kind]
+        p99 = float(np.percentile(rest, 99))
+        overhead = float(np.median(rest) / (np.median(results["echo"][kind])
+                                            + np.median(results["inproc"][kind])))
+        verdicts.append(f"{'1 record' if kind == 'single' else f'{BATCH:,} records'}: REST "
+                        f"p99 {p99:.2f} ms vs target {target:.0f} ms "
+                        f"({'met' if p99 <= target else 'NOT met'}); REST p50 is "
+                        f"{overhead:.2f}x (echo p50 + in-process p50)")
+    out += ["", *[f"- {v}" for v in verdicts], "",
+            "Reproduce: `python benchmarks/bench_rest.py" + (" --quick" if quick else "") + "`."]
+    return out
+
+
+def echo_app() -> Any:
+    """The peer: FastAPI reading the body and answering a small JSON, nothing else."""
+    import orjson
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/score")
+    async def echo(request: Request) -> Response:
+        body = await request.body()
+        return Response(orjson.dumps({"bytes": len(body)}), media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    return app
+
+
+def _serve_echo(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(echo_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                server_header=False)
+
+
+if __name__ == "__main__":
+    if "--echo-server" in sys.argv:
+        _serve_echo(int(sys.argv[sys.argv.index("--echo-server") + 1]))
+    else:
+        explicit = sys.argv[sys.argv.index("--bundle") + 1] if "--bundle" in sys.argv else None
+        print("\n".join(run(quick="--quick" in sys.argv, bundle=explicit)))
