@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deepwatch.features import Featurizer
 from deepwatch.features._text import char_classes, entropy, hashed_ngrams
@@ -122,3 +124,20 @@ def test_derivation_is_idempotent() -> None:
     once = derive_access(table, {}, {})
     assert DERIVED_MARK in once.schema.names
     assert derive_access(once, {}, {"access_window": None}) is once
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=8), st.integers(0, 10**6))
+def test_property_any_batching_gives_the_same_windows(cuts: list[int], seed: int) -> None:
+    table = _traffic(90, seed=seed)
+    whole = derive_access(table, {"window": 5}, {})
+    state: dict[str, object] = {}
+    parts, start = [], 0
+    for size in [*cuts, table.num_rows]:
+        if start >= table.num_rows:
+            break
+        parts.append(derive_access(table.slice(start, size), {"window": 5}, state))
+        start += size
+    streamed = pa.concat_tables(parts)
+    for col in WINDOW_COLUMNS:
+        assert np.array_equal(streamed.column(col).to_numpy(), whole.column(col).to_numpy()), col
