@@ -67,18 +67,19 @@ def _fast(
 def _robust(
     lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str]
 ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """Returns (parsed table, indices of parsed lines, reason per line or None)."""
+    """Returns (parsed table, indices of parsed lines, reason per line or None).
+
+    Every field's value and reason are expressions of one lazy query: a batch with one bad line
+    costs a single pass, not one eager operation per field (those cost more than the parse).
+    """
     import polars as pl
 
     n_fields = len(schema)
-    raw = pl.Series("raw", lines, dtype=pl.String)
-    parts = raw.str.split(sep)
-    count = parts.list.len()
+    parts = pl.col("_parts")
+    values: list[pl.Expr] = []
     reasons: list[pl.Expr] = []
-    cols: dict[str, pl.Series] = {}
-    df = pl.DataFrame({"raw": raw, "n": count})
     for i, f in enumerate(schema):
-        text = parts.list.get(i, null_on_oob=True).alias(f.name)
+        text = parts.list.get(i, null_on_oob=True)
         if pa.types.is_integer(f.type):
             val = text.str.strip_chars().cast(pl.Int64, strict=False)
             bad = val.is_null()
@@ -94,31 +95,35 @@ def _robust(
         if f.name in nonneg:
             bad = bad | (val < 0).fill_null(False)
             what = "a non-negative " + what.removeprefix("a ").removeprefix("an ")
-        cols[f.name] = val
-        df = df.with_columns(pl.Series(f"_bad{i}", bad), pl.Series(f"_txt{i}", text))
+        values.append(val.alias(f.name))
         reasons.append(
-            pl.when(pl.col(f"_bad{i}")).then(
+            pl.when(bad).then(
                 pl.lit(f"field {i + 1} ({f.name}) is not {what}: '")
-                + pl.col(f"_txt{i}").fill_null("").str.slice(0, 80)
+                + text.fill_null("").str.slice(0, 80)
                 + pl.lit("'")
             )
         )
+    count = parts.list.len()
     count_reason = (
         pl.when(pl.col("raw").str.len_chars() == 0)
         .then(pl.lit("empty line"))
-        .when(pl.col("n") != n_fields)
+        .when(count != n_fields)
         .then(pl.lit(f"expected {n_fields} fields separated by {sep!r}, found ")
-              + pl.col("n").cast(pl.String))
+              + count.cast(pl.String))
     )
-    reason = df.select(pl.coalesce([count_reason, *reasons]).alias("r"))["r"]
+    frame = (
+        pl.DataFrame({"raw": pl.Series("raw", lines, dtype=pl.String)})
+        .lazy()
+        .with_columns(pl.col("raw").str.split(sep).alias("_parts"))
+        .select([*values, pl.coalesce([count_reason, *reasons]).alias("_reason")])
+        .collect()
+    )
+    reason = frame["_reason"]
     ok = reason.is_null().to_numpy()
-    idx = np.flatnonzero(ok)
-    arrays = []
-    for f in schema:
-        s = cols[f.name].filter(pl.Series(ok))
-        arrays.append(s.to_arrow().cast(f.type))
+    good = frame.filter(pl.Series(ok))
+    arrays = [good[f.name].to_arrow().cast(f.type) for f in schema]
     table = pa.Table.from_arrays(arrays, schema=schema)
-    return table, idx, reason.to_numpy()
+    return table, np.flatnonzero(ok), reason.to_numpy()
 
 
 def parse_delimited(
