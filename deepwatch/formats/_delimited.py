@@ -69,14 +69,15 @@ def _robust(
 ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """Returns (parsed table, indices of parsed lines, reason per line or None).
 
-    Every field's value and reason are expressions of one lazy query: a batch with one bad line
-    costs a single pass, not one eager operation per field (those cost more than the parse).
+    Two lazy polars queries, not one eager operation per field (those cost more than the parse):
+    values and a bad-line flag for every line, then reason texts for the bad lines only.
     """
     import polars as pl
 
     n_fields = len(schema)
     parts = pl.col("_parts")
     values: list[pl.Expr] = []
+    flags: list[pl.Expr] = []
     reasons: list[pl.Expr] = []
     for i, f in enumerate(schema):
         text = parts.list.get(i, null_on_oob=True)
@@ -96,6 +97,7 @@ def _robust(
             bad = bad | (val < 0).fill_null(False)
             what = "a non-negative " + what.removeprefix("a ").removeprefix("an ")
         values.append(val.alias(f.name))
+        flags.append(bad)
         reasons.append(
             pl.when(bad).then(
                 pl.lit(f"field {i + 1} ({f.name}) is not {what}: '")
@@ -104,8 +106,9 @@ def _robust(
             )
         )
     count = parts.list.len()
+    empty = pl.col("raw").str.len_chars() == 0
     count_reason = (
-        pl.when(pl.col("raw").str.len_chars() == 0)
+        pl.when(empty)
         .then(pl.lit("empty line"))
         .when(count != n_fields)
         .then(pl.lit(f"expected {n_fields} fields separated by {sep!r}, found ")
@@ -115,15 +118,21 @@ def _robust(
         pl.DataFrame({"raw": pl.Series("raw", lines, dtype=pl.String)})
         .lazy()
         .with_columns(pl.col("raw").str.split(sep).alias("_parts"))
-        .select([*values, pl.coalesce([count_reason, *reasons]).alias("_reason")])
+        .with_columns(values)
+        .with_columns((empty | (count != n_fields) | pl.any_horizontal(flags)).alias("_bad"))
         .collect()
     )
-    reason = frame["_reason"]
-    ok = reason.is_null().to_numpy()
+    ok = ~frame["_bad"].to_numpy()
+    reason = np.empty(len(lines), dtype=object)
+    bad_idx = np.flatnonzero(~ok)
+    if bad_idx.size:
+        texts = frame.filter(pl.col("_bad")).select(
+            pl.coalesce([count_reason, *reasons]).alias("r"))["r"]
+        reason[bad_idx] = texts.to_numpy()
     good = frame.filter(pl.Series(ok))
     arrays = [good[f.name].to_arrow().cast(f.type) for f in schema]
     table = pa.Table.from_arrays(arrays, schema=schema)
-    return table, np.flatnonzero(ok), reason.to_numpy()
+    return table, np.flatnonzero(ok), reason
 
 
 def parse_delimited(
