@@ -1,7 +1,8 @@
 """REST latency: ``deepwatch serve`` on loopback, one record and 1,000-record batches.
 
 Percentiles (p50/p95/p99) as a client sees them (httpx, keep-alive, one request at a time),
-against two peers measured in the same run on the same payloads:
+against two peers measured in the same run on the same payloads, the three taking turns request
+by request so that each meets the same load on the shared cores:
 
 * a bare FastAPI echo endpoint on the same uvicorn setup: the floor that HTTP, the framework and
   the client cost before any scoring;
@@ -109,37 +110,41 @@ def _process(args: list[str], port: int) -> Iterator[str]:
             proc.stderr.close()
 
 
-def _http_latencies(url: str, bodies: list[bytes], n: int, warmup: int) -> np.ndarray:
+def _interleaved(urls: dict[str, str], service: Any, bodies: list[bytes], n: int,
+                 warmup: int) -> dict[str, np.ndarray]:
+    """Latencies (ms) of the same bodies through each path, one request of each in turn (order
+    rotating), so that every path meets the same load on the shared cores."""
     import httpx
 
     headers = {"content-type": "application/json"}
-    out = np.empty(n)
-    with httpx.Client(base_url=url, timeout=60) as client:
+    clients = {k: httpx.Client(base_url=u, timeout=60) for k, u in urls.items()}
+
+    def once(key: str, body: bytes) -> float:
+        t0 = time.perf_counter()
+        if key == "inproc":
+            service.score(body)
+            return time.perf_counter() - t0
+        r = clients[key].post("/v1/score", content=body, headers=headers)
+        elapsed = time.perf_counter() - t0
+        if r.status_code != 200:
+            raise RuntimeError(f"{key}: HTTP {r.status_code}: {r.text[:300]}")
+        return elapsed
+
+    keys = [*urls, "inproc"]
+    out = {k: np.empty(n) for k in keys}
+    try:
         for i in range(warmup):
-            client.post("/v1/score", content=bodies[i % len(bodies)], headers=headers)
+            for k in keys:
+                once(k, bodies[i % len(bodies)])
         for i in range(n):
             body = bodies[i % len(bodies)]
-            t0 = time.perf_counter()
-            r = client.post("/v1/score", content=body, headers=headers)
-            out[i] = time.perf_counter() - t0
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-    return out * 1000.0
-
-
-def _inprocess_latencies(bundle: Path, bodies: list[bytes], n: int, warmup: int) -> np.ndarray:
-    from deepwatch.serve._service import ScoringService
-
-    service = ScoringService(bundle)
-    for i in range(warmup):
-        service.score(bodies[i % len(bodies)])
-    out = np.empty(n)
-    for i in range(n):
-        body = bodies[i % len(bodies)]
-        t0 = time.perf_counter()
-        service.score(body)
-        out[i] = time.perf_counter() - t0
-    return out * 1000.0
+            for j in range(len(keys)):
+                k = keys[(i + j) % len(keys)]
+                out[k][i] = once(k, body)
+    finally:
+        for c in clients.values():
+            c.close()
+    return {k: v * 1000.0 for k, v in out.items()}
 
 
 def _row(what: str, path: str, ms: np.ndarray, records: int) -> str:
@@ -160,18 +165,17 @@ def run(quick: bool = False, bundle: str | None = None) -> list[str]:
                for i in range(0, len(lines) - BATCH + 1, BATCH)]
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    results: dict[str, dict[str, np.ndarray]] = {}
+    from deepwatch.serve._service import ScoringService
+
+    service = ScoringService(path)
     serve = ["-m", "deepwatch.cli", "serve", str(path), "--port"]
-    port = _free_port()
-    with _process([*serve, str(port)], port) as url:
-        results["rest"] = {"single": _http_latencies(url, singles, n_single, 100),
-                           "batch": _http_latencies(url, batches, n_batch, 5)}
-    port = _free_port()
-    with _process([__file__, "--echo-server", str(port)], port) as url:
-        results["echo"] = {"single": _http_latencies(url, singles, n_single, 100),
-                           "batch": _http_latencies(url, batches, n_batch, 5)}
-    results["inproc"] = {"single": _inprocess_latencies(path, singles, n_single, 100),
-                         "batch": _inprocess_latencies(path, batches, n_batch, 5)}
+    rest_port, echo_port = _free_port(), _free_port()
+    with _process([*serve, str(rest_port)], rest_port) as rest, \
+            _process([__file__, "--echo-server", str(echo_port)], echo_port) as echo:
+        urls = {"rest": rest, "echo": echo}
+        single = _interleaved(urls, service, singles, n_single, 100)
+        batch = _interleaved(urls, service, batches, n_batch, 5)
+    results = {k: {"single": single[k], "batch": batch[k]} for k in single}
     seconds = time.perf_counter() - t0
     load_after = os.getloadavg()[0]
 
@@ -184,7 +188,8 @@ def run(quick: bool = False, bundle: str | None = None) -> list[str]:
     out = ["## REST scoring latency (loopback)", "",
            f"Bundle: `{det.kind}` on `{det.format}` ({det.engine}); KDD training-file records; "
            "client: httpx, keep-alive, one request at a time, on the same machine as the "
-           f"server. Load average {load_before:.1f} before, {load_after:.1f} after "
+           "server; the three paths take turns request by request (same load for each). "
+           f"Load average {load_before:.1f} before, {load_after:.1f} after "
            f"({os.cpu_count()} cores, shared with other work: timings are indicative). "
            f"{seconds:.0f} s.", "",
            "| request | path | requests | p50 ms | p95 ms | p99 ms | records/s |",
