@@ -99,11 +99,11 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
 
 
 def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str = "auto",
-             progress: bool = False, feature_sample: int = 0
+             progress: bool = False, feature_sample: int = 0, policy: str | None = None
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from ..models.detector import Detector
 
-    det = Detector(bundle, engine=engine, explain=False)
+    det = Detector(bundle, engine=engine, explain=False, policy=policy)
     cols, stats, seconds = collect(det, format_name, inputs, progress, feature_sample)
     fmt = get_format(format_name)
     threshold = (det.decision.threshold if det.decision.supervised

@@ -21,7 +21,7 @@ OUTPUT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category"
 
 class Detector:
     def __init__(self, path: str | Path, engine: str = "auto", verify: bool = True,
-                 device: str = "cpu", explain: bool = True):
+                 device: str = "cpu", explain: bool = True, policy: str | None = None):
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path, verify=verify)
         try:
@@ -30,7 +30,13 @@ class Detector:
             raise BundleError(f"{self.path / FEATURIZER} is not a valid featurizer: {exc}") from None
         if self.featurizer.schema_hash() != self.manifest.get("featurizer_schema_hash"):
             raise BundleError(f"{self.path}: featurizer does not match the model it was saved with")
-        self.decision = Decision(self.manifest["decision"])
+        decision = dict(self.manifest["decision"])
+        if policy is not None:  # evaluate a bundle under another decision (cost or threshold)
+            if policy not in ("cost", "threshold") or (
+                    policy == "cost" and decision.get("cost_matrix") is None):
+                raise UsageError(f"decision policy {policy!r} is not available for this bundle")
+            decision["policy"] = policy
+        self.decision = Decision(decision)
         self.outputs: list[str] = list(self.manifest["outputs"])
         self.format: str = self.manifest["input_format"]
         self.kind: str = self.manifest["model_kind"]
