@@ -1,0 +1,101 @@
+"""The command line: contracts of evaluate JSON and score output, rejects, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from deepwatch.cli import main
+
+BAD_LINES = "this is not a record\n\n1,2,3\n"
+
+
+@pytest.fixture(scope="module")
+def mixed_input(tmp_path_factory: pytest.TempPathFactory, small_kdd_test: Path) -> Path:
+    good = small_kdd_test.read_text().splitlines(keepends=True)[:3000]
+    p = tmp_path_factory.mktemp("cli") / "mixed.csv"
+    p.write_text("".join(good[:1000]) + BAD_LINES + "".join(good[1000:]))
+    return p
+
+
+def test_evaluate_writes_the_contract_json(kdd_bundle: Path, small_kdd_test: Path,
+                                           tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(kdd_bundle), "--format", "kdd", "--json", str(out),
+                 str(small_kdd_test)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == len(small_kdd_test.read_text().splitlines())
+    assert set(r["binary"]) >= {"precision", "recall", "f1", "accuracy", "roc_auc", "pr_auc",
+                                "fpr", "threshold"}
+    assert 0.0 <= r["kdd_cost"] <= 4.0
+    assert list(r["categories"]) == ["normal", "probe", "dos", "u2r", "r2l"]
+    assert r["confusion"]["labels"] == ["normal", "probe", "dos", "u2r", "r2l"]
+    m = r["confusion"]["matrix"]
+    assert len(m) == 5 and sum(map(sum, m)) == r["n"]
+    assert sum(v["support"] for v in r["per_label"].values()) == r["n"]
+    assert r["rows_per_second"] > 0
+    # a small model on 20k records already separates the classes well
+    assert r["binary"]["roc_auc"] > 0.9 and r["binary"]["f1"] > 0.85
+
+
+@pytest.mark.parametrize("ext", ["parquet", "jsonl"])
+def test_score_output_order_rejects_and_counts(kdd_bundle: Path, mixed_input: Path,
+                                               tmp_path: Path, ext: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out, rej = tmp_path / f"out.{ext}", tmp_path / "rejects.jsonl"
+    assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                 "--rejects", str(rej), str(mixed_input)]) == 0
+    if ext == "parquet":
+        rows = pq.read_table(out).to_pylist()
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3000
+    good = [ln for ln in mixed_input.read_text().splitlines() if ln.count(",") == 41]
+    assert [r["src_bytes"] for r in rows] == [int(ln.split(",")[4]) for ln in good]
+    assert {"score", "verdict", "attack_type", "category", "label"} <= set(rows[0])
+    rejects = [json.loads(line) for line in rej.read_text().splitlines()]
+    assert [r["line"] for r in rejects] == [1001, 1002, 1003]
+    assert all(r["reason"] and "raw" in r for r in rejects)
+    err = capsys.readouterr().err
+    assert "3,003 lines read: 3,000 parsed, 3 rejected" in err
+
+
+def test_alerts_only(kdd_bundle: Path, mixed_input: Path, tmp_path: Path) -> None:
+    out = tmp_path / "alerts.parquet"
+    assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                 "--alerts-only", str(mixed_input)]) == 0
+    verdicts = pq.read_table(out).column("verdict").to_pylist()
+    assert verdicts and set(verdicts) == {"malicious"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deepwatch.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_user_mistakes_are_one_line_errors(kdd_bundle: Path, tmp_path: Path) -> None:
+    r = _run("score", str(kdd_bundle), "--format", "kdd", "--out", str(tmp_path / "o.parquet"),
+             str(tmp_path / "missing.csv"))
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    r = _run("train", "--format", "nope", "--model", "mlp", "--out", str(tmp_path / "b"),
+             str(kdd_bundle / "manifest.json"))
+    assert r.returncode == 2 and "unknown format 'nope'" in r.stderr
+    r = _run("score", str(tmp_path), "--format", "kdd", "--out", str(tmp_path / "o.parquet"),
+             "-")
+    assert r.returncode == 3 and "not a deepwatch bundle" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_score_reads_stdin(kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.jsonl"
+    data = "".join(small_kdd_test.read_text().splitlines(keepends=True)[:50])
+    r = subprocess.run([sys.executable, "-m", "deepwatch.cli", "score", str(kdd_bundle),
+                        "--format", "kdd", "--out", str(out), "-"], input=data,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 50
