@@ -1,0 +1,189 @@
+"""Zeek ``conn.log``: tab-separated with ``#fields``/``#types`` headers, or JSON lines.
+
+Both layouts may come in one input; each line is recognised on its own. A chunk of a TSV log that
+carries no ``#fields`` header (any chunk but a file's first) is read with the standard ``conn.log``
+field order. Header and comment lines (``#...``) are not records: they are neither parsed nor
+rejected and are not counted as lines. ``-`` (unset) and ``(empty)`` fields are null. Everything is
+vectorised with polars: TSV lines are split in bulk, JSON fields are read with JSON-path matching,
+which yields null (never an error) for malformed JSON, so a bad line becomes a reject with a reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from ._base import Format, ParseResult, empty_rejects, make_rejects, split_lines
+
+#: The standard conn.log fields, in Zeek's order (name in the log -> column, Arrow type).
+CONN_FIELDS: tuple[tuple[str, str, pa.DataType], ...] = (
+    ("ts", "ts", pa.float64()),
+    ("uid", "uid", pa.string()),
+    ("id.orig_h", "orig_h", pa.string()),
+    ("id.orig_p", "orig_p", pa.int64()),
+    ("id.resp_h", "resp_h", pa.string()),
+    ("id.resp_p", "resp_p", pa.int64()),
+    ("proto", "proto", pa.string()),
+    ("service", "service", pa.string()),
+    ("duration", "duration", pa.float64()),
+    ("orig_bytes", "orig_bytes", pa.int64()),
+    ("resp_bytes", "resp_bytes", pa.int64()),
+    ("conn_state", "conn_state", pa.string()),
+    ("local_orig", "local_orig", pa.string()),
+    ("local_resp", "local_resp", pa.string()),
+    ("missed_bytes", "missed_bytes", pa.int64()),
+    ("history", "history", pa.string()),
+    ("orig_pkts", "orig_pkts", pa.int64()),
+    ("orig_ip_bytes", "orig_ip_bytes", pa.int64()),
+    ("resp_pkts", "resp_pkts", pa.int64()),
+    ("resp_ip_bytes", "resp_ip_bytes", pa.int64()),
+)
+_REQUIRED = ("ts", "orig_h", "resp_h", "proto")
+_COUNTS = ("orig_p", "resp_p", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
+           "orig_ip_bytes", "resp_pkts", "resp_ip_bytes")
+MAX_RAW = 10_000
+#: Latest accepted time (seconds since 1970; the year 5138): beyond it a ts is garbage.
+MAX_TS = 1e11
+
+SCHEMA = pa.schema(
+    [pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False)]
+    + [pa.field(col, typ, nullable=col not in _REQUIRED)
+       for _name, col, typ in CONN_FIELDS[1:]]
+    + [pa.field("label", pa.string())]
+)
+
+
+DEFAULT_ORDER = [name for name, _c, _t in CONN_FIELDS]
+
+
+def _header_fields(lines: Any) -> list[str] | None:
+    """The ``#fields`` header of a chunk (a polars Series of lines), if it has one."""
+
+    found = lines.filter(lines.str.starts_with("#fields"))
+    if found.len() == 0:
+        return None
+    return str(found[0]).split("\t")[1:]
+
+
+def _text_columns(raw: Any, order: list[str]) -> Any:
+    """A polars frame of every record line's fields as text (null where absent or unset)."""
+    import polars as pl
+
+    df = pl.DataFrame({"raw": raw})
+    is_json = pl.col("raw").str.starts_with("{")
+    parts = pl.col("raw").str.split("\t")
+    exprs = [is_json.alias("_json"), parts.list.len().alias("_n")]
+    for name, col, _typ in CONN_FIELDS:
+        from_json = pl.col("raw").str.json_path_match(f"$['{name}']")
+        if name in order:
+            from_tsv = parts.list.get(order.index(name), null_on_oob=True)
+        else:
+            from_tsv = pl.lit(None, dtype=pl.String)
+        text = pl.when(is_json).then(from_json).otherwise(from_tsv)
+        exprs.append(pl.when(text.is_in(["-", "(empty)", ""])).then(None).otherwise(text)
+                     .alias(col))
+    return df.with_columns(exprs)
+
+
+def _typed(df: Any, n_fields: int) -> tuple[Any, Any]:
+    """(typed record frame, reason per line: null where the line is a record)."""
+    import polars as pl
+
+    typed = []
+    reasons: list[pl.Expr] = []
+    for _name, col, typ in CONN_FIELDS:
+        text = pl.col(col)
+        if pa.types.is_integer(typ):
+            val = text.cast(pl.Int64, strict=False)
+            bad = text.is_not_null() & (val.is_null() | (val < 0))
+            what = "a non-negative integer"
+        elif col == "ts":
+            val = text.cast(pl.Float64, strict=False)
+            bad = text.is_not_null() & ~val.is_between(0.0, MAX_TS).fill_null(False)
+            what = "a time in seconds since 1970"
+        elif pa.types.is_floating(typ):
+            val = text.cast(pl.Float64, strict=False)
+            bad = text.is_not_null() & (val.is_null() | ~val.is_finite().fill_null(False))
+            what = "a finite number"
+        else:
+            val, bad, what = text, pl.lit(False), ""
+        if col in _REQUIRED:
+            reasons.append(pl.when(text.is_null()).then(pl.lit(f"missing field {col}")))
+        if what:
+            reasons.append(pl.when(bad).then(pl.lit(f"field {col} is not {what}: '")
+                                            + text.str.slice(0, 60) + pl.lit("'")))
+        typed.append(val.alias(f"_v_{col}"))
+    frame = df.with_columns(typed)
+    shape = (
+        pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
+        .when(pl.col("_json") & pl.col("_v_ts").is_null() & pl.col("ts").is_null())
+        .then(pl.lit("not a JSON object with a ts field"))
+        .when(~pl.col("_json") & (pl.col("_n") < n_fields))
+        .then(pl.lit(f"expected {n_fields} tab-separated fields, found ")
+              + pl.col("_n").cast(pl.String))
+    )
+    reason = frame.select(pl.coalesce([shape, *reasons]).alias("r"))["r"]
+    return frame, reason
+
+
+def _to_batch(frame: Any) -> pa.RecordBatch:
+    import polars as pl
+
+    cols = [(pl.col("_v_ts") * 1000).round(0).cast(pl.Int64).alias("ts")]
+    cols += [pl.col(f"_v_{col}").alias(col) for _n, col, _t in CONN_FIELDS[1:]]
+    table = frame.select(cols).to_arrow()
+    arrays = [table.column("ts").combine_chunks().cast(pa.int64()).cast(SCHEMA.field("ts").type)]
+    arrays += [table.column(col).combine_chunks().cast(typ) for _n, col, typ in CONN_FIELDS[1:]]
+    arrays.append(pa.nulls(table.num_rows, pa.string()))
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+class Zeek(Format):
+    """Zeek connection records (``conn.log``), TSV or JSON lines."""
+
+    name: ClassVar[str] = "zeek"
+    schema: ClassVar[pa.Schema] = SCHEMA
+    nonnegative: ClassVar[tuple[str, ...]] = _COUNTS
+    ecs_fields: ClassVar[dict[str, str]] = {
+        "@timestamp": "ts",
+        "source.ip": "orig_h",
+        "source.port": "orig_p",
+        "destination.ip": "resp_h",
+        "destination.port": "resp_p",
+        "network.transport": "proto",
+        "network.protocol": "service",
+        "event.id": "uid",
+    }
+
+    def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        import polars as pl
+
+        every = pl.Series("raw", split_lines(data), dtype=pl.String)
+        record = ~every.str.starts_with("#")
+        numbers = np.flatnonzero(record.to_numpy()) + first_line
+        raw = every.filter(record)
+        if raw.len() == 0:
+            return ParseResult(pa.RecordBatch.from_pylist([], schema=SCHEMA), empty_rejects(), 0)
+        order = _header_fields(every) or DEFAULT_ORDER
+        frame, reason = _typed(_text_columns(raw, order), len(order))
+        ok = reason.is_null()
+        bad = ~ok
+        rejects = make_rejects(
+            numbers[bad.to_numpy()].tolist(), raw.filter(bad).str.slice(0, MAX_RAW).to_list(),
+            reason.filter(bad).to_list(),
+        ) if bad.any() else empty_rejects()
+        batch = _to_batch(frame.filter(ok))
+        return ParseResult(batch, rejects, raw.len(), pa.array(numbers[ok.to_numpy()], pa.int64()))
+
+    def feature_spec(self) -> dict[str, Any]:
+        numeric = ["duration", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
+                   "orig_ip_bytes", "resp_pkts", "resp_ip_bytes"]
+        return {
+            "categorical": ["proto", "service", "conn_state", "resp_p", "history"],
+            "numeric": numeric,
+            "log1p": numeric,
+            "min_count": 5,
+            "max_categories": 64,
+        }
