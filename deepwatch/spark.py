@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,9 @@ def spark_session(master: str | None = None) -> tuple[Any, bool]:
     builder = (SparkSession.builder.master(master).appName("deepwatch score")
                .config("spark.ui.enabled", "false")
                .config("spark.ui.showConsoleProgress", "false")
+               # pyspark's notice about pandas 3 on every worker: deepwatch's workers use Arrow
+               .config("spark.executorEnv.PYTHONWARNINGS",
+                       "ignore:PySpark does not yet fully support pandas:FutureWarning")
                .config("spark.sql.execution.arrow.maxRecordsPerBatch", "50000"))
     if master.startswith("local"):
         # nothing listens beyond loopback, and the workers run this very interpreter
@@ -181,7 +184,10 @@ def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, 
     sample = None
     labelled = False
     for spec in specs:
-        chunk = next(iter_chunks(spec, chunk_bytes=_HEAD_BYTES), None)
+        chunks = iter_chunks(spec, chunk_bytes=_HEAD_BYTES)
+        chunk = next(chunks, None)
+        if isinstance(chunks, Generator):
+            chunks.close()  # the file is closed now, not whenever the generator is collected
         if chunk is None:
             continue
         batch = with_label(fmt.parse(chunk.data, first_line=1).batch, spec.label)
@@ -238,8 +244,7 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
         for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
             files = np.asarray(batch.column("_file"), dtype=np.int64)
             lines = np.asarray(batch.column("_line"), dtype=np.int64)
-            key = np.stack([files, lines], axis=1)
-            order_ok = (tuple(key[0]) > last and
+            order_ok = ((int(files[0]), int(lines[0])) > last and
                         bool(np.all((np.diff(files) > 0) | ((np.diff(files) == 0)
                                                             & (np.diff(lines) > 0)))))
             if not order_ok:
@@ -254,8 +259,7 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
                 reject_sink.write(pa.table({
                     "line": rej.column("_line"), "raw": rej.column("_raw"),
                     "reason": rej.column("_reason"),
-                    "source": pa.array([names[f] for f in
-                                        np.asarray(rej.column("_file")).tolist()], pa.string()),
+                    "source": pa.array(names, pa.string()).take(rej.column("_file")),
                 }))
             records = _conform(batch.filter(pa.array(~bad)), scored)
             malicious = pc.equal(records.column("verdict"), "malicious")
@@ -271,6 +275,14 @@ def score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                 alerts_only: bool = False, rejects: str | None = None,
                 master: str | None = None) -> ScoreReport:
     """Score ``inputs`` on Spark into ``out`` (.parquet or .jsonl), rejects to ``rejects``."""
+    with warnings.catch_warnings():  # pyspark's notice about pandas 3, which deepwatch never uses
+        warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
+                                FutureWarning)
+        return _score_spark(bundle, format_name, inputs, out, alerts_only, rejects, master)
+
+
+def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
+                 alerts_only: bool, rejects: str | None, master: str | None) -> ScoreReport:
     from pyspark.sql.pandas.types import from_arrow_schema
 
     from .models.detector import Detector
@@ -294,10 +306,7 @@ def score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
         work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
                                  format_name=format_name, labels=[s.label for s in specs],
                                  parsed=parsed, union=union)
-        with warnings.catch_warnings():  # pyspark's notice about pandas 3, which we do not use
-            warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
-                                    FutureWarning)
-            frame = _lines_frame(session, specs).mapInArrow(work, from_arrow_schema(union))
+        frame = _lines_frame(session, specs).mapInArrow(work, from_arrow_schema(union))
         try:
             frame.write.mode("overwrite").parquet(str(staging / "parts"))
         except Exception as exc:
