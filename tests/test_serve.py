@@ -109,6 +109,21 @@ def test_raw_lines_get_the_verdicts_of_score_batch(client: httpx.Client, lines: 
     assert {"malicious", "normal"} <= {r["verdict"] for r in results}, "sample has both kinds"
     assert all(0.0 <= r["score"] <= 1.0 for r in results)
     assert {"category", "attack_type", "score", "verdict"} <= set(results[0])
+    assert "explanation" not in results[0], "explanations only when asked for"
+
+
+def test_explanations_on_request(client: httpx.Client, lines: list[str]) -> None:
+    results = score(client, lines[:100], explain=True)["results"]
+    malicious = [r for r in results if r["verdict"] == "malicious"]
+    assert malicious, "the sample has attacks"
+    for r in results:
+        if r["verdict"] == "normal":
+            assert r["explanation"] is None
+    top = json.loads(malicious[0]["explanation"])
+    assert 1 <= len(top) <= 3
+    assert all(set(t) == {"feature", "share"} and 0.0 <= t["share"] <= 1.0 for t in top)
+    plain = score(client, lines[:100])["results"]
+    assert [r["score"] for r in plain] == [r["score"] for r in results]
 
 
 def test_objects_of_fields_score_like_their_raw_lines(client: httpx.Client,
@@ -181,6 +196,7 @@ def test_only_bad_records(client: httpx.Client) -> None:
     (b'{"format": "nope", "records": []}', 422, "unknown format"),
     (b'{"format": "nslkdd", "records": []}', 422, "format 'kdd'"),
     (b'{"format": "kdd", "records": [], "extra": 1}', 422, "unknown key"),
+    (b'{"format": "kdd", "records": [], "explain": "yes"}', 422, "'explain'"),
 ])
 def test_malformed_bodies_get_4xx_with_a_reason(client: httpx.Client, body: bytes, status: int,
                                                 words: str) -> None:

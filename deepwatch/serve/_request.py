@@ -17,7 +17,7 @@ import pyarrow as pa
 from ..errors import DeepwatchError
 from ..formats import Format, ParseResult, get_format
 
-ALLOWED_KEYS = frozenset({"format", "records"})
+ALLOWED_KEYS = frozenset({"format", "records", "explain"})
 
 
 class RequestError(DeepwatchError):
@@ -40,8 +40,16 @@ class Parsed:
     rejects: list[dict[str, Any]]
 
 
-def decode(body: bytes, bundle_format: str, max_records: int) -> tuple[Format, list[Any]]:
-    """The format and records of a score request, or RequestError with the reason."""
+@dataclass
+class ScoreRequest:
+    format: Format
+    records: list[Any]
+    #: add the ``explanation`` of each malicious record (costs extra inference passes)
+    explain: bool
+
+
+def decode(body: bytes, bundle_format: str, max_records: int) -> ScoreRequest:
+    """The format, records and options of a score request, or RequestError with the reason."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -51,7 +59,7 @@ def decode(body: bytes, bundle_format: str, max_records: int) -> tuple[Format, l
     unknown = sorted(set(payload) - ALLOWED_KEYS)
     if unknown:
         raise RequestError(422, f"unknown key(s) {', '.join(map(repr, unknown))}; "
-                                "the body takes 'format' and 'records'")
+                                "the body takes 'format', 'records' and 'explain'")
     name = payload.get("format", bundle_format)
     if not isinstance(name, str):
         raise RequestError(422, "'format' must be a string")
@@ -68,7 +76,10 @@ def decode(body: bytes, bundle_format: str, max_records: int) -> tuple[Format, l
     if len(records) > max_records:
         raise RequestError(413, f"{len(records):,} records in one request; the limit is "
                                 f"{max_records:,} (split the batch)")
-    return fmt, records
+    explain = payload.get("explain", False)
+    if not isinstance(explain, bool):
+        raise RequestError(422, "'explain' must be true or false")
+    return ScoreRequest(fmt, records, explain)
 
 
 def parse(fmt: Format, records: list[Any]) -> Parsed:

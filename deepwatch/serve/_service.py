@@ -9,6 +9,7 @@ request holding it finishes.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ class Limits:
 @dataclass(frozen=True)
 class LoadedModel:
     detector: Detector
+    #: the same model (shared session and featurizer) adding explanations, for requests that
+    #: ask for them: explaining costs an extra inference pass per feature group and alert
+    explaining: Detector
     format: str
     path: Path
     fingerprint: str  # sha256 of the manifest: tells which bundle is being served
@@ -74,10 +78,12 @@ class ScoringService:
         return self._model
 
     def _load(self, path: Path, generation: int) -> LoadedModel:
-        detector = Detector(path, engine=self.engine)
+        detector = Detector(path, engine=self.engine, explain=False)
         get_format(detector.format)  # a bundle of a format this build lacks is refused now
-        model = LoadedModel(detector, detector.format, path, sha256_file(path / MANIFEST),
-                            time.time(), generation)
+        explaining = copy.copy(detector)
+        explaining.explain = True
+        model = LoadedModel(detector, explaining, detector.format, path,
+                            sha256_file(path / MANIFEST), time.time(), generation)
         self.metrics.set_model(detector.kind, detector.format, detector.engine, model.loaded_at)
         return model
 
@@ -99,13 +105,13 @@ class ScoringService:
         """Response bytes of ``POST /v1/score``; RequestError for a request refused as a whole."""
         model = self._model
         t0 = time.perf_counter()
-        fmt, records = decode(body, model.format, self.limits.max_records)
-        parsed = parse(fmt, records)
-        detector = model.detector
+        request = decode(body, model.format, self.limits.max_records)
+        parsed = parse(request.format, request.records)
+        detector = model.explaining if request.explain else model.detector
         scored = detector.score_batch(parsed.batch, detector.new_state())
         out = render(scored, parsed)
         seconds = time.perf_counter() - t0
-        self._account(fmt, scored, parsed, len(records), seconds)
+        self._account(request.format, scored, parsed, len(request.records), seconds)
         return out
 
     def _account(self, fmt: Format, scored: pa.RecordBatch, parsed: Parsed, n: int,

@@ -47,6 +47,8 @@ class ScoreRequest(BaseModel):
     format: str | None = Field(None, description="Input format; must be the bundle's (default)")
     records: list[str | dict[str, Any]] = Field(
         description="Raw lines (one record each) or JSON objects of parsed fields")
+    explain: bool = Field(False, description="Add each alert's top features ('explanation'); "
+                                             "costs extra inference passes")
 
 
 class ScoreResult(BaseModel):
@@ -56,6 +58,8 @@ class ScoreResult(BaseModel):
     verdict: str = Field(description="normal or malicious")
     attack_type: str | None = None
     category: str | None = None
+    explanation: str | None = Field(None, description="With explain: JSON list of the top "
+                                                      "features of a malicious record")
 
 
 class Reject(BaseModel):
