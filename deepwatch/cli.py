@@ -238,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # click usage errors (recent typer vendors its own click)
         import click
 
-        if isinstance(exc, click.ClickException):
+        usage = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+        if isinstance(exc, usage) and hasattr(exc, "show"):
             exc.show()
-            return exc.exit_code
+            return int(getattr(exc, "exit_code", 2))
         raise
     return 0
 
