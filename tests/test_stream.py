@@ -208,6 +208,13 @@ def test_usage_errors_are_one_line(kdd_bundle: Path, args: list[str], message: s
     assert rc == 2 and message in err and "Traceback" not in err
 
 
+def test_missing_format_is_a_usage_error(kdd_bundle: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stream", str(kdd_bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "Missing option '--format'" in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- real broker
 
 

@@ -9,9 +9,9 @@ import typer
 
 def stream(
     bundle: Annotated[str, typer.Argument(help="Bundle directory")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")],
     files: Annotated[list[str] | None, typer.Argument(
         help="Without --brokers: files (.gz ok), globs or - (stdin, the default)")] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")] = "",
     brokers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers HOST:PORT")] = None,
     input_topic: Annotated[str | None, typer.Option(help="Topic of raw records")] = None,
     output_topic: Annotated[str | None, typer.Option(help="Topic for ECS alerts")] = None,
@@ -48,13 +48,10 @@ def stream(
     Writes an ECS alert per malicious record, every verdict when asked, and every rejected
     record to the dead-letter topic or file. Logs are JSON lines on stderr.
     """
-    from ..errors import UsageError
     from ._jsonlog import setup
     from ._kafka_io import parse_options
     from .stream import StreamOptions, run_stream
 
-    if not fmt:
-        raise UsageError("stream needs --format (kdd, nslkdd, access or zeek)")
     setup(log_level)
     opts = StreamOptions(
         bundle=bundle, format=fmt, inputs=list(files or []), brokers=brokers,
