@@ -31,7 +31,7 @@ def tsne_map(X: np.ndarray, seed: int = 0, max_iter: int = 400) -> np.ndarray:
     Z = Z + rng.normal(scale=1e-4 * (float(Z.std()) or 1.0), size=Z.shape)
     perplexity = float(min(30.0, (n - 1) / 3))
     # a coarser Barnes-Hut angle and 400 iterations: on 3,000 KDD rows the map keeps the same
-    # neighbourhoods (trustworthiness 0.99) at about two thirds of the default cost
+    # neighbourhoods (trustworthiness 0.99) for about three quarters of the default's CPU time
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
                 angle=0.6, max_iter=max(max_iter, 300), random_state=seed)
     return np.asarray(tsne.fit_transform(Z.astype(np.float32)), dtype=np.float64)
