@@ -58,7 +58,9 @@ class AlertContext:
             rule_version=version,
             format_name=fmt.name,
             ecs_fields=dict(fmt.ecs_fields),
-            bounded_score=bool(detector.decision.supervised),
+            # Decision.apply maps an autoencoder's error to a 0..1 score (0.5 at the threshold)
+            # already: mapping it again would put alerts below risk 50.
+            bounded_score=True,
             anomaly_threshold=float(threshold) if threshold is not None else None,
             include_record=include_record,
         )
