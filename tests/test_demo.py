@@ -28,6 +28,8 @@ def test_demo_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(alerts) == result["alerts"] > 0
     first = json.loads(alerts[0])
     assert first["event"]["kind"] == "alert"
+    # every alert is at or above its threshold: risk 50 or more
+    assert min(json.loads(a)["event"]["risk_score"] for a in alerts) >= 50
     assert first["source"]["ip"]
     page = (out / "summary.html").read_text()
     assert "Detection per label" in page and "bruteforce" in page
