@@ -373,8 +373,9 @@ def describe(ds: Dataset) -> list[str]:
 
 def describe_all() -> list[str]:
     """Lines for ``deepwatch datasets list``."""
-    lines = [f"data sets (DEEPWATCH_DATA={os.environ.get('DEEPWATCH_DATA', '')!s}, "
-             f"cache {cache_dir() / 'datasets'}); sizes and sha256 are of the uncompressed text"]
+    data = os.environ.get("DEEPWATCH_DATA") or "(unset)"
+    lines = [f"data sets (DEEPWATCH_DATA {data}, cache {cache_dir() / 'datasets'}); "
+             "sizes and sha256 are of the uncompressed text"]
     for ds in DATASETS.values():
         lines += describe(ds)
     lines.append("groups: " + "; ".join(f"{g} = {', '.join(m)}" for g, m in GROUPS.items()))

@@ -68,6 +68,27 @@ def test_sankey_flows_count_every_record_once() -> None:
     assert list(words.data[0].link.value) == list(link.value)
 
 
+def test_page_without_a_feature_sample_says_so_and_escapes_names() -> None:
+    from deepwatch.viz.report import render
+
+    labels = np.array(["normal"] * 6 + ["<script>x</script>"] * 4, dtype=object)
+    verdict = np.array([False] * 5 + [True] * 5)
+    result = {"n": 10, "binary": {"precision": 0.8, "recall": 1.0, "f1": 0.889,
+                                  "threshold": 0.5},
+              "kdd_cost": None, "categories": None, "confusion": None,
+              "per_label": {"normal": {"support": 6, "detection_rate": 5 / 6},
+                            "<script>x</script>": {"support": 4, "detection_rate": 1.0}},
+              "rows_per_second": 100.0}
+    page = render(result, {"label": labels, "score": verdict * 0.9, "verdict": verdict},
+                  title="a <b>title</b>")
+    assert "No feature sample was collected" in page
+    assert "<h1>a &lt;b&gt;title&lt;/b&gt;</h1>" in page
+    assert "<td>&lt;script&gt;x&lt;/script&gt;</td><td>4</td><td>100.00%</td>" in page
+    assert 'id="plot-categories"' not in page and 'id="plot-sankey"' in page
+    # a label cannot close the page's scripts early (plotly escapes it in the figure JSON)
+    assert page.count("<script") == page.count("</script>")
+
+
 # ---- the page, end to end -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
