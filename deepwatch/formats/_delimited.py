@@ -7,7 +7,6 @@ per-line Python runs on either path.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +34,9 @@ def _fast(
 
     try:
         table = pacsv.read_csv(
-            io.BytesIO(data),
+            # a native buffer, not a Python file: the reader's I/O thread then never waits for
+            # the GIL (one line's p90 went from ~4 ms to ~0.6 ms on a busy 2-core machine)
+            pa.BufferReader(data),
             # Threads pay off only past one block (1 MiB): below it, handing the work to the
             # pool costs more than the parse (0.36 ms vs 3 ms for one line on a busy machine).
             read_options=pacsv.ReadOptions(column_names=schema.names,
