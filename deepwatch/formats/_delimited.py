@@ -56,10 +56,15 @@ def _fast(
         return None
     for f in schema:
         col = table.column(f.name)
-        if pa.types.is_floating(f.type) and not pc.all(pc.is_finite(col)).as_py():
-            return None
-        if f.name in nonneg and len(col) and pc.min(col).as_py() < 0:
-            return None
+        floating = pa.types.is_floating(f.type)
+        if floating or f.name in nonneg:
+            # numbers hold no nulls here (no null values were allowed): numpy checks them
+            # without the fixed cost of an Arrow compute call per column
+            x = col.to_numpy()
+            if floating and not np.isfinite(x).all():
+                return None
+            if f.name in nonneg and len(x) and x.min() < 0:
+                return None
         if pa.types.is_string(f.type) and len(col) and pc.min(pc.utf8_length(col)).as_py() == 0:
             return None
     return table
