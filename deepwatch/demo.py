@@ -143,7 +143,8 @@ def _summary_html(path: Path, model: str, per_label: dict[str, dict[str, float]]
 <html lang="en"><head><meta charset="utf-8"><title>deepwatch demo</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em}}
-th{{background:#f3f3f3;text-align:left}}</style></head><body>
+th{{background:#f3f3f3;text-align:left}}.alerts td:last-child{{word-break:break-all}}</style>
+</head><body>
 <h1>deepwatch demo: simulated web shop</h1>
 <p>Model: <b>{html.escape(model)}</b>, trained on a simulated day of normal traffic read from the
 lake; scored on a later day with labelled attacks. {alerts:,} alerts written to
@@ -153,7 +154,8 @@ has it: <a href="report.html">report.html</a>.</p>
 <table><tr><th>label</th><th>records</th><th>verdict right</th></tr>{detect}</table>
 <h2>Timings</h2><table><tr><th>step</th><th>time</th></tr>{timing}</table>
 <h2>Highest-scoring alerts</h2>
-<table><tr><th>client</th><th>true label</th><th>score</th><th>request</th></tr>{alert_rows}
+<table class="alerts"><tr><th>client</th><th>true label</th><th>anomaly score</th>
+<th>request</th></tr>{alert_rows}
 </table></body></html>
 """
     path.write_text(page, encoding="utf-8")
