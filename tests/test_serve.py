@@ -481,3 +481,45 @@ def test_dashboard_renders_live_numbers_in_headless_chromium(kdd_bundle: Path,
     assert "<polyline" in dom
     if alerts:
         assert 'class="alert-row"' in dom
+
+
+# -- any body: an answer or a 4xx, and every record accounted for --------------------------------
+
+def test_any_json_body_gets_results_and_rejects_or_a_4xx(kdd_bundle: Path,
+                                                         lines: list[str]) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from deepwatch.serve._request import RequestError
+    from deepwatch.serve._service import ScoringService
+
+    service = ScoringService(kdd_bundle, limits=LIMITS)
+    good = get_format("kdd").parse(lines[0] + "\n").batch.to_pylist()[0]
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                        st.floats(allow_nan=False), st.text(max_size=30))
+    field = st.sampled_from(sorted(good))
+    mutated = st.builds(lambda k, v: {**good, k: v}, field, scalars)
+    record = st.one_of(st.sampled_from(lines[:20]), st.text(max_size=60), mutated,
+                       st.dictionaries(st.text(max_size=8), scalars, max_size=4), scalars,
+                       st.lists(scalars, max_size=3))
+    body = st.one_of(
+        st.fixed_dictionaries({"records": st.lists(record, max_size=12)}),
+        st.dictionaries(st.sampled_from(["format", "records", "explain", "x"]),
+                        st.one_of(scalars, st.lists(record, max_size=3)), max_size=3))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body)
+    def check(payload: dict[str, Any]) -> None:
+        raw = json.dumps(payload).encode()
+        try:
+            answer = json.loads(service.score(raw))
+        except RequestError as exc:
+            assert 400 <= exc.status < 500 and exc.reason
+            return
+        records = payload["records"]
+        indices = [r["index"] for r in answer["results"]] + [r["index"] for r in
+                                                              answer["rejects"]]
+        assert sorted(indices) == list(range(len(records)))
+        assert all(r["reason"] for r in answer["rejects"])
+
+    check()
