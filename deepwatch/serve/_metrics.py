@@ -44,8 +44,8 @@ class Metrics:
         self.alerts = Counter("deepwatch_alerts", "Records given a malicious verdict",
                               registry=r)
         self.rejected_requests = Counter("deepwatch_rejected_requests",
-                                         "Requests refused as a whole, by reason",
-                                         ["reason"], registry=r)
+                                         "Requests refused as a whole, by HTTP status",
+                                         ["status"], registry=r)
         self.reloads = Counter("deepwatch_model_reloads", "Model reloads, by result",
                                ["result"], registry=r)
         self.model_info = Gauge("deepwatch_model_info", "The model being served (value 1)",
