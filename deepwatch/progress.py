@@ -21,7 +21,11 @@ def byte_progress(what: str, total: int | None) -> Iterator[Callable[[int], None
         yield None
         return
     from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
     )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

@@ -51,7 +51,8 @@ def test_bad_lines_are_rejected_with_reasons_and_line_numbers() -> None:
 def test_fast_and_robust_paths_agree(kdd_test_file: Path) -> None:
     import gzip
 
-    data = gzip.open(kdd_test_file).read()[:400_000]
+    with gzip.open(kdd_test_file) as f:
+        data = f.read(400_000)
     data = data[: data.rfind(b"\n") + 1]
     fmt = get_format("kdd")
     clean = fmt.parse(data)

@@ -74,7 +74,7 @@ class Featurizer:
         return x
 
     def _names(self) -> list[str]:
-        names = []
+        names: list[str] = []
         for col in self.spec.get("categorical", []):
             vocab = self.vocab_[col]
             names.extend(f"{col}={v}" for v in vocab)

@@ -27,7 +27,8 @@ class Detector:
         try:
             self.featurizer = Featurizer.from_json((self.path / FEATURIZER).read_text())
         except (ValueError, KeyError) as exc:
-            raise BundleError(f"{self.path / FEATURIZER} is not a valid featurizer: {exc}") from None
+            raise BundleError(
+                f"{self.path / FEATURIZER} is not a valid featurizer: {exc}") from None
         if self.featurizer.schema_hash() != self.manifest.get("featurizer_schema_hash"):
             raise BundleError(f"{self.path}: featurizer does not match the model it was saved with")
         decision = dict(self.manifest["decision"])
@@ -68,8 +69,8 @@ class Detector:
         """State carried across batches of one stream (per-client windows of derived features)."""
         return {}
 
-    def raw_outputs(self, batch: pa.RecordBatch | pa.Table,
-                    state: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def raw_outputs(self, batch: pa.RecordBatch | pa.Table, state: dict[str, Any] | None = None
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         X = self.featurizer.transform(batch, state)
         return X, self.backend.run(X)
 

@@ -43,7 +43,8 @@ def to_onnx(module: nn.Module, d_in: int, outputs: list[str]) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), buf, input_names=["features"], output_names=outputs,
+            module, (example,), buf,  # type: ignore[arg-type]
+            input_names=["features"], output_names=outputs,
             dynamic_axes=dynamic, opset_version=17, dynamo=False,
         )
     return buf.getvalue()

@@ -30,12 +30,12 @@ class Split:
     """One part of the data: features, label indices (-1: label unseen in training), strings."""
 
     X: np.ndarray
-    labels: np.ndarray  # label strings (object) or None
+    labels: np.ndarray | None  # label strings (object), None when unlabelled
     y: np.ndarray | None
     w: np.ndarray  # multiplicities (de-duplicated rows)
 
     def known(self) -> Split:
-        if self.y is None:
+        if self.y is None or self.labels is None:
             return self
         keep = self.y >= 0
         return Split(self.X[keep], self.labels[keep], self.y[keep], self.w[keep])
