@@ -47,8 +47,9 @@ def _gram_names(prefix: str, buckets: int) -> list[str]:
     return [f"{prefix}{i:03d}" for i in range(buckets)]
 
 
-def access_feature_spec(params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The featurizer spec of the ``access`` format."""
+def access_feature_spec(params: dict[str, Any] | None = None, min_count: int = 10,
+                        max_categories: int = 32) -> dict[str, Any]:
+    """The featurizer spec of the ``access`` format (defaults: see ``DEFAULT_PARAMS``)."""
     p = {**DEFAULT_PARAMS, **(params or {})}
     grams = (_gram_names("path_gram_", p["path_buckets"])
              + _gram_names("query_gram_", p["query_buckets"])
@@ -58,8 +59,8 @@ def access_feature_spec(params: dict[str, Any] | None = None) -> dict[str, Any]:
         "categorical": list(CATEGORICAL),
         "numeric": numeric,
         "log1p": [*_LOG, *grams],
-        "min_count": 10,
-        "max_categories": 32,
+        "min_count": min_count,
+        "max_categories": max_categories,
         "derive": {"name": "access_v1", "params": p},
     }
 
