@@ -254,7 +254,7 @@ def speed(tmp: Path, quick: bool) -> list[str]:
     t_peer = min(peer() for _ in range(2))
     rows = pd.read_parquet(tmp / "scored0.parquet", columns=["verdict"])
     assert len(rows) == n
-    return ["### Scoring speed (`corrected` x{} = {:,} raw records, whole process)".format(reps, n),
+    return [f"### Scoring speed (`corrected` x{reps} = {n:,} raw records, whole process)",
             "", "| pipeline | seconds | records/s |", "| --- | --- | --- |",
             f"| deepwatch score (stack, ONNX Runtime, Parquet out) | {t_ours:.2f} | "
             f"{n / t_ours:,.0f} |",
