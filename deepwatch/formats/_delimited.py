@@ -178,9 +178,21 @@ def parse_delimited(
     reason_all = np.empty(len(lines), dtype=object)
     reason_all[:] = None
     remaining = np.arange(len(lines))
+    clean = _clean_subset(lines, full, sep, nonneg)
+    if clean is not None:  # most lines are fine: they take the fast path, the rest go robust
+        clean_idx, clean_table = clean
+        ok_all[clean_idx] = True
+        parsed_parts.append((clean_idx, clean_table))
+        remaining = np.flatnonzero(~ok_all)
+    n_fields = None
+    if len(schemas) > 1:
+        n_fields = np.asarray(pc.count_substring(pa.array(lines, pa.string()), sep)) + 1
     for schema in sorted(schemas, key=len, reverse=True):
         if remaining.size == 0:
             break
+        if len(schema) != len(full) and n_fields is not None and not (
+                n_fields[remaining] == len(schema)).any():
+            continue  # no line left has this schema's field count: its reasons would not win
         sub = [lines[i] for i in remaining]
         table, idx, reasons = _robust(sub, schema, sep, nonneg)
         ok_idx = remaining[idx]
@@ -207,6 +219,66 @@ def parse_delimited(
     )
     numbers = pa.array(np.sort(order_idx).astype(np.int64) + first_line)
     return table, _result(table, rejects, n_lines, numbers)
+
+
+def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str]
+                  ) -> tuple[np.ndarray, pa.Table] | None:
+    """The lines of a chunk the fast path can parse, and their table; None if there are none.
+
+    A few bad lines should not send a whole chunk down the robust path. Lines with the schema's
+    field count are read as text by Arrow and checked column by column; every line that passes
+    is parsed by ``_fast`` itself, so the result is the fast path's (identical to the robust
+    one), and a line that the checks miss only makes this return None (robust for all).
+    """
+    import polars as pl
+
+    if len(lines) < 2:
+        return None
+    text = pa.array(lines, pa.string())
+    counts = pc.add(pc.count_substring(text, sep), 1)
+    candidate = pc.and_(pc.equal(counts, len(schema)), pc.greater(pc.utf8_length(text), 0))
+    cand_idx = np.flatnonzero(np.asarray(candidate.to_numpy(zero_copy_only=False), dtype=bool))
+    if cand_idx.size == 0:
+        return None
+    joined = "\n".join(lines[i] for i in cand_idx).encode("utf-8")
+    try:
+        as_text = pacsv.read_csv(
+            pa.BufferReader(joined),
+            read_options=pacsv.ReadOptions(column_names=schema.names, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=sep, quote_char=False,
+                                             ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types=pa.schema([pa.field(f.name, pa.string()) for f in schema]),
+                null_values=[], strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid:
+        return None
+    if as_text.num_rows != cand_idx.size:
+        return None
+    flags: list[pl.Expr] = []
+    for f in schema:
+        col = pl.col(f.name)
+        if pa.types.is_integer(f.type) or pa.types.is_floating(f.type):
+            kind = pl.Int64 if pa.types.is_integer(f.type) else pl.Float64
+            val = col.str.strip_chars().cast(kind, strict=False)
+            bad = val.is_null()
+            if kind == pl.Float64:
+                bad = bad | ~val.is_finite().fill_null(False)
+            if f.name in nonneg:
+                bad = bad | (val < 0).fill_null(False)
+        else:
+            bad = col.str.len_chars() == 0
+        flags.append(bad)
+    frame = pl.from_arrow(as_text)
+    assert isinstance(frame, pl.DataFrame)
+    suspect = frame.lazy().select(pl.any_horizontal(flags).alias("s")).collect()["s"].to_numpy()
+    good_idx = cand_idx[~suspect]
+    if good_idx.size == 0:
+        return None
+    table = _fast("\n".join(lines[i] for i in good_idx).encode("utf-8"), schema, sep, nonneg)
+    if table is None or table.num_rows != good_idx.size:
+        return None
+    return good_idx, _conform(table, schema).cast(schema)
 
 
 def _conform(table: pa.Table, full: pa.Schema) -> pa.Table:
