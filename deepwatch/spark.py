@@ -214,7 +214,15 @@ def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
                                   "org.apache.hadoop.io.LongWritable",
                                   "org.apache.hadoop.io.Text", conf=conf)
         rdds.append(raw.values().zipWithIndex().map(functools.partial(_numbered, i)))
-    return session.createDataFrame(sc.union(rdds), "file int, line long, text string")
+    lines = sc.union(rdds)
+    frame = session.createDataFrame(lines, "file int, line long, text string")
+    spread = sc.defaultParallelism
+    if lines.getNumPartitions() < spread:
+        # a .gz file is one partition: spread its lines in (file, line) ranges over the cores,
+        # each range still in input order, so that every executor scores a share
+        frame = frame.repartitionByRange(spread, "file", "line").sortWithinPartitions(
+            "file", "line")
+    return frame
 
 
 def _numbered(file_no: int, pair: tuple[str, int]) -> tuple[int, int, str]:
