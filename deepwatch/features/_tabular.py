@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .._arrow import to_numpy
 from ..errors import DataError
 from ._derive import get_deriver
 
@@ -68,7 +69,7 @@ class Featurizer:
     @staticmethod
     def _numeric(table: pa.Table, name: str, log: bool) -> np.ndarray:
         col = table.column(name)
-        x = pc.fill_null(pc.cast(col, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+        x = to_numpy(pc.fill_null(pc.cast(col, pa.float64()), 0.0))
         if log:
             x = np.log1p(np.maximum(x, 0.0))
         return x
@@ -113,7 +114,7 @@ class Featurizer:
             if col.type != pa.string():
                 col = pc.cast(col, pa.string())
             idx = pc.index_in(col, value_set=self._value_set(name))
-            idx_np = pc.fill_null(idx, len(vocab)).to_numpy(zero_copy_only=False)
+            idx_np = to_numpy(pc.fill_null(idx, len(vocab)))
             out[rows, offset + idx_np] = 1.0
             offset += len(vocab) + 1
         numeric = self.spec.get("numeric", [])
@@ -177,5 +178,5 @@ def _as_float(table: pa.Table, name: str) -> np.ndarray:
     """A numeric column as float64, nulls as 0 (zero-copy where the column allows it)."""
     col = table.column(name)
     if col.null_count == 0 and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-        return np.asarray(col.to_numpy(), dtype=np.float64)
-    return pc.fill_null(pc.cast(col, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+        return np.asarray(to_numpy(col), dtype=np.float64)
+    return to_numpy(pc.fill_null(pc.cast(col, pa.float64()), 0.0))

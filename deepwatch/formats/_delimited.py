@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from .._arrow import to_numpy
 from ._base import ParseResult, count_lines, empty_rejects, make_rejects, split_lines
 
 THREADED_PARSE_BYTES = 1 << 20
@@ -60,7 +61,7 @@ def _fast(
         if floating or f.name in nonneg:
             # numbers hold no nulls here (no null values were allowed): numpy checks them
             # without the fixed cost of an Arrow compute call per column
-            x = col.to_numpy()
+            x = to_numpy(col)
             if floating and not np.isfinite(x).all():
                 return None
             if f.name in nonneg and len(x) and x.min() < 0:
