@@ -16,7 +16,7 @@ from deepwatch.models import MODEL_KINDS
 from deepwatch.models.detector import Detector
 from deepwatch.train.api import train
 
-from .conftest import head_lines
+from conftest import head_lines
 
 
 @pytest.fixture(scope="module")
