@@ -425,6 +425,11 @@ def test_cli_serve_with_key_file_reloads_on_sighup(kdd_bundle: Path, tmp_path: P
         err = proc.stderr.read().decode() if proc.stderr else ""
         assert "SIGHUP: reloaded" in err
         assert "Traceback" not in err
+    except Exception:
+        proc.kill()
+        proc.wait()
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise AssertionError(f"server stderr:\n{err[-4000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
