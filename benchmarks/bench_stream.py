@@ -320,8 +320,8 @@ def run(quick: bool = False, bundle: str | None = None, explain: bool = False) -
         f"{load_before:.1f} before, {load_after:.1f} after ({os.cpu_count()} cores shared with "
         f"other work: rates are indicative). {seconds:.0f} s in all.", "",
         "| check | result |", "| --- | --- |",
-        f"| worker SIGKILLed after | {verdicts_at_kill:,} verdicts acknowledged "
-        f"({committed_at_kill:,} records committed) |",
+        f"| worker SIGKILLed when | the verdict topic's watermark passed {kill_after:,} (it "
+        f"read {verdicts_at_kill:,}; Tansu's lags); {committed_at_kill:,} records committed |",
         f"| restarted worker | exit code {exit_code} after SIGTERM; "
         f"{stop_log[0]['records'] if stop_log else '?':,} records processed |",
         f"| good records with a verdict | {len(good_ids) - missing_verdicts:,} of "
