@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ._arrow import to_numpy
 from .errors import DeepwatchError, UsageError
 from .formats import Format, get_format
 from .io import Stats, with_label
@@ -110,9 +111,9 @@ def _conform(batch: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.RecordBa
 def _record_lines(result: Any, first_line: int) -> np.ndarray:
     """Line numbers of the parsed records (from the parser, or what the rejects leave)."""
     if len(result.line_numbers) == result.batch.num_rows:
-        return np.asarray(result.line_numbers, dtype=np.int64)
+        return to_numpy(result.line_numbers).astype(np.int64, copy=False)
     every = np.arange(first_line, first_line + result.lines, dtype=np.int64)
-    rejected = np.asarray(result.rejects.column("line"), dtype=np.int64)
+    rejected = to_numpy(result.rejects.column("line")).astype(np.int64, copy=False)
     return every[~np.isin(every, rejected)]
 
 
@@ -156,8 +157,8 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
         n = batch.num_rows
         if n == 0:
             continue
-        files = np.asarray(batch.column("file"), dtype=np.int64)
-        lines = np.asarray(batch.column("line"), dtype=np.int64)
+        files = to_numpy(batch.column("file")).astype(np.int64)
+        lines = to_numpy(batch.column("line")).astype(np.int64, copy=False)
         text = batch.column("text")
         cut = np.flatnonzero((np.diff(files) != 0) | (np.diff(lines) != 1)) + 1
         for a, b in zip(np.r_[0, cut], np.r_[cut, n], strict=True):
@@ -250,15 +251,15 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
     names = [s.display for s in specs]
     for _key, part in sorted(keyed):
         for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
-            files = np.asarray(batch.column("_file"), dtype=np.int64)
-            lines = np.asarray(batch.column("_line"), dtype=np.int64)
+            files = to_numpy(batch.column("_file")).astype(np.int64)
+            lines = to_numpy(batch.column("_line")).astype(np.int64, copy=False)
             order_ok = ((int(files[0]), int(lines[0])) > last and
                         bool(np.all((np.diff(files) > 0) | ((np.diff(files) == 0)
                                                             & (np.diff(lines) > 0)))))
             if not order_ok:
                 raise SparkError("Spark returned records out of input order; please report")
             last = (int(files[-1]), int(lines[-1]))
-            bad = np.asarray(pc.is_valid(batch.column("_reason")), dtype=bool)
+            bad = to_numpy(pc.is_valid(batch.column("_reason")))
             for f in np.unique(files).tolist():
                 mine = files == f
                 stats.add(names[f], int(mine.sum()), int((mine & bad).sum()))

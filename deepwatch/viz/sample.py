@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from .._arrow import to_numpy
+
 
 class LabelSample:
     def __init__(self, per_label: int = 3000, seed: int = 0):
@@ -26,7 +28,7 @@ class LabelSample:
         keys = self._rng.random(n)
         # hash-based grouping in Arrow: several times faster than sorting strings with numpy
         encoded = pa.array(labels, pa.string()).dictionary_encode()
-        inverse = np.asarray(encoded.indices)
+        inverse = to_numpy(encoded.indices)
         for j, lab in enumerate(encoded.dictionary.to_pylist()):
             idx = np.flatnonzero(inverse == j)
             if len(idx) > self.per_label:
