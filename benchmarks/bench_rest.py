@@ -232,7 +232,8 @@ def run(quick: bool = False, bundle: str | None = None) -> list[str]:
             "- CPU ms/request: CPU time the server process (or, in process, this process) used "
             "per request; waiting for a busy core inflates the latencies but not this, so it "
             "bounds what an idle machine would show (minus the client's share).", "",
-            "Reproduce: `python benchmarks/bench_rest.py" + (" --quick" if quick else "") + "`."]
+            "Reproduce: `python benchmarks/bench_rest.py" + (" --quick" if quick else "") + "`.",
+            ""]
     return out
 
 
