@@ -41,6 +41,9 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 #: those switches are what stretches the tail on busy cores). Larger bodies go to the pool, so
 #: the loop keeps answering while they score.
 INLINE_BODY_BYTES = 32 * 1024
+#: Connections and requests served at once; past it uvicorn answers 503 at once. With the body
+#: limit this bounds the memory an overload can take (64 x 16 MiB of bodies at most).
+MAX_CONCURRENT_REQUESTS = 64
 
 
 class ScoreRequest(BaseModel):
@@ -248,7 +251,8 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
         log.warning("listening on %s without an API key: anyone who can reach it can score "
                     "and reload", host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            server_header=False, timeout_graceful_shutdown=10)
+                            server_header=False, timeout_graceful_shutdown=10,
+                            limit_concurrency=MAX_CONCURRENT_REQUESTS)
     server = uvicorn.Server(config)
     _install_sighup(app.state.service)
     _exit_cleanly_on_sigterm()
