@@ -528,3 +528,21 @@ def test_any_json_body_gets_results_and_rejects_or_a_4xx(kdd_bundle: Path,
         assert all(r["reason"] for r in answer["rejects"])
 
     check()
+
+
+@pytest.mark.slow
+def test_a_hybrid_bundle_answers_with_anomaly_scores(small_kdd: Path, bundle_root: Path,
+                                                     lines: list[str]) -> None:
+    from conftest import trained_bundle
+
+    bundle = trained_bundle("hybrid", small_kdd, bundle_root)  # shared with test_anomaly
+    with ThreadServer(create_app(bundle)) as srv, httpx.Client(base_url=srv.url) as c:
+        results = c.post("/v1/score", json={"records": lines[:200], "explain": True}).json()[
+            "results"]
+    expected = Detector(bundle).score_batch(
+        get_format("kdd").parse("\n".join(lines[:200]) + "\n").batch)
+    assert len(results) == 200
+    np.testing.assert_allclose([r["anomaly_score"] for r in results],
+                               expected.column("anomaly_score").to_numpy(), rtol=1e-9)
+    assert [r["verdict"] for r in results] == expected.column("verdict").to_pylist()
+    assert [r["explanation"] for r in results] == expected.column("explanation").to_pylist()
