@@ -208,6 +208,51 @@ def test_usage_errors_are_one_line(kdd_bundle: Path, args: list[str], message: s
     assert rc == 2 and message in err and "Traceback" not in err
 
 
+def test_metrics_port_in_use_is_a_usage_error(kdd_bundle: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = main(["stream", str(kdd_bundle), "--format", "kdd", str(tmp_path / "none.csv"),
+                   "--metrics-port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot serve metrics" in err and "Traceback" not in err
+
+
+def test_metrics_are_served_on_loopback(detector: Detector, small_kdd_test: Path,
+                                        tmp_path: Path) -> None:
+    import urllib.request
+
+    from deepwatch.serve.tansu import free_port
+
+    port = free_port()
+    src = tmp_path / "in.csv"
+    src.write_bytes(b"\n".join(_records(small_kdd_test, 200)) + b"\nnot a record\n")
+    stop = threading.Event()
+    opts = StreamOptions(bundle="unused", format="kdd", inputs=[str(src)], follow=True,
+                         out=str(tmp_path / "a.jsonl"), metrics_port=port)
+    worker = threading.Thread(target=run_stream, args=(opts, stop, detector))
+    worker.start()
+    try:
+        deadline, text = time.monotonic() + 60, ""
+        while 'outcome="rejected"} 1.0' not in text and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+    finally:
+        stop.set()
+        worker.join(30)
+    assert 'deepwatch_stream_records_total{outcome="scored"} 200.0' in text
+    assert 'deepwatch_stream_records_total{outcome="rejected"} 1.0' in text
+    assert "deepwatch_stream_batch_duration_seconds_count" in text
+
+
 def test_missing_format_is_a_usage_error(kdd_bundle: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stream", str(kdd_bundle)]) == 2

@@ -196,6 +196,12 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
     fmt = get_format(opts.format)
     stop = stop or threading.Event()
     metrics = StreamMetrics()
+    if opts.metrics_port is not None:
+        try:
+            metrics.serve(opts.metrics_port, opts.metrics_host)
+        except OSError as exc:
+            raise UsageError(f"cannot serve metrics on {opts.metrics_host}:{opts.metrics_port}: "
+                             f"{exc.strerror or exc}") from None
     if opts.brokers:
         source, sink = _kafka_io(opts, metrics)
         verdicts = bool(opts.verdict_topic)
@@ -205,8 +211,6 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
         verdicts = opts.verdicts is not None
     context = AlertContext.from_detector(det, include_record=opts.alert_record)
     processor = StreamProcessor(det, fmt, verdicts=verdicts, alert_context=context)
-    if opts.metrics_port is not None:
-        metrics.serve(opts.metrics_port, opts.metrics_host)
     log.info("stream started", extra={
         "event": "start", "bundle": opts.bundle, "format": fmt.name, "engine": det.engine,
         "source": f"kafka:{opts.input_topic}" if opts.brokers else list(opts.inputs or ["-"]),
