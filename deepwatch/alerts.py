@@ -4,10 +4,11 @@ Every alert field is a column expression evaluated once per batch; polars then s
 rows. ``score``, the REST service, the stream worker and the demo all use this module, so an
 alert looks the same wherever it is raised.
 
-Risk and severity: ``event.risk_score`` (0-100) is ``100 * score`` for classifiers, whose score is
-a probability. For an autoencoder alone the score is an unbounded reconstruction error, mapped to
-``100 * a / (a + threshold)`` so that the calibrated threshold reads as 50. ``event.severity`` is
-1 (low, risk < 40), 2 (medium, < 70), 3 (high, < 90) or 4 (critical).
+Risk and severity: ``event.risk_score`` (0-100) is ``100 * score``: every bundle's score is
+0..1 (a probability for classifiers; for autoencoders the decision maps the reconstruction error
+so that the calibrated threshold is 0.5). A score that is not bounded (``bounded_score=False``)
+is mapped with ``100 * a / (a + threshold)``, so its threshold too reads as 50.
+``event.severity`` is 1 (low, risk < 40), 2 (medium, < 70), 3 (high, < 90) or 4 (critical).
 """
 
 from __future__ import annotations
