@@ -546,3 +546,21 @@ def test_a_hybrid_bundle_answers_with_anomaly_scores(small_kdd: Path, bundle_roo
                                expected.column("anomaly_score").to_numpy(), rtol=1e-9)
     assert [r["verdict"] for r in results] == expected.column("verdict").to_pylist()
     assert [r["explanation"] for r in results] == expected.column("explanation").to_pylist()
+
+
+def test_dashboard_stats_stay_bounded() -> None:
+    from deepwatch.serve._stats import LATENCY_SAMPLES, RECENT_ALERTS, RecentStats
+
+    stats = RecentStats(window=60)
+    for i in range(LATENCY_SAMPLES + 500):
+        stats.record(records=3, alerts=1, rejects=1, seconds=0.001 * (i % 10),
+                     alert_rows=[{"score": 0.9, "n": i}])
+    snap = stats.snapshot()
+    assert snap["totals"] == {"requests": LATENCY_SAMPLES + 500,
+                              "records": 3 * (LATENCY_SAMPLES + 500),
+                              "alerts": LATENCY_SAMPLES + 500, "rejects": LATENCY_SAMPLES + 500}
+    assert snap["latency_ms"]["samples"] == LATENCY_SAMPLES
+    assert len(snap["recent_alerts"]) == RECENT_ALERTS
+    assert snap["recent_alerts"][0]["n"] == LATENCY_SAMPLES + 499, "newest first"
+    assert len(snap["series"]["rows"]) == 60
+    assert sum(r[2] for r in snap["series"]["rows"]) == 3 * (LATENCY_SAMPLES + 500)
