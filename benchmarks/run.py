@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SUITES = ("kdd", "anomaly", "weblogs", "stream", "rest")
+SUITES = ("kdd", "anomaly", "weblogs", "stream", "rest", "spark")
 
 
 def main() -> int:
