@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..models.nets import ProbaHead, Stack, build_network
-from .loop import TrainConfig, cross_entropy, fit, seed_everything
+from .loop import TrainConfig, cross_entropy, fit, sampling_probs, seed_everything
 
 DEFAULT_HP: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": 128, "depth": 3, "dropout": 0.1},
@@ -89,7 +89,10 @@ def train_supervised(kind: str, X: np.ndarray, y: np.ndarray, w: np.ndarray,
         bases.append(net)
         configs.append(conf)
     stack = Stack(bases, n_out)
-    fit_meta(stack, Xm, ym, wm, cfg.seed)
+    # The meta-learner gets the bases' objective: the same class re-balancing. Fitting it to the
+    # raw training mix instead would re-impose the training priors (80% floods in KDD 99), an
+    # artefact of how the data was collected rather than what a deployment will see.
+    fit_meta(stack, Xm, ym, sampling_probs(ym, wm, cfg.class_balance), cfg.seed)
     return stack, {"kind": "stack", "n_out": n_out, "bases": configs}
 
 
