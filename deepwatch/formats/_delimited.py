@@ -285,8 +285,9 @@ def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequenc
 def _conform(table: pa.Table, full: pa.Schema) -> pa.Table:
     """``table`` with exactly the ``full`` schema (missing trailing columns null)."""
     cols = []
+    have = set(table.schema.names)  # once: ``schema.names`` builds a new list on every call
     for f in full:
-        if f.name in table.schema.names:
+        if f.name in have:
             cols.append(table.column(f.name))
         else:
             cols.append(pa.nulls(table.num_rows, f.type))
