@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import trained_bundle
+from conftest import head_lines, trained_bundle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -250,9 +250,14 @@ def test_minimax_category_on_the_contest_matrix() -> None:
 
 
 @pytest.mark.slow
-def test_hybrid_names_known_attacks_and_flags_anomalies(small_kdd: Path, bundle_root: Path,
+def test_hybrid_names_known_attacks_and_flags_anomalies(kdd_train_file: Path, tmp_path: Path,
                                                          small_kdd_test: Path) -> None:
-    bundle = trained_bundle("hybrid", small_kdd, bundle_root)
+    data = tmp_path / "train.csv"  # 6k records: the stack trains three networks
+    data.write_text("".join(head_lines(kdd_train_file, 6_000, every=80)))
+    from deepwatch.train.api import train
+
+    bundle = tmp_path / "hybrid"
+    train("kdd", "hybrid", [str(data)], bundle, epochs=3, seed=0)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["outputs"] == ["proba", "anomaly", "errors", "latent"]
     assert manifest["decision"]["combine"]["novel_category"] == "probe"
