@@ -96,7 +96,8 @@ def autoencoder_vs_iforest(tmp: Path, every: int, seed: int) -> list[str]:
     from deepwatch.train.anomaly import calibrate
     from deepwatch.train.api import train
 
-    train_file = _write(tmp / "train.csv", _lines(TRAIN, every))
+    train_lines = _lines(TRAIN, every)
+    train_file = _write(tmp / "train.csv", train_lines)
     test_file = _write(tmp / "test.csv", _lines(TEST, every))
     bundle = tmp / "ae"
     t0 = time.perf_counter()
@@ -120,7 +121,7 @@ def autoencoder_vs_iforest(tmp: Path, every: int, seed: int) -> list[str]:
     return [
         "### Autoencoder on benign records of the 10% file, evaluated on `corrected`",
         "",
-        f"Records: train {sum(1 for _ in open(train_file)):,}, test {result['n']:,} "
+        f"Records: train {len(train_lines):,}, test {result['n']:,} "
         f"(every {every}th line). Threshold calibrated at FPR {TARGET_FPR} on held-out "
         "training benign records.",
         "",
