@@ -110,9 +110,13 @@ def fit(
     epoch_size = cfg.epoch_size or min(len(X), 200_000)
     steps = max(1, math.ceil(epoch_size / cfg.batch_size))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=steps * cfg.epochs, pct_start=0.1
-    )
+    total_steps = steps * cfg.epochs
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if total_steps >= 20:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1)
+    else:  # too few steps for a warm-up and an annealing phase: a constant rate
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     best = math.inf
     best_state = copy.deepcopy(net.state_dict())
     stale = 0
