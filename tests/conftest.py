@@ -74,11 +74,12 @@ _BUNDLES: dict[str, Path] = {}
 def trained_bundle(kind: str, train_file: Path, tmp_root: Path, epochs: int = 3,
                    fmt: str = "kdd") -> Path:
     """A small bundle of ``kind``, trained once per session and shared by the tests."""
-    key = f"{fmt}:{kind}:{train_file}"
+    key = f"{fmt}:{kind}:{train_file}:{epochs}"
     if key not in _BUNDLES:
         from deepwatch.train.api import train
 
-        out = tmp_root / f"bundle_{fmt}_{kind}"
+        # one directory per key: bundles of the same kind on other data must not overwrite it
+        out = tmp_root / f"bundle_{fmt}_{kind}_{len(_BUNDLES)}"
         train(fmt, kind, [str(train_file)], out, epochs=epochs, seed=0)
         _BUNDLES[key] = out
     return _BUNDLES[key]
