@@ -115,6 +115,11 @@ def score(
         "--cluster", help="Group alerts into campaigns (needs an autoencoder)")] = False,
     files: OptionalFiles = None,
     lake: LakeOption = None,
+    explain: Annotated[bool | None, typer.Option(
+        "--explain/--no-explain",
+        help="Add the features behind each alert (default: when free, i.e. for autoencoder and "
+             "hybrid bundles; a classifier's attribution runs it ~40 more times per alert)")
+    ] = None,
 ) -> None:
     """Score records with a bundle: one row per parsed record, in input order."""
     if engine == "spark":
@@ -129,7 +134,7 @@ def score(
 
         report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, engine=backend, progress=_progress(),
-                             lakes=lake or [], cluster=cluster)
+                             lakes=lake or [], cluster=cluster, explain=explain)
     else:
         raise typer.BadParameter(f"unknown engine {engine!r}; use local or spark")
     _err(f"{report.stats.summary()}; {report.alerts:,} malicious; {report.written:,} rows "

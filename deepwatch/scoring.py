@@ -37,11 +37,12 @@ class ScoreReport:
 def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                 alerts_only: bool = False, rejects: str | None = None, engine: str = "auto",
                 progress: bool = False, detector: Any = None,
-                lakes: Sequence[str] = (), cluster: bool = False) -> ScoreReport:
+                lakes: Sequence[str] = (), cluster: bool = False,
+                explain: bool | None = None) -> ScoreReport:
     from .models.detector import Detector
 
     t0 = time.perf_counter()
-    det = detector or Detector(bundle, engine=engine)
+    det = detector or Detector(bundle, engine=engine, explain=explain)
     if format_name != det.format:
         raise UsageError(f"the bundle was trained on format {det.format!r}, not {format_name!r}")
     fmt = get_format(format_name)

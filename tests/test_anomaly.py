@@ -154,8 +154,11 @@ def test_autoencoder_explanations_name_features(ae_bundle: Path, small_kdd_test:
 def test_classifier_explanations_by_occlusion(small_kdd: Path, bundle_root: Path,
                                                small_kdd_test: Path) -> None:
     bundle = trained_bundle("mlp", small_kdd, bundle_root)
-    det = Detector(bundle)
-    scored = det.score_batch(_table(small_kdd_test).slice(0, 1500).to_batches()[0])
+    batch = _table(small_kdd_test).slice(0, 1500).to_batches()[0]
+    # occlusion is costly, so a classifier explains only when asked
+    assert "explanation" not in Detector(bundle).score_batch(batch).schema.names
+    det = Detector(bundle, explain=True)
+    scored = det.score_batch(batch)
     columns = set(get_format("kdd").feature_spec()["categorical"]) | set(
         get_format("kdd").feature_spec()["numeric"])
     _check_explanations(pa.Table.from_batches([scored]), columns)

@@ -21,7 +21,8 @@ OUTPUT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category"
 
 class Detector:
     def __init__(self, path: str | Path, engine: str = "auto", verify: bool = True,
-                 device: str = "cpu", explain: bool = True, policy: str | None = None):
+                 device: str = "cpu", explain: bool | None = None,
+                 policy: str | None = None):
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path, verify=verify)
         try:
@@ -43,7 +44,10 @@ class Detector:
         self.kind: str = self.manifest["model_kind"]
         self.backend = self._backend(engine, device)
         #: add the ``explanation`` column (top features) for malicious records
-        self.explain = explain
+        # explain=None: name the features behind alerts where it is free (an autoencoder's
+        # per-feature errors come out of the network); a classifier's occlusion attribution runs
+        # the network ~40 more times per distinct alert, so it is asked for with explain=True.
+        self.explain = explain if explain is not None else "errors" in self.manifest["outputs"]
 
     def _backend(self, engine: str, device: str):  # type: ignore[no-untyped-def]
         from ..runtime import OnnxBackend, TorchBackend

@@ -35,8 +35,10 @@ def stream(
     rejects: Annotated[str | None, typer.Option(
         help="Without --brokers: rejected records to this JSONL file")] = None,
     backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
-    explain: Annotated[bool, typer.Option(
-        "--explain/--no-explain", help="Name the features behind each alert")] = True,
+    explain: Annotated[bool | None, typer.Option(
+        "--explain/--no-explain",
+        help="Name the features behind each alert (default: when free, i.e. for "
+             "autoencoder and hybrid bundles; classifiers' attribution costs ~40 passes)")] = None,
     alert_record: Annotated[bool, typer.Option(
         "--alert-record", help="Copy every parsed field into alerts (deepwatch.record)")] = False,
     kafka_option: Annotated[list[str] | None, typer.Option(

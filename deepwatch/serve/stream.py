@@ -136,7 +136,7 @@ class StreamOptions:
     verdicts: str | None = None
     rejects: str | None = None
     backend: str = "auto"
-    explain: bool = True
+    explain: bool | None = None
     alert_record: bool = False
     kafka_options: dict[str, str] = field(default_factory=dict)
 
