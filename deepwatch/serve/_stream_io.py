@@ -14,7 +14,7 @@ import polars as pl
 
 from ..errors import DeepwatchError, UsageError
 from ..formats._base import count_lines
-from ..sources.files import Chunk, InputSpec, iter_chunks, parse_input_spec
+from ..sources.files import Chunk, InputSpec, LineBuffer, iter_chunks, parse_input_spec
 from ..sources.follow import follow_chunks
 from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_records
 
@@ -113,21 +113,17 @@ class MemorySink:
 def _stdin_chunks(spec: InputSpec, chunk_bytes: int) -> Iterator[Chunk]:
     """Whole lines from stdin as soon as they arrive (``read1``: no waiting for a full chunk)."""
     stream: Any = sys.stdin.buffer  # a BufferedReader: read1 returns what has arrived
-    line, rest = 1, b""
+    lines = LineBuffer(spec)
     while True:
         block = stream.read1(chunk_bytes)
         if not block:
-            if rest:
-                yield Chunk(rest, line, spec)
+            last = lines.finish()
+            if last is not None:
+                yield last
             return
-        data = rest + block
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            rest = data
-            continue
-        whole, rest = data[: cut + 1], data[cut + 1:]
-        yield Chunk(whole, line, spec)
-        line += whole.count(b"\n")
+        chunk = lines.feed(block)
+        if chunk is not None:
+            yield chunk
 
 
 class FileSource:

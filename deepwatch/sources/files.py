@@ -35,6 +35,35 @@ class Chunk:
     spec: InputSpec
 
 
+class LineBuffer:
+    """Cuts a byte stream into chunks of whole lines, numbering lines from 1.
+
+    ``feed`` returns the whole lines that a block completes (or None); ``finish`` hands out a
+    last line that has no line break and starts the numbering over (rotation, truncation).
+    """
+
+    def __init__(self, spec: InputSpec):
+        self.spec = spec
+        self.line = 1
+        self.rest = b""
+
+    def feed(self, block: bytes) -> Chunk | None:
+        data = self.rest + block
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self.rest = data
+            return None
+        whole, self.rest = data[: cut + 1], data[cut + 1 :]
+        chunk = Chunk(whole, self.line, self.spec)
+        self.line += whole.count(b"\n")
+        return chunk
+
+    def finish(self) -> Chunk | None:
+        last = Chunk(self.rest, self.line, self.spec) if self.rest else None
+        self.line, self.rest = 1, b""
+        return last
+
+
 def parse_input_spec(text: str) -> list[InputSpec]:
     """``PATH``, ``PATH=LABEL``, a glob, or ``-``. A glob expands to its files, sorted."""
     if text == "-":
@@ -72,8 +101,7 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
                 on_bytes: Callable[[int], None] | None = None) -> Iterator[Chunk]:
     """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1."""
     stream = _open(spec)
-    line = 1
-    rest = b""
+    lines = LineBuffer(spec)
     try:
         while True:
             try:
@@ -83,17 +111,13 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
             if on_bytes is not None and block:
                 on_bytes(len(block))
             if not block:
-                if rest:
-                    yield Chunk(rest, line, spec)
+                last = lines.finish()
+                if last is not None:
+                    yield last
                 return
-            data = rest + block
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                rest = data
-                continue
-            whole, rest = data[: cut + 1], data[cut + 1 :]
-            yield Chunk(whole, line, spec)
-            line += whole.count(b"\n")
+            chunk = lines.feed(block)
+            if chunk is not None:
+                yield chunk
     finally:
         if spec.path != "-":
             stream.close()

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .files import Chunk, InputSpec
+from .files import Chunk, InputSpec, LineBuffer
 
 POLL_SECONDS = 0.2
 
@@ -36,19 +36,14 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
     if opened is None:
         return
     fh, inode = opened
-    line, rest = 1, b""
+    lines = LineBuffer(spec)
     try:
         while True:
             block = fh.read(chunk_bytes)
             if block:
-                data = rest + block
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    rest = data
-                    continue
-                whole, rest = data[: cut + 1], data[cut + 1 :]
-                yield Chunk(whole, line, spec)
-                line += whole.count(b"\n")
+                chunk = lines.feed(block)
+                if chunk is not None:
+                    yield chunk
                 continue
             if stop.is_set():
                 break
@@ -57,22 +52,23 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
             except FileNotFoundError:
                 st = None
             if st is not None and st.st_ino != inode:  # rotated: finish the old, open the new
-                if rest:
-                    yield Chunk(rest, line, spec)
+                last = lines.finish()
+                if last is not None:
+                    yield last
                 fh.close()
                 opened = _open(spec.path, stop, poll)
                 if opened is None:
                     return
                 fh, inode = opened
-                line, rest = 1, b""
             elif st is not None and st.st_size < fh.tell():  # truncated in place
-                if rest:
-                    yield Chunk(rest, line, spec)
+                last = lines.finish()
+                if last is not None:
+                    yield last
                 fh.seek(0)
-                line, rest = 1, b""
             else:
                 stop.wait(poll)
-        if rest:
-            yield Chunk(rest, line, spec)
+        last = lines.finish()
+        if last is not None:
+            yield last
     finally:
         fh.close()
