@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import kdd_bundle  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("DEEPWATCH_DATA", ROOT.parent / "shared" / "data"))
 TRAIN_FILE = DATA / "kddcup99" / "kddcup.data_10_percent.gz"
@@ -30,20 +33,7 @@ QUICK_LINES = 50_000
 
 
 def _bundle(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    if (STACK / "manifest.json").exists():
-        return STACK
-    cache = Path(tempfile.gettempdir()) / "deepwatch-bench" / "stream-mlp"
-    if not (cache / "manifest.json").exists():
-        from deepwatch.train.api import train
-
-        sample = cache.parent / "kdd_train_every5.csv"
-        sample.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(TRAIN_FILE, "rb") as f:
-            sample.write_bytes(b"".join(ln for i, ln in enumerate(f) if i % 5 == 0))
-        train("kdd", "mlp", [str(sample)], cache, epochs=3, seed=0)
-    return cache
+    return kdd_bundle(explicit)
 
 
 def _input(quick: bool, work: Path) -> Path:
