@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import UsageError
@@ -77,7 +76,3 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
         sink.close(schema)
         reject_sink.close()
     return ScoreReport(reader.stats, sink.rows, alerts, time.perf_counter() - t0, det.engine)
-
-
-def score_table(detector: Any, table: pa.Table) -> pa.Table:
-    return pa.Table.from_batches([detector.score_batch(b) for b in table.to_batches()])

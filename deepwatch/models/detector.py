@@ -3,7 +3,6 @@ that the CLI, REST service, Kafka worker and Spark jobs all call."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +189,3 @@ def _append(batch: pa.RecordBatch, cols: dict[str, pa.Array]) -> pa.RecordBatch:
     names = [n for n in batch.schema.names if n not in cols]
     arrays = [batch.column(n) for n in names]
     return pa.RecordBatch.from_arrays(arrays + list(cols.values()), names=names + list(cols))
-
-
-def load(path: str | Path, **kw: Any) -> Detector:
-    return Detector(path, **kw)
-
-
-def manifest_json(det: Detector) -> str:
-    return json.dumps(det.manifest, indent=2)

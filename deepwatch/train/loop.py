@@ -165,16 +165,6 @@ def evaluate_loss(net: nn.Module, loss_fn: LossFn, X: torch.Tensor, y: torch.Ten
     return total / max(weight, 1e-12)
 
 
-@torch.no_grad()
-def predict(net: nn.Module, X: np.ndarray, batch: int = 16384) -> np.ndarray:
-    """Run ``net`` in eval mode over ``X`` in batches on the CPU; returns numpy."""
-    net.eval()
-    outs = []
-    for i in range(0, len(X), batch):
-        outs.append(net(torch.as_tensor(X[i : i + batch])).numpy())
-    return np.concatenate(outs) if outs else np.zeros((0,))
-
-
 def cross_entropy(net: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
                   reduction: str = "mean") -> torch.Tensor:
     assert y is not None
