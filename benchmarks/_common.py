@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("DEEPWATCH_DATA", ROOT.parent / "shared" / "data"))
 KDD_TRAIN = DATA / "kddcup99" / "kddcup.data_10_percent.gz"
+KDD_TEST = DATA / "kddcup99" / "corrected.gz"
 STACK = ROOT / "models" / "kdd-stack"
 
 

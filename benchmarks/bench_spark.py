@@ -22,13 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import KDD_TEST as TEST_FILE  # noqa: E402
 from _common import kdd_bundle  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("DEEPWATCH_DATA", ROOT.parent / "shared" / "data"))
-TRAIN_FILE = DATA / "kddcup99" / "kddcup.data_10_percent.gz"
-TEST_FILE = DATA / "kddcup99" / "corrected.gz"
-STACK = ROOT / "models" / "kdd-stack"
 QUICK_LINES = 50_000
 
 

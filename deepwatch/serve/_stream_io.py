@@ -14,7 +14,7 @@ import polars as pl
 
 from ..errors import DeepwatchError, UsageError
 from ..formats._base import count_lines
-from ..sources.files import Chunk, InputSpec, LineBuffer, iter_chunks, parse_input_spec
+from ..sources.files import Chunk, InputSpec, chunks_from_reads, iter_chunks, parse_input_spec
 from ..sources.follow import follow_chunks
 from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_records
 
@@ -113,17 +113,7 @@ class MemorySink:
 def _stdin_chunks(spec: InputSpec, chunk_bytes: int) -> Iterator[Chunk]:
     """Whole lines from stdin as soon as they arrive (``read1``: no waiting for a full chunk)."""
     stream: Any = sys.stdin.buffer  # a BufferedReader: read1 returns what has arrived
-    lines = LineBuffer(spec)
-    while True:
-        block = stream.read1(chunk_bytes)
-        if not block:
-            last = lines.finish()
-            if last is not None:
-                yield last
-            return
-        chunk = lines.feed(block)
-        if chunk is not None:
-            yield chunk
+    yield from chunks_from_reads(lambda: stream.read1(chunk_bytes), spec)
 
 
 class FileSource:

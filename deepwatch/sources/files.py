@@ -97,27 +97,34 @@ def _open(spec: InputSpec):  # type: ignore[no-untyped-def]
         raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
 
 
+def chunks_from_reads(read: Callable[[], bytes], spec: InputSpec) -> Iterator[Chunk]:
+    """Whole-line chunks from ``read()`` calls until one returns no bytes."""
+    lines = LineBuffer(spec)
+    while block := read():
+        chunk = lines.feed(block)
+        if chunk is not None:
+            yield chunk
+    last = lines.finish()
+    if last is not None:
+        yield last
+
+
 def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
                 on_bytes: Callable[[int], None] | None = None) -> Iterator[Chunk]:
     """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1."""
     stream = _open(spec)
-    lines = LineBuffer(spec)
+
+    def read() -> bytes:
+        try:
+            block: bytes = stream.read(chunk_bytes)
+        except (OSError, EOFError) as exc:
+            raise InputError(f"cannot read {spec.display}: {exc}") from None
+        if on_bytes is not None and block:
+            on_bytes(len(block))
+        return block
+
     try:
-        while True:
-            try:
-                block = stream.read(chunk_bytes)
-            except (OSError, EOFError) as exc:
-                raise InputError(f"cannot read {spec.display}: {exc}") from None
-            if on_bytes is not None and block:
-                on_bytes(len(block))
-            if not block:
-                last = lines.finish()
-                if last is not None:
-                    yield last
-                return
-            chunk = lines.feed(block)
-            if chunk is not None:
-                yield chunk
+        yield from chunks_from_reads(read, spec)
     finally:
         if spec.path != "-":
             stream.close()
