@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,11 +270,14 @@ def speed(tmp: Path, quick: bool) -> list[str]:
             "(best of two runs each; the peer's model loading/training is not timed).", ""]
 
 
-def run(quick: bool = False) -> list[str]:
+SECTIONS = ("random_split", "contest", "nsl", "speed")
+
+
+def run(quick: bool = False, sections: Sequence[str] = SECTIONS) -> list[str]:
     lines = ["## Supervised models on KDD Cup 99 and NSL-KDD (issue 2)", ""]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for part in (random_split, contest, nsl, speed):
+        for part in (globals()[name] for name in sections):
             t0 = time.perf_counter()
             lines += part(tmp, quick)
             print(f"{part.__name__}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
@@ -281,4 +285,9 @@ def run(quick: bool = False) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(run(quick="--quick" in sys.argv)))
+    # python benchmarks/bench_kdd.py [--quick] [SECTION ...]   (sections: see SECTIONS)
+    chosen = [a for a in sys.argv[1:] if not a.startswith("--")]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    print("\n".join(run(quick="--quick" in sys.argv, sections=chosen or SECTIONS)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from .errors import DataError
 from .formats import REJECT_SCHEMA, Format
+from .formats._base import ParseResult
 from .sources.files import InputSpec, iter_chunks, parse_input_spec
 
 
@@ -49,8 +50,14 @@ class InputReader:
     """Iterates ``(batch, rejects, spec)`` over inputs; rejects carry their source."""
 
     def __init__(self, fmt: Format, specs: Sequence[str | InputSpec], progress: bool = False,
-                 lakes: Sequence[str] = ()):
+                 lakes: Sequence[str] = (),
+                 parse: Callable[[bytes, int], ParseResult] | None = None):
         self.fmt = fmt
+        #: parses a chunk of raw text (default: the format's ``parse_bulk``); a parse that also
+        #: scores (:class:`deepwatch._line_cache.ScoredLineCache`) sets ``scored`` on its batches
+        self.parse = parse
+        #: whether the batch just yielded came out of ``parse`` (False for records from lakes)
+        self.scored = False
         self.specs: list[InputSpec] = []
         for s in specs:
             self.specs.extend(parse_input_spec(s) if isinstance(s, str) else [s])
@@ -76,7 +83,11 @@ class InputReader:
             for spec in self.specs:
                 compressed = spec.path.endswith(".gz")
                 for chunk in iter_chunks(spec):
-                    result = self.fmt.parse(chunk.data, first_line=chunk.first_line)
+                    if self.parse is not None:
+                        result = self.parse(chunk.data, chunk.first_line)
+                    else:
+                        result = self.fmt.parse_bulk(chunk.data, first_line=chunk.first_line)
+                    self.scored = self.parse is not None
                     self.stats.add(spec.display, result.lines, result.rejects.num_rows)
                     if advance is not None:
                         advance(len(chunk.data) // (4 if compressed else 1))
@@ -98,6 +109,7 @@ class InputReader:
                 raise DataError(f"the lake at {root} holds {held!r} records, not "
                                 f"{self.fmt.name!r}")
             spec = InputSpec(root)
+            self.scored = False
             for batch in iter_lake(root):
                 self.stats.add(f"lake:{root}", batch.num_rows, 0)
                 yield batch, REJECT_SCHEMA.empty_table(), spec

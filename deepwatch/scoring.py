@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.compute as pc
 
+from ._line_cache import ScoredLineCache
 from .errors import UsageError
 from .formats import get_format
 from .io import InputReader, Stats
@@ -47,20 +48,24 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     fmt = get_format(format_name)
     if not inputs and not lakes:
         raise UsageError("nothing to score: give input files or --lake DIR")
-    reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
+    campaigns = _campaigns(det, alerts_only) if cluster else None
+    lines = None
+    if campaigns is None and ScoredLineCache.applies(fmt, det):
+        lines = ScoredLineCache(fmt, det)  # repeated lines are parsed and scored once
+    reader = InputReader(fmt, inputs, progress=progress, lakes=lakes,
+                         parse=lines.parse if lines is not None else None)
     sink = RecordSink(out)
     reject_sink = RejectSink(rejects)
     alerts = 0
     schema = None
     state = det.new_state()
-    campaigns = _campaigns(det, alerts_only) if cluster else None
     try:
         for batch, rej, _spec in reader:
             reject_sink.write(rej)
             if campaigns is not None:  # held back until every alert's campaign is known
                 alerts += campaigns.add(*det.score_with_outputs(batch, state))
                 continue
-            scored = det.score_batch(batch, state)
+            scored = batch if reader.scored else det.score_batch(batch, state)
             schema = scored.schema
             malicious = pc.equal(scored.column("verdict"), "malicious")
             n_alerts = pc.sum(malicious).as_py() or 0

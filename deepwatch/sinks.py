@@ -13,9 +13,20 @@ from .errors import UsageError
 
 
 class RecordSink:
-    """Writes scored batches to ``.parquet`` or ``.jsonl`` (``-`` is JSONL on stdout)."""
+    """Writes scored batches to ``.parquet`` or ``.jsonl`` (``-`` is JSONL on stdout).
+
+    Encoding and compression run on one background thread (Arrow and polars release the GIL), so
+    writing a batch overlaps parsing and scoring the next; at most two batches wait. Batches are
+    written in order, and an error in the writer surfaces on the next ``write`` or ``close``.
+    """
+
+    #: zstd at level 1: about a third faster than the default level, files ~4% larger
+    COMPRESSION = "zstd"
+    COMPRESSION_LEVEL = 1
 
     def __init__(self, path: str):
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         self.path = path
         if path == "-":
             self.kind = "jsonl"
@@ -30,14 +41,23 @@ class RecordSink:
         self._writer: Any = None
         self._fh: IO[bytes] | None = None
         self.rows = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deepwatch-sink")
+        self._pending: list[Future[None]] = []
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
+        while len(self._pending) >= 2:  # bounded: wait for the oldest (and raise its error)
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self._write, batch))
+
+    def _write(self, batch: pa.RecordBatch) -> None:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
             if self._writer is None:
-                self._writer = pq.ParquetWriter(self.path, batch.schema, compression="zstd")
+                self._writer = pq.ParquetWriter(self.path, batch.schema,
+                                                compression=self.COMPRESSION,
+                                                compression_level=self.COMPRESSION_LEVEL)
             self._writer.write_batch(batch)
             return
         if self._fh is None:
@@ -46,6 +66,15 @@ class RecordSink:
             write_jsonl(batch, self._fh)
 
     def close(self, schema: pa.Schema | None = None) -> None:
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            self._finish(schema)
+
+    def _finish(self, schema: pa.Schema | None) -> None:
         if self.kind == "parquet":
             if self._writer is None and schema is not None:
                 import pyarrow.parquet as pq

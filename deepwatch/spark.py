@@ -191,7 +191,7 @@ def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, 
             chunks.close()  # the file is closed now, not whenever the generator is collected
         if chunk is None:
             continue
-        batch = with_label(fmt.parse(chunk.data, first_line=1).batch, spec.label)
+        batch = with_label(fmt.parse_bulk(chunk.data, first_line=1).batch, spec.label)
         labelled = labelled or "label" in batch.schema.names
         if sample is None and batch.num_rows:
             sample = batch.slice(0, 64)

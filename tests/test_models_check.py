@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import head_lines
 
 from deepwatch.formats import get_format
 from deepwatch.models import MODEL_KINDS
 from deepwatch.models.detector import Detector
 from deepwatch.train.api import train
-
-from conftest import head_lines
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ class KDD(Format):
     name: ClassVar[str] = "kdd"
     has_label: ClassVar[bool] = True
     kdd_labels: ClassVar[bool] = True
+    line_independent: ClassVar[bool] = True
     nonnegative: ClassVar[tuple[str, ...]] = tuple(f for f in KDD_FEATURES if f not in CATEGORICAL)
     schema: ClassVar[pa.Schema] = pa.schema([*_feature_fields(), pa.field("label", pa.string())])
     _unlabelled: ClassVar[pa.Schema] = pa.schema(_feature_fields())

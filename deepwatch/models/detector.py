@@ -3,16 +3,21 @@ that the CLI, REST service, Kafka worker and Spark jobs all call."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
+from .._dedupe import distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_manifest
 from ..errors import BundleError, UsageError
 from ..features import Featurizer
 from .decision import Decision
+
+if TYPE_CHECKING:
+    import polars as pl
 
 #: Columns score_batch appends, in order (those a bundle cannot produce are left out).
 OUTPUT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category")
@@ -47,6 +52,7 @@ class Detector:
         # per-feature errors come out of the network); a classifier's occlusion attribution runs
         # the network ~40 more times per distinct alert, so it is asked for with explain=True.
         self.explain = explain if explain is not None else "errors" in self.manifest["outputs"]
+        self._cache = ResultCache()
 
     def _backend(self, engine: str, device: str):  # type: ignore[no-untyped-def]
         from ..runtime import OnnxBackend, TorchBackend
@@ -107,6 +113,11 @@ class Detector:
                     ) -> pa.RecordBatch:
         """The input batch with ``score``, ``anomaly_score`` (autoencoders), ``verdict``
         (``normal``/``malicious``), ``attack_type`` and ``category`` (classifiers) appended."""
+        if batch.num_rows >= DEDUPE_MIN_ROWS and not self.featurizer.stateful:
+            # A record's verdict depends on nothing but its own fields: records seen before
+            # (floods and scans repeat them across batches as well as within one) are not
+            # featurised or run through the network again.
+            return _append(batch, self._cache.columns(batch, self))
         return self.score_with_outputs(batch, state)[0]
 
     def score_with_outputs(self, batch: pa.RecordBatch, state: dict[str, Any] | None = None
@@ -159,21 +170,8 @@ DEDUPE_MIN_ROWS = 4096
 def distinct_rows(table: pa.Table | pa.RecordBatch, columns: list[str]
                   ) -> tuple[np.ndarray, np.ndarray]:
     """``(first, inverse)``: the first row of each distinct record and, for every row, the index
-    of its distinct record, so that ``rows == first[inverse]`` in content.
-
-    Records are keyed by two independent 64-bit hashes of the columns (128 bits: a collision
-    among a million records has odds of about 1e-27).
-    """
-    import polars as pl
-
-    df = pl.from_arrow(table.select(columns))
-    assert isinstance(df, pl.DataFrame)
-    keys = pl.DataFrame({"a": df.hash_rows(seed=11), "b": df.hash_rows(seed=29)})
-    inverse = keys.select(pl.struct("a", "b").rank("dense")).to_series().to_numpy() - 1
-    inverse = inverse.astype(np.int64)
-    first = np.empty(int(inverse.max()) + 1 if len(inverse) else 0, dtype=np.int64)
-    first[inverse[::-1]] = np.arange(len(inverse) - 1, -1, -1)
-    return first, inverse
+    of its distinct record, so that ``rows == first[inverse]`` in content."""
+    return distinct(record_keys(table, columns))
 
 
 def _expand(value: Any, inverse: np.ndarray) -> Any:
@@ -189,3 +187,65 @@ def _append(batch: pa.RecordBatch, cols: dict[str, pa.Array]) -> pa.RecordBatch:
     names = [n for n in batch.schema.names if n not in cols]
     arrays = [batch.column(n) for n in names]
     return pa.RecordBatch.from_arrays(arrays + list(cols.values()), names=names + list(cols))
+
+
+class ResultCache:
+    """The output columns of records already scored, keyed by their 128-bit record hash.
+
+    Bounded: when it would hold more than ``max_rows`` records it starts again empty. Only for
+    detectors whose verdicts depend on nothing but the record itself (no per-client state).
+    Thread-safe: one batch at a time goes through it.
+    """
+
+    def __init__(self, max_rows: int = 1 << 18):
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self._keys: pl.DataFrame | None = None  # a, b, slot
+        self._cols: dict[str, pa.Array] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return 0 if self._keys is None else self._keys.height
+
+    def columns(self, batch: pa.RecordBatch, det: Detector) -> dict[str, pa.Array]:
+        import polars as pl
+
+        keys = record_keys(batch, det.featurizer.input_columns)
+        first, inverse = distinct(keys)
+        known_keys = keys[first]
+        with self._lock:
+            if self._keys is None:
+                slot = np.full(len(first), -1, dtype=np.int64)
+            else:
+                slot = (known_keys.join(self._keys, on=["a", "b"], how="left",
+                                      maintain_order="left")["slot"]
+                        .fill_null(-1).to_numpy().astype(np.int64))
+            miss = np.flatnonzero(slot < 0)
+            if len(miss) and len(self) + len(miss) > self.max_rows:
+                self._keys, self._cols = None, {}  # full: start again
+                slot[:] = -1
+                miss = np.arange(len(first))
+            self.hits += len(first) - len(miss)
+            self.misses += len(miss)
+            result = None
+            if len(miss) >= 0.7 * batch.num_rows:
+                # mostly new records (or a cold cache): score the batch as it is
+                result = det._columns(det._decide(batch, None))
+                new_rows = {k: v.take(pa.array(first[miss])) for k, v in result.items()}
+            elif len(miss):
+                new_rows = det._columns(det._decide(batch.take(pa.array(first[miss])), None))
+            if len(miss):
+                base = len(self)
+                slot[miss] = np.arange(base, base + len(miss))
+                added = known_keys[miss].with_columns(slot=pl.Series(slot[miss]))
+                if self._keys is None:
+                    self._keys, self._cols = added, new_rows
+                else:
+                    self._keys = pl.concat([self._keys, added])
+                    self._cols = {k: pa.concat_arrays([v, new_rows[k]])
+                                  for k, v in self._cols.items()}
+            if result is not None:
+                return result
+            idx = pa.array(slot[inverse])
+            return {k: v.take(idx) for k, v in self._cols.items()}

@@ -102,7 +102,7 @@ class StreamProcessor:
         self.state = detector.new_state()
 
     def process(self, raw: RawBatch, now: datetime | None = None) -> Output:
-        result = self.fmt.parse(raw.data, first_line=0) if raw.count else None
+        result = self.fmt.parse_bulk(raw.data, first_line=0) if raw.count else None
         if result is not None and result.lines != raw.count:
             raise ValueError(f"{raw.count} records became {result.lines} lines; a record "
                              "holds a line break")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..errors import InputError
+from ..formats._base import count_newlines
 
 CHUNK_BYTES = 8 << 20
 
@@ -48,14 +49,16 @@ class LineBuffer:
         self.rest = b""
 
     def feed(self, block: bytes) -> Chunk | None:
-        data = self.rest + block
-        cut = data.rfind(b"\n")
+        cut = block.rfind(b"\n")
         if cut < 0:
-            self.rest = data
+            self.rest += block
             return None
-        whole, self.rest = data[: cut + 1], data[cut + 1 :]
+        # one copy of the block, not two: the tail after the last line break is short
+        whole = (b"".join((self.rest, memoryview(block)[: cut + 1])) if self.rest
+                 else block if cut + 1 == len(block) else block[: cut + 1])
+        self.rest = block[cut + 1 :]
         chunk = Chunk(whole, self.line, self.spec)
-        self.line += whole.count(b"\n")
+        self.line += count_newlines(whole)
         return chunk
 
     def finish(self) -> Chunk | None:

@@ -1,0 +1,112 @@
+"""Scoring each distinct raw line once per run: ``deepwatch score``'s path for repeated traffic.
+
+For a format whose lines parse on their own and a detector whose verdicts depend on the record
+alone, a line seen before needs neither parsing nor scoring again: its scored row is kept, keyed
+by the line's 128-bit hash, and copied to every later occurrence. Rejected lines are not kept
+(they are rare, and parsing them again gives the same reason). The cache is bounded: when full
+it starts again empty.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from ._dedupe import distinct
+from .formats._base import Format, ParseResult, empty_rejects
+from .formats._repeats import (
+    MOSTLY_DISTINCT,
+    REPEAT_MIN_BYTES,
+    broadcast,
+    gather_lines,
+    index_of,
+    line_array,
+    line_keys,
+)
+
+if TYPE_CHECKING:
+    import polars as pl
+
+#: After a chunk of mostly new lines, this many chunks are scored as they are before looking
+#: for repeats again (unique traffic then pays for the look one chunk in eight).
+BACKOFF_CHUNKS = 7
+
+
+class ScoredLineCache:
+    """``parse(data, first_line)`` that returns the chunk's rows already scored."""
+
+    def __init__(self, fmt: Format, detector: Any, max_rows: int = 1 << 17):
+        self.fmt = fmt
+        self.detector = detector
+        self.max_rows = max_rows
+        self._keys: pl.DataFrame | None = None  # a, b, slot
+        self._rows: list[pa.RecordBatch] = []
+        self._table: pa.Table | None = None
+        self._size = 0
+        self._skip = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def applies(fmt: Format, detector: Any) -> bool:
+        return bool(fmt.line_independent) and not detector.featurizer.stateful
+
+    def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        if len(raw) < REPEAT_MIN_BYTES or self._skip:
+            self._skip = max(0, self._skip - 1)
+            return self._score_as_is(raw, first_line)
+        lines = line_array(raw)
+        keys = line_keys(lines)
+        first, inverse = distinct(keys)
+        if self._size + len(first) > self.max_rows:
+            self._clear()
+        known = keys[first]
+        slot = self._lookup(known)
+        miss = np.flatnonzero(slot < 0)
+        self.hits += len(first) - len(miss)
+        self.misses += len(miss)
+        if len(miss) >= MOSTLY_DISTINCT * len(lines):
+            self._skip = BACKOFF_CHUNKS
+            return self._score_as_is(raw, first_line)
+        rejects = empty_rejects()
+        reject_of = np.full(len(first), -1, np.int64)
+        if len(miss):
+            once = self.fmt.parse(gather_lines(lines, first[miss]), 0)  # numbered by miss index
+            parsed = index_of(once.line_numbers, len(miss))
+            new = np.flatnonzero(parsed >= 0)
+            if len(new):
+                self._add(known[miss[new]], self.detector.score_batch(once.batch), slot, miss[new])
+            rejects = once.rejects
+            reject_of[miss] = index_of(rejects.column("line"), len(miss))
+        table = self._table if self._table is not None else self._score_as_is(b"", 0).batch
+        batch, rejects, numbers = broadcast(table, slot, rejects, reject_of, inverse, first_line)
+        return ParseResult(batch=batch, rejects=rejects, lines=len(lines), line_numbers=numbers)
+
+    def _score_as_is(self, raw: bytes, first_line: int) -> ParseResult:
+        result = self.fmt.parse(raw, first_line)
+        result.batch = self.detector.score_batch(result.batch)
+        return result
+
+    def _lookup(self, known: pl.DataFrame) -> np.ndarray:
+        if self._keys is None:
+            return np.full(known.height, -1, np.int64)
+        joined = known.join(self._keys, on=["a", "b"], how="left", maintain_order="left")
+        return joined["slot"].fill_null(-1).to_numpy().astype(np.int64)
+
+    def _add(self, keys: pl.DataFrame, scored: pa.RecordBatch, slot: np.ndarray,
+             at: np.ndarray) -> None:
+        import polars as pl
+
+        new_slots = np.arange(self._size, self._size + scored.num_rows, dtype=np.int64)
+        added = keys.with_columns(slot=pl.Series(new_slots))
+        self._keys = added if self._keys is None else pl.concat([self._keys, added])
+        self._rows.append(scored)
+        self._table = pa.Table.from_batches(self._rows).combine_chunks()  # one take per column
+        self._size += scored.num_rows
+        slot[at] = new_slots
+
+    def _clear(self) -> None:
+        self._keys, self._rows, self._table, self._size = None, [], None, 0
