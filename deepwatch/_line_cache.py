@@ -9,12 +9,12 @@ it starts again empty.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ._dedupe import distinct
+from ._dedupe import KeyIndex, distinct
 from .formats._base import Format, ParseResult, empty_rejects
 from .formats._repeats import (
     MOSTLY_DISTINCT,
@@ -25,9 +25,6 @@ from .formats._repeats import (
     line_array,
     line_keys,
 )
-
-if TYPE_CHECKING:
-    import polars as pl
 
 #: After a chunk of mostly new lines, this many chunks are scored as they are before looking
 #: for repeats again (unique traffic then pays for the look one chunk in eight).
@@ -41,7 +38,7 @@ class ScoredLineCache:
         self.fmt = fmt
         self.detector = detector
         self.max_rows = max_rows
-        self._keys: pl.DataFrame | None = None  # a, b, slot
+        self._keys = KeyIndex()
         self._rows: list[pa.RecordBatch] = []
         self._table: pa.Table | None = None
         self._size = 0
@@ -63,8 +60,9 @@ class ScoredLineCache:
         first, inverse = distinct(keys)
         if self._size + len(first) > self.max_rows:
             self._clear()
-        known = keys[first]
-        slot = self._lookup(known)
+        a = keys["a"].to_numpy()[first]
+        b = keys["b"].to_numpy()[first]
+        slot = self._keys.lookup(a, b)
         miss = np.flatnonzero(slot < 0)
         self.hits += len(first) - len(miss)
         self.misses += len(miss)
@@ -78,7 +76,8 @@ class ScoredLineCache:
             parsed = index_of(once.line_numbers, len(miss))
             new = np.flatnonzero(parsed >= 0)
             if len(new):
-                self._add(known[miss[new]], self.detector.score_batch(once.batch), slot, miss[new])
+                at = miss[new]
+                slot[at] = self._add(a[at], b[at], self.detector.score_batch(once.batch))
             rejects = once.rejects
             reject_of[miss] = index_of(rejects.column("line"), len(miss))
         table = self._table if self._table is not None else self._score_as_is(b"", 0).batch
@@ -90,23 +89,12 @@ class ScoredLineCache:
         result.batch = self.detector.score_batch(result.batch)
         return result
 
-    def _lookup(self, known: pl.DataFrame) -> np.ndarray:
-        if self._keys is None:
-            return np.full(known.height, -1, np.int64)
-        joined = known.join(self._keys, on=["a", "b"], how="left", maintain_order="left")
-        return joined["slot"].fill_null(-1).to_numpy().astype(np.int64)
-
-    def _add(self, keys: pl.DataFrame, scored: pa.RecordBatch, slot: np.ndarray,
-             at: np.ndarray) -> None:
-        import polars as pl
-
-        new_slots = np.arange(self._size, self._size + scored.num_rows, dtype=np.int64)
-        added = keys.with_columns(slot=pl.Series(new_slots))
-        self._keys = added if self._keys is None else pl.concat([self._keys, added])
+    def _add(self, a: np.ndarray, b: np.ndarray, scored: pa.RecordBatch) -> np.ndarray:
         self._rows.append(scored)
         self._table = pa.Table.from_batches(self._rows).combine_chunks()  # one take per column
         self._size += scored.num_rows
-        slot[at] = new_slots
+        return self._keys.add(a, b)
 
     def _clear(self) -> None:
-        self._keys, self._rows, self._table, self._size = None, [], None, 0
+        self._keys.clear()
+        self._rows, self._table, self._size = [], None, 0

@@ -147,3 +147,22 @@ def test_score_command_output_equals_plain_scoring(kdd_bundle: Path, mixed: byte
     assert report.stats.rejected == plain.rejects.num_rows
     kept = rejects.read_text().splitlines()
     assert len(kept) == plain.rejects.num_rows
+
+
+def test_key_index_finds_added_keys_only() -> None:
+    import numpy as np
+
+    from deepwatch._dedupe import KeyIndex
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**63, 1000, dtype=np.uint64)
+    b = rng.integers(0, 2**63, 1000, dtype=np.uint64)
+    idx = KeyIndex()
+    assert (idx.lookup(a, b) == -1).all()
+    assert list(idx.add(a[:600], b[:600])) == list(range(600))
+    assert list(idx.add(a[600:700], b[600:700])) == list(range(600, 700))
+    got = idx.lookup(a, b)
+    assert list(got[:700]) == list(range(700)) and (got[700:] == -1).all()
+    assert (idx.lookup(a[:10], b[:10] + np.uint64(1)) == -1).all()  # same first half, other key
+    idx.clear()
+    assert len(idx) == 0 and (idx.lookup(a, b) == -1).all()

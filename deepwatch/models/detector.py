@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .._dedupe import distinct, record_keys
+from .._dedupe import KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_manifest
 from ..errors import BundleError, UsageError
 from ..features import Featurizer
 from .decision import Decision
-
-if TYPE_CHECKING:
-    import polars as pl
 
 #: Columns score_batch appends, in order (those a bundle cannot produce are left out).
 OUTPUT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category")
@@ -200,30 +197,25 @@ class ResultCache:
     def __init__(self, max_rows: int = 1 << 18):
         self.max_rows = max_rows
         self._lock = threading.Lock()
-        self._keys: pl.DataFrame | None = None  # a, b, slot
+        self._keys = KeyIndex()
         self._cols: dict[str, pa.Array] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return 0 if self._keys is None else self._keys.height
+        return len(self._keys)
 
     def columns(self, batch: pa.RecordBatch, det: Detector) -> dict[str, pa.Array]:
-        import polars as pl
-
         keys = record_keys(batch, det.featurizer.input_columns)
         first, inverse = distinct(keys)
-        known_keys = keys[first]
+        a = keys["a"].to_numpy()[first]
+        b = keys["b"].to_numpy()[first]
         with self._lock:
-            if self._keys is None:
-                slot = np.full(len(first), -1, dtype=np.int64)
-            else:
-                slot = (known_keys.join(self._keys, on=["a", "b"], how="left",
-                                      maintain_order="left")["slot"]
-                        .fill_null(-1).to_numpy().astype(np.int64))
+            slot = self._keys.lookup(a, b)
             miss = np.flatnonzero(slot < 0)
             if len(miss) and len(self) + len(miss) > self.max_rows:
-                self._keys, self._cols = None, {}  # full: start again
+                self._keys.clear()  # full: start again
+                self._cols = {}
                 slot[:] = -1
                 miss = np.arange(len(first))
             self.hits += len(first) - len(miss)
@@ -236,15 +228,9 @@ class ResultCache:
             elif len(miss):
                 new_rows = det._columns(det._decide(batch.take(pa.array(first[miss])), None))
             if len(miss):
-                base = len(self)
-                slot[miss] = np.arange(base, base + len(miss))
-                added = known_keys[miss].with_columns(slot=pl.Series(slot[miss]))
-                if self._keys is None:
-                    self._keys, self._cols = added, new_rows
-                else:
-                    self._keys = pl.concat([self._keys, added])
-                    self._cols = {k: pa.concat_arrays([v, new_rows[k]])
-                                  for k, v in self._cols.items()}
+                slot[miss] = self._keys.add(a[miss], b[miss])
+                self._cols = ({k: pa.concat_arrays([v, new_rows[k]]) for k, v in self._cols.items()}
+                              if self._cols else new_rows)
             if result is not None:
                 return result
             idx = pa.array(slot[inverse])
