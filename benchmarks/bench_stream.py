@@ -13,11 +13,11 @@ so start-up and the group join are not counted. The peer, measured in the same r
 topic: a bare confluent-kafka consumer reading every message (no parsing, no scoring, nothing
 produced). Target (issue 5): >= 50,000 records/s for one worker on 2 cores.
 
-Run alone: ``python benchmarks/bench_stream.py [--quick] [--bundle DIR] [--no-explain]``;
+Run alone: ``python benchmarks/bench_stream.py [--quick] [--bundle DIR] [--explain]``;
 ``benchmarks/run.py`` calls ``run``. The bundle is ``models/kdd-stack`` where it exists, else an
 ``mlp`` trained here on every 5th line of the KDD 10% training file (cached in the temp dir).
-The worker runs as deployed, explanations included (``--no-explain`` leaves them out: they are an
-occlusion pass over every alert, and 75% of `corrected` are attacks).
+The worker runs as deployed: a classifier names the features behind an alert only when asked
+(``--explain``: an occlusion pass over every alert, and 75% of `corrected` are attacks).
 """
 
 from __future__ import annotations
@@ -113,13 +113,15 @@ def _produce(brokers: str, values: list[bytes]) -> float:
     return len(values) / (time.perf_counter() - t0)
 
 
-def _worker(bundle: Path, brokers: str, log: Path, explain: bool) -> subprocess.Popen[bytes]:
+def _worker(bundle: Path, brokers: str, log: Path, explain: bool | None
+            ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "deepwatch.cli", "stream", str(bundle), "--format", "kdd",
            "--brokers", brokers, "--input-topic", TOPIC, "--output-topic", f"{TOPIC}.alerts",
            "--verdict-topic", f"{TOPIC}.verdicts", "--dead-letter-topic", f"{TOPIC}.dead",
            "--group", GROUP, "--batch-size", str(BATCH_SIZE), "--batch-wait-ms", "200",
-           "--kafka-option", "session.timeout.ms=6000",
-           "--explain" if explain else "--no-explain"]
+           "--kafka-option", "session.timeout.ms=6000"]
+    if explain is not None:
+        cmd.append("--explain" if explain else "--no-explain")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("ab"), cwd=ROOT)
 
 
@@ -231,7 +233,8 @@ def _steady_rates(samples: list[Sample], start: int, end: int) -> tuple[float, f
     return (c1 - c0) / (t1 - t0), (c1 - c0) / (cpu1 - cpu0) if cpu1 > cpu0 else float("nan")
 
 
-def run(quick: bool = False, bundle: str | None = None, explain: bool = True) -> list[str]:
+def run(quick: bool = False, bundle: str | None = None, explain: bool | None = None
+        ) -> list[str]:
     from deepwatch.models.detector import Detector
     from deepwatch.serve.tansu import TansuBroker
 
@@ -294,7 +297,9 @@ def run(quick: bool = False, bundle: str | None = None, explain: bool = True) ->
                 if x.startswith(b"{") and b'"event": "stop"' in x]
 
     det = Detector(path)
-    mode = "with explanations (its default)" if explain else "`--no-explain`"
+    mode = {None: "as deployed (explanations where free: autoencoder errors)",
+            True: "with `--explain` (occlusion explanations for every alert)",
+            False: "`--no-explain`"}[explain]
     out = [
         "## Stream worker through a Kafka broker (Tansu, loopback)", "",
         f"Bundle `{det.kind}` on `{det.format}` ({det.engine}); worker {mode}, batches of "
@@ -330,7 +335,7 @@ def run(quick: bool = False, bundle: str | None = None, explain: bool = True) ->
         f"{rate2 / raw_rate:.3f}x the raw consume rate ({cpu_rate2 / raw_cpu_rate:.3f}x per CPU "
         "second).", "",
         "Reproduce: `python benchmarks/bench_stream.py" + (" --quick" if quick else "")
-        + ("" if explain else " --no-explain") + "`.",
+        + {None: "", True: " --explain", False: " --no-explain"}[explain] + "`.",
     ]
     return out
 
@@ -338,4 +343,5 @@ def run(quick: bool = False, bundle: str | None = None, explain: bool = True) ->
 if __name__ == "__main__":
     explicit = sys.argv[sys.argv.index("--bundle") + 1] if "--bundle" in sys.argv else None
     print("\n".join(run(quick="--quick" in sys.argv, bundle=explicit,
-                        explain="--no-explain" not in sys.argv)))
+                        explain=True if "--explain" in sys.argv
+                        else False if "--no-explain" in sys.argv else None)))

@@ -63,6 +63,11 @@ def stream(
         follow=follow, out=out, verdicts=verdicts, rejects=rejects, backend=backend,
         explain=explain, alert_record=alert_record, kafka_options=parse_options(kafka_option or []),
     )
+    import gc
+
+    # A micro-batch is tens of thousands of short-lived message objects: collecting every 700
+    # allocations (the default) keeps re-walking them; they die together with their batch.
+    gc.set_threshold(100_000, 20, 100)
     report = run_stream(opts)
     typer.echo(report.summary(), err=True)
 

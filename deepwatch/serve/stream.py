@@ -45,24 +45,58 @@ class StreamReport:
                 f"({rate:,.0f} records/s)")
 
 
+#: How long written batches may wait for their acknowledgement before the loop waits for it.
+SETTLE_EVERY_S = 1.0
+
+
 def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threading.Event,
              metrics: StreamMetrics | None = None) -> StreamReport:
-    """Process micro-batches until the source ends or ``stop`` is set. A batch whose messages
-    are not all acknowledged raises DeliveryError before anything of it is committed."""
+    """Process micro-batches until the source ends or ``stop`` is set.
+
+    Written batches are committed once the sink has acknowledged everything they produced, never
+    before. A sink may let the loop go on with the next batches meanwhile (``max_pending``, e.g.
+    Kafka: acknowledgements then arrive while the next batch is scored, instead of the loop
+    waiting a broker round trip per batch); the loop waits for them when that many are pending,
+    after ``SETTLE_EVERY_S``, when the source is idle, before partitions are revoked and at the
+    end. A DeliveryError is raised before anything unacknowledged is committed.
+    """
     report = StreamReport()
     t_start = last_log = time.perf_counter()
-    for raw in source.batches(stop):
-        t0 = time.perf_counter()
-        out = processor.process(raw)
-        sink.write(out)
+    max_pending = max(1, int(getattr(sink, "max_pending", 1)))
+    pending: list[Any] = []
+    oldest = 0.0
+
+    def settle() -> None:
+        if not pending:
+            return
         try:
             sink.flush()
         except DeliveryError:
             if metrics is not None:
                 metrics.delivery_errors.inc()
             raise
-        source.commit(raw)
+        for done in pending:
+            source.commit(done)
+        pending.clear()
+
+    if hasattr(source, "before_revoke"):
+        source.before_revoke = settle
+    for raw in source.batches(stop):
+        if pending and _drained(sink):
+            settle()  # acknowledged already: committing costs no wait
+        if not raw.count:  # the source is idle: nothing to overlap with, commit what is done
+            settle()
+            continue
+        t0 = time.perf_counter()
+        out = processor.process(raw)
+        sink.write(out)
+        if not pending:
+            oldest = t0
+        pending.append(raw)
         now = time.perf_counter()
+        if len(pending) >= max_pending or now - oldest >= SETTLE_EVERY_S:
+            settle()
+            now = time.perf_counter()
         report.batches += 1
         report.records += out.records
         report.scored += out.scored
@@ -77,8 +111,14 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
             log.info("progress", extra={"event": "progress", "records": report.records,
                                         "rejected": report.rejected, "alerts": report.alerts,
                                         "records_per_s": round(report.records / (now - t_start))})
+    settle()
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _drained(sink: Sink) -> bool:
+    drained = getattr(sink, "drained", None)
+    return bool(drained()) if drained is not None else False
 
 
 def _observe(metrics: StreamMetrics, out: Any, seconds: float) -> None:
