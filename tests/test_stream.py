@@ -104,6 +104,49 @@ def test_nothing_is_committed_when_the_sink_fails(detector: Detector,
     assert source.committed == 0
 
 
+class _PipelinedSink(MemorySink):
+    """A sink that lets the loop run ahead (like Kafka's): it records what was committed when
+    each flush happened, and fails the flush numbered ``fail_at``."""
+
+    max_pending = 3
+
+    def __init__(self, source: MemorySource, fail_at: int | None = None):
+        super().__init__()
+        self.source, self.fail_at, self.flushes = source, fail_at, []  # type: ignore[var-annotated]
+
+    def drained(self) -> bool:
+        return False  # acknowledgements always still on their way
+
+    def flush(self) -> None:
+        self.flushes.append(self.source.committed)
+        if self.fail_at is not None and len(self.flushes) == self.fail_at:
+            raise DeliveryError("broker went away")
+        super().flush()
+
+
+def test_pipelined_sink_commits_only_what_a_flush_acknowledged(
+        detector: Detector, small_kdd_test: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import deepwatch.serve.stream as stream_mod
+
+    monkeypatch.setattr(stream_mod, "SETTLE_EVERY_S", 1e9)  # only the batch count decides here
+    values = _records(small_kdd_test, 1000)
+    source = MemorySource(values, batch_size=100)
+    sink = _PipelinedSink(source)
+    report = run_loop(source, sink, StreamProcessor(detector, get_format("kdd")),
+                      threading.Event())
+    assert report.records == 1000 and source.committed == 1000
+    # ten batches, three at a time: flushed after batches 3, 6, 9 and at the end; before each
+    # flush, nothing written since the previous one had been committed
+    assert sink.flushes == [0, 300, 600, 900]
+    assert len(sink.messages[VERDICT]) == 1000 and not sink.pending
+
+    source = MemorySource(values, batch_size=100)
+    failing = _PipelinedSink(source, fail_at=2)
+    with pytest.raises(DeliveryError):
+        run_loop(source, failing, StreamProcessor(detector, get_format("kdd")), threading.Event())
+    assert source.committed == 300  # what the first flush acknowledged, nothing after it
+
+
 def test_verdicts_off_still_alerts_and_dead_letters(detector: Detector,
                                                    small_kdd_test: Path) -> None:
     values, _, bad_idx = _mixed(_records(small_kdd_test, 500))
