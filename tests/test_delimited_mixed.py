@@ -50,3 +50,42 @@ def test_chunk_parses_as_its_lines_one_by_one(small_kdd_test: Path, rate: float)
         i + 1 for i, s in enumerate(singles) if s.batch.num_rows]
     rejects = [r for s in singles for r in s.rejects.to_pylist()]
     assert whole.rejects.to_pylist() == rejects
+
+
+TRICKY_FIELDS = ["5", "-5", "+5", " 5", "5 ", "1e3", "1_000", "inf", "nan", "0x10", "",
+                 "12345678901234567890", "0.50", ".5", "5.", "1,5", "\u00e9", "9" * 18, "-0"]
+
+
+@pytest.mark.parametrize("fmt_name", ["kdd", "nslkdd"])
+def test_tiny_inputs_parse_as_the_bulk_paths_do(small_kdd_test: Path, fmt_name: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few lines take a Python path (REST latency); it must agree with Arrow's and polars'
+    paths on every value it takes, and leave the rest to them."""
+    import deepwatch.formats._delimited as delimited
+
+    fmt = get_format(fmt_name)
+    rng = random.Random(3)
+    base = small_kdd_test.read_text().splitlines()[:200]
+    if fmt_name == "nslkdd":
+        base = [ln.rstrip(".") + ",17" for ln in base]
+    cases = [[ln] for ln in base[:60]] + [base[i:i + 5] for i in range(60, 120, 5)]
+    for _ in range(150):  # one field of one line replaced by a tricky value
+        lines = list(rng.choice(cases))
+        k = rng.randrange(len(lines))
+        fields = lines[k].split(",")
+        fields[rng.randrange(len(fields))] = rng.choice(TRICKY_FIELDS)
+        lines[k] = ",".join(fields)
+        cases.append(lines)
+    cases += [[base[0].rsplit(",", 1)[0]], [base[0] + "\r"], [base[0].replace(",", "\r", 1)]]
+    tiny_taken = 0
+    for lines in cases:
+        data = ("\n".join(lines) + "\n").encode()
+        got = fmt.parse(data, first_line=3)
+        with monkeypatch.context() as m:
+            m.setattr(delimited, "TINY_LINES", 0)
+            want = fmt.parse(data, first_line=3)
+        assert got.batch.equals(want.batch), lines
+        assert got.rejects.equals(want.rejects), lines
+        assert got.line_numbers.equals(want.line_numbers)
+        tiny_taken += delimited._tiny(data, fmt._schemas(), ",", fmt.nonnegative) is not None
+    assert tiny_taken > 60  # clean records really took the Python path

@@ -54,7 +54,8 @@ class Featurizer:
             s = float(np.std(x))
             std[name] = s if s > 1e-9 else 1.0
         self.vocab_ = vocab
-        self.__dict__.pop("_value_sets", None)  # value sets of an earlier fit
+        for cached in ("_value_sets", "_moment_arrays"):  # derived from an earlier fit
+            self.__dict__.pop(cached, None)
         self.mean_ = mean
         self.std_ = std
         self.feature_names_ = self._names()
@@ -122,16 +123,21 @@ class Featurizer:
             # all numeric columns as one matrix: a few array operations instead of several
             # Arrow calls per column (what keeps small batches, one REST record, cheap)
             log_cols = set(self.spec.get("log1p", []))
-            x = np.empty((n, len(numeric)), dtype=np.float64)
-            for j, name in enumerate(numeric):
-                x[:, j] = _as_float(table, name)
+            x = _numeric_matrix(table, numeric)
             logged = [j for j, name in enumerate(numeric) if name in log_cols]
             if logged:
                 x[:, logged] = np.log1p(np.maximum(x[:, logged], 0.0))
-            mean = np.array([self.mean_[c] for c in numeric], dtype=np.float64)
-            std = np.array([self.std_[c] for c in numeric], dtype=np.float64)
+            mean, std = self._moments(numeric)
             out[:, offset : offset + len(numeric)] = np.clip((x - mean) / std, -CLIP, CLIP)
         return out
+
+    def _moments(self, numeric: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        cache = self.__dict__.get("_moment_arrays")
+        if cache is None:
+            cache = (np.array([self.mean_[c] for c in numeric], dtype=np.float64),
+                     np.array([self.std_[c] for c in numeric], dtype=np.float64))
+            self.__dict__["_moment_arrays"] = cache
+        return cache  # type: ignore[no-any-return]
 
     def _value_set(self, name: str) -> pa.Array:
         cache: dict[str, pa.Array] = self.__dict__.setdefault("_value_sets", {})
@@ -172,6 +178,24 @@ class Featurizer:
         """Identifies the input layout the models were trained on (names and order)."""
         blob = json.dumps({"names": self.feature_names_, "spec": self.spec}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _numeric_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
+    """Columns ``names`` as one float64 matrix, nulls as 0: one Arrow call when they are all
+    null-free numbers (``to_tensor``; one REST record then costs 3 us here, not 0.4 ms), else
+    column by column."""
+    sub = table.select(names)
+    if sub.num_rows and all((pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+                            and c.null_count == 0 for f, c in zip(sub.schema, sub.columns,
+                                                                 strict=True)):
+        batches = sub.combine_chunks().to_batches()
+        if len(batches) == 1:
+            x = np.asarray(batches[0].to_tensor(row_major=True))
+            return x if x.flags.writeable else x.copy()
+    x = np.empty((table.num_rows, len(names)), dtype=np.float64)
+    for j, name in enumerate(names):
+        x[:, j] = _as_float(table, name)
+    return x
 
 
 def _as_float(table: pa.Table, name: str) -> np.ndarray:
