@@ -121,3 +121,21 @@ class TestEveryModel:
         out = det.score_batch(odd)
         assert out.num_rows == probe_batch.num_rows
         assert np.all(np.isfinite(out.column("score").to_numpy()))
+
+
+def test_fewest_errors_threshold() -> None:
+    """The binary threshold fitted on held-out records: fewest weighted errors, median tie."""
+    import numpy as np
+
+    from deepwatch.train.api import fewest_errors_threshold
+
+    def t(score: list[float], attack: list[int], w: list[float] | None = None) -> float:
+        return fewest_errors_threshold(np.array(score), np.array(attack, bool),
+                                       np.ones(len(score)) if w is None else np.array(w))
+
+    assert t([0.1, 0.2, 0.3, 0.8, 0.9], [0, 0, 1, 1, 1]) == pytest.approx(0.25)
+    assert t([0.1, 0.6, 0.4, 0.8], [0, 0, 1, 1]) == pytest.approx(0.7)  # tie: 0.25 or 0.7
+    # a heavy benign record at 0.2 outweighs a light attack with the same score
+    assert t([0.2, 0.2, 0.7], [0, 1, 1], [5, 1, 1]) == pytest.approx(0.45)
+    assert t([0.1, 0.2], [1, 1]) == pytest.approx(0.1)  # flag everything: lowest score
+    assert t([0.1, 0.2], [0, 0]) > 0.2  # flag nothing

@@ -132,7 +132,49 @@ def train_classifier(kind: str, ctx: TrainContext) -> Trained:
     if ctx.policy == "fpr":
         decision["policy"] = "threshold"
         decision["threshold"] = fpr_threshold(module, ctx, decision)
+    else:
+        decision["threshold"] = error_threshold(module, ctx, decision)
     return Trained(module, network, ["proba"], decision)
+
+
+def error_threshold(module: nn.Module, ctx: TrainContext, decision: dict[str, Any]) -> float:
+    """The score threshold with the fewest binary errors on the held-out calibration records
+    (each counted as often as it occurs), or 0.5 where that cannot be measured.
+
+    The networks learn from class-rebalanced batches, so their probabilities belong to a world
+    where every class is equally common: 0.5 is the fewest-errors threshold only there. The
+    calibration records carry the data's own mix. Where several thresholds tie, the middle one
+    of them is taken (the widest margin on both sides).
+    """
+    cal = ctx.calib
+    if cal.labels is None or len(cal.X) == 0 or BENIGN not in decision["labels"]:
+        return 0.5
+    attack = cal.labels != BENIGN
+    if attack.all() or not attack.any():
+        return 0.5
+    proba = run_module(module, cal.X, ["proba"])["proba"]
+    score = 1.0 - proba[:, decision["labels"].index(BENIGN)].astype(np.float64)
+    return fewest_errors_threshold(score, attack, cal.w.astype(np.float64))
+
+
+def fewest_errors_threshold(score: np.ndarray, attack: np.ndarray, weight: np.ndarray) -> float:
+    """The threshold t (flag ``score >= t``) minimising the weighted count of false positives
+    plus false negatives; ties resolved to the median tied cut."""
+    order = np.argsort(score, kind="stable")
+    s, a, w = score[order], attack[order], weight[order]
+    # cut i flags s[i:]: false negatives are attacks below it, false positives benign at/above
+    missed = np.concatenate([[0.0], np.cumsum(w * a)])
+    false_pos = (w * ~a).sum() - np.concatenate([[0.0], np.cumsum(w * ~a)])
+    errors = missed + false_pos
+    valid = np.ones(len(s) + 1, dtype=bool)
+    valid[1:-1] = s[1:] > s[:-1]  # a cut between equal scores is no threshold
+    cuts = np.flatnonzero(valid & (errors <= errors[valid].min() + 1e-9))
+    i = int(cuts[len(cuts) // 2])
+    if i == 0:
+        return float(s[0])
+    if i == len(s):
+        return float(np.nextafter(s[-1], np.inf))
+    return float((s[i - 1] + s[i]) / 2.0)
 
 
 def fpr_threshold(module: nn.Module, ctx: TrainContext, decision: dict[str, Any]) -> float:
