@@ -127,13 +127,13 @@ def _peer_cols(pred: np.ndarray, score: np.ndarray, labels: np.ndarray) -> dict[
 # -- deepwatch -----------------------------------------------------------------------------
 def _deepwatch(fmt: str, model: str, train: list[str], test: list[str], out: Path,
                val: list[str] | None = None, policy: str = "auto",
-               eval_policy: str | None = None) -> dict[str, Any]:
+               eval_policy: str | None = None, seed: int = 0) -> dict[str, Any]:
     from deepwatch.evaluate.run import evaluate
     from deepwatch.train.api import train as fit
 
     t0 = time.perf_counter()
     if not (out / "manifest.json").exists():
-        fit(fmt, model, train, out, val_inputs=val or (), seed=0, policy=policy)
+        fit(fmt, model, train, out, val_inputs=val or (), seed=seed, policy=policy)
     t_train = time.perf_counter() - t0
     result, _ = evaluate(str(out), fmt, test, policy=eval_policy)
     result["train_seconds"] = t_train
@@ -159,8 +159,9 @@ def random_split(tmp: Path, quick: bool) -> list[str]:
     keys = ["precision", "recall", "f1", "accuracy"]
     out = ["### Published study's protocol (random 70/15/15 split of the 10% file, seed 0)", "",
            "The study's figures are binary; deepwatch's binary decision for them is the "
-           "threshold policy (attack probability >= 0.5). The contest-cost decision (the "
-           "default on KDD data) is shown too: it trades precision for recall by design.", "",
+           "threshold policy (attack probability at or above the threshold fitted on the "
+           "validation split: fewest errors there). The contest-cost decision (the default on "
+           "KDD data) is shown too: it trades precision for recall by design.", "",
            "| model | precision | recall | F1 | accuracy |", "| --- | --- | --- | --- | --- |",
            "| study's stacked ensemble (published, fn/fp swap corrected) | 0.999736 | 0.998567"
            " | - | - |"]
@@ -214,9 +215,18 @@ def nsl(tmp: Path, quick: bool) -> list[str]:
                            tmp / f"nsl_{model}_{policy}", policy=policy)
             label = "contest cost" if policy == "auto" else "threshold at 1% validation FPR"
             out.append(_row(f"deepwatch {model} (decision: {label})", r, keys))
+    # the hybrid (stack + autoencoder: attacks unlike any in training) over three seeds, since
+    # KDDTest+'s shifted normal traffic makes single runs vary by several points
+    accs = []
+    for seed in (0, 1, 2):
+        r = _deepwatch("nslkdd", "hybrid", [str(train)], [str(test)], tmp / f"nsl_hybrid_{seed}",
+                       seed=seed)
+        accs.append(r["binary"]["accuracy"])
+        out.append(_row(f"deepwatch hybrid, seed {seed} (decision: contest cost)", r, keys))
     for name, p in _peer_scores(train, test, nsl=True, quick=quick).items():
         out.append(_row(name, p, keys))
-    out.append("")
+    out += ["", f"deepwatch hybrid, mean accuracy over seeds 0-2: {np.mean(accs):.4f} "
+            f"(min {min(accs):.4f}, max {max(accs):.4f}).", ""]
     return out
 
 
