@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -310,16 +311,17 @@ def novelty_design_check(tmp: Path, every: int, seed: int) -> list[str]:
     ]
 
 
-def run(quick: bool) -> list[str]:
+SECTIONS = ("autoencoder_vs_iforest", "dagmm_protocol", "novelty_design_check", "hybrid_contest")
+
+
+def run(quick: bool, sections: Sequence[str] = SECTIONS, seed: int = 0) -> list[str]:
     """Markdown lines with every figure; ``quick`` subsamples both files (every 10th line)."""
     every = 10 if quick else 1
-    seed = 0
     lines = ["## Anomaly detection (issue 3)", "",
              "Timings are indicative only (2 CPU cores shared with other work).", ""]
     with tempfile.TemporaryDirectory(prefix="dw-bench-anomaly-") as d:
         tmp = Path(d)
-        for section in (autoencoder_vs_iforest, dagmm_protocol, novelty_design_check,
-                        hybrid_contest):
+        for section in (globals()[name] for name in sections):
             t0 = time.perf_counter()
             lines += section(tmp, every, seed)
             print(f"{section.__name__}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -327,4 +329,12 @@ def run(quick: bool) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(run("--quick" in sys.argv)))
+    # python benchmarks/bench_anomaly.py [--quick] [--seed N] [SECTION ...]
+    args = sys.argv[1:]
+    seed_arg = int(args[args.index("--seed") + 1]) if "--seed" in args else 0
+    chosen = [a for i, a in enumerate(args)
+              if not a.startswith("--") and (i == 0 or args[i - 1] != "--seed")]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    print("\n".join(run("--quick" in args, chosen or SECTIONS, seed_arg)))
