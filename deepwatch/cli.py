@@ -59,9 +59,10 @@ def train(
         "--target-fpr", help="False-positive rate the anomaly threshold is calibrated at")] = 0.01,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     decision: Annotated[str, typer.Option(
-        help="auto (KDD data: least expected contest cost, else threshold 0.5), cost, "
-             "threshold (0.5 on the attack probability) or fpr (threshold calibrated on "
-             "held-out benign records at --target-fpr)")] = "auto",
+        help="auto (KDD data: least expected contest cost, else threshold), cost, "
+             "threshold (on the attack probability, fitted for fewest errors on held-out "
+             "records) or fpr (threshold calibrated on held-out benign records at "
+             "--target-fpr)")] = "auto",
     files: OptionalFiles = None,
     lake: LakeOption = None,
 ) -> None:
