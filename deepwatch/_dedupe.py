@@ -14,6 +14,10 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import polars as pl
 
+#: When at least this share of a batch's records (or lines) are new, looking them up and
+#: broadcasting results back costs more than it saves: the batch is processed as it is.
+MOSTLY_DISTINCT = 0.7
+
 
 def record_keys(table: pa.Table | pa.RecordBatch, columns: list[str]) -> pl.DataFrame:
     """Columns ``a`` and ``b``: two independent 64-bit hashes of each row's ``columns``

@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ._dedupe import KeyIndex, distinct
+from ._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct
 from .formats._base import Format, ParseResult, empty_rejects
 from .formats._repeats import (
-    MOSTLY_DISTINCT,
     REPEAT_MIN_BYTES,
     broadcast,
     gather_lines,

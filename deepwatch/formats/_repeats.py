@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from .._dedupe import MOSTLY_DISTINCT, distinct
 from ._base import ParseResult
 
 if TYPE_CHECKING:
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
 
 #: Below this size a chunk is parsed as it is: looking for repeated lines would cost more.
 REPEAT_MIN_BYTES = 256 << 10
-#: Parse a chunk as it is when at least this share of its lines are distinct.
-MOSTLY_DISTINCT = 0.7
 
 
 def line_array(data: bytes) -> pa.Array:
@@ -87,8 +86,6 @@ def broadcast(rows: pa.RecordBatch | pa.Table, row_of: np.ndarray, rejects: pa.T
 
 def parse_repeated(parse: Any, data: bytes | str, first_line: int) -> ParseResult:
     """``parse(data, first_line)``, with each distinct line parsed only once (the same result)."""
-    from .._dedupe import distinct
-
     raw = data.encode("utf-8") if isinstance(data, str) else data
     lines = line_array(raw)
     first, inverse = distinct(line_keys(lines))

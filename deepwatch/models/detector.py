@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .._dedupe import KeyIndex, distinct, record_keys
+from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_manifest
 from ..errors import BundleError, UsageError
 from ..features import Featurizer
@@ -87,7 +87,7 @@ class Detector:
         if n >= DEDUPE_MIN_ROWS and not self.featurizer.stateful:
             # Floods and scans repeat records: decide (and explain) each distinct record once.
             first, inverse = distinct_rows(batch, self.featurizer.input_columns)
-            if len(first) < 0.7 * n:
+            if len(first) < MOSTLY_DISTINCT * n:
                 cols = self._decide(batch.take(pa.array(first)), None)
                 return {k: _expand(v, inverse) for k, v in cols.items()}
         return self._decide(batch, state)
@@ -221,7 +221,7 @@ class ResultCache:
             self.hits += len(first) - len(miss)
             self.misses += len(miss)
             result = None
-            if len(miss) >= 0.7 * batch.num_rows:
+            if len(miss) >= MOSTLY_DISTINCT * batch.num_rows:
                 # mostly new records (or a cold cache): score the batch as it is
                 result = det._columns(det._decide(batch, None))
                 new_rows = {k: v.take(pa.array(first[miss])) for k, v in result.items()}
