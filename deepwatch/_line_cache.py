@@ -40,7 +40,6 @@ class ScoredLineCache:
         self._keys = KeyIndex()
         self._rows: list[pa.RecordBatch] = []
         self._table: pa.Table | None = None
-        self._size = 0
         self._skip = 0
         self.hits = 0
         self.misses = 0
@@ -57,7 +56,7 @@ class ScoredLineCache:
         lines = line_array(raw)
         keys = line_keys(lines)
         first, inverse = distinct(keys)
-        if self._size + len(first) > self.max_rows:
+        if len(self._keys) + len(first) > self.max_rows:
             self._clear()
         a = keys["a"].to_numpy()[first]
         b = keys["b"].to_numpy()[first]
@@ -91,9 +90,8 @@ class ScoredLineCache:
     def _add(self, a: np.ndarray, b: np.ndarray, scored: pa.RecordBatch) -> np.ndarray:
         self._rows.append(scored)
         self._table = pa.Table.from_batches(self._rows).combine_chunks()  # one take per column
-        self._size += scored.num_rows
         return self._keys.add(a, b)
 
     def _clear(self) -> None:
         self._keys.clear()
-        self._rows, self._table, self._size = [], None, 0
+        self._rows, self._table = [], None
