@@ -38,8 +38,7 @@ class ScoredLineCache:
         self.detector = detector
         self.max_rows = max_rows
         self._keys = KeyIndex()
-        self._rows: list[pa.RecordBatch] = []
-        self._table: pa.Table | None = None
+        self._table: pa.Table | None = None  # one scored row per slot
         self._skip = 0
         self.hits = 0
         self.misses = 0
@@ -88,10 +87,12 @@ class ScoredLineCache:
         return result
 
     def _add(self, a: np.ndarray, b: np.ndarray, scored: pa.RecordBatch) -> np.ndarray:
-        self._rows.append(scored)
-        self._table = pa.Table.from_batches(self._rows).combine_chunks()  # one take per column
+        new = pa.Table.from_batches([scored])
+        # one chunk per column: the broadcast is then one take per column
+        self._table = new if self._table is None else pa.concat_tables(
+            [self._table, new]).combine_chunks()
         return self._keys.add(a, b)
 
     def _clear(self) -> None:
         self._keys.clear()
-        self._rows, self._table = [], None
+        self._table = None

@@ -49,7 +49,7 @@ def gather_lines(lines: pa.Array, idx: np.ndarray) -> bytes:
     buffers = taken.buffers()
     offsets = np.frombuffer(buffers[1], np.int32 if taken.type == pa.binary() else np.int64)
     offsets = offsets[taken.offset: taken.offset + len(taken) + 1]
-    return buffers[2].to_pybytes()[offsets[0]: offsets[-1]]
+    return buffers[2][offsets[0]: offsets[-1]].to_pybytes()  # copies the slice only
 
 
 def index_of(numbers: pa.Array | pa.ChunkedArray, size: int) -> np.ndarray:
