@@ -5,7 +5,9 @@
    on the last 15%: binary precision and recall (study: 0.999736 / 0.998567).
 2. The contest protocol: train on the 10% file, evaluate on `corrected`: kdd_cost, binary F1,
    per-category detection (1999 winner: 0.2331).
-3. NSL-KDD: train on KDDTrain+_20Percent only, binary accuracy on KDDTest+.
+3. NSL-KDD: train on KDDTrain+_20Percent only, binary accuracy on KDDTest+; ``nsl_policy``
+   checks on the training file alone (leave one attack category out) which decision policy
+   the hybrid should use, then reports KDDTest+ with that one.
 4. Speed: `deepwatch score` on 1.24M raw records (`corrected` four times), whole process,
    against the pandas + one-hot + RandomForest(100).predict pipeline a user would write, timed
    in the same run (the peer's model is trained beforehand and not timed).
@@ -13,7 +15,8 @@
 Peers (RandomForest, MLPClassifier, LogisticRegression) see the same records, one-hot encoded
 with pandas, predicting the attack label; its category gives their contest decision.
 
-Run alone: ``python benchmarks/bench_kdd.py [--quick]``; ``benchmarks/run.py`` calls ``run``.
+Run alone: ``python benchmarks/bench_kdd.py [--quick] [SECTION ...]``; ``benchmarks/run.py``
+calls ``run``.
 """
 
 from __future__ import annotations
