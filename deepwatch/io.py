@@ -87,6 +87,10 @@ class InputReader:
                         result = self.parse(chunk.data, chunk.first_line)
                     else:
                         result = self.fmt.parse_bulk(chunk.data, first_line=chunk.first_line)
+                    if chunk.damage is not None:  # the unreadable rest of a damaged file
+                        result = ParseResult(result.batch, pa.table(
+                            {"line": [chunk.first_line], "raw": [""], "reason": [chunk.damage]},
+                            schema=REJECT_SCHEMA), 1)
                     self.scored = self.parse is not None
                     self.stats.add(spec.display, result.lines, result.rejects.num_rows)
                     if advance is not None:

@@ -147,6 +147,8 @@ class FileSource:
             chunks = self._chunks(spec, stop)
             try:
                 for chunk in chunks:
+                    if chunk.damage is not None:  # logged where it was found; nothing to score
+                        continue
                     n = count_lines(chunk.data)
                     origin = pl.DataFrame({
                         "file": pl.repeat(spec.display, n, eager=True, dtype=pl.String),

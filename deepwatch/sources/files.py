@@ -6,8 +6,10 @@ A file argument may be written ``PATH=LABEL``: every record from it gets that gr
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +19,8 @@ from ..errors import InputError
 from ..formats._base import count_newlines
 
 CHUNK_BYTES = 8 << 20
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class Chunk:
     data: bytes
     first_line: int
     spec: InputSpec
+    #: set (on an empty chunk after the last line that could be read) when the input is damaged
+    #: and the rest of it cannot be read: why. ``first_line`` is the first line lost.
+    damage: str | None = None
 
 
 class LineBuffer:
@@ -112,22 +119,87 @@ def chunks_from_reads(read: Callable[[], bytes], spec: InputSpec) -> Iterator[Ch
         yield last
 
 
+def salvage_gzip(path: str, skip: int, block_bytes: int = CHUNK_BYTES
+                 ) -> tuple[Iterator[bytes], list[str]]:
+    """What can still be decompressed of a damaged (truncated or corrupt) gzip file, after its
+    first ``skip`` decompressed bytes, in blocks; the list gets the reason it stopped."""
+    reason: list[str] = []
+
+    def blocks() -> Iterator[bytes]:
+        produced = 0
+        dec, open_member = zlib.decompressobj(wbits=31), False
+        with open(path, "rb") as fh:
+            while raw := fh.read(1 << 20):
+                while raw:
+                    if dec.eof:  # a further gzip member follows (concatenated files)
+                        dec = zlib.decompressobj(wbits=31)
+                    open_member = True
+                    try:
+                        out = dec.decompress(raw)
+                    except zlib.error as exc:
+                        reason.append(f"corrupt compressed data ({exc})")
+                        return
+                    if produced + len(out) > skip:
+                        yield out[max(skip - produced, 0):]
+                    produced += len(out)
+                    raw = dec.unused_data if dec.eof else b""
+                    open_member = not dec.eof
+        if open_member:
+            reason.append("the compressed stream ends early (truncated file)")
+
+    def sized() -> Iterator[bytes]:
+        buf = b""
+        for piece in blocks():
+            buf += piece
+            while len(buf) >= block_bytes:
+                yield buf[:block_bytes]
+                buf = buf[block_bytes:]
+        if buf:
+            yield buf
+
+    return sized(), reason
+
+
 def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
                 on_bytes: Callable[[int], None] | None = None) -> Iterator[Chunk]:
-    """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1."""
+    """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1.
+
+    A damaged .gz input (truncated, corrupt) does not stop the run: every line before the damage
+    is read, then a last empty chunk says why the rest is lost (:attr:`Chunk.damage`), and a
+    warning is logged.
+    """
     stream = _open(spec)
+    delivered = 0
+    rescue: Iterator[bytes] | None = None
+    why: list[str] = []
 
     def read() -> bytes:
-        try:
-            block: bytes = stream.read(chunk_bytes)
-        except (OSError, EOFError) as exc:
-            raise InputError(f"cannot read {spec.display}: {exc}") from None
+        nonlocal delivered, rescue, why
+        if rescue is not None:
+            block = next(rescue, b"")
+        else:
+            try:
+                block = stream.read(chunk_bytes)
+            except (OSError, EOFError) as exc:
+                if not spec.path.endswith(".gz") or not os.path.isfile(spec.path):
+                    raise InputError(f"cannot read {spec.display}: {exc}") from None
+                rescue, why = salvage_gzip(spec.path, delivered, chunk_bytes)
+                block = next(rescue, b"")
+        delivered += len(block)
         if on_bytes is not None and block:
             on_bytes(len(block))
         return block
 
+    next_line = 1
     try:
-        yield from chunks_from_reads(read, spec)
+        for chunk in chunks_from_reads(read, spec):
+            next_line = chunk.first_line + count_newlines(chunk.data) + \
+                (0 if chunk.data.endswith(b"\n") else 1)
+            yield chunk
+        if why:
+            reason = f"{why[0]}: nothing from line {next_line:,} on could be read"
+            log.warning("%s: %s", spec.display, reason)
+            yield Chunk(b"", next_line, spec, damage=reason)
     finally:
         if spec.path != "-":
             stream.close()

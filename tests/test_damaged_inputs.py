@@ -1,0 +1,112 @@
+"""Damaged compressed inputs: every line before the damage is read, the rest is one counted
+reject with its reason, and the run goes on with the next input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from deepwatch.cli import main
+from deepwatch.sources.files import InputSpec, iter_chunks
+
+
+def _decodable(compressed: bytes) -> bytes:
+    """Everything zlib can decompress from the start of ``compressed`` (one or more members)."""
+    out, raw = [], compressed
+    while raw:
+        dec = zlib.decompressobj(wbits=31)
+        try:
+            out.append(dec.decompress(raw))
+        except zlib.error:
+            break
+        if not dec.eof:
+            break
+        raw = dec.unused_data
+    return b"".join(out)
+
+
+@pytest.fixture(scope="module")
+def text(small_kdd_test: Path) -> bytes:
+    return small_kdd_test.read_bytes()
+
+
+def _read(path: Path, chunk_bytes: int) -> tuple[bytes, list[int], list[str | None]]:
+    chunks = list(iter_chunks(InputSpec(str(path)), chunk_bytes=chunk_bytes))
+    return (b"".join(c.data for c in chunks), [c.first_line for c in chunks],
+            [c.damage for c in chunks])
+
+
+@pytest.mark.parametrize("chunk_bytes", [64 << 10, 1 << 20, 8 << 20])
+def test_truncated_gzip_yields_every_decodable_line_then_the_damage(
+        text: bytes, tmp_path: Path, chunk_bytes: int) -> None:
+    whole = gzip.compress(text)
+    cut = whole[: len(whole) * 2 // 3]
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(cut)
+    data, first_lines, damage = _read(path, chunk_bytes)
+    expected = _decodable(cut)
+    assert len(expected) > len(text) // 3  # the test is about real salvage, not an empty file
+    assert data == expected
+    assert damage[:-1] == [None] * (len(damage) - 1)
+    assert damage[-1] is not None and "truncated" in damage[-1]
+    lost_from = expected.count(b"\n") + (0 if expected.endswith(b"\n") else 1) + 1
+    assert first_lines[-1] == lost_from
+    assert f"line {lost_from:,}" in damage[-1]
+
+
+def test_corrupt_gzip_member_and_concatenated_members(text: bytes, tmp_path: Path) -> None:
+    half = len(text) // 2
+    one, two = gzip.compress(text[:half]), gzip.compress(text[half:])
+    # two members read whole: no damage reported
+    ok = tmp_path / "two.gz"
+    ok.write_bytes(one + two)
+    data, _, damage = _read(ok, 64 << 10)
+    assert data == text and damage == [None] * len(damage)
+    # the second member corrupted in its middle: the first member and what precedes the
+    # corruption are read, the rest is reported
+    bad_two = bytearray(two)
+    mid = len(bad_two) // 2
+    bad_two[mid : mid + 64] = bytes(64)
+    bad = tmp_path / "bad.gz"
+    bad.write_bytes(one + bytes(bad_two))
+    data, _, damage = _read(bad, 64 << 10)
+    assert data.startswith(text[:half]) and len(data) < len(text)
+    assert damage[-1] is not None
+    assert "corrupt" in damage[-1] or "truncated" in damage[-1]
+
+
+def test_score_goes_on_after_a_damaged_file_and_counts_it(
+        kdd_bundle: Path, text: bytes, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cut = gzip.compress(text)[: len(gzip.compress(text)) // 2]
+    damaged = tmp_path / "damaged.gz"
+    damaged.write_bytes(cut)
+    not_gzip = tmp_path / "plain.gz"  # a plain text file under a .gz name
+    not_gzip.write_bytes(text[:1000])
+    out, rejects = tmp_path / "v.parquet", tmp_path / "rejects.jsonl"
+    assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                 "--rejects", str(rejects), str(damaged), str(not_gzip),
+                 str(small_kdd_test)]) == 0
+    salvaged = _decodable(cut)
+    whole_lines = salvaged.count(b"\n")
+    good_lines = len(text.splitlines())
+    rows = pq.read_table(out).num_rows
+    assert rows == whole_lines + good_lines  # every whole decodable line and the good file
+    rej = [json.loads(line) for line in rejects.read_text().splitlines()]
+    by_source = {r["source"]: [] for r in rej}
+    for r in rej:
+        by_source[r["source"]].append(r)
+    damaged_rej = by_source[str(damaged)]
+    # the torn last line (a parse reject) and the unreadable rest (the damage)
+    assert [r["line"] for r in damaged_rej] == [whole_lines + 1, whole_lines + 2]
+    assert "truncated" in damaged_rej[-1]["reason"] and damaged_rej[-1]["raw"] == ""
+    plain_rej = by_source[str(not_gzip)]
+    assert len(plain_rej) == 1 and plain_rej[0]["line"] == 1
+    assert "corrupt compressed data" in plain_rej[0]["reason"]
+    err = capsys.readouterr().err
+    assert f"{rows + len(rej):,} lines read: {rows:,} parsed, {len(rej):,} rejected" in err
