@@ -73,8 +73,13 @@ def train(
                    target_fpr=target_fpr, device=device, policy=decision,
                    progress=_progress(), log=_err, lakes=lake or [])
     cal = manifest["metrics"]["calibration"]
+    # without attacks among the validation records, precision and recall mean nothing
+    shown = (("precision", "recall", "f1", "fpr") if cal.get("tp", 0) + cal.get("fn", 0)
+             else ("fpr", "flagged_share"))
     summary = ", ".join(f"{k} {v:.4f}" for k, v in cal.items()
-                        if isinstance(v, float) and k in ("precision", "recall", "f1", "fpr"))
+                        if isinstance(v, float) and k in shown)
+    if "tp" in cal and not cal["tp"] + cal["fn"]:
+        summary += " (no attacks among the validation records)"
     _err(f"validation: {summary}")
 
 

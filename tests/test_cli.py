@@ -99,3 +99,21 @@ def test_score_reads_stdin(kdd_bundle: Path, small_kdd_test: Path, tmp_path: Pat
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(out.read_text().splitlines()) == 50
+
+
+def test_train_summary_names_only_metrics_that_mean_something(
+        small_kdd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = small_kdd.read_text().splitlines(keepends=True)
+    benign = tmp_path / "benign.csv"
+    benign.write_text("".join([ln for ln in lines if ln.rstrip().endswith(",normal.")][:2000]))
+    assert main(["train", "--format", "kdd", "--model", "autoencoder", "--epochs", "1",
+                 "--out", str(tmp_path / "ae"), f"{benign}=normal"]) == 0
+    err = capsys.readouterr().err
+    assert "validation: fpr 0.0" in err and "no attacks among the validation records" in err
+    assert "precision" not in err and "recall" not in err
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("".join(lines[:3000]))
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
+                 "--out", str(tmp_path / "mlp"), str(mixed)]) == 0
+    err = capsys.readouterr().err
+    assert "validation: precision 0." in err and "recall" in err and "no attacks" not in err
