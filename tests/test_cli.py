@@ -13,6 +13,8 @@ import pytest
 from deepwatch.cli import main
 
 BAD_LINES = "this is not a record\n\n1,2,3\n"
+GOOD_UNLABELLED = ("0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,0.00,"
+                   "0.00,1.00,0.00,0.00,9,9,1.00,0.00,0.11,0.00,0.00,0.00,0.00,0.00\n")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,14 @@ def test_user_mistakes_are_one_line_errors(kdd_bundle: Path, tmp_path: Path) -> 
              "-")
     assert r.returncode == 3 and "not a deepwatch bundle" in r.stderr
     assert "Traceback" not in r.stderr
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text(GOOD_UNLABELLED * 3)
+    for cmd in ("evaluate", "report"):
+        target = ["--json", str(tmp_path / "e.json")] if cmd == "evaluate" else \
+            ["--out", str(tmp_path / "r.html")]
+        r = _run(cmd, str(kdd_bundle), "--format", "kdd", *target, str(unlabelled))
+        assert r.returncode == 4 and "needs labelled records" in r.stderr, (cmd, r.stderr)
+        assert "PATH=LABEL" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_score_reads_stdin(kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:

@@ -43,8 +43,8 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
             continue
         cols = detector.decide(batch, state)
         if "label" not in batch.schema.names or batch.column("label").null_count:
-            raise DataError("evaluate needs labelled records: every record needs a label "
-                            "(from the data, or PATH=LABEL)")
+            raise DataError("measuring detection needs labelled records: every record needs "
+                            "a label (from the data, or PATH=LABEL, e.g. site.log=normal)")
         cols["label"] = np.asarray(batch.column("label").to_pylist(), dtype=object)
         for k, v in cols.items():
             if not k.startswith("_") or k == "_explain_rows":
