@@ -110,3 +110,15 @@ def test_score_goes_on_after_a_damaged_file_and_counts_it(
     assert "corrupt compressed data" in plain_rej[0]["reason"]
     err = capsys.readouterr().err
     assert f"{rows + len(rej):,} lines read: {rows:,} parsed, {len(rej):,} rejected" in err
+
+
+def test_a_bad_checksum_keeps_the_lines_decoded_before_it(text: bytes, tmp_path: Path) -> None:
+    """The check fails only at the member's end; what was decoded before it is kept (the whole
+    small file used to be lost with it, in one read)."""
+    comp = bytearray(gzip.compress(text))
+    comp[-8:-4] = bytes(b ^ 0xFF for b in comp[-8:-4])  # the CRC32 of the trailer
+    path = tmp_path / "crc.gz"
+    path.write_bytes(bytes(comp))
+    data, _, damage = _read(path, 8 << 20)
+    assert len(data) > len(text) // 2 and text.startswith(data)
+    assert damage[-1] is not None and "incorrect data check" in damage[-1]

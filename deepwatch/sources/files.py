@@ -129,20 +129,20 @@ def salvage_gzip(path: str, skip: int, block_bytes: int = CHUNK_BYTES
         produced = 0
         dec, open_member = zlib.decompressobj(wbits=31), False
         with open(path, "rb") as fh:
-            while raw := fh.read(1 << 20):
-                while raw:
+            # small pieces: the output of the piece that fails is lost, so keep it small
+            while piece := fh.read(4096):
+                while piece:
                     if dec.eof:  # a further gzip member follows (concatenated files)
                         dec = zlib.decompressobj(wbits=31)
-                    open_member = True
                     try:
-                        out = dec.decompress(raw)
+                        out = dec.decompress(piece)
                     except zlib.error as exc:
                         reason.append(f"corrupt compressed data ({exc})")
                         return
                     if produced + len(out) > skip:
                         yield out[max(skip - produced, 0):]
                     produced += len(out)
-                    raw = dec.unused_data if dec.eof else b""
+                    piece = dec.unused_data if dec.eof else b""
                     open_member = not dec.eof
         if open_member:
             reason.append("the compressed stream ends early (truncated file)")
