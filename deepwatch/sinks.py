@@ -74,6 +74,13 @@ class RecordSink:
             self._pool.shutdown(wait=True)
             self._finish(schema)
 
+    def abort(self) -> None:
+        """Close after a failure that came before any record: no empty output is left behind
+        (a file with no rows would read as "nothing was malicious")."""
+        self.close(None)
+        if self.rows == 0 and self.path != "-":
+            Path(self.path).unlink(missing_ok=True)
+
     def _finish(self, schema: pa.Schema | None) -> None:
         if self.kind == "parquet":
             if self._writer is None and schema is not None:

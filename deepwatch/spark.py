@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -311,6 +312,7 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     session, owned = spark_session(master)
     staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-", dir=Path(out).parent))
     reject_sink = RejectSink(rejects)
+    done = False
     try:
         work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
                                  format_name=format_name, labels=[s.label for s in specs],
@@ -321,8 +323,12 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
         except Exception as exc:
             raise SparkError(f"the Spark job failed: {_first_line(exc)}") from None
         stats, alerts = _merge(staging / "parts", specs, scored, sink, reject_sink, alerts_only)
+        done = True
     finally:
-        sink.close(scored)
+        if done or sink.rows:
+            sink.close(scored)
+        else:
+            sink.abort()
         reject_sink.close()
         shutil.rmtree(staging, ignore_errors=True)
         engine = f"spark {session.sparkContext.master}, {det.engine}"
@@ -331,9 +337,17 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     return ScoreReport(stats, sink.rows, alerts, time.perf_counter() - t0, engine)
 
 
+#: What Hadoop's decompressors raise on a truncated or corrupt compressed input.
+_DAMAGED = re.compile(r"(?:java\.io\.EOFException|java\.util\.zip\.ZipException)[^\n]*")
+
+
 def _first_line(exc: BaseException) -> str:
     """The useful line of a Spark/py4j error: the Python exception raised on the executor."""
     text = str(exc)
+    damaged = _DAMAGED.search(text)
+    if damaged:
+        return (f"an input file is damaged ({damaged.group(0).strip()}); `--engine local` "
+                "reads a damaged .gz file up to the damage and reports the rest as a reject")
     for line in reversed(text.splitlines()):
         line = line.strip()
         if line.startswith("deepwatch.errors.") or "Error:" in line:

@@ -119,3 +119,20 @@ def test_bad_bundle_and_stdin_are_refused_before_spark_starts(
         f.write(" ")
     with pytest.raises(BundleError, match="does not match its checksum"):
         score_spark(str(broken), "kdd", inputs, str(tmp_path / "o.parquet"))
+
+
+@pytest.mark.slow
+def test_a_damaged_gz_fails_the_spark_job_with_one_clear_line(
+        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """Hadoop cannot read past the damage and Spark would drop or fail the file silently or
+    with pages of Java; the error names the cause and the engine that reads such files."""
+    from deepwatch.spark import SparkError, score_spark
+
+    whole = gzip.compress(small_kdd_test.read_bytes())
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "o.parquet"
+    with pytest.raises(SparkError, match=r"input file is damaged \(java\.io\.EOFException.*"
+                                         r"--engine local"):
+        score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out))
+    assert not out.exists()
