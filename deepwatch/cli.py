@@ -13,7 +13,6 @@ import sys
 # save nothing there, and they spin after each call, taking the cores from Arrow and ONNX Runtime
 # (8% of all CPU time in one profile of ``score``). Set before anything imports numpy.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -93,13 +92,20 @@ def evaluate(
     engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
 ) -> None:
     """Score labelled records and write metrics (binary, per type, KDD cost) as JSON."""
+    from .errors import OutputError
     from .evaluate.run import REPORT_SAMPLE
     from .evaluate.run import evaluate as run
+    from .sinks import writable_file
 
+    json_path = writable_file(json_out, "--json")  # before the work, not after it
+    if report:
+        writable_file(report, "--report")
     result, cols = run(bundle, fmt, files, engine=engine, progress=_progress(),
                        feature_sample=REPORT_SAMPLE if report else 0)
-    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write {json_path}: {exc.strerror or exc}") from None
     b = result["binary"]
     line = (f"n {result['n']:,}: precision {b['precision']:.4f} recall {b['recall']:.4f} "
             f"f1 {b['f1']:.4f} fpr {b['fpr']:.4f}")
@@ -163,8 +169,10 @@ def report(
     """An HTML report: per-type detection (Sankey), t-SNE map, metrics."""
     from .evaluate.run import REPORT_SAMPLE
     from .evaluate.run import evaluate as run
+    from .sinks import writable_file
     from .viz.report import write_report
 
+    writable_file(out, "--out")  # before the work, not after it
     result, cols = run(bundle, fmt, files, progress=_progress(), feature_sample=REPORT_SAMPLE)
     write_report(out, result, cols, title=f"deepwatch report: {bundle}")
     _err(f"report written to {out}")

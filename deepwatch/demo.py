@@ -170,13 +170,13 @@ def run_demo(out_dir: str | Path = "demo-out", log: Callable[[str], None] = prin
     from .lake import read_rejects
     from .models.detector import Detector
     from .simulate import ATTACKS, simulate
+    from .sinks import writable_dir
     from .train.api import train
 
     # Small networks on a shared CPU train many times faster on one thread than on several.
     os.environ.setdefault("DEEPWATCH_TORCH_THREADS", "1")
     torch.set_num_threads(int(os.environ["DEEPWATCH_TORCH_THREADS"]))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out_dir, "--out")
     clock = _Clock(log)
     model = _model()
     started = time.perf_counter()

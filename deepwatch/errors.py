@@ -25,6 +25,13 @@ class InputError(DeepwatchError):
     exit_code = 2
 
 
+class OutputError(DeepwatchError):
+    """An output file or directory cannot be written (a directory in the way, no permission,
+    a full disk)."""
+
+    exit_code = 2
+
+
 class FormatError(DeepwatchError):
     """An unknown format name or a format that cannot be used the way it was asked."""
 

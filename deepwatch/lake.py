@@ -66,6 +66,8 @@ class LakeWriter:
     def __init__(self, root: str | Path, format_name: str):
         self.root = Path(root)
         self.format = format_name
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"--lake {self.root} is a file; a lake is a directory")
         if (self.root / MANIFEST).exists():
             found = lake_format(self.root)
             if found != format_name:

@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
+
+
+def writable_file(path: str | Path, what: str = "the output") -> Path:
+    """``path`` as a file that can be written: its directory is made if missing; a directory
+    in its place or a directory that cannot be written is one clear error, before any work."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{what} {p} is a directory; give a file path")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the directory of {what} {p}: "
+                          f"{exc.strerror or exc}") from None
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise OutputError(f"cannot write {what} {p}: permission denied")
+    return p
+
+
+def writable_dir(path: str | Path, what: str = "the output") -> Path:
+    """``path`` as a directory that can be written (made if missing), or one clear error."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{what} {p} is a file; give a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} {p}: {exc.strerror or exc}") from None
+    if not os.access(p, os.W_OK):
+        raise OutputError(f"cannot write into {what} {p}: permission denied")
+    return p
 
 
 class RecordSink:
@@ -37,7 +68,7 @@ class RecordSink:
         else:
             raise UsageError(f"--out must end in .parquet or .jsonl, not {path!r}")
         if path != "-":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            writable_file(path, "--out")
         self._writer: Any = None
         self._fh: IO[bytes] | None = None
         self.rows = 0
@@ -51,6 +82,12 @@ class RecordSink:
         self._pending.append(self._pool.submit(self._write, batch))
 
     def _write(self, batch: pa.RecordBatch) -> None:
+        try:
+            self._write_batch(batch)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def _write_batch(self, batch: pa.RecordBatch) -> None:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -72,7 +109,10 @@ class RecordSink:
         finally:
             self._pending.clear()
             self._pool.shutdown(wait=True)
-            self._finish(schema)
+            try:
+                self._finish(schema)
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def abort(self) -> None:
         """Close after a failure that came before any record: no empty output is left behind
@@ -113,8 +153,11 @@ class RejectSink:
         self.count = 0
         self._fh: IO[str] | None = None
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115
+            writable_file(path, "--rejects")
+            try:
+                self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def write(self, rejects: pa.Table) -> None:
         self.count += rejects.num_rows

@@ -127,3 +127,43 @@ def test_train_summary_names_only_metrics_that_mean_something(
                  "--out", str(tmp_path / "mlp"), str(mixed)]) == 0
     err = capsys.readouterr().err
     assert "validation: precision 0." in err and "recall" in err and "no attacks" not in err
+
+
+def test_outputs_that_cannot_be_written_are_one_line_errors_before_the_work(
+        kdd_bundle: Path, mixed_input: Path, tmp_path: Path) -> None:
+    a_dir = tmp_path / "a_dir.parquet"
+    a_dir.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    not_bundle = tmp_path / "not_bundle"
+    not_bundle.mkdir()
+    (not_bundle / "keep.txt").write_text("precious")
+    nowhere = "/proc/deepwatch-no-such-dir/out"  # a directory nobody can create
+    data = str(mixed_input)
+    cases = [
+        (["score", str(kdd_bundle), "--format", "kdd", "--out", str(a_dir), data], 2,
+         "is a directory"),
+        (["score", str(kdd_bundle), "--format", "kdd", "--out", nowhere + ".parquet", data], 2,
+         "cannot create the directory of --out"),
+        (["score", str(kdd_bundle), "--format", "kdd", "--out", str(tmp_path / "o.parquet"),
+          "--rejects", str(a_dir), data], 2, "--rejects"),
+        (["evaluate", str(kdd_bundle), "--format", "kdd", "--json", str(a_dir), data], 2,
+         "is a directory"),
+        (["report", str(kdd_bundle), "--format", "kdd", "--out", nowhere + ".html", data], 2,
+         "cannot create the directory of --out"),
+        (["train", "--format", "kdd", "--model", "mlp", "--out", str(a_file), data], 2,
+         "is a file; a bundle is a directory"),
+        (["train", "--format", "kdd", "--model", "mlp", "--out", nowhere, data], 2,
+         "cannot write a bundle"),
+        (["train", "--format", "kdd", "--model", "mlp", "--out", str(not_bundle), data], 3,
+         "is not a deepwatch bundle"),
+        (["ingest", "--format", "kdd", "--lake", str(a_file), data], 2, "is a file"),
+        (["demo", "--out", str(a_file)], 2, "is a file; give a directory"),
+    ]
+    for args, code, message in cases:
+        r = _run(*args)
+        assert r.returncode == code and message in r.stderr, (args, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1
+        assert "training data" not in r.stderr  # refused before reading, let alone training
+    assert (not_bundle / "keep.txt").read_text() == "precious"
+    assert a_file.read_text() == "x"

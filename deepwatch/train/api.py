@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 from torch import nn
 
-from ..bundle import FEATURIZER, ONNX, WEIGHTS, save_bundle, sha256_file
+from ..bundle import FEATURIZER, ONNX, WEIGHTS, check_bundle_target, save_bundle, sha256_file
 from ..errors import DataError, UsageError
 from ..features import Featurizer
 from ..formats import Format, get_format
@@ -228,6 +228,7 @@ def train(
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
+    check_bundle_target(out)  # before the work, not after it
     t0 = time.perf_counter()
     fmt = get_format(format_name)
     reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)

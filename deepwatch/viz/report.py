@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from . import figures
 from .sample import balanced_pick
 from .tsne import MAX_POINTS, tsne_map
@@ -157,5 +157,5 @@ def write_report(path: str | Path, result: dict[str, Any], cols: dict[str, np.nd
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(page, encoding="utf-8")
     except OSError as exc:
-        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     return out
