@@ -462,6 +462,44 @@ def test_cli_serve_refuses_a_missing_bundle(tmp_path: Path) -> None:
     assert "no bundle" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_serve_refuses_an_address_it_cannot_listen_on(kdd_bundle: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port",
+             str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "serving" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_serve_on_port_0_names_the_port_it_got(kdd_bundle: Path, lines: list[str]) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 120
+        line = ""
+        while "serving" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, line
+            line = proc.stderr.readline()
+        url = line.rsplit(" at ", 1)[1].strip().rstrip("/")
+        assert not url.endswith(":0")
+        r = httpx.post(url + "/v1/score", json={"records": lines[:3]}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
 # -- the dashboard in a real browser -------------------------------------------------------------
 
 @pytest.mark.integration

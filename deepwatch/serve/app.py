@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from importlib import resources
@@ -235,6 +236,26 @@ def _exit_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn, made here so that an address in use or one this machine
+    does not have is one clear error (uvicorn would log it and exit as a startup failure)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {host}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
                api_key_file: str | None = None, *, engine: str = "auto",
                limits: Limits | None = None) -> None:
@@ -244,6 +265,8 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {port}")
     key = read_api_key(api_key_file) if api_key_file else None
+    sock = listen_socket(host, port)
+    port = sock.getsockname()[1]  # the one the system chose, for --port 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
     app = create_app(bundle, api_key=key, engine=engine, limits=limits)
@@ -258,5 +281,6 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     _exit_cleanly_on_sigterm()
     model = app.state.service.model
     log.warning("serving %s (%s on %s, %s) at http://%s:%d/", model.path,
-                model.detector.kind, model.format, model.detector.engine, host, port)
-    server.run()
+                model.detector.kind, model.format, model.detector.engine,
+                f"[{host}]" if ":" in host else host, port)
+    server.run(sockets=[sock])
