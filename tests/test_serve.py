@@ -390,6 +390,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) 
     raise AssertionError("server did not become healthy")
 
 
+
+
+def _reap(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Kill a server subprocess the test left running, and close its pipe."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
 @pytest.mark.slow
 def test_cli_serve_with_key_file_reloads_on_sighup(kdd_bundle: Path, tmp_path: Path,
                                                    lines: list[str]) -> None:
@@ -431,11 +440,7 @@ def test_cli_serve_with_key_file_reloads_on_sighup(kdd_bundle: Path, tmp_path: P
         err = proc.stderr.read().decode() if proc.stderr else ""
         raise AssertionError(f"server stderr:\n{err[-4000:]}") from None
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        _reap(proc)
 
 
 @pytest.mark.parametrize(("key_text", "words"), [(None, "does not exist"), ("", "is empty"),
@@ -493,11 +498,7 @@ def test_cli_serve_on_port_0_names_the_port_it_got(kdd_bundle: Path, lines: list
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        _reap(proc)
 
 
 # -- the dashboard in a real browser -------------------------------------------------------------
