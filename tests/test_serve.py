@@ -390,8 +390,6 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) 
     raise AssertionError("server did not become healthy")
 
 
-
-
 def _reap(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     """Kill a server subprocess the test left running, and close its pipe."""
     if proc.poll() is None:
@@ -399,6 +397,8 @@ def _reap(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
         proc.wait()
     if proc.stderr:
         proc.stderr.close()
+
+
 @pytest.mark.slow
 def test_cli_serve_with_key_file_reloads_on_sighup(kdd_bundle: Path, tmp_path: Path,
                                                    lines: list[str]) -> None:
