@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import BundleError, UsageError
+from .errors import BundleError, OutputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,14 +37,14 @@ def check_bundle_target(out: str | Path) -> None:
     that holds something other than a bundle (it would be replaced)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; a bundle is a directory")
+        raise OutputError(f"--out {out} is a file; a bundle is a directory")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise BundleError(f"{out} exists and is not a deepwatch bundle; refusing to overwrite it")
     try:  # a real write, not a permission bit: read-only mounts and odd file systems count
         out.parent.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent))
     except OSError as exc:
-        raise UsageError(f"cannot write a bundle at {out}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write a bundle at {out}: {exc.strerror or exc}") from None
 
 
 def save_bundle(out: str | Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
@@ -58,7 +58,7 @@ def save_bundle(out: str | Path, manifest: dict[str, Any], files: dict[str, byte
     try:
         return _save(out, manifest, files)
     except OSError as exc:  # a full disk, a directory removed under us
-        raise UsageError(f"cannot write the bundle at {out}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write the bundle at {out}: {exc.strerror or exc}") from None
 
 
 def _save(out: Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:

@@ -115,11 +115,18 @@ class RecordSink:
                 raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def abort(self) -> None:
-        """Close after a failure that came before any record: no empty output is left behind
-        (a file with no rows would read as "nothing was malicious")."""
-        self.close(None)
-        if self.rows == 0 and self.path != "-":
-            Path(self.path).unlink(missing_ok=True)
+        """Stop after a failure that came before any record: no output file is made (an empty
+        one would read as "nothing was malicious"), and one already there is left alone."""
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+            if self._writer is not None:
+                self._writer.close()
+            if self._fh is not None and self.path != "-":
+                self._fh.close()
 
     def _finish(self, schema: pa.Schema | None) -> None:
         if self.kind == "parquet":

@@ -136,3 +136,7 @@ def test_a_damaged_gz_fails_the_spark_job_with_one_clear_line(
                                          r"--engine local"):
         score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out))
     assert not out.exists()
+    out.write_bytes(b"an earlier run's output")  # a failed run leaves it as it was
+    with pytest.raises(SparkError, match="input file is damaged"):
+        score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out))
+    assert out.read_bytes() == b"an earlier run's output"
