@@ -190,13 +190,13 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
             on_bytes(len(block))
         return block
 
-    next_line = 1
+    last: Chunk | None = None
     try:
-        for chunk in chunks_from_reads(read, spec):
-            next_line = chunk.first_line + count_newlines(chunk.data) + \
-                (0 if chunk.data.endswith(b"\n") else 1)
-            yield chunk
+        for last in chunks_from_reads(read, spec):
+            yield last
         if why:
+            next_line = 1 if last is None else last.first_line + count_newlines(last.data) + \
+                (0 if last.data.endswith(b"\n") else 1)
             reason = f"{why[0]}: nothing from line {next_line:,} on could be read"
             log.warning("%s: %s", spec.display, reason)
             yield Chunk(b"", next_line, spec, damage=reason)
