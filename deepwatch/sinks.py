@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -103,6 +104,15 @@ class RecordSink:
             write_jsonl(batch, self._fh)
 
     def close(self, schema: pa.Schema | None = None) -> None:
+        self._drain(lambda: self._finish(schema))
+
+    def abort(self) -> None:
+        """Stop after a failure that came before any record: no output file is made (an empty
+        one would read as "nothing was malicious"), and one already there is left alone."""
+        self._drain(self._close_handles)
+
+    def _drain(self, then: Callable[[], None]) -> None:
+        """Wait for the batches in the writer (raising the first error), stop it, then ``then``."""
         try:
             for f in self._pending:
                 f.result()
@@ -110,23 +120,15 @@ class RecordSink:
             self._pending.clear()
             self._pool.shutdown(wait=True)
             try:
-                self._finish(schema)
+                then()
             except OSError as exc:
                 raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
-    def abort(self) -> None:
-        """Stop after a failure that came before any record: no output file is made (an empty
-        one would read as "nothing was malicious"), and one already there is left alone."""
-        try:
-            for f in self._pending:
-                f.result()
-        finally:
-            self._pending.clear()
-            self._pool.shutdown(wait=True)
-            if self._writer is not None:
-                self._writer.close()
-            if self._fh is not None and self.path != "-":
-                self._fh.close()
+    def _close_handles(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._fh is not None and self.path != "-":
+            self._fh.close()
 
     def _finish(self, schema: pa.Schema | None) -> None:
         if self.kind == "parquet":
