@@ -147,15 +147,17 @@ def salvage_gzip(path: str, skip: int, block_bytes: int = CHUNK_BYTES
         if open_member:
             reason.append("the compressed stream ends early (truncated file)")
 
-    def sized() -> Iterator[bytes]:
-        buf = b""
+    def sized() -> Iterator[bytes]:  # about block_bytes at a time, one join per block
+        parts: list[bytes] = []
+        size = 0
         for piece in blocks():
-            buf += piece
-            while len(buf) >= block_bytes:
-                yield buf[:block_bytes]
-                buf = buf[block_bytes:]
-        if buf:
-            yield buf
+            parts.append(piece)
+            size += len(piece)
+            if size >= block_bytes:
+                yield b"".join(parts)
+                parts, size = [], 0
+        if parts:
+            yield b"".join(parts)
 
     return sized(), reason
 
