@@ -64,13 +64,29 @@ def train(
              "--target-fpr)")] = "auto",
     files: OptionalFiles = None,
     lake: LakeOption = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", help="Train data-parallel (torch DDP) in this many processes on this "
+                        "machine, one per GPU on CUDA; torchrun -m deepwatch train ... "
+                        "spans machines")] = 1,
 ) -> None:
     """Train a model on labelled (or, for autoencoders, benign) records and save a bundle."""
+    if nproc != 1:
+        from .train.distributed import rank_from_env
+
+        if rank_from_env() == 0 and "WORLD_SIZE" not in os.environ:
+            argv = ["train", "--format", fmt, "--model", model, "--out", out, "--seed", str(seed),
+                    "--target-fpr", str(target_fpr), "--device", device, "--decision", decision]
+            argv += [a for v in val or [] for a in ("--val", v)]
+            argv += [a for v in lake or [] for a in ("--lake", v)]
+            argv += ["--epochs", str(epochs)] if epochs is not None else []
+            raise typer.Exit(_launch_train(argv, files or [], nproc, model, out, device))
     from .train.api import train as run
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
                    target_fpr=target_fpr, device=device, policy=decision,
                    progress=_progress(), log=_err, lakes=lake or [])
+    if manifest["training"].get("rank", 0):
+        return  # another rank of a distributed run: rank 0 reports
     cal = manifest["metrics"]["calibration"]
     # without attacks among the validation records, precision and recall mean nothing
     shown = (("precision", "recall", "f1", "fpr") if cal.get("tp", 0) + cal.get("fn", 0)
@@ -80,6 +96,31 @@ def train(
     if "tp" in cal and not cal["tp"] + cal["fn"]:
         summary += " (no attacks among the validation records)"
     _err(f"validation: {summary}")
+
+
+def _launch_train(argv: list[str], files: list[str], nproc: int, model: str, out: str,
+                  device: str) -> int:
+    """Check what can be checked once, then start ``nproc`` training ranks."""
+    from .bundle import check_bundle_target
+    from .errors import UsageError
+    from .models import MODEL_KINDS
+    from .train.distributed import launch_local
+
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, not {nproc}")
+    if model not in MODEL_KINDS:
+        raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
+    if "-" in files:
+        raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+            raise UsageError(f"--nproc {nproc} on CUDA needs as many GPUs; "
+                             f"{torch.cuda.device_count()} found")
+    check_bundle_target(out)
+    _err(f"training in {nproc} processes (torch DDP)")
+    return launch_local([sys.executable, "-m", "deepwatch", *argv, "--", *files], nproc, _err)
 
 
 @app.command()
@@ -257,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gc.freeze()  # what start-up loaded lives as long as the process: the collector skips it
     try:
-        app(args=argv, standalone_mode=False)
+        # without standalone mode click hands a typer.Exit's code back instead of raising it
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except DeepwatchError as exc:
         _err(f"error: {exc}")
         return exc.exit_code

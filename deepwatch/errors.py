@@ -48,3 +48,9 @@ class DataError(DeepwatchError):
     """The data cannot train or evaluate a model (no rows, one class only, no labels...)."""
 
     exit_code = 4
+
+
+class DistributedError(DeepwatchError):
+    """A data-parallel training process lost contact with the others (one of them died)."""
+
+    exit_code = 1

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 
 def enabled() -> bool:
+    if os.environ.get("RANK", "0") not in ("", "0"):  # one bar per distributed run: rank 0's
+        return False
     flag = os.environ.get("DEEPWATCH_PROGRESS")
     if flag is not None:
         return flag not in ("0", "false", "no")

@@ -21,6 +21,7 @@ from ..formats import Format, get_format
 from ..io import InputReader, labels_of
 from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST
 from ..models import MODEL_KINDS
+from . import distributed
 from .data import dedupe, label_vocabulary, stratified_split
 from .loop import TrainConfig, pick_device
 
@@ -229,6 +230,22 @@ def train(
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
     check_bundle_target(out)  # before the work, not after it
+    with distributed.session(device) as dist:
+        if not dist.main:  # one voice per distributed run: rank 0's
+            progress, log = False, _silent
+        return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
+                      device, policy, progress, options, log, lakes, dist)
+
+
+def _silent(msg: str) -> None:
+    pass
+
+
+def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
+           val_inputs: Sequence[str], epochs: int | None, seed: int, target_fpr: float,
+           device: str, policy: str, progress: bool, options: dict[str, Any] | None,
+           log: Callable[[str], None], lakes: Sequence[str], dist: distributed.Dist,
+           ) -> dict[str, Any]:
     t0 = time.perf_counter()
     fmt = get_format(format_name)
     reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
@@ -300,6 +317,9 @@ def train(
     decision = Decision(trained.decision).apply(outs)
     calib_metrics = _calibration_metrics(decision, calib_split.labels)
 
+    if not dist.main:  # rank 0 writes the bundle; the others' models are identical to its
+        return {"training": {"rank": dist.rank, "world_size": dist.world},
+                "metrics": {"calibration": calib_metrics}}
     from safetensors.torch import save as save_safetensors
 
     state = {k: v.contiguous() for k, v in module.state_dict().items()}
@@ -331,7 +351,8 @@ def train(
             "early_stopping_rows": es_table.num_rows,
             "calibration_rows": cal_table.num_rows,
             "seed": seed,
-            "device": str(pick_device(device)),
+            "device": str(distributed.device_for(pick_device(device), dist)),
+            "world_size": dist.world,
             "seconds": round(t_train, 2),
             "history": cfg.history,
             **trained.info,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..progress import step_progress
+from . import distributed
 
 
 @dataclass
@@ -61,8 +62,10 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     # DEEPWATCH_TORCH_THREADS caps the threads: small networks on a busy CPU train many times
     # faster on one thread than on several that wait for each other.
+    # Several training processes on one machine (torchrun) share its cores.
     threads = int(os.environ.get("DEEPWATCH_TORCH_THREADS") or 0)
-    torch.set_num_threads(threads if threads > 0 else max(1, os.cpu_count() or 1))
+    per_process = max(1, (os.cpu_count() or 1) // distributed.current().local_world)
+    torch.set_num_threads(threads if threads > 0 else per_process)
 
 
 def sampling_probs(y: np.ndarray | None, w: np.ndarray, balance: float) -> np.ndarray:
@@ -97,19 +100,26 @@ def fit(
     Validation loss is the multiplicity-weighted mean on the natural distribution.
     """
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    dist = distributed.current()
+    device = distributed.device_for(pick_device(cfg.device), dist)
     use_amp = device.type == "cuda"
     net = net.to(device)
     Xt = torch.as_tensor(X, dtype=torch.float32, device=device)
     yt = torch.as_tensor(y, dtype=torch.long, device=device) if y is not None else None
-    Xv = torch.as_tensor(X_val, dtype=torch.float32, device=device)
-    yv = torch.as_tensor(y_val, dtype=torch.long, device=device) if y_val is not None else None
-    wv = torch.as_tensor(w_val, dtype=torch.float32, device=device)
+    # each rank scores its share of the validation rows; the sums are added over the ranks
+    share = dist.share(len(X_val))
+    Xv = torch.as_tensor(X_val[share], dtype=torch.float32, device=device)
+    yv = torch.as_tensor(y_val[share], dtype=torch.long, device=device) \
+        if y_val is not None else None
+    wv = torch.as_tensor(w_val[share], dtype=torch.float32, device=device)
     probs = sampling_probs(y, w, cfg.class_balance)
+    # the same seed on every rank: all draw the same global batches and take their shares
     rng = np.random.default_rng(cfg.seed)
     epoch_size = cfg.epoch_size or min(len(X), 200_000)
     steps = max(1, math.ceil(epoch_size / cfg.batch_size))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stepper = distributed.wrap(net, device, dist)
+    model = distributed.inner(stepper)
+    opt = torch.optim.AdamW(stepper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = steps * cfg.epochs
     sched: torch.optim.lr_scheduler.LRScheduler
     if total_steps >= 20:
@@ -118,41 +128,48 @@ def fit(
     else:  # too few steps for a warm-up and an annealing phase: a constant rate
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     best = math.inf
-    best_state = copy.deepcopy(net.state_dict())
+    best_state = copy.deepcopy(model.state_dict())
     stale = 0
+    mine = dist.share(cfg.batch_size)
     with step_progress(cfg.label, cfg.epochs) as update:
         for epoch in range(cfg.epochs):
-            net.train()
+            stepper.train()
             idx = torch.as_tensor(rng.choice(len(X), size=steps * cfg.batch_size, p=probs),
                                   device=device)
             total = 0.0
             for s in range(steps):
-                b = idx[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                b = idx[s * cfg.batch_size : (s + 1) * cfg.batch_size][mine]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = loss_fn(net, Xt[b], yt[b] if yt is not None else None)
+                    loss = loss_fn(stepper, Xt[b], yt[b] if yt is not None else None)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 total += float(loss.detach())
-            val = evaluate_loss(net, loss_fn, Xv, yv, wv)
+            val_total, val_weight = evaluate_loss(model, loss_fn, Xv, yv, wv)
+            total, val_total, val_weight = distributed.all_sum(
+                [total / dist.world, val_total, val_weight], device, dist)
+            val = val_total / max(val_weight, 1e-12)
             cfg.history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val})
             update(1, f"val loss {val:.5f}")
             if val < best - 1e-6:
                 best, stale = val, 0
-                best_state = copy.deepcopy(net.state_dict())
+                best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
                 if stale >= cfg.patience:
                     update(cfg.epochs - epoch - 1, f"early stop, best val loss {best:.5f}")
                     break
     net.load_state_dict(best_state)
+    # per-rank batch-norm statistics may differ: every rank goes on with rank 0's model
+    distributed.broadcast_module(net, dist)
     return net.cpu().eval()
 
 
 @torch.no_grad()
 def evaluate_loss(net: nn.Module, loss_fn: LossFn, X: torch.Tensor, y: torch.Tensor | None,
-                  w: torch.Tensor, batch: int = 8192) -> float:
+                  w: torch.Tensor, batch: int = 8192) -> tuple[float, float]:
+    """The weighted sum of per-row losses over ``X`` and the sum of the weights."""
     net.eval()
     total, weight = 0.0, 0.0
     for i in range(0, len(X), batch):
@@ -162,7 +179,7 @@ def evaluate_loss(net: nn.Module, loss_fn: LossFn, X: torch.Tensor, y: torch.Ten
         per_row = loss_fn(net, xb, yb, reduction="none")  # type: ignore[call-arg]
         total += float((per_row.float() * wb).sum())
         weight += float(wb.sum())
-    return total / max(weight, 1e-12)
+    return total, weight
 
 
 def cross_entropy(net: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
