@@ -360,7 +360,41 @@ def speed(tmp: Path, quick: bool) -> list[str]:
             "(best of two runs each; the peer's model loading/training is not timed).", ""]
 
 
-SECTIONS = ("random_split", "contest", "nsl", "nsl_policy", "speed")
+def ddp(tmp: Path, quick: bool) -> list[str]:
+    """`deepwatch train` in one process against `--nproc 2` (torch DDP, gloo on CPU), same
+    data and seed, whole processes timed; both bundles evaluated on `corrected`."""
+    every = 10 if quick else 1
+    train = tmp / "kdd_train.csv"
+    if not train.exists():
+        _write(train, _read_lines(KDD_TRAIN, every))
+    test = tmp / "kdd_test.csv"
+    if not test.exists():
+        _write(test, _read_lines(KDD_TEST, every))
+    from deepwatch.evaluate.run import evaluate
+
+    cores = os.cpu_count() or 1
+    rows = []
+    for nproc in (1, 2):
+        out = tmp / f"ddp_stack_{nproc}"
+        t0 = time.perf_counter()
+        subprocess.run([DEEPWATCH, "train", "--nproc", str(nproc), "--format", "kdd",
+                        "--model", "stack", "--out", str(out), str(train)], check=True,
+                       capture_output=True, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+        seconds = time.perf_counter() - t0
+        r, _ = evaluate(str(out), "kdd", [str(test)])
+        rows.append((nproc, seconds, r))
+    base = rows[0][1]
+    out_lines = [f"### Data-parallel training (`train --nproc`, torch DDP; {cores} cores, CPU)",
+                 "", "| processes | train s (whole process) | speed-up | kdd_cost | F1 |",
+                 "| --- | --- | --- | --- | --- |"]
+    for nproc, seconds, r in rows:
+        out_lines.append(f"| {nproc} | {seconds:.0f} | {base / seconds:.2f}x | "
+                         f"{r['kdd_cost']:.4f} | {r['binary']['f1']:.4f} |")
+    out_lines.append("")
+    return out_lines
+
+
+SECTIONS = ("random_split", "contest", "nsl", "nsl_policy", "speed", "ddp")
 
 
 def run(quick: bool = False, sections: Sequence[str] = SECTIONS) -> list[str]:
