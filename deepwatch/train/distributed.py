@@ -256,6 +256,7 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None]) -> 
                     p.kill()
                     p.wait()
         if interrupted:
+            log("interrupted: every training rank was stopped, no bundle was written")
             return 130
         failures = {r: c for r, c in codes.items() if c}
         first = failures.get(0, 0)
