@@ -9,8 +9,9 @@ from contextlib import contextmanager
 
 
 def enabled() -> bool:
-    if os.environ.get("RANK", "0") not in ("", "0"):  # one bar per distributed run: rank 0's
-        return False
+    if (os.environ.get("RANK", "0") not in ("", "0")
+            and os.environ.get("WORLD_SIZE", "1") not in ("", "1")):
+        return False  # one set of bars per distributed run: rank 0's
     flag = os.environ.get("DEEPWATCH_PROGRESS")
     if flag is not None:
         return flag not in ("0", "false", "no")
