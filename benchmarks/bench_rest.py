@@ -237,6 +237,76 @@ def run(quick: bool = False, bundle: str | None = None) -> list[str]:
     return out
 
 
+def _load(url: str, bodies: list[bytes], records: int, clients: int,
+          seconds: float) -> float:
+    """Records per second that ``clients`` threads (one keep-alive connection each, so the
+    connections spread over the server's workers) get scored in ``seconds``."""
+    import threading
+
+    import httpx
+
+    done = [0] * clients
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=60,
+                          headers={"content-type": "application/json"}) as c:
+            i = k
+            while not stop.is_set():
+                r = c.post("/v1/score", content=bodies[i % len(bodies)])
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+                done[k] += records
+                i += clients
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # warm-up: every connection made and every worker's model warm
+    before, t0 = sum(done), time.perf_counter()
+    time.sleep(seconds)
+    rate = (sum(done) - before) / (time.perf_counter() - t0)
+    stop.set()
+    for t in threads:
+        t.join()
+    return rate
+
+
+def throughput(quick: bool = False, bundle: str | None = None,
+               workers: tuple[int, ...] = (1, 2)) -> list[str]:
+    """`deepwatch serve --workers W`: records/s under concurrent clients, W = 1 against 2."""
+    import orjson
+
+    path = _bundle(bundle)
+    lines = _kdd_lines(4000)
+    loads = {"1 record": ([orjson.dumps({"format": "kdd", "records": [ln]})
+                           for ln in lines[:1000]], 1),
+             f"{BATCH:,} records": ([orjson.dumps({"format": "kdd", "records": lines[i:i + BATCH]})
+                                     for i in range(0, len(lines) - BATCH + 1, BATCH)], BATCH)}
+    seconds, clients = (3.0, 4) if quick else (10.0, 4)
+    rates: dict[tuple[str, int], float] = {}
+    load_before = os.getloadavg()[0]
+    for w in workers:
+        port = _free_port()
+        with _process(["-m", "deepwatch.cli", "serve", str(path), "--port", str(port),
+                       "--workers", str(w)], port) as (url, _pid):
+            for name, (bodies, records) in loads.items():
+                rates[(name, w)] = _load(url, bodies, records, clients, seconds)
+    out = ["## REST throughput by worker processes (`serve --workers`)", "",
+           f"{clients} client threads in this process, one keep-alive connection each, "
+           f"{seconds:.0f} s per cell after 1 s of warm-up, on the same {os.cpu_count()}-core "
+           f"machine as the server (load average {load_before:.1f} before).", "",
+           "| request | " + " | ".join(f"{w} worker{'s' if w > 1 else ''} (records/s)"
+                                      for w in workers) + " | ratio |",
+           "| --- | " + " | ".join("---" for _ in workers) + " | --- |"]
+    for name in loads:
+        cells = [rates[(name, w)] for w in workers]
+        out.append(f"| {name} | " + " | ".join(f"{c:,.0f}" for c in cells)
+                   + f" | {cells[-1] / cells[0]:.2f}x |")
+    out += ["", "Reproduce: `python benchmarks/bench_rest.py --throughput`.", ""]
+    return out
+
+
 def echo_app() -> Any:
     """The peer: FastAPI reading the body and answering a small JSON, nothing else."""
     import orjson
@@ -268,4 +338,5 @@ if __name__ == "__main__":
         _serve_echo(int(sys.argv[sys.argv.index("--echo-server") + 1]))
     else:
         explicit = sys.argv[sys.argv.index("--bundle") + 1] if "--bundle" in sys.argv else None
-        print("\n".join(run(quick="--quick" in sys.argv, bundle=explicit)))
+        part = throughput if "--throughput" in sys.argv else run
+        print("\n".join(part(quick="--quick" in sys.argv, bundle=explicit)))

@@ -226,11 +226,13 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key_file: Annotated[str | None, typer.Option(
         "--api-key-file", help="Require 'Authorization: Bearer <key>' with this key")] = None,
+    workers: Annotated[int, typer.Option(
+        help="Processes answering on the port (metrics, dashboard and reloads span them)")] = 1,
 ) -> None:
     """Serve the REST API, dashboard and metrics."""
     from .serve.app import run_server
 
-    run_server(bundle, host=host, port=port, api_key_file=api_key_file)
+    run_server(bundle, host=host, port=port, api_key_file=api_key_file, workers=workers)
 
 
 @app.command()

@@ -443,6 +443,101 @@ def test_cli_serve_with_key_file_reloads_on_sighup(kdd_bundle: Path, tmp_path: P
         _reap(proc)
 
 
+def _fresh(url: str, path: str, method: str = "GET", auth: bool = True,
+           **kw: Any) -> httpx.Response:
+    """One request on a new connection: any of the workers may take it."""
+    return httpx.request(method, url + path, headers=AUTH if auth else {}, timeout=30, **kw)
+
+
+def _metric_value(text: str, line_start: str) -> float:
+    found = [ln for ln in text.splitlines() if ln.startswith(line_start)]
+    assert len(found) == 1, (line_start, found)
+    return float(found[0].rsplit(" ", 1)[1])
+
+
+@pytest.mark.slow
+def test_cli_serve_workers_share_metrics_stats_and_reloads(kdd_bundle: Path, tmp_path: Path,
+                                                           lines: list[str]) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port", str(port),
+         "--api-key-file", str(key_file), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_healthy(url, proc)
+        pids: set[int] = set()
+        for _ in range(200):  # both workers take connections
+            pids.add(_fresh(url, "/healthz").json()["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2 and proc.pid not in pids
+        assert _fresh(url, "/v1/score", "POST", json={"records": lines[:3]},
+                      auth=False).status_code == 401  # the key holds in every worker
+
+        for _ in range(30):
+            r = _fresh(url, "/v1/score", "POST", json={"records": lines[:3]})
+            assert r.status_code == 200 and len(r.json()["results"]) == 3
+        # whichever worker answers, the counts are the whole service's
+        for _ in range(6):
+            text = _fresh(url, "/metrics").text
+            assert _metric_value(text, 'deepwatch_records_total{outcome="scored"}') == 90
+            assert _metric_value(text, "deepwatch_score_batch_records_count") == 30
+        deadline = time.monotonic() + 10
+        while _fresh(url, "/v1/stats").json()["totals"]["requests"] != 30:
+            assert time.monotonic() < deadline, "the dashboard never saw every worker's requests"
+            time.sleep(0.2)
+        for _ in range(4):
+            assert _fresh(url, "/v1/stats").json()["totals"]["requests"] == 30
+
+        # a reload on one worker replaces both, one by one
+        everything = variant_bundle(kdd_bundle, tmp_path / "all-malicious", threshold=0.0)
+        r = _fresh(url, "/v1/reload", "POST", json={"bundle": str(everything)})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["generation"] == 2 and r.json()["workers"] == "replacing"
+        deadline = time.monotonic() + 60
+        while True:
+            answers = [_fresh(url, "/healthz").json() for _ in range(10)]
+            if {a["generation"] for a in answers} == {2} and not {a["pid"] for a in answers} & pids:
+                break
+            assert time.monotonic() < deadline, f"workers not replaced: {answers}"
+            time.sleep(0.2)
+        for _ in range(6):
+            out = _fresh(url, "/v1/score", "POST", json={"records": lines[:20]}).json()
+            assert {x["verdict"] for x in out["results"]} == {"malicious"}
+        # a bundle that cannot load changes nothing
+        r = _fresh(url, "/v1/reload", "POST", json={"bundle": str(tmp_path / "missing")})
+        assert r.status_code == 422 and "still serving" in r.json()["detail"]
+        time.sleep(1.0)
+        assert {_fresh(url, "/healthz").json()["generation"] for _ in range(10)} == {2}
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "with 2 workers" in err and "Traceback" not in err
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: they hold the stderr pipe
+        proc.wait()
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise AssertionError(f"server stderr:\n{err[-4000:]}") from None
+    finally:
+        _reap(proc)
+
+
+def test_cli_serve_workers_refuse_a_bad_bundle_once(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "deepwatch.cli", "serve", str(tmp_path / "none"),
+                        "--port", "0", "--workers", "2"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "deepwatch.cli", "serve", str(tmp_path),
+                        "--workers", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--workers must be at least 1" in r.stderr
+
+
 @pytest.mark.parametrize(("key_text", "words"), [(None, "does not exist"), ("", "is empty"),
                                                  ("two words", "whitespace")])
 def test_cli_serve_refuses_a_bad_key_file(kdd_bundle: Path, tmp_path: Path,

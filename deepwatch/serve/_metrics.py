@@ -1,6 +1,13 @@
-"""Prometheus metrics of the REST service, in a registry of its own (one per app)."""
+"""Prometheus metrics of the REST service, in a registry of its own (one per app).
+
+With ``serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set before the workers start) every
+worker writes its values to files there, and ``/metrics``, whichever worker answers it, adds
+up all of them: the counts are the service's, not one worker's.
+"""
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CollectorRegistry,
@@ -48,15 +55,23 @@ class Metrics:
                                          ["status"], registry=r)
         self.reloads = Counter("deepwatch_model_reloads", "Model reloads, by result",
                                ["result"], registry=r)
+        # across workers: the live workers' values (max), a stopped worker's are dropped
         self.model_info = Gauge("deepwatch_model_info", "The model being served (value 1)",
-                                ["kind", "format", "engine"], registry=r)
+                                ["kind", "format", "engine"], registry=r,
+                                multiprocess_mode="livemax")
         self.model_loaded = Gauge("deepwatch_model_loaded_timestamp_seconds",
-                                  "When the model being served was loaded", registry=r)
+                                  "When the model being served was loaded", registry=r,
+                                  multiprocess_mode="livemax")
+        self._model_labels: tuple[str, str, str] | None = None
         for outcome in ("scored", "rejected"):
             self.records.labels(outcome)
 
     def set_model(self, kind: str, fmt: str, engine: str, loaded_at: float) -> None:
-        self.model_info.clear()
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.model_info.clear()
+        elif self._model_labels is not None:  # clear() is not there in multi-process mode
+            self.model_info.labels(*self._model_labels).set(0)
+        self._model_labels = (kind, fmt, engine)
         self.model_info.labels(kind, fmt, engine).set(1)
         self.model_loaded.set(loaded_at)
 
@@ -66,4 +81,11 @@ class Metrics:
         self.request_seconds.labels(label).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not shared:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker, path=shared)
+        return generate_latest(every_worker)

@@ -63,13 +63,13 @@ class LoadedModel:
 
 class ScoringService:
     def __init__(self, bundle: str | Path, engine: str = "auto",
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, generation: int = 1) -> None:
         self.engine = engine
         self.limits = limits or Limits()
         self.metrics = Metrics()
         self.stats = RecentStats()
         self._reload_lock = threading.Lock()
-        self._model = self._load(Path(bundle), generation=1)
+        self._model = self._load(Path(bundle), generation=generation)
         self.metrics.reloads.labels("ok")
         self.metrics.reloads.labels("failed")
 

@@ -57,27 +57,53 @@ class RecentStats:
         for s in old:
             del self._seconds[s]
 
-    def snapshot(self) -> dict[str, Any]:
+    def raw(self) -> dict[str, Any]:
+        """What a snapshot is made of, as plain JSON (workers share these through files)."""
         now = int(time.time())
         with self._lock:
             self._trim(now)
-            series = [[s, *self._seconds.get(s, (0, 0, 0, 0))]
-                      for s in range(now - self.window + 1, now + 1)]
-            lat = np.fromiter(self._latency_ms, dtype=np.float64)
-            alerts = list(self._alerts)
-            totals = dict(self.totals)
-        pct = ({f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 95, 99)}
-               if lat.size else {"p50": None, "p95": None, "p99": None})
-        last_minute = series[-60:]
-        return {
-            "uptime_seconds": round(time.time() - self.started, 1),
-            "totals": totals,
-            "last_minute": {"requests": sum(r[1] for r in last_minute),
-                            "records": sum(r[2] for r in last_minute),
-                            "alerts": sum(r[3] for r in last_minute),
-                            "rejects": sum(r[4] for r in last_minute)},
-            "latency_ms": {**pct, "samples": int(lat.size)},
-            "series": {"columns": ["second", "requests", "records", "alerts", "rejects"],
-                       "rows": series},
-            "recent_alerts": alerts,
-        }
+            return {"started": self.started, "window": self.window,
+                    "seconds": {str(k): list(v) for k, v in self._seconds.items()},
+                    "latency_ms": list(self._latency_ms), "alerts": list(self._alerts),
+                    "totals": dict(self.totals)}
+
+    def snapshot(self) -> dict[str, Any]:
+        return merged_snapshot([self.raw()])
+
+
+def merged_snapshot(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dashboard's numbers over one or several workers' :meth:`RecentStats.raw`."""
+    now = int(time.time())
+    window = max(r["window"] for r in raws)
+    seconds: dict[int, list[int]] = {}
+    totals = {"requests": 0, "records": 0, "alerts": 0, "rejects": 0}
+    latencies: list[float] = []
+    alerts: list[dict[str, Any]] = []
+    for r in raws:
+        for sec, counts in r["seconds"].items():
+            bucket = seconds.setdefault(int(sec), [0, 0, 0, 0])
+            for i, c in enumerate(counts):
+                bucket[i] += c
+        for k in totals:
+            totals[k] += r["totals"][k]
+        latencies += r["latency_ms"]
+        alerts += r["alerts"]
+    series = [[s, *seconds.get(s, (0, 0, 0, 0))] for s in range(now - window + 1, now + 1)]
+    lat = np.asarray(latencies, dtype=np.float64)
+    pct = ({f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 95, 99)}
+           if lat.size else {"p50": None, "p95": None, "p99": None})
+    if len(raws) > 1:  # newest first across workers (ISO stamps sort as text)
+        alerts = sorted(alerts, key=lambda a: a.get("time", ""), reverse=True)
+    last_minute = series[-60:]
+    return {
+        "uptime_seconds": round(time.time() - min(r["started"] for r in raws), 1),
+        "totals": totals,
+        "last_minute": {"requests": sum(r[1] for r in last_minute),
+                        "records": sum(r[2] for r in last_minute),
+                        "alerts": sum(r[3] for r in last_minute),
+                        "rejects": sum(r[4] for r in last_minute)},
+        "latency_ms": {**pct, "samples": int(lat.size)},
+        "series": {"columns": ["second", "requests", "records", "alerts", "rejects"],
+                   "rows": series},
+        "recent_alerts": alerts[:RECENT_ALERTS],
+    }

@@ -13,6 +13,7 @@ bytes; the request/response models below only document it in the OpenAPI page.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -33,6 +34,8 @@ from ._auth import Gate
 from ._metrics import CONTENT_TYPE
 from ._request import RequestError
 from ._service import Limits, ScoringService
+from ._stats import merged_snapshot
+from ._workers import WorkerGroup
 
 log = logging.getLogger("deepwatch.serve")
 JSON = "application/json"
@@ -110,9 +113,13 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: str = "auto",
-               limits: Limits | None = None) -> FastAPI:
-    """The REST app serving the bundle at ``bundle_path`` (loaded now: a bad bundle fails here)."""
-    service = ScoringService(bundle_path, engine=engine, limits=limits)
+               limits: Limits | None = None, group: WorkerGroup | None = None,
+               generation: int = 1) -> FastAPI:
+    """The REST app serving the bundle at ``bundle_path`` (loaded now: a bad bundle fails here).
+
+    ``group``: this app is one of ``serve --workers`` (stats and reloads span the workers).
+    """
+    service = ScoringService(bundle_path, engine=engine, limits=limits, generation=generation)
     dashboard = resources.files("deepwatch.serve").joinpath("dashboard.html").read_bytes()
     app = FastAPI(title="deepwatch", version=__version__, redoc_url=None,
                   description="Scores network records with a trained deepwatch bundle.")
@@ -149,13 +156,16 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
             return _error(422, f"the bundle was not loaded (still serving the previous "
                                f"one): {exc}")
         log.info("reloaded %s (generation %d)", model.path, model.generation)
-        return Response(orjson.dumps({"status": "reloaded", "model": model.describe()}),
-                        media_type=JSON)
+        answer: dict[str, Any] = {"status": "reloaded", "model": model.describe()}
+        if group is not None:  # loaded here, so it loads: now every worker, one by one
+            group.reload_all(model.path)
+            answer["workers"] = "replacing"
+        return Response(orjson.dumps(answer), media_type=JSON)
 
     @app.get("/healthz", response_model=None, summary="Liveness (no key needed)")
     async def healthz() -> Response:
-        return Response(orjson.dumps({"status": "ok", "generation": service.model.generation}),
-                        media_type=JSON)
+        return Response(orjson.dumps({"status": "ok", "generation": service.model.generation,
+                                      "pid": os.getpid()}), media_type=JSON)
 
     @app.get("/metrics", response_model=None, summary="Prometheus metrics")
     async def metrics() -> Response:
@@ -163,7 +173,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
 
     @app.get("/v1/stats", response_model=None, summary="Recent activity (the dashboard's data)")
     async def stats() -> Response:
-        snap = service.stats.snapshot()
+        snap = (merged_snapshot(group.all_stats()) if group is not None
+                else service.stats.snapshot())
         snap["model"] = service.model.describe()
         snap["limits"] = {"max_body_bytes": service.limits.max_body_bytes,
                           "max_records": service.limits.max_records}
@@ -258,29 +269,50 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
                api_key_file: str | None = None, *, engine: str = "auto",
-               limits: Limits | None = None) -> None:
+               limits: Limits | None = None, workers: int = 1) -> None:
     """Serve until SIGINT/SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {port}")
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
     key = read_api_key(api_key_file) if api_key_file else None
+    if workers > 1:
+        _check_bundle(bundle)  # one clear error here, not one per worker
     sock = listen_socket(host, port)
     port = sock.getsockname()[1]  # the one the system chose, for --port 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
-    app = create_app(bundle, api_key=key, engine=engine, limits=limits)
     if host not in LOOPBACK and key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can score "
                     "and reload", host)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            server_header=False, timeout_graceful_shutdown=10,
-                            limit_concurrency=MAX_CONCURRENT_REQUESTS)
+    options: dict[str, Any] = {"log_level": "warning", "access_log": False,
+                               "server_header": False, "timeout_graceful_shutdown": 10,
+                               "limit_concurrency": MAX_CONCURRENT_REQUESTS}
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    if workers > 1:
+        from ._workers import run_workers
+
+        log.warning("serving %s at %s with %d workers", bundle, url, workers)
+        run_workers(bundle, sock, workers, host=host, port=port, key_file=api_key_file,
+                    engine=engine, limits=limits or Limits(), uvicorn_options=options)
+        return
+    app = create_app(bundle, api_key=key, engine=engine, limits=limits)
+    config = uvicorn.Config(app, host=host, port=port, **options)
     server = uvicorn.Server(config)
     _install_sighup(app.state.service)
     _exit_cleanly_on_sigterm()
     model = app.state.service.model
-    log.warning("serving %s (%s on %s, %s) at http://%s:%d/", model.path,
-                model.detector.kind, model.format, model.detector.engine,
-                f"[{host}]" if ":" in host else host, port)
+    log.warning("serving %s (%s on %s, %s) at %s", model.path, model.detector.kind,
+                model.format, model.detector.engine, url)
     server.run(sockets=[sock])
+
+
+def _check_bundle(bundle: str | Path) -> None:
+    """Refuse a missing, damaged or foreign bundle before starting workers to load it."""
+    from ..bundle import read_manifest
+    from ..formats import get_format
+
+    manifest = read_manifest(bundle)  # checksums verified
+    get_format(manifest["input_format"])

@@ -1,0 +1,162 @@
+"""``serve --workers N``: N processes answer on one listening socket.
+
+The parent binds the socket, checks the bundle, and hands both to uvicorn's supervisor, which
+starts the workers (fresh interpreters), restarts any that die, and on SIGHUP replaces them one
+by one, each replacement serving before its predecessor stops: a rolling reload that drops no
+request. The workers share a state directory the parent made (and removes on exit):
+
+- ``settings.json``: the bundle to serve, its generation, the key file, engine and limits; a
+  worker reads it when it starts;
+- ``prometheus/``: every worker's metric values (``/metrics`` adds them up, see ``_metrics``);
+- ``stats/PID.json``: every worker's recent activity, rewritten each second, merged by
+  ``/v1/stats`` for the dashboard.
+
+``POST /v1/reload`` on any worker loads the new bundle there first (a bundle that fails to load
+is refused and nothing changes), records it in ``settings.json`` and asks the parent, by
+SIGHUP, to replace the workers. SIGHUP sent by an operator re-reads the bundle the same way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from socket import socket
+from typing import Any
+
+from ._service import Limits
+
+log = logging.getLogger("deepwatch.serve")
+
+#: The state directory's path, in the workers' environment.
+STATE_ENV = "DEEPWATCH_SERVE_STATE"
+SETTINGS = "settings.json"
+STATS_EVERY_SECONDS = 1.0
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def read_settings(state: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((state / SETTINGS).read_text())
+    return data
+
+
+class WorkerGroup:
+    """What a worker knows of its siblings: the shared state directory and the parent."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.stats_dir = state / "stats"
+
+    def publish_stats(self, raw: dict[str, Any]) -> None:
+        _write_json(self.stats_dir / f"{os.getpid()}.json", raw)
+
+    def all_stats(self) -> list[dict[str, Any]]:
+        """Every worker's recent activity, this server's stopped workers' too (their counts
+        stay in the totals)."""
+        found = []
+        for f in sorted(self.stats_dir.glob("*.json")):
+            try:
+                found.append(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                continue  # a worker's file being replaced this instant: next poll has it
+        return found
+
+    def reload_all(self, bundle: Path) -> None:
+        """Make ``bundle`` the one every worker serves, and have the parent replace them."""
+        settings = read_settings(self.state)
+        settings["bundle"] = str(bundle)
+        _write_json(self.state / SETTINGS, settings)
+        os.kill(os.getppid(), signal.SIGHUP)
+
+
+def worker_app() -> Any:
+    """The app of one worker (uvicorn calls this factory in each worker process)."""
+    from .app import create_app, read_api_key
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    state = Path(os.environ[STATE_ENV])
+    settings = read_settings(state)
+    key = read_api_key(settings["key_file"]) if settings["key_file"] else None
+    group = WorkerGroup(state)
+    app = create_app(settings["bundle"], api_key=key, engine=settings["engine"],
+                     limits=Limits(**settings["limits"]), group=group,
+                     generation=int(settings["generation"]))
+    service = app.state.service
+
+    def publish() -> None:
+        while True:
+            try:
+                group.publish_stats(service.stats.raw())
+            except OSError:  # the state directory is gone: the server is stopping
+                return
+            threading.Event().wait(STATS_EVERY_SECONDS)
+
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the parent was killed outright: stop, as it would have had us
+        while os.getppid() == parent:
+            threading.Event().wait(1.0)
+        log.warning("the serving parent process is gone: worker %d stops", os.getpid())
+        shutil.rmtree(state, ignore_errors=True)  # the parent cannot remove it now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    group.publish_stats(service.stats.raw())
+    threading.Thread(target=publish, name="deepwatch-stats", daemon=True).start()
+    threading.Thread(target=orphaned, name="deepwatch-orphan", daemon=True).start()
+    atexit.register(_mark_dead, os.getpid())
+    return app
+
+
+def _mark_dead(pid: int) -> None:
+    """Drop a stopped worker's live gauges (the model it served) from ``/metrics``."""
+    from prometheus_client import multiprocess
+
+    with contextlib.suppress(OSError):
+        multiprocess.mark_process_dead(pid)
+
+
+def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, port: int,
+                key_file: str | None, engine: str, limits: Limits,
+                uvicorn_options: dict[str, Any]) -> None:
+    """Serve with ``workers`` processes until SIGINT/SIGTERM; SIGHUP reloads them all."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    state = Path(tempfile.mkdtemp(prefix="deepwatch-serve-"))
+    try:
+        (state / "prometheus").mkdir()
+        (state / "stats").mkdir()
+        _write_json(state / SETTINGS, {
+            "bundle": str(Path(bundle).resolve()), "generation": 1,
+            "key_file": str(Path(key_file).resolve()) if key_file else None,
+            "engine": engine, "limits": asdict(limits)})
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "prometheus")
+        os.environ[STATE_ENV] = str(state)
+        config = uvicorn.Config("deepwatch.serve._workers:worker_app", factory=True,
+                                host=host, port=port, workers=workers, **uvicorn_options)
+
+        class Supervisor(Multiprocess):
+            def handle_hup(self) -> None:
+                settings = read_settings(state)
+                settings["generation"] = int(settings["generation"]) + 1
+                _write_json(state / SETTINGS, settings)
+                log.warning("SIGHUP: replacing the %d workers, serving %s (generation %d)",
+                            len(self.processes), settings["bundle"], settings["generation"])
+                super().handle_hup()
+
+        Supervisor(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
