@@ -144,6 +144,9 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
             "key_file": str(Path(key_file).resolve()) if key_file else None,
             "engine": engine, "limits": asdict(limits)})
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "prometheus")
+        # the workers share the cores: ONNX Runtime threads per worker, unless set already
+        os.environ.setdefault("DEEPWATCH_THREADS",
+                              str(max(1, (os.cpu_count() or 1) // workers)))
         os.environ[STATE_ENV] = str(state)
         config = uvicorn.Config("deepwatch.serve._workers:worker_app", factory=True,
                                 host=host, port=port, workers=workers, **uvicorn_options)
