@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from dataclasses import asdict
@@ -83,10 +84,27 @@ class WorkerGroup:
 
 
 def worker_app() -> Any:
-    """The app of one worker (uvicorn calls this factory in each worker process)."""
+    """The app of one worker (uvicorn calls this factory in each worker process).
+
+    A worker that cannot build its app exits with uvicorn's start-up failure code, so the
+    supervisor stops the server instead of restarting the worker over and over."""
+    try:
+        return _worker_app()
+    except Exception as exc:
+        from uvicorn.config import STARTUP_FAILURE
+
+        log.error("worker %d cannot start: %s", os.getpid(), exc)
+        sys.exit(STARTUP_FAILURE)
+
+
+def _worker_app() -> Any:
     from .app import create_app, read_api_key
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # a hang-up sent to the whole process group reaches the parent, which replaces us: that
+    # is the reload; the default action here would kill this worker first
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     state = Path(os.environ[STATE_ENV])
     settings = read_settings(state)
     key = read_api_key(settings["key_file"]) if settings["key_file"] else None
@@ -133,7 +151,10 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 uvicorn_options: dict[str, Any]) -> None:
     """Serve with ``workers`` processes until SIGINT/SIGTERM; SIGHUP reloads them all."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
+
+    from ..errors import DeepwatchError
 
     state = Path(tempfile.mkdtemp(prefix="deepwatch-serve-"))
     try:
@@ -160,6 +181,10 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                             len(self.processes), settings["bundle"], settings["generation"])
                 super().handle_hup()
 
-        Supervisor(config, sockets=[sock]).run()
+        supervisor = Supervisor(config, sockets=[sock])
+        supervisor.run()
+        if any(proc.exitcode == STARTUP_FAILURE for proc in supervisor.processes):
+            raise DeepwatchError("a worker could not start (its error is logged above); "
+                                 "the server stopped")
     finally:
         shutil.rmtree(state, ignore_errors=True)

@@ -310,9 +310,6 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
 
 def _check_bundle(bundle: str | Path) -> None:
-    """Refuse a missing, damaged or foreign bundle before starting workers to load it."""
-    from ..bundle import read_manifest
-    from ..formats import get_format
-
-    manifest = read_manifest(bundle)  # checksums verified
-    get_format(manifest["input_format"])
+    """Refuse a bundle the workers could not load before starting them: the same loading they
+    do (checksums, format, an inference session), then let it go."""
+    ScoringService(bundle)
