@@ -134,14 +134,17 @@ def _worker_app() -> Any:
     group.publish_stats(service.stats.raw())
     threading.Thread(target=publish, name="deepwatch-stats", daemon=True).start()
     threading.Thread(target=orphaned, name="deepwatch-orphan", daemon=True).start()
-    atexit.register(_mark_dead, os.getpid())
+    atexit.register(_last_words, group, service.stats, os.getpid())
     return app
 
 
-def _mark_dead(pid: int) -> None:
-    """Drop a stopped worker's live gauges (the model it served) from ``/metrics``."""
+def _last_words(group: WorkerGroup, stats: Any, pid: int) -> None:
+    """A stopping worker's final activity for the dashboard, and its live gauges dropped from
+    ``/metrics`` (the model it served)."""
     from prometheus_client import multiprocess
 
+    with contextlib.suppress(OSError):
+        group.publish_stats(stats.raw())
     with contextlib.suppress(OSError):
         multiprocess.mark_process_dead(pid)
 
