@@ -460,12 +460,14 @@ def test_cli_serve_workers_share_metrics_stats_and_reloads(kdd_bundle: Path, tmp
                                                            lines: list[str]) -> None:
     key_file = tmp_path / "key"
     key_file.write_text(KEY)
+    log_file = tmp_path / "serve.log"
+    log_fh = log_file.open("wb")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port", str(port),
          "--api-key-file", str(key_file), "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=log_fh, start_new_session=True)
     try:
         _wait_healthy(url, proc)
         pids: set[int] = set()
@@ -496,7 +498,8 @@ def test_cli_serve_workers_share_metrics_stats_and_reloads(kdd_bundle: Path, tmp
         everything = variant_bundle(kdd_bundle, tmp_path / "all-malicious", threshold=0.0)
         r = _fresh(url, "/v1/reload", "POST", json={"bundle": str(everything)})
         assert r.status_code == 200, r.text
-        assert r.json()["model"]["generation"] == 2 and r.json()["workers"] == "replacing"
+        assert r.json()["status"] == "reloading" and r.json()["workers"] == "replacing"
+        assert r.json()["model"]["generation"] == 2
         deadline = time.monotonic() + 60
         while True:
             answers = [_fresh(url, "/healthz").json() for _ in range(10)]
@@ -504,6 +507,9 @@ def test_cli_serve_workers_share_metrics_stats_and_reloads(kdd_bundle: Path, tmp
                 break
             assert time.monotonic() < deadline, f"workers not replaced: {answers}"
             time.sleep(0.2)
+        pids = set()
+        while len(pids) < 2:
+            pids.add(_fresh(url, "/healthz").json()["pid"])
         for _ in range(6):
             out = _fresh(url, "/v1/score", "POST", json={"records": lines[:20]}).json()
             assert {x["verdict"] for x in out["results"]} == {"malicious"}
@@ -513,18 +519,29 @@ def test_cli_serve_workers_share_metrics_stats_and_reloads(kdd_bundle: Path, tmp
         time.sleep(1.0)
         assert {_fresh(url, "/healthz").json()["generation"] for _ in range(10)} == {2}
 
+        # replacement workers that cannot start (their key file is gone): the old ones stay
+        key_file.unlink()
+        assert _fresh(url, "/v1/reload", "POST").status_code == 200
+        deadline = time.monotonic() + 60
+        while "not every worker could be replaced" not in log_file.read_text():
+            assert time.monotonic() < deadline, "the failed replacement was never reported"
+            time.sleep(0.2)
+        answers = [_fresh(url, "/healthz").json() for _ in range(10)]
+        assert {a["generation"] for a in answers} == {2} and {a["pid"] for a in answers} <= pids
+        assert _fresh(url, "/v1/score", "POST", json={"records": lines[:3]}).status_code == 200
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        err = proc.stderr.read().decode() if proc.stderr else ""
+        err = log_file.read_text()
         assert "with 2 workers" in err and "Traceback" not in err
         assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
     except Exception:
-        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: they hold the stderr pipe
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise AssertionError(f"server stderr:\n{err[-4000:]}") from None
+        raise AssertionError(f"server log:\n{log_file.read_text()[-4000:]}") from None
     finally:
         _reap(proc)
+        log_fh.close()
 
 
 def test_cli_serve_workers_refuse_a_bad_bundle_once(tmp_path: Path) -> None:

@@ -77,15 +77,27 @@ class ScoringService:
     def model(self) -> LoadedModel:
         return self._model
 
-    def _load(self, path: Path, generation: int) -> LoadedModel:
+    def _load(self, path: Path, generation: int, announce: bool = True) -> LoadedModel:
         detector = Detector(path, engine=self.engine, explain=False)
         get_format(detector.format)  # a bundle of a format this build lacks is refused now
         explaining = copy.copy(detector)
         explaining.explain = True
         model = LoadedModel(detector, explaining, detector.format, path,
                             sha256_file(path / MANIFEST), time.time(), generation)
-        self.metrics.set_model(detector.kind, detector.format, detector.engine, model.loaded_at)
+        if announce:
+            self.metrics.set_model(detector.kind, detector.format, detector.engine,
+                                   model.loaded_at)
         return model
+
+    def check(self, bundle: str | Path | None = None) -> LoadedModel:
+        """Load ``bundle`` (default: the one being served) as :meth:`reload` would, without
+        serving it: what a worker of several does before they all move to it."""
+        path = Path(bundle) if bundle is not None else self._model.path
+        try:
+            return self._load(path, self._model.generation + 1, announce=False)
+        except DeepwatchError:
+            self.metrics.reloads.labels("failed").inc()
+            raise
 
     def reload(self, bundle: str | Path | None = None) -> LoadedModel:
         """Load ``bundle`` (default: the bundle path being served, re-read from disk) and swap it

@@ -177,12 +177,22 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
 
         class Supervisor(Multiprocess):
             def handle_hup(self) -> None:
-                settings = read_settings(state)
-                settings["generation"] = int(settings["generation"]) + 1
-                _write_json(state / SETTINGS, settings)
+                """Replace every worker; where some cannot start (uvicorn then stops
+                replacing), go back to the settings before, so all serve one model."""
+                before = read_settings(state)
+                now = {**before, "generation": int(before["generation"]) + 1}
+                _write_json(state / SETTINGS, now)
                 log.warning("SIGHUP: replacing the %d workers, serving %s (generation %d)",
-                            len(self.processes), settings["bundle"], settings["generation"])
+                            len(self.processes), now["bundle"], now["generation"])
+                old = {p.pid for p in self.processes}
                 super().handle_hup()
+                if self.should_exit.is_set() or not {p.pid for p in self.processes} & old:
+                    return
+                log.error("not every worker could be replaced: back to %s (generation %d)",
+                          before["bundle"], before["generation"])
+                _write_json(state / SETTINGS, before)
+                if {p.pid for p in self.processes} - old:  # some serve the new one: undo
+                    super().restart_all()
 
         supervisor = Supervisor(config, sockets=[sock])
         supervisor.run()

@@ -149,17 +149,20 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
         try:
             body = await read_body(request, 64 * 1024)
             target = _reload_target(body)
-            model = await run_in_threadpool(service.reload, target)
+            # one of several workers: only check here; the workers are replaced together
+            model = await run_in_threadpool(service.check if group else service.reload, target)
         except RequestError as exc:
             return _error(exc.status, exc.reason)
         except DeepwatchError as exc:
             return _error(422, f"the bundle was not loaded (still serving the previous "
                                f"one): {exc}")
-        log.info("reloaded %s (generation %d)", model.path, model.generation)
-        answer: dict[str, Any] = {"status": "reloaded", "model": model.describe()}
-        if group is not None:  # loaded here, so it loads: now every worker, one by one
+        if group is not None:  # it loads: now every worker moves to it, one by one
             group.reload_all(model.path)
-            answer["workers"] = "replacing"
+            log.info("replacing the workers to serve %s", model.path)
+            answer = {"status": "reloading", "model": model.describe(), "workers": "replacing"}
+        else:
+            log.info("reloaded %s (generation %d)", model.path, model.generation)
+            answer = {"status": "reloaded", "model": model.describe()}
         return Response(orjson.dumps(answer), media_type=JSON)
 
     @app.get("/healthz", response_model=None, summary="Liveness (no key needed)")
