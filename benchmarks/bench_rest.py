@@ -11,9 +11,11 @@ by request so that each meets the same load on the shared cores:
 
 The targets (issue 5, 2 cores): single-record p99 <= 10 ms, 1,000-record p99 <= 60 ms.
 
-Run alone: ``python benchmarks/bench_rest.py [--quick] [--bundle DIR]``; ``benchmarks/run.py``
-calls ``run``. The bundle is ``models/kdd-stack`` where it exists, else a small ``mlp`` trained
-here on a subsample of the KDD 10% training file (cached in the temp directory).
+Run alone: ``python benchmarks/bench_rest.py [--quick] [--bundle DIR]`` (latency, then
+throughput with 1 and 2 ``serve --workers``; ``--throughput`` for that part alone);
+``benchmarks/run.py`` calls ``run``. The bundle is ``models/kdd-stack`` where it exists, else
+a small ``mlp`` trained here on a subsample of the KDD 10% training file (cached in the temp
+directory).
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ def run(quick: bool = False, bundle: str | None = None) -> list[str]:
             "bounds what an idle machine would show (minus the client's share).", "",
             "Reproduce: `python benchmarks/bench_rest.py" + (" --quick" if quick else "") + "`.",
             ""]
-    return out
+    return out + throughput(quick, bundle)
 
 
 def _load(url: str, bodies: list[bytes], records: int, clients: int,
