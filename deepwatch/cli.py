@@ -70,16 +70,13 @@ def train(
                         "spans machines")] = 1,
 ) -> None:
     """Train a model on labelled (or, for autoencoders, benign) records and save a bundle."""
-    if nproc != 1:
-        from .train.distributed import rank_from_env
-
-        if rank_from_env() == 0 and "WORLD_SIZE" not in os.environ:
-            argv = ["train", "--format", fmt, "--model", model, "--out", out, "--seed", str(seed),
-                    "--target-fpr", str(target_fpr), "--device", device, "--decision", decision]
-            argv += [a for v in val or [] for a in ("--val", v)]
-            argv += [a for v in lake or [] for a in ("--lake", v)]
-            argv += ["--epochs", str(epochs)] if epochs is not None else []
-            raise typer.Exit(_launch_train(argv, files or [], nproc, model, out, device))
+    if nproc != 1 and "WORLD_SIZE" not in os.environ:  # (under torchrun: a rank already)
+        argv = ["train", "--format", fmt, "--model", model, "--out", out, "--seed", str(seed),
+                "--target-fpr", str(target_fpr), "--device", device, "--decision", decision]
+        argv += [a for v in val or [] for a in ("--val", v)]
+        argv += [a for v in lake or [] for a in ("--lake", v)]
+        argv += ["--epochs", str(epochs)] if epochs is not None else []
+        raise typer.Exit(_launch_train(argv, files or [], nproc, model, out, device))
     from .train.api import train as run
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,

@@ -158,6 +158,7 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                                f"one): {exc}")
         if group is not None:  # it loads: now every worker moves to it, one by one
             group.reload_all(model.path)
+            service.metrics.reloads.labels("ok").inc()
             log.info("replacing the workers to serve %s", model.path)
             answer = {"status": "reloading", "model": model.describe(), "workers": "replacing"}
         else:
@@ -176,8 +177,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
 
     @app.get("/v1/stats", response_model=None, summary="Recent activity (the dashboard's data)")
     async def stats() -> Response:
-        snap = (merged_snapshot(group.all_stats()) if group is not None
-                else service.stats.snapshot())
+        snap = (merged_snapshot(group.all_stats() or [service.stats.raw()])
+                if group is not None else service.stats.snapshot())
         snap["model"] = service.model.describe()
         snap["limits"] = {"max_body_bytes": service.limits.max_body_bytes,
                           "max_records": service.limits.max_records}

@@ -78,10 +78,6 @@ def launched() -> bool:
                                                or STORE_ENV in os.environ)
 
 
-def rank_from_env() -> int:
-    return _env_int("RANK", 0)
-
-
 @contextmanager
 def session(device: str = "auto") -> Iterator[Dist]:
     """Join the process group ``torchrun`` set up (when it did) for the duration of a run.
