@@ -112,7 +112,10 @@ def _launch_train(argv: list[str], files: list[str], nproc: int, model: str, out
     if device.startswith("cuda"):
         import torch
 
-        if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        from .train.loop import pick_device
+
+        pick_device(device)  # no CUDA: said once, before any rank starts
+        if nproc > torch.cuda.device_count():
             raise UsageError(f"--nproc {nproc} on CUDA needs as many GPUs; "
                              f"{torch.cuda.device_count()} found")
     check_bundle_target(out)

@@ -157,6 +157,13 @@ def test_nproc_user_mistakes_are_one_line_errors(small_kdd: Path, tmp_path: Path
     r = _deepwatch("train", "--nproc", "0", "--format", "kdd", "--model", "mlp",
                    "--out", str(tmp_path / "b"), str(small_kdd))
     assert r.returncode == 2 and "--nproc must be at least 1" in r.stderr
+    import torch
+
+    if not torch.cuda.is_available():  # said by the launcher, before any rank reads the data
+        r = _deepwatch("train", "--nproc", "2", "--device", "cuda", "--format", "kdd",
+                       "--model", "mlp", "--out", str(tmp_path / "b"), str(small_kdd))
+        assert r.returncode == 2 and r.stderr.count("no CUDA device") == 1
+        assert "training in 2 processes" not in r.stderr
 
 
 def _children(parent: int) -> dict[int, dict[str, str]]:

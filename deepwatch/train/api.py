@@ -229,6 +229,7 @@ def train(
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
+    pick_device(device)  # an unknown or absent device: said before the work
     check_bundle_target(out)  # before the work, not after it
     with distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
