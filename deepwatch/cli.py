@@ -316,10 +316,17 @@ def main(argv: list[str] | None = None) -> int:
         _err("interrupted")
         return 130
     except Exception as exc:  # click usage errors (recent typer vendors its own click)
-        import click
+        import importlib.util
 
-        usage = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
-        if isinstance(exc, usage) and hasattr(exc, "show"):
+        kinds: list[type[BaseException]] = []
+        if hasattr(typer, "TyperException"):
+            kinds.append(typer.TyperException)
+        if importlib.util.find_spec("click") is not None:  # a standalone click, if installed
+            import click
+
+            kinds.append(click.ClickException)
+        usage = tuple(kinds)
+        if usage and isinstance(exc, usage) and hasattr(exc, "show"):
             exc.show()
             return int(getattr(exc, "exit_code", 2))
         raise
