@@ -76,7 +76,8 @@ def train(
         argv += [a for v in val or [] for a in ("--val", v)]
         argv += [a for v in lake or [] for a in ("--lake", v)]
         argv += ["--epochs", str(epochs)] if epochs is not None else []
-        raise typer.Exit(_launch_train(argv, files or [], nproc, model, out, device))
+        raise typer.Exit(_launch_train(argv, files or [], lake or [], nproc, model, out, device,
+                                       target_fpr, decision))
     from .train.api import train as run
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
@@ -95,30 +96,25 @@ def train(
     _err(f"validation: {summary}")
 
 
-def _launch_train(argv: list[str], files: list[str], nproc: int, model: str, out: str,
-                  device: str) -> int:
+def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: int,
+                  model: str, out: str, device: str, target_fpr: float, decision: str) -> int:
     """Check what can be checked once, then start ``nproc`` training ranks."""
-    from .bundle import check_bundle_target
     from .errors import UsageError
-    from .models import MODEL_KINDS
+    from .train.api import check_arguments
     from .train.distributed import launch_local
 
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, not {nproc}")
-    if model not in MODEL_KINDS:
-        raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
     if "-" in files:
         raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
+    check_arguments(model, files, out, target_fpr=target_fpr, device=device, policy=decision,
+                    lakes=lakes)
     if device.startswith("cuda"):
         import torch
 
-        from .train.loop import pick_device
-
-        pick_device(device)  # no CUDA: said once, before any rank starts
         if nproc > torch.cuda.device_count():
             raise UsageError(f"--nproc {nproc} on CUDA needs as many GPUs; "
                              f"{torch.cuda.device_count()} found")
-    check_bundle_target(out)
     _err(f"training in {nproc} processes (torch DDP)")
     return launch_local([sys.executable, "-m", "deepwatch", *argv, "--", *files], nproc, _err)
 

@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from socket import socket
@@ -120,13 +121,13 @@ def _worker_app() -> Any:
                 group.publish_stats(service.stats.raw())
             except OSError:  # the state directory is gone: the server is stopping
                 return
-            threading.Event().wait(STATS_EVERY_SECONDS)
+            time.sleep(STATS_EVERY_SECONDS)
 
     parent = os.getppid()
 
     def orphaned() -> None:  # the parent was killed outright: stop, as it would have had us
         while os.getppid() == parent:
-            threading.Event().wait(1.0)
+            time.sleep(1.0)
         log.warning("the serving parent process is gone: worker %d stops", os.getpid())
         shutil.rmtree(state, ignore_errors=True)  # the parent cannot remove it now
         os.kill(os.getpid(), signal.SIGTERM)

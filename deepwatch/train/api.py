@@ -221,6 +221,20 @@ def train(
     lakes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest."""
+    check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
+                    lakes=lakes)
+    with distributed.session(device) as dist:
+        if not dist.main:  # one voice per distributed run: rank 0's
+            progress, log = False, _silent
+        return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
+                      device, policy, progress, options, log, lakes, dist)
+
+
+def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
+                    target_fpr: float = 0.01, device: str = "auto", policy: str = "auto",
+                    lakes: Sequence[str] = ()) -> None:
+    """The mistakes :func:`train` refuses before any work (``train --nproc`` checks them once,
+    before starting its ranks)."""
     if model not in MODEL_KINDS:
         raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
     if not 0.0 < target_fpr < 1.0:
@@ -229,13 +243,8 @@ def train(
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
-    pick_device(device)  # an unknown or absent device: said before the work
-    check_bundle_target(out)  # before the work, not after it
-    with distributed.session(device) as dist:
-        if not dist.main:  # one voice per distributed run: rank 0's
-            progress, log = False, _silent
-        return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
-                      device, policy, progress, options, log, lakes, dist)
+    pick_device(device)  # an unknown or absent device
+    check_bundle_target(out)
 
 
 def _silent(msg: str) -> None:

@@ -38,7 +38,6 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
-    backend: str = ""
 
     @property
     def active(self) -> bool:
@@ -104,9 +103,8 @@ def session(device: str = "auto") -> Iterator[Dist]:
                                      rank=_env_int("RANK", 0), world_size=world)
         else:  # torchrun: its environment
             tdist.init_process_group(backend)
-    backend = str(tdist.get_backend())
     _current = Dist(tdist.get_rank(), tdist.get_world_size(), local_rank,
-                    _env_int("LOCAL_WORLD_SIZE", tdist.get_world_size()), backend)
+                    _env_int("LOCAL_WORLD_SIZE", tdist.get_world_size()))
     try:
         yield _current
     except RuntimeError as exc:
@@ -172,19 +170,14 @@ def all_sum(values: list[float], dev: torch.device, dist: Dist) -> list[float]:
 
 
 def broadcast_module(net: nn.Module, dist: Dist) -> None:
-    """Overwrite every rank's parameters and buffers with rank 0's."""
+    """Overwrite every rank's parameters and buffers with rank 0's (``net`` on this rank's
+    training device)."""
     if not dist.active:
         return
     import torch.distributed as tdist
 
     for t in list(net.parameters()) + list(net.buffers()):
-        data = t.data
-        if dist.backend == "nccl" and data.device.type != "cuda":
-            moved = data.cuda()
-            tdist.broadcast(moved, src=0)
-            data.copy_(moved.cpu())
-        else:
-            tdist.broadcast(data, src=0)
+        tdist.broadcast(t.data, src=0)
 
 
 def _loopback_interface() -> str | None:
@@ -201,8 +194,9 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None]) -> 
     """Run ``command`` as ``nproc`` ranks of one data-parallel job on this machine.
 
     The ranks meet through a file (no TCP store), and gloo/NCCL talk over the loopback
-    interface only, so nothing listens beyond this machine. Returns the job's exit code: 0, or
-    the code of the first rank that failed (the others are then stopped).
+    interface only, so nothing listens beyond this machine. When a rank fails the others are
+    stopped. Returns 0, else rank 0's exit code where it failed, else the highest of the others'
+    (at least 1; 130 when interrupted).
     """
     import signal
     import subprocess
@@ -230,14 +224,16 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None]) -> 
                     open(os.path.join(tmp, f"rank{rank}.log"), "w+b"))
                 logs.append(err)
                 procs.append(subprocess.Popen(command, env=env, stderr=err))
-            while len(codes) < nproc:
-                time.sleep(0.2)
+            def collect() -> None:
                 codes.update({r: int(p.returncode) for r, p in enumerate(procs)
                               if r not in codes and p.poll() is not None})
+
+            while len(codes) < nproc:
+                time.sleep(0.2)
+                collect()
                 if any(codes.values()):
                     time.sleep(1.0)  # peers that die of the same failure do so now
-                    codes.update({r: int(p.returncode) for r, p in enumerate(procs)
-                                  if r not in codes and p.poll() is not None})
+                    collect()
                     break
         except KeyboardInterrupt:
             interrupted = True
