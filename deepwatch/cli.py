@@ -68,6 +68,11 @@ def train(
         "--nproc", help="Train data-parallel (torch DDP) in this many processes on this "
                         "machine, one per GPU on CUDA; torchrun -m deepwatch train ... "
                         "spans machines")] = 1,
+    folds: Annotated[int | None, typer.Option(
+        "--folds", help="Cross-fit the classifiers: K members of each network, member k "
+                        "trained on all folds but k; records score as their average. Default: "
+                        "5 for labelled training data under 100,000 records without --val, "
+                        "else 1")] = None,
 ) -> None:
     """Train a model on labelled (or, for autoencoders, benign) records and save a bundle."""
     if nproc != 1 and "WORLD_SIZE" not in os.environ:  # (under torchrun: a rank already)
@@ -76,13 +81,14 @@ def train(
         argv += [a for v in val or [] for a in ("--val", v)]
         argv += [a for v in lake or [] for a in ("--lake", v)]
         argv += ["--epochs", str(epochs)] if epochs is not None else []
+        argv += ["--folds", str(folds)] if folds is not None else []
         raise typer.Exit(_launch_train(argv, files or [], lake or [], nproc, model, out, device,
-                                       target_fpr, decision))
+                                       target_fpr, decision, folds, val or []))
     from .train.api import train as run
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
                    target_fpr=target_fpr, device=device, policy=decision,
-                   progress=_progress(), log=_err, lakes=lake or [])
+                   progress=_progress(), log=_err, lakes=lake or [], folds=folds)
     if manifest["training"].get("rank", 0):
         return  # another rank of a distributed run: rank 0 reports
     cal = manifest["metrics"]["calibration"]
@@ -97,7 +103,8 @@ def train(
 
 
 def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: int,
-                  model: str, out: str, device: str, target_fpr: float, decision: str) -> int:
+                  model: str, out: str, device: str, target_fpr: float, decision: str,
+                  folds: int | None, val: list[str]) -> int:
     """Check what can be checked once, then start ``nproc`` training ranks."""
     from .errors import UsageError
     from .train.api import check_arguments
@@ -108,7 +115,7 @@ def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: in
     if "-" in files:
         raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
     check_arguments(model, files, out, target_fpr=target_fpr, device=device, policy=decision,
-                    lakes=lakes)
+                    lakes=lakes, folds=folds, val_inputs=val)
     if device.startswith("cuda"):
         import torch
 

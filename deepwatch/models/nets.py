@@ -95,6 +95,19 @@ class Stack(nn.Module):
         return self.meta(self.base_logprobs(x))
 
 
+class Bag(nn.Module):
+    """Members of one kind trained on different folds of the data (``train --folds``): the
+    log of their mean class probabilities, a drop-in for one network's logits."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(m(x), dim=1) for m in self.members])
+        return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+
+
 SUPERVISED_KINDS = ("mlp", "resnet", "snn")
 _CLASSES: dict[str, type[nn.Module]] = {"mlp": MLP, "resnet": ResNet, "snn": SNN}
 
@@ -105,6 +118,8 @@ def build_network(config: dict[str, Any]) -> nn.Module:
     if kind == "stack":
         bases = [build_network(c) for c in config["bases"]]
         return Stack(bases, config["n_out"])
+    if kind == "bag":
+        return Bag([build_network(c) for c in config["members"]])
     if kind in _CLASSES:
         hp = {k: v for k, v in config.items() if k not in ("kind", "d_in", "n_out", "head")}
         return _CLASSES[kind](config["d_in"], config["n_out"], **hp)

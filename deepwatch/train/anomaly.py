@@ -145,4 +145,8 @@ def train_hybrid(kind: str, ctx: TrainContext) -> Trained:
                 "anomaly_threshold": info["autoencoder"]["anomaly_threshold"],
                 "target_fpr": ctx.target_fpr,
                 "combine": default_combine(stack.decision, ctx.options)}
-    return Trained(HybridHead(classifier, head), network, list(HYBRID_OUTPUTS), decision, info)
+    first = None
+    if stack.calibration_module is not None:  # cross-fitted: the first fold's classifiers
+        first = HybridHead(stack.calibration_module.net, head)  # type: ignore[arg-type]
+    return Trained(HybridHead(classifier, head), network, list(HYBRID_OUTPUTS), decision,
+                   {**stack.info, **info}, first)

@@ -35,18 +35,20 @@ class Split:
     y: np.ndarray | None
     w: np.ndarray  # multiplicities (de-duplicated rows)
 
+    def take(self, rows: np.ndarray) -> Split:
+        """These rows (a boolean mask or indices)."""
+        return Split(self.X[rows], self.labels[rows] if self.labels is not None else None,
+                     self.y[rows] if self.y is not None else None, self.w[rows])
+
     def known(self) -> Split:
         if self.y is None or self.labels is None:
             return self
-        keep = self.y >= 0
-        return Split(self.X[keep], self.labels[keep], self.y[keep], self.w[keep])
+        return self.take(self.y >= 0)
 
     def benign(self) -> Split:
         if self.labels is None:
             return self
-        keep = self.labels == BENIGN
-        return Split(self.X[keep], self.labels[keep],
-                     self.y[keep] if self.y is not None else None, self.w[keep])
+        return self.take(self.labels == BENIGN)
 
 
 @dataclass
@@ -64,6 +66,9 @@ class TrainContext:
     target_fpr: float
     policy: str
     options: dict[str, Any] = field(default_factory=dict)
+    #: Cross-fitting (``--folds K``, K > 1): each member's (train, early, calib) parts; then
+    #: ``train``, ``early`` and ``calib`` above are the first member's.
+    folds: list[tuple[Split, Split, Split]] = field(default_factory=list)
 
     def decision_base(self) -> dict[str, Any]:
         if not self.vocab:
@@ -92,6 +97,9 @@ class Trained:
     outputs: list[str]
     decision: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    #: Where ``module`` has learnt from ``ctx.calib`` (cross-fitting), the same model without
+    #: those rows, for honest calibration metrics.
+    calibration_module: nn.Module | None = None
 
 
 Trainer = Callable[[str, TrainContext], Trained]
@@ -116,29 +124,66 @@ def _trainer(kind: str) -> Trainer:
 
 
 def train_classifier(kind: str, ctx: TrainContext) -> Trained:
-    from .supervised import proba_module, train_supervised
+    from .supervised import FoldData, proba_module, train_folds, train_supervised
 
     if not ctx.vocab or len(ctx.vocab) < 2:
         raise DataError(f"--model {kind} needs labelled data with at least two labels "
                         f"(found {ctx.vocab or 'none'})")
-    tr, es, cal = ctx.train, ctx.early.known(), ctx.calib.known()
-    if len(es.X) == 0 or len(cal.X) == 0:
+    parts = [(tr, es.known(), cal.known()) for tr, es, cal in
+             (ctx.folds or [(ctx.train, ctx.early, ctx.calib)])]
+    if any(len(es.X) == 0 or len(cal.X) == 0 for _tr, es, cal in parts):
         raise DataError("the validation data has no records with labels seen in training")
-    assert tr.y is not None and es.y is not None and cal.y is not None
-    net, network = train_supervised(kind, tr.X, tr.y, tr.w, es.X, es.y, es.w,
-                                    cal.X, cal.y, cal.w, len(ctx.vocab), ctx.cfg)
+    calibration_module = None
+    decision = ctx.decision_base()
+    if ctx.folds:
+        data = []
+        for tr, es, cal in parts:
+            assert tr.y is not None and es.y is not None and cal.y is not None
+            data.append(FoldData(tr.X, tr.y, tr.w, es.X, es.y, es.w, cal.X, cal.y, cal.w))
+        fitted = train_folds(kind, data, len(ctx.vocab), ctx.cfg)
+        net, network = fitted.net, fitted.config
+        calibration_module = proba_module(fitted.first)
+        held = concat_splits([cal for _tr, _es, cal in parts])
+        held_proba = fitted.oof_proba
+    else:
+        tr, es, cal = parts[0]
+        assert tr.y is not None and es.y is not None and cal.y is not None
+        net, network = train_supervised(kind, tr.X, tr.y, tr.w, es.X, es.y, es.w,
+                                        cal.X, cal.y, cal.w, len(ctx.vocab), ctx.cfg)
+        held = ctx.calib
+        held_proba = None
     network = {**network, "head": "proba"}
     module = proba_module(net)
-    decision = ctx.decision_base()
+    if held_proba is None:
+        held_proba = run_module(module, held.X, ["proba"])["proba"]
+    score = attack_score(held_proba, decision)
     if ctx.policy == "fpr":
         decision["policy"] = "threshold"
-        decision["threshold"] = fpr_threshold(module, ctx, decision)
+        decision["threshold"] = fpr_threshold(score, held, ctx.target_fpr)
     else:
-        decision["threshold"] = error_threshold(module, ctx, decision)
-    return Trained(module, network, ["proba"], decision)
+        decision["threshold"] = error_threshold(score, held)
+    info = {"folds": len(ctx.folds)} if ctx.folds else {}
+    return Trained(module, network, ["proba"], decision, info, calibration_module)
 
 
-def error_threshold(module: nn.Module, ctx: TrainContext, decision: dict[str, Any]) -> float:
+def concat_splits(splits: list[Split]) -> Split:
+    """Rows of several parts, in order, as one."""
+    labels = (np.concatenate([s.labels for s in splits])  # type: ignore[misc]
+              if all(s.labels is not None for s in splits) else None)
+    y = (np.concatenate([s.y for s in splits])  # type: ignore[misc]
+         if all(s.y is not None for s in splits) else None)
+    return Split(np.concatenate([s.X for s in splits]), labels, y,
+                 np.concatenate([s.w for s in splits]))
+
+
+def attack_score(proba: np.ndarray, decision: dict[str, Any]) -> np.ndarray | None:
+    """1 - P(normal) for each row, or None where the labels have no benign class."""
+    if BENIGN not in decision["labels"]:
+        return None
+    return 1.0 - proba[:, decision["labels"].index(BENIGN)].astype(np.float64)
+
+
+def error_threshold(score: np.ndarray | None, held: Split) -> float:
     """The score threshold with the fewest binary errors on the held-out calibration records
     (each counted as often as it occurs), or 0.5 where that cannot be measured.
 
@@ -147,15 +192,12 @@ def error_threshold(module: nn.Module, ctx: TrainContext, decision: dict[str, An
     calibration records carry the data's own mix. Where several thresholds tie, the middle one
     of them is taken (the widest margin on both sides).
     """
-    cal = ctx.calib
-    if cal.labels is None or len(cal.X) == 0 or BENIGN not in decision["labels"]:
+    if held.labels is None or len(held.X) == 0 or score is None:
         return 0.5
-    attack = cal.labels != BENIGN
+    attack = held.labels != BENIGN
     if attack.all() or not attack.any():
         return 0.5
-    proba = run_module(module, cal.X, ["proba"])["proba"]
-    score = 1.0 - proba[:, decision["labels"].index(BENIGN)].astype(np.float64)
-    return fewest_errors_threshold(score, attack, cal.w.astype(np.float64))
+    return fewest_errors_threshold(score, attack, held.w.astype(np.float64))
 
 
 def fewest_errors_threshold(score: np.ndarray, attack: np.ndarray, weight: np.ndarray) -> float:
@@ -178,15 +220,26 @@ def fewest_errors_threshold(score: np.ndarray, attack: np.ndarray, weight: np.nd
     return float((s[i - 1] + s[i]) / 2.0)
 
 
-def fpr_threshold(module: nn.Module, ctx: TrainContext, decision: dict[str, Any]) -> float:
-    """The score threshold whose false-positive rate on held-out benign records is
-    ``ctx.target_fpr`` (scores: 1 - P(normal))."""
-    benign = ctx.calib.benign()
-    if len(benign.X) == 0 or BENIGN not in decision["labels"]:
+def fpr_threshold(score: np.ndarray | None, held: Split, target_fpr: float) -> float:
+    """The score threshold whose false-positive rate on the held-out benign records is
+    ``target_fpr`` (scores: 1 - P(normal))."""
+    benign = held.labels == BENIGN if held.labels is not None else None
+    if score is None or benign is None or not benign.any():
         raise DataError("--decision fpr needs benign ('normal') records in the validation data")
-    proba = run_module(module, benign.X, ["proba"])["proba"]
-    score = 1.0 - proba[:, decision["labels"].index(BENIGN)].astype(np.float64)
-    return float(np.quantile(score, 1.0 - ctx.target_fpr, method="higher"))
+    return float(np.quantile(score[benign], 1.0 - target_fpr, method="higher"))
+
+
+def _fold_indices(labels: np.ndarray, folds: int, seed: int
+                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each cross-fitting member k: (training rows: every fold but k, early-stopping rows:
+    half of fold k, calibration rows: its other half), folds stratified by label."""
+    parts = stratified_split(labels, (1.0,) * folds, seed)
+    out = []
+    for k, held in enumerate(parts):
+        es, cal = stratified_split(labels[held], (0.5, 0.5), seed + 1 + k)
+        rest = np.sort(np.concatenate([p for j, p in enumerate(parts) if j != k]))
+        out.append((rest, held[es], held[cal]))
+    return out
 
 
 def _split_labels(labels: np.ndarray | None, n: int, fractions: tuple[float, ...],
@@ -219,20 +272,44 @@ def train(
     options: dict[str, Any] | None = None,
     log: Callable[[str], None] = lambda s: None,
     lakes: Sequence[str] = (),
+    folds: int | None = None,
 ) -> dict[str, Any]:
-    """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest."""
+    """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest.
+
+    ``folds``: cross-fit the classifiers over this many folds (see :func:`auto_folds` for the
+    default, ``None``).
+    """
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
-                    lakes=lakes)
+                    lakes=lakes, folds=folds, val_inputs=val_inputs)
     with distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
             progress, log = False, _silent
         return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
-                      device, policy, progress, options, log, lakes, dist)
+                      device, policy, progress, options, log, lakes, dist, folds)
+
+
+#: Models whose classifiers ``--folds`` cross-fits.
+FOLD_MODELS = ("mlp", "resnet", "snn", "stack", "hybrid")
+#: The most folds ``--folds`` takes.
+MAX_FOLDS = 20
+#: ``--folds`` default: this many folds for labelled training data under SMALL_DATA rows.
+SMALL_DATA_FOLDS = 5
+SMALL_DATA = 100_000
+
+
+def auto_folds(model: str, labelled: bool, rows: int, has_val: bool) -> int:
+    """The default number of folds: SMALL_DATA_FOLDS for a classifier on labelled training data
+    of fewer than SMALL_DATA records without ``--val`` (where training several members costs
+    seconds to minutes and every record matters), else 1."""
+    if model in FOLD_MODELS and labelled and not has_val and rows < SMALL_DATA:
+        return SMALL_DATA_FOLDS
+    return 1
 
 
 def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                     target_fpr: float = 0.01, device: str = "auto", policy: str = "auto",
-                    lakes: Sequence[str] = ()) -> None:
+                    lakes: Sequence[str] = (), folds: int | None = None,
+                    val_inputs: Sequence[str] = ()) -> None:
     """The mistakes :func:`train` refuses before any work (``train --nproc`` checks them once,
     before starting its ranks)."""
     if model not in MODEL_KINDS:
@@ -243,6 +320,15 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
+    if folds is not None:
+        if not 1 <= folds <= MAX_FOLDS:
+            raise UsageError(f"--folds must be between 1 and {MAX_FOLDS}, not {folds}")
+        if folds > 1 and model not in FOLD_MODELS:
+            raise UsageError(f"--folds cross-fits classifiers ({', '.join(FOLD_MODELS)}), "
+                             f"not --model {model}")
+        if folds > 1 and val_inputs:
+            raise UsageError("--folds holds out part of each fold for validation: "
+                             "drop --val, or use --folds 1")
     pick_device(device)  # an unknown or absent device
     check_bundle_target(out)
 
@@ -255,7 +341,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
            val_inputs: Sequence[str], epochs: int | None, seed: int, target_fpr: float,
            device: str, policy: str, progress: bool, options: dict[str, Any] | None,
            log: Callable[[str], None], lakes: Sequence[str], dist: distributed.Dist,
-           ) -> dict[str, Any]:
+           folds: int | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     fmt = get_format(format_name)
     reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
@@ -265,7 +351,19 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     if table.num_rows < 10:
         raise DataError(f"too few training records ({table.num_rows}) to train a model")
     labels = _labels(table)
-    if val_inputs:
+    if folds is None:
+        folds = auto_folds(model, labels is not None, table.num_rows, bool(val_inputs))
+    if folds > 1 and labels is None:
+        raise DataError("--folds needs labelled training data")
+    fold_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    if folds > 1:
+        assert labels is not None
+        fold_parts = _fold_indices(labels, folds, seed)
+        tr_idx, es_idx, cal_idx = fold_parts[0]
+        tr_table = table.take(pa.array(tr_idx))
+        es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
+        tr_labels, es_labels, cal_labels = labels[tr_idx], labels[es_idx], labels[cal_idx]
+    elif val_inputs:
         vreader = InputReader(fmt, val_inputs, progress=progress)
         vtable, _vrej, vstats = vreader.read_all()
         vtable = _derive_in_order(fmt, vtable)
@@ -286,8 +384,10 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         es_labels = labels[es_idx] if labels is not None else None
         cal_labels = labels[cal_idx] if labels is not None else None
 
-    featurizer = Featurizer(fmt.feature_spec()).fit(tr_table)
-    vocab = label_vocabulary(tr_labels) if tr_labels is not None else []
+    # cross-fitted members together learn from every record: the features and labels are theirs
+    featurizer = Featurizer(fmt.feature_spec()).fit(table if folds > 1 else tr_table)
+    vocab_of = labels if folds > 1 else tr_labels
+    vocab = label_vocabulary(vocab_of) if vocab_of is not None else []
     index = {lab: i for i, lab in enumerate(vocab)}
 
     def part(t: pa.Table, labs: np.ndarray | None, collapse: bool) -> Split:
@@ -301,12 +401,23 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         # labels of the unique rows: y -> string (unseen labels cannot occur in training)
         return Split(Xu, np.array(vocab, dtype=object)[yu], yu, w)
 
-    train_split = part(tr_table, tr_labels, collapse=True)
-    early_split = part(es_table, es_labels, collapse=False)
-    calib_split = part(cal_table, cal_labels, collapse=False)
+    member_splits: list[tuple[Split, Split, Split]] = []
+    if fold_parts:
+        everything = part(table, labels, collapse=False)
+        for tr_i, es_i, cal_i in fold_parts:
+            Xu, yu, w = dedupe(everything.X[tr_i], everything.y[tr_i])  # type: ignore[index]
+            member_splits.append((Split(Xu, np.array(vocab, dtype=object)[yu], yu, w),
+                                  everything.take(es_i), everything.take(cal_i)))
+        train_split, early_split, calib_split = member_splits[0]
+        del everything
+    else:
+        train_split = part(tr_table, tr_labels, collapse=True)
+        early_split = part(es_table, es_labels, collapse=False)
+        calib_split = part(cal_table, cal_labels, collapse=False)
     log(f"features: {featurizer.n_features}; training rows {tr_table.num_rows:,} "
         f"({len(train_split.X):,} distinct), early-stopping rows {es_table.num_rows:,}, "
-        f"calibration rows {cal_table.num_rows:,}")
+        f"calibration rows {cal_table.num_rows:,}"
+        + (f"; each of {folds} cross-fitted members alike" if folds > 1 else ""))
     cfg = TrainConfig(seed=seed, device=device)
     if epochs is not None:
         if epochs < 1:
@@ -316,14 +427,17 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     if loop_options:
         cfg = cfg.with_(**loop_options)
     ctx = TrainContext(fmt, featurizer, vocab, train_split, early_split, calib_split, cfg,
-                       target_fpr, "cost" if policy == "auto" else policy, options or {})
+                       target_fpr, "cost" if policy == "auto" else policy, options or {},
+                       member_splits)
     trained = _trainer(model)(model, ctx)
     t_train = time.perf_counter() - t0
 
     from ..models.decision import Decision
     from ..models.export import to_onnx
     module = trained.module.eval()
-    outs = run_module(module, calib_split.X, trained.outputs)
+    # calibration metrics from a model that never saw the calibration rows
+    outs = run_module((trained.calibration_module or module).eval(), calib_split.X,
+                      trained.outputs)
     decision = Decision(trained.decision).apply(outs)
     calib_metrics = _calibration_metrics(decision, calib_split.labels)
 
@@ -363,6 +477,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             "seed": seed,
             "device": str(distributed.device_for(pick_device(device), dist)),
             "world_size": dist.world,
+            "folds": folds,
             "seconds": round(t_train, 2),
             "history": cfg.history,
             **trained.info,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..models.nets import ProbaHead, Stack, build_network
+from ..models.nets import Bag, ProbaHead, Stack, build_network
 from .loop import TrainConfig, cross_entropy, fit, sampling_probs, seed_everything
 
 DEFAULT_HP: dict[str, dict[str, Any]] = {
@@ -26,25 +27,33 @@ def network_config(kind: str, d_in: int, n_out: int) -> dict[str, Any]:
 
 def train_base(kind: str, X: np.ndarray, y: np.ndarray, w: np.ndarray, Xv: np.ndarray,
                yv: np.ndarray, wv: np.ndarray, n_out: int, cfg: TrainConfig,
-               ) -> tuple[nn.Module, dict[str, Any]]:
+               label: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     config = network_config(kind, X.shape[1], n_out)
     seed_everything(cfg.seed)
     net = build_network(config)
     lr = DEFAULT_LR[kind] if cfg.lr == TrainConfig.lr else cfg.lr
-    run = cfg.with_(lr=lr, label=f"{kind:>6}")
+    run = cfg.with_(lr=lr, label=label or f"{kind:>6}")
     net = fit(net, cross_entropy, X, y, w, Xv, yv, wv, run)
     cfg.history.append({"model": kind, "epochs": run.history})  # type: ignore[dict-item]
     return net, config
 
 
-def fit_meta(stack: Stack, X: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int,
+@torch.no_grad()
+def base_logprobs(stack: Stack, X: np.ndarray) -> torch.Tensor:
+    """The stack's base learners' log-probabilities on ``X`` (the meta-learner's input)."""
+    stack.eval()
+    if len(X) == 0:
+        return torch.zeros(0, stack.meta.in_features)
+    return torch.cat([stack.base_logprobs(torch.as_tensor(X[i : i + 65536]))
+                      for i in range(0, len(X), 65536)])
+
+
+def fit_meta(stack: Stack, Z: torch.Tensor, y: np.ndarray, w: np.ndarray, seed: int,
              l2: float = 1e-3, steps: int = 300) -> None:
-    """Fit the meta-learner on held-out base predictions (multinomial logistic regression)."""
+    """Fit the meta-learner (multinomial logistic regression) on held-out base
+    log-probabilities ``Z`` (see :func:`base_logprobs`)."""
     seed_everything(seed)
     stack.eval()
-    with torch.no_grad():
-        Z = torch.cat([stack.base_logprobs(torch.as_tensor(X[i : i + 65536]))
-                       for i in range(0, len(X), 65536)])
     n_out = stack.meta.out_features
     k = len(stack.bases)
     with torch.no_grad():  # start from the plain average of the bases' log-probabilities
@@ -92,8 +101,81 @@ def train_supervised(kind: str, X: np.ndarray, y: np.ndarray, w: np.ndarray,
     # The meta-learner gets the bases' objective: the same class re-balancing. Fitting it to the
     # raw training mix instead would re-impose the training priors (80% floods in KDD 99), an
     # artefact of how the data was collected rather than what a deployment will see.
-    fit_meta(stack, Xm, ym, sampling_probs(ym, wm, cfg.class_balance), cfg.seed)
+    fit_meta(stack, base_logprobs(stack, Xm), ym, sampling_probs(ym, wm, cfg.class_balance),
+             cfg.seed)
     return stack, {"kind": "stack", "n_out": n_out, "bases": configs}
+
+
+@dataclass
+class FoldData:
+    """One member's data in cross-fitting: what it trains on (``X``, ``y``, ``w``), what stops
+    it early (``Xv``...) and the held-out rows its out-of-fold predictions are made on (``Xc``...).
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    Xv: np.ndarray
+    yv: np.ndarray
+    wv: np.ndarray
+    Xc: np.ndarray
+    yc: np.ndarray
+    wc: np.ndarray
+
+
+@dataclass
+class CrossFitted:
+    """What :func:`train_folds` returns: the bagged network and its config, its out-of-fold
+    class probabilities on every fold's held-out rows (in fold order), and ``first``: the same
+    network built from the first fold's members only, which never saw that fold's held-out rows.
+    """
+
+    net: nn.Module
+    config: dict[str, Any]
+    oof_proba: np.ndarray
+    first: nn.Module
+
+
+def train_folds(kind: str, folds: list[FoldData], n_out: int, cfg: TrainConfig) -> CrossFitted:
+    """Cross-fitting (``train --folds K``): each base network is trained K times, member k on
+    every fold but k, early-stopped on part of fold k; a record scores as the mean of the
+    members' probabilities (:class:`Bag`). A stack's meta-learner is fitted on the members'
+    out-of-fold log-probabilities, each held-out row seen through the members that did not
+    train on it.
+    """
+    kinds = ("mlp", "resnet", "snn") if kind == "stack" else (kind,)
+    members: dict[str, list[nn.Module]] = {k: [] for k in kinds}
+    configs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    oof: list[torch.Tensor] = []  # per fold: the bases' log-probabilities on its held-out rows
+    for f, d in enumerate(folds):
+        per_kind = []
+        for i, base_kind in enumerate(kinds):
+            run = cfg.with_(seed=cfg.seed + i + 1000 * f)
+            net, conf = train_base(base_kind, d.X, d.y, d.w, d.Xv, d.yv, d.wv, n_out, run,
+                                   label=f"{base_kind:>6} {f + 1}/{len(folds)}")
+            cfg.history.extend({**h, "fold": f} for h in run.history)
+            members[base_kind].append(net)
+            configs[base_kind].append(conf)
+            with torch.no_grad():
+                per_kind.append(torch.log_softmax(net(torch.as_tensor(d.Xc)), dim=1)
+                                if len(d.Xc) else torch.zeros(0, n_out))
+        oof.append(torch.cat(per_kind, dim=1))
+    Z = torch.cat(oof)
+    bags = [Bag(members[k]) for k in kinds]
+    bag_configs = [{"kind": "bag", "members": configs[k]} for k in kinds]
+    if kind != "stack":
+        first: nn.Module = members[kind][0]
+        return CrossFitted(bags[0], bag_configs[0], torch.exp(Z).numpy(), first)
+    yc = np.concatenate([d.yc for d in folds])
+    wc = np.concatenate([d.wc for d in folds])
+    stack = Stack(list(bags), n_out)
+    fit_meta(stack, Z, yc, sampling_probs(yc, wc, cfg.class_balance), cfg.seed)
+    with torch.no_grad():
+        oof_proba = torch.softmax(stack.meta(Z), dim=1).numpy()  # as Stack.forward does
+    first = Stack([members[k][0] for k in kinds], n_out)
+    first.meta = stack.meta
+    return CrossFitted(stack, {"kind": "stack", "n_out": n_out, "bases": bag_configs},
+                       oof_proba, first.eval())
 
 
 def proba_module(net: nn.Module) -> nn.Module:
