@@ -555,6 +555,39 @@ def test_cli_serve_workers_refuse_a_bad_bundle_once(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--workers must be at least 1" in r.stderr
 
 
+BREAK_WORKERS = '''
+import deepwatch.serve._workers as workers
+
+
+def _cannot_start():
+    raise RuntimeError("injected: this worker cannot build its app")
+
+
+workers._worker_app = _cannot_start
+'''
+
+
+def test_cli_serve_workers_that_cannot_start_stop_the_server(kdd_bundle: Path,
+                                                             tmp_path: Path) -> None:
+    """A worker that fails while building its app (after the parent's checks passed) stops
+    the server with exit 1 and one error line, instead of uvicorn restarting it forever."""
+    # every Python process started with this PYTHONPATH runs the patch; only workers call it
+    (tmp_path / "sitecustomize.py").write_text(BREAK_WORKERS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle),
+                        "--port", "0", "--workers", "2"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "injected: this worker cannot build its app" in r.stderr  # the worker's log line
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: a worker could not start (its error is logged above); the "
+                      "server stopped"], r.stderr
+    assert "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 60  # no restart loop
+
+
 @pytest.mark.parametrize(("key_text", "words"), [(None, "does not exist"), ("", "is empty"),
                                                  ("two words", "whitespace")])
 def test_cli_serve_refuses_a_bad_key_file(kdd_bundle: Path, tmp_path: Path,
