@@ -130,8 +130,7 @@ def _peer_cols(pred: np.ndarray, score: np.ndarray, labels: np.ndarray) -> dict[
 # -- deepwatch -----------------------------------------------------------------------------
 def _deepwatch(fmt: str, model: str, train: list[str], test: list[str], out: Path,
                val: list[str] | None = None, policy: str = "auto",
-               eval_policy: str | None = None, seed: int = 0, folds: int | None = None,
-               ) -> dict[str, Any]:
+               eval_policy: str | None = None, seed: int = 0, folds: int = 1) -> dict[str, Any]:
     from deepwatch.evaluate.run import evaluate
     from deepwatch.train.api import train as fit
 
@@ -239,8 +238,7 @@ POLICIES = ("cost", "threshold", "fpr")
 
 
 def _proxy_accuracy(tmp: Path, lines: list[str], seed: int, hidden: str,
-                    policies: Sequence[str] = POLICIES, folds: int | None = None,
-                    ) -> dict[str, float]:
+                    policies: Sequence[str] = POLICIES, folds: int = 1) -> dict[str, float]:
     """Binary accuracy of the hybrid under each policy, on a held-out 30% of ``lines`` after
     training on the other 70% without the ``hidden`` attack category: attacks the model has
     never seen, as in a shifted test set, but from the training file alone."""
@@ -263,7 +261,7 @@ def _proxy_accuracy(tmp: Path, lines: list[str], seed: int, hidden: str,
 
 
 def _hybrid(out: Path, train: Path, test: Path, policy: str, seed: int,
-            folds: int | None = None) -> dict[str, Any]:
+            folds: int = 1) -> dict[str, Any]:
     """A hybrid evaluated under ``policy``. The fpr threshold is fitted at training, so that
     policy gets its own bundle; cost and threshold re-decide one bundle."""
     trained_as = "fpr" if policy == "fpr" else "auto"

@@ -68,11 +68,10 @@ def train(
         "--nproc", help="Train data-parallel (torch DDP) in this many processes on this "
                         "machine, one per GPU on CUDA; torchrun -m deepwatch train ... "
                         "spans machines")] = 1,
-    folds: Annotated[int | None, typer.Option(
-        "--folds", help="Cross-fit the classifiers: K members of each network, member k "
-                        "trained on all folds but k; records score as their average. Default: "
-                        "5 for labelled training data under 100,000 records without --val, "
-                        "else 1")] = None,
+    folds: Annotated[int, typer.Option(
+        "--folds", help="Cross-fit the classifiers over K folds: K members of each network, "
+                        "member k trained on all folds but k; records score as their average "
+                        "(K times the training and scoring time)")] = 1,
 ) -> None:
     """Train a model on labelled (or, for autoencoders, benign) records and save a bundle."""
     if nproc != 1 and "WORLD_SIZE" not in os.environ:  # (under torchrun: a rank already)
@@ -81,7 +80,7 @@ def train(
         argv += [a for v in val or [] for a in ("--val", v)]
         argv += [a for v in lake or [] for a in ("--lake", v)]
         argv += ["--epochs", str(epochs)] if epochs is not None else []
-        argv += ["--folds", str(folds)] if folds is not None else []
+        argv += ["--folds", str(folds)]
         raise typer.Exit(_launch_train(argv, files or [], lake or [], nproc, model, out, device,
                                        target_fpr, decision, folds, val or []))
     from .train.api import train as run
@@ -104,7 +103,7 @@ def train(
 
 def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: int,
                   model: str, out: str, device: str, target_fpr: float, decision: str,
-                  folds: int | None, val: list[str]) -> int:
+                  folds: int, val: list[str]) -> int:
     """Check what can be checked once, then start ``nproc`` training ranks."""
     from .errors import UsageError
     from .train.api import check_arguments

@@ -144,6 +144,21 @@ def test_nproc_trains_a_hybrid_in_two_processes(small_kdd: Path, small_kdd_test:
     assert binary["recall"] > 0.9 and binary["precision"] > 0.9
 
 
+def test_nproc_cross_fits_with_folds(tmp_path: Path, small_kdd: Path) -> None:
+    small = tmp_path / "small.csv"
+    small.write_text("".join(small_kdd.read_text().splitlines(keepends=True)[::4]))
+    out = tmp_path / "folds"
+    r = _deepwatch("train", "--nproc", "2", "--format", "kdd", "--model", "mlp", "--folds", "2",
+                   "--epochs", "2", "--out", str(out), str(small))
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = read_manifest(out)
+    assert manifest["training"]["world_size"] == 2 and manifest["training"]["folds"] == 2
+    assert manifest["network"]["kind"] == "bag" and len(manifest["network"]["members"]) == 2
+    r = _deepwatch("train", "--nproc", "2", "--format", "kdd", "--model", "mlp", "--folds", "0",
+                   "--out", str(tmp_path / "b"), str(small))
+    assert r.returncode == 2 and r.stderr.count("error: --folds must be between") == 1
+
+
 def test_nproc_user_mistakes_are_one_line_errors(small_kdd: Path, tmp_path: Path) -> None:
     r = _deepwatch("train", "--nproc", "2", "--format", "kdd", "--model", "mlp",
                    "--out", str(tmp_path / "b"), str(tmp_path / "missing.csv"))

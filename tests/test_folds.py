@@ -15,7 +15,7 @@ from conftest import head_lines
 
 from deepwatch.models.detector import Detector
 from deepwatch.models.nets import Bag, build_network
-from deepwatch.train.api import _fold_indices, auto_folds, train
+from deepwatch.train.api import _fold_indices, train
 from deepwatch.train.loop import TrainConfig
 from deepwatch.train.supervised import FoldData, train_folds
 
@@ -125,14 +125,6 @@ def test_cross_fitted_hybrid_bundle(tiny: Path, tmp_path: Path, small_kdd_test: 
     assert (flagged == truth).mean() > 0.9
 
 
-def test_default_folds() -> None:
-    assert auto_folds("hybrid", labelled=True, rows=25_192, has_val=False) == 5
-    assert auto_folds("stack", labelled=True, rows=494_021, has_val=False) == 1
-    assert auto_folds("stack", labelled=True, rows=25_192, has_val=True) == 1
-    assert auto_folds("autoencoder", labelled=True, rows=25_192, has_val=False) == 1
-    assert auto_folds("mlp", labelled=False, rows=25_192, has_val=False) == 1
-
-
 @pytest.mark.parametrize(("args", "says"), [
     (["--folds", "0"], "--folds must be between 1 and 20, not 0"),
     (["--folds", "3", "--model", "autoencoder"], "--folds cross-fits classifiers"),
@@ -150,8 +142,8 @@ def test_folds_mistakes_are_one_line(args: list[str], says: str, tiny: Path,
     assert not (tmp_path / "b").exists()
 
 
-def test_folds_recorded_with_an_explicit_single_fold(tiny: Path, tmp_path: Path) -> None:
-    r = run_cli("train", "--format", "kdd", "--model", "mlp", "--epochs", "1", "--folds", "1",
+def test_one_fold_by_default(tiny: Path, tmp_path: Path) -> None:
+    r = run_cli("train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
                 "--out", str(tmp_path / "b"), str(tiny))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())

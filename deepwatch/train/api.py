@@ -272,12 +272,11 @@ def train(
     options: dict[str, Any] | None = None,
     log: Callable[[str], None] = lambda s: None,
     lakes: Sequence[str] = (),
-    folds: int | None = None,
+    folds: int = 1,
 ) -> dict[str, Any]:
     """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest.
 
-    ``folds``: cross-fit the classifiers over this many folds (see :func:`auto_folds` for the
-    default, ``None``).
+    ``folds`` > 1 cross-fits the classifiers over that many folds (``docs/models.md``).
     """
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs)
@@ -292,23 +291,9 @@ def train(
 FOLD_MODELS = ("mlp", "resnet", "snn", "stack", "hybrid")
 #: The most folds ``--folds`` takes.
 MAX_FOLDS = 20
-#: ``--folds`` default: this many folds for labelled training data under SMALL_DATA rows.
-SMALL_DATA_FOLDS = 5
-SMALL_DATA = 100_000
-
-
-def auto_folds(model: str, labelled: bool, rows: int, has_val: bool) -> int:
-    """The default number of folds: SMALL_DATA_FOLDS for a classifier on labelled training data
-    of fewer than SMALL_DATA records without ``--val`` (where training several members costs
-    seconds to minutes and every record matters), else 1."""
-    if model in FOLD_MODELS and labelled and not has_val and rows < SMALL_DATA:
-        return SMALL_DATA_FOLDS
-    return 1
-
-
 def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                     target_fpr: float = 0.01, device: str = "auto", policy: str = "auto",
-                    lakes: Sequence[str] = (), folds: int | None = None,
+                    lakes: Sequence[str] = (), folds: int = 1,
                     val_inputs: Sequence[str] = ()) -> None:
     """The mistakes :func:`train` refuses before any work (``train --nproc`` checks them once,
     before starting its ranks)."""
@@ -320,15 +305,14 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
-    if folds is not None:
-        if not 1 <= folds <= MAX_FOLDS:
-            raise UsageError(f"--folds must be between 1 and {MAX_FOLDS}, not {folds}")
-        if folds > 1 and model not in FOLD_MODELS:
-            raise UsageError(f"--folds cross-fits classifiers ({', '.join(FOLD_MODELS)}), "
-                             f"not --model {model}")
-        if folds > 1 and val_inputs:
-            raise UsageError("--folds holds out part of each fold for validation: "
-                             "drop --val, or use --folds 1")
+    if not 1 <= folds <= MAX_FOLDS:
+        raise UsageError(f"--folds must be between 1 and {MAX_FOLDS}, not {folds}")
+    if folds > 1 and model not in FOLD_MODELS:
+        raise UsageError(f"--folds cross-fits classifiers ({', '.join(FOLD_MODELS)}), "
+                         f"not --model {model}")
+    if folds > 1 and val_inputs:
+        raise UsageError("--folds holds out part of each fold for validation: "
+                         "drop --val, or use --folds 1")
     pick_device(device)  # an unknown or absent device
     check_bundle_target(out)
 
@@ -341,7 +325,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
            val_inputs: Sequence[str], epochs: int | None, seed: int, target_fpr: float,
            device: str, policy: str, progress: bool, options: dict[str, Any] | None,
            log: Callable[[str], None], lakes: Sequence[str], dist: distributed.Dist,
-           folds: int | None = None) -> dict[str, Any]:
+           folds: int = 1) -> dict[str, Any]:
     t0 = time.perf_counter()
     fmt = get_format(format_name)
     reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
@@ -351,8 +335,6 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     if table.num_rows < 10:
         raise DataError(f"too few training records ({table.num_rows}) to train a model")
     labels = _labels(table)
-    if folds is None:
-        folds = auto_folds(model, labels is not None, table.num_rows, bool(val_inputs))
     if folds > 1 and labels is None:
         raise DataError("--folds needs labelled training data")
     fold_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
