@@ -162,8 +162,8 @@ def train_classifier(kind: str, ctx: TrainContext) -> Trained:
         decision["threshold"] = fpr_threshold(score, held, ctx.target_fpr)
     else:
         decision["threshold"] = error_threshold(score, held)
-    info = {"folds": len(ctx.folds)} if ctx.folds else {}
-    return Trained(module, network, ["proba"], decision, info, calibration_module)
+    return Trained(module, network, ["proba"], decision,
+                   calibration_module=calibration_module)
 
 
 def concat_splits(splits: list[Split]) -> Split:
@@ -291,6 +291,8 @@ def train(
 FOLD_MODELS = ("mlp", "resnet", "snn", "stack", "hybrid")
 #: The most folds ``--folds`` takes.
 MAX_FOLDS = 20
+
+
 def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                     target_fpr: float = 0.01, device: str = "auto", policy: str = "auto",
                     lakes: Sequence[str] = (), folds: int = 1,
