@@ -82,11 +82,14 @@ class InputReader:
         with ctx as advance:
             for spec in self.specs:
                 compressed = spec.path.endswith(".gz")
+                context = None  # a Zeek #fields header reaches the chunks after it
                 for chunk in iter_chunks(spec):
                     if self.parse is not None:
                         result = self.parse(chunk.data, chunk.first_line)
                     else:
-                        result = self.fmt.parse_bulk(chunk.data, first_line=chunk.first_line)
+                        result = self.fmt.parse_bulk(chunk.data, first_line=chunk.first_line,
+                                                     context=context)
+                        context = self.fmt.context_after(chunk.data, context)
                     if chunk.damage is not None:  # the unreadable rest of a damaged file
                         result = ParseResult(result.batch, pa.table(
                             {"line": [chunk.first_line], "raw": [""], "reason": [chunk.damage]},

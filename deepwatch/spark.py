@@ -16,6 +16,7 @@ with state across records, see each partition on its own.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import re
@@ -119,11 +120,13 @@ def _record_lines(result: Any, first_line: int) -> np.ndarray:
 
 
 def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: int,
-               label: str | None, parsed: pa.Schema, union: pa.Schema) -> pa.RecordBatch:
-    """Parse and score one run of consecutive lines of one file; records and rejects in order."""
+               label: str | None, parsed: pa.Schema, union: pa.Schema,
+               context: str | None = None) -> pa.RecordBatch:
+    """Parse and score one run of consecutive lines of one file; records and rejects in order.
+    ``context``: the format's context line in force before the run (a Zeek #fields header)."""
     joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(text)], pa.int32()), text),
                             "\n")[0].as_py()
-    result = fmt.parse(joined + "\n", first_line=first_line)
+    result = fmt.parse_in_context(joined + "\n", first_line, context)
     parts = []
     if result.batch.num_rows:
         records = _conform(with_label(result.batch, label), parsed)
@@ -147,9 +150,11 @@ def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: 
 
 
 def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name: str,
-                    labels: Sequence[str | None], parsed: pa.Schema, union: pa.Schema
+                    labels: Sequence[str | None], parsed: pa.Schema, union: pa.Schema,
+                    contexts: dict[int, list[tuple[int, str]]] | None = None,
                     ) -> Iterator[pa.RecordBatch]:
-    """The ``mapInArrow`` function: (file, line, text) rows in, scored rows and rejects out."""
+    """The ``mapInArrow`` function: (file, line, text) rows in, scored rows and rejects out.
+    ``contexts``: per file, its context lines (line number, text) in order (see _contexts)."""
     from .models.detector import Detector
 
     det = Detector(bundle)  # once per partition; verify=True checks every file's sha256
@@ -165,7 +170,29 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
         for a, b in zip(np.r_[0, cut], np.r_[cut, n], strict=True):
             f = int(files[a])
             yield _score_run(det, fmt, text.slice(a, b - a), f, int(lines[a]), labels[f],
-                             parsed, union)
+                             parsed, union, _context_at((contexts or {}).get(f, []),
+                                                        int(lines[a])))
+
+
+def _context_at(headers: list[tuple[int, str]], line: int) -> str | None:
+    """The last context line before ``line`` (headers sorted by line number)."""
+    at = bisect.bisect_left(headers, (line, "")) - 1
+    return headers[at][1] if at >= 0 else None
+
+
+def _contexts(frame: Any, fmt: Format) -> dict[int, list[tuple[int, str]]]:
+    """Per file, the lines that set the format's context (Zeek's #fields headers), in order:
+    a run of lines scored on an executor may start after its file's header."""
+    if fmt.context_prefix is None:
+        return {}
+    from pyspark.sql import functions as F
+
+    rows = frame.filter(F.col("text").startswith(fmt.context_prefix)).select(
+        "file", "line", "text").collect()
+    out: dict[int, list[tuple[int, str]]] = {}
+    for row in sorted(rows, key=lambda r: (r["file"], r["line"])):
+        out.setdefault(int(row["file"]), []).append((int(row["line"]), str(row["text"])))
+    return out
 
 
 # ---- on the driver --------------------------------------------------------------------------
@@ -229,6 +256,14 @@ def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
 
 def _numbered(file_no: int, pair: tuple[str, int]) -> tuple[int, int, str]:
     return file_no, pair[1] + 1, pair[0]
+
+
+def _for_spark(f: pa.Field) -> pa.Field:
+    """A field Spark's Arrow exchange takes: its timestamps are microseconds (Zeek's and web
+    logs' times are milliseconds; the output gets them back as they were)."""
+    if pa.types.is_timestamp(f.type) and f.type.unit != "us":
+        return f.with_type(pa.timestamp("us", tz=f.type.tz))
+    return f
 
 
 def _first_key(path: Path) -> tuple[int, int] | None:
@@ -308,16 +343,17 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     sink = RecordSink(out)
     parsed, sample = _parsed_schema(fmt, specs)
     scored = det.score_batch(sample).schema
-    union = pa.schema([f.with_nullable(True) for f in scored] + list(HELPERS))
+    union = pa.schema([_for_spark(f).with_nullable(True) for f in scored] + list(HELPERS))
     session, owned = spark_session(master)
     staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-", dir=Path(out).parent))
     reject_sink = RejectSink(rejects)
     done = False
     try:
+        lines = _lines_frame(session, specs)
         work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
                                  format_name=format_name, labels=[s.label for s in specs],
-                                 parsed=parsed, union=union)
-        frame = _lines_frame(session, specs).mapInArrow(work, from_arrow_schema(union))
+                                 parsed=parsed, union=union, contexts=_contexts(lines, fmt))
+        frame = lines.mapInArrow(work, from_arrow_schema(union))
         try:
             frame.write.mode("overwrite").parquet(str(staging / "parts"))
         except Exception as exc:

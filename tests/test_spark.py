@@ -140,3 +140,36 @@ def test_a_damaged_gz_fails_the_spark_job_with_one_clear_line(
     with pytest.raises(SparkError, match="input file is damaged"):
         score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out))
     assert out.read_bytes() == b"an earlier run's output"
+
+
+@pytest.mark.slow
+def test_zeek_headers_reach_every_partition(spark: object, tmp_path: Path) -> None:
+    """A .gz conn.log is one Hadoop split, spread over the cores in line ranges: the ranges
+    after the first must still read the fields in the order of the file's #fields header."""
+    from test_zeek import FIELDS, HEADER, SWAPPED, _conn, _tsv
+
+    from deepwatch.spark import score_spark
+    from deepwatch.train.api import train
+
+    header = HEADER.replace("\t".join(FIELDS), "\t".join(SWAPPED))
+    rows = [_conn(i) for i in range(3000)]
+    for i, r in enumerate(rows):
+        r["duration"] = str(0.1 * (i % 7))
+    text = "\n".join([header, *(_tsv(SWAPPED, r) for r in rows[:2000]),
+                      "#fields\t" + "\t".join(FIELDS),  # a second log, the standard order
+                      *(_tsv(list(FIELDS), r) for r in rows[2000:])]) + "\n"
+    log = tmp_path / "conn.log.gz"
+    log.write_bytes(gzip.compress(text.encode()))
+    bundle = tmp_path / "ae"
+    train("zeek", "autoencoder", [f"{log}=normal"], bundle, epochs=1, seed=0)
+    local = score_files(str(bundle), "zeek", [str(log)], str(tmp_path / "local.parquet"))
+    dist = score_spark(str(bundle), "zeek", [str(log)], str(tmp_path / "spark.parquet"))
+    a = pq.read_table(tmp_path / "spark.parquet")
+    b = pq.read_table(tmp_path / "local.parquet")
+    assert (dist.stats.parsed, dist.stats.rejected) == (local.stats.parsed, 0) == (3000, 0)
+    assert set(a.column("resp_bytes").to_pylist()) == {999999}
+    assert set(a.column("orig_h").to_pylist()) == {"10.0.0.1"}
+    assert a.column("uid").to_pylist() == b.column("uid").to_pylist()
+    assert a.schema.equals(b.schema)  # the times too, in milliseconds as the local engine
+    assert a.column("ts").to_pylist() == b.column("ts").to_pylist()
+    assert a.column("verdict").to_pylist() == b.column("verdict").to_pylist()

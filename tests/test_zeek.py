@@ -58,6 +58,103 @@ def test_header_with_another_field_order() -> None:
     assert row["orig_bytes"] is None
 
 
+def _tsv(order: list[str], row: dict[str, str]) -> str:
+    return "\t".join(row[f] for f in order)
+
+
+def _conn(i: int) -> dict[str, str]:
+    """One conn.log record by Zeek field name: orig_bytes 1 and resp_bytes 999999 always."""
+    return {"ts": f"{1700000000 + i}.5", "uid": f"C{i}", "id.orig_h": "10.0.0.1",
+            "id.orig_p": str(40000 + i % 1000), "id.resp_h": "10.0.0.2", "id.resp_p": "80",
+            "proto": "tcp", "service": "http", "duration": "0.5", "orig_bytes": "1",
+            "resp_bytes": "999999", "conn_state": "SF", "local_orig": "-", "local_resp": "-",
+            "missed_bytes": "0", "history": "ShADfF", "orig_pkts": "3", "orig_ip_bytes": "200",
+            "resp_pkts": "5", "resp_ip_bytes": "1000200", "tunnel_parents": "(empty)"}
+
+
+#: Two field orders: the standard one, and one with the bytes and hosts swapped round.
+SWAPPED = ["ts", "uid", "id.resp_h", "id.resp_p", "id.orig_h", "id.orig_p", "proto", "service",
+           "duration", "resp_bytes", "orig_bytes", "conn_state"]
+
+
+def test_each_fields_header_applies_to_the_lines_after_it() -> None:
+    first, second = list(FIELDS), SWAPPED  # two logs concatenated, each with its header
+    text = "\n".join(["#fields\t" + "\t".join(first), _tsv(first, _conn(0)), "#close\tx",
+                      "#fields\t" + "\t".join(second), _tsv(second, _conn(1)),
+                      _tsv(second, _conn(2))]) + "\n"
+    res = FMT.parse(text, first_line=10)
+    assert res.rejects.num_rows == 0 and res.lines == 3 and res.skipped == 3
+    assert res.line_numbers.to_pylist() == [11, 14, 15]
+    rows = res.batch.to_pylist()
+    assert [(r["orig_bytes"], r["resp_bytes"], r["orig_h"]) for r in rows] == \
+        [(1, 999999, "10.0.0.1")] * 3
+    assert rows[1]["orig_ip_bytes"] is None  # not among the second header's fields
+
+
+def test_the_header_reaches_later_chunks_of_the_input() -> None:
+    head = "#fields\t" + "\t".join(SWAPPED)
+    chunk1 = (head + "\n" + _tsv(SWAPPED, _conn(0)) + "\n").encode()
+    chunk2 = (_tsv(SWAPPED, _conn(1)) + "\n").encode()
+    context = FMT.context_after(chunk1, None)
+    assert context == head
+    assert FMT.context_after(chunk2, context) == head  # no header in it: the same one
+    res = FMT.parse_bulk(chunk2, first_line=3, context=context)
+    assert res.batch.column("resp_bytes").to_pylist() == [999999]
+    # without the context, the standard order: the swapped fields land elsewhere
+    plain = FMT.parse_bulk(chunk2, first_line=3).batch
+    assert plain.column("resp_bytes").to_pylist() != [999999]
+    # a header in a later chunk replaces the carried one, CRLF or not
+    crlf = ("#fields\t" + "\t".join(FIELDS) + "\r\n").encode()
+    assert FMT.context_after(crlf, context) == "#fields\t" + "\t".join(FIELDS)
+
+
+def test_reader_keeps_the_header_order_over_many_chunks(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import functools
+
+    import deepwatch.io as io_module
+    from deepwatch.io import InputReader
+    from deepwatch.sources.files import iter_chunks
+
+    path = tmp_path / "conn.log"
+    body = [_tsv(SWAPPED, _conn(i)) for i in range(3000)]
+    path.write_text("\n".join([HEADER.replace("\t".join(FIELDS), "\t".join(SWAPPED)),
+                               *body, "#not a header"]) + "\n")
+    # small chunks: the header is in the first of many
+    monkeypatch.setattr(io_module, "iter_chunks", functools.partial(iter_chunks,
+                                                                     chunk_bytes=4096))
+    table, rejects, stats = InputReader(FMT, [str(path)]).read_all()
+    assert table.num_rows == 3000 and stats.parsed == 3000
+    assert set(table.column("resp_bytes").to_pylist()) == {999999}
+    assert set(table.column("orig_h").to_pylist()) == {"10.0.0.1"}
+    assert rejects.num_rows == 1 and stats.rejected == 1
+    assert "not a Zeek header" in rejects.column("reason")[0].as_py()
+
+
+def test_stream_reads_headers_and_carries_them_across_batches(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from deepwatch.models.detector import Detector
+    from deepwatch.serve._stream_core import StreamProcessor
+    from deepwatch.serve._stream_io import FileSource
+    from deepwatch.train.api import train
+
+    rows = [_conn(i) for i in range(400)]
+    for i, r in enumerate(rows):  # some variety for the featurizer
+        r["duration"] = str(0.1 * (i % 7))
+        r["orig_pkts"] = str(1 + i % 5)
+    path = tmp_path / "conn.log"
+    path.write_text("\n".join([HEADER.replace("\t".join(FIELDS), "\t".join(SWAPPED)),
+                               *(_tsv(SWAPPED, r) for r in rows)]) + "\n")
+    bundle = tmp_path / "ae"
+    train("zeek", "autoencoder", [f"{path}=normal"], bundle, epochs=1, seed=0)
+    processor = StreamProcessor(Detector(bundle), FMT)
+    source = FileSource([str(path)], chunk_bytes=2048)
+    outs = [processor.process(b) for b in source.batches(threading.Event())]
+    assert len(outs) > 5  # many batches, the header in the first only
+    assert sum(o.records for o in outs) == 400 and sum(o.scored for o in outs) == 400
+    assert sum(o.rejected for o in outs) == 0
+
+
 def test_json_lines_and_rejects() -> None:
     lines = [JSON, '{"ts": "soon"}', "{not json", '{"uid": "x"}', "short\tline",
              JSON.replace('"orig_bytes":62', '"orig_bytes":-5'), ""]
@@ -85,9 +182,12 @@ def test_featurizer_fits() -> None:
     st.lists(st.sampled_from(["-", "1", "x", "1e300", "(empty)", "{", "\t"]), max_size=22)
     .map("\t".join)), max_size=10), st.integers(1, 1000))
 def test_property_counts_reconcile(lines: list[str], first: int) -> None:
+    from deepwatch.formats._base import split_lines
+
     text = "\n".join(lines)
     res = FMT.parse(text, first_line=first)
     assert res.batch.num_rows + res.rejects.num_rows == res.lines
+    assert res.lines + res.skipped == len(split_lines(text))
     numbers = res.line_numbers.to_pylist() + res.rejects.column("line").to_pylist()
     assert len(set(numbers)) == res.lines
     assert all(first <= n < first + max(len(lines), 1) for n in numbers)

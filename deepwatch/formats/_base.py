@@ -38,13 +38,16 @@ class ParseResult:
     """Parsed records of one chunk of input and the lines that could not be parsed.
 
     ``rows`` holds, for every parsed record, its 1-based line number in the input, so that
-    ``len(batch) + len(rejects) == lines`` can always be checked.
+    ``len(batch) + len(rejects) == lines`` can always be checked. ``skipped`` counts the lines
+    that are not records at all (a Zeek log's ``#fields`` and other header lines): a chunk of
+    ``n`` lines gives ``lines + skipped == n``.
     """
 
     batch: pa.RecordBatch
     rejects: pa.Table
     lines: int
     line_numbers: pa.Array = field(default_factory=lambda: pa.array([], pa.int64()))
+    skipped: int = 0
 
     def __post_init__(self) -> None:
         if self.batch.num_rows + self.rejects.num_rows != self.lines:
@@ -106,19 +109,49 @@ class Format(ABC):
     #: Whether a line parses the same wherever it appears (no headers, no state carried from
     #: line to line): then :meth:`parse_bulk` parses each distinct line of a chunk once.
     line_independent: ClassVar[bool] = False
+    #: Lines starting with this set how the lines after them in the same input are read (a
+    #: Zeek log's ``#fields`` header): the *context*. An input read in chunks carries the last
+    #: such line from chunk to chunk (:meth:`context_after`, ``parse_bulk(context=...)``).
+    context_prefix: ClassVar[str | None] = None
 
     @abstractmethod
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
         """Parse a chunk of raw text made of whole lines. ``first_line`` numbers its first line."""
 
-    def parse_bulk(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+    def parse_bulk(self, data: bytes | str, first_line: int = 1,
+                   context: str | None = None) -> ParseResult:
         """:meth:`parse` for large chunks: the same result, but where the format allows, lines
-        that repeat (floods and scans send the same record again and again) are parsed once."""
+        that repeat (floods and scans send the same record again and again) are parsed once.
+        ``context``: the context line in force where the chunk starts (see ``context_prefix``).
+        """
         from ._repeats import REPEAT_MIN_BYTES, parse_repeated
 
+        if self.context_prefix is not None:
+            return self.parse_in_context(data, first_line, context)
         if self.line_independent and len(data) >= REPEAT_MIN_BYTES:
             return parse_repeated(self.parse, data, first_line)
         return self.parse(data, first_line)
+
+    def parse_in_context(self, data: bytes | str, first_line: int,
+                         context: str | None) -> ParseResult:
+        """:meth:`parse`, the chunk starting under ``context`` (formats with a context_prefix
+        override this)."""
+        return self.parse(data, first_line)
+
+    def context_after(self, data: bytes | str, context: str | None) -> str | None:
+        """The context in force after ``data``: its last line starting with ``context_prefix``,
+        else ``context`` (None for formats without one)."""
+        if self.context_prefix is None:
+            return None
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        prefix = self.context_prefix.encode()
+        at = raw.rfind(b"\n" + prefix)
+        start = at + 1 if at >= 0 else 0 if raw.startswith(prefix) else -1
+        if start < 0:
+            return context
+        end = raw.find(b"\n", start)
+        line = raw[start : end if end >= 0 else len(raw)]
+        return line.decode("utf-8", errors="replace").removesuffix("\r")
 
     def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
         """Parse records given as JSON objects of already-split fields (the REST API)."""

@@ -1,11 +1,17 @@
 """Zeek ``conn.log``: tab-separated with ``#fields``/``#types`` headers, or JSON lines.
 
-Both layouts may come in one input; each line is recognised on its own. A chunk of a TSV log that
-carries no ``#fields`` header (any chunk but a file's first) is read with the standard ``conn.log``
-field order. Header and comment lines (``#...``) are not records: they are neither parsed nor
-rejected and are not counted as lines. ``-`` (unset) and ``(empty)`` fields are null. Everything is
-vectorised with polars: TSV lines are split in bulk, JSON fields are read with JSON-path matching,
-which yields null (never an error) for malformed JSON, so a bad line becomes a reject with a reason.
+Both layouts may come in one input; each line is recognised on its own. A ``#fields`` header sets
+the field order of the TSV lines after it in the same input, up to the next ``#fields`` header
+(two logs concatenated keep each its own order); it is carried from chunk to chunk of an input
+(the format's *context*, see ``Format.context_prefix``). TSV lines before any header are read in
+the standard ``conn.log`` order.
+
+Zeek's header lines (``#separator``, ``#fields``, ``#types``, ``#path``, ``#open``, ``#close``...)
+are not records: they are neither parsed nor rejected, and are counted as ``skipped``. Any other
+line starting with ``#`` is rejected with its reason. ``-`` (unset) and ``(empty)`` fields are
+null. Everything is vectorised with polars: TSV lines are split in bulk, JSON fields are read with
+JSON-path matching, which yields null (never an error) for malformed JSON, so a bad line becomes
+a reject with a reason.
 """
 
 from __future__ import annotations
@@ -56,15 +62,18 @@ SCHEMA = pa.schema(
 
 
 DEFAULT_ORDER = [name for name, _c, _t in CONN_FIELDS]
+FIELDS_PREFIX = "#fields\t"
+#: Zeek's log header lines: metadata, not records.
+HEADER = (r"^#(?:separator|set_separator|empty_field|unset_field|path|open|close|fields|types)"
+          r"(?:[\t ]|$)")
 
 
-def _header_fields(lines: Any) -> list[str] | None:
-    """The ``#fields`` header of a chunk (a polars Series of lines), if it has one."""
-
-    found = lines.filter(lines.str.starts_with("#fields"))
-    if found.len() == 0:
-        return None
-    return str(found[0]).split("\t")[1:]
+def _order(header: str | None) -> list[str]:
+    """The field order a ``#fields`` header line declares (the standard one without it)."""
+    if not header or not header.startswith(FIELDS_PREFIX):
+        return DEFAULT_ORDER
+    names = header.rstrip("\r").split("\t")[1:]
+    return names if any(names) else DEFAULT_ORDER
 
 
 def _text_columns(raw: Any, order: list[str]) -> Any:
@@ -118,6 +127,8 @@ def _typed(df: Any, n_fields: int) -> tuple[Any, Any]:
     frame = df.with_columns(typed)
     shape = (
         pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
+        .when(pl.col("raw").str.starts_with("#"))
+        .then(pl.lit("a line starting with '#' that is not a Zeek header (#fields, #types...)"))
         .when(pl.col("_json") & pl.col("_v_ts").is_null() & pl.col("ts").is_null())
         .then(pl.lit("not a JSON object with a ts field"))
         .when(~pl.col("_json") & (pl.col("_n") < n_fields))
@@ -157,17 +168,36 @@ class Zeek(Format):
         "event.id": "uid",
     }
 
+    context_prefix: ClassVar[str | None] = FIELDS_PREFIX
+
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        return self.parse_in_context(data, first_line, None)
+
+    def parse_in_context(self, data: bytes | str, first_line: int,
+                         context: str | None) -> ParseResult:
         import polars as pl
 
         every = pl.Series("raw", split_lines(data), dtype=pl.String)
-        record = ~every.str.starts_with("#")
-        numbers = np.flatnonzero(record.to_numpy()) + first_line
-        raw = every.filter(record)
+        header = every.str.contains(HEADER).to_numpy()
+        record = ~header
+        numbers = np.flatnonzero(record) + first_line
+        raw = every.filter(pl.Series(record))
+        skipped = int(header.sum())
         if raw.len() == 0:
-            return ParseResult(pa.RecordBatch.from_pylist([], schema=SCHEMA), empty_rejects(), 0)
-        order = _header_fields(every) or DEFAULT_ORDER
-        frame, reason = _typed(_text_columns(raw, order), len(order))
+            return ParseResult(pa.RecordBatch.from_pylist([], schema=SCHEMA), empty_rejects(), 0,
+                               skipped=skipped)
+        # each record is read in the order of the last #fields header before it
+        is_fields = every.str.starts_with(FIELDS_PREFIX).to_numpy()
+        orders = [_order(context)] + [_order(every[int(i)]) for i in np.flatnonzero(is_fields)]
+        segment = np.cumsum(is_fields)[record]
+        frames, reasons = [], []
+        for seg in np.unique(segment):  # segments are runs: records stay in order
+            part = raw.filter(pl.Series(segment == seg))
+            frame, reason = _typed(_text_columns(part, orders[seg]), len(orders[seg]))
+            frames.append(frame)
+            reasons.append(reason)
+        frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+        reason = reasons[0] if len(reasons) == 1 else pl.concat(reasons)
         ok = reason.is_null()
         bad = ~ok
         rejects = make_rejects(
@@ -175,7 +205,8 @@ class Zeek(Format):
             reason.filter(bad).to_list(),
         ) if bad.any() else empty_rejects()
         batch = _to_batch(frame.filter(ok))
-        return ParseResult(batch, rejects, raw.len(), pa.array(numbers[ok.to_numpy()], pa.int64()))
+        return ParseResult(batch, rejects, raw.len(), pa.array(numbers[ok.to_numpy()], pa.int64()),
+                           skipped=skipped)
 
     def feature_spec(self) -> dict[str, Any]:
         numeric = ["duration", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",

@@ -38,6 +38,9 @@ class RawBatch:
     keys: list[bytes | None] | None = None
     #: Where a consumer may resume once this batch is written: (topic, partition) -> offset.
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: The input these lines continue, where the batches of one input follow each other in
+    #: order (a file): a Zeek ``#fields`` header then reaches the batches after it.
+    stream: str | None = None
 
     def __post_init__(self) -> None:
         if self.origin.height != self.count:
@@ -100,12 +103,17 @@ class StreamProcessor:
         self.alert_context = alert_context or AlertContext.from_detector(
             detector, include_record=False)
         self.state = detector.new_state()
+        self._contexts: dict[str, str | None] = {}  # per input stream: its format context
 
     def process(self, raw: RawBatch, now: datetime | None = None) -> Output:
-        result = self.fmt.parse_bulk(raw.data, first_line=0) if raw.count else None
-        if result is not None and result.lines != raw.count:
-            raise ValueError(f"{raw.count} records became {result.lines} lines; a record "
-                             "holds a line break")
+        context = self._contexts.get(raw.stream) if raw.stream is not None else None
+        result = (self.fmt.parse_bulk(raw.data, first_line=0, context=context) if raw.count
+                  else None)
+        if raw.stream is not None and raw.count:
+            self._contexts[raw.stream] = self.fmt.context_after(raw.data, context)
+        if result is not None and result.lines + result.skipped != raw.count:
+            raise ValueError(f"{raw.count} records became {result.lines + result.skipped} "
+                             "lines; a record holds a line break")
         messages = {k: Messages(keys=[] if raw.keys is not None else None) for k in KINDS}
         if result is None:
             return Output(messages, 0, 0, 0, 0)
@@ -140,7 +148,8 @@ class StreamProcessor:
             messages[DEAD_LETTER] = Messages(
                 encode_rows(_with_source(dead, raw.origin[reject_idx])),
                 _take_keys(raw.keys, reject_idx))
-        return Output(messages, raw.count, result.batch.num_rows, rejects.num_rows, n_alerts)
+        # header lines (Zeek's #fields...) are no records: neither scored nor rejected
+        return Output(messages, result.lines, result.batch.num_rows, rejects.num_rows, n_alerts)
 
 
 def join_records(values: list[bytes | None]) -> bytes:

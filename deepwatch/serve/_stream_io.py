@@ -143,7 +143,7 @@ class FileSource:
         return iter_chunks(spec, self.chunk_bytes)
 
     def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
-        for spec in self.specs:
+        for number, spec in enumerate(self.specs):
             chunks = self._chunks(spec, stop)
             try:
                 for chunk in chunks:
@@ -154,7 +154,7 @@ class FileSource:
                         "file": pl.repeat(spec.display, n, eager=True, dtype=pl.String),
                         "line": np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64),
                     })
-                    yield RawBatch(chunk.data, n, origin)
+                    yield RawBatch(chunk.data, n, origin, stream=f"{number}:{spec.display}")
                     if stop.is_set():
                         return
             finally:
