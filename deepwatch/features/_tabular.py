@@ -128,7 +128,8 @@ class Featurizer:
             if logged:
                 x[:, logged] = np.log1p(np.maximum(x[:, logged], 0.0))
             mean, std = self._moments(numeric)
-            out[:, offset : offset + len(numeric)] = np.clip((x - mean) / std, -CLIP, CLIP)
+            with np.errstate(over="ignore"):  # a huge value (1e308) saturates at the clip
+                out[:, offset : offset + len(numeric)] = np.clip((x - mean) / std, -CLIP, CLIP)
         return out
 
     def _moments(self, numeric: list[str]) -> tuple[np.ndarray, np.ndarray]:
