@@ -495,3 +495,27 @@ def test_two_workers_in_a_group_share_the_partitions(broker: str, kdd_bundle: Pa
     assert {k for k, _ in _read_all(broker, f"{topic}.verdicts")} == good_idx
     assert {k for k, _ in _read_all(broker, f"{topic}.dead")} == bad_idx
 
+
+
+def test_embedded_damaged_gzip_dead_letters_the_lost_rest(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """A truncated .gz: every line before the damage is scored, and the loss is a dead letter
+    with its reason (as `score` counts it a reject), not only a log line."""
+    import gzip
+
+    packed = gzip.compress(b"\n".join(_records(small_kdd_test, 3000)) + b"\n")
+    src = tmp_path / "cut.csv.gz"
+    src.write_bytes(packed[: len(packed) // 2])
+    out, verdicts, rejects = tmp_path / "a.jsonl", tmp_path / "v.jsonl", tmp_path / "r.jsonl"
+    rc = main(["stream", str(kdd_bundle), str(src), "--format", "kdd", "--out", str(out),
+               "--verdicts", str(verdicts), "--rejects", str(rejects)])
+    assert rc == 0
+    v = [json.loads(x) for x in verdicts.read_text().splitlines()]
+    r = [json.loads(x) for x in rejects.read_text().splitlines()]
+    assert 0 < len(v) < 3000
+    # the line cut by the damage is a reject of its own; then the loss, named by the first
+    # line that could not be read
+    assert len(r) == 2 and "expected 42 fields" in r[0]["reason"]
+    assert "truncated" in r[1]["reason"] and r[1]["raw"] == ""
+    assert [x["deepwatch"]["source"]["line"] for x in r] == [len(v) + 1, len(v) + 2]
+    assert r[1]["deepwatch"]["source"]["file"] == str(src)

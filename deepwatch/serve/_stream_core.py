@@ -41,6 +41,9 @@ class RawBatch:
     #: The input these lines continue, where the batches of one input follow each other in
     #: order (a file): a Zeek ``#fields`` header then reaches the batches after it.
     stream: str | None = None
+    #: Set on a batch standing for the unreadable rest of a damaged input (a truncated .gz):
+    #: why. Its one record (the first line lost) becomes a dead letter with that reason.
+    damage: str | None = None
 
     def __post_init__(self) -> None:
         if self.origin.height != self.count:
@@ -106,6 +109,14 @@ class StreamProcessor:
         self._contexts: dict[str, str | None] = {}  # per input stream: its format context
 
     def process(self, raw: RawBatch, now: datetime | None = None) -> Output:
+        if raw.damage is not None:
+            messages = {k: Messages(keys=[] if raw.keys is not None else None) for k in KINDS}
+            idx = np.arange(raw.count, dtype=np.int64)
+            messages[DEAD_LETTER] = Messages(
+                self._dead_letters(now or datetime.now(UTC), [""] * raw.count,
+                                   [raw.damage] * raw.count, raw.origin),
+                _take_keys(raw.keys, idx))
+            return Output(messages, raw.count, 0, raw.count, 0)
         context = self._contexts.get(raw.stream) if raw.stream is not None else None
         result = (self.fmt.parse_bulk(raw.data, first_line=0, context=context) if raw.count
                   else None)
@@ -139,17 +150,26 @@ class StreamProcessor:
         rejects = result.rejects
         if rejects.num_rows:
             reject_idx = np.asarray(rejects.column("line"), dtype=np.int64)
-            dead = pl.DataFrame({
-                "@timestamp": [now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"] * len(reject_idx),
-                "format": [self.fmt.name] * len(reject_idx),
-                "raw": rejects.column("raw").to_pylist(),
-                "reason": rejects.column("reason").to_pylist(),
-            })
             messages[DEAD_LETTER] = Messages(
-                encode_rows(_with_source(dead, raw.origin[reject_idx])),
+                self._dead_letters(now, rejects.column("raw").to_pylist(),
+                                   rejects.column("reason").to_pylist(), raw.origin[reject_idx]),
                 _take_keys(raw.keys, reject_idx))
         # header lines (Zeek's #fields...) are no records: neither scored nor rejected
         return Output(messages, result.lines, result.batch.num_rows, rejects.num_rows, n_alerts)
+
+    def _dead_letters(self, now: datetime, raw: list[str], reasons: list[str],
+                      origin: pl.DataFrame) -> list[bytes]:
+        """A dead letter per rejected record: what it was, why, and where it came from."""
+        return _dead_letter_rows(now, self.fmt.name, raw, reasons, origin)
+
+
+def _dead_letter_rows(now: datetime, fmt: str, raw: list[str], reasons: list[str],
+                      origin: pl.DataFrame) -> list[bytes]:
+    dead = pl.DataFrame({
+        "@timestamp": [now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"] * len(raw),
+        "format": [fmt] * len(raw), "raw": raw, "reason": reasons,
+    })
+    return encode_rows(_with_source(dead, origin))
 
 
 def join_records(values: list[bytes | None]) -> bytes:

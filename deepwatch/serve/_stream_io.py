@@ -147,14 +147,14 @@ class FileSource:
             chunks = self._chunks(spec, stop)
             try:
                 for chunk in chunks:
-                    if chunk.damage is not None:  # logged where it was found; nothing to score
-                        continue
-                    n = count_lines(chunk.data)
+                    # the unreadable rest of a damaged input: one dead letter says why
+                    n = 1 if chunk.damage is not None else count_lines(chunk.data)
                     origin = pl.DataFrame({
                         "file": pl.repeat(spec.display, n, eager=True, dtype=pl.String),
                         "line": np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64),
                     })
-                    yield RawBatch(chunk.data, n, origin, stream=f"{number}:{spec.display}")
+                    yield RawBatch(chunk.data, n, origin, stream=f"{number}:{spec.display}",
+                                   damage=chunk.damage)
                     if stop.is_set():
                         return
             finally:
