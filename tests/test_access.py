@@ -171,3 +171,10 @@ def test_records_as_objects_split_their_request_line() -> None:
     assert (first["method"], first["path"], first["query"]) == ("POST", "/login", "next=%2F")
     assert second["method"] is None and second["url"] is None
     assert "timestamp" in res.rejects.column("reason")[0].as_py()
+
+
+def test_a_long_rejected_line_says_it_was_cut() -> None:
+    res = FMT.parse("GET /" + "a" * 30_000 + "\n")
+    assert res.rejects.num_rows == 1
+    assert len(res.rejects.column("raw")[0].as_py()) == 10_000
+    assert "cut to its first 10,000 of 30,005 characters" in res.rejects.column("reason")[0].as_py()

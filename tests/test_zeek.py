@@ -198,3 +198,12 @@ def test_property_counts_reconcile(lines: list[str], first: int) -> None:
 def test_property_no_bytes_crash_it(data: bytes) -> None:
     res = FMT.parse(data)
     assert res.batch.num_rows + res.rejects.num_rows == res.lines
+
+
+def test_a_long_rejected_line_keeps_its_start_and_says_it_was_cut() -> None:
+    long = "x" * 20_000
+    res = FMT.parse(long + "\n" + ROW + "\n")
+    assert res.batch.num_rows == 1 and res.rejects.num_rows == 1
+    assert res.rejects.column("raw")[0].as_py() == "x" * 10_000
+    assert res.rejects.column("reason")[0].as_py().endswith(
+        "(raw text cut to its first 10,000 of 20,000 characters)")

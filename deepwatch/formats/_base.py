@@ -22,7 +22,17 @@ def empty_rejects() -> pa.Table:
     return REJECT_SCHEMA.empty_table()
 
 
+#: The most characters of a rejected line kept with its reason (the reason says when it was cut).
+MAX_RAW = 10_000
+
+
 def make_rejects(lines: list[int], raws: list[str], reasons: list[str]) -> pa.Table:
+    """Rejects from the whole raw lines: a line longer than MAX_RAW keeps its beginning, and
+    its reason says so."""
+    if any(len(r) > MAX_RAW for r in raws):
+        reasons = [f"{why} (raw text cut to its first {MAX_RAW:,} of {len(r):,} characters)"
+                   if len(r) > MAX_RAW else why for r, why in zip(raws, reasons, strict=True)]
+        raws = [r[:MAX_RAW] for r in raws]
     return pa.table(
         {
             "line": pa.array(lines, pa.int64()),

@@ -34,7 +34,6 @@ _GROUPS = ("client_ip", "ident", "user", "time", "request", "status", "bytes",
 #: Request line: method token, target, optional protocol.
 _REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S+)(?: (HTTP/\d(?:\.\d)?))?$"
 _TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
-MAX_RAW = 10_000
 
 SCHEMA = pa.schema(
     [
@@ -186,7 +185,7 @@ class Access(Format):
         bad = np.flatnonzero(~ok)
         rejects = make_rejects(
             (bad + first_line).tolist(),
-            [lines[i][:MAX_RAW] for i in bad],
+            [lines[i] for i in bad],
             reasons.filter(~reasons.is_null()).to_list(),
         ) if len(bad) else empty_rejects()
         numbers = pa.array(np.flatnonzero(ok).astype(np.int64) + first_line)

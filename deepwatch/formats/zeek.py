@@ -49,7 +49,6 @@ CONN_FIELDS: tuple[tuple[str, str, pa.DataType], ...] = (
 _REQUIRED = ("ts", "orig_h", "resp_h", "proto")
 _COUNTS = ("orig_p", "resp_p", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
            "orig_ip_bytes", "resp_pkts", "resp_ip_bytes")
-MAX_RAW = 10_000
 #: Latest accepted time (seconds since 1970; the year 5138): beyond it a ts is garbage.
 MAX_TS = 1e11
 
@@ -201,7 +200,7 @@ class Zeek(Format):
         ok = reason.is_null()
         bad = ~ok
         rejects = make_rejects(
-            numbers[bad.to_numpy()].tolist(), raw.filter(bad).str.slice(0, MAX_RAW).to_list(),
+            numbers[bad.to_numpy()].tolist(), raw.filter(bad).to_list(),
             reason.filter(bad).to_list(),
         ) if bad.any() else empty_rejects()
         batch = _to_batch(frame.filter(ok))
