@@ -172,3 +172,83 @@ def labels_of(table: pa.Table) -> list[str] | None:
         raise DataError(f"{col.null_count:,} records have no label; label every input "
                         "(PATH=LABEL) or none")
     return pc.cast(col, pa.string()).to_pylist()
+
+
+def no_label_reason(purpose: str) -> str:
+    """Why a record without a label is rejected from labelled ``purpose`` (training ...) data."""
+    return f"no label in labelled {purpose} data"
+
+
+def split_unlabelled(batch: pa.RecordBatch, source: str, reason: str
+                     ) -> tuple[pa.RecordBatch, pa.Table]:
+    """``batch``'s records that have a label, and those without one as rejects.
+
+    The rejects have :data:`REJECT_SCHEMA`'s columns and ``source``. A parsed record no longer
+    knows its line: ``line`` is null and ``raw`` is the record as JSON (its non-null fields),
+    as for records given as objects. Costs nothing for a batch whose records all have labels.
+    """
+    import json
+
+    col = batch.column(batch.schema.get_field_index("label"))
+    if col.null_count == 0:
+        return batch, REJECT_SCHEMA.empty_table().append_column("source", pa.array([], pa.string()))
+    has = pc.is_valid(col)
+    bare = batch.filter(pc.invert(has))
+    raws = [json.dumps({k: v for k, v in row.items() if v is not None}, default=str)
+            for row in bare.to_pylist()]
+    n = bare.num_rows
+    rejects = pa.table({"line": pa.nulls(n, pa.int64()), "raw": pa.array(raws, pa.string()),
+                        "reason": pa.array([reason] * n, pa.string()),
+                        "source": pa.array([source] * n, pa.string())})
+    return batch.filter(has), rejects
+
+
+def read_labelled(reader: InputReader, purpose: str = "training"
+                  ) -> tuple[pa.Table, pa.Table, Stats]:
+    """:meth:`InputReader.read_all` for data meant to be labelled (training, validation).
+
+    A record without a label in an input whose other records have one (a KDD line of 41 fields
+    in a labelled file) is a reject, ``no label in labelled <purpose> data``, counted as
+    rejected, not parsed, in ``reader.stats``: one stray line no longer stops the run. An input
+    none of whose records has a label, beside inputs that have labels, stays an error (label
+    every input, PATH=LABEL, or none). When no record has a label at all, the data is
+    unlabelled and comes back as it is.
+    """
+    parts: list[tuple[pa.RecordBatch, str]] = []
+    rejects: list[pa.Table] = []
+    labelled: dict[str, int] = {}
+    unlabelled: dict[str, int] = {}
+    for batch, rej, spec in reader:
+        # the key ``reader.stats`` counts this input under
+        source = f"lake:{spec.path}" if spec.path in reader.lakes else spec.display
+        labelled.setdefault(source, 0)
+        unlabelled.setdefault(source, 0)
+        if batch.num_rows:
+            parts.append((batch, source))
+            i = batch.schema.get_field_index("label")
+            missing = batch.num_rows if i < 0 else batch.column(i).null_count
+            unlabelled[source] += missing
+            labelled[source] += batch.num_rows - missing
+        if rej.num_rows:
+            rejects.append(rej)
+    batches = [b for b, _ in parts]
+    if sum(labelled.values()) and sum(unlabelled.values()):
+        bare = [s for s in labelled if not labelled[s] and unlabelled[s]]
+        if bare:
+            raise DataError(f"{sum(unlabelled[s] for s in bare):,} records have no label; "
+                            "label every input (PATH=LABEL) or none (no record of "
+                            f"{', '.join(bare)} has one)")
+        reason = no_label_reason(purpose)
+        batches = []
+        for batch, source in parts:
+            kept, bad = split_unlabelled(batch, source, reason)
+            if bad.num_rows:
+                reader.stats.add(source, 0, bad.num_rows)  # parsed, but rejected after all
+                rejects.append(bad)
+            if kept.num_rows:
+                batches.append(kept)
+    schema = batches[0].schema if batches else reader.fmt.schema
+    table = pa.Table.from_batches(_unify(batches), schema=_unify_schema(batches, schema))
+    rej_table = (pa.concat_tables(rejects) if rejects else
+                 REJECT_SCHEMA.empty_table().append_column("source", pa.array([], pa.string())))
+    return table, rej_table, reader.stats

@@ -11,7 +11,7 @@ import pytest
 
 from deepwatch.formats import get_format
 
-REPLACEMENTS = ["-1", "x", "", " 5 ", "1e3", "nan", "inf", "+3", "9" * 25]
+REPLACEMENTS = ["-1", "x", "", " 5 ", "1e3", "nan", "inf", "+3", "9" * 25, "0x10", "0X1F"]
 
 
 def _mutate(line: str, rnd: random.Random) -> str:

@@ -93,3 +93,69 @@ def test_no_input_crashes_and_counts_reconcile(lines: list[str]) -> None:
     expected_lines = 0 if text == "" else text.count("\n") + (0 if text.endswith("\n") else 1)
     assert r.lines == expected_lines
     assert all(reason for reason in r.rejects.column("reason").to_pylist())
+
+
+def _verdict(r: object, line: int) -> tuple[str, object]:
+    """What became of ``line`` in a ParseResult: ("row", its values) or ("reject", reason)."""
+    from deepwatch.formats import ParseResult
+
+    assert isinstance(r, ParseResult)
+    numbers = r.line_numbers.to_pylist()
+    if line in numbers:
+        return "row", r.batch.slice(numbers.index(line), 1).to_pylist()[0]
+    reasons = [x["reason"] for x in r.rejects.to_pylist() if x["line"] == line]
+    assert len(reasons) == 1, f"line {line} is neither parsed nor rejected"
+    return "reject", reasons[0]
+
+
+def test_a_hexadecimal_integer_is_rejected_whatever_its_neighbours(kdd_test_file: Path) -> None:
+    """Arrow's reader took ``0x10`` as 16 in a clean chunk; polars (used once a chunk holds a
+    bad line) refused it: the same line was kept or dropped depending on the lines around it."""
+    from tests.conftest import head_lines
+
+    lines = [ln.rstrip("\n") for ln in head_lines(kdd_test_file, 300)]
+    assert lines[0].startswith("0,")
+    fmt = get_format("kdd")
+    for spelling in ("0x10", "0X1F", " 0x10", "0xFFFFFFFFFFFFFFFF"):
+        odd = [spelling + lines[0][1:], *lines[1:]]
+        for chunk in (odd, [*odd, "junk"], odd[:1]):
+            r = fmt.parse_bulk(("\n".join(chunk) + "\n").encode())
+            assert r.batch.num_rows + r.rejects.num_rows == r.lines == len(chunk)
+            assert _verdict(r, 1) == (
+                "reject", f"field 1 (duration) is not a non-negative integer: '{spelling}'")
+    # a label that merely holds "0x" is still a string, and still parsed on the fast path
+    r = fmt.parse(lines[0].replace("normal.", "0xnormal.") + "\n" + lines[1] + "\n")
+    assert r.rejects.num_rows == 0 and r.batch.column("label").to_pylist()[0] == "0xnormal"
+
+
+#: Spellings of numbers the bulk paths (Arrow's reader, polars, the Python tiny path) might
+#: read differently.
+ODD_NUMBERS = ["0x10", "0X1F", "+5", "-0", " 5", "5 ", "\t5", "\u00a05", "1e3", "1E+3", ".5",
+               "5.", "-.5", "inf", "-inf", "Infinity", "nan", "NaN", "1_000", "\uff15",
+               "\u0665", "\u00b2", "05", "9" * 19, "0b1", "1.5e300", "1e400", "0x1p3", "", "1d"]
+
+
+@pytest.mark.parametrize("fmt_name,field", [("kdd", 0), ("kdd", 24), ("kdd", 41),
+                                            ("nslkdd", 42)])
+def test_odd_numbers_get_one_verdict_alone_in_a_clean_chunk_and_beside_a_bad_line(
+        small_kdd_test: Path, fmt_name: str, field: int) -> None:
+    """Each odd value alone (the tiny path), among clean lines (Arrow's reader) and among lines
+    with a bad one (polars for the odd line): the same row or the same reject every time.
+    Fields: duration (integer), serror_rate (float), the label (text), NSL's difficulty."""
+    fmt = get_format(fmt_name)
+    base = small_kdd_test.read_text().splitlines()[:40]
+    if fmt_name == "nslkdd":
+        base = [ln.rstrip(".") + ",17" for ln in base]
+    accepted = 0
+    for value in ODD_NUMBERS:
+        fields = base[0].split(",")
+        fields[field] = value
+        odd = ",".join(fields)
+        alone = _verdict(fmt.parse(odd + "\n"), 1)
+        clean = _verdict(fmt.parse("\n".join([*base[1:], odd]) + "\n"), len(base))
+        dirty = _verdict(fmt.parse("\n".join([*base[1:], "junk", odd]) + "\n"), len(base) + 1)
+        assert alone == clean == dirty, (field, value, alone, clean, dirty)
+        accepted += alone[0] == "row"
+        if value.lower().startswith("0x") and field != 41:
+            assert alone[0] == "reject", value  # numeric fields are decimal
+    assert accepted >= 4  # the comparison really covered rows, not only rejects

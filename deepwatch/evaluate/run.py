@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ..errors import DataError, UsageError
 from ..formats import get_format
-from ..io import InputReader
+from ..io import InputReader, no_label_reason, split_unlabelled
 from ..labels import BENIGN, KDD_CATEGORIES, kdd_category
 from .metrics import binary_metrics, confusion, kdd_cost
 
@@ -38,13 +38,25 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
     parts: dict[str, list[np.ndarray]] = {}
     t0 = time.perf_counter()
     state = detector.new_state()
-    for batch, _rej, _spec in reader:
+    labelled_inputs: set[str] = set()
+    for batch, _rej, spec in reader:
+        if batch.num_rows == 0:
+            continue
+        # An input is labelled when its first records (the first chunk, megabytes) have a
+        # label: records without one further on are rejects, counted, not a stop. An input
+        # without labels stops the run at once, as it always did.
+        if "label" not in batch.schema.names or (
+                spec.display not in labelled_inputs
+                and batch.column("label").null_count == batch.num_rows):
+            raise DataError("measuring detection needs labelled records: every record needs "
+                            "a label (from the data, or PATH=LABEL, e.g. site.log=normal)")
+        labelled_inputs.add(spec.display)
+        batch, no_label = split_unlabelled(batch, spec.display, no_label_reason("evaluation"))
+        if no_label.num_rows:
+            reader.stats.add(spec.display, 0, no_label.num_rows)  # parsed, rejected after all
         if batch.num_rows == 0:
             continue
         cols = detector.decide(batch, state)
-        if "label" not in batch.schema.names or batch.column("label").null_count:
-            raise DataError("measuring detection needs labelled records: every record needs "
-                            "a label (from the data, or PATH=LABEL, e.g. site.log=normal)")
         cols["label"] = np.asarray(batch.column("label").to_pylist(), dtype=object)
         for k, v in cols.items():
             if not k.startswith("_") or k == "_explain_rows":

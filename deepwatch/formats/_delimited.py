@@ -56,6 +56,8 @@ def _fast(
         return None
     if invalid or table.num_rows != count_lines(data):
         return None
+    if (b"0x" in data or b"0X" in data) and _has_hex(data, schema, sep):
+        return None
     for f in schema:
         col = table.column(f.name)
         floating = pa.types.is_floating(f.type)
@@ -70,6 +72,36 @@ def _fast(
         if pa.types.is_string(f.type) and len(col) and pc.min(pc.utf8_length(col)).as_py() == 0:
             return None
     return table
+
+
+def _has_hex(data: bytes, schema: pa.Schema, sep: str) -> bool:
+    """Whether a numeric field of ``data`` (which Arrow has just parsed with ``schema``) is
+    written in hexadecimal.
+
+    Arrow reads ``0x10`` in an integer column as 16 (and ``0xFFFFFFFFFFFFFFFF`` as -1), while
+    numeric fields are decimal: polars, on the robust path, refuses such values, and a line
+    must get the same verdict on either path. Only chunks holding ``0x``/``0X`` somewhere are
+    checked (the numeric columns re-read as text), so clean input pays a byte search only.
+    """
+    numeric = [f.name for f in schema
+               if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+    if not numeric:
+        return False
+    try:
+        as_text = pacsv.read_csv(
+            pa.BufferReader(data),
+            read_options=pacsv.ReadOptions(column_names=schema.names, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=sep, quote_char=False,
+                                             ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in numeric}, include_columns=numeric,
+                null_values=[], strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid:
+        return True  # cannot tell: the robust path decides
+    # a value Arrow took as a number and that holds an "x" can only be hexadecimal
+    return any(pc.any(pc.match_substring(col, "x", ignore_case=True)).as_py()
+               for col in as_text.columns)
 
 
 #: Up to this many lines, clean input is parsed in Python (see :func:`_tiny`).
@@ -271,7 +303,7 @@ def parse_delimited(
     bad = np.flatnonzero(~ok_all)
     rejects = make_rejects(
         [int(i) + first_line for i in bad],
-        [lines[i][:10_000] for i in bad],
+        [lines[i] for i in bad],
         [str(reason_all[i]) for i in bad],
     )
     numbers = pa.array(np.sort(order_idx).astype(np.int64) + first_line)

@@ -18,7 +18,7 @@ from ..bundle import FEATURIZER, ONNX, WEIGHTS, check_bundle_target, save_bundle
 from ..errors import DataError, UsageError
 from ..features import Featurizer
 from ..formats import Format, get_format
-from ..io import InputReader, labels_of
+from ..io import InputReader, labels_of, no_label_reason, read_labelled
 from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST
 from ..models import MODEL_KINDS
 from . import distributed
@@ -252,6 +252,14 @@ def _split_labels(labels: np.ndarray | None, n: int, fractions: tuple[float, ...
     return stratified_split(labels, fractions, seed)
 
 
+def _log_no_label(rejects: pa.Table, purpose: str, log: Callable[[str], None]) -> None:
+    """Say how many records :func:`read_labelled` rejected for having no label."""
+    reason = no_label_reason(purpose)
+    n = sum(r == reason for r in rejects.column("reason").to_pylist()) if rejects.num_rows else 0
+    if n:
+        log(f"{n:,} record{'s' if n != 1 else ''} rejected: {reason}")
+
+
 def _labels(table: pa.Table) -> np.ndarray | None:
     labs = labels_of(table)
     return np.array(labs, dtype=object) if labs is not None else None
@@ -279,7 +287,7 @@ def train(
     ``folds`` > 1 cross-fits the classifiers over that many folds (``docs/models.md``).
     """
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
-                    lakes=lakes, folds=folds, val_inputs=val_inputs)
+                    lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs)
     with distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
             progress, log = False, _silent
@@ -296,9 +304,11 @@ MAX_FOLDS = 20
 def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                     target_fpr: float = 0.01, device: str = "auto", policy: str = "auto",
                     lakes: Sequence[str] = (), folds: int = 1,
-                    val_inputs: Sequence[str] = ()) -> None:
+                    val_inputs: Sequence[str] = (), epochs: int | None = None) -> None:
     """The mistakes :func:`train` refuses before any work (``train --nproc`` checks them once,
     before starting its ranks)."""
+    from ..sources.files import parse_input_spec
+
     if model not in MODEL_KINDS:
         raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
     if not 0.0 < target_fpr < 1.0:
@@ -307,6 +317,8 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
+    if epochs is not None and epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, not {epochs}")
     if not 1 <= folds <= MAX_FOLDS:
         raise UsageError(f"--folds must be between 1 and {MAX_FOLDS}, not {folds}")
     if folds > 1 and model not in FOLD_MODELS:
@@ -315,6 +327,8 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
     if folds > 1 and val_inputs:
         raise UsageError("--folds holds out part of each fold for validation: "
                          "drop --val, or use --folds 1")
+    for text in (*inputs, *val_inputs):  # a missing file, found now rather than after reading
+        parse_input_spec(text)
     pick_device(device)  # an unknown or absent device
     check_bundle_target(out)
 
@@ -331,9 +345,10 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     t0 = time.perf_counter()
     fmt = get_format(format_name)
     reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
-    table, _rejects, stats = reader.read_all()
+    table, rejects, stats = read_labelled(reader, "training")
     table = _derive_in_order(fmt, table)
     log(f"training data: {stats.summary()}")
+    _log_no_label(rejects, "training", log)
     if table.num_rows < 10:
         raise DataError(f"too few training records ({table.num_rows}) to train a model")
     labels = _labels(table)
@@ -349,9 +364,10 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         tr_labels, es_labels, cal_labels = labels[tr_idx], labels[es_idx], labels[cal_idx]
     elif val_inputs:
         vreader = InputReader(fmt, val_inputs, progress=progress)
-        vtable, _vrej, vstats = vreader.read_all()
+        vtable, vrej, vstats = read_labelled(vreader, "validation")
         vtable = _derive_in_order(fmt, vtable)
         log(f"validation data: {vstats.summary()}")
+        _log_no_label(vrej, "validation", log)
         vlabels = _labels(vtable)
         if vtable.num_rows < 2:
             raise DataError("the validation data has fewer than two records")
@@ -404,8 +420,6 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         + (f"; each of {folds} cross-fitted members alike" if folds > 1 else ""))
     cfg = TrainConfig(seed=seed, device=device)
     if epochs is not None:
-        if epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, not {epochs}")
         cfg = cfg.with_(epochs=epochs)
     loop_options = {k: v for k, v in (options or {}).items() if k in _LOOP_OPTIONS}
     if loop_options:
