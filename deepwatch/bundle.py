@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,37 +33,82 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_bundle_target(out: str | Path) -> None:
-    """Refuse, before any training, a place a bundle cannot be saved to: a file, or a directory
-    that holds something other than a bundle (it would be replaced)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+def _bundle_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of the bundle in ``directory`` where it is one :func:`save_bundle` writes
+    (a format version, the deepwatch version, the model kind, every file's checksum); else None.
+    Any other ``manifest.json`` (another tool's, a damaged one) does not make a bundle."""
+    path = directory / MANIFEST
+    if not path.is_file():  # (a FIFO would block the read)
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    files = manifest.get("files")
+    if not (isinstance(manifest.get("format_version"), int)
+            and isinstance(manifest.get("deepwatch_version"), str)
+            and isinstance(manifest.get("model_kind"), str)
+            and isinstance(files, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        return None
+    return manifest
+
+
+def check_bundle_target(out: str | Path) -> Path:
+    """Refuse, before any training, a place a bundle cannot be saved to; the directory a bundle
+    goes to (the path resolved: ``.`` is the current directory) where it can.
+
+    A bundle goes where nothing is, into an empty directory, or in place of a deepwatch bundle
+    holding nothing but its own files. A file, a directory holding anything else (which saving
+    would delete) or one that cannot be written is refused.
+    """
+    target = Path(out).resolve()
+    if target.exists() and not target.is_dir():
         raise OutputError(f"--out {out} is a file; a bundle is a directory")
-    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
-        raise BundleError(f"{out} exists and is not a deepwatch bundle; refusing to overwrite it")
+    try:
+        held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    except OSError as exc:
+        raise OutputError(f"cannot read the directory {out}: {exc.strerror or exc}") from None
+    if held:
+        manifest = _bundle_manifest(target) if MANIFEST in held else None
+        if manifest is None:
+            raise BundleError(f"{out} exists and is not a deepwatch bundle; refusing to "
+                              "overwrite it")
+        foreign = [name for name in held if name != MANIFEST and name not in manifest["files"]]
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise BundleError(f"{out} holds files that are not part of its bundle "
+                              f"({', '.join(foreign[:3])}{more}); refusing to replace it")
+    # an empty directory is written in place (it may be the current directory or a mount
+    # point); anything else is made beside the target and moved into place
+    probe_in = target if target.is_dir() and not held else target.parent
     try:  # a real write, not a permission bit: read-only mounts and odd file systems count
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent))
+        probe_in.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe.", dir=probe_in))
     except OSError as exc:
         raise OutputError(f"cannot write a bundle at {out}: {exc.strerror or exc}") from None
+    return target
 
 
 def save_bundle(out: str | Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
     """Write ``files`` and a manifest recording their checksums into the directory ``out``.
 
     The bundle is assembled beside ``out`` and moved into place, so a crash never leaves a
-    half-written bundle where a good one was.
+    half-written bundle where a good one was. Into an empty directory the files are moved one
+    by one, the manifest last: until it is there, the directory is no bundle.
     """
-    out = Path(out)
-    check_bundle_target(out)
+    target = check_bundle_target(out)
     try:
-        return _save(out, manifest, files)
+        return _save(target, manifest, files)
     except OSError as exc:  # a full disk, a directory removed under us
         raise OutputError(f"cannot write the bundle at {out}: {exc.strerror or exc}") from None
 
 
 def _save(out: Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    in_place = out.is_dir() and not any(out.iterdir())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out if in_place else out.parent))
     try:
         checksums = {}
         for name, data in files.items():
@@ -75,11 +121,17 @@ def _save(out: Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
             "files": checksums,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
+        if in_place:
+            for name in [*files, MANIFEST]:
+                os.replace(tmp / name, out / name)
+        elif out.exists():  # a bundle: swapped for the new one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old)  # onto the empty directory just made
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -88,35 +140,135 @@ def _save(out: Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
     return out
 
 
+#: A manifest is a few kilobytes; one past this size is not one deepwatch wrote.
+MAX_MANIFEST_BYTES = 16 << 20
+#: Files the loader reads from every bundle: each must be listed in the manifest's ``files``
+#: (with ``model.onnx`` where the bundle has one), or it would escape its checksum.
+REQUIRED_FILES = (FEATURIZER, WEIGHTS)
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
 def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The bundle's manifest, after checking every file against its recorded sha256."""
+    """The bundle's manifest, after checking every file against its recorded sha256.
+
+    Every file the loader reads must be listed (``featurizer.json``, ``weights.safetensors``,
+    and ``model.onnx`` where the bundle has one): a bundle with an unlisted one is refused, so
+    deleting a file's entry cannot turn its checksum off. Only regular files are read: a FIFO,
+    a device or a directory in a bundle is refused without being opened.
+    """
     path = Path(path)
     if not path.exists():
         raise BundleError(f"no bundle at {path}")
-    if not (path / MANIFEST).is_file():
+    if not os.path.lexists(path / MANIFEST):
         raise BundleError(f"{path} is not a deepwatch bundle (no {MANIFEST})")
+    raw = _read_regular(path / MANIFEST, MAX_MANIFEST_BYTES)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BundleError(f"{path / MANIFEST} is not UTF-8 text") from None
+    except RecursionError:
+        raise BundleError(f"{path / MANIFEST} is nested too deeply to be a deepwatch "
+                          "manifest") from None
+    except json.JSONDecodeError as exc:
         raise BundleError(f"{path / MANIFEST} is not valid JSON: {exc}") from None
+    except ValueError:  # an integer of thousands of digits
+        raise BundleError(f"{path / MANIFEST} holds a number too long to read; it is not a "
+                          "deepwatch manifest") from None
     if not isinstance(manifest, dict) or "files" not in manifest:
         raise BundleError(f"{path / MANIFEST} is not a deepwatch manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise BundleError(
             f"bundle format version {version!r} is not supported (this deepwatch reads "
             f"version {FORMAT_VERSION}); retrain or use the deepwatch that wrote it"
         )
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{path / MANIFEST}: \"files\" must map each file name to its sha256")
+    for name, expected in files.items():
+        if (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
+                or name == MANIFEST):
+            raise BundleError(f"manifest names a file outside the bundle: {name!r}")
+        if not (isinstance(expected, str) and len(expected) == 64
+                and set(expected) <= _SHA256_HEX):
+            raise BundleError(f"{path / MANIFEST}: the checksum of {name} is not a sha256")
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    if ONNX not in files and os.path.lexists(path / ONNX):
+        unlisted.append(ONNX)
+    if unlisted:
+        raise BundleError(
+            f"bundle {path}: {', '.join(unlisted)} {'is' if len(unlisted) == 1 else 'are'} "
+            "not listed in the manifest's files (no checksum to check against); refusing to "
+            "load it")
     if verify:
-        for name, expected in manifest["files"].items():
-            if "/" in name or name.startswith("."):
-                raise BundleError(f"manifest names a file outside the bundle: {name!r}")
-            f = path / name
-            if not f.is_file():
-                raise BundleError(f"bundle {path} is missing {name}")
-            if sha256_file(f) != expected:
-                raise BundleError(
-                    f"bundle {path}: {name} does not match its checksum in the manifest "
-                    "(modified or corrupted); refusing to load it"
-                )
+        for name, expected in files.items():
+            if _sha256_regular(path / name) != expected:
+                raise BundleError(_mismatch(path, name))
     return manifest
+
+
+def read_bundle_file(path: str | Path, manifest: dict[str, Any], name: str,
+                     verify: bool = True) -> bytes:
+    """The bytes of the bundle file ``name``, checked against the manifest (read_manifest's
+    result) when ``verify``: the loader uses these very bytes, so the file checked is the one
+    loaded. A file the manifest does not list is refused."""
+    path = Path(path)
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise BundleError(f"bundle {path}: {name} is not listed in the manifest's files; "
+                          "refusing to load it")
+    data = _read_regular(path / name)
+    if verify and hashlib.sha256(data).hexdigest() != expected:
+        raise BundleError(_mismatch(path, name))
+    return data
+
+
+def _mismatch(path: Path, name: str) -> str:
+    return (f"bundle {path}: {name} does not match its checksum in the manifest "
+            "(modified or corrupted); refusing to load it")
+
+
+def _open_regular(f: Path) -> int:
+    """A descriptor of the regular file ``f``. Anything else (a FIFO, a device, a directory) is
+    a BundleError and is not opened: checked before opening, and again on the descriptor
+    (opened without blocking, so a FIFO swapped in between cannot hang the reader)."""
+    try:
+        mode = os.stat(f).st_mode
+    except FileNotFoundError:
+        raise BundleError(f"bundle {f.parent} is missing {f.name}") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {f}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(mode):
+        try:
+            fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise BundleError(f"cannot read {f}: {exc.strerror or exc}") from None
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+    raise BundleError(f"bundle {f.parent}: {f.name} is not a regular file; refusing to read it")
+
+
+def _read_regular(f: Path, limit: int | None = None) -> bytes:
+    fd = _open_regular(f)
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read() if limit is None else fh.read(limit + 1)
+        except OSError as exc:
+            raise BundleError(f"cannot read {f}: {exc.strerror or exc}") from None
+    if limit is not None and len(data) > limit:
+        raise BundleError(f"{f} is over {limit:,} bytes; it is not part of a deepwatch bundle")
+    return data
+
+
+def _sha256_regular(f: Path) -> str:
+    fd = _open_regular(f)
+    h = hashlib.sha256()
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        except OSError as exc:
+            raise BundleError(f"cannot read {f}: {exc.strerror or exc}") from None
+    return h.hexdigest()

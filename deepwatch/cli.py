@@ -37,6 +37,17 @@ def _progress() -> bool:
     return enabled()
 
 
+def _read_dirs(bundle: str, lakes: list[str] | None = None) -> list[tuple[str, str | None]]:
+    """The directories a command reads, that no output of it may be written into: the bundle
+    (where it is one; anything else is refused as no bundle, in its turn) and lakes."""
+    from .bundle import MANIFEST
+
+    dirs: list[tuple[str, str | None]] = [("--lake", d) for d in lakes or []]
+    if os.path.isfile(os.path.join(bundle, MANIFEST)):
+        dirs.insert(0, ("the bundle", bundle))
+    return dirs
+
+
 Files = Annotated[list[str], typer.Argument(help="Input files (.gz ok), globs, PATH=LABEL, or -")]
 Format = Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")]
 OptionalFiles = Annotated[list[str] | None, typer.Argument(
@@ -82,7 +93,7 @@ def train(
         argv += ["--epochs", str(epochs)] if epochs is not None else []
         argv += ["--folds", str(folds)]
         raise typer.Exit(_launch_train(argv, files or [], lake or [], nproc, model, out, device,
-                                       target_fpr, decision, folds, val or []))
+                                       target_fpr, decision, folds, val or [], epochs))
     from .train.api import train as run
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
@@ -103,7 +114,7 @@ def train(
 
 def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: int,
                   model: str, out: str, device: str, target_fpr: float, decision: str,
-                  folds: int, val: list[str]) -> int:
+                  folds: int, val: list[str], epochs: int | None) -> int:
     """Check what can be checked once, then start ``nproc`` training ranks."""
     from .errors import UsageError
     from .train.api import check_arguments
@@ -114,7 +125,7 @@ def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: in
     if "-" in files:
         raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
     check_arguments(model, files, out, target_fpr=target_fpr, device=device, policy=decision,
-                    lakes=lakes, folds=folds, val_inputs=val)
+                    lakes=lakes, folds=folds, val_inputs=val, epochs=epochs)
     if device.startswith("cuda"):
         import torch
 
@@ -138,9 +149,12 @@ def evaluate(
     from .errors import OutputError
     from .evaluate.run import REPORT_SAMPLE
     from .evaluate.run import evaluate as run
-    from .sinks import writable_file
+    from .sinks import check_distinct_outputs, writable_file
 
-    json_path = writable_file(json_out, "--json")  # before the work, not after it
+    # before the work, not after it
+    check_distinct_outputs([("--json", json_out), ("--report", report)], files,
+                           _read_dirs(bundle))
+    json_path = writable_file(json_out, "--json")
     if report:
         writable_file(report, "--report")
     result, cols = run(bundle, fmt, files, engine=engine, progress=_progress(),
@@ -183,6 +197,10 @@ def score(
     ] = None,
 ) -> None:
     """Score records with a bundle: one row per parsed record, in input order."""
+    from .sinks import check_distinct_outputs
+
+    check_distinct_outputs([("--out", None if out == "-" else out), ("--rejects", rejects)],
+                           files or [], _read_dirs(bundle, lake or []))
     if engine == "spark":
         from .spark import score_spark
 
@@ -212,9 +230,10 @@ def report(
     """An HTML report: per-type detection (Sankey), t-SNE map, metrics."""
     from .evaluate.run import REPORT_SAMPLE
     from .evaluate.run import evaluate as run
-    from .sinks import writable_file
+    from .sinks import check_distinct_outputs, writable_file
     from .viz.report import write_report
 
+    check_distinct_outputs([("--out", out)], files, _read_dirs(bundle))
     writable_file(out, "--out")  # before the work, not after it
     result, cols = run(bundle, fmt, files, progress=_progress(), feature_sample=REPORT_SAMPLE)
     write_report(out, result, cols, title=f"deepwatch report: {bundle}")
@@ -293,6 +312,14 @@ def _register_optional() -> None:
         mod.register(app)
 
 
+def _usage_line(exc: Exception) -> str:
+    """A click usage error as one line: what is wrong, and where the help is."""
+    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {message}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from ._arrow import skip_pandas_probe
 
@@ -303,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()  # what start-up loaded lives as long as the process: the collector skips it
     try:
         # without standalone mode click hands a typer.Exit's code back instead of raising it
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="deepwatch", standalone_mode=False)
         if isinstance(code, int):
             return code
     except DeepwatchError as exc:
@@ -328,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
 
             kinds.append(click.ClickException)
         usage = tuple(kinds)
-        if usage and isinstance(exc, usage) and hasattr(exc, "show"):
-            exc.show()
+        if usage and isinstance(exc, usage) and hasattr(exc, "format_message"):
+            if exc.format_message().strip():  # (empty after the help shown for no arguments)
+                _err(_usage_line(exc))
             return int(getattr(exc, "exit_code", 2))
         raise
     return 0

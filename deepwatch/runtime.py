@@ -90,8 +90,10 @@ class OnnxBackend:
     ``skipped``.
     """
 
-    def __init__(self, model_path: str | Path, outputs: list[str],
+    def __init__(self, model_path: str | Path | bytes, outputs: list[str],
                  providers: list[str] | None = None, threads: int | None = None):
+        """``model_path``: the ONNX file, or its bytes (what a bundle's loader passes: the
+        very bytes it checked against the manifest)."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -113,12 +115,15 @@ class OnnxBackend:
             rest = chain[i:]
             try:
                 session = ort.InferenceSession(
-                    str(model_path), sess_options=opts, providers=rest,
+                    model_path if isinstance(model_path, bytes) else str(model_path),
+                    sess_options=opts, providers=rest,
                     provider_options=[_provider_options(p) for p in rest])
                 break
             except Exception as exc:  # onnxruntime raises its own untyped errors here
                 if provider == "CPUExecutionProvider":
-                    raise BundleError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+                    where = "the ONNX model" if isinstance(model_path, bytes) else model_path
+                    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc
+                    raise BundleError(f"ONNX Runtime cannot load {where}: {reason}") from None
                 self.skipped[provider] = str(exc).splitlines()[0][:200] if str(exc) else "failed"
         assert session is not None
         self.session = session
@@ -144,15 +149,38 @@ class OnnxBackend:
 class TorchBackend:
     """The fallback: the same export module, run by torch (CPU or CUDA)."""
 
-    def __init__(self, network: dict[str, Any], weights_path: str | Path, outputs: list[str],
-                 device: str = "cpu"):
+    def __init__(self, network: dict[str, Any], weights_path: str | Path | bytes,
+                 outputs: list[str], device: str = "cpu"):
+        """``weights_path``: the safetensors file, or its bytes. The network is first built
+        without memory (on the meta device) and its shapes compared with the weights', so a
+        config that does not match them is refused before anything is allocated."""
         import torch
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         from .models.export import build_export_module
 
+        data = (weights_path if isinstance(weights_path, bytes)
+                else Path(weights_path).read_bytes())
+        try:
+            state = load(data)
+        except Exception as exc:  # safetensors raises its own error types
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            raise BundleError(f"the weights are not a valid safetensors file: {reason}") from None
+        try:
+            with torch.device("meta"):
+                skeleton = build_export_module(network)
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            raise BundleError(f"the bundle's network config cannot be built: {exc!r}") from None
+        want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if want != got:
+            wrong = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+            name = wrong[0]
+            raise BundleError(
+                f"the network in the manifest does not match the weights ({name}: the config "
+                f"makes {want.get(name, 'nothing')}, the weights hold {got.get(name, 'nothing')})")
         self.module = build_export_module(network)
-        self.module.load_state_dict(load_file(str(weights_path)))
+        self.module.load_state_dict(state)
         self.device = torch.device(device)
         self.module.to(self.device).eval()
         self.outputs = outputs

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._line_cache import ScoredLineCache
 from .errors import UsageError
-from .formats import get_format
+from .formats import Format, get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink
 
@@ -58,6 +59,7 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     reject_sink = RejectSink(rejects)
     alerts = 0
     schema = None
+    done = False
     state = det.new_state()
     try:
         for batch, rej, _spec in reader:
@@ -77,7 +79,26 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
             for scored in campaigns.batches():
                 schema = scored.schema
                 sink.write(scored)
+        if schema is None:  # no input at all: the output is still made, empty, with its columns
+            schema = _output_schema(det, fmt, campaigns is not None)
+        done = True
     finally:
-        sink.close(schema)
-        reject_sink.close()
+        try:
+            if done or sink.rows:
+                sink.close(schema)
+            else:  # failed before any record: an empty output would read as "nothing found"
+                sink.abort()
+        finally:
+            reject_sink.close()
     return ScoreReport(reader.stats, sink.rows, alerts, time.perf_counter() - t0, det.engine)
+
+
+def _output_schema(det: Any, fmt: Format, cluster: bool) -> pa.Schema:
+    """The columns ``score`` writes for ``fmt`` records, known without any record."""
+    empty = pa.RecordBatch.from_pylist([], schema=fmt.schema)
+    schema = det.score_batch(empty, det.new_state()).schema
+    if cluster:
+        from .models.campaigns import CLUSTER_COLUMN
+
+        schema = schema.append(pa.field(CLUSTER_COLUMN, pa.int64()))
+    return schema

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
 
-from .errors import OutputError, UsageError
+from .errors import InputError, OutputError, UsageError
 
 
 def writable_file(path: str | Path, what: str = "the output") -> Path:
@@ -28,6 +29,64 @@ def writable_file(path: str | Path, what: str = "the output") -> Path:
     if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise OutputError(f"cannot write {what} {p}: permission denied")
     return p
+
+
+def _file_key(path: str | Path) -> tuple[object, ...] | None:
+    """What tells files apart: device and inode of an existing regular file (hard links and
+    symbolic links alike), the resolved path of one yet to be made; None for what many may
+    share without harm (``/dev/null``, a pipe, a terminal) or what is no file at all."""
+    real = os.path.realpath(path)  # `sub/../x` is x even where sub is not (yet) there
+    try:
+        st = os.stat(real)
+    except OSError:
+        return ("path", real)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return ("file", st.st_dev, st.st_ino)
+
+
+def check_distinct_outputs(outputs: Sequence[tuple[str, str | None]],
+                           inputs: Sequence[str] = (),
+                           input_dirs: Sequence[tuple[str, str | None]] = ()) -> None:
+    """Refuse, before any work, an output that would overwrite what the run reads, or another
+    output: writing it would truncate the input while it is read, or mix two outputs in one.
+
+    ``outputs`` are (option, path) pairs, path None where not given or stdout; ``inputs`` the
+    file arguments as given (globs, ``PATH=LABEL``, ``-``); ``input_dirs`` (what, directory)
+    pairs no output may be written into (the bundle, lakes).
+    """
+    from .sources.files import parse_input_spec
+
+    read: dict[tuple[object, ...], str] = {}
+    for text in inputs:
+        try:
+            specs = parse_input_spec(text)
+        except InputError:
+            continue  # a missing input is the reader's to report, in its turn
+        for spec in specs:
+            key = _file_key(spec.path) if spec.path != "-" else None
+            if key is not None:
+                read.setdefault(key, spec.path)
+    dirs = [(what, os.path.realpath(d)) for what, d in input_dirs if d and os.path.isdir(d)]
+    written: dict[tuple[object, ...], str] = {}
+    for what, path in outputs:
+        if not path:
+            continue
+        key = _file_key(path)
+        if key is None:
+            continue
+        if key in read:
+            raise UsageError(f"{what} {path} is also an input ({read[key]}); writing it would "
+                             "destroy the input: give another path")
+        if key in written:
+            raise UsageError(f"{what} {path} is the same file as {written[key]}; give each "
+                             "output its own path")
+        written[key] = what
+        real = Path(os.path.realpath(path))
+        for dir_what, d in dirs:
+            if real.is_relative_to(d):
+                raise UsageError(f"{what} {path} is inside {dir_what} {d}, which this run "
+                                 "reads: write it elsewhere")
 
 
 def writable_dir(path: str | Path, what: str = "the output") -> Path:
@@ -132,11 +191,11 @@ class RecordSink:
 
     def _finish(self, schema: pa.Schema | None) -> None:
         if self.kind == "parquet":
-            if self._writer is None and schema is not None:
+            if self._writer is None:  # no batch came: still this run's file, not an older one
                 import pyarrow.parquet as pq
 
-                pq.write_table(schema.empty_table(), self.path)
-            elif self._writer is not None:
+                pq.write_table((schema or pa.schema([])).empty_table(), self.path)
+            else:
                 self._writer.close()
         elif self._fh is None and self.path != "-":
             Path(self.path).write_bytes(b"")
@@ -155,7 +214,11 @@ def write_jsonl(batch: pa.RecordBatch | pa.Table, fh: IO[bytes]) -> None:
 
 
 class RejectSink:
-    """Rejected records, one JSON object per line: line, raw, reason (and source)."""
+    """Rejected records, one JSON object per line: line, raw, reason (and source).
+
+    A failure to write (a full disk) is an :class:`OutputError` naming the file, as for
+    :class:`RecordSink`.
+    """
 
     def __init__(self, path: str | None):
         self.path = path
@@ -172,9 +235,17 @@ class RejectSink:
         self.count += rejects.num_rows
         if self._fh is None or rejects.num_rows == 0:
             return
-        for row in rejects.to_pylist():
-            self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rejects.to_pylist())
+        try:
+            self._fh.write(text)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
+        fh, self._fh = self._fh, None  # closed once, even when closing fails
+        if fh is None:
+            return
+        try:
+            fh.close()
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None

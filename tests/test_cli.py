@@ -167,3 +167,50 @@ def test_outputs_that_cannot_be_written_are_one_line_errors_before_the_work(
         assert "training data" not in r.stderr  # refused before reading, let alone training
     assert (not_bundle / "keep.txt").read_text() == "precious"
     assert a_file.read_text() == "x"
+
+
+def test_a_stray_unlabelled_line_is_a_reject_in_train_and_evaluate(
+        small_kdd: Path, small_kdd_test: Path, kdd_bundle: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One 41-field line inside a labelled file used to stop train/evaluate (exit 4)."""
+    lines = small_kdd.read_text().splitlines(keepends=True)[:3000]
+    stray = lines[0].rstrip("\n").rsplit(",", 1)[0] + "\n"
+    t = tmp_path / "t.csv"
+    t.write_text("".join(lines) + stray)
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
+                 "--out", str(tmp_path / "b"), str(t)]) == 0
+    err = capsys.readouterr().err
+    assert "3,001 lines read: 3,000 parsed, 1 rejected" in err
+    assert "1 record rejected: no label in labelled training data" in err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert (manifest["training"]["records"], manifest["training"]["rejected"]) == (3000, 1)
+
+    test_lines = small_kdd_test.read_text().splitlines(keepends=True)[:2000]
+    e = tmp_path / "e.csv"
+    e.write_text("".join(test_lines[:700]) + stray + "".join(test_lines[700:]))
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(kdd_bundle), "--format", "kdd", "--json", str(out),
+                 str(e)]) == 0
+    r = json.loads(out.read_text())
+    assert r["records"] == {"lines": 2001, "parsed": 2000, "rejected": 1} and r["n"] == 2000
+    # a whole input without labels beside a labelled one is still the clear error
+    bare = tmp_path / "bare.csv"
+    bare.write_text(stray * 3)
+    r2 = _run("train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
+              "--out", str(tmp_path / "b2"), str(t), str(bare))
+    assert r2.returncode == 4 and "3 records have no label" in r2.stderr, r2.stderr
+    assert "PATH=LABEL" in r2.stderr and "Traceback" not in r2.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["train", "--format", "kdd", "--model", "mlp", "--epochs", "abc", "--out", "b", "x.csv"],
+     "error: Invalid value for '--epochs': 'abc' is not a valid int. "
+     "(see 'deepwatch train --help')"),
+    (["train", "--format", "kdd", "--model", "mlp", "x.csv"],
+     "error: Missing option '--out' / '-o'. (see 'deepwatch train --help')"),
+    (["nosuch"], "error: No such command 'nosuch'. (see 'deepwatch --help')"),
+])
+def test_usage_errors_are_one_line(args: list[str], says: str) -> None:
+    r = _run(*args)
+    assert r.returncode == 2
+    assert r.stderr.strip() == says

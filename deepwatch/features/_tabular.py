@@ -159,14 +159,53 @@ class Featurizer:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Featurizer:
+        """The fitted featurizer ``to_dict`` wrote; ValueError for anything else (checked
+        here, so that a damaged one is refused at load, not at the first transform)."""
+        if not isinstance(d, dict):
+            raise ValueError("a featurizer is a JSON object")
         if d.get("kind") != "tabular/v1":
             raise ValueError(f"unknown featurizer kind {d.get('kind')!r}")
-        f = cls(d["spec"])
-        f.vocab_ = {k: list(v) for k, v in d["vocab"].items()}
-        f.mean_ = {k: float(v) for k, v in d["mean"].items()}
-        f.std_ = {k: float(v) for k, v in d["std"].items()}
+        spec = d.get("spec")
+        if not isinstance(spec, dict):
+            raise ValueError("'spec' is not an object")
+        for key in ("categorical", "numeric", "log1p"):
+            if not _str_list(spec.get(key, [])):
+                raise ValueError(f"spec {key!r} is not a list of column names")
+        derive = spec.get("derive")
+        if derive:
+            if not (isinstance(derive, dict) and isinstance(derive.get("name"), str)
+                    and isinstance(derive.get("params", {}), dict)):
+                raise ValueError("spec 'derive' is not {\"name\": ..., \"params\": {...}}")
+            try:
+                get_deriver(derive["name"])
+            except KeyError as exc:
+                raise ValueError(str(exc.args[0])) from None
+        vocab, mean, std = d.get("vocab"), d.get("mean"), d.get("std")
+        if not (isinstance(vocab, dict) and all(_str_list(v) for v in vocab.values())):
+            raise ValueError("'vocab' is not an object of lists of categories")
+        if not (isinstance(mean, dict) and isinstance(std, dict)):
+            raise ValueError("'mean' and 'std' are not objects")
+        missing = [c for c in spec.get("categorical", []) if c not in vocab] + [
+            c for c in spec.get("numeric", []) if c not in mean or c not in std]
+        if missing:
+            raise ValueError(f"no fitted state for the column {missing[0]!r}")
+        if not _str_list(d.get("feature_names")):
+            raise ValueError("'feature_names' is not a list of names")
+        f = cls(spec)
+        f.vocab_ = {k: list(v) for k, v in vocab.items()}
+        try:
+            f.mean_ = {k: float(v) for k, v in mean.items()}
+            f.std_ = {k: float(v) for k, v in std.items()}
+        except (TypeError, ValueError):
+            raise ValueError("'mean' and 'std' must hold numbers") from None
         f.feature_names_ = list(d["feature_names"])
         return f
+
+    def check_layout(self) -> None:
+        """ValueError where the feature names are not the columns ``transform`` makes from the
+        spec and vocabularies (a featurizer edited by hand)."""
+        if self.feature_names_ != self._names():
+            raise ValueError("its feature names do not match its spec and vocabularies")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=1)
@@ -205,3 +244,7 @@ def _as_float(table: pa.Table, name: str) -> np.ndarray:
     if col.null_count == 0 and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         return np.asarray(to_numpy(col), dtype=np.float64)
     return to_numpy(pc.fill_null(pc.cast(col, pa.float64()), 0.0))
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)

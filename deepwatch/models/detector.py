@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow as pa
 
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
-from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_manifest
-from ..errors import BundleError, UsageError
+from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest
+from ..errors import BundleError, DeepwatchError, UsageError
 from ..features import Featurizer
+from ._checks import check_manifest, check_onnx, check_scoring
 from .decision import Decision
 
 #: Columns score_batch appends, in order (those a bundle cannot produce are left out).
@@ -27,12 +28,49 @@ class Detector:
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path, verify=verify)
         try:
-            self.featurizer = Featurizer.from_json((self.path / FEATURIZER).read_text())
-        except (ValueError, KeyError) as exc:
+            self._load(engine, device, verify, policy)
+        except BundleError as exc:  # name the bundle: a reload or a service may load several
+            if str(self.path) in str(exc):
+                raise
+            raise BundleError(f"bundle {self.path}: {exc}") from None
+        except DeepwatchError:
+            raise
+        except Exception as exc:  # the last guard: one line, never a traceback
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise BundleError(f"{self.path}: the bundle cannot be loaded "
+                              f"({type(exc).__name__}{': ' + reason if reason else ''})"
+                              ) from None
+        #: add the ``explanation`` column (top features) for malicious records
+        # explain=None: name the features behind alerts where it is free (an autoencoder's
+        # per-feature errors come out of the network); a classifier's occlusion attribution runs
+        # the network ~40 more times per distinct alert, so it is asked for with explain=True.
+        self.explain = explain if explain is not None else "errors" in self.manifest["outputs"]
+        #: shared by copies (the service's explaining detector); keyed by the explain setting
+        self._cache = ResultCache()
+
+    def _load(self, engine: str, device: str, verify: bool, policy: str | None) -> None:
+        """Featurizer, decision and backend, each checked against the manifest and the others
+        (see ``_checks``): a bundle that loads can score."""
+        check_manifest(self.manifest)
+        text = read_bundle_file(self.path, self.manifest, FEATURIZER, verify)
+        try:
+            self.featurizer = Featurizer.from_json(text.decode("utf-8"))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            reason = ("it is nested too deeply" if isinstance(exc, RecursionError)
+                      else str(exc).strip().splitlines()[0][:300] if str(exc).strip()
+                      else type(exc).__name__)
             raise BundleError(
-                f"{self.path / FEATURIZER} is not a valid featurizer: {exc}") from None
+                f"{self.path / FEATURIZER} is not a valid featurizer: {reason}") from None
         if self.featurizer.schema_hash() != self.manifest.get("featurizer_schema_hash"):
             raise BundleError(f"{self.path}: featurizer does not match the model it was saved with")
+        try:
+            self.featurizer.check_layout()
+        except ValueError as exc:
+            raise BundleError(f"{self.path / FEATURIZER} is not a valid featurizer: {exc}"
+                              ) from None
+        if self.featurizer.n_features != self.manifest["n_features"]:
+            raise BundleError(f"{self.path}: the featurizer makes {self.featurizer.n_features} "
+                              f"features but the manifest says {self.manifest['n_features']}")
         decision = dict(self.manifest["decision"])
         if policy is not None:  # evaluate a bundle under another decision (cost or threshold)
             if policy not in ("cost", "threshold") or (
@@ -43,29 +81,29 @@ class Detector:
         self.outputs: list[str] = list(self.manifest["outputs"])
         self.format: str = self.manifest["input_format"]
         self.kind: str = self.manifest["model_kind"]
-        self.backend = self._backend(engine, device)
-        #: add the ``explanation`` column (top features) for malicious records
-        # explain=None: name the features behind alerts where it is free (an autoencoder's
-        # per-feature errors come out of the network); a classifier's occlusion attribution runs
-        # the network ~40 more times per distinct alert, so it is asked for with explain=True.
-        self.explain = explain if explain is not None else "errors" in self.manifest["outputs"]
-        self._cache = ResultCache()
+        self.backend = self._backend(engine, device, verify)
+        check_scoring(self)
 
-    def _backend(self, engine: str, device: str):  # type: ignore[no-untyped-def]
+    def _backend(self, engine: str, device: str, verify: bool):  # type: ignore[no-untyped-def]
         from ..runtime import OnnxBackend, TorchBackend
 
-        onnx_path = self.path / ONNX
         if engine not in ("auto", "onnx", "torch"):
             raise UsageError(f"unknown engine {engine!r}; use auto, onnx or torch")
-        if engine in ("auto", "onnx") and onnx_path.exists():
+        # read_manifest refused a bundle holding a model.onnx it does not list
+        if engine in ("auto", "onnx") and ONNX in self.manifest["files"]:
+            model = read_bundle_file(self.path, self.manifest, ONNX, verify)
             try:
-                return OnnxBackend(onnx_path, self.outputs)
+                backend = OnnxBackend(model, self.outputs)
             except ImportError:
                 if engine == "onnx":
                     raise UsageError("onnxruntime is not installed") from None
+            else:
+                check_onnx(backend.session, self.featurizer.n_features, self.outputs)
+                return backend
         if engine == "onnx":
             raise BundleError(f"{self.path} has no {ONNX}")
-        return TorchBackend(self.manifest["network"], self.path / WEIGHTS, self.outputs, device)
+        weights = read_bundle_file(self.path, self.manifest, WEIGHTS, verify)
+        return TorchBackend(self.manifest["network"], weights, self.outputs, device)
 
     @property
     def engine(self) -> str:
@@ -192,30 +230,35 @@ class ResultCache:
     Bounded: when it would hold more than ``max_rows`` records it starts again empty. Only for
     detectors whose verdicts depend on nothing but the record itself (no per-client state).
     Thread-safe: one batch at a time goes through it.
+
+    Results with explanations and without are kept apart (one store per ``explain`` setting of
+    the detector asking), so detectors sharing a cache (the service's plain and explaining
+    copies of one model) never answer with each other's columns.
     """
 
     def __init__(self, max_rows: int = 1 << 18):
         self.max_rows = max_rows
         self._lock = threading.Lock()
-        self._keys = KeyIndex()
-        self._cols: dict[str, pa.Array] = {}
+        self._stores: dict[bool, tuple[KeyIndex, dict[str, pa.Array]]] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return sum(len(keys) for keys, _cols in self._stores.values())
 
     def columns(self, batch: pa.RecordBatch, det: Detector) -> dict[str, pa.Array]:
         keys = record_keys(batch, det.featurizer.input_columns)
         first, inverse = distinct(keys)
         a = keys["a"].to_numpy()[first]
         b = keys["b"].to_numpy()[first]
+        explain = bool(det.explain)
         with self._lock:
-            slot = self._keys.lookup(a, b)
+            index, cols = self._stores.setdefault(explain, (KeyIndex(), {}))
+            slot = index.lookup(a, b)
             miss = np.flatnonzero(slot < 0)
-            if len(miss) and len(self) + len(miss) > self.max_rows:
-                self._keys.clear()  # full: start again
-                self._cols = {}
+            if len(miss) and len(index) + len(miss) > self.max_rows:
+                index.clear()  # full: start again
+                cols = {}
                 slot[:] = -1
                 miss = np.arange(len(first))
             self.hits += len(first) - len(miss)
@@ -228,10 +271,11 @@ class ResultCache:
             elif len(miss):
                 new_rows = det._columns(det._decide(batch.take(pa.array(first[miss])), None))
             if len(miss):
-                slot[miss] = self._keys.add(a[miss], b[miss])
-                self._cols = ({k: pa.concat_arrays([v, new_rows[k]]) for k, v in self._cols.items()}
-                              if self._cols else new_rows)
+                slot[miss] = index.add(a[miss], b[miss])
+                cols = ({k: pa.concat_arrays([v, new_rows[k]]) for k, v in cols.items()}
+                        if cols else new_rows)
+                self._stores[explain] = (index, cols)
             if result is not None:
                 return result
             idx = pa.array(slot[inverse])
-            return {k: v.take(idx) for k, v in self._cols.items()}
+            return {k: v.take(idx) for k, v in cols.items()}

@@ -1,0 +1,267 @@
+"""Outputs never destroy inputs or each other; failures to write are one-line errors; bundles are
+saved only where nothing but a bundle is replaced, checked before the work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from deepwatch.bundle import MANIFEST, check_bundle_target, read_manifest, save_bundle
+from deepwatch.cli import main
+from deepwatch.errors import BundleError, DataError
+from deepwatch.sinks import check_distinct_outputs
+
+BAD_LINES = "this is not a record\n\n1,2,3\n"
+
+
+@pytest.fixture()
+def records(small_kdd_test: Path) -> str:
+    """200 labelled KDD records, 3 bad lines among them."""
+    good = small_kdd_test.read_text().splitlines(keepends=True)[:200]
+    return "".join(good[:100]) + BAD_LINES + "".join(good[100:])
+
+
+@pytest.fixture()
+def train_data(small_kdd: Path, tmp_path: Path) -> Path:
+    p = tmp_path / "train.csv"
+    p.write_text("".join(small_kdd.read_text().splitlines(keepends=True)[:3000]))
+    return p
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a refused command writes to stderr."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_work(
+        kdd_bundle: Path, records: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    inputs = {name: tmp_path / name for name in ("victim.csv", "big.jsonl", "data.json",
+                                                  "page.html")}
+    for p in inputs.values():
+        p.write_text(records)
+    os.link(inputs["victim.csv"], tmp_path / "hardlink.csv")
+    (tmp_path / "symlink.jsonl").symlink_to(inputs["big.jsonl"])
+    b = str(kdd_bundle)
+    cases = [
+        ["score", b, "-f", "kdd", "--out", "v.jsonl", "--rejects", "victim.csv", "victim.csv"],
+        ["score", b, "-f", "kdd", "--out", "big.jsonl", "big.jsonl"],
+        ["score", b, "-f", "kdd", "--out", "./sub/../big.jsonl", str(inputs["big.jsonl"])],
+        ["score", b, "-f", "kdd", "--out", "v.jsonl", "--rejects", "hardlink.csv",
+         "victim.csv"],
+        ["score", b, "-f", "kdd", "--out", "symlink.jsonl", "big.jsonl=normal"],
+        ["score", b, "-f", "kdd", "--out", "v.jsonl", "--rejects", "victim.csv", "*.csv"],
+        ["evaluate", b, "-f", "kdd", "--json", "data.json", "data.json"],
+        ["evaluate", b, "-f", "kdd", "--json", "e.json", "--report", "page.html", "page.html"],
+        ["report", b, "-f", "kdd", "--out", "page.html", "victim.csv", "page.html"],
+    ]
+    for args in cases:
+        assert main(args) == 2, args
+        line = _error_line(capsys)
+        assert "is also an input" in line, (args, line)
+    for p in inputs.values():
+        assert p.read_text() == records, p  # every input as it was
+    assert not any(tmp_path.glob("v.jsonl")) and not (tmp_path / "e.json").exists()
+    assert not (tmp_path / "sub").exists()
+
+
+def test_an_output_inside_the_bundle_is_refused(kdd_bundle: Path, tmp_path: Path,
+                                               records: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(kdd_bundle, bundle)
+    data = tmp_path / "in.csv"
+    data.write_text(records)
+    before = (bundle / MANIFEST).read_bytes()
+    assert main(["evaluate", str(bundle), "-f", "kdd", "--json", str(bundle / MANIFEST),
+                 str(data)]) == 2
+    assert "inside the bundle" in _error_line(capsys)
+    assert (bundle / MANIFEST).read_bytes() == before
+    read_manifest(bundle)  # still a whole bundle
+
+
+def test_two_outputs_at_one_path_are_refused(kdd_bundle: Path, records: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "in.csv"
+    data.write_text(records)
+    old = tmp_path / "same.out"
+    old.write_text("an older result\n")
+    b = str(kdd_bundle)
+    cases = [
+        ["score", b, "-f", "kdd", "--out", str(tmp_path / "o.jsonl"),
+         "--rejects", str(tmp_path / "o.jsonl"), str(data)],
+        ["score", b, "-f", "kdd", "--out", str(tmp_path / "o.jsonl"),
+         "--rejects", str(tmp_path / "x" / ".." / "o.jsonl"), str(data)],
+        ["evaluate", b, "-f", "kdd", "--json", str(old), "--report", str(old), str(data)],
+    ]
+    for args in cases:
+        assert main(args) == 2, args
+        assert "is the same file as" in _error_line(capsys)
+    assert not (tmp_path / "o.jsonl").exists()
+    assert old.read_text() == "an older result\n"
+
+
+def test_devices_may_take_several_outputs(tmp_path: Path) -> None:
+    # /dev/null (like a pipe or a terminal) is no file to protect: two outputs may share it
+    check_distinct_outputs([("--json", os.devnull), ("--report", os.devnull)], ["-"])
+    with pytest.raises(Exception, match="same file"):
+        check_distinct_outputs([("--json", str(tmp_path / "a")),
+                                ("--report", str(tmp_path / "a"))])
+
+
+@pytest.mark.parametrize("ext", ["parquet", "jsonl"])
+def test_empty_input_replaces_an_older_output(kdd_bundle: Path, tmp_path: Path,
+                                              ext: str) -> None:
+    out = tmp_path / f"o.{ext}"
+    if ext == "parquet":
+        pq.write_table(pa.table({"stale": [1, 2, 3]}), out)
+    else:
+        out.write_text('{"stale": 1}\n')
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert main(["score", str(kdd_bundle), "-f", "kdd", "--out", str(out), str(empty)]) == 0
+    if ext == "jsonl":
+        assert out.read_text() == ""
+        return
+    table = pq.read_table(out)
+    assert table.num_rows == 0
+    names = table.schema.names
+    assert "stale" not in names
+    assert {"duration", "src_bytes", "score", "verdict", "attack_type", "category"} <= set(names)
+
+
+def test_a_failure_before_any_record_leaves_an_older_output_alone(
+        kdd_bundle: Path, tmp_path: Path, records: str) -> None:
+    from deepwatch.models.detector import Detector
+    from deepwatch.scoring import score_files
+
+    class Failing:  # the bundle's detector, failing on the first batch it scores
+        def __init__(self, det: Detector):
+            self._det = det
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._det, name)
+
+        def score_batch(self, *args: object, **kwargs: object) -> pa.RecordBatch:
+            raise DataError("scoring failed")
+
+    data = tmp_path / "in.csv"
+    data.write_text(records)
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"an": "older result"}\n')
+    with pytest.raises(DataError, match="scoring failed"):
+        score_files(str(kdd_bundle), "kdd", [str(data)], str(out),
+                    detector=Failing(Detector(kdd_bundle)))
+    assert out.read_text() == '{"an": "older result"}\n'
+
+
+def test_a_rejects_file_that_cannot_be_written_is_one_line_error(
+        kdd_bundle: Path, tmp_path: Path, records: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    data = tmp_path / "in.csv"
+    data.write_text(records)
+    full = tmp_path / "full.jsonl"
+    full.symlink_to("/dev/full")
+    assert main(["score", str(kdd_bundle), "-f", "kdd", "--out", str(tmp_path / "o.jsonl"),
+                 "--rejects", str(full), str(data)]) == 2
+    line = _error_line(capsys)
+    assert f"cannot write {full}" in line and "No space left on device" in line
+    # the same failure on --out reads the same way
+    (tmp_path / "full2.jsonl").symlink_to("/dev/full")
+    assert main(["score", str(kdd_bundle), "-f", "kdd", "--out", str(tmp_path / "full2.jsonl"),
+                 str(data)]) == 2
+    assert f"cannot write {tmp_path / 'full2.jsonl'}: No space left" in _error_line(capsys)
+
+
+def test_train_into_the_current_empty_directory(train_data: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    here = tmp_path / "emptydir"
+    here.mkdir()
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--out", ".", "--epochs", "1",
+                 str(train_data)]) == 0
+    assert "saved mlp bundle" in capsys.readouterr().err
+    assert os.getcwd() == str(here) and here.stat().st_ino == inode  # written in place
+    m = read_manifest(here)
+    assert m["model_kind"] == "mlp"
+    assert {p.name for p in here.iterdir()} == {MANIFEST, *m["files"]}  # no leftovers
+    # now a bundle: `.` may be named again, but a directory holding other things may not
+    (here / "notes.txt").write_text("mine")
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--out", ".", "--epochs", "1",
+                 str(train_data)]) == 3
+    line = _error_line(capsys)
+    assert "not part of its bundle (notes.txt)" in line
+    assert (here / "notes.txt").read_text() == "mine"
+
+
+def test_only_a_real_bundle_is_replaced(train_data: Path, kdd_bundle: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / MANIFEST).write_text(json.dumps({"name": "some other tool", "files": {}}))
+    (foreign / "notes.txt").write_text("precious")
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--out", str(foreign),
+                 "--epochs", "1", str(train_data)]) == 3
+    assert "is not a deepwatch bundle" in _error_line(capsys)  # and nothing was read
+    assert (foreign / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in foreign.iterdir()) == [MANIFEST, "notes.txt"]
+
+    real = tmp_path / "real"
+    shutil.copytree(kdd_bundle, real)
+    assert check_bundle_target(real) == real.resolve()  # a bundle alone may be replaced
+    (real / "notes.txt").write_text("precious")
+    with pytest.raises(BundleError, match=r"not part of its bundle \(notes.txt\)"):
+        check_bundle_target(real)
+    with pytest.raises(BundleError, match="not part of its bundle"):
+        save_bundle(real, {"model_kind": "mlp"}, {"weights.bin": b"new"})
+    assert (real / "notes.txt").read_text() == "precious"
+    read_manifest(real)  # the old bundle untouched
+
+    (real / "notes.txt").unlink()
+    save_bundle(real, {"model_kind": "mlp"}, {"weights.bin": b"new"})
+    assert {p.name for p in real.iterdir()} == {MANIFEST, "weights.bin"}
+    assert json.loads((real / MANIFEST).read_text())["files"].keys() == {"weights.bin"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside
+
+
+def test_save_bundle_leaves_unrelated_neighbours_alone(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    save_bundle(out, {"model_kind": "mlp"}, {"w.bin": b"1"})
+    neighbour = tmp_path / ".b.old"  # a name the old code took for its own and deleted
+    neighbour.mkdir()
+    (neighbour / "keep.txt").write_text("mine")
+    save_bundle(out, {"model_kind": "mlp"}, {"w.bin": b"2"})
+    assert (out / "w.bin").read_bytes() == b"2"
+    assert (neighbour / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra", [["--epochs", "0"], ["--val", "nosuch.csv"]])
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_train_mistakes_are_refused_before_reading(
+        train_data: Path, tmp_path: Path, extra: list[str], nproc: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b"
+    code = main(["train", "--format", "kdd", "--model", "mlp", "--out", str(out),
+                 "--nproc", nproc, *extra, str(train_data)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    expected = "--epochs must be at least 1, not 0" if "0" in extra else \
+        "no such file: nosuch.csv"
+    assert expected in err
+    assert "training data" not in err and "training in" not in err  # nothing read or started
+    assert not out.exists()
