@@ -33,6 +33,7 @@ from deepwatch.serve.app import create_app  # noqa: E402
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON_TYPE = {"content-type": "application/json"}
 LIMITS = Limits(max_body_bytes=256 * 1024, max_records=500)
 
 
@@ -212,7 +213,7 @@ def test_wrong_methods_and_paths_are_4xx(client: httpx.Client) -> None:
 
 def test_body_size_is_bounded(client: httpx.Client) -> None:
     big = b'{"records": ["' + b"x" * (LIMITS.max_body_bytes + 10) + b'"]}'
-    r = client.post("/v1/score", content=big)
+    r = client.post("/v1/score", content=big, headers=JSON_TYPE)
     assert r.status_code == 413
     assert "limit" in r.json()["detail"]
 
@@ -222,7 +223,7 @@ def test_body_size_is_bounded(client: httpx.Client) -> None:
             yield b"y" * 65536
         yield b'"]}'
 
-    r = client.post("/v1/score", content=chunks())
+    r = client.post("/v1/score", content=chunks(), headers=JSON_TYPE)
     assert r.status_code == 413
 
 
@@ -364,7 +365,7 @@ def test_reload_swaps_the_bundle_without_dropping_requests(kdd_bundle: Path, tmp
         r = c.post("/v1/reload", json={"bundle": str(tmp_path / "missing")})
         assert r.status_code == 422 and "still serving" in r.json()["detail"]
         assert c.get("/healthz").json()["generation"] == 2
-        assert c.post("/v1/reload", content=b"{bad").status_code == 400
+        assert c.post("/v1/reload", content=b"{bad", headers=JSON_TYPE).status_code == 400
         assert c.post("/v1/reload", json={"bundle": 3}).status_code == 422
         # no body: the bundle being served is read again from disk
         assert c.post("/v1/reload").json()["model"]["generation"] == 3

@@ -6,31 +6,44 @@
 dropping a request. With an API key every endpoint but ``/healthz`` needs
 ``Authorization: Bearer <key>``.
 
+Browsers: POST bodies must be ``application/json`` (which a cross-site page cannot send without
+a CORS preflight, and none is granted), a request that reached the server over loopback must
+name a loopback host (no DNS rebinding), and a POST whose ``Origin`` is another site is refused.
+Slow clients: a connection gets ``HEAD_TIMEOUT_SECONDS`` to deliver each request head and the
+body must arrive within ``BODY_TIMEOUT_SECONDS``; connections waiting for a request take no
+request slot (see ``_SlowClientGuard``).
+
 The score endpoint reads the body itself (no pydantic on the hot path) and answers with orjson
 bytes; the request/response models below only document it in the OpenAPI page.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import __version__
 from ..errors import DeepwatchError, InputError, UsageError
-from ._auth import Gate
+from ._auth import OPEN_PATHS, ASGIApp, Gate, Receive, Scope, Send
 from ._metrics import CONTENT_TYPE
 from ._request import RequestError
 from ._service import Limits, ScoringService
@@ -45,9 +58,20 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 #: those switches are what stretches the tail on busy cores). Larger bodies go to the pool, so
 #: the loop keeps answering while they score.
 INLINE_BODY_BYTES = 32 * 1024
-#: Connections and requests served at once; past it uvicorn answers 503 at once. With the body
-#: limit this bounds the memory an overload can take (64 x 16 MiB of bodies at most).
+#: Requests served at once; past it the answer is 503 at once. With the body limit this bounds
+#: the memory an overload can take (64 x 16 MiB of bodies at most). Connections waiting for a
+#: request head do not count (see ``_SlowClientGuard``).
 MAX_CONCURRENT_REQUESTS = 64
+#: A connection has this long, from its opening or from its previous answer, to deliver a whole
+#: request head; then it is closed. Connections still waiting for one take no request slot.
+HEAD_TIMEOUT_SECONDS = 10.0
+#: A request head (request line and headers) larger than this is refused with 431.
+MAX_HEAD_BYTES = 64 * 1024
+#: The whole body of a POST must arrive within this long (408 otherwise).
+BODY_TIMEOUT_SECONDS = 30.0
+#: Extra host names (comma-separated) that loopback requests may carry in ``Host``.
+ALLOWED_HOSTS_ENV = "DEEPWATCH_ALLOWED_HOSTS"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class ScoreRequest(BaseModel):
@@ -89,12 +113,31 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _error(status: int, reason: str) -> Response:
-    return Response(orjson.dumps({"detail": reason}), status_code=status, media_type=JSON)
+    # a body refused unread (too large, too slow) is not waited for: the connection closes
+    headers = {"connection": "close"} if status in (408, 413) else None
+    return Response(orjson.dumps({"detail": reason}), status_code=status, media_type=JSON,
+                    headers=headers)
+
+
+def check_json(content_type: str | None, has_body: bool) -> None:
+    """A body must be declared ``application/json`` (what an HTML form or a "simple" cross-site
+    request cannot send); a request without a body may leave the type out."""
+    if content_type is None and not has_body:
+        return
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if media != JSON:
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        raise RequestError(415, f"the body must be JSON sent as 'Content-Type: {JSON}' "
+                                f"({sent} was sent)")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past ``limit`` bytes (before reading it when it says so)."""
+    """The body, refused with 415 unless it is JSON, 413 past ``limit`` bytes (before reading it
+    when it says so) and 408 when it takes more than ``BODY_TIMEOUT_SECONDS`` to arrive."""
     declared = request.headers.get("content-length")
+    has_body = (declared not in (None, "0")
+                or "transfer-encoding" in request.headers)
+    check_json(request.headers.get("content-type"), has_body)
     if declared is not None:
         try:
             size = int(declared)
@@ -104,20 +147,126 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestError(413, f"the body is {size:,} bytes; the limit is {limit:,}")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {BODY_TIMEOUT_SECONDS:g} s "
+                                f"({total:,} bytes came)") from None
     return b"".join(chunks)
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    """``Host`` header -> (lower-case name without brackets or final dot, port or None)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, sep, port = host.rpartition(":")
+        if not sep or ":" in name:  # no port, or a bare IPv6 address
+            name, port = host, ""
+    return name.rstrip("."), (int(port) if port.isdigit() else None)
+
+
+def _is_loopback_address(value: object) -> bool:
+    try:
+        ip = ipaddress.ip_address(str(value))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def _is_loopback_name(name: str) -> bool:
+    # *.localhost never leaves the machine (RFC 6761; browsers resolve it themselves)
+    return name == "localhost" or name.endswith(".localhost") or _is_loopback_address(name)
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """Whether the ``Origin`` header names the site the request was sent to (its ``Host``);
+    the scheme is not compared (a TLS proxy in front answers https for an http server)."""
+    if host is None:
+        return False
+    try:
+        parts = urlsplit(origin.strip())
+        origin_port = parts.port
+    except ValueError:
+        return False
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    if default is None or not parts.hostname:  # "null" (sandboxed pages, file:) among others
+        return False
+    name, port = _split_host(host)
+    return parts.hostname.rstrip(".") == name and (origin_port or default) == (port or default)
+
+
+class BrowserGuard:
+    """Keeps web pages the operator happens to open from using the service behind its back.
+
+    - DNS rebinding: a request that reached the server over loopback must name a loopback host
+      (``localhost``, ``*.localhost``, ``127.x.x.x``, ``[::1]``, any port) or one of
+      ``allowed_hosts`` in ``Host``, else 421; a page of another site that had its name
+      resolve to 127.0.0.1 sends its own name.
+    - Cross-site requests: a POST (or any unsafe method) whose ``Origin`` is not the server's
+      own is refused with 403. (Bodies must also be JSON, see ``check_json``, which a page of
+      another site cannot send without a CORS preflight that this server never grants.)
+
+    ``/healthz`` is exempt from the host check: local probes may name the host as they like.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str] = ()) -> None:
+        self.app = app
+        self.allowed = frozenset(_split_host(h)[0] for h in allowed_hosts if h.strip())
+
+    def _refusal(self, scope: Scope) -> tuple[int, str] | None:
+        host = origin = None
+        for name, value in scope.get("headers", []):
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value.decode("latin-1")
+        server = scope.get("server")
+        if (host is not None and scope["path"] not in OPEN_PATHS and server
+                and _is_loopback_address(server[0])):
+            name = _split_host(host)[0]
+            if not (_is_loopback_name(name) or name in self.allowed):
+                return 421, (f"this server answers to localhost, 127.0.0.1 or [::1], not to "
+                             f"the host {host!r} (set {ALLOWED_HOSTS_ENV} to allow a name)")
+        if (origin is not None and scope.get("method", "GET") not in SAFE_METHODS
+                and not _same_origin(origin, host)):
+            return 403, f"cross-origin request refused: Origin {origin!r} is not this server"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        status, reason = refusal
+        body = orjson.dumps({"detail": reason})
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def allowed_hosts_from_env() -> list[str]:
+    return [h for h in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if h.strip()]
 
 
 def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: str = "auto",
                limits: Limits | None = None, group: WorkerGroup | None = None,
-               generation: int = 1) -> FastAPI:
+               generation: int = 1, allowed_hosts: Iterable[str] | None = None) -> FastAPI:
     """The REST app serving the bundle at ``bundle_path`` (loaded now: a bad bundle fails here).
 
     ``group``: this app is one of ``serve --workers`` (stats and reloads span the workers).
+    ``allowed_hosts``: names besides the loopback ones that requests arriving over loopback
+    may carry in ``Host`` (default: ``$DEEPWATCH_ALLOWED_HOSTS``, comma-separated).
     """
     service = ScoringService(bundle_path, engine=engine, limits=limits, generation=generation)
     dashboard = resources.files("deepwatch.serve").joinpath("dashboard.html").read_bytes()
@@ -188,6 +337,9 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
     async def index() -> HTMLResponse:
         return HTMLResponse(dashboard)
 
+    app.add_middleware(BrowserGuard,  # inside the gate: a missing key is still a 401 first
+                       allowed_hosts=allowed_hosts_from_env() if allowed_hosts is None
+                       else allowed_hosts)
     app.add_middleware(Gate, metrics=service.metrics, api_key=api_key)
     return app
 
@@ -251,6 +403,145 @@ def _exit_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+def _raw_response(status: bytes, reason: str) -> bytes:
+    body = reason.encode()
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+            + body)
+
+
+def _limit_requests(app: ASGIApp, tasks: set[Any], limit: int) -> ASGIApp:
+    """``app``, answering 503 while more than ``limit`` requests are in flight (counted by
+    their tasks, this one's included: uvicorn adds a request's task before running it)."""
+
+    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+        if len(tasks) > limit:
+            logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit.")
+            await service_unavailable(scope, receive, send)  # type: ignore[arg-type]
+        else:
+            await app(scope, receive, send)
+
+    return limited
+
+
+# mypy checks the mixin as the protocol it is mixed into; at run time it is a plain class
+if TYPE_CHECKING:
+    _Protocol = H11Protocol
+else:
+    _Protocol = object
+
+
+class _SlowClientGuard(_Protocol):
+    """What uvicorn's HTTP protocols lack against clients that connect and then stall.
+
+    uvicorn counts every open connection against ``limit_concurrency`` and has no timeout for a
+    request head that never finishes arriving: 64 idle sockets would make it answer 503 to
+    everyone for as long as they stay open. Here
+
+    - the limit counts requests in flight only (a connection waiting for its next request head
+      takes no slot), so idle connections cannot starve the others;
+    - a connection that has not delivered a whole request head ``HEAD_TIMEOUT_SECONDS`` after it
+      opened, or after its previous answer, is closed (408 when it sent part of one);
+    - with httptools, a request head over ``MAX_HEAD_BYTES`` is refused with 431 (httptools
+      sets no limit; h11 refuses heads over 16 KiB itself).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's check: off
+        if limit is not None:
+            self.app = _limit_requests(self.app, self.tasks, limit)
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def _waiting_for_head(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _partial_head(self) -> bool:
+        """Whether part of the next request head has arrived."""
+        return False
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self._head_deadline = None
+        if (self.transport.is_closing() or self.transport.get_protocol() is not self
+                or not self._waiting_for_head()):
+            return  # a request arrived (its answer re-arms the deadline), or a WebSocket
+        if self._partial_head():
+            self.transport.write(_raw_response(
+                b"408 Request Timeout",
+                f"the request head did not arrive within {HEAD_TIMEOUT_SECONDS:g} s"))
+        self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._waiting_for_head():
+            self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        super().connection_lost(exc)
+
+
+class GuardedH11(_SlowClientGuard, H11Protocol):
+    """uvicorn's h11 protocol with the slow-client guard."""
+
+    def _partial_head(self) -> bool:
+        return bool(self.conn.trailing_data[0])  # bytes h11 holds until a whole head is in
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools missing: uvicorn itself would use h11
+    HttpProtocol: type[asyncio.Protocol] = GuardedH11
+else:
+    class GuardedHttpTools(_SlowClientGuard, HttpToolsProtocol):  # type: ignore[misc]
+        """uvicorn's httptools protocol (its default) with the slow-client guard."""
+
+        _in_head = False  # between the first byte of a request and the end of its head
+        _head_bytes = 0
+
+        def _partial_head(self) -> bool:
+            return self._in_head
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self.transport.write(_raw_response(
+                    b"431 Request Header Fields Too Large",
+                    f"the request head is over the limit of {MAX_HEAD_BYTES:,} bytes"))
+                self.transport.close()
+
+    HttpProtocol = GuardedHttpTools
+
+
+def uvicorn_options() -> dict[str, Any]:
+    """The uvicorn settings of ``deepwatch serve`` (one process or each worker)."""
+    return {"log_level": "warning", "access_log": False, "server_header": False,
+            "timeout_graceful_shutdown": 10, "limit_concurrency": MAX_CONCURRENT_REQUESTS,
+            "http": HttpProtocol}
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     """A bound socket for uvicorn, made here so that an address in use or one this machine
     does not have is one clear error (uvicorn would log it and exit as a startup failure)."""
@@ -291,9 +582,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if host not in LOOPBACK and key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can score "
                     "and reload", host)
-    options: dict[str, Any] = {"log_level": "warning", "access_log": False,
-                               "server_header": False, "timeout_graceful_shutdown": 10,
-                               "limit_concurrency": MAX_CONCURRENT_REQUESTS}
+    options = uvicorn_options()
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     if workers > 1:
         from ._workers import run_workers

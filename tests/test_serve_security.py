@@ -1,0 +1,321 @@
+"""The REST service against web pages and stalling clients, on a real uvicorn server with the
+settings ``deepwatch serve`` uses (its HTTP protocol included), spoken to over real sockets.
+
+- cross-site requests and DNS rebinding: JSON bodies only (415), loopback ``Host`` names only
+  (421), a foreign ``Origin`` refused on POST (403);
+- idle or slow clients: connections that never finish a request head take no request slot and
+  are closed; slow bodies get a 408; an oversized head a 431.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+from deepwatch.serve import app as app_module  # noqa: E402
+from deepwatch.serve.app import create_app, uvicorn_options  # noqa: E402
+
+KEY = "security-key-0123456789"
+JSON_TYPE = {"content-type": "application/json"}
+LINE = ("0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,0.00,0.00,1.00,"
+        "0.00,0.00,9,9,1.00,0.00,0.11,0.00,0.00,0.00,0.00,0.00")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """uvicorn in a thread, with ``deepwatch serve``'s options (``overrides`` on top)."""
+
+    def __init__(self, app: Any, **overrides: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        options = {**uvicorn_options(), "timeout_graceful_shutdown": 2, **overrides}
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    **options))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(kdd_bundle: Path) -> Iterator[Server]:
+    with Server(create_app(kdd_bundle, allowed_hosts=["deepwatch.internal"])) as srv:
+        yield srv
+
+
+def _generation(srv: Server) -> int:
+    return int(httpx.get(srv.url + "/healthz").json()["generation"])
+
+
+# -- cross-site requests and DNS rebinding -------------------------------------------------------
+
+def test_the_audited_cross_site_reload_is_refused(server: Server) -> None:
+    """The audit's request: a page of evil.example, resolved to 127.0.0.1, posting text/plain."""
+    before = _generation(server)
+    r = httpx.post(server.url + "/v1/reload", content=b'{"bundle": "/tmp/other"}',
+                   headers={"Origin": "http://evil.example", "Host": "evil.example",
+                            "Content-Type": "text/plain"})
+    assert r.status_code == 421 and "evil.example" in r.json()["detail"]
+    # the same page with the server's own name (a plain cross-site request, no rebinding)
+    r = httpx.post(server.url + "/v1/reload", content=b"{}",
+                   headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+    assert r.status_code == 403 and "Origin" in r.json()["detail"]
+    assert _generation(server) == before
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/reload"])
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain; charset=utf-8",
+                                          "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx"])
+def test_post_bodies_must_be_declared_json(server: Server, path: str,
+                                           content_type: str | None) -> None:
+    before = _generation(server)
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = httpx.post(server.url + path, content=b'{"records": []}', headers=headers)
+    assert r.status_code == 415, r.text
+    assert "application/json" in r.json()["detail"]
+    assert _generation(server) == before
+
+
+def test_json_bodies_and_bodiless_reloads_still_pass(server: Server) -> None:
+    for content_type in ["application/json", "Application/JSON; charset=utf-8"]:
+        r = httpx.post(server.url + "/v1/score", content=f'{{"records": ["{LINE}"]}}'.encode(),
+                       headers={"Content-Type": content_type})
+        assert r.status_code == 200 and len(r.json()["results"]) == 1
+    before = _generation(server)
+    assert httpx.post(server.url + "/v1/reload").status_code == 200  # no body: re-read
+    assert _generation(server) == before + 1
+    # an empty form still declares its type: refused
+    r = httpx.post(server.url + "/v1/reload", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example",
+                                  "localhost.evil.example", "10.0.0.1", "[::2]:80", ""])
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/stats"), ("GET", "/"),
+                                              ("GET", "/metrics"), ("POST", "/v1/score")])
+def test_a_foreign_host_name_is_refused_on_loopback(server: Server, host: str, method: str,
+                                                    path: str) -> None:
+    r = httpx.request(method, server.url + path, json={"records": []}, headers={"Host": host})
+    assert r.status_code == 421, r.text
+    assert "localhost" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:{port}", "127.0.0.1:{port}",
+                                  "127.0.0.2", "[::1]:{port}", "app.localhost:{port}",
+                                  "localhost.", "deepwatch.internal:{port}"])
+def test_loopback_and_allowed_host_names_are_served(server: Server, host: str) -> None:
+    headers = {"Host": host.format(port=server.port)}
+    assert httpx.get(server.url + "/v1/stats", headers=headers).status_code == 200
+    r = httpx.post(server.url + "/v1/score", json={"records": [LINE]}, headers=headers)
+    assert r.status_code == 200, r.text
+
+
+def test_healthz_answers_any_host(server: Server) -> None:
+    r = httpx.get(server.url + "/healthz", headers={"Host": "probe.example"})
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://localhost:1",
+                                    "http://127.0.0.1", "https://127.0.0.1.evil.example",
+                                    "file://", "not a url"])
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/reload"])
+def test_foreign_origins_cannot_post(server: Server, origin: str, path: str) -> None:
+    before = _generation(server)
+    r = httpx.post(server.url + path, json={"records": []}, headers={"Origin": origin})
+    assert r.status_code == 403, r.text
+    assert "cross-origin" in r.json()["detail"]
+    assert _generation(server) == before
+
+
+def test_same_origin_posts_and_foreign_origin_reads_pass(server: Server) -> None:
+    for origin, host in [(server.url, None), (f"http://localhost:{server.port}",
+                                              f"localhost:{server.port}"),
+                         ("http://localhost", "localhost"), ("http://localhost", "localhost:80")]:
+        headers = {"Origin": origin, **({"Host": host} if host else {})}
+        r = httpx.post(server.url + "/v1/score", json={"records": [LINE]}, headers=headers)
+        assert r.status_code == 200, (origin, host, r.text)
+    # a read: the browser keeps the answer from the foreign page (no CORS headers are sent)
+    r = httpx.get(server.url + "/v1/stats", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    r = httpx.options(server.url + "/v1/score", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert "access-control-allow-origin" not in r.headers, "no preflight is granted"
+
+
+def test_the_key_is_still_asked_first(kdd_bundle: Path) -> None:
+    with Server(create_app(kdd_bundle, api_key=KEY, allowed_hosts=[])) as srv:
+        evil = {"Host": "evil.example", "Origin": "http://evil.example"}
+        r = httpx.post(srv.url + "/v1/reload", headers=evil)
+        assert r.status_code == 401 and "API key" in r.json()["detail"]
+        r = httpx.post(srv.url + "/v1/reload", headers={**evil, "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 421
+        r = httpx.post(srv.url + "/v1/score", json={"records": [LINE]},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+
+
+# -- idle and slow clients -----------------------------------------------------------------------
+
+def _closed_by_server(sock: socket.socket, timeout: float) -> bytes | None:
+    """What the server sent before closing ``sock`` within ``timeout`` s (None: still open)."""
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def test_idle_connections_cannot_starve_the_server(kdd_bundle: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """More idle sockets than the concurrency limit (nothing sent, half a request line, half
+    the headers) and one that went quiet after an answer: others are still served at once,
+    and the stalled sockets are closed once their head deadline passes."""
+    monkeypatch.setattr(app_module, "HEAD_TIMEOUT_SECONDS", 1.5)
+    limit = app_module.MAX_CONCURRENT_REQUESTS
+    with Server(create_app(kdd_bundle)) as srv, contextlib.ExitStack() as stack:
+        silent = [stack.enter_context(srv.connect()) for _ in range(limit + 16)]
+        partial = [stack.enter_context(srv.connect()) for _ in range(8)]
+        for i, sock in enumerate(partial):
+            sock.sendall(b"GET /healthz HT" if i % 2 else
+                         b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        reused = stack.enter_context(srv.connect())
+        reused.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert b" 200 " in reused.recv(65536).split(b"\r\n")[0]
+        reused.sendall(b"GET /heal")  # the next request never finishes
+
+        t0 = time.monotonic()
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            assert c.get("/healthz").status_code == 200
+            r = c.post("/v1/score", json={"records": [LINE]})
+            assert r.status_code == 200 and len(r.json()["results"]) == 1
+        assert time.monotonic() - t0 < 5, "served at once, idle sockets or not"
+
+        deadline = 1.5 + 5
+        for sock in silent:
+            assert _closed_by_server(sock, deadline) == b""
+        for sock in [*partial, reused]:
+            answer = _closed_by_server(sock, deadline)
+            assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
+        assert time.monotonic() - t0 < 15
+        # and the server serves on
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_the_limit_still_counts_requests_in_flight(kdd_bundle: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests whose bodies are still arriving hold their slot: past the limit, 503; and a
+    body that does not arrive in time is answered 408 and its connection closed."""
+    monkeypatch.setattr(app_module, "BODY_TIMEOUT_SECONDS", 2.0)
+    with Server(create_app(kdd_bundle), limit_concurrency=3) as srv, \
+            contextlib.ExitStack() as stack:
+        slow = [stack.enter_context(srv.connect()) for _ in range(3)]
+        for sock in slow:
+            sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"re")
+        time.sleep(0.3)
+        r = httpx.get(srv.url + "/healthz", timeout=5)
+        assert r.status_code == 503
+        for sock in slow:
+            answer = _closed_by_server(sock, 5)
+            assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"did not arrive within 2 s" in answer
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_an_oversized_request_head_is_refused(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            for _ in range(20):
+                sock.sendall(b"X-Pad: " + b"a" * 8000 + b"\r\n")
+        answer = _closed_by_server(sock, 5)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 431 "), answer
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_a_body_sent_after_an_early_answer_is_no_oversized_head(server: Server) -> None:
+    """A body the server refused unread (415) still arrives whole: it is the old request's,
+    not a new head, and the connection serves the next request."""
+    with server.connect() as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+                     b"Content-Length: 300000\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 415 "), first
+        sock.sendall(b"x" * 300000)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        sock.settimeout(5)
+        second = sock.recv(65536)
+    assert second.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in second, second
+
+
+def test_cli_server_answers_past_idle_connections(kdd_bundle: Path) -> None:
+    """``deepwatch serve`` itself (not only this file's server) has the protection."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        with contextlib.ExitStack() as stack:
+            for _ in range(app_module.MAX_CONCURRENT_REQUESTS + 16):
+                stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(0.3)  # all accepted
+            t0 = time.monotonic()
+            assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+            r = httpx.post(url + "/v1/reload", content=b"{}",
+                           headers={"Host": "evil.example", **JSON_TYPE}, timeout=5)
+            assert r.status_code == 421
+            assert time.monotonic() - t0 < 5
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
