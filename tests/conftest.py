@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,3 +95,42 @@ def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def kdd_bundle(small_kdd: Path, bundle_root: Path) -> Path:
     """A small `mlp` bundle on KDD data: the bundle most service tests score with."""
     return trained_bundle("mlp", small_kdd, bundle_root)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThreadServer:
+    """A real uvicorn server in a thread of the test process (``options``: uvicorn's)."""
+
+    def __init__(self, app: Any, **options: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        options = {"log_level": "warning", "access_log": False, **options}
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    **options))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)

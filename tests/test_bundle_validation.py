@@ -320,7 +320,7 @@ def test_the_cli_refuses_with_one_line_and_exit_code_3(kdd_bundle: Path, tmp_pat
 
 @pytest.fixture(scope="module")
 def served(kdd_bundle: Path) -> Iterator[str]:
-    from test_serve import ThreadServer
+    from conftest import ThreadServer
 
     from deepwatch.serve.app import create_app
 

@@ -160,19 +160,24 @@ def test_verdicts_off_still_alerts_and_dead_letters(detector: Detector,
 # ----------------------------------------------------------------------------- embedded
 
 
+def _stream_files(bundle: Path, src: Path, tmp_path: Path
+                  ) -> tuple[list[dict], list[dict], list[dict]]:
+    """``deepwatch stream`` in file mode: its alerts, verdicts and dead letters."""
+    out, verdicts, rejects = tmp_path / "a.jsonl", tmp_path / "v.jsonl", tmp_path / "r.jsonl"
+    rc = main(["stream", str(bundle), str(src), "--format", "kdd", "--out", str(out),
+               "--verdicts", str(verdicts), "--rejects", str(rejects)])
+    assert rc == 0
+    return tuple([json.loads(x) for x in p.read_text().splitlines()]  # type: ignore[return-value]
+                 for p in (out, verdicts, rejects))
+
+
 def test_embedded_files_write_alerts_verdicts_and_rejects(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     values, good_idx, bad_idx = _mixed(_records(small_kdd_test, 2000), every=100)
     src = tmp_path / "in.csv"
     src.write_bytes(b"\n".join(v.replace(b"\n", b" ") for v in values) + b"\n")
-    out, verdicts, rejects = tmp_path / "a.jsonl", tmp_path / "v.jsonl", tmp_path / "r.jsonl"
-    rc = main(["stream", str(kdd_bundle), str(src), "--format", "kdd", "--out", str(out),
-               "--verdicts", str(verdicts), "--rejects", str(rejects)])
-    assert rc == 0
-    v = [json.loads(x) for x in verdicts.read_text().splitlines()]
-    r = [json.loads(x) for x in rejects.read_text().splitlines()]
-    a = [json.loads(x) for x in out.read_text().splitlines()]
+    a, v, r = _stream_files(kdd_bundle, src, tmp_path)
     assert {d["deepwatch"]["source"]["line"] - 1 for d in v} == good_idx
     assert {d["deepwatch"]["source"]["line"] - 1 for d in r} == bad_idx
     assert len(a) == sum(d["verdict"] == "malicious" for d in v)
@@ -506,12 +511,7 @@ def test_embedded_damaged_gzip_dead_letters_the_lost_rest(
     packed = gzip.compress(b"\n".join(_records(small_kdd_test, 3000)) + b"\n")
     src = tmp_path / "cut.csv.gz"
     src.write_bytes(packed[: len(packed) // 2])
-    out, verdicts, rejects = tmp_path / "a.jsonl", tmp_path / "v.jsonl", tmp_path / "r.jsonl"
-    rc = main(["stream", str(kdd_bundle), str(src), "--format", "kdd", "--out", str(out),
-               "--verdicts", str(verdicts), "--rejects", str(rejects)])
-    assert rc == 0
-    v = [json.loads(x) for x in verdicts.read_text().splitlines()]
-    r = [json.loads(x) for x in rejects.read_text().splitlines()]
+    _a, v, r = _stream_files(kdd_bundle, src, tmp_path)
     assert 0 < len(v) < 3000
     # the line cut by the damage is a reject of its own; then the loss, named by the first
     # line that could not be read
