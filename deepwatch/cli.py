@@ -79,6 +79,9 @@ def train(
         "--nproc", help="Train data-parallel (torch DDP) in this many processes on this "
                         "machine, one per GPU on CUDA; torchrun -m deepwatch train ... "
                         "spans machines")] = 1,
+    rejects: Annotated[str | None, typer.Option(
+        help="Keep every rejected training or validation record here (JSONL: line, raw, "
+             "reason, source)")] = None,
     folds: Annotated[int, typer.Option(
         "--folds", help="Cross-fit the classifiers over K folds: K members of each network, "
                         "member k trained on all folds but k; records score as their average "
@@ -92,13 +95,14 @@ def train(
         argv += [a for v in lake or [] for a in ("--lake", v)]
         argv += ["--epochs", str(epochs)] if epochs is not None else []
         argv += ["--folds", str(folds)]
+        argv += ["--rejects", rejects] if rejects else []
         raise typer.Exit(_launch_train(argv, files or [], lake or [], nproc, model, out, device,
-                                       target_fpr, decision, folds, val or [], epochs))
+                                       target_fpr, decision, folds, val or [], epochs, rejects))
     from .train.api import train as run
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
                    target_fpr=target_fpr, device=device, policy=decision,
-                   progress=_progress(), log=_err, lakes=lake or [], folds=folds)
+                   progress=_progress(), log=_err, lakes=lake or [], folds=folds, rejects=rejects)
     if manifest["training"].get("rank", 0):
         return  # another rank of a distributed run: rank 0 reports
     cal = manifest["metrics"]["calibration"]
@@ -114,7 +118,8 @@ def train(
 
 def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: int,
                   model: str, out: str, device: str, target_fpr: float, decision: str,
-                  folds: int, val: list[str], epochs: int | None) -> int:
+                  folds: int, val: list[str], epochs: int | None,
+                  rejects: str | None = None) -> int:
     """Check what can be checked once, then start ``nproc`` training ranks."""
     from .errors import UsageError
     from .train.api import check_arguments
@@ -125,7 +130,7 @@ def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: in
     if "-" in files:
         raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
     check_arguments(model, files, out, target_fpr=target_fpr, device=device, policy=decision,
-                    lakes=lakes, folds=folds, val_inputs=val, epochs=epochs)
+                    lakes=lakes, folds=folds, val_inputs=val, epochs=epochs, rejects=rejects)
     if device.startswith("cuda"):
         import torch
 
@@ -144,6 +149,8 @@ def evaluate(
     json_out: Annotated[str, typer.Option("--json", help="Write metrics JSON here")],
     report: Annotated[str | None, typer.Option(help="Also write an HTML report")] = None,
     engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+    rejects: Annotated[str | None, typer.Option(
+        help="Keep every rejected record here (JSONL: line, raw, reason, source)")] = None,
 ) -> None:
     """Score labelled records and write metrics (binary, per type, KDD cost) as JSON."""
     from .errors import OutputError
@@ -152,13 +159,13 @@ def evaluate(
     from .sinks import check_distinct_outputs, writable_file
 
     # before the work, not after it
-    check_distinct_outputs([("--json", json_out), ("--report", report)], files,
-                           _read_dirs(bundle))
+    check_distinct_outputs([("--json", json_out), ("--report", report), ("--rejects", rejects)],
+                           files, _read_dirs(bundle))
     json_path = writable_file(json_out, "--json")
     if report:
         writable_file(report, "--report")
     result, cols = run(bundle, fmt, files, engine=engine, progress=_progress(),
-                       feature_sample=REPORT_SAMPLE if report else 0)
+                       feature_sample=REPORT_SAMPLE if report else 0, rejects=rejects)
     try:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     except OSError as exc:
@@ -168,7 +175,9 @@ def evaluate(
             f"f1 {b['f1']:.4f} fpr {b['fpr']:.4f}")
     if result.get("kdd_cost") is not None:
         line += f" kdd_cost {result['kdd_cost']:.4f}"
-    _err(line + f" ({result['rows_per_second']:,.0f} rows/s)")
+    rec = result["records"]
+    _err(line + f" ({result['rows_per_second']:,.0f} rows/s); {rec['lines']:,} lines read: "
+         f"{rec['parsed']:,} parsed, {rec['rejected']:,} rejected")
     if report:
         from .viz.report import write_report
 

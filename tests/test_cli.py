@@ -214,3 +214,41 @@ def test_usage_errors_are_one_line(args: list[str], says: str) -> None:
     r = _run(*args)
     assert r.returncode == 2
     assert r.stderr.strip() == says
+
+
+def test_train_and_evaluate_keep_their_rejects(small_kdd: Path, small_kdd_test: Path,
+                                               kdd_bundle: Path, tmp_path: Path) -> None:
+    """Bad lines in training and evaluation data are kept with their reasons, not only
+    counted: `--rejects` on train and evaluate, as on score."""
+    good = small_kdd.read_text().splitlines(keepends=True)[:3000]
+    train_file = tmp_path / "train.csv"
+    train_file.write_text("".join(good[:1500]) + BAD_LINES + "".join(good[1500:]))
+    rej = tmp_path / "train_rejects.jsonl"
+    r = _run("train", "--format", "kdd", "--model", "mlp", "--epochs", "1", "--out",
+             str(tmp_path / "b"), "--rejects", str(rej), str(train_file))
+    assert r.returncode == 0, r.stderr
+    kept = [json.loads(x) for x in rej.read_text().splitlines()]
+    assert [k["line"] for k in kept] == [1501, 1502, 1503]
+    assert [k["raw"] for k in kept] == BAD_LINES.splitlines()
+    assert all(k["reason"] and k["source"] == str(train_file) for k in kept)
+    assert "3 rejected records kept in" in r.stderr
+
+    test = small_kdd_test.read_text().splitlines(keepends=True)[:2000]
+    test_file = tmp_path / "test.csv"
+    test_file.write_text("".join(test[:10]) + BAD_LINES + "".join(test[10:]))
+    erej = tmp_path / "eval_rejects.jsonl"
+    r = _run("evaluate", str(kdd_bundle), "--format", "kdd", "--json",
+             str(tmp_path / "e.json"), "--rejects", str(erej), str(test_file))
+    assert r.returncode == 0, r.stderr
+    kept = [json.loads(x) for x in erej.read_text().splitlines()]
+    assert [k["line"] for k in kept] == [11, 12, 13]
+    assert "2,003 lines read: 2,000 parsed, 3 rejected" in r.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["records"] == {"lines": 2003, "parsed": 2000, "rejected": 3}
+    # an output that is an input is refused before any work
+    r = _run("evaluate", str(kdd_bundle), "--format", "kdd", "--json",
+             str(tmp_path / "e2.json"), "--rejects", str(test_file), str(test_file))
+    assert r.returncode == 2 and "is also an input" in r.stderr
+    r = _run("train", "--format", "kdd", "--model", "mlp", "--out", str(tmp_path / "c"),
+             "--rejects", str(train_file), str(train_file))
+    assert r.returncode == 2 and "is also an input" in r.stderr

@@ -20,8 +20,10 @@ REPORT_SAMPLE = 3000
 
 
 def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bool = False,
-            feature_sample: int = 0) -> tuple[dict[str, np.ndarray], Any, float]:
+            feature_sample: int = 0, rejects: Any = None
+            ) -> tuple[dict[str, np.ndarray], Any, float]:
     """Score every input; returns (columns incl. ``label``, reader stats, seconds).
+    ``rejects``: a :class:`~deepwatch.sinks.RejectSink` that keeps every rejected record.
 
     With ``feature_sample`` > 0 the columns also hold ``_sample_rows``/``_sample_X``: up to that
     many records of every label and their feature rows (for the report's t-SNE map).
@@ -39,7 +41,9 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
     t0 = time.perf_counter()
     state = detector.new_state()
     labelled_inputs: set[str] = set()
-    for batch, _rej, spec in reader:
+    for batch, rej, spec in reader:
+        if rejects is not None:
+            rejects.write(rej)
         if batch.num_rows == 0:
             continue
         # An input is labelled when its first records (the first chunk, megabytes) have a
@@ -54,6 +58,8 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
         batch, no_label = split_unlabelled(batch, spec.display, no_label_reason("evaluation"))
         if no_label.num_rows:
             reader.stats.add(spec.display, 0, no_label.num_rows)  # parsed, rejected after all
+            if rejects is not None:
+                rejects.write(no_label)
         if batch.num_rows == 0:
             continue
         cols = detector.decide(batch, state)
@@ -111,12 +117,19 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
 
 
 def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str = "auto",
-             progress: bool = False, feature_sample: int = 0, policy: str | None = None
-             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+             progress: bool = False, feature_sample: int = 0, policy: str | None = None,
+             rejects: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metrics of ``bundle`` on labelled ``inputs``; ``rejects``: a JSONL file that keeps every
+    rejected record with its line, text and reason."""
     from ..models.detector import Detector
+    from ..sinks import RejectSink
 
     det = Detector(bundle, engine=engine, explain=False, policy=policy)
-    cols, stats, seconds = collect(det, format_name, inputs, progress, feature_sample)
+    sink = RejectSink(rejects)
+    try:
+        cols, stats, seconds = collect(det, format_name, inputs, progress, feature_sample, sink)
+    finally:
+        sink.close()
     fmt = get_format(format_name)
     threshold = (det.decision.threshold if det.decision.supervised
                  else det.decision.anomaly_threshold)

@@ -281,18 +281,21 @@ def train(
     log: Callable[[str], None] = lambda s: None,
     lakes: Sequence[str] = (),
     folds: int = 1,
+    rejects: str | None = None,
 ) -> dict[str, Any]:
     """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest.
 
     ``folds`` > 1 cross-fits the classifiers over that many folds (``docs/models.md``).
+    ``rejects``: a JSONL file that keeps every rejected training or validation record.
     """
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
-                    lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs)
+                    lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
+                    rejects=rejects)
     with distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
-            progress, log = False, _silent
+            progress, log, rejects = False, _silent, None
         return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
-                      device, policy, progress, options, log, lakes, dist, folds)
+                      device, policy, progress, options, log, lakes, dist, folds, rejects)
 
 
 #: Models whose classifiers ``--folds`` cross-fits.
@@ -304,7 +307,8 @@ MAX_FOLDS = 20
 def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                     target_fpr: float = 0.01, device: str = "auto", policy: str = "auto",
                     lakes: Sequence[str] = (), folds: int = 1,
-                    val_inputs: Sequence[str] = (), epochs: int | None = None) -> None:
+                    val_inputs: Sequence[str] = (), epochs: int | None = None,
+                    rejects: str | None = None) -> None:
     """The mistakes :func:`train` refuses before any work (``train --nproc`` checks them once,
     before starting its ranks)."""
     from ..sources.files import parse_input_spec
@@ -331,6 +335,12 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
         parse_input_spec(text)
     pick_device(device)  # an unknown or absent device
     check_bundle_target(out)
+    if rejects:
+        from ..sinks import check_distinct_outputs, writable_file
+
+        check_distinct_outputs([("--rejects", rejects)], [*inputs, *val_inputs],
+                               [("the bundle", str(out))])
+        writable_file(rejects, "--rejects")
 
 
 def _silent(msg: str) -> None:
@@ -341,11 +351,15 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
            val_inputs: Sequence[str], epochs: int | None, seed: int, target_fpr: float,
            device: str, policy: str, progress: bool, options: dict[str, Any] | None,
            log: Callable[[str], None], lakes: Sequence[str], dist: distributed.Dist,
-           folds: int = 1) -> dict[str, Any]:
+           folds: int = 1, rejects_path: str | None = None) -> dict[str, Any]:
+    from ..sinks import RejectSink
+
     t0 = time.perf_counter()
     fmt = get_format(format_name)
     reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
     table, rejects, stats = read_labelled(reader, "training")
+    kept = RejectSink(rejects_path)  # every rejected record, with its reason
+    kept.write(rejects)
     table = _derive_in_order(fmt, table)
     log(f"training data: {stats.summary()}")
     _log_no_label(rejects, "training", log)
@@ -365,6 +379,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     elif val_inputs:
         vreader = InputReader(fmt, val_inputs, progress=progress)
         vtable, vrej, vstats = read_labelled(vreader, "validation")
+        kept.write(vrej)
         vtable = _derive_in_order(fmt, vtable)
         log(f"validation data: {vstats.summary()}")
         _log_no_label(vrej, "validation", log)
@@ -384,6 +399,10 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         es_labels = labels[es_idx] if labels is not None else None
         cal_labels = labels[cal_idx] if labels is not None else None
 
+    kept.close()
+    if rejects_path:
+        log(f"{kept.count:,} rejected record{'s' if kept.count != 1 else ''} kept in "
+            f"{rejects_path}")
     # cross-fitted members together learn from every record: the features and labels are theirs
     featurizer = Featurizer(fmt.feature_spec()).fit(table if folds > 1 else tr_table)
     vocab_of = labels if folds > 1 else tr_labels
