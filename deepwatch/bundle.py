@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -201,10 +202,15 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
             "not listed in the manifest's files (no checksum to check against); refusing to "
             "load it")
     if verify:
-        for name, expected in files.items():
-            if _sha256_regular(path / name) != expected:
-                raise BundleError(_mismatch(path, name))
+        verify_files(path, manifest, files)
     return manifest
+
+
+def verify_files(path: str | Path, manifest: dict[str, Any], names: Iterable[str]) -> None:
+    """Check the bundle files ``names`` against their checksums in ``manifest``."""
+    for name in names:
+        if _sha256_regular(Path(path) / name) != manifest["files"][name]:
+            raise BundleError(_mismatch(Path(path), name))
 
 
 def read_bundle_file(path: str | Path, manifest: dict[str, Any], name: str,

@@ -54,3 +54,12 @@ class DistributedError(DeepwatchError):
     """A data-parallel training process lost contact with the others (one of them died)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 300, default: str | None = None) -> str:
+    """The first line of an exception's message, for a one-line error (at most ``limit``
+    characters); ``default`` (else the exception's type name) when it has no message."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if default is None else default
+    return text.splitlines()[0][:limit]

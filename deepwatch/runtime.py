@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import BundleError, UsageError
+from .errors import BundleError, UsageError, first_line
 
 PROVIDER_PREFERENCE = (
     "TensorrtExecutionProvider",
@@ -122,7 +122,7 @@ class OnnxBackend:
             except Exception as exc:  # onnxruntime raises its own untyped errors here
                 if provider == "CPUExecutionProvider":
                     where = "the ONNX model" if isinstance(model_path, bytes) else model_path
-                    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc
+                    reason = first_line(exc)
                     raise BundleError(f"ONNX Runtime cannot load {where}: {reason}") from None
                 self.skipped[provider] = str(exc).splitlines()[0][:200] if str(exc) else "failed"
         assert session is not None
@@ -164,7 +164,7 @@ class TorchBackend:
         try:
             state = load(data)
         except Exception as exc:  # safetensors raises its own error types
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            reason = first_line(exc)
             raise BundleError(f"the weights are not a valid safetensors file: {reason}") from None
         try:
             with torch.device("meta"):

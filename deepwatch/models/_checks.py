@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BundleError, DeepwatchError
+from ..errors import BundleError, DeepwatchError, first_line
 
 #: Decision policies a bundle may carry.
 POLICIES = ("threshold", "cost")
@@ -173,7 +173,7 @@ def check_scoring(detector: Any) -> None:
         raise
     except Exception as exc:  # onnxruntime and torch raise their own errors here
         raise BundleError(f"the network cannot score the featurizer's {n} features: "
-                          f"{_first_line(exc)}") from None
+                          f"{first_line(exc)}") from None
     labels = detector.decision.labels
     for name in detector.outputs:
         value = out.get(name)
@@ -193,11 +193,6 @@ def check_scoring(detector: Any) -> None:
         cols = detector.decision.apply(out)
     except Exception as exc:
         raise BundleError(f"the decision cannot use the network's outputs: "
-                          f"{_first_line(exc)}") from None
+                          f"{first_line(exc)}") from None
     if "verdict" not in cols or "score" not in cols:
         raise BundleError("the bundle's decision reaches no verdict from its network's outputs")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:300] if text else type(exc).__name__)

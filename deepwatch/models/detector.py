@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
-from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest
-from ..errors import BundleError, DeepwatchError, UsageError
+from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
+from ..errors import BundleError, DeepwatchError, UsageError, first_line
 from ..features import Featurizer
 from ._checks import check_manifest, check_onnx, check_scoring
 from .decision import Decision
@@ -26,9 +26,15 @@ class Detector:
                  device: str = "cpu", explain: bool | None = None,
                  policy: str | None = None):
         self.path = Path(path)
-        self.manifest: dict[str, Any] = read_manifest(self.path, verify=verify)
+        # the files the loader reads are checked as they are read (the bytes checked are the
+        # bytes loaded); the others after, so that every file is hashed once
+        self.manifest: dict[str, Any] = read_manifest(self.path, verify=False)
+        self._read: set[str] = set()
         try:
             self._load(engine, device, verify, policy)
+            if verify:
+                verify_files(self.path, self.manifest,
+                             [n for n in self.manifest["files"] if n not in self._read])
         except BundleError as exc:  # name the bundle: a reload or a service may load several
             if str(self.path) in str(exc):
                 raise
@@ -36,7 +42,7 @@ class Detector:
         except DeepwatchError:
             raise
         except Exception as exc:  # the last guard: one line, never a traceback
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            reason = first_line(exc, default="")
             raise BundleError(f"{self.path}: the bundle cannot be loaded "
                               f"({type(exc).__name__}{': ' + reason if reason else ''})"
                               ) from None
@@ -52,13 +58,12 @@ class Detector:
         """Featurizer, decision and backend, each checked against the manifest and the others
         (see ``_checks``): a bundle that loads can score."""
         check_manifest(self.manifest)
-        text = read_bundle_file(self.path, self.manifest, FEATURIZER, verify)
+        text = self._file(FEATURIZER, verify)
         try:
             self.featurizer = Featurizer.from_json(text.decode("utf-8"))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             reason = ("it is nested too deeply" if isinstance(exc, RecursionError)
-                      else str(exc).strip().splitlines()[0][:300] if str(exc).strip()
-                      else type(exc).__name__)
+                      else first_line(exc))
             raise BundleError(
                 f"{self.path / FEATURIZER} is not a valid featurizer: {reason}") from None
         if self.featurizer.schema_hash() != self.manifest.get("featurizer_schema_hash"):
@@ -84,6 +89,11 @@ class Detector:
         self.backend = self._backend(engine, device, verify)
         check_scoring(self)
 
+    def _file(self, name: str, verify: bool) -> bytes:
+        """A bundle file's bytes, checked against the manifest as they are read."""
+        self._read.add(name)
+        return read_bundle_file(self.path, self.manifest, name, verify)
+
     def _backend(self, engine: str, device: str, verify: bool):  # type: ignore[no-untyped-def]
         from ..runtime import OnnxBackend, TorchBackend
 
@@ -91,7 +101,7 @@ class Detector:
             raise UsageError(f"unknown engine {engine!r}; use auto, onnx or torch")
         # read_manifest refused a bundle holding a model.onnx it does not list
         if engine in ("auto", "onnx") and ONNX in self.manifest["files"]:
-            model = read_bundle_file(self.path, self.manifest, ONNX, verify)
+            model = self._file(ONNX, verify)
             try:
                 backend = OnnxBackend(model, self.outputs)
             except ImportError:
@@ -102,7 +112,7 @@ class Detector:
                 return backend
         if engine == "onnx":
             raise BundleError(f"{self.path} has no {ONNX}")
-        weights = read_bundle_file(self.path, self.manifest, WEIGHTS, verify)
+        weights = self._file(WEIGHTS, verify)
         return TorchBackend(self.manifest["network"], weights, self.outputs, device)
 
     @property
