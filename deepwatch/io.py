@@ -128,16 +128,19 @@ class InputReader:
                 batches.append(batch)
             if rej.num_rows:
                 rejects.append(rej)
-        schema = batches[0].schema if batches else self.fmt.schema
-        table = pa.Table.from_batches(_unify(batches), schema=_unify_schema(batches, schema))
-        rej_table = (
-            pa.concat_tables(rejects)
-            if rejects
-            else pa.table({"line": pa.array([], pa.int64()), "raw": pa.array([], pa.string()),
-                           "reason": pa.array([], pa.string()),
-                           "source": pa.array([], pa.string())})
-        )
-        return table, rej_table, self.stats
+        return (*_tables(batches, rejects, self.fmt.schema), self.stats)
+
+
+def _tables(batches: list[pa.RecordBatch], rejects: list[pa.Table], default: pa.Schema
+            ) -> tuple[pa.Table, pa.Table]:
+    """The records read, as one table, and the rejects (with their source), as another."""
+    schema = batches[0].schema if batches else default
+    table = pa.Table.from_batches(_unify(batches), schema=_unify_schema(batches, schema))
+    return table, pa.concat_tables(rejects) if rejects else _no_rejects()
+
+
+def _no_rejects() -> pa.Table:
+    return REJECT_SCHEMA.empty_table().append_column("source", pa.array([], pa.string()))
 
 
 def _unify_schema(batches: list[pa.RecordBatch], default: pa.Schema) -> pa.Schema:
@@ -191,7 +194,7 @@ def split_unlabelled(batch: pa.RecordBatch, source: str, reason: str
 
     col = batch.column(batch.schema.get_field_index("label"))
     if col.null_count == 0:
-        return batch, REJECT_SCHEMA.empty_table().append_column("source", pa.array([], pa.string()))
+        return batch, _no_rejects()
     has = pc.is_valid(col)
     bare = batch.filter(pc.invert(has))
     raws = [json.dumps({k: v for k, v in row.items() if v is not None}, default=str)
@@ -247,8 +250,4 @@ def read_labelled(reader: InputReader, purpose: str = "training"
                 rejects.append(bad)
             if kept.num_rows:
                 batches.append(kept)
-    schema = batches[0].schema if batches else reader.fmt.schema
-    table = pa.Table.from_batches(_unify(batches), schema=_unify_schema(batches, schema))
-    rej_table = (pa.concat_tables(rejects) if rejects else
-                 REJECT_SCHEMA.empty_table().append_column("source", pa.array([], pa.string())))
-    return table, rej_table, reader.stats
+    return (*_tables(batches, rejects, reader.fmt.schema), reader.stats)
