@@ -74,6 +74,20 @@ def _fast(
     return table
 
 
+def _read_text(data: bytes, schema: pa.Schema, sep: str, columns: list[str]) -> pa.Table:
+    """``columns`` of delimited ``data`` (fields named by ``schema``) as text, exactly as
+    written: no type inference, no nulls (raises ArrowInvalid where lines do not split)."""
+    return pacsv.read_csv(
+        pa.BufferReader(data),
+        read_options=pacsv.ReadOptions(column_names=schema.names, use_threads=False),
+        parse_options=pacsv.ParseOptions(delimiter=sep, quote_char=False,
+                                         ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in columns}, include_columns=columns,
+            null_values=[], strings_can_be_null=False),
+    )
+
+
 def _has_hex(data: bytes, schema: pa.Schema, sep: str) -> bool:
     """Whether a numeric field of ``data`` (which Arrow has just parsed with ``schema``) is
     written in hexadecimal.
@@ -88,15 +102,7 @@ def _has_hex(data: bytes, schema: pa.Schema, sep: str) -> bool:
     if not numeric:
         return False
     try:
-        as_text = pacsv.read_csv(
-            pa.BufferReader(data),
-            read_options=pacsv.ReadOptions(column_names=schema.names, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=sep, quote_char=False,
-                                             ignore_empty_lines=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in numeric}, include_columns=numeric,
-                null_values=[], strings_can_be_null=False),
-        )
+        as_text = _read_text(data, schema, sep, numeric)
     except pa.ArrowInvalid:
         return True  # cannot tell: the robust path decides
     # a value Arrow took as a number and that holds an "x" can only be hexadecimal
@@ -331,15 +337,7 @@ def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequenc
         return None
     joined = "\n".join(lines[i] for i in cand_idx).encode("utf-8")
     try:
-        as_text = pacsv.read_csv(
-            pa.BufferReader(joined),
-            read_options=pacsv.ReadOptions(column_names=schema.names, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=sep, quote_char=False,
-                                             ignore_empty_lines=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types=pa.schema([pa.field(f.name, pa.string()) for f in schema]),
-                null_values=[], strings_can_be_null=False),
-        )
+        as_text = _read_text(joined, schema, sep, schema.names)
     except pa.ArrowInvalid:
         return None
     if as_text.num_rows != cand_idx.size:
