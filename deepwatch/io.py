@@ -6,13 +6,14 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import DataError
 from .formats import REJECT_SCHEMA, Format
-from .formats._base import ParseResult
-from .sources.files import InputSpec, iter_chunks, parse_input_spec
+from .formats._base import ParseResult, make_rejects
+from .sources.files import Chunk, InputSpec, iter_chunks, parse_input_spec
 
 
 @dataclass
@@ -64,6 +65,10 @@ class InputReader:
         self.lakes = list(lakes)
         self.progress = progress
         self.stats = Stats()
+        #: the chunk the batch just yielded came from, and the line of each of its records
+        #: (None for records from lakes, which keep no lines)
+        self._chunk: Chunk | None = None
+        self._numbers: np.ndarray | None = None
 
     def _total_bytes(self) -> int | None:
         total = 0
@@ -95,6 +100,10 @@ class InputReader:
                             {"line": [chunk.first_line], "raw": [""], "reason": [chunk.damage]},
                             schema=REJECT_SCHEMA), 1)
                     self.scored = self.parse is not None
+                    numbers = result.line_numbers
+                    usable = len(numbers) == result.batch.num_rows
+                    self._chunk = chunk if usable else None
+                    self._numbers = np.asarray(numbers, dtype=np.int64) if usable else None
                     self.stats.add(spec.display, result.lines, result.rejects.num_rows)
                     if advance is not None:
                         advance(len(chunk.data) // (4 if compressed else 1))
@@ -117,9 +126,27 @@ class InputReader:
                                 f"{self.fmt.name!r}")
             spec = InputSpec(root)
             self.scored = False
+            self._chunk = self._numbers = None
             for batch in iter_lake(root):
                 self.stats.add(f"lake:{root}", batch.num_rows, 0)
                 yield batch, REJECT_SCHEMA.empty_table(), spec
+
+    def lines_of(self, rows: np.ndarray, raw: bool = True
+                 ) -> tuple[np.ndarray, list[str] | None] | None:
+        """Where records ``rows`` of the batch just yielded came from: their line numbers and,
+        with ``raw``, the text of those lines. None for records that keep no lines (lakes)."""
+        if self._numbers is None or self._chunk is None:
+            return None
+        numbers = self._numbers[rows]
+        if not raw:
+            return numbers, None
+        from .formats._base import split_lines
+
+        lines = split_lines(self._chunk.data)
+        at = numbers - self._chunk.first_line
+        if at.size and (at.min() < 0 or at.max() >= len(lines)):
+            return numbers, None
+        return numbers, [lines[i] for i in at]
 
     def read_all(self) -> tuple[pa.Table, pa.Table, Stats]:
         batches, rejects = [], []
@@ -182,28 +209,40 @@ def no_label_reason(purpose: str) -> str:
     return f"no label in labelled {purpose} data"
 
 
-def split_unlabelled(batch: pa.RecordBatch, source: str, reason: str
+def split_unlabelled(batch: pa.RecordBatch, source: str, reason: str,
+                     reader: InputReader | None = None, lines: np.ndarray | None = None
                      ) -> tuple[pa.RecordBatch, pa.Table]:
     """``batch``'s records that have a label, and those without one as rejects.
 
-    The rejects have :data:`REJECT_SCHEMA`'s columns and ``source``. A parsed record no longer
-    knows its line: ``line`` is null and ``raw`` is the record as JSON (its non-null fields),
-    as for records given as objects. Costs nothing for a batch whose records all have labels.
+    The rejects have :data:`REJECT_SCHEMA`'s columns and ``source``. When ``batch`` is the one
+    ``reader`` just yielded, each reject has its line number and the line's text; given only
+    the batch's ``lines`` (numbers), it has its line and the record as JSON (its non-null
+    fields); records from a lake keep no line (null) and come as JSON. Costs nothing for a batch
+    whose records all have labels.
     """
+    i = batch.schema.get_field_index("label")
+    if i >= 0 and batch.column(i).null_count == 0:
+        return batch, _no_rejects()
+    has = pc.is_valid(batch.column(i)) if i >= 0 else pa.array([False] * batch.num_rows)
+    rows = np.flatnonzero(~np.asarray(has))
+    where = reader.lines_of(rows) if reader is not None else None
+    numbers, raws = where if where is not None else (
+        None if lines is None else lines[rows], None)
+    if raws is None:
+        raws = _as_json(batch.take(pa.array(rows)))
+    n = len(rows)
+    found = make_rejects([0] * n if numbers is None else numbers.tolist(), raws, [reason] * n)
+    if numbers is None:
+        found = found.set_column(0, "line", pa.nulls(n, pa.int64()))
+    return batch.filter(has), found.append_column("source", pa.array([source] * n, pa.string()))
+
+
+def _as_json(batch: pa.RecordBatch) -> list[str]:
+    """Each record of ``batch`` as a JSON object of its non-null fields."""
     import json
 
-    col = batch.column(batch.schema.get_field_index("label"))
-    if col.null_count == 0:
-        return batch, _no_rejects()
-    has = pc.is_valid(col)
-    bare = batch.filter(pc.invert(has))
-    raws = [json.dumps({k: v for k, v in row.items() if v is not None}, default=str)
-            for row in bare.to_pylist()]
-    n = bare.num_rows
-    rejects = pa.table({"line": pa.nulls(n, pa.int64()), "raw": pa.array(raws, pa.string()),
-                        "reason": pa.array([reason] * n, pa.string()),
-                        "source": pa.array([source] * n, pa.string())})
-    return batch.filter(has), rejects
+    return [json.dumps({k: v for k, v in row.items() if v is not None}, default=str)
+            for row in batch.to_pylist()]
 
 
 def read_labelled(reader: InputReader, purpose: str = "training"
@@ -217,34 +256,47 @@ def read_labelled(reader: InputReader, purpose: str = "training"
     every input, PATH=LABEL, or none). When no record has a label at all, the data is
     unlabelled and comes back as it is.
     """
-    parts: list[tuple[pa.RecordBatch, str]] = []
+    # (batch, its source, and for a batch with records lacking a label: those records as
+    # rejects, or the batch's line numbers when whether they are rejects is not known yet)
+    parts: list[tuple[pa.RecordBatch, str, pa.Table | np.ndarray | None]] = []
     rejects: list[pa.Table] = []
     labelled: dict[str, int] = {}
     unlabelled: dict[str, int] = {}
+    reason = no_label_reason(purpose)
     for batch, rej, spec in reader:
         # the key ``reader.stats`` counts this input under
         source = f"lake:{spec.path}" if spec.path in reader.lakes else spec.display
         labelled.setdefault(source, 0)
         unlabelled.setdefault(source, 0)
         if batch.num_rows:
-            parts.append((batch, source))
             i = batch.schema.get_field_index("label")
             missing = batch.num_rows if i < 0 else batch.column(i).null_count
+            found: pa.Table | np.ndarray | None = None
+            if missing and i >= 0 and (missing < batch.num_rows or labelled[source]):
+                # labelled data with records lacking a label: rejects, with their lines' text
+                # while the chunk is at hand
+                found = split_unlabelled(batch, source, reason, reader)[1]
+            elif missing and i >= 0:  # perhaps unlabelled data: keep where its records were
+                where = reader.lines_of(np.arange(batch.num_rows), raw=False)
+                found = None if where is None else where[0]
+            parts.append((batch, source, found))
             unlabelled[source] += missing
             labelled[source] += batch.num_rows - missing
         if rej.num_rows:
             rejects.append(rej)
-    batches = [b for b, _ in parts]
+    batches = [b for b, _, _ in parts]
     if sum(labelled.values()) and sum(unlabelled.values()):
         bare = [s for s in labelled if not labelled[s] and unlabelled[s]]
         if bare:
             raise DataError(f"{sum(unlabelled[s] for s in bare):,} records have no label; "
                             "label every input (PATH=LABEL) or none (no record of "
                             f"{', '.join(bare)} has one)")
-        reason = no_label_reason(purpose)
         batches = []
-        for batch, source in parts:
-            kept, bad = split_unlabelled(batch, source, reason)
+        for batch, source, found in parts:
+            if isinstance(found, pa.Table):  # its rejects were made while it was read
+                kept, bad = batch.filter(pc.is_valid(batch.column("label"))), found
+            else:
+                kept, bad = split_unlabelled(batch, source, reason, lines=found)
             if bad.num_rows:
                 reader.stats.add(source, 0, bad.num_rows)  # parsed, but rejected after all
                 rejects.append(bad)

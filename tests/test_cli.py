@@ -235,16 +235,18 @@ def test_train_and_evaluate_keep_their_rejects(small_kdd: Path, small_kdd_test: 
 
     test = small_kdd_test.read_text().splitlines(keepends=True)[:2000]
     test_file = tmp_path / "test.csv"
-    test_file.write_text("".join(test[:10]) + BAD_LINES + "".join(test[10:]))
+    bare = test[10].rstrip("\n").rsplit(",", 1)[0]  # a record without its label
+    test_file.write_text("".join(test[:10]) + BAD_LINES + bare + "\n" + "".join(test[10:]))
     erej = tmp_path / "eval_rejects.jsonl"
     r = _run("evaluate", str(kdd_bundle), "--format", "kdd", "--json",
              str(tmp_path / "e.json"), "--rejects", str(erej), str(test_file))
     assert r.returncode == 0, r.stderr
     kept = [json.loads(x) for x in erej.read_text().splitlines()]
-    assert [k["line"] for k in kept] == [11, 12, 13]
-    assert "2,003 lines read: 2,000 parsed, 3 rejected" in r.stderr
+    assert [k["line"] for k in kept] == [11, 12, 13, 14]
+    assert kept[3]["raw"] == bare and kept[3]["reason"] == "no label in labelled evaluation data"
+    assert "2,004 lines read: 2,000 parsed, 4 rejected" in r.stderr
     result = json.loads((tmp_path / "e.json").read_text())
-    assert result["records"] == {"lines": 2003, "parsed": 2000, "rejected": 3}
+    assert result["records"] == {"lines": 2004, "parsed": 2000, "rejected": 4}
     # an output that is an input is refused before any work
     r = _run("evaluate", str(kdd_bundle), "--format", "kdd", "--json",
              str(tmp_path / "e2.json"), "--rejects", str(test_file), str(test_file))

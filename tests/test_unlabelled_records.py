@@ -30,14 +30,51 @@ def test_a_stray_unlabelled_record_is_a_reject(labelled: list[str], tmp_path: Pa
     assert stats.by_source[str(p)] == {"lines": 501, "parsed": 500, "rejected": 1}
     [rej] = rejects.to_pylist()
     assert rej["reason"] == "no label in labelled training data" and rej["source"] == str(p)
-    assert '"src_bytes": ' in rej["raw"] and '"label"' not in rej["raw"]
+    # kept as any reject is: its line and the line's text
+    assert rej["line"] == 201 and rej["raw"] == _unlabelled(labelled[0]).rstrip("\n")
     # NSL-KDD (a difficulty after the label): the parser's rejects come along, counts reconcile
     p.write_text("".join(ln.rstrip("\n").rstrip(".") + ",3\n" for ln in labelled)
                  + _unlabelled(labelled[1]) + "garbage\n")
     table, rejects, stats = read_labelled(InputReader(get_format("nslkdd"), [str(p)]))
     assert (stats.lines, stats.parsed, stats.rejected) == (502, 500, 2)
-    assert table.num_rows == 500 and sorted(rejects.column("reason").to_pylist())[1] == \
-        "no label in labelled training data"
+    assert table.num_rows == 500
+    assert sorted(zip(rejects.column("line").to_pylist(), rejects.column("reason").to_pylist(),
+                      strict=True)) == [(501, "no label in labelled training data"),
+                                        (502, "expected 43 fields separated by ',', found 1")]
+
+
+def test_unlabelled_records_keep_their_lines_across_chunks_and_inputs(
+        labelled: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record without a label in a chunk of its own (whose input was labelled before), in a
+    chunk with labelled records, and in an input read before any label was seen: each reject
+    has its line number; its text is the line where the chunk was at hand, else the record as
+    JSON."""
+    import functools
+
+    import deepwatch.io as io_module
+    from deepwatch.sources.files import iter_chunks
+
+    monkeypatch.setattr(io_module, "iter_chunks", functools.partial(iter_chunks,
+                                                                     chunk_bytes=4096))
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    # more than a chunk of unlabelled records before the first label
+    first.write_text("".join(_unlabelled(ln) for ln in labelled[:40]) + "".join(labelled[:100]))
+    body = "".join(labelled[100:300])
+    bare = "".join(_unlabelled(ln) for ln in labelled[300:340])  # > 4 KiB: a chunk of their own
+    second.write_text(body + bare + "".join(labelled[340:]))
+    table, rejects, stats = read_labelled(InputReader(get_format("kdd"),
+                                                      [str(first), str(second)]))
+    assert table.num_rows == 100 + 360 and stats.rejected == 40 + 40
+    assert (stats.lines, stats.parsed) == (140 + 400, 460)
+    got = {(r["source"], r["line"]): r["raw"] for r in rejects.to_pylist()}
+    assert sorted(got) == [(str(first), n) for n in range(1, 41)] + \
+        [(str(second), n) for n in range(201, 241)]
+    for n in range(201, 241):  # its input was known to be labelled: the lines themselves
+        assert got[(str(second), n)] == _unlabelled(labelled[99 + n]).rstrip("\n")
+    # the first chunk held only unlabelled records, not yet known to be rejects: the record
+    # as JSON; the records in the chunk that brought the first label: the lines themselves
+    assert '"src_bytes": ' in got[(str(first), 1)]
+    assert got[(str(first), 40)] == _unlabelled(labelled[39]).rstrip("\n")
 
 
 def test_an_input_without_labels_stays_an_error_or_unlabelled_data(

@@ -55,7 +55,8 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
             raise DataError("measuring detection needs labelled records: every record needs "
                             "a label (from the data, or PATH=LABEL, e.g. site.log=normal)")
         labelled_inputs.add(spec.display)
-        batch, no_label = split_unlabelled(batch, spec.display, no_label_reason("evaluation"))
+        batch, no_label = split_unlabelled(batch, spec.display, no_label_reason("evaluation"),
+                                           reader)
         if no_label.num_rows:
             reader.stats.add(spec.display, 0, no_label.num_rows)  # parsed, rejected after all
             if rejects is not None:
