@@ -48,6 +48,28 @@ def test_bad_lines_are_rejected_with_reasons_and_line_numbers() -> None:
     assert r.line_numbers.to_pylist() == [10, 16]
 
 
+@pytest.mark.parametrize("fmt", ["kdd", "nslkdd"])
+def test_labels_lose_spaces_and_dots_and_an_empty_label_is_a_reject(fmt: str) -> None:
+    """``normal. `` is ``normal`` (not an attack called "normal. "); a label of dots and spaces
+    is no label: its line is a reject with its text, on the bulk and the one-line paths."""
+    tail = ",5" if fmt == "nslkdd" else ""
+    base = GOOD.removesuffix("normal.")
+    lines = [base + "normal. " + tail, base + "." + tail, base + " smurf." + tail,
+             base + " . " + tail, "garbage", base + "normal." + tail]
+    data = "\n".join(lines) + "\n"
+    f = get_format(fmt)
+    for r in (f.parse(data, first_line=3), f.parse_bulk(data * 1, first_line=3)):
+        assert r.batch.column("label").to_pylist() == ["normal", "smurf", "normal"]
+        assert r.line_numbers.to_pylist() == [3, 5, 8]
+        rej = r.rejects.to_pylist()
+        assert [(x["line"], x["raw"]) for x in rej] == [(4, lines[1]), (6, lines[3]),
+                                                        (7, "garbage")]
+        assert rej[0]["reason"] == "field 42 (label) is empty once its trailing dot is " \
+            "removed: '.'"
+    one = f.parse(lines[1] + "\n")
+    assert one.batch.num_rows == 0 and one.rejects.num_rows == 1 and one.lines == 1
+
+
 def test_fast_and_robust_paths_agree(kdd_test_file: Path) -> None:
     import gzip
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 
 from ..labels import kdd_category
-from ._base import Format, ParseResult
+from ._base import Format, ParseResult, make_rejects, split_lines
 from ._delimited import parse_delimited
 
 KDD_FEATURES: tuple[str, ...] = (
@@ -65,15 +66,26 @@ class KDD(Format):
             data, self._schemas(), first_line=first_line, sep=",",
             nonneg=[f for f in KDD_FEATURES if f not in CATEGORICAL],
         )
-        result.batch = self._finish(result.batch)
-        return result
+        return self._finish(result, data, first_line)
 
-    def _finish(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+    def _finish(self, result: ParseResult, data: bytes | str, first_line: int
+                ) -> ParseResult:
+        """Labels as the tables name them: ``smurf.`` is ``smurf``, spaces around it dropped.
+        A label that is nothing but dots and spaces is not a label: its line is a reject."""
         import pyarrow.compute as pc
 
+        batch = result.batch
         i = batch.schema.get_field_index("label")
-        label = pc.utf8_rtrim(batch.column(i), characters=".")
-        return batch.set_column(i, "label", label)
+        raw = batch.column(i)
+        label = pc.utf8_rtrim(pc.utf8_trim_whitespace(raw), characters=". ")
+        result.batch = batch.set_column(i, "label", label)
+        empty = pc.fill_null(pc.equal(label, ""), False)
+        if not pc.any(empty).as_py():
+            return result
+        bad = np.flatnonzero(np.asarray(empty, dtype=bool))
+        return _reject_rows(result, bad, data, first_line, [
+            f"field {len(KDD_FEATURES) + 1} (label) is empty once its trailing dot is "
+            f"removed: '{v}'" for v in raw.take(pa.array(bad)).to_pylist()])
 
     def feature_spec(self) -> dict[str, Any]:
         numeric = [f for f in KDD_FEATURES if f not in CATEGORICAL]
@@ -86,6 +98,25 @@ class KDD(Format):
 
     def category_of(self, label: str) -> str:
         return kdd_category(label)
+
+
+def _reject_rows(result: ParseResult, rows: np.ndarray, data: bytes | str, first_line: int,
+                 reasons: list[str]) -> ParseResult:
+    """``result`` with its parsed records ``rows`` turned into rejects (their lines' text and
+    ``reasons``), merged into its rejects in line order."""
+    import pyarrow.compute as pc
+
+    numbers = np.asarray(result.line_numbers, dtype=np.int64)
+    lines = split_lines(data)
+    found = make_rejects(numbers[rows].tolist(),
+                         [lines[n - first_line] for n in numbers[rows]], reasons)
+    keep = np.ones(len(numbers), dtype=bool)
+    keep[rows] = False
+    rejects = pa.concat_tables([result.rejects, found])
+    rejects = rejects.take(pc.sort_indices(rejects, [("line", "ascending")]))
+    return ParseResult(batch=result.batch.filter(pa.array(keep)), rejects=rejects,
+                       lines=result.lines, line_numbers=pa.array(numbers[keep], pa.int64()),
+                       skipped=result.skipped)
 
 
 class NSLKDD(KDD):
