@@ -178,6 +178,12 @@ def evaluate(
     rec = result["records"]
     _err(line + f" ({result['rows_per_second']:,.0f} rows/s); {rec['lines']:,} lines read: "
          f"{rec['parsed']:,} parsed, {rec['rejected']:,} rejected")
+    if result.get("uncategorised"):
+        odd = result["uncategorised"]
+        shown = ", ".join(f"{k!r} ({v:,})" for k, v in list(odd.items())[:5])
+        _err(f"warning: {sum(odd.values()):,} records have labels no KDD category knows: "
+             f"{shown}{', ...' if len(odd) > 5 else ''}; they count in the binary and per-label "
+             "figures, not in kdd_cost, categories or confusion")
     if report:
         from .viz.report import write_report
 

@@ -34,7 +34,7 @@ def test_evaluate_writes_the_contract_json(kdd_bundle: Path, small_kdd_test: Pat
     assert r["n"] == len(small_kdd_test.read_text().splitlines())
     assert set(r["binary"]) >= {"precision", "recall", "f1", "accuracy", "roc_auc", "pr_auc",
                                 "fpr", "threshold"}
-    assert 0.0 <= r["kdd_cost"] <= 4.0
+    assert 0.0 <= r["kdd_cost"] <= 4.0 and r["uncategorised"] == {}
     assert list(r["categories"]) == ["normal", "probe", "dos", "u2r", "r2l"]
     assert r["confusion"]["labels"] == ["normal", "probe", "dos", "u2r", "r2l"]
     m = r["confusion"]["matrix"]
@@ -43,6 +43,34 @@ def test_evaluate_writes_the_contract_json(kdd_bundle: Path, small_kdd_test: Pat
     assert r["rows_per_second"] > 0
     # a small model on 20k records already separates the classes well
     assert r["binary"]["roc_auc"] > 0.9 and r["binary"]["f1"] > 0.85
+
+
+def test_evaluate_says_which_labels_no_kdd_category_knows(kdd_bundle: Path, small_kdd_test: Path,
+                                                        tmp_path: Path) -> None:
+    """Labels outside the KDD tables are named in the JSON and on stderr, not silently left out
+    of kdd_cost; with none left the cost is null, not a perfect 0.0."""
+    lines = small_kdd_test.read_text().splitlines()[:50]
+    odd = tmp_path / "odd.csv"
+    odd.write_text("".join(ln.replace(",normal.", ",foo.") + "\n" for ln in lines))
+    n_foo = sum(ln.endswith(",normal.") for ln in lines)
+    assert 0 < n_foo < 50
+    r = _run("evaluate", str(kdd_bundle), "--format", "kdd", "--json", str(tmp_path / "e.json"),
+             str(odd))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["uncategorised"] == {"foo": n_foo}
+    assert sum(map(sum, result["confusion"]["matrix"])) == 50 - n_foo
+    assert result["n"] == 50 and result["per_label"]["foo"]["support"] == n_foo
+    assert f"warning: {n_foo} records have labels no KDD category knows: 'foo' ({n_foo})" \
+        in r.stderr
+    only = tmp_path / "only.csv"
+    only.write_text("".join(ln.rsplit(",", 1)[0] + ",foo.\n" for ln in lines))
+    r = _run("evaluate", str(kdd_bundle), "--format", "kdd", "--json", str(tmp_path / "o.json"),
+             str(only))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["kdd_cost"] is None and result["uncategorised"] == {"foo": 50}
+    assert "kdd_cost" not in r.stderr.splitlines()[-2]
 
 
 @pytest.mark.parametrize("ext", ["parquet", "jsonl"])

@@ -78,8 +78,9 @@ def confusion(true: np.ndarray, pred: np.ndarray, labels: list[str]) -> list[lis
     return m.tolist()
 
 
-def kdd_cost(true_cat: np.ndarray, pred_cat: np.ndarray) -> float:
-    """Mean contest cost per record over the five KDD categories."""
+def kdd_cost(true_cat: np.ndarray, pred_cat: np.ndarray) -> float | None:
+    """Mean contest cost per record over the five KDD categories (records of another category
+    left out); None when no record has one."""
     m = np.asarray(confusion(true_cat, pred_cat, list(KDD_CATEGORIES)), dtype=np.float64)
     n = m.sum()
-    return float((m * KDD_COST).sum() / n) if n else 0.0
+    return float((m * KDD_COST).sum() / n) if n else None

@@ -101,6 +101,9 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
         pred_cat = cols["category"]
         cats = list(KDD_CATEGORIES)
         result["kdd_cost"] = kdd_cost(true_cat, pred_cat)
+        # labels the KDD tables do not know: in binary and per_label, not in the cost
+        unknown, counts = np.unique(labels[true_cat == "unknown"].astype(str), return_counts=True)
+        result["uncategorised"] = {str(k): int(v) for k, v in zip(unknown, counts, strict=True)}
         categories = {}
         for c in cats:
             m = true_cat == c
@@ -110,6 +113,7 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
         result["confusion"] = {"labels": cats, "matrix": confusion(true_cat, pred_cat, cats)}
     else:
         result["kdd_cost"] = None
+        result["uncategorised"] = None
         result["categories"] = None
         result["confusion"] = None
     result["per_label"] = per_label
