@@ -232,13 +232,26 @@ def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, 
     return schema, _conform(sample, schema)
 
 
+def _hadoop_path(path: str) -> str:
+    """``path`` as Hadoop's input formats read it: the file itself, not a pattern.
+
+    Hadoop does not decode percent-escapes (``Path.as_uri()`` turns a space into ``%20``, a
+    file that does not exist), expands glob characters, and splits a list of paths at commas.
+    """
+    full = str(Path(path).resolve())
+    if "," in full:
+        raise UsageError(f"the Spark engine cannot read {path!r}: Hadoop splits input paths "
+                         "at commas; rename the file or use the local engine")
+    return "file://" + "".join("\\" + c if c in "\\{}[]*?^" else c for c in full)
+
+
 def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
     """A DataFrame (file, line, text): every line of every input, numbered from 1 per file."""
     sc = session.sparkContext
     conf = {"textinputformat.record.delimiter": "\n"}  # \n only, like the local engine
     rdds = []
     for i, spec in enumerate(specs):
-        raw = sc.newAPIHadoopFile(Path(spec.path).resolve().as_uri(),
+        raw = sc.newAPIHadoopFile(_hadoop_path(spec.path),
                                   "org.apache.hadoop.mapreduce.lib.input.TextInputFormat",
                                   "org.apache.hadoop.io.LongWritable",
                                   "org.apache.hadoop.io.Text", conf=conf)

@@ -37,10 +37,11 @@ def spark() -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def inputs(small_kdd_test: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """A plain file with bad lines in the middle, CRLF endings and no final newline, and a .gz."""
+    """A plain file with bad lines in the middle, CRLF endings and no final newline, and a .gz;
+    their names hold a space, non-ASCII and Hadoop's glob characters (read as they are)."""
     root = tmp_path_factory.mktemp("spark_inputs")
     lines = small_kdd_test.read_text().splitlines()
-    plain = root / "mixed.csv"
+    plain = root / "mixed [1] é{a}*?.csv"
     body = lines[:2000] + BAD_LINES + lines[2000:4000]
     plain.write_bytes("\r\n".join(body).encode())
     packed = root / "more.csv.gz"
@@ -103,6 +104,16 @@ def test_cli_spark_alerts_only_jsonl_with_path_labels(
                                                              abs=1e-6)
     assert [r["attack_type"] for r in spark_rows] == [r["attack_type"] for r in local_rows]
     assert [r["src_bytes"] for r in spark_rows] == [r["src_bytes"] for r in local_rows]
+
+
+def test_a_path_hadoop_would_split_is_refused_with_one_line(tmp_path: Path) -> None:
+    from deepwatch.spark import _hadoop_path
+
+    assert _hadoop_path(str(tmp_path / "a b[1]*.csv")) == \
+        "file://" + str(tmp_path.resolve()) + "/a b\\[1\\]\\*.csv"
+    with pytest.raises(UsageError, match=r"Hadoop splits input paths at commas; rename the file "
+                                         r"or use the local engine"):
+        _hadoop_path(str(tmp_path / "a,b.csv"))
 
 
 def test_bad_bundle_and_stdin_are_refused_before_spark_starts(
