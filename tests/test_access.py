@@ -113,12 +113,39 @@ def test_empty_input() -> None:
 
 
 def test_real_logs_parse_completely() -> None:
+    """Every line of the real logs is a record but one: line 8,899 of the Apache log ends inside
+    its user agent (``... +http://www.google.com/bot.html`` without ``)"``), cut short."""
     for name in ("apache_access.log.gz", "scan_w3af.log.gz"):
         with gzip.open(data_file(f"weblogs/{name}")) as fh:
             data = fh.read()
         res = FMT.parse(data)
-        assert res.rejects.num_rows == 0
-        assert res.batch.num_rows == data.count(b"\n")
+        cut = [8899] if name == "apache_access.log.gz" else []
+        assert res.rejects.column("line").to_pylist() == cut
+        assert all(r.startswith("unterminated quoted field")
+                   for r in res.rejects.column("reason").to_pylist())
+        assert res.batch.num_rows == data.count(b"\n") - len(cut)
+
+
+def test_an_open_quote_after_the_size_is_a_reject() -> None:
+    """A line cut short inside its user agent is not read as a common-format record with the
+    rest as extra fields; whole quoted strings and plain words after the agent still are."""
+    head = '5.6.7.8 - - [17/May/2015:10:05:04 +0000] "GET /admin HTTP/1.1" 200 7'
+    lines = [
+        head + ' "http://evil.example/" "sqlmap/1.',
+        head + ' "http://evil.example/"',
+        head + ' "-" "ua" "extra',
+        head + ' "-" "ua" rt=0.004 uct="0.000" "10.0.0.1"',
+        head + ' "-" "say \\"hi\\""',
+        head,
+    ]
+    res = parse("\n".join(lines))
+    rej = res.rejects.to_pylist()
+    assert [r["line"] for r in rej] == [1, 3]
+    assert all(r["reason"].startswith("unterminated quoted field") for r in rej)
+    assert rej[0]["raw"] == lines[0]
+    rows = res.batch.to_pylist()
+    assert [(r["referer"], r["user_agent"]) for r in rows] == [
+        (None, None), (None, "ua"), (None, 'say \\"hi\\"'), (None, None)]
 
 
 # -- properties ------------------------------------------------------------------------------

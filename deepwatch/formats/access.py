@@ -6,7 +6,9 @@ fields, ``\\"`` and ``\\xHH`` escapes inside quoted fields, IPv6 clients, extra 
 user agent, and request lines that are not ``METHOD TARGET PROTOCOL`` (scanners send garbage,
 TLS handshakes and bare paths): such a record is kept with its raw request and null method, as
 it is evidence in its own right. A line is rejected only when its frame (client, time, quoted
-request, status, size) cannot be read; the reason says which part failed.
+request, status, size) cannot be read, or when a quoted field after it is left open (a line cut
+short in its user agent would otherwise pass for one in common format); the reason says which
+part failed.
 """
 
 from __future__ import annotations
@@ -20,15 +22,13 @@ from ._base import Format, ParseResult, empty_rejects, make_rejects, split_lines
 
 #: A quoted field: anything but an unescaped quote; ``\\"`` and ``\\xHH`` stay as written.
 _QUOTED = r'"((?:[^"\\]|\\.)*)"'
-_LINE = (
-    r"(?s)^\s*(\S+) (\S+) (\S+(?: \S+)*?) \[([^\]]+)\] "
-    + _QUOTED
-    + r" (\S+) (\S+)(?: "
-    + _QUOTED
-    + " "
-    + _QUOTED
-    + r")?(?:\s.*)?$"
-)
+#: What may follow the size, referer and user agent (fields some servers add): words made of
+#: plain characters and whole quoted strings. A quote left open there (a line cut short inside
+#: its user agent) does not match, so that such a line is not read as a common-format record.
+_TAIL = r'(?:\s+(?:[^\s"]|"(?:[^"\\]|\\.)*")+)*\s*$'
+#: Client, ident, user, [time], "request", status and size: the frame of every line.
+_FRAME = r"(?s)^\s*(\S+) (\S+) (\S+(?: \S+)*?) \[([^\]]+)\] " + _QUOTED + r" (\S+) (\S+)"
+_LINE = _FRAME + r"(?: " + _QUOTED + " " + _QUOTED + r")?" + _TAIL
 _GROUPS = ("client_ip", "ident", "user", "time", "request", "status", "bytes",
            "referer", "user_agent")
 #: Request line: method token, target, optional protocol.
@@ -81,6 +81,8 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     matched = pl.col("client_ip").is_not_null()
     reason = (
         pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
+        .when(~matched & pl.col("raw").str.contains(_FRAME + r"\s")).then(pl.lit(
+            "unterminated quoted field after the size (the line may be cut short)"))
         .when(~matched).then(pl.lit("not in common or combined log format"))
         .when(pl.col("_ts").is_null())
         .then(pl.lit("unreadable time '") + pl.col("time").str.slice(0, 60) + pl.lit("'"))
