@@ -244,8 +244,13 @@ def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: P
 
 @pytest.mark.parametrize("args, message", [
     (["--brokers", "127.0.0.1:1", "--input-topic", "t"], "needs --output-topic"),
-    (["--output-topic", "t"], "--output-topic need --brokers"),
+    (["--output-topic", "t"], "--output-topic needs --brokers"),
+    (["--output-topic", "t", "--verdict-topic", "v"], "--output-topic, --verdict-topic need "
+                                                       "--brokers"),
+    (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a", "--verdicts",
+      "v.jsonl"], "--verdicts name files; with --brokers, records go to --output-topic"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--log-level", "bogus"], "--log-level must be debug, info, warning or error"),
     (["--format", "access"], "trained on format 'kdd'"),
 ])
 def test_usage_errors_are_one_line(kdd_bundle: Path, args: list[str], message: str,
@@ -254,6 +259,29 @@ def test_usage_errors_are_one_line(kdd_bundle: Path, args: list[str], message: s
     rc = main(["stream", str(kdd_bundle), *fmt, *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_an_output_that_is_an_input_or_another_output_is_refused(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """As for score: stream must not truncate the file it reads, mix two outputs in one file,
+    or write into the bundle."""
+    victim = tmp_path / "victim.csv"
+    text = "".join(small_kdd_test.read_text().splitlines(keepends=True)[:50])
+    victim.write_text(text)
+    for args, says in [
+        (["--out", str(victim), str(victim)], "is also an input"),
+        (["--verdicts", str(victim), str(victim)], "is also an input"),
+        (["--rejects", str(tmp_path / "." / "victim.csv"), str(victim)], "is also an input"),
+        (["--out", str(tmp_path / "a.jsonl"), "--verdicts", str(tmp_path / "a.jsonl"),
+          str(victim)], "is the same file as --out"),
+        (["--out", str(kdd_bundle / "x.jsonl"), str(victim)], "the bundle"),
+    ]:
+        rc = main(["stream", str(kdd_bundle), "--format", "kdd", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and "Traceback" not in err, (args, err)
+        assert victim.read_text() == text
+    assert not (kdd_bundle / "x.jsonl").exists() and not (tmp_path / "a.jsonl").exists()
 
 
 def test_metrics_port_in_use_is_a_usage_error(kdd_bundle: Path, tmp_path: Path,

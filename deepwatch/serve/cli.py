@@ -54,6 +54,10 @@ def stream(
     from ._kafka_io import parse_options
     from .stream import StreamOptions, run_stream
 
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        from ..errors import UsageError
+
+        raise UsageError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
     setup(log_level)
     opts = StreamOptions(
         bundle=bundle, format=fmt, inputs=list(files or []), brokers=brokers,

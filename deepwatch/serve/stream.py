@@ -9,6 +9,7 @@ done (Kafka: commit its offsets). SIGTERM or SIGINT ends the loop after the batc
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -194,6 +195,12 @@ class StreamOptions:
                 raise UsageError("stream reads either --brokers or files, not both")
             if self.follow:
                 raise UsageError("--follow tails files; it does not apply to --brokers")
+            files = [flag for flag, v in (("--out", None if self.out == "-" else self.out),
+                                          ("--verdicts", self.verdicts),
+                                          ("--rejects", self.rejects)) if v]
+            if files:
+                raise UsageError(f"{', '.join(files)} name files; with --brokers, records go "
+                                 "to --output-topic, --verdict-topic and --dead-letter-topic")
         else:
             kafka_only = [flag for flag, v in (("--input-topic", self.input_topic),
                                                ("--output-topic", self.output_topic),
@@ -201,7 +208,16 @@ class StreamOptions:
                                                ("--dead-letter-topic", self.dead_letter_topic))
                           if v]
             if kafka_only:
-                raise UsageError(f"{', '.join(kafka_only)} need --brokers")
+                raise UsageError(f"{', '.join(kafka_only)} "
+                                 f"{'needs' if len(kafka_only) == 1 else 'need'} --brokers")
+            from ..bundle import MANIFEST
+            from ..sinks import check_distinct_outputs
+
+            bundle = [("the bundle", self.bundle)] if os.path.isfile(
+                os.path.join(self.bundle, MANIFEST)) else []
+            check_distinct_outputs([("--out", None if self.out == "-" else self.out),
+                                    ("--verdicts", self.verdicts), ("--rejects", self.rejects)],
+                                   self.inputs, bundle)
 
     @property
     def dead_letters(self) -> str:
