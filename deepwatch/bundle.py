@@ -75,12 +75,12 @@ def check_bundle_target(out: str | Path) -> Path:
     if held:
         manifest = _bundle_manifest(target) if MANIFEST in held else None
         if manifest is None:
-            raise BundleError(f"{out} exists and is not a deepwatch bundle; refusing to "
+            raise OutputError(f"{out} exists and is not a deepwatch bundle; refusing to "
                               "overwrite it")
         foreign = [name for name in held if name != MANIFEST and name not in manifest["files"]]
         if foreign:
             more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            raise BundleError(f"{out} holds files that are not part of its bundle "
+            raise OutputError(f"{out} holds files that are not part of its bundle "
                               f"({', '.join(foreign[:3])}{more}); refusing to replace it")
     # an empty directory is written in place (it may be the current directory or a mount
     # point); anything else is made beside the target and moved into place

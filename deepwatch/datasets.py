@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
-from .errors import DataError
+from .errors import DataError, InputError, UsageError
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BLOCK = 1 << 20
@@ -118,7 +118,7 @@ def get(name: str) -> Dataset:
         if bare in (ds.text_name, ds.text_name.removesuffix(".txt")):
             return ds
     known = ", ".join([*DATASETS, *GROUPS])
-    raise DataError(f"unknown data set {name!r}; known: {known}")
+    raise UsageError(f"unknown data set {name!r}; known: {known}")
 
 
 def _expand(name: str) -> list[Dataset]:
@@ -150,7 +150,7 @@ def path(name: str) -> Path:
     found = find(name)
     if found is None:
         ds = get(name)
-        raise DataError(f"data set {ds.name!r} ({ds.text_name}) is not here; set DEEPWATCH_DATA "
+        raise InputError(f"data set {ds.name!r} ({ds.text_name}) is not here; set DEEPWATCH_DATA "
                         f"to a directory holding it or run `deepwatch datasets fetch {ds.name}`")
     return found
 
@@ -321,10 +321,10 @@ def _fetch_one(ds: Dataset, from_dir: str | None, progress: bool) -> Path:
     if from_dir is not None:
         root = Path(from_dir).expanduser()
         if not root.is_dir():
-            raise DataError(f"--from {from_dir}: no such directory")
+            raise UsageError(f"--from {from_dir}: no such directory")
         src = _look_in(ds, root)
         if src is None:
-            raise DataError(f"no copy of {ds.name} in {from_dir} (looked for "
+            raise InputError(f"no copy of {ds.name} in {from_dir} (looked for "
                             f"{' or '.join(ds.candidates())}, also under {ds.group}/)")
         return _store(ds, src, str(src.resolve()), move=False)
     here = find(ds.name)

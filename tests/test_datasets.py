@@ -16,7 +16,7 @@ from conftest import data_file
 
 from deepwatch import datasets
 from deepwatch.cli import main
-from deepwatch.errors import DataError
+from deepwatch.errors import DataError, InputError, UsageError
 
 NSL_TEST = "nslkdd/KDDTest+.txt.gz"
 
@@ -45,7 +45,7 @@ def test_registry_knows_the_public_files() -> None:
         assert ds.sha256 is None or len(ds.sha256) == 64
     assert datasets.get("corrected.gz").name == "kdd99-corrected"
     assert datasets.get("KDDTest+").name == "nslkdd-test"
-    with pytest.raises(DataError, match="unknown data set 'kdd2000'"):
+    with pytest.raises(UsageError, match="unknown data set 'kdd2000'"):
         datasets.get("kdd2000")
 
 
@@ -130,7 +130,7 @@ def test_data_dir_is_looked_in_first(nsl_test_gz: Path, tmp_path: Path, isolated
 
 
 def test_missing_data_set_says_how_to_get_it() -> None:
-    with pytest.raises(DataError, match="datasets fetch kdd99-corrected"):
+    with pytest.raises(InputError, match="datasets fetch kdd99-corrected"):
         datasets.path("kdd99-corrected")
 
 
