@@ -265,3 +265,30 @@ def test_train_mistakes_are_refused_before_reading(
     assert expected in err
     assert "training data" not in err and "training in" not in err  # nothing read or started
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt, model, decision, says", [
+    ("kdd", "autoencoder", "cost", "--decision cost decides on a classifier's attack probability"),
+    ("kdd", "autoencoder", "threshold", "an autoencoder flags by its threshold calibrated at "
+                                        "--target-fpr"),
+    ("access", "mlp", "cost", "it applies to kdd and nslkdd data, not access"),
+])
+def test_a_decision_that_does_not_apply_is_refused_not_replaced(
+        train_data: Path, tmp_path: Path, fmt: str, model: str, decision: str, says: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b"
+    code = main(["train", "--format", fmt, "--model", model, "--out", str(out),
+                 "--decision", decision, str(train_data)])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_an_fpr_decision_records_its_target(train_data: Path, tmp_path: Path) -> None:
+    """The manifest says which false-positive rate a --decision fpr threshold was fitted at."""
+    out = tmp_path / "fpr"
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--out", str(out), "--epochs", "1",
+                 "--decision", "fpr", "--target-fpr", "0.05", str(train_data)]) == 0
+    thresholds = read_manifest(out)["thresholds"]
+    assert thresholds["target_fpr"] == 0.05 and thresholds["policy"] == "threshold"
+    assert 0.0 <= thresholds["calibration_fpr"] <= 0.1

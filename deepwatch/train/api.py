@@ -290,7 +290,7 @@ def train(
     """
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
-                    rejects=rejects)
+                    rejects=rejects, format_name=format_name)
     with distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
             progress, log, rejects = False, _silent, None
@@ -308,7 +308,7 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                     target_fpr: float = 0.01, device: str = "auto", policy: str = "auto",
                     lakes: Sequence[str] = (), folds: int = 1,
                     val_inputs: Sequence[str] = (), epochs: int | None = None,
-                    rejects: str | None = None) -> None:
+                    rejects: str | None = None, format_name: str | None = None) -> None:
     """The mistakes :func:`train` refuses before any work (``train --nproc`` checks them once,
     before starting its ranks)."""
     from ..sources.files import parse_input_spec
@@ -319,6 +319,13 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
         raise UsageError(f"--target-fpr must be between 0 and 1, not {target_fpr}")
     if policy not in ("auto", "cost", "threshold", "fpr"):
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
+    if model == "autoencoder" and policy in ("cost", "threshold"):
+        raise UsageError(f"--decision {policy} decides on a classifier's attack probability; an "
+                         "autoencoder flags by its threshold calibrated at --target-fpr (drop "
+                         "--decision, or give fpr)")
+    if policy == "cost" and format_name is not None and not get_format(format_name).kdd_labels:
+        raise UsageError(f"--decision cost weighs the KDD contest's cost matrix: it applies to "
+                         f"kdd and nslkdd data, not {format_name} (use threshold or fpr)")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
     if epochs is not None and epochs < 1:
@@ -473,6 +480,8 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
                                   "policy": trained.decision.get("policy")}
     if trained.decision.get("anomaly_threshold") is not None:
         thresholds["anomaly"] = trained.decision["anomaly_threshold"]
+        thresholds["target_fpr"] = target_fpr
+    if policy == "fpr":  # the score threshold too was calibrated at it (--decision fpr)
         thresholds["target_fpr"] = target_fpr
     thresholds["calibration_fpr"] = calib_metrics.get("fpr")
     manifest = {
