@@ -240,6 +240,12 @@ def test_evaluate_reports_clusters(ae_bundle: Path, small_kdd_test: Path) -> Non
     for key in ("n", "binary", "kdd_cost", "categories", "per_label", "confusion",
                 "rows_per_second"):
         assert key in result  # contract keys unchanged
+    # KDD data: the cost is there for an autoencoder too, its alerts counted as probes
+    b, conf = result["binary"], result["confusion"]["matrix"]
+    assert sum(map(sum, conf)) == result["n"]
+    assert sum(row[1] for row in conf) == b["tp"] + b["fp"]  # every alert in the probe column
+    assert sum(row[0] for row in conf) == b["tn"] + b["fn"]
+    assert 0.0 < result["kdd_cost"] < 4.0
 
 
 # -- hybrid --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pyarrow as pa
 from ..errors import DataError, UsageError
 from ..formats import get_format
 from ..io import InputReader, no_label_reason, split_unlabelled
-from ..labels import BENIGN, KDD_CATEGORIES, kdd_category
+from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST, kdd_category
 from .metrics import binary_metrics, confusion, kdd_cost
 
 #: Records of every label whose features a report keeps for its t-SNE map.
@@ -96,9 +96,15 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
         m = labels == lab
         right = ~verdict[m] if lab == BENIGN else verdict[m]
         per_label[lab] = {"support": int(m.sum()), "detection_rate": float(right.mean())}
-    if kdd and "category" in cols:
+    if kdd:
         true_cat = np.array([kdd_category(v) for v in labels], dtype=object)
-        pred_cat = cols["category"]
+        pred_cat = cols.get("category")
+        if pred_cat is None:  # an autoencoder names no category: its alerts get the one the
+            # hybrid gives novel attacks, the least worst-case cost over the true category
+            from ..models.hybrid import minimax_category
+
+            flagged = minimax_category(list(KDD_CATEGORIES), KDD_COST)
+            pred_cat = np.where(verdict, flagged, BENIGN).astype(object)
         cats = list(KDD_CATEGORIES)
         result["kdd_cost"] = kdd_cost(true_cat, pred_cat)
         # labels the KDD tables do not know: in binary and per_label, not in the cost
