@@ -247,6 +247,55 @@ def test_an_oversized_request_head_is_refused(server: Server) -> None:
     assert httpx.get(server.url + "/healthz").status_code == 200
 
 
+def _head(size: int, request: bytes = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n") -> bytes:
+    """A request head of exactly ``size`` bytes (it asks for the connection to be closed)."""
+    start = request + b"Connection: close\r\nX-Pad: "
+    head = start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+    assert len(head) == size
+    return head
+
+
+def _statuses(answer: bytes) -> list[int]:
+    return [int(part.split(b" ", 1)[0]) for part in answer.split(b"HTTP/1.1 ")[1:]]
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 70])
+@pytest.mark.parametrize("size, status", [(64 * 1024, 200), (64 * 1024 + 1, 431),
+                                          (66_000, 431), (100_000, 431), (300_000, 431)])
+def test_a_head_is_held_to_the_limit_however_it_arrives(server: Server, pieces: int, size: int,
+                                                        status: int) -> None:
+    """The audit's heads, sent with one ``sendall`` (the chunk that ends the head used to go
+    uncounted, so up to ~128 KiB passed) or in pieces: the limit is exact either way."""
+    assert app_module.MAX_HEAD_BYTES == 64 * 1024
+    head = _head(size)
+    step = -(-size // pieces)
+    with server.connect() as sock:
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            for i in range(0, size, step):
+                sock.sendall(head[i:i + step])
+        answer = _closed_by_server(sock, 5)
+    assert answer is not None and _statuses(answer) == [status], answer[:200]
+    if status == 431:
+        assert b"over the limit of 65,536 bytes" in answer
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("size, status", [(65_000, 200), (64 * 1024 + 1, 431), (100_000, 431)])
+@pytest.mark.parametrize("first", [
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 15\r\n\r\n{\"records\": []}"], ids=["get", "post"])
+def test_a_head_after_another_request_in_the_same_packet_is_held_to_the_limit(
+        server: Server, first: bytes, size: int, status: int) -> None:
+    """A head that begins after another request in the same read is counted from where it
+    begins, and a 431 comes after the answer to the request before it, in order."""
+    with server.connect() as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(first + _head(size))
+        answer = _closed_by_server(sock, 5)
+    assert answer is not None and _statuses(answer) == [200, status], answer[:200]
+
+
 def test_a_body_sent_after_an_early_answer_is_no_oversized_head(server: Server) -> None:
     """A body the server refused unread (415) still arrives whole: it is the old request's,
     not a new head, and the connection serves the next request."""

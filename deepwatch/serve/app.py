@@ -505,32 +505,81 @@ except ImportError:  # httptools missing: uvicorn itself would use h11
     HttpProtocol: type[asyncio.Protocol] = GuardedH11
 else:
     class GuardedHttpTools(_SlowClientGuard, HttpToolsProtocol):  # type: ignore[misc]
-        """uvicorn's httptools protocol (its default) with the slow-client guard."""
+        """uvicorn's httptools protocol (its default) with the slow-client guard.
+
+        httptools tells where a head begins and ends only by its callbacks, not by positions
+        in the bytes it is fed, so the head limit is kept by feeding it in pieces: while a head
+        is arriving, no more than it may still grow by (a head that ends within the piece is
+        within the limit), otherwise at most ``MAX_HEAD_BYTES`` (a head that both begins and
+        ends in the piece is within it). A head still open after a piece is counted from where
+        it began in that piece, or from the piece's start when it began in an earlier one; a
+        head that began after other bytes of the piece (pipelined requests, a body and the next
+        head sent at once) is counted from a lower bound of those bytes (the bodies, and the
+        heads before it as their request line and headers rebuilt with the least whitespace),
+        so it is never counted short.
+        """
 
         _in_head = False  # between the first byte of a request and the end of its head
-        _head_bytes = 0
+        _head_bytes = 0  # of the head arriving, before the current piece (at most this many)
+        _head_start = 0  # where it began in the current piece (at least; < 0: in an earlier one)
+        _consumed = 0  # bytes of the current piece the parser has reported on (at least)
+        _head_refused = False  # the head arriving is over the limit: nothing more is read
 
         def _partial_head(self) -> bool:
             return self._in_head
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._in_head, self._head_bytes = True, 0
+            self._in_head, self._head_start = True, self._consumed
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._consumed = max(self._consumed, self._head_start + self._least_head_size())
             super().on_headers_complete()
 
+        def on_body(self, body: bytes) -> None:
+            self._consumed += len(body)
+            super().on_body(body)
+
+        def _least_head_size(self) -> int:
+            """The fewest bytes the head just parsed can have taken: ``METHOD URL HTTP/x.y``
+            and each ``name:value`` line, with no optional whitespace."""
+            request_line = len(self.parser.get_method()) + len(self.url) + len(" HTTP/1.1\r\n") + 1
+            return request_line + sum(len(n) + len(v) + 3 for n, v in self.headers) + 2
+
         def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if not self._in_head or self.transport.is_closing():
-                return
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self.transport.write(_raw_response(
-                    b"431 Request Header Fields Too Large",
-                    f"the request head is over the limit of {MAX_HEAD_BYTES:,} bytes"))
-                self.transport.close()
+            while (data and not self._head_refused and not self.transport.is_closing()
+                   and self.transport.get_protocol() is self):  # not after a WebSocket upgrade
+                room = MAX_HEAD_BYTES - self._head_bytes if self._in_head else MAX_HEAD_BYTES
+                piece, data = data[:room], data[room:]
+                self._consumed, self._head_start = 0, -self._head_bytes
+                super().data_received(piece)
+                if not self._in_head or self.transport.is_closing():
+                    continue
+                self._head_bytes = len(piece) - self._head_start
+                if self._head_bytes >= MAX_HEAD_BYTES:  # and the head has not ended: it is over
+                    self._head_refused = True
+                    if self._answers_owed():
+                        self.flow.pause_reading()  # the 431 follows them (see below)
+                    else:
+                        self._refuse_head()
+
+        def _answers_owed(self) -> bool:
+            """Whether requests before the one arriving have not had their whole answer."""
+            return not self._waiting_for_head() or bool(self.pipeline)
+
+        def _refuse_head(self) -> None:
+            self.transport.write(_raw_response(
+                b"431 Request Header Fields Too Large",
+                f"the request head is over the limit of {MAX_HEAD_BYTES:,} bytes"))
+            self.transport.close()
+
+        def on_response_complete(self) -> None:
+            """A head refused behind pipelined requests is answered after them, in order."""
+            super().on_response_complete()
+            if (self._head_refused and not self.transport.is_closing()
+                    and not self._answers_owed()):
+                self._refuse_head()
 
     HttpProtocol = GuardedHttpTools
 
