@@ -104,10 +104,29 @@ def test_objects_of_fields_score_like_their_raw_lines(client: httpx.Client,
     assert by_objects == by_lines
 
 
-def test_format_may_be_left_out(client: httpx.Client, lines: list[str]) -> None:
-    r = client.post("/v1/score", json={"records": lines[:3]})
-    assert r.status_code == 200
-    assert len(r.json()["results"]) == 3
+@pytest.mark.parametrize("extra", [{}, {"format": None}], ids=["left-out", "null"])
+def test_format_may_be_left_out(client: httpx.Client, lines: list[str],
+                                extra: dict[str, Any]) -> None:
+    r = client.post("/v1/score", json={"records": lines[:3], **extra})
+    assert r.status_code == 200, r.text
+    assert r.json() == score(client, lines[:3])
+
+
+def test_the_openapi_schema_of_a_score_request_is_what_the_server_accepts(
+        client: httpx.Client, lines: list[str]) -> None:
+    """Each property's schema types (string, null, boolean) are accepted by the server, and
+    other JSON types refused with 422."""
+    operation = client.get("/openapi.json").json()["paths"]["/v1/score"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    samples = {"string": "kdd", "null": None, "boolean": True, "integer": 7}
+    for name in ("format", "explain"):
+        prop = schema["properties"][name]
+        allowed = {t["type"] for t in prop.get("anyOf", [prop])}
+        for kind, value in samples.items():
+            r = client.post("/v1/score", json={"records": lines[:2], name: value})
+            assert (r.status_code == 200) == (kind in allowed), (name, kind, r.text)
+            if kind not in allowed:
+                assert r.status_code == 422 and repr(name) in r.json()["detail"]
 
 
 def test_good_and_bad_records_in_one_request(client: httpx.Client, lines: list[str]) -> None:

@@ -60,9 +60,11 @@ def decode(body: bytes, bundle_format: str, max_records: int) -> ScoreRequest:
     if unknown:
         raise RequestError(422, f"unknown key(s) {', '.join(map(repr, unknown))}; "
                                 "the body takes 'format', 'records' and 'explain'")
-    name = payload.get("format", bundle_format)
-    if not isinstance(name, str):
-        raise RequestError(422, "'format' must be a string")
+    name = payload.get("format")
+    if name is None:  # left out or null (as the OpenAPI schema allows): the bundle's
+        name = bundle_format
+    elif not isinstance(name, str):
+        raise RequestError(422, "'format' must be a string (or null: the bundle's)")
     try:
         fmt = get_format(name)
     except DeepwatchError as exc:

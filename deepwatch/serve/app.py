@@ -75,7 +75,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class ScoreRequest(BaseModel):
-    format: str | None = Field(None, description="Input format; must be the bundle's (default)")
+    format: str | None = Field(None, description="Input format; must be the bundle's (left out "
+                                                 "or null: the bundle's)")
     records: list[str | dict[str, Any]] = Field(
         description="Raw lines (one record each) or JSON objects of parsed fields")
     explain: bool = Field(False, description="Add each alert's top features ('explanation'); "
