@@ -148,7 +148,8 @@ def evaluate(
     fmt: Format,
     json_out: Annotated[str, typer.Option("--json", help="Write metrics JSON here")],
     report: Annotated[str | None, typer.Option(help="Also write an HTML report")] = None,
-    engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+    backend: Annotated[str, typer.Option(
+        "--backend", "--engine", help="auto, onnx or torch (--engine: the older name)")] = "auto",
     rejects: Annotated[str | None, typer.Option(
         help="Keep every rejected record here (JSONL: line, raw, reason, source)")] = None,
 ) -> None:
@@ -164,7 +165,7 @@ def evaluate(
     json_path = writable_file(json_out, "--json")
     if report:
         writable_file(report, "--report")
-    result, cols = run(bundle, fmt, files, engine=engine, progress=_progress(),
+    result, cols = run(bundle, fmt, files, engine=backend, progress=_progress(),
                        feature_sample=REPORT_SAMPLE if report else 0, rejects=rejects)
     try:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -264,11 +265,13 @@ def serve(
         "--api-key-file", help="Require 'Authorization: Bearer <key>' with this key")] = None,
     workers: Annotated[int, typer.Option(
         help="Processes answering on the port (metrics, dashboard and reloads span them)")] = 1,
+    backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
 ) -> None:
     """Serve the REST API, dashboard and metrics."""
     from .serve.app import run_server
 
-    run_server(bundle, host=host, port=port, api_key_file=api_key_file, workers=workers)
+    run_server(bundle, host=host, port=port, api_key_file=api_key_file, workers=workers,
+               engine=backend)
 
 
 @app.command()

@@ -282,3 +282,44 @@ def test_train_and_evaluate_keep_their_rejects(small_kdd: Path, small_kdd_test: 
     r = _run("train", "--format", "kdd", "--model", "mlp", "--out", str(tmp_path / "c"),
              "--rejects", str(train_file), str(train_file))
     assert r.returncode == 2 and "is also an input" in r.stderr
+
+
+def test_the_backend_option_is_one_name_on_evaluate_and_serve(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """`--backend torch` runs the exported module in torch on evaluate (which still takes the
+    older `--engine`) and serve, as on score and stream."""
+    import time
+
+    import httpx
+
+    from tests.conftest import free_port
+
+    data = tmp_path / "t.csv"
+    data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:300]))
+    got = {}
+    for flag in ("--backend", "--engine"):
+        r = _run("evaluate", str(kdd_bundle), "--format", "kdd", flag, "torch", "--json",
+                 str(tmp_path / f"{flag}.json"), str(data))
+        assert r.returncode == 0, r.stderr
+        got[flag] = json.loads((tmp_path / f"{flag}.json").read_text())["binary"]
+    assert got["--backend"] == got["--engine"]
+    port = free_port()
+    log = tmp_path / "serve.err"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle),
+                                 "--port", str(port), "--backend", "torch"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                stats = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.2)
+        assert stats["model"]["engine"].startswith("torch")
+    finally:
+        proc.terminate()
+        proc.wait(30)
