@@ -83,13 +83,17 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
             schema = _output_schema(det, fmt, campaigns is not None)
         done = True
     finally:
+        kept = done or sink.rows
         try:
-            if done or sink.rows:
+            if kept:
                 sink.close(schema)
             else:  # failed before any record: an empty output would read as "nothing found"
                 sink.abort()
         finally:
-            reject_sink.close()
+            if kept:
+                reject_sink.close()
+            else:
+                reject_sink.abort()
     return ScoreReport(reader.stats, sink.rows, alerts, time.perf_counter() - t0, det.engine)
 
 

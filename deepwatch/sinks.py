@@ -249,3 +249,13 @@ class RejectSink:
             fh.close()
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def abort(self) -> None:
+        """Close and remove the file of a run that failed before it kept anything: an empty
+        rejects file would read as "nothing was rejected"."""
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        fh.close()
+        if self.count == 0 and self.path and os.path.isfile(self.path):
+            os.unlink(self.path)

@@ -90,7 +90,8 @@ def spark_session(master: str | None = None) -> tuple[Any, bool]:
         raise SparkError(f"cannot start Spark with master {master} (is Java 17 installed and "
                          f"JAVA_HOME set?): {str(exc).splitlines()[0] if str(exc) else exc}"
                          ) from None
-    session.sparkContext.setLogLevel("ERROR")
+    # a failed job is reported as one line (SparkError); the executors' stack traces are noise
+    session.sparkContext.setLogLevel("FATAL")
     return session, True
 
 
@@ -376,9 +377,10 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     finally:
         if done or sink.rows:
             sink.close(scored)
+            reject_sink.close()
         else:
             sink.abort()
-        reject_sink.close()
+            reject_sink.abort()
         shutil.rmtree(staging, ignore_errors=True)
         engine = f"spark {session.sparkContext.master}, {det.engine}"
         if owned:

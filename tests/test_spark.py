@@ -134,19 +134,23 @@ def test_bad_bundle_and_stdin_are_refused_before_spark_starts(
 
 @pytest.mark.slow
 def test_a_damaged_gz_fails_the_spark_job_with_one_clear_line(
-        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
     """Hadoop cannot read past the damage and Spark would drop or fail the file silently or
-    with pages of Java; the error names the cause and the engine that reads such files."""
+    with pages of Java; the error names the cause and the engine that reads such files, and
+    leaves no output and no (empty) rejects file."""
     from deepwatch.spark import SparkError, score_spark
 
     whole = gzip.compress(small_kdd_test.read_bytes())
     cut = tmp_path / "cut.csv.gz"
     cut.write_bytes(whole[: len(whole) // 2])
-    out = tmp_path / "o.parquet"
+    out, rejects = tmp_path / "o.parquet", tmp_path / "r.jsonl"
+    capfd.readouterr()
     with pytest.raises(SparkError, match=r"input file is damaged \(java\.io\.EOFException.*"
                                          r"--engine local"):
-        score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out))
-    assert not out.exists()
+        score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out), rejects=str(rejects))
+    assert not out.exists() and not rejects.exists()
+    assert "Exception" not in capfd.readouterr().err  # no executor stack traces
     out.write_bytes(b"an earlier run's output")  # a failed run leaves it as it was
     with pytest.raises(SparkError, match="input file is damaged"):
         score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out))
