@@ -373,6 +373,8 @@ def simulate(out_dir: str | Path, visits: int = 2000, attacks: Sequence[str] = A
         raise UsageError(f"--visits must be at least 1, not {visits}")
     if not 0.0 <= attack_share <= 1.0:
         raise UsageError(f"--attack-share must be between 0 and 1, not {attack_share}")
+    if not 0 < hours <= 24 * 366:
+        raise UsageError(f"--hours must be above 0 and at most a year (8,784), not {hours}")
     start = start or datetime(2024, 5, 14, tzinfo=UTC)
     sim = Simulator(seed, start, hours)
     normal: list[Line] = []

@@ -91,6 +91,9 @@ def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="unknown attack"):
         simulate(tmp_path, visits=5, attacks=["ddos"])
     assert main(["simulate", "--out", str(tmp_path), "--visits", "0"]) == 2
+    for hours in ("0", "-1", "nan"):
+        assert main(["simulate", "--out", str(tmp_path / "h"), "--hours", hours]) == 2
+    assert not (tmp_path / "h").exists()
 
 
 def test_cli_writes_logs(tmp_path: Path) -> None:
