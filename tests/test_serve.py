@@ -712,6 +712,7 @@ def test_a_hybrid_bundle_answers_with_anomaly_scores(small_kdd: Path, bundle_roo
     with ThreadServer(create_app(bundle)) as srv, httpx.Client(base_url=srv.url) as c:
         results = c.post("/v1/score", json={"records": lines[:200], "explain": True}).json()[
             "results"]
+        unasked = c.post("/v1/score", json={"records": lines[:200]}).json()["results"]
     expected = Detector(bundle).score_batch(
         get_format("kdd").parse("\n".join(lines[:200]) + "\n").batch)
     assert len(results) == 200
@@ -719,6 +720,18 @@ def test_a_hybrid_bundle_answers_with_anomaly_scores(small_kdd: Path, bundle_roo
                                expected.column("anomaly_score").to_numpy(), rtol=1e-9)
     assert [r["verdict"] for r in results] == expected.column("verdict").to_pylist()
     assert [r["explanation"] for r in results] == expected.column("explanation").to_pylist()
+    # as docs/rest.md and docs/anomaly.md say: the JSON array as a string, null for normal
+    # records, and none at all unless asked for, though the Detector explains this bundle unasked
+    verdicts = {r["verdict"] for r in results}
+    assert verdicts == {"normal", "malicious"}, verdicts
+    for r in results:
+        if r["verdict"] == "normal":
+            assert r["explanation"] is None
+        else:
+            top = json.loads(r["explanation"])
+            assert isinstance(top, list) and top and set(top[0]) == {"feature", "share"}
+    assert all("explanation" not in r for r in unasked)
+    assert [r["score"] for r in unasked] == [r["score"] for r in results]
 
 
 def test_dashboard_stats_stay_bounded() -> None:
