@@ -1,5 +1,6 @@
-"""Damaged compressed inputs: every line before the damage is read, the rest is one counted
-reject with its reason, and the run goes on with the next input."""
+"""Damaged compressed inputs: every whole line before the damage that can be trusted is read, the
+rest (the line cut short, a gzip member that fails its check, what follows) is one counted reject
+with its reason, and the run goes on with the next input."""
 
 from __future__ import annotations
 
@@ -51,12 +52,13 @@ def test_truncated_gzip_yields_every_decodable_line_then_the_damage(
     data, first_lines, damage = _read(path, chunk_bytes)
     expected = _decodable(cut)
     assert len(expected) > len(text) // 3  # the test is about real salvage, not an empty file
-    assert data == expected
+    assert not expected.endswith(b"\n")  # a line is cut short: it is no record
+    assert data == expected[: expected.rfind(b"\n") + 1]
     assert damage[:-1] == [None] * (len(damage) - 1)
     assert damage[-1] is not None and "truncated" in damage[-1]
-    lost_from = expected.count(b"\n") + (0 if expected.endswith(b"\n") else 1) + 1
+    lost_from = expected.count(b"\n") + 1  # the line cut short
     assert first_lines[-1] == lost_from
-    assert f"line {lost_from:,}" in damage[-1]
+    assert f"line {lost_from:,} is cut short" in damage[-1]
 
 
 def test_corrupt_gzip_member_and_concatenated_members(text: bytes, tmp_path: Path) -> None:
@@ -67,17 +69,18 @@ def test_corrupt_gzip_member_and_concatenated_members(text: bytes, tmp_path: Pat
     ok.write_bytes(one + two)
     data, _, damage = _read(ok, 64 << 10)
     assert data == text and damage == [None] * len(damage)
-    # the second member corrupted in its middle: the first member and what precedes the
-    # corruption are read, the rest is reported
+    # the second member corrupted in its middle: the whole lines of the first member are read;
+    # nothing of the second, not even what precedes the corruption (it cannot be verified)
     bad_two = bytearray(two)
     mid = len(bad_two) // 2
     bad_two[mid : mid + 64] = bytes(64)
     bad = tmp_path / "bad.gz"
     bad.write_bytes(one + bytes(bad_two))
-    data, _, damage = _read(bad, 64 << 10)
-    assert data.startswith(text[:half]) and len(data) < len(text)
-    assert damage[-1] is not None
-    assert "corrupt" in damage[-1] or "truncated" in damage[-1]
+    data, first_lines, damage = _read(bad, 64 << 10)
+    assert data == text[: text.rfind(b"\n", 0, half) + 1]
+    assert damage[-1] is not None and "corrupt compressed data" in damage[-1]
+    assert "come from a damaged gzip member and could not be verified" in damage[-1]
+    assert first_lines[-1] == data.count(b"\n") + 1
 
 
 def test_score_goes_on_after_a_damaged_file_and_counts_it(
@@ -102,9 +105,9 @@ def test_score_goes_on_after_a_damaged_file_and_counts_it(
     for r in rej:
         by_source[r["source"]].append(r)
     damaged_rej = by_source[str(damaged)]
-    # the torn last line (a parse reject) and the unreadable rest (the damage)
-    assert [r["line"] for r in damaged_rej] == [whole_lines + 1, whole_lines + 2]
-    assert "truncated" in damaged_rej[-1]["reason"] and damaged_rej[-1]["raw"] == ""
+    # the torn last line and the unreadable rest: one reject (no parse of the torn line)
+    assert [r["line"] for r in damaged_rej] == [whole_lines + 1]
+    assert "truncated" in damaged_rej[0]["reason"] and "cut short" in damaged_rej[0]["reason"]
     plain_rej = by_source[str(not_gzip)]
     assert len(plain_rej) == 1 and plain_rej[0]["line"] == 1
     assert "corrupt compressed data" in plain_rej[0]["reason"]
@@ -112,13 +115,14 @@ def test_score_goes_on_after_a_damaged_file_and_counts_it(
     assert f"{rows + len(rej):,} lines read: {rows:,} parsed, {len(rej):,} rejected" in err
 
 
-def test_a_bad_checksum_keeps_the_lines_decoded_before_it(text: bytes, tmp_path: Path) -> None:
-    """The check fails only at the member's end; what was decoded before it is kept (the whole
-    small file used to be lost with it, in one read)."""
+def test_a_bad_checksum_withholds_the_whole_member(text: bytes, tmp_path: Path) -> None:
+    """The check fails only at the member's end: nothing decoded from the member can be
+    trusted, so none of it is handed out, and the reason says how much there was."""
     comp = bytearray(gzip.compress(text))
     comp[-8:-4] = bytes(b ^ 0xFF for b in comp[-8:-4])  # the CRC32 of the trailer
     path = tmp_path / "crc.gz"
     path.write_bytes(bytes(comp))
-    data, _, damage = _read(path, 8 << 20)
-    assert len(data) > len(text) // 2 and text.startswith(data)
+    data, first_lines, damage = _read(path, 8 << 20)
+    assert data == b"" and first_lines == [1]
     assert damage[-1] is not None and "incorrect data check" in damage[-1]
+    assert "bytes decompressed from line 1 on come from a damaged gzip member" in damage[-1]

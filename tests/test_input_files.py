@@ -1,0 +1,295 @@
+"""Reading input files: gzip members handed out only once verified, lines cut by damage, names
+with glob characters, byte order marks and labelled stdin."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+
+from deepwatch.formats import get_format
+from deepwatch.sources import files
+from deepwatch.sources.files import (
+    Chunk,
+    InputSpec,
+    LineBuffer,
+    chunks_from_reads,
+    iter_chunks,
+    parse_input_spec,
+    read_inputs,
+)
+
+ACCESS = ('1.2.3.4 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 5 "-" "Mozilla/5.0"\n')
+
+
+@pytest.fixture(scope="module")
+def text(small_kdd_test: Path) -> bytes:
+    return small_kdd_test.read_bytes()
+
+
+def _chunks(path: Path, chunk_bytes: int = 64 << 10) -> list[Chunk]:
+    return list(iter_chunks(InputSpec(str(path)), chunk_bytes=chunk_bytes))
+
+
+def _data(chunks: list[Chunk]) -> bytes:
+    return b"".join(c.data for c in chunks)
+
+
+def _members(text: bytes, parts: int) -> list[bytes]:
+    """``text`` in ``parts`` gzip members, cut at line breaks."""
+    lines = text.splitlines(keepends=True)
+    step = -(-len(lines) // parts)
+    return [gzip.compress(b"".join(lines[i : i + step]), mtime=0)
+            for i in range(0, len(lines), step)]
+
+
+def _flip(member: bytes, at: int) -> bytes:
+    bad = bytearray(member)
+    bad[at] ^= 0xFF
+    return bytes(bad)
+
+
+# -- corrupt gzip members ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", [0.3, 0.5, 0.7, 0.95])
+def test_a_corrupt_member_hands_out_no_line_of_it(text: bytes, tmp_path: Path,
+                                                  where: float) -> None:
+    """A flipped byte inside a member: deflate may decode garbage before the damage is seen
+    (at the latest at the CRC-32 in the trailer). No line of that member is handed out; the
+    members before it are, whole."""
+    members = _members(text, 4)
+    third = members[2]
+    path = tmp_path / "flipped.csv.gz"
+    path.write_bytes(b"".join(members[:2]) + _flip(third, int(len(third) * where))
+                     + members[3])
+    chunks = _chunks(path)
+    good = gzip.decompress(b"".join(members[:2]))
+    assert _data(chunks) == good
+    last = chunks[-1]
+    assert last.damage is not None and last.data == b""
+    assert last.first_line == good.count(b"\n") + 1
+    assert last.damage.startswith("corrupt compressed data")
+    assert [c.damage for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+
+
+def test_the_garbage_of_a_corrupt_member_is_kept_as_lost_text(text: bytes,
+                                                               tmp_path: Path) -> None:
+    member = gzip.compress(text[:200_000], mtime=0)
+    path = tmp_path / "flipped.csv.gz"
+    path.write_bytes(_flip(member, len(member) // 2))
+    chunks = _chunks(path)
+    assert _data(chunks) == b""
+    (last,) = chunks
+    assert "come from a damaged gzip member and could not be verified" in last.damage
+    # what was decoded before the damage was seen: the member's start, as far as it is intact
+    assert 0 < len(last.lost) <= 4 * files.MAX_RAW
+    assert text.startswith(last.lost[:1000])
+
+
+def test_score_scores_no_line_of_a_corrupt_member(
+        kdd_bundle: Path, text: bytes, tmp_path: Path) -> None:
+    """The audit's case: every scored row is the line of the original with its number."""
+    import json
+
+    from deepwatch.cli import main
+
+    members = _members(text, 3)
+    path = tmp_path / "bad.csv.gz"
+    path.write_bytes(members[0] + _flip(members[1], len(members[1]) // 2) + members[2])
+    out, rejects = tmp_path / "v.jsonl", tmp_path / "r.jsonl"
+    assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                 "--rejects", str(rejects), str(path)]) == 0
+    good = gzip.decompress(members[0]).count(b"\n")
+    assert len(out.read_text().splitlines()) == good
+    (rej,) = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert rej["line"] == good + 1 and "damaged gzip member" in rej["reason"]
+
+
+# -- members longer than what is held back -------------------------------------------------
+
+
+@pytest.fixture
+def small_hold(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """HOLD_BYTES of 64 KiB; the list gets one entry for each member decompression started."""
+    monkeypatch.setattr(files, "HOLD_BYTES", 64 << 10)
+    starts: list[int] = []
+    inflate = files._inflate
+
+    def counting(fh, first, member):  # type: ignore[no-untyped-def]
+        starts.append(1)
+        return inflate(fh, first, member)
+
+    monkeypatch.setattr(files, "_inflate", counting)
+    return starts
+
+
+def test_a_long_member_is_verified_then_read_again(text: bytes, tmp_path: Path,
+                                                   small_hold: list[int]) -> None:
+    path = tmp_path / "long.csv.gz"
+    path.write_bytes(gzip.compress(text))
+    chunks = _chunks(path)
+    assert _data(chunks) == text and chunks[-1].damage is None
+    assert len(small_hold) == 3  # verify, read again, and the end of the file
+
+
+def test_a_long_corrupt_member_hands_out_nothing(text: bytes, tmp_path: Path,
+                                                 small_hold: list[int]) -> None:
+    first = gzip.compress(text[:50_000], mtime=0)  # short: held back, then handed out
+    second = gzip.compress(text[50_000:], mtime=0)
+    path = tmp_path / "long_bad.csv.gz"
+    path.write_bytes(first + _flip(second, len(second) // 2))
+    chunks = _chunks(path)
+    good = text[: text.rfind(b"\n", 0, 50_000) + 1]
+    assert _data(chunks) == good
+    assert chunks[-1].first_line == good.count(b"\n") + 1
+    assert "damaged gzip member" in chunks[-1].damage
+    assert len(small_hold) == 2  # the long member was not read a second time
+
+
+def test_a_long_truncated_member_hands_out_its_whole_lines(text: bytes, tmp_path: Path,
+                                                           small_hold: list[int]) -> None:
+    whole = gzip.compress(text)
+    path = tmp_path / "long_cut.csv.gz"
+    path.write_bytes(whole[: len(whole) * 3 // 4])
+    chunks = _chunks(path)
+    decoded = zlib.decompressobj(wbits=31).decompress(whole[: len(whole) * 3 // 4])
+    assert _data(chunks) == decoded[: decoded.rfind(b"\n") + 1]
+    assert "truncated" in chunks[-1].damage
+    assert chunks[-1].lost == decoded[decoded.rfind(b"\n") + 1 :]
+
+
+def test_a_named_pipe_is_read_through_a_copy(text: bytes, tmp_path: Path,
+                                             small_hold: list[int]) -> None:
+    """A pipe cannot seek back to a long member's start; its compressed data is copied first."""
+    fifo = tmp_path / "pipe.csv.gz"
+    os.mkfifo(fifo)
+    payload = gzip.compress(text)
+    writer = threading.Thread(target=fifo.write_bytes, args=(payload,))
+    writer.start()
+    try:
+        chunks = _chunks(fifo)
+    finally:
+        writer.join()
+    assert _data(chunks) == text and chunks[-1].damage is None
+
+
+def test_many_small_members_make_full_chunks(text: bytes, tmp_path: Path) -> None:
+    """bgzip-like files (a member every 64 KiB) are handed out in chunks of the usual size."""
+    raw = text * 3
+    path = tmp_path / "blocks.csv.gz"
+    path.write_bytes(b"".join(gzip.compress(raw[i : i + (64 << 10)], mtime=0)
+                              for i in range(0, len(raw), 64 << 10)))
+    chunks = _chunks(path, chunk_bytes=1 << 20)
+    assert _data(chunks) == raw
+    assert len(chunks) <= len(raw) // (1 << 20) + 2
+
+
+def test_an_empty_gz_file_is_an_empty_input(tmp_path: Path) -> None:
+    path = tmp_path / "empty.gz"
+    path.write_bytes(b"")
+    assert _chunks(path) == []
+
+
+# -- a line cut by damage --------------------------------------------------------------------
+
+
+def test_a_line_cut_by_a_truncation_is_no_record(tmp_path: Path) -> None:
+    """The audit's case: a web log cut inside its second line's user agent."""
+    cut = ('5.6.7.8 - - [17/May/2015:10:05:04 +0000] "GET /admin HTTP/1.1" 200 7 '
+           '"http://evil.example/" "sqlmap/1.')
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    path = tmp_path / "ua_cut.log.gz"
+    path.write_bytes(comp.compress((ACCESS + cut).encode()) + comp.flush(zlib.Z_SYNC_FLUSH))
+    chunks = _chunks(path)
+    assert _data(chunks) == ACCESS.encode()
+    assert chunks[-1].first_line == 2 and chunks[-1].lost == cut.encode()
+    assert "line 2 is cut short" in chunks[-1].damage
+    table, rejects, stats = read_inputs([str(path)], get_format("access"))
+    assert table.num_rows == 1 and table.column("user_agent").to_pylist() == ["Mozilla/5.0"]
+    assert rejects.column("line").to_pylist() == [2]
+    assert (stats.lines, stats.parsed, stats.rejected) == (2, 1, 1)
+
+
+def test_a_truncation_at_a_line_break_cuts_no_line(tmp_path: Path) -> None:
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    path = tmp_path / "at_break.log.gz"
+    path.write_bytes(comp.compress(ACCESS.encode() * 2) + comp.flush(zlib.Z_SYNC_FLUSH))
+    chunks = _chunks(path)
+    assert _data(chunks) == ACCESS.encode() * 2
+    assert chunks[-1].first_line == 3 and chunks[-1].lost == b""
+    assert "nothing from line 3 on could be read" in chunks[-1].damage
+
+
+# -- input names -----------------------------------------------------------------------------
+
+
+def test_a_path_that_exists_is_not_a_glob(tmp_path: Path) -> None:
+    literal = tmp_path / "data[1].csv"
+    literal.write_text("x\n")
+    (tmp_path / "data1.csv").write_text("y\n")  # what the glob data[1].csv matches
+    assert parse_input_spec(str(literal)) == [InputSpec(str(literal))]
+    assert parse_input_spec(f"{literal}=scan") == [InputSpec(str(literal), "scan")]
+    # a pattern that names no file as it is written is still a glob
+    assert parse_input_spec(str(tmp_path / "data[0-9].csv")) == [
+        InputSpec(str(tmp_path / "data1.csv"))]
+    assert parse_input_spec(str(tmp_path / "*.csv")) == [
+        InputSpec(str(tmp_path / "data1.csv")), InputSpec(str(literal))]
+
+
+def test_stdin_can_have_a_label() -> None:
+    assert parse_input_spec("-=scanner") == [InputSpec("-", "scanner")]
+    assert parse_input_spec("-") == [InputSpec("-")]
+
+
+# -- byte order marks ------------------------------------------------------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_byte_order_mark_is_dropped_at_the_start_only() -> None:
+    lines = LineBuffer(InputSpec("x"))
+    assert lines.feed(BOM[:1]) is None and lines.feed(BOM[1:] + b"a") is None  # split over reads
+    first = lines.feed(b"b\n" + BOM + b"c\n")
+    assert first is not None and first.data == b"ab\n" + BOM + b"c\n"  # not in the middle
+    second = lines.feed(BOM + b"d\n")
+    assert second is not None and second.data == BOM + b"d\n"  # nor at a later chunk's start
+    assert lines.finish() is None
+    # after finish (a rotated or truncated log): a new start
+    again = lines.feed(BOM + b"e\n")
+    assert again is not None and again.data == b"e\n" and again.first_line == 1
+    # a mark alone makes no line; a last line without a break loses it too
+    only = LineBuffer(InputSpec("x"))
+    assert only.feed(BOM) is None and only.finish() is None
+    last = LineBuffer(InputSpec("x"))
+    assert last.feed(BOM + b"f") is None
+    end = last.finish()
+    assert end is not None and end.data == b"f"
+
+
+def test_stdin_loses_its_byte_order_mark() -> None:
+    stream = io.BytesIO(BOM + b"a\nb\n")
+    chunks = list(chunks_from_reads(lambda: stream.read(2), InputSpec("-")))
+    assert _data(chunks) == b"a\nb\n"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_formats_read_files_that_open_with_a_byte_order_mark(
+        text: bytes, tmp_path: Path, gz: bool) -> None:
+    from test_zeek import HEADER, ROW
+
+    inputs = {"access": ACCESS.encode() * 3, "kdd": text[: text.rfind(b"\n", 0, 20_000) + 1],
+              "zeek": (HEADER + "\n" + ROW + "\n").encode()}
+    for name, body in inputs.items():
+        path = tmp_path / (f"{name}.log.gz" if gz else f"{name}.log")
+        path.write_bytes(gzip.compress(BOM + body) if gz else BOM + body)
+        table, rejects, stats = read_inputs([str(path)], get_format(name))
+        assert rejects.num_rows == 0, (name, rejects.to_pylist())
+        assert stats.parsed == table.num_rows > 0
+        if name == "access":
+            assert table.column("client_ip").to_pylist() == ["1.2.3.4"] * 3
