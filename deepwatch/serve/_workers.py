@@ -12,8 +12,11 @@ request. The workers share a state directory the parent made (and removes on exi
   ``/v1/stats`` for the dashboard.
 
 ``POST /v1/reload`` on any worker loads the new bundle there first (a bundle that fails to load
-is refused and nothing changes), records it in ``settings.json`` and asks the parent, by
-SIGHUP, to replace the workers. SIGHUP sent by an operator re-reads the bundle the same way.
+is refused and nothing changes), records it in ``reload.json`` and asks the parent, by SIGHUP,
+to replace the workers. SIGHUP sent by an operator re-reads the bundle the same way. Only the
+parent writes ``settings.json``: a replacement takes ``reload.json`` (the newest request) when it
+starts, and every SIGHUP queued while one runs is merged into a single replacement after it.
+SIGINT/SIGTERM go ahead of queued reloads and cut a replacement short, so stopping is prompt.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ log = logging.getLogger("deepwatch.serve")
 #: The state directory's path, in the workers' environment.
 STATE_ENV = "DEEPWATCH_SERVE_STATE"
 SETTINGS = "settings.json"
+#: A worker's request for a reload: the bundle to serve next (the newest request wins).
+RELOAD = "reload.json"
+#: The signals that stop the server; they go ahead of any reload queued with them.
+STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK")
+                         if hasattr(signal, name))
 STATS_EVERY_SECONDS = 1.0
 
 
@@ -77,11 +85,22 @@ class WorkerGroup:
         return found
 
     def reload_all(self, bundle: Path) -> None:
-        """Make ``bundle`` the one every worker serves, and have the parent replace them."""
-        settings = read_settings(self.state)
-        settings["bundle"] = str(bundle)
-        _write_json(self.state / SETTINGS, settings)
+        """Make ``bundle`` the one every worker serves, and have the parent replace them.
+
+        The parent takes the request when a replacement starts; requests made while one runs
+        are merged into the next, which serves the newest of them."""
+        _write_json(self.state / RELOAD, {"bundle": str(bundle)})
         os.kill(os.getppid(), signal.SIGHUP)
+
+
+def take_reload_request(state: Path) -> str | None:
+    """The bundle the workers last asked to serve, the request removed; None if none waits."""
+    taken = state / f".{RELOAD}.taken"
+    try:
+        os.replace(state / RELOAD, taken)  # a request written after this is the next one's
+    except FileNotFoundError:
+        return None
+    return str(json.loads(taken.read_text())["bundle"])
 
 
 def worker_app() -> Any:
@@ -157,6 +176,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors.multiprocess import SIGNALS
 
     from ..errors import DeepwatchError
 
@@ -177,17 +197,76 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                                 host=host, port=port, workers=workers, **uvicorn_options)
 
         class Supervisor(Multiprocess):
+            """uvicorn's supervisor, which queues every signal and handles them in order,
+            changed so that a burst of reloads cannot hold the server: a stop goes ahead of
+            what is queued, and the SIGHUPs queued together are one replacement."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._stopping = threading.Lock()
+                self._merged = 0
+
+            def run(self) -> None:
+                threading.Thread(target=self._watch_for_stop, name="deepwatch-stop",
+                                 daemon=True).start()
+                super().run()
+
+            def _watch_for_stop(self) -> None:
+                """The main thread may be replacing workers (seconds, each waiting for one to
+                start): a stop signal queued meanwhile ends that at once (uvicorn checks
+                ``should_exit`` while it waits). Set here, not in the signal handler, which
+                must not take the event's lock the main thread may hold."""
+                while not self.should_exit.wait(0.1):
+                    stop = next((s for s in tuple(self.signal_queue) if s in STOP_SIGNALS), None)
+                    if stop is not None:
+                        self._stop(stop)
+
+            def _stop(self, sig: int) -> None:
+                with self._stopping:  # logged once, whichever thread sees the signal first
+                    if not self.should_exit.is_set():
+                        getattr(self, f"handle_{SIGNALS[sig].lower()}")()
+
+            def handle_signals(self) -> None:
+                queued = list(self.signal_queue)
+                del self.signal_queue[:len(queued)]  # those arriving meanwhile: next round
+                stop = next((s for s in queued if s in STOP_SIGNALS), None)
+                if stop is not None:  # nothing queued with a stop is worth doing first
+                    self._stop(stop)
+                    return
+                hups = queued.count(signal.SIGHUP)
+                for sig in queued:
+                    if self.should_exit.is_set():
+                        return
+                    if sig == signal.SIGHUP:
+                        if not hups:  # one replacement serves every reload asked before it
+                            continue  # starts: it takes the newest bundle asked for
+                        self._merged, hups = hups, 0
+                    handler = getattr(self, f"handle_{SIGNALS[sig].lower()}", None)
+                    if handler is not None:
+                        handler()
+
             def handle_hup(self) -> None:
                 """Replace every worker; where some cannot start (uvicorn then stops
                 replacing), go back to the settings before, so all serve one model."""
+                if self.should_exit.is_set():
+                    return
                 before = read_settings(state)
                 now = {**before, "generation": int(before["generation"]) + 1}
+                asked = take_reload_request(state)
+                if asked is not None:
+                    now["bundle"] = asked
                 _write_json(state / SETTINGS, now)
-                log.warning("SIGHUP: replacing the %d workers, serving %s (generation %d)",
-                            len(self.processes), now["bundle"], now["generation"])
+                merged, self._merged = self._merged, 0
+                log.warning("SIGHUP: replacing the %d workers, serving %s (generation %d)%s",
+                            len(self.processes), now["bundle"], now["generation"],
+                            f" ({merged} SIGHUPs merged)" if merged > 1 else "")
                 old = {p.pid for p in self.processes}
                 super().handle_hup()
-                if self.should_exit.is_set() or not {p.pid for p in self.processes} & old:
+                if self.should_exit.is_set():
+                    return
+                if not {p.pid for p in self.processes} & old:
+                    log.info("SIGHUP: every worker replaced, serving %s (generation %d)",
+                             now["bundle"], now["generation"])
                     return
                 log.error("not every worker could be replaced: back to %s (generation %d)",
                           before["bundle"], before["generation"])
