@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, need
+from conftest import ROOT, data_file, head_lines, need
 
 from deepwatch.cli import main
 from deepwatch.formats import get_format
@@ -252,6 +252,8 @@ def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: P
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--log-level", "bogus"], "--log-level must be debug, info, warning or error"),
     (["--format", "access"], "trained on format 'kdd'"),
+    (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a",
+      "--kafka-option", "no.such.setting=1"], "kafka consumer settings refused"),
 ])
 def test_usage_errors_are_one_line(kdd_bundle: Path, args: list[str], message: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -547,3 +549,147 @@ def test_embedded_damaged_gzip_dead_letters_the_lost_rest(
     assert "truncated" in r[1]["reason"] and r[1]["raw"] == ""
     assert [x["deepwatch"]["source"]["line"] for x in r] == [len(v) + 1, len(v) + 2]
     assert r[1]["deepwatch"]["source"]["file"] == str(src)
+
+
+# ------------------------------------------------------------- real broker: what cannot be written
+
+
+@pytest.fixture(scope="module")
+def access_bundle(bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small access-log `mlp` bundle: Apache's own log normal, w3af's scan the attack."""
+    from deepwatch.train.api import train
+
+    site = data_file("weblogs/apache_access.log.gz")
+    scan = data_file("weblogs/scan_w3af.log.gz")
+    root = tmp_path_factory.mktemp("access")
+    (root / "site.log").write_text("".join(head_lines(site, 3000)))
+    (root / "scan.log").write_text("".join(head_lines(scan, 1500)))
+    out = bundle_root / "bundle_access_kafka"
+    train("access", "mlp", [f"{root / 'site.log'}=normal", f"{root / 'scan.log'}=scanner"], out,
+          epochs=2, seed=0)
+    return out
+
+
+def _stream_in_thread(opts: StreamOptions) -> tuple[threading.Thread, threading.Event, dict]:
+    stop, result = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            result["report"] = run_stream(opts, stop)
+        except BaseException as exc:  # noqa: BLE001 (the test reports it)
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, stop, result
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
+        broker: str, access_bundle: Path) -> None:
+    """A request with a 600 KB URL makes an alert over 1 MB (the URL is in url.original,
+    url.path and url.query), over the producer's message.max.bytes: it was a traceback, nothing
+    committed, and every restart died on the same record. It is a dead letter saying why, and
+    the records after it are scored and committed. Bytes that are not UTF-8 are a dead letter
+    whose reason says they were replaced."""
+    from confluent_kafka import Producer
+
+    scan = [x.encode() for x in head_lines(data_file("weblogs/scan_w3af.log.gz"), 100)]
+    big = (b'182.118.20.213 - - [18/May/2015:08:55:47 +0000] "GET /index.php?q=' + b"A" * 600_000
+           + b' HTTP/1.1" 500 1924 "http://semicomplete.com/" "w3af.org"')
+    values = [x.rstrip(b"\n") for x in scan[:50]] + [big, b"\xff\xfe\xfd"] + [
+        x.rstrip(b"\n") for x in scan[50:]]
+    topic, group = "big-test", "big-group"
+    _create_topic(broker, topic, 2)
+    producer = Producer({"bootstrap.servers": broker, "message.max.bytes": 2_000_000})
+    for i, value in enumerate(values):
+        producer.produce(topic, value, str(i).encode())
+    assert producer.flush(30) == 0
+
+    opts = StreamOptions(bundle=str(access_bundle), format="access", brokers=broker,
+                         input_topic=topic, output_topic=f"{topic}.alerts",
+                         verdict_topic=f"{topic}.verdicts", group=group, batch_wait_ms=200)
+    thread, stop, result = _stream_in_thread(opts)
+    try:
+        _wait("the worker to commit every record",
+              lambda: "error" in result or _committed(broker, group, topic, 2) == len(values))
+    finally:
+        stop.set()
+        thread.join(60)
+    assert "error" not in result, result.get("error")
+    report = result["report"]
+
+    dead = dict(_read_all(broker, f"{topic}.dead-letter"))
+    assert set(dead) == {50, 51}
+    why = dead[50]["reason"]
+    assert why.startswith("its alert message was ") and "bytes, over the producer's " \
+        "message.max.bytes (1,000,000)" in why and "cut to its first 10,000 of" in why
+    assert dead[50]["raw"] == big[:10_000].decode()
+    assert dead[50]["deepwatch"]["source"]["topic"] == topic
+    assert dead[51]["raw"] == "\ufffd" * 3 and "not valid UTF-8" in dead[51]["reason"]
+    assert "deepwatch.source" in dead[51]["reason"]
+
+    verdicts = dict(_read_all(broker, f"{topic}.verdicts"))
+    alerts = dict(_read_all(broker, f"{topic}.alerts"))
+    assert set(verdicts) == set(range(len(values))) - {51}
+    assert verdicts[50]["verdict"] == "malicious"
+    malicious = {k for k, d in verdicts.items() if d["verdict"] == "malicious"}
+    assert set(alerts) == malicious - {50} and len(alerts) > 50
+    # what the worker counts is what it wrote: the alert became a dead letter
+    assert report.produced["alert"] == len(alerts) and report.produced["dead_letter"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_produce_error_is_one_line_and_nothing_is_committed(
+        broker: str, detector: Detector, small_kdd_test: Path) -> None:
+    """A topic the broker refuses (here a name Kafka does not allow, forced past the check
+    at start) was a KafkaException traceback; it is a DeliveryError, and the batches whose
+    messages were not all written are not committed."""
+    from deepwatch.serve._kafka_io import KafkaSink
+
+    sink = KafkaSink(broker, {ALERT: "perr.alerts", VERDICT: "perr.verdicts",
+                              DEAD_LETTER: "perr.dead"}, {"message.timeout.ms": "3000"})
+    sink.topics[VERDICT] = "bad topic!!"
+    processor = StreamProcessor(detector, get_format("kdd"))
+    source = MemorySource(_records(small_kdd_test, 3000), batch_size=100)
+    with pytest.raises(DeliveryError, match="bad topic!!"):
+        run_loop(source, sink, processor, threading.Event())
+    assert source.committed == 0
+    # once the producer knows the topic is refused, produce() itself fails: that too is a
+    # DeliveryError, raised from write
+    raw = next(iter(MemorySource(_records(small_kdd_test, 100)).batches(threading.Event())))
+    deadline = time.monotonic() + 30
+    with pytest.raises(DeliveryError, match="cannot produce to 'bad topic!!'"):
+        while time.monotonic() < deadline:
+            sink.write(processor.process(raw))
+            sink.producer.poll(0.2)
+    sink.errors.clear()
+    sink.close()
+    del sink
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("flag", ["--output-topic", "--verdict-topic", "--dead-letter-topic",
+                                  "--input-topic"])
+def test_an_illegal_topic_name_is_refused_before_anything_is_read(
+        broker: str, kdd_bundle: Path, small_kdd_test: Path, flag: str) -> None:
+    topic = f"name-{flag.strip('-')}"
+    _create_topic(broker, topic, 1)
+    _produce(broker, topic, _records(small_kdd_test, 200))
+    names = {"--input-topic": topic, "--output-topic": f"{topic}.alerts",
+             "--verdict-topic": f"{topic}.verdicts", "--dead-letter-topic": f"{topic}.dead",
+             flag: "bad topic!!"}
+    cmd = [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
+           "--brokers", broker, "--group", f"g-{topic}"]
+    for name, value in names.items():
+        cmd += [name, value]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    lines = [x for x in done.stderr.splitlines() if not x.startswith("{")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert lines == [f"error: {flag} 'bad topic!!' is not a Kafka topic name: at most 249 of "
+                     "the characters a-z A-Z 0-9 . _ -"]
+    assert _committed(broker, f"g-{topic}", topic, 1) == 0
+    assert _count(broker, f"{topic}.alerts") == 0

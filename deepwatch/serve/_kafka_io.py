@@ -13,6 +13,7 @@ producer's queue is bounded; when it is full, producing waits for the broker.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import UsageError
-from ._stream_core import KINDS, Output, RawBatch, join_records
+from ._stream_core import DEAD_LETTER, KINDS, Output, RawBatch, dead_letter_for, join_records
 from ._stream_io import DeliveryError
 
 log = logging.getLogger("deepwatch.stream")
@@ -57,6 +58,30 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+#: What Kafka accepts as a topic name (and at most 249 of them, not "." or "..").
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+#: librdkafka's default message.max.bytes: the largest message (value, key and headers) the
+#: producer accepts.
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+
+
+def check_topic_name(flag: str, topic: str) -> None:
+    """A UsageError unless ``topic`` is a legal Kafka topic name."""
+    if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
+        raise UsageError(f"{flag} {topic!r} is not a Kafka topic name: at most 249 of the "
+                         "characters a-z A-Z 0-9 . _ -")
+
+
+def _client(ck: Any, kind: str, conf: dict[str, Any]) -> Any:
+    """A Consumer or Producer; a setting librdkafka refuses is a usage error, in one line."""
+    try:
+        return getattr(ck, kind)(conf)
+    except (ck.KafkaException, ValueError, TypeError) as exc:
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if hasattr(err, "str") else str(err)
+        raise UsageError(f"kafka {kind.lower()} settings refused: {text}") from None
+
+
 def _kafka() -> Any:
     try:
         import confluent_kafka
@@ -74,9 +99,10 @@ class KafkaSource:
                  on_event: Callable[[str, int], None] | None = None):
         ck = _kafka()
         self._ck = ck
+        check_topic_name("--input-topic", topic)
         conf = {**CONSUMER_DEFAULTS, "bootstrap.servers": brokers, "group.id": group,
                 "error_cb": self._on_error, **(options or {})}
-        self.consumer = ck.Consumer(conf)
+        self.consumer = _client(ck, "Consumer", conf)
         self.topic = topic
         self.batch_size = batch_size
         self.max_wait = max_wait
@@ -193,23 +219,65 @@ _EMPTY = RawBatch(b"", 0, pl.DataFrame({"topic": [], "partition": [], "offset": 
 
 
 class KafkaSink:
-    """Produces each kind of message to its topic (``None``: that kind is not written)."""
+    """Produces each kind of message to its topic (``None``: that kind is not written).
+
+    An alert or verdict too large for the producer (over ``message.max.bytes``) becomes a dead
+    letter of its record, saying so, instead of stopping the worker: a record that can never be
+    written must not jam its partition. Any other error producing is a DeliveryError (one line;
+    nothing of the batch is committed).
+    """
 
     def __init__(self, brokers: str, topics: dict[str, str | None],
                  options: dict[str, Any] | None = None, flush_timeout: float = 60.0,
-                 max_pending: int = 4):
+                 max_pending: int = 4, check_timeout: float = 10.0):
         ck = _kafka()
         self._ck = ck
         self.topics = {k: t for k, t in topics.items() if t and k in KINDS}
+        flags = {"alert": "--output-topic", "verdict": "--verdict-topic",
+                 DEAD_LETTER: "--dead-letter-topic"}
+        for kind, topic in self.topics.items():
+            check_topic_name(flags.get(kind, kind), topic)
         self.errors: list[str] = []
         # the delivery callback set once, not passed with every message (1.3 -> 0.8 us a call)
         conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": brokers, "error_cb": self._on_error,
                 "on_delivery": self._on_delivery, **(options or {})}
-        self.producer = ck.Producer(conf)
+        self.producer = _client(ck, "Producer", conf)
+        try:
+            self.max_message_bytes = int(conf.get("message.max.bytes",
+                                                  DEFAULT_MAX_MESSAGE_BYTES))
+        except ValueError:
+            self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.flush_timeout = flush_timeout
         self.waits = 0
+        #: messages too large to produce, written as dead letters of their records instead
+        self.oversized = 0
         #: batches the run loop may write before it waits for their acknowledgement
         self.max_pending = max_pending
+        if check_timeout > 0:
+            self._check_topics(flags, check_timeout)
+
+    def _check_topics(self, flags: dict[str, str], timeout: float) -> None:
+        """Refuses, before anything is consumed, an output topic the brokers say does not exist
+        (and will not create when written to). A broker that cannot be reached is not refused
+        here: the worker waits for it as it always does."""
+        ck = self._ck
+        for kind, topic in self.topics.items():
+            try:
+                meta = self.producer.list_topics(topic, timeout=timeout)
+            except ck.KafkaException as exc:
+                log.warning("could not check the output topics", extra={
+                    "event": "topic_check_skipped", "error": str(exc.args[0].str())})
+                return
+            found = meta.topics.get(topic)
+            err = found.error if found is not None else None
+            unknown = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
+            if found is None or (err is not None and err.code() in unknown):
+                raise UsageError(f"{flags.get(kind, kind)} {topic!r} does not exist on the "
+                                 "brokers, and they do not create topics on demand")
+            if err is not None and err.code() in (ck.KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                                  ck.KafkaError.INVALID_TOPIC_EXCEPTION):
+                raise UsageError(f"{flags.get(kind, kind)} {topic!r} cannot be written: "
+                                 f"{err.str()}")
 
     def drained(self) -> bool:
         """Whether every message written so far is acknowledged (and none failed)."""
@@ -223,26 +291,74 @@ class KafkaSink:
         if err is not None:  # only failures are reported (delivery.report.only.error)
             self.errors.append(f"{msg.topic()}: {err.str()}")
 
+    def _produce(self, topic: str, value: bytes, key: bytes | None) -> Any:
+        """Produces one message, waiting while the queue is full; the KafkaError when the
+        message is refused for its size; raises DeliveryError on any other error."""
+        ck = self._ck
+        while True:
+            try:
+                self.producer.produce(topic, value, key)
+                return None
+            except BufferError:  # queue full: let the broker catch up (backpressure)
+                self.waits += 1
+                self.producer.poll(0.05)
+            except ck.KafkaException as exc:
+                err = exc.args[0]
+                if err.code() == ck.KafkaError.MSG_SIZE_TOO_LARGE:
+                    return err
+                raise DeliveryError(f"cannot produce to {topic!r}: {err.str()}") from None
+
     def write(self, out: Output) -> None:
+        letters: list[tuple[bytes | None, bytes]] = []
         for kind, msgs in out.messages.items():
             topic = self.topics.get(kind)
             if topic is None or not len(msgs):
                 continue
             keys = msgs.keys if msgs.keys is not None else [None] * len(msgs)
             produce = self.producer.produce
-            for value, key in zip(msgs.values, keys, strict=True):
+            failed: list[int] = []
+            for i, (value, key) in enumerate(zip(msgs.values, keys, strict=True)):
                 try:
                     produce(topic, value, key)
-                except BufferError:  # queue full: let the broker catch up (backpressure)
-                    self.waits += 1
-                    while True:
-                        self.producer.poll(0.05)
-                        try:
-                            produce(topic, value, key)
-                            break
-                        except BufferError:
-                            continue
-            self.producer.poll(0)
+                except (BufferError, self._ck.KafkaException):
+                    if self._produce(topic, value, key) is not None:
+                        failed.append(i)
+            if failed:
+                letters += self._too_large(out, kind, failed)
+        if letters:
+            topic = self.topics.get(DEAD_LETTER)
+            if topic is None:
+                raise DeliveryError(f"{len(letters)} messages were too large to produce and "
+                                    "there is no dead-letter topic for them")
+            for key, value in letters:
+                if self._produce(topic, value, key) is not None:
+                    raise DeliveryError(f"a dead letter of {len(value) + len(key or b''):,} "
+                                        f"bytes is too large to produce to {topic!r} (over "
+                                        f"message.max.bytes, {self.max_message_bytes:,})")
+            out.add_dead_letters(letters)
+        self.producer.poll(0)
+
+    def _too_large(self, out: Output, kind: str, failed: list[int]
+                   ) -> list[tuple[bytes | None, bytes]]:
+        """Dead letters for the messages of ``kind`` at ``failed``, which the producer refused
+        for their size; they are taken out of ``out`` (it then counts what was written)."""
+        msgs = out.messages[kind]
+        letters = []
+        for i in failed:
+            size = len(msgs.values[i]) + len((msgs.keys[i] or b"") if msgs.keys else b"")
+            why = (f"its {kind.replace('_', ' ')} message was {size:,} bytes, over the producer's "
+                   f"message.max.bytes ({self.max_message_bytes:,}): it could not be written")
+            try:
+                letters.append(dead_letter_for(out, kind, i, why))
+            except ValueError:
+                raise DeliveryError(f"a {kind} message of {size:,} bytes is too large to "
+                                    "produce") from None
+            log.warning("message too large, written as a dead letter", extra={
+                "event": "oversized", "kind": kind, "bytes": size,
+                "limit": self.max_message_bytes})
+        self.oversized += len(failed)
+        out.drop(kind, failed)
+        return letters
 
     def flush(self) -> None:
         deadline = time.monotonic() + self.flush_timeout

@@ -58,6 +58,9 @@ class Messages:
 
     values: list[bytes] = field(default_factory=list)
     keys: list[bytes | None] | None = None
+    #: For each message, the index of its record in the batch (where a sink may need it: a
+    #: message too large to be written becomes a dead letter of that record).
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.values)
@@ -72,6 +75,69 @@ class Output:
     scored: int
     rejected: int
     alerts: int
+    #: The batch these messages came from, its format and when it was scored: what a sink
+    #: needs to turn a message it cannot write into a dead letter (:func:`dead_letter_for`).
+    source: RawBatch | None = None
+    format_name: str = ""
+    now: datetime | None = None
+
+    def drop(self, kind: str, indices: list[int]) -> None:
+        """Removes messages of ``kind`` that were not written (so that counts stay true)."""
+        msgs = self.messages[kind]
+        gone = set(indices)
+        keep = [i for i in range(len(msgs)) if i not in gone]
+        msgs.values = [msgs.values[i] for i in keep]
+        if msgs.keys is not None:
+            msgs.keys = [msgs.keys[i] for i in keep]
+        if msgs.rows is not None:
+            msgs.rows = msgs.rows[keep]
+
+    def add_dead_letters(self, letters: list[tuple[bytes | None, bytes]]) -> None:
+        msgs = self.messages.setdefault(DEAD_LETTER, Messages())
+        msgs.values = msgs.values + [v for _, v in letters]
+        if msgs.keys is not None:
+            msgs.keys = msgs.keys + [k for k, _ in letters]
+        msgs.rows = None
+
+
+#: Added to a dead letter's reason when its record's bytes were not UTF-8.
+NOT_UTF8 = ("; the raw bytes were not valid UTF-8 and the undecodable ones are shown as U+FFFD: "
+            "the original is at deepwatch.source")
+
+
+def _lines(raw: RawBatch) -> list[bytes]:
+    return [x.removesuffix(b"\r") for x in raw.data.split(b"\n")]
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def dead_letter_for(out: Output, kind: str, index: int, why: str) -> tuple[bytes | None, bytes]:
+    """A dead letter (key, value) for the record behind message ``index`` of ``kind``, which
+    could not be written (``why``): its raw text, cut as a reject's is, and its origin."""
+    from ..formats._base import MAX_RAW
+
+    msgs = out.messages[kind]
+    if out.source is None or msgs.rows is None:
+        raise ValueError("this output does not know the records behind its messages")
+    row = int(msgs.rows[index])
+    line = _lines(out.source)[row]
+    text = line.decode("utf-8", errors="replace")
+    reason = why
+    if len(text) > MAX_RAW:
+        reason += f" (raw text cut to its first {MAX_RAW:,} of {len(text):,} characters)"
+        text = text[:MAX_RAW]
+    if not _is_utf8(line):
+        reason += NOT_UTF8
+    key = msgs.keys[index] if msgs.keys is not None else None
+    value = _dead_letter_rows(out.now or datetime.now(UTC), out.format_name, [text], [reason],
+                              out.source.origin[[row]])[0]
+    return key, value
 
 
 def _take_keys(keys: list[bytes | None] | None, idx: np.ndarray) -> list[bytes | None] | None:
@@ -115,8 +181,8 @@ class StreamProcessor:
             messages[DEAD_LETTER] = Messages(
                 self._dead_letters(now or datetime.now(UTC), [""] * raw.count,
                                    [raw.damage] * raw.count, raw.origin),
-                _take_keys(raw.keys, idx))
-            return Output(messages, raw.count, 0, raw.count, 0)
+                _take_keys(raw.keys, idx), idx)
+            return Output(messages, raw.count, 0, raw.count, 0, raw, self.fmt.name, now)
         context = self._contexts.get(raw.stream) if raw.stream is not None else None
         result = (self.fmt.parse_bulk(raw.data, first_line=0, context=context) if raw.count
                   else None)
@@ -127,7 +193,7 @@ class StreamProcessor:
                              "lines; a record holds a line break")
         messages = {k: Messages(keys=[] if raw.keys is not None else None) for k in KINDS}
         if result is None:
-            return Output(messages, 0, 0, 0, 0)
+            return Output(messages, 0, 0, 0, 0, raw, self.fmt.name, now)
         now = now or datetime.now(UTC)
         scored_idx = np.asarray(result.line_numbers, dtype=np.int64)
         n_alerts = 0
@@ -139,28 +205,41 @@ class StreamProcessor:
             if self.verdicts:
                 lean = frame.select([c for c in VERDICT_COLUMNS if c in frame.columns])
                 messages[VERDICT] = Messages(encode_rows(_with_source(lean, origin)),
-                                             _take_keys(raw.keys, scored_idx))
+                                             _take_keys(raw.keys, scored_idx), scored_idx)
             bad = (frame["verdict"] == "malicious").to_numpy()
             n_alerts = int(bad.sum())
             if n_alerts:
                 pick = np.flatnonzero(bad)
                 messages[ALERT] = Messages(
                     alert_lines(frame[pick], self.alert_context, origin[pick], now),
-                    _take_keys(raw.keys, scored_idx[pick]))
+                    _take_keys(raw.keys, scored_idx[pick]), scored_idx[pick])
         rejects = result.rejects
         if rejects.num_rows:
             reject_idx = np.asarray(rejects.column("line"), dtype=np.int64)
+            texts = rejects.column("raw").to_pylist()
+            reasons = _note_not_utf8(raw, reject_idx, texts, rejects.column("reason").to_pylist())
             messages[DEAD_LETTER] = Messages(
-                self._dead_letters(now, rejects.column("raw").to_pylist(),
-                                   rejects.column("reason").to_pylist(), raw.origin[reject_idx]),
-                _take_keys(raw.keys, reject_idx))
+                self._dead_letters(now, texts, reasons, raw.origin[reject_idx]),
+                _take_keys(raw.keys, reject_idx), reject_idx)
         # header lines (Zeek's #fields...) are no records: neither scored nor rejected
-        return Output(messages, result.lines, result.batch.num_rows, rejects.num_rows, n_alerts)
+        return Output(messages, result.lines, result.batch.num_rows, rejects.num_rows, n_alerts,
+                      raw, self.fmt.name, now)
 
     def _dead_letters(self, now: datetime, raw: list[str], reasons: list[str],
                       origin: pl.DataFrame) -> list[bytes]:
         """A dead letter per rejected record: what it was, why, and where it came from."""
         return _dead_letter_rows(now, self.fmt.name, raw, reasons, origin)
+
+
+def _note_not_utf8(raw: RawBatch, idx: np.ndarray, texts: list[str],
+                   reasons: list[str]) -> list[str]:
+    """``reasons``, each saying so where its record's bytes were not UTF-8 (its text then holds
+    U+FFFD in their place; a text without U+FFFD was valid UTF-8 and is not looked at again)."""
+    if not any("\ufffd" in t for t in texts):
+        return reasons
+    lines = _lines(raw)
+    return [why + NOT_UTF8 if "\ufffd" in t and not _is_utf8(lines[int(i)]) else why
+            for i, t, why in zip(idx, texts, reasons, strict=True)]
 
 
 def _dead_letter_rows(now: datetime, fmt: str, raw: list[str], reasons: list[str],
