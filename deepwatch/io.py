@@ -95,10 +95,11 @@ class InputReader:
                         result = self.fmt.parse_bulk(chunk.data, first_line=chunk.first_line,
                                                      context=context)
                         context = self.fmt.context_after(chunk.data, context)
-                    if chunk.damage is not None:  # the unreadable rest of a damaged file
-                        result = ParseResult(result.batch, pa.table(
-                            {"line": [chunk.first_line], "raw": [""], "reason": [chunk.damage]},
-                            schema=REJECT_SCHEMA), 1)
+                    if chunk.damage is not None:  # the unreadable rest of a damaged file,
+                        # with the beginning of the text that could not be trusted
+                        lost = chunk.lost.decode("utf-8", errors="replace")
+                        result = ParseResult(result.batch, make_rejects(
+                            [chunk.first_line], [lost], [chunk.damage]), 1)
                     self.scored = self.parse is not None
                     numbers = result.line_numbers
                     usable = len(numbers) == result.batch.num_rows

@@ -183,7 +183,7 @@ def test_outputs_that_cannot_be_written_are_one_line_errors_before_the_work(
          "is a file; a bundle is a directory"),
         (["train", "--format", "kdd", "--model", "mlp", "--out", nowhere, data], 2,
          "cannot write a bundle"),
-        (["train", "--format", "kdd", "--model", "mlp", "--out", str(not_bundle), data], 3,
+        (["train", "--format", "kdd", "--model", "mlp", "--out", str(not_bundle), data], 2,
          "is not a deepwatch bundle"),
         (["ingest", "--format", "kdd", "--lake", str(a_file), data], 2, "is a file"),
         (["demo", "--out", str(a_file)], 2, "is a file; give a directory"),

@@ -108,6 +108,9 @@ def test_score_goes_on_after_a_damaged_file_and_counts_it(
     # the torn last line and the unreadable rest: one reject (no parse of the torn line)
     assert [r["line"] for r in damaged_rej] == [whole_lines + 1]
     assert "truncated" in damaged_rej[0]["reason"] and "cut short" in damaged_rej[0]["reason"]
+    # its raw text: the torn line as far as it could be read
+    torn = salvaged[salvaged.rindex(b"\n") + 1:].decode()
+    assert torn and damaged_rej[0]["raw"] == torn
     plain_rej = by_source[str(not_gzip)]
     assert len(plain_rej) == 1 and plain_rej[0]["line"] == 1
     assert "corrupt compressed data" in plain_rej[0]["reason"]
