@@ -29,6 +29,10 @@ ALERT_CATEGORY = ("network", "intrusion_detection")
 SCORE_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category", "explanation")
 SEVERITY_BOUNDS = (40.0, 70.0, 90.0)  # risk at which severity rises to 2, 3, 4
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.3fZ"
+#: The most characters of one record field an alert carries. An attacker who pads a URL or a
+#: user agent must not push the alert over a transport's message size limit (Kafka's is 1 MB),
+#: where it would not be delivered as an alert; ``deepwatch.truncated`` names the fields cut.
+MAX_FIELD_CHARS = 8192
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,23 @@ def _json_explanation(frame: pl.DataFrame) -> pl.Series | None:
     return col.fill_null("null")
 
 
+def _cut_long_fields(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series | None]:
+    """``frame`` with its record's text fields cut to MAX_FIELD_CHARS, and for each row the
+    names of the fields that were cut (None when none was: the common case costs one pass)."""
+    text = [c for c, t in frame.schema.items() if t == pl.String and c not in SCORE_COLUMNS]
+    if not text:
+        return frame, None
+    long = frame.select(pl.col(c).str.len_chars().fill_null(0) > MAX_FIELD_CHARS for c in text)
+    hit = [c for c in text if long[c].any()]
+    if not hit:
+        return frame, None
+    listed = pl.concat_list(pl.when(pl.col(c)).then(pl.lit(c)).otherwise(None) for c in hit
+                            ).list.drop_nulls()
+    names = long.select(pl.when(listed.list.len() > 0).then(listed).alias("t"))["t"]
+    cut = frame.with_columns(pl.col(c).str.slice(0, MAX_FIELD_CHARS) for c in hit)
+    return cut, names
+
+
 def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertContext,
                 source: pl.DataFrame | None = None, now: datetime | None = None,
                 splice_explanation: bool = False) -> pl.DataFrame:
@@ -138,8 +159,11 @@ def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
     assert isinstance(frame, pl.DataFrame)
     if source is not None and source.height != frame.height:
         raise ValueError(f"{source.height} source rows for {frame.height} alerts")
+    frame, truncated = _cut_long_fields(frame)
     risk = risk_scores(frame["score"].to_numpy(), ctx)
     extra = {"_risk": pl.Series(risk), "_severity": pl.Series(severities(risk))}
+    if truncated is not None:
+        extra["_truncated"] = truncated
     if source is not None:
         extra["_source"] = source.select(pl.struct(pl.all()).alias("s"))["s"]
     work = frame.with_columns(**extra)
@@ -174,6 +198,8 @@ def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
             own["record"] = pl.struct(record)
     if source is not None:
         own["source"] = pl.col("_source")
+    if truncated is not None:
+        own["truncated"] = pl.col("_truncated")
     tree["deepwatch"] = own
     return work.select([_to_struct(k, v) for k, v in tree.items()])
 

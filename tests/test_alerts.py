@@ -67,6 +67,28 @@ def test_alert_has_the_contract_fields() -> None:
     assert docs[1]["event"]["severity"] == 2 and docs[1]["deepwatch"]["attack_type"] == "satan"
 
 
+def test_a_padded_field_cannot_push_an_alert_past_a_message_size_limit() -> None:
+    """An attacker's 600 KB URL must not make the alert too big to deliver (Kafka's limit is
+    1 MB): every text field is cut to MAX_FIELD_CHARS, and the alert names what was cut."""
+    from deepwatch.alerts import MAX_FIELD_CHARS
+
+    url = "/index.php?q=" + "A" * 600_000
+    scored = malicious(_scored().append_column(
+        "url", pa.array([url, "/", "/ok"])).append_column(
+        "user_agent", pa.array(["w3af", "x", "U" * (MAX_FIELD_CHARS + 1)])))
+    ctx = _ctx(ecs_fields={"url.original": "url", "user_agent.original": "user_agent"})
+    raw = alert_lines(scored, ctx, now=NOW)
+    assert all(len(b) < 60_000 for b in raw)
+    a, b = (json.loads(x) for x in raw)
+    assert a["url"]["original"] == url[:MAX_FIELD_CHARS]
+    assert a["deepwatch"]["record"]["url"] == url[:MAX_FIELD_CHARS]
+    assert a["deepwatch"]["truncated"] == ["url"]
+    assert b["deepwatch"]["truncated"] == ["user_agent"] and b["url"]["original"] == "/ok"
+    # nothing long: nothing cut, no key
+    plain = json.loads(alert_lines(malicious(_scored()), _ctx(), now=NOW)[0])
+    assert "truncated" not in plain["deepwatch"]
+
+
 def test_without_a_time_column_the_alert_is_stamped_now() -> None:
     scored = malicious(_scored()).drop_columns(["timestamp"])
     doc = json.loads(alert_lines(scored, _ctx(), now=NOW)[0])

@@ -587,11 +587,11 @@ def _stream_in_thread(opts: StreamOptions) -> tuple[threading.Thread, threading.
 @pytest.mark.integration
 def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
         broker: str, access_bundle: Path) -> None:
-    """A request with a 600 KB URL makes an alert over 1 MB (the URL is in url.original,
-    url.path and url.query), over the producer's message.max.bytes: it was a traceback, nothing
-    committed, and every restart died on the same record. It is a dead letter saying why, and
-    the records after it are scored and committed. Bytes that are not UTF-8 are a dead letter
-    whose reason says they were replaced."""
+    """An alert over the producer's message.max.bytes was a traceback, nothing committed, and
+    every restart died on the same record. It is a dead letter saying why, and the records
+    after it are scored and committed. (Alerts cut every field to MAX_FIELD_CHARS, so a 600 KB
+    URL makes an alert of tens of KB: the producer's limit is lowered here to reach it.) Bytes
+    that are not UTF-8 are a dead letter whose reason says they were replaced."""
     from confluent_kafka import Producer
 
     scan = [x.encode() for x in head_lines(data_file("weblogs/scan_w3af.log.gz"), 100)]
@@ -608,7 +608,8 @@ def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
 
     opts = StreamOptions(bundle=str(access_bundle), format="access", brokers=broker,
                          input_topic=topic, output_topic=f"{topic}.alerts",
-                         verdict_topic=f"{topic}.verdicts", group=group, batch_wait_ms=200)
+                         verdict_topic=f"{topic}.verdicts", group=group, batch_wait_ms=200,
+                         kafka_options={"message.max.bytes": "12000"})
     thread, stop, result = _stream_in_thread(opts)
     try:
         _wait("the worker to commit every record",
@@ -623,7 +624,7 @@ def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
     assert set(dead) == {50, 51}
     why = dead[50]["reason"]
     assert why.startswith("its alert message was ") and "bytes, over the producer's " \
-        "message.max.bytes (1,000,000)" in why and "cut to its first 10,000 of" in why
+        "message.max.bytes (12,000)" in why and "cut to its first 10,000 of" in why
     assert dead[50]["raw"] == big[:10_000].decode()
     assert dead[50]["deepwatch"]["source"]["topic"] == topic
     assert dead[51]["raw"] == "\ufffd" * 3 and "not valid UTF-8" in dead[51]["reason"]
