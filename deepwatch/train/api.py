@@ -459,7 +459,9 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     from ..models.decision import Decision
     from ..models.export import to_onnx
     module = trained.module.eval()
-    # calibration metrics from a model that never saw the calibration rows
+    # calibration metrics on rows no base network trained on (cross-fitted: the first fold's
+    # members on their own held-out half); with one fold, a stack's meta-learner and the
+    # threshold were fitted on these rows, so they are in-sample there (docs/models.md)
     outs = run_module((trained.calibration_module or module).eval(), calib_split.X,
                       trained.outputs)
     decision = Decision(trained.decision).apply(outs)
