@@ -6,17 +6,27 @@ Layout of a lake directory::
     records/day=YYYY-MM-DD/part-<ingest>-<seq>.parquet
     rejects/part-<ingest>-<seq>.parquet   (line, raw, reason, source)
 
-A record's day comes from its ``timestamp`` column (UTC); formats without one are filed under
-the day they were ingested. Part names sort in the order they were written, so reading a lake
-back yields each day's records in arrival order, days in order.
+A record's day comes from the format's time column (the column its ECS ``@timestamp`` maps to:
+``timestamp`` for access logs, ``ts`` for Zeek), in UTC; formats without one are filed under the
+day they were ingested. Part names sort in the order they were written, so reading a lake back
+yields each day's records in arrival order, days in order.
+
+Every file is written under a temporary name starting with a dot in its final directory and
+renamed into place when complete, so readers (which only see ``part-*.parquet``) never see half a
+part or half a manifest, even beside an ingest that is running or was killed. Ingest appends: the
+same input ingested twice is there twice. ``_ingested.jsonl`` lists the inputs ingested (path,
+size, sha256), so a repeat can be warned about.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +41,53 @@ LAYOUT_VERSION = 1
 MANIFEST = "_lake.json"
 RECORDS = "records"
 REJECTS = "rejects"
+INGESTED = "_ingested.jsonl"
+PART_GLOB = "part-*.parquet"
+#: Temporary files (a killed writer's leftovers) older than this are removed by the next writer.
+STALE_TMP_S = 3600.0
+
+
+def _tmp_name(final: Path) -> Path:
+    """A name in ``final``'s directory that no reader globs (a leading dot), unique per call."""
+    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _write_atomic(final: Path, write: Callable[[Path], object], *,
+                  exclusive: bool = False) -> bool:
+    """Write ``final`` through a temporary file in its directory, then rename it into place.
+
+    ``write`` is called with the temporary path. With ``exclusive``, an existing ``final`` is
+    left alone and False is returned (the file is linked into place, which fails if it exists).
+    """
+    tmp = _tmp_name(final)
+    try:
+        write(tmp)
+        if exclusive:
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: the first replace wins anyway
+                if final.exists():
+                    return False
+                os.replace(tmp, final)
+                return True
+            return True
+        os.replace(tmp, final)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _clean_stale_tmp(folder: Path) -> None:
+    """Remove temporary files a killed writer left in ``folder`` (only old ones: a running
+    writer's are young)."""
+    now = time.time()
+    for tmp in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
 
 
 @dataclass
@@ -68,17 +125,27 @@ class LakeWriter:
         self.format = format_name
         if self.root.exists() and not self.root.is_dir():
             raise UsageError(f"--lake {self.root} is a file; a lake is a directory")
-        if (self.root / MANIFEST).exists():
-            found = lake_format(self.root)
-            if found != format_name:
-                raise UsageError(f"the lake at {self.root} holds {found!r} records, "
-                                 f"not {format_name!r}")
-        else:
-            if self.root.exists() and any(self.root.iterdir()):
+        if not (self.root / MANIFEST).exists():
+            # hidden files are other writers' temporaries (a concurrent creator's manifest)
+            # (a manifest that appeared meanwhile is a concurrent creator's: a lake after all)
+            if self.root.exists() and any(not p.name.startswith(".")
+                                          for p in self.root.iterdir()) \
+                    and not (self.root / MANIFEST).exists():
                 raise UsageError(f"{self.root} exists and is not a deepwatch lake")
             self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / MANIFEST).write_text(json.dumps(
-                {"format": format_name, "version": LAYOUT_VERSION}, indent=1) + "\n")
+            text = json.dumps({"format": format_name, "version": LAYOUT_VERSION}, indent=1) + "\n"
+            # created whole or not at all; a concurrent creator that got there first wins, and
+            # its format is checked below like any existing lake's
+            _write_atomic(self.root / MANIFEST, lambda t: t.write_text(text), exclusive=True)
+        found = lake_format(self.root)
+        if found != format_name:
+            raise UsageError(f"the lake at {self.root} holds {found!r} records, "
+                             f"not {format_name!r}")
+        self._time_column = _time_column(format_name)
+        for folder in (self.root, self.root / REJECTS,
+                       *(self.root / RECORDS).glob("day=*")):
+            if folder.is_dir():
+                _clean_stale_tmp(folder)
         # ingest ids sort by time, so parts read back in the order they were written
         self._ingest = f"{time.time_ns():020d}-{secrets.token_hex(3)}"
         self._seq = 0
@@ -92,10 +159,10 @@ class LakeWriter:
         if batch.num_rows == 0:
             return
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-        for day, part in _by_day(table):
+        for day, part in _by_day(table, self._time_column):
             folder = self.root / RECORDS / f"day={day}"
             folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(part, folder / self._name(), compression="zstd")
+            _write_part(part, folder / self._name())
             self.stats.records += part.num_rows
             self.stats.files += 1
             assert self.stats.days is not None
@@ -106,14 +173,78 @@ class LakeWriter:
             return
         folder = self.root / REJECTS
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(rejects, folder / self._name(), compression="zstd")
+        _write_part(rejects, folder / self._name())
         self.stats.rejects += rejects.num_rows
 
+    def seen_before(self, path: str | Path) -> bool:
+        """Whether an input with ``path``'s size and sha256 was ingested into this lake before
+        (ingest appends regardless: this is for a warning)."""
+        size, digest = _checksum(Path(path))
+        return any(e.get("size") == size and e.get("sha256") == digest
+                   for e in _ingested(self.root))
 
-def _by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
-    if "timestamp" not in table.schema.names:
+    def note_ingested(self, path: str | Path) -> None:
+        """Remember ``path`` (size, sha256) as ingested, in ``_ingested.jsonl``: one line
+        appended in one write, so concurrent ingests do not lose each other's entries."""
+        size, digest = _checksum(Path(path))
+        line = json.dumps({"path": str(path), "size": size, "sha256": digest,
+                           "ingest": self._ingest}) + "\n"
+        fd = os.open(self.root / INGESTED, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def _checksum(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            size += len(block)
+            digest.update(block)
+    return size, digest.hexdigest()
+
+
+def _ingested(root: Path) -> list[dict[str, object]]:
+    try:
+        lines = (root / INGESTED).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                out.append(entry)
+    return out
+
+
+def _write_part(table: pa.Table, final: Path) -> None:
+    _write_atomic(final, lambda t: pq.write_table(table, t, compression="zstd"))
+
+
+def _time_column(format_name: str) -> str | None:
+    """The column a format's records are timed by: the one its ECS ``@timestamp`` maps to."""
+    from .formats import get_format
+
+    try:
+        fmt = get_format(format_name)
+    except Exception:  # noqa: BLE001 - an unknown format has no time column to file by
+        return None
+    col = fmt.ecs_fields.get("@timestamp")
+    if col is not None and col in fmt.schema.names \
+            and pa.types.is_timestamp(fmt.schema.field(col).type):
+        return col
+    return None
+
+
+def _by_day(table: pa.Table, time_column: str | None = "timestamp"
+            ) -> list[tuple[str, pa.Table]]:
+    if time_column is None or time_column not in table.schema.names \
+            or not pa.types.is_timestamp(table.schema.field(time_column).type):
         return [(datetime.now(UTC).strftime("%Y-%m-%d"), table)]
-    days = pc.strftime(table.column("timestamp"), format="%Y-%m-%d")
+    days = pc.strftime(table.column(time_column), format="%Y-%m-%d")
     out = []
     for day in pc.unique(days).to_pylist():
         mask = pc.equal(days, day) if day is not None else pc.is_null(days)
@@ -130,7 +261,7 @@ def _parts(root: Path, days: Sequence[str] | None) -> list[Path]:
     for day_dir in sorted(folder.glob("day=*")):
         if wanted is not None and day_dir.name.removeprefix("day=") not in wanted:
             continue
-        out.extend(sorted(day_dir.glob("part-*.parquet")))
+        out.extend(sorted(day_dir.glob(PART_GLOB)))
     return out
 
 
@@ -165,7 +296,7 @@ def read_lake(root: str | Path, days: Sequence[str] | None = None) -> pa.Table:
 
 def read_rejects(root: str | Path) -> pa.Table | None:
     folder = Path(root) / REJECTS
-    parts = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
+    parts = sorted(folder.glob(PART_GLOB)) if folder.exists() else []
     if not parts:
         return None
     return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated
 
@@ -23,11 +25,19 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
     fmt = get_format(format_name)
     writer = LakeWriter(lake, format_name)
     reader = InputReader(fmt, inputs, progress=progress)
+    # ingest appends: a file ingested before is ingested again (warned about, not refused)
+    files = [s.path for s in reader.specs if s.path != "-" and os.path.isfile(s.path)]
+    for path in files:
+        if writer.seen_before(path):
+            print(f"warning: {path} (same size and sha256) was already ingested into {lake}; "
+                  "its records are appended again", file=sys.stderr)
     for batch, rejects, _spec in reader:
         writer.write(batch)
         writer.write_rejects(rejects)
         if on_batch is not None:
             on_batch(batch.num_rows)
+    for path in files:
+        writer.note_ingested(path)
     return writer.stats, reader.stats.summary()
 
 
@@ -39,7 +49,11 @@ def register(app: typer.Typer) -> None:
         fmt: Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")],
         lake: Annotated[str, typer.Option("--lake", help="Lake directory (created if new)")],
     ) -> None:
-        """Parse records into a Parquet lake partitioned by day; rejected lines kept beside."""
+        """Parse records into a Parquet lake partitioned by day; rejected lines kept beside.
+
+        Ingest appends and is not idempotent: ingesting the same file twice stores its records
+        twice (a warning says so when a file of the same size and sha256 was ingested before).
+        """
         from .progress import enabled
 
         stats, summary = ingest(fmt, lake, files, progress=enabled())

@@ -121,3 +121,121 @@ def test_train_and_score_from_the_lake(tmp_path: Path, monkeypatch: pytest.Monke
     assert {"anomaly_score", "verdict"} <= set(scored.schema.names)
     assert pa.types.is_timestamp(scored.schema.field("timestamp").type)
     assert main(["score", str(bundle), "--format", "access", "--out", str(out)]) == 2
+
+
+def _zeek_json(ts: float, uid: str) -> str:
+    return json.dumps({"ts": ts, "uid": uid, "id.orig_h": "10.0.0.1", "id.orig_p": 40000,
+                       "id.resp_h": "10.0.0.2", "id.resp_p": 53, "proto": "udp"})
+
+
+def test_zeek_records_are_filed_under_their_own_day(tmp_path: Path) -> None:
+    """The day comes from the format's time column (Zeek's ``ts``), not the ingest day."""
+    log = tmp_path / "conn.log"
+    # 2020-06-06 00:00:10, 2020-06-05 23:59:59, 2020-06-06 00:00:20 (UTC)
+    log.write_text("\n".join(_zeek_json(t, u) for t, u in (
+        (1591401610.0, "B"), (1591401599.0, "A"), (1591401620.0, "C"))) + "\n")
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "zeek", "--lake", str(lake), str(log)]) == 0
+    assert lake_days(lake) == ["2020-06-05", "2020-06-06"]
+    assert read_lake(lake).column("uid").to_pylist() == ["A", "B", "C"]
+
+
+def test_a_part_is_never_visible_half_written(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer killed (here: failing) midway leaves no ``part-*.parquet`` behind, and the
+    temporaries it leaves are ignored by readers and cleaned up by a later writer when old."""
+    fmt = get_format("access")
+    lake = tmp_path / "lake"
+    writer = LakeWriter(lake, "access")
+    writer.write(fmt.parse(_log(tmp_path / "a.log", [14]).read_bytes()).batch)
+    real = pq.write_table
+
+    def torn(table: pa.Table, where: object, **kw: object) -> None:
+        real(table, where, **kw)  # type: ignore[arg-type]
+        path = Path(str(where))
+        path.write_bytes(path.read_bytes()[:40])  # the first bytes only, like a killed writer
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", torn)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write(fmt.parse(_log(tmp_path / "b.log", [14, 15]).read_bytes()).batch)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_rejects(fmt.parse(b"junk\n").rejects.append_column(
+            "source", pa.array(["x"])))
+    monkeypatch.setattr(pq, "write_table", real)
+    parts = sorted((lake / "records").rglob("part-*.parquet"))
+    assert [p.parent.name for p in parts] == ["day=2024-05-14"]
+    assert read_lake(lake).num_rows == 1 and read_rejects(lake) is None
+    # a torn temporary, as a kill -9 leaves it, is invisible to readers
+    day = lake / "records" / "day=2024-05-14"
+    stale = day / ".part-00000000000000000000-aaaaaa-000001.parquet.1-abcd.tmp"
+    stale.write_bytes(b"PAR1 torn")
+    assert read_lake(lake).num_rows == 1 and list(iter_lake(lake))
+    # the next writer removes old temporaries and keeps young ones (a running writer's)
+    young = day / ".part-00000000000000000000-bbbbbb-000001.parquet.2-abcd.tmp"
+    young.write_bytes(b"PAR1")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    LakeWriter(lake, "access")
+    assert not stale.exists() and young.exists()
+
+
+def test_the_manifest_is_created_whole_and_once(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A creator that fails midway leaves no partial ``_lake.json``; a second creator that
+    finds another's temporary (or finished) manifest joins the lake instead of failing."""
+    lake = tmp_path / "lake"
+    real = Path.write_text
+
+    def torn(self: Path, text: str, *a: object, **kw: object) -> int:
+        real(self, text[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(KeyboardInterrupt):
+        LakeWriter(lake, "access")
+    monkeypatch.setattr(Path, "write_text", real)
+    assert not (lake / "_lake.json").exists()
+    # a concurrent creator's temporary manifest does not make the directory "not a lake"
+    (lake / "._lake.json.123-abcd.tmp").write_text('{"form')
+    LakeWriter(lake, "access")
+    assert lake_format_of(lake) == "access"
+    LakeWriter(lake, "access")  # a second creator agreeing on the format
+    with pytest.raises(UsageError, match="holds 'access'"):
+        LakeWriter(lake, "zeek")
+
+
+def lake_format_of(lake: Path) -> str:
+    from deepwatch.lake import lake_format
+
+    return lake_format(lake)
+
+
+def test_concurrent_creators_of_a_new_lake(tmp_path: Path) -> None:
+    code = ("import sys, time\nfrom deepwatch.lake import LakeWriter\n"
+            "t0 = float(sys.argv[2])\nwhile time.time() < t0: pass\n"
+            "LakeWriter(sys.argv[1], 'kdd')\n")
+    for trial in range(3):
+        lake = tmp_path / f"lake{trial}"
+        t0 = f"{__import__('time').time() + 1.5:.3f}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(lake), t0],
+                                  stderr=subprocess.PIPE) for _ in range(8)]
+        errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+        assert all(p.returncode == 0 for p in procs), errors
+        assert lake_format_of(lake) == "kdd"
+
+
+def test_ingesting_a_file_twice_appends_with_a_warning(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    log = _log(tmp_path / "a.log", [14, 15])
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(log)]) == 0
+    assert "already ingested" not in capsys.readouterr().err
+    copy = tmp_path / "copy.log"
+    copy.write_bytes(log.read_bytes())
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert f"{copy} (same size and sha256) was already ingested" in err
+    assert read_lake(lake).num_rows == 4  # appended, not refused
+    other = _log(tmp_path / "b.log", [16])
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(other)]) == 0
+    assert "already ingested" not in capsys.readouterr().err
