@@ -150,6 +150,7 @@ class LakeWriter:
         self._ingest = f"{time.time_ns():020d}-{secrets.token_hex(3)}"
         self._seq = 0
         self.stats = LakeStats(days=set())
+        self._sums: dict[str, tuple[int, str]] = {}
 
     def _name(self) -> str:
         self._seq += 1
@@ -179,14 +180,14 @@ class LakeWriter:
     def seen_before(self, path: str | Path) -> bool:
         """Whether an input with ``path``'s size and sha256 was ingested into this lake before
         (ingest appends regardless: this is for a warning)."""
-        size, digest = _checksum(Path(path))
+        size, digest = self._checksum(path)
         return any(e.get("size") == size and e.get("sha256") == digest
                    for e in _ingested(self.root))
 
     def note_ingested(self, path: str | Path) -> None:
         """Remember ``path`` (size, sha256) as ingested, in ``_ingested.jsonl``: one line
         appended in one write, so concurrent ingests do not lose each other's entries."""
-        size, digest = _checksum(Path(path))
+        size, digest = self._checksum(path)
         line = json.dumps({"path": str(path), "size": size, "sha256": digest,
                            "ingest": self._ingest}) + "\n"
         fd = os.open(self.root / INGESTED, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -194,6 +195,11 @@ class LakeWriter:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+
+    def _checksum(self, path: str | Path) -> tuple[int, str]:
+        if str(path) not in self._sums:  # each input is read once to checksum it, not twice
+            self._sums[str(path)] = _checksum(Path(path))
+        return self._sums[str(path)]
 
 
 def _checksum(path: Path) -> tuple[int, str]:
