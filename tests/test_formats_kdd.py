@@ -58,7 +58,7 @@ def test_labels_lose_spaces_and_dots_and_an_empty_label_is_a_reject(fmt: str) ->
              base + " . " + tail, "garbage", base + "normal." + tail]
     data = "\n".join(lines) + "\n"
     f = get_format(fmt)
-    for r in (f.parse(data, first_line=3), f.parse_bulk(data * 1, first_line=3)):
+    for r in (f.parse(data, first_line=3), f.parse_bulk(data, first_line=3)):
         assert r.batch.column("label").to_pylist() == ["normal", "smurf", "normal"]
         assert r.line_numbers.to_pylist() == [3, 5, 8]
         rej = r.rejects.to_pylist()
