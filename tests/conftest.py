@@ -97,6 +97,27 @@ def kdd_bundle(small_kdd: Path, bundle_root: Path) -> Path:
     return trained_bundle("mlp", small_kdd, bundle_root)
 
 
+def wait_healthy(url: str, proc: Any, timeout: float = 60) -> None:
+    """Wait until the server process ``proc`` answers 200 on ``url``/healthz; fail if it exits
+    (with its stderr, when piped) or is not healthy within ``timeout`` seconds."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"server exited: {err}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become healthy")
+
+
 def free_port() -> int:
     import socket
 

@@ -288,11 +288,8 @@ def test_the_backend_option_is_one_name_on_evaluate_and_serve(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
     """`--backend torch` runs the exported module in torch on evaluate (which still takes the
     older `--engine`) and serve, as on score and stream."""
-    import time
-
     import httpx
-
-    from tests.conftest import free_port
+    from conftest import free_port, wait_healthy
 
     data = tmp_path / "t.csv"
     data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:300]))
@@ -310,15 +307,8 @@ def test_the_backend_option_is_one_name_on_evaluate_and_serve(
                                  "--port", str(port), "--backend", "torch"],
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                stats = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=5).json()
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        stats = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=5).json()
         assert stats["model"]["engine"].startswith("torch")
     finally:
         proc.terminate()

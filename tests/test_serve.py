@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import ThreadServer, free_port, need
+from conftest import ThreadServer, free_port, need, wait_healthy
 
 from deepwatch.formats import get_format
 from deepwatch.models.detector import Detector
@@ -364,21 +364,6 @@ def test_reload_swaps_the_bundle_without_dropping_requests(kdd_bundle: Path, tmp
 
 # -- the command line: a served process, SIGHUP, SIGTERM -----------------------------------------
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise AssertionError(f"server exited: {err}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become healthy")
-
-
 def _reap(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     """Kill a server subprocess the test left running, and close its pipe."""
     if proc.poll() is None:
@@ -402,7 +387,7 @@ def test_cli_serve_with_key_file_reloads_on_sighup(kdd_bundle: Path, tmp_path: P
          "--api-key-file", str(key_file)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": ""})
     try:
-        _wait_healthy(url, proc)
+        wait_healthy(url, proc)
         with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
             assert httpx.post(url + "/v1/score", json={"records": lines[:2]}).status_code == 401
             first = c.post("/v1/score", json={"records": lines[:40]}).json()["results"]
@@ -458,7 +443,7 @@ def test_cli_serve_workers_share_metrics_stats_and_reloads(kdd_bundle: Path, tmp
          "--api-key-file", str(key_file), "--workers", "2"],
         stdout=subprocess.DEVNULL, stderr=log_fh, start_new_session=True)
     try:
-        _wait_healthy(url, proc)
+        wait_healthy(url, proc)
         pids: set[int] = set()
         for _ in range(200):  # both workers take connections
             pids.add(_fresh(url, "/healthz").json()["pid"])

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_healthy
 
 pytest.importorskip("uvicorn")
 
@@ -70,19 +70,6 @@ def _workers_of(parent: int) -> list[int]:
     return found
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become healthy")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts workers in /proc")
 def test_a_burst_of_reloads_is_merged_and_sigterm_does_not_wait_for_it(
@@ -110,7 +97,7 @@ def test_a_burst_of_reloads_is_merged_and_sigterm_does_not_wait_for_it(
 
     watcher = threading.Thread(target=count_workers, daemon=True)
     try:
-        _wait_healthy(url, proc)
+        wait_healthy(url, proc)
         first = _fresh(url, "/v1/score", "POST", json={"records": records}).json()["results"]
         assert {r["verdict"] for r in first} == {"normal", "malicious"}
         watcher.start()
