@@ -118,6 +118,21 @@ def wait_healthy(url: str, proc: Any, timeout: float = 60) -> None:
     raise AssertionError("server did not become healthy")
 
 
+def stop_server(proc: Any) -> None:
+    """Stop a server subprocess: SIGTERM, then SIGKILL if it has not exited in 30 s; close its
+    stderr pipe."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
 def free_port() -> int:
     import socket
 

@@ -289,7 +289,7 @@ def test_the_backend_option_is_one_name_on_evaluate_and_serve(
     """`--backend torch` runs the exported module in torch on evaluate (which still takes the
     older `--engine`) and serve, as on score and stream."""
     import httpx
-    from conftest import free_port, wait_healthy
+    from conftest import free_port, stop_server, wait_healthy
 
     data = tmp_path / "t.csv"
     data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:300]))
@@ -311,5 +311,4 @@ def test_the_backend_option_is_one_name_on_evaluate_and_serve(
         stats = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=5).json()
         assert stats["model"]["engine"].startswith("torch")
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)

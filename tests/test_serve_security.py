@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ThreadServer, free_port
+from conftest import ThreadServer, free_port, stop_server
 
 uvicorn = pytest.importorskip("uvicorn")
 from deepwatch.serve import app as app_module  # noqa: E402
@@ -337,11 +337,4 @@ def test_cli_server_answers_past_idle_connections(kdd_bundle: Path) -> None:
             assert r.status_code == 421
             assert time.monotonic() - t0 < 5
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        stop_server(proc)
