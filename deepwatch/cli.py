@@ -86,6 +86,11 @@ def train(
         "--folds", help="Cross-fit the classifiers over K folds: K members of each network, "
                         "member k trained on all folds but k; records score as their average "
                         "(K times the training and scoring time)")] = 1,
+    refit: Annotated[bool, typer.Option(
+        "--refit", help="After early stopping, train the classifiers again on all the "
+                        "labelled records for the epochs it chose; the stack's meta-learner "
+                        "and the thresholds stay fitted on held-out predictions (about twice "
+                        "the training time)")] = False,
 ) -> None:
     """Train a model on labelled (or, for autoencoders, benign) records and save a bundle."""
     if nproc != 1 and "WORLD_SIZE" not in os.environ:  # (under torchrun: a rank already)
@@ -95,14 +100,17 @@ def train(
         argv += [a for v in lake or [] for a in ("--lake", v)]
         argv += ["--epochs", str(epochs)] if epochs is not None else []
         argv += ["--folds", str(folds)]
+        argv += ["--refit"] if refit else []
         argv += ["--rejects", rejects] if rejects else []
         raise typer.Exit(_launch_train(argv, files or [], lake or [], nproc, model, out, device,
-                                       target_fpr, decision, folds, val or [], epochs, rejects))
+                                       target_fpr, decision, folds, val or [], epochs, rejects,
+                                       refit))
     from .train.api import train as run
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
                    target_fpr=target_fpr, device=device, policy=decision,
-                   progress=_progress(), log=_err, lakes=lake or [], folds=folds, rejects=rejects)
+                   progress=_progress(), log=_err, lakes=lake or [], folds=folds, rejects=rejects,
+                   refit=refit)
     if manifest["training"].get("rank", 0):
         return  # another rank of a distributed run: rank 0 reports
     cal = manifest["metrics"]["calibration"]
@@ -119,7 +127,7 @@ def train(
 def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: int,
                   model: str, out: str, device: str, target_fpr: float, decision: str,
                   folds: int, val: list[str], epochs: int | None,
-                  rejects: str | None = None) -> int:
+                  rejects: str | None = None, refit: bool = False) -> int:
     """Check what can be checked once, then start ``nproc`` training ranks."""
     from .errors import UsageError
     from .train.api import check_arguments
@@ -130,7 +138,8 @@ def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: in
     if "-" in files:
         raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
     check_arguments(model, files, out, target_fpr=target_fpr, device=device, policy=decision,
-                    lakes=lakes, folds=folds, val_inputs=val, epochs=epochs, rejects=rejects)
+                    lakes=lakes, folds=folds, val_inputs=val, epochs=epochs, rejects=rejects,
+                    refit=refit)
     if device.startswith("cuda"):
         import torch
 

@@ -69,6 +69,18 @@ class TrainContext:
     #: Cross-fitting (``--folds K``, K > 1): each member's (train, early, calib) parts; then
     #: ``train``, ``early`` and ``calib`` above are the first member's.
     folds: list[tuple[Split, Split, Split]] = field(default_factory=list)
+    #: ``--refit``: after the first pass, train the classifiers again on all labelled rows.
+    refit: bool = False
+
+    def all_labelled(self) -> Split:
+        """Every labelled record with a label in the vocabulary (training, early-stopping and
+        calibration parts), identical rows collapsed into one with their multiplicities."""
+        tr, es, cal = self.folds[0] if self.folds else (self.train, self.early, self.calib)
+        rows = concat_splits([tr.known(), es.known(), cal.known()])
+        assert rows.y is not None
+        X, y, w = dedupe(rows.X, rows.y, rows.w)
+        assert y is not None
+        return Split(X, np.array(self.vocab, dtype=object)[y], y, w)
 
     def decision_base(self) -> dict[str, Any]:
         if not self.vocab:
@@ -124,7 +136,7 @@ def _trainer(kind: str) -> Trainer:
 
 
 def train_classifier(kind: str, ctx: TrainContext) -> Trained:
-    from .supervised import FoldData, proba_module, train_folds, train_supervised
+    from .supervised import FoldData, proba_module, refit, train_folds, train_supervised
 
     if not ctx.vocab or len(ctx.vocab) < 2:
         raise DataError(f"--model {kind} needs labelled data with at least two labels "
@@ -162,7 +174,21 @@ def train_classifier(kind: str, ctx: TrainContext) -> Trained:
         decision["threshold"] = fpr_threshold(score, held, ctx.target_fpr)
     else:
         decision["threshold"] = error_threshold(score, held)
-    return Trained(module, network, ["proba"], decision,
+    info: dict[str, Any] = {}
+    if ctx.refit:
+        # the meta-learner and the thresholds stay those fitted on held-out predictions; the
+        # manifest's calibration metrics describe the first pass (it never learnt those rows)
+        if calibration_module is None:
+            calibration_module = module
+        rows = ctx.all_labelled()
+        assert rows.y is not None
+        net, network, epochs = refit(kind, net, rows.X, rows.y, rows.w, len(ctx.vocab),
+                                     ctx.cfg)
+        network = {**network, "head": "proba"}
+        module = proba_module(net)
+        info["refit_pass"] = {"rows": int(rows.w.sum()), "distinct_rows": int(len(rows.X)),
+                         "epochs": epochs}
+    return Trained(module, network, ["proba"], decision, info,
                    calibration_module=calibration_module)
 
 
@@ -282,20 +308,23 @@ def train(
     lakes: Sequence[str] = (),
     folds: int = 1,
     rejects: str | None = None,
+    refit: bool = False,
 ) -> dict[str, Any]:
     """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest.
 
     ``folds`` > 1 cross-fits the classifiers over that many folds (``docs/models.md``).
     ``rejects``: a JSONL file that keeps every rejected training or validation record.
+    ``refit`` trains the classifiers again on all labelled records after the first pass.
     """
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
-                    rejects=rejects, format_name=format_name)
+                    rejects=rejects, format_name=format_name, refit=refit)
     with distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
             progress, log, rejects = False, _silent, None
         return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
-                      device, policy, progress, options, log, lakes, dist, folds, rejects)
+                      device, policy, progress, options, log, lakes, dist, folds, rejects,
+                      refit)
 
 
 #: Models whose classifiers ``--folds`` cross-fits.
@@ -308,7 +337,8 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                     target_fpr: float = 0.01, device: str = "auto", policy: str = "auto",
                     lakes: Sequence[str] = (), folds: int = 1,
                     val_inputs: Sequence[str] = (), epochs: int | None = None,
-                    rejects: str | None = None, format_name: str | None = None) -> None:
+                    rejects: str | None = None, format_name: str | None = None,
+                    refit: bool = False) -> None:
     """The mistakes :func:`train` refuses before any work (``train --nproc`` checks them once,
     before starting its ranks)."""
     from ..sources.files import parse_input_spec
@@ -335,6 +365,9 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
     if folds > 1 and model not in FOLD_MODELS:
         raise UsageError(f"--folds cross-fits classifiers ({', '.join(FOLD_MODELS)}), "
                          f"not --model {model}")
+    if refit and model not in FOLD_MODELS:
+        raise UsageError(f"--refit trains classifiers again ({', '.join(FOLD_MODELS)}), "
+                         f"not --model {model}")
     if folds > 1 and val_inputs:
         raise UsageError("--folds holds out part of each fold for validation: "
                          "drop --val, or use --folds 1")
@@ -358,7 +391,8 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
            val_inputs: Sequence[str], epochs: int | None, seed: int, target_fpr: float,
            device: str, policy: str, progress: bool, options: dict[str, Any] | None,
            log: Callable[[str], None], lakes: Sequence[str], dist: distributed.Dist,
-           folds: int = 1, rejects_path: str | None = None) -> dict[str, Any]:
+           folds: int = 1, rejects_path: str | None = None,
+           refit: bool = False) -> dict[str, Any]:
     from ..sinks import RejectSink
 
     t0 = time.perf_counter()
@@ -452,7 +486,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         cfg = cfg.with_(**loop_options)
     ctx = TrainContext(fmt, featurizer, vocab, train_split, early_split, calib_split, cfg,
                        target_fpr, "cost" if policy == "auto" else policy, options or {},
-                       member_splits)
+                       member_splits, refit)
     trained = _trainer(model)(model, ctx)
     t_train = time.perf_counter() - t0
 
@@ -506,6 +540,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             "device": str(distributed.device_for(pick_device(device), dist)),
             "world_size": dist.world,
             "folds": folds,
+            "refit": refit,
             "seconds": round(t_train, 2),
             "history": cfg.history,
             **trained.info,

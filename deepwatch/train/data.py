@@ -39,9 +39,11 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-def dedupe(X: np.ndarray, y: np.ndarray | None = None
+def dedupe(X: np.ndarray, y: np.ndarray | None = None, w: np.ndarray | None = None
            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Collapse identical (features, label) rows; returns (X_unique, y_unique, counts).
+    """Collapse identical (features, label) rows; returns (X_unique, y_unique, counts), in
+    order of first occurrence. With ``w`` (each row's multiplicity), the counts are the sums
+    of the collapsed rows' ``w``.
 
     Rows are keyed by two random projections of their features (plus the label), which tells
     apart any two float32 rows that differ; far cheaper than sorting whole rows.
@@ -53,7 +55,12 @@ def dedupe(X: np.ndarray, y: np.ndarray | None = None
     key = np.empty(len(X), dtype=[("a", "f8"), ("b", "f8"), ("y", "i8")])
     key["a"], key["b"] = proj[:, 0], proj[:, 1]
     key["y"] = y if y is not None else 0
-    _, first, counts = np.unique(key, return_index=True, return_counts=True)
+    if w is None:
+        _, first, counts = np.unique(key, return_index=True, return_counts=True)
+    else:
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        counts = np.bincount(inverse.ravel(), weights=np.asarray(w, dtype=np.float64),
+                             minlength=len(first))
     order = np.argsort(first)
     first, counts = first[order], counts[order]
     return X[first], (y[first] if y is not None else None), counts.astype(np.float64)

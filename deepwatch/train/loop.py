@@ -35,6 +35,9 @@ class TrainConfig:
     #: Samples drawn per epoch (default: the number of training rows, at most 200k).
     epoch_size: int | None = None
     label: str = "training"
+    #: Refit (``train --refit``): train exactly this many epochs of the ``epochs``-long
+    #: schedule, without validation or early stopping, and keep the final weights.
+    fixed_epochs: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
     def with_(self, **kw: Any) -> TrainConfig:
@@ -131,8 +134,10 @@ def fit(
     best_state = copy.deepcopy(model.state_dict())
     stale = 0
     mine = dist.share(cfg.batch_size)
-    with step_progress(cfg.label, cfg.epochs) as update:
-        for epoch in range(cfg.epochs):
+    fixed = cfg.fixed_epochs is not None
+    n_epochs = min(cfg.fixed_epochs, cfg.epochs) if cfg.fixed_epochs is not None else cfg.epochs
+    with step_progress(cfg.label, n_epochs) as update:
+        for epoch in range(n_epochs):
             stepper.train()
             idx = torch.as_tensor(rng.choice(len(X), size=steps * cfg.batch_size, p=probs),
                                   device=device)
@@ -146,6 +151,11 @@ def fit(
                 opt.step()
                 sched.step()
                 total += float(loss.detach())
+            if fixed:  # a refit: no validation, the weights after the last epoch are kept
+                [total] = distributed.all_sum([total / dist.world], device, dist)
+                cfg.history.append({"epoch": epoch + 1, "train_loss": total / steps})
+                update(1, f"train loss {total / steps:.5f}")
+                continue
             val_total, val_weight = evaluate_loss(model, loss_fn, Xv, yv, wv)
             total, val_total, val_weight = distributed.all_sum(
                 [total / dist.world, val_total, val_weight], device, dist)
@@ -160,7 +170,8 @@ def fit(
                 if stale >= cfg.patience:
                     update(cfg.epochs - epoch - 1, f"early stop, best val loss {best:.5f}")
                     break
-    net.load_state_dict(best_state)
+    if not fixed:
+        net.load_state_dict(best_state)
     # per-rank batch-norm statistics may differ: every rank goes on with rank 0's model
     distributed.broadcast_module(net, dist)
     return net.cpu().eval()

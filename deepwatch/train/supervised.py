@@ -178,5 +178,58 @@ def train_folds(kind: str, folds: list[FoldData], n_out: int, cfg: TrainConfig) 
                        oof_proba, first.eval())
 
 
+def best_epoch(history: list[dict[str, float]]) -> int:
+    """The epoch whose weights :func:`~deepwatch.train.loop.fit` kept (the first to reach the
+    best validation loss, by its own rule), counted from 1."""
+    best, chosen = float("inf"), 1
+    for h in history:
+        if h["val_loss"] < best - 1e-6:
+            best, chosen = h["val_loss"], int(h["epoch"])
+    return chosen
+
+
+def chosen_epochs(history: list[dict[str, Any]], kind: str) -> int:
+    """The epochs early stopping chose for the ``kind`` networks trained so far (their median
+    over cross-fitted members), at least 1."""
+    picks = [best_epoch(h["epochs"]) for h in history
+             if h.get("model") == kind and h.get("epochs") and not h.get("refit")]
+    if not picks:
+        raise ValueError(f"no early-stopping history for {kind!r}")
+    return max(1, int(round(float(np.median(picks)))))
+
+
+def refit(kind: str, first: nn.Module, X: np.ndarray, y: np.ndarray, w: np.ndarray,
+          n_out: int, cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any], dict[str, int]]:
+    """``train --refit``: train ``kind``'s networks again, once each, on all the labelled
+    rows ``(X, y, w)``, each for the epochs its early stopping chose in the first pass, with
+    that pass's seeds. A stack keeps the meta-learner fitted on the first pass's held-out
+    predictions (as scikit-learn's ``StackingClassifier`` refits its base estimators on all
+    the data and fits the final estimator on cross-validated predictions). Returns the network,
+    its config and the epochs of each kind.
+    """
+    kinds = ("mlp", "resnet", "snn") if kind == "stack" else (kind,)
+    nets, configs, epochs = [], [], {}
+    empty_X, empty_y = X[:0], y[:0]
+    for i, base_kind in enumerate(kinds):
+        epochs[base_kind] = chosen_epochs(cfg.history, base_kind)
+        seed = cfg.seed + i if kind == "stack" else cfg.seed
+        lr = DEFAULT_LR[base_kind] if cfg.lr == TrainConfig.lr else cfg.lr
+        run = cfg.with_(seed=seed, lr=lr, fixed_epochs=epochs[base_kind],
+                        label=f"{base_kind:>6} refit")
+        config = network_config(base_kind, X.shape[1], n_out)
+        seed_everything(seed)
+        net = fit(build_network(config), cross_entropy, X, y, w, empty_X, empty_y, w[:0], run)
+        entry: dict[str, Any] = {"model": base_kind, "refit": True, "epochs": run.history}
+        cfg.history.append(entry)
+        nets.append(net)
+        configs.append(config)
+    if kind != "stack":
+        return nets[0], configs[0], epochs
+    assert isinstance(first, Stack)
+    stack = Stack(nets, n_out)
+    stack.meta.load_state_dict(first.meta.state_dict())
+    return stack.eval(), {"kind": "stack", "n_out": n_out, "bases": configs}, epochs
+
+
 def proba_module(net: nn.Module) -> nn.Module:
     return ProbaHead(net).eval()
