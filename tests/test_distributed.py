@@ -157,6 +157,14 @@ def test_nproc_cross_fits_with_folds(tmp_path: Path, small_kdd: Path) -> None:
     r = _deepwatch("train", "--nproc", "2", "--format", "kdd", "--model", "mlp", "--folds", "0",
                    "--out", str(tmp_path / "b"), str(small))
     assert r.returncode == 2 and r.stderr.count("error: --folds must be between") == 1
+    # --refit reaches the ranks: one network, refitted on every record, in both processes
+    r = _deepwatch("train", "--nproc", "2", "--format", "kdd", "--model", "mlp", "--folds", "2",
+                   "--refit", "--epochs", "2", "--out", str(tmp_path / "refit"), str(small))
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "refit")
+    assert manifest["training"]["world_size"] == 2 and manifest["training"]["refit"] is True
+    assert manifest["network"]["kind"] == "mlp"
+    assert manifest["training"]["refit_pass"]["rows"] == manifest["training"]["records"]
 
 
 def test_nproc_user_mistakes_are_one_line_errors(small_kdd: Path, tmp_path: Path) -> None:
