@@ -118,7 +118,7 @@ def _column(values: list[Any], field: pa.Field, nonnegative: bool
             try:
                 coerced.append(_coerce(v, typ))
             except ValueError as exc:
-                bad.setdefault(i, f"field {name!r} {exc}: {v!r}"[:500])
+                bad.setdefault(i, f"field {name!r} {exc}: {_shown(v, 500)}"[:500])
                 coerced.append(None)
         arr = pa.array(coerced, pa.int64() if kind == "timestamp" else typ)
         if kind == "timestamp":
@@ -150,9 +150,63 @@ def _check_values(arr: pa.Array, values: list[Any], field: pa.Field, nonnegative
             bad.setdefault(int(i), f"field {name!r} is an empty string")
 
 
+#: Containers nested deeper than this are shown as ``...`` in a reject's text. The JSON parser
+#: accepts about 1,000 levels, more than ``repr`` and ``json.dumps`` can recurse through.
+_SHOWN_DEPTH = 32
+
+
+def _shown(value: Any, limit: int) -> str:
+    """``repr(value)``, or the beginning of its JSON text where it is nested too deeply for
+    ``repr`` (a RecursionError here would turn a bad record into a failed request)."""
+    try:
+        return repr(value)
+    except RecursionError:
+        return _json_head(value, limit)
+
+
+def _json_head(value: Any, limit: int) -> str:
+    """About the first ``limit`` characters of ``value`` as JSON, containers nested deeper
+    than ``_SHOWN_DEPTH`` written ``...``; the recursion is bounded by that depth."""
+    parts: list[str] = []
+    room = [limit]
+
+    def put(text: str) -> None:
+        parts.append(text)
+        room[0] -= len(text)
+
+    def walk(node: Any, depth: int) -> None:
+        if room[0] <= 0:
+            return
+        if isinstance(node, dict | list) and depth >= _SHOWN_DEPTH:
+            put("...")
+        elif isinstance(node, dict):
+            put("{")
+            for i, (key, item) in enumerate(node.items()):
+                if room[0] <= 0:
+                    return
+                put(("" if i == 0 else ", ") + json.dumps(str(key), ensure_ascii=False) + ": ")
+                walk(item, depth + 1)
+            put("}")
+        elif isinstance(node, list):
+            put("[")
+            for i, item in enumerate(node):
+                if room[0] <= 0:
+                    return
+                put("" if i == 0 else ", ")
+                walk(item, depth + 1)
+            put("]")
+        else:
+            put(json.dumps(node, ensure_ascii=False, default=str))
+
+    walk(value, 0)
+    return "".join(parts)[:limit]
+
+
 def _raw(record: Any) -> str:
     try:
         return json.dumps(record, ensure_ascii=False, default=str)[:10_000]
+    except RecursionError:
+        return _json_head(record, 10_000)
     except (TypeError, ValueError):
         return str(record)[:10_000]
 
