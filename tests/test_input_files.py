@@ -254,20 +254,20 @@ BOM = b"\xef\xbb\xbf"
 
 def test_a_byte_order_mark_is_dropped_at_the_start_only() -> None:
     lines = LineBuffer(InputSpec("x"))
-    assert lines.feed(BOM[:1]) is None and lines.feed(BOM[1:] + b"a") is None  # split over reads
-    first = lines.feed(b"b\n" + BOM + b"c\n")
-    assert first is not None and first.data == b"ab\n" + BOM + b"c\n"  # not in the middle
-    second = lines.feed(BOM + b"d\n")
-    assert second is not None and second.data == BOM + b"d\n"  # nor at a later chunk's start
+    assert lines.feed(BOM[:1]) == [] and lines.feed(BOM[1:] + b"a") == []  # split over reads
+    [first] = lines.feed(b"b\n" + BOM + b"c\n")
+    assert first.data == b"ab\n" + BOM + b"c\n"  # not in the middle
+    [second] = lines.feed(BOM + b"d\n")
+    assert second.data == BOM + b"d\n"  # nor at a later chunk's start
     assert lines.finish() is None
     # after finish (a rotated or truncated log): a new start
-    again = lines.feed(BOM + b"e\n")
-    assert again is not None and again.data == b"e\n" and again.first_line == 1
+    [again] = lines.feed(BOM + b"e\n")
+    assert again.data == b"e\n" and again.first_line == 1
     # a mark alone makes no line; a last line without a break loses it too
     only = LineBuffer(InputSpec("x"))
-    assert only.feed(BOM) is None and only.finish() is None
+    assert only.feed(BOM) == [] and only.finish() is None
     last = LineBuffer(InputSpec("x"))
-    assert last.feed(BOM + b"f") is None
+    assert last.feed(BOM + b"f") == []
     end = last.finish()
     assert end is not None and end.data == b"f"
 

@@ -23,6 +23,10 @@ from ..formats._base import MAX_RAW, count_newlines
 CHUNK_BYTES = 8 << 20
 #: The UTF-8 byte order mark some Windows tools write at the start of a text file.
 BOM = b"\xef\xbb\xbf"
+#: The longest line read as a record (no format's records come near it). A longer line (a
+#: file without line breaks, a decompression bomb) is one reject, its first bytes kept: it is
+#: never held in memory whole, which could take gigabytes and the run with it.
+MAX_LINE_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,9 @@ class Chunk:
     first_line: int
     spec: InputSpec
     #: set (on an empty chunk after the last line that could be read) when the input is damaged
-    #: and the rest of it cannot be read: why. ``first_line`` is the first line lost.
+    #: and the rest of it cannot be read: why. ``first_line`` is the first line lost. Also set
+    #: on an empty chunk standing for the one line ``first_line`` that is over MAX_LINE_BYTES;
+    #: either way the chunk is one reject.
     damage: str | None = None
     #: with ``damage``: the beginning of the text that was read but cannot be trusted (the line
     #: cut short by the damage, the output of a gzip member that fails its check), at most
@@ -54,16 +60,21 @@ class Chunk:
 class LineBuffer:
     """Cuts a byte stream into chunks of whole lines, numbering lines from 1.
 
-    ``feed`` returns the whole lines that a block completes (or None); ``finish`` hands out a
+    ``feed`` returns the chunks of whole lines that a block completes; ``finish`` hands out a
     last line that has no line break and starts the numbering over (rotation, truncation). A
-    UTF-8 byte order mark at the very start (of the input, or after ``finish``) is dropped.
+    UTF-8 byte order mark at the very start (of the input, or after ``finish``) is dropped. A
+    line over ``max_line`` bytes is not kept: an empty chunk with ``damage`` stands for it (its
+    first bytes in ``lost``), so memory stays bounded whatever the input.
     """
 
-    def __init__(self, spec: InputSpec):
+    def __init__(self, spec: InputSpec, max_line: int = MAX_LINE_BYTES):
         self.spec = spec
+        self.max_line = max_line
         self.line = 1
         self.rest = b""
         self.at_start = True  # nothing handed out since the input started
+        self.long = 0  # bytes so far of an over-long line being skipped (0: none)
+        self.long_head = b""  # its first bytes (at most _LOST_BYTES)
 
     def _handed_out(self, data: bytes) -> bytes:
         """``data``, the next bytes handed out, without the byte order mark if it opens them."""
@@ -73,23 +84,80 @@ class LineBuffer:
                 return data[3:]
         return data
 
-    def feed(self, block: bytes) -> Chunk | None:
+    def _skip(self, data: bytes) -> None:
+        """Bytes of an over-long line: counted, the first few kept."""
+        self.long += len(data)
+        if len(self.long_head) < _LOST_BYTES:
+            self.long_head += data[: _LOST_BYTES - len(self.long_head)]
+
+    def _long_line(self) -> Chunk:
+        """The reject standing for the over-long line just skipped."""
+        reason = (f"the line is {self.long:,} bytes long, over the limit of "
+                  f"{self.max_line:,} bytes for one record")
+        chunk = Chunk(b"", self.line, self.spec, damage=reason, lost=self.long_head)
+        self.line += 1
+        self.long, self.long_head = 0, b""
+        return chunk
+
+    def _whole(self, data: bytes) -> list[Chunk]:
+        """Chunks of ``data`` (whole lines), each over-long line among them a reject."""
+        if len(data) <= self.max_line + 1:  # no line can be over the limit
+            chunks = [Chunk(data, self.line, self.spec)]
+            self.line += count_newlines(data)
+            return chunks
+        import numpy as np
+
+        ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        long = np.flatnonzero(ends - starts > self.max_line)
+        if not long.size:
+            chunks = [Chunk(data, self.line, self.spec)]
+            self.line += len(ends)
+            return chunks
+        out, at = [], 0
+        for i in long.tolist():
+            begin, end = int(starts[i]), int(ends[i])
+            if begin > at:
+                out.append(Chunk(data[at:begin], self.line, self.spec))
+                self.line += count_newlines(out[-1].data)
+            self._skip(data[begin:end])
+            out.append(self._long_line())
+            at = end + 1
+        if at < len(data):
+            out.append(Chunk(data[at:], self.line, self.spec))
+            self.line += count_newlines(out[-1].data)
+        return out
+
+    def feed(self, block: bytes) -> list[Chunk]:
+        out: list[Chunk] = []
+        if self.long:  # inside an over-long line: skip to its end
+            end = block.find(b"\n")
+            if end < 0:
+                self._skip(block)
+                return out
+            self._skip(block[:end])
+            out.append(self._long_line())
+            block = block[end + 1 :]
         cut = block.rfind(b"\n")
         if cut < 0:
             self.rest += block
-            return None
-        # one copy of the block, not two: the tail after the last line break is short
-        whole = (b"".join((self.rest, memoryview(block)[: cut + 1])) if self.rest
-                 else block if cut + 1 == len(block) else block[: cut + 1])
-        self.rest = block[cut + 1 :]
-        whole = self._handed_out(whole)
-        chunk = Chunk(whole, self.line, self.spec)
-        self.line += count_newlines(whole)
-        return chunk
+        else:
+            # one copy of the block, not two: the tail after the last line break is short
+            whole = (b"".join((self.rest, memoryview(block)[: cut + 1])) if self.rest
+                     else block if cut + 1 == len(block) else block[: cut + 1])
+            self.rest = block[cut + 1 :]
+            out.extend(self._whole(self._handed_out(whole)))
+        if len(self.rest) > self.max_line:  # the start of an over-long line
+            rest, self.rest = self.rest, b""
+            self._skip(self._handed_out(rest))
+        return out
 
     def finish(self) -> Chunk | None:
-        rest = self._handed_out(self.rest) if self.rest else b""
-        last = Chunk(rest, self.line, self.spec) if rest else None
+        if self.long:
+            last: Chunk | None = self._long_line()
+        else:
+            rest = self._handed_out(self.rest) if self.rest else b""
+            last = Chunk(rest, self.line, self.spec) if rest else None
         self.line, self.rest, self.at_start = 1, b"", True
         return last
 
@@ -133,9 +201,7 @@ def chunks_from_reads(read: Callable[[], bytes], spec: InputSpec) -> Iterator[Ch
     """Whole-line chunks from ``read()`` calls until one returns no bytes."""
     lines = LineBuffer(spec)
     while block := read():
-        chunk = lines.feed(block)
-        if chunk is not None:
-            yield chunk
+        yield from lines.feed(block)
     last = lines.finish()
     if last is not None:
         yield last
@@ -359,9 +425,7 @@ def _gzip_chunks(spec: InputSpec, chunk_bytes: int,
         for block in blocks:
             if on_bytes is not None:
                 on_bytes(len(block))
-            chunk = lines.feed(block)
-            if chunk is not None:
-                yield chunk
+            yield from lines.feed(block)
     except OSError as exc:
         raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
     damage = blocks.damage
@@ -371,7 +435,7 @@ def _gzip_chunks(spec: InputSpec, chunk_bytes: int,
             yield last
         return
     # the line cut by the damage is no record: it goes with the damage, as the rest does
-    cut = lines.rest
+    cut = lines.long_head if lines.long else lines.rest
     reason = _damage_reason(damage, lines.line, cut)
     log.warning("%s: %s", spec.display, reason)
     yield Chunk(b"", lines.line, spec, damage=reason,

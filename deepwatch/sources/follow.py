@@ -41,9 +41,7 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
         while True:
             block = fh.read(chunk_bytes)
             if block:
-                chunk = lines.feed(block)
-                if chunk is not None:
-                    yield chunk
+                yield from lines.feed(block)
                 continue
             if stop.is_set():
                 break
