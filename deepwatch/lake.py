@@ -104,9 +104,12 @@ def _manifest(root: Path) -> dict[str, object]:
         raise InputError(f"{root} is not a deepwatch lake (no {MANIFEST}); create one with "
                          "`deepwatch ingest --lake DIR`")
     try:
-        data: dict[str, object] = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is unreadable: {exc}") from None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path} is unreadable: {exc!s:.200}") from None
+    if not (isinstance(data, dict) and isinstance(data.get("format"), str)):
+        raise InputError(f"{path} is not a deepwatch lake manifest (an object naming the "
+                         "lake's format)")
     if data.get("version") != LAYOUT_VERSION:
         raise InputError(f"{root}: lake layout version {data.get('version')!r} is not supported")
     return data

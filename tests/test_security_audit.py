@@ -164,3 +164,20 @@ def test_an_over_long_line_among_records_is_counted_and_kept(kdd_bundle: Path,
     [reject] = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert reject["line"] == 3 and reject["raw"].startswith("BBBB")
     assert f"{MAX_LINE_BYTES:,} bytes for one record" in reject["reason"]
+
+
+# -- a lake whose manifest is not an object -----------------------------------------------------
+
+@pytest.mark.parametrize("text", ["[1]", '"kdd"', '{"version": 1}',
+                                  "[" * 100_000 + "]" * 100_000])
+def test_a_malformed_lake_manifest_is_one_clear_error(tmp_path: Path, text: str) -> None:
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    (lake / "_lake.json").write_text(text)
+    got = subprocess.run([sys.executable, "-m", "deepwatch", "train", "--format", "kdd",
+                          "--model", "mlp", "--out", str(tmp_path / "b"), "--lake", str(lake)],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode != 0
+    assert "Traceback" not in got.stderr
+    assert got.stderr.strip().count("\n") == 0, got.stderr
+    assert "_lake.json" in got.stderr
