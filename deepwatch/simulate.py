@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 SITE = "shop.example.com"
 ATTACKS = ("sqli", "xss", "traversal", "scanner", "bruteforce", "flood")
@@ -366,6 +366,7 @@ def simulate(out_dir: str | Path, visits: int = 2000, attacks: Sequence[str] = A
     ``attack_share`` is the share of attack lines relative to normal lines (split evenly
     across the attack kinds). Lines of each file are in time order.
     """
+    attacks = list(dict.fromkeys(attacks))  # a kind named twice is one kind, not half a share
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise UsageError(f"unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
@@ -375,6 +376,9 @@ def simulate(out_dir: str | Path, visits: int = 2000, attacks: Sequence[str] = A
         raise UsageError(f"--attack-share must be between 0 and 1, not {attack_share}")
     if not 0 < hours <= 24 * 366:
         raise UsageError(f"--hours must be above 0 and at most a year (8,784), not {hours}")
+    from .sinks import writable_dir
+
+    out = writable_dir(out_dir, "--out")  # before the work, not after it
     start = start or datetime(2024, 5, 14, tzinfo=UTC)
     sim = Simulator(seed, start, hours)
     normal: list[Line] = []
@@ -389,13 +393,14 @@ def simulate(out_dir: str | Path, visits: int = 2000, attacks: Sequence[str] = A
             burst = sim.rng.randint(20, 120) if kind != "flood" else sim.rng.randint(200, 600)
             lines.extend(make(min(burst, max(per_kind - len(lines), 1))))
         files[kind] = lines
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for label, lines in files.items():
         lines.sort(key=lambda ln: ln.at)
         path = out / f"{label}.log"
-        path.write_text("".join(ln.render() + "\n" for ln in lines))
+        try:
+            path.write_text("".join(ln.render() + "\n" for ln in lines))
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         paths[label] = path
         log(f"{path}: {len(lines):,} lines ({label})")
     return paths

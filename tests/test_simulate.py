@@ -99,3 +99,25 @@ def test_bad_arguments(tmp_path: Path) -> None:
 def test_cli_writes_logs(tmp_path: Path) -> None:
     assert main(["simulate", "--out", str(tmp_path), "--visits", "10", "--attacks", "none"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["normal.log"]
+
+
+def test_an_output_that_is_not_a_directory_is_one_clear_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a file in the way of --out, or of its parent, was a FileExistsError/NotADirectoryError
+    # traceback (exit 1) after the whole simulation had run
+    taken = tmp_path / "taken.log"
+    taken.write_text("keep me\n")
+    for out in (taken, taken / "sim"):
+        assert main(["simulate", "--out", str(out), "--visits", "5"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+    assert taken.read_text() == "keep me\n"
+
+
+def test_an_attack_named_twice_gets_its_whole_share(tmp_path: Path) -> None:
+    once = simulate(tmp_path / "once", visits=40, attacks=["sqli"], attack_share=0.2, seed=3)
+    twice = simulate(tmp_path / "twice", visits=40, attacks=["sqli", "sqli"], attack_share=0.2,
+                     seed=3)
+    assert list(twice) == ["normal", "sqli"]
+    assert twice["sqli"].read_bytes() == once["sqli"].read_bytes()
