@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import InputError, UsageError
+from .errors import InputError, OutputError, UsageError
 
 LAYOUT_VERSION = 1
 MANIFEST = "_lake.json"
@@ -135,11 +135,15 @@ class LakeWriter:
                                           for p in self.root.iterdir()) \
                     and not (self.root / MANIFEST).exists():
                 raise UsageError(f"{self.root} exists and is not a deepwatch lake")
-            self.root.mkdir(parents=True, exist_ok=True)
             text = json.dumps({"format": format_name, "version": LAYOUT_VERSION}, indent=1) + "\n"
-            # created whole or not at all; a concurrent creator that got there first wins, and
-            # its format is checked below like any existing lake's
-            _write_atomic(self.root / MANIFEST, lambda t: t.write_text(text), exclusive=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                # created whole or not at all; a concurrent creator that got there first wins,
+                # and its format is checked below like any existing lake's
+                _write_atomic(self.root / MANIFEST, lambda t: t.write_text(text), exclusive=True)
+            except OSError as exc:  # a file where a parent directory should be, no permission
+                raise OutputError(f"cannot create the lake at {self.root}: "
+                                  f"{exc.strerror or exc}") from None
         found = lake_format(self.root)
         if found != format_name:
             raise UsageError(f"the lake at {self.root} holds {found!r} records, "

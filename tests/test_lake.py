@@ -239,3 +239,13 @@ def test_ingesting_a_file_twice_appends_with_a_warning(tmp_path: Path,
     other = _log(tmp_path / "b.log", [16])
     assert main(["ingest", "--format", "access", "--lake", str(lake), str(other)]) == 0
     assert "already ingested" not in capsys.readouterr().err
+
+
+def test_a_lake_that_cannot_be_created_is_one_clear_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a file where a parent of --lake should be was a NotADirectoryError traceback (exit 1)
+    log = _log(tmp_path / "a.log", [14])
+    assert main(["ingest", "--format", "access", "--lake", str(log / "lake"), str(log)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot create the lake at {log / 'lake'}: "), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
