@@ -286,6 +286,29 @@ def test_an_output_that_is_an_input_or_another_output_is_refused(
     assert not (kdd_bundle / "x.jsonl").exists() and not (tmp_path / "a.jsonl").exists()
 
 
+def test_an_output_that_cannot_be_written_costs_no_other_output_and_no_traceback(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--out was opened (truncated) before --verdicts/--rejects were found unwritable, and an
+    output under a file was a FileExistsError traceback."""
+    earlier = tmp_path / "alerts.jsonl"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory\n")
+    (tmp_path / "adir").mkdir()
+    for args, says in [
+        (["--out", str(earlier), "--verdicts", str(tmp_path / "adir")],
+         "--verdicts " + str(tmp_path / "adir") + " is a directory"),
+        (["--out", str(earlier), "--rejects", str(blocker / "r.jsonl")],
+         "cannot create the directory of --rejects"),
+        (["--out", str(blocker / "a.jsonl")], "cannot create the directory of --out"),
+    ]:
+        earlier.write_text("yesterday's alerts\n")
+        rc = main(["stream", str(kdd_bundle), "--format", "kdd", *args, str(small_kdd_test)])
+        err = capsys.readouterr().err
+        assert earlier.read_text() == "yesterday's alerts\n", args
+        assert rc == 2 and says in err and "Traceback" not in err, (args, err)
+
+
 def test_metrics_port_in_use_is_a_usage_error(kdd_bundle: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     import socket

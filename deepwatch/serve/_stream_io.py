@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import IO, Any, Protocol
 
 import numpy as np
@@ -175,21 +174,33 @@ class JsonlSink:
 
     def __init__(self, alerts: str = "-", verdicts: str | None = None,
                  dead_letters: str | None = None):
+        from ..sinks import writable_file
+
         self._files: dict[str, IO[bytes]] = {}
         self._own: list[IO[bytes]] = []
-        for kind, path in ((ALERT, alerts), (VERDICT, verdicts), (DEAD_LETTER, dead_letters)):
-            if path is None:
-                continue
-            if path == "-":
-                self._files[kind] = sys.stdout.buffer
-                continue
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fh = open(path, "wb")  # noqa: SIM115 - closed in close()
-            except OSError as exc:
-                raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-            self._files[kind] = fh
-            self._own.append(fh)
+        named = [(kind, flag, path) for kind, flag, path in (
+            (ALERT, "--out", alerts), (VERDICT, "--verdicts", verdicts),
+            (DEAD_LETTER, "--rejects", dead_letters)) if path is not None]
+        # every file is checked before any is opened: opening truncates, so an output that
+        # cannot be written must not cost the user an earlier one's previous contents
+        for _kind, flag, path in named:
+            if path != "-":
+                writable_file(path, flag)
+        try:
+            for kind, _flag, path in named:
+                if path == "-":
+                    self._files[kind] = sys.stdout.buffer
+                    continue
+                try:
+                    fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+                except OSError as exc:
+                    raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+                self._files[kind] = fh
+                self._own.append(fh)
+        except BaseException:
+            for fh in self._own:
+                fh.close()
+            raise
 
     @property
     def kinds(self) -> set[str]:
