@@ -198,8 +198,8 @@ class JsonlSink:
                 self._files[kind] = fh
                 self._own.append(fh)
         except BaseException:
-            for fh in self._own:
-                fh.close()
+            for opened in self._own:
+                opened.close()
             raise
 
     @property
