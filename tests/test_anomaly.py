@@ -287,3 +287,18 @@ def test_hybrid_names_known_attacks_and_flags_anomalies(kdd_train_file: Path, tm
     torch_out = Detector(bundle, engine="torch").score_with_outputs(batch)[1]
     for name in ("proba", "anomaly", "latent"):
         assert np.max(np.abs(out[name] - torch_out[name])) <= 1e-4, name
+
+
+def test_hybrid_on_benign_records_only_names_the_hybrid(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the error said "--model stack needs labelled data...", a model the user never asked for
+    from deepwatch.simulate import simulate
+
+    logs = simulate(tmp_path / "sim", visits=60, attacks=[], seed=2)
+    rc = main(["train", "--format", "access", "--model", "hybrid", "--epochs", "1",
+               "--out", str(tmp_path / "b"), f"{logs['normal']}=normal"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 4
+    assert err.startswith("error: --model hybrid needs labelled data with at least two labels "
+                          "(found ['normal'])"), err
+    assert "--model stack" not in err and "--model autoencoder" in err

@@ -135,12 +135,18 @@ def _trainer(kind: str) -> Trainer:
     return fn
 
 
+def require_two_labels(kind: str, ctx: TrainContext) -> None:
+    """A classifier (alone or in a hybrid, named as the user asked for it) needs two labels."""
+    if not ctx.vocab or len(ctx.vocab) < 2:
+        raise DataError(f"--model {kind} needs labelled data with at least two labels "
+                        f"(found {ctx.vocab or 'none'}): give attack records too (PATH=LABEL), "
+                        "or learn from benign records alone with --model autoencoder")
+
+
 def train_classifier(kind: str, ctx: TrainContext) -> Trained:
     from .supervised import FoldData, proba_module, refit, train_folds, train_supervised
 
-    if not ctx.vocab or len(ctx.vocab) < 2:
-        raise DataError(f"--model {kind} needs labelled data with at least two labels "
-                        f"(found {ctx.vocab or 'none'})")
+    require_two_labels(kind, ctx)
     parts = [(tr, es.known(), cal.known()) for tr, es, cal in
              (ctx.folds or [(ctx.train, ctx.early, ctx.calib)])]
     if any(len(es.X) == 0 or len(cal.X) == 0 for _tr, es, cal in parts):
