@@ -312,3 +312,29 @@ def test_the_backend_option_is_one_name_on_evaluate_and_serve(
         assert stats["model"]["engine"].startswith("torch")
     finally:
         stop_server(proc)
+
+
+def test_every_option_help_is_shown_whole(capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Help texts pass through rich markup: "[default: ...]" in one was taken for a style tag
+    and vanished from `stream --help`. Every option's text must appear as written."""
+    import typer
+
+    from deepwatch import cli
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside the option table
+    cli._register_optional()
+    group = typer.main.get_command(cli.app)
+    missing = []
+    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+        subs = getattr(cmd, "commands", None) or {name: cmd}
+        for sub_name, sub in subs.items():
+            argv = [name] if sub is cmd else [name, sub_name]
+            assert main([*argv, "--help"]) == 0
+            shown = " ".join(capsys.readouterr().out.replace("│", " ").split())
+            for param in sub.params:
+                text = " ".join((getattr(param, "help", None) or "").split())
+                if text and text not in shown:
+                    missing.append((argv, param.name, text))
+    assert len(group.commands) >= 10  # type: ignore[attr-defined]
+    assert not missing, missing

@@ -18,7 +18,7 @@ def stream(
     verdict_topic: Annotated[str | None, typer.Option(
         help="Topic for every record's verdict")] = None,
     dead_letter_topic: Annotated[str | None, typer.Option(
-        help="Topic for rejected records [default: INPUT_TOPIC.dead-letter]")] = None,
+        help="Topic for rejected records (default: INPUT_TOPIC.dead-letter)")] = None,
     group: Annotated[str, typer.Option(help="Kafka consumer group")] = "deepwatch",
     batch_size: Annotated[int, typer.Option(help="Most records in one micro-batch")] = 10000,
     batch_wait_ms: Annotated[int, typer.Option(
