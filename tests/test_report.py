@@ -89,6 +89,25 @@ def test_page_without_a_feature_sample_says_so_and_escapes_names() -> None:
     assert page.count("<script") == page.count("</script>")
 
 
+def test_a_sample_too_small_for_a_map_says_so() -> None:
+    # four records said "No feature sample was collected", which was not what happened
+    from deepwatch.viz.report import render
+
+    labels = np.array(["normal", "normal", "sqli", "sqli"], dtype=object)
+    verdict = np.array([False, True, True, True])
+    result = {"n": 4, "binary": {"precision": 0.667, "recall": 1.0, "f1": 0.8, "threshold": 0.5},
+              "kdd_cost": None, "categories": None, "confusion": None,
+              "per_label": {"normal": {"support": 2, "detection_rate": 0.5},
+                            "sqli": {"support": 2, "detection_rate": 1.0}},
+              "rows_per_second": 100.0}
+    cols = {"label": labels, "score": verdict * 0.9, "verdict": verdict,
+            "_sample_rows": np.arange(4), "_sample_X": np.ones((4, 3), np.float32)}
+    page = render(result, cols, title="tiny")
+    assert "No feature sample was collected" not in page
+    assert "4 records: too few for a map (it needs 5)" in page
+    assert 'id="plot-tsne"' not in page
+
+
 # ---- the page, end to end -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

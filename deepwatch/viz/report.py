@@ -80,8 +80,11 @@ def _rates_table(rates: dict[str, dict[str, Any]], table_id: str) -> str:
 
 def _tsne_section(cols: dict[str, np.ndarray], seed: int) -> str:
     rows, X = cols.get("_sample_rows"), cols.get("_sample_X")
-    if rows is None or X is None or len(rows) < 5:
+    if rows is None or X is None:
         return '<p class="note">No feature sample was collected, so no map was drawn.</p>'
+    if len(rows) < 5:  # (a sample was collected: the records themselves are too few)
+        return (f'<p class="note">{len(rows)} record{"" if len(rows) == 1 else "s"}: too few '
+                "for a map (it needs 5), so none was drawn.</p>")
     labels = np.asarray(cols["label"], dtype=str)[rows]
     pick = balanced_pick(labels, MAX_POINTS, seed=seed)
     t0 = time.perf_counter()
