@@ -571,6 +571,9 @@ def test_embedded_damaged_gzip_dead_letters_the_lost_rest(
     assert len(r) == 1 and "truncated" in r[0]["reason"] and "cut short" in r[0]["reason"]
     assert r[0]["deepwatch"]["source"]["line"] == len(v) + 1
     assert r[0]["deepwatch"]["source"]["file"] == str(src)
+    # ... keeping, as `score` does, the beginning of the text the damage cut short
+    cut = _records(small_kdd_test, 3000)[len(v)].decode()
+    assert r[0]["raw"] and cut.startswith(r[0]["raw"][:40]), r[0]["raw"][:80]
 
 
 # ------------------------------------------------------------- real broker: what cannot be written

@@ -44,6 +44,9 @@ class RawBatch:
     #: Set on a batch standing for the unreadable rest of a damaged input (a truncated .gz):
     #: why. Its one record (the first line lost) becomes a dead letter with that reason.
     damage: str | None = None
+    #: With ``damage``: the beginning of the text that was read but cannot be trusted (see
+    #: :class:`deepwatch.sources.files.Chunk`), kept in the dead letter as a reject keeps it.
+    lost: bytes = b""
 
     def __post_init__(self) -> None:
         if self.origin.height != self.count:
@@ -117,6 +120,23 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
+def _damage_text(raw: RawBatch) -> tuple[list[str], list[str]]:
+    """The raw texts and reasons of a damaged batch's dead letters: its first record keeps
+    the beginning of the untrusted text, cut as a reject's is."""
+    from ..formats._base import MAX_RAW
+
+    assert raw.damage is not None
+    text = raw.lost.decode("utf-8", errors="replace")
+    reason = raw.damage
+    if len(text) > MAX_RAW:
+        reason += f" (raw text cut to its first {MAX_RAW:,} of {len(text):,} characters)"
+        text = text[:MAX_RAW]
+    texts, reasons = [""] * raw.count, [raw.damage] * raw.count
+    if raw.count:
+        texts[0], reasons[0] = text, reason
+    return texts, reasons
+
+
 def dead_letter_for(out: Output, kind: str, index: int, why: str) -> tuple[bytes | None, bytes]:
     """A dead letter (key, value) for the record behind message ``index`` of ``kind``, which
     could not be written (``why``): its raw text, cut as a reject's is, and its origin."""
@@ -179,8 +199,7 @@ class StreamProcessor:
             messages = {k: Messages(keys=[] if raw.keys is not None else None) for k in KINDS}
             idx = np.arange(raw.count, dtype=np.int64)
             messages[DEAD_LETTER] = Messages(
-                self._dead_letters(now or datetime.now(UTC), [""] * raw.count,
-                                   [raw.damage] * raw.count, raw.origin),
+                self._dead_letters(now or datetime.now(UTC), *_damage_text(raw), raw.origin),
                 _take_keys(raw.keys, idx), idx)
             return Output(messages, raw.count, 0, raw.count, 0, raw, self.fmt.name, now)
         context = self._contexts.get(raw.stream) if raw.stream is not None else None

@@ -153,7 +153,7 @@ class FileSource:
                         "line": np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64),
                     })
                     yield RawBatch(chunk.data, n, origin, stream=f"{number}:{spec.display}",
-                                   damage=chunk.damage)
+                                   damage=chunk.damage, lost=chunk.lost)
                     if stop.is_set():
                         return
             finally:
