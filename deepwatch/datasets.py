@@ -279,6 +279,17 @@ def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
     return dest
 
 
+#: Most bytes a download may take where the text's size is not known.
+UNKNOWN_SIZE_LIMIT = 4 << 30
+
+
+def download_limit(ds: Dataset) -> int:
+    """The most bytes a download of ``ds`` may take: its text's size (a gzipped copy is
+    smaller, but for a header of some bytes) plus 1 MiB, where that size is known."""
+    _sha, size, _origin = expected(ds)
+    return size + (1 << 20) if size is not None else UNKNOWN_SIZE_LIMIT
+
+
 def _download(ds: Dataset, progress: bool) -> Path:
     import urllib.error
     import urllib.request
@@ -290,6 +301,7 @@ def _download(ds: Dataset, progress: bool) -> Path:
     part_dir = cache_dir() / "datasets" / ds.group
     part_dir.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
+    limit = download_limit(ds)
     for url in ds.urls:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{ds.name}.", suffix=".download", dir=part_dir)
         tmp = Path(tmp_name)
@@ -299,8 +311,16 @@ def _download(ds: Dataset, progress: bool) -> Path:
                 total = resp.headers.get("Content-Length")
                 size = int(total) if total and total.isdigit() else None
                 bar = byte_progress(ds.name, size) if progress else nullcontext()
+                if size is not None and size > limit:
+                    raise DataError(f"the server offers {size:,} bytes, more than the "
+                                    f"{limit:,} a copy of it can be")
+                got = 0
                 with bar as advance:
                     for block in iter(lambda: resp.read(_BLOCK), b""):
+                        got += len(block)
+                        if got > limit:  # a broken mirror or an attacker: not the disk's end
+                            raise DataError(f"the download ran past {limit:,} bytes, more "
+                                            "than a copy of it can be; stopped")
                         out.write(block)
                         if advance is not None:
                             advance(len(block))

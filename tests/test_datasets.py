@@ -202,6 +202,35 @@ def test_download_verifies_and_falls_back_to_the_next_url(
     assert leftovers == []
 
 
+def test_a_download_larger_than_the_file_can_be_is_stopped(
+        served: tuple[str, Path], isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken mirror (or an attacker on plain http) cannot fill the disk: the download stops
+    once it is larger than the registered text plus 1 MiB, and leaves nothing behind."""
+    base, root = served
+    ds = dataclasses.replace(datasets.DATASETS["nslkdd-test"], text_bytes=1000,
+                             urls=(f"{base}/big.txt",))
+    monkeypatch.setitem(datasets.DATASETS, "nslkdd-test", ds)
+    assert datasets.download_limit(ds) == 1000 + (1 << 20)
+    (root / "big.txt").write_bytes(b"x" * (3 << 20))
+    with pytest.raises(datasets.DataError, match="more than the 1,049,576 a copy of it can be"):
+        list(datasets.fetch("nslkdd-test", progress=False))
+    part_dir = isolated / "datasets" / "nslkdd"
+    assert [p.name for p in part_dir.iterdir()] == []
+    # a server that does not say the length is stopped while reading
+    monkeypatch.setattr(http.server.SimpleHTTPRequestHandler, "send_header",
+                        _drop_length(http.server.SimpleHTTPRequestHandler.send_header))
+    with pytest.raises(datasets.DataError, match="ran past 1,049,576 bytes"):
+        list(datasets.fetch("nslkdd-test", progress=False))
+    assert [p.name for p in part_dir.iterdir()] == []
+
+
+def _drop_length(send):  # type: ignore[no-untyped-def]
+    def without(self, keyword: str, value: str) -> None:  # type: ignore[no-untyped-def]
+        if keyword.lower() != "content-length":
+            send(self, keyword, value)
+    return without
+
+
 def test_no_internet_is_one_clear_line(monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as s:  # a loopback port nobody listens on
