@@ -243,6 +243,8 @@ def score(
         raise typer.BadParameter(f"unknown engine {engine!r}; use local or spark")
     _err(f"{report.stats.summary()}; {report.alerts:,} malicious; {report.written:,} rows "
          f"written to {out} in {report.seconds:.1f}s ({report.engine})")
+    for warning in report.stats.format_warnings(fmt):  # (rejects never stop a run: a warning)
+        _err(warning)
 
 
 @app.command()

@@ -35,6 +35,22 @@ class Stats:
     def summary(self) -> str:
         return f"{self.lines:,} lines read: {self.parsed:,} parsed, {self.rejected:,} rejected"
 
+    def unparsed(self) -> list[str]:
+        """The inputs that had lines but gave no record: most often the wrong ``--format``."""
+        return [s for s, c in self.by_source.items() if c["lines"] and not c["parsed"]]
+
+    def format_hint(self, format_name: str) -> str:
+        """For an error about having no records: why, when lines were read but none parsed."""
+        if not self.lines or self.parsed:
+            return ""
+        return (f" (none of the {self.lines:,} lines read could be parsed as {format_name} "
+                "records: is --format right?)")
+
+    def format_warnings(self, format_name: str) -> list[str]:
+        """One warning line per input of which no line could be parsed as ``format_name``."""
+        return [f"warning: none of the {self.by_source[s]['lines']:,} lines of {s} could be "
+                f"parsed as {format_name} records; is --format right?" for s in self.unparsed()]
+
 
 def with_label(batch: pa.RecordBatch, label: str | None) -> pa.RecordBatch:
     """Set every record's ground-truth label (``PATH=LABEL``), adding the column if needed."""

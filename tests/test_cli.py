@@ -338,3 +338,35 @@ def test_every_option_help_is_shown_whole(capsys: pytest.CaptureFixture[str],
                     missing.append((argv, param.name, text))
     assert len(group.commands) >= 10  # type: ignore[attr-defined]
     assert not missing, missing
+
+
+def test_a_file_of_another_format_is_named_with_the_likely_mistake(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Web logs given with --format kdd: every line a reject. score wrote an empty output and
+    exit 0 with only the counts to go on, and evaluate/train said nothing of the format."""
+    from deepwatch.simulate import simulate
+
+    web = simulate(tmp_path / "sim", visits=5, attacks=[], seed=1)["normal"]
+    n = len(web.read_text().splitlines())
+    out = tmp_path / "o.jsonl"
+    # rejects never stop a run: the good file is scored, the other named in a warning
+    assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out), str(web),
+                 str(small_kdd_test)]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: none of the {n:,} lines of {web} could be parsed as kdd records; "
+            "is --format right?") in err
+    assert str(small_kdd_test) not in err.split("warning:", 1)[1]  # only the file at fault
+    hint = f"(none of the {n:,} lines read could be parsed as kdd records: is --format right?)"
+    assert main(["evaluate", str(kdd_bundle), "--format", "kdd", "--json",
+                 str(tmp_path / "e.json"), f"{web}=normal"]) == 4
+    assert capsys.readouterr().err.strip().endswith(hint)
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--out", str(tmp_path / "b"),
+                 f"{web}=normal"]) == 4
+    assert capsys.readouterr().err.strip().endswith(hint)
+    # a file that parses gets no such warning, nor does an empty one
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                 str(small_kdd_test), str(empty)]) == 0
+    assert "is --format right" not in capsys.readouterr().err

@@ -75,7 +75,8 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
         offset += batch.num_rows
     seconds = time.perf_counter() - t0
     if not parts:
-        raise DataError("no records could be parsed from the evaluation inputs")
+        raise DataError("no records could be parsed from the evaluation inputs"
+                        + reader.stats.format_hint(format_name))
     out = {k: np.concatenate(v) for k, v in parts.items()}
     if sampler is not None:
         out["_sample_rows"], out["_sample_X"] = sampler.result()

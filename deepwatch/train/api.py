@@ -411,7 +411,8 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     log(f"training data: {stats.summary()}")
     _log_no_label(rejects, "training", log)
     if table.num_rows < 10:
-        raise DataError(f"too few training records ({table.num_rows}) to train a model")
+        raise DataError(f"too few training records ({table.num_rows}) to train a model"
+                        + stats.format_hint(format_name))
     labels = _labels(table)
     if folds > 1 and labels is None:
         raise DataError("--folds needs labelled training data")
