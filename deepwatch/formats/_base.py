@@ -26,13 +26,20 @@ def empty_rejects() -> pa.Table:
 MAX_RAW = 10_000
 
 
+def cut_raw(raw: str, why: str) -> tuple[str, str]:
+    """A rejected record's raw text and reason as kept: a text longer than MAX_RAW keeps its
+    beginning, and the reason says so."""
+    if len(raw) <= MAX_RAW:
+        return raw, why
+    return raw[:MAX_RAW], (f"{why} (raw text cut to its first {MAX_RAW:,} of {len(raw):,} "
+                           "characters)")
+
+
 def make_rejects(lines: list[int], raws: list[str], reasons: list[str]) -> pa.Table:
-    """Rejects from the whole raw lines: a line longer than MAX_RAW keeps its beginning, and
-    its reason says so."""
+    """Rejects from the whole raw lines, cut as :func:`cut_raw` cuts them."""
     if any(len(r) > MAX_RAW for r in raws):
-        reasons = [f"{why} (raw text cut to its first {MAX_RAW:,} of {len(r):,} characters)"
-                   if len(r) > MAX_RAW else why for r, why in zip(raws, reasons, strict=True)]
-        raws = [r[:MAX_RAW] for r in raws]
+        cut = [cut_raw(r, why) for r, why in zip(raws, reasons, strict=True)]
+        raws, reasons = [r for r, _ in cut], [why for _, why in cut]
     return pa.table(
         {
             "line": pa.array(lines, pa.int64()),

@@ -123,14 +123,10 @@ def _is_utf8(data: bytes) -> bool:
 def _damage_text(raw: RawBatch) -> tuple[list[str], list[str]]:
     """The raw texts and reasons of a damaged batch's dead letters: its first record keeps
     the beginning of the untrusted text, cut as a reject's is."""
-    from ..formats._base import MAX_RAW
+    from ..formats._base import cut_raw
 
     assert raw.damage is not None
-    text = raw.lost.decode("utf-8", errors="replace")
-    reason = raw.damage
-    if len(text) > MAX_RAW:
-        reason += f" (raw text cut to its first {MAX_RAW:,} of {len(text):,} characters)"
-        text = text[:MAX_RAW]
+    text, reason = cut_raw(raw.lost.decode("utf-8", errors="replace"), raw.damage)
     texts, reasons = [""] * raw.count, [raw.damage] * raw.count
     if raw.count:
         texts[0], reasons[0] = text, reason
@@ -140,18 +136,14 @@ def _damage_text(raw: RawBatch) -> tuple[list[str], list[str]]:
 def dead_letter_for(out: Output, kind: str, index: int, why: str) -> tuple[bytes | None, bytes]:
     """A dead letter (key, value) for the record behind message ``index`` of ``kind``, which
     could not be written (``why``): its raw text, cut as a reject's is, and its origin."""
-    from ..formats._base import MAX_RAW
+    from ..formats._base import cut_raw
 
     msgs = out.messages[kind]
     if out.source is None or msgs.rows is None:
         raise ValueError("this output does not know the records behind its messages")
     row = int(msgs.rows[index])
     line = _lines(out.source)[row]
-    text = line.decode("utf-8", errors="replace")
-    reason = why
-    if len(text) > MAX_RAW:
-        reason += f" (raw text cut to its first {MAX_RAW:,} of {len(text):,} characters)"
-        text = text[:MAX_RAW]
+    text, reason = cut_raw(line.decode("utf-8", errors="replace"), why)
     if not _is_utf8(line):
         reason += NOT_UTF8
     key = msgs.keys[index] if msgs.keys is not None else None
