@@ -140,6 +140,33 @@ def test_a_fifo_in_a_bundle_is_refused_not_opened(kdd_bundle: Path, tmp_path: Pa
     assert ("not a regular file" in str(exc)) if listed else ("not listed" in str(exc))
 
 
+def test_a_symlinked_file_is_checked_like_any_other(kdd_bundle: Path, tmp_path: Path) -> None:
+    """Symlinks are followed (they let copies share weights), but what they point to is checked:
+    the same bytes load, changed bytes or a device behind the link are refused."""
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def link_to(target: Path) -> Mutation:
+        def change(d: Path, m: dict[str, Any]) -> None:
+            (d / "weights.safetensors").unlink()
+            (d / "weights.safetensors").symlink_to(target)
+        return change
+
+    shutil.copy(kdd_bundle / "weights.safetensors", store / "same.safetensors")
+    same = variant(kdd_bundle, tmp_path / "same", link_to(store / "same.safetensors"))
+    assert (same / "weights.safetensors").is_symlink()
+    Detector(same, engine="torch")  # loads: the bytes behind the link are the recorded ones
+
+    changed = bytearray((kdd_bundle / "weights.safetensors").read_bytes())
+    changed[-1] ^= 1
+    (store / "changed.safetensors").write_bytes(bytes(changed))
+    bad = variant(kdd_bundle, tmp_path / "bad", link_to(store / "changed.safetensors"))
+    refused(bad, "does not match its checksum", engine="torch")
+
+    dev = variant(kdd_bundle, tmp_path / "dev", link_to(Path("/dev/zero")))
+    refused(dev, "not a regular file", engine="torch")
+
+
 # -- 2. featurizer, network and decision must fit each other ------------------------------------
 
 def test_another_bundles_onnx_with_a_fixed_checksum_is_refused(kdd_bundle: Path,
