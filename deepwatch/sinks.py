@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -205,12 +206,28 @@ class RecordSink:
             self._fh.flush()
 
 
+#: U+2028 and U+2029 are valid inside a JSON string, but JavaScript, Python's ``splitlines`` and
+#: some SIEM shippers take them for line breaks: a record's text could split one JSON line in
+#: two. Every JSONL writer escapes them.
+_LINE_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def escape_line_separators(data: bytes) -> bytes:
+    """``data`` (UTF-8 JSON text) with U+2028 and U+2029 written as JSON escapes."""
+    for raw, escaped in _LINE_SEPARATORS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
+
+
 def write_jsonl(batch: pa.RecordBatch | pa.Table, fh: IO[bytes]) -> None:
     import polars as pl
 
     df = pl.from_arrow(batch)
     assert isinstance(df, pl.DataFrame)
-    df.write_ndjson(fh)
+    buf = io.BytesIO()
+    df.write_ndjson(buf)
+    fh.write(escape_line_separators(buf.getvalue()))
 
 
 class RejectSink:
@@ -236,6 +253,7 @@ class RejectSink:
         if self._fh is None or rejects.num_rows == 0:
             return
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rejects.to_pylist())
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
         try:
             self._fh.write(text)
         except OSError as exc:

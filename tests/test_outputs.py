@@ -292,3 +292,26 @@ def test_an_fpr_decision_records_its_target(train_data: Path, tmp_path: Path) ->
     thresholds = read_manifest(out)["thresholds"]
     assert thresholds["target_fpr"] == 0.05 and thresholds["policy"] == "threshold"
     assert 0.0 <= thresholds["calibration_fpr"] <= 0.1
+
+
+def test_jsonl_outputs_escape_unicode_line_separators(kdd_bundle: Path, records: str,
+                                                      tmp_path: Path) -> None:
+    """U+2028/U+2029 are legal in JSON strings, but splitlines, JavaScript and some SIEM shippers
+    break lines at them: a hostile record must not split one output line into two."""
+    good = records.splitlines(keepends=True)[:5]
+    fields = good[0].split(",")
+    fields[2] = "ht\u2028tp\u2029"  # the service: parsed (as a service never seen), then written
+    text = "".join(good) + ",".join(fields) + "not\u2028a record\n"
+    src = tmp_path / "in.csv"
+    src.write_text(text, encoding="utf-8")
+    out, rej = tmp_path / "out.jsonl", tmp_path / "rej.jsonl"
+    assert main(["score", str(kdd_bundle), "-f", "kdd", "--out", str(out), "--rejects", str(rej),
+                 str(src)]) == 0
+    for path, n in ((out, 6), (rej, 1)):
+        data = path.read_bytes()
+        assert "\u2028".encode() not in data and "\u2029".encode() not in data
+        lines = data.decode("utf-8").splitlines()
+        assert len(lines) == n
+        rows = [json.loads(line) for line in lines]
+    assert json.loads(out.read_text().splitlines()[-1])["service"] == "ht\u2028tp\u2029"
+    assert "not\u2028a record" in rows[0]["raw"]
