@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import InputError, OutputError, UsageError
+from .errors import InputError, OutputError, UsageError, first_line
 
 LAYOUT_VERSION = 1
 MANIFEST = "_lake.json"
@@ -158,6 +158,7 @@ class LakeWriter:
         self._seq = 0
         self.stats = LakeStats(days=set())
         self._sums: dict[str, tuple[int, str]] = {}
+        self._written: list[Path] = []  # this writer's parts, for rollback()
 
     def _name(self) -> str:
         self._seq += 1
@@ -168,9 +169,7 @@ class LakeWriter:
             return
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         for day, part in _by_day(table, self._time_column):
-            folder = self.root / RECORDS / f"day={day}"
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_part(part, folder / self._name())
+            self._put(part, self.root / RECORDS / f"day={day}")
             self.stats.records += part.num_rows
             self.stats.files += 1
             assert self.stats.days is not None
@@ -179,10 +178,31 @@ class LakeWriter:
     def write_rejects(self, rejects: pa.Table) -> None:
         if rejects.num_rows == 0:
             return
-        folder = self.root / REJECTS
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_part(rejects, folder / self._name())
+        self._put(rejects, self.root / REJECTS)
         self.stats.rejects += rejects.num_rows
+
+    def _put(self, table: pa.Table, folder: Path) -> None:
+        """One new part in ``folder``; a failure to write (a full disk) is an OutputError."""
+        final = folder / self._name()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_part(table, final)
+        except OSError as exc:
+            raise OutputError(f"cannot write the lake at {self.root}: "
+                              f"{exc.strerror or first_line(exc)}") from None
+        self._written.append(final)
+
+    def rollback(self) -> int:
+        """Remove every part this writer wrote (a run that failed keeps nothing, so running it
+        again does not store its records twice); the number of parts removed."""
+        removed = 0
+        for part in self._written:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+                removed += 1
+        self._written.clear()
+        self.stats = LakeStats(days=set())
+        return removed
 
     def seen_before(self, path: str | Path) -> bool:
         """Whether an input with ``path``'s size and sha256 was ingested into this lake before

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from .errors import InputError, OutputError
 from .lake import LakeStats
 
 
@@ -31,13 +32,27 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
         if writer.seen_before(path):
             print(f"warning: {path} (same size and sha256) was already ingested into {lake}; "
                   "its records are appended again", file=sys.stderr)
-    for batch, rejects, _spec in reader:
-        writer.write(batch)
-        writer.write_rejects(rejects)
-        if on_batch is not None:
-            on_batch(batch.num_rows)
+    try:
+        for batch, rejects, _spec in reader:
+            writer.write(batch)
+            writer.write_rejects(rejects)
+            if on_batch is not None:
+                on_batch(batch.num_rows)
+    except BaseException as exc:  # a full disk, an unreadable input, Ctrl-C: keep nothing
+        removed = writer.rollback()
+        if isinstance(exc, (OutputError, InputError)):
+            parts = "1 part it had written was" if removed == 1 else \
+                f"{removed} parts it had written were"
+            raise type(exc)(f"{exc}; nothing from this run was kept ({parts} removed), so it "
+                            "can simply be run again") from None
+        raise
     for path in files:
-        writer.note_ingested(path)
+        try:
+            writer.note_ingested(path)
+        except OSError as exc:  # the records are in: only the duplicate warning loses out
+            print(f"warning: could not note {path} as ingested in {lake}: "
+                  f"{exc.strerror or exc}; ingesting it again will not be warned about",
+                  file=sys.stderr)
     return writer.stats, reader.stats.summary()
 
 
@@ -53,6 +68,8 @@ def register(app: typer.Typer) -> None:
 
         Ingest appends and is not idempotent: ingesting the same file twice stores its records
         twice (a warning says so when a file of the same size and sha256 was ingested before).
+        A run that fails (a full disk, an unreadable input, Ctrl-C) keeps nothing it wrote, so it
+        can be run again as it was.
         """
         from .progress import enabled
 

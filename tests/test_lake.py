@@ -249,3 +249,45 @@ def test_a_lake_that_cannot_be_created_is_one_clear_error(
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot create the lake at {log / 'lake'}: "), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def _fsize_limit(limit: int) -> None:  # runs in the child before exec
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_failed_ingest_keeps_nothing_and_can_be_run_again(tmp_path: Path) -> None:
+    """A write that fails part-way (a full disk; here a real file-size limit set on the
+    process) is one error line, and the parts the run had already written are removed: the lake
+    is as it was, and running the ingest again does not store those records twice."""
+    import secrets
+
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "access", "--lake", str(lake),
+                 str(_log(tmp_path / "first.log", [20]))]) == 0
+    before = sorted(p.relative_to(lake) for p in lake.rglob("*.parquet"))
+    small = _log(tmp_path / "small.log", [21, 22])  # two small parts, written first
+    big = tmp_path / "big.log"  # a part of random text, too large for the limit
+    big.write_text("".join(
+        LINE.format(ip="9.9.9.9", day=23, sec=i % 60).replace(f"/p{i % 60}",
+                                                              "/" + secrets.token_hex(24)) + "\n"
+        for i in range(5000)))
+    exe = Path(sys.executable).with_name("deepwatch")
+    cmd = [str(exe), "ingest", "--format", "access", "--lake", str(lake), str(small), str(big)]
+    env = {**os.environ, "DEEPWATCH_PROGRESS": "0"}
+    done = subprocess.run(cmd, capture_output=True, timeout=120, env=env,
+                          preexec_fn=lambda: _fsize_limit(64 << 10))
+    err = done.stderr.decode()
+    assert done.returncode != 0
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: cannot write the lake at") and "2 parts" in err, err
+    assert sorted(p.relative_to(lake) for p in lake.rglob("*.parquet")) == before
+    assert not list(lake.rglob(".*.tmp"))
+    assert read_lake(lake).num_rows == 1
+
+    again = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
+    assert again.returncode == 0, again.stderr.decode()
+    assert read_lake(lake).num_rows == 1 + 2 + 5000
