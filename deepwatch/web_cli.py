@@ -68,11 +68,17 @@ def register(app: typer.Typer) -> None:
 
         Ingest appends and is not idempotent: ingesting the same file twice stores its records
         twice (a warning says so when a file of the same size and sha256 was ingested before).
-        A run that fails (a full disk, an unreadable input, Ctrl-C) keeps nothing it wrote, so it
-        can be run again as it was.
+        A run that fails (a full disk, an unreadable input, Ctrl-C, SIGTERM) keeps nothing it
+        wrote, so it can be run again as it was.
         """
+        import signal
+
         from .progress import enabled
 
+        def interrupted(signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt  # SIGTERM rolls the run back as Ctrl-C does
+
+        signal.signal(signal.SIGTERM, interrupted)
         stats, summary = ingest(fmt, lake, files, progress=enabled())
         days = sorted(stats.days or ())
         span = f"{days[0]} .. {days[-1]}" if days else "no days"

@@ -291,3 +291,31 @@ def test_a_failed_ingest_keeps_nothing_and_can_be_run_again(tmp_path: Path) -> N
     again = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
     assert again.returncode == 0, again.stderr.decode()
     assert read_lake(lake).num_rows == 1 + 2 + 5000
+
+
+def test_an_ingest_stopped_by_sigterm_keeps_nothing(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    lake = tmp_path / "lake"
+    small = _log(tmp_path / "small.log", [21, 22])
+    exe = Path(sys.executable).with_name("deepwatch")
+    proc = subprocess.Popen([str(exe), "ingest", "--format", "access", "--lake", str(lake),
+                             str(small), "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(lake.rglob("part-*.parquet"))) < 2:  # small.log is in; stdin is open
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.close()
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    assert not list(lake.rglob("*.parquet"))
