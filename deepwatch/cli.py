@@ -346,6 +346,8 @@ def _usage_line(exc: Exception) -> str:
     message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
     ctx = getattr(exc, "ctx", None)
     where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    if message.startswith("No such option: -="):  # stdin with a label, taken for an option
+        where = "; to label stdin, end the options first: -- -=LABEL"
     return f"error: {message}{where}"
 
 

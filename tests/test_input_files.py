@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from deepwatch.errors import InputError
 from deepwatch.formats import get_format
 from deepwatch.sources import files
 from deepwatch.sources.files import (
@@ -244,7 +245,27 @@ def test_a_path_that_exists_is_not_a_glob(tmp_path: Path) -> None:
 
 def test_stdin_can_have_a_label() -> None:
     assert parse_input_spec("-=scanner") == [InputSpec("-", "scanner")]
+    assert parse_input_spec("-=a=b") == [InputSpec("-", "a=b")]
     assert parse_input_spec("-") == [InputSpec("-")]
+
+
+def test_a_label_may_hold_an_equals_sign(tmp_path: Path) -> None:
+    f = tmp_path / "x=1.csv"  # and so may the path
+    f.write_text("x\n")
+    assert parse_input_spec(f"{f}=k=v") == [InputSpec(str(f), "k=v")]
+    assert parse_input_spec(f"{tmp_path}/*.csv=k=v") == [InputSpec(str(f), "k=v")]
+    with pytest.raises(InputError, match=r"no such file: .*/gone.csv=k \(read .* as PATH=LABEL "
+                                         r"with the label 'v'\)"):
+        parse_input_spec(f"{tmp_path}/gone.csv=k=v")
+
+
+def test_a_labelled_stdin_taken_for_an_option_gets_a_hint(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from deepwatch.cli import main
+
+    assert main(["score", "nowhere", "-f", "kdd", "--out", "o.jsonl", "-=scan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("to label stdin, end the options first: -- -=LABEL"), err
 
 
 # -- byte order marks ------------------------------------------------------------------------

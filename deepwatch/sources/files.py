@@ -174,22 +174,38 @@ def parse_input_spec(text: str) -> list[InputSpec]:
         return [InputSpec("-")]
     label = None
     path = text
+    read_as = ""
     if not os.path.exists(text) and "=" in text:
-        path, label = text.rsplit("=", 1)
+        path, label = _split_label(text)
         if not label:
             raise InputError(f"empty label in {text!r}; write PATH=LABEL")
         if path == "-":
             return [InputSpec("-", label)]
+        read_as = f" (read {text!r} as PATH=LABEL with the label {label!r})"
     if not os.path.exists(path) and any(c in path for c in "*?["):
         found = sorted(glob.glob(path))
         if not found:
-            raise InputError(f"no file matches {path!r}")
+            raise InputError(f"no file matches {path!r}{read_as}")
         return [InputSpec(p, label) for p in found]
     if not os.path.exists(path):
-        raise InputError(f"no such file: {path}")
+        raise InputError(f"no such file: {path}{read_as}")
     if os.path.isdir(path):
         raise InputError(f"{path} is a directory, not a file")
     return [InputSpec(path, label)]
+
+
+def _split_label(text: str) -> tuple[str, str]:
+    """``PATH=LABEL`` where either part may hold ``=``: split at the first ``=`` that leaves a
+    path that exists (or stdin, or a glob that matches), else at the last one."""
+    at = text.find("=")
+    while at != -1:
+        path = text[:at]
+        if path == "-" or os.path.exists(path) or (
+                any(c in path for c in "*?[") and glob.glob(path)):
+            return path, text[at + 1 :]
+        at = text.find("=", at + 1)
+    path, label = text.rsplit("=", 1)
+    return path, label
 
 
 def _open(spec: InputSpec) -> BinaryIO:
