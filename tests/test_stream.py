@@ -719,3 +719,162 @@ def test_an_illegal_topic_name_is_refused_before_anything_is_read(
                      "the characters a-z A-Z 0-9 . _ -"]
     assert _committed(broker, f"g-{topic}", topic, 1) == 0
     assert _count(broker, f"{topic}.alerts") == 0
+
+
+# ------------------------------------------- real broker: a message the broker refuses for its size
+
+
+def _size_limited_sink(limits: dict[str, int], refuse_once: set[tuple[str, bytes]] = frozenset()
+                       ) -> type:
+    """A KafkaSink whose delivery reports refuse, as a Kafka broker does (MSG_SIZE_TOO_LARGE,
+    Java's RecordTooLargeException), every message larger than its topic's entry in ``limits``,
+    and once each (topic, key) in ``refuse_once`` (a small message refused with the batch it
+    was sent in, as a broker refuses a whole batch over its limit).
+
+    Why not the real broker: Tansu 0.6.0 cannot refuse a message for its size. ``tansu broker``
+    has no size setting, and it keeps a topic's ``max.message.bytes`` given at creation
+    (AdminClient ``NewTopic(config=...)``; ``describe_configs`` reads it back) without enforcing
+    it: it accepted a 150 MB message into a topic created with ``max.message.bytes=1000``. So
+    only the delivery callback is told the refusal, with a real ``KafkaError``; everything
+    else (producing, the retries, the dead letters, acknowledgements, commits) runs against
+    Tansu. A message "refused" this way was stored by Tansu all the same, so the tests read the
+    dead-letter topic and the worker's counts, not the absence of the refused message."""
+    from confluent_kafka import KafkaError
+
+    from deepwatch.serve._kafka_io import KafkaSink
+
+    class SizeLimitedSink(KafkaSink):
+        made: list[SizeLimitedSink] = []
+
+        def __init__(self, brokers: str, topics: dict[str, str | None],
+                     options: dict | None = None, **kw: object) -> None:
+            # every delivery is reported, so that an acknowledgement can be turned into a refusal
+            super().__init__(brokers, topics, {**(options or {}),
+                                               "delivery.report.only.error": False}, **kw)
+            self.once = set(refuse_once)
+            self.acked: list[tuple[str, bytes | None]] = []
+            self.on_ack: dict[str, object] = {}  # topic -> called on each acknowledgement there
+            self.made.append(self)
+
+        def _on_delivery(self, err: object, msg: object) -> None:
+            if err is None:
+                topic, key, size = msg.topic(), msg.key(), len(msg.value())  # type: ignore
+                if size > limits.get(topic, size) or (topic, key) in self.once:
+                    self.once.discard((topic, key))
+                    err = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+                else:
+                    self.acked.append((topic, key))
+                    if topic in self.on_ack:
+                        self.on_ack[topic]()  # type: ignore[operator]
+            super()._on_delivery(err, msg)
+
+    return SizeLimitedSink
+
+
+def _with_big_access_record(n: int = 100) -> tuple[list[bytes], bytes]:
+    """w3af's scan with, at index 50, a request whose 600 KB URL makes an alert of ~20 KB."""
+    scan = [x.rstrip("\n").encode() for x in head_lines(data_file("weblogs/scan_w3af.log.gz"), n)]
+    big = (b'182.118.20.213 - - [18/May/2015:08:55:47 +0000] "GET /index.php?q=' + b"A" * 600_000
+           + b' HTTP/1.1" 500 1924 "http://semicomplete.com/" "w3af.org"')
+    return scan[:50] + [big] + scan[50:], big
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_alert_the_broker_refuses_for_its_size_is_a_dead_letter_and_the_worker_goes_on(
+        broker: str, access_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker whose limit is below the producer's message.max.bytes refuses a large alert in
+    the delivery report (MSG_SIZE_TOO_LARGE). That was a delivery failure: the worker stopped,
+    nothing committed, and every restart was refused the same record. The alert is now a dead
+    letter of its record saying the broker refused it for its size, and the worker goes on.
+    A small verdict refused only with its batch is sent again alone and delivered, not
+    dead-lettered. (The broker's refusal is told through the delivery callback: Tansu cannot
+    refuse for size; see _size_limited_sink.)"""
+    import deepwatch.serve._kafka_io as kafka_io
+
+    values, big = _with_big_access_record()
+    topic, group = "brokersize-test", "brokersize-group"
+    _create_topic(broker, topic, 2)
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": broker, "message.max.bytes": 2_000_000})
+    for i, value in enumerate(values):
+        producer.produce(topic, value, str(i).encode())
+    assert producer.flush(30) == 0
+
+    sink_class = _size_limited_sink({f"{topic}.alerts": 15_000},
+                                    refuse_once={(f"{topic}.verdicts", b"3")})
+    monkeypatch.setattr(kafka_io, "KafkaSink", sink_class)
+    opts = StreamOptions(bundle=str(access_bundle), format="access", brokers=broker,
+                         input_topic=topic, output_topic=f"{topic}.alerts",
+                         verdict_topic=f"{topic}.verdicts", group=group, batch_wait_ms=200)
+    thread, stop, result = _stream_in_thread(opts)
+    try:
+        _wait("the worker to commit every record",
+              lambda: "error" in result or _committed(broker, group, topic, 2) == len(values))
+    finally:
+        stop.set()
+        thread.join(60)
+    assert "error" not in result, result.get("error")
+    report = result["report"]
+
+    dead = dict(_read_all(broker, f"{topic}.dead-letter"))
+    assert set(dead) == {50}  # keyed by the input's key
+    why = dead[50]["reason"]
+    assert why.startswith("its alert message was ") and (
+        f"bytes, over the broker's size limit for '{topic}.alerts' (its max.message.bytes, "
+        "lower than the producer's message.max.bytes, 1,000,000): the broker refused it") in why
+    assert "cut to its first 10,000 of 600," in why
+    assert dead[50]["raw"] == big[:10_000].decode()
+    assert dead[50]["format"] == "access" and dead[50]["deepwatch"]["source"]["topic"] == topic
+
+    verdicts = dict(_read_all(broker, f"{topic}.verdicts"))
+    assert set(verdicts) == set(range(len(values))) and verdicts[50]["verdict"] == "malicious"
+    malicious = sum(d["verdict"] == "malicious" for d in verdicts.values())
+    # the verdict refused with its batch was sent again, alone, and acknowledged
+    [sink] = sink_class.made
+    assert (f"{topic}.verdicts", b"3") in sink.acked
+    # what the worker counts is what it wrote: the refused alert became a dead letter
+    assert report.produced == {"alert": malicious - 1, "verdict": len(values), "dead_letter": 1}
+    sink_class.made.clear()
+    del sink
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("dead_letter_limit", [None, 5_000])
+def test_a_broker_size_refusal_commits_only_after_its_dead_letter_is_acknowledged(
+        broker: str, access_bundle: Path, dead_letter_limit: int | None) -> None:
+    """At least once: the batch holding the refused record is committed only after its dead
+    letter is acknowledged. A dead letter the broker refuses for its size in turn stops the
+    worker with a DeliveryError saying so, and that batch is not committed. (The broker's
+    refusal is told through the delivery callback: Tansu cannot refuse for size; see
+    _size_limited_sink.)"""
+    values, _ = _with_big_access_record()
+    names = {ALERT: "bsize.alerts", VERDICT: "bsize.verdicts", DEAD_LETTER: "bsize.dead"}
+    limits = {names[ALERT]: 15_000}
+    if dead_letter_limit is not None:
+        limits[names[DEAD_LETTER]] = dead_letter_limit
+    sink_class = _size_limited_sink(limits)
+    sink = sink_class(broker, names)
+    source = MemorySource(values, [str(i).encode() for i in range(len(values))], batch_size=20)
+    committed_at_ack: list[int] = []
+    sink.on_ack[names[DEAD_LETTER]] = lambda: committed_at_ack.append(source.committed)
+    processor = StreamProcessor(Detector(access_bundle), get_format("access"))
+    try:
+        if dead_letter_limit is None:
+            report = run_loop(source, sink, processor, threading.Event())
+            assert source.committed == len(values) and report.produced["dead_letter"] == 1
+            # record 50 is in the batch of offsets 40-59: not committed before its dead letter
+            assert committed_at_ack and committed_at_ack[0] <= 40
+        else:
+            with pytest.raises(DeliveryError, match=r"the broker refused the alert of a "
+                               r"record for its size, and its dead letter \([\d,]+ bytes\) "
+                               r"could not be written either: refused by the broker for its "
+                               r"size on 'bsize\.dead'"):
+                run_loop(source, sink, processor, threading.Event())
+            assert source.committed <= 40 and not committed_at_ack
+    finally:
+        sink.close()
+        sink_class.made.clear()
+        del sink

@@ -12,18 +12,31 @@ producer's queue is bounded; when it is full, producing waits for the broker.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from ..errors import UsageError
-from ._stream_core import DEAD_LETTER, KINDS, Output, RawBatch, dead_letter_for, join_records
+from ._stream_core import (
+    ALERT,
+    DEAD_LETTER,
+    KINDS,
+    VERDICT,
+    Output,
+    RawBatch,
+    dead_letter_for,
+    find_record,
+    join_records,
+    record_dead_letter,
+)
 from ._stream_io import DeliveryError
 
 log = logging.getLogger("deepwatch.stream")
@@ -63,6 +76,10 @@ _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 #: librdkafka's default message.max.bytes: the largest message (value, key and headers) the
 #: producer accepts.
 DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+#: What a broker answers, in the delivery report, when it refuses a message for its size: the
+#: topic's max.message.bytes (or the broker's message.max.bytes) is lower than the producer's.
+#: It refuses the whole batch the message was sent in, small messages with the large.
+BROKER_SIZE_REFUSALS = ("MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE")
 
 
 def check_topic_name(flag: str, topic: str) -> None:
@@ -221,10 +238,12 @@ _EMPTY = RawBatch(b"", 0, pl.DataFrame({"topic": [], "partition": [], "offset": 
 class KafkaSink:
     """Produces each kind of message to its topic (``None``: that kind is not written).
 
-    An alert or verdict too large for the producer (over ``message.max.bytes``) becomes a dead
-    letter of its record, saying so, instead of stopping the worker: a record that can never be
-    written must not jam its partition. Any other error producing is a DeliveryError (one line;
-    nothing of the batch is committed).
+    An alert or verdict too large for the producer (over ``message.max.bytes``), or refused by
+    the broker for its size (over the topic's ``max.message.bytes``), becomes a dead letter of its
+    record, saying so, instead of stopping the worker: a record that can never be written must
+    not jam its partition. ``flush`` returns only once that dead letter is acknowledged, so the
+    batch is committed after it. Any other error producing, and a dead letter refused in its
+    turn, is a DeliveryError (one line; nothing of the batch is committed).
     """
 
     def __init__(self, brokers: str, topics: dict[str, str | None],
@@ -238,6 +257,16 @@ class KafkaSink:
         for kind, topic in self.topics.items():
             check_topic_name(flags.get(kind, kind), topic)
         self.errors: list[str] = []
+        #: (topic, key, value) of the messages the broker refused for their size (one of
+        #: ``_size_codes`` in the delivery report) since the last flush
+        self.refused: list[tuple[str, bytes | None, bytes]] = []
+        self._size_codes = {getattr(ck.KafkaError, name) for name in BROKER_SIZE_REFUSALS
+                            if hasattr(ck.KafkaError, name)}
+        #: what was written since the last flush: the batches a refused message may come from
+        self._written: list[tuple[RawBatch, str, datetime | None]] = []
+        #: messages of each kind the broker refused, written as dead letters instead
+        #: (:meth:`take_replaced`)
+        self.replaced: dict[str, int] = {}
         # the delivery callback set once, not passed with every message (1.3 -> 0.8 us a call)
         conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": brokers, "error_cb": self._on_error,
                 "on_delivery": self._on_delivery, **(options or {})}
@@ -288,7 +317,11 @@ class KafkaSink:
         log.warning("kafka client error", extra={"event": "kafka_error", "error": str(err)})
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:  # only failures are reported (delivery.report.only.error)
+        if err is None:  # only failures are reported (delivery.report.only.error)
+            return
+        if err.code() in self._size_codes:
+            self.refused.append((msg.topic(), msg.key(), msg.value()))
+        else:
             self.errors.append(f"{msg.topic()}: {err.str()}")
 
     def _produce(self, topic: str, value: bytes, key: bytes | None) -> Any:
@@ -309,6 +342,8 @@ class KafkaSink:
                 raise DeliveryError(f"cannot produce to {topic!r}: {err.str()}") from None
 
     def write(self, out: Output) -> None:
+        if out.source is not None:
+            self._written.append((out.source, out.format_name, out.now))
         letters: list[tuple[bytes | None, bytes]] = []
         for kind, msgs in out.messages.items():
             topic = self.topics.get(kind)
@@ -361,6 +396,16 @@ class KafkaSink:
         return letters
 
     def flush(self) -> None:
+        try:
+            self._wait()
+            if self.refused:
+                self._replace_refused()
+        finally:
+            self._written.clear()
+
+    def _wait(self) -> None:
+        """Waits for every message produced to be acknowledged; a DeliveryError when one was
+        not, other than for its size (those are in ``refused``)."""
         deadline = time.monotonic() + self.flush_timeout
         left = self.producer.flush(self.flush_timeout)
         while left and time.monotonic() < deadline:
@@ -371,7 +416,90 @@ class KafkaSink:
         if self.errors:
             first, n = self.errors[0], len(self.errors)
             self.errors.clear()
+            self.refused.clear()
             raise DeliveryError(f"{n} messages could not be delivered, the first: {first}")
+
+    def _replace_refused(self) -> None:
+        """Sends each message the broker refused for its size again, alone: the broker refuses
+        a whole batch over its limit, so most may have been refused only for the company they
+        were in. One refused alone too is replaced by a dead letter of its record, itself sent
+        alone and waited for."""
+        refused, self.refused = self.refused, []
+        accepted = 0
+        for topic, key, value in refused:
+            if self._alone(topic, key, value) is None:
+                accepted += 1
+                continue
+            kind, letter = self._refused_letter(topic, key, value)
+            dead_topic = self.topics[DEAD_LETTER]
+            why = self._alone(dead_topic, key, letter)
+            if why is not None:
+                raise DeliveryError(f"the broker refused the {kind} of a record for its size, "
+                                    f"and its dead letter ({len(letter):,} bytes) could not be "
+                                    f"written either: {why} on {dead_topic!r}")
+            self.replaced[kind] = self.replaced.get(kind, 0) + 1
+        if accepted:
+            log.warning("the broker refused a batch for its size; its messages were sent again "
+                        "one by one", extra={
+                            "event": "batch_refused", "messages": accepted,
+                            "hint": "set --kafka-option message.max.bytes to the topic's "
+                                    "max.message.bytes so that batches fit"})
+
+    def _alone(self, topic: str, key: bytes | None, value: bytes) -> str | None:
+        """Produces one message by itself (nothing else is waiting) and waits for it: None
+        when it is acknowledged, why not when it is too large."""
+        if self._produce(topic, value, key) is not None:
+            return f"over the producer's message.max.bytes ({self.max_message_bytes:,})"
+        self._wait()
+        if self.refused:
+            self.refused.clear()
+            return "refused by the broker for its size"
+        return None
+
+    def _refused_letter(self, topic: str, key: bytes | None, value: bytes) -> tuple[str, bytes]:
+        """The kind of a message the broker refused, alone, for its size, and the dead letter
+        of its record: found by the ``deepwatch.source`` the message carries, among the
+        batches written since the last flush."""
+        size = len(value) + len(key or b"")
+        try:
+            doc = json.loads(value)
+            source = doc["deepwatch"]["source"]
+            kind = self._kind_of(topic, doc)
+        except (ValueError, KeyError, TypeError):
+            raise DeliveryError(f"a message of {size:,} bytes to {topic!r} was refused by the "
+                                "broker for its size") from None
+        if kind == DEAD_LETTER:
+            raise DeliveryError(f"a dead letter of {size:,} bytes was refused by the broker for "
+                                f"its size: {topic!r} takes smaller messages than the producer's "
+                                f"message.max.bytes ({self.max_message_bytes:,})")
+        found = find_record([raw for raw, _, _ in self._written], source)
+        if found is None or DEAD_LETTER not in self.topics:
+            raise DeliveryError(f"the broker refused the {kind} of a record ({size:,} bytes) "
+                                f"for its size on {topic!r}, and it cannot be written as a dead "
+                                "letter")
+        raw, row = found
+        fmt, now = next((f, n) for r, f, n in self._written if r is raw)
+        why = (f"its {kind.replace('_', ' ')} message was {size:,} bytes, over the broker's "
+               f"size limit for {topic!r} (its max.message.bytes, lower than the producer's "
+               f"message.max.bytes, {self.max_message_bytes:,}): the broker refused it")
+        log.warning("message refused by the broker for its size, written as a dead letter",
+                    extra={"event": "oversized", "kind": kind, "bytes": size, "topic": topic,
+                           "limit": "broker"})
+        self.oversized += 1
+        return kind, record_dead_letter(raw, row, why, fmt, now)
+
+    def _kind_of(self, topic: str, doc: dict[str, Any]) -> str:
+        kinds = [k for k, t in self.topics.items() if t == topic]
+        if len(kinds) == 1:
+            return kinds[0]
+        # one topic for several kinds: a dead letter says why, an alert is an ECS event
+        return DEAD_LETTER if "reason" in doc else ALERT if "event" in doc else VERDICT
+
+    def take_replaced(self) -> dict[str, int]:
+        """How many messages of each kind were refused by the broker and written as dead
+        letters since the last call (the run loop counts what was written)."""
+        replaced, self.replaced = self.replaced, {}
+        return replaced
 
     def close(self) -> None:
         self.producer.flush(self.flush_timeout)

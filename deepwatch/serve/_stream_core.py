@@ -47,12 +47,19 @@ class RawBatch:
     #: With ``damage``: the beginning of the text that was read but cannot be trusted (see
     #: :class:`deepwatch.sources.files.Chunk`), kept in the dead letter as a reject keeps it.
     lost: bytes = b""
+    _split: list[bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.origin.height != self.count:
             raise ValueError(f"{self.origin.height} origins for {self.count} records")
         if self.keys is not None and len(self.keys) != self.count:
             raise ValueError(f"{len(self.keys)} keys for {self.count} records")
+
+    def line(self, row: int) -> bytes:
+        """The bytes of record ``row`` (the batch is split into lines once, on first use)."""
+        if self._split is None:
+            self._split = _lines(self)
+        return self._split[row]
 
 
 @dataclass
@@ -136,20 +143,38 @@ def _damage_text(raw: RawBatch) -> tuple[list[str], list[str]]:
 def dead_letter_for(out: Output, kind: str, index: int, why: str) -> tuple[bytes | None, bytes]:
     """A dead letter (key, value) for the record behind message ``index`` of ``kind``, which
     could not be written (``why``): its raw text, cut as a reject's is, and its origin."""
-    from ..formats._base import cut_raw
-
     msgs = out.messages[kind]
     if out.source is None or msgs.rows is None:
         raise ValueError("this output does not know the records behind its messages")
-    row = int(msgs.rows[index])
-    line = _lines(out.source)[row]
+    key = msgs.keys[index] if msgs.keys is not None else None
+    return key, record_dead_letter(out.source, int(msgs.rows[index]), why, out.format_name,
+                                   out.now)
+
+
+def record_dead_letter(raw: RawBatch, row: int, why: str, fmt: str,
+                       now: datetime | None = None) -> bytes:
+    """The dead letter of record ``row`` of ``raw``, whose output could not be written
+    (``why``): its raw text, cut as a reject's is, and its origin."""
+    from ..formats._base import cut_raw
+
+    line = raw.line(row)
     text, reason = cut_raw(line.decode("utf-8", errors="replace"), why)
     if not _is_utf8(line):
         reason += NOT_UTF8
-    key = msgs.keys[index] if msgs.keys is not None else None
-    value = _dead_letter_rows(out.now or datetime.now(UTC), out.format_name, [text], [reason],
-                              out.source.origin[[row]])[0]
-    return key, value
+    return _dead_letter_rows(now or datetime.now(UTC), fmt, [text], [reason],
+                             raw.origin[[row]])[0]
+
+
+def find_record(batches: list[RawBatch], source: dict[str, Any]) -> tuple[RawBatch, int] | None:
+    """The batch and row of the record whose origin is ``source`` (what a message carries
+    under ``deepwatch.source``), or None when none of ``batches`` holds it."""
+    for raw in batches:
+        if set(source) != set(raw.origin.columns):
+            continue
+        rows = raw.origin.with_row_index("_row").filter(**source)["_row"]
+        if len(rows):
+            return raw, int(rows[0])
+    return None
 
 
 def _take_keys(keys: list[bytes | None] | None, idx: np.ndarray) -> list[bytes | None] | None:

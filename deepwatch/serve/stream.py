@@ -21,7 +21,7 @@ from typing import Any
 from ..alerts import AlertContext
 from ..errors import UsageError
 from ..formats import get_format
-from ._stream_core import KINDS, StreamProcessor
+from ._stream_core import DEAD_LETTER, KINDS, StreamProcessor
 from ._stream_io import DeliveryError, FileSource, JsonlSink, Sink, Source
 from ._stream_metrics import StreamMetrics
 
@@ -59,12 +59,15 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
     Kafka: acknowledgements then arrive while the next batch is scored, instead of the loop
     waiting a broker round trip per batch); the loop waits for them when that many are pending,
     after ``SETTLE_EVERY_S``, when the source is idle, before partitions are revoked and at the
-    end. A DeliveryError is raised before anything unacknowledged is committed.
+    end. A DeliveryError is raised before anything unacknowledged is committed. Messages are
+    counted as produced once acknowledged, as the sink wrote them (a message it replaced by a
+    dead letter counts as that dead letter).
     """
     report = StreamReport()
     t_start = last_log = time.perf_counter()
     max_pending = max(1, int(getattr(sink, "max_pending", 1)))
     pending: list[Any] = []
+    written: dict[str, int] = {}  # messages of each kind in the pending batches
     oldest = 0.0
 
     def settle() -> None:
@@ -79,6 +82,15 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
         for done in pending:
             source.commit(done)
         pending.clear()
+        take_replaced = getattr(sink, "take_replaced", None)
+        for kind, n in (take_replaced() if take_replaced is not None else {}).items():
+            written[kind] = written.get(kind, 0) - n
+            written[DEAD_LETTER] = written.get(DEAD_LETTER, 0) + n
+        for kind, n in written.items():
+            report.produced[kind] = report.produced.get(kind, 0) + n
+            if metrics is not None and n:
+                metrics.produced.labels(kind).inc(n)
+        written.clear()
 
     if hasattr(source, "before_revoke"):
         source.before_revoke = settle
@@ -91,6 +103,8 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
         t0 = time.perf_counter()
         out = processor.process(raw)
         sink.write(out)
+        for kind, msgs in out.messages.items():
+            written[kind] = written.get(kind, 0) + len(msgs)
         if not pending:
             oldest = t0
         pending.append(raw)
@@ -103,8 +117,6 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
         report.scored += out.scored
         report.rejected += out.rejected
         report.alerts += out.alerts
-        for kind, msgs in out.messages.items():
-            report.produced[kind] = report.produced.get(kind, 0) + len(msgs)
         if metrics is not None:
             _observe(metrics, out, now - t0)
         if now - last_log >= PROGRESS_EVERY_S:
@@ -129,9 +141,6 @@ def _observe(metrics: StreamMetrics, out: Any, seconds: float) -> None:
     metrics.records.labels("scored").inc(out.scored)
     metrics.records.labels("rejected").inc(out.rejected)
     metrics.alerts.inc(out.alerts)
-    for kind, msgs in out.messages.items():
-        if len(msgs):
-            metrics.produced.labels(kind).inc(len(msgs))
     metrics.last_batch.set_to_current_time()
 
 
