@@ -1,12 +1,16 @@
 """``deepwatch score --engine spark``: the same scoring, spread over a Spark cluster.
 
-Spark reads the raw text (plain or ``.gz``; lines end at ``\\n`` only, as for the local engine)
-and numbers every line of every file; ``mapInArrow`` then hands runs of consecutive lines to the
-executors, which parse them with the format's own ``Format.parse`` and score them with
-``Detector.score_batch`` (the bundle loaded and verified once per partition, from its path). So a
-record gets the same verdict as with the local engine. Scored records and rejects travel together,
-keyed by (file, line); Spark writes them to a staging directory beside ``--out`` and the driver
-streams them, in input order, into the one output file the contract asks for.
+Spark reads the raw text (lines end at ``\\n`` only, as for the local engine) and numbers every
+line of every file: plain files through Hadoop (split over the cores), ``.gz`` files on the
+executors with deepwatch's own reader (one task a file), so that a damaged one (truncated,
+corrupt) is read up to the damage and the rest becomes one reject, and a line over
+``MAX_LINE_BYTES`` is one reject, as with the local engine. ``mapInArrow`` then hands runs of
+consecutive lines to the executors, which parse them with the format's own ``Format.parse`` and
+score them with ``Detector.score_batch`` (the bundle loaded and verified once per partition, from
+its path). So a record gets the same verdict as with the local engine. Scored records and
+rejects travel together, keyed by (file, line); Spark writes them to a staging directory beside
+``--out`` and the driver streams them, in input order, into the one output file the contract
+asks for.
 
 With a cluster (``--master`` other than ``local[...]``), the bundle, the inputs and the directory of
 ``--out`` must be at the same paths on every executor (a shared filesystem), and the executors
@@ -17,7 +21,9 @@ with state across records, see each partition on its own.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
+import logging
 import os
 import re
 import shutil
@@ -36,14 +42,33 @@ import pyarrow.compute as pc
 from ._arrow import to_numpy
 from .errors import DeepwatchError, UsageError
 from .formats import Format, get_format
+from .formats._base import cut_raw
 from .io import Stats, with_label
 from .scoring import ScoreReport
 from .sinks import RecordSink, RejectSink
-from .sources.files import InputSpec, iter_chunks, parse_input_spec
+from .sources.files import (
+    LOST_BYTES,
+    MAX_LINE_BYTES,
+    Chunk,
+    InputSpec,
+    iter_chunks,
+    long_line_reason,
+    parse_input_spec,
+)
+from .sources.files import log as reader_log
 
-#: Columns that travel with every row between the executors and the driver.
+#: Columns that travel with every row between the executors and the driver. ``_warning``: on
+#: the reject standing for the unreadable rest of a damaged input, the warning to log about it.
 HELPERS = pa.schema([pa.field("_file", pa.int32()), pa.field("_line", pa.int64()),
-                     pa.field("_raw", pa.string()), pa.field("_reason", pa.string())])
+                     pa.field("_raw", pa.string()), pa.field("_reason", pa.string()),
+                     pa.field("_warning", pa.string())])
+#: Every line of every input, numbered from 1 per file. ``damage``: set on a row that stands
+#: for text that could not be read as a line (see ``Chunk.damage``; ``text`` then holds the
+#: beginning of what could not be trusted), and ``rest_lost`` on the one for the rest of a
+#: damaged input.
+LINES = pa.schema([pa.field("file", pa.int32()), pa.field("line", pa.int64()),
+                   pa.field("text", pa.string()), pa.field("damage", pa.string()),
+                   pa.field("rest_lost", pa.bool_())])
 DEFAULT_MASTER = "local[2]"
 _HEAD_BYTES = 256 << 10
 
@@ -167,12 +192,93 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
         files = to_numpy(batch.column("file")).astype(np.int64)
         lines = to_numpy(batch.column("line")).astype(np.int64, copy=False)
         text = batch.column("text")
-        cut = np.flatnonzero((np.diff(files) != 0) | (np.diff(lines) != 1)) + 1
+        refused = _refused(batch)
+        cut = np.flatnonzero((np.diff(files) != 0) | (np.diff(lines) != 1)
+                             | (refused[1:] != refused[:-1])) + 1
         for a, b in zip(np.r_[0, cut], np.r_[cut, n], strict=True):
             f = int(files[a])
+            if refused[a]:
+                yield _refused_run(batch.slice(a, b - a), union)
+                continue
             yield _score_run(det, fmt, text.slice(a, b - a), f, int(lines[a]), labels[f],
                              parsed, union, _context_at((contexts or {}).get(f, []),
                                                         int(lines[a])))
+
+
+def _refused(batch: pa.RecordBatch) -> np.ndarray:
+    """Which rows are no line to parse: damage (see LINES), or a line over MAX_LINE_BYTES
+    (Hadoop reads a plain file's lines whole, whatever their length)."""
+    long = pc.greater(pc.binary_length(batch.column("text")), MAX_LINE_BYTES)
+    damaged = pc.is_valid(batch.column("damage"))
+    return to_numpy(pc.fill_null(pc.or_(long, damaged), False)).astype(bool, copy=False)
+
+
+def _refused_run(rows: pa.RecordBatch, union: pa.Schema) -> pa.RecordBatch:
+    """The rejects of a run of refused rows (see _refused), as the local engine makes them: the
+    reason, and the beginning of the text (at most LOST_BYTES bytes) cut as ``cut_raw`` cuts."""
+    sizes = pc.binary_length(rows.column("text")).to_pylist()
+    heads = pc.utf8_slice_codeunits(rows.column("text"), 0, LOST_BYTES).to_pylist()
+    raws, reasons, warnings_ = [], [], []
+    for damage, rest_lost, size, head in zip(rows.column("damage").to_pylist(),
+                                             rows.column("rest_lost").to_pylist(), sizes, heads,
+                                             strict=True):
+        if damage is None:  # a line read whole that is too long to be a record
+            damage = long_line_reason(size)
+            head = head.encode()[:LOST_BYTES].decode("utf-8", errors="replace")
+        raw, reason = cut_raw(head, damage)
+        raws.append(raw)
+        reasons.append(reason)
+        warnings_.append(damage if rest_lost else None)
+    table = pa.table({"_file": rows.column("file"), "_line": rows.column("line"),
+                      "_raw": pa.array(raws, pa.string()),
+                      "_reason": pa.array(reasons, pa.string()),
+                      "_warning": pa.array(warnings_, pa.string())})
+    return _conform(table, union)
+
+
+def read_gzip_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The ``mapInArrow`` function reading ``.gz`` inputs: (file, path) rows in, LINES out, read
+    by the local engine's reader (checksums verified, damage and over-long lines as rows with
+    ``damage`` set). It logs nothing: the driver warns about each damage, once."""
+    with _unlogged():
+        for batch in batches:
+            for file_no, path in zip(batch.column("file").to_pylist(),
+                                     batch.column("path").to_pylist(), strict=True):
+                for chunk in iter_chunks(InputSpec(path)):
+                    if chunk.data or chunk.damage is not None:
+                        yield _chunk_lines(chunk, file_no)
+
+
+def _chunk_lines(chunk: Chunk, file_no: int) -> pa.RecordBatch:
+    """The LINES rows of one chunk: one per line, or the one row standing for its damage."""
+    if chunk.damage is not None:
+        return pa.RecordBatch.from_pydict(
+            {"file": [file_no], "line": [chunk.first_line],
+             "text": [chunk.lost.decode("utf-8", errors="replace")],
+             "damage": [chunk.damage], "rest_lost": [chunk.rest_lost]}, schema=LINES)
+    text = chunk.data.decode("utf-8", errors="replace")
+    if text.endswith("\n"):
+        text = text[:-1]
+    split = pc.split_pattern(pa.array([text], pa.string()), "\n").flatten()
+    n = len(split)
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.full(n, file_no, np.int32)),
+         pa.array(np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64)),
+         split, pa.nulls(n, pa.string()), pa.nulls(n, pa.bool_())], schema=LINES)
+
+
+@contextlib.contextmanager
+def _unlogged() -> Iterator[None]:
+    """The reader's warnings about damaged inputs left out: Spark reads an input more than once
+    (sampling, then scoring) and the driver's look at each input's head reads part of it."""
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    reader_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        reader_log.removeFilter(drop)
 
 
 def _context_at(headers: list[tuple[int, str]], line: int) -> str | None:
@@ -188,8 +294,8 @@ def _contexts(frame: Any, fmt: Format) -> dict[int, list[tuple[int, str]]]:
         return {}
     from pyspark.sql import functions as F
 
-    rows = frame.filter(F.col("text").startswith(fmt.context_prefix)).select(
-        "file", "line", "text").collect()
+    rows = frame.filter(F.col("damage").isNull() & F.col("text").startswith(
+        fmt.context_prefix)).select("file", "line", "text").collect()
     out: dict[int, list[tuple[int, str]]] = {}
     for row in sorted(rows, key=lambda r: (r["file"], r["line"])):
         out.setdefault(int(row["file"]), []).append((int(row["line"]), str(row["text"])))
@@ -214,10 +320,11 @@ def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, 
     sample = None
     labelled = False
     for spec in specs:
-        chunks = iter_chunks(spec, chunk_bytes=_HEAD_BYTES)
-        chunk = next(chunks, None)
-        if isinstance(chunks, Generator):
-            chunks.close()  # the file is closed now, not whenever the generator is collected
+        with _unlogged():
+            chunks = iter_chunks(spec, chunk_bytes=_HEAD_BYTES)
+            chunk = next(chunks, None)
+            if isinstance(chunks, Generator):
+                chunks.close()  # the file is closed now, not whenever the generator is collected
         if chunk is None:
             continue
         batch = with_label(fmt.parse_bulk(chunk.data, first_line=1).batch, spec.label)
@@ -246,21 +353,44 @@ def _hadoop_path(path: str) -> str:
     return "file://" + "".join("\\" + c if c in "\\{}[]*?^" else c for c in full)
 
 
+def _gzip(spec: InputSpec) -> bool:
+    """Whether deepwatch's reader, not Hadoop, reads ``spec`` (the local engine's test)."""
+    return spec.path.endswith(".gz")
+
+
 def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
-    """A DataFrame (file, line, text): every line of every input, numbered from 1 per file."""
+    """A DataFrame of LINES: every line of every input, numbered from 1 per file."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
     sc = session.sparkContext
     conf = {"textinputformat.record.delimiter": "\n"}  # \n only, like the local engine
+    frames = []
+    partitions = 0
     rdds = []
     for i, spec in enumerate(specs):
+        if _gzip(spec):
+            continue
         raw = sc.newAPIHadoopFile(_hadoop_path(spec.path),
                                   "org.apache.hadoop.mapreduce.lib.input.TextInputFormat",
                                   "org.apache.hadoop.io.LongWritable",
                                   "org.apache.hadoop.io.Text", conf=conf)
         rdds.append(raw.values().zipWithIndex().map(functools.partial(_numbered, i)))
-    lines = sc.union(rdds)
-    frame = session.createDataFrame(lines, "file int, line long, text string")
+    if rdds:
+        lines = sc.union(rdds)
+        partitions += lines.getNumPartitions()
+        frames.append(session.createDataFrame(lines, "file int, line long, text string")
+                      .withColumn("damage", F.lit(None).cast("string"))
+                      .withColumn("rest_lost", F.lit(None).cast("boolean")))
+    packed = [(i, str(Path(s.path).resolve())) for i, s in enumerate(specs) if _gzip(s)]
+    if packed:  # one task a file: a gzip stream is read from its start
+        paths = session.createDataFrame(sc.parallelize(packed, len(packed)),
+                                        "file int, path string")
+        frames.append(paths.mapInArrow(read_gzip_partition, from_arrow_schema(LINES)))
+        partitions += len(packed)
+    frame = functools.reduce(lambda a, b: a.unionByName(b), frames)
     spread = sc.defaultParallelism
-    if lines.getNumPartitions() < spread:
+    if partitions < spread:
         # a .gz file is one partition: spread its lines in (file, line) ranges over the cores,
         # each range still in input order, so that every executor scores a share
         frame = frame.repartitionByRange(spread, "file", "line").sortWithinPartitions(
@@ -310,6 +440,7 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
                 raise SparkError("Spark returned records out of input order; please report")
             last = (int(files[-1]), int(lines[-1]))
             bad = to_numpy(pc.is_valid(batch.column("_reason")))
+            _warn(batch, names)
             for f in np.unique(files).tolist():
                 mine = files == f
                 stats.add(names[f], int(mine.sum()), int((mine & bad).sum()))
@@ -328,6 +459,14 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
             if records.num_rows:
                 sink.write(records)
     return stats, alerts
+
+
+def _warn(batch: pa.RecordBatch, names: Sequence[str]) -> None:
+    """Log the warning each damaged input's reject carries, as the local engine's reader does."""
+    warned = batch.filter(pc.is_valid(batch.column("_warning")))
+    for f, why in zip(warned.column("_file").to_pylist(), warned.column("_warning").to_pylist(),
+                      strict=True):
+        reader_log.warning("%s: %s", names[f], why)
 
 
 def score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
@@ -388,7 +527,8 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     return ScoreReport(stats, sink.rows, alerts, time.perf_counter() - t0, engine)
 
 
-#: What Hadoop's decompressors raise on a truncated or corrupt compressed input.
+#: What Hadoop's decompressors raise on a truncated or corrupt compressed input (a codec
+#: other than gzip: deepwatch reads .gz inputs itself).
 _DAMAGED = re.compile(r"(?:java\.io\.EOFException|java\.util\.zip\.ZipException)[^\n]*")
 
 
@@ -397,8 +537,8 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc)
     damaged = _DAMAGED.search(text)
     if damaged:
-        return (f"an input file is damaged ({damaged.group(0).strip()}); `--engine local` "
-                "reads a damaged .gz file up to the damage and reports the rest as a reject")
+        return (f"an input file is damaged ({damaged.group(0).strip()}); Hadoop cannot read "
+                "past the damage of a compressed input it decompresses itself")
     for line in reversed(text.splitlines()):
         line = line.strip()
         if line.startswith("deepwatch.errors.") or "Error:" in line:

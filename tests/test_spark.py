@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,9 @@ import pytest
 from conftest import need
 
 from deepwatch.errors import BundleError, UsageError
+from deepwatch.formats._base import MAX_RAW
 from deepwatch.scoring import score_files
+from deepwatch.sources.files import MAX_LINE_BYTES
 
 BAD_LINES = ["garbage,line", "", "0,tcp,http,SF,not-a-number" + ",0" * 37 + ",normal."]
 
@@ -132,29 +136,84 @@ def test_bad_bundle_and_stdin_are_refused_before_spark_starts(
         score_spark(str(broken), "kdd", inputs, str(tmp_path / "o.parquet"))
 
 
-@pytest.mark.slow
-def test_a_damaged_gz_fails_the_spark_job_with_one_clear_line(
-        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
-        capfd: pytest.CaptureFixture[str]) -> None:
-    """Hadoop cannot read past the damage and Spark would drop or fail the file silently or
-    with pages of Java; the error names the cause and the engine that reads such files, and
-    leaves no output and no (empty) rejects file."""
-    from deepwatch.spark import SparkError, score_spark
+def _decodable_lines(compressed: bytes) -> int:
+    """The whole lines zlib can decompress from the start of a truncated gzip member."""
+    return zlib.decompressobj(wbits=31).decompress(compressed).count(b"\n")
 
-    whole = gzip.compress(small_kdd_test.read_bytes())
+
+@pytest.mark.slow
+def test_a_damaged_gz_is_scored_up_to_the_damage_and_counted_as_the_local_engine_does(
+        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated .gz, a .gz whose second member fails its CRC and a plain file with a line
+    over MAX_LINE_BYTES: the Spark job does not fail (it did, with the cause in one line and no
+    output); every line before the damage is scored, the damage is one counted reject with the
+    file and the reason, the files after it are scored, and rows, rejects and counts are the
+    local engine's."""
+    from deepwatch.cli import main
+
+    text = small_kdd_test.read_bytes()
+    lines = text.splitlines(keepends=True)
+    whole = gzip.compress(text)
     cut = tmp_path / "cut.csv.gz"
     cut.write_bytes(whole[: len(whole) // 2])
-    out, rejects = tmp_path / "o.parquet", tmp_path / "r.jsonl"
-    capfd.readouterr()
-    with pytest.raises(SparkError, match=r"input file is damaged \(java\.io\.EOFException.*"
-                                         r"--engine local"):
-        score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out), rejects=str(rejects))
-    assert not out.exists() and not rejects.exists()
-    assert "Exception" not in capfd.readouterr().err  # no executor stack traces
-    out.write_bytes(b"an earlier run's output")  # a failed run leaves it as it was
-    with pytest.raises(SparkError, match="input file is damaged"):
-        score_spark(str(kdd_bundle), "kdd", [str(cut)], str(out))
-    assert out.read_bytes() == b"an earlier run's output"
+    second = bytearray(gzip.compress(b"".join(lines[3000:3100])))
+    second[-8:-4] = bytes(b ^ 0xFF for b in second[-8:-4])  # the trailer's CRC-32
+    crc = tmp_path / "crc.csv.gz"
+    crc.write_bytes(gzip.compress(b"".join(lines[:3000])) + bytes(second))
+    long = tmp_path / "long.csv"
+    long.write_bytes(b"".join(lines[:5]) + b"B" * (MAX_LINE_BYTES + 10) + b"\n"
+                     + b"".join(lines[5:10]))
+    inputs = [str(cut), str(crc), str(long)]
+
+    def run(engine: str) -> tuple[list[dict], list[dict], str, list[str]]:
+        out, rej = tmp_path / f"{engine}.jsonl", tmp_path / f"{engine}-rejects.jsonl"
+        capfd.readouterr()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepwatch.sources.files"):
+            assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                         "--rejects", str(rej), "--engine", engine, *inputs]) == 0
+        warned = [r.getMessage() for r in caplog.records if r.name == "deepwatch.sources.files"]
+        return _rejects(out), _rejects(rej), capfd.readouterr().err, warned
+
+    rows, rejects, err, warned = run("spark")
+    local_rows, local_rejects, local_err, local_warned = run("local")
+    salvaged = _decodable_lines(whole[: len(whole) // 2])
+    assert 1000 < salvaged < len(lines)  # the test is about real salvage
+    assert len(rows) == salvaged + 3000 + 10
+    assert [r["src_bytes"] for r in rows] == [r["src_bytes"] for r in local_rows]
+    assert [r["verdict"] for r in rows] == [r["verdict"] for r in local_rows]
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in local_rows],
+                                                       abs=1e-6)
+    # one reject per damage, with its file, line, reason and the text that could not be trusted
+    assert rejects == local_rejects
+    assert [(r["source"], r["line"]) for r in rejects] == [
+        (str(cut), salvaged + 1), (str(crc), 3001), (str(long), 6)]
+    assert "truncated file" in rejects[0]["reason"] and "cut short" in rejects[0]["reason"]
+    assert rejects[0]["raw"] and not rejects[0]["raw"].endswith("\n")
+    assert "incorrect data check" in rejects[1]["reason"]
+    assert f"over the limit of {MAX_LINE_BYTES:,} bytes" in rejects[2]["reason"]
+    assert rejects[2]["raw"] == "B" * MAX_RAW
+    n = len(rows) + 3
+    assert f"{n:,} lines read: {len(rows):,} parsed, 3 rejected" in err
+    assert f"{n:,} lines read: {len(rows):,} parsed, 3 rejected" in local_err
+    # a warning names each damaged file and why, once, as the local engine's does
+    assert warned == local_warned
+    assert [w.split(": ")[0] for w in warned] == [str(cut), str(crc)]
+    assert "Exception" not in err  # no executor stack traces
+
+
+def test_a_damaged_input_hadoop_reads_fails_with_one_clear_line() -> None:
+    """Inputs Hadoop still decompresses itself (another codec) cannot be read past damage:
+    the job's failure is one line naming the cause, not pages of Java."""
+    from deepwatch.spark import _first_line
+
+    java = ("An error occurred while calling o93.parquet.\n: org.apache.spark.SparkException: "
+            "Job aborted.\n\tat org.apache...\nCaused by: java.io.EOFException: Unexpected "
+            "end of input stream\n\tat org.apache.hadoop.io.compress...")
+    assert _first_line(RuntimeError(java)) == (
+        "an input file is damaged (java.io.EOFException: Unexpected end of input stream); "
+        "Hadoop cannot read past the damage of a compressed input it decompresses itself")
 
 
 @pytest.mark.slow

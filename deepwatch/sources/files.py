@@ -55,6 +55,14 @@ class Chunk:
     #: cut short by the damage, the output of a gzip member that fails its check), at most
     #: 4 * MAX_RAW bytes; empty when there is none.
     lost: bytes = b""
+    #: with ``damage``: True when the chunk stands for the unreadable rest of a damaged input
+    #: (a warning was logged), False when it stands for one over-long line.
+    rest_lost: bool = False
+
+
+def long_line_reason(size: int, limit: int = MAX_LINE_BYTES) -> str:
+    """Why a line of ``size`` bytes (its line break left out) is no record."""
+    return f"the line is {size:,} bytes long, over the limit of {limit:,} bytes for one record"
 
 
 class LineBuffer:
@@ -74,7 +82,7 @@ class LineBuffer:
         self.rest = b""
         self.at_start = True  # nothing handed out since the input started
         self.long = 0  # bytes so far of an over-long line being skipped (0: none)
-        self.long_head = b""  # its first bytes (at most _LOST_BYTES)
+        self.long_head = b""  # its first bytes (at most LOST_BYTES)
 
     def _handed_out(self, data: bytes) -> bytes:
         """``data``, the next bytes handed out, without the byte order mark if it opens them."""
@@ -87,14 +95,13 @@ class LineBuffer:
     def _skip(self, data: bytes) -> None:
         """Bytes of an over-long line: counted, the first few kept."""
         self.long += len(data)
-        if len(self.long_head) < _LOST_BYTES:
-            self.long_head += data[: _LOST_BYTES - len(self.long_head)]
+        if len(self.long_head) < LOST_BYTES:
+            self.long_head += data[: LOST_BYTES - len(self.long_head)]
 
     def _long_line(self) -> Chunk:
         """The reject standing for the over-long line just skipped."""
-        reason = (f"the line is {self.long:,} bytes long, over the limit of "
-                  f"{self.max_line:,} bytes for one record")
-        chunk = Chunk(b"", self.line, self.spec, damage=reason, lost=self.long_head)
+        chunk = Chunk(b"", self.line, self.spec, damage=long_line_reason(self.long, self.max_line),
+                      lost=self.long_head)
         self.line += 1
         self.long, self.long_head = 0, b""
         return chunk
@@ -235,7 +242,7 @@ HOLD_BYTES = 256 << 20
 _PIECE = 128 << 10  # compressed bytes read at a time
 _OUT = 1 << 20  # the most output of one decompress call (a flood compresses 1,000 to 1)
 #: The most bytes of text that could not be trusted kept with the damage (see Chunk.lost).
-_LOST_BYTES = 4 * MAX_RAW
+LOST_BYTES = 4 * MAX_RAW
 _TRUNCATED = "the compressed stream ends early (truncated file)"
 
 
@@ -304,7 +311,7 @@ class GzipDamage:
 
     why: str
     #: output of the member that failed, decompressed but not handed out: it could not be
-    #: verified. ``unverified`` keeps its first bytes (at most _LOST_BYTES).
+    #: verified. ``unverified`` keeps its first bytes (at most LOST_BYTES).
     unverified_bytes: int = 0
     unverified: bytes = b""
 
@@ -409,11 +416,11 @@ class VerifiedGzip:
         """Damage by a member that fails after ``size`` bytes of output (``held``: its first)."""
         head, kept = [], 0
         for piece in held:
-            if kept >= _LOST_BYTES:
+            if kept >= LOST_BYTES:
                 break
             head.append(piece)
             kept += len(piece)
-        self.damage = GzipDamage(why, size, b"".join(head)[:_LOST_BYTES])
+        self.damage = GzipDamage(why, size, b"".join(head)[:LOST_BYTES])
 
 
 def _spooled(stream: BinaryIO) -> BinaryIO:
@@ -460,7 +467,7 @@ def _gzip_chunks(spec: InputSpec, chunk_bytes: int,
     reason = _damage_reason(damage, lines.line, cut)
     log.warning("%s: %s", spec.display, reason)
     yield Chunk(b"", lines.line, spec, damage=reason,
-                lost=(cut + damage.unverified)[:_LOST_BYTES])
+                lost=(cut + damage.unverified)[:LOST_BYTES], rest_lost=True)
 
 
 def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
