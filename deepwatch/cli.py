@@ -277,12 +277,15 @@ def serve(
     workers: Annotated[int, typer.Option(
         help="Processes answering on the port (metrics, dashboard and reloads span them)")] = 1,
     backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+    body_timeout: Annotated[float, typer.Option(
+        help="Seconds a request body may take to arrive in whole; a slower one gets 408")] = 30.0,
 ) -> None:
     """Serve the REST API, dashboard and metrics."""
+    from .serve._service import Limits
     from .serve.app import run_server
 
     run_server(bundle, host=host, port=port, api_key_file=api_key_file, workers=workers,
-               engine=backend)
+               engine=backend, limits=Limits(body_timeout_seconds=body_timeout))
 
 
 @app.command()

@@ -4,12 +4,14 @@ settings ``deepwatch serve`` uses (its HTTP protocol included), spoken to over r
 - cross-site requests and DNS rebinding: JSON bodies only (415), loopback ``Host`` names only
   (421), a foreign ``Origin`` refused on POST (403);
 - idle or slow clients: connections that never finish a request head take no request slot and
-  are closed; slow bodies get a 408; an oversized head a 431.
+  are closed; a body that takes longer than ``--body-timeout`` to arrive gets a 408, however
+  steadily its bytes trickle in (slowloris); an oversized head a 431.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import subprocess
 import sys
@@ -20,10 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ThreadServer, free_port, stop_server
+from conftest import ThreadServer, free_port, stop_server, wait_healthy
 
 uvicorn = pytest.importorskip("uvicorn")
 from deepwatch.serve import app as app_module  # noqa: E402
+from deepwatch.serve._service import Limits  # noqa: E402
 from deepwatch.serve.app import create_app, uvicorn_options  # noqa: E402
 
 KEY = "security-key-0123456789"
@@ -215,12 +218,11 @@ def test_idle_connections_cannot_starve_the_server(kdd_bundle: Path,
         assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
 
 
-def test_the_limit_still_counts_requests_in_flight(kdd_bundle: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_limit_still_counts_requests_in_flight(kdd_bundle: Path) -> None:
     """Requests whose bodies are still arriving hold their slot: past the limit, 503; and a
     body that does not arrive in time is answered 408 and its connection closed."""
-    monkeypatch.setattr(app_module, "BODY_TIMEOUT_SECONDS", 2.0)
-    with Server(create_app(kdd_bundle), limit_concurrency=3) as srv, \
+    limits = Limits(body_timeout_seconds=2.0)
+    with Server(create_app(kdd_bundle, limits=limits), limit_concurrency=3) as srv, \
             contextlib.ExitStack() as stack:
         slow = [stack.enter_context(srv.connect()) for _ in range(3)]
         for sock in slow:
@@ -234,6 +236,73 @@ def test_the_limit_still_counts_requests_in_flight(kdd_bundle: Path,
             assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
             assert b"did not arrive within 2 s" in answer
         assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+
+
+def _trickle(port: int, path: str, gap: float = 0.1, give_up: float = 20.0
+             ) -> tuple[bytes | None, float]:
+    """A slowloris POST: the head, then the body a byte every ``gap`` s (the connection never
+    goes quiet, so no idle timeout ends it) until the server answers or ``give_up`` s pass.
+    What the server sent before closing (None: it never did) and when it answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     "application/json\r\nContent-Length: 10000\r\n\r\n{".encode())
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            while time.monotonic() - t0 < give_up:
+                if select.select([sock], [], [], gap)[0]:
+                    break  # the answer is arriving
+                sock.sendall(b" ")
+        took = time.monotonic() - t0
+        return _closed_by_server(sock, 5), took
+
+
+def _rejected(url: str, status: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(f'deepwatch_rejected_requests_total{{status="{status}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_body_trickled_in_is_cut_off_at_the_configured_limit(kdd_bundle: Path) -> None:
+    """Slowloris: bytes of the body keep coming, too slowly to ever finish. At the configured
+    limit (30 s by default) the answer is a 408 with the reason, the connection is closed, the
+    refusal is counted in /metrics, and the server serves on."""
+    assert Limits().body_timeout_seconds == 30.0
+    limits = Limits(body_timeout_seconds=1.0)
+    with Server(create_app(kdd_bundle, limits=limits)) as srv:
+        for path in ("/v1/score", "/v1/reload"):
+            answer, took = _trickle(srv.port, path)
+            assert answer is not None, f"{path}: the trickle was never cut off"
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"the body did not arrive within 1 s" in answer
+            assert 1.0 <= took < 4.0, took
+        assert _rejected(srv.url, "408") == 2
+        stats = httpx.get(srv.url + "/v1/stats", timeout=5).json()
+        assert stats["limits"]["body_timeout_seconds"] == 1.0
+        r = httpx.post(srv.url + "/v1/score", json={"records": [LINE]}, timeout=5)
+        assert r.status_code == 200
+
+
+def test_serve_body_timeout_option(kdd_bundle: Path) -> None:
+    """``deepwatch serve --body-timeout`` sets the limit (a bad value is one error line)."""
+    bad = subprocess.run([sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle),
+                          "--port", "0", "--body-timeout", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: --body-timeout must be a number of seconds above 0, not 0"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port", str(port),
+         "--body-timeout", "1.5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        answer, took = _trickle(port, "/v1/score")
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"the body did not arrive within 1.5 s" in answer
+        assert 1.5 <= took < 5.0, took
+        assert _rejected(f"http://127.0.0.1:{port}", "408") == 1
+    finally:
+        stop_server(proc)
 
 
 def test_an_oversized_request_head_is_refused(server: Server) -> None:

@@ -35,12 +35,19 @@ RESULT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category"
 DASHBOARD_ALERTS_PER_REQUEST = 10
 
 
+#: The default time a request body has to arrive in whole (``serve --body-timeout``).
+BODY_TIMEOUT_SECONDS = 30.0
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry."""
+    """What one request may carry, and how long its body may take to arrive."""
 
     max_body_bytes: int = 16 * 1024 * 1024
     max_records: int = 10_000
+    #: from the start of its reading to its last byte: a client that sends the body slowly
+    #: (a few bytes a second keep the connection from ever going quiet) is answered 408 then
+    body_timeout_seconds: float = BODY_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True)

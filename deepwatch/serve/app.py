@@ -10,8 +10,9 @@ Browsers: POST bodies must be ``application/json`` (which a cross-site page cann
 a CORS preflight, and none is granted), a request that reached the server over loopback must
 name a loopback host (no DNS rebinding), and a POST whose ``Origin`` is another site is refused.
 Slow clients: a connection gets ``HEAD_TIMEOUT_SECONDS`` to deliver each request head and the
-body must arrive within ``BODY_TIMEOUT_SECONDS``; connections waiting for a request take no
-request slot (see ``_SlowClientGuard``).
+body must arrive within ``Limits.body_timeout_seconds`` (``serve --body-timeout``, 30 s by
+default; 408 after, counted in ``deepwatch_rejected_requests_total``); connections waiting for
+a request take no request slot (see ``_SlowClientGuard``).
 
 The score endpoint reads the body itself (no pydantic on the hot path) and answers with orjson
 bytes; the request/response models below only document it in the OpenAPI page.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -46,7 +48,7 @@ from ..errors import DeepwatchError, InputError, UsageError
 from ._auth import OPEN_PATHS, ASGIApp, Gate, Receive, Scope, Send
 from ._metrics import CONTENT_TYPE
 from ._request import RequestError
-from ._service import Limits, ScoringService
+from ._service import BODY_TIMEOUT_SECONDS, Limits, ScoringService
 from ._stats import merged_snapshot
 from ._workers import WorkerGroup
 
@@ -67,8 +69,6 @@ MAX_CONCURRENT_REQUESTS = 64
 HEAD_TIMEOUT_SECONDS = 10.0
 #: A request head (request line and headers) larger than this is refused with 431.
 MAX_HEAD_BYTES = 64 * 1024
-#: The whole body of a POST must arrive within this long (408 otherwise).
-BODY_TIMEOUT_SECONDS = 30.0
 #: Extra host names (comma-separated) that loopback requests may carry in ``Host``.
 ALLOWED_HOSTS_ENV = "DEEPWATCH_ALLOWED_HOSTS"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -132,9 +132,11 @@ def check_json(content_type: str | None, has_body: bool) -> None:
                                 f"({sent} was sent)")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int,
+                    timeout: float = BODY_TIMEOUT_SECONDS) -> bytes:
     """The body, refused with 415 unless it is JSON, 413 past ``limit`` bytes (before reading it
-    when it says so) and 408 when it takes more than ``BODY_TIMEOUT_SECONDS`` to arrive."""
+    when it says so) and 408 when it takes more than ``timeout`` seconds to arrive in whole
+    (however steadily its bytes come: a slow sender holds a request slot meanwhile)."""
     declared = request.headers.get("content-length")
     has_body = (declared not in (None, "0")
                 or "transfer-encoding" in request.headers)
@@ -149,14 +151,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+        async with asyncio.timeout(timeout):
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > limit:
                     raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        raise RequestError(408, f"the body did not arrive within {BODY_TIMEOUT_SECONDS:g} s "
+        raise RequestError(408, f"the body did not arrive within {timeout:g} s "
                                 f"({total:,} bytes came)") from None
     return b"".join(chunks)
 
@@ -280,7 +282,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
               summary="Score records (raw lines or objects of fields)")
     async def score(request: Request) -> Response:
         try:
-            body = await read_body(request, service.limits.max_body_bytes)
+            body = await read_body(request, service.limits.max_body_bytes,
+                                   service.limits.body_timeout_seconds)
             if len(body) <= INLINE_BODY_BYTES:
                 out = service.score(body)
             else:
@@ -297,11 +300,12 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
               summary="Load a bundle (default: re-read the one served) without dropping requests")
     async def reload(request: Request) -> Response:
         try:
-            body = await read_body(request, 64 * 1024)
+            body = await read_body(request, 64 * 1024, service.limits.body_timeout_seconds)
             target = _reload_target(body)
             # one of several workers: only check here; the workers are replaced together
             model = await run_in_threadpool(service.check if group else service.reload, target)
         except RequestError as exc:
+            service.metrics.rejected_requests.labels(str(exc.status)).inc()
             return _error(exc.status, exc.reason)
         except DeepwatchError as exc:
             return _error(422, f"the bundle was not loaded (still serving the previous "
@@ -331,7 +335,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                 if group is not None else service.stats.snapshot())
         snap["model"] = service.model.describe()
         snap["limits"] = {"max_body_bytes": service.limits.max_body_bytes,
-                          "max_records": service.limits.max_records}
+                          "max_records": service.limits.max_records,
+                          "body_timeout_seconds": service.limits.body_timeout_seconds}
         return Response(orjson.dumps(snap), media_type=JSON)
 
     @app.get("/", response_class=HTMLResponse, summary="The live dashboard")
@@ -622,6 +627,10 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
         raise UsageError(f"--port must be between 0 and 65535, not {port}")
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, not {workers}")
+    limits = limits or Limits()
+    if not (math.isfinite(limits.body_timeout_seconds) and limits.body_timeout_seconds > 0):
+        raise UsageError(f"--body-timeout must be a number of seconds above 0, not "
+                         f"{limits.body_timeout_seconds:g}")
     key = read_api_key(api_key_file) if api_key_file else None
     if workers > 1:
         _check_bundle(bundle)  # one clear error here, not one per worker
@@ -639,7 +648,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
         log.warning("serving %s at %s with %d workers", bundle, url, workers)
         run_workers(bundle, sock, workers, host=host, port=port, key_file=api_key_file,
-                    engine=engine, limits=limits or Limits(), uvicorn_options=options)
+                    engine=engine, limits=limits, uvicorn_options=options)
         return
     app = create_app(bundle, api_key=key, engine=engine, limits=limits)
     config = uvicorn.Config(app, host=host, port=port, **options)
