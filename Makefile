@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/deepwatch demo --out demo-out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 --timeout=900
+	$(BIN)/python -m pytest -q --durations=15 --timeout=900 --cov=deepwatch --cov-report=term
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
