@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,11 @@ import pyarrow as pa
 from ._base import ParseResult, make_rejects
 
 _NONE = type(None)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Seconds since the epoch of the years 1 to 9999 (what a Python datetime, and so an alert's
+#: ``@timestamp``, can hold): a timestamp outside is out of range.
+_SECONDS_RANGE = (int((datetime(1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds()),
+                  int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - _EPOCH).total_seconds()))
 #: Python types that convert to an Arrow type without a check, per kind of Arrow type.
 _CLEAN: dict[str, set[type]] = {
     "int": {int, _NONE},
@@ -57,7 +63,10 @@ def _coerce(value: Any, typ: pa.DataType) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("is not a number")
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an integer beyond any double
+            raise ValueError("is out of range") from None
         if not np.isfinite(v):
             raise ValueError("is not a finite number")
         return v
@@ -79,19 +88,33 @@ def _coerce(value: Any, typ: pa.DataType) -> Any:
 
 
 def _timestamp(value: Any, typ: pa.DataType) -> Any:
-    """ISO-8601 text or seconds since the epoch, as an integer in the column's unit."""
+    """ISO-8601 text (a time without an offset is taken as UTC, as the columns are; digits
+    finer than the column's unit are cut) or seconds since the epoch, as an integer in the
+    column's unit."""
     per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[typ.unit]
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if not np.isfinite(value):
+        if isinstance(value, float) and not np.isfinite(value):
             raise ValueError("is not a finite timestamp")
-        return int(round(value * per_second))
+        return _in_range(int(round(value * per_second)), per_second)
     if isinstance(value, str):
         try:
-            parsed = pa.array([value]).cast(pa.timestamp(typ.unit, tz=typ.tz))
-        except (pa.ArrowException, ValueError):
+            when = datetime.fromisoformat(value)
+        except ValueError:
             raise ValueError("is not an ISO-8601 timestamp") from None
-        return parsed[0].value
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        since = when - _EPOCH
+        micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
+        return _in_range(micros * per_second // 1_000_000, per_second)  # finer digits cut
     raise ValueError("is not a timestamp (ISO-8601 text or seconds since the epoch)")
+
+
+def _in_range(scaled: int, per_second: int) -> int:
+    low, high = _SECONDS_RANGE
+    if not (low * per_second <= scaled < (high + 1) * per_second
+            and -(2**63) <= scaled < 2**63):  # nanoseconds reach only the years 1677 to 2262
+        raise ValueError("is out of range")
+    return scaled
 
 
 def _column(values: list[Any], field: pa.Field, nonnegative: bool
