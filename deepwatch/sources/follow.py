@@ -1,16 +1,24 @@
 """Following a growing log the way ``tail -F`` does: whole lines as they are written, across
-truncation and rotation (the path reopened when it points to a new file)."""
+truncation and rotation (the path reopened when it points to a new file).
+
+A rotated file is still read for a while after the path moved on: a writer goes on writing to
+the file it has open until it is told to reopen the path (nginx's USR1 in logrotate's
+postrotate), and those lines must not be lost.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from .files import Chunk, InputSpec, LineBuffer
 
 POLL_SECONDS = 0.2
+#: How long a rotated file is still read after it last grew (Fluent Bit's Rotate_Wait).
+ROTATE_WAIT_SECONDS = 5.0
 
 
 def _open(path: str, stop: threading.Event, poll: float) -> tuple[BinaryIO, int] | None:
@@ -25,39 +33,74 @@ def _open(path: str, stop: threading.Event, poll: float) -> tuple[BinaryIO, int]
     return None
 
 
+class _Rotated:
+    """A file the path no longer names, read until it has been quiet for ``wait`` seconds;
+    its lines keep their numbers in it."""
+
+    def __init__(self, fh: BinaryIO, lines: LineBuffer, wait: float):
+        self.fh, self.lines, self.wait = fh, lines, wait
+        self.quiet_since = time.monotonic()
+
+    def read(self, chunk_bytes: int) -> list[Chunk]:
+        out: list[Chunk] = []
+        while block := self.fh.read(chunk_bytes):
+            out += self.lines.feed(block)
+            self.quiet_since = time.monotonic()
+        return out
+
+    def expired(self) -> bool:
+        return time.monotonic() - self.quiet_since >= self.wait
+
+    def let_go(self, chunk_bytes: int) -> list[Chunk]:
+        """What is left of it, its unfinished last line too; the file is closed."""
+        out = self.read(chunk_bytes)
+        self.fh.close()
+        last = self.lines.finish()
+        return out if last is None else [*out, last]
+
+
 def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 << 20,
-                  poll: float = POLL_SECONDS) -> Iterator[Chunk]:
+                  poll: float = POLL_SECONDS, rotate_wait: float = ROTATE_WAIT_SECONDS
+                  ) -> Iterator[Chunk]:
     """Chunks of whole lines from ``spec.path`` until ``stop`` is set.
 
     Line numbers restart at 1 when the file is truncated or replaced. A last line without a line
-    break is held back until it is finished, or handed out when the file is rotated or on stop.
+    break is held back until it is finished, or handed out when the file is truncated, when a
+    rotated file is let go, or on stop. A rotated file is read until it has not grown for
+    ``rotate_wait`` seconds, its lines between those of the new file.
     """
     opened = _open(spec.path, stop, poll)
     if opened is None:
         return
     fh, inode = opened
     lines = LineBuffer(spec)
+    rotated: _Rotated | None = None
     try:
         while True:
             block = fh.read(chunk_bytes)
             if block:
                 yield from lines.feed(block)
                 continue
+            if rotated is not None:
+                yield from rotated.read(chunk_bytes)
+                if stop.is_set() or rotated.expired():
+                    old, rotated = rotated, None
+                    yield from old.let_go(chunk_bytes)
             if stop.is_set():
                 break
             try:
                 st = os.stat(spec.path)
             except FileNotFoundError:
                 st = None
-            if st is not None and st.st_ino != inode:  # rotated: finish the old, open the new
-                last = lines.finish()
-                if last is not None:
-                    yield last
-                fh.close()
+            if st is not None and st.st_ino != inode:  # rotated: open the new, keep the old
                 opened = _open(spec.path, stop, poll)
                 if opened is None:
-                    return
-                fh, inode = opened
+                    break
+                older, rotated = rotated, _Rotated(fh, lines, rotate_wait)
+                (fh, inode), lines = opened, LineBuffer(spec)
+                if older is not None:  # rotated twice within the wait: let the older go
+                    yield from older.let_go(chunk_bytes)
+                yield from rotated.read(chunk_bytes)  # what came before the switch
             elif st is not None and st.st_size < fh.tell():  # truncated in place
                 last = lines.finish()
                 if last is not None:
@@ -68,5 +111,10 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
         last = lines.finish()
         if last is not None:
             yield last
+        if rotated is not None:  # stopped while the new file was missing again
+            old, rotated = rotated, None
+            yield from old.let_go(chunk_bytes)
     finally:
         fh.close()
+        if rotated is not None:
+            rotated.fh.close()
