@@ -5,6 +5,7 @@ Heavy libraries load inside the commands, so ``deepwatch --help`` and ``score`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ import sys
 # save nothing there, and they spin after each call, taking the cores from Arrow and ONNX Runtime
 # (8% of all CPU time in one profile of ``score``). Set before anything imports numpy.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -344,6 +345,34 @@ def _register_optional() -> None:
         mod.register(app)
 
 
+class _Interrupted(Exception):
+    """Ctrl-C inside a command. Typer turns a KeyboardInterrupt into a silent exit 130; this
+    carries it past typer to :func:`main`, which says so in one line."""
+
+
+def _interruptible(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+
+    command._deepwatch_interruptible = True  # type: ignore[attr-defined]
+    return command
+
+
+def _report_interrupts(typer_app: typer.Typer) -> None:
+    """Wrap every command of ``typer_app`` (and its groups) with :func:`_interruptible`."""
+    for info in typer_app.registered_commands:
+        if info.callback is not None and not hasattr(info.callback,
+                                                     "_deepwatch_interruptible"):
+            info.callback = _interruptible(info.callback)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _report_interrupts(group.typer_instance)
+
+
 def _usage_line(exc: Exception) -> str:
     """A click usage error as one line: what is wrong, and where the help is."""
     message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
@@ -359,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skip_pandas_probe()
     _register_optional()
+    _report_interrupts(app)
     import gc
 
     gc.freeze()  # what start-up loaded lives as long as the process: the collector skips it
@@ -370,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeepwatchError as exc:
         _err(f"error: {exc}")
         return exc.exit_code
+    except _Interrupted:
+        _err("interrupted")
+        return 130
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except typer.Abort:

@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 def enabled() -> bool:
@@ -16,6 +17,14 @@ def enabled() -> bool:
     if flag is not None:
         return flag not in ("0", "false", "no")
     return sys.stderr.isatty()
+
+
+def _stderr_console() -> Any:
+    """A rich console on stderr: rich's default is stdout, where ``score --out -`` writes its
+    records (a bar or even one blank line there breaks the JSONL)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 @contextmanager
@@ -32,7 +41,7 @@ def byte_progress(what: str, total: int | None) -> Iterator[Callable[[int], None
     )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), transient=True) as bar:
+                  TimeRemainingColumn(), transient=True, console=_stderr_console()) as bar:
         task = bar.add_task(what, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -46,7 +55,8 @@ def step_progress(what: str, total: int | None) -> Iterator[Callable[..., None]]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=False) as bar:
+                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=False,
+                  console=_stderr_console()) as bar:
         task = bar.add_task(what, total=total, info="")
 
         def update(advance: int = 1, info: str = "") -> None:

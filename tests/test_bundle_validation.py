@@ -201,6 +201,26 @@ MISMATCHES: dict[str, tuple[Mutation, str]] = {
                            "'labels' is not a list of names"),
     "label_category_unknown": (lambda d, m: m["decision"]["label_category"].__setitem__(0, "x"),
                                "category 'x' is not one of"),
+    # JSON reads NaN and Infinity: a NaN threshold would call every record normal
+    "anomaly_threshold_nan": (lambda d, m: m["decision"].update(anomaly_threshold=float("nan")),
+                              "anomaly_threshold nan is not a number"),
+    "threshold_infinite": (lambda d, m: m["decision"].update(threshold=float("inf")),
+                           "threshold inf is not a number"),
+    "network_infinite": (lambda d, m: m["network"].update(scale=float("-inf")),
+                         r"network.scale is -inf, not a finite number"),
+    "network_nested": (lambda d, m: m["network"].update(x=[[[[[[[[[1]]]]]]]]]),
+                       "nested too deeply"),
+    "network_long_list": (lambda d, m: m["network"].update(x=list(range(65))),
+                          r"network.x has 65 entries \(at most 64\)"),
+    "labels_repeated": (lambda d, m: m["decision"]["labels"].__setitem__(
+        1, m["decision"]["labels"][0]), "must not repeat a name"),
+    "combine": (lambda d, m: m["decision"].update(combine=5), "'combine' is not"),
+    "no_labels_no_anomaly": (lambda d, m: m["decision"].update(labels=[], label_category=[]),
+                             "cannot reach a verdict"),
+    # the network agrees with the manifest's count, the featurizer does not
+    "n_features_and_d_in": (lambda d, m: (m.update(n_features=m["n_features"] + 1),
+                                          m["network"].update(d_in=m["n_features"])),
+                            r"the featurizer makes \d+ features but the manifest says \d+"),
     # consistent among themselves, but the network makes one probability more
     "labels_vs_proba_width": (lambda d, m: [m["decision"][k].pop() for k in
                                             ("labels", "label_category")],
@@ -259,6 +279,14 @@ def _no_onnx_weights(data: bytes) -> Mutation:
     return change
 
 
+def _featurizer_names_edited(d: Path, m: dict[str, Any]) -> None:
+    spec = json.loads((d / "featurizer.json").read_text())
+    spec["feature_names"] = list(reversed(spec["feature_names"]))
+    (d / "featurizer.json").write_text(json.dumps(spec))
+    rehash(d, m, "featurizer.json")
+    m["featurizer_schema_hash"] = Featurizer.from_dict(spec).schema_hash()
+
+
 MALFORMED: dict[str, tuple[Mutation, str]] = {
     "files_list": (lambda d, m: m.update(files=["x"]), '"files" must map'),
     "files_null": (lambda d, m: m.update(files=None), '"files" must map'),
@@ -280,6 +308,8 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
                         "not a valid featurizer"),
     "weights_garbage": (_no_onnx_weights(b"garbage"), "not a valid safetensors file"),
     "onnx_garbage": (_write("model.onnx", b"garbage"), "ONNX Runtime cannot load"),
+    # names that do not match the vocabularies, the schema hash made to agree with them
+    "featurizer_names_edited": (_featurizer_names_edited, "its feature names do not match"),
 }
 
 

@@ -140,8 +140,10 @@ def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str =
     sink = RejectSink(rejects)
     try:
         cols, stats, seconds = collect(det, format_name, inputs, progress, feature_sample, sink)
-    finally:
-        sink.close()
+    except BaseException:  # what it kept stays (it may say why); an empty file does not
+        sink.abort()
+        raise
+    sink.close()
     fmt = get_format(format_name)
     threshold = (det.decision.threshold if det.decision.supervised
                  else det.decision.anomaly_threshold)

@@ -21,7 +21,14 @@ from torch import nn
 from ..errors import DataError
 from ..models.autoencoder import ANOMALY_OUTPUTS, HYBRID_OUTPUTS, AnomalyHead, HybridHead
 from ..models.autoencoder import build_autoencoder as build
-from .api import Split, TrainContext, Trained, require_two_labels, train_classifier
+from .api import (
+    Split,
+    TrainContext,
+    Trained,
+    require_labelled_validation,
+    require_two_labels,
+    train_classifier,
+)
 from .loop import TrainConfig, fit, seed_everything
 
 DEFAULTS: dict[str, Any] = {"hidden": 64, "depth": 2, "dropout": 0.0, "noise": 0.05,
@@ -136,7 +143,9 @@ def train_autoencoder(kind: str, ctx: TrainContext) -> Trained:
 def train_hybrid(kind: str, ctx: TrainContext) -> Trained:
     from ..models.hybrid import default_combine
 
-    require_two_labels(kind, ctx)  # before the stack's own check, which would name the stack
+    # before the stack's own checks, which would name the stack
+    require_two_labels(kind, ctx)
+    require_labelled_validation(kind, ctx)
     stack = train_classifier("stack", ctx)
     classifier: nn.Module = stack.module.net  # type: ignore[assignment]  # ProbaHead(net)
     head, ae_config, info = train_anomaly_head(ctx)

@@ -143,10 +143,20 @@ def require_two_labels(kind: str, ctx: TrainContext) -> None:
                         "or learn from benign records alone with --model autoencoder")
 
 
+def require_labelled_validation(kind: str, ctx: TrainContext) -> None:
+    """A classifier stops early and sets its threshold on labelled validation records (a
+    labelled training set beside an unlabelled ``--val``)."""
+    if ctx.early.y is None or ctx.calib.y is None:
+        raise DataError(f"--model {kind} stops early and sets its threshold on labelled "
+                        "validation records, but the validation data has no labels: label it "
+                        "(PATH=LABEL) or drop --val")
+
+
 def train_classifier(kind: str, ctx: TrainContext) -> Trained:
     from .supervised import FoldData, proba_module, refit, train_folds, train_supervised
 
     require_two_labels(kind, ctx)
+    require_labelled_validation(kind, ctx)
     parts = [(tr, es.known(), cal.known()) for tr, es, cal in
              (ctx.folds or [(ctx.train, ctx.early, ctx.calib)])]
     if any(len(es.X) == 0 or len(cal.X) == 0 for _tr, es, cal in parts):
@@ -406,46 +416,50 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
     table, rejects, stats = read_labelled(reader, "training")
     kept = RejectSink(rejects_path)  # every rejected record, with its reason
-    kept.write(rejects)
-    table = _derive_in_order(fmt, table)
-    log(f"training data: {stats.summary()}")
-    _log_no_label(rejects, "training", log)
-    if table.num_rows < 10:
-        raise DataError(f"too few training records ({table.num_rows}) to train a model"
-                        + stats.format_hint(format_name))
-    labels = _labels(table)
-    if folds > 1 and labels is None:
-        raise DataError("--folds needs labelled training data")
-    fold_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    if folds > 1:
-        assert labels is not None
-        fold_parts = _fold_indices(labels, folds, seed)
-        tr_idx, es_idx, cal_idx = fold_parts[0]
-        tr_table = table.take(pa.array(tr_idx))
-        es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
-        tr_labels, es_labels, cal_labels = labels[tr_idx], labels[es_idx], labels[cal_idx]
-    elif val_inputs:
-        vreader = InputReader(fmt, val_inputs, progress=progress)
-        vtable, vrej, vstats = read_labelled(vreader, "validation")
-        kept.write(vrej)
-        vtable = _derive_in_order(fmt, vtable)
-        log(f"validation data: {vstats.summary()}")
-        _log_no_label(vrej, "validation", log)
-        vlabels = _labels(vtable)
-        if vtable.num_rows < 2:
-            raise DataError("the validation data has fewer than two records")
-        es_idx, cal_idx = _split_labels(vlabels, vtable.num_rows, (0.5, 0.5), seed + 1)
-        tr_table, tr_labels = table, labels
-        es_table, cal_table = vtable.take(pa.array(es_idx)), vtable.take(pa.array(cal_idx))
-        es_labels = vlabels[es_idx] if vlabels is not None else None
-        cal_labels = vlabels[cal_idx] if vlabels is not None else None
-    else:
-        tr_idx, es_idx, cal_idx = _split_labels(labels, table.num_rows, (0.8, 0.1, 0.1), seed)
-        tr_table = table.take(pa.array(tr_idx))
-        es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
-        tr_labels = labels[tr_idx] if labels is not None else None
-        es_labels = labels[es_idx] if labels is not None else None
-        cal_labels = labels[cal_idx] if labels is not None else None
+    try:  # a run that fails keeps its rejects (they may say why), never an empty file
+        kept.write(rejects)
+        table = _derive_in_order(fmt, table)
+        log(f"training data: {stats.summary()}")
+        _log_no_label(rejects, "training", log)
+        if table.num_rows < 10:
+            raise DataError(f"too few training records ({table.num_rows}) to train a model"
+                            + stats.format_hint(format_name))
+        labels = _labels(table)
+        if folds > 1 and labels is None:
+            raise DataError("--folds needs labelled training data")
+        fold_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if folds > 1:
+            assert labels is not None
+            fold_parts = _fold_indices(labels, folds, seed)
+            tr_idx, es_idx, cal_idx = fold_parts[0]
+            tr_table = table.take(pa.array(tr_idx))
+            es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
+            tr_labels, es_labels, cal_labels = labels[tr_idx], labels[es_idx], labels[cal_idx]
+        elif val_inputs:
+            vreader = InputReader(fmt, val_inputs, progress=progress)
+            vtable, vrej, vstats = read_labelled(vreader, "validation")
+            kept.write(vrej)
+            vtable = _derive_in_order(fmt, vtable)
+            log(f"validation data: {vstats.summary()}")
+            _log_no_label(vrej, "validation", log)
+            vlabels = _labels(vtable)
+            if vtable.num_rows < 2:
+                raise DataError("the validation data has fewer than two records")
+            es_idx, cal_idx = _split_labels(vlabels, vtable.num_rows, (0.5, 0.5), seed + 1)
+            tr_table, tr_labels = table, labels
+            es_table, cal_table = vtable.take(pa.array(es_idx)), vtable.take(pa.array(cal_idx))
+            es_labels = vlabels[es_idx] if vlabels is not None else None
+            cal_labels = vlabels[cal_idx] if vlabels is not None else None
+        else:
+            tr_idx, es_idx, cal_idx = _split_labels(labels, table.num_rows, (0.8, 0.1, 0.1), seed)
+            tr_table = table.take(pa.array(tr_idx))
+            es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
+            tr_labels = labels[tr_idx] if labels is not None else None
+            es_labels = labels[es_idx] if labels is not None else None
+            cal_labels = labels[cal_idx] if labels is not None else None
+    except BaseException:
+        kept.abort()
+        raise
 
     kept.close()
     if rejects_path:

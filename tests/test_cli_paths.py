@@ -1,0 +1,236 @@
+"""Command-line paths a user relies on that no other test walked: Ctrl-C, progress bars beside
+records on stdout, the inference backends (and onnxruntime missing), rejects files of runs that
+fail, classifiers given unlabelled validation data, and the scoring cache when it fills up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import head_lines
+
+from deepwatch.cli import main
+
+QUIET = {**os.environ, "DEEPWATCH_PROGRESS": "0"}
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, prelude: str = "",
+         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``deepwatch ARGS`` in a fresh interpreter; ``prelude`` runs first (e.g. hides a module)."""
+    code = f"{prelude}\nimport sys\nfrom deepwatch.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=300, env=env or QUIET, input=stdin)
+
+
+def _one_error_line(err: str, says: str) -> None:
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def records(small_kdd_test: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("paths") / "records.csv"
+    p.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:400]))
+    return p
+
+
+def _jsonl(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# -- Ctrl-C and progress bars --------------------------------------------------------------------
+
+def test_ctrl_c_while_scoring_is_one_line_exit_130_and_whole_records(
+        kdd_bundle: Path, kdd_test_file: Path, tmp_path: Path) -> None:
+    """Typer turned Ctrl-C into a silent exit 130: the user was told nothing. The records
+    scored before it stay in the output as whole JSON lines."""
+    data = "".join(head_lines(kdd_test_file, 100_000)).encode()
+    assert len(data) > 8 << 20  # more than one chunk: the first is scored while stdin is open
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
+                             "--format", "kdd", "--out", str(out), "-"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size):  # the first chunk is written
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        # Ctrl-C reaches the whole process group: the program writing to the pipe stops too
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == 130, err
+    assert err.strip() == "interrupted"
+    text = out.read_text()
+    assert text.endswith("\n")
+    rows = _jsonl(text)
+    assert 0 < len(rows) < 100_000 and all(r["verdict"] in ("normal", "malicious") for r in rows)
+
+
+def test_progress_bars_never_touch_the_records_on_stdout(kdd_bundle: Path,
+                                                         records: Path) -> None:
+    """rich writes to stdout unless told otherwise: with progress on (stderr a terminal),
+    `score --out -` put a blank line before the records."""
+    r = _cli("score", str(kdd_bundle), "--format", "kdd", "--out", "-", str(records),
+             env={**os.environ, "DEEPWATCH_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 400
+    assert len(_jsonl(r.stdout)) == 400
+    assert "400 rows written to -" in r.stderr
+
+
+# -- inference backends --------------------------------------------------------------------------
+
+def test_backends_onnx_torch_and_onnxruntime_missing(kdd_bundle: Path, records: Path,
+                                                     tmp_path: Path) -> None:
+    base = ["score", str(kdd_bundle), "--format", "kdd", "--out", "-", str(records)]
+    onnx = _cli(*base, "--backend", "onnx")
+    torch = _cli(*base, "--backend", "torch")
+    assert onnx.returncode == 0 and torch.returncode == 0, onnx.stderr + torch.stderr
+    assert "(onnxruntime:CPU)" in onnx.stderr and "(torch:cpu)" in torch.stderr
+    a, b = _jsonl(onnx.stdout), _jsonl(torch.stdout)
+    assert [r["verdict"] for r in a] == [r["verdict"] for r in b]
+    assert np.allclose([r["score"] for r in a], [r["score"] for r in b], atol=1e-5)
+
+    # without onnxruntime (it is an optional speed-up): auto scores with torch, onnx says why
+    hide = "import sys; sys.modules['onnxruntime'] = None"
+    auto = _cli(*base, prelude=hide)
+    assert auto.returncode == 0 and "(torch:cpu)" in auto.stderr, auto.stderr
+    assert _jsonl(auto.stdout) == b
+    r = _cli(*base, "--backend", "onnx", prelude=hide)
+    assert r.returncode == 2
+    _one_error_line(r.stderr, "onnxruntime is not installed")
+
+    r = _cli(*base, "--backend", "tensorflow")
+    assert r.returncode == 2
+    _one_error_line(r.stderr, "unknown engine 'tensorflow'; use auto, onnx or torch")
+
+    no_onnx = tmp_path / "no_onnx"
+    import shutil
+
+    shutil.copytree(kdd_bundle, no_onnx)
+    manifest = json.loads((no_onnx / "manifest.json").read_text())
+    del manifest["files"]["model.onnx"]
+    (no_onnx / "model.onnx").unlink()
+    (no_onnx / "manifest.json").write_text(json.dumps(manifest))
+    r = _cli("score", str(no_onnx), "--format", "kdd", "--out", "-", "--backend", "onnx",
+             str(records))
+    assert r.returncode == 3 and r.stdout == ""
+    _one_error_line(r.stderr, "has no model.onnx")
+
+
+def test_score_engine_and_output_mistakes_are_one_line_before_any_output(
+        kdd_bundle: Path, records: Path, tmp_path: Path) -> None:
+    rej = tmp_path / "rejects.jsonl"
+    cases = [
+        (["--out", str(tmp_path / "o.csv")], "--out must end in .parquet or .jsonl"),
+        (["--out", str(tmp_path / "o.jsonl"), "--engine", "dask"], "unknown engine 'dask'"),
+        (["--out", str(tmp_path / "o.jsonl"), "--engine", "spark", "--cluster"],
+         "--cluster works with --engine local only"),
+    ]
+    for extra, says in cases:
+        r = _cli("score", str(kdd_bundle), "--format", "kdd", "--rejects", str(rej), *extra,
+                 str(records))
+        assert r.returncode == 2, (extra, r.stderr)
+        _one_error_line(r.stderr, says)
+        assert not rej.exists() and not list(tmp_path.glob("o.*")), extra
+
+
+# -- runs that fail keep no empty rejects file; classifiers need labelled validation -------------
+
+def test_a_failed_evaluate_or_train_leaves_no_empty_rejects_file(
+        kdd_bundle: Path, small_kdd: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty rejects file reads as "nothing was rejected" (score removed it; evaluate and
+    train left one behind, and train left its file open)."""
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("".join(line.rsplit(",", 1)[0] + "\n"
+                                  for line in small_kdd.read_text().splitlines()[:50]))
+    rej = tmp_path / "rej.jsonl"
+    assert main(["evaluate", str(kdd_bundle), "--format", "kdd", "--json",
+                 str(tmp_path / "e.json"), "--rejects", str(rej), str(unlabelled)]) == 4
+    assert "needs labelled records" in capsys.readouterr().err
+    assert not rej.exists() and not (tmp_path / "e.json").exists()
+
+    few = tmp_path / "few.csv"
+    few.write_text("".join(small_kdd.read_text().splitlines(keepends=True)[:3]))
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--out", str(tmp_path / "b"),
+                 "--rejects", str(rej), str(few)]) == 4
+    assert "too few training records (3)" in capsys.readouterr().err
+    assert not rej.exists() and not (tmp_path / "b").exists()
+
+    # what was rejected stays: it says why the run had too few records
+    few.write_text(few.read_text() + "not a record\n")
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--out", str(tmp_path / "b"),
+                 "--rejects", str(rej), str(few)]) == 4
+    capsys.readouterr()
+    assert [r["raw"] for r in _jsonl(rej.read_text())] == ["not a record"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "hybrid"])
+def test_a_classifier_with_unlabelled_validation_data_is_one_clear_error(
+        model: str, small_kdd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    """It was an AssertionError traceback after the data was read and featurised."""
+    lines = small_kdd.read_text().splitlines(keepends=True)
+    train = tmp_path / "train.csv"
+    train.write_text("".join(lines[:3000]))
+    val = tmp_path / "val.csv"  # 41 fields: records without their label
+    val.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in lines[3000:3300]))
+    assert main(["train", "--format", "kdd", "--model", model, "--epochs", "1", "--out",
+                 str(tmp_path / "b"), "--val", str(val), str(train)]) == 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: --model {model} stops early and sets its threshold on labelled validation "
+        "records, but the validation data has no labels: label it (PATH=LABEL) or drop --val")
+    assert not (tmp_path / "b").exists()
+
+
+# -- the scoring cache of a long-running service, when it fills up -----------------------------
+
+def test_the_result_cache_starts_again_when_full_and_stays_right(kdd_bundle: Path,
+                                                                 kdd_test_file: Path) -> None:
+    from deepwatch.formats import get_format
+    from deepwatch.models.detector import (
+        DEDUPE_MIN_ROWS,
+        Detector,
+        ResultCache,
+        distinct_rows,
+    )
+
+    batch = get_format("kdd").parse("".join(head_lines(kdd_test_file, 60_000, every=3))).batch
+    parts = [batch.slice(i, 6000) for i in range(0, 18_000, 6000)]
+    assert all(p.num_rows >= DEDUPE_MIN_ROWS for p in parts)
+    reference = Detector(kdd_bundle)  # scored without the cache: score_with_outputs
+
+    def uncached(b: pa.RecordBatch) -> pa.RecordBatch:
+        return reference.score_with_outputs(b)[0]
+
+    distinct = [len(distinct_rows(p, reference.featurizer.input_columns)[0]) for p in parts]
+    seen = len(distinct_rows(pa.Table.from_batches(parts),
+                             reference.featurizer.input_columns)[0])
+    det = Detector(kdd_bundle)
+    # (floods repeat records: the parts hold a few hundred to a few thousand distinct ones)
+    det._cache = ResultCache(max_rows=distinct[0] + 10)  # full by the second part
+    for p in [*parts, parts[0], parts[1].slice(0, 4096), parts[0]]:
+        got = det.score_batch(p)
+        assert got.equals(uncached(p))
+    assert det._cache.misses and det._cache.hits  # it both filled up and answered from memory
+    assert len(det._cache) <= max(distinct) < seen  # it started again instead of growing
