@@ -331,11 +331,17 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version,
     pass
 
 
+_registered: list[str] = []  # the modules whose commands are on ``app`` already
+
+
 def _register_optional() -> None:
-    """Commands that live with their subsystems (stream, ingest, simulate)."""
+    """Commands that live with their subsystems (stream, ingest, simulate); registered once
+    however often :func:`main` is called (the tests call it many times in one process)."""
     import importlib
 
     for module in ("deepwatch.serve.cli", "deepwatch.web_cli"):
+        if module in _registered:
+            continue
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -343,6 +349,7 @@ def _register_optional() -> None:
                 raise
             continue
         mod.register(app)
+        _registered.append(module)
 
 
 class _Interrupted(Exception):

@@ -234,3 +234,16 @@ def test_the_result_cache_starts_again_when_full_and_stays_right(kdd_bundle: Pat
         assert got.equals(uncached(p))
     assert det._cache.misses and det._cache.hits  # it both filled up and answered from memory
     assert len(det._cache) <= max(distinct) < seen  # it started again instead of growing
+
+
+def test_main_registers_the_optional_commands_once() -> None:
+    from deepwatch.cli import app, main
+
+    assert main(["--version"]) == 0
+    def names() -> list[str]:
+        return [c.name or getattr(c.callback, "__name__", "") for c in app.registered_commands]
+
+    first = names()
+    assert main(["--version"]) == 0
+    assert names() == first
+    assert len(first) == len(set(first)) and {"stream", "ingest", "simulate"} <= set(first)
