@@ -203,6 +203,30 @@ def test_a_classifier_with_unlabelled_validation_data_is_one_clear_error(
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("model", ["mlp", "hybrid"])
+def test_decision_fpr_without_benign_validation_records_is_refused_before_training(
+        model: str, small_kdd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was refused only once every network had been trained."""
+    import deepwatch.train.supervised as supervised
+
+    def trained(*_a: object, **_k: object) -> None:
+        raise AssertionError("a network was trained before the refusal")
+
+    monkeypatch.setattr(supervised, "train_supervised", trained)
+    lines = small_kdd.read_text().splitlines(keepends=True)
+    train = tmp_path / "train.csv"
+    train.write_text("".join(lines[:3000]))
+    val = tmp_path / "val.csv"  # labelled, but attacks only
+    val.write_text("".join(x for x in lines[3000:] if not x.rstrip().endswith("normal."))[:60000])
+    assert main(["train", "--format", "kdd", "--model", model, "--decision", "fpr", "--epochs",
+                 "1", "--out", str(tmp_path / "b"), "--val", str(val), str(train)]) == 4
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "error: --decision fpr needs benign ('normal') records in the validation data"), err
+    assert not (tmp_path / "b").exists()
+
+
 # -- the scoring cache of a long-running service, when it fills up -----------------------------
 
 def test_the_result_cache_starts_again_when_full_and_stays_right(kdd_bundle: Path,

@@ -161,6 +161,9 @@ def train_classifier(kind: str, ctx: TrainContext) -> Trained:
              (ctx.folds or [(ctx.train, ctx.early, ctx.calib)])]
     if any(len(es.X) == 0 or len(cal.X) == 0 for _tr, es, cal in parts):
         raise DataError("the validation data has no records with labels seen in training")
+    if ctx.policy == "fpr" and not any(
+            cal.labels is not None and (cal.labels == BENIGN).any() for _tr, _es, cal in parts):
+        raise DataError(FPR_NEEDS_BENIGN)  # said before training, not after
     calibration_module = None
     decision = ctx.decision_base()
     if ctx.folds:
@@ -262,12 +265,15 @@ def fewest_errors_threshold(score: np.ndarray, attack: np.ndarray, weight: np.nd
     return float((s[i - 1] + s[i]) / 2.0)
 
 
+FPR_NEEDS_BENIGN = "--decision fpr needs benign ('normal') records in the validation data"
+
+
 def fpr_threshold(score: np.ndarray | None, held: Split, target_fpr: float) -> float:
     """The score threshold whose false-positive rate on the held-out benign records is
     ``target_fpr`` (scores: 1 - P(normal))."""
     benign = held.labels == BENIGN if held.labels is not None else None
     if score is None or benign is None or not benign.any():
-        raise DataError("--decision fpr needs benign ('normal') records in the validation data")
+        raise DataError(FPR_NEEDS_BENIGN)
     return float(np.quantile(score[benign], 1.0 - target_fpr, method="higher"))
 
 
