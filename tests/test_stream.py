@@ -254,6 +254,8 @@ def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: P
     (["--format", "access"], "trained on format 'kdd'"),
     (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a",
       "--kafka-option", "no.such.setting=1"], "kafka consumer settings refused"),
+    (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a",
+      "--kafka-option", "linger.ms"], "--kafka-option wants KEY=VALUE, not 'linger.ms'"),
 ])
 def test_usage_errors_are_one_line(kdd_bundle: Path, args: list[str], message: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -694,6 +696,38 @@ def test_a_produce_error_is_one_line_and_nothing_is_committed(
     sink.errors.clear()
     sink.close()
     del sink
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_full_producer_queue_waits_for_the_broker_and_loses_nothing(
+        broker: str, detector: Detector, small_kdd_test: Path) -> None:
+    """Backpressure: with a producer queue far smaller than a batch, producing waits for the
+    broker (counted in ``waits``) instead of failing or dropping; every record's verdict is
+    written once and every offset committed."""
+    from deepwatch.serve._kafka_io import KafkaSink
+
+    topic = "bp"
+    sink = KafkaSink(broker, {ALERT: f"{topic}.alerts", VERDICT: f"{topic}.verdicts",
+                              DEAD_LETTER: f"{topic}.dead"},
+                     {"queue.buffering.max.messages": "20", "linger.ms": "0"})
+    processor = StreamProcessor(detector, get_format("kdd"))
+    values = _records(small_kdd_test, 1500) + [b"not a record"]
+    keys = [str(i).encode() for i in range(len(values))]
+    source = MemorySource(values, keys, batch_size=500)
+    try:
+        report = run_loop(source, sink, processor, threading.Event())
+    finally:
+        sink.close()
+    assert sink.waits > 0, "the queue was never full: the test did not reach backpressure"
+    assert source.committed == len(values)
+    verdicts = _read_all(broker, f"{topic}.verdicts")
+    assert sorted(k for k, _ in verdicts) == list(range(len(values) - 1))
+    dead = _read_all(broker, f"{topic}.dead")
+    assert [k for k, _ in dead] == [len(values) - 1]
+    alerts = _read_all(broker, f"{topic}.alerts")
+    assert len(alerts) == sum(d["verdict"] == "malicious" for _, d in verdicts) > 0
+    assert report.produced["verdict"] == len(values) - 1
 
 
 @pytest.mark.slow
