@@ -168,6 +168,25 @@ def test_json_lines_and_rejects() -> None:
     assert res.rejects.column("line").to_pylist() == [2, 3, 4, 5, 6, 7]
 
 
+def test_booleans_read_the_same_from_tsv_json_lines_and_objects() -> None:
+    """Zeek writes T/F in TSV logs and true/false in JSON logs; both are kept as T/F, so one
+    connection gives the same fields whichever log it came from."""
+    flagged = JSON.replace('"missed_bytes"', '"local_orig":true,"local_resp":false,'
+                                             '"missed_bytes"')
+    res = FMT.parse(HEADER + "\n" + UNSET + "\n" + flagged + "\n")
+    assert res.rejects.num_rows == 0
+    assert res.batch.column("local_orig").to_pylist() == ["T", "T"]
+    assert res.batch.column("local_resp").to_pylist() == ["F", "F"]
+    objects = FMT.parse_records([
+        {"ts": 1.5, "orig_h": "10.0.0.1", "resp_h": "10.0.0.2", "proto": "tcp",
+         "local_orig": True, "local_resp": "false"},
+        {"ts": 1.5, "orig_h": "10.0.0.1", "resp_h": "10.0.0.2", "proto": "tcp",
+         "local_orig": "T", "local_resp": None}])
+    assert objects.rejects.num_rows == 0
+    assert objects.batch.column("local_orig").to_pylist() == ["T", "T"]
+    assert objects.batch.column("local_resp").to_pylist() == ["F", None]
+
+
 def test_featurizer_fits() -> None:
     res = FMT.parse("\n".join([ROW, UNSET, JSON] * 4))
     fz = Featurizer(FMT.feature_spec()).fit(res.batch)

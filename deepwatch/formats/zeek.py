@@ -49,6 +49,9 @@ CONN_FIELDS: tuple[tuple[str, str, pa.DataType], ...] = (
 _REQUIRED = ("ts", "orig_h", "resp_h", "proto")
 _COUNTS = ("orig_p", "resp_p", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
            "orig_ip_bytes", "resp_pkts", "resp_ip_bytes")
+#: Zeek's booleans, written T/F in TSV logs and true/false in JSON logs: kept as T/F either way.
+_FLAGS = ("local_orig", "local_resp")
+_JSON_FLAGS = {"true": "T", "false": "F"}
 #: Latest accepted time (seconds since 1970; the year 5138): beyond it a ts is garbage.
 MAX_TS = 1e11
 
@@ -89,6 +92,8 @@ def _text_columns(raw: Any, order: list[str]) -> Any:
             from_tsv = parts.list.get(order.index(name), null_on_oob=True)
         else:
             from_tsv = pl.lit(None, dtype=pl.String)
+        if col in _FLAGS:  # JSON logs write true/false where TSV logs write T/F
+            from_json = from_json.replace_strict(_JSON_FLAGS, default=from_json)
         text = pl.when(is_json).then(from_json).otherwise(from_tsv)
         exprs.append(pl.when(text.is_in(["-", "(empty)", ""])).then(None).otherwise(text)
                      .alias(col))
@@ -206,6 +211,19 @@ class Zeek(Format):
         batch = _to_batch(frame.filter(ok))
         return ParseResult(batch, rejects, raw.len(), pa.array(numbers[ok.to_numpy()], pa.int64()),
                            skipped=skipped)
+
+    def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
+        """Records as JSON objects (REST): ``local_orig``/``local_resp`` may be JSON booleans
+        (as Zeek's JSON logs write them) and are kept as ``T``/``F``, as from a log line."""
+        flags = {True: "T", False: "F", "true": "T", "false": "F"}
+        fixed: list[Any] = []
+        for r in records:
+            if type(r) is dict and any(type(r.get(k)) is bool or r.get(k) in ("true", "false")
+                                       for k in _FLAGS):
+                r = {**r, **{k: flags[r[k]] for k in _FLAGS
+                             if type(r.get(k)) is bool or r.get(k) in ("true", "false")}}
+            fixed.append(r)
+        return super().parse_records(fixed)
 
     def feature_spec(self) -> dict[str, Any]:
         numeric = ["duration", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
