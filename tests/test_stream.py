@@ -578,6 +578,75 @@ def test_embedded_damaged_gzip_dead_letters_the_lost_rest(
     assert r[0]["raw"] and cut.startswith(r[0]["raw"][:40]), r[0]["raw"][:80]
 
 
+def test_inputs_stream_cannot_read_are_one_line_usage_errors(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A labelled input (stream scores unlabelled traffic), ``--follow`` on a .gz, or on more
+    than one file: refused before anything is read or written."""
+    import gzip
+
+    packed = tmp_path / "in.csv.gz"
+    packed.write_bytes(gzip.compress(small_kdd_test.read_bytes()[:5000]))
+    out = tmp_path / "a.jsonl"
+    for args, says in [
+        ([f"{small_kdd_test}=normal"], f"drop the label of '{small_kdd_test}=normal'"),
+        (["--follow", str(packed)], f"--follow cannot tail a compressed file: {packed}"),
+        (["--follow", str(small_kdd_test), str(small_kdd_test)],
+         "--follow tails exactly one file (or stdin)"),
+    ]:
+        rc = main(["stream", str(kdd_bundle), "--format", "kdd", "--out", str(out), *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and "Traceback" not in err, (args, err)
+        assert not out.exists()
+
+
+def _plain_lines(stderr: bytes) -> list[str]:
+    """stderr without the JSON log lines."""
+    return [x for x in stderr.decode().splitlines() if not x.startswith("{")]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("flag", ["--out", "--verdicts", "--rejects"])
+def test_an_output_that_fills_up_is_one_error_line_and_a_failed_run(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path, flag: str) -> None:
+    """A full disk under an output was an OSError traceback (the write was not guarded, only
+    the flush) and, for small outputs, the loss went unreported until the end."""
+    src = tmp_path / "in.csv"
+    src.write_bytes(b"\n".join(_records(small_kdd_test, 3000)) + b"\nnot a record\n")
+    outputs = {"--out": str(tmp_path / "a.jsonl"), flag: "/dev/full"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
+         str(src), *(x for kv in outputs.items() for x in kv)],
+        capture_output=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr.decode()[-2000:]
+    assert _plain_lines(proc.stderr) == [
+        f"error: cannot write {flag} /dev/full: No space left on device"]
+    assert b'"event": "stop"' not in proc.stderr  # the run is not reported as a success
+
+
+def test_stdout_closed_by_its_reader_is_one_error_line_not_lost_alerts(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """Alerts to stdout, the reader gone after a few bytes (``| head``): the write took what
+    the pipe held, reported no error, and the run ended 0 with the rest of the alerts lost."""
+    src = tmp_path / "in.csv"
+    src.write_bytes(b"\n".join(_records(small_kdd_test, 3000)) + b"\n")  # far over a pipe's 64K
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
+         str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert json.loads(proc.stdout.readline())["event"]["kind"] == "alert"
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 1, err.decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert _plain_lines(err) == ["error: cannot write --out (stdout): Broken pipe"]
+
+
 # ------------------------------------------------------------- real broker: what cannot be written
 
 

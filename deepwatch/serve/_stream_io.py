@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -177,7 +179,9 @@ class JsonlSink:
         from ..sinks import writable_file
 
         self._files: dict[str, IO[bytes]] = {}
+        self._names: dict[str, str] = {}
         self._own: list[IO[bytes]] = []
+        self._failed = False
         named = [(kind, flag, path) for kind, flag, path in (
             (ALERT, "--out", alerts), (VERDICT, "--verdicts", verdicts),
             (DEAD_LETTER, "--rejects", dead_letters)) if path is not None]
@@ -187,7 +191,8 @@ class JsonlSink:
             if path != "-":
                 writable_file(path, flag)
         try:
-            for kind, _flag, path in named:
+            for kind, flag, path in named:
+                self._names[kind] = f"{flag} (stdout)" if path == "-" else f"{flag} {path}"
                 if path == "-":
                     self._files[kind] = sys.stdout.buffer
                     continue
@@ -206,20 +211,46 @@ class JsonlSink:
     def kinds(self) -> set[str]:
         return set(self._files)
 
+    def _failure(self, kind: str, exc: OSError) -> DeliveryError:
+        self._failed = True
+        if self._files[kind] is sys.stdout.buffer:
+            _drop_stdout()  # the reader is gone: no second error when Python exits
+        return DeliveryError(f"cannot write {self._names[kind]}: {exc.strerror or exc}")
+
     def write(self, out: Output) -> None:
         for kind, msgs in out.messages.items():
             fh = self._files.get(kind)
-            if fh is not None and len(msgs):
-                fh.write(b"\n".join(msgs.values) + b"\n")
+            if fh is None or not len(msgs):
+                continue
+            data = memoryview(b"\n".join(msgs.values) + b"\n")
+            try:
+                # a pipe whose reader went away can take part of a write and report no error
+                # (write returns the count): what is left is written again, to get the error
+                while data:
+                    data = data[fh.write(data) or 0:]
+            except OSError as exc:
+                raise self._failure(kind, exc) from None
 
     def flush(self) -> None:
-        for fh in self._files.values():
+        for kind, fh in self._files.items():
             try:
                 fh.flush()
             except OSError as exc:
-                raise DeliveryError(f"cannot write: {exc.strerror or exc}") from None
+                raise self._failure(kind, exc) from None
 
     def close(self) -> None:
-        self.flush()
-        for fh in self._own:
-            fh.close()
+        try:
+            if not self._failed:  # after a failure there is nothing more to say: it was said
+                self.flush()
+        finally:
+            for fh in self._own:
+                with contextlib.suppress(OSError):
+                    fh.close()
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's own flush of it at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
