@@ -1,0 +1,168 @@
+"""``serve --workers 2`` as an operator drives it: a SIGHUP to the parent re-reads the bundle
+retrained in place, a replacement that starts only some workers is undone (every worker serves
+one model), and workers whose parent was killed outright stop and leave nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import free_port, wait_healthy
+from test_workers_reload import _variant, _workers_of
+
+pytest.importorskip("uvicorn")
+
+#: Loaded by every Python process started with it on PYTHONPATH; only workers call the patch.
+#: The first worker of generation $FAIL_GEN starts, the next one cannot.
+SECOND_WORKER_FAILS = '''
+import json, os
+from pathlib import Path
+import deepwatch.serve._workers as workers
+
+_real = workers._worker_app
+
+
+def _patched():
+    state = Path(os.environ[workers.STATE_ENV])
+    if workers.read_settings(state)["generation"] == int(os.environ["FAIL_GEN"]):
+        try:
+            os.close(os.open(os.environ["FAIL_MARK"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            raise RuntimeError("injected: the second worker of this generation cannot start")
+    return _real()
+
+
+workers._worker_app = _patched
+'''
+
+
+def _get(url: str, path: str, method: str = "GET", **kw: Any) -> httpx.Response:
+    return httpx.request(method, url + path, timeout=30, **kw)  # a new connection: any worker
+
+
+def _all_workers(url: str, n: int = 12) -> list[dict[str, Any]]:
+    return [_get(url, "/healthz").json() for _ in range(n)]
+
+
+def _start(bundle: Path, log: Path, env: dict[str, str] | None = None
+           ) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deepwatch.cli", "serve", str(bundle), "--port", str(port),
+             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True,
+            env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_operator_sighup_rereads_the_bundle_and_a_half_done_replacement_is_undone(
+        kdd_bundle: Path, small_kdd: Path, tmp_path: Path) -> None:
+    records = small_kdd.read_text().splitlines()[:40]
+    served = tmp_path / "served"
+    shutil.copytree(kdd_bundle, served)
+    (tmp_path / "sitecustomize.py").write_text(SECOND_WORKER_FAILS)
+    env = {**os.environ, "FAIL_GEN": "3", "FAIL_MARK": str(tmp_path / "gen3-started"),
+           "PYTHONPATH": os.pathsep.join(
+               [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    log = tmp_path / "serve.log"
+    proc, url = _start(served, log, env)
+    try:
+        wait_healthy(url, proc)
+        first = _get(url, "/v1/score", "POST", json={"records": records}).json()["results"]
+        assert {r["verdict"] for r in first} == {"normal", "malicious"}
+
+        # retrained in place, then `kill -HUP <parent>`: no /v1/reload asked for it
+        variant = _variant(kdd_bundle, tmp_path / "next")
+        shutil.rmtree(served)
+        variant.rename(served)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while {h["generation"] for h in _all_workers(url)} != {2}:
+            assert time.monotonic() < deadline, "SIGHUP did not replace the workers"
+            time.sleep(0.2)
+        for _ in range(4):
+            out = _get(url, "/v1/score", "POST", json={"records": records}).json()["results"]
+            assert {r["verdict"] for r in out} == {"malicious"}
+        gen2 = set(_workers_of(proc.pid))
+
+        # generation 3: one replacement starts, the other cannot; all go back to generation 2
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while "not every worker could be replaced" not in log.read_text():
+            assert time.monotonic() < deadline, "the failed replacement was never reported"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 90
+        while not (len(now := set(_workers_of(proc.pid))) == 2 and not now & gen2):
+            assert time.monotonic() < deadline, f"workers not restarted: {gen2} -> {now}"
+            time.sleep(0.2)
+        health = _all_workers(url, 20)
+        assert {h["generation"] for h in health} == {2}
+        assert {h["pid"] for h in health} <= now
+        for _ in range(4):
+            out = _get(url, "/v1/score", "POST", json={"records": records}).json()["results"]
+            assert {r["verdict"] for r in out} == {"malicious"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        text = log.read_text()
+        assert "injected: the second worker of this generation cannot start" in text
+        assert "back to " + str(served) + " (generation 2)" in text
+        assert "Traceback" not in text
+    except BaseException:
+        _kill(proc)
+        raise AssertionError(f"server log:\n{log.read_text()[-4000:]}") from None
+    finally:
+        _kill(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds workers in /proc")
+def test_workers_of_a_killed_parent_stop_and_remove_the_shared_state(
+        kdd_bundle: Path, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    proc, url = _start(kdd_bundle, log)
+    try:
+        wait_healthy(url, proc)
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2
+        env = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+        state = Path(next(v for v in env if v.startswith(b"DEEPWATCH_SERVE_STATE="))
+                     .split(b"=", 1)[1].decode())
+        assert (state / "settings.json").exists()
+        proc.send_signal(signal.SIGKILL)  # the parent only: the workers are left on their own
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while [pid for pid in workers if _running(pid)]:
+            assert time.monotonic() < deadline, "workers outlived their parent"
+            time.sleep(0.2)
+        assert not state.exists()
+        with pytest.raises(httpx.TransportError):  # nobody listens on the port any more
+            httpx.get(url + "/healthz", timeout=2)
+        assert "the serving parent process is gone" in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group outlives its leader
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
