@@ -417,6 +417,51 @@ def test_cli_serve_with_key_file_reloads_on_sighup(kdd_bundle: Path, tmp_path: P
         _reap(proc)
 
 
+@pytest.mark.slow
+def test_cli_serve_sighup_with_a_broken_bundle_keeps_serving_the_previous_one(
+        kdd_bundle: Path, tmp_path: Path, lines: list[str]) -> None:
+    """A retrain that left the bundle damaged, then SIGHUP: one error line in the log, and the
+    model loaded before goes on answering, with the same verdicts."""
+    bundle = tmp_path / "served"
+    shutil.copytree(kdd_bundle, bundle)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(bundle), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_healthy(url, proc)
+        before = httpx.post(url + "/v1/score", json={"records": lines[:40]}, timeout=30).json()
+        weights = next(bundle.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")  # checksum mismatch
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while 'reloads_total{result="failed"} 1.0' not in httpx.get(url + "/metrics").text:
+            assert time.monotonic() < deadline, "the failed reload was never counted"
+            time.sleep(0.1)
+        assert httpx.get(url + "/healthz").json()["generation"] == 1
+        after = httpx.post(url + "/v1/score", json={"records": lines[:40]}, timeout=30).json()
+        assert after == before
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        failed = [ln for ln in err.splitlines() if "SIGHUP" in ln]
+        assert len(failed) == 1 and "bundle not reloaded, still serving the previous one" in \
+            failed[0], err
+        assert "Traceback" not in err
+    finally:
+        _reap(proc)
+
+
+def test_cli_serve_refuses_a_host_name_that_does_not_resolve(kdd_bundle: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--host",
+         "no-such-host.invalid", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: cannot listen on no-such-host.invalid: ")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def _fresh(url: str, path: str, method: str = "GET", auth: bool = True,
            **kw: Any) -> httpx.Response:
     """One request on a new connection: any of the workers may take it."""
