@@ -244,9 +244,9 @@ def _trickle(port: int, path: str, gap: float = 0.1, give_up: float = 20.0
     goes quiet, so no idle timeout ends it) until the server answers or ``give_up`` s pass.
     What the server sent before closing (None: it never did) and when it answered."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        t0 = time.monotonic()  # before the head leaves: the server's clock cannot start earlier
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      "application/json\r\nContent-Length: 10000\r\n\r\n{".encode())
-        t0 = time.monotonic()
         with contextlib.suppress(OSError):  # the server may close while this still sends
             while time.monotonic() - t0 < give_up:
                 if select.select([sock], [], [], gap)[0]:
