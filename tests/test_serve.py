@@ -780,3 +780,23 @@ def test_dashboard_stats_stay_bounded() -> None:
     assert snap["recent_alerts"][0]["n"] == LATENCY_SAMPLES + 499, "newest first"
     assert len(snap["series"]["rows"]) == 60
     assert sum(r[2] for r in snap["series"]["rows"]) == 3 * (LATENCY_SAMPLES + 500)
+
+
+@pytest.mark.parametrize(("host", "warned"), [("127.0.0.2", False), ("localhost", False),
+                                              ("0.0.0.0", True)])
+def test_serving_beyond_loopback_without_a_key_is_warned_about(kdd_bundle: Path, host: str,
+                                                               warned: bool) -> None:
+    """The warning goes by the address the socket is bound to: all of 127/8 is loopback."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle),
+                             "--host", host, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_healthy(f"http://{'127.0.0.2' if host == '127.0.0.2' else '127.0.0.1'}:{port}",
+                     proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert ("without an API key" in err) == warned, err
+    finally:
+        _reap(proc)

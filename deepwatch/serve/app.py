@@ -54,7 +54,6 @@ from ._workers import WorkerGroup
 
 log = logging.getLogger("deepwatch.serve")
 JSON = "application/json"
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 #: Bodies up to this size (a few dozen records) are scored on the event loop itself: about a
 #: millisecond of work, less than the two thread switches that handing it to the pool costs (and
 #: those switches are what stretches the tail on busy cores). Larger bodies go to the pool, so
@@ -638,7 +637,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     port = sock.getsockname()[1]  # the one the system chose, for --port 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
-    if host not in LOOPBACK and key is None:
+    if key is None and not _is_loopback_address(sock.getsockname()[0]):  # the bound address
         log.warning("listening on %s without an API key: anyone who can reach it can score "
                     "and reload", host)
     options = uvicorn_options()
