@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -379,6 +380,20 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         raise
     with TansuBroker(log=tmp_path_factory.mktemp("broker") / "tansu.log") as running:
         yield running.address
+
+
+def test_the_test_broker_will_not_start_on_a_port_in_use(broker: str) -> None:
+    """Another listener on the port would answer the readiness check: refused instead."""
+    from deepwatch.errors import UsageError
+    from deepwatch.serve.tansu import TansuBroker
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        b = TansuBroker(port=taken.getsockname()[1])
+        with pytest.raises(UsageError, match="cannot start the Tansu broker on"):
+            b.start()
+        assert b.proc is None
 
 
 def _create_topic(brokers: str, topic: str, partitions: int) -> None:

@@ -45,6 +45,12 @@ class TansuBroker:
 
     def start(self) -> TansuBroker:
         url = f"tcp://{self.address}"
+        try:  # something else on the port would answer the readiness check below
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", self.port))
+        except OSError as exc:
+            raise UsageError(f"cannot start the Tansu broker on {self.address}: "
+                             f"{exc.strerror or exc}") from None
         out = subprocess.DEVNULL
         if self.log is not None:
             self._log_fh = self.log.open("wb")
@@ -56,7 +62,9 @@ class TansuBroker:
         while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
+                if self.proc.poll() is None:  # the broker itself answered, not a newcomer
+                    return self
+                raise OSError("the broker exited")
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
