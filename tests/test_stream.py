@@ -23,7 +23,7 @@ from deepwatch.formats import get_format
 from deepwatch.models.detector import Detector
 from deepwatch.serve._stream_core import ALERT, DEAD_LETTER, VERDICT, StreamProcessor
 from deepwatch.serve._stream_io import DeliveryError, MemorySink, MemorySource
-from deepwatch.serve.stream import StreamOptions, run_loop, run_stream
+from deepwatch.serve.stream import StreamOptions, StreamReport, run_loop, run_stream
 
 GARBAGE = [
     b"",
@@ -681,6 +681,21 @@ def access_bundle(bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
+def _run_until_committed(opts: StreamOptions, broker: str, group: str, topic: str,
+                         n: int) -> StreamReport:
+    """Run the worker in a thread until it has committed ``n`` records of ``topic``'s two
+    partitions (or failed); its report."""
+    thread, stop, result = _stream_in_thread(opts)
+    try:
+        _wait("the worker to commit every record",
+              lambda: "error" in result or _committed(broker, group, topic, 2) == n)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert "error" not in result, result.get("error")
+    return result["report"]
+
+
 def _stream_in_thread(opts: StreamOptions) -> tuple[threading.Thread, threading.Event, dict]:
     stop, result = threading.Event(), {}
 
@@ -722,15 +737,7 @@ def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
                          input_topic=topic, output_topic=f"{topic}.alerts",
                          verdict_topic=f"{topic}.verdicts", group=group, batch_wait_ms=200,
                          kafka_options={"message.max.bytes": "12000"})
-    thread, stop, result = _stream_in_thread(opts)
-    try:
-        _wait("the worker to commit every record",
-              lambda: "error" in result or _committed(broker, group, topic, 2) == len(values))
-    finally:
-        stop.set()
-        thread.join(60)
-    assert "error" not in result, result.get("error")
-    report = result["report"]
+    report = _run_until_committed(opts, broker, group, topic, len(values))
 
     dead = dict(_read_all(broker, f"{topic}.dead-letter"))
     assert set(dead) == {50, 51}
@@ -926,15 +933,7 @@ def test_an_alert_the_broker_refuses_for_its_size_is_a_dead_letter_and_the_worke
     opts = StreamOptions(bundle=str(access_bundle), format="access", brokers=broker,
                          input_topic=topic, output_topic=f"{topic}.alerts",
                          verdict_topic=f"{topic}.verdicts", group=group, batch_wait_ms=200)
-    thread, stop, result = _stream_in_thread(opts)
-    try:
-        _wait("the worker to commit every record",
-              lambda: "error" in result or _committed(broker, group, topic, 2) == len(values))
-    finally:
-        stop.set()
-        thread.join(60)
-    assert "error" not in result, result.get("error")
-    report = result["report"]
+    report = _run_until_committed(opts, broker, group, topic, len(values))
 
     dead = dict(_read_all(broker, f"{topic}.dead-letter"))
     assert set(dead) == {50}  # keyed by the input's key
