@@ -168,6 +168,15 @@ def test_json_lines_and_rejects() -> None:
     assert res.rejects.column("line").to_pylist() == [2, 3, 4, 5, 6, 7]
 
 
+def test_a_json_number_out_of_range_is_named_in_the_reason() -> None:
+    big = JSON.replace('"ts":1591367999.5', '"ts":1e400')
+    res = FMT.parse("\n".join([big, '{"uid": "x"}', JSON]) + "\n")
+    assert res.batch.num_rows == 1
+    assert res.rejects.column("reason").to_pylist() == [
+        "not valid JSON, or a number in it is out of range (such as a ts of 1e400)",
+        "not a JSON object with a ts field"]
+
+
 def test_booleans_read_the_same_from_tsv_json_lines_and_objects() -> None:
     """Zeek writes T/F in TSV logs and true/false in JSON logs; both are kept as T/F, so one
     connection gives the same fields whichever log it came from."""
