@@ -227,7 +227,10 @@ class JsonlSink:
                 # a pipe whose reader went away can take part of a write and report no error
                 # (write returns the count): what is left is written again, to get the error
                 while data:
-                    data = data[fh.write(data) or 0:]
+                    taken = fh.write(data)
+                    if not taken:  # none taken (a non-blocking pipe): never loop on it
+                        raise OSError(0, "the output took none of the bytes written to it")
+                    data = data[taken:]
             except OSError as exc:
                 raise self._failure(kind, exc) from None
 
