@@ -96,6 +96,21 @@ class OnnxBackend:
         very bytes it checked against the manifest)."""
         import onnxruntime as ort
 
+        from ._onnx_scan import MalformedModel, uses_external_data
+
+        where = "the ONNX model" if isinstance(model_path, bytes) else str(model_path)
+        try:
+            model = model_path if isinstance(model_path, bytes) else Path(model_path).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"cannot read {where}: {exc.strerror or exc}") from None
+        try:
+            external = uses_external_data(model)
+        except MalformedModel as exc:
+            raise BundleError(f"cannot load {where}: not a valid ONNX model ({exc})") from None
+        if external:
+            # ONNX Runtime would read those files, relative to the working directory
+            raise BundleError(f"refusing {where}: it keeps tensor data in other files (ONNX "
+                              "external data), and a bundle's model must hold all its weights")
         available = ort.get_available_providers()
         chain = choose_providers(available, providers)
         if not chain:
@@ -115,13 +130,11 @@ class OnnxBackend:
             rest = chain[i:]
             try:
                 session = ort.InferenceSession(
-                    model_path if isinstance(model_path, bytes) else str(model_path),
-                    sess_options=opts, providers=rest,
+                    model, sess_options=opts, providers=rest,
                     provider_options=[_provider_options(p) for p in rest])
                 break
             except Exception as exc:  # onnxruntime raises its own untyped errors here
                 if provider == "CPUExecutionProvider":
-                    where = "the ONNX model" if isinstance(model_path, bytes) else model_path
                     reason = first_line(exc)
                     raise BundleError(f"ONNX Runtime cannot load {where}: {reason}") from None
                 self.skipped[provider] = str(exc).splitlines()[0][:200] if str(exc) else "failed"

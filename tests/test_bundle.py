@@ -79,3 +79,39 @@ def test_no_unpickling_code_in_package() -> None:
         text = p.read_text()
         for bad in ("pickle.load", "joblib.load", "torch.load("):
             assert bad not in text, f"{p} uses {bad}"
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_onnx_weights_in_an_external_file_are_refused(copy: Path, where: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model.onnx whose weights point at another file (ONNX "external data") must not make
+    the loader read that file, even when the manifest's checksums were rewritten to match: the
+    bundle is loaded from the checked bytes, and such a model is refused with one line."""
+    import hashlib
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load_from_string((copy / "model.onnx").read_bytes())
+    init = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).nbytes)
+    data = numpy_helper.to_array(init).tobytes()
+    side = copy / "weights.bin"
+    side.write_bytes(data)
+    init.ClearField("raw_data")
+    del init.float_data[:]
+    init.data_location = TensorProto.EXTERNAL
+    location = "weights.bin" if where == "relative" else str(side)
+    for key, value in (("location", location), ("offset", "0"), ("length", str(len(data)))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    blob = model.SerializeToString()
+    (copy / "model.onnx").write_bytes(blob)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["files"]["model.onnx"] = hashlib.sha256(blob).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(m))
+    (copy / "workdir").mkdir()
+    shutil.copy(side, copy / "workdir" / "weights.bin")
+    monkeypatch.chdir(copy / "workdir")  # where ONNX Runtime would look for "weights.bin"
+    with pytest.raises(BundleError, match="keeps tensor data in other files") as err:
+        Detector(copy, engine="onnx")
+    assert "\n" not in str(err.value)

@@ -164,3 +164,92 @@ def test_torch_and_onnx_runtime_agree(kind: str, small_kdd: Path, parity_train: 
 def test_the_supervised_kinds_are_never_skipped_by_parity() -> None:
     implemented = {k for k in MODEL_KINDS if _trainer_missing(k) is None}
     assert {"mlp", "resnet", "snn", "stack"} <= implemented
+
+
+def _external(name: str):  # type: ignore[no-untyped-def]
+    from onnx import TensorProto
+
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[2])
+    t.data_location = TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", "elsewhere.bin"
+    return t
+
+
+def _with_tensor_at(where: str) -> bytes:
+    """A small model whose only external tensor sits at ``where`` (or nowhere)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inline = numpy_helper.from_array(np.ones(2, np.float32), "w")
+    tensor = _external("w") if where != "none" else inline
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    inits, nodes, functions = [], [], []
+    if where in ("initializer", "none"):
+        inits = [tensor]
+        nodes = [helper.make_node("Add", ["x", "w"], ["y"])]
+    elif where == "constant":
+        nodes = [helper.make_node("Constant", [], ["w"], value=tensor),
+                 helper.make_node("Add", ["x", "w"], ["y"])]
+    elif where == "sparse":
+        values = _external("v")
+        indices = numpy_helper.from_array(np.array([0], np.int64), "i")
+        sparse = helper.make_sparse_tensor(values, indices, [2])
+        nodes = [helper.make_node("Constant", [], ["w"], sparse_value=sparse),
+                 helper.make_node("Add", ["x", "w"], ["y"])]
+    elif where in ("subgraph", "function"):
+        inner = helper.make_graph([helper.make_node("Constant", [], ["z"], value=tensor)],
+                                  "inner", [], [helper.make_tensor_value_info(
+                                      "z", TensorProto.FLOAT, [2])])
+        if where == "subgraph":
+            nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+                         np.array(True), "c")),
+                     helper.make_node("If", ["c"], ["w"], then_branch=inner, else_branch=inner),
+                     helper.make_node("Add", ["x", "w"], ["y"])]
+        else:
+            fn = helper.make_function("local", "f", [], ["z"], list(inner.node),
+                                      [helper.make_opsetid("", 17)])
+            functions = [fn]
+            nodes = [helper.make_node("f", [], ["w"], domain="local"),
+                     helper.make_node("Add", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    model = helper.make_model(graph, functions=functions,
+                              opset_imports=[helper.make_opsetid("", 17),
+                                             helper.make_opsetid("local", 1)])
+    return bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("where", ["none", "initializer", "constant", "sparse", "subgraph",
+                                   "function"])
+def test_external_data_is_found_wherever_a_tensor_can_be(where: str) -> None:
+    """The wire-format scan finds an external tensor in every place one can sit (the onnx
+    package's own helper agrees, except on sparse tensors, which it does not look into)."""
+    pytest.importorskip("onnx")
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+    from onnx.external_data_helper import uses_external_data as onnx_says
+
+    from deepwatch._onnx_scan import uses_external_data
+
+    blob = _with_tensor_at(where)
+    assert uses_external_data(blob) is (where != "none")
+    if where != "sparse":
+        model = onnx.load_from_string(blob)
+        assert any(onnx_says(t) for t in _get_all_tensors(model)) is (where != "none")
+
+
+def test_a_model_with_external_data_is_refused_before_onnx_runtime(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_with_tensor_at("initializer"))
+    with pytest.raises(BundleError, match="keeps tensor data in other files"):
+        OnnxBackend(path, ["y"])
+
+
+@pytest.mark.parametrize("blob", [b"\x0a\xff", b"\x0a\x05ab", b"\x3a\x02\x2a\x10", b"\x0f"])
+def test_malformed_model_bytes_are_a_bundle_error(blob: bytes) -> None:
+    from deepwatch._onnx_scan import MalformedModel, uses_external_data
+
+    with pytest.raises(MalformedModel):
+        uses_external_data(blob)
+    with pytest.raises(BundleError, match="not a valid ONNX model"):
+        OnnxBackend(blob, ["y"])
