@@ -254,7 +254,8 @@ def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: P
     (["--log-level", "bogus"], "--log-level must be debug, info, warning or error"),
     (["--format", "access"], "trained on format 'kdd'"),
     (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a",
-      "--kafka-option", "no.such.setting=1"], "kafka consumer settings refused"),
+      "--kafka-option", "no.such.setting=1"],
+     'kafka producer settings refused: No such configuration property: "no.such.setting"'),
     (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a",
       "--kafka-option", "linger.ms"], "--kafka-option wants KEY=VALUE, not 'linger.ms'"),
 ])
@@ -404,6 +405,33 @@ def _create_topic(brokers: str, topic: str, partitions: int) -> None:
         future.result(30)
 
 
+def _create_outputs(brokers: str, *topics: str) -> None:
+    """Creates the worker's output topics (it writes only to topics that exist), one partition
+    each; one that exists already is left as it is."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": brokers})
+    for future in admin.create_topics([NewTopic(t, 1, 1) for t in topics]).values():
+        try:
+            future.result(30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+
+
+def _topics(brokers: str) -> set[str]:
+    """The topics the broker has, asked without creating any (a Consumer's metadata request:
+    allow.auto.create.topics is false for consumers)."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "test-topics"})
+    try:
+        return set(consumer.list_topics(timeout=10).topics)
+    finally:
+        consumer.close()
+
+
 def _produce(brokers: str, topic: str, values: list[bytes]) -> None:
     from confluent_kafka import Producer
 
@@ -518,6 +546,7 @@ def test_sigkill_mid_stream_loses_nothing(broker: str, kdd_bundle: Path, small_k
     values, good_idx, bad_idx = _mixed(_records(small_kdd_test, 8000), every=80)
     topic, group = "kill-test", "kill-group"
     _create_topic(broker, topic, 3)
+    _create_outputs(broker, f"{topic}.alerts", f"{topic}.verdicts", f"{topic}.dead")
     _produce(broker, topic, values)
 
     first = Worker(kdd_bundle, broker, topic, group, tmp_path / "w1.log", batch_size=250)
@@ -550,6 +579,7 @@ def test_two_workers_in_a_group_share_the_partitions(broker: str, kdd_bundle: Pa
                                                      tmp_path: Path) -> None:
     topic, group = "pair-test", "pair-group"
     _create_topic(broker, topic, 4)
+    _create_outputs(broker, f"{topic}.alerts", f"{topic}.verdicts", f"{topic}.dead")
     workers = [Worker(kdd_bundle, broker, topic, group, tmp_path / f"w{i}.log")
                for i in range(2)]
     try:
@@ -728,6 +758,7 @@ def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
         x.rstrip(b"\n") for x in scan[50:]]
     topic, group = "big-test", "big-group"
     _create_topic(broker, topic, 2)
+    _create_outputs(broker, f"{topic}.alerts", f"{topic}.verdicts", f"{topic}.dead-letter")
     producer = Producer({"bootstrap.servers": broker, "message.max.bytes": 2_000_000})
     for i, value in enumerate(values):
         producer.produce(topic, value, str(i).encode())
@@ -768,6 +799,7 @@ def test_a_produce_error_is_one_line_and_nothing_is_committed(
     messages were not all written are not committed."""
     from deepwatch.serve._kafka_io import KafkaSink
 
+    _create_outputs(broker, "perr.alerts", "perr.verdicts", "perr.dead")
     sink = KafkaSink(broker, {ALERT: "perr.alerts", VERDICT: "perr.verdicts",
                               DEAD_LETTER: "perr.dead"}, {"message.timeout.ms": "3000"})
     sink.topics[VERDICT] = "bad topic!!"
@@ -799,6 +831,7 @@ def test_a_full_producer_queue_waits_for_the_broker_and_loses_nothing(
     from deepwatch.serve._kafka_io import KafkaSink
 
     topic = "bp"
+    _create_outputs(broker, f"{topic}.alerts", f"{topic}.verdicts", f"{topic}.dead")
     sink = KafkaSink(broker, {ALERT: f"{topic}.alerts", VERDICT: f"{topic}.verdicts",
                               DEAD_LETTER: f"{topic}.dead"},
                      {"queue.buffering.max.messages": "20", "linger.ms": "0"})
@@ -844,6 +877,79 @@ def test_an_illegal_topic_name_is_refused_before_anything_is_read(
                      "the characters a-z A-Z 0-9 . _ -"]
     assert _committed(broker, f"g-{topic}", topic, 1) == 0
     assert _count(broker, f"{topic}.alerts") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("flag", ["--output-topic", "--verdict-topic", "--dead-letter-topic",
+                                  "default dead-letter topic"])
+def test_a_missing_output_topic_is_one_error_line_and_nothing_is_read(
+        broker: str, kdd_bundle: Path, small_kdd_test: Path, flag: str) -> None:
+    """An output topic that does not exist (a typo) is refused at start: exit 2, one line
+    naming its flag and name, no offset committed for the group, and the topic not created.
+    Tansu creates topics on demand, as a Kafka broker with auto.create.topics.enable does,
+    when a metadata request allows it; the check asks without allowing it, so it sees the
+    topic missing on a broker that would create it as well as on one that would not."""
+    topic = "miss-" + flag.strip("-").replace(" ", "-")
+    _create_topic(broker, topic, 1)
+    _produce(broker, topic, _records(small_kdd_test, 50))
+    names = {"--output-topic": f"{topic}.alerts", "--verdict-topic": f"{topic}.verdicts",
+             "--dead-letter-topic": f"{topic}.dead"}
+    if flag == "default dead-letter topic":
+        del names["--dead-letter-topic"]  # INPUT.dead-letter, which does not exist
+        flag, missing = "--dead-letter-topic", f"{topic}.dead-letter"
+    else:
+        missing = names[flag]
+    _create_outputs(broker, *(t for t in names.values() if t != missing))
+    cmd = [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
+           "--brokers", broker, "--input-topic", topic, "--group", f"g-{topic}",
+           "--batch-wait-ms", "200"]
+    for name, value in names.items():
+        cmd += [name, value]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        _, err = proc.communicate(timeout=45)
+    except subprocess.TimeoutExpired:  # it started consuming instead of refusing
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"the worker ran with {missing!r} missing; the group committed "
+                    f"{_committed(broker, f'g-{topic}', topic, 1)} records, and the broker "
+                    f"has {missing!r}: {missing in _topics(broker)}")
+    lines = [x for x in err.splitlines() if not x.startswith("{")]
+    assert proc.returncode == 2, err[-2000:]
+    assert lines == [f"error: {flag} {missing!r} does not exist on the brokers: create it "
+                     "first (or let brokers that create topics on demand do so: "
+                     "--kafka-option allow.auto.create.topics=true)"]
+    assert _committed(broker, f"g-{topic}", topic, 1) == 0
+    assert missing not in _topics(broker)  # the check did not create it
+
+
+@pytest.mark.integration
+def test_output_topics_are_checked_without_creating_them(broker: str) -> None:
+    """The sink's check at start, on the real broker: every missing topic named in one line
+    and none created; topics that exist pass (one topic for two kinds too); with
+    allow.auto.create.topics=true a broker that creates topics on demand creates it instead."""
+    from deepwatch.errors import UsageError
+    from deepwatch.serve._kafka_io import KafkaSink
+
+    _create_outputs(broker, "check.alerts")
+    with pytest.raises(UsageError) as refused:
+        KafkaSink(broker, {ALERT: "check.alerts", VERDICT: "check.verdicts",
+                           DEAD_LETTER: "check.dead"})
+    assert str(refused.value) == (
+        "--verdict-topic 'check.verdicts' and --dead-letter-topic 'check.dead' do not exist on "
+        "the brokers: create them first (or let brokers that create topics on demand do so: "
+        "--kafka-option allow.auto.create.topics=true)")
+    assert {"check.verdicts", "check.dead"}.isdisjoint(_topics(broker))
+
+    sink = KafkaSink(broker, {ALERT: "check.alerts", DEAD_LETTER: "check.alerts"})
+    sink.close()
+
+    sink = KafkaSink(broker, {ALERT: "check.alerts", VERDICT: "check.verdicts"},
+                     {"allow.auto.create.topics": "true"})
+    sink.close()
+    assert "check.verdicts" in _topics(broker) and "check.dead" not in _topics(broker)
 
 
 # ------------------------------------------- real broker: a message the broker refuses for its size
@@ -920,6 +1026,7 @@ def test_an_alert_the_broker_refuses_for_its_size_is_a_dead_letter_and_the_worke
     values, big = _with_big_access_record()
     topic, group = "brokersize-test", "brokersize-group"
     _create_topic(broker, topic, 2)
+    _create_outputs(broker, f"{topic}.alerts", f"{topic}.verdicts", f"{topic}.dead-letter")
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": broker, "message.max.bytes": 2_000_000})
@@ -973,6 +1080,7 @@ def test_a_broker_size_refusal_commits_only_after_its_dead_letter_is_acknowledge
     if dead_letter_limit is not None:
         limits[names[DEAD_LETTER]] = dead_letter_limit
     sink_class = _size_limited_sink(limits)
+    _create_outputs(broker, *names.values())
     sink = sink_class(broker, names)
     source = MemorySource(values, [str(i).encode() for i in range(len(values))], batch_size=20)
     committed_at_ack: list[int] = []

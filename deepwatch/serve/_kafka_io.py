@@ -57,6 +57,11 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "queue.buffering.max.messages": 200000,
     "queue.buffering.max.kbytes": 262144,
     "delivery.report.only.error": True,
+    # Never create a topic by asking about it or writing to it: an output topic with a typo in
+    # its name must be refused at start (KafkaSink._check_topics), not created and written to
+    # where no one reads. ``--kafka-option allow.auto.create.topics=true`` lets brokers that
+    # create topics on demand do so again.
+    "allow.auto.create.topics": False,
 }
 
 
@@ -87,6 +92,11 @@ def check_topic_name(flag: str, topic: str) -> None:
     if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
         raise UsageError(f"{flag} {topic!r} is not a Kafka topic name: at most 249 of the "
                          "characters a-z A-Z 0-9 . _ -")
+
+
+def _true(value: Any) -> bool:
+    """A librdkafka boolean setting, as given (``True`` or a string such as ``"true"``)."""
+    return str(value).strip().lower() in ("true", "t", "1")
 
 
 def _client(ck: Any, kind: str, conf: dict[str, Any]) -> Any:
@@ -283,14 +293,25 @@ class KafkaSink:
         #: batches the run loop may write before it waits for their acknowledgement
         self.max_pending = max_pending
         if check_timeout > 0:
-            self._check_topics(flags, check_timeout)
+            self._check_topics(flags, check_timeout,
+                               _true(conf.get("allow.auto.create.topics", False)))
 
-    def _check_topics(self, flags: dict[str, str], timeout: float) -> None:
-        """Refuses, before anything is consumed, an output topic the brokers say does not exist
-        (and will not create when written to). A broker that cannot be reached is not refused
-        here: the worker waits for it as it always does."""
+    def _check_topics(self, flags: dict[str, str], timeout: float, auto_create: bool) -> None:
+        """Refuses, before anything is consumed, an output topic the brokers say does not exist:
+        one UsageError naming every such topic and its flag. The brokers are asked about each
+        topic without creating it (a metadata request with allow_auto_topic_creation false, the
+        producer's ``allow.auto.create.topics``), unless ``auto_create``: then a broker that
+        creates topics on demand creates it here, and only one that does not is refused. A
+        broker that cannot be reached is not refused here: the worker waits for it as it
+        always does."""
         ck = self._ck
+        unknown = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
+        refused = (ck.KafkaError.TOPIC_AUTHORIZATION_FAILED, ck.KafkaError.TOPIC_EXCEPTION)
+        named: dict[str, str] = {}  # topic -> its flags (one topic may take several kinds)
         for kind, topic in self.topics.items():
+            named[topic] = "/".join(filter(None, [named.get(topic), flags.get(kind, kind)]))
+        missing: list[str] = []
+        for topic, flag in named.items():
             try:
                 meta = self.producer.list_topics(topic, timeout=timeout)
             except ck.KafkaException as exc:
@@ -299,14 +320,21 @@ class KafkaSink:
                 return
             found = meta.topics.get(topic)
             err = found.error if found is not None else None
-            unknown = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
             if found is None or (err is not None and err.code() in unknown):
-                raise UsageError(f"{flags.get(kind, kind)} {topic!r} does not exist on the "
-                                 "brokers, and they do not create topics on demand")
-            if err is not None and err.code() in (ck.KafkaError.TOPIC_AUTHORIZATION_FAILED,
-                                                  ck.KafkaError.INVALID_TOPIC_EXCEPTION):
-                raise UsageError(f"{flags.get(kind, kind)} {topic!r} cannot be written: "
-                                 f"{err.str()}")
+                missing.append(f"{flag} {topic!r}")
+            elif err is not None and err.code() in refused:
+                raise UsageError(f"{flag} {topic!r} cannot be written: {err.str()}")
+        if missing:
+            names = (missing[0] if len(missing) == 1
+                     else ", ".join(missing[:-1]) + " and " + missing[-1])
+            verb = "does" if len(missing) == 1 else "do"
+            if auto_create:
+                raise UsageError(f"{names} {verb} not exist on the brokers, and they do not "
+                                 "create topics on demand")
+            raise UsageError(f"{names} {verb} not exist on the brokers: create "
+                             f"{'it' if len(missing) == 1 else 'them'} first (or let brokers "
+                             "that create topics on demand do so: --kafka-option "
+                             "allow.auto.create.topics=true)")
 
     def drained(self) -> bool:
         """Whether every message written so far is acknowledged (and none failed)."""

@@ -234,19 +234,27 @@ class StreamOptions:
 
 
 def _kafka_io(opts: StreamOptions, metrics: StreamMetrics) -> tuple[Source, Sink]:
-    from ._kafka_io import KafkaSink, KafkaSource
+    from ._kafka_io import KafkaSink, KafkaSource, check_topic_name
 
     assert opts.brokers and opts.input_topic
-    consumer_opts = {k: v for k, v in opts.kafka_options.items()}
-    source = KafkaSource(opts.brokers, opts.input_topic, opts.group, opts.batch_size,
-                         opts.batch_wait_ms / 1000.0, consumer_opts, metrics.on_source_event)
+    check_topic_name("--input-topic", opts.input_topic)
     topics = {"alert": opts.output_topic, "verdict": opts.verdict_topic,
               "dead_letter": opts.dead_letters}
     producer_opts = {k: v for k, v in opts.kafka_options.items()
                      if not k.startswith(("group.", "session.", "heartbeat.", "auto.offset",
                                           "max.poll", "partition.assignment", "fetch.",
                                           "queued.", "enable.auto"))}
-    return source, KafkaSink(opts.brokers, topics, producer_opts)
+    # The sink first: it refuses an output topic that does not exist before any consumer is
+    # made, so a refused start has joined no group and read nothing.
+    sink = KafkaSink(opts.brokers, topics, producer_opts)
+    consumer_opts = {k: v for k, v in opts.kafka_options.items()}
+    try:
+        source = KafkaSource(opts.brokers, opts.input_topic, opts.group, opts.batch_size,
+                             opts.batch_wait_ms / 1000.0, consumer_opts, metrics.on_source_event)
+    except BaseException:
+        sink.close()
+        raise
+    return source, sink
 
 
 def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
@@ -268,7 +276,11 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
             raise UsageError(f"cannot serve metrics on {opts.metrics_host}:{opts.metrics_port}: "
                              f"{exc.strerror or exc}") from None
     if opts.brokers:
-        source, sink = _kafka_io(opts, metrics)
+        try:
+            source, sink = _kafka_io(opts, metrics)
+        except BaseException:
+            metrics.close()  # a refused start leaves no metrics server behind
+            raise
         verdicts = bool(opts.verdict_topic)
     else:
         source = FileSource(opts.inputs, follow=opts.follow)

