@@ -94,7 +94,9 @@ def _produce(brokers: str, values: list[bytes]) -> float:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": brokers})
-    for future in admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1)]).values():
+    # the worker writes only to topics that exist (it never creates one): make its outputs too
+    topics = [TOPIC, f"{TOPIC}.alerts", f"{TOPIC}.verdicts", f"{TOPIC}.dead"]
+    for future in admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in topics]).values():
         future.result(30)
     producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20,
                          "batch.num.messages": 10000, "queue.buffering.max.messages": 500000})
