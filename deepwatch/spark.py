@@ -1,10 +1,16 @@
 """``deepwatch score --engine spark``: the same scoring, spread over a Spark cluster.
 
 Spark reads the raw text (lines end at ``\\n`` only, as for the local engine) and numbers every
-line of every file: plain files through Hadoop (split over the cores), ``.gz`` files on the
-executors with deepwatch's own reader (one task a file), so that a damaged one (truncated,
-corrupt) is read up to the damage and the rest becomes one reject, and a line over
-``MAX_LINE_BYTES`` is one reject, as with the local engine. ``mapInArrow`` then hands runs of
+line of every file, on the executors and with the local engine's own line reader (``LineBuffer``),
+never with Hadoop's: a line over ``MAX_LINE_BYTES`` is skipped as it is read (its first bytes
+kept) and becomes one reject, at a bounded cost in memory whatever its length, and a file
+compressed other than with gzip (.bz2, .zst ...) is read as the bytes it holds, as the local
+engine reads it. A plain file is cut into byte ranges of ``SPLIT_BYTES`` read by as many tasks;
+a range holds the lines that start in it (the last one read on past its end), as Hadoop's
+LineRecordReader aligns its splits, and a first pass counts the line breaks of each range so
+that every task knows its first line number.
+A ``.gz`` file is one task (a gzip stream is read from its start): a damaged one (truncated,
+corrupt) is read up to the damage and the rest becomes one reject. ``mapInArrow`` then hands runs of
 consecutive lines to the executors, which parse them with the format's own ``Format.parse`` and
 score them with ``Detector.score_batch`` (the bundle loaded and verified once per partition, from
 its path). So a record gets the same verdict as with the local engine. Scored records and
@@ -25,7 +31,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -40,19 +45,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._arrow import to_numpy
-from .errors import DeepwatchError, UsageError
+from .errors import DeepwatchError, InputError, UsageError
 from .formats import Format, get_format
 from .formats._base import cut_raw
 from .io import Stats, with_label
 from .scoring import ScoreReport
 from .sinks import RecordSink, RejectSink
 from .sources.files import (
-    LOST_BYTES,
+    BOM,
+    CHUNK_BYTES,
     MAX_LINE_BYTES,
     Chunk,
     InputSpec,
+    LineBuffer,
     iter_chunks,
-    long_line_reason,
     parse_input_spec,
 )
 from .sources.files import log as reader_log
@@ -69,6 +75,14 @@ HELPERS = pa.schema([pa.field("_file", pa.int32()), pa.field("_line", pa.int64()
 LINES = pa.schema([pa.field("file", pa.int32()), pa.field("line", pa.int64()),
                    pa.field("text", pa.string()), pa.field("damage", pa.string()),
                    pa.field("rest_lost", pa.bool_())])
+#: What one reading task reads: a whole ``.gz`` file (``gzip``), or the lines of a plain file
+#: that start in bytes [start, end) of its ``size`` bytes, numbered from ``first_line``.
+PIECES = pa.schema([pa.field("file", pa.int32()), pa.field("path", pa.string()),
+                    pa.field("gzip", pa.bool_()), pa.field("start", pa.int64()),
+                    pa.field("end", pa.int64()), pa.field("size", pa.int64()),
+                    pa.field("first_line", pa.int64())])
+#: The bytes of a plain file one task reads (Hadoop's split size for local files).
+SPLIT_BYTES = 32 << 20
 DEFAULT_MASTER = "local[2]"
 _HEAD_BYTES = 256 << 10
 
@@ -206,25 +220,17 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
 
 
 def _refused(batch: pa.RecordBatch) -> np.ndarray:
-    """Which rows are no line to parse: damage (see LINES), or a line over MAX_LINE_BYTES
-    (Hadoop reads a plain file's lines whole, whatever their length)."""
-    long = pc.greater(pc.binary_length(batch.column("text")), MAX_LINE_BYTES)
-    damaged = pc.is_valid(batch.column("damage"))
-    return to_numpy(pc.fill_null(pc.or_(long, damaged), False)).astype(bool, copy=False)
+    """Which rows are no line to parse: damage, or an over-long line (see LINES)."""
+    return to_numpy(batch.column("damage").is_valid()).astype(bool, copy=False)
 
 
 def _refused_run(rows: pa.RecordBatch, union: pa.Schema) -> pa.RecordBatch:
     """The rejects of a run of refused rows (see _refused), as the local engine makes them: the
     reason, and the beginning of the text (at most LOST_BYTES bytes) cut as ``cut_raw`` cuts."""
-    sizes = pc.binary_length(rows.column("text")).to_pylist()
-    heads = pc.utf8_slice_codeunits(rows.column("text"), 0, LOST_BYTES).to_pylist()
     raws, reasons, warnings_ = [], [], []
-    for damage, rest_lost, size, head in zip(rows.column("damage").to_pylist(),
-                                             rows.column("rest_lost").to_pylist(), sizes, heads,
-                                             strict=True):
-        if damage is None:  # a line read whole that is too long to be a record
-            damage = long_line_reason(size)
-            head = head.encode()[:LOST_BYTES].decode("utf-8", errors="replace")
+    for damage, rest_lost, head in zip(rows.column("damage").to_pylist(),
+                                       rows.column("rest_lost").to_pylist(),
+                                       rows.column("text").to_pylist(), strict=True):
         raw, reason = cut_raw(head, damage)
         raws.append(raw)
         reasons.append(reason)
@@ -236,17 +242,95 @@ def _refused_run(rows: pa.RecordBatch, union: pa.Schema) -> pa.RecordBatch:
     return _conform(table, union)
 
 
-def read_gzip_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """The ``mapInArrow`` function reading ``.gz`` inputs: (file, path) rows in, LINES out, read
-    by the local engine's reader (checksums verified, damage and over-long lines as rows with
-    ``damage`` set). It logs nothing: the driver warns about each damage, once."""
+def read_partition(batches: Iterator[pa.RecordBatch], block_bytes: int = CHUNK_BYTES,
+                   ) -> Iterator[pa.RecordBatch]:
+    """The ``mapInArrow`` function reading the inputs: PIECES rows in, LINES out, read by the
+    local engine's reader (a .gz file's checksums verified; damage and over-long lines as rows
+    with ``damage`` set), ``block_bytes`` at a time. It logs nothing: the driver warns about each
+    damage, once."""
     with _unlogged():
         for batch in batches:
-            for file_no, path in zip(batch.column("file").to_pylist(),
-                                     batch.column("path").to_pylist(), strict=True):
-                for chunk in iter_chunks(InputSpec(path)):
+            for piece in batch.to_pylist():
+                spec = InputSpec(piece["path"])
+                chunks = (iter_chunks(spec, block_bytes) if piece["gzip"] else
+                          range_chunks(spec, piece["start"], piece["end"], piece["size"],
+                                       piece["first_line"], block_bytes))
+                for chunk in chunks:
                     if chunk.data or chunk.damage is not None:
-                        yield _chunk_lines(chunk, file_no)
+                        yield _chunk_lines(chunk, piece["file"])
+
+
+def range_chunks(spec: InputSpec, start: int, end: int, size: int, first_line: int,
+                 block_bytes: int = CHUNK_BYTES, max_line: int = MAX_LINE_BYTES,
+                 ) -> Iterator[Chunk]:
+    """The lines of the plain file ``spec`` (``size`` bytes) that start in bytes [start, end),
+    numbered from ``first_line``, cut as the local engine's reader cuts the whole file.
+
+    As Hadoop's LineRecordReader does, a range after the first begins at its first line start
+    (past the end of a line that began before it), and its last line is read on past ``end`` to
+    its line break. A line over ``max_line`` bytes is skipped as it is read (``LineBuffer``), so
+    memory stays bounded by ``max_line`` and ``block_bytes`` whatever the lines' length; so does
+    the search for the first line start, which stops at ``end``.
+    """
+    try:
+        with open(spec.path, "rb") as fh:
+            now = os.fstat(fh.fileno()).st_size
+            if now != size:  # the line numbers counted before would be wrong
+                raise InputError(f"{spec.path} changed while it was read ({size:,} bytes, now "
+                                 f"{now:,}); score it again")
+            at = _first_line_start(fh, start, end, block_bytes)
+            if at >= end:
+                return
+            lines = LineBuffer(spec, max_line)
+            lines.line, lines.at_start = first_line, at == 0
+            fh.seek(at)
+            block = b""
+            while at < end and (block := fh.read(min(block_bytes, end - at))):
+                at += len(block)
+                yield from lines.feed(block)
+            if block and not block.endswith(b"\n"):  # the last line goes on past the range
+                while block := fh.read(block_bytes):
+                    cut = block.find(b"\n")
+                    yield from lines.feed(block if cut < 0 else block[: cut + 1])
+                    if cut >= 0:
+                        break
+            last = lines.finish()  # a last line without a line break, or an over-long one
+            if last is not None:
+                yield last
+    except OSError as exc:
+        raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
+
+
+def _first_line_start(fh: Any, start: int, end: int, block_bytes: int) -> int:
+    """The first line start at or after ``start`` (a line starts at 0 and after each line
+    break), or ``end`` when none is before ``end``."""
+    if start == 0:
+        return 0
+    fh.seek(start - 1)
+    at = start - 1  # a line break here or later, before end - 1, ends the line before ours
+    while at < end - 1 and (block := fh.read(min(block_bytes, end - 1 - at))):
+        cut = block.find(b"\n")
+        if cut >= 0:
+            return at + cut + 1
+        at += len(block)
+    return end
+
+
+def lines_starting_in(path: str, start: int, end: int, block_bytes: int = CHUNK_BYTES) -> int:
+    """How many lines of a plain file start in bytes [start, end): as many as :func:`range_chunks`
+    hands out for that range. A line starts at 0 (unless the file holds nothing, or only the
+    byte order mark that the reader drops) and after every line break but a last one."""
+    with open(path, "rb") as fh:
+        n = 0
+        if start == 0:
+            head = fh.read(len(BOM) + 1)
+            n = int(bool(head) and head != BOM)
+        fh.seek(max(start - 1, 0))
+        left = end - 1 - max(start - 1, 0)
+        while left > 0 and (block := fh.read(min(block_bytes, left))):
+            n += block.count(b"\n")
+            left -= len(block)
+        return n
 
 
 def _chunk_lines(chunk: Chunk, file_no: int) -> pa.RecordBatch:
@@ -340,66 +424,57 @@ def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, 
     return schema, _conform(sample, schema)
 
 
-def _hadoop_path(path: str) -> str:
-    """``path`` as Hadoop's input formats read it: the file itself, not a pattern.
-
-    Hadoop does not decode percent-escapes (``Path.as_uri()`` turns a space into ``%20``, a
-    file that does not exist), expands glob characters, and splits a list of paths at commas.
-    """
-    full = str(Path(path).resolve())
-    if "," in full:
-        raise UsageError(f"the Spark engine cannot read {path!r}: Hadoop splits input paths "
-                         "at commas; rename the file or use the local engine")
-    return "file://" + "".join("\\" + c if c in "\\{}[]*?^" else c for c in full)
-
-
 def _gzip(spec: InputSpec) -> bool:
-    """Whether deepwatch's reader, not Hadoop, reads ``spec`` (the local engine's test)."""
+    """Whether ``spec`` is read as gzip (the local engine's test), not as the bytes it holds."""
     return spec.path.endswith(".gz")
+
+
+def _pieces(sc: Any, specs: Sequence[InputSpec], split_bytes: int) -> list[dict[str, Any]]:
+    """The PIECES rows the inputs are read in: a .gz file whole; a plain file in ranges of
+    ``split_bytes``, each with its first line number. The lines of every range but the last of
+    its file are counted on the executors first (a pass over the bytes, not the lines)."""
+    pieces: list[dict[str, Any]] = []
+    for i, spec in enumerate(specs):
+        path = str(Path(spec.path).resolve())
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
+        cuts = [0] if _gzip(spec) or size == 0 else list(range(0, size, split_bytes))
+        pieces.extend({"file": i, "path": path, "gzip": _gzip(spec), "start": a,
+                       "end": b, "size": size, "first_line": 1}
+                      for a, b in zip(cuts, [*cuts[1:], size], strict=True))
+    counted = [k for k, p in enumerate(pieces)
+               if k + 1 < len(pieces) and pieces[k + 1]["file"] == p["file"]]
+    if counted:
+        counts = sc.parallelize([(pieces[k]["path"], pieces[k]["start"], pieces[k]["end"])
+                                 for k in counted], len(counted)).map(_count_range).collect()
+        for k, n in zip(counted, counts, strict=True):
+            pieces[k + 1]["first_line"] = pieces[k]["first_line"] + n
+    return pieces
+
+
+def _count_range(piece: tuple[str, int, int]) -> int:
+    return lines_starting_in(*piece)
 
 
 def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
     """A DataFrame of LINES: every line of every input, numbered from 1 per file."""
-    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
     sc = session.sparkContext
-    conf = {"textinputformat.record.delimiter": "\n"}  # \n only, like the local engine
-    frames = []
-    partitions = 0
-    rdds = []
-    for i, spec in enumerate(specs):
-        if _gzip(spec):
-            continue
-        raw = sc.newAPIHadoopFile(_hadoop_path(spec.path),
-                                  "org.apache.hadoop.mapreduce.lib.input.TextInputFormat",
-                                  "org.apache.hadoop.io.LongWritable",
-                                  "org.apache.hadoop.io.Text", conf=conf)
-        rdds.append(raw.values().zipWithIndex().map(functools.partial(_numbered, i)))
-    if rdds:
-        lines = sc.union(rdds)
-        partitions += lines.getNumPartitions()
-        frames.append(session.createDataFrame(lines, "file int, line long, text string")
-                      .withColumn("damage", F.lit(None).cast("string"))
-                      .withColumn("rest_lost", F.lit(None).cast("boolean")))
-    packed = [(i, str(Path(s.path).resolve())) for i, s in enumerate(specs) if _gzip(s)]
-    if packed:  # one task a file: a gzip stream is read from its start
-        paths = session.createDataFrame(sc.parallelize(packed, len(packed)),
-                                        "file int, path string")
-        frames.append(paths.mapInArrow(read_gzip_partition, from_arrow_schema(LINES)))
-        partitions += len(packed)
-    frame = functools.reduce(lambda a, b: a.unionByName(b), frames)
+    pieces = _pieces(sc, specs, SPLIT_BYTES)
+    # one task a piece, in input order
+    rows = sc.parallelize([tuple(p[f.name] for f in PIECES) for p in pieces], len(pieces))
+    frame = session.createDataFrame(rows, from_arrow_schema(PIECES)).mapInArrow(
+        read_partition, from_arrow_schema(LINES))
     spread = sc.defaultParallelism
-    if partitions < spread:
-        # a .gz file is one partition: spread its lines in (file, line) ranges over the cores,
+    if len(pieces) < spread:
+        # a .gz file is one task: spread its lines in (file, line) ranges over the cores,
         # each range still in input order, so that every executor scores a share
         frame = frame.repartitionByRange(spread, "file", "line").sortWithinPartitions(
             "file", "line")
     return frame
-
-
-def _numbered(file_no: int, pair: tuple[str, int]) -> tuple[int, int, str]:
-    return file_no, pair[1] + 1, pair[0]
 
 
 def _for_spark(f: pa.Field) -> pa.Field:
@@ -502,13 +577,15 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     reject_sink = RejectSink(rejects)
     done = False
     try:
-        lines = _lines_frame(session, specs)
-        work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
-                                 format_name=format_name, labels=[s.label for s in specs],
-                                 parsed=parsed, union=union, contexts=_contexts(lines, fmt))
-        frame = lines.mapInArrow(work, from_arrow_schema(union))
-        try:
+        try:  # the jobs: counting the lines of big plain files, Zeek's headers, scoring
+            lines = _lines_frame(session, specs)
+            work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
+                                     format_name=format_name, labels=[s.label for s in specs],
+                                     parsed=parsed, union=union, contexts=_contexts(lines, fmt))
+            frame = lines.mapInArrow(work, from_arrow_schema(union))
             frame.write.mode("overwrite").parquet(str(staging / "parts"))
+        except DeepwatchError:
+            raise
         except Exception as exc:
             raise SparkError(f"the Spark job failed: {_first_line(exc)}") from None
         stats, alerts = _merge(staging / "parts", specs, scored, sink, reject_sink, alerts_only)
@@ -527,18 +604,9 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     return ScoreReport(stats, sink.rows, alerts, time.perf_counter() - t0, engine)
 
 
-#: What Hadoop's decompressors raise on a truncated or corrupt compressed input (a codec
-#: other than gzip: deepwatch reads .gz inputs itself).
-_DAMAGED = re.compile(r"(?:java\.io\.EOFException|java\.util\.zip\.ZipException)[^\n]*")
-
-
 def _first_line(exc: BaseException) -> str:
     """The useful line of a Spark/py4j error: the Python exception raised on the executor."""
     text = str(exc)
-    damaged = _DAMAGED.search(text)
-    if damaged:
-        return (f"an input file is damaged ({damaged.group(0).strip()}); Hadoop cannot read "
-                "past the damage of a compressed input it decompresses itself")
     for line in reversed(text.splitlines()):
         line = line.strip()
         if line.startswith("deepwatch.errors.") or "Error:" in line:

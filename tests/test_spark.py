@@ -3,14 +3,18 @@ local engine, in input order."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import logging
+import random
 import shutil
+import tracemalloc
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import need
@@ -18,7 +22,7 @@ from conftest import need
 from deepwatch.errors import BundleError, UsageError
 from deepwatch.formats._base import MAX_RAW
 from deepwatch.scoring import score_files
-from deepwatch.sources.files import MAX_LINE_BYTES
+from deepwatch.sources.files import LOST_BYTES, MAX_LINE_BYTES, Chunk, InputSpec, LineBuffer
 
 BAD_LINES = ["garbage,line", "", "0,tcp,http,SF,not-a-number" + ",0" * 37 + ",normal."]
 
@@ -42,7 +46,7 @@ def spark() -> Iterator[object]:
 @pytest.fixture(scope="module")
 def inputs(small_kdd_test: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """A plain file with bad lines in the middle, CRLF endings and no final newline, and a .gz;
-    their names hold a space, non-ASCII and Hadoop's glob characters (read as they are)."""
+    their names hold a space, non-ASCII and glob characters (read as they are)."""
     root = tmp_path_factory.mktemp("spark_inputs")
     lines = small_kdd_test.read_text().splitlines()
     plain = root / "mixed [1] é{a}*?.csv"
@@ -108,16 +112,6 @@ def test_cli_spark_alerts_only_jsonl_with_path_labels(
                                                              abs=1e-6)
     assert [r["attack_type"] for r in spark_rows] == [r["attack_type"] for r in local_rows]
     assert [r["src_bytes"] for r in spark_rows] == [r["src_bytes"] for r in local_rows]
-
-
-def test_a_path_hadoop_would_split_is_refused_with_one_line(tmp_path: Path) -> None:
-    from deepwatch.spark import _hadoop_path
-
-    assert _hadoop_path(str(tmp_path / "a b[1]*.csv")) == \
-        "file://" + str(tmp_path.resolve()) + "/a b\\[1\\]\\*.csv"
-    with pytest.raises(UsageError, match=r"Hadoop splits input paths at commas; rename the file "
-                                         r"or use the local engine"):
-        _hadoop_path(str(tmp_path / "a,b.csv"))
 
 
 def test_bad_bundle_and_stdin_are_refused_before_spark_starts(
@@ -203,19 +197,6 @@ def test_a_damaged_gz_is_scored_up_to_the_damage_and_counted_as_the_local_engine
     assert "Exception" not in err  # no executor stack traces
 
 
-def test_a_damaged_input_hadoop_reads_fails_with_one_clear_line() -> None:
-    """Inputs Hadoop still decompresses itself (another codec) cannot be read past damage:
-    the job's failure is one line naming the cause, not pages of Java."""
-    from deepwatch.spark import _first_line
-
-    java = ("An error occurred while calling o93.parquet.\n: org.apache.spark.SparkException: "
-            "Job aborted.\n\tat org.apache...\nCaused by: java.io.EOFException: Unexpected "
-            "end of input stream\n\tat org.apache.hadoop.io.compress...")
-    assert _first_line(RuntimeError(java)) == (
-        "an input file is damaged (java.io.EOFException: Unexpected end of input stream); "
-        "Hadoop cannot read past the damage of a compressed input it decompresses itself")
-
-
 @pytest.mark.slow
 def test_zeek_headers_reach_every_partition(spark: object, tmp_path: Path) -> None:
     """A .gz conn.log is one Hadoop split, spread over the cores in line ranges: the ranges
@@ -247,3 +228,152 @@ def test_zeek_headers_reach_every_partition(spark: object, tmp_path: Path) -> No
     assert a.schema.equals(b.schema)  # the times too, in milliseconds as the local engine
     assert a.column("ts").to_pylist() == b.column("ts").to_pylist()
     assert a.column("verdict").to_pylist() == b.column("verdict").to_pylist()
+
+
+def _rows(chunks: Iterator[Chunk]) -> list[tuple[int, bytes | None, str | None, bytes]]:
+    """(line, text, damage, the kept head of an over-long line) of every line of ``chunks``."""
+    out: list[tuple[int, bytes | None, str | None, bytes]] = []
+    for chunk in chunks:
+        if chunk.damage is not None:
+            out.append((chunk.first_line, None, chunk.damage, chunk.lost))
+            continue
+        texts = chunk.data.split(b"\n")
+        if chunk.data.endswith(b"\n"):
+            texts.pop()
+        out.extend((chunk.first_line + i, t, None, b"") for i, t in enumerate(texts))
+    return out
+
+
+def _whole(data: bytes, spec: InputSpec, max_line: int) -> list[tuple]:
+    """The lines of ``data`` as the local engine's reader cuts the whole input."""
+    lines = LineBuffer(spec, max_line)
+    chunks = lines.feed(data) if data else []
+    last = lines.finish()
+    return _rows(iter([*chunks, *([last] if last else [])]))
+
+
+def test_byte_ranges_give_the_local_readers_lines_whatever_the_cuts(tmp_path: Path) -> None:
+    """A plain input cut into byte ranges anywhere (inside a line, on a line break, inside a
+    line over the limit or a byte order mark), each range numbered from the lines counted in
+    the ranges before it: together they give every line, over-long line and line number that
+    the local engine's reader gives, each once and in order."""
+    from deepwatch.errors import InputError
+    from deepwatch.spark import lines_starting_in, range_chunks
+
+    rng = random.Random(7)
+    max_line = 16
+    path = tmp_path / "in.csv"
+    spec = InputSpec(str(path))
+    pieces = [b"a,b", b"", b"x" * 16, b"y" * 17, b"z" * 60, b"c\r", b"\xef\xbb\xbfd", b"12345"]
+    files = [b"", b"\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n", b"\xef\xbb", b"no break",
+             b"w" * 40, b"\n\n\n"]
+    for _ in range(150):
+        body = b"\n".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        # (not a byte order mark before a first line of just max_line bytes: LineBuffer counts
+        # the mark in that line's length when the line comes in blocks shorter than the limit,
+        # which the 8 MiB blocks of both engines never are)
+        bom = b"" if body.split(b"\n")[0] == b"x" * 16 else rng.choice([b"", b"\xef\xbb\xbf"])
+        files.append(bom + body + rng.choice([b"", b"\n"]))
+    for data in files:
+        path.write_bytes(data)
+        expected = _whole(data, spec, max_line)
+        size = len(data)
+        for split in sorted({1, 2, 3, rng.randint(4, 40), size or 1}):
+            block = rng.choice([1, 2, 5, 64])
+            got: list[tuple] = []
+            first = 1
+            for start in range(0, max(size, 1), split):
+                end = min(start + split, size)
+                mine = _rows(range_chunks(spec, start, end, size, first, block, max_line))
+                assert len(mine) == lines_starting_in(str(path), start, end, block)
+                got.extend(mine)
+                first += len(mine)
+            assert got == expected, (data, split, block)
+    path.write_bytes(b"one\ntwo\nthree\n")  # rewritten after its lines were counted
+    with pytest.raises(InputError, match=r"changed while it was read \(5 bytes, now 14\)"):
+        list(range_chunks(spec, 0, 5, 5, 1))
+
+
+def test_a_line_far_over_the_limit_is_one_reject_read_in_bounded_memory(tmp_path: Path) -> None:
+    """The executors' reader skips a line of 24 times MAX_LINE_BYTES as it reads it, whichever
+    range it starts in or runs through: the Python memory it takes at its peak stays a small
+    multiple of the limit (reading the line whole, as Hadoop's reader did, takes 24 MiB), and
+    the line is one row standing for a reject, with the local engine's reason and raw text."""
+    from deepwatch.spark import LINES, PIECES, lines_starting_in, read_partition
+
+    long = 24 * MAX_LINE_BYTES
+    path = tmp_path / "long.csv"
+    with open(path, "wb") as f:
+        f.write(b"first\nsecond\n")
+        for _ in range(24):
+            f.write(b"B" * MAX_LINE_BYTES)
+        f.write(b"\nthird\nfourth\n")
+    size = path.stat().st_size
+    cuts = [0, 7, 5 * MAX_LINE_BYTES, 20 * MAX_LINE_BYTES, size - 3, size]
+    pieces, first = [], 1
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        pieces.append({"file": 0, "path": str(path), "gzip": False, "start": a, "end": b,
+                       "size": size, "first_line": first})
+        first += lines_starting_in(str(path), a, b)
+    batch = pa.RecordBatch.from_pylist(pieces, schema=PIECES)
+    list(read_partition(iter([batch.slice(0, 1)])))  # the modules it imports, imported once
+    tracemalloc.start()
+    try:
+        out = list(read_partition(iter([batch]), block_bytes=64 << 10))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * MAX_LINE_BYTES
+    rows = pa.Table.from_batches(out, schema=LINES).to_pylist()
+    assert [(r["line"], r["text"][:6], r["damage"] is None) for r in rows] == [
+        (1, "first", True), (2, "second", True), (3, "BBBBBB", False), (4, "third", True),
+        (5, "fourth", True)]
+    assert rows[2]["damage"] == (f"the line is {long:,} bytes long, over the limit of "
+                                 f"{MAX_LINE_BYTES:,} bytes for one record")
+    assert rows[2]["text"] == "B" * LOST_BYTES and rows[2]["rest_lost"] is False
+
+
+@pytest.mark.slow
+def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_output(
+        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain inputs read by many tasks in small byte ranges (lines, a byte order mark, CRLF
+    endings, lines of three times the limit and just over it, one of them last and without a
+    line break, a name with a comma), a .bz2 file (the local engine reads its bytes as they
+    are; Hadoop used to decompress it) and an empty file: the same rows, rejects, reasons and
+    counts as the local engine, in input order."""
+    import deepwatch.spark
+    from deepwatch.spark import score_spark
+
+    monkeypatch.setattr(deepwatch.spark, "SPLIT_BYTES", 128 << 10)
+    lines = small_kdd_test.read_bytes().splitlines()
+    over = b"B" * (3 * MAX_LINE_BYTES)
+    plain = tmp_path / "a,b [1]*?.csv"
+    plain.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines[:1500]) + b"\r\n" + over + b"\n"
+                      + b"\n".join(x.encode() for x in BAD_LINES) + b"\n"
+                      + b"\n".join(lines[1500:3000]) + b"\n" + b"C" * (MAX_LINE_BYTES + 1))
+    packed = tmp_path / "more.csv.bz2"
+    packed.write_bytes(bz2.compress(b"\n".join(lines[3000:3500]) + b"\n"))
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    inputs = [str(plain), str(packed), str(empty)]
+    local = score_files(str(kdd_bundle), "kdd", inputs, str(tmp_path / "local.jsonl"),
+                        rejects=str(tmp_path / "local-rejects.jsonl"))
+    dist = score_spark(str(kdd_bundle), "kdd", inputs, str(tmp_path / "spark.jsonl"),
+                       rejects=str(tmp_path / "spark-rejects.jsonl"))
+    rows, local_rows = _rejects(tmp_path / "spark.jsonl"), _rejects(tmp_path / "local.jsonl")
+    assert len(rows) == len(local_rows) == 3000
+    assert [r["src_bytes"] for r in rows] == [r["src_bytes"] for r in local_rows]
+    assert [r["verdict"] for r in rows] == [r["verdict"] for r in local_rows]
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in local_rows],
+                                                       abs=1e-6)
+    rejects = _rejects(tmp_path / "spark-rejects.jsonl")
+    assert rejects == _rejects(tmp_path / "local-rejects.jsonl")
+    mine = [(r["line"], r["reason"]) for r in rejects if r["source"] == str(plain)]
+    assert [line for line, _ in mine] == [1501, 1502, 1503, 1504, 3005]
+    assert f"the line is {len(over):,} bytes long" in mine[0][1]
+    assert f"the line is {MAX_LINE_BYTES + 1:,} bytes long" in mine[-1][1]
+    assert (dist.stats.lines, dist.stats.parsed, dist.stats.rejected) == (
+        local.stats.lines, local.stats.parsed, local.stats.rejected)
+    assert dist.stats.by_source == local.stats.by_source
+    assert dist.stats.by_source[str(packed)]["parsed"] == 0  # its bytes, not its text
