@@ -102,7 +102,7 @@ class InputReader:
         ctx = byte_progress("reading", self._total_bytes()) if self.progress else nullcontext()
         with ctx as advance:
             for spec in self.specs:
-                compressed = spec.path.endswith(".gz")
+                compressed = spec.gzip
                 context = None  # a Zeek #fields header reaches the chunks after it
                 for chunk in iter_chunks(spec):
                     if self.parse is not None:

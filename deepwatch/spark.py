@@ -3,12 +3,12 @@
 Spark reads the raw text (lines end at ``\\n`` only, as for the local engine) and numbers every
 line of every file, on the executors and with the local engine's own line reader (``LineBuffer``),
 never with Hadoop's: a line over ``MAX_LINE_BYTES`` is skipped as it is read (its first bytes
-kept) and becomes one reject, at a bounded cost in memory whatever its length, and a file
-compressed other than with gzip (.bz2, .zst ...) is read as the bytes it holds, as the local
-engine reads it. A plain file is cut into byte ranges of ``SPLIT_BYTES`` read by as many tasks;
-a range holds the lines that start in it (the last one read on past its end), as Hadoop's
-LineRecordReader aligns its splits, and a first pass counts the line breaks of each range so
-that every task knows its first line number.
+kept) and becomes one reject, at a bounded cost in memory whatever its length. A file is
+gzip by its name or its first bytes, and one compressed otherwise (.bz2, .xz, .zst ...) is
+refused before the job starts, as by the local engine. A plain file is cut into byte ranges
+of ``SPLIT_BYTES`` read by as many tasks; a range holds the lines that start in it (the last
+one read on past its end), as Hadoop's LineRecordReader aligns its splits, and a first pass
+counts the line breaks of each range so that every task knows its first line number.
 A ``.gz`` file is one task (a gzip stream is read from its start): a damaged one (truncated,
 corrupt) is read up to the damage and the rest becomes one reject. ``mapInArrow`` then hands runs of
 consecutive lines to the executors, which parse them with the format's own ``Format.parse`` and
@@ -251,7 +251,7 @@ def read_partition(batches: Iterator[pa.RecordBatch], block_bytes: int = CHUNK_B
     with _unlogged():
         for batch in batches:
             for piece in batch.to_pylist():
-                spec = InputSpec(piece["path"])
+                spec = InputSpec(piece["path"], gzip_magic=piece["gzip"])
                 chunks = (iter_chunks(spec, block_bytes) if piece["gzip"] else
                           range_chunks(spec, piece["start"], piece["end"], piece["size"],
                                        piece["first_line"], block_bytes))
@@ -426,7 +426,7 @@ def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, 
 
 def _gzip(spec: InputSpec) -> bool:
     """Whether ``spec`` is read as gzip (the local engine's test), not as the bytes it holds."""
-    return spec.path.endswith(".gz")
+    return spec.gzip
 
 
 def _pieces(sc: Any, specs: Sequence[InputSpec], split_bytes: int) -> list[dict[str, Any]]:

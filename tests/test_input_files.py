@@ -314,3 +314,112 @@ def test_formats_read_files_that_open_with_a_byte_order_mark(
         assert stats.parsed == table.num_rows > 0
         if name == "access":
             assert table.column("client_ip").to_pylist() == ["1.2.3.4"] * 3
+
+
+# -- compression told by the first bytes -----------------------------------------------------
+def test_a_gzip_file_without_a_gz_name_is_read_as_gzip(text: bytes, tmp_path: Path) -> None:
+    """Rotated logs and downloads are not always named .gz: the magic bytes decide."""
+    path = tmp_path / "access.log.1"
+    path.write_bytes(gzip.compress(text))
+    (spec,) = parse_input_spec(str(path))
+    assert spec.gzip
+    assert _data(list(iter_chunks(spec, chunk_bytes=64 << 10))) == text
+    plain = tmp_path / "plain.csv"
+    plain.write_bytes(text)
+    assert not parse_input_spec(str(plain))[0].gzip
+
+
+def _compressed(kind: str, data: bytes) -> bytes:
+    import bz2
+    import lzma
+
+    if kind == "bzip2":
+        return bz2.compress(data)
+    if kind == "xz":
+        return lzma.compress(data)
+    if kind == "zip":
+        import zipfile
+
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("a.csv", data)
+        return buf.getvalue()
+    # the frame magic numbers of formats the standard library cannot write, then anything
+    return {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18",
+            "7-Zip": b"7z\xbc\xaf\x27\x1c"}[kind] + data
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz", "zstd", "lz4", "zip", "7-Zip"])
+def test_other_compression_is_refused_in_one_line_not_read_as_text(
+        kind: str, text: bytes, tmp_path: Path) -> None:
+    """Read as text, a .bz2 file was a column of rejects and a warning blaming --format."""
+    path = tmp_path / "traffic.csv.x"
+    path.write_bytes(_compressed(kind, text))
+    with pytest.raises(InputError, match=f"is compressed with {kind};") as err:
+        parse_input_spec(str(path))
+    command = {"zip": "unzip -p", "7-Zip": "7z x -so"}.get(kind, f"{kind} -dc")
+    assert "\n" not in str(err.value)
+    assert f"`{command} {path} | deepwatch ... -`" in str(err.value)
+    # a glob that matches it is refused the same way
+    with pytest.raises(InputError, match=f"compressed with {kind}"):
+        parse_input_spec(str(tmp_path / "*.x"))
+
+
+def test_text_that_merely_starts_like_a_magic_number_is_text(tmp_path: Path) -> None:
+    path = tmp_path / "odd.log"
+    path.write_bytes(b"BZh9 is not bzip2 without its block magic\nPK but no zip\n")
+    (spec,) = parse_input_spec(str(path))
+    assert not spec.gzip
+    assert _data(list(iter_chunks(spec))) == path.read_bytes()
+
+
+def test_compressed_data_on_a_pipe_is_refused_at_its_first_block(text: bytes,
+                                                                  tmp_path: Path) -> None:
+    """A pipe cannot be looked at before it is read: its first block is checked instead,
+    gzip included (gzip is read from files only)."""
+    for payload, kind in ((gzip.compress(text), "gzip"), (_compressed("xz", text), "xz")):
+        fifo = tmp_path / f"pipe-{kind}"
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda f=fifo, p=payload: _feed(f, p))
+        writer.start()
+        try:
+            (spec,) = parse_input_spec(str(fifo))  # not read ahead: a pipe gives its bytes once
+            assert not spec.gzip
+            with pytest.raises(InputError, match=f"compressed with {kind};.*not from stdin or a "
+                                                 "pipe"):
+                list(iter_chunks(spec))
+        finally:
+            writer.join()
+
+
+def _feed(fifo: Path, payload: bytes) -> None:
+    try:
+        with open(fifo, "wb") as f:
+            f.write(payload)
+    except BrokenPipeError:  # the reader stopped at the first block, as it should
+        pass
+
+
+def test_score_refuses_a_compressed_input_before_writing_anything(
+        kdd_bundle: Path, text: bytes, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    good = tmp_path / "good.csv"
+    good.write_bytes(text)
+    bad = tmp_path / "later.csv.bz2"
+    bad.write_bytes(_compressed("bzip2", text))
+    out = tmp_path / "out.jsonl"
+    run = subprocess.run([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
+                          "--format", "kdd", "--out", str(out), str(good), str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: {bad} is compressed with bzip2; deepwatch reads plain text, and gzip from files "
+        f"(not from stdin or a pipe): decompress it first, e.g. `bzip2 -dc {bad} | deepwatch ... "
+        "-`"]
+    assert not out.exists()
+    run = subprocess.run([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
+                          "--format", "kdd", "--out", str(out), "-"], input=gzip.compress(text),
+                         capture_output=True, timeout=120)
+    assert run.returncode == 2 and b"<stdin> is compressed with gzip" in run.stderr

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import need
 
-from deepwatch.errors import BundleError, UsageError
+from deepwatch.errors import BundleError, InputError, UsageError
 from deepwatch.formats._base import MAX_RAW
 from deepwatch.scoring import score_files
 from deepwatch.sources.files import LOST_BYTES, MAX_LINE_BYTES, Chunk, InputSpec, LineBuffer
@@ -339,9 +339,9 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain inputs read by many tasks in small byte ranges (lines, a byte order mark, CRLF
     endings, lines of three times the limit and just over it, one of them last and without a
-    line break, a name with a comma), a .bz2 file (the local engine reads its bytes as they
-    are; Hadoop used to decompress it) and an empty file: the same rows, rejects, reasons and
-    counts as the local engine, in input order."""
+    line break, a name with a comma), a gzip file without a .gz name (gzip by its first bytes)
+    and an empty file: the same rows, rejects, reasons and counts as the local engine, in input
+    order. A .bz2 file is refused by both, before anything is read."""
     import deepwatch.spark
     from deepwatch.spark import score_spark
 
@@ -352,8 +352,15 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
     plain.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines[:1500]) + b"\r\n" + over + b"\n"
                       + b"\n".join(x.encode() for x in BAD_LINES) + b"\n"
                       + b"\n".join(lines[1500:3000]) + b"\n" + b"C" * (MAX_LINE_BYTES + 1))
-    packed = tmp_path / "more.csv.bz2"
-    packed.write_bytes(bz2.compress(b"\n".join(lines[3000:3500]) + b"\n"))
+    packed = tmp_path / "more.log"
+    packed.write_bytes(gzip.compress(b"\n".join(lines[3000:3500]) + b"\n"))
+    other = tmp_path / "more.csv.bz2"
+    other.write_bytes(bz2.compress(b"\n".join(lines[3000:3500]) + b"\n"))
+    for engine in (score_files, score_spark):
+        with pytest.raises(InputError, match="compressed with bzip2"):
+            engine(str(kdd_bundle), "kdd", [str(plain), str(other)],
+                   str(tmp_path / "never.jsonl"))
+    assert not (tmp_path / "never.jsonl").exists()
     empty = tmp_path / "empty.csv"
     empty.write_bytes(b"")
     inputs = [str(plain), str(packed), str(empty)]
@@ -362,7 +369,7 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
     dist = score_spark(str(kdd_bundle), "kdd", inputs, str(tmp_path / "spark.jsonl"),
                        rejects=str(tmp_path / "spark-rejects.jsonl"))
     rows, local_rows = _rejects(tmp_path / "spark.jsonl"), _rejects(tmp_path / "local.jsonl")
-    assert len(rows) == len(local_rows) == 3000
+    assert len(rows) == len(local_rows) == 3500
     assert [r["src_bytes"] for r in rows] == [r["src_bytes"] for r in local_rows]
     assert [r["verdict"] for r in rows] == [r["verdict"] for r in local_rows]
     assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in local_rows],
@@ -376,4 +383,4 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
     assert (dist.stats.lines, dist.stats.parsed, dist.stats.rejected) == (
         local.stats.lines, local.stats.parsed, local.stats.rejected)
     assert dist.stats.by_source == local.stats.by_source
-    assert dist.stats.by_source[str(packed)]["parsed"] == 0  # its bytes, not its text
+    assert dist.stats.by_source[str(packed)]["parsed"] == 500  # its text, not its bytes

@@ -128,7 +128,7 @@ class FileSource:
             for spec in parse_input_spec(text):
                 if spec.label is not None:
                     raise UsageError(f"stream reads unlabelled traffic; drop the label of {text!r}")
-                if follow and spec.path.endswith(".gz"):
+                if follow and spec.gzip:
                     raise UsageError(f"--follow cannot tail a compressed file: {spec.path}")
                 self.specs.append(spec)
         if follow and len(self.specs) != 1:

@@ -31,14 +31,70 @@ MAX_LINE_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
+#: gzip's first two bytes: a file that starts with them is read as gzip whatever its name
+GZIP_MAGIC = b"\x1f\x8b"
+#: Compressed files deepwatch does not read (their first bytes), and the command that
+#: decompresses each to stdout. Without this check their bytes would be read as text: every
+#: "line" a reject, and a warning that blames --format.
+OTHER_COMPRESSION: tuple[tuple[tuple[bytes, ...], str, str], ...] = (
+    (tuple(b"BZh%d" % n + tail for n in range(1, 10) for tail in (b"1AY&SY", b"\x17rE8P\x90")),
+     "bzip2", "bzip2 -dc"),
+    ((b"\xfd7zXZ\x00",), "xz", "xz -dc"),
+    ((b"\x28\xb5\x2f\xfd",), "zstd", "zstd -dc"),
+    ((b"\x04\x22\x4d\x18",), "lz4", "lz4 -dc"),
+    ((b"PK\x03\x04",), "zip", "unzip -p"),
+    ((b"7z\xbc\xaf\x27\x1c",), "7-Zip", "7z x -so"),
+)
+
+
 @dataclass(frozen=True)
 class InputSpec:
     path: str  # "-" is stdin
     label: str | None = None
+    #: the file starts with gzip's magic bytes (set by :func:`parse_input_spec`), so it is read
+    #: as gzip even without a ``.gz`` name
+    gzip_magic: bool = False
 
     @property
     def display(self) -> str:
         return "<stdin>" if self.path == "-" else self.path
+
+    @property
+    def gzip(self) -> bool:
+        """Read as gzip: a ``.gz`` name, or a file that starts as gzip does."""
+        return self.gzip_magic or (self.path != "-" and self.path.endswith(".gz"))
+
+
+def _refuse_compressed(spec: InputSpec, head: bytes) -> None:
+    """A one-line refusal of an input whose first bytes say it is compressed and that would
+    otherwise be read as text (stdin, a pipe, or a regular file by a gzip-less caller)."""
+    known = [(m, name, cmd) for m, name, cmd in OTHER_COMPRESSION]
+    if not spec.gzip:
+        known.append(((GZIP_MAGIC,), "gzip", "gzip -dc"))
+    for magics, name, command in known:
+        if head.startswith(magics):
+            where = spec.path if spec.path != "-" else "FILE"
+            raise InputError(f"{spec.display} is compressed with {name}; deepwatch reads plain "
+                             "text, and gzip from files (not from stdin or a pipe): decompress "
+                             f"it first, e.g. `{command} {where} | deepwatch ... -`")
+
+
+def _sniff(path: str, label: str | None) -> InputSpec:
+    """The spec of an existing path, after a look at a regular file's first bytes: gzip by its
+    magic, and a one-line refusal of other compression (a FIFO or device is not read ahead:
+    what it gives can be read once only)."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return InputSpec(path, label)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    spec = InputSpec(path, label, gzip_magic=head.startswith(GZIP_MAGIC))
+    _refuse_compressed(spec, head)
+    return spec
 
 
 @dataclass
@@ -193,12 +249,12 @@ def parse_input_spec(text: str) -> list[InputSpec]:
         found = sorted(glob.glob(path))
         if not found:
             raise InputError(f"no file matches {path!r}{read_as}")
-        return [InputSpec(p, label) for p in found]
+        return [_sniff(p, label) for p in found]
     if not os.path.exists(path):
         raise InputError(f"no such file: {path}{read_as}")
     if os.path.isdir(path):
         raise InputError(f"{path} is a directory, not a file")
-    return [InputSpec(path, label)]
+    return [_sniff(path, label)]
 
 
 def _split_label(text: str) -> tuple[str, str]:
@@ -481,16 +537,21 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     :class:`VerifiedGzip`) and what follows. Their number is not known: the line breaks in
     corrupt data are not to be trusted either.
     """
-    if spec.path != "-" and spec.path.endswith(".gz"):
+    if spec.gzip:
         yield from _gzip_chunks(spec, chunk_bytes, on_bytes)
         return
     stream = _open(spec)
+    first = True
 
     def read() -> bytes:
+        nonlocal first
         try:
             block: bytes = stream.read(chunk_bytes)
         except OSError as exc:
             raise InputError(f"cannot read {spec.display}: {exc}") from None
+        if first:  # stdin or a pipe, which could not be looked at before it was read
+            first = False
+            _refuse_compressed(spec, block)
         if on_bytes is not None and block:
             on_bytes(len(block))
         return block
