@@ -15,6 +15,7 @@ import pytest
 from deepwatch.errors import InputError
 from deepwatch.formats import get_format
 from deepwatch.sources import files
+from deepwatch.sources.files import BOM as BOM_BYTES
 from deepwatch.sources.files import (
     Chunk,
     InputSpec,
@@ -423,3 +424,21 @@ def test_score_refuses_a_compressed_input_before_writing_anything(
                           "--format", "kdd", "--out", str(out), "-"], input=gzip.compress(text),
                          capture_output=True, timeout=120)
     assert run.returncode == 2 and b"<stdin> is compressed with gzip" in run.stderr
+
+
+@pytest.mark.parametrize("block", [1, 4, 64])
+def test_a_byte_order_mark_does_not_count_towards_the_line_limit(block: int) -> None:
+    """A first line of exactly the limit, after a byte order mark, fed in small blocks (a
+    pipe's reads), is a record, not an over-long line; one byte more is."""
+    for extra, record in ((0, True), (1, False)):
+        line = b"x" * (10 + extra)
+        data = BOM_BYTES + line + b"\nnext\n"
+        buf = LineBuffer(InputSpec("-"), max_line=10)
+        chunks = [c for i in range(0, len(data), block) for c in buf.feed(data[i : i + block])]
+        last = buf.finish()
+        chunks += [last] if last is not None else []
+        kept = b"".join(c.data for c in chunks)
+        if record:
+            assert kept == line + b"\nnext\n" and all(c.damage is None for c in chunks)
+        else:
+            assert kept == b"next\n" and [c.first_line for c in chunks if c.damage] == [1]

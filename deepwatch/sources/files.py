@@ -215,7 +215,8 @@ class LineBuffer:
                      else block if cut + 1 == len(block) else block[: cut + 1])
             self.rest = block[cut + 1 :]
             out.extend(self._whole(self._handed_out(whole)))
-        if len(self.rest) > self.max_line:  # the start of an over-long line
+        # the start of an over-long line (a byte order mark still to be dropped not counted)
+        if len(self.rest) - (3 if self.at_start and self.rest[:3] == BOM else 0) > self.max_line:
             rest, self.rest = self.rest, b""
             self._skip(self._handed_out(rest))
         return out
