@@ -4,14 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DEEPWATCH_DATA ?= $(abspath ../shared/data)
+#: an index to take torch from (empty: pip's configured ones)
+TORCH_INDEX ?=
 
 .PHONY: setup demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	# torch first, pinned, so that the package's `torch>=2.4` installs nothing more. Where pip
+	# has a local CPU wheel (CI) it takes that; elsewhere PyPI's Linux torch is a multi-GB CUDA
+	# build: `make TORCH_INDEX=https://download.pytorch.org/whl/cpu setup` asks for the CPU one.
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[serve,kafka,web,viz,spark,dev]'
 	touch $(STAMP)
 

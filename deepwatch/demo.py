@@ -161,6 +161,55 @@ has it: <a href="report.html">report.html</a>.</p>
     path.write_text(page, encoding="utf-8")
 
 
+#: What the demo writes into its --out directory (and replaces when run again there).
+DEMO_FILES = ("scored.parquet", "alerts.jsonl", "report.html", "summary.html", "summary.json")
+DEMO_DIRS = ("traffic", "lake", "bundle")
+
+
+def check_demo_target(out_dir: str | Path) -> None:
+    """Refuse, before any work, an ``--out`` the demo would destroy anything in: only a missing
+    or empty directory, or an earlier demo's output (nothing in it the demo does not write), is
+    written to. Running the demo again replaces its own output; nothing else is ever deleted."""
+    from .bundle import check_bundle_target
+    from .errors import OutputError
+    from .lake import MANIFEST as LAKE_MANIFEST
+    from .simulate import ATTACKS
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        return  # missing (made later), or a file (writable_dir says so)
+
+    def refuse(what: str) -> OutputError:
+        return OutputError(f"--out {out_dir} {what}; the demo writes only into a new or empty "
+                           "directory, or over an earlier demo's output")
+
+    try:
+        held = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in held if n not in DEMO_FILES + DEMO_DIRS]
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise refuse(f"holds files the demo did not write ({', '.join(foreign[:3])}{more})")
+        for name in DEMO_FILES:
+            if (out / name).exists() and not (out / name).is_file():
+                raise refuse(f"holds {name}, which is not a file")
+        for name in DEMO_DIRS:
+            if (out / name).exists() and not (out / name).is_dir():
+                raise refuse(f"holds {name}, which is not a directory")
+        logs = {f"{label}.log" for label in ("normal", *ATTACKS)}
+        if (out / "traffic").is_dir():
+            for part in sorted((out / "traffic").iterdir()):
+                if part.name not in ("train", "test") or not part.is_dir() or any(
+                        f.name not in logs for f in part.iterdir()):
+                    raise refuse(f"holds traffic/{part.name}, which the demo did not write "
+                                 "as it is")
+        lake = out / "lake"
+        if lake.is_dir() and any(lake.iterdir()) and not (lake / LAKE_MANIFEST).is_file():
+            raise refuse("holds a lake/ directory that is not a deepwatch lake")
+    except OSError as exc:
+        raise OutputError(f"cannot read the directory {out_dir}: {exc.strerror or exc}") from None
+    check_bundle_target(out / "bundle")
+
+
 def run_demo(out_dir: str | Path = "demo-out", log: Callable[[str], None] = print,
              visits: int = TRAIN_VISITS, test_visits: int = TEST_VISITS,
              epochs: int | None = None, seed: int = 0) -> dict[str, Any]:
@@ -176,6 +225,7 @@ def run_demo(out_dir: str | Path = "demo-out", log: Callable[[str], None] = prin
     # Small networks on a shared CPU train many times faster on one thread than on several.
     os.environ.setdefault("DEEPWATCH_TORCH_THREADS", "1")
     torch.set_num_threads(int(os.environ["DEEPWATCH_TORCH_THREADS"]))
+    check_demo_target(out_dir)
     out = writable_dir(out_dir, "--out")
     clock = _Clock(log)
     model = _model()
