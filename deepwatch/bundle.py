@@ -107,10 +107,30 @@ def save_bundle(out: str | Path, manifest: dict[str, Any], files: dict[str, byte
         raise OutputError(f"cannot write the bundle at {out}: {exc.strerror or exc}") from None
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back at once
+    os.umask(mask)
+    return mask
+
+
 def _save(out: Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
     in_place = out.is_dir() and not any(out.iterdir())
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out if in_place else out.parent))
     try:
+        # mkdtemp makes a private (0700) directory; a bundle gets the mode a plain mkdir would
+        # give (a service account may need to read what an analyst trained), or, replacing
+        # a bundle, the mode that one had
+        mode = (out.stat().st_mode & 0o7777 if out.is_dir() and not in_place
+                else 0o777 & ~_umask())
+        os.chmod(tmp, mode)
         checksums = {}
         for name, data in files.items():
             (tmp / name).write_bytes(data)

@@ -115,3 +115,27 @@ def test_onnx_weights_in_an_external_file_are_refused(copy: Path, where: str,
     with pytest.raises(BundleError, match="keeps tensor data in other files") as err:
         Detector(copy, engine="onnx")
     assert "\n" not in str(err.value)
+
+
+def test_a_saved_bundle_is_as_readable_as_a_new_directory(tmp_path: Path) -> None:
+    """Bundles were assembled in a mkdtemp directory and kept its private 0700 mode, so a
+    service account could not read a bundle someone else trained. A new bundle gets the mode
+    mkdir gives under the umask; a replaced bundle keeps the mode its directory had."""
+    import os
+    import stat
+
+    from deepwatch.bundle import save_bundle
+
+    old = os.umask(0o022)
+    try:
+        first = save_bundle(tmp_path / "b", {"model_kind": "x"}, {"a.bin": b"1"})
+        assert stat.S_IMODE(first.stat().st_mode) == 0o755
+        assert stat.S_IMODE((first / "a.bin").stat().st_mode) == 0o644
+        os.chmod(first, 0o750)
+        again = save_bundle(tmp_path / "b", {"model_kind": "x"}, {"a.bin": b"2"})
+        assert stat.S_IMODE(again.stat().st_mode) == 0o750
+        os.umask(0o077)
+        private = save_bundle(tmp_path / "c", {"model_kind": "x"}, {"a.bin": b"1"})
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    finally:
+        os.umask(old)
