@@ -307,7 +307,8 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
     "featurizer_deep": (_write("featurizer.json", b"[" * 100_000 + b"]" * 100_000),
                         "not a valid featurizer"),
     "weights_garbage": (_no_onnx_weights(b"garbage"), "not a valid safetensors file"),
-    "onnx_garbage": (_write("model.onnx", b"garbage"), "ONNX Runtime cannot load"),
+    "onnx_garbage": (_write("model.onnx", b"garbage"), "cannot load the ONNX model: not a valid "
+                     "ONNX model"),
     # names that do not match the vocabularies, the schema hash made to agree with them
     "featurizer_names_edited": (_featurizer_names_edited, "its feature names do not match"),
 }
