@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._line_cache import ScoredLineCache
-from .errors import UsageError
+from .errors import DeepwatchError, OutputError, UsageError
 from .formats import Format, get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink
@@ -82,6 +82,13 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
         if schema is None:  # no input at all: the output is still made, empty, with its columns
             schema = _output_schema(det, fmt, campaigns is not None)
         done = True
+    except DeepwatchError as exc:
+        # an input that fails mid-run (a pipe of compressed data, a read error): the rows
+        # scored before it are kept, and the error says so, lest they pass for the whole output
+        if sink.rows and out != "-" and not isinstance(exc, OutputError):
+            exc.args = (f"{exc}; the {sink.rows:,} rows scored before it are kept in {out}, "
+                        "which is incomplete",)
+        raise
     finally:
         kept = done or sink.rows
         try:
