@@ -16,12 +16,30 @@ import pyarrow as pa
 from .errors import InputError, OutputError, UsageError
 
 
+def _not_a_directory(p: Path, what: str) -> None:
+    """One clear error when a directory ``p`` would need is a file (or a device ...): making
+    the directory would fail with "File exists" or "Not a directory", which say neither which
+    path is in the way nor why."""
+    for above in reversed(p.parents):  # from the top down: the first in the way
+        try:
+            mode = os.stat(above).st_mode
+        except OSError:
+            return  # missing from here down (made later) or unreadable (mkdir says so)
+        if not stat.S_ISDIR(mode):
+            kind = ("a file" if stat.S_ISREG(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a pipe" if stat.S_ISFIFO(mode) else "a special file")
+            raise OutputError(f"cannot write {what} {p}: {above} is {kind}, not a directory")
+
+
 def writable_file(path: str | Path, what: str = "the output") -> Path:
     """``path`` as a file that can be written: its directory is made if missing; a directory
-    in its place or a directory that cannot be written is one clear error, before any work."""
+    in its place, a file where its directory should be, or a directory that cannot be written
+    is one clear error, before any work."""
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{what} {p} is a directory; give a file path")
+    _not_a_directory(p, what)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -95,6 +113,7 @@ def writable_dir(path: str | Path, what: str = "the output") -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{what} {p} is a file; give a directory")
+    _not_a_directory(p, what)
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -185,6 +185,44 @@ def test_a_rejects_file_that_cannot_be_written_is_one_line_error(
     assert f"cannot write {tmp_path / 'full2.jsonl'}: No space left" in _error_line(capsys)
 
 
+def test_an_output_under_a_file_says_the_file_is_no_directory(tmp_path: Path) -> None:
+    """Making the directory of ``FILE/x.jsonl`` fails with "File exists" (or "Not a directory"
+    a level deeper), which says neither which path is in the way nor why."""
+    from deepwatch.sinks import RecordSink, RejectSink, writable_dir, writable_file
+
+    note = tmp_path / "notes.txt"
+    note.write_text("a file\n")
+    for out in (note / "x.jsonl", note / "sub" / "x.parquet"):
+        with pytest.raises(OutputError) as err:
+            writable_file(out, "--out")
+        assert str(err.value) == f"cannot write --out {out}: {note} is a file, not a directory"
+        with pytest.raises(OutputError, match=f"{note} is a file, not a directory$"):
+            RecordSink(str(out))
+    with pytest.raises(OutputError, match=f"^cannot write --rejects {note}/r.jsonl: {note} is a "
+                                          "file, not a directory$"):
+        RejectSink(str(note / "r.jsonl"))
+    with pytest.raises(OutputError, match=f"^cannot write --out {note}/d: {note} is a file, not a "
+                                          "directory$"):
+        writable_dir(note / "d", "--out")
+    if Path("/dev/full").exists():
+        with pytest.raises(OutputError, match="^cannot write --out /dev/full/x.jsonl: /dev/full "
+                                              "is a device, not a directory$"):
+            writable_file("/dev/full/x.jsonl", "--out")
+    # a directory yet to be made under a directory is made, as before
+    assert writable_file(tmp_path / "new" / "deeper" / "x.jsonl").parent.is_dir()
+
+
+def test_score_into_a_path_under_a_file_is_one_line_error(
+        kdd_bundle: Path, tmp_path: Path, records: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "in.csv"
+    data.write_text(records)
+    assert main(["score", str(kdd_bundle), "-f", "kdd", "--out", str(data / "x.jsonl"),
+                 str(data)]) == 2
+    assert _error_line(capsys) == (f"error: cannot write --out {data}/x.jsonl: {data} is a file, "
+                                   "not a directory")
+
+
 def test_train_into_the_current_empty_directory(train_data: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
