@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from .errors import DataError
 from .formats import REJECT_SCHEMA, Format
-from .formats._base import ParseResult, make_rejects
+from .formats._base import ParseResult, cut_lost, make_rejects
 from .sources.files import Chunk, InputSpec, iter_chunks, parse_input_spec
 
 
@@ -22,8 +22,15 @@ class Stats:
     parsed: int = 0
     rejected: int = 0
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: per source, how many of its rejects stand for text that could not be read as a line (the
+    #: damaged rest of an input, an over-long line): nothing about --format
+    damaged: dict[str, int] = field(default_factory=dict)
 
-    def add(self, source: str, lines: int, rejected: int) -> None:
+    def add(self, source: str, lines: int, rejected: int, damaged: int = 0) -> None:
+        """Count ``lines`` of ``source``, ``rejected`` of them rejects, ``damaged`` of those
+        standing for text that could not be read as a line."""
+        if damaged:
+            self.damaged[source] = self.damaged.get(source, 0) + damaged
         self.lines += lines
         self.rejected += rejected
         self.parsed += lines - rejected
@@ -36,12 +43,16 @@ class Stats:
         return f"{self.lines:,} lines read: {self.parsed:,} parsed, {self.rejected:,} rejected"
 
     def unparsed(self) -> list[str]:
-        """The inputs that had lines but gave no record: most often the wrong ``--format``."""
-        return [s for s, c in self.by_source.items() if c["lines"] and not c["parsed"]]
+        """The inputs that had lines but gave no record, some of them lines that were read but
+        failed to parse: most often the wrong ``--format``. An input whose every reject is
+        damage (a corrupt .gz, over-long lines) is left out: its warning or rejects say why."""
+        return [s for s, c in self.by_source.items()
+                if c["lines"] and not c["parsed"] and c["rejected"] > self.damaged.get(s, 0)]
 
     def format_hint(self, format_name: str) -> str:
-        """For an error about having no records: why, when lines were read but none parsed."""
-        if not self.lines or self.parsed:
+        """For an error about having no records: why, when lines were read but none parsed
+        (none when every reject is damage: see :meth:`unparsed`)."""
+        if not self.lines or self.parsed or not self.unparsed():
             return ""
         return (f" (none of the {self.lines:,} lines read could be parsed as {format_name} "
                 "records: is --format right?)")
@@ -87,11 +98,18 @@ class InputReader:
         self._numbers: np.ndarray | None = None
 
     def _total_bytes(self) -> int | None:
+        """The size of the inputs, as the bytes read from them (compressed for .gz files) add
+        up; None when one is stdin, a pipe or a device, whose size is not known."""
+        import stat
+
         total = 0
         for s in self.specs:
             if s.path == "-":
                 return None
-            total += os.path.getsize(s.path)
+            st = os.stat(s.path)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            total += st.st_size
         return total
 
     def __iter__(self) -> Iterator[tuple[pa.RecordBatch, pa.Table, InputSpec]]:
@@ -100,30 +118,28 @@ class InputReader:
         from .progress import byte_progress
 
         ctx = byte_progress("reading", self._total_bytes()) if self.progress else nullcontext()
-        with ctx as advance:
+        with ctx as advance:  # by the bytes read from each file, compressed or not
             for spec in self.specs:
-                compressed = spec.gzip
                 context = None  # a Zeek #fields header reaches the chunks after it
-                for chunk in iter_chunks(spec):
+                for chunk in iter_chunks(spec, on_bytes=advance):
                     if self.parse is not None:
                         result = self.parse(chunk.data, chunk.first_line)
                     else:
                         result = self.fmt.parse_bulk(chunk.data, first_line=chunk.first_line,
                                                      context=context)
                         context = self.fmt.context_after(chunk.data, context)
-                    if chunk.damage is not None:  # the unreadable rest of a damaged file,
-                        # with the beginning of the text that could not be trusted
-                        lost = chunk.lost.decode("utf-8", errors="replace")
+                    if chunk.damage is not None:  # the unreadable rest of a damaged file, or an
+                        # over-long line, with the beginning of the text that was not kept
+                        lost, why = cut_lost(chunk.lost, chunk.damage)
                         result = ParseResult(result.batch, make_rejects(
-                            [chunk.first_line], [lost], [chunk.damage]), 1)
+                            [chunk.first_line], [lost], [why]), 1)
                     self.scored = self.parse is not None
                     numbers = result.line_numbers
                     usable = len(numbers) == result.batch.num_rows
                     self._chunk = chunk if usable else None
                     self._numbers = np.asarray(numbers, dtype=np.int64) if usable else None
-                    self.stats.add(spec.display, result.lines, result.rejects.num_rows)
-                    if advance is not None:
-                        advance(len(chunk.data) // (4 if compressed else 1))
+                    self.stats.add(spec.display, result.lines, result.rejects.num_rows,
+                                   int(chunk.damage is not None))
                     rejects = result.rejects
                     if rejects.num_rows:
                         rejects = rejects.append_column(

@@ -35,6 +35,22 @@ def cut_raw(raw: str, why: str) -> tuple[str, str]:
                            "characters)")
 
 
+def cut_lost(lost: bytes, why: str) -> tuple[str, str]:
+    """The raw text and reason of a reject that stands for text not read as a line (an
+    over-long line, the damaged rest of an input; ``why`` says which, and how long it is),
+    ``lost`` being the first bytes of that text: at most MAX_RAW of them are kept, cut where a
+    character starts, and the reason says how many. (:func:`cut_raw` would count the characters
+    of ``lost``, which is itself only the beginning of the text.)"""
+    import codecs
+
+    if len(lost) <= MAX_RAW:
+        return lost.decode("utf-8", errors="replace"), why
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    raw = decoder.decode(lost[:MAX_RAW])  # a character cut at the end is held back, not kept
+    kept = MAX_RAW - len(decoder.getstate()[0])
+    return raw, f"{why} (the raw text keeps its first {kept:,} bytes)"
+
+
 def make_rejects(lines: list[int], raws: list[str], reasons: list[str]) -> pa.Table:
     """Rejects from the whole raw lines, cut as :func:`cut_raw` cuts them."""
     if any(len(r) > MAX_RAW for r in raws):

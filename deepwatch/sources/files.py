@@ -45,6 +45,11 @@ OTHER_COMPRESSION: tuple[tuple[tuple[bytes, ...], str, str], ...] = (
     ((b"PK\x03\x04",), "zip", "unzip -p"),
     ((b"7z\xbc\xaf\x27\x1c",), "7-Zip", "7z x -so"),
 )
+#: The byte order marks of UTF-16 text: little-endian (what Windows PowerShell 5's ``>`` writes)
+#: and big-endian.
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+#: How many first bytes of an input are looked at for UTF-16 text without a byte order mark.
+UTF16_SNIFF_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -79,21 +84,55 @@ def _refuse_compressed(spec: InputSpec, head: bytes) -> None:
                              f"it first, e.g. `{command} {where} | deepwatch ... -`")
 
 
+def utf16_encoding(head: bytes) -> str | None:
+    """The encoding to convert from when ``head``, an input's first bytes, is UTF-16 text, else
+    None: ``UTF-16`` when it opens with a UTF-16 byte order mark (bytes that UTF-8 never has),
+    ``UTF-16LE`` or ``UTF-16BE`` when, without one, its first bytes (4 characters at least) have
+    a NUL in every other position and in no other (ASCII text in UTF-16). A NUL here and there,
+    as a damaged UTF-8 line may hold, is not UTF-16."""
+    if head.startswith(UTF16_BOMS):
+        return "UTF-16"
+    sample = head[: min(len(head), UTF16_SNIFF_BYTES) & ~1]
+    if len(sample) < 8:
+        return None
+    even, odd = sample[0::2], sample[1::2]
+    if not odd.strip(b"\x00") and b"\x00" not in even:
+        return "UTF-16LE"
+    if not even.strip(b"\x00") and b"\x00" not in odd:
+        return "UTF-16BE"
+    return None
+
+
+def _refuse_utf16(spec: InputSpec, head: bytes) -> None:
+    """A one-line refusal of an input whose first bytes (decompressed, for gzip) are UTF-16 text:
+    read as UTF-8, every line would be a reject, and the warning would blame --format."""
+    encoding = utf16_encoding(head)
+    if encoding is None:
+        return
+    where = spec.path if spec.path != "-" else "FILE"
+    convert = (f"gzip -dc {where} | iconv -f {encoding} -t UTF-8" if spec.gzip
+               else f"iconv -f {encoding} -t UTF-8 {where}")
+    raise InputError(f"{spec.display} looks like UTF-16 text; deepwatch reads UTF-8: convert it "
+                     f"first, e.g. `{convert} | deepwatch ... -`")
+
+
 def _sniff(path: str, label: str | None) -> InputSpec:
     """The spec of an existing path, after a look at a regular file's first bytes: gzip by its
-    magic, and a one-line refusal of other compression (a FIFO or device is not read ahead:
-    what it gives can be read once only)."""
+    magic, and a one-line refusal of other compression and of UTF-16 text (a FIFO or device is
+    not read ahead: what it gives can be read once only)."""
     import stat
 
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return InputSpec(path, label)
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(UTF16_SNIFF_BYTES)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     spec = InputSpec(path, label, gzip_magic=head.startswith(GZIP_MAGIC))
     _refuse_compressed(spec, head)
+    if not spec.gzip:  # a .gz file's text is looked at when it is decompressed
+        _refuse_utf16(spec, head)
     return spec
 
 
@@ -397,13 +436,20 @@ class VerifiedGzip:
     parsed, scored or counted as records. The price is latency and, for members longer than
     ``hold_bytes``, a second decompression (zlib here is still faster than the single pass of
     Arrow's gzip stream that it replaces).
+
+    ``on_bytes`` is told of the compressed bytes as they are read (a progress bar's advance):
+    each byte of the file once, a member read twice counted once, and the bytes a damage leaves
+    unread at the end, so that the counts add up to the file's size.
     """
 
-    def __init__(self, path: str, block_bytes: int = CHUNK_BYTES, hold_bytes: int | None = None):
+    def __init__(self, path: str, block_bytes: int = CHUNK_BYTES, hold_bytes: int | None = None,
+                 on_bytes: Callable[[int], None] | None = None):
         self.path = path
         self.block_bytes = block_bytes
         self.hold_bytes = HOLD_BYTES if hold_bytes is None else hold_bytes
         self.damage: GzipDamage | None = None
+        self.on_bytes = on_bytes
+        self._counted = 0  # compressed bytes told to on_bytes so far
 
     def __iter__(self) -> Iterator[bytes]:
         parts: list[bytes] = []  # verified output, joined once about block_bytes are there
@@ -417,11 +463,23 @@ class VerifiedGzip:
                     if size >= self.block_bytes:
                         yield b"".join(parts)
                         parts, size = [], 0
+                # read to its end, or a damage leaves the rest unread: counted as read all the same
+                self._count(fh, to_end=True)
             finally:
                 if fh is not raw:
                     fh.close()
         if parts:
             yield b"".join(parts)
+
+    def _count(self, fh: BinaryIO, to_end: bool = False) -> None:
+        """Tell ``on_bytes`` of the compressed bytes read so far (to the end of the file with
+        ``to_end``) not told yet."""
+        if self.on_bytes is None:
+            return
+        at = os.fstat(fh.fileno()).st_size if to_end else fh.tell()
+        if at > self._counted:
+            self.on_bytes(at - self._counted)
+            self._counted = at
 
     def _verified(self, fh: BinaryIO) -> Iterator[bytes]:
         first = b""  # compressed bytes of the next member already read
@@ -433,6 +491,7 @@ class VerifiedGzip:
             size = 0
             for out in output:
                 size += len(out)
+                self._count(fh)
                 if size > self.hold_bytes:
                     break
                 held.append(out)
@@ -453,7 +512,9 @@ class VerifiedGzip:
             # longer than hold_bytes: decompress it to its end to verify it, then again
             head = held[:1] or [out]
             del held
-            size += sum(len(more) for more in output)
+            for more in output:
+                size += len(more)
+                self._count(fh)
             if member.error is not None:
                 self._fail(member.error, size, head)
                 return
@@ -505,11 +566,13 @@ def _gzip_chunks(spec: InputSpec, chunk_bytes: int,
                  on_bytes: Callable[[int], None] | None) -> Iterator[Chunk]:
     """:func:`iter_chunks` of a .gz file: the lines of its verified members (VerifiedGzip)."""
     try:
-        blocks = VerifiedGzip(spec.path, chunk_bytes)
+        blocks = VerifiedGzip(spec.path, chunk_bytes, on_bytes=on_bytes)
         lines = LineBuffer(spec)
+        first = True
         for block in blocks:
-            if on_bytes is not None:
-                on_bytes(len(block))
+            if first:  # its text, which could not be looked at before it was decompressed
+                first = False
+                _refuse_utf16(spec, block)
             yield from lines.feed(block)
     except OSError as exc:
         raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
@@ -553,6 +616,7 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
         if first:  # stdin or a pipe, which could not be looked at before it was read
             first = False
             _refuse_compressed(spec, block)
+            _refuse_utf16(spec, block)
         if on_bytes is not None and block:
             on_bytes(len(block))
         return block
