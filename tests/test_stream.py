@@ -499,14 +499,14 @@ class Worker:
     """``deepwatch stream`` in a process of its own, JSON logs to a file."""
 
     def __init__(self, bundle: Path, brokers: str, topic: str, group: str, log: Path,
-                 batch_size: int = 500):
+                 batch_size: int = 500, extra: tuple[str, ...] = ()):
         self.log = log
         self._fh = log.open("ab")
         cmd = [sys.executable, "-m", "deepwatch.cli", "stream", str(bundle), "--format", "kdd",
                "--brokers", brokers, "--input-topic", topic, "--output-topic", f"{topic}.alerts",
                "--verdict-topic", f"{topic}.verdicts", "--dead-letter-topic", f"{topic}.dead",
                "--group", group, "--batch-size", str(batch_size), "--batch-wait-ms", "200",
-               "--kafka-option", "session.timeout.ms=6000"]
+               "--kafka-option", "session.timeout.ms=6000", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._fh, cwd=ROOT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -950,6 +950,159 @@ def test_output_topics_are_checked_without_creating_them(broker: str) -> None:
                      {"allow.auto.create.topics": "true"})
     sink.close()
     assert "check.verdicts" in _topics(broker) and "check.dead" not in _topics(broker)
+
+
+def _metric(port: int, name: str) -> float | None:
+    """One unlabelled sample of the worker's /metrics (None when it cannot be read)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    return next((float(x.split()[1]) for x in text.splitlines() if x.startswith(name + " ")),
+                None)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_missing_input_topic_is_one_warning_and_is_read_once_created(
+        broker: str, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """An input topic that does not exist (a typo, or producers not started yet) does not stop
+    the worker: one JSON warning line names it and says the worker waits, the metrics say so,
+    nothing else is logged while it waits (no librdkafka UNKNOWN_TOPIC_OR_PART at every
+    metadata refresh), the topic is not created by asking, and once the topic is created its
+    records get verdicts within the first group join (not at the consumer's next metadata
+    refresh, five minutes later)."""
+    from deepwatch.serve._kafka_io import TOPIC_WAIT_S
+    from deepwatch.serve.tansu import free_port
+
+    topic, group, port = "late-input", "late-group", free_port()
+    _create_outputs(broker, f"{topic}.alerts", f"{topic}.verdicts", f"{topic}.dead")
+    worker = Worker(kdd_bundle, broker, topic, group, tmp_path / "w.log",
+                    extra=("--metrics-port", str(port)))
+    try:
+        def missing() -> list[dict]:
+            return [x for x in worker.logs() if x.get("event") == "input_topic_missing"]
+
+        _wait("the missing-input-topic warning", lambda: bool(missing()) or
+              worker.proc.poll() is not None, timeout=40)
+        assert worker.proc.poll() is None, worker.log.read_text()[-2000:]
+        time.sleep(3 * TOPIC_WAIT_S)  # it asks again meanwhile: still one line
+        assert worker.proc.poll() is None
+        [warning] = missing()
+        assert warning["log.level"] == "warning" and warning["topic"] == topic
+        assert warning["message"] == (f"input topic {topic!r} does not exist on the brokers: "
+                                      "waiting for it to be created (check --input-topic for a "
+                                      "typo)")
+        text = worker.log.read_text()
+        assert "consume_error" not in text and "Unknown topic" not in text, text[-2000:]
+        assert _metric(port, "deepwatch_stream_input_topic_missing") == 1.0
+        assert topic not in _topics(broker)  # asking did not create it
+
+        values = _records(small_kdd_test, 300)
+        _create_topic(broker, topic, 2)
+        _produce(broker, topic, values)
+        _wait("the worker to commit every record",
+              lambda: _committed(broker, group, topic, 2) == len(values)
+              or worker.proc.poll() is not None, timeout=45)
+        assert worker.proc.poll() is None, worker.log.read_text()[-2000:]
+        verdicts = _read_all(broker, f"{topic}.verdicts")
+        assert sorted(k for k, _ in verdicts) == list(range(len(values)))
+        assert _metric(port, "deepwatch_stream_input_topic_missing") == 0.0
+        events = [x.get("event") for x in worker.logs()]
+        assert events.count("input_topic_missing") == 1 and "input_topic_found" in events
+        assert events.index("input_topic_found") < events.index("assign")
+    finally:
+        if worker.proc.poll() is None:
+            assert worker.stop() == 0
+        else:
+            worker.kill()
+
+
+@pytest.mark.integration
+def test_the_input_topic_is_checked_without_creating_it(broker: str) -> None:
+    """KafkaSource on the real broker: a missing input topic is said once (and the callback
+    told), not created, and the source ends cleanly when stopped while it waits; a topic that
+    exists is not warned about and is subscribed to at once."""
+    import logging
+
+    from deepwatch.serve._kafka_io import TOPIC_WAIT_S, KafkaSource
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("deepwatch.stream")
+    logger.addHandler(handler)
+    try:
+        told: list[bool] = []
+        source = KafkaSource(broker, "check-input", "check-input-group", max_wait=0.2,
+                             on_topic_missing=told.append)
+        stop = threading.Event()
+        batches: list = []
+        thread = threading.Thread(target=lambda: batches.extend(source.batches(stop)),
+                                  daemon=True)
+        thread.start()
+        _wait("the missing-topic callback", lambda: told == [True], timeout=20)
+        time.sleep(2.5 * TOPIC_WAIT_S)  # asked again meanwhile: said once
+        stop.set()
+        thread.join(20)
+        assert not thread.is_alive() and batches == []
+        source.close()
+        assert told == [True] and source.topic_missing
+        said = [r for r in records if getattr(r, "event", None) == "input_topic_missing"]
+        assert len(said) == 1 and said[0].levelname == "WARNING"
+        assert "check-input" not in _topics(broker)
+
+        records.clear()
+        _create_topic(broker, "check-input-here", 1)
+        told = []
+        source = KafkaSource(broker, "check-input-here", "check-input-group", max_wait=0.2,
+                             on_topic_missing=told.append)
+        stop = threading.Event()
+        first = next(source.batches(stop))  # subscribed: the first consume comes back empty
+        stop.set()
+        source.close()
+        assert first.count == 0 and told == [] and not source.topic_missing
+        assert not [r for r in records if str(getattr(r, "event", "")).startswith("input_")]
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_repeated_unknown_topic_errors_are_said_once() -> None:
+    """librdkafka reports a subscribed topic that went away as UNKNOWN_TOPIC_OR_PART, again at
+    each metadata refresh: one warning, the callback told once, no error raised."""
+    import logging
+
+    try:
+        from confluent_kafka import KafkaError
+    except ImportError:
+        need(False, "confluent-kafka")
+        raise
+    from deepwatch.serve._kafka_io import KafkaSource
+
+    class Message:
+        def error(self) -> KafkaError:
+            return KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART,
+                              "Subscribed topic not available: gone")
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("deepwatch.stream")
+    logger.addHandler(handler)
+    told: list[bool] = []
+    source = KafkaSource("127.0.0.1:1", "gone", "g", on_topic_missing=told.append)
+    try:
+        for _ in range(5):
+            source._report_errors([Message()])
+    finally:
+        logger.removeHandler(handler)
+        source.consumer.close()
+    assert told == [True] and source.topic_missing
+    assert [getattr(r, "event", None) for r in records if r.levelno >= logging.WARNING] == [
+        "input_topic_missing"]
 
 
 # ------------------------------------------- real broker: a message the broker refuses for its size

@@ -85,6 +85,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
 #: topic's max.message.bytes (or the broker's message.max.bytes) is lower than the producer's.
 #: It refuses the whole batch the message was sent in, small messages with the large.
 BROKER_SIZE_REFUSALS = ("MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE")
+#: How often a worker whose input topic does not exist asks the brokers about it again (and the
+#: longest it waits for their answer then; the first answer is waited for ``check_timeout``).
+TOPIC_WAIT_S = 2.0
 
 
 def check_topic_name(flag: str, topic: str) -> None:
@@ -123,7 +126,9 @@ class KafkaSource:
 
     def __init__(self, brokers: str, topic: str, group: str, batch_size: int = 10000,
                  max_wait: float = 0.5, options: dict[str, Any] | None = None,
-                 on_event: Callable[[str, int], None] | None = None):
+                 on_event: Callable[[str, int], None] | None = None,
+                 on_topic_missing: Callable[[bool], None] | None = None,
+                 check_timeout: float = 10.0):
         ck = _kafka()
         self._ck = ck
         check_topic_name("--input-topic", topic)
@@ -141,6 +146,64 @@ class KafkaSource:
         self.before_revoke: Callable[[], None] = lambda: None
         self._revoke_error: Exception | None = None
         self.committed: dict[tuple[str, int], int] = {}
+        #: told True when the input topic is found missing (once, until it is found), False
+        #: when it is found after that
+        self.on_topic_missing = on_topic_missing or (lambda _missing: None)
+        #: whether the brokers said the input topic does not exist (and it was not found since)
+        self.topic_missing = False
+        self.check_timeout = check_timeout
+        self._unknown = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
+
+    def _topic_exists(self, timeout: float) -> bool | None:
+        """Whether the brokers have the input topic; None when they did not answer. They are
+        asked without creating it: a consumer's metadata request does not allow it (unless
+        ``allow.auto.create.topics=true`` was given, and then a broker that creates topics on
+        demand creates it here, as subscribing would)."""
+        try:
+            meta = self.consumer.list_topics(self.topic, timeout=timeout)
+        except self._ck.KafkaException:
+            return None
+        found = meta.topics.get(self.topic)
+        if found is None:
+            return False
+        return found.error is None or found.error.code() not in self._unknown
+
+    def _set_topic_missing(self, missing: bool) -> None:
+        """Says so, once, when the input topic is found missing, and when it is found again."""
+        if missing == self.topic_missing:
+            return
+        self.topic_missing = missing
+        self.on_topic_missing(missing)
+        if missing:
+            log.warning(f"input topic {self.topic!r} does not exist on the brokers: waiting for "
+                        "it to be created (check --input-topic for a typo)",
+                        extra={"event": "input_topic_missing", "topic": self.topic})
+        else:
+            log.info(f"input topic {self.topic!r} found", extra={
+                "event": "input_topic_found", "topic": self.topic})
+
+    def _wait_for_topic(self, stop: threading.Event) -> bool:
+        """Waits until the brokers say the input topic exists (True) or ``stop`` is set (False).
+
+        A topic that does not exist is not subscribed to: the consumer would learn it was
+        created only at its next full metadata refresh (``topic.metadata.refresh.interval.ms``,
+        five minutes), after one UNKNOWN_TOPIC_OR_PART consume error. The brokers
+        are asked again every ``TOPIC_WAIT_S`` instead; brokers that do not answer are asked
+        until they do (the consumer would wait for them too)."""
+        timeout = self.check_timeout
+        while not stop.is_set():
+            exists = self._topic_exists(timeout)
+            if exists:
+                self._set_topic_missing(False)
+                return True
+            if exists is False:
+                self._set_topic_missing(True)
+            timeout = TOPIC_WAIT_S
+            deadline = time.monotonic() + TOPIC_WAIT_S
+            while not stop.is_set() and time.monotonic() < deadline:
+                # serves error_cb as consume does; not subscribed, no message comes
+                self.consumer.poll(0.2)
+        return False
 
     def _on_error(self, err: Any) -> None:
         log.warning("kafka client error", extra={"event": "kafka_error", "error": str(err)})
@@ -165,6 +228,8 @@ class KafkaSource:
         self.on_event("revoke", len(partitions))
 
     def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
+        if not self._wait_for_topic(stop):
+            return
         self.consumer.subscribe([self.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         while not stop.is_set():
@@ -174,6 +239,8 @@ class KafkaSource:
             good = [m for m in msgs if m.error() is None]
             if len(good) != len(msgs):
                 self._report_errors(msgs)
+            if good and self.topic_missing:  # reported unknown while subscribed, then back
+                self._set_topic_missing(False)
             # an empty batch when nothing came: the loop then commits what it has done
             yield self._to_batch(good) if good else _EMPTY
 
@@ -192,6 +259,11 @@ class KafkaSource:
                 continue
             if err.fatal():
                 raise DeliveryError(f"kafka consumer failed: {err.str()}")
+            if err.code() in self._unknown:
+                # the topic went away after the check: said once, not at every metadata
+                # refresh, until records come again
+                self._set_topic_missing(True)
+                continue
             log.warning("consume error", extra={"event": "consume_error", "error": err.str()})
 
     def _to_batch(self, msgs: list[Any]) -> RawBatch:

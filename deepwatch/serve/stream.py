@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,11 +250,24 @@ def _kafka_io(opts: StreamOptions, metrics: StreamMetrics) -> tuple[Source, Sink
     consumer_opts = {k: v for k, v in opts.kafka_options.items()}
     try:
         source = KafkaSource(opts.brokers, opts.input_topic, opts.group, opts.batch_size,
-                             opts.batch_wait_ms / 1000.0, consumer_opts, metrics.on_source_event)
+                             opts.batch_wait_ms / 1000.0, consumer_opts, metrics.on_source_event,
+                             _input_topic_gauge(metrics))
     except BaseException:
         sink.close()
         raise
     return source, sink
+
+
+def _input_topic_gauge(metrics: StreamMetrics) -> Callable[[bool], None]:
+    """``deepwatch_stream_input_topic_missing`` in the worker's metrics (Kafka only): 1 while
+    the input topic does not exist on the brokers and the worker waits for it, else 0."""
+    from prometheus_client import Gauge
+
+    gauge = Gauge("deepwatch_stream_input_topic_missing",
+                  "1 while the input topic does not exist on the brokers (the worker waits for "
+                  "it to be created), else 0", registry=metrics.registry)
+    gauge.set(0)
+    return lambda missing: gauge.set(1 if missing else 0)
 
 
 def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
