@@ -6,7 +6,6 @@ Heavy libraries load inside the commands, so ``deepwatch --help`` and ``score`` 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 
@@ -165,7 +164,8 @@ def evaluate(
 ) -> None:
     """Score labelled records and write metrics (binary, per type, KDD cost) as JSON."""
     from .errors import OutputError
-    from .evaluate.run import REPORT_SAMPLE
+    from .evaluate.metrics import to_json
+    from .evaluate.run import REPORT_SAMPLE, summary_lines
     from .evaluate.run import evaluate as run
     from .sinks import check_distinct_outputs, writable_file
 
@@ -178,23 +178,11 @@ def evaluate(
     result, cols = run(bundle, fmt, files, engine=backend, progress=_progress(),
                        feature_sample=REPORT_SAMPLE if report else 0, rejects=rejects)
     try:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        json_path.write_text(to_json(result))
     except OSError as exc:
         raise OutputError(f"cannot write {json_path}: {exc.strerror or exc}") from None
-    b = result["binary"]
-    line = (f"n {result['n']:,}: precision {b['precision']:.4f} recall {b['recall']:.4f} "
-            f"f1 {b['f1']:.4f} fpr {b['fpr']:.4f}")
-    if result.get("kdd_cost") is not None:
-        line += f" kdd_cost {result['kdd_cost']:.4f}"
-    rec = result["records"]
-    _err(line + f" ({result['rows_per_second']:,.0f} rows/s); {rec['lines']:,} lines read: "
-         f"{rec['parsed']:,} parsed, {rec['rejected']:,} rejected")
-    if result.get("uncategorised"):
-        odd = result["uncategorised"]
-        shown = ", ".join(f"{k!r} ({v:,})" for k, v in list(odd.items())[:5])
-        _err(f"warning: {sum(odd.values()):,} records have labels no KDD category knows: "
-             f"{shown}{', ...' if len(odd) > 5 else ''}; they count in the binary and per-label "
-             "figures, not in kdd_cost, categories or confusion")
+    for line in summary_lines(result):
+        _err(line)
     if report:
         from .viz.report import write_report
 
@@ -254,16 +242,23 @@ def report(
     files: Files,
     fmt: Format,
     out: Annotated[str, typer.Option("--out", "-o", help="HTML file to write")],
+    backend: Annotated[str, typer.Option(
+        "--backend", "--engine", help="auto, onnx or torch (--engine: the older name)")] = "auto",
+    rejects: Annotated[str | None, typer.Option(
+        help="Keep every rejected record here (JSONL: line, raw, reason, source)")] = None,
 ) -> None:
     """An HTML report: per-type detection (Sankey), t-SNE map, metrics."""
-    from .evaluate.run import REPORT_SAMPLE
+    from .evaluate.run import REPORT_SAMPLE, summary_lines
     from .evaluate.run import evaluate as run
     from .sinks import check_distinct_outputs, writable_file
     from .viz.report import write_report
 
-    check_distinct_outputs([("--out", out)], files, _read_dirs(bundle))
+    check_distinct_outputs([("--out", out), ("--rejects", rejects)], files, _read_dirs(bundle))
     writable_file(out, "--out")  # before the work, not after it
-    result, cols = run(bundle, fmt, files, progress=_progress(), feature_sample=REPORT_SAMPLE)
+    result, cols = run(bundle, fmt, files, engine=backend, progress=_progress(),
+                       feature_sample=REPORT_SAMPLE, rejects=rejects)
+    for line in summary_lines(result):
+        _err(line)
     write_report(out, result, cols, title=f"deepwatch report: {bundle}")
     _err(f"report written to {out}")
 

@@ -1,7 +1,13 @@
-"""Metrics in plain numpy: binary precision/recall/F1, ROC-AUC, PR-AUC, FPR, KDD cost."""
+"""Metrics in plain numpy: binary precision/recall/F1, ROC-AUC, PR-AUC, FPR, KDD cost.
+
+A metric that is undefined on the records given (an AUC over one class only, or over scores
+that are not numbers) is None, written ``null``: never NaN, which is not JSON.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import numpy as np
@@ -9,15 +15,59 @@ import numpy as np
 from ..labels import KDD_CATEGORIES, KDD_COST
 
 
+def label_codes(labels: Any) -> tuple[list[str], np.ndarray]:
+    """The distinct labels, sorted, each exactly as written, and every record's index into them.
+
+    Labels are grouped by their exact text. numpy's fixed-width strings cannot be trusted with
+    that: they drop trailing NUL characters, so ``labels == "normal.\\x00"`` matches nothing
+    and ``np.unique(labels.astype(str))`` names it ``"normal."``.
+    """
+    import pyarrow as pa
+
+    from .._arrow import skip_pandas_probe, to_numpy
+
+    skip_pandas_probe()
+    values = labels if isinstance(labels, (pa.Array, pa.ChunkedArray)) else \
+        pa.array(np.asarray(labels, dtype=object), pa.string())
+    encoded = values.dictionary_encode()
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    if encoded.null_count:
+        raise ValueError("a record without a label cannot be measured")
+    names = encoded.dictionary.to_pylist()
+    order = sorted(range(len(names)), key=names.__getitem__)
+    rank = np.empty(len(names), np.int64)
+    rank[order] = np.arange(len(names))
+    codes = rank[to_numpy(encoded.indices).astype(np.int64)]
+    return [names[i] for i in order], codes
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every float that is NaN or infinite, at any depth, made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def to_json(result: dict[str, Any]) -> str:
+    """The evaluation JSON: strict JSON, an undefined number written ``null``, never NaN."""
+    return json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n"
+
+
 def _safe(a: float, b: float) -> float:
     return float(a / b) if b else 0.0
 
 
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float | None:
-    """Area under the ROC curve (ties count half); None when only one class is present."""
+    """Area under the ROC curve (ties count half); None when only one class is present or a
+    score is NaN (it has no rank)."""
     y = np.asarray(y, dtype=bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(np.asarray(score, dtype=np.float64)).any():
         return None
     from scipy.stats import rankdata
 
@@ -26,10 +76,11 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float | None:
 
 
 def pr_auc(y: np.ndarray, score: np.ndarray) -> float | None:
-    """Average precision (step-wise area under the precision-recall curve)."""
+    """Average precision (step-wise area under the precision-recall curve); None when only one
+    class is present or a score is NaN."""
     y = np.asarray(y, dtype=bool)
     n_pos = int(y.sum())
-    if n_pos == 0 or n_pos == len(y):
+    if n_pos == 0 or n_pos == len(y) or np.isnan(np.asarray(score, dtype=np.float64)).any():
         return None
     order = np.argsort(-np.asarray(score, dtype=np.float64), kind="stable")
     s = np.asarray(score)[order]

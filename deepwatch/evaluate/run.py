@@ -12,8 +12,8 @@ import pyarrow as pa
 from ..errors import DataError, UsageError
 from ..formats import get_format
 from ..io import InputReader, no_label_reason, split_unlabelled
-from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST, kdd_category
-from .metrics import binary_metrics, confusion, kdd_cost
+from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST, is_attack, kdd_category
+from .metrics import binary_metrics, confusion, kdd_cost, label_codes
 
 #: Records of every label whose features a report keeps for its t-SNE map.
 REPORT_SAMPLE = 3000
@@ -85,20 +85,26 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
 
 def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None,
                  seconds: float) -> dict[str, Any]:
-    labels = cols["label"]
-    y = labels != BENIGN
-    verdict = cols["verdict"].astype(bool)
+    """The contract's metrics of per-record ``label``/``score``/``verdict`` (and ``category``).
+    ``threshold``: the cut on ``score`` the verdicts were made by, or None (see
+    :func:`verdict_threshold`). Every label is counted once, under its exact text."""
+    names, codes = label_codes(cols["label"])
+    benign = np.array([name == BENIGN for name in names], dtype=bool)
+    y = ~benign[codes]
+    verdict = np.asarray(cols["verdict"]).astype(bool)
     result: dict[str, Any] = {
-        "n": int(len(labels)),
+        "n": int(len(codes)),
         "binary": binary_metrics(y, cols["score"], verdict, threshold),
     }
-    per_label: dict[str, Any] = {}
-    for lab in sorted(set(labels.tolist())):
-        m = labels == lab
-        right = ~verdict[m] if lab == BENIGN else verdict[m]
-        per_label[lab] = {"support": int(m.sum()), "detection_rate": float(right.mean())}
+    right = np.where(y, verdict, ~verdict)  # an attack flagged, a benign record let through
+    support = np.bincount(codes, minlength=len(names))
+    hits = np.bincount(codes, weights=right, minlength=len(names))
+    # every name has a record: no empty share, no NaN
+    per_label = {name: {"support": int(support[i]), "detection_rate": float(hits[i] / support[i])}
+                 for i, name in enumerate(names)}
     if kdd:
-        true_cat = np.array([kdd_category(v) for v in labels], dtype=object)
+        cat_of = np.array([kdd_category(name) for name in names], dtype=object)
+        true_cat = cat_of[codes]
         pred_cat = cols.get("category")
         if pred_cat is None:  # an autoencoder names no category: its alerts get the one the
             # hybrid gives novel attacks, the least worst-case cost over the true category
@@ -109,8 +115,8 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
         cats = list(KDD_CATEGORIES)
         result["kdd_cost"] = kdd_cost(true_cat, pred_cat)
         # labels the KDD tables do not know: in binary and per_label, not in the cost
-        unknown, counts = np.unique(labels[true_cat == "unknown"].astype(str), return_counts=True)
-        result["uncategorised"] = {str(k): int(v) for k, v in zip(unknown, counts, strict=True)}
+        result["uncategorised"] = {name: int(support[i]) for i, name in enumerate(names)
+                                   if cat_of[i] == "unknown"}
         categories = {}
         for c in cats:
             m = true_cat == c
@@ -124,8 +130,43 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
         result["categories"] = None
         result["confusion"] = None
     result["per_label"] = per_label
-    result["rows_per_second"] = float(len(labels) / seconds) if seconds > 0 else 0.0
+    result["rows_per_second"] = float(len(codes) / seconds) if seconds > 0 else 0.0
     return result
+
+
+def verdict_threshold(decision: Any, cols: dict[str, np.ndarray]) -> float | None:
+    """The cut on ``score`` the verdicts were made by: every record is malicious exactly when
+    its ``score`` reaches it. None where the verdict is no cut on ``score``:
+
+    - the ``cost`` decision (the category of least expected cost: a record can be flagged at a
+      lower score than another that is not);
+    - a hybrid whose classifier cut is not 0.5 (its verdict is the classifiers' cut OR the
+      autoencoder's, its score the larger of the two scores, on which the autoencoder's
+      threshold falls at 0.5);
+    - an autoencoder without a positive threshold (its score then has no fixed point at it).
+
+    A bundle's autoencoder threshold is on ``anomaly_score``; its score is
+    ``anomaly_score / (anomaly_score + threshold)``, 0.5 at the threshold, so the cut on
+    ``score`` is 0.5. The claim is checked on the records: if any verdict differs from
+    ``score >= cut`` (a rounding at the very edge) there is no one cut, and the answer is None.
+    """
+    anomaly_cut = decision.anomaly_threshold
+    has_autoencoder = "anomaly_score" in cols
+    cut: float | None
+    if decision.supervised:
+        if decision.policy == "cost" and decision.config.get("cost_matrix") is not None:
+            cut = None
+        else:
+            cut = float(decision.threshold)
+            if has_autoencoder and (cut != 0.5 or anomaly_cut is None or anomaly_cut <= 0):
+                cut = None
+    else:
+        cut = 0.5 if has_autoencoder and anomaly_cut is not None and anomaly_cut > 0 else None
+    if cut is not None:
+        score = np.asarray(cols["score"], dtype=np.float64)
+        if not np.array_equal(score >= cut, np.asarray(cols["verdict"]).astype(bool)):
+            cut = None
+    return cut
 
 
 def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str = "auto",
@@ -145,11 +186,9 @@ def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str =
         raise
     sink.close()
     fmt = get_format(format_name)
-    threshold = (det.decision.threshold if det.decision.supervised
-                 else det.decision.anomaly_threshold)
-    result = metrics_from(cols, fmt.kdd_labels, threshold, seconds)
-    if "anomaly_score" in cols:
-        result["anomaly"] = binary_metrics(cols["label"] != BENIGN, cols["anomaly_score"],
+    result = metrics_from(cols, fmt.kdd_labels, verdict_threshold(det.decision, cols), seconds)
+    if "anomaly_score" in cols:  # the autoencoder alone, on its own scale (anomaly_score)
+        result["anomaly"] = binary_metrics(is_attack(cols["label"]), cols["anomaly_score"],
                                            cols["anomaly_score"] >= (det.decision.anomaly_threshold
                                                                      or np.inf),
                                            det.decision.anomaly_threshold)
@@ -162,6 +201,27 @@ def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str =
     result["records"] = {"lines": stats.lines, "parsed": stats.parsed, "rejected": stats.rejected}
     result["bundle"] = {"kind": det.kind, "engine": det.engine, "path": str(bundle)}
     return result, cols
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """What ``evaluate`` and ``report`` say on stderr of a run: the headline metrics with the
+    counts of lines read, parsed and rejected, then a warning naming the labels no KDD category
+    knows, if any."""
+    b = result["binary"]
+    line = (f"n {result['n']:,}: precision {b['precision']:.4f} recall {b['recall']:.4f} "
+            f"f1 {b['f1']:.4f} fpr {b['fpr']:.4f}")
+    if result.get("kdd_cost") is not None:
+        line += f" kdd_cost {result['kdd_cost']:.4f}"
+    rec = result["records"]
+    lines = [line + f" ({result['rows_per_second']:,.0f} rows/s); {rec['lines']:,} lines read: "
+                    f"{rec['parsed']:,} parsed, {rec['rejected']:,} rejected"]
+    if result.get("uncategorised"):
+        odd = result["uncategorised"]
+        shown = ", ".join(f"{k!r} ({v:,})" for k, v in list(odd.items())[:5])
+        lines.append(f"warning: {sum(odd.values()):,} records have labels no KDD category knows: "
+                     f"{shown}{', ...' if len(odd) > 5 else ''}; they count in the binary and "
+                     "per-label figures, not in kdd_cost, categories or confusion")
+    return lines
 
 
 def to_table(cols: dict[str, np.ndarray]) -> pa.Table:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..evaluate.metrics import label_codes
 from ..labels import BENIGN
 
 RIGHT = "rgba(46, 139, 87, 0.45)"  # the verdict was right
@@ -24,9 +25,10 @@ def verdict_names(verdict: np.ndarray) -> np.ndarray:
 
 
 def label_order(labels: np.ndarray) -> list[str]:
-    """``normal`` first, then attack types by descending count."""
-    uniq, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
-    order = sorted(zip(uniq.tolist(), counts.tolist(), strict=True),
+    """``normal`` first, then attack types by descending count; each label by its exact text."""
+    names, codes = label_codes(labels)
+    counts = np.bincount(codes, minlength=len(names))
+    order = sorted(zip(names, counts.tolist(), strict=True),
                    key=lambda t: (t[0] != BENIGN, -t[1], t[0]))
     return [u for u, _ in order]
 
@@ -35,12 +37,11 @@ def sankey(labels: np.ndarray, verdict: np.ndarray) -> Any:
     """True type (left) -> verdict (right); a flow's width is its number of records."""
     import plotly.graph_objects as go
 
-    labels = np.asarray(labels, dtype=str)
     verdicts = verdict_names(verdict)
     types = label_order(labels)
     type_index = {t: i for i, t in enumerate(types)}
-    uniq, inverse = np.unique(labels, return_inverse=True)
-    row = np.array([type_index[u] for u in uniq.tolist()], dtype=np.int64)[inverse]
+    names, codes = label_codes(labels)
+    row = np.array([type_index[u] for u in names], dtype=np.int64)[codes]
     is_bad = (verdicts == "malicious").astype(np.int64)
     counts = np.bincount(row * 2 + is_bad, minlength=2 * len(types)).reshape(-1, 2)
     totals = counts.sum(axis=1)
@@ -114,7 +115,7 @@ def score_histogram(labels: np.ndarray, score: np.ndarray, threshold: float | No
     """How scores of benign and attack records spread, with the decision threshold marked."""
     import plotly.graph_objects as go
 
-    attack = np.asarray(labels, dtype=str) != BENIGN
+    attack = np.asarray(labels, dtype=object) != BENIGN
     bins = np.linspace(0.0, 1.0, 51)
     fig = go.Figure()
     for name, mask, colour in (("normal", ~attack, VERDICT_COLOURS["normal"]),
@@ -134,12 +135,13 @@ def tsne_scatter(xy: np.ndarray, labels: np.ndarray, verdict: np.ndarray) -> Any
     """The t-SNE map: one colour per true type; a cross marks a record given the wrong verdict."""
     import plotly.graph_objects as go
 
-    labels = np.asarray(labels, dtype=str)
     verdicts = verdict_names(verdict)
-    wrong = (labels == BENIGN) != (verdicts == "normal")
+    wrong = (np.asarray(labels, dtype=object) == BENIGN) != (verdicts == "normal")
+    names, codes = label_codes(labels)
+    index = {name: i for i, name in enumerate(names)}
     fig = go.Figure()
     for lab in label_order(labels):
-        m = labels == lab
+        m = codes == index[lab]
         fig.add_trace(go.Scatter(
             x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{lab} ({int(m.sum())})",
             marker={"size": 5, "symbol": np.where(wrong[m], "x", "circle").tolist()},

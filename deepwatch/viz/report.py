@@ -85,7 +85,7 @@ def _tsne_section(cols: dict[str, np.ndarray], seed: int) -> str:
     if len(rows) < 5:  # (a sample was collected: the records themselves are too few)
         return (f'<p class="note">{len(rows)} record{"" if len(rows) == 1 else "s"}: too few '
                 "for a map (it needs 5), so none was drawn.</p>")
-    labels = np.asarray(cols["label"], dtype=str)[rows]
+    labels = np.asarray(cols["label"], dtype=object)[rows]
     pick = balanced_pick(labels, MAX_POINTS, seed=seed)
     t0 = time.perf_counter()
     xy = tsne_map(np.asarray(X)[pick], seed=seed)
@@ -104,7 +104,7 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
     for need in ("label", "score", "verdict"):
         if need not in cols:
             raise UsageError(f"a report needs the per-record column {need!r}")
-    labels = np.asarray(cols["label"], dtype=str)
+    labels = np.asarray(cols["label"], dtype=object)
     verdict = np.asarray(cols["verdict"])
     b = result.get("binary") or {}
     parts = [f"<h1>{html.escape(title)}</h1>",

@@ -58,8 +58,10 @@ def balanced_pick(labels: np.ndarray, total: int, seed: int = 0) -> np.ndarray:
     Every label gets the same quota; what a small label leaves unused goes to the larger ones
     (water-filling), so rare attack types stay visible next to the common ones.
     """
-    labels = np.asarray(labels, dtype=str)
-    uniq, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    from ..evaluate.metrics import label_codes
+
+    uniq, inverse = label_codes(labels)  # by exact text (numpy's strings drop trailing NULs)
+    counts = np.bincount(inverse, minlength=len(uniq))
     if counts.sum() <= total:
         return np.arange(len(labels))
     quota = np.zeros(len(uniq), np.int64)
