@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 from ._arrow import to_numpy
 from .errors import DeepwatchError, InputError, UsageError
 from .formats import Format, get_format
-from .formats._base import cut_raw
+from .formats._base import cut_lost
 from .io import Stats, with_label
 from .scoring import ScoreReport
 from .sinks import RecordSink, RejectSink
@@ -64,17 +64,18 @@ from .sources.files import (
 from .sources.files import log as reader_log
 
 #: Columns that travel with every row between the executors and the driver. ``_warning``: on
-#: the reject standing for the unreadable rest of a damaged input, the warning to log about it.
+#: the reject standing for the unreadable rest of a damaged input, the warning to log about it;
+#: ``_damaged``: true on a reject that stands for text not read as a line (no --format hint).
 HELPERS = pa.schema([pa.field("_file", pa.int32()), pa.field("_line", pa.int64()),
                      pa.field("_raw", pa.string()), pa.field("_reason", pa.string()),
-                     pa.field("_warning", pa.string())])
+                     pa.field("_warning", pa.string()), pa.field("_damaged", pa.bool_())])
 #: Every line of every input, numbered from 1 per file. ``damage``: set on a row that stands
 #: for text that could not be read as a line (see ``Chunk.damage``; ``text`` then holds the
-#: beginning of what could not be trusted), and ``rest_lost`` on the one for the rest of a
-#: damaged input.
+#: beginning of what could not be trusted, cut as the local engine cuts it, and ``reason`` its
+#: reject's reason), and ``rest_lost`` on the one for the rest of a damaged input.
 LINES = pa.schema([pa.field("file", pa.int32()), pa.field("line", pa.int64()),
                    pa.field("text", pa.string()), pa.field("damage", pa.string()),
-                   pa.field("rest_lost", pa.bool_())])
+                   pa.field("rest_lost", pa.bool_()), pa.field("reason", pa.string())])
 #: What one reading task reads: a whole ``.gz`` file (``gzip``), or the lines of a plain file
 #: that start in bytes [start, end) of its ``size`` bytes, numbered from ``first_line``.
 PIECES = pa.schema([pa.field("file", pa.int32()), pa.field("path", pa.string()),
@@ -225,20 +226,15 @@ def _refused(batch: pa.RecordBatch) -> np.ndarray:
 
 
 def _refused_run(rows: pa.RecordBatch, union: pa.Schema) -> pa.RecordBatch:
-    """The rejects of a run of refused rows (see _refused), as the local engine makes them: the
-    reason, and the beginning of the text (at most LOST_BYTES bytes) cut as ``cut_raw`` cuts."""
-    raws, reasons, warnings_ = [], [], []
-    for damage, rest_lost, head in zip(rows.column("damage").to_pylist(),
-                                       rows.column("rest_lost").to_pylist(),
-                                       rows.column("text").to_pylist(), strict=True):
-        raw, reason = cut_raw(head, damage)
-        raws.append(raw)
-        reasons.append(reason)
-        warnings_.append(damage if rest_lost else None)
+    """The rejects of a run of refused rows (see _refused), as the local engine makes them (the
+    text and reason were cut by ``cut_lost`` where the line was read)."""
+    warnings_ = [damage if rest_lost else None
+                 for damage, rest_lost in zip(rows.column("damage").to_pylist(),
+                                              rows.column("rest_lost").to_pylist(), strict=True)]
     table = pa.table({"_file": rows.column("file"), "_line": rows.column("line"),
-                      "_raw": pa.array(raws, pa.string()),
-                      "_reason": pa.array(reasons, pa.string()),
-                      "_warning": pa.array(warnings_, pa.string())})
+                      "_raw": rows.column("text"), "_reason": rows.column("reason"),
+                      "_warning": pa.array(warnings_, pa.string()),
+                      "_damaged": pa.array(np.ones(rows.num_rows, bool))})
     return _conform(table, union)
 
 
@@ -336,10 +332,11 @@ def lines_starting_in(path: str, start: int, end: int, block_bytes: int = CHUNK_
 def _chunk_lines(chunk: Chunk, file_no: int) -> pa.RecordBatch:
     """The LINES rows of one chunk: one per line, or the one row standing for its damage."""
     if chunk.damage is not None:
+        text, reason = cut_lost(chunk.lost, chunk.damage)
         return pa.RecordBatch.from_pydict(
-            {"file": [file_no], "line": [chunk.first_line],
-             "text": [chunk.lost.decode("utf-8", errors="replace")],
-             "damage": [chunk.damage], "rest_lost": [chunk.rest_lost]}, schema=LINES)
+            {"file": [file_no], "line": [chunk.first_line], "text": [text],
+             "damage": [chunk.damage], "rest_lost": [chunk.rest_lost], "reason": [reason]},
+            schema=LINES)
     text = chunk.data.decode("utf-8", errors="replace")
     if text.endswith("\n"):
         text = text[:-1]
@@ -348,7 +345,8 @@ def _chunk_lines(chunk: Chunk, file_no: int) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(
         [pa.array(np.full(n, file_no, np.int32)),
          pa.array(np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64)),
-         split, pa.nulls(n, pa.string()), pa.nulls(n, pa.bool_())], schema=LINES)
+         split, pa.nulls(n, pa.string()), pa.nulls(n, pa.bool_()), pa.nulls(n, pa.string())],
+        schema=LINES)
 
 
 @contextlib.contextmanager
@@ -515,10 +513,12 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
                 raise SparkError("Spark returned records out of input order; please report")
             last = (int(files[-1]), int(lines[-1]))
             bad = to_numpy(pc.is_valid(batch.column("_reason")))
+            damaged = to_numpy(batch.column("_damaged").fill_null(False)).astype(bool)
             _warn(batch, names)
             for f in np.unique(files).tolist():
                 mine = files == f
-                stats.add(names[f], int(mine.sum()), int((mine & bad).sum()))
+                stats.add(names[f], int(mine.sum()), int((mine & bad).sum()),
+                          int((mine & damaged).sum()))
             if bad.any():
                 rej = batch.filter(pa.array(bad))
                 reject_sink.write(pa.table({

@@ -22,7 +22,7 @@ from conftest import need
 from deepwatch.errors import BundleError, InputError, UsageError
 from deepwatch.formats._base import MAX_RAW
 from deepwatch.scoring import score_files
-from deepwatch.sources.files import LOST_BYTES, MAX_LINE_BYTES, Chunk, InputSpec, LineBuffer
+from deepwatch.sources.files import MAX_LINE_BYTES, Chunk, InputSpec, LineBuffer
 
 BAD_LINES = ["garbage,line", "", "0,tcp,http,SF,not-a-number" + ",0" * 37 + ",normal."]
 
@@ -330,7 +330,9 @@ def test_a_line_far_over_the_limit_is_one_reject_read_in_bounded_memory(tmp_path
         (5, "fourth", True)]
     assert rows[2]["damage"] == (f"the line is {long:,} bytes long, over the limit of "
                                  f"{MAX_LINE_BYTES:,} bytes for one record")
-    assert rows[2]["text"] == "B" * LOST_BYTES and rows[2]["rest_lost"] is False
+    assert rows[2]["text"] == "B" * MAX_RAW and rows[2]["rest_lost"] is False
+    assert rows[2]["reason"] == (f"{rows[2]['damage']} (the raw text keeps its first "
+                                 f"{MAX_RAW:,} bytes)")
 
 
 @pytest.mark.slow
@@ -363,7 +365,9 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
     assert not (tmp_path / "never.jsonl").exists()
     empty = tmp_path / "empty.csv"
     empty.write_bytes(b"")
-    inputs = [str(plain), str(packed), str(empty)]
+    only_long = tmp_path / "only-long.csv"
+    only_long.write_bytes(b"D" * (MAX_LINE_BYTES + 5) + b"\n")
+    inputs = [str(plain), str(packed), str(empty), str(only_long)]
     local = score_files(str(kdd_bundle), "kdd", inputs, str(tmp_path / "local.jsonl"),
                         rejects=str(tmp_path / "local-rejects.jsonl"))
     dist = score_spark(str(kdd_bundle), "kdd", inputs, str(tmp_path / "spark.jsonl"),
@@ -384,3 +388,6 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
         local.stats.lines, local.stats.parsed, local.stats.rejected)
     assert dist.stats.by_source == local.stats.by_source
     assert dist.stats.by_source[str(packed)]["parsed"] == 500  # its text, not its bytes
+    # the over-long lines are damage, not a hint that --format is wrong, for both engines
+    assert dist.stats.damaged == local.stats.damaged == {str(plain): 2, str(only_long): 1}
+    assert dist.stats.format_warnings("kdd") == local.stats.format_warnings("kdd") == []
