@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..progress import step_progress
+from ..progress import epoch_progress
 from . import distributed
 
 
@@ -136,7 +136,11 @@ def fit(
     mine = dist.share(cfg.batch_size)
     fixed = cfg.fixed_epochs is not None
     n_epochs = min(cfg.fixed_epochs, cfg.epochs) if cfg.fixed_epochs is not None else cfg.epochs
-    with step_progress(cfg.label, n_epochs) as update:
+    best_epoch, early = 0, False  # epoch 0: the initial weights
+    before = len(cfg.history)
+    detail = f"{steps:,} batch{'es' if steps != 1 else ''} of {cfg.batch_size:,} from " \
+        f"{len(X):,} rows" + (", no validation" if fixed else "") + f", on {device}"
+    with epoch_progress(cfg.label, n_epochs, detail) as report:
         for epoch in range(n_epochs):
             stepper.train()
             idx = torch.as_tensor(rng.choice(len(X), size=steps * cfg.batch_size, p=probs),
@@ -154,22 +158,27 @@ def fit(
             if fixed:  # a refit: no validation, the weights after the last epoch are kept
                 [total] = distributed.all_sum([total / dist.world], device, dist)
                 cfg.history.append({"epoch": epoch + 1, "train_loss": total / steps})
-                update(1, f"train loss {total / steps:.5f}")
+                report.epoch(epoch + 1, total / steps)
                 continue
             val_total, val_weight = evaluate_loss(model, loss_fn, Xv, yv, wv)
             total, val_total, val_weight = distributed.all_sum(
                 [total / dist.world, val_total, val_weight], device, dist)
             val = val_total / max(val_weight, 1e-12)
             cfg.history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val})
-            update(1, f"val loss {val:.5f}")
             if val < best - 1e-6:
-                best, stale = val, 0
+                best, best_epoch, stale = val, epoch + 1, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
-                if stale >= cfg.patience:
-                    update(cfg.epochs - epoch - 1, f"early stop, best val loss {best:.5f}")
-                    break
+                early = stale >= cfg.patience
+            report.epoch(epoch + 1, total / steps, val, best_epoch, best)
+            if early:
+                break
+        if fixed:
+            report.stopped(len(cfg.history) - before, None, None)
+        else:
+            report.stopped(len(cfg.history) - before, best_epoch, best,
+                           cfg.patience if early else None)
     if not fixed:
         net.load_state_dict(best_state)
     # per-rank batch-norm statistics may differ: every rank goes on with rank 0's model
