@@ -623,6 +623,30 @@ def test_embedded_damaged_gzip_dead_letters_the_lost_rest(
     assert r[0]["raw"] and cut.startswith(r[0]["raw"][:40]), r[0]["raw"][:80]
 
 
+def test_an_over_long_line_is_a_dead_letter_cut_as_scores_reject_is(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """The dead letter of a 2 MiB line keeps its first 10,000 bytes and says so, word for word
+    as `score`'s reject (it said "cut to its first 10,000 of 40,000 characters": the count of
+    the bytes the reader had kept, not of the line)."""
+    from deepwatch.scoring import score_files
+    from deepwatch.sources.files import MAX_LINE_BYTES
+
+    records = _records(small_kdd_test, 20)
+    src = tmp_path / "long.csv"
+    src.write_bytes(b"\n".join(records[:5] + [b"E" * (2 * MAX_LINE_BYTES)] + records[5:])
+                    + b"\n")
+    _a, v, r = _stream_files(kdd_bundle, src, tmp_path)
+    assert len(v) == 20 and len(r) == 1
+    score_files(str(kdd_bundle), "kdd", [str(src)], str(tmp_path / "s.jsonl"),
+                rejects=str(tmp_path / "s-rejects.jsonl"))
+    (reject,) = [json.loads(x) for x in (tmp_path / "s-rejects.jsonl").read_text().splitlines()]
+    assert r[0]["reason"] == reject["reason"] == (
+        f"the line is {2 * MAX_LINE_BYTES:,} bytes long, over the limit of {MAX_LINE_BYTES:,} "
+        "bytes for one record (the raw text keeps its first 10,000 bytes)")
+    assert r[0]["raw"] == reject["raw"] == "E" * 10_000
+    assert r[0]["deepwatch"]["source"]["line"] == 6
+
+
 def test_inputs_stream_cannot_read_are_one_line_usage_errors(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -130,10 +130,10 @@ def _is_utf8(data: bytes) -> bool:
 def _damage_text(raw: RawBatch) -> tuple[list[str], list[str]]:
     """The raw texts and reasons of a damaged batch's dead letters: its first record keeps
     the beginning of the untrusted text, cut as a reject's is."""
-    from ..formats._base import cut_raw
+    from ..formats._base import cut_lost
 
     assert raw.damage is not None
-    text, reason = cut_raw(raw.lost.decode("utf-8", errors="replace"), raw.damage)
+    text, reason = cut_lost(raw.lost, raw.damage)
     texts, reasons = [""] * raw.count, [raw.damage] * raw.count
     if raw.count:
         texts[0], reasons[0] = text, reason
