@@ -181,3 +181,74 @@ def test_odd_numbers_get_one_verdict_alone_in_a_clean_chunk_and_beside_a_bad_lin
         if value.lower().startswith("0x") and field != 41:
             assert alone[0] == "reject", value  # numeric fields are decimal
     assert accepted >= 4  # the comparison really covered rows, not only rejects
+
+
+#: How some CSV exporters space their fields, one style a line.
+SPACED = [", ", " , ", ",\t", " ,", ",  "]
+
+
+def _spaced(lines: list[str]) -> list[str]:
+    return [SPACED[i % len(SPACED)].join(ln.split(",")) for i, ln in enumerate(lines)]
+
+
+def test_spaces_around_fields_score_exactly_as_the_clean_lines(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """``0, tcp, http, SF, ...``: the text fields kept their leading space (`` udp``), which the
+    featurizer knows as no protocol: the records fell into its ``other`` slot and their
+    verdicts changed without a reject."""
+    import pyarrow.parquet as pq
+
+    from deepwatch.cli import main
+
+    clean = small_kdd_test.read_text().splitlines()[:600]
+    tables = []
+    for name, lines in (("clean", clean), ("spaced", _spaced(clean))):
+        src, out = tmp_path / f"{name}.csv", tmp_path / f"{name}.parquet"
+        src.write_text("\n".join(lines) + "\n")
+        assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                     str(src)]) == 0
+        tables.append(pq.read_table(out))
+    assert tables[0].num_rows == 600
+    assert tables[1].equals(tables[0])
+
+
+@pytest.mark.parametrize("fmt", ["kdd", "nslkdd"])
+def test_spaces_around_fields_are_dropped_on_every_parse_path(fmt: str) -> None:
+    """Alone (a one-line request), in a clean chunk and beside a bad line: the record a spaced
+    line gives is the clean line's; a text field of spaces only is no value, a reject."""
+    tail = ",21" if fmt == "nslkdd" else ""
+    base = GOOD.removesuffix("normal.")
+    clean = [GOOD + tail, base.replace("tcp,http", "udp,private") + "smurf." + tail] * 10
+    spaced = _spaced(clean)
+    blank = base.replace(",http,", ",  ,") + "normal." + tail
+    f = get_format(fmt)
+    want = f.parse("\n".join(clean) + "\n").batch
+    assert want.column("protocol_type").to_pylist()[:2] == ["tcp", "udp"]
+    assert f.parse(spaced[1] + "\n").batch.equals(want.slice(1, 1))
+    assert f.parse("\n".join(spaced) + "\n").batch.equals(want)
+    r = f.parse("\n".join([*spaced[:5], "junk", blank, *spaced[5:]]) + "\n", first_line=7)
+    assert r.batch.equals(want)
+    assert [(x["line"], x["raw"], x["reason"]) for x in r.rejects.to_pylist()] == [
+        (12, "junk", r.rejects.column("reason")[0].as_py()),
+        (13, blank, "field 3 (service) is empty once the spaces around it are removed: '  '")]
+    # a blank label as well: the first empty field is named
+    both = base.replace(",SF,", ", ,") + " . " + tail
+    [reason] = f.parse(both + "\n").rejects.column("reason").to_pylist()
+    assert reason == "field 4 (flag) is empty once the spaces around it are removed: ' '"
+
+
+def test_a_bad_field_count_names_every_count_the_format_takes() -> None:
+    """``--format nslkdd`` takes 43 fields, 42 (KDD 99 lines: no difficulty) and 41 (no label);
+    the reason for any other count said "expected 43 fields" alone."""
+    nsl = get_format("nslkdd")
+    unlabelled = GOOD.removesuffix(",normal.")
+    r = nsl.parse("\n".join([GOOD + ",21", GOOD, unlabelled, "1,2,3"]) + "\n")
+    assert r.batch.column("label").to_pylist() == ["normal", "normal", None]
+    assert r.batch.column("difficulty").to_pylist() == [21, None, None]
+    assert r.rejects.column("reason").to_pylist() == [
+        "expected 43 fields separated by ',' (or 42 without the difficulty, 41 without the "
+        "label), found 3"]
+    r = get_format("kdd").parse("\n".join([GOOD, GOOD + ",21", unlabelled]) + "\n")
+    assert r.batch.num_rows == 2
+    assert r.rejects.column("reason").to_pylist() == [
+        "expected 42 fields separated by ',' (or 41 without the label), found 43"]

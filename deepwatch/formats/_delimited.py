@@ -160,9 +160,12 @@ def _tiny(data: bytes, schemas: Sequence[pa.Schema], sep: str, nonneg: Sequence[
 
 
 def _robust(
-    lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str]
+    lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str], count_note: str = ""
 ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """Returns (parsed table, indices of parsed lines, reason per line or None).
+
+    ``count_note`` follows the expected field count in the reason for a line of another count
+    (the other counts the format takes, see :func:`_other_counts`).
 
     Two lazy polars queries, not one eager operation per field (those cost more than the parse):
     values and a bad-line flag for every line, then reason texts for the bad lines only.
@@ -206,7 +209,7 @@ def _robust(
         pl.when(empty)
         .then(pl.lit("empty line"))
         .when(count != n_fields)
-        .then(pl.lit(f"expected {n_fields} fields separated by {sep!r}, found ")
+        .then(pl.lit(f"expected {n_fields} fields separated by {sep!r}{count_note}, found ")
               + count.cast(pl.String))
     )
     frame = (
@@ -289,7 +292,8 @@ def parse_delimited(
                 n_fields[remaining] == len(schema)).any():
             continue  # no line left has this schema's field count: its reasons would not win
         sub = [lines[i] for i in remaining]
-        table, idx, reasons = _robust(sub, schema, sep, nonneg)
+        table, idx, reasons = _robust(sub, schema, sep, nonneg,
+                                      _other_counts(schemas, full) if schema is full else "")
         ok_idx = remaining[idx]
         ok_all[ok_idx] = True
         parsed_parts.append((ok_idx, _conform(table, full)))
@@ -314,6 +318,17 @@ def parse_delimited(
     )
     numbers = pa.array(np.sort(order_idx).astype(np.int64) + first_line)
     return table, _result(table, rejects, n_lines, numbers)
+
+
+def _other_counts(schemas: Sequence[pa.Schema], full: pa.Schema) -> str:
+    """The narrower field counts a format takes besides the widest, and what each leaves out:
+    `` (or 41 without the label)``; empty for a format of one width."""
+    narrower = sorted((s for s in schemas if len(s) < len(full)), key=len, reverse=True)
+    if not narrower:
+        return ""
+    said = [f"{len(s)} without the {full.names[len(s)]}" if s.names == full.names[: len(s)]
+            else str(len(s)) for s in narrower]
+    return f" (or {', '.join(said)})"
 
 
 def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str]

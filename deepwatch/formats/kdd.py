@@ -70,22 +70,39 @@ class KDD(Format):
 
     def _finish(self, result: ParseResult, data: bytes | str, first_line: int
                 ) -> ParseResult:
-        """Labels as the tables name them: ``smurf.`` is ``smurf``, spaces around it dropped.
-        A label that is nothing but dots and spaces is not a label: its line is a reject."""
+        """Text fields as the KDD files write them: no spaces around a value (``0, tcp, http``
+        from some CSV exporters scores as ``0,tcp,http``; numbers are read through spaces
+        already), labels as the tables name them (``smurf.`` is ``smurf``). A text field that
+        is nothing but spaces, or a label nothing but dots and spaces, is no value: its line
+        is a reject."""
         import pyarrow.compute as pc
 
         batch = result.batch
+        reasons: dict[int, str] = {}  # row -> why, for its first empty field
+        for name in CATEGORICAL:
+            i = batch.schema.get_field_index(name)
+            raw = batch.column(i)
+            trimmed = pc.ascii_trim_whitespace(raw)
+            if _text_bytes(trimmed) == _text_bytes(raw):
+                continue  # nothing was trimmed (every KDD file): the column as parsed
+            batch = batch.set_column(i, batch.schema.field(i), trimmed)  # "not null" kept
+            for row in np.flatnonzero(np.asarray(pc.equal(trimmed, ""), dtype=bool)):
+                reasons.setdefault(int(row), f"field {i + 1} ({name}) is empty once the "
+                                   f"spaces around it are removed: '{raw[row].as_py()[:80]}'")
         i = batch.schema.get_field_index("label")
         raw = batch.column(i)
         label = pc.utf8_rtrim(pc.utf8_trim_whitespace(raw), characters=". ")
-        result.batch = batch.set_column(i, "label", label)
+        batch = batch.set_column(i, "label", label)
         empty = pc.fill_null(pc.equal(label, ""), False)
-        if not pc.any(empty).as_py():
+        if pc.any(empty).as_py():
+            for row in np.flatnonzero(np.asarray(empty, dtype=bool)):
+                reasons.setdefault(int(row), f"field {len(KDD_FEATURES) + 1} (label) is empty "
+                                   f"once its trailing dot is removed: '{raw[row].as_py()}'")
+        result.batch = batch
+        if not reasons:
             return result
-        bad = np.flatnonzero(np.asarray(empty, dtype=bool))
-        return _reject_rows(result, bad, data, first_line, [
-            f"field {len(KDD_FEATURES) + 1} (label) is empty once its trailing dot is "
-            f"removed: '{v}'" for v in raw.take(pa.array(bad)).to_pylist()])
+        bad = np.array(sorted(reasons), dtype=np.int64)
+        return _reject_rows(result, bad, data, first_line, [reasons[r] for r in bad])
 
     def feature_spec(self) -> dict[str, Any]:
         numeric = [f for f in KDD_FEATURES if f not in CATEGORICAL]
@@ -98,6 +115,14 @@ class KDD(Format):
 
     def category_of(self, label: str) -> str:
         return kdd_category(label)
+
+
+def _text_bytes(column: pa.Array) -> int:
+    """The bytes of text in a string column: one look at its offsets, not a pass over it."""
+    if len(column) == 0:
+        return 0
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)  # a string column's, int32
+    return int(offsets[column.offset + len(column)]) - int(offsets[column.offset])
 
 
 def _reject_rows(result: ParseResult, rows: np.ndarray, data: bytes | str, first_line: int,
