@@ -103,15 +103,16 @@ def _full_report(path: Path, det: Any, labels: np.ndarray, verdict: np.ndarray,
                  scored: pa.Table, seconds: float) -> bool:
     """The evaluation report (Sankey, per-type detection, scores) where this build has it."""
     try:
-        from .evaluate.run import metrics_from
+        from .evaluate.run import metrics_from, verdict_threshold
         from .viz.report import write_report
     except ImportError:
         return False
     cols = {"label": labels, "verdict": verdict,
             "score": scored.column("score").to_numpy(zero_copy_only=False)}
-    threshold = det.decision.anomaly_threshold if not det.decision.supervised else \
-        det.decision.threshold
-    result = metrics_from(cols, False, threshold, seconds)
+    if "anomaly_score" in scored.column_names:
+        cols["anomaly_score"] = scored.column("anomaly_score").to_numpy(zero_copy_only=False)
+    # the cut on score the verdicts were made by, as evaluate reports it
+    result = metrics_from(cols, False, verdict_threshold(det.decision, cols), seconds)
     result["bundle"] = {"kind": det.kind, "engine": det.engine, "path": str(det.path)}
     write_report(path, result, cols, title="deepwatch demo: held-out day of a simulated web shop")
     return True

@@ -235,3 +235,16 @@ def test_report_and_evaluate_take_the_same_options(cmd: str, capsys: pytest.Capt
     assert main([cmd, "--help"]) == 0
     shown = capsys.readouterr().out
     assert "--rejects" in shown and "--backend,--engine" in shown
+
+
+def test_campaign_purity_keeps_labels_apart_by_their_exact_text() -> None:
+    """Two labels that differ only by a trailing NUL are two labels in the campaign report
+    too (numpy's strings merged them, and one cluster of both looked pure)."""
+    import numpy as np
+
+    from deepwatch.models.campaigns import cluster_report
+
+    labels = np.array(["normal.", "normal.\x00", "normal.", "normal.\x00"], dtype=object)
+    report = cluster_report(np.array([0, 0, 0, 0]), labels)
+    assert report["purity"] == 0.5
+    assert report["largest"][0]["top_label"] in ("normal.", "normal.\x00")

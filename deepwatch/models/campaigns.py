@@ -94,7 +94,9 @@ def cluster_report(cluster: np.ndarray, labels: np.ndarray, coverage: float = 0.
     if n == 0:
         return {"alerts": 0, "clusters": 0, "purity": None, "clusters_for_90pct": 0,
                 "largest": []}
-    names, lab_idx = np.unique(lab.astype(str), return_inverse=True)
+    from ..evaluate.metrics import label_codes  # labels by their exact text (NULs and all)
+
+    names, lab_idx = label_codes(lab)
     table = np.zeros((int(c.max()) + 1, len(names)), dtype=np.int64)
     np.add.at(table, (c, lab_idx), 1)
     sizes = table.sum(axis=1)
