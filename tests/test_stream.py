@@ -303,8 +303,9 @@ def test_an_output_that_cannot_be_written_costs_no_other_output_and_no_traceback
         (["--out", str(earlier), "--verdicts", str(tmp_path / "adir")],
          "--verdicts " + str(tmp_path / "adir") + " is a directory"),
         (["--out", str(earlier), "--rejects", str(blocker / "r.jsonl")],
-         "cannot create the directory of --rejects"),
-        (["--out", str(blocker / "a.jsonl")], "cannot create the directory of --out"),
+         f"cannot write --rejects {blocker / 'r.jsonl'}: {blocker} is a file, not a directory"),
+        (["--out", str(blocker / "a.jsonl")],
+         f"cannot write --out {blocker / 'a.jsonl'}: {blocker} is a file, not a directory"),
     ]:
         earlier.write_text("yesterday's alerts\n")
         rc = main(["stream", str(kdd_bundle), "--format", "kdd", *args, str(small_kdd_test)])
