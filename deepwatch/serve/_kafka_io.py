@@ -8,6 +8,12 @@ crash re-reads at most what was not acknowledged.
 Memory stays bounded under backpressure: the consumer prefetches at most
 ``queued.max.messages.kbytes``, a micro-batch holds at most ``batch_size`` records, and the
 producer's queue is bounded; when it is full, producing waits for the broker.
+
+Logging: every client error (librdkafka's ``error_cb``) and librdkafka's own log lines (its
+``logger``, served by poll, consume and flush instead of written to stderr by librdkafka's
+threads) are JSON log lines; one repeated is logged once, then at most once every
+``LOG_REPEAT_S`` with how many times it came meanwhile, and a client that works again after an
+error says so once (``kafka_recovered``). A fatal error is always logged, and stops the worker.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -25,6 +32,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import UsageError
+from ._jsonlog import Repeats
 from ._stream_core import (
     ALERT,
     DEAD_LETTER,
@@ -40,6 +48,13 @@ from ._stream_core import (
 from ._stream_io import DeliveryError
 
 log = logging.getLogger("deepwatch.stream")
+#: librdkafka's own log lines, as JSON lines with the worker's other logs
+rdlog = logging.getLogger("deepwatch.stream.librdkafka")
+#: A kafka client error, or a librdkafka log line, that keeps coming is logged the first time,
+#: then at most once per this many seconds, saying how many times it came meanwhile (a worker
+#: whose brokers are unreachable gets a connection error from librdkafka about 20 times a
+#: second).
+LOG_REPEAT_S = 30.0
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "enable.auto.commit": False,
@@ -102,6 +117,91 @@ def _true(value: Any) -> bool:
     return str(value).strip().lower() in ("true", "t", "1")
 
 
+#: What librdkafka appends to a broker error and what varies from one to the next ("after 12ms in
+#: state CONNECT", and how many identical errors it held back itself): not part of what makes
+#: two errors the same one.
+_VARIABLE = re.compile(r" \(after \d+ms in state \w+(?:, \d+ identical error\(s\) "
+                       r"suppressed)?\)$")
+#: The thread librdkafka names at the start of a log line ("[thrd:127.0.0.1:9092/bootstrap]: ")
+_THREAD = re.compile(r"^\[thrd:[^\]]*\]: ")
+
+
+class _ClientLog:
+    """Reports one client's errors (its ``error_cb``) and librdkafka's own log lines (its
+    ``logger``) as JSON log lines, each repeated one at most once per ``LOG_REPEAT_S``, and
+    says once when the client works again after an error (:meth:`ok`)."""
+
+    def __init__(self, client: str):
+        self.client = client
+        self.repeats = Repeats(LOG_REPEAT_S, f"kafka {client}", {"client": client},
+                               recovered_event="kafka_recovered")
+        #: the first fatal error reported: the client cannot go on (raised by the caller)
+        self.fatal: Any = None
+        self.logger = _LibrdkafkaLogger(self)
+
+    def error(self, err: Any) -> None:
+        """``error_cb``: called from poll, consume or flush with a KafkaError."""
+        text = err.str()
+        if err.fatal():  # never held back
+            if self.fatal is None:
+                self.fatal = err
+            log.error(f"kafka {self.client} fatal error: {text}", extra={
+                "event": "kafka_error", "client": self.client, "error": text,
+                "code": err.name(), "fatal": True})
+            return
+        same = _VARIABLE.sub("", text)
+        self.repeats.say(log, ("error", err.code(), same), logging.WARNING,
+                         f"kafka {self.client} error: {same}",
+                         {"event": "kafka_error", "error": text, "code": err.name()},
+                         failing=True)
+
+    def librdkafka(self, level: int, facility: str, name: str, text: str) -> None:
+        """One librdkafka log line (its facility, e.g. ``CONFWARN``, and the client's name)."""
+        if facility == "FAIL":
+            # librdkafka logs each broker failure as FAIL and hands the same text to error_cb
+            # (rd_kafka_broker_set_error does both): said once, by error()
+            return
+        text = _THREAD.sub("", text, count=1)
+        same = _VARIABLE.sub("", text)
+        self.repeats.say(rdlog, ("log", facility, same), level, same,
+                         {"event": "kafka_log", "facility": facility, "rdkafka": name,
+                          "text": text})
+
+    def ok(self) -> None:
+        """The client works (a message came, a delivery was acknowledged, a request answered)."""
+        self.repeats.ok(log)
+
+    def check(self, what: str) -> None:
+        """A DeliveryError once a fatal error was reported: the client cannot go on."""
+        if self.fatal is not None:
+            raise DeliveryError(f"kafka {what} failed: {self.fatal.str()}")
+
+    def close(self) -> None:
+        self.repeats.flush()
+
+
+class _LibrdkafkaLogger(logging.Logger):
+    """What confluent-kafka's ``logger`` setting is given: it calls ``log(level, "%s [%s] %s",
+    facility, client name, text)`` for each librdkafka log line, from within poll, consume or
+    flush (the lines wait in a queue until then), instead of librdkafka writing them to stderr."""
+
+    def __init__(self, owner: _ClientLog):
+        super().__init__(rdlog.name)
+        self._owner = owner
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if not rdlog.isEnabledFor(level):
+            return
+        try:
+            facility, name, text = (str(a) for a in args)
+        except ValueError:  # not the three fields confluent-kafka passes: the line as it is
+            facility, name, text = "", "", str(msg) % args if args else str(msg)
+        try:
+            self._owner.librdkafka(level, facility, name, text)
+        except Exception:  # noqa: BLE001 (raised here, it would be raised from poll)
+            rdlog.log(level, text, extra={"event": "kafka_log", "facility": facility})
+
+
 def _client(ck: Any, kind: str, conf: dict[str, Any]) -> Any:
     """A Consumer or Producer; a setting librdkafka refuses is a usage error, in one line."""
     try:
@@ -132,8 +232,9 @@ class KafkaSource:
         ck = _kafka()
         self._ck = ck
         check_topic_name("--input-topic", topic)
+        self._log = _ClientLog("consumer")
         conf = {**CONSUMER_DEFAULTS, "bootstrap.servers": brokers, "group.id": group,
-                "error_cb": self._on_error, **(options or {})}
+                "error_cb": self._log.error, "logger": self._log.logger, **(options or {})}
         self.consumer = _client(ck, "Consumer", conf)
         self.topic = topic
         self.batch_size = batch_size
@@ -144,6 +245,9 @@ class KafkaSource:
         #: called before partitions are taken away: the run loop waits there for what it has
         #: written and commits it, so the next owner does not read it again
         self.before_revoke: Callable[[], None] = lambda: None
+        #: called while the source waits for the input topic (the run loop serves the sink's
+        #: callbacks there: its errors and logs are said while nothing is read)
+        self.on_idle: Callable[[], None] = lambda: None
         self._revoke_error: Exception | None = None
         self.committed: dict[tuple[str, int], int] = {}
         #: told True when the input topic is found missing (once, until it is found), False
@@ -153,6 +257,7 @@ class KafkaSource:
         self.topic_missing = False
         self.check_timeout = check_timeout
         self._unknown = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
+        self._closed = False
 
     def _topic_exists(self, timeout: float) -> bool | None:
         """Whether the brokers have the input topic; None when they did not answer. They are
@@ -163,6 +268,10 @@ class KafkaSource:
             meta = self.consumer.list_topics(self.topic, timeout=timeout)
         except self._ck.KafkaException:
             return None
+        # the brokers answered: said after the errors queued while they did not (not
+        # subscribed yet, polling returns no message)
+        self.consumer.poll(0)
+        self._log.ok()
         found = meta.topics.get(self.topic)
         if found is None:
             return False
@@ -201,14 +310,14 @@ class KafkaSource:
             timeout = TOPIC_WAIT_S
             deadline = time.monotonic() + TOPIC_WAIT_S
             while not stop.is_set() and time.monotonic() < deadline:
-                # serves error_cb as consume does; not subscribed, no message comes
+                # serves error_cb and logs as consume does; not subscribed, no message comes
                 self.consumer.poll(0.2)
+                self._log.check("consumer")
+                self.on_idle()
         return False
 
-    def _on_error(self, err: Any) -> None:
-        log.warning("kafka client error", extra={"event": "kafka_error", "error": str(err)})
-
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self._log.ok()
         log.info("partitions assigned", extra={
             "event": "assign", "partitions": sorted(p.partition for p in partitions)})
         self.on_event("assign", len(partitions))
@@ -236,9 +345,12 @@ class KafkaSource:
             msgs = self.consumer.consume(self.batch_size, self.max_wait)
             if self._revoke_error is not None:
                 raise self._revoke_error
+            self._log.check("consumer")
             good = [m for m in msgs if m.error() is None]
             if len(good) != len(msgs):
                 self._report_errors(msgs)
+            if good:
+                self._log.ok()
             if good and self.topic_missing:  # reported unknown while subscribed, then back
                 self._set_topic_missing(False)
             # an empty batch when nothing came: the loop then commits what it has done
@@ -308,8 +420,16 @@ class KafkaSource:
             log.warning("commit failed", extra={"event": "commit_error", "error": str(exc)})
 
     def close(self) -> None:
-        self._commit_sync()
-        self.consumer.close()
+        """Commits what was acknowledged, leaves the group and destroys the consumer;
+        idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._commit_sync()
+        finally:
+            self.consumer.close()
+            self._log.close()
 
 
 _EMPTY = RawBatch(b"", 0, pl.DataFrame({"topic": [], "partition": [], "offset": []},
@@ -350,9 +470,9 @@ class KafkaSink:
         #: (:meth:`take_replaced`)
         self.replaced: dict[str, int] = {}
         # the delivery callback set once, not passed with every message (1.3 -> 0.8 us a call)
-        conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": brokers, "error_cb": self._on_error,
-                "on_delivery": self._on_delivery, **(options or {})}
-        self.producer = _client(ck, "Producer", conf)
+        self._log = _ClientLog("producer")
+        conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": brokers, "error_cb": self._log.error,
+                "logger": self._log.logger, "on_delivery": self._on_delivery, **(options or {})}
         try:
             self.max_message_bytes = int(conf.get("message.max.bytes",
                                                   DEFAULT_MAX_MESSAGE_BYTES))
@@ -364,9 +484,17 @@ class KafkaSink:
         self.oversized = 0
         #: batches the run loop may write before it waits for their acknowledgement
         self.max_pending = max_pending
+        #: whether messages were produced since the last sign that the brokers take them
+        self._sent = False
+        self._closed = False
+        self.producer = _client(ck, "Producer", conf)
         if check_timeout > 0:
-            self._check_topics(flags, check_timeout,
-                               _true(conf.get("allow.auto.create.topics", False)))
+            try:
+                self._check_topics(flags, check_timeout,
+                                   _true(conf.get("allow.auto.create.topics", False)))
+            except BaseException:  # refused: the producer must not outlive the refusal
+                self._destroy()
+                raise
 
     def _check_topics(self, flags: dict[str, str], timeout: float, auto_create: bool) -> None:
         """Refuses, before anything is consumed, an output topic the brokers say does not exist:
@@ -390,6 +518,8 @@ class KafkaSink:
                 log.warning("could not check the output topics", extra={
                     "event": "topic_check_skipped", "error": str(exc.args[0].str())})
                 return
+            self.producer.poll(0)  # the errors queued while waiting come before ok()
+            self._log.ok()
             found = meta.topics.get(topic)
             err = found.error if found is not None else None
             if found is None or (err is not None and err.code() in unknown):
@@ -411,10 +541,16 @@ class KafkaSink:
     def drained(self) -> bool:
         """Whether every message written so far is acknowledged (and none failed)."""
         self.producer.poll(0)
-        return len(self.producer) == 0 and not self.errors
+        done = len(self.producer) == 0 and not self.errors
+        if done and self._sent:
+            self._sent = False
+            self._log.ok()
+        return done
 
-    def _on_error(self, err: Any) -> None:
-        log.warning("kafka client error", extra={"event": "kafka_error", "error": str(err)})
+    def serve(self) -> None:
+        """Serves the producer's callbacks (delivery reports, errors, librdkafka's log lines)
+        while nothing is written: the run loop calls it when the source is idle."""
+        self.producer.poll(0)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is None:  # only failures are reported (delivery.report.only.error)
@@ -428,6 +564,7 @@ class KafkaSink:
         """Produces one message, waiting while the queue is full; the KafkaError when the
         message is refused for its size; raises DeliveryError on any other error."""
         ck = self._ck
+        self._sent = True
         while True:
             try:
                 self.producer.produce(topic, value, key)
@@ -442,6 +579,7 @@ class KafkaSink:
                 raise DeliveryError(f"cannot produce to {topic!r}: {err.str()}") from None
 
     def write(self, out: Output) -> None:
+        self._log.check("producer")
         if out.source is not None:
             self._written.append((out.source, out.format_name, out.now))
         letters: list[tuple[bytes | None, bytes]] = []
@@ -449,6 +587,7 @@ class KafkaSink:
             topic = self.topics.get(kind)
             if topic is None or not len(msgs):
                 continue
+            self._sent = True
             keys = msgs.keys if msgs.keys is not None else [None] * len(msgs)
             produce = self.producer.produce
             failed: list[int] = []
@@ -510,9 +649,13 @@ class KafkaSink:
         left = self.producer.flush(self.flush_timeout)
         while left and time.monotonic() < deadline:
             left = self.producer.flush(1.0)
+        self._log.check("producer")
         if left:
             raise DeliveryError(f"{left} messages not acknowledged within "
                                 f"{self.flush_timeout:.0f}s")
+        if self._sent and not self.errors:
+            self._sent = False
+            self._log.ok()
         if self.errors:
             first, n = self.errors[0], len(self.errors)
             self.errors.clear()
@@ -602,4 +745,30 @@ class KafkaSink:
         return replaced
 
     def close(self) -> None:
-        self.producer.flush(self.flush_timeout)
+        """Waits up to ``flush_timeout`` for what was produced to be acknowledged, then destroys
+        the producer. What is still not acknowledged then is dropped: it was not committed, so
+        it is read again."""
+        if self._closed:
+            return
+        try:
+            self.producer.flush(self.flush_timeout)
+        finally:
+            self._destroy()
+
+    def _destroy(self) -> None:
+        """Destroys the producer now (its threads stop, and with them its connection attempts
+        and logs); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # Producer.close() waits for every message still queued, without a time limit
+            self.producer.purge()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.producer.close()
+            for w in caught:
+                log.warning(f"closing the kafka producer: {w.message}",
+                            extra={"event": "close_error", "error": str(w.message)})
+        finally:
+            self._log.close()

@@ -94,11 +94,17 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
 
     if hasattr(source, "before_revoke"):
         source.before_revoke = settle
+    # a sink whose client reports errors and logs from its callbacks (Kafka) is served while
+    # nothing is written too: its errors are said, and its queue of them does not grow
+    serve: Callable[[], None] = getattr(sink, "serve", None) or (lambda: None)
+    if hasattr(source, "on_idle"):
+        source.on_idle = serve
     for raw in source.batches(stop):
         if pending and _drained(sink):
             settle()  # acknowledged already: committing costs no wait
         if not raw.count:  # the source is idle: nothing to overlap with, commit what is done
             settle()
+            serve()
             continue
         t0 = time.perf_counter()
         out = processor.process(raw)
