@@ -275,13 +275,25 @@ def serve(
     backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
     body_timeout: Annotated[float, typer.Option(
         help="Seconds a request body may take to arrive in whole; a slower one gets 408")] = 30.0,
+    body_min_rate: Annotated[float, typer.Option(
+        help="Bytes a second a request body must average once it has been arriving 5 s; a "
+             "slower one gets 408 (0: no minimum)")] = 1024.0,
+    max_client_uploads: Annotated[int, typer.Option(
+        help="Request bodies one client address may be sending at once (they hold no request "
+             "slot while they arrive); past it, 429 (0: no cap)")] = 16,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="Comma-separated addresses or networks of reverse proxies trusted to name the "
+             "client in X-Forwarded-For (default: none, the header is ignored)")] = None,
 ) -> None:
     """Serve the REST API, dashboard and metrics."""
     from .serve._service import Limits
     from .serve.app import run_server
 
+    limits = Limits(body_timeout_seconds=body_timeout, body_min_rate=body_min_rate,
+                    max_client_uploads=max_client_uploads)
     run_server(bundle, host=host, port=port, api_key_file=api_key_file, workers=workers,
-               engine=backend, limits=Limits(body_timeout_seconds=body_timeout))
+               engine=backend, limits=limits,
+               forwarded_allow_ips=[forwarded_allow_ips] if forwarded_allow_ips else [])
 
 
 @app.command()

@@ -5,26 +5,37 @@ settings ``deepwatch serve`` uses (its HTTP protocol included), spoken to over r
   (421), a foreign ``Origin`` refused on POST (403);
 - idle or slow clients: connections that never finish a request head take no request slot and
   are closed; a body that takes longer than ``--body-timeout`` to arrive gets a 408, however
-  steadily its bytes trickle in (slowloris); an oversized head a 431.
+  steadily its bytes trickle in (slowloris); an oversized head a 431;
+- slow senders against the request slots (``_intake``): bodies arriving hold no slot, so more
+  slowloris clients than slots leave a well-behaved client served; one client address may send
+  only so many bodies at once (429), the uploads and the bytes held are bounded (503), a body
+  under the minimum rate is cut off (408), and ``X-Forwarded-For`` counts only from a proxy
+  that ``--forwarded-allow-ips`` names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from conftest import ThreadServer, free_port, stop_server, wait_healthy
 
 uvicorn = pytest.importorskip("uvicorn")
+from deepwatch.errors import UsageError  # noqa: E402
 from deepwatch.serve import app as app_module  # noqa: E402
 from deepwatch.serve._service import Limits  # noqa: E402
 from deepwatch.serve.app import create_app, uvicorn_options  # noqa: E402
@@ -218,26 +229,6 @@ def test_idle_connections_cannot_starve_the_server(kdd_bundle: Path,
         assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
 
 
-def test_the_limit_still_counts_requests_in_flight(kdd_bundle: Path) -> None:
-    """Requests whose bodies are still arriving hold their slot: past the limit, 503; and a
-    body that does not arrive in time is answered 408 and its connection closed."""
-    limits = Limits(body_timeout_seconds=2.0)
-    with Server(create_app(kdd_bundle, limits=limits), limit_concurrency=3) as srv, \
-            contextlib.ExitStack() as stack:
-        slow = [stack.enter_context(srv.connect()) for _ in range(3)]
-        for sock in slow:
-            sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"re")
-        time.sleep(0.3)
-        r = httpx.get(srv.url + "/healthz", timeout=5)
-        assert r.status_code == 503
-        for sock in slow:
-            answer = _closed_by_server(sock, 5)
-            assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
-            assert b"did not arrive within 2 s" in answer
-        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
-
-
 def _trickle(port: int, path: str, gap: float = 0.1, give_up: float = 20.0
              ) -> tuple[bytes | None, float]:
     """A slowloris POST: the head, then the body a byte every ``gap`` s (the connection never
@@ -284,7 +275,8 @@ def test_a_body_trickled_in_is_cut_off_at_the_configured_limit(kdd_bundle: Path)
 
 
 def test_serve_body_timeout_option(kdd_bundle: Path) -> None:
-    """``deepwatch serve --body-timeout`` sets the limit (a bad value is one error line)."""
+    """``deepwatch serve --body-timeout`` sets the limit (a bad value is one error line), and
+    the other intake options reach the server."""
     bad = subprocess.run([sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle),
                           "--port", "0", "--body-timeout", "0"],
                          capture_output=True, text=True, timeout=120)
@@ -293,9 +285,13 @@ def test_serve_body_timeout_option(kdd_bundle: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port", str(port),
-         "--body-timeout", "1.5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "--body-timeout", "1.5", "--body-min-rate", "0", "--max-client-uploads", "3",
+         "--forwarded-allow-ips", "10.0.0.0/8,::1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
+        limits = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=5).json()["limits"]
+        assert (limits["body_min_rate"], limits["max_client_uploads"]) == (0, 3)
         answer, took = _trickle(port, "/v1/score")
         assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
         assert b"the body did not arrive within 1.5 s" in answer
@@ -303,6 +299,275 @@ def test_serve_body_timeout_option(kdd_bundle: Path) -> None:
         assert _rejected(f"http://127.0.0.1:{port}", "408") == 1
     finally:
         stop_server(proc)
+
+
+# -- slow senders against the request slots -----------------------------------------------------
+
+def _status(answer: bytes | None) -> int | None:
+    return int(answer.split(b" ", 2)[1]) if answer else None
+
+
+def _detail(answer: bytes) -> str:
+    return str(json.loads(answer.partition(b"\r\n\r\n")[2])["detail"])
+
+
+def _counts(srv: Server) -> tuple[int, int, int]:
+    """Slots held, bodies arriving and bytes of bodies held in the server's intake."""
+    intake = srv.server.config.app.state.intake
+    return intake.serving, intake.uploading, intake.buffered
+
+
+def _settled(srv: Server, timeout: float = 5.0) -> bool:
+    """Whether the intake comes back to nothing held (a request lets go of its place just after
+    its answer is sent)."""
+    deadline = time.monotonic() + timeout
+    while _counts(srv) != (0, 0, 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class Trickle:
+    """Slowloris clients: each connects from one of ``sources`` in turn, sends a score request's
+    head (``extra`` headers, ``Content-Length: length``) and ``first`` bytes of its body, then a
+    byte every ``gap`` s, so its connection never goes quiet, until the server answers it."""
+
+    def __init__(self, port: int, count: int, sources: list[str], *, gap: float = 0.1,
+                 first: bytes = b"{", extra: str = "", length: int = 10000) -> None:
+        self.port, self.count, self.sources = port, count, sources
+        self.gap, self.first, self.extra, self.length = gap, first, extra, length
+        self.socks: list[socket.socket] = []
+        self.answers: dict[int, bytes | None] = {}  # by client, once the server answered
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Trickle:
+        for i in range(self.count):
+            self.add(self.sources[i % len(self.sources)])
+        self._thread.start()
+        return self
+
+    def add(self, source: str) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                        source_address=(source, 0))
+        sock.sendall(f"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     f"application/json\r\n{self.extra}Content-Length: {self.length}\r\n\r\n"
+                     .encode()
+                     + self.first)
+        self.socks.append(sock)
+        return sock
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.gap):
+            for i, sock in enumerate(list(self.socks)):
+                if i in self.answers:
+                    continue
+                if select.select([sock], [], [], 0)[0]:  # the answer is arriving
+                    self.answers[i] = _closed_by_server(sock, 5)
+                    continue
+                try:
+                    sock.sendall(b" ")
+                except OSError:  # closed by the server before its answer was read
+                    self.answers[i] = _closed_by_server(sock, 5)
+
+    def waiting(self) -> int:
+        """Clients the server has not answered (still sending their bodies)."""
+        return len(self.socks) - len(self.answers)
+
+    def wait_answered(self, n: int, timeout: float) -> list[bytes | None]:
+        deadline = time.monotonic() + timeout
+        while len(self.answers) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [self.answers[i] for i in sorted(self.answers)]
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for sock in self.socks:
+            sock.close()
+
+
+def test_slow_senders_cannot_starve_the_scoring_slots(kdd_bundle: Path) -> None:
+    """More slowloris clients than request slots, each from an address under the per-client
+    cap, keep trickling their bodies: a well-behaved client is still served while every one of
+    them is connected (a body arriving holds no slot), and each slow sender gets the documented
+    408 once the body timeout passes, counted in /metrics."""
+    timeout = 3.0
+    limits = Limits(body_timeout_seconds=timeout)
+    n = app_module.MAX_CONCURRENT_REQUESTS + 16
+    sources = [f"127.0.0.{i}" for i in range(2, 2 + -(-n // 8))]  # 8 from each address
+    with Server(create_app(kdd_bundle, limits=limits)) as srv, \
+            Trickle(srv.port, n, sources) as slow:
+        time.sleep(0.3)  # every head is in and every body trickling
+        with httpx.Client(base_url=srv.url, timeout=10) as client:
+            r = client.post("/v1/score", json={"records": [LINE, LINE]})
+            health = client.get("/healthz")
+        still_connected = slow.waiting()
+        assert r.status_code == 200, r.text
+        assert [x["index"] for x in r.json()["results"]] == [0, 1]
+        assert health.status_code == 200
+        assert still_connected == n, "served while every slow sender was still sending"
+
+        answers = slow.wait_answered(n, timeout + 10)
+        assert len(answers) == n
+        for answer in answers:
+            assert _status(answer) == 408, answer
+            assert _detail(answer).startswith(f"the body did not arrive within {timeout:g} s")
+        assert _rejected(srv.url, "408") == n
+        assert _settled(srv), "every slot, upload and byte given back"
+
+
+def test_one_client_cannot_take_every_upload(kdd_bundle: Path) -> None:
+    """A client address may send ``max_client_uploads`` bodies at once: the next is a 429 at
+    once; the uploads of all clients together are bounded too (503); requests without a body
+    are still served meanwhile, and every refusal is counted."""
+    limits = Limits(body_timeout_seconds=20.0, max_client_uploads=4, max_uploads=6)
+    with Server(create_app(kdd_bundle, limits=limits)) as srv, \
+            Trickle(srv.port, 6, ["127.0.0.2"]) as greedy:
+        refused = greedy.wait_answered(2, timeout=5)
+        assert len(refused) == 2 and greedy.waiting() == 4
+        for answer in refused:
+            assert answer is not None and _status(answer) == 429, answer
+            assert b"\r\nretry-after: 1\r\n" in answer.lower()
+            assert _detail(answer) == ("4 request bodies from 127.0.0.2 are arriving already, "
+                                       "the most one client may send at once; wait for their "
+                                       "answers")
+        with Trickle(srv.port, 3, ["127.0.0.3"]) as other:
+            refused = other.wait_answered(1, timeout=5)
+            assert other.waiting() == 2  # 6 uploads now: the service's most
+            assert refused and _status(refused[0]) == 503, refused
+            assert "receiving its most request bodies at once (6)" in _detail(refused[0] or b"")
+            assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+            r = httpx.post(srv.url + "/v1/score", json={"records": [LINE]}, timeout=5)
+            assert r.status_code == 503 and "Retry-After" in r.headers
+        assert _rejected(srv.url, "429") == 2
+        assert _rejected(srv.url, "503") == 2
+
+
+def test_the_bytes_of_bodies_held_are_bounded(kdd_bundle: Path) -> None:
+    """Bodies arriving hold no slot, so the bytes they hold are bounded by themselves: as many
+    full bodies as there are slots (here 2 x 1,000 bytes); the body that would go past it is
+    refused with 503, and its bytes are given back."""
+    limits = Limits(max_requests=2, max_body_bytes=1000, body_timeout_seconds=20.0)
+    with Server(create_app(kdd_bundle, limits=limits)) as srv, \
+            Trickle(srv.port, 0, [], first=b"{" + b" " * 799, length=1000) as slow:
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            slow.add(source)
+            time.sleep(0.3)
+        answers = slow.wait_answered(1, timeout=5)
+        assert [_status(a) for a in answers] == [503], answers
+        assert "holds its most bytes of request bodies (2,000)" in _detail(answers[0] or b"")
+        assert slow.waiting() == 2
+        assert 1600 <= _counts(srv)[2] < 2000
+
+
+def test_a_body_under_the_minimum_rate_is_cut_off(kdd_bundle: Path) -> None:
+    """Once a body has been arriving the grace period, it must average the minimum rate: a
+    trickle is cut off then (408, long before the body timeout); a body sent in pieces at a
+    decent pace over more than the grace period is scored."""
+    limits = Limits(body_timeout_seconds=30.0, body_min_rate=100.0, body_rate_grace_seconds=0.5)
+    with Server(create_app(kdd_bundle, limits=limits)) as srv:
+        answer, took = _trickle(srv.port, "/v1/score")
+        assert answer is not None and _status(answer) == 408, answer
+        assert "the body arrived too slowly" in _detail(answer)
+        assert "under the minimum of 100 bytes a second" in _detail(answer)
+        assert 0.5 <= took < 5.0, took
+
+        body = orjson.dumps({"records": [LINE] * 10})  # ~1.6 kB in 8 pieces over ~1.2 s
+        with srv.connect() as sock:
+            sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n")
+            step = -(-len(body) // 8)
+            for i in range(0, len(body), step):
+                time.sleep(0.15)
+                sock.sendall(body[i:i + step])
+            answer = _closed_by_server(sock, 10)
+        assert answer is not None and _status(answer) == 200, answer
+        assert _rejected(srv.url, "408") == 1
+
+
+def test_complete_requests_still_take_the_slots(kdd_bundle: Path) -> None:
+    """The slots still bound the work in flight: with both taken by requests being scored, a
+    third complete request, and a request without a body, get 503 (JSON, Retry-After), and
+    are served again once the slots are free."""
+    limits = Limits(max_requests=2)
+    app = create_app(kdd_bundle, limits=limits)
+    service = app.state.service
+    scoring = service.score
+    go = threading.Event()
+
+    def held_score(body: bytes) -> bytes:  # in the thread pool: the body is over 32 KiB
+        go.wait(20)
+        return scoring(body)
+
+    service.score = held_score
+    big = {"records": [LINE] * 250}
+    assert len(orjson.dumps(big)) > app_module.INLINE_BODY_BYTES
+    with Server(app) as srv, ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(httpx.post, srv.url + "/v1/score", json=big, timeout=30)
+                for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while _counts(srv)[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = httpx.post(srv.url + "/v1/score", json={"records": [LINE]}, timeout=5)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["detail"] == ("the service is answering its most requests at once (2); "
+                                      "retry shortly")
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 503
+        go.set()
+        assert [f.result().status_code for f in held] == [200, 200]
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+        assert _rejected(srv.url, "503") == 2
+        assert _settled(srv)
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(kdd_bundle: Path) -> None:
+    """The per-client cap counts by the connection's peer; the address in X-Forwarded-For only
+    when the peer is a proxy named in ``forwarded_allow_ips`` (by default none: uvicorn alone
+    would trust the header from loopback, letting any local client pick its address)."""
+    limits = Limits(body_timeout_seconds=20.0, max_client_uploads=1)
+    for trusted in ([], ["127.0.0.1"]):
+        with Server(create_app(kdd_bundle, limits=limits), **uvicorn_options(trusted)) as srv, \
+                Trickle(srv.port, 1, ["127.0.0.1"], extra="X-Forwarded-For: 10.0.0.1\r\n") \
+                as first:
+            time.sleep(0.2)
+            second = Trickle(srv.port, 1, ["127.0.0.1"], extra="X-Forwarded-For: 10.0.0.2\r\n")
+            with second:
+                answers = second.wait_answered(1, timeout=1.0)
+            assert first.waiting() == 1
+            if trusted:
+                assert answers == [], "another client behind the proxy"
+            else:
+                assert [_status(a) for a in answers] == [429], answers
+                assert "from 127.0.0.1 are arriving" in _detail(answers[0] or b"")
+
+
+@pytest.mark.parametrize(("limits", "proxies", "message"), [
+    (Limits(body_min_rate=-1.0), [], "--body-min-rate must be a number of bytes a second, 0 or "
+                                     "more, not -1"),
+    (Limits(body_min_rate=math.inf), [], "--body-min-rate must be a number of bytes a second, "
+                                         "0 or more, not inf"),
+    (Limits(max_client_uploads=-2), [], "--max-client-uploads must be 0 (no cap) or more, not -2"),
+    (Limits(), ["10.0.0.1,proxy.example"], "--forwarded-allow-ips: 'proxy.example' is not an IP "
+                                           "address or network (nor *)"),
+    (Limits(), ["10.0.0.1/8"], "--forwarded-allow-ips: '10.0.0.1/8' is not an IP address or "
+                               "network (nor *)"),
+])
+def test_serve_refuses_bad_intake_options(kdd_bundle: Path, limits: Limits, proxies: list[str],
+                                          message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        app_module.run_server(kdd_bundle, port=0, limits=limits, forwarded_allow_ips=proxies)
+    assert str(err.value) == message
+
+
+def test_proxy_options_reach_uvicorn() -> None:
+    assert app_module.uvicorn_options()["proxy_headers"] is False
+    options = app_module.uvicorn_options(["10.0.0.0/8", " ::1 "])
+    assert options["proxy_headers"] is True
+    assert options["forwarded_allow_ips"] == ["10.0.0.0/8", "::1"]
+    assert app_module._check_proxies(["10.0.0.1, *"]) == ["*"]
 
 
 def test_an_oversized_request_head_is_refused(server: Server) -> None:

@@ -37,17 +37,36 @@ DASHBOARD_ALERTS_PER_REQUEST = 10
 
 #: The default time a request body has to arrive in whole (``serve --body-timeout``).
 BODY_TIMEOUT_SECONDS = 30.0
+#: Requests served at once by one process; past it the answer is 503 at once.
+MAX_CONCURRENT_REQUESTS = 64
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry, and how long its body may take to arrive."""
+    """What one request may carry, how its body must arrive, and how many requests one process
+    takes at once (see ``_intake`` for how they are applied)."""
 
     max_body_bytes: int = 16 * 1024 * 1024
     max_records: int = 10_000
     #: from the start of its reading to its last byte: a client that sends the body slowly
     #: (a few bytes a second keep the connection from ever going quiet) is answered 408 then
     body_timeout_seconds: float = BODY_TIMEOUT_SECONDS
+    #: once a body has been arriving ``body_rate_grace_seconds``, the bytes a second it must
+    #: average from its start while it is incomplete, else 408 (0: any rate, up to the timeout)
+    body_min_rate: float = 1024.0
+    body_rate_grace_seconds: float = 5.0
+    #: requests served at once; a request with a body takes its slot once the body is in
+    max_requests: int = MAX_CONCURRENT_REQUESTS
+    #: request bodies arriving at once (they hold no slot meanwhile), and from one client
+    #: address (0: no per-client cap)
+    max_uploads: int = 256
+    max_client_uploads: int = 16
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """Bytes of request bodies held at once, arriving or being scored: as many full bodies
+        as there are slots."""
+        return self.max_requests * self.max_body_bytes
 
 
 @dataclass(frozen=True)

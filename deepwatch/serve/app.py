@@ -9,10 +9,11 @@ dropping a request. With an API key every endpoint but ``/healthz`` needs
 Browsers: POST bodies must be ``application/json`` (which a cross-site page cannot send without
 a CORS preflight, and none is granted), a request that reached the server over loopback must
 name a loopback host (no DNS rebinding), and a POST whose ``Origin`` is another site is refused.
-Slow clients: a connection gets ``HEAD_TIMEOUT_SECONDS`` to deliver each request head and the
-body must arrive within ``Limits.body_timeout_seconds`` (``serve --body-timeout``, 30 s by
-default; 408 after, counted in ``deepwatch_rejected_requests_total``); connections waiting for
-a request take no request slot (see ``_SlowClientGuard``).
+Slow clients: a connection gets ``HEAD_TIMEOUT_SECONDS`` to deliver each request head
+(connections waiting for one take no request slot, see ``_SlowClientGuard``); a body must arrive
+within ``--body-timeout`` and at ``--body-min-rate`` or faster (408 after), holds no request slot
+while it arrives, and one client may send at most ``--max-client-uploads`` at once (429 past it):
+see ``_intake``.
 
 The score endpoint reads the body itself (no pydantic on the hot path) and answers with orjson
 bytes; the request/response models below only document it in the OpenAPI page.
@@ -40,15 +41,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import __version__
 from ..errors import DeepwatchError, InputError, UsageError
 from ._auth import OPEN_PATHS, ASGIApp, Gate, Receive, Scope, Send
+from ._intake import Intake, IntakeGuard, read_body
+from ._intake import error_response as _error
 from ._metrics import CONTENT_TYPE
 from ._request import RequestError
-from ._service import BODY_TIMEOUT_SECONDS, Limits, ScoringService
+from ._service import MAX_CONCURRENT_REQUESTS as MAX_CONCURRENT_REQUESTS  # re-exported
+from ._service import Limits, ScoringService
 from ._stats import merged_snapshot
 from ._workers import WorkerGroup
 
@@ -59,10 +62,6 @@ JSON = "application/json"
 #: those switches are what stretches the tail on busy cores). Larger bodies go to the pool, so
 #: the loop keeps answering while they score.
 INLINE_BODY_BYTES = 32 * 1024
-#: Requests served at once; past it the answer is 503 at once. With the body limit this bounds
-#: the memory an overload can take (64 x 16 MiB of bodies at most). Connections waiting for a
-#: request head do not count (see ``_SlowClientGuard``).
-MAX_CONCURRENT_REQUESTS = 64
 #: A connection has this long, from its opening or from its previous answer, to deliver a whole
 #: request head; then it is closed. Connections still waiting for one take no request slot.
 HEAD_TIMEOUT_SECONDS = 10.0
@@ -110,56 +109,6 @@ class ReloadRequest(BaseModel):
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": False, "content": {
         JSON: {"schema": model.model_json_schema()}}}}
-
-
-def _error(status: int, reason: str) -> Response:
-    # a body refused unread (too large, too slow) is not waited for: the connection closes
-    headers = {"connection": "close"} if status in (408, 413) else None
-    return Response(orjson.dumps({"detail": reason}), status_code=status, media_type=JSON,
-                    headers=headers)
-
-
-def check_json(content_type: str | None, has_body: bool) -> None:
-    """A body must be declared ``application/json`` (what an HTML form or a "simple" cross-site
-    request cannot send); a request without a body may leave the type out."""
-    if content_type is None and not has_body:
-        return
-    media = (content_type or "").partition(";")[0].strip().lower()
-    if media != JSON:
-        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
-        raise RequestError(415, f"the body must be JSON sent as 'Content-Type: {JSON}' "
-                                f"({sent} was sent)")
-
-
-async def read_body(request: Request, limit: int,
-                    timeout: float = BODY_TIMEOUT_SECONDS) -> bytes:
-    """The body, refused with 415 unless it is JSON, 413 past ``limit`` bytes (before reading it
-    when it says so) and 408 when it takes more than ``timeout`` seconds to arrive in whole
-    (however steadily its bytes come: a slow sender holds a request slot meanwhile)."""
-    declared = request.headers.get("content-length")
-    has_body = (declared not in (None, "0")
-                or "transfer-encoding" in request.headers)
-    check_json(request.headers.get("content-type"), has_body)
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise RequestError(400, "Content-Length is not a number") from None
-        if size > limit:
-            raise RequestError(413, f"the body is {size:,} bytes; the limit is {limit:,}")
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > limit:
-                    raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestError(408, f"the body did not arrive within {timeout:g} s "
-                                f"({total:,} bytes came)") from None
-    return b"".join(chunks)
 
 
 def _split_host(host: str) -> tuple[str, int | None]:
@@ -277,12 +226,12 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
     app.state.service = service
 
     @app.post("/v1/score", response_model=None, openapi_extra=_body_doc(ScoreRequest),
-              responses={200: {"model": ScoreResponse}, 400: {}, 401: {}, 413: {}, 422: {}},
+              responses={200: {"model": ScoreResponse}, 400: {}, 401: {}, 408: {}, 413: {},
+                         422: {}, 429: {}, 503: {}},
               summary="Score records (raw lines or objects of fields)")
     async def score(request: Request) -> Response:
         try:
-            body = await read_body(request, service.limits.max_body_bytes,
-                                   service.limits.body_timeout_seconds)
+            body = await read_body(request, service.limits.max_body_bytes, service.limits)
             if len(body) <= INLINE_BODY_BYTES:
                 out = service.score(body)
             else:
@@ -299,7 +248,7 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
               summary="Load a bundle (default: re-read the one served) without dropping requests")
     async def reload(request: Request) -> Response:
         try:
-            body = await read_body(request, 64 * 1024, service.limits.body_timeout_seconds)
+            body = await read_body(request, 64 * 1024, service.limits)
             target = _reload_target(body)
             # one of several workers: only check here; the workers are replaced together
             model = await run_in_threadpool(service.check if group else service.reload, target)
@@ -333,15 +282,22 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
         snap = (merged_snapshot(group.all_stats() or [service.stats.raw()])
                 if group is not None else service.stats.snapshot())
         snap["model"] = service.model.describe()
-        snap["limits"] = {"max_body_bytes": service.limits.max_body_bytes,
-                          "max_records": service.limits.max_records,
-                          "body_timeout_seconds": service.limits.body_timeout_seconds}
+        limits = service.limits
+        snap["limits"] = {"max_body_bytes": limits.max_body_bytes,
+                          "max_records": limits.max_records,
+                          "body_timeout_seconds": limits.body_timeout_seconds,
+                          "body_min_rate": limits.body_min_rate,
+                          "max_requests": limits.max_requests,
+                          "max_client_uploads": limits.max_client_uploads}
         return Response(orjson.dumps(snap), media_type=JSON)
 
     @app.get("/", response_class=HTMLResponse, summary="The live dashboard")
     async def index() -> HTMLResponse:
         return HTMLResponse(dashboard)
 
+    # innermost: a request refused by the gate or the browser guard takes no slot or upload
+    app.state.intake = Intake(service.limits, service.metrics)
+    app.add_middleware(IntakeGuard, intake=app.state.intake)
     app.add_middleware(BrowserGuard,  # inside the gate: a missing key is still a 401 first
                        allowed_hosts=allowed_hosts_from_env() if allowed_hosts is None
                        else allowed_hosts)
@@ -415,20 +371,6 @@ def _raw_response(status: bytes, reason: str) -> bytes:
             + body)
 
 
-def _limit_requests(app: ASGIApp, tasks: set[Any], limit: int) -> ASGIApp:
-    """``app``, answering 503 while more than ``limit`` requests are in flight (counted by
-    their tasks, this one's included: uvicorn adds a request's task before running it)."""
-
-    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
-        if len(tasks) > limit:
-            logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit.")
-            await service_unavailable(scope, receive, send)  # type: ignore[arg-type]
-        else:
-            await app(scope, receive, send)
-
-    return limited
-
-
 # mypy checks the mixin as the protocol it is mixed into; at run time it is a plain class
 if TYPE_CHECKING:
     _Protocol = H11Protocol
@@ -443,8 +385,9 @@ class _SlowClientGuard(_Protocol):
     request head that never finishes arriving: 64 idle sockets would make it answer 503 to
     everyone for as long as they stay open. Here
 
-    - the limit counts requests in flight only (a connection waiting for its next request head
-      takes no slot), so idle connections cannot starve the others;
+    - uvicorn's ``limit_concurrency`` is off: the app counts requests (see ``_intake``), so a
+      connection waiting for its next request head takes no slot and idle connections cannot
+      starve the others;
     - a connection that has not delivered a whole request head ``HEAD_TIMEOUT_SECONDS`` after it
       opened, or after its previous answer, is closed (408 when it sent part of one);
     - with httptools, a request head over ``MAX_HEAD_BYTES`` is refused with 431 (httptools
@@ -453,9 +396,7 @@ class _SlowClientGuard(_Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's check: off
-        if limit is not None:
-            self.app = _limit_requests(self.app, self.tasks, limit)
+        self.limit_concurrency = None  # uvicorn's check, by connections: off
         self._head_deadline: asyncio.TimerHandle | None = None
 
     def _waiting_for_head(self) -> bool:
@@ -589,11 +530,18 @@ else:
     HttpProtocol = GuardedHttpTools
 
 
-def uvicorn_options() -> dict[str, Any]:
-    """The uvicorn settings of ``deepwatch serve`` (one process or each worker)."""
+def uvicorn_options(forwarded_allow_ips: Iterable[str] = ()) -> dict[str, Any]:
+    """The uvicorn settings of ``deepwatch serve`` (one process or each worker).
+
+    ``forwarded_allow_ips``: addresses or networks of reverse proxies whose ``X-Forwarded-For``
+    names the client (the address the per-client cap counts by); none by default, where
+    uvicorn would trust the header from 127.0.0.1, so any local program could pick its own
+    address.
+    """
+    proxies = [p.strip() for p in forwarded_allow_ips if p.strip()]
     return {"log_level": "warning", "access_log": False, "server_header": False,
-            "timeout_graceful_shutdown": 10, "limit_concurrency": MAX_CONCURRENT_REQUESTS,
-            "http": HttpProtocol}
+            "timeout_graceful_shutdown": 10, "http": HttpProtocol,
+            "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -618,8 +566,12 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
                api_key_file: str | None = None, *, engine: str = "auto",
-               limits: Limits | None = None, workers: int = 1) -> None:
-    """Serve until SIGINT/SIGTERM (in-flight requests finish first)."""
+               limits: Limits | None = None, workers: int = 1,
+               forwarded_allow_ips: Iterable[str] = ()) -> None:
+    """Serve until SIGINT/SIGTERM (in-flight requests finish first).
+
+    ``forwarded_allow_ips``: reverse proxies trusted to name the client (see
+    :func:`uvicorn_options`)."""
     import uvicorn
 
     if not 0 <= port <= 65535:
@@ -627,9 +579,8 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, not {workers}")
     limits = limits or Limits()
-    if not (math.isfinite(limits.body_timeout_seconds) and limits.body_timeout_seconds > 0):
-        raise UsageError(f"--body-timeout must be a number of seconds above 0, not "
-                         f"{limits.body_timeout_seconds:g}")
+    _check_limits(limits)
+    proxies = _check_proxies(forwarded_allow_ips)
     key = read_api_key(api_key_file) if api_key_file else None
     if workers > 1:
         _check_bundle(bundle)  # one clear error here, not one per worker
@@ -640,7 +591,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if key is None and not _is_loopback_address(sock.getsockname()[0]):  # the bound address
         log.warning("listening on %s without an API key: anyone who can reach it can score "
                     "and reload", host)
-    options = uvicorn_options()
+    options = uvicorn_options(proxies)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     if workers > 1:
         from ._workers import run_workers
@@ -658,6 +609,34 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     log.warning("serving %s (%s on %s, %s) at %s", model.path, model.detector.kind,
                 model.format, model.detector.engine, url)
     server.run(sockets=[sock])
+
+
+def _check_limits(limits: Limits) -> None:
+    """The limits ``serve`` takes from its options, each refused in the option's words."""
+    if not (math.isfinite(limits.body_timeout_seconds) and limits.body_timeout_seconds > 0):
+        raise UsageError(f"--body-timeout must be a number of seconds above 0, not "
+                         f"{limits.body_timeout_seconds:g}")
+    if not (math.isfinite(limits.body_min_rate) and limits.body_min_rate >= 0):
+        raise UsageError(f"--body-min-rate must be a number of bytes a second, 0 or more, not "
+                         f"{limits.body_min_rate:g}")
+    if limits.max_client_uploads < 0:
+        raise UsageError(f"--max-client-uploads must be 0 (no cap) or more, not "
+                         f"{limits.max_client_uploads}")
+
+
+def _check_proxies(values: Iterable[str]) -> list[str]:
+    """``--forwarded-allow-ips`` items (comma-separated in each value): addresses, networks
+    or ``*``."""
+    proxies = [p.strip() for v in values for p in v.split(",") if p.strip()]
+    if "*" in proxies:
+        return ["*"]  # uvicorn trusts every peer only for a lone "*"
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy)  # as uvicorn reads it (host bits set: refused)
+        except ValueError:
+            raise UsageError(f"--forwarded-allow-ips: {proxy!r} is not an IP address or "
+                             f"network (nor *)") from None
+    return proxies
 
 
 def _check_bundle(bundle: str | Path) -> None:

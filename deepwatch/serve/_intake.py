@@ -1,0 +1,276 @@
+"""How requests get in: request slots, bodies arriving, and the clients sending them.
+
+A request slot is held only by work the service can do now. Were a slot taken when a request's
+head arrives, 64 clients sending their bodies a few bytes at a time (slowloris) would hold every
+slot for the whole ``--body-timeout`` and everyone else would be refused. So:
+
+- a request without a body takes one of ``Limits.max_requests`` slots at once (503 when all are
+  taken) and holds it until its answer is sent;
+- a request with a body first joins the uploads: at most ``Limits.max_uploads`` bodies arriving
+  at once (503 past it), at most ``Limits.max_client_uploads`` of them from one client address
+  (429 past it; IPv6 clients are counted by /64 network, which one host usually has); it takes
+  its slot when the last byte of its body is in (503 then if all are taken);
+- a body must arrive in whole within ``Limits.body_timeout_seconds``, and once it has been
+  arriving ``Limits.body_rate_grace_seconds``, at an average of ``Limits.body_min_rate`` bytes a
+  second or more (408 otherwise, the connection closed);
+- the bytes of request bodies held in memory, arriving or being scored, are at most
+  ``Limits.max_buffered_bytes`` together (503 for the body that would go past it): the bound that
+  the slots alone gave when bodies were read inside them.
+
+Every refusal is JSON ``{"detail": reason}``, closes the connection, and is counted in
+``deepwatch_rejected_requests_total{status}``; 429 and 503 carry ``Retry-After``.
+
+The client address is the connection's peer. uvicorn replaces it with the address a reverse
+proxy names in ``X-Forwarded-For`` only for the proxies ``serve --forwarded-allow-ips`` names
+(see ``app.uvicorn_options``): a header any client can write does not pick its own count.
+
+Everything here runs on the event loop's thread: plain counters, no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
+
+from ._auth import ASGIApp, Receive, Scope, Send
+from ._metrics import Metrics
+from ._request import RequestError
+from ._service import Limits
+
+JSON = "application/json"
+#: The scope key under which a request's :class:`Ticket` reaches the endpoints.
+TICKET = "deepwatch.ticket"
+#: Answers that end the connection: a body refused unread is not waited for, and a client
+#: turned away for load is better reconnecting later than holding a socket meanwhile.
+CLOSING_STATUSES = frozenset({408, 413, 429, 503})
+RETRY_AFTER_SECONDS = 1
+
+
+def error_response(status: int, reason: str) -> Response:
+    """``{"detail": reason}`` with ``status``."""
+    headers = {}
+    if status in CLOSING_STATUSES:
+        headers["connection"] = "close"
+    if status in (429, 503):
+        headers["retry-after"] = str(RETRY_AFTER_SECONDS)
+    return Response(orjson.dumps({"detail": reason}), status_code=status, media_type=JSON,
+                    headers=headers or None)
+
+
+def client_key(client: Any) -> str:
+    """What the per-client cap counts by: the address, or the /64 network of an IPv6 one."""
+    if not client:
+        return "unknown"
+    host = str(client[0])
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # a unix socket's path, a test client's name
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request head announces a body (a length above 0, or chunks)."""
+    for name, value in headers:
+        if name == b"content-length":
+            if value.strip() != b"0":
+                return True
+        elif name == b"transfer-encoding":
+            return True
+    return False
+
+
+class Intake:
+    """The counts of one process (one app): slots held, bodies arriving, bytes held."""
+
+    def __init__(self, limits: Limits, metrics: Metrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.serving = 0  # requests holding a slot
+        self.uploading = 0  # requests whose bodies are arriving
+        self.buffered = 0  # bytes of request bodies held
+        self.clients: dict[str, int] = {}  # bodies arriving, by client (no zero entries)
+
+
+class Ticket:
+    """One request's place in the :class:`Intake`: an upload, then a slot (or a slot at once)."""
+
+    __slots__ = ("intake", "client", "uploading", "serving", "buffered")
+
+    def __init__(self, intake: Intake, client: Any) -> None:
+        self.intake = intake
+        self.client = client  # scope["client"]
+        self.uploading: str | None = None  # the client key, while counted as uploading
+        self.serving = False
+        self.buffered = 0
+
+    def take_slot(self) -> None:
+        intake = self.intake
+        most = intake.limits.max_requests
+        if intake.serving >= most:
+            raise RequestError(503, f"the service is answering its most requests at once "
+                                    f"({most}); retry shortly")
+        intake.serving += 1
+        self.serving = True
+
+    def join_uploads(self) -> None:
+        intake, limits = self.intake, self.intake.limits
+        key = client_key(self.client)
+        mine = intake.clients.get(key, 0)
+        if 0 < limits.max_client_uploads <= mine:
+            raise RequestError(429, f"{mine} request bodies from {key} are arriving already, "
+                                    f"the most one client may send at once; wait for their "
+                                    f"answers")
+        if intake.uploading >= limits.max_uploads:
+            raise RequestError(503, f"the service is receiving its most request bodies at once "
+                                    f"({limits.max_uploads}); retry shortly")
+        intake.uploading += 1
+        intake.clients[key] = mine + 1
+        self.uploading = key
+
+    def hold(self, n: int) -> None:
+        """``n`` more bytes of this request's body are in memory."""
+        intake = self.intake
+        intake.buffered += n
+        self.buffered += n
+        if intake.buffered > intake.limits.max_buffered_bytes:
+            raise RequestError(503, f"the service holds its most bytes of request bodies "
+                                    f"({intake.limits.max_buffered_bytes:,}); retry shortly")
+
+    def body_arrived(self) -> None:
+        """The whole body is in: from the uploads to a slot (503 when none is free)."""
+        if self.uploading is not None:
+            self._leave_uploads()
+            self.take_slot()
+
+    def _leave_uploads(self) -> None:
+        intake, key = self.intake, self.uploading
+        assert key is not None
+        self.uploading = None
+        intake.uploading -= 1
+        left = intake.clients[key] - 1
+        if left:
+            intake.clients[key] = left
+        else:
+            del intake.clients[key]
+
+    def release(self) -> None:
+        """The answer is sent (or the request failed): give back all this request held."""
+        if self.uploading is not None:
+            self._leave_uploads()
+        if self.serving:
+            self.serving = False
+            self.intake.serving -= 1
+        self.intake.buffered -= self.buffered
+        self.buffered = 0
+
+
+class IntakeGuard:
+    """ASGI middleware giving every HTTP request its :class:`Ticket` (in the scope under
+    ``TICKET``) and refusing those that find no room; :func:`read_body` moves a request from
+    the uploads to a slot."""
+
+    def __init__(self, app: ASGIApp, intake: Intake) -> None:
+        self.app = app
+        self.intake = intake
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ticket = Ticket(self.intake, scope.get("client"))
+        try:
+            if has_body(scope.get("headers", [])):
+                ticket.join_uploads()
+            else:
+                ticket.take_slot()
+        except RequestError as exc:
+            self.intake.metrics.rejected_requests.labels(str(exc.status)).inc()
+            await error_response(exc.status, exc.reason)(scope, receive, send)
+            return
+        scope[TICKET] = ticket
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ticket.release()
+
+
+def check_json(content_type: str | None, has_body: bool) -> None:
+    """A body must be declared ``application/json`` (what an HTML form or a "simple" cross-site
+    request cannot send); a request without a body may leave the type out."""
+    if content_type is None and not has_body:
+        return
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if media != JSON:
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        raise RequestError(415, f"the body must be JSON sent as 'Content-Type: {JSON}' "
+                                f"({sent} was sent)")
+
+
+async def read_body(request: Request, limit: int, limits: Limits) -> bytes:
+    """The body, refused with 415 unless it is JSON, 413 past ``limit`` bytes (before reading it
+    when it says so), 408 when it takes more than ``limits.body_timeout_seconds`` to arrive in
+    whole or, after ``limits.body_rate_grace_seconds``, averages under ``limits.body_min_rate``
+    bytes a second, and 503 when the service holds its most bytes of bodies. Then the request
+    takes its slot (503 when none is free)."""
+    declared = request.headers.get("content-length")
+    body_announced = (declared not in (None, "0")
+                      or "transfer-encoding" in request.headers)
+    check_json(request.headers.get("content-type"), body_announced)
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError(400, "Content-Length is not a number") from None
+        if size > limit:
+            raise RequestError(413, f"the body is {size:,} bytes; the limit is {limit:,}")
+    ticket: Ticket | None = request.scope.get(TICKET)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    whole = start + limits.body_timeout_seconds
+    rate, grace = limits.body_min_rate, limits.body_rate_grace_seconds
+
+    def due(received: int) -> float:
+        """When the body is late if no more of it comes."""
+        if rate <= 0:
+            return whole
+        return min(whole, start + max(grace, received / rate))
+
+    chunks: list[bytes] = []
+    total = 0
+    deadline = due(0)
+    try:
+        async with asyncio.timeout_at(deadline) as timer:
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
+                if ticket is not None:
+                    ticket.hold(len(chunk))
+                chunks.append(chunk)
+                deadline = due(total)
+                timer.reschedule(deadline)
+    except ClientDisconnect:  # nobody reads the answer; the refusal is counted
+        raise RequestError(400, f"the connection closed before the whole body came "
+                                f"({total:,} bytes came)") from None
+    except TimeoutError:
+        if deadline >= whole:
+            raise RequestError(408, f"the body did not arrive within "
+                                    f"{limits.body_timeout_seconds:g} s ({total:,} bytes "
+                                    f"came)") from None
+        took = loop.time() - start
+        raise RequestError(408, f"the body arrived too slowly: {total:,} bytes in {took:.1f} s, "
+                                f"under the minimum of {rate:,g} bytes a second") from None
+    if ticket is not None:
+        ticket.body_arrived()
+    return b"".join(chunks)
