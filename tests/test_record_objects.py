@@ -1,7 +1,9 @@
 """Records sent as JSON objects of fields (``POST /v1/score`` with objects): type coercion, the
 timestamp forms a client sends, and values no column can hold, each a reject with its reason,
 never a failed request. Against a real uvicorn server serving a small Zeek bundle (Zeek has the
-kinds of column the other formats have, and a timestamp)."""
+kinds of column the other formats have, and a timestamp). KDD objects read their text fields as
+KDD lines do: spaces around a value dropped, a value of spaces only a reject with the line's
+reason."""
 
 from __future__ import annotations
 
@@ -144,3 +146,88 @@ def test_numbers_beyond_a_double_and_non_finite_numbers_are_rejects() -> None:
     assert reasons[4] == "field 'orig_p' is not an integer: -inf"
     assert reasons[5] == "record is not a JSON object"
     assert result.rejects.column("raw").to_pylist()[5] == '"not an object"'
+
+
+# -- KDD objects read their text fields as lines do ----------------------------------------------
+
+KDD_LINES = [
+    "0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,0.00,0.00,1.00,0.00,"
+    "0.00,9,9,1.00,0.00,0.11,0.00,0.00,0.00,0.00,0.00,normal.",
+    "0,icmp,ecr_i,SF,1032,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,511,511,0.00,0.00,0.00,0.00,1.00,"
+    "0.00,0.00,255,255,1.00,0.00,1.00,0.00,0.00,0.00,0.00,0.00,smurf.",
+]
+#: each text field padded differently: spaces, a tab, a trailing line feed
+PADDED = {"protocol_type": " {} ", "service": "\t{}", "flag": "{}  ", "label": " {}. \n"}
+
+
+def _kdd_objects(fmt: str) -> list[dict[str, Any]]:
+    """The parsed fields of ``KDD_LINES`` (with a difficulty for NSL-KDD), as objects."""
+    tail = ",21" if fmt == "nslkdd" else ""
+    return get_format(fmt).parse("".join(ln + tail + "\n" for ln in KDD_LINES)).batch.to_pylist()
+
+
+def _padded(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, **{k: form.format(record[k]) for k, form in PADDED.items()}}
+
+
+def _blank_line(fmt: str, field: int, value: str) -> str:
+    """``KDD_LINES[0]`` with field number ``field`` (0-based) written ``value``."""
+    fields = (KDD_LINES[0] + (",21" if fmt == "nslkdd" else "")).split(",")
+    fields[field] = value
+    return ",".join(fields)
+
+
+@pytest.mark.parametrize("fmt", ["kdd", "nslkdd"])
+def test_kdd_objects_with_padded_text_fields_parse_as_the_clean_ones(fmt: str) -> None:
+    """``{"protocol_type": " tcp"}`` kept its space, which the featurizer knows as no protocol
+    (its ``other`` slot), where the line ``0, tcp, ...`` has been read as ``tcp``; the label
+    loses its spaces and dot as in a line."""
+    f = get_format(fmt)
+    clean = _kdd_objects(fmt)
+    assert [r["protocol_type"] for r in clean] == ["tcp", "icmp"]
+    assert [r["label"] for r in clean] == ["normal", "smurf"]
+    want = f.parse_records(clean)
+    got = f.parse_records([_padded(r) for r in clean])
+    assert got.rejects.num_rows == 0
+    assert got.batch.equals(want.batch)
+    lines = f.parse("".join(ln + (",21" if fmt == "nslkdd" else "") + "\n" for ln in KDD_LINES))
+    assert got.batch.equals(lines.batch)
+
+
+@pytest.mark.parametrize("fmt", ["kdd", "nslkdd"])
+@pytest.mark.parametrize(("name", "field", "value"), [
+    ("protocol_type", 1, "   "), ("service", 2, "\t"), ("flag", 3, " "), ("label", 41, " . "),
+    ("label", 41, "..")])
+def test_a_kdd_object_text_field_of_spaces_only_is_the_reject_a_line_gets(
+        fmt: str, name: str, field: int, value: str) -> None:
+    f = get_format(fmt)
+    good = _kdd_objects(fmt)[0]
+    from_line = f.parse(_blank_line(fmt, field, value) + "\n").rejects.to_pylist()
+    from_object = f.parse_records([good, {**good, name: value}, good])
+    assert from_object.line_numbers.to_pylist() == [1, 3]
+    [reject] = from_object.rejects.to_pylist()
+    assert reject["line"] == 2 and reject["raw"].startswith('{"duration": 0')
+    assert [x["reason"] for x in from_line] == [reject["reason"]]
+    said = "the spaces around it are" if name != "label" else "its trailing dot is"
+    assert reject["reason"] == f"field {field + 1} ({name}) is empty once {said} removed: '{value}'"
+
+
+def test_padded_kdd_objects_score_exactly_as_the_clean_ones(kdd_bundle: Path) -> None:
+    """Over the REST API: clean objects, padded objects, clean lines and lines written with
+    ``, `` between fields all get the same results, to the last digit; a text field of spaces
+    only is the same reject in an object as in a line."""
+    clean = _kdd_objects("kdd")
+    spaced = [", ".join(ln.split(",")) for ln in KDD_LINES]
+    blank_object = {**clean[0], "protocol_type": "   "}
+    blank_line = _blank_line("kdd", 1, "   ")
+    records: list[Any] = [*clean, *map(_padded, clean), *KDD_LINES, *spaced, blank_object,
+                          blank_line]
+    with ThreadServer(create_app(kdd_bundle)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        body = _score(c, records)
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(8))
+    verdicts = [{k: v for k, v in r.items() if k != "index"} for r in results]
+    assert verdicts == verdicts[:2] * 4
+    reason = "field 2 (protocol_type) is empty once the spaces around it are removed: '   '"
+    assert body["rejects"] == [{"index": 8, "reason": reason}, {"index": 9, "reason": reason}]

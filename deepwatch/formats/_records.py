@@ -225,7 +225,8 @@ def _json_head(value: Any, limit: int) -> str:
     return "".join(parts)[:limit]
 
 
-def _raw(record: Any) -> str:
+def record_text(record: Any) -> str:
+    """A record as a reject's raw text: its JSON (the first 10,000 characters)."""
     try:
         return json.dumps(record, ensure_ascii=False, default=str)[:10_000]
     except RecursionError:
@@ -274,7 +275,7 @@ def records_to_batch(schema: pa.Schema, records: list[Any],
     order = sorted(bad)
     return ParseResult(
         batch=batch,
-        rejects=make_rejects([i + 1 for i in order], [_raw(records[i]) for i in order],
+        rejects=make_rejects([i + 1 for i in order], [record_text(records[i]) for i in order],
                              [bad[i] for i in order]),
         lines=n,
         line_numbers=pa.array(kept + 1, pa.int64()),

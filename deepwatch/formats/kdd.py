@@ -13,6 +13,7 @@ import pyarrow as pa
 from ..labels import kdd_category
 from ._base import Format, ParseResult, make_rejects, split_lines
 from ._delimited import parse_delimited
+from ._records import record_text
 
 KDD_FEATURES: tuple[str, ...] = (
     "duration", "protocol_type", "service", "flag", "src_bytes", "dst_bytes", "land",
@@ -66,43 +67,27 @@ class KDD(Format):
             data, self._schemas(), first_line=first_line, sep=",",
             nonneg=[f for f in KDD_FEATURES if f not in CATEGORICAL],
         )
-        return self._finish(result, data, first_line)
-
-    def _finish(self, result: ParseResult, data: bytes | str, first_line: int
-                ) -> ParseResult:
-        """Text fields as the KDD files write them: no spaces around a value (``0, tcp, http``
-        from some CSV exporters scores as ``0,tcp,http``; numbers are read through spaces
-        already), labels as the tables name them (``smurf.`` is ``smurf``). A text field that
-        is nothing but spaces, or a label nothing but dots and spaces, is no value: its line
-        is a reject."""
-        import pyarrow.compute as pc
-
-        batch = result.batch
-        reasons: dict[int, str] = {}  # row -> why, for its first empty field
-        for name in CATEGORICAL:
-            i = batch.schema.get_field_index(name)
-            raw = batch.column(i)
-            trimmed = pc.ascii_trim_whitespace(raw)
-            if _text_bytes(trimmed) == _text_bytes(raw):
-                continue  # nothing was trimmed (every KDD file): the column as parsed
-            batch = batch.set_column(i, batch.schema.field(i), trimmed)  # "not null" kept
-            for row in np.flatnonzero(np.asarray(pc.equal(trimmed, ""), dtype=bool)):
-                reasons.setdefault(int(row), f"field {i + 1} ({name}) is empty once the "
-                                   f"spaces around it are removed: '{raw[row].as_py()[:80]}'")
-        i = batch.schema.get_field_index("label")
-        raw = batch.column(i)
-        label = pc.utf8_rtrim(pc.utf8_trim_whitespace(raw), characters=". ")
-        batch = batch.set_column(i, "label", label)
-        empty = pc.fill_null(pc.equal(label, ""), False)
-        if pc.any(empty).as_py():
-            for row in np.flatnonzero(np.asarray(empty, dtype=bool)):
-                reasons.setdefault(int(row), f"field {len(KDD_FEATURES) + 1} (label) is empty "
-                                   f"once its trailing dot is removed: '{raw[row].as_py()}'")
-        result.batch = batch
+        result.batch, reasons = _text_fields(result.batch)
         if not reasons:
             return result
-        bad = np.array(sorted(reasons), dtype=np.int64)
-        return _reject_rows(result, bad, data, first_line, [reasons[r] for r in bad])
+        rows = np.array(sorted(reasons), dtype=np.int64)
+        lines = split_lines(data)
+        numbers = np.asarray(result.line_numbers, dtype=np.int64)[rows]
+        return _reject_rows(result, rows, [lines[n - first_line] for n in numbers],
+                            [reasons[r] for r in rows])
+
+    def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
+        """Records as JSON objects (REST), their text fields read as a line's are (see
+        :func:`_text_fields`): ``{"protocol_type": " tcp"}`` scores as ``"tcp"``, and a text
+        field of spaces only is a reject with the reason a line gets."""
+        result = super().parse_records(records)
+        result.batch, reasons = _text_fields(result.batch)
+        if not reasons:
+            return result
+        rows = np.array(sorted(reasons), dtype=np.int64)
+        positions = np.asarray(result.line_numbers, dtype=np.int64)[rows]  # 1-based
+        return _reject_rows(result, rows, [record_text(records[n - 1]) for n in positions],
+                            [reasons[r] for r in rows])
 
     def feature_spec(self) -> dict[str, Any]:
         numeric = [f for f in KDD_FEATURES if f not in CATEGORICAL]
@@ -117,6 +102,38 @@ class KDD(Format):
         return kdd_category(label)
 
 
+def _text_fields(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[int, str]]:
+    """Text fields as the KDD files write them, whether the record came as a line or as an
+    object: no spaces around a value (``0, tcp, http`` from some CSV exporters, or
+    ``{"protocol_type": " tcp"}``, scores as ``tcp``; numbers are read through spaces in
+    lines, and are JSON numbers in objects), labels as the tables name them (``smurf.`` is
+    ``smurf``). A text field that is nothing but spaces, or a label nothing but dots and
+    spaces, is no value: the reason for each such row (its first such field), by row."""
+    import pyarrow.compute as pc
+
+    reasons: dict[int, str] = {}
+    for name in CATEGORICAL:
+        i = batch.schema.get_field_index(name)
+        raw = batch.column(i)
+        trimmed = pc.ascii_trim_whitespace(raw)
+        if _text_bytes(trimmed) == _text_bytes(raw):
+            continue  # nothing was trimmed (every KDD file): the column as parsed
+        batch = batch.set_column(i, batch.schema.field(i), trimmed)  # "not null" kept
+        for row in np.flatnonzero(np.asarray(pc.equal(trimmed, ""), dtype=bool)):
+            reasons.setdefault(int(row), f"field {i + 1} ({name}) is empty once the "
+                               f"spaces around it are removed: '{raw[row].as_py()[:80]}'")
+    i = batch.schema.get_field_index("label")
+    raw = batch.column(i)
+    label = pc.utf8_rtrim(pc.utf8_trim_whitespace(raw), characters=". ")
+    batch = batch.set_column(i, batch.schema.field(i), label)
+    empty = pc.fill_null(pc.equal(label, ""), False)
+    if pc.any(empty).as_py():
+        for row in np.flatnonzero(np.asarray(empty, dtype=bool)):
+            reasons.setdefault(int(row), f"field {len(KDD_FEATURES) + 1} (label) is empty "
+                               f"once its trailing dot is removed: '{raw[row].as_py()}'")
+    return batch, reasons
+
+
 def _text_bytes(column: pa.Array) -> int:
     """The bytes of text in a string column: one look at its offsets, not a pass over it."""
     if len(column) == 0:
@@ -125,16 +142,14 @@ def _text_bytes(column: pa.Array) -> int:
     return int(offsets[column.offset + len(column)]) - int(offsets[column.offset])
 
 
-def _reject_rows(result: ParseResult, rows: np.ndarray, data: bytes | str, first_line: int,
-                 reasons: list[str]) -> ParseResult:
-    """``result`` with its parsed records ``rows`` turned into rejects (their lines' text and
+def _reject_rows(result: ParseResult, rows: np.ndarray, raw: list[str], reasons: list[str]
+                 ) -> ParseResult:
+    """``result`` with its parsed records ``rows`` turned into rejects (their ``raw`` text and
     ``reasons``), merged into its rejects in line order."""
     import pyarrow.compute as pc
 
     numbers = np.asarray(result.line_numbers, dtype=np.int64)
-    lines = split_lines(data)
-    found = make_rejects(numbers[rows].tolist(),
-                         [lines[n - first_line] for n in numbers[rows]], reasons)
+    found = make_rejects(numbers[rows].tolist(), raw, reasons)
     keep = np.ones(len(numbers), dtype=bool)
     keep[rows] = False
     rejects = pa.concat_tables([result.rejects, found])
