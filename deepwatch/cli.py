@@ -48,10 +48,11 @@ def _read_dirs(bundle: str, lakes: list[str] | None = None) -> list[tuple[str, s
     return dirs
 
 
-Files = Annotated[list[str], typer.Argument(help="Input files (.gz ok), globs, PATH=LABEL, or -")]
+Files = Annotated[list[str], typer.Argument(
+    help="Input files (.gz, .bz2, .xz ok), globs, PATH=LABEL, or -")]
 Format = Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")]
 OptionalFiles = Annotated[list[str] | None, typer.Argument(
-    help="Input files (.gz ok), globs, PATH=LABEL, or - (optional with --lake)")]
+    help="Input files (.gz, .bz2, .xz ok), globs, PATH=LABEL, or - (optional with --lake)")]
 LakeOption = Annotated[list[str] | None, typer.Option(
     "--lake", help="Also read the records of this lake directory (see `ingest`)")]
 

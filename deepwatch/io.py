@@ -45,7 +45,8 @@ class Stats:
     def unparsed(self) -> list[str]:
         """The inputs that had lines but gave no record, some of them lines that were read but
         failed to parse: most often the wrong ``--format``. An input whose every reject is
-        damage (a corrupt .gz, over-long lines) is left out: its warning or rejects say why."""
+        damage (a corrupt .gz, .bz2 or .xz file, over-long lines) is left out: its warning or
+        rejects say why."""
         return [s for s, c in self.by_source.items()
                 if c["lines"] and not c["parsed"] and c["rejected"] > self.damaged.get(s, 0)]
 
@@ -98,8 +99,8 @@ class InputReader:
         self._numbers: np.ndarray | None = None
 
     def _total_bytes(self) -> int | None:
-        """The size of the inputs, as the bytes read from them (compressed for .gz files) add
-        up; None when one is stdin, a pipe or a device, whose size is not known."""
+        """The size of the inputs, as the bytes read from them (compressed, for a compressed
+        file) add up; None when one is stdin, a pipe or a device, whose size is not known."""
         import stat
 
         total = 0

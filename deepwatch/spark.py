@@ -4,13 +4,14 @@ Spark reads the raw text (lines end at ``\\n`` only, as for the local engine) an
 line of every file, on the executors and with the local engine's own line reader (``LineBuffer``),
 never with Hadoop's: a line over ``MAX_LINE_BYTES`` is skipped as it is read (its first bytes
 kept) and becomes one reject, at a bounded cost in memory whatever its length. A file is
-gzip by its name or its first bytes, and one compressed otherwise (.bz2, .xz, .zst ...) is
-refused before the job starts, as by the local engine. A plain file is cut into byte ranges
-of ``SPLIT_BYTES`` read by as many tasks; a range holds the lines that start in it (the last
-one read on past its end), as Hadoop's LineRecordReader aligns its splits, and a first pass
-counts the line breaks of each range so that every task knows its first line number.
-A ``.gz`` file is one task (a gzip stream is read from its start): a damaged one (truncated,
-corrupt) is read up to the damage and the rest becomes one reject. ``mapInArrow`` then hands runs of
+gzip, bzip2 or xz by its name (.gz, .bz2, .xz) or its first bytes, and one compressed otherwise
+(.zst, .lz4, .zip ...) is refused before the job starts, as by the local engine. A plain file is
+cut into byte ranges of ``SPLIT_BYTES`` read by as many tasks; a range holds the lines that start
+in it (the last one read on past its end), as Hadoop's LineRecordReader aligns its splits, and a
+first pass counts the line breaks of each range so that every task knows its first line number.
+A compressed file is one task (it is read from its start, with the local engine's reader,
+which verifies each gzip member or bzip2/xz stream): a damaged one (truncated, corrupt) is read
+up to the damage and the rest becomes one reject. ``mapInArrow`` then hands runs of
 consecutive lines to the executors, which parse them with the format's own ``Format.parse`` and
 score them with ``Detector.score_batch`` (the bundle loaded and verified once per partition, from
 its path). So a record gets the same verdict as with the local engine. Scored records and
@@ -76,10 +77,11 @@ HELPERS = pa.schema([pa.field("_file", pa.int32()), pa.field("_line", pa.int64()
 LINES = pa.schema([pa.field("file", pa.int32()), pa.field("line", pa.int64()),
                    pa.field("text", pa.string()), pa.field("damage", pa.string()),
                    pa.field("rest_lost", pa.bool_()), pa.field("reason", pa.string())])
-#: What one reading task reads: a whole ``.gz`` file (``gzip``), or the lines of a plain file
-#: that start in bytes [start, end) of its ``size`` bytes, numbered from ``first_line``.
+#: What one reading task reads: a whole compressed file (``compression``: "gzip", "bzip2" or
+#: "xz", as the driver found it), or the lines of a plain file (``compression`` null) that start
+#: in bytes [start, end) of its ``size`` bytes, numbered from ``first_line``.
 PIECES = pa.schema([pa.field("file", pa.int32()), pa.field("path", pa.string()),
-                    pa.field("gzip", pa.bool_()), pa.field("start", pa.int64()),
+                    pa.field("compression", pa.string()), pa.field("start", pa.int64()),
                     pa.field("end", pa.int64()), pa.field("size", pa.int64()),
                     pa.field("first_line", pa.int64())])
 #: The bytes of a plain file one task reads (Hadoop's split size for local files).
@@ -241,14 +243,14 @@ def _refused_run(rows: pa.RecordBatch, union: pa.Schema) -> pa.RecordBatch:
 def read_partition(batches: Iterator[pa.RecordBatch], block_bytes: int = CHUNK_BYTES,
                    ) -> Iterator[pa.RecordBatch]:
     """The ``mapInArrow`` function reading the inputs: PIECES rows in, LINES out, read by the
-    local engine's reader (a .gz file's checksums verified; damage and over-long lines as rows
-    with ``damage`` set), ``block_bytes`` at a time. It logs nothing: the driver warns about each
-    damage, once."""
+    local engine's reader (a compressed file's checksums verified; damage and over-long lines as
+    rows with ``damage`` set), ``block_bytes`` at a time. It logs nothing: the driver warns about
+    each damage, once."""
     with _unlogged():
         for batch in batches:
             for piece in batch.to_pylist():
-                spec = InputSpec(piece["path"], gzip_magic=piece["gzip"])
-                chunks = (iter_chunks(spec, block_bytes) if piece["gzip"] else
+                spec = InputSpec(piece["path"], magic=piece["compression"])
+                chunks = (iter_chunks(spec, block_bytes) if piece["compression"] else
                           range_chunks(spec, piece["start"], piece["end"], piece["size"],
                                        piece["first_line"], block_bytes))
                 for chunk in chunks:
@@ -422,13 +424,14 @@ def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, 
     return schema, _conform(sample, schema)
 
 
-def _gzip(spec: InputSpec) -> bool:
-    """Whether ``spec`` is read as gzip (the local engine's test), not as the bytes it holds."""
-    return spec.gzip
+def _compression(spec: InputSpec) -> str | None:
+    """The compression ``spec`` is read as (the local engine's test: its first bytes, else its
+    name), None for a plain file read in byte ranges."""
+    return spec.compression
 
 
 def _pieces(sc: Any, specs: Sequence[InputSpec], split_bytes: int) -> list[dict[str, Any]]:
-    """The PIECES rows the inputs are read in: a .gz file whole; a plain file in ranges of
+    """The PIECES rows the inputs are read in: a compressed file whole; a plain file in ranges of
     ``split_bytes``, each with its first line number. The lines of every range but the last of
     its file are counted on the executors first (a pass over the bytes, not the lines)."""
     pieces: list[dict[str, Any]] = []
@@ -438,8 +441,9 @@ def _pieces(sc: Any, specs: Sequence[InputSpec], split_bytes: int) -> list[dict[
             size = os.path.getsize(path)
         except OSError as exc:
             raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
-        cuts = [0] if _gzip(spec) or size == 0 else list(range(0, size, split_bytes))
-        pieces.extend({"file": i, "path": path, "gzip": _gzip(spec), "start": a,
+        packed = _compression(spec)
+        cuts = [0] if packed is not None or size == 0 else list(range(0, size, split_bytes))
+        pieces.extend({"file": i, "path": path, "compression": packed, "start": a,
                        "end": b, "size": size, "first_line": 1}
                       for a, b in zip(cuts, [*cuts[1:], size], strict=True))
     counted = [k for k, p in enumerate(pieces)
@@ -468,7 +472,7 @@ def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
         read_partition, from_arrow_schema(LINES))
     spread = sc.defaultParallelism
     if len(pieces) < spread:
-        # a .gz file is one task: spread its lines in (file, line) ranges over the cores,
+        # a compressed file is one task: spread its lines in (file, line) ranges over the cores,
         # each range still in input order, so that every executor scores a share
         frame = frame.repartitionByRange(spread, "file", "line").sortWithinPartitions(
             "file", "line")

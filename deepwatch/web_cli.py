@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
     @app.command("ingest")
     def ingest_cmd(
         files: Annotated[list[str], typer.Argument(
-            help="Input files (.gz ok), globs, PATH=LABEL, or - for stdin")],
+            help="Input files (.gz, .bz2, .xz ok), globs, PATH=LABEL, or - for stdin")],
         fmt: Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")],
         lake: Annotated[str, typer.Option("--lake", help="Lake directory (created if new)")],
     ) -> None:

@@ -1,11 +1,14 @@
-"""Damaged compressed inputs: every whole line before the damage that can be trusted is read, the
-rest (the line cut short, a gzip member that fails its check, what follows) is one counted reject
-with its reason, and the run goes on with the next input."""
+"""Damaged compressed inputs (.gz, .bz2, .xz): every whole line before the damage that can be
+trusted is read, the rest (the line cut short, a gzip member or bzip2/xz stream that fails its
+check, what follows) is one counted reject with its reason, and the run goes on with the next
+input."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import zlib
 from pathlib import Path
 
@@ -129,3 +132,101 @@ def test_a_bad_checksum_withholds_the_whole_member(text: bytes, tmp_path: Path) 
     assert data == b"" and first_lines == [1]
     assert damage[-1] is not None and "incorrect data check" in damage[-1]
     assert "bytes decompressed from line 1 on come from a damaged gzip member" in damage[-1]
+
+
+# -- bzip2 and xz ------------------------------------------------------------------------------
+
+
+def _pack(kind: str, data: bytes, level: int = 9) -> bytes:
+    """``data`` as one bzip2 or xz stream; bzip2's ``level`` is its block size in 100 kB (a cut
+    stream gives its whole blocks before the cut: small ones, so that there is some)."""
+    return bz2.compress(data, level) if kind == "bzip2" else lzma.compress(data)
+
+
+def _decodable_stream(kind: str, compressed: bytes) -> bytes:
+    """Everything Python's own decompressor gives from the start of one cut bzip2 or xz stream."""
+    dec = bz2.BZ2Decompressor() if kind == "bzip2" else lzma.LZMADecompressor()
+    return dec.decompress(compressed)
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+@pytest.mark.parametrize("chunk_bytes", [64 << 10, 8 << 20])
+def test_truncated_bzip2_or_xz_yields_every_decodable_line_then_the_damage(
+        kind: str, text: bytes, tmp_path: Path, chunk_bytes: int) -> None:
+    """A .bz2 or .xz cut short (a copy interrupted, a disk full) was refused whole; now, as a
+    cut .gz, its whole lines up to the cut are read and the rest is one reject."""
+    whole = _pack(kind, text, level=1)
+    cut = whole[: len(whole) * 2 // 3]
+    path = tmp_path / f"cut.csv.{'bz2' if kind == 'bzip2' else 'xz'}"
+    path.write_bytes(cut)
+    data, first_lines, damage = _read(path, chunk_bytes)
+    expected = _decodable_stream(kind, cut)
+    assert len(expected) > len(text) // 3  # the test is about real salvage
+    assert not expected.endswith(b"\n")  # a line is cut short: it is no record
+    assert data == expected[: expected.rfind(b"\n") + 1]
+    assert damage[:-1] == [None] * (len(damage) - 1)
+    lost_from = expected.count(b"\n") + 1
+    assert first_lines[-1] == lost_from
+    assert damage[-1] == ("the compressed stream ends early (truncated file): line "
+                          f"{lost_from:,} is cut short, and nothing after it could be read")
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_a_bad_check_withholds_the_whole_bzip2_or_xz_stream(
+        kind: str, text: bytes, tmp_path: Path) -> None:
+    """The stream before is read; of the one whose check fails, nothing: the reason says so."""
+    lines = text.splitlines(keepends=True)
+    one, two = _pack(kind, b"".join(lines[:3000])), bytearray(_pack(kind, b"".join(lines[3000:])))
+    if kind == "xz":
+        two[-13] ^= 0xFF  # in the stream's index: every block decoded, then the check fails
+    else:
+        two[-3] ^= 0xFF  # the combined CRC at the stream's end
+    path = tmp_path / "bad.log"
+    path.write_bytes(one + bytes(two))
+    (spec,) = __import__("deepwatch.sources.files", fromlist=["x"]).parse_input_spec(str(path))
+    chunks = list(iter_chunks(spec, chunk_bytes=8 << 20))
+    assert b"".join(c.data for c in chunks) == b"".join(lines[:3000])
+    last = chunks[-1]
+    assert last.first_line == 3001 and last.damage is not None
+    assert last.damage.startswith("corrupt compressed data")
+    assert last.damage.endswith(f"come from a damaged {kind} stream and could not be verified, "
+                                "and nothing after them could be read")
+    assert last.lost == b"".join(lines[3000:])[: len(last.lost)] and last.lost
+
+
+def test_score_counts_damaged_bzip2_and_xz_inputs_as_rejects_and_goes_on(
+        kdd_bundle: Path, text: bytes, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated .bz2, a truncated xz file under a plain name and a file of bzip2 streams the
+    second of which is corrupt, then a good file: the whole lines before each damage are scored,
+    each damage is one reject with its line and reason, and parsed + rejected == lines read."""
+    lines = text.splitlines(keepends=True)
+    bz = _pack("bzip2", text, level=1)
+    cut_bz = tmp_path / "cut.csv.bz2"
+    cut_bz.write_bytes(bz[: len(bz) // 2])
+    xz = _pack("xz", text)
+    cut_xz = tmp_path / "rotated.log.1"
+    cut_xz.write_bytes(xz[: len(xz) // 2])
+    second = bytearray(_pack("bzip2", b"".join(lines[2000:4000])))
+    second[len(second) // 2] ^= 0xFF
+    streams = tmp_path / "pbzip2.csv.bz2"
+    streams.write_bytes(_pack("bzip2", b"".join(lines[:2000])) + bytes(second)
+                        + _pack("bzip2", b"".join(lines[4000:])))
+    out, rejects = tmp_path / "v.jsonl", tmp_path / "rejects.jsonl"
+    assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                 "--rejects", str(rejects), str(cut_bz), str(cut_xz), str(streams),
+                 str(small_kdd_test)]) == 0
+    kept_bz = _decodable_stream("bzip2", bz[: len(bz) // 2]).count(b"\n")
+    kept_xz = _decodable_stream("xz", xz[: len(xz) // 2]).count(b"\n")
+    assert kept_bz > 0 and kept_xz > 0
+    rows = len(out.read_text().splitlines())
+    assert rows == kept_bz + kept_xz + 2000 + len(lines)
+    rej = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["source"], r["line"]) for r in rej] == [
+        (str(cut_bz), kept_bz + 1), (str(cut_xz), kept_xz + 1), (str(streams), 2001)]
+    assert all("truncated file" in r["reason"] for r in rej[:2])
+    assert rej[2]["reason"].startswith("corrupt compressed data")
+    err = capsys.readouterr().err
+    assert f"{rows + 3:,} lines read: {rows:,} parsed, 3 rejected" in err
+    warned = [r.getMessage() for r in caplog.records if r.name == "deepwatch.sources.files"]
+    assert [w.split(": ")[0] for w in warned] == [str(cut_bz), str(cut_xz), str(streams)]

@@ -142,6 +142,23 @@ def test_utf16_text_in_a_gz_file_is_refused_when_decompressed(text: bytes,
         f"`gzip -dc {path} | iconv -f UTF-16 -t UTF-8 | deepwatch ... -`")
 
 
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_utf16_text_in_a_bzip2_or_xz_file_is_refused_with_its_decompressor(
+        kind: str, text: bytes, tmp_path: Path) -> None:
+    import bz2
+    import lzma
+
+    path = tmp_path / "traffic.log"  # bzip2 or xz by its first bytes
+    data = _utf16(text[:20_000], "utf-16-le", True)
+    path.write_bytes(bz2.compress(data) if kind == "bzip2" else lzma.compress(data))
+    (spec,) = parse_input_spec(str(path))
+    with pytest.raises(InputError) as err:
+        list(iter_chunks(spec))
+    assert str(err.value) == (
+        f"{path} looks like UTF-16 text; deepwatch reads UTF-8: convert it first, e.g. "
+        f"`{kind} -dc {path} | iconv -f UTF-16 -t UTF-8 | deepwatch ... -`")
+
+
 def test_utf16_text_on_a_pipe_is_refused_at_its_first_block(text: bytes, tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -264,9 +281,11 @@ def test_the_progress_bar_ends_at_the_size_of_the_files(
     assert sum(advances) == size and min(advances) > 0
 
 
-def _told(path: Path, **kw: int) -> list[int]:
+def _told(path: Path, chunk_bytes: int = 8 << 20, magic: str = "gzip") -> list[int]:
     told: list[int] = []
-    for _ in iter_chunks(InputSpec(str(path), gzip_magic=True), on_bytes=told.append, **kw):
+    spec = (InputSpec(str(path), gzip_magic=True) if magic == "gzip"
+            else InputSpec(str(path), magic=magic))
+    for _ in iter_chunks(spec, chunk_bytes=chunk_bytes, on_bytes=told.append):
         pass
     return told
 
@@ -290,3 +309,38 @@ def test_a_gz_input_tells_of_its_compressed_bytes_once_each(
     empty = tmp_path / "empty.gz"
     empty.write_bytes(b"")
     assert _told(empty) == []
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_a_bzip2_or_xz_input_tells_of_its_compressed_bytes_once_each(
+        kind: str, text: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        bar: dict[str, list[int | None]]) -> None:
+    """As for gzip: a stream read twice is counted once, the bytes a damage leaves unread are
+    counted at the end, and the bar of a run over such files ends at their size."""
+    import bz2
+    import lzma
+
+    from deepwatch.sources import files
+
+    def pack(data: bytes) -> bytes:
+        return bz2.compress(data, 1) if kind == "bzip2" else lzma.compress(data)
+
+    monkeypatch.setattr(files, "HOLD_BYTES", 64 << 10)
+    monkeypatch.setattr(files, "_PIECE", 4 << 10)  # compressed bytes read at a time
+    long = tmp_path / "long.log"
+    long.write_bytes(pack(text * 2) + pack(text))
+    told = _told(long, chunk_bytes=64 << 10, magic=kind)
+    assert sum(told) == long.stat().st_size and len(told) >= 2
+    bad = bytearray(pack(text * 2))
+    bad[len(bad) // 3 : len(bad) // 3 + 64] = bytes(64)
+    damaged = tmp_path / "damaged.log"
+    damaged.write_bytes(bytes(bad))
+    assert sum(_told(damaged, magic=kind)) == damaged.stat().st_size
+    truncated = tmp_path / "truncated.log"
+    truncated.write_bytes(pack(text)[: -len(text) // 40])
+    assert sum(_told(truncated, magic=kind)) == truncated.stat().st_size
+    paths = [long, damaged, truncated]
+    InputReader(KDD, [str(p) for p in paths], progress=True).read_all()
+    size = sum(p.stat().st_size for p in paths)
+    assert bar["total"] == [size]
+    assert sum(int(n or 0) for n in bar["advances"]) == size

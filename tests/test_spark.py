@@ -312,7 +312,7 @@ def test_a_line_far_over_the_limit_is_one_reject_read_in_bounded_memory(tmp_path
     cuts = [0, 7, 5 * MAX_LINE_BYTES, 20 * MAX_LINE_BYTES, size - 3, size]
     pieces, first = [], 1
     for a, b in zip(cuts, cuts[1:], strict=False):
-        pieces.append({"file": 0, "path": str(path), "gzip": False, "start": a, "end": b,
+        pieces.append({"file": 0, "path": str(path), "compression": None, "start": a, "end": b,
                        "size": size, "first_line": first})
         first += lines_starting_in(str(path), a, b)
     batch = pa.RecordBatch.from_pylist(pieces, schema=PIECES)
@@ -343,7 +343,7 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
     endings, lines of three times the limit and just over it, one of them last and without a
     line break, a name with a comma), a gzip file without a .gz name (gzip by its first bytes)
     and an empty file: the same rows, rejects, reasons and counts as the local engine, in input
-    order. A .bz2 file is refused by both, before anything is read."""
+    order. A zstd file is refused by both, before anything is read."""
     import deepwatch.spark
     from deepwatch.spark import score_spark
 
@@ -356,10 +356,10 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
                       + b"\n".join(lines[1500:3000]) + b"\n" + b"C" * (MAX_LINE_BYTES + 1))
     packed = tmp_path / "more.log"
     packed.write_bytes(gzip.compress(b"\n".join(lines[3000:3500]) + b"\n"))
-    other = tmp_path / "more.csv.bz2"
-    other.write_bytes(bz2.compress(b"\n".join(lines[3000:3500]) + b"\n"))
+    other = tmp_path / "more.csv.zst"
+    other.write_bytes(b"\x28\xb5\x2f\xfd" + b"\n".join(lines[3000:3500]) + b"\n")
     for engine in (score_files, score_spark):
-        with pytest.raises(InputError, match="compressed with bzip2"):
+        with pytest.raises(InputError, match="compressed with zstd"):
             engine(str(kdd_bundle), "kdd", [str(plain), str(other)],
                    str(tmp_path / "never.jsonl"))
     assert not (tmp_path / "never.jsonl").exists()
@@ -391,3 +391,61 @@ def test_plain_and_other_compressed_files_in_byte_ranges_give_the_local_engines_
     # the over-long lines are damage, not a hint that --format is wrong, for both engines
     assert dist.stats.damaged == local.stats.damaged == {str(plain): 2, str(only_long): 1}
     assert dist.stats.format_warnings("kdd") == local.stats.format_warnings("kdd") == []
+
+
+@pytest.mark.slow
+def test_bzip2_and_xz_files_whole_or_damaged_give_the_local_engines_output(
+        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A .bz2 of several streams (pbzip2), an xz file under a plain name (xz by its first
+    bytes), a truncated .xz and a .bz2 whose second stream is corrupt: each is one task, read by
+    the local engine's reader, so rows, scores, rejects, counts and warnings are the local
+    engine's (bzip2 and xz were refused by both)."""
+    import lzma
+
+    from deepwatch.spark import score_spark
+
+    lines = small_kdd_test.read_bytes().splitlines(keepends=True)
+    streams = tmp_path / "pbzip2.csv.bz2"
+    streams.write_bytes(b"".join(bz2.compress(b"".join(lines[i : i + 600]), 1)
+                                 for i in range(0, 3000, 600)))
+    named = tmp_path / "rotated.log.1"
+    named.write_bytes(lzma.compress(b"".join(lines[3000:5000])))
+    packed = lzma.compress(b"".join(lines[5000:8000]))
+    cut = tmp_path / "cut.csv.xz"
+    cut.write_bytes(packed[: len(packed) // 2])
+    second = bytearray(bz2.compress(b"".join(lines[9000:9500])))
+    second[len(second) // 2] ^= 0xFF
+    bad = tmp_path / "bad.csv.bz2"
+    bad.write_bytes(bz2.compress(b"".join(lines[8000:9000])) + bytes(second))
+    inputs = [str(streams), str(named), str(cut), str(bad)]
+
+    def run(engine: object, name: str) -> tuple[object, list[dict], list[dict], list[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepwatch.sources.files"):
+            result = engine(str(kdd_bundle), "kdd", inputs,  # type: ignore[operator]
+                            str(tmp_path / f"{name}.jsonl"),
+                            rejects=str(tmp_path / f"{name}-rejects.jsonl"))
+        warned = [r.getMessage() for r in caplog.records if r.name == "deepwatch.sources.files"]
+        return (result, _rejects(tmp_path / f"{name}.jsonl"),
+                _rejects(tmp_path / f"{name}-rejects.jsonl"), warned)
+
+    local, local_rows, local_rejects, local_warned = run(score_files, "local")
+    dist, rows, rejects, warned = run(score_spark, "spark")
+    kept = lzma.LZMADecompressor().decompress(packed[: len(packed) // 2]).count(b"\n")
+    assert 0 < kept < 3000
+    assert len(rows) == len(local_rows) == 3000 + 2000 + kept + 1000
+    assert [r["src_bytes"] for r in rows] == [r["src_bytes"] for r in local_rows]
+    assert [r["verdict"] for r in rows] == [r["verdict"] for r in local_rows]
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in local_rows],
+                                                       abs=1e-6)
+    assert rejects == local_rejects
+    assert [(r["source"], r["line"]) for r in rejects] == [(str(cut), kept + 1),
+                                                           (str(bad), 1001)]
+    assert "truncated file" in rejects[0]["reason"]
+    assert rejects[1]["reason"].startswith("corrupt compressed data")
+    for result in (dist, local):
+        stats = result.stats  # type: ignore[attr-defined]
+        assert (stats.lines, stats.parsed, stats.rejected) == (len(rows) + 2, len(rows), 2)
+    assert dist.stats.by_source == local.stats.by_source  # type: ignore[attr-defined]
+    assert warned == local_warned and [w.split(": ")[0] for w in warned] == [str(cut), str(bad)]

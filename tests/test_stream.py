@@ -687,16 +687,25 @@ def test_an_over_long_line_is_a_dead_letter_cut_as_scores_reject_is(
 def test_inputs_stream_cannot_read_are_one_line_usage_errors(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """A labelled input (stream scores unlabelled traffic), ``--follow`` on a .gz, or on more
-    than one file: refused before anything is read or written."""
+    """A labelled input (stream scores unlabelled traffic), ``--follow`` on a .gz, .bz2 or xz
+    file (by its first bytes), or on more than one file: refused before anything is read or
+    written."""
+    import bz2
     import gzip
+    import lzma
 
     packed = tmp_path / "in.csv.gz"
     packed.write_bytes(gzip.compress(small_kdd_test.read_bytes()[:5000]))
+    bzipped = tmp_path / "in.csv.bz2"
+    bzipped.write_bytes(bz2.compress(small_kdd_test.read_bytes()[:5000]))
+    xz = tmp_path / "rotated.log.1"
+    xz.write_bytes(lzma.compress(small_kdd_test.read_bytes()[:5000]))
     out = tmp_path / "a.jsonl"
     for args, says in [
         ([f"{small_kdd_test}=normal"], f"drop the label of '{small_kdd_test}=normal'"),
         (["--follow", str(packed)], f"--follow cannot tail a compressed file: {packed}"),
+        (["--follow", str(bzipped)], f"--follow cannot tail a compressed file: {bzipped}"),
+        (["--follow", str(xz)], f"--follow cannot tail a compressed file: {xz}"),
         (["--follow", str(small_kdd_test), str(small_kdd_test)],
          "--follow tails exactly one file (or stdin)"),
     ]:

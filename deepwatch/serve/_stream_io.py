@@ -118,7 +118,7 @@ def _stdin_chunks(spec: InputSpec, chunk_bytes: int) -> Iterator[Chunk]:
 
 
 class FileSource:
-    """Files (plain or .gz, globs) or stdin (``-``); ``follow`` tails plain files like
+    """Files (plain, .gz, .bz2 or .xz; globs) or stdin (``-``); ``follow`` tails plain files like
     ``tail -F``. Origin of a record: ``{file, line}``."""
 
     def __init__(self, inputs: Sequence[str], follow: bool = False,
@@ -128,7 +128,7 @@ class FileSource:
             for spec in parse_input_spec(text):
                 if spec.label is not None:
                     raise UsageError(f"stream reads unlabelled traffic; drop the label of {text!r}")
-                if follow and spec.gzip:
+                if follow and spec.compression is not None:
                     raise UsageError(f"--follow cannot tail a compressed file: {spec.path}")
                 self.specs.append(spec)
         if follow and len(self.specs) != 1:

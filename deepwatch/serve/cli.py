@@ -11,7 +11,8 @@ def stream(
     bundle: Annotated[str, typer.Argument(help="Bundle directory")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="kdd, nslkdd, access or zeek")],
     files: Annotated[list[str] | None, typer.Argument(
-        help="Without --brokers: files (.gz ok), globs or - (stdin, the default)")] = None,
+        help="Without --brokers: files (.gz, .bz2, .xz ok), globs or - (stdin, the default)",
+    )] = None,
     brokers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers HOST:PORT")] = None,
     input_topic: Annotated[str | None, typer.Option(help="Topic of raw records")] = None,
     output_topic: Annotated[str | None, typer.Option(help="Topic for ECS alerts")] = None,

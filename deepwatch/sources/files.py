@@ -33,18 +33,51 @@ log = logging.getLogger(__name__)
 
 #: gzip's first two bytes: a file that starts with them is read as gzip whatever its name
 GZIP_MAGIC = b"\x1f\x8b"
-#: Compressed files deepwatch does not read (their first bytes), and the command that
-#: decompresses each to stdout. Without this check their bytes would be read as text: every
-#: "line" a reject, and a warning that blames --format.
-OTHER_COMPRESSION: tuple[tuple[tuple[bytes, ...], str, str], ...] = (
-    (tuple(b"BZh%d" % n + tail for n in range(1, 10) for tail in (b"1AY&SY", b"\x17rE8P\x90")),
-     "bzip2", "bzip2 -dc"),
-    ((b"\xfd7zXZ\x00",), "xz", "xz -dc"),
-    ((b"\x28\xb5\x2f\xfd",), "zstd", "zstd -dc"),
-    ((b"\x04\x22\x4d\x18",), "lz4", "lz4 -dc"),
-    ((b"PK\x03\x04",), "zip", "unzip -p"),
-    ((b"7z\xbc\xaf\x27\x1c",), "7-Zip", "7z x -so"),
+#: bzip2's: ``BZh``, the block size, then the magic of the first block (or of the end of an
+#: empty stream), so that a text file that merely starts with ``BZh`` is not taken for bzip2
+BZIP2_MAGIC = tuple(b"BZh%d" % n + tail for n in range(1, 10)
+                    for tail in (b"1AY&SY", b"\x17rE8P\x90"))
+#: xz's stream header magic
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A compressed format, told by its first bytes (``magic``)."""
+
+    name: str  # as the user knows it: "gzip"
+    magic: tuple[bytes, ...]
+    command: str  # the command that decompresses a file to stdout
+    #: the names of files read as this compression whatever their first bytes (none: refused)
+    suffix: str = ""
+    #: what a checksum covers, the unit whose output is held back until it is verified
+    unit: str = ""
+
+
+#: Compressions read from files (not from stdin or a pipe), by their name or first bytes. A
+#: file may hold several units one after the other (``cat``, ``pbzip2``, ``bgzip``): all are read.
+READ_COMPRESSION = (
+    Compression("gzip", (GZIP_MAGIC,), "gzip -dc", ".gz", "gzip member"),
+    Compression("bzip2", BZIP2_MAGIC, "bzip2 -dc", ".bz2", "bzip2 stream"),
+    Compression("xz", (XZ_MAGIC,), "xz -dc", ".xz", "xz stream"),
 )
+#: Compressed files deepwatch does not read, and the command that decompresses each to stdout.
+#: Without this check their bytes would be read as text: every "line" a reject, and a warning
+#: that blames --format.
+OTHER_COMPRESSION = (
+    Compression("zstd", (b"\x28\xb5\x2f\xfd",), "zstd -dc"),
+    Compression("lz4", (b"\x04\x22\x4d\x18",), "lz4 -dc"),
+    Compression("zip", (b"PK\x03\x04",), "unzip -p"),
+    Compression("7-Zip", (b"7z\xbc\xaf\x27\x1c",), "7z x -so"),
+)
+_READ_NAMES = ", ".join(c.name for c in READ_COMPRESSION[:-1]) + f" and {READ_COMPRESSION[-1].name}"
+
+
+def compression(name: str) -> Compression:
+    """The compression read from files that is called ``name``."""
+    return next(c for c in READ_COMPRESSION if c.name == name)
+
+
 #: The byte order marks of UTF-16 text: little-endian (what Windows PowerShell 5's ``>`` writes)
 #: and big-endian.
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -59,29 +92,45 @@ class InputSpec:
     #: the file starts with gzip's magic bytes (set by :func:`parse_input_spec`), so it is read
     #: as gzip even without a ``.gz`` name
     gzip_magic: bool = False
+    #: the compression (a name in READ_COMPRESSION) the file's first bytes show (set by
+    #: :func:`parse_input_spec`): it is read so whatever its name
+    magic: str | None = None
 
     @property
     def display(self) -> str:
         return "<stdin>" if self.path == "-" else self.path
 
     @property
+    def compression(self) -> str | None:
+        """The compression it is read as (its first bytes, else its name: ``.gz``, ``.bz2``,
+        ``.xz``), or None for text."""
+        if self.magic is not None:
+            return self.magic
+        if self.gzip_magic:
+            return "gzip"
+        if self.path == "-":
+            return None
+        return next((c.name for c in READ_COMPRESSION if self.path.endswith(c.suffix)), None)
+
+    @property
     def gzip(self) -> bool:
         """Read as gzip: a ``.gz`` name, or a file that starts as gzip does."""
-        return self.gzip_magic or (self.path != "-" and self.path.endswith(".gz"))
+        return self.compression == "gzip"
 
 
 def _refuse_compressed(spec: InputSpec, head: bytes) -> None:
     """A one-line refusal of an input whose first bytes say it is compressed and that would
-    otherwise be read as text (stdin, a pipe, or a regular file by a gzip-less caller)."""
-    known = [(m, name, cmd) for m, name, cmd in OTHER_COMPRESSION]
-    if not spec.gzip:
-        known.append(((GZIP_MAGIC,), "gzip", "gzip -dc"))
-    for magics, name, command in known:
-        if head.startswith(magics):
+    otherwise be read as text (stdin, a pipe, or a regular file by a caller that did not look)."""
+    known = list(OTHER_COMPRESSION)
+    if spec.compression is None:
+        known.extend(READ_COMPRESSION)
+    for kind in known:
+        if head.startswith(kind.magic):
             where = spec.path if spec.path != "-" else "FILE"
-            raise InputError(f"{spec.display} is compressed with {name}; deepwatch reads plain "
-                             "text, and gzip from files (not from stdin or a pipe): decompress "
-                             f"it first, e.g. `{command} {where} | deepwatch ... -`")
+            raise InputError(f"{spec.display} is compressed with {kind.name}; deepwatch reads "
+                             f"plain text, and {_READ_NAMES} from files (not from stdin or a "
+                             f"pipe): decompress it first, e.g. `{kind.command} {where} | "
+                             "deepwatch ... -`")
 
 
 def utf16_encoding(head: bytes) -> str | None:
@@ -104,22 +153,24 @@ def utf16_encoding(head: bytes) -> str | None:
 
 
 def _refuse_utf16(spec: InputSpec, head: bytes) -> None:
-    """A one-line refusal of an input whose first bytes (decompressed, for gzip) are UTF-16 text:
-    read as UTF-8, every line would be a reject, and the warning would blame --format."""
+    """A one-line refusal of an input whose first bytes (decompressed, for a compressed file) are
+    UTF-16 text: read as UTF-8, every line would be a reject, and the warning would blame
+    --format."""
     encoding = utf16_encoding(head)
     if encoding is None:
         return
     where = spec.path if spec.path != "-" else "FILE"
-    convert = (f"gzip -dc {where} | iconv -f {encoding} -t UTF-8" if spec.gzip
-               else f"iconv -f {encoding} -t UTF-8 {where}")
+    packed = spec.compression
+    convert = (f"{compression(packed).command} {where} | iconv -f {encoding} -t UTF-8"
+               if packed is not None else f"iconv -f {encoding} -t UTF-8 {where}")
     raise InputError(f"{spec.display} looks like UTF-16 text; deepwatch reads UTF-8: convert it "
                      f"first, e.g. `{convert} | deepwatch ... -`")
 
 
 def _sniff(path: str, label: str | None) -> InputSpec:
-    """The spec of an existing path, after a look at a regular file's first bytes: gzip by its
-    magic, and a one-line refusal of other compression and of UTF-16 text (a FIFO or device is
-    not read ahead: what it gives can be read once only)."""
+    """The spec of an existing path, after a look at a regular file's first bytes: gzip, bzip2 or
+    xz by its magic, and a one-line refusal of other compression and of UTF-16 text (a FIFO or
+    device is not read ahead: what it gives can be read once only)."""
     import stat
 
     try:
@@ -129,9 +180,10 @@ def _sniff(path: str, label: str | None) -> InputSpec:
             head = f.read(UTF16_SNIFF_BYTES)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    spec = InputSpec(path, label, gzip_magic=head.startswith(GZIP_MAGIC))
+    magic = next((c.name for c in READ_COMPRESSION if head.startswith(c.magic)), None)
+    spec = InputSpec(path, label, gzip_magic=magic == "gzip", magic=magic)
     _refuse_compressed(spec, head)
-    if not spec.gzip:  # a .gz file's text is looked at when it is decompressed
+    if spec.compression is None:  # a compressed file's text is looked at when decompressed
         _refuse_utf16(spec, head)
     return spec
 
@@ -147,8 +199,8 @@ class Chunk:
     #: either way the chunk is one reject.
     damage: str | None = None
     #: with ``damage``: the beginning of the text that was read but cannot be trusted (the line
-    #: cut short by the damage, the output of a gzip member that fails its check), at most
-    #: 4 * MAX_RAW bytes; empty when there is none.
+    #: cut short by the damage, the output of a gzip member or bzip2/xz stream that fails its
+    #: check), at most 4 * MAX_RAW bytes; empty when there is none.
     lost: bytes = b""
     #: with ``damage``: True when the chunk stands for the unreadable rest of a damaged input
     #: (a warning was logged), False when it stands for one over-long line.
@@ -331,9 +383,10 @@ def chunks_from_reads(read: Callable[[], bytes], spec: InputSpec) -> Iterator[Ch
         yield last
 
 
-#: The most output of one gzip member held back in memory until the member's checksum is
-#: verified. A longer member is decompressed twice: once to verify it, once to hand it out (no
-#: copy of it is kept in memory or on disk); that costs about 10% more time on such a file.
+#: The most output of one gzip member (bzip2 or xz stream) held back in memory until its
+#: checksum is verified. A longer one is decompressed twice: once to verify it, once to hand it
+#: out (no copy of it is kept in memory or on disk); that costs about 10% more time on such a
+#: gzip file, more on a bzip2 or xz one (their decompression is slower than gzip's).
 HOLD_BYTES = 256 << 20
 _PIECE = 128 << 10  # compressed bytes read at a time
 _OUT = 1 << 20  # the most output of one decompress call (a flood compresses 1,000 to 1)
@@ -344,9 +397,9 @@ _TRUNCATED = "the compressed stream ends early (truncated file)"
 
 @dataclass
 class _Member:
-    """How the decompression of one gzip member ended."""
+    """How the decompression of one gzip member (bzip2 or xz stream) ended."""
 
-    ended: bool = False  # its trailer was read and the checksum and length were right
+    ended: bool = False  # its end was read and the checksums (and length) were right
     error: str | None = None  # why it is damaged (bad header, invalid data, wrong checksum)
     empty: bool = False  # there was no member: the input had ended
     rest: bytes = b""  # compressed bytes read after its end (the next member's start)
@@ -401,20 +454,82 @@ def _before_error(dec: Any, data: bytes) -> bytes:
     return b"".join(out)
 
 
+def _decompressor(kind: Compression) -> Any:
+    """A new decompressor of one bzip2 or xz stream."""
+    if kind.name == "bzip2":
+        import bz2
+
+        return bz2.BZ2Decompressor()
+    import lzma
+
+    return lzma.LZMADecompressor(lzma.FORMAT_XZ)
+
+
+def _unpack(kind: Compression, fh: BinaryIO, first: bytes, member: _Member,
+            after: bool = False) -> Iterator[bytes]:
+    """The decompressed output of the bzip2 or xz stream that starts with ``first`` (compressed
+    bytes already read) and goes on in ``fh``, in pieces; ``member`` says how it ended, as
+    :func:`_inflate` does for gzip. Each stream's checksums are checked at its end at the latest
+    (bzip2's per block and over the stream, xz's per block and its index). ``after``: another
+    stream ended just before, so the NUL bytes of xz's stream padding may come first.
+    """
+    import lzma
+
+    data = first or fh.read(_PIECE)
+    if after and kind.name == "xz":  # stream padding: a multiple of 4 NUL bytes
+        nuls = 0
+        while data and not data.strip(b"\x00"):
+            nuls += len(data)
+            data = fh.read(_PIECE)
+        rest = data.lstrip(b"\x00")
+        nuls += len(data) - len(rest)
+        data = rest
+        if nuls % 4:
+            member.error = (f"corrupt compressed data (stream padding of {nuls:,} bytes, not a "
+                            "multiple of 4)")
+            return
+    if not data:
+        member.empty = True
+        return
+    dec = _decompressor(kind)
+    while True:
+        try:
+            out = dec.decompress(data, _OUT)
+        except (OSError, EOFError, lzma.LZMAError) as exc:  # bz2 raises OSError on bad data
+            member.error = f"corrupt compressed data ({exc})"
+            return
+        if out:
+            yield out
+        if dec.eof:
+            member.ended, member.rest = True, dec.unused_data
+            return
+        data = b""
+        if dec.needs_input:  # else it still holds input: called again with none
+            data = fh.read(_PIECE)
+            if not data:  # the file ends inside the stream
+                return
+
+
 @dataclass
-class GzipDamage:
-    """Why a gzip input could not be read to its end."""
+class StreamDamage:
+    """Why a compressed input could not be read to its end."""
 
     why: str
     #: output of the member that failed, decompressed but not handed out: it could not be
     #: verified. ``unverified`` keeps its first bytes (at most LOST_BYTES).
     unverified_bytes: int = 0
     unverified: bytes = b""
+    #: what failed: "gzip member", "bzip2 stream", "xz stream"
+    unit: str = "gzip member"
 
 
-class VerifiedGzip:
+class VerifiedStream:
     """The decompressed bytes of a gzip file (one member or several, concatenated), in blocks of
-    about ``block_bytes``, each member's only once its checksum is verified.
+    about ``block_bytes``, each member's only once its checksum is verified. ``kind`` bzip2 or
+    xz reads such a file the same way, a stream of it (one or several, concatenated, as
+    ``pbzip2`` writes, and xz's stream padding between them) standing for a gzip member: a bzip2
+    stream is verified by its blocks' CRCs and its combined CRC, an xz stream by its blocks'
+    checks and its index.
 
     Deflate data that is corrupt, not cut, can decompress to garbage before zlib sees the
     damage, at the latest at the member's CRC-32 in its trailer. So the output of a member is
@@ -435,7 +550,10 @@ class VerifiedGzip:
     is what keeps every handed-out line genuine: the lines of a member that fails are never
     parsed, scored or counted as records. The price is latency and, for members longer than
     ``hold_bytes``, a second decompression (zlib here is still faster than the single pass of
-    Arrow's gzip stream that it replaces).
+    Arrow's gzip stream that it replaces). A bzip2 or xz file written in one piece (``bzip2``,
+    ``xz``, even ``xz -T0``: one stream of many blocks) is one such unit, so damage anywhere in
+    it withholds all of it, as for a gzip file of one member; ``pbzip2`` writes a stream for
+    each 900 kB block, so damage there withholds one block's text.
 
     ``on_bytes`` is told of the compressed bytes as they are read (a progress bar's advance):
     each byte of the file once, a member read twice counted once, and the bytes a damage leaves
@@ -443,11 +561,12 @@ class VerifiedGzip:
     """
 
     def __init__(self, path: str, block_bytes: int = CHUNK_BYTES, hold_bytes: int | None = None,
-                 on_bytes: Callable[[int], None] | None = None):
+                 on_bytes: Callable[[int], None] | None = None, kind: str = "gzip"):
         self.path = path
         self.block_bytes = block_bytes
         self.hold_bytes = HOLD_BYTES if hold_bytes is None else hold_bytes
-        self.damage: GzipDamage | None = None
+        self.kind = compression(kind)
+        self.damage: StreamDamage | None = None
         self.on_bytes = on_bytes
         self._counted = 0  # compressed bytes told to on_bytes so far
 
@@ -481,12 +600,21 @@ class VerifiedGzip:
             self.on_bytes(at - self._counted)
             self._counted = at
 
+    def _start(self, fh: BinaryIO, first: bytes, member: _Member, after: bool
+               ) -> Iterator[bytes]:
+        """The output of the member that starts with ``first`` (``after`` another)."""
+        if self.kind.name == "gzip":
+            return _inflate(fh, first, member)
+        return _unpack(self.kind, fh, first, member, after)
+
     def _verified(self, fh: BinaryIO) -> Iterator[bytes]:
         first = b""  # compressed bytes of the next member already read
+        after = False  # a member ended just before
         while True:
             start = fh.tell() - len(first)
             member = _Member()
-            output = _inflate(fh, first, member)
+            output = self._start(fh, first, member, after)
+            after = True
             held: list[bytes] = []
             size = 0
             for out in output:
@@ -505,7 +633,7 @@ class VerifiedGzip:
                 while held:
                     yield held.pop()
                 if not member.ended:
-                    self.damage = GzipDamage(_TRUNCATED)
+                    self._damage(_TRUNCATED)
                     return
                 first = member.rest
                 continue
@@ -520,13 +648,13 @@ class VerifiedGzip:
                 return
             fh.seek(start)
             again = _Member()
-            yield from _inflate(fh, b"", again)
+            yield from self._start(fh, b"", again, after=start > 0)
             if again.error is not None or again.ended != member.ended:  # rewritten meanwhile
-                self.damage = GzipDamage("the file changed while it was read (a long gzip "
-                                         "member, read twice, did not end the same way)")
+                self._damage(f"the file changed while it was read (a long {self.kind.unit}, "
+                             "read twice, did not end the same way)")
                 return
             if not again.ended:
-                self.damage = GzipDamage(_TRUNCATED)
+                self._damage(_TRUNCATED)
                 return
             first = again.rest
 
@@ -538,35 +666,40 @@ class VerifiedGzip:
                 break
             head.append(piece)
             kept += len(piece)
-        self.damage = GzipDamage(why, size, b"".join(head)[:LOST_BYTES])
+        self._damage(why, size, b"".join(head)[:LOST_BYTES])
+
+    def _damage(self, why: str, unverified_bytes: int = 0, unverified: bytes = b"") -> None:
+        self.damage = StreamDamage(why, unverified_bytes, unverified, self.kind.unit)
 
 
 def _spooled(stream: BinaryIO) -> BinaryIO:
     """A copy of a stream that cannot seek (a named pipe), in a temporary file that can: a long
-    gzip member is read twice. The copy is compressed data, a fraction of the text."""
-    copy = tempfile.TemporaryFile()  # noqa: SIM115 - closed by VerifiedGzip
+    gzip member (bzip2 or xz stream) is read twice. The copy is compressed data, a fraction of
+    the text."""
+    copy = tempfile.TemporaryFile()  # noqa: SIM115 - closed by VerifiedStream
     shutil.copyfileobj(stream, copy, _PIECE)
     copy.seek(0)
     return copy  # type: ignore[return-value]
 
 
-def _damage_reason(damage: GzipDamage, line: int, cut: bytes) -> str:
+def _damage_reason(damage: StreamDamage, line: int, cut: bytes) -> str:
     """The reason of the reject that stands for the lines from ``line`` on, which could not be
     read or trusted; ``cut``: the text of line ``line`` before the damage, if any."""
     if damage.unverified_bytes:
         return (f"{damage.why}: the {damage.unverified_bytes:,} bytes decompressed from line "
-                f"{line:,} on come from a damaged gzip member and could not be verified, and "
+                f"{line:,} on come from a damaged {damage.unit} and could not be verified, and "
                 "nothing after them could be read")
     if cut:
         return f"{damage.why}: line {line:,} is cut short, and nothing after it could be read"
     return f"{damage.why}: nothing from line {line:,} on could be read"
 
 
-def _gzip_chunks(spec: InputSpec, chunk_bytes: int,
-                 on_bytes: Callable[[int], None] | None) -> Iterator[Chunk]:
-    """:func:`iter_chunks` of a .gz file: the lines of its verified members (VerifiedGzip)."""
+def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
+                       on_bytes: Callable[[int], None] | None) -> Iterator[Chunk]:
+    """:func:`iter_chunks` of a compressed file (gzip, bzip2 or xz): the lines of its verified
+    members or streams (:class:`VerifiedStream`)."""
     try:
-        blocks = VerifiedGzip(spec.path, chunk_bytes, on_bytes=on_bytes)
+        blocks = VerifiedStream(spec.path, chunk_bytes, on_bytes=on_bytes, kind=kind)
         lines = LineBuffer(spec)
         first = True
         for block in blocks:
@@ -594,15 +727,17 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
                 on_bytes: Callable[[int], None] | None = None) -> Iterator[Chunk]:
     """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1.
 
-    A damaged .gz input does not stop the run: every line before the damage that can be trusted
-    is read, then a last empty chunk stands for the rest (:attr:`Chunk.damage` says why), and a
-    warning is logged. That chunk is one reject, whatever the number of lines it stands for:
-    the line cut short by the damage, the output of a gzip member that fails its check (see
-    :class:`VerifiedGzip`) and what follows. Their number is not known: the line breaks in
-    corrupt data are not to be trusted either.
+    A damaged compressed input (.gz, .bz2, .xz) does not stop the run: every line before the
+    damage that can be trusted is read, then a last empty chunk stands for the rest
+    (:attr:`Chunk.damage` says why), and a warning is logged. That chunk is one reject, whatever
+    the number of lines it stands for: the line cut short by the damage, the output of a gzip
+    member (bzip2 or xz stream) that fails its check (see :class:`VerifiedStream`) and what
+    follows. Their number is not known: the line breaks in corrupt data are not to be trusted
+    either.
     """
-    if spec.gzip:
-        yield from _gzip_chunks(spec, chunk_bytes, on_bytes)
+    kind = spec.compression
+    if kind is not None:
+        yield from _compressed_chunks(spec, kind, chunk_bytes, on_bytes)
         return
     stream = _open(spec)
     first = True
