@@ -68,6 +68,8 @@ def test_labels_lose_spaces_and_dots_and_an_empty_label_is_a_reject(fmt: str) ->
             "removed: '.'"
     one = f.parse(lines[1] + "\n")
     assert one.batch.num_rows == 0 and one.rejects.num_rows == 1 and one.lines == 1
+    blank = f.parse(base + "   " + tail + "\n").rejects.to_pylist()
+    assert [x["reason"] for x in blank] == ["field 42 (label) is empty: '   '"]
 
 
 def test_fast_and_robust_paths_agree(kdd_test_file: Path) -> None:
@@ -133,7 +135,7 @@ def _verdict(r: object, line: int) -> tuple[str, object]:
 def test_a_hexadecimal_integer_is_rejected_whatever_its_neighbours(kdd_test_file: Path) -> None:
     """Arrow's reader took ``0x10`` as 16 in a clean chunk; polars (used once a chunk holds a
     bad line) refused it: the same line was kept or dropped depending on the lines around it."""
-    from tests.conftest import head_lines
+    from conftest import head_lines
 
     lines = [ln.rstrip("\n") for ln in head_lines(kdd_test_file, 300)]
     assert lines[0].startswith("0,")

@@ -129,8 +129,10 @@ def _text_fields(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[int, str]]
     empty = pc.fill_null(pc.equal(label, ""), False)
     if pc.any(empty).as_py():
         for row in np.flatnonzero(np.asarray(empty, dtype=bool)):
-            reasons.setdefault(int(row), f"field {len(KDD_FEATURES) + 1} (label) is empty "
-                               f"once its trailing dot is removed: '{raw[row].as_py()}'")
+            text = raw[row].as_py()
+            why = "is empty" if not text.strip() else "is empty once its trailing dot is removed"
+            reasons.setdefault(int(row), f"field {len(KDD_FEATURES) + 1} (label) {why}: "
+                               f"'{text[:80]}'")
     return batch, reasons
 
 
