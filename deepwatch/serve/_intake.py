@@ -101,6 +101,22 @@ class Intake:
         self.buffered = 0  # bytes of request bodies held
         self.clients: dict[str, int] = {}  # bodies arriving, by client (no zero entries)
 
+    def snapshot(self, asking: Ticket | None = None) -> dict[str, Any]:
+        """The counts now, less what the ``asking`` request holds itself: what ``/v1/stats``
+        gives under ``intake`` (all 0 and no clients when no other request is in flight)."""
+        serving, uploading, buffered = self.serving, self.uploading, self.buffered
+        clients = dict(self.clients)
+        if asking is not None:
+            serving -= asking.serving
+            buffered -= asking.buffered
+            if asking.uploading is not None:
+                uploading -= 1
+                clients[asking.uploading] -= 1
+                if not clients[asking.uploading]:
+                    del clients[asking.uploading]
+        return {"serving": serving, "uploading": uploading, "buffered_bytes": buffered,
+                "clients": clients}
+
 
 class Ticket:
     """One request's place in the :class:`Intake`: an upload, then a slot (or a slot at once)."""

@@ -46,7 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .. import __version__
 from ..errors import DeepwatchError, InputError, UsageError
 from ._auth import OPEN_PATHS, ASGIApp, Gate, Receive, Scope, Send
-from ._intake import Intake, IntakeGuard, read_body
+from ._intake import TICKET, Intake, IntakeGuard, read_body
 from ._intake import error_response as _error
 from ._metrics import CONTENT_TYPE
 from ._request import RequestError
@@ -278,7 +278,7 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/stats", response_model=None, summary="Recent activity (the dashboard's data)")
-    async def stats() -> Response:
+    async def stats(request: Request) -> Response:
         snap = (merged_snapshot(group.all_stats() or [service.stats.raw()])
                 if group is not None else service.stats.snapshot())
         snap["model"] = service.model.describe()
@@ -289,6 +289,9 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                           "body_min_rate": limits.body_min_rate,
                           "max_requests": limits.max_requests,
                           "max_client_uploads": limits.max_client_uploads}
+        # this process's requests in flight (each of --workers has its own, see _intake)
+        snap["intake"] = {**app.state.intake.snapshot(request.scope.get(TICKET)),
+                          "pid": os.getpid()}
         return Response(orjson.dumps(snap), media_type=JSON)
 
     @app.get("/", response_class=HTMLResponse, summary="The live dashboard")
