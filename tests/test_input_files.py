@@ -510,6 +510,56 @@ def test_text_that_merely_starts_like_a_magic_number_is_text(tmp_path: Path) -> 
     assert _data(list(iter_chunks(spec))) == path.read_bytes()
 
 
+@pytest.mark.parametrize("name", ["traffic.csv.xz", "traffic.csv.lzma", "traffic.log"])
+def test_an_lzma_alone_file_is_refused_in_one_line(name: str, text: bytes,
+                                                   tmp_path: Path) -> None:
+    """``xz --format=lzma`` (the legacy .lzma format, no magic number and no checksum) was a
+    reject that said "corrupt compressed data (Input format not supported by decoder)" under
+    a .xz name, and read as text under any other: a column of binary rejects and a warning
+    that blamed --format."""
+    import lzma
+
+    path = tmp_path / name
+    path.write_bytes(lzma.compress(text, format=lzma.FORMAT_ALONE))
+    with pytest.raises(InputError) as err:
+        parse_input_spec(str(path))
+    assert str(err.value) == (
+        f"{path} is compressed with lzma (the legacy .lzma format, not xz); deepwatch reads "
+        "plain text, and gzip, bzip2 and xz from files (not from stdin or a pipe): decompress "
+        f"it first, e.g. `xz -dc {path} | deepwatch ... -`")
+
+
+@pytest.mark.parametrize(("suffix", "kind"), [(".gz", "gzip"), (".bz2", "bzip2"),
+                                               (".xz", "xz")])
+def test_plain_text_under_a_compressed_name_is_one_reject_that_says_so(
+        suffix: str, kind: str, text: bytes, tmp_path: Path) -> None:
+    """The reason was the decompressor's ("corrupt compressed data (Invalid data stream)",
+    "(Input format not supported by decoder)"), which sent users after a damaged file; the file
+    is simply not compressed. Binary data under such a name is told apart from text."""
+    path = tmp_path / f"traffic.csv{suffix}"
+    path.write_bytes(text)
+    (spec,) = parse_input_spec(str(path))
+    assert spec.compression == kind
+    (chunk,) = list(iter_chunks(spec))
+    assert chunk.data == b"" and chunk.first_line == 1 and chunk.rest_lost
+    assert chunk.damage == (
+        f"not {kind} data: the file is named {suffix} but does not start as {kind} data does; "
+        f"it looks like plain text (to read it as text, name it without {suffix}, or read it "
+        "from stdin: `deepwatch ... - < FILE`): nothing from line 1 on could be read")
+    assert chunk.lost == text[: len(chunk.lost)] and chunk.lost
+    binary = tmp_path / f"noise{suffix}"
+    binary.write_bytes(bytes(range(256)) * 4)
+    (chunk,) = _chunks(binary)
+    assert chunk.damage == (
+        f"not {kind} data: the file is named {suffix} but does not start as {kind} data does "
+        "(damaged at its start, or compressed otherwise): nothing from line 1 on could be read")
+    # a file cut inside its magic number is truncated, not another format
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes({"gzip": b"\x1f", "bzip2": b"BZh9", "xz": b"\xfd7zX"}[kind])
+    (chunk,) = _chunks(cut)
+    assert chunk.damage is not None and "truncated file" in chunk.damage
+
+
 def test_compressed_data_on_a_pipe_is_refused_at_its_first_block(text: bytes,
                                                                   tmp_path: Path) -> None:
     """A pipe cannot be looked at before it is read: its first block is checked instead,

@@ -69,6 +69,10 @@ OTHER_COMPRESSION = (
     Compression("lz4", (b"\x04\x22\x4d\x18",), "lz4 -dc"),
     Compression("zip", (b"PK\x03\x04",), "unzip -p"),
     Compression("7-Zip", (b"7z\xbc\xaf\x27\x1c",), "7z x -so"),
+    # LZMA Utils' format (``xz --format=lzma``), often under a .xz name: no magic number, but
+    # the header that every preset writes starts so (lc=3 lp=0 pb=2, then a dictionary size
+    # that is a multiple of 64 KiB); and no checksum, so its text could never be verified
+    Compression("lzma (the legacy .lzma format, not xz)", (b"\x5d\x00\x00",), "xz -dc"),
 )
 _READ_NAMES = ", ".join(c.name for c in READ_COMPRESSION[:-1]) + f" and {READ_COMPRESSION[-1].name}"
 
@@ -516,7 +520,8 @@ class StreamDamage:
 
     why: str
     #: output of the member that failed, decompressed but not handed out: it could not be
-    #: verified. ``unverified`` keeps its first bytes (at most LOST_BYTES).
+    #: verified. ``unverified`` keeps its first bytes (at most LOST_BYTES); for a file that
+    #: is not of its compression at all (``unverified_bytes`` 0), the file's first bytes.
     unverified_bytes: int = 0
     unverified: bytes = b""
     #: what failed: "gzip member", "bzip2 stream", "xz stream"
@@ -608,7 +613,11 @@ class VerifiedStream:
         return _unpack(self.kind, fh, first, member, after)
 
     def _verified(self, fh: BinaryIO) -> Iterator[bytes]:
-        first = b""  # compressed bytes of the next member already read
+        first = fh.read(_PIECE)  # compressed bytes of the next member already read
+        if first and not any(first[: len(m)] == m[: len(first)] for m in self.kind.magic):
+            # the reject keeps the file's first bytes: they show what it is
+            self._damage(_not_compressed(self.kind, self.path, first), 0, first[:LOST_BYTES])
+            return
         after = False  # a member ended just before
         while True:
             start = fh.tell() - len(first)
@@ -680,6 +689,25 @@ def _spooled(stream: BinaryIO) -> BinaryIO:
     shutil.copyfileobj(stream, copy, _PIECE)
     copy.seek(0)
     return copy  # type: ignore[return-value]
+
+
+def _not_compressed(kind: Compression, path: str, head: bytes) -> str:
+    """Why a file read as ``kind`` (by its name) is not read: its first bytes, ``head``, are not
+    ``kind``'s. Plain text under a compressed name is told apart from other bytes."""
+    named = f"named {kind.suffix}" if path.endswith(kind.suffix) else f"read as {kind.name}"
+    why = f"not {kind.name} data: the file is {named} but does not start as {kind.name} data does"
+    sample = head[:4096]
+    try:
+        sample.decode("utf-8")
+        textual = True
+    except UnicodeDecodeError as exc:  # a character cut at the end of the sample is still text
+        textual = exc.reason == "unexpected end of data"
+    if textual and any(c < 32 for c in sample.translate(None, b"\t\n\r\x0c")):
+        textual = False
+    if textual:
+        return (f"{why}; it looks like plain text (to read it as text, name it without "
+                f"{kind.suffix}, or read it from stdin: `deepwatch ... - < FILE`)")
+    return f"{why} (damaged at its start, or compressed otherwise)"
 
 
 def _damage_reason(damage: StreamDamage, line: int, cut: bytes) -> str:
