@@ -280,8 +280,9 @@ def serve(
         help="Bytes a second a request body must average once it has been arriving 5 s; a "
              "slower one gets 408 (0: no minimum)")] = 1024.0,
     max_client_uploads: Annotated[int, typer.Option(
-        help="Request bodies one client address may be sending at once (they hold no request "
-             "slot while they arrive); past it, 429 (0: no cap)")] = 16,
+        help="Request bodies one client address may be sending at once, per worker process "
+             "(they hold no request slot while they arrive); a request past it waits up to 5 s "
+             "for one of them to come in whole, then gets 429 (0: no cap)")] = 16,
     forwarded_allow_ips: Annotated[str | None, typer.Option(
         help="Comma-separated addresses or networks of reverse proxies trusted to name the "
              "client in X-Forwarded-For (default: none, the header is ignored)")] = None,

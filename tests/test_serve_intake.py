@@ -2,17 +2,19 @@
 clients that leave, fail, refuse to finish or crowd in, on a real uvicorn server with the
 settings ``deepwatch serve`` uses, spoken to over raw sockets.
 
-What must never happen is a leak: a path that leaves a slot, an upload place, a client's count
-or buffered bytes taken after its request is gone, until the service
+What must never happen is a leak: a path that leaves a slot, an upload place, a client's count,
+a place in a client's line or buffered bytes taken after its request is gone, until the service
 answers 503/429 to everyone. After every scenario ``GET /v1/stats`` must show the intake empty.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,9 @@ import pytest
 from conftest import ThreadServer
 
 pytest.importorskip("uvicorn")
+from deepwatch.serve._intake import Intake, Ticket  # noqa: E402
+from deepwatch.serve._metrics import Metrics  # noqa: E402
+from deepwatch.serve._request import RequestError  # noqa: E402
 from deepwatch.serve._service import Limits  # noqa: E402
 from deepwatch.serve.app import create_app, uvicorn_options  # noqa: E402
 
@@ -31,7 +36,7 @@ LINE = ("0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,0.
 HEAD = "Host: localhost\r\nContent-Type: application/json\r\n"
 SMALL = orjson.dumps({"records": [LINE] * 5})
 BIG = orjson.dumps({"records": [LINE] * 400})  # over INLINE_BODY_BYTES: scored in the pool
-IDLE = {"serving": 0, "uploading": 0, "buffered_bytes": 0, "clients": {}}
+IDLE = {"serving": 0, "uploading": 0, "buffered_bytes": 0, "clients": {}, "waiting": 0}
 KEY = "intake-key-0123456789"
 
 
@@ -221,3 +226,218 @@ def test_requests_without_the_key_take_nothing(kdd_bundle: Path) -> None:
                 assert _statuses(answer) == [401], answer[:300]
             assert srv.intake(auth) == IDLE
         assert srv.settled(headers=auth) == IDLE
+
+
+# -- a client past its cap waits for its turn -----------------------------------------------------
+
+def _wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.02)
+
+
+def test_a_request_past_its_clients_cap_waits_for_a_place(kdd_bundle: Path) -> None:
+    """Two bodies from one address are arriving (the cap): a third request from it waits in
+    line, holding nothing, instead of a 429, and is scored once one of the two comes in whole;
+    nothing is left held afterwards."""
+    limits = Limits(max_client_uploads=2, body_timeout_seconds=10.0)
+    with Server(create_app(kdd_bundle, limits=limits)) as srv, contextlib.ExitStack() as stack:
+        holding = [stack.enter_context(srv.connect("127.0.0.2")) for _ in range(2)]
+        for sock in holding:
+            sock.sendall(_post(len(SMALL)) + SMALL[:10])
+        _wait_for(lambda: srv.intake()["uploading"] == 2)
+        third = stack.enter_context(srv.connect("127.0.0.2"))
+        third.sendall(_post(len(SMALL)) + SMALL)
+        _wait_for(lambda: srv.intake()["waiting"] == 1)
+        assert _answers(third, 0.3) == (b"", False), "no 429: it waits its turn"
+        assert srv.intake() == {**IDLE, "uploading": 2, "buffered_bytes": 20, "waiting": 1,
+                                "clients": {"127.0.0.2": 2}}
+        holding[0].sendall(SMALL[10:])  # one body in whole: its place goes to the third
+        for sock in (holding[0], third):
+            answer, _ = _answers(sock, 0.5, 1)
+            assert _statuses(answer) == [200], answer[:300]
+            assert len(orjson.loads(answer.partition(b"\r\n\r\n")[2])["results"]) == 5
+        holding[1].close()
+    # (the server is stopped: its app's intake is read directly)
+    assert srv.server.config.app.state.intake.snapshot() == IDLE
+
+
+def test_a_busy_client_with_more_connections_than_the_cap_is_served(kdd_bundle: Path) -> None:
+    """A client sending whole bodies as fast as it can on more connections than its cap (a log
+    shipper, a proxy): its bodies overlap among the uploads for as long as the server takes to
+    read them, which under load used to pass the cap and have some refused with 429. Every
+    request is scored now."""
+    limits = Limits(max_client_uploads=2)
+    body = orjson.dumps({"records": [LINE] * 2000})  # ~280 kB: read in several turns
+    request = _post(len(body)) + body
+
+    async def client(port: int, n: int, statuses: Counter[int]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(n):
+                writer.write(request)
+                await writer.drain()
+                status = int((await reader.readline()).split()[1])
+                statuses[status] += 1
+                length, closing = 0, False
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                    closing |= name.lower() == "connection" and "close" in value
+                await reader.readexactly(length)
+                if closing:
+                    return
+        finally:
+            writer.close()
+
+    async def crowd(port: int) -> Counter[int]:
+        statuses: Counter[int] = Counter()
+        await asyncio.gather(*(client(port, 5, statuses) for _ in range(16)))
+        return statuses
+
+    with Server(create_app(kdd_bundle, limits=limits)) as srv:
+        statuses = asyncio.run(crowd(srv.port))
+        assert statuses == {200: 80}, statuses
+        assert srv.settled() == IDLE
+
+
+def test_a_client_holding_its_places_with_slow_bodies_is_still_refused(kdd_bundle: Path) -> None:
+    """The cap still holds against a slow sender: a request waiting for a place that none of
+    its client's bodies frees within the wait gets 429 (counted, the connection closed), and
+    the line is bounded: past ``max_uploads`` requests waiting, 429 at once."""
+    limits = Limits(max_client_uploads=1, max_uploads=2, upload_wait_seconds=0.5,
+                    body_timeout_seconds=10.0)
+    with Server(create_app(kdd_bundle, limits=limits)) as srv, contextlib.ExitStack() as stack:
+        slow = stack.enter_context(srv.connect("127.0.0.2"))
+        slow.sendall(_post(len(SMALL)) + SMALL[:10])
+        _wait_for(lambda: srv.intake()["uploading"] == 1)
+        waiting = [stack.enter_context(srv.connect("127.0.0.2")) for _ in range(2)]
+        t0 = time.monotonic()
+        for sock in waiting:
+            sock.sendall(_post(len(SMALL)) + SMALL)
+        _wait_for(lambda: srv.intake()["waiting"] == 2)
+        with srv.connect("127.0.0.2") as past_the_line:
+            past_the_line.sendall(_post(len(SMALL)) + SMALL)
+            answer, closed = _answers(past_the_line, 0.3)
+            assert _statuses(answer) == [429] and closed, answer[:300]
+            assert b"are arriving already, the most one client may send at once;" in answer
+        for sock in waiting:
+            answer, closed = _answers(sock, 3)
+            assert _statuses(answer) == [429] and closed, answer[:300]
+            assert (b'"1 request bodies from 127.0.0.2 are arriving already, the most one client'
+                    b' may send at once, and none came in whole within 0.5 s; wait for their '
+                    b'answers"') in answer
+            assert b"\r\nretry-after: 1\r\n" in answer.lower()
+        assert 0.5 <= time.monotonic() - t0 < 3
+        assert srv.intake() == {**IDLE, "uploading": 1, "buffered_bytes": 10,
+                                "clients": {"127.0.0.2": 1}}
+        metrics = httpx.get(srv.url + "/metrics", timeout=5).text
+        assert 'deepwatch_rejected_requests_total{status="429"} 3.0' in metrics
+        slow.close()
+        assert srv.settled() == IDLE
+
+
+def test_requests_waiting_in_line_that_leave_take_nothing(kdd_bundle: Path) -> None:
+    """Requests in line whose clients go away (the body sent or not) are handed a place when
+    their turn comes, find the client gone (a 400 nobody reads) and pass the place on; the
+    one still there is scored."""
+    limits = Limits(max_client_uploads=1, body_timeout_seconds=10.0)
+    with Server(create_app(kdd_bundle, limits=limits)) as srv, contextlib.ExitStack() as stack:
+        first = stack.enter_context(srv.connect("127.0.0.2"))
+        first.sendall(_post(len(SMALL)) + SMALL[:10])
+        _wait_for(lambda: srv.intake()["uploading"] == 1)
+        leaving = [srv.connect("127.0.0.2") for _ in range(3)]
+        leaving[0].sendall(_post(len(SMALL)))
+        leaving[1].sendall(_post(len(SMALL)) + SMALL[:10])
+        leaving[2].sendall(_post(len(SMALL)) + SMALL)
+        last = stack.enter_context(srv.connect("127.0.0.2"))
+        _wait_for(lambda: srv.intake()["waiting"] == 3)
+        last.sendall(_post(len(SMALL)) + SMALL)
+        _wait_for(lambda: srv.intake()["waiting"] == 4)
+        leaving[0].close()
+        _reset(leaving[1])
+        leaving[2].close()
+        first.sendall(SMALL[10:])
+        answer, _ = _answers(last, 2, 1)
+        assert _statuses(answer) == [200], answer[:300]
+        assert srv.settled() == IDLE
+
+
+# -- the line in the event loop: cancellation and hand-over races ---------------------------------
+
+def test_the_line_gives_everything_back_when_waits_are_cut_short() -> None:
+    """uvicorn cancels a request's task when it stops; a place handed over just as a wait ends
+    (out of time or cancelled) must be kept by the request, and given back by its release."""
+    intake = Intake(Limits(max_client_uploads=1, upload_wait_seconds=5.0), Metrics())
+    client = ("127.0.0.1", 1)
+
+    def idle() -> bool:
+        return (intake.snapshot() == IDLE and intake.lines == {})
+
+    async def scenario() -> None:
+        first = Ticket(intake, client)
+        await first.join_uploads()
+        tickets = [Ticket(intake, client) for _ in range(3)]
+        tasks = [asyncio.create_task(t.join_uploads()) for t in tickets]
+        await asyncio.sleep(0)
+        assert intake.waiting == 3 and intake.clients == {"127.0.0.1": 1}
+
+        tasks[0].cancel()  # cancelled in line (a server stopping)
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        tickets[0].release()
+        assert intake.waiting == 2
+
+        first.release()  # its place goes to tickets[1] ...
+        assert tickets[1].uploading == "127.0.0.1" and intake.waiting == 1
+        tasks[1].cancel()  # ... whose task is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[1]
+        assert intake.uploading == 1
+        tickets[1].release()  # (IntakeGuard's finally): the place passes on to tickets[2]
+        await tasks[2]
+        assert tickets[2].uploading == "127.0.0.1" and intake.waiting == 0
+        tickets[2].body_arrived()
+        assert intake.snapshot() == {**IDLE, "serving": 1}
+        tickets[2].release()
+        assert idle()
+
+        # out of time: a 429, nothing left in line
+        short = Intake(Limits(max_client_uploads=1, upload_wait_seconds=0.05), Metrics())
+        holder, late = Ticket(short, client), Ticket(short, client)
+        await holder.join_uploads()
+        with pytest.raises(RequestError) as refused:
+            await late.join_uploads()
+        assert refused.value.status == 429 and short.waiting == 0 and short.lines == {}
+        late.release()
+        holder.release()
+        assert short.snapshot() == IDLE
+
+    asyncio.run(scenario())
+
+
+def test_the_old_behaviour_is_one_setting_away() -> None:
+    """``upload_wait_seconds=0``: past the cap, 429 at once (as before the line existed)."""
+    intake = Intake(Limits(max_client_uploads=1, upload_wait_seconds=0), Metrics())
+
+    async def scenario() -> int:
+        await Ticket(intake, ("::ffff:127.0.0.1", 1)).join_uploads()
+        try:
+            await Ticket(intake, ("127.0.0.1", 2)).join_uploads()
+        except RequestError as exc:
+            return exc.status
+        return 0
+
+    assert asyncio.run(scenario()) == 429 and intake.waiting == 0
+
+
+def test_the_stats_name_the_answering_process(kdd_bundle: Path) -> None:
+    """The counts are the answering process's (``pid``: each of ``--workers`` has its own), and
+    the wait in line is among the limits shown (5 s by default, as documented)."""
+    assert Limits().upload_wait_seconds == 5.0
+    with Server(create_app(kdd_bundle)) as srv:
+        stats = httpx.get(srv.url + "/v1/stats", timeout=5).json()
+        assert stats["intake"]["pid"] == httpx.get(srv.url + "/healthz").json()["pid"]
+        assert stats["limits"]["upload_wait_seconds"] == 5.0

@@ -419,10 +419,12 @@ def test_slow_senders_cannot_starve_the_scoring_slots(kdd_bundle: Path) -> None:
 
 
 def test_one_client_cannot_take_every_upload(kdd_bundle: Path) -> None:
-    """A client address may send ``max_client_uploads`` bodies at once: the next is a 429 at
-    once; the uploads of all clients together are bounded too (503); requests without a body
-    are still served meanwhile, and every refusal is counted."""
-    limits = Limits(body_timeout_seconds=20.0, max_client_uploads=4, max_uploads=6)
+    """A client address may send ``max_client_uploads`` bodies at once: the next waits its turn
+    and, when none of them comes in whole within the wait, gets a 429; the uploads of all
+    clients together are bounded too (503); requests without a body are still served meanwhile,
+    and every refusal is counted."""
+    limits = Limits(body_timeout_seconds=20.0, max_client_uploads=4, max_uploads=6,
+                    upload_wait_seconds=0.5)
     with Server(create_app(kdd_bundle, limits=limits)) as srv, \
             Trickle(srv.port, 6, ["127.0.0.2"]) as greedy:
         refused = greedy.wait_answered(2, timeout=5)
@@ -431,8 +433,8 @@ def test_one_client_cannot_take_every_upload(kdd_bundle: Path) -> None:
             assert answer is not None and _status(answer) == 429, answer
             assert b"\r\nretry-after: 1\r\n" in answer.lower()
             assert _detail(answer) == ("4 request bodies from 127.0.0.2 are arriving already, "
-                                       "the most one client may send at once; wait for their "
-                                       "answers")
+                                       "the most one client may send at once, and none came in "
+                                       "whole within 0.5 s; wait for their answers")
         with Trickle(srv.port, 3, ["127.0.0.3"]) as other:
             refused = other.wait_answered(1, timeout=5)
             assert other.waiting() == 2  # 6 uploads now: the service's most
@@ -527,7 +529,7 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(kdd_bundle: Path) -> N
     """The per-client cap counts by the connection's peer; the address in X-Forwarded-For only
     when the peer is a proxy named in ``forwarded_allow_ips`` (by default none: uvicorn alone
     would trust the header from loopback, letting any local client pick its address)."""
-    limits = Limits(body_timeout_seconds=20.0, max_client_uploads=1)
+    limits = Limits(body_timeout_seconds=20.0, max_client_uploads=1, upload_wait_seconds=0.3)
     for trusted in ([], ["127.0.0.1"]):
         with Server(create_app(kdd_bundle, limits=limits), **uvicorn_options(trusted)) as srv, \
                 Trickle(srv.port, 1, ["127.0.0.1"], extra="X-Forwarded-For: 10.0.0.1\r\n") \

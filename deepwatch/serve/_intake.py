@@ -8,8 +8,17 @@ slot for the whole ``--body-timeout`` and everyone else would be refused. So:
   taken) and holds it until its answer is sent;
 - a request with a body first joins the uploads: at most ``Limits.max_uploads`` bodies arriving
   at once (503 past it), at most ``Limits.max_client_uploads`` of them from one client address
-  (429 past it; IPv6 clients are counted by /64 network, which one host usually has); it takes
-  its slot when the last byte of its body is in (503 then if all are taken);
+  (IPv6 clients are counted by /64 network, which one host usually has); it takes its slot when
+  the last byte of its body is in (503 then if all are taken);
+- a request past its client's cap waits, in line behind the client's others, for one of its
+  client's bodies to come in whole and takes that one's place (429 when none does within
+  ``Limits.upload_wait_seconds``; at most ``Limits.max_uploads`` requests wait at once, 429 at
+  once past that). Bodies that come at once still overlap among the uploads for as long as the
+  event loop takes to read them (under load, long enough for a client with more connections
+  than the cap, such as a log shipper or a buffering proxy, to pass it): such a client waits
+  moments instead of being refused, while one holding its places with slow bodies still has
+  the rest refused. A request waiting holds no upload place, no slot and no counted bytes (its
+  body is not read meanwhile);
 - a body must arrive in whole within ``Limits.body_timeout_seconds``, and once it has been
   arriving ``Limits.body_rate_grace_seconds``, at an average of ``Limits.body_min_rate`` bytes a
   second or more (408 otherwise, the connection closed);
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections import deque
 from typing import Any
 
 import orjson
@@ -100,6 +110,8 @@ class Intake:
         self.uploading = 0  # requests whose bodies are arriving
         self.buffered = 0  # bytes of request bodies held
         self.clients: dict[str, int] = {}  # bodies arriving, by client (no zero entries)
+        self.waiting = 0  # requests waiting for a place among their client's uploads
+        self.lines: dict[str, deque[Ticket]] = {}  # them, by client, in order (no empty lines)
 
     def snapshot(self, asking: Ticket | None = None) -> dict[str, Any]:
         """The counts now, less what the ``asking`` request holds itself: what ``/v1/stats``
@@ -115,13 +127,13 @@ class Intake:
                 if not clients[asking.uploading]:
                     del clients[asking.uploading]
         return {"serving": serving, "uploading": uploading, "buffered_bytes": buffered,
-                "clients": clients}
+                "clients": clients, "waiting": self.waiting}
 
 
 class Ticket:
     """One request's place in the :class:`Intake`: an upload, then a slot (or a slot at once)."""
 
-    __slots__ = ("intake", "client", "uploading", "serving", "buffered")
+    __slots__ = ("intake", "client", "uploading", "serving", "buffered", "waiter")
 
     def __init__(self, intake: Intake, client: Any) -> None:
         self.intake = intake
@@ -129,6 +141,8 @@ class Ticket:
         self.uploading: str | None = None  # the client key, while counted as uploading
         self.serving = False
         self.buffered = 0
+        #: while in line for a place among its client's uploads; done when handed one
+        self.waiter: asyncio.Future[None] | None = None
 
     def take_slot(self) -> None:
         intake = self.intake
@@ -139,20 +153,56 @@ class Ticket:
         intake.serving += 1
         self.serving = True
 
-    def join_uploads(self) -> None:
+    async def join_uploads(self) -> None:
+        """A place among the uploads; past its client's cap, the next one its client frees
+        (429 when none is freed within ``limits.upload_wait_seconds``)."""
         intake, limits = self.intake, self.intake.limits
         key = client_key(self.client)
         mine = intake.clients.get(key, 0)
         if 0 < limits.max_client_uploads <= mine:
-            raise RequestError(429, f"{mine} request bodies from {key} are arriving already, "
-                                    f"the most one client may send at once; wait for their "
-                                    f"answers")
+            await self._wait_turn(key, mine)
+            return
         if intake.uploading >= limits.max_uploads:
             raise RequestError(503, f"the service is receiving its most request bodies at once "
                                     f"({limits.max_uploads}); retry shortly")
         intake.uploading += 1
         intake.clients[key] = mine + 1
         self.uploading = key
+
+    async def _wait_turn(self, key: str, mine: int) -> None:
+        """Wait in ``key``'s line until one of its uploads hands this request its place."""
+        intake, wait = self.intake, self.intake.limits.upload_wait_seconds
+        if wait <= 0 or intake.waiting >= intake.limits.max_uploads:
+            raise RequestError(429, f"{mine} request bodies from {key} are arriving already, "
+                                    f"the most one client may send at once; wait for their "
+                                    f"answers")
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiter = turn
+        intake.lines.setdefault(key, deque()).append(self)
+        intake.waiting += 1
+        try:
+            async with asyncio.timeout(wait):
+                await turn
+        except TimeoutError:
+            pass  # a place may have been handed over as the time ran out: kept (see below)
+        finally:
+            self._leave_line(key)  # out of time or cancelled: out of the line
+        if self.uploading is None:
+            raise RequestError(429, f"{mine} request bodies from {key} are arriving already, "
+                                    f"the most one client may send at once, and none came in "
+                                    f"whole within {wait:g} s; wait for their answers")
+
+    def _leave_line(self, key: str) -> None:
+        """Out of ``key``'s line, unless a place was handed over (which took it out)."""
+        if self.waiter is None:
+            return
+        self.waiter = None
+        intake = self.intake
+        line = intake.lines[key]
+        line.remove(self)
+        if not line:
+            del intake.lines[key]
+        intake.waiting -= 1
 
     def hold(self, n: int) -> None:
         """``n`` more bytes of this request's body are in memory."""
@@ -170,9 +220,23 @@ class Ticket:
             self.take_slot()
 
     def _leave_uploads(self) -> None:
+        """This request's place among the uploads to the first in its client's line (the
+        counts stay as they are), or back."""
         intake, key = self.intake, self.uploading
         assert key is not None
         self.uploading = None
+        line = intake.lines.get(key)
+        if line:
+            nxt = line.popleft()
+            if not line:
+                del intake.lines[key]
+            intake.waiting -= 1
+            turn, nxt.waiter = nxt.waiter, None
+            # its place from now on, whatever becomes of its task: its release gives it back
+            nxt.uploading = key
+            if turn is not None and not turn.done():
+                turn.set_result(None)
+            return
         intake.uploading -= 1
         left = intake.clients[key] - 1
         if left:
@@ -182,6 +246,8 @@ class Ticket:
 
     def release(self) -> None:
         """The answer is sent (or the request failed): give back all this request held."""
+        if self.waiter is not None:
+            self._leave_line(client_key(self.client))
         if self.uploading is not None:
             self._leave_uploads()
         if self.serving:
@@ -205,17 +271,17 @@ class IntakeGuard:
             await self.app(scope, receive, send)
             return
         ticket = Ticket(self.intake, scope.get("client"))
-        try:
-            if has_body(scope.get("headers", [])):
-                ticket.join_uploads()
-            else:
-                ticket.take_slot()
-        except RequestError as exc:
-            self.intake.metrics.rejected_requests.labels(str(exc.status)).inc()
-            await error_response(exc.status, exc.reason)(scope, receive, send)
-            return
-        scope[TICKET] = ticket
-        try:
+        try:  # a wait in line cut short, a refusal, the app failing: all is given back
+            try:
+                if has_body(scope.get("headers", [])):
+                    await ticket.join_uploads()
+                else:
+                    ticket.take_slot()
+            except RequestError as exc:
+                self.intake.metrics.rejected_requests.labels(str(exc.status)).inc()
+                await error_response(exc.status, exc.reason)(scope, receive, send)
+                return
+            scope[TICKET] = ticket
             await self.app(scope, receive, send)
         finally:
             ticket.release()

@@ -61,6 +61,9 @@ class Limits:
     #: address (0: no per-client cap)
     max_uploads: int = 256
     max_client_uploads: int = 16
+    #: how long a request past its client's cap waits for one of that client's bodies to come
+    #: in whole and hand it its place, before 429 (0: 429 at once)
+    upload_wait_seconds: float = 5.0
 
     @property
     def max_buffered_bytes(self) -> int:

@@ -12,8 +12,8 @@ name a loopback host (no DNS rebinding), and a POST whose ``Origin`` is another 
 Slow clients: a connection gets ``HEAD_TIMEOUT_SECONDS`` to deliver each request head
 (connections waiting for one take no request slot, see ``_SlowClientGuard``); a body must arrive
 within ``--body-timeout`` and at ``--body-min-rate`` or faster (408 after), holds no request slot
-while it arrives, and one client may send at most ``--max-client-uploads`` at once (429 past it):
-see ``_intake``.
+while it arrives, and one client may send at most ``--max-client-uploads`` at once (past it a
+request waits its turn, 429 when none comes within 5 s): see ``_intake``.
 
 The score endpoint reads the body itself (no pydantic on the hot path) and answers with orjson
 bytes; the request/response models below only document it in the OpenAPI page.
@@ -288,7 +288,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                           "body_timeout_seconds": limits.body_timeout_seconds,
                           "body_min_rate": limits.body_min_rate,
                           "max_requests": limits.max_requests,
-                          "max_client_uploads": limits.max_client_uploads}
+                          "max_client_uploads": limits.max_client_uploads,
+                          "upload_wait_seconds": limits.upload_wait_seconds}
         # this process's requests in flight (each of --workers has its own, see _intake)
         snap["intake"] = {**app.state.intake.snapshot(request.scope.get(TICKET)),
                           "pid": os.getpid()}
