@@ -130,7 +130,7 @@ def _pipelined_then_gone(sock: socket.socket) -> None:
     sock.close()
 
 
-# (what the client does, the statuses it gets in 1.5 s or None: not read, whether closed)
+# what the client does (bytes: sent, then the answers read), and the statuses it gets
 SCENARIOS: dict[str, tuple[Callable[[socket.socket], Any] | bytes, list[int] | None]] = {
     "head, then gone": (lambda s: (s.sendall(_post(1000)), time.sleep(0.1)), None),
     "half the body, then gone": (lambda s: (s.sendall(_post(len(SMALL)) + SMALL[:20]),
@@ -183,10 +183,10 @@ def test_nothing_is_held_after_any_request(server: Server, name: str) -> None:
         if isinstance(action, bytes):
             sock.sendall(action)
             assert expected is not None
-            answer, closed = _answers(sock, 1.5, len(expected))
+            closing = expected[-1] in (408, 413)  # refused unread: the connection is closed
+            answer, closed = _answers(sock, 4, 0 if closing else len(expected))
             assert _statuses(answer) == expected, answer[:300]
-            if expected[-1] in (408, 413):  # refused unread: the connection is closed
-                assert closed, answer[:300]
+            assert closed or not closing, answer[:300]
         else:
             action(sock)
     assert server.settled() == IDLE
@@ -222,7 +222,7 @@ def test_requests_without_the_key_take_nothing(kdd_bundle: Path) -> None:
             unsent.sendall(_post(5000))
             sent.sendall(_post(len(SMALL)) + SMALL)
             for sock in (unsent, sent):
-                answer, _ = _answers(sock, 0.5, 1)
+                answer, _ = _answers(sock, 5, 1)
                 assert _statuses(answer) == [401], answer[:300]
             assert srv.intake(auth) == IDLE
         assert srv.settled(headers=auth) == IDLE
@@ -255,7 +255,7 @@ def test_a_request_past_its_clients_cap_waits_for_a_place(kdd_bundle: Path) -> N
                                 "clients": {"127.0.0.2": 2}}
         holding[0].sendall(SMALL[10:])  # one body in whole: its place goes to the third
         for sock in (holding[0], third):
-            answer, _ = _answers(sock, 0.5, 1)
+            answer, _ = _answers(sock, 5, 1)
             assert _statuses(answer) == [200], answer[:300]
             assert len(orjson.loads(answer.partition(b"\r\n\r\n")[2])["results"]) == 5
         holding[1].close()
@@ -320,7 +320,7 @@ def test_a_client_holding_its_places_with_slow_bodies_is_still_refused(kdd_bundl
         _wait_for(lambda: srv.intake()["waiting"] == 2)
         with srv.connect("127.0.0.2") as past_the_line:
             past_the_line.sendall(_post(len(SMALL)) + SMALL)
-            answer, closed = _answers(past_the_line, 0.3)
+            answer, closed = _answers(past_the_line, 2)
             assert _statuses(answer) == [429] and closed, answer[:300]
             assert b"are arriving already, the most one client may send at once;" in answer
         for sock in waiting:
@@ -360,7 +360,7 @@ def test_requests_waiting_in_line_that_leave_take_nothing(kdd_bundle: Path) -> N
         _reset(leaving[1])
         leaving[2].close()
         first.sendall(SMALL[10:])
-        answer, _ = _answers(last, 2, 1)
+        answer, _ = _answers(last, 5, 1)
         assert _statuses(answer) == [200], answer[:300]
         assert srv.settled() == IDLE
 
