@@ -244,6 +244,8 @@ def test_healthz_needs_no_key_and_the_key_opens_the_rest(server: ThreadServer,
                                                          client: httpx.Client) -> None:
     r = httpx.get(server.url + "/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    head = httpx.head(server.url + "/healthz")  # how many load balancers probe
+    assert head.status_code == 200 and head.content == b""
     assert client.get("/docs").status_code == 200
     assert "/v1/score" in client.get("/openapi.json").json()["paths"]
     r = client.post("/v1/score", json={"records": []},

@@ -273,6 +273,11 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
         return Response(orjson.dumps({"status": "ok", "generation": service.model.generation,
                                       "pid": os.getpid()}), media_type=JSON)
 
+    # HEAD too, as load balancers and uptime checkers often probe with it (a route of its own:
+    # one route with both methods gives the OpenAPI schema a duplicate operation id)
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], response_model=None,
+                      include_in_schema=False)
+
     @app.get("/metrics", response_model=None, summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
