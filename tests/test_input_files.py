@@ -9,6 +9,7 @@ import os
 import threading
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -470,11 +471,12 @@ def test_a_corrupt_bzip2_or_xz_stream_hands_out_no_line_of_it(
     assert [c.damage for c in chunks[:-1]] == [None] * (len(chunks) - 1)
 
 
-@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+@pytest.mark.parametrize("kind", ["xz"])
 def test_a_long_bzip2_or_xz_stream_is_verified_then_read_again(
         kind: str, text: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream longer than what is held back is decompressed to its end, then again from its
-    start; a long corrupt one hands out nothing of it and is not read again."""
+    start; a long corrupt one hands out nothing of it and is not read again. (bzip2 is read
+    once, block by verified block: see the tests below.)"""
     monkeypatch.setattr(files, "HOLD_BYTES", 64 << 10)
     starts: list[int] = []
     unpack = files._unpack
@@ -500,6 +502,152 @@ def test_a_long_bzip2_or_xz_stream_is_verified_then_read_again(
     assert str(chunks[-1].damage).startswith("corrupt compressed data")
     assert chunks[-1].first_line == text[:cut].count(b"\n") + 1
     assert len(starts) == 2  # the long stream was not read a second time
+
+
+class _CountingBz2:
+    """A stand-in for ``bz2.BZ2Decompressor`` that counts the compressed bytes it is fed."""
+
+    fed: list[int] = []
+    real: Any = None
+
+    def __init__(self) -> None:
+        self._dec = self.real()
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        self.fed.append(len(data))
+        return self._dec.decompress(data, max_length)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dec, name)
+
+
+@pytest.fixture()
+def bz2_fed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the compressed data fed to bzip2 decompressors while the test runs."""
+    import bz2
+
+    fed: list[int] = []
+    monkeypatch.setattr(_CountingBz2, "fed", fed)
+    monkeypatch.setattr(_CountingBz2, "real", bz2.BZ2Decompressor)
+    monkeypatch.setattr(bz2, "BZ2Decompressor", _CountingBz2)
+    return fed
+
+
+def _no_runs(text: bytes) -> bytes:
+    """The lines of ``text`` without a run of 4 equal bytes: bzip2 stores such a run shorter,
+    so without them each block holds exactly ``100,000 * level - 19`` bytes of text."""
+    import re
+
+    return b"".join(line for line in text.splitlines(keepends=True)
+                    if not re.search(rb"(.)\1\1\1", line))
+
+
+def _block_bits(packed: bytes) -> list[int]:
+    """The bit offsets of the block magic numbers in bzip2 data (a plain search of its bits)."""
+    bits = bin(int.from_bytes(packed, "big"))[2:].zfill(8 * len(packed))
+    magic = format(0x314159265359, "048b")
+    found, at = [], bits.find(magic)
+    while at >= 0:
+        found.append(at)
+        at = bits.find(magic, at + 1)
+    return found
+
+
+def test_a_long_bzip2_stream_is_read_once_block_by_verified_block(
+        text: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        bz2_fed: list[int]) -> None:
+    """A bzip2 stream longer than HOLD_BYTES was decompressed twice, to verify it, then to hand
+    it out: twice the time of ``bzip2 -dc`` on a file of over 256 MiB of text (55.8 s against
+    18.8 s for ``bzip2 -dc`` of 756 MB of KDD rows). Each block is now verified by its own CRC
+    and handed out: the file is decompressed once, and its first lines come out when little of
+    it has been read."""
+    import bz2
+
+    monkeypatch.setattr(files, "HOLD_BYTES", 64 << 10)
+    monkeypatch.setattr(files, "_PIECE", 4 << 10)
+    packed = bz2.compress(text, 1)  # 100 kB blocks: 15 of them
+    path = tmp_path / "long.bz2"
+    path.write_bytes(packed)
+    told: list[int] = []
+    chunks = iter_chunks(InputSpec(str(path)), chunk_bytes=64 << 10, on_bytes=told.append)
+    first = next(chunks)
+    assert first.data and sum(told) < len(packed) // 2
+    rest = list(chunks)
+    assert first.data + _data(rest) == text and all(c.damage is None for c in rest)
+    assert sum(told) == len(packed)
+    assert len(packed) <= sum(bz2_fed) < len(packed) * 1.1
+
+
+def test_damage_in_a_bzip2_block_loses_that_block_and_what_follows_not_the_blocks_before(
+        text: bytes, tmp_path: Path) -> None:
+    """Damage anywhere in a file written by ``bzip2`` (one stream) withheld all of it; now the
+    blocks before the damaged one are read, each verified by its own CRC."""
+    import bz2
+
+    plain = _no_runs(text)
+    packed = bz2.compress(plain, 1)
+    blocks = _block_bits(packed)
+    assert len(blocks) > 8
+    for damaged in (0, 1, 5, len(blocks) - 1):
+        bad = bytearray(packed)
+        at = blocks[damaged] + 80 + 300  # in the block's data, past its magic number and CRC
+        bad[at // 8] ^= 0x80 >> at % 8
+        path = tmp_path / f"bad{damaged}.bz2"
+        path.write_bytes(bytes(bad))
+        chunks = _chunks(path)
+        kept = plain[: 99_981 * damaged]  # the text of the blocks before it
+        kept = kept[: kept.rfind(b"\n") + 1]
+        assert _data(chunks) == kept, damaged
+        last = chunks[-1]
+        assert last.first_line == kept.count(b"\n") + 1 and last.rest_lost
+        assert str(last.damage).startswith("corrupt compressed data (")
+        assert str(last.damage).endswith("could be read")
+        assert [c.damage for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+
+
+def test_a_magic_number_found_by_chance_inside_a_bzip2_block_is_no_block_end(
+        text: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 48 bits of a block's (or the stream's end) magic number may turn up inside a block's
+    data: the block, cut there, does not decode, and is tried again with the next piece joined.
+    Here such false marks are added inside every block, and the text is read whole."""
+    import bz2
+
+    from deepwatch.sources import _bzip2
+
+    packed = bz2.compress(text, 1) + bz2.compress(text[:5000], 1)
+    real = _block_bits(packed)
+    add = _bzip2._Bits._add
+
+    def with_false_marks(self: Any, data: bytes) -> None:
+        add(self, data)
+        fake = [b + 977 for b in real if b + 977 + 48 <= 8 * self.end]
+        fake += [b + 3001 for b in real if b + 3001 + 48 <= 8 * self.end]
+        self.ends.update(f for f in fake[::3])  # some as end-of-stream ones
+        self.marks = sorted(set(self.marks) | set(fake))
+
+    monkeypatch.setattr(_bzip2._Bits, "_add", with_false_marks)
+    path = tmp_path / "false-marks.bz2"
+    path.write_bytes(packed)
+    chunks = _chunks(path)
+    assert _data(chunks) == text + text[:5000]
+    assert all(c.damage is None for c in chunks)
+
+
+def test_a_bad_combined_crc_after_good_bzip2_blocks_is_one_reject_after_their_lines(
+        text: bytes, tmp_path: Path) -> None:
+    """Each block was verified by its own CRC, so its lines are read; a stream's combined CRC
+    that does not match them is damage all the same: what follows is not read."""
+    import bz2
+
+    one, two = bytearray(bz2.compress(text[:300_000], 1)), bz2.compress(text[300_000:], 1)
+    one[-3] ^= 0x01  # in the combined CRC (the last 32 bits, then up to 7 bits of padding)
+    path = tmp_path / "crc.bz2"
+    path.write_bytes(bytes(one) + two)
+    chunks = _chunks(path)
+    assert _data(chunks) == text[:300_000][: text[:300_000].rfind(b"\n") + 1]
+    assert chunks[-1].damage is not None
+    assert chunks[-1].damage.startswith("corrupt compressed data (the combined CRC at the end of "
+                                        "a bzip2 stream does not match its blocks'")
 
 
 def test_text_that_merely_starts_like_a_magic_number_is_text(tmp_path: Path) -> None:

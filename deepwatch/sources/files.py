@@ -58,7 +58,7 @@ class Compression:
 #: file may hold several units one after the other (``cat``, ``pbzip2``, ``bgzip``): all are read.
 READ_COMPRESSION = (
     Compression("gzip", (GZIP_MAGIC,), "gzip -dc", ".gz", "gzip member"),
-    Compression("bzip2", BZIP2_MAGIC, "bzip2 -dc", ".bz2", "bzip2 stream"),
+    Compression("bzip2", BZIP2_MAGIC, "bzip2 -dc", ".bz2", "bzip2 block"),
     Compression("xz", (XZ_MAGIC,), "xz -dc", ".xz", "xz stream"),
 )
 #: Compressed files deepwatch does not read, and the command that decompresses each to stdout.
@@ -203,8 +203,8 @@ class Chunk:
     #: either way the chunk is one reject.
     damage: str | None = None
     #: with ``damage``: the beginning of the text that was read but cannot be trusted (the line
-    #: cut short by the damage, the output of a gzip member or bzip2/xz stream that fails its
-    #: check), at most 4 * MAX_RAW bytes; empty when there is none.
+    #: cut short by the damage, the output of a gzip member, xz stream or bzip2 block that fails
+    #: its check), at most 4 * MAX_RAW bytes; empty when there is none.
     lost: bytes = b""
     #: with ``damage``: True when the chunk stands for the unreadable rest of a damaged input
     #: (a warning was logged), False when it stands for one over-long line.
@@ -387,10 +387,11 @@ def chunks_from_reads(read: Callable[[], bytes], spec: InputSpec) -> Iterator[Ch
         yield last
 
 
-#: The most output of one gzip member (bzip2 or xz stream) held back in memory until its
-#: checksum is verified. A longer one is decompressed twice: once to verify it, once to hand it
-#: out (no copy of it is kept in memory or on disk); that costs about 10% more time on such a
-#: gzip file, more on a bzip2 or xz one (their decompression is slower than gzip's).
+#: The most output of one gzip member (xz stream) held back in memory until its checksum is
+#: verified. A longer one is decompressed twice: once to verify it, once to hand it out (no copy
+#: of it is kept in memory or on disk); that costs about 10% more time on such a gzip file, one
+#: more decompression of it on an xz one. bzip2 is verified block by block instead, and read
+#: once (see :mod:`deepwatch.sources._bzip2`).
 HOLD_BYTES = 256 << 20
 _PIECE = 128 << 10  # compressed bytes read at a time
 _OUT = 1 << 20  # the most output of one decompress call (a flood compresses 1,000 to 1)
@@ -401,7 +402,7 @@ _TRUNCATED = "the compressed stream ends early (truncated file)"
 
 @dataclass
 class _Member:
-    """How the decompression of one gzip member (bzip2 or xz stream) ended."""
+    """How the decompression of one gzip member (or xz stream) ended."""
 
     ended: bool = False  # its end was read and the checksums (and length) were right
     error: str | None = None  # why it is damaged (bad header, invalid data, wrong checksum)
@@ -459,11 +460,7 @@ def _before_error(dec: Any, data: bytes) -> bytes:
 
 
 def _decompressor(kind: Compression) -> Any:
-    """A new decompressor of one bzip2 or xz stream."""
-    if kind.name == "bzip2":
-        import bz2
-
-        return bz2.BZ2Decompressor()
+    """A new decompressor of one xz stream (bzip2 is read by :mod:`._bzip2`)."""
     import lzma
 
     return lzma.LZMADecompressor(lzma.FORMAT_XZ)
@@ -471,11 +468,11 @@ def _decompressor(kind: Compression) -> Any:
 
 def _unpack(kind: Compression, fh: BinaryIO, first: bytes, member: _Member,
             after: bool = False) -> Iterator[bytes]:
-    """The decompressed output of the bzip2 or xz stream that starts with ``first`` (compressed
-    bytes already read) and goes on in ``fh``, in pieces; ``member`` says how it ended, as
+    """The decompressed output of the xz stream that starts with ``first`` (compressed bytes
+    already read) and goes on in ``fh``, in pieces; ``member`` says how it ended, as
     :func:`_inflate` does for gzip. Each stream's checksums are checked at its end at the latest
-    (bzip2's per block and over the stream, xz's per block and its index). ``after``: another
-    stream ended just before, so the NUL bytes of xz's stream padding may come first.
+    (per block and its index). ``after``: another stream ended just before, so the NUL bytes of
+    xz's stream padding may come first.
     """
     import lzma
 
@@ -499,7 +496,7 @@ def _unpack(kind: Compression, fh: BinaryIO, first: bytes, member: _Member,
     while True:
         try:
             out = dec.decompress(data, _OUT)
-        except (OSError, EOFError, lzma.LZMAError) as exc:  # bz2 raises OSError on bad data
+        except (OSError, EOFError, lzma.LZMAError) as exc:
             member.error = f"corrupt compressed data ({exc})"
             return
         if out:
@@ -524,17 +521,19 @@ class StreamDamage:
     #: is not of its compression at all (``unverified_bytes`` 0), the file's first bytes.
     unverified_bytes: int = 0
     unverified: bytes = b""
-    #: what failed: "gzip member", "bzip2 stream", "xz stream"
+    #: what failed: "gzip member", "bzip2 block", "xz stream"
     unit: str = "gzip member"
 
 
 class VerifiedStream:
     """The decompressed bytes of a gzip file (one member or several, concatenated), in blocks of
-    about ``block_bytes``, each member's only once its checksum is verified. ``kind`` bzip2 or
-    xz reads such a file the same way, a stream of it (one or several, concatenated, as
-    ``pbzip2`` writes, and xz's stream padding between them) standing for a gzip member: a bzip2
-    stream is verified by its blocks' CRCs and its combined CRC, an xz stream by its blocks'
-    checks and its index.
+    about ``block_bytes``, each member's only once its checksum is verified. ``kind`` xz reads
+    such a file the same way, a stream of it (one or several, concatenated, and xz's stream
+    padding between them) standing for a gzip member, verified by its blocks' checks and its
+    index. ``kind`` bzip2 reads each block of each stream (one or several, as ``pbzip2``
+    writes) as its own unit, verified by its own CRC, the stream's combined CRC checked at its
+    end (:mod:`deepwatch.sources._bzip2`): nothing is held back longer than a block, and
+    nothing is read twice.
 
     Deflate data that is corrupt, not cut, can decompress to garbage before zlib sees the
     damage, at the latest at the member's CRC-32 in its trailer. So the output of a member is
@@ -555,14 +554,16 @@ class VerifiedStream:
     is what keeps every handed-out line genuine: the lines of a member that fails are never
     parsed, scored or counted as records. The price is latency and, for members longer than
     ``hold_bytes``, a second decompression (zlib here is still faster than the single pass of
-    Arrow's gzip stream that it replaces). A bzip2 or xz file written in one piece (``bzip2``,
-    ``xz``, even ``xz -T0``: one stream of many blocks) is one such unit, so damage anywhere in
-    it withholds all of it, as for a gzip file of one member; ``pbzip2`` writes a stream for
-    each 900 kB block, so damage there withholds one block's text.
+    Arrow's gzip stream that it replaces). An xz file written in one piece (``xz``, even ``xz
+    -T0``: one stream of many blocks) is one such unit, so damage anywhere in it withholds all
+    of it, as for a gzip file of one member. (liblzma, like libbzip2, writes a block's text
+    before it has checked the block's check, so an xz block cannot be handed out on its own as
+    a bzip2 block is; and ``xz`` without ``-T`` writes one block.) In a bzip2 file, damage
+    withholds the damaged block's text (900 kB of it at ``bzip2 -9``) and what follows.
 
     ``on_bytes`` is told of the compressed bytes as they are read (a progress bar's advance):
-    each byte of the file once, a member read twice counted once, and the bytes a damage leaves
-    unread at the end, so that the counts add up to the file's size.
+    each byte of the file once, an xz stream or gzip member read twice counted once, and the
+    bytes a damage leaves unread at the end, so that the counts add up to the file's size.
     """
 
     def __init__(self, path: str, block_bytes: int = CHUNK_BYTES, hold_bytes: int | None = None,
@@ -618,6 +619,9 @@ class VerifiedStream:
             # the reject keeps the file's first bytes: they show what it is
             self._damage(_not_compressed(self.kind, self.path, first), 0, first[:LOST_BYTES])
             return
+        if self.kind.name == "bzip2":  # verified block by block, read once
+            yield from self._bzip2(fh, first)
+            return
         after = False  # a member ended just before
         while True:
             start = fh.tell() - len(first)
@@ -667,6 +671,18 @@ class VerifiedStream:
                 return
             first = again.rest
 
+    def _bzip2(self, fh: BinaryIO, first: bytes) -> Iterator[bytes]:
+        """A bzip2 file's text, each block's once its CRC is verified (see
+        :mod:`deepwatch.sources._bzip2`)."""
+        from ._bzip2 import Outcome, read_bzip2
+
+        outcome = Outcome()
+        yield from read_bzip2(fh, first, lambda: self._count(fh), outcome, LOST_BYTES, _PIECE)
+        if outcome.why is not None:
+            self._damage(outcome.why, outcome.unverified_bytes, outcome.unverified)
+        elif outcome.truncated:
+            self._damage(_TRUNCATED)
+
     def _fail(self, why: str, size: int, held: list[bytes]) -> None:
         """Damage by a member that fails after ``size`` bytes of output (``held``: its first)."""
         head, kept = [], 0
@@ -683,8 +699,8 @@ class VerifiedStream:
 
 def _spooled(stream: BinaryIO) -> BinaryIO:
     """A copy of a stream that cannot seek (a named pipe), in a temporary file that can: a long
-    gzip member (bzip2 or xz stream) is read twice. The copy is compressed data, a fraction of
-    the text."""
+    gzip member (xz stream) is read twice. The copy is compressed data, a fraction of the
+    text."""
     copy = tempfile.TemporaryFile()  # noqa: SIM115 - closed by VerifiedStream
     shutil.copyfileobj(stream, copy, _PIECE)
     copy.seek(0)
@@ -759,7 +775,7 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     damage that can be trusted is read, then a last empty chunk stands for the rest
     (:attr:`Chunk.damage` says why), and a warning is logged. That chunk is one reject, whatever
     the number of lines it stands for: the line cut short by the damage, the output of a gzip
-    member (bzip2 or xz stream) that fails its check (see :class:`VerifiedStream`) and what
+    member, xz stream or bzip2 block that fails its check (see :class:`VerifiedStream`) and what
     follows. Their number is not known: the line breaks in corrupt data are not to be trusted
     either.
     """
