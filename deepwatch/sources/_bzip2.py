@@ -18,7 +18,9 @@ about 46 MB for a block of runs) are held at once, and blocks are decompressed o
 The magic numbers are found by searching the compressed bytes; the same 48 bits can turn up by
 chance inside a block's data. A block that does not decode as cut at such a place is tried again
 with the next piece joined to it, up to the most bits a block of its size can take; only if that
-fails too is it damage.
+fails too is it damage. The last piece of a file cut short (no magic number after it) is a block
+whose end is not known: its text is used if it is the whole block, which is told by computing
+the block's CRC here (:func:`_crc`) and comparing it with the one stored before the block.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from __future__ import annotations
 import bisect
 import bz2
 import os
+import zlib
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -179,16 +182,31 @@ def _decode(data: bytes) -> bytes:
     return out
 
 
-def _decode_cut(data: bytes) -> bytes:
-    """The text of a stream cut short after (at most) one block: its whole text, verified, or
-    nothing. libbzip2 writes no text of a block before it has read all of it, then all of it,
-    then checks its CRC before it asks for more input: so once it asks for input (an empty call
-    gives nothing more), what it gave is verified."""
+#: each byte value with its bits in reverse order
+_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
+
+
+def _crc(text: bytes) -> int:
+    """bzip2's CRC of ``text``: CRC-32 fed the bits of each byte from the most significant on,
+    the mirror image of zlib's (so zlib's of the mirrored bytes, mirrored)."""
+    return int(f"{zlib.crc32(text.translate(_REVERSED)):032b}"[::-1], 2)
+
+
+def _decode_some(data: bytes) -> tuple[bytes, str | None]:
+    """All the text a decompressor gives for ``data``, a stream cut short, and the error it
+    found, if any (the text is not verified: see :func:`_crc`)."""
     dec = bz2.BZ2Decompressor()
-    out = [dec.decompress(data)]
-    while not dec.eof and (more := dec.decompress(b"")):
-        out.append(more)
-    return b"".join(out)
+    out = []
+    try:
+        while not dec.eof:
+            piece = dec.decompress(data, 1 << 20)  # then empty calls: what it still holds
+            data = b""
+            if not piece:
+                break
+            out.append(piece)
+    except _ERRORS as exc:
+        return b"".join(out), str(exc)
+    return b"".join(out), None
 
 
 def _decode_until_error(data: bytes, keep: int) -> tuple[int, bytes]:
@@ -219,26 +237,9 @@ def read_bzip2(fh: BinaryIO, first: bytes, on_read: Callable[[], None], outcome:
     already read), block by verified block; ``outcome`` says how it ended when it did not end
     cleanly (``keep``: the most text of a damaged block kept for the reject). ``on_read`` is
     called after each read of ``piece`` compressed bytes."""
-    bits = _Bits(fh, first, on_read, piece)
     pool = ThreadPoolExecutor(THREADS, thread_name_prefix="bzip2")
     try:
-        q = 0  # the byte offset of the stream being read
-        while True:
-            bits.has(q + 4)
-            head = bits.bytes_at(q, q + 4)
-            if not head:
-                return  # the end of the file, after a whole stream
-            if len(head) < 4 or not (head[:3] == b"BZh" and 49 <= head[3] <= 57):
-                if len(head) < 4 and b"BZh"[: len(head)] == head[:3]:
-                    outcome.truncated = True
-                else:
-                    outcome.why = (f"corrupt compressed data (the bytes at offset {q:,} are not "
-                                   "the start of a bzip2 stream)")
-                return
-            after = yield from _stream(bits, pool, q, head[3] - 48, outcome, keep)
-            if after is None:
-                return
-            q = after
+        yield from _Reader(_Bits(fh, first, on_read, piece), pool, outcome, keep).text()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -248,90 +249,189 @@ def _up(bit: int) -> int:
     return -(-bit // 8)
 
 
-def _stream(bits: _Bits, pool: ThreadPoolExecutor, q: int, level: int, outcome: Outcome,
-            keep: int) -> Generator[bytes, None, int | None]:
-    """The text of the stream at byte ``q`` (``level``: its block size), block by block; returns
-    the offset of the byte after it, or None when it could not be read to its end (``outcome``
-    says why)."""
-    cap = 3 * 100_000 * level * 8  # more bits than any block of this size can take
-    at = 8 * q + 32  # the first block (or the end of an empty stream) follows the header
-    if bits.next_mark(at - 1, at + 1) != at:
-        if bits.eof and 8 * bits.end < at + 48:
-            outcome.truncated = True
-        else:
-            outcome.why = ("corrupt compressed data (no bzip2 block where the stream at offset "
-                           f"{q:,} starts)")
-        return None
-    combined = 0
-    ahead: deque[tuple[Future[bytes], int, int, int]] = deque()  # (text, start, stop, crc)
-    while True:
-        # blocks to decompress, while they are not too many and their ends are known
-        while len(ahead) < _AHEAD and at not in bits.ends:
-            stop = bits.next_mark(at, at + cap)
+@dataclass
+class _Block:
+    """A block being decompressed: its text to come, where it is, its CRC, its stream's level."""
+
+    text: Future[bytes]
+    start: int
+    stop: int
+    crc: int
+    level: int
+
+
+@dataclass
+class _End:
+    """The end of a stream, with the combined CRC it stores."""
+
+    crc: int
+
+
+@dataclass
+class _Stop:
+    """Where reading stops: at the end of the file; at a piece that no magic number follows
+    (``last``: a block cut short, or damage); or on damage (``why``) or a cut (``truncated``)
+    found where the blocks are cut out. Said once the blocks before are handed out."""
+
+    last: int | None = None
+    level: int = 9
+    why: str | None = None
+    truncated: bool = False
+
+
+class _Reader:
+    """Reads the streams of a bzip2 file one after the other in one pipeline: the blocks ahead
+    (of this stream or the next ones) are being decompressed while the oldest is handed out."""
+
+    def __init__(self, bits: _Bits, pool: ThreadPoolExecutor, outcome: Outcome, keep: int):
+        self.bits, self.pool, self.outcome, self.keep = bits, pool, outcome, keep
+        self.queue: deque[_Block | _End | _Stop] = deque()
+        self.running = 0  # blocks in the queue
+        self.q = 0  # the byte offset of the stream being cut into blocks
+        self.at: int | None = None  # the bit of its next magic number (None: at its header)
+        self.level = 9
+        self.stopped = False  # nothing more to cut: a _Stop is queued
+
+    def _stop(self, last: int | None = None, why: str | None = None,
+              truncated: bool = False) -> None:
+        self.queue.append(_Stop(last, self.level, why, truncated))
+        self.stopped = True
+
+    def _cut(self) -> None:
+        """Queue blocks (and stream ends) while few are being decompressed."""
+        bits = self.bits
+        while not self.stopped and self.running < _AHEAD:
+            if self.at is None:  # a stream's header, then its first block (or its end)
+                q = self.q
+                bits.has(q + 4)
+                head = bits.bytes_at(q, q + 4)
+                if not head:  # the end of the file, after a whole stream
+                    return self._stop()
+                if len(head) < 4 or not (head[:3] == b"BZh" and 49 <= head[3] <= 57):
+                    if len(head) < 4 and b"BZh"[: len(head)] == head[:3]:
+                        return self._stop(truncated=True)
+                    return self._stop(why=f"corrupt compressed data (the bytes at offset {q:,} "
+                                          "are not the start of a bzip2 stream)")
+                self.level, at = head[3] - 48, 8 * q + 32
+                if bits.next_mark(at - 1, at + 1) != at:
+                    if bits.eof and 8 * bits.end < at + 48:
+                        return self._stop(truncated=True)
+                    return self._stop(why="corrupt compressed data (no bzip2 block where the "
+                                          f"stream at offset {q:,} starts)")
+                self.at = at
+            at = self.at
+            if at in bits.ends:  # the end of the stream, then the next one's header
+                if not bits.has(_up(at + 80)):
+                    return self._stop(truncated=True)
+                self.queue.append(_End(bits.bits(at + 48, at + 80)))
+                self.q, self.at = _up(at + 80), None
+                continue
+            stop = bits.next_mark(at, at + _cap(self.level))
             if stop is None or not bits.has(_up(at + 80)):
-                break
+                return self._stop(at)
             crc = bits.bits(at + 48, at + 80)
-            data = _one_block_stream(level, bits.bits(at, stop), stop - at, crc)
-            ahead.append((pool.submit(_decode, data), at, stop, crc))
-            at = stop
-        if ahead:  # the oldest: its text, once verified
-            fut, start, stop, crc = ahead.popleft()
-            try:
-                text = fut.result()
-            except _ERRORS as exc:
-                for other, *_ in ahead:  # cut where this one was cut: of no use
-                    other.cancel()
-                ahead.clear()
-                joined = _rejoin(bits, level, start, stop, crc, cap)
-                if joined is None:
-                    _damaged(bits, level, start, stop, crc, str(exc), outcome, keep)
-                    return None
-                text, at = joined
-            combined = ((combined << 1 | combined >> 31) & 0xFFFFFFFF) ^ crc
-            bits.let_go(ahead[0][1] if ahead else at)
-            yield text
-            continue
-        if at in bits.ends:  # the end of the stream, and its combined CRC
-            if not bits.has(_up(at + 80)):
-                outcome.truncated = True
-                return None
-            if bits.bits(at + 48, at + 80) != combined:
-                outcome.why = ("corrupt compressed data (the combined CRC at the end of a bzip2 "
-                               "stream does not match its blocks', each of which was verified)")
-                return None
-            return _up(at + 80)
-        # no magic number follows: the file ends inside this block, or it is damaged
-        if bits.eof and 8 * bits.end - at <= cap and bits.has(_up(at + 80)):
-            crc = bits.bits(at + 48, at + 80)
-            whole = (8 * bits.end - at) // 8  # the whole bytes of it (no bits made up)
-            data = b"BZh%d" % level + bits.bits(at, at + 8 * whole).to_bytes(whole, "big")
-            try:
-                text = _decode_cut(data)
-            except _ERRORS as exc:
-                _damaged(bits, level, at, None, crc, str(exc), outcome, keep)
-                return None
-            if text:
-                yield text
-            outcome.truncated = True
-        elif bits.eof and 8 * bits.end < at + 80:
-            outcome.truncated = True
-        else:
-            outcome.why = ("corrupt compressed data (a bzip2 block longer than a block of "
-                           f"{level}00 kB can be)")
+            data = _one_block_stream(self.level, bits.bits(at, stop), stop - at, crc)
+            self.queue.append(_Block(self.pool.submit(_decode, data), at, stop, crc, self.level))
+            self.running += 1
+            self.at = stop
         return None
+
+    def _keep_from(self) -> int:
+        """The first bit still needed: the start of the oldest block in hand, or where the
+        cutting is."""
+        for item in self.queue:
+            if isinstance(item, _Block):
+                return item.start
+        return 8 * self.q if self.at is None else self.at
+
+    def text(self) -> Iterator[bytes]:
+        bits, outcome = self.bits, self.outcome
+        combined = 0
+        while True:
+            self._cut()
+            item = self.queue.popleft()
+            if isinstance(item, _Block):
+                self.running -= 1
+                try:
+                    text = item.text.result()
+                except _ERRORS as exc:
+                    for other in self.queue:  # cut where this one was cut: of no use
+                        if isinstance(other, _Block):
+                            other.text.cancel()
+                    self.queue.clear()
+                    self.running = 0
+                    joined = _rejoin(bits, item.level, item.start, item.stop, item.crc)
+                    if joined is None:
+                        _damaged(bits, item.level, item.start, item.stop, item.crc, str(exc),
+                                 outcome, self.keep)
+                        return
+                    text, self.at = joined  # cut on from its real end, in its stream
+                    self.level, self.stopped = item.level, False
+                combined = ((combined << 1 | combined >> 31) & 0xFFFFFFFF) ^ item.crc
+                bits.let_go(self._keep_from())
+                yield text
+            elif isinstance(item, _End):
+                if item.crc != combined:
+                    outcome.why = ("corrupt compressed data (the combined CRC at the end of a "
+                                   "bzip2 stream does not match its blocks', each of which was "
+                                   "verified)")
+                    return
+                combined = 0
+            else:
+                if item.last is not None:
+                    yield from _last(bits, item.last, item.level, outcome, self.keep)
+                outcome.why = outcome.why or item.why
+                outcome.truncated = outcome.truncated or item.truncated
+                return
+
+
+def _cap(level: int) -> int:
+    """More bits than any block of a stream of ``level`` (its block size) can take."""
+    return 3 * 100_000 * level * 8
+
+
+def _last(bits: _Bits, at: int, level: int, outcome: Outcome, keep: int) -> Iterator[bytes]:
+    """The piece at bit ``at`` that no magic number follows: a block cut short by the end of the
+    file (its text if the whole block is there, checked against its CRC here), or damage."""
+    if not (bits.eof and 8 * bits.end - at <= _cap(level)):
+        outcome.why = f"corrupt compressed data (a bzip2 block longer than one of {level}00 kB)"
+        return
+    if not bits.has(_up(at + 80)):
+        outcome.truncated = True
+        return
+    crc, size = bits.bits(at + 48, at + 80), 8 * bits.end - at
+    head = b"BZh%d" % level
+    text, error = _decode_some(head + bits.bits(at, at + size // 8 * 8).to_bytes(size // 8, "big"))
+    if _crc(text) != crc and error is None and size % 8:
+        # the block may end in the bits of the last byte, which were left out (the block is
+        # moved to a byte boundary): again with them, made up to a byte with 0 bits, whatever
+        # error those bits give (the text, if whole, is known by its CRC)
+        padded = bits.bits(at, at + size) << (8 - size % 8)
+        text = _decode_some(head + padded.to_bytes(size // 8 + 1, "big"))[0]
+    if text and _crc(text) == crc:
+        yield text
+        if error is None:
+            outcome.truncated = True
+        else:  # the block is whole, what follows it is not a block or the stream's end
+            outcome.why = f"corrupt compressed data ({error})"
+    elif error is not None:
+        _damaged(bits, level, at, None, crc, error, outcome, keep)
+    else:
+        outcome.truncated = True
 
 
 #: the most pieces a block is tried with, joined, when it does not decode as first cut
 _JOINS = 16
 
 
-def _rejoin(bits: _Bits, level: int, start: int, stop: int, crc: int, cap: int
+def _rejoin(bits: _Bits, level: int, start: int, stop: int, crc: int
             ) -> tuple[bytes, int] | None:
     """The block at bit ``start`` did not decode as cut at bit ``stop``: was that magic number
     one found by chance inside its data? Its text and its real end if it decodes with the next
-    pieces joined to it (up to ``_JOINS`` of them, within ``cap`` bits), else None."""
+    pieces joined to it (up to ``_JOINS`` of them, within the most bits a block can take),
+    else None."""
     for _ in range(_JOINS):
-        got = bits.next_mark(stop, start + cap)
+        got = bits.next_mark(stop, start + _cap(level))
         if got is None:
             return None
         stop = got
