@@ -633,6 +633,31 @@ def test_a_magic_number_found_by_chance_inside_a_bzip2_block_is_no_block_end(
     assert all(c.damage is None for c in chunks)
 
 
+def test_bzip2_streams_without_blocks_are_read_through(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bzip2 < /dev/null`` is a stream of no block: 20,000 of them around two lines are read
+    through, with the compressed bytes let go as they are passed (not all kept till the end)."""
+    import bz2
+
+    from deepwatch.sources import _bzip2
+
+    kept: list[int] = []
+    more = _bzip2._Bits.more
+
+    def watched(self: Any) -> bool:
+        kept.append(len(self.buf))
+        return more(self)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_bzip2._Bits, "more", watched)
+    empty = bz2.compress(b"")
+    path = tmp_path / "empties.bz2"
+    path.write_bytes(empty * 200_000 + bz2.compress(b"one\n") + empty * 200_000
+                     + bz2.compress(b"two\n"))
+    chunks = _chunks(path)
+    assert _data(chunks) == b"one\ntwo\n" and all(c.damage is None for c in chunks)
+    assert max(kept) < 3 << 19 and path.stat().st_size > 5 << 20
+
+
 def test_a_bad_combined_crc_after_good_bzip2_blocks_is_one_reject_after_their_lines(
         text: bytes, tmp_path: Path) -> None:
     """Each block was verified by its own CRC, so its lines are read; a stream's combined CRC

@@ -163,6 +163,7 @@ class _Bits:
             self.base += cut
             i = bisect.bisect_left(self.marks, 8 * self.base)
             del self.marks[:i]
+            self.ends = {e for e in self.ends if e >= 8 * self.base}
 
 
 def _one_block_stream(level: int, block: int, nbits: int, crc: int) -> bytes:
@@ -298,9 +299,10 @@ class _Reader:
         self.stopped = True
 
     def _cut(self) -> None:
-        """Queue blocks (and stream ends) while few are being decompressed."""
+        """Queue blocks (and stream ends) while few are being decompressed (and few stream
+        ends are queued: a file may hold streams without blocks)."""
         bits = self.bits
-        while not self.stopped and self.running < _AHEAD:
+        while not self.stopped and self.running < _AHEAD and len(self.queue) < 4 * _AHEAD:
             if self.at is None:  # a stream's header, then its first block (or its end)
                 q = self.q
                 bits.has(q + 4)
@@ -377,6 +379,7 @@ class _Reader:
                                    "verified)")
                     return
                 combined = 0
+                bits.let_go(self._keep_from())  # (a file of many streams without blocks)
             else:
                 if item.last is not None:
                     yield from _last(bits, item.last, item.level, outcome, self.keep)
