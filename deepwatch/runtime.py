@@ -2,8 +2,9 @@
 
 Both take a float32 feature matrix and return the model's named outputs as numpy arrays.
 
-Thread settings: ONNX Runtime gets one intra-op thread per core this process may run on
-(``DEEPWATCH_THREADS`` overrides it) and its worker threads do not spin while idle. Spinning buys
+Thread settings: ONNX Runtime gets one intra-op thread per core this process may run on (its
+CPU affinity, capped by its container's cgroup CPU quota: ``_cpus.usable_cores``;
+``DEEPWATCH_THREADS`` overrides it) and its worker threads do not spin while idle. Spinning buys
 a few microseconds on an idle machine but, when the cores are shared with the web server, the
 Kafka client or other processes, the spinning threads steal the very cores the request needs:
 in one run on a busy 2-core machine, the median 1,000-row batch took 8.8 ms with spinning and
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ._cpus import usable_cores
 from .errors import BundleError, UsageError, first_line
 
 PROVIDER_PREFERENCE = (
@@ -37,14 +39,6 @@ class Backend(Protocol):
     outputs: list[str]
 
     def run(self, X: np.ndarray) -> dict[str, np.ndarray]: ...
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, not the machine's core count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def default_threads() -> int:

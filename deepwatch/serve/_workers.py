@@ -37,6 +37,7 @@ from pathlib import Path
 from socket import socket
 from typing import Any
 
+from .._cpus import usable_cores
 from ._service import Limits
 
 log = logging.getLogger("deepwatch.serve")
@@ -191,7 +192,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "prometheus")
         # the workers share the cores: ONNX Runtime threads per worker, unless set already
         os.environ.setdefault("DEEPWATCH_THREADS",
-                              str(max(1, (os.cpu_count() or 1) // workers)))
+                              str(max(1, usable_cores() // workers)))
         os.environ[STATE_ENV] = str(state)
         config = uvicorn.Config("deepwatch.serve._workers:worker_app", factory=True,
                                 host=host, port=port, workers=workers, **uvicorn_options)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._cpus import usable_cores
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -207,7 +209,7 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None]) -> 
         base = dict(os.environ)
         base.update({STORE_ENV: os.path.join(tmp, "store"), "WORLD_SIZE": str(nproc),
                      "LOCAL_WORLD_SIZE": str(nproc)})
-        base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        base.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
         lo = _loopback_interface()
         if lo:
             base.setdefault("GLOO_SOCKET_IFNAME", lo)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._cpus import usable_cores
 from ..progress import epoch_progress
 from . import distributed
 
@@ -67,7 +68,7 @@ def seed_everything(seed: int) -> None:
     # faster on one thread than on several that wait for each other.
     # Several training processes on one machine (torchrun) share its cores.
     threads = int(os.environ.get("DEEPWATCH_TORCH_THREADS") or 0)
-    per_process = max(1, (os.cpu_count() or 1) // distributed.current().local_world)
+    per_process = max(1, usable_cores() // distributed.current().local_world)
     torch.set_num_threads(threads if threads > 0 else per_process)
 
 
