@@ -277,12 +277,22 @@ def serve(
     body_timeout: Annotated[float, typer.Option(
         help="Seconds a request body may take to arrive in whole; a slower one gets 408")] = 30.0,
     body_min_rate: Annotated[float, typer.Option(
-        help="Bytes a second a request body must average once it has been arriving 5 s; a "
-             "slower one gets 408 (0: no minimum)")] = 1024.0,
+        help="Bytes a second a request body must average once it has been arriving "
+             "--body-rate-grace seconds; a slower one gets 408 (0: no minimum)")] = 1024.0,
+    body_rate_grace: Annotated[float, typer.Option(
+        help="Seconds from the start of a request body before --body-min-rate applies to it "
+             "(above 0; --body-timeout or more: no minimum)")] = 5.0,
+    max_uploads: Annotated[int, typer.Option(
+        help="Request bodies arriving at once from all clients, per worker process; a request "
+             "past it gets 503 (1 or more)")] = 256,
     max_client_uploads: Annotated[int, typer.Option(
         help="Request bodies one client address may be sending at once, per worker process "
-             "(they hold no request slot while they arrive); a request past it waits up to 5 s "
-             "for one of them to come in whole, then gets 429 (0: no cap)")] = 16,
+             "(they hold no request slot while they arrive); a request past it waits up to "
+             "--upload-wait seconds for one of them to come in whole, then gets 429 "
+             "(0: no cap)")] = 16,
+    upload_wait: Annotated[float, typer.Option(
+        help="Seconds a request past --max-client-uploads waits for its client's turn before "
+             "429 (0: 429 at once)")] = 5.0,
     forwarded_allow_ips: Annotated[str | None, typer.Option(
         help="Comma-separated addresses or networks of reverse proxies trusted to name the "
              "client in X-Forwarded-For (default: none, the header is ignored)")] = None,
@@ -292,7 +302,8 @@ def serve(
     from .serve.app import run_server
 
     limits = Limits(body_timeout_seconds=body_timeout, body_min_rate=body_min_rate,
-                    max_client_uploads=max_client_uploads)
+                    body_rate_grace_seconds=body_rate_grace, max_uploads=max_uploads,
+                    max_client_uploads=max_client_uploads, upload_wait_seconds=upload_wait)
     run_server(bundle, host=host, port=port, api_key_file=api_key_file, workers=workers,
                engine=backend, limits=limits,
                forwarded_allow_ips=[forwarded_allow_ips] if forwarded_allow_ips else [])

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -299,6 +301,111 @@ def test_serve_body_timeout_option(kdd_bundle: Path) -> None:
         assert _rejected(f"http://127.0.0.1:{port}", "408") == 1
     finally:
         stop_server(proc)
+
+
+def test_serve_upload_options(kdd_bundle: Path) -> None:
+    """``deepwatch serve --max-uploads``, ``--upload-wait`` and ``--body-rate-grace`` reach the
+    server (by default 256, 5 s and 5 s, settable only in code before): past the uploads a
+    body is refused with 503 at once, past its client's cap with 429 after the wait, and a
+    trickle with 408 once the grace is over."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(kdd_bundle), "--port", str(port),
+         "--max-uploads", "2", "--max-client-uploads", "1", "--upload-wait", "0.5",
+         "--body-min-rate", "100", "--body-rate-grace", "2", "--body-timeout", "20"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_healthy(url, proc)
+        limits = httpx.get(url + "/v1/stats", timeout=5).json()["limits"]
+        assert (limits["max_uploads"], limits["upload_wait_seconds"],
+                limits["body_rate_grace_seconds"]) == (2, 0.5, 2.0)
+        with Trickle(port, 0, []) as slow:
+            started = [time.monotonic()]
+            slow.add("127.0.0.2")
+            started.append(time.monotonic())
+            slow.add("127.0.0.3")
+            deadline = time.monotonic() + 5
+            while httpx.get(url + "/v1/stats", timeout=5).json()["intake"]["uploading"] < 2:
+                assert time.monotonic() < deadline, "the two bodies never counted as arriving"
+                time.sleep(0.02)
+            for source in ("127.0.0.4", "127.0.0.2"):  # past the uploads; past its client's cap
+                started.append(time.monotonic())
+                slow.add(source)
+            answered: dict[int, float] = {}
+            deadline = time.monotonic() + 10
+            while len(answered) < 4 and time.monotonic() < deadline:
+                for i in list(slow.answers):
+                    answered.setdefault(i, time.monotonic() - started[i])
+                time.sleep(0.02)
+            answers = [slow.answers.get(i) for i in range(4)]
+        assert [_status(a) for a in answers] == [408, 408, 503, 429], answers
+        assert _detail(answers[2] or b"") == ("the service is receiving its most request bodies "
+                                              "at once (2); retry shortly")
+        assert answered[2] < 1.5, answered
+        assert "none came in whole within 0.5 s" in _detail(answers[3] or b"")
+        assert 0.5 <= answered[3] < 2.0, answered
+        for i in (0, 1):
+            assert _detail(answers[i] or b"").startswith("the body arrived too slowly: ")
+            assert 2.0 <= answered[i] < 4.5, answered  # the grace, not the default 5 s
+        assert _rejected(url, "408") == 2
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-uploads", "0"], "--max-uploads must be 1 or more, not 0"),
+    (["--max-uploads", "-3"], "--max-uploads must be 1 or more, not -3"),
+    (["--body-rate-grace", "0"], "--body-rate-grace must be a number of seconds above 0, not 0"),
+    (["--body-rate-grace", "-1.5"], "--body-rate-grace must be a number of seconds above 0, "
+                                    "not -1.5"),
+    (["--body-rate-grace", "inf"], "--body-rate-grace must be a number of seconds above 0, "
+                                   "not inf"),
+    (["--upload-wait", "-0.5"], "--upload-wait must be a number of seconds, 0 (429 at once) or "
+                                "more, not -0.5"),
+    (["--upload-wait", "nan"], "--upload-wait must be a number of seconds, 0 (429 at once) or "
+                               "more, not nan"),
+])
+def test_serve_refuses_bad_upload_options(kdd_bundle: Path, args: list[str], message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad value is one error line and exit 2, before anything listens."""
+    from deepwatch.cli import main
+
+    assert main(["serve", str(kdd_bundle), "--port", "0", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_the_intake_limits_reach_every_worker(kdd_bundle: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``--workers`` the limits travel to the worker processes in ``settings.json``: what
+    a worker builds its ``Limits`` from there is what ``serve`` was given (the supervisor
+    stopped before it starts any worker)."""
+    from uvicorn.supervisors import multiprocess
+
+    from deepwatch.serve import _workers
+
+    limits = Limits(body_timeout_seconds=12.0, body_min_rate=50.0, body_rate_grace_seconds=1.5,
+                    max_uploads=7, max_client_uploads=3, upload_wait_seconds=0.25)
+    seen: list[Limits] = []
+
+    def init_processes(self: Any) -> None:
+        settings = _workers.read_settings(Path(os.environ[_workers.STATE_ENV]))
+        seen.append(Limits(**settings["limits"]))  # as _workers._worker_app reads them
+        self.should_exit.set()
+        for sock in self.sockets:  # no worker will accept on it
+            sock.close()
+
+    monkeypatch.setattr(multiprocess.Multiprocess, "init_processes", init_processes)
+    for name in (_workers.STATE_ENV, "PROMETHEUS_MULTIPROC_DIR", "DEEPWATCH_THREADS"):
+        monkeypatch.setenv(name, "")  # run_workers sets them in this process: unset after
+        monkeypatch.delenv(name)
+    handlers = {sig: signal.getsignal(sig) for sig in multiprocess.SIGNALS}
+    try:
+        app_module.run_server(kdd_bundle, port=0, workers=2, limits=limits)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert seen == [limits]
 
 
 # -- slow senders against the request slots -----------------------------------------------------

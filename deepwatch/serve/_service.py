@@ -50,19 +50,21 @@ class Limits:
     max_records: int = 10_000
     #: from the start of its reading to its last byte: a client that sends the body slowly
     #: (a few bytes a second keep the connection from ever going quiet) is answered 408 then
+    #: (``serve --body-timeout``, above 0)
     body_timeout_seconds: float = BODY_TIMEOUT_SECONDS
     #: once a body has been arriving ``body_rate_grace_seconds``, the bytes a second it must
     #: average from its start while it is incomplete, else 408 (0: any rate, up to the timeout)
+    #: (``serve --body-min-rate`` and ``--body-rate-grace``, the grace above 0)
     body_min_rate: float = 1024.0
     body_rate_grace_seconds: float = 5.0
     #: requests served at once; a request with a body takes its slot once the body is in
     max_requests: int = MAX_CONCURRENT_REQUESTS
-    #: request bodies arriving at once (they hold no slot meanwhile), and from one client
-    #: address (0: no per-client cap)
+    #: request bodies arriving at once (they hold no slot meanwhile; 1 or more), and from one
+    #: client address (0: no per-client cap) (``serve --max-uploads``, ``--max-client-uploads``)
     max_uploads: int = 256
     max_client_uploads: int = 16
     #: how long a request past its client's cap waits for one of that client's bodies to come
-    #: in whole and hand it its place, before 429 (0: 429 at once)
+    #: in whole and hand it its place, before 429 (0: 429 at once) (``serve --upload-wait``)
     upload_wait_seconds: float = 5.0
 
     @property

@@ -11,9 +11,10 @@ a CORS preflight, and none is granted), a request that reached the server over l
 name a loopback host (no DNS rebinding), and a POST whose ``Origin`` is another site is refused.
 Slow clients: a connection gets ``HEAD_TIMEOUT_SECONDS`` to deliver each request head
 (connections waiting for one take no request slot, see ``_SlowClientGuard``); a body must arrive
-within ``--body-timeout`` and at ``--body-min-rate`` or faster (408 after), holds no request slot
-while it arrives, and one client may send at most ``--max-client-uploads`` at once (past it a
-request waits its turn, 429 when none comes within 5 s): see ``_intake``.
+within ``--body-timeout`` and, after ``--body-rate-grace``, at ``--body-min-rate`` or faster
+(408 after), holds no request slot while it arrives, at most ``--max-uploads`` arrive at once
+(503 past it), and one client may send at most ``--max-client-uploads`` at once (past it a
+request waits its turn, 429 when none comes within ``--upload-wait``): see ``_intake``.
 
 The score endpoint reads the body itself (no pydantic on the hot path) and answers with orjson
 bytes; the request/response models below only document it in the OpenAPI page.
@@ -292,7 +293,9 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                           "max_records": limits.max_records,
                           "body_timeout_seconds": limits.body_timeout_seconds,
                           "body_min_rate": limits.body_min_rate,
+                          "body_rate_grace_seconds": limits.body_rate_grace_seconds,
                           "max_requests": limits.max_requests,
+                          "max_uploads": limits.max_uploads,
                           "max_client_uploads": limits.max_client_uploads,
                           "upload_wait_seconds": limits.upload_wait_seconds}
         # this process's requests in flight (each of --workers has its own, see _intake)
@@ -628,9 +631,18 @@ def _check_limits(limits: Limits) -> None:
     if not (math.isfinite(limits.body_min_rate) and limits.body_min_rate >= 0):
         raise UsageError(f"--body-min-rate must be a number of bytes a second, 0 or more, not "
                          f"{limits.body_min_rate:g}")
+    if not (math.isfinite(limits.body_rate_grace_seconds)
+            and limits.body_rate_grace_seconds > 0):
+        raise UsageError(f"--body-rate-grace must be a number of seconds above 0, not "
+                         f"{limits.body_rate_grace_seconds:g}")
+    if limits.max_uploads < 1:
+        raise UsageError(f"--max-uploads must be 1 or more, not {limits.max_uploads}")
     if limits.max_client_uploads < 0:
         raise UsageError(f"--max-client-uploads must be 0 (no cap) or more, not "
                          f"{limits.max_client_uploads}")
+    if not (math.isfinite(limits.upload_wait_seconds) and limits.upload_wait_seconds >= 0):
+        raise UsageError(f"--upload-wait must be a number of seconds, 0 (429 at once) or "
+                         f"more, not {limits.upload_wait_seconds:g}")
 
 
 def _check_proxies(values: Iterable[str]) -> list[str]:
