@@ -315,3 +315,47 @@ def test_a_bzip2_file_cut_just_after_a_block_gives_that_block(text: bytes,
                 expected += more
             assert data == expected[: expected.rfind(b"\n") + 1], (start, stop, extra)
             assert damage[-1] is not None and "truncated file" in damage[-1]
+
+
+def test_score_reads_zero_padding_as_no_record_and_warns_of_it_and_of_empty_files(
+        kdd_bundle: Path, text: bytes, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Zero bytes after the last gzip member or bzip2 stream (tape padding) and a .gz, .bz2 or
+    .xz file of 0 bytes are no reject and no line read, but each is named in a warning; a
+    non-zero byte after the padding is one reject, as any garbage after the last member is."""
+    lines = text.splitlines(keepends=True)[:500]
+    part = b"".join(lines)
+    padded_gz = tmp_path / "padded.csv.gz"
+    padded_gz.write_bytes(gzip.compress(part[:30_000]) + gzip.compress(part[30_000:]) + bytes(512))
+    padded_bz = tmp_path / "padded.csv.bz2"
+    padded_bz.write_bytes(bz2.compress(part) + bz2.compress(part) + bytes(10_240))
+    garbage = tmp_path / "garbage.csv.gz"
+    garbage.write_bytes(gzip.compress(part) + bytes(500) + b"\x01" + bytes(11))
+    empties = [tmp_path / f"empty.csv{s}" for s in (".gz", ".bz2", ".xz")]
+    for e in empties:
+        e.write_bytes(b"")
+    plain_empty = tmp_path / "empty.csv"
+    plain_empty.write_bytes(b"")
+    out, rejects = tmp_path / "v.jsonl", tmp_path / "rejects.jsonl"
+    inputs = [padded_gz, padded_bz, garbage, *empties, plain_empty]
+    assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                 "--rejects", str(rejects), *map(str, inputs)]) == 0
+    rows = len(out.read_text().splitlines())
+    assert rows == 4 * len(lines)
+    rej = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["source"], r["line"]) for r in rej] == [(str(garbage), len(lines) + 1)]
+    assert rej[0]["reason"] == ("corrupt compressed data (Error -3 while decompressing data: "
+                                f"incorrect header check): nothing from line {len(lines) + 1:,} "
+                                "on could be read")
+    err = capsys.readouterr().err
+    assert f"{rows + 1:,} lines read: {rows:,} parsed, 1 rejected" in err
+    warned = [r.getMessage() for r in caplog.records if r.name == "deepwatch.sources.files"]
+    assert warned == [
+        f"{padded_gz}: decompression OK, 512 trailing zero bytes ignored (after the last gzip "
+        "member: padding, not data)",
+        f"{padded_bz}: decompression OK, 10,240 trailing zero bytes ignored (after the last "
+        "bzip2 stream: padding, not data)",
+        f"{garbage}: {rej[0]['reason']}",
+        *(f"{e}: the file is empty (0 bytes) and holds no {kind} data, though it is named "
+          f"{e.suffix} (a failed transfer, or a file not written yet?)"
+          for e, kind in zip(empties, ("gzip", "bzip2", "xz"), strict=True))]

@@ -833,3 +833,120 @@ def test_a_byte_order_mark_does_not_count_towards_the_line_limit(block: int) -> 
             assert kept == line + b"\nnext\n" and all(c.damage is None for c in chunks)
         else:
             assert kept == b"next\n" and [c.first_line for c in chunks if c.damage] == [1]
+
+
+# -- zero bytes after the last member or stream; empty compressed files -------------------------
+
+
+def _packed(kind: str, text: bytes, parts: int) -> bytes:
+    """``text`` as ``parts`` gzip members or bzip2/xz streams, one after the other."""
+    if kind == "gzip":
+        return b"".join(_members(text, parts))
+    return b"".join(_streams(kind, text, parts))
+
+
+def _reader_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "deepwatch.sources.files" and r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("kind,parts", [("gzip", 1), ("gzip", 3), ("bzip2", 1), ("bzip2", 3),
+                                        ("xz", 1)])
+@pytest.mark.parametrize("zeros", [1, 512, (3 << 20) + 5])
+def test_zero_bytes_after_the_last_member_or_stream_are_padding_not_damage(
+        kind: str, parts: int, zeros: int, text: bytes, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What tape or tar blocking and preallocating log shippers leave after a compressed file:
+    every line is read, nothing is damage, and one warning names the file and the zero bytes
+    ignored (GNU gzip: "decompression OK, trailing zero bytes ignored"). xz's own stream padding
+    (a multiple of 4 bytes) is part of its format and read without a word, as ``xz -d`` does."""
+    path = tmp_path / f"padded.{ {'gzip': 'gz', 'bzip2': 'bz2', 'xz': 'xz'}[kind]}"
+    path.write_bytes(_packed(kind, text, parts) + bytes(zeros))
+    chunks = _chunks(path, chunk_bytes=1 << 20)
+    assert _data(chunks) == text and all(c.damage is None for c in chunks)
+    warned = _reader_warnings(caplog)
+    if kind == "xz" and zeros % 4 == 0:
+        assert warned == []
+    else:
+        assert warned == [f"{path}: decompression OK, {zeros:,} trailing zero bytes ignored "
+                          f"(after the last {'gzip member' if kind == 'gzip' else kind + ' stream'}"
+                          ": padding, not data)"]
+
+
+def test_padding_right_after_a_piece_boundary_is_padding(text: bytes, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A gzip member that ends exactly where a read ends: the zero bytes come with the next read."""
+    member = gzip.compress(text[:20_000], mtime=0)
+    monkeypatch.setattr(files, "_PIECE", len(member))
+    path = tmp_path / "edge.gz"
+    path.write_bytes(member + bytes(100))
+    chunks = _chunks(path)
+    assert _data(chunks) == text[:20_000] and all(c.damage is None for c in chunks)
+    assert [w.split(": ", 1)[1] for w in _reader_warnings(caplog)] == [
+        "decompression OK, 100 trailing zero bytes ignored (after the last gzip member: padding, "
+        "not data)"]
+
+
+def test_a_long_zero_padding_is_not_held_in_memory(text: bytes, tmp_path: Path) -> None:
+    """A preallocated file: 256 MiB of zeros (a sparse file) after a small member are looked at a
+    piece at a time, never held whole."""
+    import tracemalloc
+
+    path = tmp_path / "prealloc.gz"
+    path.write_bytes(gzip.compress(text[:20_000], mtime=0))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size + (256 << 20))
+    tracemalloc.start()
+    try:
+        chunks = _chunks(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert _data(chunks) == text[:20_000] and all(c.damage is None for c in chunks)
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("kind", ["gzip", "bzip2"])
+@pytest.mark.parametrize("tail", [b"\x00" * 300 + b"x" + b"\x00" * 100, b"\x00" * 300 + b"\x01",
+                                  b"\x00\x00\x00\x1f\x8b"])
+def test_zero_bytes_with_any_other_byte_after_them_are_still_damage(
+        kind: str, tail: bytes, text: bytes, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Garbage after the last member may be a damaged next member: one reject, as before, its
+    reason the decompressor's (no padding warning)."""
+    packed = _packed(kind, text, 2)
+    path = tmp_path / f"garbage.{'gz' if kind == 'gzip' else 'bz2'}"
+    path.write_bytes(packed + tail)
+    chunks = _chunks(path, chunk_bytes=1 << 20)
+    assert _data(chunks) == text
+    lost = chunks[-1]
+    assert lost.rest_lost and lost.first_line == text.count(b"\n") + 1
+    why = ("corrupt compressed data (Error -3 while decompressing data: incorrect header check)"
+           if kind == "gzip" else
+           f"corrupt compressed data (the bytes at offset {len(packed):,} are not the start of a "
+           "bzip2 stream)")
+    assert lost.damage == f"{why}: nothing from line {lost.first_line:,} on could be read"
+    assert [w.split(": ", 1)[1] for w in _reader_warnings(caplog)] == [lost.damage]
+
+
+@pytest.mark.parametrize("suffix,kind", [(".gz", "gzip"), (".bz2", "bzip2"), (".xz", "xz")])
+def test_an_empty_compressed_file_is_no_line_and_one_warning(
+        suffix: str, kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A .gz, .bz2 or .xz file of 0 bytes (a failed transfer, a log not written yet; ``gzip -t``:
+    "unexpected end of file") has no record, so no reject, but is not passed over in silence."""
+    path = tmp_path / f"empty.log{suffix}"
+    path.write_bytes(b"")
+    (spec,) = parse_input_spec(str(path))
+    assert list(iter_chunks(spec)) == []
+    assert _reader_warnings(caplog) == [
+        f"{path}: the file is empty (0 bytes) and holds no {kind} data, though it is named "
+        f"{suffix} (a failed transfer, or a file not written yet?)"]
+
+
+def test_an_empty_plain_file_is_read_in_silence(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "empty.log"
+    path.write_bytes(b"")
+    (spec,) = parse_input_spec(str(path))
+    assert list(iter_chunks(spec)) == [] and _reader_warnings(caplog) == []

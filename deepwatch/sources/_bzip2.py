@@ -69,6 +69,9 @@ class Outcome:
     unverified_bytes: int = 0  # text of a damaged block decoded before its damage was found
     unverified: bytes = b""  # its first bytes
     truncated: bool = False  # the file ends inside a stream
+    #: zero bytes after the last stream, every byte to the end of the file (padding, not data:
+    #: the file ended cleanly)
+    padding: int = 0
 
 
 class _Bits:
@@ -145,6 +148,14 @@ class _Bits:
             if not self.more():
                 return False
         return True
+
+    def zeros_from(self, byte: int) -> int | None:
+        """How many bytes there are from offset ``byte`` to the end of the file when all of
+        them are zero bytes, else None. What is not read yet is looked at a piece at a time
+        and not kept: the file's position and the bytes held are as they were."""
+        from ._tail import zeros_to_end
+
+        return zeros_to_end(self.fh, self.buf, byte - self.base, self.on_read)
 
     def bits(self, start: int, stop: int) -> int:
         """Bits [start, stop) as an integer (all of them must have been read)."""
@@ -270,14 +281,16 @@ class _End:
 
 @dataclass
 class _Stop:
-    """Where reading stops: at the end of the file; at a piece that no magic number follows
-    (``last``: a block cut short, or damage); or on damage (``why``) or a cut (``truncated``)
-    found where the blocks are cut out. Said once the blocks before are handed out."""
+    """Where reading stops: at the end of the file (``padding``: after that many zero bytes
+    that follow the last stream); at a piece that no magic number follows (``last``: a block cut
+    short, or damage); or on damage (``why``) or a cut (``truncated``) found where the blocks
+    are cut out. Said once the blocks before are handed out."""
 
     last: int | None = None
     level: int = 9
     why: str | None = None
     truncated: bool = False
+    padding: int = 0
 
 
 class _Reader:
@@ -294,8 +307,8 @@ class _Reader:
         self.stopped = False  # nothing more to cut: a _Stop is queued
 
     def _stop(self, last: int | None = None, why: str | None = None,
-              truncated: bool = False) -> None:
-        self.queue.append(_Stop(last, self.level, why, truncated))
+              truncated: bool = False, padding: int = 0) -> None:
+        self.queue.append(_Stop(last, self.level, why, truncated, padding))
         self.stopped = True
 
     def _cut(self) -> None:
@@ -309,6 +322,10 @@ class _Reader:
                 head = bits.bytes_at(q, q + 4)
                 if not head:  # the end of the file, after a whole stream
                     return self._stop()
+                if q and head[0] == 0:  # after a whole stream: zero bytes to the end are padding
+                    zeros = bits.zeros_from(q)
+                    if zeros is not None:
+                        return self._stop(padding=zeros)
                 if len(head) < 4 or not (head[:3] == b"BZh" and 49 <= head[3] <= 57):
                     if len(head) < 4 and b"BZh"[: len(head)] == head[:3]:
                         return self._stop(truncated=True)
@@ -385,6 +402,7 @@ class _Reader:
                     yield from _last(bits, item.last, item.level, outcome, self.keep)
                 outcome.why = outcome.why or item.why
                 outcome.truncated = outcome.truncated or item.truncated
+                outcome.padding = item.padding
                 return
 
 

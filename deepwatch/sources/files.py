@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 from ..errors import InputError
 from ..formats._base import MAX_RAW, count_newlines
+from ._tail import all_zero, zeros_to_end
 
 CHUNK_BYTES = 8 << 20
 #: The UTF-8 byte order mark some Windows tools write at the start of a text file.
@@ -408,6 +409,9 @@ class _Member:
     error: str | None = None  # why it is damaged (bad header, invalid data, wrong checksum)
     empty: bool = False  # there was no member: the input had ended
     rest: bytes = b""  # compressed bytes read after its end (the next member's start)
+    #: with ``empty``: the zero bytes read after the previous member (xz stream padding, or
+    #: zero bytes that are not a multiple of 4 but run to the end of the file)
+    padding: int = 0
     # none of the above: the file ends inside the member (truncated)
 
 
@@ -479,13 +483,14 @@ def _unpack(kind: Compression, fh: BinaryIO, first: bytes, member: _Member,
     data = first or fh.read(_PIECE)
     if after and kind.name == "xz":  # stream padding: a multiple of 4 NUL bytes
         nuls = 0
-        while data and not data.strip(b"\x00"):
+        while data and all_zero(data):
             nuls += len(data)
             data = fh.read(_PIECE)
         rest = data.lstrip(b"\x00")
         nuls += len(data) - len(rest)
         data = rest
-        if nuls % 4:
+        member.padding = nuls
+        if nuls % 4 and data:  # (all the rest of the file zero bytes: padding, not damage)
             member.error = (f"corrupt compressed data (stream padding of {nuls:,} bytes, not a "
                             "multiple of 4)")
             return
@@ -573,6 +578,12 @@ class VerifiedStream:
         self.hold_bytes = HOLD_BYTES if hold_bytes is None else hold_bytes
         self.kind = compression(kind)
         self.damage: StreamDamage | None = None
+        #: after iteration: the file held no byte at all (no member, not even a header)
+        self.empty = False
+        #: after iteration: zero bytes from the end of the last member (stream) to the end of
+        #: the file, read as padding rather than damage (see :mod:`._tail`); xz's own stream
+        #: padding, a multiple of 4 bytes, is left out: it is part of the format
+        self.padding = 0
         self.on_bytes = on_bytes
         self._counted = 0  # compressed bytes told to on_bytes so far
 
@@ -615,7 +626,10 @@ class VerifiedStream:
 
     def _verified(self, fh: BinaryIO) -> Iterator[bytes]:
         first = fh.read(_PIECE)  # compressed bytes of the next member already read
-        if first and not any(first[: len(m)] == m[: len(first)] for m in self.kind.magic):
+        if not first:
+            self.empty = True
+            return
+        if not any(first[: len(m)] == m[: len(first)] for m in self.kind.magic):
             # the reject keeps the file's first bytes: they show what it is
             self._damage(_not_compressed(self.kind, self.path, first), 0, first[:LOST_BYTES])
             return
@@ -624,6 +638,13 @@ class VerifiedStream:
             return
         after = False  # a member ended just before
         while True:
+            if after and self.kind.name == "gzip":
+                first = first or fh.read(_PIECE)
+                if first[:1] == b"\x00":  # zero bytes to the end of the file are padding
+                    zeros = zeros_to_end(fh, first, on_read=lambda: self._count(fh))
+                    if zeros is not None:
+                        self.padding = zeros
+                        return
             start = fh.tell() - len(first)
             member = _Member()
             output = self._start(fh, first, member, after)
@@ -638,6 +659,7 @@ class VerifiedStream:
                 held.append(out)
             else:  # the whole member was held
                 if member.empty:
+                    self.padding = member.padding if member.padding % 4 else 0
                     return
                 if member.error is not None:
                     self._fail(member.error, size, held)
@@ -682,6 +704,7 @@ class VerifiedStream:
             self._damage(outcome.why, outcome.unverified_bytes, outcome.unverified)
         elif outcome.truncated:
             self._damage(_TRUNCATED)
+        self.padding = outcome.padding
 
     def _fail(self, why: str, size: int, held: list[bytes]) -> None:
         """Damage by a member that fails after ``size`` bytes of output (``held``: its first)."""
@@ -738,6 +761,23 @@ def _damage_reason(damage: StreamDamage, line: int, cut: bytes) -> str:
     return f"{damage.why}: nothing from line {line:,} on could be read"
 
 
+def _notes(spec: InputSpec, kind: str, blocks: VerifiedStream) -> list[str]:
+    """What to warn about a compressed file read to its end without damage that is no reject:
+    a file of no byte at all (``gzip -t`` calls it an unexpected end of file: a failed transfer,
+    or a log not written yet), and zero bytes after its last member or stream (padding)."""
+    notes = []
+    if blocks.empty:
+        suffix = compression(kind).suffix
+        named = f"named {suffix}" if spec.path.endswith(suffix) else f"read as {kind}"
+        notes.append(f"the file is empty (0 bytes) and holds no {kind} data, though it is "
+                     f"{named} (a failed transfer, or a file not written yet?)")
+    if blocks.padding:
+        last = "gzip member" if kind == "gzip" else f"{kind} stream"
+        notes.append(f"decompression OK, {blocks.padding:,} trailing zero bytes ignored (after "
+                     f"the last {last}: padding, not data)")
+    return notes
+
+
 def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
                        on_bytes: Callable[[int], None] | None) -> Iterator[Chunk]:
     """:func:`iter_chunks` of a compressed file (gzip, bzip2 or xz): the lines of its verified
@@ -755,6 +795,8 @@ def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
         raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
     damage = blocks.damage
     if damage is None:
+        for note in _notes(spec, kind, blocks):
+            log.warning("%s: %s", spec.display, note)
         last = lines.finish()
         if last is not None:
             yield last
