@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import bz2
-import os
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -35,11 +34,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .._cpus import usable_cores
+
 BLOCK_MAGIC = 0x314159265359
 END_MAGIC = 0x177245385090
 _MASK48 = (1 << 48) - 1
 #: threads that decompress blocks, and how many blocks are decompressed or held at once
-THREADS = max(1, min(4, os.cpu_count() or 1))
+THREADS = min(4, usable_cores())  # the CPU affinity and any cgroup quota, not the host's cores
 _AHEAD = THREADS + 1
 
 
