@@ -9,14 +9,17 @@ fetches are checked against that.
 
 A file is looked for, in order, under ``$DEEPWATCH_DATA`` and in the cache
 (``$DEEPWATCH_CACHE``, else ``$XDG_CACHE_HOME/deepwatch``, else ``~/.cache/deepwatch``), in
-``<dir>/<group>/<file>`` or ``<dir>/<file>``, as ``<file>.gz`` or plain.
+``<dir>/<group>/<file>`` or ``<dir>/<file>``, as ``<file>.gz``, plain, ``<file>.bz2`` or
+``<file>.xz``.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -29,6 +32,12 @@ from typing import IO, Any, cast
 from .errors import DataError, InputError, UsageError
 
 _GZIP_MAGIC = b"\x1f\x8b"
+#: The compressed copies a data set may be kept as: suffix, first bytes, opener.
+_COMPRESSED: tuple[tuple[str, bytes, Any], ...] = (
+    (".gz", _GZIP_MAGIC, gzip.open),
+    (".bz2", b"BZh", bz2.open),
+    (".xz", b"\xfd7zXZ\x00", lzma.open),
+)
 _BLOCK = 1 << 20
 _UCI = "http://kdd.ics.uci.edu/databases/kddcup99/"
 #: UNB distributes NSL-KDD behind a form; this public GitHub copy is the usual direct download.
@@ -52,8 +61,10 @@ class Dataset:
     sha256: str | None
     home: str = ""
 
-    def candidates(self) -> tuple[str, str]:
-        return (self.text_name + ".gz", self.text_name)
+    def candidates(self) -> tuple[str, ...]:
+        """The names a copy may have, in the order they are looked for."""
+        return (self.text_name + ".gz", self.text_name, self.text_name + ".bz2",
+                self.text_name + ".xz")
 
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
@@ -113,7 +124,9 @@ def get(name: str) -> Dataset:
     """The data set called ``name`` (its registry name or its file's name)."""
     if name in DATASETS:
         return DATASETS[name]
-    bare = name.removesuffix(".gz")
+    bare = name
+    for suffix, _magic, _opener in _COMPRESSED:
+        bare = bare.removesuffix(suffix)
     for ds in DATASETS.values():
         if bare in (ds.text_name, ds.text_name.removesuffix(".txt")):
             return ds
@@ -164,16 +177,23 @@ class Digest:
     records: int
 
 
-def _open_text(p: Path) -> IO[bytes]:
+def _compression(p: Path) -> str:
+    """The suffix of the compression ``p`` holds, told by its first bytes ("" for plain text)."""
     with open(p, "rb") as f:
-        magic = f.read(2)
-    if magic == _GZIP_MAGIC:
-        return cast(IO[bytes], gzip.open(p, "rb"))
+        head = f.read(6)
+    return next((suffix for suffix, magic, _ in _COMPRESSED if head.startswith(magic)), "")
+
+
+def _open_text(p: Path) -> IO[bytes]:
+    kind = _compression(p)
+    for suffix, _magic, opener in _COMPRESSED:
+        if suffix == kind:
+            return cast(IO[bytes], opener(p, "rb"))
     return open(p, "rb")  # noqa: SIM115 - the caller closes it
 
 
 def digest(p: Path) -> Digest:
-    """sha256, size and line count of the text in ``p`` (gzipped or plain)."""
+    """sha256, size and line count of the text in ``p`` (plain, or gzip, bzip2 or xz)."""
     h = hashlib.sha256()
     size = lines = 0
     last = b""
@@ -184,7 +204,7 @@ def digest(p: Path) -> Digest:
                 size += len(block)
                 lines += block.count(b"\n")
                 last = block[-1:]
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError) as exc:
         raise DataError(f"cannot read {p}: {exc}") from None
     if size and last != b"\n":
         lines += 1
@@ -262,19 +282,18 @@ def _record(ds: Dataset, got: Digest, source: str) -> None:
 def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
     """Verify ``src`` and put it into the cache under its proper name; returns the new path."""
     got = verify(ds, src)
-    with open(src, "rb") as f:
-        gz = f.read(2) == _GZIP_MAGIC
     dest_dir = cache_dir() / "datasets" / ds.group
     dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / ds.candidates()[0 if gz else 1]
-    other = dest_dir / ds.candidates()[1 if gz else 0]
+    dest = dest_dir / (ds.text_name + _compression(src))
     tmp = dest_dir / f".{dest.name}.part"
     if move:
         os.replace(src, tmp)
     else:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
-    other.unlink(missing_ok=True)  # one copy per data set
+    for name in ds.candidates():  # one copy per data set
+        if name != dest.name:
+            (dest_dir / name).unlink(missing_ok=True)
     _record(ds, got, source)
     return dest
 
@@ -345,7 +364,7 @@ def _fetch_one(ds: Dataset, from_dir: str | None, progress: bool) -> Path:
         src = _look_in(ds, root)
         if src is None:
             raise InputError(f"no copy of {ds.name} in {from_dir} (looked for "
-                            f"{' or '.join(ds.candidates())}, also under {ds.group}/)")
+                            f"{', '.join(ds.candidates())}, also under {ds.group}/)")
         return _store(ds, src, str(src.resolve()), move=False)
     here = find(ds.name)
     if here is not None:

@@ -98,6 +98,40 @@ def test_fetch_accepts_a_plain_copy(nsl_test_gz: Path, tmp_path: Path, isolated:
     assert datasets.digest(dest).sha256 == datasets.get("nslkdd-test").sha256
 
 
+@pytest.mark.parametrize("suffix,compress", [(".bz2", "bz2"), (".xz", "lzma")])
+def test_fetch_accepts_bzip2_and_xz_copies(suffix: str, compress: str, nsl_test_gz: Path,
+                                           tmp_path: Path, isolated: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The registry's checksums are of the text, so a copy recompressed with bzip2 or xz checks
+    out as the original does; it is kept as it came, found again, and replaces an older copy."""
+    import importlib
+
+    text = gzip.decompress(nsl_test_gz.read_bytes())
+    packed = importlib.import_module(compress).compress(text)
+    cached = isolated / "datasets" / "nslkdd"
+    cached.mkdir(parents=True)
+    shutil.copy(nsl_test_gz, cached / "KDDTest+.txt.gz")  # an older copy in the cache
+    src = tmp_path / "recompressed"
+    src.mkdir()
+    (src / f"KDDTest+.txt{suffix}").write_bytes(packed)
+    assert main(["datasets", "fetch", "nslkdd-test", "--from", str(src)]) == 0
+    dest = cached / f"KDDTest+.txt{suffix}"
+    assert capsys.readouterr().out.strip() == str(dest)
+    assert dest.read_bytes() == packed
+    assert sorted(p.name for p in cached.iterdir()) == [dest.name]  # one copy per data set
+    assert datasets.path("nslkdd-test") == dest
+    assert datasets.digest(dest).sha256 == datasets.get("nslkdd-test").sha256
+    assert datasets.get(f"KDDTest+.txt{suffix}").name == "nslkdd-test"
+    # a damaged copy is refused in one line, and the good one stays
+    bad = tmp_path / "damaged"
+    bad.mkdir()
+    (bad / f"KDDTest+.txt{suffix}").write_bytes(packed[: len(packed) // 2])
+    assert main(["datasets", "fetch", "nslkdd-test", "--from", str(bad)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert dest.read_bytes() == packed
+
+
 def test_tampered_copy_is_refused(nsl_test_gz: Path, tmp_path: Path, isolated: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     text = gzip.decompress(nsl_test_gz.read_bytes())
