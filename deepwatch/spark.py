@@ -17,7 +17,9 @@ score them with ``Detector.score_batch`` (the bundle loaded and verified once pe
 its path). So a record gets the same verdict as with the local engine. Scored records and
 rejects travel together, keyed by (file, line); Spark writes them to a staging directory beside
 ``--out`` and the driver streams them, in input order, into the one output file the contract
-asks for.
+asks for. The executors log nothing: the warning about a damaged input travels on its reject,
+and whatever else the reader logs about an input (zero padding after its last gzip member, an
+empty .bz2) on rows of their own, so that the driver logs each, once, as the local engine does.
 
 With a cluster (``--master`` other than ``local[...]``), the bundle, the inputs and the directory of
 ``--out`` must be at the same paths on every executor (a shared filesystem), and the executors
@@ -66,17 +68,25 @@ from .sources.files import log as reader_log
 
 #: Columns that travel with every row between the executors and the driver. ``_warning``: on
 #: the reject standing for the unreadable rest of a damaged input, the warning to log about it;
-#: ``_damaged``: true on a reject that stands for text not read as a line (no --format hint).
+#: ``_damaged``: true on a reject that stands for text not read as a line (no --format hint);
+#: ``_level``: set on a row that is no line and no reject but a message of the reader about
+#: its file (in ``_warning``), to be logged at that level (see LINES' ``note``).
 HELPERS = pa.schema([pa.field("_file", pa.int32()), pa.field("_line", pa.int64()),
                      pa.field("_raw", pa.string()), pa.field("_reason", pa.string()),
-                     pa.field("_warning", pa.string()), pa.field("_damaged", pa.bool_())])
+                     pa.field("_warning", pa.string()), pa.field("_damaged", pa.bool_()),
+                     pa.field("_level", pa.int32())])
 #: Every line of every input, numbered from 1 per file. ``damage``: set on a row that stands
 #: for text that could not be read as a line (see ``Chunk.damage``; ``text`` then holds the
 #: beginning of what could not be trusted, cut as the local engine cuts it, and ``reason`` its
-#: reject's reason), and ``rest_lost`` on the one for the rest of a damaged input.
+#: reject's reason), and ``rest_lost`` on the one for the rest of a damaged input. ``note`` and
+#: ``level``: set on a row that is no line but a message the reader logged about the file while
+#: it read it, which is no reject (zero padding after the last gzip member, an empty .bz2): the
+#: text after the file's name, and its logging level. Its ``line`` is the one after the last
+#: line of what the task read, so that it reaches the driver in input order.
 LINES = pa.schema([pa.field("file", pa.int32()), pa.field("line", pa.int64()),
                    pa.field("text", pa.string()), pa.field("damage", pa.string()),
-                   pa.field("rest_lost", pa.bool_()), pa.field("reason", pa.string())])
+                   pa.field("rest_lost", pa.bool_()), pa.field("reason", pa.string()),
+                   pa.field("note", pa.string()), pa.field("level", pa.int32())])
 #: What one reading task reads: a whole compressed file (``compression``: "gzip", "bzip2" or
 #: "xz", as the driver found it), or the lines of a plain file (``compression`` null) that start
 #: in bytes [start, end) of its ``size`` bytes, numbered from ``first_line``.
@@ -210,10 +220,14 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
         lines = to_numpy(batch.column("line")).astype(np.int64, copy=False)
         text = batch.column("text")
         refused = _refused(batch)
+        noted = _noted(batch)
         cut = np.flatnonzero((np.diff(files) != 0) | (np.diff(lines) != 1)
-                             | (refused[1:] != refused[:-1])) + 1
+                             | (refused[1:] != refused[:-1]) | (noted[1:] != noted[:-1])) + 1
         for a, b in zip(np.r_[0, cut], np.r_[cut, n], strict=True):
             f = int(files[a])
+            if noted[a]:
+                yield _noted_run(batch.slice(a, b - a), union)
+                continue
             if refused[a]:
                 yield _refused_run(batch.slice(a, b - a), union)
                 continue
@@ -225,6 +239,19 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
 def _refused(batch: pa.RecordBatch) -> np.ndarray:
     """Which rows are no line to parse: damage, or an over-long line (see LINES)."""
     return to_numpy(batch.column("damage").is_valid()).astype(bool, copy=False)
+
+
+def _noted(batch: pa.RecordBatch) -> np.ndarray:
+    """Which rows are no line but a message of the reader about their file (see LINES)."""
+    return to_numpy(batch.column("level").is_valid()).astype(bool, copy=False)
+
+
+def _noted_run(rows: pa.RecordBatch, union: pa.Schema) -> pa.RecordBatch:
+    """The reader's messages of a run of rows that are messages (see _noted), for the driver to
+    log (see _warn): no record, no reject."""
+    table = pa.table({"_file": rows.column("file"), "_line": rows.column("line"),
+                      "_warning": rows.column("note"), "_level": rows.column("level")})
+    return _conform(table, union)
 
 
 def _refused_run(rows: pa.RecordBatch, union: pa.Schema) -> pa.RecordBatch:
@@ -244,18 +271,31 @@ def read_partition(batches: Iterator[pa.RecordBatch], block_bytes: int = CHUNK_B
                    ) -> Iterator[pa.RecordBatch]:
     """The ``mapInArrow`` function reading the inputs: PIECES rows in, LINES out, read by the
     local engine's reader (a compressed file's checksums verified; damage and over-long lines as
-    rows with ``damage`` set), ``block_bytes`` at a time. It logs nothing: the driver warns about
-    each damage, once."""
-    with _unlogged():
+    rows with ``damage`` set), ``block_bytes`` at a time. It logs nothing: what the reader logs
+    about a piece's file is kept and, once the piece is read, handed on as rows with ``note``
+    set (see LINES), for the driver to log (see _warn), except the warning about a damage, which
+    its reject's row carries already. So each message reaches the driver once, from the rows
+    that are written, however often Spark reads an input (sampling, retries)."""
+    with _kept() as logged:
         for batch in batches:
             for piece in batch.to_pylist():
                 spec = InputSpec(piece["path"], magic=piece["compression"])
                 chunks = (iter_chunks(spec, block_bytes) if piece["compression"] else
                           range_chunks(spec, piece["start"], piece["end"], piece["size"],
                                        piece["first_line"], block_bytes))
+                logged.clear()
+                damages: set[str] = set()  # the warnings their rejects carry
+                after = int(piece["first_line"])  # the line after the last one handed out
                 for chunk in chunks:
                     if chunk.data or chunk.damage is not None:
-                        yield _chunk_lines(chunk, piece["file"])
+                        rows = _chunk_lines(chunk, piece["file"])
+                        after = int(rows.column("line")[-1].as_py()) + 1
+                        if chunk.damage is not None:
+                            damages.add(f"{spec.display}: {chunk.damage}")
+                        yield rows
+                notes = [r for r in logged if r.getMessage() not in damages]
+                if notes:
+                    yield _note_lines(notes, spec, piece["file"], after)
 
 
 def range_chunks(spec: InputSpec, start: int, end: int, size: int, first_line: int,
@@ -337,8 +377,8 @@ def _chunk_lines(chunk: Chunk, file_no: int) -> pa.RecordBatch:
         text, reason = cut_lost(chunk.lost, chunk.damage)
         return pa.RecordBatch.from_pydict(
             {"file": [file_no], "line": [chunk.first_line], "text": [text],
-             "damage": [chunk.damage], "rest_lost": [chunk.rest_lost], "reason": [reason]},
-            schema=LINES)
+             "damage": [chunk.damage], "rest_lost": [chunk.rest_lost], "reason": [reason],
+             "note": [None], "level": [None]}, schema=LINES)
     text = chunk.data.decode("utf-8", errors="replace")
     if text.endswith("\n"):
         text = text[:-1]
@@ -347,8 +387,40 @@ def _chunk_lines(chunk: Chunk, file_no: int) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(
         [pa.array(np.full(n, file_no, np.int32)),
          pa.array(np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64)),
-         split, pa.nulls(n, pa.string()), pa.nulls(n, pa.bool_()), pa.nulls(n, pa.string())],
+         split, pa.nulls(n, pa.string()), pa.nulls(n, pa.bool_()), pa.nulls(n, pa.string()),
+         pa.nulls(n, pa.string()), pa.nulls(n, pa.int32())],
         schema=LINES)
+
+
+def _note_lines(records: Sequence[logging.LogRecord], spec: InputSpec, file_no: int,
+                line: int) -> pa.RecordBatch:
+    """The LINES rows carrying what the reader logged about ``spec`` (see LINES' ``note``),
+    numbered from ``line``. The reader names the file first ("<path>: ..."): the executor's
+    path is left out, for the driver to put the name the user gave in front. (A message that
+    does not start so is carried whole, and gets the name in front as well.)"""
+    head = f"{spec.display}: "
+    notes = [m[len(head):] if m.startswith(head) else m for m in (r.getMessage() for r in records)]
+    n = len(notes)
+    return pa.RecordBatch.from_pydict(
+        {"file": [file_no] * n, "line": list(range(line, line + n)), "text": [None] * n,
+         "damage": [None] * n, "rest_lost": [None] * n, "reason": [None] * n, "note": notes,
+         "level": [r.levelno for r in records]}, schema=LINES)
+
+
+@contextlib.contextmanager
+def _kept() -> Iterator[list[logging.LogRecord]]:
+    """What the reader logs, kept in a list rather than logged (the executors log nothing)."""
+    kept: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        kept.append(record)
+        return False
+
+    reader_log.addFilter(keep)
+    try:
+        yield kept
+    finally:
+        reader_log.removeFilter(keep)
 
 
 @contextlib.contextmanager
@@ -508,19 +580,24 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
     names = [s.display for s in specs]
     for _key, part in sorted(keyed):
         for batch in pq.ParquetFile(part).iter_batches(batch_size=65_536):
-            files = to_numpy(batch.column("_file")).astype(np.int64)
-            lines = to_numpy(batch.column("_line")).astype(np.int64, copy=False)
-            order_ok = ((int(files[0]), int(lines[0])) > last and
-                        bool(np.all((np.diff(files) > 0) | ((np.diff(files) == 0)
-                                                            & (np.diff(lines) > 0)))))
-            if not order_ok:
-                raise SparkError("Spark returned records out of input order; please report")
-            last = (int(files[-1]), int(lines[-1]))
+            every = to_numpy(batch.column("_file")).astype(np.int64)
+            # the reader's messages (see LINES' note) are no line: they are logged, not counted,
+            # and one may share its key with the first line of the next piece of a plain file
+            line = ~to_numpy(batch.column("_level").is_valid()).astype(bool)
+            files = every[line]
+            lines = to_numpy(batch.column("_line")).astype(np.int64)[line]
+            if len(files):
+                order_ok = ((int(files[0]), int(lines[0])) > last and
+                            bool(np.all((np.diff(files) > 0) | ((np.diff(files) == 0)
+                                                                & (np.diff(lines) > 0)))))
+                if not order_ok:
+                    raise SparkError("Spark returned records out of input order; please report")
+                last = (int(files[-1]), int(lines[-1]))
             bad = to_numpy(pc.is_valid(batch.column("_reason")))
             damaged = to_numpy(batch.column("_damaged").fill_null(False)).astype(bool)
             _warn(batch, names)
             for f in np.unique(files).tolist():
-                mine = files == f
+                mine = (every == f) & line
                 stats.add(names[f], int(mine.sum()), int((mine & bad).sum()),
                           int((mine & damaged).sum()))
             if bad.any():
@@ -530,7 +607,7 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
                     "reason": rej.column("_reason"),
                     "source": pa.array(names, pa.string()).take(rej.column("_file")),
                 }))
-            records = _conform(batch.filter(pa.array(~bad)), scored)
+            records = _conform(batch.filter(pa.array(line & ~bad)), scored)
             malicious = pc.equal(records.column("verdict"), "malicious")
             alerts += int(pc.sum(malicious).as_py() or 0)
             if alerts_only:
@@ -541,11 +618,14 @@ def _merge(staging: Path, specs: Sequence[InputSpec], scored: pa.Schema, sink: R
 
 
 def _warn(batch: pa.RecordBatch, names: Sequence[str]) -> None:
-    """Log the warning each damaged input's reject carries, as the local engine's reader does."""
+    """Log the warning each damaged input's reject carries, and what else the reader said about
+    an input on an executor (zero padding after the last gzip member, an empty .bz2: see LINES'
+    ``note``), as the local engine's reader does: the same logger, level and text."""
     warned = batch.filter(pc.is_valid(batch.column("_warning")))
-    for f, why in zip(warned.column("_file").to_pylist(), warned.column("_warning").to_pylist(),
-                      strict=True):
-        reader_log.warning("%s: %s", names[f], why)
+    for f, why, level in zip(warned.column("_file").to_pylist(),
+                             warned.column("_warning").to_pylist(),
+                             warned.column("_level").to_pylist(), strict=True):
+        reader_log.log(logging.WARNING if level is None else level, "%s: %s", names[f], why)
 
 
 def score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,

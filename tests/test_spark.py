@@ -198,6 +198,57 @@ def test_a_damaged_gz_is_scored_up_to_the_damage_and_counted_as_the_local_engine
 
 
 @pytest.mark.slow
+def test_warnings_about_zero_padding_and_empty_files_reach_the_driver_once_each(
+        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Zero padding after the last gzip member and a .bz2 of 0 bytes are no reject, but the
+    reader warns of them: read on an executor, its warnings are logged by the driver, with the
+    names given on the command line, once each and in input order with a damaged file's warning,
+    as the local engine logs them (they were lost); rows, rejects and counts are the local
+    engine's."""
+    from deepwatch.cli import main
+
+    lines = small_kdd_test.read_bytes().splitlines(keepends=True)
+    padded = tmp_path / "padded.csv.gz"
+    padded.write_bytes(gzip.compress(b"".join(lines[:1500]))
+                       + gzip.compress(b"".join(lines[1500:2000])) + bytes(4096))
+    whole = gzip.compress(b"".join(lines[2000:4000]))
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    empty = tmp_path / "empty.csv.bz2"
+    empty.write_bytes(b"")
+    inputs = [str(padded), str(cut), str(empty)]
+
+    def run(engine: str) -> tuple[list[dict], list[dict], str, list[str]]:
+        out, rej = tmp_path / f"{engine}.jsonl", tmp_path / f"{engine}-rejects.jsonl"
+        capfd.readouterr()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepwatch.sources.files"):
+            assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                         "--rejects", str(rej), "--engine", engine, *inputs]) == 0
+        warned = [r.getMessage() for r in caplog.records
+                  if r.name == "deepwatch.sources.files" and r.levelno == logging.WARNING]
+        return _rejects(out), _rejects(rej), capfd.readouterr().err, warned
+
+    rows, rejects, err, warned = run("spark")
+    local_rows, local_rejects, local_err, local_warned = run("local")
+    salvaged = _decodable_lines(whole[: len(whole) // 2])
+    assert len(rows) == len(local_rows) == 2000 + salvaged
+    assert [r["src_bytes"] for r in rows] == [r["src_bytes"] for r in local_rows]
+    assert rejects == local_rejects and [(r["source"], r["line"]) for r in rejects] == [
+        (str(cut), salvaged + 1)]
+    summary = f"{len(rows) + 1:,} lines read: {len(rows):,} parsed, 1 rejected"
+    assert summary in err and summary in local_err
+    assert warned == local_warned == [
+        f"{padded}: decompression OK, 4,096 trailing zero bytes ignored (after the last gzip "
+        "member: padding, not data)",
+        f"{cut}: {rejects[0]['reason']}",
+        f"{empty}: the file is empty (0 bytes) and holds no bzip2 data, though it is named "
+        ".bz2 (a failed transfer, or a file not written yet?)"]
+    assert "Exception" not in err
+
+
+@pytest.mark.slow
 def test_zeek_headers_reach_every_partition(spark: object, tmp_path: Path) -> None:
     """A .gz conn.log is one Hadoop split, spread over the cores in line ranges: the ranges
     after the first must still read the fields in the order of the file's #fields header."""
