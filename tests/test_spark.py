@@ -57,6 +57,23 @@ def inputs(small_kdd_test: Path, tmp_path_factory: pytest.TempPathFactory) -> li
     return [str(plain), str(packed)]
 
 
+def _score_cli(bundle: Path, inputs: list[str], engine: str, tmp_path: Path,
+               capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+               ) -> tuple[list[dict], list[dict], str, list[str]]:
+    """``deepwatch score`` of ``inputs`` on ``engine`` (JSONL out, rejects kept): the rows, the
+    rejects, stderr, and what the input reader warned of."""
+    from deepwatch.cli import main
+
+    out, rej = tmp_path / f"{engine}.jsonl", tmp_path / f"{engine}-rejects.jsonl"
+    capfd.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepwatch.sources.files"):
+        assert main(["score", str(bundle), "--format", "kdd", "--out", str(out),
+                     "--rejects", str(rej), "--engine", engine, *inputs]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "deepwatch.sources.files"]
+    return _rejects(out), _rejects(rej), capfd.readouterr().err, warned
+
+
 def _rejects(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
@@ -144,7 +161,6 @@ def test_a_damaged_gz_is_scored_up_to_the_damage_and_counted_as_the_local_engine
     output); every line before the damage is scored, the damage is one counted reject with the
     file and the reason, the files after it are scored, and rows, rejects and counts are the
     local engine's."""
-    from deepwatch.cli import main
 
     text = small_kdd_test.read_bytes()
     lines = text.splitlines(keepends=True)
@@ -160,18 +176,9 @@ def test_a_damaged_gz_is_scored_up_to_the_damage_and_counted_as_the_local_engine
                      + b"".join(lines[5:10]))
     inputs = [str(cut), str(crc), str(long)]
 
-    def run(engine: str) -> tuple[list[dict], list[dict], str, list[str]]:
-        out, rej = tmp_path / f"{engine}.jsonl", tmp_path / f"{engine}-rejects.jsonl"
-        capfd.readouterr()
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="deepwatch.sources.files"):
-            assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
-                         "--rejects", str(rej), "--engine", engine, *inputs]) == 0
-        warned = [r.getMessage() for r in caplog.records if r.name == "deepwatch.sources.files"]
-        return _rejects(out), _rejects(rej), capfd.readouterr().err, warned
-
-    rows, rejects, err, warned = run("spark")
-    local_rows, local_rejects, local_err, local_warned = run("local")
+    rows, rejects, err, warned = _score_cli(kdd_bundle, inputs, "spark", tmp_path, capfd, caplog)
+    local_rows, local_rejects, local_err, local_warned = _score_cli(
+        kdd_bundle, inputs, "local", tmp_path, capfd, caplog)
     salvaged = _decodable_lines(whole[: len(whole) // 2])
     assert 1000 < salvaged < len(lines)  # the test is about real salvage
     assert len(rows) == salvaged + 3000 + 10
@@ -206,7 +213,6 @@ def test_warnings_about_zero_padding_and_empty_files_reach_the_driver_once_each(
     names given on the command line, once each and in input order with a damaged file's warning,
     as the local engine logs them (they were lost); rows, rejects and counts are the local
     engine's."""
-    from deepwatch.cli import main
 
     lines = small_kdd_test.read_bytes().splitlines(keepends=True)
     padded = tmp_path / "padded.csv.gz"
@@ -219,19 +225,9 @@ def test_warnings_about_zero_padding_and_empty_files_reach_the_driver_once_each(
     empty.write_bytes(b"")
     inputs = [str(padded), str(cut), str(empty)]
 
-    def run(engine: str) -> tuple[list[dict], list[dict], str, list[str]]:
-        out, rej = tmp_path / f"{engine}.jsonl", tmp_path / f"{engine}-rejects.jsonl"
-        capfd.readouterr()
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="deepwatch.sources.files"):
-            assert main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
-                         "--rejects", str(rej), "--engine", engine, *inputs]) == 0
-        warned = [r.getMessage() for r in caplog.records
-                  if r.name == "deepwatch.sources.files" and r.levelno == logging.WARNING]
-        return _rejects(out), _rejects(rej), capfd.readouterr().err, warned
-
-    rows, rejects, err, warned = run("spark")
-    local_rows, local_rejects, local_err, local_warned = run("local")
+    rows, rejects, err, warned = _score_cli(kdd_bundle, inputs, "spark", tmp_path, capfd, caplog)
+    local_rows, local_rejects, local_err, local_warned = _score_cli(
+        kdd_bundle, inputs, "local", tmp_path, capfd, caplog)
     salvaged = _decodable_lines(whole[: len(whole) // 2])
     assert len(rows) == len(local_rows) == 2000 + salvaged
     assert [r["src_bytes"] for r in rows] == [r["src_bytes"] for r in local_rows]
