@@ -296,6 +296,14 @@ def serve(
     forwarded_allow_ips: Annotated[str | None, typer.Option(
         help="Comma-separated addresses or networks of reverse proxies trusted to name the "
              "client in X-Forwarded-For (default: none, the header is ignored)")] = None,
+    tls_cert: Annotated[str | None, typer.Option(
+        "--tls-cert", help="Serve HTTPS with this certificate (PEM, the chain after it); "
+                           "needs --tls-key")] = None,
+    tls_key: Annotated[str | None, typer.Option(
+        "--tls-key", help="The certificate's private key (PEM); needs --tls-cert")] = None,
+    tls_key_password_file: Annotated[str | None, typer.Option(
+        "--tls-key-password-file",
+        help="File whose first line is the password of an encrypted --tls-key")] = None,
 ) -> None:
     """Serve the REST API, dashboard and metrics."""
     from .serve._service import Limits
@@ -306,7 +314,9 @@ def serve(
                     max_client_uploads=max_client_uploads, upload_wait_seconds=upload_wait)
     run_server(bundle, host=host, port=port, api_key_file=api_key_file, workers=workers,
                engine=backend, limits=limits,
-               forwarded_allow_ips=[forwarded_allow_ips] if forwarded_allow_ips else [])
+               forwarded_allow_ips=[forwarded_allow_ips] if forwarded_allow_ips else [],
+               tls_cert=tls_cert, tls_key=tls_key,
+               tls_key_password_file=tls_key_password_file)
 
 
 @app.command()

@@ -173,7 +173,10 @@ def _last_words(group: WorkerGroup, stats: Any, pid: int) -> None:
 def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, port: int,
                 key_file: str | None, engine: str, limits: Limits,
                 uvicorn_options: dict[str, Any]) -> None:
-    """Serve with ``workers`` processes until SIGINT/SIGTERM; SIGHUP reloads them all."""
+    """Serve with ``workers`` processes until SIGINT/SIGTERM; SIGHUP reloads them all.
+
+    ``uvicorn_options`` reach every worker in uvicorn's ``Config`` (TLS included: each worker
+    loads the certificate and key the parent checked)."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess

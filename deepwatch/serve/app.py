@@ -4,7 +4,8 @@
 ``GET /healthz``, ``GET /metrics`` (Prometheus), ``GET /`` (the live dashboard, polling
 ``GET /v1/stats``), ``GET /docs``; ``POST /v1/reload`` and SIGHUP load a new bundle without
 dropping a request. With an API key every endpoint but ``/healthz`` needs
-``Authorization: Bearer <key>``.
+``Authorization: Bearer <key>``. With ``--tls-cert``/``--tls-key`` it all goes over HTTPS (see
+:func:`tls_options`); listening beyond loopback without them is warned about.
 
 Browsers: POST bodies must be ``application/json`` (which a cross-site page cannot send without
 a CORS preflight, and none is granted), a request that reached the server over loopback must
@@ -29,6 +30,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Iterable
@@ -542,18 +544,124 @@ else:
     HttpProtocol = GuardedHttpTools
 
 
-def uvicorn_options(forwarded_allow_ips: Iterable[str] = ()) -> dict[str, Any]:
+def uvicorn_options(forwarded_allow_ips: Iterable[str] = (),
+                    tls: dict[str, Any] | None = None) -> dict[str, Any]:
     """The uvicorn settings of ``deepwatch serve`` (one process or each worker).
 
     ``forwarded_allow_ips``: addresses or networks of reverse proxies whose ``X-Forwarded-For``
     names the client (the address the per-client cap counts by); none by default, where
     uvicorn would trust the header from 127.0.0.1, so any local program could pick its own
-    address.
+    address. ``tls``: uvicorn's ``ssl_*`` settings, from :func:`tls_options` (none: plain
+    HTTP).
     """
     proxies = [p.strip() for p in forwarded_allow_ips if p.strip()]
     return {"log_level": "warning", "access_log": False, "server_header": False,
             "timeout_graceful_shutdown": 10, "http": HttpProtocol,
-            "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
+            "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None,
+            **(tls or {})}
+
+
+class _NoPassword(Exception):
+    """An encrypted key and no password file: raised by the password callback instead of
+    OpenSSL asking for the password on the terminal."""
+
+
+def _read_tls_file(path: str, option: str) -> bytes:
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{option} file {p} does not exist") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {option} file {p}: {exc.strerror or exc}") from None
+
+
+def _read_key_password(path: str) -> str:
+    """The first line of the file, as ``openssl -passin file:`` reads it (never echoed)."""
+    first = _read_tls_file(path, "--tls-key-password-file").split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        password = first.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--tls-key-password-file {path} is not UTF-8 text") from None
+    if not password:
+        raise UsageError(f"--tls-key-password-file {path} is empty (its first line is the "
+                         f"password)")
+    return password
+
+
+def tls_options(cert: str | None, key: str | None,
+                password_file: str | None = None) -> dict[str, Any]:
+    """uvicorn's ``ssl_*`` settings for ``serve --tls-cert/--tls-key`` ({} for neither),
+    checked here the way uvicorn will load them, so that a file missing or unreadable, one that
+    is not PEM, an encrypted key without its password (or with a wrong one) or a key that is
+    not the certificate's is one error line before anything starts, not a traceback from the
+    server or from each worker (or OpenSSL asking for the password on the terminal)."""
+    if cert is None and key is None:
+        if password_file is not None:
+            raise UsageError("--tls-key-password-file goes with --tls-cert and --tls-key")
+        return {}
+    if cert is None or key is None:
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key",
+                                                                        "--tls-cert")
+        raise UsageError(f"{given} needs {missing}: give both (the certificate and its private "
+                         f"key, PEM files), or neither")
+    password = _read_key_password(password_file) if password_file is not None else None
+    cert_pem = _read_tls_file(cert, "--tls-cert")
+    key_pem = _read_tls_file(key, "--tls-key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if b"CERTIFICATE-----" not in cert_pem:
+        raise UsageError(f"--tls-cert {cert} holds no PEM certificate (-----BEGIN "
+                         f"CERTIFICATE-----)")
+    try:
+        context.load_verify_locations(cafile=cert)  # parses the certificates alone
+    except ssl.SSLError as exc:
+        raise UsageError(f"--tls-cert {cert}: the certificate cannot be read "
+                         f"({exc.reason or exc})") from None
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise UsageError(f"--tls-key {key} holds no PEM private key (-----BEGIN PRIVATE "
+                         f"KEY-----)")
+    encrypted = b"ENCRYPTED" in key_pem
+
+    def ask() -> str:
+        if password is None:
+            raise _NoPassword
+        return password
+
+    try:
+        context.load_cert_chain(cert, key, ask)
+    except _NoPassword:
+        raise UsageError(f"--tls-key {key} is encrypted: give its password (the first line of "
+                         f"a file) with --tls-key-password-file") from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise UsageError(f"--tls-key {key} is not the private key of the certificate in "
+                             f"--tls-cert {cert}") from None
+        if encrypted and password is not None:
+            raise UsageError(f"--tls-key {key} cannot be decrypted with the password in "
+                             f"--tls-key-password-file {password_file} (or it is damaged)"
+                             ) from None
+        raise UsageError(f"--tls-key {key}: the private key cannot be read with the "
+                         f"certificate in {cert} ({exc.reason or exc})") from None
+    options: dict[str, Any] = {"ssl_certfile": str(Path(cert).resolve()),
+                               "ssl_keyfile": str(Path(key).resolve())}
+    if password is not None:  # (uvicorn passes it to OpenSSL only; it is never logged)
+        options["ssl_keyfile_password"] = password
+    return options
+
+
+def cleartext_warning(address: str, tls: bool, proxied: bool = False) -> str | None:
+    """The warning for a service listening on ``address`` (the bound address, or a host name)
+    without TLS beyond loopback; None where there is nothing to say."""
+    name = address.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if tls or _is_loopback_name(name.rstrip(".")):
+        return None
+    hop = (" (with --forwarded-allow-ips: the hop from a proxy on another host to here is "
+           "in clear text too)" if proxied else "")
+    return (f"listening on {address} without TLS: API keys and records cross the network in "
+            f"clear text, and a key seen on the way can be replayed{hop}; give --tls-cert and "
+            f"--tls-key, or listen on loopback behind a TLS-terminating reverse proxy")
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -579,11 +687,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
 def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
                api_key_file: str | None = None, *, engine: str = "auto",
                limits: Limits | None = None, workers: int = 1,
-               forwarded_allow_ips: Iterable[str] = ()) -> None:
+               forwarded_allow_ips: Iterable[str] = (), tls_cert: str | None = None,
+               tls_key: str | None = None, tls_key_password_file: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM (in-flight requests finish first).
 
     ``forwarded_allow_ips``: reverse proxies trusted to name the client (see
-    :func:`uvicorn_options`)."""
+    :func:`uvicorn_options`). ``tls_cert``, ``tls_key`` (PEM files, both or neither) and
+    ``tls_key_password_file``: serve HTTPS (see :func:`tls_options`)."""
     import uvicorn
 
     if not 0 <= port <= 65535:
@@ -594,6 +704,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     _check_limits(limits)
     proxies = _check_proxies(forwarded_allow_ips)
     key = read_api_key(api_key_file) if api_key_file else None
+    tls = tls_options(tls_cert, tls_key, tls_key_password_file)
     if workers > 1:
         _check_bundle(bundle)  # one clear error here, not one per worker
     sock = listen_socket(host, port)
@@ -603,8 +714,12 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if key is None and not _is_loopback_address(sock.getsockname()[0]):  # the bound address
         log.warning("listening on %s without an API key: anyone who can reach it can score "
                     "and reload", host)
-    options = uvicorn_options(proxies)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    cleartext = cleartext_warning(sock.getsockname()[0], bool(tls), proxied=bool(proxies))
+    if cleartext is not None:
+        log.warning("%s", cleartext)
+    options = uvicorn_options(proxies, tls)
+    scheme = "https" if tls else "http"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/"
     if workers > 1:
         from ._workers import run_workers
 

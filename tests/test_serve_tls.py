@@ -1,0 +1,345 @@
+"""``deepwatch serve --tls-cert/--tls-key``: HTTPS on a real server (one process and
+``--workers 2``) with a throwaway CA made by the ``openssl`` command, the files refused in one
+line when they cannot work, and the warning for plain HTTP beyond loopback.
+
+Under CI=true a missing ``openssl`` command is a failure, not a skip (see ``conftest.need``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ThreadServer, free_port, need
+
+pytest.importorskip("uvicorn")
+from deepwatch.serve import app as app_module  # noqa: E402
+from deepwatch.serve.app import (  # noqa: E402
+    cleartext_warning,
+    create_app,
+    tls_options,
+    uvicorn_options,
+)
+
+KEY = "tls-test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PASSWORD = "correct horse battery staple"
+SERVER_EXT = """\
+basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,DNS:localhost
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid,issuer
+"""
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    r = subprocess.run(["openssl", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, f"openssl {' '.join(map(str, args))}: {r.stderr}"
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A throwaway CA, a server certificate it signed for 127.0.0.1 and localhost, the server's
+    key (plain, and encrypted with a password file), another key, a file that is not PEM, and
+    the API key file."""
+    need(shutil.which("openssl") is not None, "the openssl command (apt-get install openssl)")
+    d = tmp_path_factory.mktemp("tls")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=deepwatch test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+             cwd=d)
+    (d / "server.ext").write_text(SERVER_EXT)
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
+             cwd=d)
+    (d / "password.txt").write_text(PASSWORD + "\n")
+    _openssl("pkey", "-in", "server.key", "-aes256", "-passout", "file:password.txt", "-out",
+             "server-encrypted.key", cwd=d)
+    (d / "wrong-password.txt").write_text("not-the-password-4711\n")
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out",
+             "other.key", cwd=d)
+    (d / "not-pem.txt").write_text("this is no certificate\n")
+    (d / "empty.txt").write_text("\n")
+    (d / "api.key").write_text(KEY + "\n")
+    names = ["ca.pem", "server.pem", "server.key", "server-encrypted.key", "password.txt",
+             "wrong-password.txt", "other.key", "not-pem.txt", "empty.txt", "api.key"]
+    return {name: d / name for name in names}
+
+
+def _trusting(tls: dict[str, Path]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(tls["ca.pem"]))
+
+
+@pytest.fixture(scope="module")
+def lines(small_kdd: Path) -> list[str]:
+    return small_kdd.read_text().splitlines()[:50]
+
+
+def _serve(bundle: Path, log: Path, *args: str | Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deepwatch.cli", "serve", str(bundle), "--port", str(port),
+             *map(str, args)], stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True)
+    return proc, port
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path,
+                  verify: ssl.SSLContext | bool, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {log.read_text()}")
+        try:
+            if httpx.get(url + "/healthz", verify=verify, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"server did not become healthy: {log.read_text()}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=30)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture()
+def started(request: pytest.FixtureRequest) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Server processes a test started: killed (with their workers) if still running."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        _kill(proc)
+
+
+def _plain_http_answer(port: int) -> bytes:
+    """What a plain-HTTP request to the port gets back before the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return got
+
+
+def _check_https(url: str, port: int, tls: dict[str, Path], lines: list[str]) -> None:
+    """Over TLS with the CA trusted: health, scoring (with the key), and what plain HTTP and a
+    client that does not trust the CA get."""
+    with httpx.Client(base_url=url, verify=_trusting(tls), timeout=30) as c:
+        health = c.get("/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert c.post("/v1/score", json={"records": lines[:3]}).status_code == 401
+        r = c.post("/v1/score", json={"records": lines}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == len(lines)
+        assert {res["verdict"] for res in results} == {"normal", "malicious"}
+    answer = _plain_http_answer(port)
+    assert not answer.startswith(b"HTTP/"), answer[:200]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(url + "/healthz", verify=ssl.create_default_context(), timeout=10)
+
+
+@pytest.mark.slow
+def test_https_serves_the_api_metrics_and_dashboard(kdd_bundle: Path, tls: dict[str, Path],
+                                                    lines: list[str], tmp_path: Path,
+                                                    started: list[subprocess.Popen[bytes]]
+                                                    ) -> None:
+    """Beyond loopback (0.0.0.0) with TLS and a key: every endpoint over HTTPS, no cleartext
+    warning, the https URL in the log."""
+    log = tmp_path / "serve.log"
+    proc, port = _serve(kdd_bundle, log, "--host", "0.0.0.0", "--tls-cert", tls["server.pem"],
+                        "--tls-key", tls["server.key"], "--api-key-file", tls["api.key"])
+    started.append(proc)
+    url = f"https://127.0.0.1:{port}"
+    _wait_healthy(url, proc, log, _trusting(tls))
+    _check_https(url, port, tls, lines)
+    with httpx.Client(base_url=url, verify=_trusting(tls), headers=AUTH, timeout=30) as c:
+        assert 'deepwatch_records_total{outcome="scored"} 50.0' in c.get("/metrics").text
+        page = c.get("/")
+        assert page.status_code == 200 and 'fetch("/v1/stats"' in page.text
+        assert "http://" not in page.text and "ws://" not in page.text  # relative: https too
+        stats = c.get("/v1/stats")
+        assert stats.status_code == 200 and stats.json()["totals"]["records"] == 50
+    assert _stop(proc) == 0
+    err = log.read_text()
+    assert f"at https://0.0.0.0:{port}/" in err, err
+    assert "clear text" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_https_with_two_workers_and_an_encrypted_key(kdd_bundle: Path, tls: dict[str, Path],
+                                                     lines: list[str], tmp_path: Path,
+                                                     started: list[subprocess.Popen[bytes]]
+                                                     ) -> None:
+    log = tmp_path / "serve.log"
+    proc, port = _serve(kdd_bundle, log, "--workers", "2", "--tls-cert", tls["server.pem"],
+                        "--tls-key", tls["server-encrypted.key"], "--tls-key-password-file",
+                        tls["password.txt"], "--api-key-file", tls["api.key"])
+    started.append(proc)
+    url = f"https://127.0.0.1:{port}"
+    _wait_healthy(url, proc, log, _trusting(tls))
+    _check_https(url, port, tls, lines)
+    pids = {httpx.get(url + "/healthz", verify=_trusting(tls), timeout=10).json()["pid"]
+            for _ in range(12)}
+    assert proc.pid not in pids  # the workers answer, each over TLS
+    assert _stop(proc) == 0
+    err = log.read_text()
+    assert "with 2 workers" in err and f"at https://127.0.0.1:{port}/" in err, err
+    assert PASSWORD not in err and "Traceback" not in err, err
+
+
+def _answer(sock: ssl.SSLSocket, within: float) -> bytes:
+    """What the server sends before it closes the TLS connection (it must, within the time)."""
+    sock.settimeout(within)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except (ssl.SSLError, ConnectionResetError):
+        pass
+    return got
+
+
+def test_the_slow_client_guard_holds_over_tls(kdd_bundle: Path, tls: dict[str, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head deadline and the head size limit work on TLS connections (uvicorn's protocol
+    then sits behind asyncio's TLS transport): a head left unfinished gets 408, one over the
+    limit 431, and the server answers on."""
+    monkeypatch.setattr(app_module, "HEAD_TIMEOUT_SECONDS", 1.0)
+    options = {**uvicorn_options((), tls_options(str(tls["server.pem"]), str(tls["server.key"]))),
+               "timeout_graceful_shutdown": 2}
+    context = _trusting(tls)
+    with ThreadServer(create_app(kdd_bundle), **options) as srv:
+        def connect() -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+        with connect() as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            answer = _answer(sock, 10)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        with connect() as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+            with contextlib.suppress(OSError):  # the server may close meanwhile
+                for _ in range(20):
+                    sock.sendall(b"X-Pad: " + b"a" * 8000 + b"\r\n")
+            answer = _answer(sock, 10)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer
+        r = httpx.get(f"https://127.0.0.1:{srv.port}/healthz", verify=context, timeout=10)
+        assert r.status_code == 200
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tls-cert", "server.pem"], "--tls-cert needs --tls-key"),
+    (["--tls-key", "server.key"], "--tls-key needs --tls-cert"),
+    (["--tls-key-password-file", "password.txt"],
+     "--tls-key-password-file goes with --tls-cert and --tls-key"),
+    (["--tls-cert", "server.pem", "--tls-key", "other.key"],
+     "--tls-key {other.key} is not the private key of the certificate in --tls-cert "
+     "{server.pem}"),
+    (["--tls-cert", "not-pem.txt", "--tls-key", "server.key"],
+     "--tls-cert {not-pem.txt} holds no PEM certificate"),
+    (["--tls-cert", "server.pem", "--tls-key", "not-pem.txt"],
+     "--tls-key {not-pem.txt} holds no PEM private key"),
+    (["--tls-cert", "server.key", "--tls-key", "server.key"],
+     "--tls-cert {server.key} holds no PEM certificate"),
+    (["--tls-cert", "missing.pem", "--tls-key", "server.key"],
+     "--tls-cert file {missing.pem} does not exist"),
+    (["--tls-cert", "server.pem", "--tls-key", "server-encrypted.key"],
+     "--tls-key {server-encrypted.key} is encrypted: give its password"),
+    (["--tls-cert", "server.pem", "--tls-key", "server-encrypted.key",
+      "--tls-key-password-file", "wrong-password.txt"],
+     "--tls-key {server-encrypted.key} cannot be decrypted with the password in "
+     "--tls-key-password-file {wrong-password.txt}"),
+    (["--tls-cert", "server.pem", "--tls-key", "server-encrypted.key",
+      "--tls-key-password-file", "empty.txt"], "--tls-key-password-file {empty.txt} is empty"),
+])
+def test_tls_files_that_cannot_work_are_one_error_line(
+        kdd_bundle: Path, tls: dict[str, Path], args: list[str], message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before anything listens: one line, exit 2, no password, nothing asked on the
+    terminal (an encrypted key without its password)."""
+    from deepwatch.cli import main
+
+    d = tls["ca.pem"].parent
+    paths = {name: str(d / name) for name in [*tls, "missing.pem"]}
+    argv = [paths.get(a, a) for a in args]
+    assert main(["serve", str(kdd_bundle), "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    for name, path in paths.items():
+        message = message.replace("{" + name + "}", path)
+    assert err.startswith("error: " + message), err
+    assert "not-the-password-4711" not in err and PASSWORD not in err
+
+
+def test_the_tls_settings_reach_uvicorn(tls: dict[str, Path]) -> None:
+    assert tls_options(None, None) == {}
+    options = tls_options(str(tls["server.pem"]), str(tls["server-encrypted.key"]),
+                          str(tls["password.txt"]))
+    assert options == {"ssl_certfile": str(tls["server.pem"].resolve()),
+                       "ssl_keyfile": str(tls["server-encrypted.key"].resolve()),
+                       "ssl_keyfile_password": PASSWORD}  # the first line, without its newline
+    assert uvicorn_options((), options)["ssl_keyfile"] == options["ssl_keyfile"]
+    assert "ssl_certfile" not in uvicorn_options()
+
+
+@pytest.mark.parametrize(("address", "warned"), [
+    ("0.0.0.0", True), ("::", True), ("10.1.2.3", True), ("192.168.0.7", True),
+    ("127.0.0.1", False), ("127.0.0.2", False), ("::1", False), ("[::1]", False),
+    ("::ffff:127.0.0.1", False), ("localhost", False)])
+def test_plain_http_beyond_loopback_is_warned_about(address: str, warned: bool) -> None:
+    warning = cleartext_warning(address, tls=False)
+    assert (warning is not None) == warned
+    if warning is not None:
+        assert warning.startswith(f"listening on {address} without TLS")
+        assert "clear text" in warning and "--tls-cert" in warning
+        assert "reverse proxy" in warning
+    assert cleartext_warning(address, tls=True) is None
+    proxied = cleartext_warning(address, tls=False, proxied=True)
+    assert (proxied is not None) == warned
+    assert proxied is None or "hop from a proxy" in proxied
+
+
+@pytest.mark.slow
+def test_serving_plain_http_on_every_interface_logs_the_warning(
+        kdd_bundle: Path, tls: dict[str, Path], tmp_path: Path,
+        started: list[subprocess.Popen[bytes]]) -> None:
+    log = tmp_path / "serve.log"
+    proc, port = _serve(kdd_bundle, log, "--host", "0.0.0.0", "--api-key-file", tls["api.key"])
+    started.append(proc)
+    _wait_healthy(f"http://127.0.0.1:{port}", proc, log, verify=False)
+    assert _stop(proc) == 0
+    warned = [ln for ln in log.read_text().splitlines() if "clear text" in ln]
+    assert len(warned) == 1, log.read_text()
+    assert "deepwatch.serve listening on 0.0.0.0 without TLS" in warned[0]
+    assert "--tls-cert" in warned[0] and "reverse proxy" in warned[0]
