@@ -21,13 +21,21 @@ again. A failing client with nothing to do asks the brokers for metadata every `
 so that it can say it works again though no message comes. While the brokers are asked about
 topics at start, the client's callbacks are served every ``METADATA_SLICE_S``: its errors are
 said and counted while it waits, and a stop (SIGTERM) is heard.
+
+Settings: ``--kafka-config`` (a Kafka client properties file) and ``--kafka-option`` (which
+overrides it) are read by ``kafka_settings``, which warns of a secret on the command line and of
+a file holding one that other users may read. No value of a setting that holds a secret
+(``is_secret``) is shown: not in an error about the settings, and not in what librdkafka says
+(``_Redactor``), which quotes some (``sasl.oauthbearer.config``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 import threading
 import time
 import warnings
@@ -95,15 +103,122 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: What a librdkafka setting's name is made of (``sasl.password``, ``ssl.ca.location``)
+_KEY = re.compile(r"[A-Za-z0-9._-]+")
+#: Settings that hold a secret, besides those whose name says ``password``, ``secret`` or
+#: ``passphrase`` (librdkafka redacts the same ones in its own configuration dump)
+_SECRET_KEYS = frozenset({"ssl.key.pem", "ssl_key", "sasl.oauthbearer.config",
+                          "sasl.oauthbearer.assertion.private.key.pem",
+                          # a Java client's (librdkafka refuses it): it holds the password
+                          "sasl.jaas.config"})
+
+
+def is_secret(key: str) -> bool:
+    """Whether a librdkafka setting holds a secret: its value is never logged or shown."""
+    key = key.strip().lower()
+    return key in _SECRET_KEYS or any(w in key for w in ("password", "secret", "passphrase"))
+
+
 def parse_options(pairs: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` librdkafka settings given on the command line."""
+    """``KEY=VALUE`` librdkafka settings given on the command line. An error shows no value:
+    it may be a secret (a pair without ``=`` is shown only when it is a setting's name)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--kafka-option wants KEY=VALUE, not {pair!r}")
+        if not sep or not _KEY.fullmatch(key):
+            shown = f", not {pair!r}" if _KEY.fullmatch(pair) else (
+                " (what was given is not shown: it may hold a secret)")
+            raise UsageError(f"--kafka-option wants KEY=VALUE{shown}")
         out[key] = value
     return out
+
+
+def read_config(path: str) -> tuple[dict[str, str], dict[str, int], int]:
+    """A Kafka client properties file (``--kafka-config``): its settings, the line each was
+    set on, and the file's mode.
+
+    One ``key=value`` a line, split at the first ``=``, the key and the value trimmed of
+    whitespace; blank lines and lines whose first character (past whitespace) is ``#`` or
+    ``!`` are skipped; a key set again takes its last value. Values are taken as written: no
+    backslash escapes, no continuation lines, no ``key: value`` or ``key value``. An error
+    names the file and the line, never what the line holds (it may be a secret)."""
+    try:
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            data = fh.read()
+    except OSError as exc:
+        raise UsageError(f"--kafka-config {path}: cannot read it: "
+                         f"{exc.strerror or exc}") from None
+    values: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"--kafka-config {path} line {n}: not UTF-8 text") from None
+        line = line.removeprefix("\ufeff").strip() if n == 1 else line.strip()
+        if not line or line[0] in "#!":
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.fullmatch(key):
+            raise UsageError(f"--kafka-config {path} line {n}: not KEY=VALUE (a key is "
+                             "letters, digits, '.', '_' and '-', and '=' comes after it; the "
+                             "line is not shown: it may hold a secret)")
+        values[key] = value.strip()
+        lines[key] = n
+    return values, lines, stat.S_IMODE(mode)
+
+
+def kafka_settings(config: str | None, options: dict[str, str]
+                   ) -> tuple[dict[str, str], dict[str, str]]:
+    """The librdkafka settings of ``--kafka-config`` (a file, read here) and ``--kafka-option``
+    (``options``, which override the file's), and where each was given (for errors). Warns,
+    naming settings and never their values, of secrets given on the command line (any local
+    user can read them there: ``ps``, ``/proc/PID/cmdline``, and shell history keeps them) and
+    of a file holding secrets that other users may read."""
+    settings: dict[str, str] = {}
+    origins: dict[str, str] = {}
+    if config is not None:
+        values, lines, mode = read_config(config)
+        settings.update(values)
+        origins.update({k: f"--kafka-config {config} line {n}" for k, n in lines.items()})
+        secrets = sorted(k for k in values if is_secret(k))
+        if secrets and mode & 0o077:
+            log.warning(f"--kafka-config {config} holds {', '.join(secrets)} and other users "
+                        f"may read it (mode {mode:04o}): chmod 600 {config}", extra={
+                            "event": "kafka_config_readable", "file": config,
+                            "mode": f"{mode:04o}", "keys": secrets})
+    settings.update(options)
+    origins.update(dict.fromkeys(options, "--kafka-option"))
+    exposed = sorted(k for k in options if is_secret(k))
+    if exposed:
+        log.warning(f"--kafka-option {', '.join(exposed)}: a secret on the command line can be "
+                    "read by every local user (ps, /proc/PID/cmdline) and stays in shell "
+                    "history: put it in a --kafka-config file (chmod 600) instead", extra={
+                        "event": "kafka_secret_on_command_line", "keys": exposed})
+    return settings, origins
+
+
+class _Redactor:
+    """Takes the values of the secret settings out of a text librdkafka wrote (an error, a log
+    line): librdkafka shows some of them, e.g. ``Unrecognized sasl.oauthbearer.config
+    beginning at: ...``. Each value is replaced whole, and so is each word of it (of 4
+    characters or more): a message may show only its end."""
+
+    def __init__(self, conf: dict[str, Any]):
+        words = set()
+        for key, value in conf.items():
+            if is_secret(key) and isinstance(value, str) and value:
+                words.add(value)
+                words.update(w for w in value.split() if len(w) >= 4)
+        self.words = sorted(words, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for word in self.words:
+            if word in text:
+                text = text.replace(word, "[redacted]")
+        return text
 
 
 #: What Kafka accepts as a topic name (and at most 249 of them, not "." or "..").
@@ -176,8 +291,11 @@ class _ClientLog:
     ``logger``) as JSON log lines, each repeated one at most once per ``LOG_REPEAT_S``, and
     says once when the client works again after an error (:meth:`ok`)."""
 
-    def __init__(self, client: str, metrics: ClientMetrics | None = None):
+    def __init__(self, client: str, metrics: ClientMetrics | None = None,
+                 redact: Callable[[str], str] | None = None):
         self.client = client
+        #: takes the secret settings' values out of librdkafka's texts before they are logged
+        self.redact = redact or (lambda text: text)
         self.repeats = Repeats(LOG_REPEAT_S, f"kafka {client}", {"client": client},
                                recovered_event="kafka_recovered")
         #: the first fatal error reported: the client cannot go on (raised by the caller)
@@ -197,7 +315,7 @@ class _ClientLog:
 
     def error(self, err: Any) -> None:
         """``error_cb``: called from poll, consume or flush with a KafkaError."""
-        text = err.str()
+        text = self.redact(err.str())
         self.count(err)
         if not self.failing:
             self.failing = True
@@ -223,7 +341,7 @@ class _ClientLog:
             # librdkafka logs each broker failure as FAIL and hands the same text to error_cb
             # (rd_kafka_broker_set_error does both): said once, by error()
             return
-        text = _THREAD.sub("", text, count=1)
+        text = _THREAD.sub("", self.redact(text), count=1)
         same = _VARIABLE.sub("", text)
         self.repeats.say(rdlog, ("log", facility, same), level, same,
                          {"event": "kafka_log", "facility": facility, "rdkafka": name,
@@ -250,7 +368,7 @@ class _ClientLog:
     def check(self, what: str) -> None:
         """A DeliveryError once a fatal error was reported: the client cannot go on."""
         if self.fatal is not None:
-            raise DeliveryError(f"kafka {what} failed: {self.fatal.str()}")
+            raise DeliveryError(f"kafka {what} failed: {self.redact(self.fatal.str())}")
 
     def close(self) -> None:
         self.repeats.flush()
@@ -275,17 +393,39 @@ class _LibrdkafkaLogger(logging.Logger):
         try:
             self._owner.librdkafka(level, facility, name, text)
         except Exception:  # noqa: BLE001 (raised here, it would be raised from poll)
+            text = self._owner.redact(text)
             rdlog.log(level, text, extra={"event": "kafka_log", "facility": facility})
 
 
-def _client(ck: Any, kind: str, conf: dict[str, Any]) -> Any:
-    """A Consumer or Producer; a setting librdkafka refuses is a usage error, in one line."""
+def _client(ck: Any, kind: str, conf: dict[str, Any], redact: Callable[[str], str],
+            origins: dict[str, str] | None = None) -> Any:
+    """A Consumer or Producer; a setting librdkafka refuses is a usage error, in one line, that
+    says where the setting was given (``origins``: a line of the ``--kafka-config`` file, or
+    ``--kafka-option``), without the value of a secret."""
     try:
         return getattr(ck, kind)(conf)
     except (ck.KafkaException, ValueError, TypeError) as exc:
         err = exc.args[0] if exc.args else exc
-        text = err.str() if hasattr(err, "str") else str(err)
-        raise UsageError(f"kafka {kind.lower()} settings refused: {text}") from None
+        text = redact(err.str() if hasattr(err, "str") else str(err))
+        raise UsageError(f"kafka {kind.lower()} settings refused: {text}"
+                         + _given_at(text, origins or {})) from None
+
+
+#: What librdkafka says of a setting it refuses without naming it, and the setting
+_UNNAMED = {"Java JAAS configuration": "sasl.jaas.config",
+            "Java TrustStores": "ssl.truststore.location"}
+
+
+def _given_at(text: str, origins: dict[str, str]) -> str:
+    """`` (--kafka-config FILE line N)`` when librdkafka's ``text`` refuses a setting given
+    there (or ``--kafka-option``); else nothing."""
+    for key, origin in origins.items():
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", text):
+            return f" ({origin})"
+    for said, key in _UNNAMED.items():
+        if said in text and key in origins:
+            return f" ({key}: {origins[key]})"
+    return ""
 
 
 def _kafka() -> Any:
@@ -304,14 +444,16 @@ class KafkaSource:
                  max_wait: float = 0.5, options: dict[str, Any] | None = None,
                  on_event: Callable[[str, int], None] | None = None,
                  on_topic_missing: Callable[[bool], None] | None = None,
-                 check_timeout: float = 10.0, metrics: ClientMetrics | None = None):
+                 check_timeout: float = 10.0, metrics: ClientMetrics | None = None,
+                 origins: dict[str, str] | None = None):
         ck = _kafka()
         self._ck = ck
         check_topic_name("--input-topic", topic)
-        self._log = _ClientLog("consumer", metrics)
+        redact = _Redactor(options or {})
+        self._log = _ClientLog("consumer", metrics, redact)
         conf = {**CONSUMER_DEFAULTS, "bootstrap.servers": brokers, "group.id": group,
                 "error_cb": self._log.error, "logger": self._log.logger, **(options or {})}
-        self.consumer = _client(ck, "Consumer", conf)
+        self.consumer = _client(ck, "Consumer", conf, redact, origins)
         self.topic = topic
         self.batch_size = batch_size
         self.max_wait = max_wait
@@ -462,13 +604,14 @@ class KafkaSource:
                 continue
             self._log.count(err)
             if err.fatal():
-                raise DeliveryError(f"kafka consumer failed: {err.str()}")
+                raise DeliveryError(f"kafka consumer failed: {self._log.redact(err.str())}")
             if err.code() in self._unknown:
                 # the topic went away after the check: said once, not at every metadata
                 # refresh, until records come again
                 self._set_topic_missing(True)
                 continue
-            log.warning("consume error", extra={"event": "consume_error", "error": err.str()})
+            log.warning("consume error", extra={"event": "consume_error",
+                                                "error": self._log.redact(err.str())})
 
     def _to_batch(self, msgs: list[Any]) -> RawBatch:
         n = len(msgs)
@@ -543,7 +686,8 @@ class KafkaSink:
     def __init__(self, brokers: str, topics: dict[str, str | None],
                  options: dict[str, Any] | None = None, flush_timeout: float = 60.0,
                  max_pending: int = 4, check_timeout: float = 10.0,
-                 metrics: ClientMetrics | None = None, stop: threading.Event | None = None):
+                 metrics: ClientMetrics | None = None, stop: threading.Event | None = None,
+                 origins: dict[str, str] | None = None):
         ck = _kafka()
         self._ck = ck
         self.topics = {k: t for k, t in topics.items() if t and k in KINDS}
@@ -563,7 +707,8 @@ class KafkaSink:
         #: (:meth:`take_replaced`)
         self.replaced: dict[str, int] = {}
         # the delivery callback set once, not passed with every message (1.3 -> 0.8 us a call)
-        self._log = _ClientLog("producer", metrics)
+        redact = _Redactor(options or {})
+        self._log = _ClientLog("producer", metrics, redact)
         conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": brokers, "error_cb": self._log.error,
                 "logger": self._log.logger, "on_delivery": self._on_delivery, **(options or {})}
         try:
@@ -580,7 +725,7 @@ class KafkaSink:
         #: whether messages were produced since the last sign that the brokers take them
         self._sent = False
         self._closed = False
-        self.producer = _client(ck, "Producer", conf)
+        self.producer = _client(ck, "Producer", conf, redact, origins)
         if check_timeout > 0:
             try:
                 self._check_topics(flags, check_timeout,
@@ -613,7 +758,8 @@ class KafkaSink:
                 if stop is not None and stop.is_set():
                     return
                 log.warning("could not check the output topics", extra={
-                    "event": "topic_check_skipped", "error": str(exc.args[0].str())})
+                    "event": "topic_check_skipped",
+                    "error": self._log.redact(str(exc.args[0].str()))})
                 return
             self.producer.poll(0)  # the errors queued while waiting come before ok()
             self._log.ok()

@@ -43,7 +43,11 @@ def stream(
     alert_record: Annotated[bool, typer.Option(
         "--alert-record", help="Copy every parsed field into alerts (deepwatch.record)")] = False,
     kafka_option: Annotated[list[str] | None, typer.Option(
-        help="Extra librdkafka setting KEY=VALUE (repeatable)")] = None,
+        help="Extra librdkafka setting KEY=VALUE (repeatable; overrides --kafka-config). "
+             "Never a password: other local users can read the command line")] = None,
+    kafka_config: Annotated[str | None, typer.Option(
+        help="Kafka client properties file: KEY=VALUE lines of librdkafka settings (TLS, "
+             "SASL, their passwords); keep it chmod 600")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Score records as they arrive: from Kafka, or from files, a followed log or stdin.
@@ -67,6 +71,7 @@ def stream(
         batch_wait_ms=batch_wait_ms, metrics_port=metrics_port, metrics_host=metrics_host,
         follow=follow, out=out, verdicts=verdicts, rejects=rejects, backend=backend,
         explain=explain, alert_record=alert_record, kafka_options=parse_options(kafka_option or []),
+        kafka_config=kafka_config,
     )
     import gc
 

@@ -194,7 +194,10 @@ class StreamOptions:
     backend: str = "auto"
     explain: bool | None = None
     alert_record: bool = False
+    #: librdkafka settings from ``--kafka-option`` (they override ``kafka_config``'s)
     kafka_options: dict[str, str] = field(default_factory=dict)
+    #: a Kafka client properties file (``--kafka-config``): TLS and SASL settings, secrets
+    kafka_config: str | None = None
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -220,7 +223,8 @@ class StreamOptions:
             kafka_only = [flag for flag, v in (("--input-topic", self.input_topic),
                                                ("--output-topic", self.output_topic),
                                                ("--verdict-topic", self.verdict_topic),
-                                               ("--dead-letter-topic", self.dead_letter_topic))
+                                               ("--dead-letter-topic", self.dead_letter_topic),
+                                               ("--kafka-config", self.kafka_config))
                           if v]
             if kafka_only:
                 raise UsageError(f"{', '.join(kafka_only)} "
@@ -239,26 +243,31 @@ class StreamOptions:
         return self.dead_letter_topic or f"{self.input_topic}.dead-letter"
 
 
-def _kafka_io(opts: StreamOptions, metrics: StreamMetrics, stop: threading.Event
+def _kafka_io(opts: StreamOptions, metrics: StreamMetrics, stop: threading.Event,
+              settings: tuple[dict[str, str], dict[str, str]] | None = None
               ) -> tuple[Source, Sink]:
-    from ._kafka_io import KafkaSink, KafkaSource, check_topic_name
+    """The Kafka source and sink; ``settings``: the librdkafka settings of ``--kafka-config`` and
+    ``--kafka-option`` and where each was given (``kafka_settings``; read here when None)."""
+    from ._kafka_io import KafkaSink, KafkaSource, check_topic_name, kafka_settings
 
     assert opts.brokers and opts.input_topic
     check_topic_name("--input-topic", opts.input_topic)
+    options, origins = settings or kafka_settings(opts.kafka_config, opts.kafka_options)
     topics = {"alert": opts.output_topic, "verdict": opts.verdict_topic,
               "dead_letter": opts.dead_letters}
-    producer_opts = {k: v for k, v in opts.kafka_options.items()
+    producer_opts = {k: v for k, v in options.items()
                      if not k.startswith(("group.", "session.", "heartbeat.", "auto.offset",
                                           "max.poll", "partition.assignment", "fetch.",
                                           "queued.", "enable.auto"))}
     # The sink first: it refuses an output topic that does not exist before any consumer is
     # made, so a refused start has joined no group and read nothing.
-    sink = KafkaSink(opts.brokers, topics, producer_opts, metrics=metrics, stop=stop)
-    consumer_opts = {k: v for k, v in opts.kafka_options.items()}
+    sink = KafkaSink(opts.brokers, topics, producer_opts, metrics=metrics, stop=stop,
+                     origins=origins)
+    consumer_opts = dict(options)
     try:
         source = KafkaSource(opts.brokers, opts.input_topic, opts.group, opts.batch_size,
                              opts.batch_wait_ms / 1000.0, consumer_opts, metrics.on_source_event,
-                             _input_topic_gauge(metrics), metrics=metrics)
+                             _input_topic_gauge(metrics), metrics=metrics, origins=origins)
     except BaseException:
         sink.close()
         raise
@@ -283,6 +292,11 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
     from ..models.detector import Detector
 
     opts.check()
+    settings = None
+    if opts.brokers:  # a --kafka-config that cannot be read is refused before the bundle loads
+        from ._kafka_io import kafka_settings
+
+        settings = kafka_settings(opts.kafka_config, opts.kafka_options)
     det = detector or Detector(opts.bundle, engine=opts.backend, explain=opts.explain)
     if opts.format != det.format:
         raise UsageError(f"the bundle was trained on format {det.format!r}, not {opts.format!r}")
@@ -301,7 +315,7 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
         signals.enter_context(stop_on_signals(stop))
         if opts.brokers:
             try:
-                source, sink = _kafka_io(opts, metrics, stop)
+                source, sink = _kafka_io(opts, metrics, stop, settings)
             except BaseException:
                 metrics.close()  # a refused start leaves no metrics server behind
                 raise
