@@ -146,14 +146,24 @@ def test_a_line_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("what", ["missing", "directory", "unreadable"])
 def test_a_file_that_cannot_be_read_is_one_line(tmp_path: Path, what: str,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "c.properties"
     if what == "directory":
         path.mkdir()
     elif what == "unreadable":
-        if os.geteuid() == 0:
-            pytest.skip("root reads a file of mode 000")
         _config(path, "a=b\n", 0o000)
+        if os.geteuid() == 0:  # root reads a file of mode 000: the refusal is made up
+            import builtins
+
+            from deepwatch.serve import _kafka_io
+
+            def refuse(file: object, *args: object, **kwargs: object) -> object:
+                if str(file) == str(path):
+                    raise PermissionError(13, "Permission denied", str(path))
+                return builtins.open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+            monkeypatch.setattr(_kafka_io, "open", refuse, raising=False)
     rc = main(["stream", str(tmp_path / "no-bundle"), "--format", "kdd", "--brokers",
                "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a",
                "--kafka-config", str(path)])
