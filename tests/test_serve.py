@@ -556,10 +556,11 @@ def test_cli_serve_workers_share_metrics_stats_and_reloads(kdd_bundle: Path, tmp
         err = log_file.read_text()
         assert "with 2 workers" in err and "Traceback" not in err
         assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-    except Exception:
+    except Exception as exc:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise AssertionError(f"server log:\n{log_file.read_text()[-4000:]}") from None
+        raise AssertionError(f"{exc!r}\nserver log:\n{log_file.read_text()[-4000:]}"
+                             ) from exc
     finally:
         _reap(proc)
         log_fh.close()

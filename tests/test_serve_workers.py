@@ -172,3 +172,65 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_stopping_worker_answers_a_request_on_a_connection_it_already_took(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker being replaced (or stopped) takes no new connection, but one it took a moment
+    before may carry a request still on its way: uvicorn alone closed such a connection at once
+    ("server disconnected without sending a response"); the worker's drain answers it."""
+    import socket
+    import threading
+
+    import uvicorn
+    from uvicorn.server import Server
+
+    from deepwatch.serve import _workers
+
+    monkeypatch.setattr(Server, "shutdown", Server.shutdown)  # the patch undone after the test
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"answered"})
+
+    def answer_after_stop(drain: bool) -> bytes:
+        if drain:
+            _workers._drain_before_shutdown()
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            time.sleep(0.1)  # taken by the server, no request yet
+            server.should_exit = True  # SIGTERM's effect
+            while True:  # until the server has begun to stop: it takes no new connection
+                assert time.monotonic() < deadline + 10
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                time.sleep(0.01)
+            # the request comes now, on the connection the server took before
+            try:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+            except OSError:  # reset: the connection was closed with the request unread
+                data = b""
+        finally:
+            conn.close()
+            thread.join(timeout=10)
+        return data
+
+    assert b"answered" not in answer_after_stop(drain=False)  # what uvicorn alone does
+    got = answer_after_stop(drain=True)
+    assert got.startswith(b"HTTP/1.1 200") and b"\r\n\r\n8\r\nanswered\r\n" in got, got

@@ -51,6 +51,11 @@ RELOAD = "reload.json"
 STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK")
                          if hasattr(signal, name))
 STATS_EVERY_SECONDS = 1.0
+#: How long a worker told to stop (replaced on reload, or the server stopping) goes on reading
+#: the connections it has already taken, with no new ones taken, before uvicorn closes those
+#: that have not begun a request: time for a request already sent (or a TLS handshake already
+#: begun) on a just-taken connection to arrive and be answered rather than cut off.
+DRAIN_SECONDS = 1.0
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -118,10 +123,41 @@ def worker_app() -> Any:
         sys.exit(STARTUP_FAILURE)
 
 
+def _drain_before_shutdown() -> None:
+    """Make this worker's uvicorn stop taking connections ``DRAIN_SECONDS`` before it closes
+    the idle ones.
+
+    uvicorn's shutdown closes its listeners, then at once closes every connection that has no
+    request under way. A connection it took a moment before (the client's request in flight, or
+    in the socket's buffer unread) is among those: the client gets "server disconnected
+    without sending a response", though the other workers would have answered it (2 of 5,613
+    requests sent without pause over 21 reloads, in one measurement). Here the worker first stops taking connections (the listening socket stays open in
+    the other workers, whose queue takes new ones), goes on serving for ``DRAIN_SECONDS``, and
+    only then shuts down as uvicorn does; a request that has begun by then is answered."""
+    import asyncio
+
+    from uvicorn.server import Server
+
+    shutdown = Server.shutdown
+    if getattr(shutdown, "drains", False):
+        return
+
+    async def drain_then_shutdown(self: Server, sockets: Any = None) -> None:
+        for server in self.servers:
+            server.close()
+        if not self.force_exit:
+            await asyncio.sleep(DRAIN_SECONDS)
+        await shutdown(self, sockets)
+
+    drain_then_shutdown.drains = True  # type: ignore[attr-defined]
+    Server.shutdown = drain_then_shutdown  # type: ignore[method-assign]
+
+
 def _worker_app() -> Any:
     from .app import create_app, read_api_key
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _drain_before_shutdown()
     # a hang-up sent to the whole process group reaches the parent, which replaces us: that
     # is the reload; the default action here would kill this worker first
     if hasattr(signal, "SIGHUP"):
