@@ -281,6 +281,7 @@ def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: P
 @pytest.mark.parametrize("args, message", [
     (["--brokers", "127.0.0.1:1", "--input-topic", "t"], "needs --output-topic"),
     (["--output-topic", "t"], "--output-topic needs --brokers"),
+    (["--kafka-option", "linger.ms=5"], "--kafka-option needs --brokers"),
     (["--output-topic", "t", "--verdict-topic", "v"], "--output-topic, --verdict-topic need "
                                                        "--brokers"),
     (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a", "--verdicts",

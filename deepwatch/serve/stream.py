@@ -224,7 +224,8 @@ class StreamOptions:
                                                ("--output-topic", self.output_topic),
                                                ("--verdict-topic", self.verdict_topic),
                                                ("--dead-letter-topic", self.dead_letter_topic),
-                                               ("--kafka-config", self.kafka_config))
+                                               ("--kafka-config", self.kafka_config),
+                                               ("--kafka-option", self.kafka_options))
                           if v]
             if kafka_only:
                 raise UsageError(f"{', '.join(kafka_only)} "
