@@ -54,8 +54,9 @@ def _openssl(*args: str | Path, cwd: Path) -> None:
 @pytest.fixture(scope="session")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A throwaway CA, a server certificate it signed for 127.0.0.1 and localhost, the server's
-    key (plain, and encrypted with a password file), another key, a file that is not PEM, and
-    the API key file."""
+    key (plain, and encrypted with a password file), another key, a file that is not PEM, the
+    API key file, and a renewal: a second certificate for the same names (another serial and
+    subject) with its own key."""
     need(shutil.which("openssl") is not None, "the openssl command (apt-get install openssl)")
     d = tmp_path_factory.mktemp("tls")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
@@ -68,6 +69,11 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
              "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
              cwd=d)
+    _openssl("req", *ec, "-keyout", "renewed.key", "-out", "renewed.csr", "-subj",
+             "/CN=127.0.0.1 renewed", cwd=d)
+    _openssl("x509", "-req", "-in", "renewed.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAserial", "ca.srl", "-out", "renewed.pem", "-days", "2", "-extfile",
+             "server.ext", cwd=d)
     (d / "password.txt").write_text(PASSWORD + "\n")
     _openssl("pkey", "-in", "server.key", "-aes256", "-passout", "file:password.txt", "-out",
              "server-encrypted.key", cwd=d)
@@ -78,7 +84,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (d / "empty.txt").write_text("\n")
     (d / "api.key").write_text(KEY + "\n")
     names = ["ca.pem", "server.pem", "server.key", "server-encrypted.key", "password.txt",
-             "wrong-password.txt", "other.key", "not-pem.txt", "empty.txt", "api.key"]
+             "wrong-password.txt", "other.key", "not-pem.txt", "empty.txt", "api.key",
+             "renewed.pem", "renewed.key"]
     return {name: d / name for name in names}
 
 
@@ -217,6 +224,141 @@ def test_https_with_two_workers_and_an_encrypted_key(kdd_bundle: Path, tls: dict
     assert PASSWORD not in err and "Traceback" not in err, err
 
 
+def _der(pem: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())
+
+
+def _presented(client: httpx.Client) -> bytes:
+    """The certificate (DER) the server presented on the connection that answers a request made
+    now with ``client`` (its keep-alive connection, where it has one open)."""
+    r = client.get("/healthz")
+    assert r.status_code == 200, r.text
+    ssl_object = r.extensions["network_stream"].get_extra_info("ssl_object")
+    der: bytes = ssl_object.getpeercert(True)
+    return der
+
+
+def _put_in_place(live: Path, **files: Path) -> None:
+    """Copy each file to ``live/NAME.pem`` as renewals do: written beside, then renamed over."""
+    for name, src in files.items():
+        tmp = live / f".{name}.pem.new"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, live / f"{name}.pem")
+
+
+def _wait_for_line(log: Path, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [ln for ln in log.read_text().splitlines() if text in ln]
+        if found:
+            return found[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no {text!r} in the log: {log.read_text()}")
+
+
+@pytest.mark.slow
+def test_a_reload_loads_a_renewed_certificate_and_refuses_a_broken_one(
+        kdd_bundle: Path, tls: dict[str, Path], tmp_path: Path,
+        started: list[subprocess.Popen[bytes]]) -> None:
+    """One process: POST /v1/reload (and SIGHUP) read the certificate files again. A renewed
+    pair serves new connections while a keep-alive connection opened before goes on with the
+    old one; a pair that cannot work is refused with the start-up check's reason, and new
+    connections still get the last good certificate."""
+    live = tmp_path / "live"
+    live.mkdir()
+    _put_in_place(live, cert=tls["server.pem"], key=tls["server.key"])
+    log = tmp_path / "serve.log"
+    proc, port = _serve(kdd_bundle, log, "--tls-cert", live / "cert.pem", "--tls-key",
+                        live / "key.pem", "--api-key-file", tls["api.key"])
+    started.append(proc)
+    url = f"https://127.0.0.1:{port}"
+    _wait_healthy(url, proc, log, _trusting(tls))
+
+    def fresh() -> httpx.Client:
+        return httpx.Client(base_url=url, verify=_trusting(tls), headers=AUTH, timeout=30)
+
+    first, renewed = _der(tls["server.pem"]), _der(tls["renewed.pem"])
+    assert first != renewed
+    with fresh() as old:
+        assert _presented(old) == first
+        _put_in_place(live, cert=tls["renewed.pem"], key=tls["renewed.key"])
+        with fresh() as admin:
+            r = admin.post("/v1/reload")
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "reloaded" and r.json()["model"]["generation"] == 2
+        assert r.json()["certificate"] == {"status": "reloaded"}
+        with fresh() as new:
+            assert _presented(new) == renewed
+        assert _presented(old) == first  # the same connection: its handshake is done
+    assert "POST /v1/reload: certificate reloaded from" in log.read_text()
+
+    _put_in_place(live, key=tls["other.key"])  # not the certificate's key
+    reason = (f"--tls-key {live / 'key.pem'} is not the private key of the certificate in "
+              f"--tls-cert {live / 'cert.pem'}")
+    proc.send_signal(signal.SIGHUP)
+    line = _wait_for_line(log, "SIGHUP: certificate not reloaded")
+    assert line.endswith("new connections still get the previous one: " + reason), line
+    _wait_for_line(log, "(generation 3)")  # the bundle reloads regardless
+    with fresh() as new:
+        assert _presented(new) == renewed
+        r = new.post("/v1/reload")
+        assert r.status_code == 200, r.text
+        assert r.json()["certificate"] == {"status": "kept", "reason": reason}
+        assert r.json()["model"]["generation"] == 4
+    with fresh() as new:
+        assert _presented(new) == renewed
+        assert new.post("/v1/score", json={"records": []}).status_code == 200
+    assert _stop(proc) == 0
+    assert "Traceback" not in log.read_text()
+
+
+def _worker_pids(url: str, tls: dict[str, Path], workers: int) -> set[int]:
+    """The pids of the workers answering (each asked on a connection of its own)."""
+    pids: set[int] = set()
+    for _ in range(200):
+        r = httpx.get(url + "/healthz", verify=_trusting(tls), timeout=10)
+        pids.add(r.json()["pid"])
+        if len(pids) == workers:
+            return pids
+    raise AssertionError(f"only {pids} answered")
+
+
+@pytest.mark.slow
+def test_workers_are_not_replaced_for_a_certificate_that_cannot_work(
+        kdd_bundle: Path, tls: dict[str, Path], tmp_path: Path,
+        started: list[subprocess.Popen[bytes]]) -> None:
+    """--workers 2: SIGHUP with a broken certificate in place is refused in the parent with the
+    start-up check's reason (rather than each new worker failing to load it), and so is
+    POST /v1/reload in the worker that gets it; the workers serve on."""
+    live = tmp_path / "live"
+    live.mkdir()
+    _put_in_place(live, cert=tls["server.pem"], key=tls["server-encrypted.key"])
+    log = tmp_path / "serve.log"
+    proc, port = _serve(kdd_bundle, log, "--workers", "2", "--tls-cert", live / "cert.pem",
+                        "--tls-key", live / "key.pem", "--tls-key-password-file",
+                        tls["password.txt"], "--api-key-file", tls["api.key"])
+    started.append(proc)
+    url = f"https://127.0.0.1:{port}"
+    _wait_healthy(url, proc, log, _trusting(tls))
+    pids = _worker_pids(url, tls, 2)
+    _put_in_place(live, cert=tls["not-pem.txt"])
+    reason = f"--tls-cert {live / 'cert.pem'} holds no PEM certificate"
+    proc.send_signal(signal.SIGHUP)
+    line = _wait_for_line(log, "reload refused because of the certificate")
+    assert line.endswith("(generation 1, the certificate they have): " + reason + " (-----BEGIN "
+                         "CERTIFICATE-----)"), line
+    r = httpx.post(url + "/v1/reload", headers=AUTH, verify=_trusting(tls), timeout=30)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].endswith(reason + " (-----BEGIN CERTIFICATE-----)"), r.text
+    assert _worker_pids(url, tls, 2) == pids
+    assert {r.json()["generation"] for r in (
+        httpx.get(url + "/healthz", verify=_trusting(tls), timeout=10) for _ in range(4))} == {1}
+    assert _stop(proc) == 0
+    err = log.read_text()
+    assert "replacing the" not in err and "could not be replaced" not in err, err
+    assert PASSWORD not in err and "Traceback" not in err, err
+
+
 def _answer(sock: ssl.SSLSocket, within: float) -> bytes:
     """What the server sends before it closes the TLS connection (it must, within the time)."""
     sock.settimeout(within)
@@ -311,6 +453,18 @@ def test_the_tls_settings_reach_uvicorn(tls: dict[str, Path]) -> None:
                        "ssl_keyfile_password": PASSWORD}  # the first line, without its newline
     assert uvicorn_options((), options)["ssl_keyfile"] == options["ssl_keyfile"]
     assert "ssl_certfile" not in uvicorn_options()
+
+
+def test_the_tls_paths_keep_their_symlinks(tls: dict[str, Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Absolute, not resolved: a reload reads what the link points to then (Let's Encrypt's
+    live/ files are links it moves to each renewal)."""
+    (tmp_path / "cert.pem").symlink_to(tls["server.pem"])
+    (tmp_path / "key.pem").symlink_to(tls["server.key"])
+    monkeypatch.chdir(tmp_path)
+    options = tls_options("cert.pem", "key.pem")
+    assert options == {"ssl_certfile": str(tmp_path / "cert.pem"),
+                       "ssl_keyfile": str(tmp_path / "key.pem")}
 
 
 @pytest.mark.parametrize(("address", "warned"), [

@@ -5,8 +5,8 @@ starts the workers (fresh interpreters), restarts any that die, and on SIGHUP re
 by one, each replacement serving before its predecessor stops: a rolling reload that drops no
 request. The workers share a state directory the parent made (and removes on exit):
 
-- ``settings.json``: the bundle to serve, its generation, the key file, engine and limits; a
-  worker reads it when it starts;
+- ``settings.json``: the bundle to serve, its generation, the key file, engine and limits (and
+  the TLS files' paths); a worker reads it when it starts;
 - ``prometheus/``: every worker's metric values (``/metrics`` adds them up, see ``_metrics``);
 - ``stats/PID.json``: every worker's recent activity, rewritten each second, merged by
   ``/v1/stats`` for the dashboard.
@@ -17,6 +17,9 @@ to replace the workers. SIGHUP sent by an operator re-reads the bundle the same 
 parent writes ``settings.json``: a replacement takes ``reload.json`` (the newest request) when it
 starts, and every SIGHUP queued while one runs is merged into a single replacement after it.
 SIGINT/SIGTERM go ahead of queued reloads and cut a replacement short, so stopping is prompt.
+With TLS the parent checks the certificate and key (and reads the password file) again before a
+replacement, as at start: a pair that cannot work refuses the reload (one warning line) and the
+workers serve on; the worker that gets ``POST /v1/reload`` makes the same check first.
 """
 
 from __future__ import annotations
@@ -131,9 +134,10 @@ def _drain_before_shutdown() -> None:
     request under way. A connection it took a moment before (the client's request in flight, or
     in the socket's buffer unread) is among those: the client gets "server disconnected
     without sending a response", though the other workers would have answered it (2 of 5,613
-    requests sent without pause over 21 reloads, in one measurement). Here the worker first stops taking connections (the listening socket stays open in
-    the other workers, whose queue takes new ones), goes on serving for ``DRAIN_SECONDS``, and
-    only then shuts down as uvicorn does; a request that has begun by then is answered."""
+    requests sent without pause over 21 reloads, in one measurement). Here the worker first
+    stops taking connections (the listening socket stays open in the other workers, whose queue
+    takes new ones), goes on serving for ``DRAIN_SECONDS``, and only then shuts down as uvicorn
+    does; a request that has begun by then is answered."""
     import asyncio
 
     from uvicorn.server import Server
@@ -154,7 +158,7 @@ def _drain_before_shutdown() -> None:
 
 
 def _worker_app() -> Any:
-    from .app import create_app, read_api_key
+    from .app import TlsReload, create_app, read_api_key
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     _drain_before_shutdown()
@@ -166,9 +170,12 @@ def _worker_app() -> Any:
     settings = read_settings(state)
     key = read_api_key(settings["key_file"]) if settings["key_file"] else None
     group = WorkerGroup(state)
+    tls = settings.get("tls")
     app = create_app(settings["bundle"], api_key=key, engine=settings["engine"],
                      limits=Limits(**settings["limits"]), group=group,
-                     generation=int(settings["generation"]))
+                     generation=int(settings["generation"]),
+                     tls=TlsReload(tls["cert"], tls["key"], tls["password_file"]) if tls
+                     else None)
     service = app.state.service
 
     def publish() -> None:
@@ -208,17 +215,20 @@ def _last_words(group: WorkerGroup, stats: Any, pid: int) -> None:
 
 def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, port: int,
                 key_file: str | None, engine: str, limits: Limits,
-                uvicorn_options: dict[str, Any]) -> None:
+                uvicorn_options: dict[str, Any],
+                tls_files: dict[str, str | None] | None = None) -> None:
     """Serve with ``workers`` processes until SIGINT/SIGTERM; SIGHUP reloads them all.
 
     ``uvicorn_options`` reach every worker in uvicorn's ``Config`` (TLS included: each worker
-    loads the certificate and key the parent checked)."""
+    loads the certificate and key the parent checked). ``tls_files``: the ``cert``, ``key`` and
+    ``password_file`` behind them (absolute paths), checked again before every replacement."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
     from uvicorn.supervisors.multiprocess import SIGNALS
 
     from ..errors import DeepwatchError
+    from .app import tls_options
 
     state = Path(tempfile.mkdtemp(prefix="deepwatch-serve-"))
     try:
@@ -227,7 +237,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
         _write_json(state / SETTINGS, {
             "bundle": str(Path(bundle).resolve()), "generation": 1,
             "key_file": str(Path(key_file).resolve()) if key_file else None,
-            "engine": engine, "limits": asdict(limits)})
+            "engine": engine, "limits": asdict(limits), "tls": tls_files})
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "prometheus")
         # the workers share the cores: ONNX Runtime threads per worker, unless set already
         os.environ.setdefault("DEEPWATCH_THREADS",
@@ -291,6 +301,8 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 if self.should_exit.is_set():
                     return
                 before = read_settings(state)
+                if not self._certificate_loads(int(before["generation"])):
+                    return
                 now = {**before, "generation": int(before["generation"]) + 1}
                 asked = take_reload_request(state)
                 if asked is not None:
@@ -313,6 +325,26 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 _write_json(state / SETTINGS, before)
                 if {p.pid for p in self.processes} - old:  # some serve the new one: undo
                     super().restart_all()
+
+            def _certificate_loads(self, generation: int) -> bool:
+                """With TLS: the certificate and key (with the password file, read again) as
+                at start, so that a pair the new workers could not load refuses the reload
+                here, in one line, instead of failing in each of them. A bundle asked for by
+                ``POST /v1/reload`` stays asked for (the next reload takes it)."""
+                if tls_files is None:
+                    return True
+                try:
+                    options = tls_options(tls_files["cert"], tls_files["key"],
+                                          tls_files["password_file"])
+                except DeepwatchError as exc:
+                    self._merged = 0
+                    log.warning("SIGHUP: reload refused because of the certificate, the %d "
+                                "workers serve on (generation %d, the certificate they "
+                                "have): %s", len(self.processes), generation, exc)
+                    return False
+                # the new workers get the password read now (never logged)
+                self.config.ssl_keyfile_password = options.get("ssl_keyfile_password")
+                return True
 
         supervisor = Supervisor(config, sockets=[sock])
         supervisor.run()

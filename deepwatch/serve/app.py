@@ -24,6 +24,7 @@ bytes; the request/response models below only document it in the OpenAPI page.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
@@ -215,12 +216,16 @@ def allowed_hosts_from_env() -> list[str]:
 
 def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: str = "auto",
                limits: Limits | None = None, group: WorkerGroup | None = None,
-               generation: int = 1, allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+               generation: int = 1, allowed_hosts: Iterable[str] | None = None,
+               tls: TlsReload | None = None) -> FastAPI:
     """The REST app serving the bundle at ``bundle_path`` (loaded now: a bad bundle fails here).
 
     ``group``: this app is one of ``serve --workers`` (stats and reloads span the workers).
     ``allowed_hosts``: names besides the loopback ones that requests arriving over loopback
     may carry in ``Host`` (default: ``$DEEPWATCH_ALLOWED_HOSTS``, comma-separated).
+    ``tls``: the server's certificate files, read again by ``POST /v1/reload`` (in one
+    process: loaded into the running server; of several workers: checked before they are
+    replaced).
     """
     service = ScoringService(bundle_path, engine=engine, limits=limits, generation=generation)
     dashboard = resources.files("deepwatch.serve").joinpath("dashboard.html").read_bytes()
@@ -259,9 +264,24 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
             service.metrics.rejected_requests.labels(str(exc.status)).inc()
             return _error(exc.status, exc.reason)
         except DeepwatchError as exc:
-            return _error(422, f"the bundle was not loaded (still serving the previous "
-                               f"one): {exc}")
+            reason = f"the bundle was not loaded (still serving the previous one): {exc}"
+            if tls is None or group is not None:
+                return _error(422, reason)
+            # one process: the certificate is read again all the same (it does not wait on
+            # the bundle), and its outcome told
+            certificate = await run_in_threadpool(tls.renew, "POST /v1/reload")
+            return Response(orjson.dumps({"detail": reason, "certificate": certificate}),
+                            status_code=422, media_type=JSON)
         if group is not None:  # it loads: now every worker moves to it, one by one
+            if tls is not None:  # unless the new workers could not load the certificate
+                try:
+                    await run_in_threadpool(tls.check)
+                except DeepwatchError as exc:
+                    service.metrics.reloads.labels("failed").inc()
+                    log.warning("POST /v1/reload: the workers are not replaced (they serve on "
+                                "with the bundle and certificate they have): %s", exc)
+                    return _error(422, f"the workers were not replaced (they serve on with the "
+                                       f"bundle and certificate they have): {exc}")
             group.reload_all(model.path)
             service.metrics.reloads.labels("ok").inc()
             log.info("replacing the workers to serve %s", model.path)
@@ -269,6 +289,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
         else:
             log.info("reloaded %s (generation %d)", model.path, model.generation)
             answer = {"status": "reloaded", "model": model.describe()}
+            if tls is not None:
+                answer["certificate"] = await run_in_threadpool(tls.renew, "POST /v1/reload")
         return Response(orjson.dumps(answer), media_type=JSON)
 
     @app.get("/healthz", response_model=None, summary="Liveness (no key needed)")
@@ -349,16 +371,19 @@ def read_api_key(path: str | Path) -> str:
     return key
 
 
-def _install_sighup(service: ScoringService) -> None:
-    """SIGHUP re-reads the bundle, in a thread of its own so requests keep being answered."""
+def _install_sighup(service: ScoringService, tls: TlsReload | None = None) -> None:
+    """SIGHUP re-reads the bundle, and the certificate files with ``tls``, in a thread of its
+    own so requests keep being answered (each of the two whether or not the other loads)."""
 
     def reload() -> None:
         try:
             model = service.reload()
         except DeepwatchError as exc:
             log.error("SIGHUP: bundle not reloaded, still serving the previous one: %s", exc)
-            return
-        log.warning("SIGHUP: reloaded %s (generation %d)", model.path, model.generation)
+        else:
+            log.warning("SIGHUP: reloaded %s (generation %d)", model.path, model.generation)
+        if tls is not None:
+            tls.renew("SIGHUP")
 
     def on_hup(signum: int, frame: Any) -> None:
         threading.Thread(target=reload, name="deepwatch-reload", daemon=True).start()
@@ -642,11 +667,80 @@ def tls_options(cert: str | None, key: str | None,
                              ) from None
         raise UsageError(f"--tls-key {key}: the private key cannot be read with the "
                          f"certificate in {cert} ({exc.reason or exc})") from None
-    options: dict[str, Any] = {"ssl_certfile": str(Path(cert).resolve()),
-                               "ssl_keyfile": str(Path(key).resolve())}
+    # absolute, symlinks kept: a reload reads what a link (Let's Encrypt's live/) points to then
+    options: dict[str, Any] = {"ssl_certfile": os.path.abspath(cert),
+                               "ssl_keyfile": os.path.abspath(key)}
     if password is not None:  # (uvicorn passes it to OpenSSL only; it is never logged)
         options["ssl_keyfile_password"] = password
     return options
+
+
+class TlsReload:
+    """``--tls-cert``/``--tls-key`` (and ``--tls-key-password-file``) read again on a reload.
+
+    :meth:`check` reads and checks the files as they are now, as :func:`tls_options` does at
+    start (a pair that cannot work is the same one-line reason). In one process,
+    :meth:`renew` then loads them into the running server's SSL context, the one uvicorn made
+    (caught by :meth:`context_factory`, its ``ssl_context_factory``): new handshakes get the
+    new certificate, connections already open keep theirs. Of ``--workers``, a worker only
+    checks (the parent replaces the workers, which read the files when they start).
+    """
+
+    def __init__(self, cert: str, key: str, password_file: str | None = None) -> None:
+        self.cert, self.key, self.password_file = cert, key, password_file
+        self._context: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def context_factory(self, config: Any, default: Any) -> ssl.SSLContext:
+        """uvicorn's ``ssl_context_factory``: its own context (``default()``), kept here with
+        the event loop that serves it (uvicorn calls this in the loop, as the server starts)."""
+        context: ssl.SSLContext = default()
+        self._context = context
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+        return context
+
+    def check(self) -> dict[str, Any]:
+        """uvicorn's ``ssl_*`` settings for the files as they are now; UsageError or InputError
+        (one line, never the password) when they cannot work."""
+        return tls_options(self.cert, self.key, self.password_file)
+
+    def renew(self, asked_by: str) -> dict[str, Any]:
+        """Check the files, then load them into the running server's context; the outcome
+        (``{"status": "reloaded"}``, or ``"kept"`` with the ``reason``), logged. A pair that
+        fails the check leaves the context alone: new connections still get the certificate
+        before. Call it from a thread other than the event loop's (the loading itself is done
+        in the loop, between handshakes)."""
+        try:
+            options = self.check()
+        except DeepwatchError as exc:
+            log.warning("%s: certificate not reloaded, new connections still get the previous "
+                        "one: %s", asked_by, exc)
+            return {"status": "kept", "reason": str(exc)}
+        loop = self._loop
+        try:
+            if loop is not None and loop.is_running():
+                asyncio.run_coroutine_threadsafe(self._load(options), loop).result(timeout=60)
+            else:  # not serving (yet, or any more): nothing can be handshaking
+                self._load_now(options)
+        except (ssl.SSLError, OSError) as exc:  # the files changed again since the check?
+            log.error("%s: the certificate files passed the check but could not be loaded "
+                      "(%s): new TLS connections may fail until a reload with a good pair",
+                      asked_by, exc)
+            return {"status": "failed",
+                    "reason": f"the files passed the check but could not be loaded: {exc}"}
+        log.info("%s: certificate reloaded from %s (new connections get it, open ones keep "
+                 "theirs)", asked_by, self.cert)
+        return {"status": "reloaded"}
+
+    async def _load(self, options: dict[str, Any]) -> None:
+        self._load_now(options)
+
+    def _load_now(self, options: dict[str, Any]) -> None:
+        if self._context is None:  # the server has not started: it reads the files itself
+            return
+        password = options.get("ssl_keyfile_password")
+        self._context.load_cert_chain(options["ssl_certfile"], options["ssl_keyfile"], password)
 
 
 def cleartext_warning(address: str, tls: bool, proxied: bool = False) -> str | None:
@@ -725,12 +819,20 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
         log.warning("serving %s at %s with %d workers", bundle, url, workers)
         run_workers(bundle, sock, workers, host=host, port=port, key_file=api_key_file,
-                    engine=engine, limits=limits, uvicorn_options=options)
+                    engine=engine, limits=limits, uvicorn_options=options,
+                    tls_files=None if tls_cert is None or tls_key is None else {
+                        "cert": os.path.abspath(tls_cert), "key": os.path.abspath(tls_key),
+                        "password_file": None if tls_key_password_file is None
+                        else os.path.abspath(tls_key_password_file)})
         return
-    app = create_app(bundle, api_key=key, engine=engine, limits=limits)
+    reloader = None if tls_cert is None or tls_key is None else TlsReload(
+        tls_cert, tls_key, tls_key_password_file)
+    app = create_app(bundle, api_key=key, engine=engine, limits=limits, tls=reloader)
+    if reloader is not None:  # uvicorn makes the context; a reload loads new files into it
+        options["ssl_context_factory"] = reloader.context_factory
     config = uvicorn.Config(app, host=host, port=port, **options)
     server = uvicorn.Server(config)
-    _install_sighup(app.state.service)
+    _install_sighup(app.state.service, reloader)
     _exit_cleanly_on_sigterm()
     model = app.state.service.model
     log.warning("serving %s (%s on %s, %s) at %s", model.path, model.detector.kind,
