@@ -6,7 +6,10 @@ Under CI=true a missing data file or optional dependency is a failure, never a s
 from __future__ import annotations
 
 import gzip
+import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +173,42 @@ class ThreadServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+# ---- the Kafka worker's JSON log (test_stream*.py)
+
+def _need_kafka() -> None:
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        need(False, "confluent-kafka")
+        raise
+
+
+@pytest.fixture
+def json_stderr() -> Iterator[None]:
+    """The worker's JSON log on stderr, as ``deepwatch stream`` sets it up; put back after."""
+    from deepwatch.serve._jsonlog import setup
+
+    logger = logging.getLogger("deepwatch")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    setup("info")
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _json_lines(err: str) -> list[dict]:
+    """Every line of ``err`` as JSON; one that is not fails the test, naming it."""
+    docs = []
+    for line in err.splitlines():
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"a line on stderr is not the worker's JSON log: {line[:300]!r}")
+    return docs

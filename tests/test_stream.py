@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, data_file, head_lines, need
+from conftest import ROOT, _json_lines, _need_kafka, data_file, head_lines, need
 
 from deepwatch.cli import main
 from deepwatch.formats import get_format
@@ -481,13 +481,15 @@ def _produce(brokers: str, topic: str, values: list[bytes]) -> None:
     assert producer.flush(30) == 0
 
 
-def _read_all(brokers: str, topic: str) -> list[tuple[int, dict]]:
+def _read_all(brokers: str, topic: str, conf: dict[str, str] | None = None
+              ) -> list[tuple[int, dict]]:
     """Every message of ``topic`` as (key, JSON value): partitions assigned directly (no group),
-    read until quiet for 3 s (Tansu's high watermark lags behind its last batch)."""
+    read until quiet for 3 s (Tansu's high watermark lags behind its last batch). ``conf``:
+    more client settings (TLS)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "test-reader",
-                         "enable.auto.commit": False})
+    consumer = Consumer({**(conf or {}), "bootstrap.servers": brokers,
+                         "group.id": "test-reader", "enable.auto.commit": False})
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         if meta.error is not None:
@@ -1178,43 +1180,6 @@ def test_repeated_unknown_topic_errors_are_said_once() -> None:
 
 
 # --------------------------------------------- unreachable brokers: what a worker says on stderr
-
-
-def _need_kafka() -> None:
-    try:
-        import confluent_kafka  # noqa: F401
-    except ImportError:
-        need(False, "confluent-kafka")
-        raise
-
-
-@pytest.fixture
-def json_stderr() -> Iterator[None]:
-    """The worker's JSON log on stderr, as ``deepwatch stream`` sets it up; put back after."""
-    from deepwatch.serve._jsonlog import setup
-
-    logger = logging.getLogger("deepwatch")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    setup("info")
-    try:
-        yield
-    finally:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
-def _json_lines(err: str) -> list[dict]:
-    """Every line of ``err`` as JSON; one that is not fails the test, naming it."""
-    docs = []
-    for line in err.splitlines():
-        if not line.strip():
-            continue
-        try:
-            docs.append(json.loads(line))
-        except ValueError:
-            pytest.fail(f"a line on stderr is not the worker's JSON log: {line[:300]!r}")
-    return docs
 
 
 @contextmanager

@@ -14,7 +14,6 @@ subjectAltName. Under CI=true a missing ``openssl`` command is a failure, not a 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -28,48 +27,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, need
+from conftest import ROOT, _json_lines, _need_kafka, free_port, need
+from test_stream import _read_all, _wait
 
 from deepwatch.cli import main
 from deepwatch.errors import UsageError
 from deepwatch.serve._kafka_io import kafka_settings, parse_options, read_config
 
 SECRET = "hunter2-s3cret-value"
-
-
-def _need_kafka() -> None:
-    try:
-        import confluent_kafka  # noqa: F401
-    except ImportError:
-        need(False, "confluent-kafka")
-        raise
-
-
-@pytest.fixture
-def json_stderr() -> Iterator[None]:
-    """The worker's JSON log on stderr, as ``deepwatch stream`` sets it up; put back after."""
-    from deepwatch.serve._jsonlog import setup
-
-    logger = logging.getLogger("deepwatch")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    setup("info")
-    try:
-        yield
-    finally:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
-def _json_lines(err: str) -> list[dict]:
-    docs = []
-    for line in err.splitlines():
-        if line.strip():
-            try:
-                docs.append(json.loads(line))
-            except ValueError:
-                pytest.fail(f"a line on stderr is not the worker's JSON log: {line[:300]!r}")
-    return docs
 
 
 def _config(path: Path, text: str | bytes, mode: int = 0o600) -> Path:
@@ -480,34 +445,6 @@ def _committed(conf: dict[str, str], group: str, topic: str) -> int:
         consumer.close()
 
 
-def _read_all(conf: dict[str, str], topic: str) -> list[tuple[int, dict]]:
-    """Every message of ``topic`` as (key, JSON value), read until quiet for 3 s."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    consumer = Consumer({**conf, "group.id": "test-reader", "enable.auto.commit": False})
-    try:
-        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        out: list[tuple[int, dict]] = []
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < 3.0:
-            msgs = consumer.consume(5000, 0.5)
-            if msgs:
-                quiet_since = time.monotonic()
-            out += [(int(m.key() or b""), json.loads(m.value() or b"")) for m in msgs
-                    if m.error() is None]
-        return out
-    finally:
-        consumer.close()
-
-
-def _wait(what: str, cond, timeout: float = 150) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 def _worker(bundle: Path, brokers: str, topic: str, config: Path, log: Path,
             *extra: str) -> subprocess.Popen[bytes]:
     with log.open("wb") as fh:
@@ -592,8 +529,8 @@ def test_the_worker_reads_and_writes_over_tls_with_the_file_and_not_without_its_
             assert proc.poll() is None, log.read_text()[-2000:]
         finally:
             assert _stop(proc) == 0, log.read_text()[-2000:]
-        verdicts = dict(_read_all(conf, f"{topic}.verdicts"))
-        alerts = dict(_read_all(conf, f"{topic}.alerts"))
+        verdicts = dict(_read_all(brokers, f"{topic}.verdicts", conf))
+        alerts = dict(_read_all(brokers, f"{topic}.alerts", conf))
     docs = _json_lines(log.read_text())
     assert not [d for d in docs if d.get("event") in ("kafka_error", "kafka_config_readable")
                 or d["log.level"] in ("warning", "error")], docs
