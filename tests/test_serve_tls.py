@@ -8,6 +8,7 @@ Under CI=true a missing ``openssl`` command is a failure, not a skip (see ``conf
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -465,6 +466,24 @@ def test_the_tls_paths_keep_their_symlinks(tls: dict[str, Path], tmp_path: Path,
     options = tls_options("cert.pem", "key.pem")
     assert options == {"ssl_certfile": str(tmp_path / "cert.pem"),
                        "ssl_keyfile": str(tmp_path / "key.pem")}
+
+
+def test_a_key_others_may_read_is_warned_of(tls: dict[str, Path], tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """As ssh does for a private key: the key (and the file with its password) readable by
+    other users is a warning naming the file and the fix; chmod 600 is quiet."""
+    import shutil
+
+    key = tmp_path / "server.key"
+    shutil.copy(tls["server.key"], key)
+    for mode, warned in ((0o600, False), (0o640, True), (0o604, True)):
+        key.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepwatch.serve"):
+            tls_options(str(tls["server.pem"]), str(key))
+        said = [r.getMessage() for r in caplog.records if "may be read" in r.getMessage()]
+        assert said == ([f"--tls-key {key} may be read by other users (mode {mode:04o}): "
+                         f"chmod 600 {key}"] if warned else []), said
 
 
 @pytest.mark.parametrize(("address", "warned"), [

@@ -614,6 +614,22 @@ def _read_key_password(path: str) -> str:
     return password
 
 
+def _warn_if_others_read(files: list[tuple[str, str | None]]) -> None:
+    """A warning for each secret file (the private key, its password) that users other than
+    its owner may read, as ssh gives for a private key: the key lets anyone pose as this
+    service."""
+    for option, path in files:
+        if path is None:
+            continue
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            continue  # (reading it says what is wrong)
+        if mode & 0o077:
+            log.warning("%s %s may be read by other users (mode %04o): chmod 600 %s",
+                        option, path, mode, path)
+
+
 def tls_options(cert: str | None, key: str | None,
                 password_file: str | None = None) -> dict[str, Any]:
     """uvicorn's ``ssl_*`` settings for ``serve --tls-cert/--tls-key`` ({} for neither),
@@ -633,6 +649,7 @@ def tls_options(cert: str | None, key: str | None,
     password = _read_key_password(password_file) if password_file is not None else None
     cert_pem = _read_tls_file(cert, "--tls-cert")
     key_pem = _read_tls_file(key, "--tls-key")
+    _warn_if_others_read([("--tls-key", key), ("--tls-key-password-file", password_file)])
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     if b"CERTIFICATE-----" not in cert_pem:
         raise UsageError(f"--tls-cert {cert} holds no PEM certificate (-----BEGIN "
