@@ -36,6 +36,7 @@ from deepwatch.serve.app import (  # noqa: E402
 KEY = "tls-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PASSWORD = "correct horse battery staple"
+RENEWED_PASSWORD = "Tr0ub4dor&3 for the renewal"
 SERVER_EXT = """\
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
@@ -57,7 +58,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A throwaway CA, a server certificate it signed for 127.0.0.1 and localhost, the server's
     key (plain, and encrypted with a password file), another key, a file that is not PEM, the
     API key file, and a renewal: a second certificate for the same names (another serial and
-    subject) with its own key."""
+    subject) with its own key (plain, and encrypted with another password)."""
     need(shutil.which("openssl") is not None, "the openssl command (apt-get install openssl)")
     d = tmp_path_factory.mktemp("tls")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
@@ -78,6 +79,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (d / "password.txt").write_text(PASSWORD + "\n")
     _openssl("pkey", "-in", "server.key", "-aes256", "-passout", "file:password.txt", "-out",
              "server-encrypted.key", cwd=d)
+    (d / "renewed-password.txt").write_text(RENEWED_PASSWORD + "\n")
+    _openssl("pkey", "-in", "renewed.key", "-aes256", "-passout", "file:renewed-password.txt",
+             "-out", "renewed-encrypted.key", cwd=d)
     (d / "wrong-password.txt").write_text("not-the-password-4711\n")
     _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out",
              "other.key", cwd=d)
@@ -86,7 +90,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (d / "api.key").write_text(KEY + "\n")
     names = ["ca.pem", "server.pem", "server.key", "server-encrypted.key", "password.txt",
              "wrong-password.txt", "other.key", "not-pem.txt", "empty.txt", "api.key",
-             "renewed.pem", "renewed.key"]
+             "renewed.pem", "renewed.key", "renewed-encrypted.key", "renewed-password.txt"]
     return {name: d / name for name in names}
 
 
@@ -358,6 +362,94 @@ def test_workers_are_not_replaced_for_a_certificate_that_cannot_work(
     err = log.read_text()
     assert "replacing the" not in err and "could not be replaced" not in err, err
     assert PASSWORD not in err and "Traceback" not in err, err
+
+
+def _repoint(link: Path, target: str) -> None:
+    """Point the symlink ``link`` at ``target`` as certbot does: a new link made beside it, then
+    renamed over it (a reader finds the old target or the new one, never no file)."""
+    tmp = link.with_name(f".{link.name}.new")
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+@pytest.mark.slow
+def test_workers_serve_a_certificate_renewed_behind_symlinks(
+        kdd_bundle: Path, tls: dict[str, Path], lines: list[str], tmp_path: Path,
+        started: list[subprocess.Popen[bytes]]) -> None:
+    """--workers 2, renewed as certbot does it: --tls-cert and --tls-key are live/ links to
+    archive/ files; the renewal writes archive/cert2.pem and key2.pem (here also a key
+    encrypted with a new password, written to the password file) and repoints the links. After
+    SIGHUP every worker is replaced and each new one serves the renewed certificate (the links
+    are followed when a worker starts, not resolved once at start-up); no password is logged."""
+    live, archive = tmp_path / "live", tmp_path / "archive"
+    live.mkdir()
+    archive.mkdir()
+
+    def archived(name: str, src: Path) -> None:
+        shutil.copyfile(src, archive / name)
+        (archive / name).chmod(0o600)
+
+    archived("cert1.pem", tls["server.pem"])
+    archived("key1.pem", tls["server-encrypted.key"])
+    (live / "cert.pem").symlink_to("../archive/cert1.pem")
+    (live / "key.pem").symlink_to("../archive/key1.pem")
+    password = tmp_path / "key-password.txt"
+    password.write_text(PASSWORD + "\n")
+    password.chmod(0o600)
+    log = tmp_path / "serve.log"
+    proc, port = _serve(kdd_bundle, log, "--workers", "2", "--tls-cert", live / "cert.pem",
+                        "--tls-key", live / "key.pem", "--tls-key-password-file", password,
+                        "--api-key-file", tls["api.key"])
+    started.append(proc)
+    url = f"https://127.0.0.1:{port}"
+    _wait_healthy(url, proc, log, _trusting(tls))
+
+    first, renewed = _der(tls["server.pem"]), _der(tls["renewed.pem"])
+    assert first != renewed
+    names = {first: "first", renewed: "renewed"}
+
+    def presented_by_every_worker() -> dict[int, set[str]]:
+        """The certificates (first, renewed) fresh connections were given, by the pid of the
+        worker that answered, over at least 6 connections and until both workers answered."""
+        seen: dict[int, set[str]] = {}
+        for n in range(200):
+            with httpx.Client(base_url=url, verify=_trusting(tls), timeout=30) as c:
+                r = c.get("/healthz")
+                der = r.extensions["network_stream"].get_extra_info("ssl_object").getpeercert(True)
+            assert r.status_code == 200, r.text
+            seen.setdefault(r.json()["pid"], set()).add(names.get(der, "another"))
+            if n >= 5 and len(seen) == 2:
+                return seen
+        raise AssertionError(f"only the workers {set(seen)} answered")
+
+    before = presented_by_every_worker()
+    assert all(got == {"first"} for got in before.values()), before
+
+    archived("cert2.pem", tls["renewed.pem"])
+    archived("key2.pem", tls["renewed-encrypted.key"])
+    _repoint(live / "cert.pem", "../archive/cert2.pem")
+    _repoint(live / "key.pem", "../archive/key2.pem")
+    new_password = tmp_path / ".key-password.txt.new"
+    new_password.write_text(RENEWED_PASSWORD + "\n")
+    new_password.chmod(0o600)
+    os.replace(new_password, password)
+    assert (archive / "cert1.pem").exists()  # the old files stay, as certbot keeps them
+
+    proc.send_signal(signal.SIGHUP)
+    _wait_for_line(log, "SIGHUP: every worker replaced")
+    after = presented_by_every_worker()
+    assert not set(after) & set(before), (before, after)  # fresh workers answer, only they
+    assert all(got == {"renewed"} for got in after.values()), after  # each worker
+    with httpx.Client(base_url=url, verify=_trusting(tls), headers=AUTH, timeout=30) as c:
+        assert _presented(c) == renewed
+        r = c.post("/v1/score", json={"records": lines})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"]) == len(lines)
+    assert _stop(proc) == 0
+    err = log.read_text()
+    assert "(generation 2)" in err and "reload refused" not in err, err
+    assert PASSWORD not in err and RENEWED_PASSWORD not in err, err
+    assert "Traceback" not in err, err
 
 
 def _answer(sock: ssl.SSLSocket, within: float) -> bytes:
