@@ -283,6 +283,7 @@ def test_metrics_count_records_requests_and_latency(client: httpx.Client,
     assert 'deepwatch_model_info{engine="onnxruntime:CPU",format="kdd",kind="mlp"} 1.0' in text
     names = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if not ln.startswith("#")}
     assert all(n.startswith("deepwatch_") for n in names), names
+    assert "tls_certificate" not in text  # no TLS: no expiry series (a 0 would read as expired)
 
 
 def test_stats_feed_the_dashboard(client: httpx.Client, lines: list[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,7 @@ from conftest import ThreadServer, free_port, need
 
 pytest.importorskip("uvicorn")
 from deepwatch.serve import app as app_module  # noqa: E402
+from deepwatch.serve._x509 import validity, validity_warning  # noqa: E402
 from deepwatch.serve.app import (  # noqa: E402
     cleartext_warning,
     create_app,
@@ -58,23 +61,29 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A throwaway CA, a server certificate it signed for 127.0.0.1 and localhost, the server's
     key (plain, and encrypted with a password file), another key, a file that is not PEM, the
     API key file, and a renewal: a second certificate for the same names (another serial and
-    subject) with its own key (plain, and encrypted with another password)."""
+    subject) with its own key (plain, and encrypted with another password). The CA and those
+    two certificates are valid for 90 days; two more of server.key's expire in 3 days and
+    expired a day before they were made."""
     need(shutil.which("openssl") is not None, "the openssl command (apt-get install openssl)")
     d = tmp_path_factory.mktemp("tls")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "90",
              "-subj", "/CN=deepwatch test CA", "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
     _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1",
              cwd=d)
     (d / "server.ext").write_text(SERVER_EXT)
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
+             "-CAcreateserial", "-out", "server.pem", "-days", "90", "-extfile", "server.ext",
              cwd=d)
+    for name, days in (("expiring.pem", "3"), ("expired.pem", "-1")):  # server.key's too
+        _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAserial", "ca.srl", "-out", name, "-days", days, "-extfile", "server.ext",
+                 cwd=d)
     _openssl("req", *ec, "-keyout", "renewed.key", "-out", "renewed.csr", "-subj",
              "/CN=127.0.0.1 renewed", cwd=d)
     _openssl("x509", "-req", "-in", "renewed.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAserial", "ca.srl", "-out", "renewed.pem", "-days", "2", "-extfile",
+             "-CAserial", "ca.srl", "-out", "renewed.pem", "-days", "90", "-extfile",
              "server.ext", cwd=d)
     (d / "password.txt").write_text(PASSWORD + "\n")
     _openssl("pkey", "-in", "server.key", "-aes256", "-passout", "file:password.txt", "-out",
@@ -90,7 +99,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (d / "api.key").write_text(KEY + "\n")
     names = ["ca.pem", "server.pem", "server.key", "server-encrypted.key", "password.txt",
              "wrong-password.txt", "other.key", "not-pem.txt", "empty.txt", "api.key",
-             "renewed.pem", "renewed.key", "renewed-encrypted.key", "renewed-password.txt"]
+             "renewed.pem", "renewed.key", "renewed-encrypted.key", "renewed-password.txt",
+             "expiring.pem", "expired.pem"]
     return {name: d / name for name in names}
 
 
@@ -195,7 +205,9 @@ def test_https_serves_the_api_metrics_and_dashboard(kdd_bundle: Path, tls: dict[
     _wait_healthy(url, proc, log, _trusting(tls))
     _check_https(url, port, tls, lines)
     with httpx.Client(base_url=url, verify=_trusting(tls), headers=AUTH, timeout=30) as c:
-        assert 'deepwatch_records_total{outcome="scored"} 50.0' in c.get("/metrics").text
+        metrics = c.get("/metrics").text
+        assert 'deepwatch_records_total{outcome="scored"} 50.0' in metrics
+        assert _expiry_gauge(metrics) == _not_after(tls["server.pem"])
         page = c.get("/")
         assert page.status_code == 200 and 'fetch("/v1/stats"' in page.text
         assert "http://" not in page.text and "ws://" not in page.text  # relative: https too
@@ -205,6 +217,22 @@ def test_https_serves_the_api_metrics_and_dashboard(kdd_bundle: Path, tls: dict[
     err = log.read_text()
     assert f"at https://0.0.0.0:{port}/" in err, err
     assert "clear text" not in err and "Traceback" not in err, err
+    assert "expires on" not in err and "expired on" not in err, err  # 90 days left
+
+
+def _not_after(pem: Path) -> float:
+    """The certificate's notAfter as the ``openssl`` command reads it, a Unix time."""
+    r = subprocess.run(["openssl", "x509", "-in", str(pem), "-noout", "-enddate"],
+                       capture_output=True, text=True, timeout=60, check=True)
+    text = r.stdout.strip().removeprefix("notAfter=")
+    return ssl.cert_time_to_seconds(text)
+
+
+def _expiry_gauge(metrics: str) -> float | None:
+    name = "deepwatch_tls_certificate_expiry_timestamp_seconds "
+    found = [ln for ln in metrics.splitlines() if ln.startswith(name)]
+    assert len(found) <= 1, found
+    return float(found[0][len(name):]) if found else None
 
 
 @pytest.mark.slow
@@ -223,6 +251,8 @@ def test_https_with_two_workers_and_an_encrypted_key(kdd_bundle: Path, tls: dict
     pids = {httpx.get(url + "/healthz", verify=_trusting(tls), timeout=10).json()["pid"]
             for _ in range(12)}
     assert proc.pid not in pids  # the workers answer, each over TLS
+    metrics = httpx.get(url + "/metrics", verify=_trusting(tls), headers=AUTH, timeout=10).text
+    assert _expiry_gauge(metrics) == _not_after(tls["server.pem"])  # the workers' together
     assert _stop(proc) == 0
     err = log.read_text()
     assert "with 2 workers" in err and f"at https://127.0.0.1:{port}/" in err, err
@@ -271,18 +301,25 @@ def test_a_reload_loads_a_renewed_certificate_and_refuses_a_broken_one(
     connections still get the last good certificate."""
     live = tmp_path / "live"
     live.mkdir()
-    _put_in_place(live, cert=tls["server.pem"], key=tls["server.key"])
+    _put_in_place(live, cert=tls["expiring.pem"], key=tls["server.key"])
     log = tmp_path / "serve.log"
     proc, port = _serve(kdd_bundle, log, "--tls-cert", live / "cert.pem", "--tls-key",
                         live / "key.pem", "--api-key-file", tls["api.key"])
     started.append(proc)
     url = f"https://127.0.0.1:{port}"
     _wait_healthy(url, proc, log, _trusting(tls))
+    # the certificate at start expires in 3 days: said in the log and given by /metrics
+    assert f"--tls-cert {live / 'cert.pem'} expires on " in log.read_text()
 
     def fresh() -> httpx.Client:
         return httpx.Client(base_url=url, verify=_trusting(tls), headers=AUTH, timeout=30)
 
-    first, renewed = _der(tls["server.pem"]), _der(tls["renewed.pem"])
+    def expiry() -> float | None:
+        with fresh() as c:
+            return _expiry_gauge(c.get("/metrics").text)
+
+    assert expiry() == _not_after(tls["expiring.pem"])
+    first, renewed = _der(tls["expiring.pem"]), _der(tls["renewed.pem"])
     assert first != renewed
     with fresh() as old:
         assert _presented(old) == first
@@ -296,6 +333,7 @@ def test_a_reload_loads_a_renewed_certificate_and_refuses_a_broken_one(
             assert _presented(new) == renewed
         assert _presented(old) == first  # the same connection: its handshake is done
     assert "POST /v1/reload: certificate reloaded from" in log.read_text()
+    assert expiry() == _not_after(tls["renewed.pem"])  # the renewal's, 90 days on
 
     _put_in_place(live, key=tls["other.key"])  # not the certificate's key
     reason = (f"--tls-key {live / 'key.pem'} is not the private key of the certificate in "
@@ -313,6 +351,7 @@ def test_a_reload_loads_a_renewed_certificate_and_refuses_a_broken_one(
     with fresh() as new:
         assert _presented(new) == renewed
         assert new.post("/v1/score", json={"records": []}).status_code == 200
+    assert expiry() == _not_after(tls["renewed.pem"])  # the certificate still served
     assert _stop(proc) == 0
     assert "Traceback" not in log.read_text()
 
@@ -364,6 +403,47 @@ def test_workers_are_not_replaced_for_a_certificate_that_cannot_work(
     assert PASSWORD not in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
+def test_a_worker_killed_outright_leaves_no_certificate_expiry_behind(
+        kdd_bundle: Path, tls: dict[str, Path], tmp_path: Path,
+        started: list[subprocess.Popen[bytes]]) -> None:
+    """--workers 2: each worker killed with SIGKILL (it cannot drop its own gauges) is started
+    again by the parent, and reads the certificate files as they are then (here renewed, with
+    no reload asked for). Once both are new, /metrics gives the renewed certificate's expiry
+    alone: the parent dropped the killed workers' values, which would otherwise hold the
+    soonest expiry (the old certificate's) in it for as long as the server runs."""
+    live = tmp_path / "live"
+    live.mkdir()
+    _put_in_place(live, cert=tls["expiring.pem"], key=tls["server.key"])
+    log = tmp_path / "serve.log"
+    proc, port = _serve(kdd_bundle, log, "--workers", "2", "--tls-cert", live / "cert.pem",
+                        "--tls-key", live / "key.pem", "--api-key-file", tls["api.key"])
+    started.append(proc)
+    url = f"https://127.0.0.1:{port}"
+    _wait_healthy(url, proc, log, _trusting(tls))
+
+    def expiry() -> float | None:
+        return _expiry_gauge(httpx.get(url + "/metrics", verify=_trusting(tls), headers=AUTH,
+                                       timeout=10).text)
+
+    assert expiry() == _not_after(tls["expiring.pem"])
+    _put_in_place(live, cert=tls["renewed.pem"], key=tls["renewed.key"])
+    first = _worker_pids(url, tls, 2)
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:  # until two workers answer, the killed one not among them
+            answering = {httpx.get(url + "/healthz", verify=_trusting(tls),
+                                   timeout=10).json()["pid"] for _ in range(30)}
+            if len(answering) == 2 and pid not in answering:
+                break
+            assert time.monotonic() < deadline, f"worker {pid} was not started again"
+            time.sleep(0.2)
+    assert not _worker_pids(url, tls, 2) & first
+    assert expiry() == _not_after(tls["renewed.pem"])
+    assert _stop(proc) == 0
+
+
 def _repoint(link: Path, target: str) -> None:
     """Point the symlink ``link`` at ``target`` as certbot does: a new link made beside it, then
     renamed over it (a reader finds the old target or the new one, never no file)."""
@@ -389,7 +469,7 @@ def test_workers_serve_a_certificate_renewed_behind_symlinks(
         shutil.copyfile(src, archive / name)
         (archive / name).chmod(0o600)
 
-    archived("cert1.pem", tls["server.pem"])
+    archived("cert1.pem", tls["expiring.pem"])  # renewed in time: 3 days left
     archived("key1.pem", tls["server-encrypted.key"])
     (live / "cert.pem").symlink_to("../archive/cert1.pem")
     (live / "key.pem").symlink_to("../archive/key1.pem")
@@ -404,9 +484,15 @@ def test_workers_serve_a_certificate_renewed_behind_symlinks(
     url = f"https://127.0.0.1:{port}"
     _wait_healthy(url, proc, log, _trusting(tls))
 
-    first, renewed = _der(tls["server.pem"]), _der(tls["renewed.pem"])
+    first, renewed = _der(tls["expiring.pem"]), _der(tls["renewed.pem"])
     assert first != renewed
     names = {first: "first", renewed: "renewed"}
+
+    def expiry() -> float | None:
+        return _expiry_gauge(httpx.get(url + "/metrics", verify=_trusting(tls), headers=AUTH,
+                                       timeout=10).text)
+
+    assert expiry() == _not_after(tls["expiring.pem"])
 
     def presented_by_every_worker() -> dict[int, set[str]]:
         """The certificates (first, renewed) fresh connections were given, by the pid of the
@@ -440,6 +526,7 @@ def test_workers_serve_a_certificate_renewed_behind_symlinks(
     after = presented_by_every_worker()
     assert not set(after) & set(before), (before, after)  # fresh workers answer, only they
     assert all(got == {"renewed"} for got in after.values()), after  # each worker
+    assert expiry() == _not_after(tls["renewed.pem"])  # the replaced workers' value is gone
     with httpx.Client(base_url=url, verify=_trusting(tls), headers=AUTH, timeout=30) as c:
         assert _presented(c) == renewed
         r = c.post("/v1/score", json={"records": lines})
@@ -546,6 +633,60 @@ def test_the_tls_settings_reach_uvicorn(tls: dict[str, Path]) -> None:
                        "ssl_keyfile_password": PASSWORD}  # the first line, without its newline
     assert uvicorn_options((), options)["ssl_keyfile"] == options["ssl_keyfile"]
     assert "ssl_certfile" not in uvicorn_options()
+
+
+def test_a_certificate_validity_is_read_as_openssl_reads_it(tls: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """Of the file's first certificate (the server's; a chain follows it); damaged DER is a
+    ValueError (the caller then leaves the judging to OpenSSL), never another exception."""
+    for name in ("server.pem", "expiring.pem", "expired.pem", "ca.pem"):
+        pem = tls[name].read_bytes()
+        r = subprocess.run(["openssl", "x509", "-noout", "-startdate", "-enddate"], input=pem,
+                           capture_output=True, timeout=60, check=True)
+        dates = dict(ln.split("=", 1) for ln in r.stdout.decode().splitlines())
+        got = validity(pem)
+        assert [t.timestamp() for t in got] == [ssl.cert_time_to_seconds(dates["notBefore"]),
+                                                ssl.cert_time_to_seconds(dates["notAfter"])]
+    chain = tls["expiring.pem"].read_bytes() + tls["ca.pem"].read_bytes()
+    assert validity(chain) == validity(tls["expiring.pem"].read_bytes())
+    der = ssl.PEM_cert_to_DER_cert(tls["server.pem"].read_text())
+    for cut in (0, 1, 2, 5, 40, 150, 200):
+        damaged = ssl.DER_cert_to_PEM_cert(der[:cut]).encode()
+        with pytest.raises(ValueError):
+            validity(damaged)
+    with pytest.raises(ValueError):
+        validity(b"no certificate here")
+
+
+def test_a_certificate_expired_soon_to_expire_or_not_yet_valid_is_warned_of(
+        tls: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """At start and on each reload (both go through tls_options): a warning with the date and
+    what to do. The server still starts: a warning, not an error, as nginx does (a restart does
+    not take the service down over a certificate that clients may still be given)."""
+    warned = {}
+    for name in ("server.pem", "expiring.pem", "expired.pem"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepwatch.serve"):
+            options = tls_options(str(tls[name]), str(tls["server.key"]))
+        assert options["ssl_certfile"] == str(tls[name].resolve())
+        warned[name] = [r.getMessage() for r in caplog.records]
+    assert warned["server.pem"] == []
+    (soon,) = warned["expiring.pem"]
+    assert soon.startswith(f"--tls-cert {tls['expiring.pem']} expires on "), soon
+    assert re.search(r"UTC, in (2\.9|3\.0) days: ", soon), soon  # made 3 days before
+    assert soon.endswith("days: renew it, then reload (SIGHUP or POST /v1/reload)"), soon
+    (expired,) = warned["expired.pem"]
+    assert expired.startswith(f"--tls-cert {tls['expired.pem']} expired on ")
+    assert "clients will refuse the connection" in expired, expired
+    not_before, not_after = validity(tls["server.pem"].read_bytes())
+    early = validity_warning("--tls-cert", "c.pem", not_before, not_after,
+                             now=not_before - timedelta(hours=1))
+    assert early is not None and early.startswith(
+        f"--tls-cert c.pem is not valid until {not_before:%Y-%m-%d %H:%M} UTC")
+    assert "clock" in early
+    at = {days: validity_warning("--tls-cert", "c.pem", not_before, not_after,
+                                 now=not_after - timedelta(days=days)) for days in (15, 13.9)}
+    assert at[15] is None and at[13.9] is not None and "in 13.9 days" in at[13.9]
 
 
 def test_the_tls_paths_keep_their_symlinks(tls: dict[str, Path], tmp_path: Path,

@@ -62,6 +62,7 @@ class Metrics:
         self.model_loaded = Gauge("deepwatch_model_loaded_timestamp_seconds",
                                   "When the model being served was loaded", registry=r,
                                   multiprocess_mode="livemax")
+        self._certificate_expiry: Gauge | None = None  # made by set_certificate_expiry
         self._model_labels: tuple[str, str, str] | None = None
         for outcome in ("scored", "rejected"):
             self.records.labels(outcome)
@@ -74,6 +75,17 @@ class Metrics:
         self._model_labels = (kind, fmt, engine)
         self.model_info.labels(kind, fmt, engine).set(1)
         self.model_loaded.set(loaded_at)
+
+    def set_certificate_expiry(self, timestamp: float) -> None:
+        """With ``--tls-cert``: when the certificate served expires, as a Unix time (an alert
+        rule compares it with ``time()``). Across workers the soonest of the live ones. Without
+        TLS there is no such series at all (a 0 would read as long expired)."""
+        if self._certificate_expiry is None:
+            self._certificate_expiry = Gauge(
+                "deepwatch_tls_certificate_expiry_timestamp_seconds",
+                "When the TLS certificate served expires (its notAfter)",
+                registry=self.registry, multiprocess_mode="livemin")
+        self._certificate_expiry.set(timestamp)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         label = path if path in KNOWN_PATHS else "other"

@@ -24,7 +24,6 @@ workers serve on; the worker that gets ``POST /v1/reload`` makes the same check 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -198,13 +197,27 @@ def _worker_app() -> Any:
     group.publish_stats(service.stats.raw())
     threading.Thread(target=publish, name="deepwatch-stats", daemon=True).start()
     threading.Thread(target=orphaned, name="deepwatch-orphan", daemon=True).start()
-    atexit.register(_last_words, group, service.stats, os.getpid())
+    app.router.lifespan_context = _on_shutdown(group, service.stats)
     return app
+
+
+def _on_shutdown(group: WorkerGroup, stats: Any) -> Any:
+    """The worker's lifespan: its last words as uvicorn shuts it down (after the drain). Not
+    ``atexit``: uvicorn raises the stop signal again once it has shut down, and the signal's
+    default action ends the process without running exit handlers."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> Any:
+        yield
+        _last_words(group, stats, os.getpid())
+
+    return lifespan
 
 
 def _last_words(group: WorkerGroup, stats: Any, pid: int) -> None:
     """A stopping worker's final activity for the dashboard, and its live gauges dropped from
-    ``/metrics`` (the model it served)."""
+    ``/metrics`` (the model it served, its certificate's expiry). A worker that dies without
+    them has its gauges dropped by the parent (``_forget_gone_workers``)."""
     from prometheus_client import multiprocess
 
     with contextlib.suppress(OSError):
@@ -295,6 +308,24 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                     if handler is not None:
                         handler()
 
+            def keep_subprocess_alive(self) -> None:
+                super().keep_subprocess_alive()
+                self._forget_gone_workers()
+
+            def _forget_gone_workers(self) -> None:
+                """Drop from ``/metrics`` the live gauges (model served, certificate expiry)
+                of workers that are no longer ours: replaced, stopped or dead (a worker
+                killed outright cannot drop its own). Run in the thread that replaces
+                workers, so a new worker is never taken for a gone one."""
+                from prometheus_client import multiprocess
+
+                ours = {p.pid for p in self.processes}
+                for db in (state / "prometheus").glob("gauge_live*_*.db"):
+                    pid = db.stem.rsplit("_", 1)[-1]
+                    if pid.isdigit() and int(pid) not in ours:
+                        with contextlib.suppress(OSError):
+                            multiprocess.mark_process_dead(int(pid), str(state / "prometheus"))
+
             def handle_hup(self) -> None:
                 """Replace every worker; where some cannot start (uvicorn then stops
                 replacing), go back to the settings before, so all serve one model."""
@@ -314,6 +345,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                             f" ({merged} SIGHUPs merged)" if merged > 1 else "")
                 old = {p.pid for p in self.processes}
                 super().handle_hup()
+                self._forget_gone_workers()
                 if self.should_exit.is_set():
                     return
                 if not {p.pid for p in self.processes} & old:

@@ -34,7 +34,8 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ from ._service import MAX_CONCURRENT_REQUESTS as MAX_CONCURRENT_REQUESTS  # re-e
 from ._service import Limits, ScoringService
 from ._stats import merged_snapshot
 from ._workers import WorkerGroup
+from ._x509 import validity, validity_warning
 
 log = logging.getLogger("deepwatch.serve")
 JSON = "application/json"
@@ -232,6 +234,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
     app = FastAPI(title="deepwatch", version=__version__, redoc_url=None,
                   description="Scores network records with a trained deepwatch bundle.")
     app.state.service = service
+    if tls is not None:
+        tls.on_expiry(lambda at: service.metrics.set_certificate_expiry(at.timestamp()))
 
     @app.post("/v1/score", response_model=None, openapi_extra=_body_doc(ScoreRequest),
               responses={200: {"model": ScoreResponse}, 400: {}, 401: {}, 408: {}, 413: {},
@@ -684,12 +688,26 @@ def tls_options(cert: str | None, key: str | None,
                              ) from None
         raise UsageError(f"--tls-key {key}: the private key cannot be read with the "
                          f"certificate in {cert} ({exc.reason or exc})") from None
+    validity = certificate_validity(cert_pem)
+    warning = None if validity is None else validity_warning("--tls-cert", cert, *validity)
+    if warning is not None:
+        log.warning("%s", warning)
     # absolute, symlinks kept: a reload reads what a link (Let's Encrypt's live/) points to then
     options: dict[str, Any] = {"ssl_certfile": os.path.abspath(cert),
                                "ssl_keyfile": os.path.abspath(key)}
     if password is not None:  # (uvicorn passes it to OpenSSL only; it is never logged)
         options["ssl_keyfile_password"] = password
     return options
+
+
+def certificate_validity(pem: bytes) -> tuple[datetime, datetime] | None:
+    """When the first certificate of ``pem`` is valid (from, to), or None where its validity
+    cannot be read (OpenSSL, which has loaded it, is then the judge)."""
+    try:
+        return validity(pem)
+    except ValueError as exc:
+        log.debug("the certificate's validity could not be read: %s", exc)
+        return None
 
 
 class TlsReload:
@@ -707,6 +725,26 @@ class TlsReload:
         self.cert, self.key, self.password_file = cert, key, password_file
         self._context: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: called with the served certificate's expiry (its notAfter) now and after each
+        #: reload that loads one (the app's ``/metrics`` gauge)
+        self._on_expiry: Callable[[datetime], None] | None = None
+
+    def on_expiry(self, call: Callable[[datetime], None]) -> None:
+        """Call ``call`` with the expiry of the certificate in the files now (what this server
+        loads as it starts), and again after each reload that loads a new one."""
+        self._on_expiry = call
+        self._tell_expiry()
+
+    def _tell_expiry(self) -> None:
+        if self._on_expiry is None:
+            return
+        try:
+            pem = Path(self.cert).read_bytes()
+        except OSError:
+            return
+        found = certificate_validity(pem)
+        if found is not None:
+            self._on_expiry(found[1])
 
     def context_factory(self, config: Any, default: Any) -> ssl.SSLContext:
         """uvicorn's ``ssl_context_factory``: its own context (``default()``), kept here with
@@ -748,6 +786,7 @@ class TlsReload:
                     "reason": f"the files passed the check but could not be loaded: {exc}"}
         log.info("%s: certificate reloaded from %s (new connections get it, open ones keep "
                  "theirs)", asked_by, self.cert)
+        self._tell_expiry()
         return {"status": "reloaded"}
 
     async def _load(self, options: dict[str, Any]) -> None:
