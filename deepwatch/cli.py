@@ -224,8 +224,10 @@ def score(
         report = score_spark(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, master=master)
     elif engine == "local":
+        from .errors import stop_on_sigterm
         from .scoring import score_files
 
+        stop_on_sigterm()  # the output is closed whole (Parquet's footer written), said partial
         report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, engine=backend, progress=_progress(),
                              lakes=lake or [], cluster=cluster, explain=explain)
@@ -384,7 +386,13 @@ def _register_optional() -> None:
 
 class _Interrupted(Exception):
     """Ctrl-C inside a command. Typer turns a KeyboardInterrupt into a silent exit 130; this
-    carries it past typer to :func:`main`, which says so in one line."""
+    carries it past typer to :func:`main`, which says so in one line (with what was kept, when
+    the command said: :class:`~deepwatch.errors.Interrupted`)."""
+
+    def __init__(self, detail: str | None = None, terminated: bool = False):
+        super().__init__(detail)
+        self.detail = detail
+        self.terminated = terminated
 
 
 def _interruptible(fn: Any) -> Any:
@@ -392,8 +400,9 @@ def _interruptible(fn: Any) -> Any:
     def command(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            raise _Interrupted() from None
+        except KeyboardInterrupt as exc:
+            raise _Interrupted(getattr(exc, "detail", None),
+                               getattr(exc, "terminated", False)) from None
 
     command._deepwatch_interruptible = True  # type: ignore[attr-defined]
     return command
@@ -437,9 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     except DeepwatchError as exc:
         _err(f"error: {exc}")
         return exc.exit_code
-    except _Interrupted:
-        _err("interrupted")
-        return 130
+    except _Interrupted as exc:  # exit status as a shell gives for the signal: 128 + its number
+        word, code = ("terminated", 143) if exc.terminated else ("interrupted", 130)
+        _err(word if exc.detail is None else f"{word}: {exc.detail}")
+        return code
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except typer.Abort:

@@ -63,3 +63,26 @@ def first_line(exc: BaseException, limit: int = 300, default: str | None = None)
     if not text:
         return type(exc).__name__ if default is None else default
     return text.splitlines()[0][:limit]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), or SIGTERM where a command takes it as one (``terminated``; see
+    :func:`stop_on_sigterm`), once a run has said what it kept: ``detail`` is that, for the
+    one-line report (``interrupted: DETAIL``, ``terminated: DETAIL``)."""
+
+    def __init__(self, detail: str | None = None, terminated: bool = False):
+        super().__init__(detail)
+        self.detail = detail
+        self.terminated = terminated
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM (a job scheduler's stop, ``timeout``, ``kill``) stops the command as
+    Ctrl-C does, through its clean-up (an output closed whole and said to be partial, a lake
+    rolled back), instead of ending the process mid-write. Main thread only."""
+    import signal
+
+    def terminated(_signum: int, _frame: object) -> None:
+        raise Interrupted(terminated=True)
+
+    signal.signal(signal.SIGTERM, terminated)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._line_cache import ScoredLineCache
-from .errors import DeepwatchError, OutputError, UsageError
+from .errors import DeepwatchError, Interrupted, OutputError, UsageError
 from .formats import Format, get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink
@@ -88,6 +88,12 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
         if sink.rows and out != "-" and not isinstance(exc, OutputError):
             exc.args = (f"{exc}; the {sink.rows:,} rows scored before it are kept in {out}, "
                         "which is incomplete",)
+        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: as for an error, rows kept are partial
+        if sink.rows and out != "-":
+            raise Interrupted(f"the {sink.rows:,} rows scored before it are kept in {out}, "
+                              "which is incomplete",
+                              terminated=getattr(exc, "terminated", False)) from None
         raise
     finally:
         kept = done or sink.rows

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import InputError, OutputError
+from .errors import InputError, Interrupted, OutputError, stop_on_sigterm
 from .lake import LakeStats
 
 
@@ -40,11 +40,14 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
                 on_batch(batch.num_rows)
     except BaseException as exc:  # a full disk, an unreadable input, Ctrl-C: keep nothing
         removed = writer.rollback()
+        parts = "1 part it had written was" if removed == 1 else \
+            f"{removed} parts it had written were"
+        kept_nothing = f"nothing from this run was kept ({parts} removed), so it can simply be " \
+            "run again"
         if isinstance(exc, (OutputError, InputError)):
-            parts = "1 part it had written was" if removed == 1 else \
-                f"{removed} parts it had written were"
-            raise type(exc)(f"{exc}; nothing from this run was kept ({parts} removed), so it "
-                            "can simply be run again") from None
+            raise type(exc)(f"{exc}; {kept_nothing}") from None
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(kept_nothing, getattr(exc, "terminated", False)) from None
         raise
     for path in files:
         try:
@@ -71,14 +74,9 @@ def register(app: typer.Typer) -> None:
         A run that fails (a full disk, an unreadable input, Ctrl-C, SIGTERM) keeps nothing it
         wrote, so it can be run again as it was.
         """
-        import signal
-
         from .progress import enabled
 
-        def interrupted(signum: int, _frame: object) -> None:
-            raise KeyboardInterrupt  # SIGTERM rolls the run back as Ctrl-C does
-
-        signal.signal(signal.SIGTERM, interrupted)
+        stop_on_sigterm()  # SIGTERM rolls the run back as Ctrl-C does
         stats, summary = ingest(fmt, lake, files, progress=enabled())
         days = sorted(stats.days or ())
         span = f"{days[0]} .. {days[-1]}" if days else "no days"

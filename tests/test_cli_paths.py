@@ -52,7 +52,8 @@ def _jsonl(text: str) -> list[dict[str, object]]:
 def test_ctrl_c_while_scoring_is_one_line_exit_130_and_whole_records(
         kdd_bundle: Path, kdd_test_file: Path, tmp_path: Path) -> None:
     """Typer turned Ctrl-C into a silent exit 130: the user was told nothing. The records
-    scored before it stay in the output as whole JSON lines."""
+    scored before it stay in the output as whole JSON lines, and the one line says how many and
+    that the output is incomplete (as an input failing mid-run does)."""
     data = "".join(head_lines(kdd_test_file, 100_000)).encode()
     assert len(data) > 8 << 20  # more than one chunk: the first is scored while stdin is open
     out = tmp_path / "out.jsonl"
@@ -76,11 +77,70 @@ def test_ctrl_c_while_scoring_is_one_line_exit_130_and_whole_records(
         proc.kill()
         proc.stderr.close()
     assert proc.returncode == 130, err
-    assert err.strip() == "interrupted"
     text = out.read_text()
     assert text.endswith("\n")
     rows = _jsonl(text)
     assert 0 < len(rows) < 100_000 and all(r["verdict"] in ("normal", "malicious") for r in rows)
+    assert err.strip() == (f"interrupted: the {len(rows):,} rows scored before it are kept in "
+                           f"{out}, which is incomplete"), err
+
+
+def test_sigterm_while_scoring_to_parquet_leaves_a_whole_file_said_to_be_partial(
+        kdd_bundle: Path, kdd_test_file: Path, tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's stop, ``timeout``) ended the process mid-write: the Parquet file
+    had no footer and could not be read. Now it stops as Ctrl-C does: the rows scored so far
+    are a readable file, and the one line says how many, that the file is incomplete, and exit
+    143 (128 + SIGTERM)."""
+    import pyarrow.parquet as pq
+
+    data = "".join(head_lines(kdd_test_file, 100_000)).encode()
+    out = tmp_path / "out.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
+                             "--format", "kdd", "--out", str(out), "-"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not out.exists():  # the first chunk is being written; stdin is still open
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.stderr.close()
+    assert proc.returncode == 143, err
+    table = pq.read_table(out)  # whole: footer written
+    assert 0 < table.num_rows < 100_000
+    assert set(table.column("verdict").to_pylist()) <= {"normal", "malicious"}
+    assert err.strip() == (f"terminated: the {table.num_rows:,} rows scored before it are kept "
+                           f"in {out}, which is incomplete"), err
+
+
+def test_ctrl_c_before_any_record_is_scored_is_plain_interrupted(
+        kdd_bundle: Path, tmp_path: Path) -> None:
+    """Nothing scored yet (stdin still empty): no output is made, and nothing is claimed kept."""
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
+                             "--format", "kdd", "--out", str(out), "-"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        time.sleep(3)  # started, waiting on stdin
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.stderr.close()
+    assert proc.returncode == 130, err
+    assert err.strip() == "interrupted", err
+    assert not out.exists()
 
 
 def test_progress_bars_never_touch_the_records_on_stdout(kdd_bundle: Path,
