@@ -49,6 +49,36 @@ def _jsonl(text: str) -> list[dict[str, object]]:
 
 # -- Ctrl-C and progress bars --------------------------------------------------------------------
 
+def _stop_scoring(bundle: Path, out: Path, sig: signal.Signals,
+                  data: bytes = b"") -> tuple[int, str]:
+    """``score --out OUT -`` fed ``data`` on stdin, stopped by ``sig`` once OUT exists (the
+    first chunk is being written; with no data, after a moment): the exit status and stderr.
+    Stdin stays open and idle, as when the signal reaches deepwatch alone (``kill``, a
+    scheduler) and not the program writing to it: the run used to hang there until the writer
+    closed the pipe, the signal having gone to one of its other threads."""
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(bundle),
+                             "--format", "kdd", "--out", str(out), "-"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        if data:
+            proc.stdin.write(data)
+            proc.stdin.flush()
+            deadline = time.monotonic() + 120
+            while not out.exists():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        else:
+            time.sleep(3)  # started, waiting on stdin
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        return proc.returncode, proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.stderr.close()
+
+
 def test_ctrl_c_while_scoring_is_one_line_exit_130_and_whole_records(
         kdd_bundle: Path, kdd_test_file: Path, tmp_path: Path) -> None:
     """Typer turned Ctrl-C into a silent exit 130: the user was told nothing. The records
@@ -57,26 +87,8 @@ def test_ctrl_c_while_scoring_is_one_line_exit_130_and_whole_records(
     data = "".join(head_lines(kdd_test_file, 100_000)).encode()
     assert len(data) > 8 << 20  # more than one chunk: the first is scored while stdin is open
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
-                             "--format", "kdd", "--out", str(out), "-"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
-    assert proc.stdin is not None and proc.stderr is not None
-    try:
-        proc.stdin.write(data)
-        proc.stdin.flush()
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.stat().st_size):  # the first chunk is written
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        # Ctrl-C reaches the whole process group: the program writing to the pipe stops too
-        proc.send_signal(signal.SIGINT)
-        proc.stdin.close()
-        proc.wait(timeout=60)
-        err = proc.stderr.read().decode()
-    finally:
-        proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == 130, err
+    code, err = _stop_scoring(kdd_bundle, out, signal.SIGINT, data)
+    assert code == 130, err
     text = out.read_text()
     assert text.endswith("\n")
     rows = _jsonl(text)
@@ -95,25 +107,8 @@ def test_sigterm_while_scoring_to_parquet_leaves_a_whole_file_said_to_be_partial
 
     data = "".join(head_lines(kdd_test_file, 100_000)).encode()
     out = tmp_path / "out.parquet"
-    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
-                             "--format", "kdd", "--out", str(out), "-"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
-    assert proc.stdin is not None and proc.stderr is not None
-    try:
-        proc.stdin.write(data)
-        proc.stdin.flush()
-        deadline = time.monotonic() + 120
-        while not out.exists():  # the first chunk is being written; stdin is still open
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        err = proc.stderr.read().decode()
-    finally:
-        proc.kill()
-        proc.stdin.close()
-        proc.stderr.close()
-    assert proc.returncode == 143, err
+    code, err = _stop_scoring(kdd_bundle, out, signal.SIGTERM, data)
+    assert code == 143, err
     table = pq.read_table(out)  # whole: footer written
     assert 0 < table.num_rows < 100_000
     assert set(table.column("verdict").to_pylist()) <= {"normal", "malicious"}
@@ -125,20 +120,8 @@ def test_ctrl_c_before_any_record_is_scored_is_plain_interrupted(
         kdd_bundle: Path, tmp_path: Path) -> None:
     """Nothing scored yet (stdin still empty): no output is made, and nothing is claimed kept."""
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
-                             "--format", "kdd", "--out", str(out), "-"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
-    assert proc.stdin is not None and proc.stderr is not None
-    try:
-        time.sleep(3)  # started, waiting on stdin
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        err = proc.stderr.read().decode()
-    finally:
-        proc.kill()
-        proc.stdin.close()
-        proc.stderr.close()
-    assert proc.returncode == 130, err
+    code, err = _stop_scoring(kdd_bundle, out, signal.SIGINT)
+    assert code == 130, err
     assert err.strip() == "interrupted", err
     assert not out.exists()
 

@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import zlib
@@ -366,6 +367,46 @@ def _split_label(text: str) -> tuple[str, str]:
         at = text.find("=", at + 1)
     path, label = text.rsplit("=", 1)
     return path, label
+
+
+#: How often a read that waits on a pipe or terminal wakes to let Ctrl-C or SIGTERM be handled.
+WAKE_SECONDS = 0.2
+
+
+def _waits_for_data(stream: BinaryIO) -> bool:
+    """Whether a read of ``stream`` may block for as long as its writer likes (a pipe, a
+    terminal, a socket: stdin, mostly), rather than only as long as a disk takes."""
+    if os.name != "posix":
+        return False
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
+
+
+def _read_waking(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes of ``stream`` (fewer only at its end), as ``stream.read(size)``, but
+    waiting for data in ``select`` with a timeout instead of in ``read``. A signal (Ctrl-C,
+    SIGTERM) that the kernel hands to another thread (ONNX Runtime's, the output writer's) does
+    not interrupt a read the main thread is blocked in, so Python would not run its handler until
+    the writer sent more data or closed the pipe: a ``score -`` stopped while its input was idle
+    hung. Waking every ``WAKE_SECONDS`` lets the handler run."""
+    import select
+
+    fd = stream.fileno()  # read below the buffer, which nothing has read through before
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        ready, _, _ = select.select([fd], [], [], WAKE_SECONDS)
+        if not ready:
+            continue  # (a pending signal's handler runs here, between the waits)
+        piece = os.read(fd, size - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
 
 
 def _open(spec: InputSpec) -> BinaryIO:
@@ -827,11 +868,13 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
         return
     stream = _open(spec)
     first = True
+    waits = _waits_for_data(stream)
 
     def read() -> bytes:
         nonlocal first
         try:
-            block: bytes = stream.read(chunk_bytes)
+            block: bytes = (_read_waking(stream, chunk_bytes) if waits
+                            else stream.read(chunk_bytes))
         except OSError as exc:
             raise InputError(f"cannot read {spec.display}: {exc}") from None
         if first:  # stdin or a pipe, which could not be looked at before it was read
