@@ -235,6 +235,40 @@ def test_embedded_stdin_to_stdout(kdd_bundle: Path, small_kdd_test: Path) -> Non
     assert (stop["scored"], stop["rejected"]) == (300, 1)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_embedded_stdin_left_open_stops_on_a_signal(kdd_bundle: Path, small_kdd_test: Path,
+                                                    sig: signal.Signals) -> None:
+    """A pipe whose writer is idle but keeps it open (``tail -F log | deepwatch stream``, the
+    signal sent to deepwatch alone): the worker logged "stopping after the batch in hand" and
+    then waited in the read until the writer sent more or closed the pipe, for ever. Now it
+    stops within a moment, every record it read scored, and a last line without its line break
+    handed out (as --follow does on stop)."""
+    records = _records(small_kdd_test, 300)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(b"\n".join(records[:-1]) + b"\n" + records[-1])  # the last one cut
+        proc.stdin.flush()
+        import select
+
+        # alerts coming out: the whole lines are scored; the pipe stays open and idle
+        assert select.select([proc.stdout], [], [], 120)[0], "no alert within 120 s"
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)  # (read as it writes: more than a pipe holds)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    logs = [json.loads(x) for x in err.splitlines() if x.startswith(b"{")]
+    assert [x["signal"] for x in logs if x.get("event") == "signal"] == [sig.name]
+    stop = [x for x in logs if x.get("event") == "stop"][0]
+    assert (stop["scored"], stop["rejected"]) == (300, 0)
+    assert all(json.loads(x)["event"]["kind"] == "alert" for x in out.splitlines())
+
+
 def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: Path,
                                           tmp_path: Path) -> None:
     recs = _records(small_kdd_test, 600)

@@ -15,7 +15,15 @@ import polars as pl
 
 from ..errors import DeepwatchError, UsageError
 from ..formats._base import count_lines
-from ..sources.files import Chunk, InputSpec, chunks_from_reads, iter_chunks, parse_input_spec
+from ..sources.files import (
+    Chunk,
+    InputSpec,
+    chunks_from_reads,
+    iter_chunks,
+    parse_input_spec,
+    read_when_ready,
+    waits_for_data,
+)
 from ..sources.follow import follow_chunks
 from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_records
 
@@ -111,10 +119,19 @@ class MemorySink:
 # ---------------------------------------------------------------------------------- embedded
 
 
-def _stdin_chunks(spec: InputSpec, chunk_bytes: int) -> Iterator[Chunk]:
-    """Whole lines from stdin as soon as they arrive (``read1``: no waiting for a full chunk)."""
+def _stdin_chunks(spec: InputSpec, chunk_bytes: int, stop: threading.Event) -> Iterator[Chunk]:
+    """Whole lines from stdin as soon as they arrive (no waiting for a full chunk), until it
+    ends or ``stop`` is set. A pipe or terminal is waited on in ``select``, not in ``read``,
+    so a stop (SIGTERM, Ctrl-C) is seen while the writer is idle: it used to wait until the
+    writer sent more or closed the pipe. On stop a last line without its line break is handed
+    out, as ``--follow`` does."""
     stream: Any = sys.stdin.buffer  # a BufferedReader: read1 returns what has arrived
-    yield from chunks_from_reads(lambda: stream.read1(chunk_bytes), spec)
+    if not waits_for_data(stream):  # a file redirected in: a read never waits long
+        yield from chunks_from_reads(
+            lambda: b"" if stop.is_set() else stream.read1(chunk_bytes), spec)
+        return
+    fd = stream.fileno()  # read below the buffer, which nothing has read through before
+    yield from chunks_from_reads(lambda: read_when_ready(fd, chunk_bytes, stop), spec)
 
 
 class FileSource:
@@ -138,7 +155,7 @@ class FileSource:
 
     def _chunks(self, spec: InputSpec, stop: threading.Event) -> Iterator[Chunk]:
         if spec.path == "-":
-            return _stdin_chunks(spec, self.chunk_bytes)
+            return _stdin_chunks(spec, self.chunk_bytes, stop)
         if self.follow:
             return follow_chunks(spec, stop, self.chunk_bytes)
         return iter_chunks(spec, self.chunk_bytes)
@@ -146,6 +163,9 @@ class FileSource:
     def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
         for number, spec in enumerate(self.specs):
             chunks = self._chunks(spec, stop)
+            # stdin and a followed file end by themselves on stop, after the lines they have
+            # read (a last one without its line break included): they are not cut short here
+            ends_on_stop = spec.path == "-" or self.follow
             try:
                 for chunk in chunks:
                     # the unreadable rest of a damaged input: one dead letter says why
@@ -156,7 +176,7 @@ class FileSource:
                     })
                     yield RawBatch(chunk.data, n, origin, stream=f"{number}:{spec.display}",
                                    damage=chunk.damage, lost=chunk.lost)
-                    if stop.is_set():
+                    if stop.is_set() and not ends_on_stop:
                         return
             finally:
                 close = getattr(chunks, "close", None)

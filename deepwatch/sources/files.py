@@ -13,6 +13,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -373,7 +374,7 @@ def _split_label(text: str) -> tuple[str, str]:
 WAKE_SECONDS = 0.2
 
 
-def _waits_for_data(stream: BinaryIO) -> bool:
+def waits_for_data(stream: BinaryIO) -> bool:
     """Whether a read of ``stream`` may block for as long as its writer likes (a pipe, a
     terminal, a socket: stdin, mostly), rather than only as long as a disk takes."""
     if os.name != "posix":
@@ -392,21 +393,30 @@ def _read_waking(stream: BinaryIO, size: int) -> bytes:
     not interrupt a read the main thread is blocked in, so Python would not run its handler until
     the writer sent more data or closed the pipe: a ``score -`` stopped while its input was idle
     hung. Waking every ``WAKE_SECONDS`` lets the handler run."""
-    import select
-
     fd = stream.fileno()  # read below the buffer, which nothing has read through before
     parts: list[bytes] = []
     got = 0
     while got < size:
-        ready, _, _ = select.select([fd], [], [], WAKE_SECONDS)
-        if not ready:
-            continue  # (a pending signal's handler runs here, between the waits)
-        piece = os.read(fd, size - got)
+        piece = read_when_ready(fd, size - got)
         if not piece:
             break
         parts.append(piece)
         got += len(piece)
     return b"".join(parts)
+
+
+def read_when_ready(fd: int, size: int, stop: threading.Event | None = None) -> bytes:
+    """One ``os.read`` of up to ``size`` bytes of ``fd`` (a pipe, a terminal) once it has data,
+    waiting in ``select`` that wakes every ``WAKE_SECONDS``: a pending signal's handler runs
+    between the waits, and ``stop`` being set ends the wait with no bytes, as at the end of
+    the input."""
+    import select
+
+    while stop is None or not stop.is_set():
+        ready, _, _ = select.select([fd], [], [], WAKE_SECONDS)
+        if ready:
+            return os.read(fd, size)
+    return b""
 
 
 def _open(spec: InputSpec) -> BinaryIO:
@@ -868,7 +878,7 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
         return
     stream = _open(spec)
     first = True
-    waits = _waits_for_data(stream)
+    waits = waits_for_data(stream)
 
     def read() -> bytes:
         nonlocal first

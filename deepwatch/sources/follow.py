@@ -80,7 +80,8 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
             block = fh.read(chunk_bytes)
             if block:
                 yield from lines.feed(block)
-                continue
+                if not stop.is_set():  # (on stop: a file still growing is not read to its end)
+                    continue
             if rotated is not None:
                 yield from rotated.read(chunk_bytes)
                 if stop.is_set() or rotated.expired():
