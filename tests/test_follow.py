@@ -198,3 +198,20 @@ def test_an_unfinished_last_line_is_handed_out_on_stop(tmp_path: Path) -> None:
     time.sleep(5 * POLL)
     assert f.texts() == [b"a0", b"a1"], "held back while it may still be written"
     assert f.finish() == [(1, b"a0"), (2, b"a1"), (3, b"no line break")]
+
+
+def test_a_stop_while_the_file_holds_more_ends_at_a_whole_line(tmp_path: Path) -> None:
+    """Stopped with a backlog still in the file (started on a large log, or behind a busy
+    one): whole lines only, the first few, in order; the line the last read cut is left in the
+    file with the rest, not handed out in half (as the unfinished line at the end is, which the
+    writer may never finish)."""
+    log = tmp_path / "big.log"
+    recs = _recs("line-", 5000)
+    log.write_bytes(b"\n".join(recs) + b"\n")
+    stop = threading.Event()
+    got: list[bytes] = []
+    for chunk in follow_chunks(InputSpec(str(log)), stop, chunk_bytes=64, poll=POLL):
+        got += chunk.data.rstrip(b"\n").split(b"\n")
+        stop.set()  # after the first chunk
+    assert 0 < len(got) < 20
+    assert got == recs[: len(got)], got

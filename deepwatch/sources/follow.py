@@ -80,8 +80,15 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
             block = fh.read(chunk_bytes)
             if block:
                 yield from lines.feed(block)
-                if not stop.is_set():  # (on stop: a file still growing is not read to its end)
+                if not stop.is_set():
                     continue
+                # stopped while the file holds more (a backlog, a busy log): the whole lines
+                # read are out; the rest, from the line this read cut, stays in the file and is
+                # not handed out in half. A rotated file still read is let go to its end.
+                if rotated is not None:
+                    old, rotated = rotated, None
+                    yield from old.let_go(chunk_bytes)
+                return
             if rotated is not None:
                 yield from rotated.read(chunk_bytes)
                 if stop.is_set() or rotated.expired():
