@@ -166,6 +166,60 @@ def test_workers_of_a_killed_parent_stop_and_remove_the_shared_state(
         proc.wait()
 
 
+def _state_of(proc: subprocess.Popen[bytes], url: str) -> tuple[Path, list[int]]:
+    """The state directory of a healthy ``--workers 2`` server, and its workers (both serving)."""
+    deadline = time.monotonic() + 60
+    while len(workers := _workers_of(proc.pid)) != 2:
+        assert time.monotonic() < deadline, f"workers: {workers}"
+        time.sleep(0.2)
+    answered: set[int] = set()
+    while answered != set(workers):  # each has taken the lock by now
+        assert time.monotonic() < deadline, f"answered: {answered}, workers: {workers}"
+        answered.add(_get(url, "/healthz").json()["pid"])
+    env = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+    state = Path(next(v for v in env if v.startswith(b"DEEPWATCH_SERVE_STATE="))
+                 .split(b"=", 1)[1].decode())
+    assert (state / "settings.json").exists()
+    return state, workers
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds workers in /proc")
+def test_the_state_of_a_server_killed_outright_is_removed_by_the_next_one(
+        kdd_bundle: Path, tmp_path: Path) -> None:
+    """SIGKILL to the whole group (a stop timing out ends so) leaves the state directory: no
+    process is left to remove it. The next server started removes it, and not the directory of
+    a server still running."""
+    procs = []
+    try:
+        for name in ("running", "killed", "next"):
+            proc, url = _start(kdd_bundle, tmp_path / f"{name}.log")
+            procs.append(proc)
+            wait_healthy(url, proc)
+            if name == "running":
+                running, running_url = _state_of(proc, url)[0], url
+            elif name == "killed":
+                killed, workers = _state_of(proc, url)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                deadline = time.monotonic() + 30
+                while [pid for pid in workers if _running(pid)]:
+                    assert time.monotonic() < deadline, "workers outlived SIGKILL"
+                    time.sleep(0.1)
+                assert (killed / "settings.json").exists()  # nobody removed it
+        assert not killed.exists()
+        assert (running / "settings.json").exists()
+        assert _get(running_url, "/healthz").status_code == 200
+        for proc in procs[::2]:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        assert not running.exists()
+        assert "left by a server killed outright" in (tmp_path / "next.log").read_text()
+    finally:
+        for proc in procs:
+            _kill(proc)
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` is a process that has not exited (a zombie has)."""
     try:

@@ -9,7 +9,11 @@ request. The workers share a state directory the parent made (and removes on exi
   the TLS files' paths); a worker reads it when it starts;
 - ``prometheus/``: every worker's metric values (``/metrics`` adds them up, see ``_metrics``);
 - ``stats/PID.json``: every worker's recent activity, rewritten each second, merged by
-  ``/v1/stats`` for the dashboard.
+  ``/v1/stats`` for the dashboard;
+- ``lock``: held (shared) by the parent and every worker for as long as they run. A server
+  whose processes were all killed outright (SIGKILL to the group, as a stop timing out ends
+  in) removes nothing: the next ``serve --workers`` removes the directories whose lock nobody
+  holds, so they do not pile up in the temporary directory.
 
 ``POST /v1/reload`` on any worker loads the new bundle there first (a bundle that fails to load
 is refused and nothing changes), records it in ``reload.json`` and asks the parent, by SIGHUP,
@@ -46,6 +50,9 @@ log = logging.getLogger("deepwatch.serve")
 
 #: The state directory's path, in the workers' environment.
 STATE_ENV = "DEEPWATCH_SERVE_STATE"
+#: The state directories' names, in the temporary directory.
+STATE_PREFIX = "deepwatch-serve-"
+LOCK = "lock"
 SETTINGS = "settings.json"
 #: A worker's request for a reload: the bundle to serve next (the newest request wins).
 RELOAD = "reload.json"
@@ -64,6 +71,56 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def _hold_lock(path: Path) -> int | None:
+    """Hold ``path`` with a shared lock for as long as this process lives (the descriptor is
+    never closed; the kernel lets go of it however the process ends). None where there is no
+    ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no stale directory is recognised there
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _make_state() -> Path:
+    """The state directory, its lock held before the lock has its name: another server
+    cleaning up never finds it without a holder, however soon it looks."""
+    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
+    unnamed = state / f".{LOCK}.tmp"
+    unnamed.touch()
+    _hold_lock(unnamed)
+    os.replace(unnamed, state / LOCK)
+    return state
+
+
+def remove_stale_states(tmp: Path) -> list[Path]:
+    """Remove the state directories in ``tmp`` that no process holds any more (those of servers
+    killed outright, workers and all); the removed ones."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    removed = []
+    for state in tmp.glob(f"{STATE_PREFIX}*"):
+        try:
+            fd = os.open(state / LOCK, os.O_RDONLY)
+        except OSError:  # not ours to judge: another user's, or made by an older deepwatch
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a server runs on it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(state, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(state)
+    return removed
 
 
 def read_settings(state: Path) -> dict[str, Any]:
@@ -166,6 +223,8 @@ def _worker_app() -> Any:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     state = Path(os.environ[STATE_ENV])
+    with contextlib.suppress(OSError):  # the directory is gone: the server is stopping
+        _hold_lock(state / LOCK)
     settings = read_settings(state)
     key = read_api_key(settings["key_file"]) if settings["key_file"] else None
     group = WorkerGroup(state)
@@ -243,7 +302,9 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
     from ..errors import DeepwatchError
     from .app import tls_options
 
-    state = Path(tempfile.mkdtemp(prefix="deepwatch-serve-"))
+    for stale in remove_stale_states(Path(tempfile.gettempdir())):
+        log.info("removed %s, left by a server killed outright", stale)
+    state = _make_state()
     try:
         (state / "prometheus").mkdir()
         (state / "stats").mkdir()
