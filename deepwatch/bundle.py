@@ -143,14 +143,21 @@ def _save(out: Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if in_place:
-            for name in [*files, MANIFEST]:
-                os.replace(tmp / name, out / name)
+            moved = []
+            try:
+                for name in [*files, MANIFEST]:
+                    os.replace(tmp / name, out / name)
+                    moved.append(name)
+            except BaseException:  # (Ctrl-C too) the directory is left empty, as it was found
+                for name in moved:
+                    (out / name).unlink(missing_ok=True)
+                raise
         elif out.exists():  # a bundle: swapped for the new one
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old)  # onto the empty directory just made
             try:
                 os.replace(tmp, out)
-            except OSError:
+            except BaseException:  # Ctrl-C between the two moves too: the old bundle goes back
                 os.replace(old, out)
                 raise
             shutil.rmtree(old, ignore_errors=True)

@@ -7,7 +7,8 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,6 +49,59 @@ def writable_file(path: str | Path, what: str = "the output") -> Path:
     if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise OutputError(f"cannot write {what} {p}: permission denied")
     return p
+
+
+@contextmanager
+def sigterm_stops_cleanly() -> Iterator[None]:
+    """For its length, SIGTERM (``timeout``, a scheduler's stop) stops the run as Ctrl-C does
+    (:func:`~deepwatch.errors.stop_on_sigterm`), through the clean-up of what it was writing,
+    instead of ending the process with a temporary file or directory left behind. Only where
+    SIGTERM would kill outright, in the main thread, and not in a rank of a data-parallel job
+    (one waiting on its peers could not run the handler; its launcher stops it with SIGTERM
+    and says what happened)."""
+    import signal
+    import threading
+
+    if ("WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    from .errors import stop_on_sigterm
+
+    stop_on_sigterm()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def replace_file(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: into a file beside it, moved into place
+    once complete, so a full disk or a Ctrl-C part-way leaves the older file (a report, metrics
+    JSON) as it was, not a truncated one that reads as this run's, and no temporary file. The
+    new file gets the mode a plain write would give: the older file's, else what the umask
+    allows. A path that is no regular file (``/dev/stdout``, a pipe) is written as it is; a
+    symbolic link, through. A failure is the ``OSError``, for the caller to name the output.
+    """
+    real = Path(os.path.realpath(path))
+    try:
+        st: os.stat_result | None = os.stat(real)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        real.write_bytes(data)
+        return
+    tmp = real.with_name(f".{real.name}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if st is not None:
+                os.fchmod(fh.fileno(), st.st_mode & 0o7777)
+            fh.write(data)
+        os.replace(tmp, real)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _file_key(path: str | Path) -> tuple[object, ...] | None:

@@ -341,7 +341,11 @@ def train(
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
                     rejects=rejects, format_name=format_name, refit=refit)
-    with distributed.session(device) as dist:
+    from ..sinks import sigterm_stops_cleanly
+
+    # by default SIGTERM would end the process mid-save, leaving the bundle's temporary
+    # directory beside --out (or in it, where it was empty, which a later run then refuses)
+    with sigterm_stops_cleanly(), distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
             progress, log, rejects = False, _silent, None
         return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,

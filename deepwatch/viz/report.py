@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputError, UsageError
+from ..sinks import replace_file, sigterm_stops_cleanly
 from . import figures
 from .sample import balanced_pick
 from .tsne import MAX_POINTS, tsne_map
@@ -158,7 +159,8 @@ def write_report(path: str | Path, result: dict[str, Any], cols: dict[str, np.nd
     page = render(result, cols, title)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(page, encoding="utf-8")
+        with sigterm_stops_cleanly():  # an older report stays whole, no temporary file left
+            replace_file(out, page.encode("utf-8"))
     except OSError as exc:
         raise OutputError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     return out

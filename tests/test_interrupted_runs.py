@@ -1,0 +1,188 @@
+"""Runs stopped part-way (Ctrl-C, SIGTERM) or failing late (a full disk) leave an older output
+whole, no temporary files beside it, and one line saying what happened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deepwatch.bundle import MANIFEST, read_manifest, save_bundle
+
+EXE = Path(sys.executable).with_name("deepwatch")
+
+
+def _fsize_limit(limit: int) -> None:  # runs in the child before exec
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def _child_env() -> dict[str, str]:
+    # under a file-size limit coverage's own data file would fail too: children run unmeasured
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+    env["DEEPWATCH_PROGRESS"] = "0"
+    return env
+
+
+def _hidden(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture()
+def labelled(small_kdd_test: Path, tmp_path: Path) -> Path:
+    p = tmp_path / "in.csv"
+    p.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:300]))
+    return p
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_older_one(
+        kdd_bundle: Path, labelled: Path, tmp_path: Path) -> None:
+    """The page (plotly inlined: megabytes) meets a full disk, here a file-size limit of 1 MiB:
+    the older report is kept as it was, not replaced by its first megabyte."""
+    out = tmp_path / "out"
+    out.mkdir()
+    page = out / "r.html"
+    older = "<html>an older report</html>\n"
+    page.write_text(older)
+    for cmd in (["report", str(kdd_bundle), "-f", "kdd", "--out", str(page), str(labelled)],
+                ["evaluate", str(kdd_bundle), "-f", "kdd", "--json", str(out / "e.json"),
+                 "--report", str(page), str(labelled)]):
+        done = subprocess.run([str(EXE), *cmd], capture_output=True, timeout=180,
+                              env=_child_env(), preexec_fn=lambda: _fsize_limit(1 << 20))
+        err = done.stderr.decode()
+        assert done.returncode == 2, err
+        assert "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (f"error: cannot write the report to {page}: "
+                                                "File too large"), err
+        assert page.read_text() == older
+        assert _hidden(out) == []  # no temporary file left beside it
+
+
+_PAUSED_IN_REPLACE = """
+import os, pathlib, sys, time
+replace = os.replace
+def paused(src, dst):
+    if str(dst).endswith(".html"):  # the page is written whole, not yet in place
+        pathlib.Path(sys.argv[1]).touch()
+        time.sleep(120)
+    replace(src, dst)
+os.replace = paused
+from deepwatch.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _stop_when_ready(cmd: list[str], ready: Path) -> tuple[int, str]:
+    """Run ``cmd`` (a child that touches ``ready`` and waits) and stop it with SIGTERM there:
+    its exit code and stderr."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=_child_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    return proc.returncode, err
+
+
+def test_a_report_stopped_by_sigterm_while_written_leaves_the_older_one(
+        kdd_bundle: Path, labelled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    page = out / "r.html"
+    page.write_text("<html>an older report</html>\n")
+    code, err = _stop_when_ready(
+        [sys.executable, "-c", _PAUSED_IN_REPLACE, str(tmp_path / "writing"), "report",
+         str(kdd_bundle), "-f", "kdd", "--out", str(page), str(labelled)], tmp_path / "writing")
+    assert code == 143, err  # 128 + SIGTERM, as a shell reports it
+    assert err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err, err
+    assert page.read_text() == "<html>an older report</html>\n"
+    assert _hidden(out) == []  # the page written whole beside it is gone
+
+
+_PAUSED_IN_SAVE = """
+import pathlib, sys, time
+write = pathlib.Path.write_bytes
+def paused(self, data):
+    done = write(self, data)
+    if self.parent.name.startswith("."):  # a file of the bundle being assembled
+        pathlib.Path(sys.argv[1]).touch()
+        time.sleep(120)
+    return done
+pathlib.Path.write_bytes = paused
+from deepwatch.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("into", ["a bundle", "an empty directory"])
+def test_train_stopped_by_sigterm_while_saving_leaves_no_trace(
+        kdd_bundle: Path, labelled: Path, tmp_path: Path, into: str) -> None:
+    """SIGTERM (``timeout``, a scheduler's stop) while the bundle is being written: the older
+    bundle, or the empty directory, is as it was, with no temporary directory beside or in it
+    (one in an empty ``--out`` made the next run refuse it as no bundle)."""
+    import shutil
+
+    out = tmp_path / "b"
+    if into == "a bundle":
+        shutil.copytree(kdd_bundle, out)
+    else:
+        out.mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ready = tmp_path / "saving"
+    code, err = _stop_when_ready([sys.executable, "-c", _PAUSED_IN_SAVE, str(ready), "train",
+                                  "-f", "kdd", "-m", "mlp", "--epochs", "1", "--out", str(out),
+                                  str(labelled)], ready)
+    assert code == 143, err  # 128 + SIGTERM, as a shell reports it
+    assert err.strip().splitlines()[-1] == "terminated", err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _hidden(tmp_path) == []
+    if into == "a bundle":
+        read_manifest(out)
+
+
+@pytest.mark.parametrize("into", ["a bundle", "an empty directory"])
+def test_a_bundle_save_stopped_between_its_moves_leaves_what_was_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, into: str) -> None:
+    """Ctrl-C between the moves that put a bundle in place: replacing one, after the old bundle
+    was moved aside and before the new one took its place (``--out`` was left missing, the old
+    bundle under a hidden name); into an empty directory, after some files were moved in and
+    before the manifest (the directory was left holding files but no bundle, which the next
+    run refused to replace)."""
+    out = tmp_path / "b"
+    if into == "a bundle":
+        save_bundle(out, {"model_kind": "mlp"}, {"w.bin": b"old"})
+    else:
+        out.mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    replace = os.replace
+    calls = []
+
+    def stopped(src: object, dst: object) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        save_bundle(out, {"model_kind": "mlp"}, {"w.bin": b"new", "x.bin": b"new"})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _hidden(tmp_path) == [] and _hidden(out) == []
+    save_bundle(out, {"model_kind": "mlp"}, {"w.bin": b"new"})  # and it can be run again
+    assert (out / "w.bin").read_bytes() == b"new" and (out / MANIFEST).is_file()
