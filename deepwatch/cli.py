@@ -168,7 +168,7 @@ def evaluate(
     from .evaluate.metrics import to_json
     from .evaluate.run import REPORT_SAMPLE, summary_lines
     from .evaluate.run import evaluate as run
-    from .sinks import check_distinct_outputs, writable_file
+    from .sinks import check_distinct_outputs, replace_file, sigterm_stops_cleanly, writable_file
 
     # before the work, not after it
     check_distinct_outputs([("--json", json_out), ("--report", report), ("--rejects", rejects)],
@@ -178,8 +178,9 @@ def evaluate(
         writable_file(report, "--report")
     result, cols = run(bundle, fmt, files, engine=backend, progress=_progress(),
                        feature_sample=REPORT_SAMPLE if report else 0, rejects=rejects)
-    try:
-        json_path.write_text(to_json(result))
+    try:  # whole or not at all: a full disk or a stop leaves an older eval.json as it was
+        with sigterm_stops_cleanly():
+            replace_file(json_path, to_json(result).encode())
     except OSError as exc:
         raise OutputError(f"cannot write {json_path}: {exc.strerror or exc}") from None
     for line in summary_lines(result):

@@ -186,3 +186,31 @@ def test_a_bundle_save_stopped_between_its_moves_leaves_what_was_there(
     assert _hidden(tmp_path) == [] and _hidden(out) == []
     save_bundle(out, {"model_kind": "mlp"}, {"w.bin": b"new"})  # and it can be run again
     assert (out / "w.bin").read_bytes() == b"new" and (out / MANIFEST).is_file()
+
+
+def test_an_eval_json_that_cannot_be_written_whole_leaves_the_older_one(
+        kdd_bundle: Path, labelled: Path, tmp_path: Path) -> None:
+    """evaluate --json wrote in place: under a full disk (a 1,000-byte file-size limit) an older
+    eval.json became its first 1,000 bytes, invalid JSON that a script would then fail on or,
+    worse, half read. Now the older file is kept whole and nothing is left beside it."""
+    import json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics = out / "eval.json"
+    older = {"note": "an older evaluation"}
+    metrics.write_text(json.dumps(older))
+    done = subprocess.run([str(EXE), "evaluate", str(kdd_bundle), "-f", "kdd", "--json",
+                           str(metrics), str(labelled)], capture_output=True, timeout=180,
+                          env=_child_env(), preexec_fn=lambda: _fsize_limit(1000))
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write {metrics}: "), err
+    assert "Traceback" not in err, err
+    assert json.loads(metrics.read_text()) == older
+    assert _hidden(out) == []
+    again = subprocess.run([str(EXE), "evaluate", str(kdd_bundle), "-f", "kdd", "--json",
+                            str(metrics), str(labelled)], capture_output=True, timeout=180,
+                           env=_child_env())
+    assert again.returncode == 0, again.stderr.decode()
+    assert json.loads(metrics.read_text())["binary"]["f1"] > 0.5
