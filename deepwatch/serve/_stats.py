@@ -107,3 +107,57 @@ def merged_snapshot(raws: list[dict[str, Any]]) -> dict[str, Any]:
                    "rows": series},
         "recent_alerts": alerts[:RECENT_ALERTS],
     }
+
+
+#: How long ``fold_retired``'s ``folded`` names a folded worker: far longer than a reader takes
+#: between reading the workers' files and reading the folded ones (milliseconds).
+FOLDED_KEEP_SECONDS = 60.0
+
+
+def fold_retired(retired: dict[str, Any] | None, gone: dict[int, dict[str, Any]],
+                 now: float | None = None) -> dict[str, Any]:
+    """``retired`` (the :meth:`RecentStats.raw` of the workers that are gone, or None) with the
+    raws of the workers ``gone`` (by pid) folded in, as one raw: totals summed, seconds merged
+    within the window, the newest latencies and alerts kept (as bounded as one worker's), the
+    earliest start (the dashboard's uptime stays the server's).
+
+    ``folded`` maps each pid folded in the last ``FOLDED_KEEP_SECONDS`` to ``[its started,
+    when folded]``: a reader that read that worker's own file just before it was removed skips
+    it (:meth:`WorkerGroup.all_stats`), and a file folded already is not counted twice."""
+    now = time.time() if now is None else now
+    before: dict[str, list[float]] = (retired or {}).get("folded", {})
+    new = sorted(((pid, raw) for pid, raw in gone.items()
+                  if not is_folded(before, pid, raw)),
+                 key=lambda pr: pr[1]["started"])
+    raws = ([retired] if retired else []) + [raw for _, raw in new]
+    if not raws:
+        raise ValueError("nothing to fold")
+    window = max(r["window"] for r in raws)
+    seconds: dict[int, list[int]] = {}
+    totals = {"requests": 0, "records": 0, "alerts": 0, "rejects": 0}
+    latencies: list[float] = []
+    alerts: list[dict[str, Any]] = []
+    for r in raws:  # oldest first: the newest latencies are the last
+        for sec, counts in r["seconds"].items():
+            if int(sec) > int(now) - window:
+                bucket = seconds.setdefault(int(sec), [0, 0, 0, 0])
+                for i, c in enumerate(counts):
+                    bucket[i] += c
+        for k in totals:
+            totals[k] += r["totals"][k]
+        latencies += r["latency_ms"]
+        alerts += r["alerts"]
+    alerts.sort(key=lambda a: a.get("time", ""), reverse=True)  # newest first, as a worker's
+    folded = {pid: stamp for pid, stamp in before.items() if now - stamp[1] <= FOLDED_KEEP_SECONDS}
+    folded.update({str(pid): [raw["started"], now] for pid, raw in new})
+    return {"started": min(r["started"] for r in raws), "window": window,
+            "seconds": {str(k): v for k, v in sorted(seconds.items())},
+            "latency_ms": latencies[-LATENCY_SAMPLES:], "alerts": alerts[:RECENT_ALERTS],
+            "totals": totals, "folded": folded}
+
+
+def is_folded(folded: dict[str, list[float]], pid: int, raw: dict[str, Any]) -> bool:
+    """Whether ``raw``, the file of worker ``pid``, is in ``folded`` (the same pid may be a
+    later worker's: the start stamp tells them apart)."""
+    stamp = folded.get(str(pid))
+    return stamp is not None and stamp[0] == raw["started"]

@@ -9,7 +9,9 @@ request. The workers share a state directory the parent made (and removes on exi
   the TLS files' paths); a worker reads it when it starts;
 - ``prometheus/``: every worker's metric values (``/metrics`` adds them up, see ``_metrics``);
 - ``stats/PID.json``: every worker's recent activity, rewritten each second, merged by
-  ``/v1/stats`` for the dashboard;
+  ``/v1/stats`` for the dashboard; ``stats/retired.json``: the activity of the workers that are
+  gone (replaced, stopped, dead), into which the parent folds their files (one file, however
+  many reloads: ``/v1/stats`` reads every file on each poll);
 - ``lock``: held (shared) by the parent and every worker for as long as they run. A server
   whose processes were all killed outright (SIGKILL to the group, as a stop timing out ends
   in) removes nothing: the next ``serve --workers`` removes the directories whose lock nobody
@@ -45,6 +47,7 @@ from typing import Any
 
 from .._cpus import usable_cores
 from ._service import Limits
+from ._stats import fold_retired, is_folded
 
 log = logging.getLogger("deepwatch.serve")
 
@@ -56,6 +59,8 @@ LOCK = "lock"
 SETTINGS = "settings.json"
 #: A worker's request for a reload: the bundle to serve next (the newest request wins).
 RELOAD = "reload.json"
+#: The gone workers' stats, folded into one file by the parent (see ``retire_gone_stats``).
+RETIRED = "retired.json"
 #: The signals that stop the server; they go ahead of any reload queued with them.
 STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK")
                          if hasattr(signal, name))
@@ -140,14 +145,24 @@ class WorkerGroup:
 
     def all_stats(self) -> list[dict[str, Any]]:
         """Every worker's recent activity, this server's stopped workers' too (their counts
-        stay in the totals)."""
+        stay in the totals): the workers' files, then ``retired.json``.
+
+        In that order: the parent writes ``retired.json`` with a gone worker's activity before
+        it removes the worker's file, so a worker read here is either in its own file, or in
+        ``retired.json``, or in both, and then its own file is skipped (``folded`` names it,
+        with its start stamp: a pid may be a later worker's)."""
         found = []
-        for f in sorted(self.stats_dir.glob("*.json")):
+        for f in _worker_files(self.stats_dir):
             try:
-                found.append(json.loads(f.read_text()))
+                found.append((int(f.stem), json.loads(f.read_text())))
             except (OSError, ValueError):
-                continue  # a worker's file being replaced this instant: next poll has it
-        return found
+                continue  # a worker's file being replaced or folded this instant
+        try:
+            retired: dict[str, Any] = json.loads((self.stats_dir / RETIRED).read_text())
+        except (OSError, ValueError):  # no worker gone yet
+            return [raw for _, raw in found]
+        folded = retired.get("folded", {})
+        return [*(raw for pid, raw in found if not is_folded(folded, pid, raw)), retired]
 
     def reload_all(self, bundle: Path) -> None:
         """Make ``bundle`` the one every worker serves, and have the parent replace them.
@@ -156,6 +171,39 @@ class WorkerGroup:
         are merged into the next, which serves the newest of them."""
         _write_json(self.state / RELOAD, {"bundle": str(bundle)})
         os.kill(os.getppid(), signal.SIGHUP)
+
+
+def _worker_files(stats_dir: Path) -> list[Path]:
+    return sorted(f for f in stats_dir.glob("*.json") if f.stem.isdigit())
+
+
+def retire_gone_stats(stats_dir: Path, ours: set[int], now: float | None = None) -> list[int]:
+    """Fold the stats files of the workers not in ``ours`` (gone: joined, they write no more)
+    into ``retired.json``, then remove them; the pids folded. Only the parent calls this, from
+    one thread: ``retired.json`` is written, whole, before the files it holds are removed (see
+    :meth:`WorkerGroup.all_stats`). A worker starting is in ``ours`` before its first file."""
+    gone: dict[int, dict[str, Any]] = {}
+    for f in _worker_files(stats_dir):
+        pid = int(f.stem)
+        if pid in ours:
+            continue
+        try:
+            gone[pid] = json.loads(f.read_text())
+        except FileNotFoundError:
+            continue
+        except ValueError:  # cannot be read (nor by /v1/stats): nothing to keep
+            f.unlink(missing_ok=True)
+    if not gone:
+        return []
+    path = stats_dir / RETIRED
+    try:
+        retired: dict[str, Any] | None = json.loads(path.read_text())
+    except FileNotFoundError:
+        retired = None
+    _write_json(path, fold_retired(retired, gone, now))
+    for pid in gone:
+        (stats_dir / f"{pid}.json").unlink(missing_ok=True)
+    return sorted(gone)
 
 
 def take_reload_request(state: Path) -> str | None:
@@ -329,6 +377,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 super().__init__(*args, **kwargs)
                 self._stopping = threading.Lock()
                 self._merged = 0
+                self._fold_error = ""
 
             def run(self) -> None:
                 threading.Thread(target=self._watch_for_stop, name="deepwatch-stop",
@@ -376,16 +425,26 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
             def _forget_gone_workers(self) -> None:
                 """Drop from ``/metrics`` the live gauges (model served, certificate expiry)
                 of workers that are no longer ours: replaced, stopped or dead (a worker
-                killed outright cannot drop its own). Run in the thread that replaces
-                workers, so a new worker is never taken for a gone one."""
+                killed outright cannot drop its own), and fold their stats into
+                ``retired.json``. Run in the thread that replaces workers, so a new worker is
+                never taken for a gone one (uvicorn joins a worker before it drops it)."""
                 from prometheus_client import multiprocess
 
-                ours = {p.pid for p in self.processes}
+                ours = {p.pid for p in self.processes if p.pid is not None}
                 for db in (state / "prometheus").glob("gauge_live*_*.db"):
                     pid = db.stem.rsplit("_", 1)[-1]
                     if pid.isdigit() and int(pid) not in ours:
                         with contextlib.suppress(OSError):
                             multiprocess.mark_process_dead(int(pid), str(state / "prometheus"))
+                # their dashboard stats folded into one file, so they do not pile up
+                try:
+                    retire_gone_stats(state / "stats", ours)
+                except (OSError, ValueError) as exc:
+                    if str(exc) != self._fold_error:  # once, not every half second
+                        log.warning("cannot fold the stats of workers that are gone: %s", exc)
+                    self._fold_error = str(exc)
+                else:
+                    self._fold_error = ""
 
             def handle_hup(self) -> None:
                 """Replace every worker; where some cannot start (uvicorn then stops
