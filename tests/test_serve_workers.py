@@ -138,18 +138,7 @@ def test_workers_of_a_killed_parent_stop_and_remove_the_shared_state(
     proc, url = _start(kdd_bundle, log)
     try:
         wait_healthy(url, proc)
-        deadline = time.monotonic() + 60
-        while len(workers := _workers_of(proc.pid)) != 2:  # healthy: one of them answers
-            assert time.monotonic() < deadline, f"workers: {workers}"
-            time.sleep(0.2)
-        answered: set[int] = set()
-        while answered != set(workers):  # both serve: each watches for its parent by now
-            assert time.monotonic() < deadline, f"answered: {answered}, workers: {workers}"
-            answered.add(_get(url, "/healthz").json()["pid"])
-        env = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
-        state = Path(next(v for v in env if v.startswith(b"DEEPWATCH_SERVE_STATE="))
-                     .split(b"=", 1)[1].decode())
-        assert (state / "settings.json").exists()
+        state, workers = _state_of(proc, url)  # both serve: each watches for its parent by now
         proc.send_signal(signal.SIGKILL)  # the parent only: the workers are left on their own
         proc.wait()
         deadline = time.monotonic() + 30

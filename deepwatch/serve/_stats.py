@@ -71,16 +71,19 @@ class RecentStats:
         return merged_snapshot([self.raw()])
 
 
-def merged_snapshot(raws: list[dict[str, Any]]) -> dict[str, Any]:
-    """The dashboard's numbers over one or several workers' :meth:`RecentStats.raw`."""
-    now = int(time.time())
-    window = max(r["window"] for r in raws)
+def _combined(raws: list[dict[str, Any]], after: int | None = None
+              ) -> tuple[dict[int, list[int]], dict[str, int], list[float], list[dict[str, Any]]]:
+    """Several :meth:`RecentStats.raw` as one: per-second counts (the seconds after ``after``,
+    when given) and totals summed, the latencies in the order of ``raws``, the alerts newest
+    first (ISO stamps sort as text)."""
     seconds: dict[int, list[int]] = {}
     totals = {"requests": 0, "records": 0, "alerts": 0, "rejects": 0}
     latencies: list[float] = []
     alerts: list[dict[str, Any]] = []
     for r in raws:
         for sec, counts in r["seconds"].items():
+            if after is not None and int(sec) <= after:
+                continue
             bucket = seconds.setdefault(int(sec), [0, 0, 0, 0])
             for i, c in enumerate(counts):
                 bucket[i] += c
@@ -88,12 +91,20 @@ def merged_snapshot(raws: list[dict[str, Any]]) -> dict[str, Any]:
             totals[k] += r["totals"][k]
         latencies += r["latency_ms"]
         alerts += r["alerts"]
+    if len(raws) > 1:  # (one worker's are newest first already)
+        alerts.sort(key=lambda a: a.get("time", ""), reverse=True)
+    return seconds, totals, latencies, alerts
+
+
+def merged_snapshot(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dashboard's numbers over one or several workers' :meth:`RecentStats.raw`."""
+    now = int(time.time())
+    window = max(r["window"] for r in raws)
+    seconds, totals, latencies, alerts = _combined(raws)
     series = [[s, *seconds.get(s, (0, 0, 0, 0))] for s in range(now - window + 1, now + 1)]
     lat = np.asarray(latencies, dtype=np.float64)
     pct = ({f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 95, 99)}
            if lat.size else {"p50": None, "p95": None, "p99": None})
-    if len(raws) > 1:  # newest first across workers (ISO stamps sort as text)
-        alerts = sorted(alerts, key=lambda a: a.get("time", ""), reverse=True)
     last_minute = series[-60:]
     return {
         "uptime_seconds": round(time.time() - min(r["started"] for r in raws), 1),
@@ -133,21 +144,8 @@ def fold_retired(retired: dict[str, Any] | None, gone: dict[int, dict[str, Any]]
     if not raws:
         raise ValueError("nothing to fold")
     window = max(r["window"] for r in raws)
-    seconds: dict[int, list[int]] = {}
-    totals = {"requests": 0, "records": 0, "alerts": 0, "rejects": 0}
-    latencies: list[float] = []
-    alerts: list[dict[str, Any]] = []
-    for r in raws:  # oldest first: the newest latencies are the last
-        for sec, counts in r["seconds"].items():
-            if int(sec) > int(now) - window:
-                bucket = seconds.setdefault(int(sec), [0, 0, 0, 0])
-                for i, c in enumerate(counts):
-                    bucket[i] += c
-        for k in totals:
-            totals[k] += r["totals"][k]
-        latencies += r["latency_ms"]
-        alerts += r["alerts"]
-    alerts.sort(key=lambda a: a.get("time", ""), reverse=True)  # newest first, as a worker's
+    # oldest first: the newest latencies are the last; seconds past the window are dropped
+    seconds, totals, latencies, alerts = _combined(raws, after=int(now) - window)
     folded = {pid: stamp for pid, stamp in before.items() if now - stamp[1] <= FOLDED_KEEP_SECONDS}
     folded.update({str(pid): [raw["started"], now] for pid, raw in new})
     return {"started": min(r["started"] for r in raws), "window": window,
