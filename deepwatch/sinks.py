@@ -207,19 +207,30 @@ class RecordSink:
         self._fh: IO[bytes] | None = None
         self.rows = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="deepwatch-sink")
-        self._pending: list[Future[None]] = []
+        self._pending: list[Future[bool]] = []
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
         while len(self._pending) >= 2:  # bounded: wait for the oldest (and raise its error)
-            self._pending.pop(0).result()
+            if self._pending.pop(0).result():
+                raise KeyboardInterrupt  # the Ctrl-C the writer was handed, for this thread
         self._pending.append(self._pool.submit(self._write, batch))
 
-    def _write(self, batch: pa.RecordBatch) -> None:
+    def _write(self, batch: pa.RecordBatch) -> bool:
+        """Write ``batch``; whether a Ctrl-C reached this thread meanwhile. polars, encoding
+        JSONL here, can take the KeyboardInterrupt meant for the main thread: the batch, whose
+        rows the run counts as kept, was then lost (an interrupted run's output came out empty).
+        It is written again, whole (nothing reached the file before the encoding ended), and
+        the interrupt passed on to the main thread by :meth:`write`."""
         try:
-            self._write_batch(batch)
+            try:
+                self._write_batch(batch)
+            except KeyboardInterrupt:
+                self._write_batch(batch)
+                return True
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        return False
 
     def _write_batch(self, batch: pa.RecordBatch) -> None:
         if self.kind == "parquet":

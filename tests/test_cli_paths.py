@@ -90,7 +90,7 @@ def test_ctrl_c_while_scoring_is_one_line_exit_130_and_whole_records(
     code, err = _stop_scoring(kdd_bundle, out, signal.SIGINT, data)
     assert code == 130, err
     text = out.read_text()
-    assert text.endswith("\n")
+    assert text.endswith("\n"), (err, len(text))
     rows = _jsonl(text)
     assert 0 < len(rows) < 100_000 and all(r["verdict"] in ("normal", "malicious") for r in rows)
     assert err.strip() == (f"interrupted: the {len(rows):,} rows scored before it are kept in "
