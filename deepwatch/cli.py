@@ -164,11 +164,11 @@ def evaluate(
         help="Keep every rejected record here (JSONL: line, raw, reason, source)")] = None,
 ) -> None:
     """Score labelled records and write metrics (binary, per type, KDD cost) as JSON."""
-    from .errors import OutputError
+    from .errors import OutputError, sigterm_stops_cleanly
     from .evaluate.metrics import to_json
     from .evaluate.run import REPORT_SAMPLE, summary_lines
     from .evaluate.run import evaluate as run
-    from .sinks import check_distinct_outputs, replace_file, sigterm_stops_cleanly, writable_file
+    from .sinks import check_distinct_outputs, replace_file, writable_file
 
     # before the work, not after it
     check_distinct_outputs([("--json", json_out), ("--report", report), ("--rejects", rejects)],
@@ -225,13 +225,13 @@ def score(
         report = score_spark(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, master=master)
     elif engine == "local":
-        from .errors import stop_on_sigterm
+        from .errors import sigterm_stops_cleanly
         from .scoring import score_files
 
-        stop_on_sigterm()  # the output is closed whole (Parquet's footer written), said partial
-        report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,
-                             rejects=rejects, engine=backend, progress=_progress(),
-                             lakes=lake or [], cluster=cluster, explain=explain)
+        with sigterm_stops_cleanly():  # the output closed whole (Parquet's footer), said partial
+            report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,
+                                 rejects=rejects, engine=backend, progress=_progress(),
+                                 lakes=lake or [], cluster=cluster, explain=explain)
     else:
         raise typer.BadParameter(f"unknown engine {engine!r}; use local or spark")
     _err(f"{report.stats.summary()}; {report.alerts:,} malicious; {report.written:,} rows "

@@ -6,6 +6,9 @@ problem, 1 for anything else.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class DeepwatchError(Exception):
     """Base of every error deepwatch raises on purpose."""
@@ -67,7 +70,7 @@ def first_line(exc: BaseException, limit: int = 300, default: str | None = None)
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT), or SIGTERM where a command takes it as one (``terminated``; see
-    :func:`stop_on_sigterm`), once a run has said what it kept: ``detail`` is that, for the
+    :func:`sigterm_stops_cleanly`), once a run has said what it kept: ``detail`` is that, for the
     one-line report (``interrupted: DETAIL``, ``terminated: DETAIL``)."""
 
     def __init__(self, detail: str | None = None, terminated: bool = False):
@@ -76,13 +79,28 @@ class Interrupted(KeyboardInterrupt):
         self.terminated = terminated
 
 
-def stop_on_sigterm() -> None:
-    """From now on SIGTERM (a job scheduler's stop, ``timeout``, ``kill``) stops the command as
-    Ctrl-C does, through its clean-up (an output closed whole and said to be partial, a lake
-    rolled back), instead of ending the process mid-write. Main thread only."""
+@contextmanager
+def sigterm_stops_cleanly() -> Iterator[None]:
+    """For its length, SIGTERM (a job scheduler's stop, ``timeout``, ``kill``) stops the run as
+    Ctrl-C does, through the clean-up of what it was writing (an output closed whole and said
+    to be partial, a lake rolled back, a temporary file or directory removed), instead of
+    ending the process mid-write. Only where SIGTERM would kill outright, in the main thread,
+    and not in a rank of a data-parallel job (one waiting on its peers could not run the
+    handler; its launcher stops it with SIGTERM and says what happened)."""
+    import os
     import signal
+    import threading
+
+    if ("WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
 
     def terminated(_signum: int, _frame: object) -> None:
         raise Interrupted(terminated=True)
 
     signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -7,8 +7,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,30 +48,6 @@ def writable_file(path: str | Path, what: str = "the output") -> Path:
     if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise OutputError(f"cannot write {what} {p}: permission denied")
     return p
-
-
-@contextmanager
-def sigterm_stops_cleanly() -> Iterator[None]:
-    """For its length, SIGTERM (``timeout``, a scheduler's stop) stops the run as Ctrl-C does
-    (:func:`~deepwatch.errors.stop_on_sigterm`), through the clean-up of what it was writing,
-    instead of ending the process with a temporary file or directory left behind. Only where
-    SIGTERM would kill outright, in the main thread, and not in a rank of a data-parallel job
-    (one waiting on its peers could not run the handler; its launcher stops it with SIGTERM
-    and says what happened)."""
-    import signal
-    import threading
-
-    if ("WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
-        yield
-        return
-    from .errors import stop_on_sigterm
-
-    stop_on_sigterm()
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def replace_file(path: str | Path, data: bytes) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import InputError, Interrupted, OutputError, stop_on_sigterm
+from .errors import InputError, Interrupted, OutputError, sigterm_stops_cleanly
 from .lake import LakeStats
 
 
@@ -76,8 +76,8 @@ def register(app: typer.Typer) -> None:
         """
         from .progress import enabled
 
-        stop_on_sigterm()  # SIGTERM rolls the run back as Ctrl-C does
-        stats, summary = ingest(fmt, lake, files, progress=enabled())
+        with sigterm_stops_cleanly():  # SIGTERM rolls the run back as Ctrl-C does
+            stats, summary = ingest(fmt, lake, files, progress=enabled())
         days = sorted(stats.days or ())
         span = f"{days[0]} .. {days[-1]}" if days else "no days"
         typer.echo(f"{summary}; {stats.records:,} records in {stats.files} files ({span}), "

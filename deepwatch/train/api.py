@@ -341,7 +341,7 @@ def train(
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
                     rejects=rejects, format_name=format_name, refit=refit)
-    from ..sinks import sigterm_stops_cleanly
+    from ..errors import sigterm_stops_cleanly
 
     # by default SIGTERM would end the process mid-save, leaving the bundle's temporary
     # directory beside --out (or in it, where it was empty, which a later run then refuses)

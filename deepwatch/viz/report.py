@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputError, UsageError
-from ..sinks import replace_file, sigterm_stops_cleanly
+from ..errors import OutputError, UsageError, sigterm_stops_cleanly
+from ..sinks import replace_file
 from . import figures
 from .sample import balanced_pick
 from .tsne import MAX_POINTS, tsne_map
