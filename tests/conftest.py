@@ -136,6 +136,19 @@ def stop_server(proc: Any) -> None:
         proc.stderr.close()
 
 
+def signal_when(proc: Any, ready: Any, sig: int, within: float = 120) -> None:
+    """Send ``sig`` to ``proc`` once ``ready()`` holds (``proc`` still running, within
+    ``within`` seconds), then wait for it to end."""
+    import time
+
+    deadline = time.monotonic() + within
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+
+
 def free_port() -> int:
     import socket
 

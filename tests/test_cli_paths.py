@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import head_lines
+from conftest import head_lines, signal_when
 
 from deepwatch.cli import main
 
@@ -64,14 +64,11 @@ def _stop_scoring(bundle: Path, out: Path, sig: signal.Signals,
         if data:
             proc.stdin.write(data)
             proc.stdin.flush()
-            deadline = time.monotonic() + 120
-            while not out.exists():
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+            signal_when(proc, out.exists, sig)
         else:
             time.sleep(3)  # started, waiting on stdin
-        proc.send_signal(sig)
-        proc.wait(timeout=60)
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
         return proc.returncode, proc.stderr.read().decode()
     finally:
         proc.kill()

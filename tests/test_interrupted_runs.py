@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import signal_when
 
 from deepwatch.bundle import MANIFEST, read_manifest, save_bundle
 
@@ -84,12 +84,7 @@ def _stop_when_ready(cmd: list[str], ready: Path) -> tuple[int, str]:
     its exit code and stderr."""
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=_child_env())
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        signal_when(proc, ready.exists, signal.SIGTERM)
     finally:
         proc.kill()
         assert proc.stderr is not None

@@ -298,7 +298,8 @@ def test_a_failed_ingest_keeps_nothing_and_can_be_run_again(tmp_path: Path) -> N
 
 def test_an_ingest_stopped_by_sigterm_keeps_nothing(tmp_path: Path) -> None:
     import signal
-    import time
+
+    from conftest import signal_when
 
     lake = tmp_path / "lake"
     small = _log(tmp_path / "small.log", [21, 22])
@@ -306,13 +307,8 @@ def test_an_ingest_stopped_by_sigterm_keeps_nothing(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(exe), "ingest", "--format", "access", "--lake", str(lake),
                              str(small), "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(lake.rglob("part-*.parquet"))) < 2:  # small.log is in; stdin is open
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    try:  # once small.log is in, stdin still open
+        signal_when(proc, lambda: len(list(lake.rglob("part-*.parquet"))) >= 2, signal.SIGTERM)
     finally:
         proc.kill()
         assert proc.stdin is not None and proc.stderr is not None
