@@ -84,15 +84,20 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     """For its length, SIGTERM (a job scheduler's stop, ``timeout``, ``kill``) stops the run as
     Ctrl-C does, through the clean-up of what it was writing (an output closed whole and said
     to be partial, a lake rolled back, a temporary file or directory removed), instead of
-    ending the process mid-write. Only where SIGTERM would kill outright, in the main thread,
-    and not in a rank of a data-parallel job (one waiting on its peers could not run the
-    handler; its launcher stops it with SIGTERM and says what happened)."""
+    ending the process mid-write; the handler before is put back after. Not where SIGTERM is
+    ignored, outside the main thread, nor in a rank of a data-parallel job (one waiting on its
+    peers could not run the handler; its launcher stops it with SIGTERM and says what
+    happened). A handler that only saves state and exits (coverage's, under ``make test``)
+    is replaced for the length: the run then ends normally, and exit handlers still run."""
     import os
     import signal
     import threading
 
-    if ("WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    if "WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_IGN:
         yield
         return
 
@@ -103,4 +108,4 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
