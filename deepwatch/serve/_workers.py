@@ -34,6 +34,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import sys
@@ -72,10 +74,28 @@ STATS_EVERY_SECONDS = 1.0
 DRAIN_SECONDS = 1.0
 
 
+#: ``_write_json``'s temporary files: ``.NAME.PID-RANDOM.tmp``, PID the writing process.
+_TMP_NAME = re.compile(r"^\..+\.(\d+)-[0-9a-f]+\.tmp$")
+
+
+def _tmp_path(path: Path) -> Path:
+    """Where ``_write_json`` writes ``path`` before renaming it: hidden (no reader globs it),
+    named for the writing process (the parent tells a gone worker's leftover from a live one's,
+    see ``remove_gone_writers_temps``) and unique per write: a worker's stats thread and its
+    last words at shutdown may write the same file at once, and with one name between them the
+    first rename would take the other's file half-written and the second would fail."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:  # a name used once is never overwritten: do not leave it behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _hold_lock(path: Path) -> int | None:
@@ -181,7 +201,9 @@ def retire_gone_stats(stats_dir: Path, ours: set[int], now: float | None = None)
     """Fold the stats files of the workers not in ``ours`` (gone: joined, they write no more)
     into ``retired.json``, then remove them; the pids folded. Only the parent calls this, from
     one thread: ``retired.json`` is written, whole, before the files it holds are removed (see
-    :meth:`WorkerGroup.all_stats`). A worker starting is in ``ours`` before its first file."""
+    :meth:`WorkerGroup.all_stats`). A worker starting is in ``ours`` before its first file.
+    The temporary files of the gone workers are removed too (``remove_gone_writers_temps``)."""
+    remove_gone_writers_temps(stats_dir, ours)
     gone: dict[int, dict[str, Any]] = {}
     for f in _worker_files(stats_dir):
         pid = int(f.stem)
@@ -204,6 +226,24 @@ def retire_gone_stats(stats_dir: Path, ours: set[int], now: float | None = None)
     for pid in gone:
         (stats_dir / f"{pid}.json").unlink(missing_ok=True)
     return sorted(gone)
+
+
+def remove_gone_writers_temps(stats_dir: Path, ours: set[int]) -> list[Path]:
+    """Remove the temporary files in ``stats_dir`` written by processes not in ``ours``; the
+    removed ones. A worker killed outright (SIGKILL) between writing its stats and renaming
+    them leaves its temporary file, which nobody else would remove: one more file for every
+    such death, for as long as the server runs. A worker not in ``ours`` has been joined: it
+    writes no more, and its temporary file is of no use to anyone. (The parent's own, of
+    ``retired.json``, come and go in the thread that calls this: none is found half-way.)"""
+    removed = []
+    for tmp in stats_dir.glob(".*.tmp"):
+        found = _TMP_NAME.match(tmp.name)
+        if found is None or int(found[1]) in ours:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def take_reload_request(state: Path) -> str | None:
@@ -426,8 +466,9 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 """Drop from ``/metrics`` the live gauges (model served, certificate expiry)
                 of workers that are no longer ours: replaced, stopped or dead (a worker
                 killed outright cannot drop its own), and fold their stats into
-                ``retired.json``. Run in the thread that replaces workers, so a new worker is
-                never taken for a gone one (uvicorn joins a worker before it drops it)."""
+                ``retired.json`` (their temporary files removed). Run in the thread that
+                replaces workers, so a new worker is never taken for a gone one (uvicorn joins
+                a worker before it drops it)."""
                 from prometheus_client import multiprocess
 
                 ours = {p.pid for p in self.processes if p.pid is not None}
