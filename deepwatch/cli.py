@@ -431,8 +431,14 @@ def _usage_line(exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``deepwatch`` command line ``argv``; ``None``: this process's own (``sys.argv``),
+    as the console script and ``python -m deepwatch`` run it; the exit status."""
     from ._arrow import skip_pandas_probe
 
+    if argv is None:  # the process is this command: a stop, once begun, is held to the end
+        from .errors import hold_stops_to_exit
+
+        hold_stops_to_exit()
     skip_pandas_probe()
     _register_optional()
     _report_interrupts(app)

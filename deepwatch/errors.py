@@ -79,6 +79,49 @@ class Interrupted(KeyboardInterrupt):
         self.terminated = terminated
 
 
+class _Stop:
+    """The stop of the run under way (see :func:`sigterm_stops_cleanly`): the first Ctrl-C or
+    SIGTERM stops it; the ones after are held while what was kept is closed."""
+
+    begun = False  # the first signal came
+    told = False  # the user was told that the ones after it are held
+    to_exit = False  # the process is deepwatch's own command: hold them until it has ended
+
+
+def _on_stop(signum: int, _frame: object) -> None:
+    import os
+    import signal
+
+    if not _Stop.begun:
+        _Stop.begun = True
+        raise Interrupted(terminated=signum == signal.SIGTERM)
+    if not _Stop.told:  # (os.write: print could re-enter a write to stderr under way)
+        _Stop.told = True
+        os.write(2, b"already stopping: closing what was kept, so that it stays whole\n")
+
+
+def hold_stops_to_exit() -> None:
+    """Say that this process is deepwatch's own command (``deepwatch ...``, not a library
+    call): once a run has begun to stop, further Ctrl-C and SIGTERM are held until the process
+    ends, through the last line it prints and the exit handlers (a Parquet writer's, logging's),
+    where they would print a traceback and make the exit status -2."""
+    import atexit
+
+    if not _Stop.to_exit:
+        _Stop.to_exit = True
+        atexit.register(_ignore_stops_if_stopping)  # (the first registered runs last)
+
+
+def _ignore_stops_if_stopping() -> None:
+    """At exit, after a stop: the interpreter's finalisation puts the default actions back,
+    under which one more Ctrl-C would kill the process (exit status -2, not 130); ignored."""
+    import signal
+
+    if _Stop.begun:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+
+
 @contextmanager
 def sigterm_stops_cleanly() -> Iterator[None]:
     """For its length, SIGTERM (a job scheduler's stop, ``timeout``, ``kill``) stops the run as
@@ -88,7 +131,12 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     ignored, outside the main thread, nor in a rank of a data-parallel job (one waiting on its
     peers could not run the handler; its launcher stops it with SIGTERM and says what
     happened). A handler that only saves state and exits (coverage's, under ``make test``)
-    is replaced for the length: the run then ends normally, and exit handlers still run."""
+    is replaced for the length: the run then ends normally, and exit handlers still run.
+
+    Only the first stop (Ctrl-C or SIGTERM) stops the run. The ones after it are held, with
+    one line saying so: a user pressing Ctrl-C again while the output is closed would cut it
+    off mid-write (a Parquet file without its footer, a lake half rolled back) and lose the
+    line saying what was kept. SIGKILL still ends the process at once."""
     import os
     import signal
     import threading
@@ -96,16 +144,26 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     if "WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.getsignal(signal.SIGTERM)
-    if before is signal.SIG_IGN:
+    if signal.getsignal(signal.SIGTERM) is _on_stop:  # (inside another such block)
         yield
         return
-
-    def terminated(_signum: int, _frame: object) -> None:
-        raise Interrupted(terminated=True)
-
-    signal.signal(signal.SIGTERM, terminated)
+    # polars chains its own Ctrl-C hook to the handler it finds at import: any polars work
+    # under way, in any thread (the output writer's), then raises KeyboardInterrupt, and the
+    # batch it was encoding is lost. Imported first, its hook is replaced below (and stays so
+    # after: polars work is then stopped by Python's Ctrl-C, as other work is)
+    import polars  # noqa: F401
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    taken = [s for s, h in before.items()
+             if h is not signal.SIG_IGN
+             and (s == signal.SIGTERM or h is signal.default_int_handler)]
+    _Stop.begun = _Stop.told = False
+    for s in taken:
+        signal.signal(s, _on_stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+        if not (_Stop.begun and _Stop.to_exit):
+            for s in taken:
+                h = before[s]
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            _Stop.begun = _Stop.told = False

@@ -113,6 +113,58 @@ def test_sigterm_while_scoring_to_parquet_leaves_a_whole_file_said_to_be_partial
                            f"in {out}, which is incomplete"), err
 
 
+@pytest.mark.parametrize(("sig", "word", "code", "suffix"), [
+    (signal.SIGINT, "interrupted", 130, ".jsonl"), (signal.SIGTERM, "terminated", 143, ".parquet")])
+def test_stops_sent_again_and_again_are_held_until_the_output_is_closed(
+        kdd_bundle: Path, kdd_test_file: Path, tmp_path: Path, sig: signal.Signals, word: str,
+        code: int, suffix: str) -> None:
+    """A user pressing Ctrl-C again while the first one is being handled (or a supervisor
+    repeating SIGTERM) cut the close short: the second signal raised inside it, so the line
+    saying what was kept was lost, tracebacks came from the exit handlers, the exit status was
+    -2, and a JSONL output came out empty (polars' own Ctrl-C hook stopped the writer thread
+    mid-batch). Now only the first stop counts; the ones after are held, said so once."""
+    import pyarrow.parquet as pq
+
+    data = "".join(head_lines(kdd_test_file, 100_000)).encode()
+    out = tmp_path / f"out{suffix}"
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
+                             "--format", "kdd", "--out", str(out), "-"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not out.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        sent = 0
+        while proc.poll() is None and time.monotonic() < deadline:  # until it has ended
+            proc.send_signal(sig)
+            sent += 1
+            time.sleep(0.002)
+        assert proc.poll() is not None
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.stderr.close()
+    assert sent > 1
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    if suffix == ".jsonl":
+        text = out.read_text()
+        assert text.endswith("\n"), (err, len(text))
+        rows = len(_jsonl(text))
+    else:
+        rows = pq.read_table(out).num_rows
+    assert 0 < rows < 100_000, err
+    lines = err.strip().splitlines()
+    assert lines[-1] == (f"{word}: the {rows:,} rows scored before it are kept in {out}, "
+                         "which is incomplete"), err
+    assert lines[:-1] in ([], ["already stopping: closing what was kept, so that it stays whole"])
+
+
 def test_ctrl_c_before_any_record_is_scored_is_plain_interrupted(
         kdd_bundle: Path, tmp_path: Path) -> None:
     """Nothing scored yet (stdin still empty): no output is made, and nothing is claimed kept."""
