@@ -454,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         _err(f"error: {exc}")
         return exc.exit_code
     except _Interrupted as exc:  # exit status as a shell gives for the signal: 128 + its number
+        from .errors import stop_reported
+
+        stop_reported()
         word, code = ("terminated", 143) if exc.terminated else ("interrupted", 130)
         _err(word if exc.detail is None else f"{word}: {exc.detail}")
         return code

@@ -97,7 +97,13 @@ def _on_stop(signum: int, _frame: object) -> None:
         raise Interrupted(terminated=signum == signal.SIGTERM)
     if not _Stop.told:  # (os.write: print could re-enter a write to stderr under way)
         _Stop.told = True
-        os.write(2, b"already stopping: closing what was kept, so that it stays whole\n")
+        os.write(2, b"already stopping: the clean-up under way is finished first\n")
+
+
+def stop_reported() -> None:
+    """The command has printed its last line about the stop: stops held after it say nothing
+    more (a line after the last one would read as the outcome)."""
+    _Stop.told = True
 
 
 def hold_stops_to_exit() -> None:

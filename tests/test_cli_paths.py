@@ -162,7 +162,7 @@ def test_stops_sent_again_and_again_are_held_until_the_output_is_closed(
     lines = err.strip().splitlines()
     assert lines[-1] == (f"{word}: the {rows:,} rows scored before it are kept in {out}, "
                          "which is incomplete"), err
-    assert lines[:-1] in ([], ["already stopping: closing what was kept, so that it stays whole"])
+    assert lines[:-1] in ([], ["already stopping: the clean-up under way is finished first"])
 
 
 def test_ctrl_c_before_any_record_is_scored_is_plain_interrupted(

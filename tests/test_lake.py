@@ -319,3 +319,41 @@ def test_an_ingest_stopped_by_sigterm_keeps_nothing(tmp_path: Path) -> None:
     assert err.strip() == ("terminated: nothing from this run was kept (2 parts it had written "
                            "were removed), so it can simply be run again"), err
     assert not list(lake.rglob("*.parquet"))
+
+
+def test_an_ingest_sent_stop_after_stop_still_rolls_back_whole(tmp_path: Path) -> None:
+    """A supervisor repeating SIGTERM (or a user pressing Ctrl-C again): the second signal
+    raised inside the rollback, which then left parts behind or ended in a traceback. Only
+    the first stop counts; the rollback finishes and the last line says so."""
+    import signal
+    import time
+
+    lake = tmp_path / "lake"
+    exe = Path(sys.executable).with_name("deepwatch")
+    corrected = Path(os.environ.get("DEEPWATCH_DATA", "../shared/data")) / "kddcup99/corrected.gz"
+    proc = subprocess.Popen([str(exe), "ingest", "--format", "kdd", "--lake", str(lake),
+                             str(corrected)], stderr=subprocess.PIPE,
+                            env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    assert proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 120
+        while not list(lake.rglob("part-*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        sent = 0
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGTERM)
+            sent += 1
+            time.sleep(0.002)
+        assert proc.poll() is not None
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert sent > 1
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("terminated: nothing from this run was kept ("), err
+    assert lines[:-1] in ([], ["already stopping: the clean-up under way is finished first"]), err
+    assert not list(lake.rglob("*.parquet")) and not list(lake.rglob(".*.tmp"))
