@@ -321,7 +321,8 @@ def test_an_ingest_stopped_by_sigterm_keeps_nothing(tmp_path: Path) -> None:
     assert not list(lake.rglob("*.parquet"))
 
 
-def test_an_ingest_sent_stop_after_stop_still_rolls_back_whole(tmp_path: Path) -> None:
+def test_an_ingest_sent_stop_after_stop_still_rolls_back_whole(tmp_path: Path,
+                                                                kdd_test_file: Path) -> None:
     """A supervisor repeating SIGTERM (or a user pressing Ctrl-C again): the second signal
     raised inside the rollback, which then left parts behind or ended in a traceback. Only
     the first stop counts; the rollback finishes and the last line says so."""
@@ -330,9 +331,8 @@ def test_an_ingest_sent_stop_after_stop_still_rolls_back_whole(tmp_path: Path) -
 
     lake = tmp_path / "lake"
     exe = Path(sys.executable).with_name("deepwatch")
-    corrected = Path(os.environ.get("DEEPWATCH_DATA", "../shared/data")) / "kddcup99/corrected.gz"
     proc = subprocess.Popen([str(exe), "ingest", "--format", "kdd", "--lake", str(lake),
-                             str(corrected)], stderr=subprocess.PIPE,
+                             str(kdd_test_file)], stderr=subprocess.PIPE,
                             env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
     assert proc.stderr is not None
     try:
