@@ -128,6 +128,28 @@ def _ignore_stops_if_stopping() -> None:
             signal.signal(s, signal.SIG_IGN)
 
 
+def keep_ctrl_c_from_polars() -> None:
+    """Import polars, and take SIGINT back from the hook it installs on import.
+
+    polars chains its own Ctrl-C hook to the handler it finds: on Ctrl-C, any polars work under
+    way, in any thread, raises KeyboardInterrupt. The output writer's thread then lost the
+    batch it was encoding; a REST request in flight, which SIGINT should let finish, answered
+    500; a stream's batch in hand was cut. Here the handler Python has for SIGINT is set again,
+    which replaces the hook at the C level; handlers set later (uvicorn's) replace it too, so
+    callers do this before setting theirs, or after polars was imported under them. polars work
+    is then stopped by Python's Ctrl-C as other work is. Main thread only (elsewhere nothing
+    can be set); does nothing where SIGINT has no Python handler."""
+    import signal
+    import threading
+
+    import polars  # noqa: F401
+
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGINT)
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
 @contextmanager
 def sigterm_stops_cleanly() -> Iterator[None]:
     """For its length, SIGTERM (a job scheduler's stop, ``timeout``, ``kill``) stops the run as
@@ -153,11 +175,7 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     if signal.getsignal(signal.SIGTERM) is _on_stop:  # (inside another such block)
         yield
         return
-    # polars chains its own Ctrl-C hook to the handler it finds at import: any polars work
-    # under way, in any thread (the output writer's), then raises KeyboardInterrupt, and the
-    # batch it was encoding is lost. Imported first, its hook is replaced below (and stays so
-    # after: polars work is then stopped by Python's Ctrl-C, as other work is)
-    import polars  # noqa: F401
+    keep_ctrl_c_from_polars()  # (before the handlers below: they replace its hook)
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     taken = [s for s, h in before.items()
              if h is not signal.SIG_IGN

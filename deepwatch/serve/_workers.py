@@ -261,6 +261,9 @@ def worker_app() -> Any:
 
     A worker that cannot build its app exits with uvicorn's start-up failure code, so the
     supervisor stops the server instead of restarting the worker over and over."""
+    from ..errors import keep_ctrl_c_from_polars
+
+    keep_ctrl_c_from_polars()  # uvicorn's handlers are set: polars' hook would chain to them
     try:
         return _worker_app()
     except Exception as exc:

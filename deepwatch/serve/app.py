@@ -396,15 +396,21 @@ def _install_sighup(service: ScoringService, tls: TlsReload | None = None) -> No
         signal.signal(signal.SIGHUP, on_hup)
 
 
-def _exit_cleanly_on_sigterm() -> None:
-    """uvicorn finishes the requests in flight on SIGTERM, then raises the signal again with the
-    handler that was there before it: this one, so that a stop asked for is a clean exit (0)."""
+def _exit_cleanly_on_stop() -> None:
+    """uvicorn finishes the requests in flight on SIGTERM or SIGINT, then raises the signal
+    again with the handler that was there before it: this one, so that a stop asked for is a
+    clean exit (0; Ctrl-C ended with ``interrupted`` and 130). polars is imported first so
+    that its own Ctrl-C hook, which failed the requests in flight with 500, is not chained to
+    uvicorn's handlers (see :func:`~deepwatch.errors.keep_ctrl_c_from_polars`)."""
+    from ..errors import keep_ctrl_c_from_polars
 
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)
 
     if threading.current_thread() is threading.main_thread():
+        keep_ctrl_c_from_polars()
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
 
 def _raw_response(status: bytes, reason: str) -> bytes:
@@ -889,7 +895,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     config = uvicorn.Config(app, host=host, port=port, **options)
     server = uvicorn.Server(config)
     _install_sighup(app.state.service, reloader)
-    _exit_cleanly_on_sigterm()
+    _exit_cleanly_on_stop()
     model = app.state.service.model
     log.warning("serving %s (%s on %s, %s) at %s", model.path, model.detector.kind,
                 model.format, model.detector.engine, url)

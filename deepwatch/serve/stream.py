@@ -162,6 +162,9 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
                  extra={"event": "signal", "signal": signal.Signals(signum).name})
         stop.set()
 
+    from ..errors import keep_ctrl_c_from_polars
+
+    keep_ctrl_c_from_polars()  # else polars' own hook would cut the batch in hand on Ctrl-C
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
