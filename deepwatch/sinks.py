@@ -7,13 +7,14 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
 
-from .errors import InputError, OutputError, UsageError
+from .errors import InputError, Interrupted, OutputError, UsageError, sigterm_stops_cleanly
 
 
 def _not_a_directory(p: Path, what: str) -> None:
@@ -298,25 +299,39 @@ class RejectSink:
 
     def __init__(self, path: str | None):
         self.path = path
-        self.count = 0
-        self._fh: IO[str] | None = None
+        #: the records written and the bytes they fill, set as one after each write
+        self._kept = (0, 0)
+        #: the records and bytes of the write under way (see :meth:`abort`)
+        self._writing = (0, 0)
+        #: every input of the run has been read through it: a run stopped after that keeps
+        #: all its rejects, not an incomplete part (see :func:`keeping_rejects`)
+        self.complete = False
+        self._fh: IO[bytes] | None = None
         if path:
             writable_file(path, "--rejects")
             try:
-                self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115
+                self._fh = open(path, "wb")  # noqa: SIM115
             except OSError as exc:
                 raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
+    @property
+    def count(self) -> int:
+        """The rejected records written (where there is no file: counted)."""
+        return self._kept[0]
+
     def write(self, rejects: pa.Table) -> None:
-        self.count += rejects.num_rows
-        if self._fh is None or rejects.num_rows == 0:
+        n = rejects.num_rows
+        if self._fh is None or n == 0:
+            self._kept = (self._kept[0] + n, self._kept[1])
             return
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rejects.to_pylist())
-        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+        data = escape_line_separators("".join(
+            json.dumps(row, ensure_ascii=False) + "\n" for row in rejects.to_pylist()).encode())
+        self._writing = (n, len(data))
         try:
-            self._fh.write(text)
+            self._fh.write(data)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self._kept = (self._kept[0] + n, self._kept[1] + len(data))
 
     def close(self) -> None:
         fh, self._fh = self._fh, None  # closed once, even when closing fails
@@ -329,10 +344,53 @@ class RejectSink:
 
     def abort(self) -> None:
         """Close and remove the file of a run that failed before it kept anything: an empty
-        rejects file would read as "nothing was rejected"."""
+        rejects file would read as "nothing was rejected".
+
+        A Ctrl-C can stop the run as a write returns, before its records are counted: they are
+        in the file all the same, and counted here (a file is never taken for empty, nor said
+        to hold fewer records, when it holds them)."""
         fh, self._fh = self._fh, None
         if fh is None:
             return
+        try:
+            at = fh.tell()
+        except OSError:  # (a pipe: no position)
+            at = None
+        if at is not None and at == self._kept[1] + self._writing[1]:
+            self._kept = (self._kept[0] + self._writing[0], at)
         fh.close()
         if self.count == 0 and self.path and os.path.isfile(self.path):
             os.unlink(self.path)
+
+
+@contextmanager
+def keeping_rejects(path: str | None) -> Iterator[RejectSink]:
+    """A :class:`RejectSink` at ``path`` (None: rejects only counted) for the length of a run's
+    reading of its inputs, closed whole after it.
+
+    A run that fails keeps the rejects it wrote (they may say why), never an empty file
+    (:meth:`RejectSink.abort`). A run stopped part-way, by Ctrl-C or by SIGTERM (taken as
+    Ctrl-C for the length, rather than ending the process with the last records still in the
+    file's buffer), closes the file whole too, and its one-line report says how many records
+    the file holds and that it is incomplete, as ``score`` says of its output: the rejects
+    read so far are not lost, nor taken for all of them. (Once the caller has read every input
+    through it, :attr:`RejectSink.complete`, the file is whole and all, and a stop says
+    nothing of it.)"""
+    sink = RejectSink(path)
+    try:
+        with sigterm_stops_cleanly():
+            yield sink
+    except KeyboardInterrupt as exc:
+        sink.abort()
+        if sink.complete or not (sink.path and sink.count):
+            raise
+        n = sink.count
+        kept = (f"the {n:,} rejected record{'s' if n != 1 else ''} read before it "
+                f"{'are' if n != 1 else 'is'} kept in {sink.path}, which is incomplete")
+        detail = getattr(exc, "detail", None)
+        raise Interrupted(f"{detail}; {kept}" if detail else kept,
+                          terminated=getattr(exc, "terminated", False)) from None
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()

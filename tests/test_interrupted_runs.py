@@ -209,3 +209,117 @@ def test_an_eval_json_that_cannot_be_written_whole_leaves_the_older_one(
                            env=_child_env())
     assert again.returncode == 0, again.stderr.decode()
     assert json.loads(metrics.read_text())["binary"]["f1"] > 0.5
+
+
+# -- rejects kept by evaluate, report and train when stopped while reading --------------------
+
+@pytest.fixture(scope="module")
+def with_bad_lines(kdd_test_file: Path) -> bytes:
+    """More than one chunk of KDD records, every 50th line followed by one that is no record."""
+    from conftest import head_lines
+
+    lines = head_lines(kdd_test_file, 100_000)
+    data = "".join(line + (f"not a record {i}\n" if i % 50 == 0 else "")
+                   for i, line in enumerate(lines)).encode()
+    assert len(data) > 8 << 20  # the first chunk is read while stdin stays open
+    return data
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command", ["evaluate", "report", "train"])
+def test_rejects_of_a_run_stopped_while_reading_are_kept_whole_and_said_incomplete(
+        kdd_bundle: Path, with_bad_lines: bytes, tmp_path: Path, command: str,
+        sig: signal.Signals) -> None:
+    """evaluate, report and train stopped while reading stdin (kept open, as when the signal
+    reaches deepwatch alone): the rejects read so far were left under the file's final name,
+    and nothing said they were only part of them. Ctrl-C said a bare "interrupted"; SIGTERM
+    killed evaluate and report with the last rejects still in the file's buffer (an empty file
+    where records had been rejected); train, which kept its rejects in memory until all was
+    read, lost them and left an older rejects file in place, as though this run's. Now the file
+    holds, whole, the rejects read so far, and the one line says how many and that it is
+    incomplete, as score says of its output."""
+    rejects = tmp_path / "rejects.jsonl"
+    rejects.write_text('{"older": "run"}\n')
+    out = tmp_path / "out"
+    args = {"evaluate": ["evaluate", str(kdd_bundle), "-f", "kdd", "--json", str(out)],
+            "report": ["report", str(kdd_bundle), "-f", "kdd", "--out", str(out)],
+            "train": ["train", "-f", "kdd", "-m", "mlp", "--epochs", "1", "--out", str(out)]}
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", *args[command],
+                             "--rejects", str(rejects), "-"], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(with_bad_lines)
+        proc.stdin.flush()
+        # the first chunk's rejects reached the file (hundreds: more than its buffer holds)
+        signal_when(proc, lambda: "not a record" in rejects.read_text(), sig, within=60)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.stderr.close()
+    import json
+
+    text = rejects.read_text()
+    assert text.endswith("\n"), err
+    kept = [json.loads(line) for line in text.splitlines()]  # every line whole
+    assert 0 < len(kept) < 2000, err
+    assert all(r["raw"].startswith("not a record ") and r["reason"] for r in kept)
+    word, code = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"{word}: the {len(kept):,} rejected records read before it are kept in {rejects}, "
+        "which is incomplete"), err
+    assert not out.exists()
+
+
+class _StoppedAfterWrite:
+    """A rejects file whose write is followed by a Ctrl-C, as when one comes while the write
+    is under way: Python raises it as the write returns."""
+
+    def __init__(self, fh: object) -> None:
+        self.fh = fh
+
+    def write(self, data: bytes) -> int:
+        n = self.fh.write(data)  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGINT)
+        return int(n)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.fh, name)
+
+
+@pytest.mark.parametrize("when", ["while its lines are made", "as its write returns"])
+def test_a_stop_during_a_rejects_write_counts_what_the_file_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """Ctrl-C lands wherever it lands: the records the one line says are kept are those the
+    file holds. Counted before the write, a stop while the lines were made claimed records
+    the file never got; counted after it, a stop as the write returned left them out (and,
+    for the first write, removed a file that held them, as though nothing was rejected)."""
+    import json
+
+    from deepwatch import sinks
+    from deepwatch.errors import Interrupted
+    from deepwatch.formats._base import make_rejects
+
+    path = tmp_path / "rejects.jsonl"
+    batch = make_rejects([1, 2, 3], ["a", "b", "c"], ["no record"] * 3)
+    with pytest.raises(Interrupted) as stop, sinks.keeping_rejects(str(path)) as sink:
+        sink.write(batch)
+        if when == "as its write returns":
+            sink._fh = _StoppedAfterWrite(sink._fh)  # type: ignore[assignment]
+        else:
+            dumps = json.dumps
+
+            def stopped(*args: object, **kwargs: object) -> str:
+                os.kill(os.getpid(), signal.SIGINT)
+                return dumps(*args, **kwargs)
+
+            monkeypatch.setattr(sinks.json, "dumps", stopped)
+        sink.write(batch)
+    monkeypatch.undo()
+    held = [json.loads(line)["raw"] for line in path.read_text().splitlines()]
+    assert held == (["a", "b", "c"] * (2 if when == "as its write returns" else 1))
+    assert stop.value.detail == (f"the {len(held)} rejected records read before it are kept "
+                                 f"in {path}, which is incomplete")

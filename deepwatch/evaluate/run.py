@@ -173,18 +173,14 @@ def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str =
              progress: bool = False, feature_sample: int = 0, policy: str | None = None,
              rejects: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics of ``bundle`` on labelled ``inputs``; ``rejects``: a JSONL file that keeps every
-    rejected record with its line, text and reason."""
+    rejected record with its line, text and reason (what it kept stays when the run fails or is
+    stopped, said to be incomplete when stopped; see :func:`~deepwatch.sinks.keeping_rejects`)."""
     from ..models.detector import Detector
-    from ..sinks import RejectSink
+    from ..sinks import keeping_rejects
 
     det = Detector(bundle, engine=engine, explain=False, policy=policy)
-    sink = RejectSink(rejects)
-    try:
+    with keeping_rejects(rejects) as sink:
         cols, stats, seconds = collect(det, format_name, inputs, progress, feature_sample, sink)
-    except BaseException:  # what it kept stays (it may say why); an empty file does not
-        sink.abort()
-        raise
-    sink.close()
     fmt = get_format(format_name)
     result = metrics_from(cols, fmt.kdd_labels, verdict_threshold(det.decision, cols), seconds)
     if "anomaly_score" in cols:  # the autoencoder alone, on its own scale (anomaly_score)

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from torch import nn
 
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, check_bundle_target, save_bundle, sha256_file
 from ..errors import DataError, UsageError
 from ..features import Featurizer
 from ..formats import Format, get_format
-from ..io import InputReader, labels_of, no_label_reason, read_labelled
+from ..io import InputReader, Stats, labels_of, no_label_reason, read_labelled
 from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST
 from ..models import MODEL_KINDS
 from . import distributed
 from .data import dedupe, label_vocabulary, stratified_split
 from .loop import TrainConfig, pick_device
+
+if TYPE_CHECKING:
+    from ..sinks import RejectSink
+    from ..sources.files import InputSpec
 
 
 @dataclass
@@ -300,12 +305,46 @@ def _split_labels(labels: np.ndarray | None, n: int, fractions: tuple[float, ...
     return stratified_split(labels, fractions, seed)
 
 
+def _no_label(rejects: pa.Table, purpose: str) -> pa.Table:
+    """The records :func:`read_labelled` rejected for having no label (the rest of
+    ``rejects``, the reader's, have other reasons)."""
+    if not rejects.num_rows:
+        return rejects
+    return rejects.filter(pc.equal(rejects.column("reason"), no_label_reason(purpose)))
+
+
 def _log_no_label(rejects: pa.Table, purpose: str, log: Callable[[str], None]) -> None:
     """Say how many records :func:`read_labelled` rejected for having no label."""
-    reason = no_label_reason(purpose)
-    n = sum(r == reason for r in rejects.column("reason").to_pylist()) if rejects.num_rows else 0
+    n = _no_label(rejects, purpose).num_rows
     if n:
-        log(f"{n:,} record{'s' if n != 1 else ''} rejected: {reason}")
+        log(f"{n:,} record{'s' if n != 1 else ''} rejected: {no_label_reason(purpose)}")
+
+
+class _RejectsKeptAsRead(InputReader):
+    """An :class:`InputReader` that writes each chunk's rejects to ``kept`` as it yields them."""
+
+    def __init__(self, fmt: Format, specs: Sequence[str], kept: RejectSink, **options: Any):
+        super().__init__(fmt, specs, **options)
+        self.kept = kept
+
+    def __iter__(self) -> Iterator[tuple[pa.RecordBatch, pa.Table, InputSpec]]:
+        for batch, rej, spec in super().__iter__():
+            self.kept.write(rej)
+            yield batch, rej, spec
+
+
+def _read_keeping(fmt: Format, inputs: Sequence[str], purpose: str, kept: RejectSink,
+                  progress: bool = False, lakes: Sequence[str] = ()
+                  ) -> tuple[InputReader, pa.Table, pa.Table, Stats]:
+    """:func:`read_labelled`, each rejected record written to ``kept`` as soon as it is known:
+    the reader's as each chunk is read, so that a run stopped while reading (which can take
+    minutes) keeps those read so far; those without a label once every input is read (whether
+    a record lacking one is a reject is known only then). The reader, the records, all the
+    rejects and the counts."""
+    reader = _RejectsKeptAsRead(fmt, inputs, kept, progress=progress, lakes=lakes)
+    table, rejects, stats = read_labelled(reader, purpose)
+    kept.write(_no_label(rejects, purpose))
+    return reader, table, rejects, stats
 
 
 def _labels(table: pa.Table) -> np.ndarray | None:
@@ -419,15 +458,16 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
            log: Callable[[str], None], lakes: Sequence[str], dist: distributed.Dist,
            folds: int = 1, rejects_path: str | None = None,
            refit: bool = False) -> dict[str, Any]:
-    from ..sinks import RejectSink
+    from ..sinks import keeping_rejects
 
     t0 = time.perf_counter()
     fmt = get_format(format_name)
-    reader = InputReader(fmt, inputs, progress=progress, lakes=lakes)
-    table, rejects, stats = read_labelled(reader, "training")
-    kept = RejectSink(rejects_path)  # every rejected record, with its reason
-    try:  # a run that fails keeps its rejects (they may say why), never an empty file
-        kept.write(rejects)
+    # every rejected record, with its reason: a run that fails keeps them (they may say why),
+    # never an empty file; one stopped while reading keeps them too, said to be incomplete
+    with keeping_rejects(rejects_path) as kept:
+        reader, table, rejects, stats = _read_keeping(fmt, inputs, "training", kept,
+                                                      progress, lakes)
+        kept.complete = not val_inputs  # (else once the validation records are read too)
         table = _derive_in_order(fmt, table)
         log(f"training data: {stats.summary()}")
         _log_no_label(rejects, "training", log)
@@ -446,9 +486,9 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
             tr_labels, es_labels, cal_labels = labels[tr_idx], labels[es_idx], labels[cal_idx]
         elif val_inputs:
-            vreader = InputReader(fmt, val_inputs, progress=progress)
-            vtable, vrej, vstats = read_labelled(vreader, "validation")
-            kept.write(vrej)
+            _, vtable, vrej, vstats = _read_keeping(fmt, val_inputs, "validation", kept,
+                                                    progress)
+            kept.complete = True
             vtable = _derive_in_order(fmt, vtable)
             log(f"validation data: {vstats.summary()}")
             _log_no_label(vrej, "validation", log)
@@ -467,11 +507,6 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             tr_labels = labels[tr_idx] if labels is not None else None
             es_labels = labels[es_idx] if labels is not None else None
             cal_labels = labels[cal_idx] if labels is not None else None
-    except BaseException:
-        kept.abort()
-        raise
-
-    kept.close()
     if rejects_path:
         log(f"{kept.count:,} rejected record{'s' if kept.count != 1 else ''} kept in "
             f"{rejects_path}")
