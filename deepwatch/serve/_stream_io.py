@@ -158,7 +158,7 @@ class FileSource:
             return _stdin_chunks(spec, self.chunk_bytes, stop)
         if self.follow:
             return follow_chunks(spec, stop, self.chunk_bytes)
-        return iter_chunks(spec, self.chunk_bytes)
+        return iter_chunks(spec, self.chunk_bytes, stop=stop)
 
     def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
         for number, spec in enumerate(self.specs):

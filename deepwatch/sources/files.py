@@ -386,18 +386,19 @@ def waits_for_data(stream: BinaryIO) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
 
 
-def _read_waking(stream: BinaryIO, size: int) -> bytes:
+def _read_waking(stream: BinaryIO, size: int, stop: threading.Event | None = None) -> bytes:
     """Up to ``size`` bytes of ``stream`` (fewer only at its end), as ``stream.read(size)``, but
     waiting for data in ``select`` with a timeout instead of in ``read``. A signal (Ctrl-C,
     SIGTERM) that the kernel hands to another thread (ONNX Runtime's, the output writer's) does
     not interrupt a read the main thread is blocked in, so Python would not run its handler until
     the writer sent more data or closed the pipe: a ``score -`` stopped while its input was idle
-    hung. Waking every ``WAKE_SECONDS`` lets the handler run."""
+    hung. Waking every ``WAKE_SECONDS`` lets the handler run; ``stop`` being set ends the
+    input there."""
     fd = stream.fileno()  # read below the buffer, which nothing has read through before
     parts: list[bytes] = []
     got = 0
     while got < size:
-        piece = read_when_ready(fd, size - got)
+        piece = read_when_ready(fd, size - got, stop)
         if not piece:
             break
         parts.append(piece)
@@ -405,26 +406,79 @@ def _read_waking(stream: BinaryIO, size: int) -> bytes:
     return b"".join(parts)
 
 
-def read_when_ready(fd: int, size: int, stop: threading.Event | None = None) -> bytes:
-    """One ``os.read`` of up to ``size`` bytes of ``fd`` (a pipe, a terminal) once it has data,
-    waiting in ``select`` that wakes every ``WAKE_SECONDS``: a pending signal's handler runs
-    between the waits, and ``stop`` being set ends the wait with no bytes, as at the end of
-    the input."""
+def wait_readable(fd: int, stop: threading.Event | None = None) -> bool:
+    """Wait until ``fd`` (a pipe, a terminal) has data or its writer has gone (True), or until
+    ``stop`` is set (False), in ``select`` that wakes every ``WAKE_SECONDS``: a pending
+    signal's handler runs between the waits. (``select`` is never restarted after a handler,
+    even one installed with ``SA_RESTART``.)"""
     import select
 
     while stop is None or not stop.is_set():
         ready, _, _ = select.select([fd], [], [], WAKE_SECONDS)
         if ready:
+            return True
+    return False
+
+
+def read_when_ready(fd: int, size: int, stop: threading.Event | None = None) -> bytes:
+    """One ``os.read`` of up to ``size`` bytes of ``fd`` (a pipe, a terminal) once it has data,
+    waiting in :func:`wait_readable`: ``stop`` being set ends the wait with no bytes, as at the
+    end of the input. A descriptor left non-blocking whose data another reader of the same
+    pipe took first is waited on again."""
+    while wait_readable(fd, stop):
+        try:
             return os.read(fd, size)
+        except BlockingIOError:
+            continue
     return b""
 
 
-def _open(spec: InputSpec) -> BinaryIO:
-    """Stdin or a file that is not compressed."""
+class _Stopped(Exception):
+    """``stop`` was set while a named pipe waited for its writer."""
+
+
+def open_input(path: str, stop: threading.Event | None = None, buffering: int = -1
+               ) -> BinaryIO | None:
+    """``open(path, "rb")``, except that a named pipe (FIFO) is waited on in ``select`` until
+    its writer has come (None if ``stop`` is set first), not in ``open``.
+
+    ``open`` of a FIFO blocks until a writer opens it, in a system call that a signal does
+    not end: Python retries it once its handler has run (PEP 475), and the kernel restarts it
+    by itself when the signal went to another thread (ONNX Runtime's, a writer's) or the
+    handler has ``SA_RESTART``. So a handler that only asks the run to stop (``deepwatch
+    stream``'s, on SIGTERM or Ctrl-C) left it waiting for ever while nobody wrote to the FIFO.
+    Here the FIFO is opened non-blocking (that returns at once), waited on until it has data or
+    its writer came and went (Linux reports neither before a first writer, so a reader that
+    opened early does not take the silence for the end of the input), then set blocking again
+    for the reads that follow; the path is opened once only. Elsewhere than on Linux, where a
+    FIFO with no writer may look readable at once, it is opened as any file is."""
+    if not sys.platform.startswith("linux"):
+        return open(path, "rb", buffering=buffering)  # noqa: SIM115 - closed by the caller
+
+    def opener(name: str, flags: int) -> int:
+        fd = os.open(name, flags | os.O_NONBLOCK)
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode) and not wait_readable(fd, stop):
+                raise _Stopped
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    try:
+        return open(path, "rb", buffering=buffering, opener=opener)  # noqa: SIM115
+    except _Stopped:
+        return None
+
+
+def _open(spec: InputSpec, stop: threading.Event | None = None) -> BinaryIO | None:
+    """Stdin or a file that is not compressed (None: ``stop`` was set while a named pipe
+    waited for its writer)."""
     if spec.path == "-":
         return sys.stdin.buffer
     try:
-        return open(spec.path, "rb")  # noqa: SIM115 - closed by the caller
+        return open_input(spec.path, stop)
     except OSError as exc:
         raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
 
@@ -623,8 +677,13 @@ class VerifiedStream:
     """
 
     def __init__(self, path: str, block_bytes: int = CHUNK_BYTES, hold_bytes: int | None = None,
-                 on_bytes: Callable[[int], None] | None = None, kind: str = "gzip"):
+                 on_bytes: Callable[[int], None] | None = None, kind: str = "gzip",
+                 stop: threading.Event | None = None):
         self.path = path
+        #: a named pipe is read until ``stop`` is set at the latest (see :func:`open_input`)
+        self.stop = stop
+        #: after iteration: ``stop`` was set before the named pipe's writer came
+        self.stopped = False
         self.block_bytes = block_bytes
         self.hold_bytes = HOLD_BYTES if hold_bytes is None else hold_bytes
         self.kind = compression(kind)
@@ -641,8 +700,12 @@ class VerifiedStream:
     def __iter__(self) -> Iterator[bytes]:
         parts: list[bytes] = []  # verified output, joined once about block_bytes are there
         size = 0
-        with open(self.path, "rb", buffering=0) as raw:
-            fh: BinaryIO = raw if raw.seekable() else _spooled(raw)
+        opened = open_input(self.path, self.stop, buffering=0)
+        if opened is None:
+            self.stopped = True
+            return
+        with opened as raw:
+            fh: BinaryIO = raw if raw.seekable() else _spooled(raw, self.stop)
             try:
                 for piece in self._verified(fh):
                     parts.append(piece)
@@ -771,12 +834,18 @@ class VerifiedStream:
         self.damage = StreamDamage(why, unverified_bytes, unverified, self.kind.unit)
 
 
-def _spooled(stream: BinaryIO) -> BinaryIO:
+def _spooled(stream: BinaryIO, stop: threading.Event | None = None) -> BinaryIO:
     """A copy of a stream that cannot seek (a named pipe), in a temporary file that can: a long
     gzip member (xz stream) is read twice. The copy is compressed data, a fraction of the
-    text."""
+    text. A pipe is waited on in ``select`` (see :func:`read_when_ready`), so that Ctrl-C and
+    SIGTERM stop a run while its writer is idle; ``stop`` ends the copy there."""
     copy = tempfile.TemporaryFile()  # noqa: SIM115 - closed by VerifiedStream
-    shutil.copyfileobj(stream, copy, _PIECE)
+    if waits_for_data(stream):
+        fd = stream.fileno()  # unbuffered (VerifiedStream opens it so): nothing read past
+        while piece := read_when_ready(fd, _PIECE, stop):
+            copy.write(piece)
+    else:
+        shutil.copyfileobj(stream, copy, _PIECE)
     copy.seek(0)
     return copy  # type: ignore[return-value]
 
@@ -830,11 +899,12 @@ def _notes(spec: InputSpec, kind: str, blocks: VerifiedStream) -> list[str]:
 
 
 def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
-                       on_bytes: Callable[[int], None] | None) -> Iterator[Chunk]:
+                       on_bytes: Callable[[int], None] | None,
+                       stop: threading.Event | None = None) -> Iterator[Chunk]:
     """:func:`iter_chunks` of a compressed file (gzip, bzip2 or xz): the lines of its verified
     members or streams (:class:`VerifiedStream`)."""
     try:
-        blocks = VerifiedStream(spec.path, chunk_bytes, on_bytes=on_bytes, kind=kind)
+        blocks = VerifiedStream(spec.path, chunk_bytes, on_bytes=on_bytes, kind=kind, stop=stop)
         lines = LineBuffer(spec)
         first = True
         for block in blocks:
@@ -844,6 +914,8 @@ def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
             yield from lines.feed(block)
     except OSError as exc:
         raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
+    if blocks.stopped:  # a named pipe that no writer opened before the stop: no input at all
+        return
     damage = blocks.damage
     if damage is None:
         for note in _notes(spec, kind, blocks):
@@ -861,7 +933,8 @@ def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
 
 
 def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
-                on_bytes: Callable[[int], None] | None = None) -> Iterator[Chunk]:
+                on_bytes: Callable[[int], None] | None = None,
+                stop: threading.Event | None = None) -> Iterator[Chunk]:
     """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1.
 
     A damaged compressed input (.gz, .bz2, .xz) does not stop the run: every line before the
@@ -871,19 +944,26 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     member, xz stream or bzip2 block that fails its check (see :class:`VerifiedStream`) and what
     follows. Their number is not known: the line breaks in corrupt data are not to be trusted
     either.
+
+    A pipe or terminal (stdin, a named pipe) is waited on in ``select``, so that Ctrl-C and
+    SIGTERM stop the run while it is idle, a named pipe with no writer yet included (see
+    :func:`open_input`). ``stop`` being set ends such an input where it is, as its end would.
     """
     kind = spec.compression
     if kind is not None:
-        yield from _compressed_chunks(spec, kind, chunk_bytes, on_bytes)
+        yield from _compressed_chunks(spec, kind, chunk_bytes, on_bytes, stop)
         return
-    stream = _open(spec)
+    opened = _open(spec, stop)
+    if opened is None:  # stopped before the named pipe's writer came: no input at all
+        return
+    stream = opened
     first = True
     waits = waits_for_data(stream)
 
     def read() -> bytes:
         nonlocal first
         try:
-            block: bytes = (_read_waking(stream, chunk_bytes) if waits
+            block: bytes = (_read_waking(stream, chunk_bytes, stop) if waits
                             else stream.read(chunk_bytes))
         except OSError as exc:
             raise InputError(f"cannot read {spec.display}: {exc}") from None

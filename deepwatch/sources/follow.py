@@ -14,7 +14,15 @@ import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .files import Chunk, InputSpec, LineBuffer
+from .files import (
+    Chunk,
+    InputSpec,
+    LineBuffer,
+    chunks_from_reads,
+    open_input,
+    read_when_ready,
+    waits_for_data,
+)
 
 POLL_SECONDS = 0.2
 #: How long a rotated file is still read after it last grew (Fluent Bit's Rotate_Wait).
@@ -22,13 +30,17 @@ ROTATE_WAIT_SECONDS = 5.0
 
 
 def _open(path: str, stop: threading.Event, poll: float) -> tuple[BinaryIO, int] | None:
-    """The file and its inode, waiting for it to appear (``tail -F`` retries too)."""
+    """The file and its inode, waiting for it to appear (``tail -F`` retries too); a named pipe
+    is waited on until its writer comes, in ``select`` rather than ``open`` (see
+    :func:`~deepwatch.sources.files.open_input`), so that a stop ends the wait."""
     while not stop.is_set():
         try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed by follow_chunks
+            fh = open_input(path, stop)
         except FileNotFoundError:
             stop.wait(poll)
             continue
+        if fh is None:
+            return None
         return fh, os.fstat(fh.fileno()).st_ino
     return None
 
@@ -68,11 +80,22 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
     break is held back until it is finished, or handed out when the file is truncated, when a
     rotated file is let go, or on stop. A rotated file is read until it has not grown for
     ``rotate_wait`` seconds, its lines between those of the new file.
+
+    A named pipe neither grows nor rotates: it is read as stdin is, its lines as they come,
+    until its writer closes it or ``stop`` is set, waiting in ``select`` (a buffered read would
+    wait for a whole chunk, deaf to the stop).
     """
     opened = _open(spec.path, stop, poll)
     if opened is None:
         return
     fh, inode = opened
+    if waits_for_data(fh):
+        try:
+            fd = fh.fileno()
+            yield from chunks_from_reads(lambda: read_when_ready(fd, chunk_bytes, stop), spec)
+        finally:
+            fh.close()
+        return
     lines = LineBuffer(spec)
     rotated: _Rotated | None = None
     try:
