@@ -59,7 +59,6 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     reject_sink = RejectSink(rejects)
     alerts = 0
     schema = None
-    done = False
     state = det.new_state()
     try:
         for batch, rej, _spec in reader:
@@ -81,33 +80,52 @@ def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                 sink.write(scored)
         if schema is None:  # no input at all: the output is still made, empty, with its columns
             schema = _output_schema(det, fmt, campaigns is not None)
-        done = True
-    except DeepwatchError as exc:
-        # an input that fails mid-run (a pipe of compressed data, a read error): the rows
-        # scored before it are kept, and the error says so, lest they pass for the whole output
-        if sink.rows and out != "-" and not isinstance(exc, OutputError):
-            exc.args = (f"{exc}; the {sink.rows:,} rows scored before it are kept in {out}, "
-                        "which is incomplete",)
+    except BaseException as exc:
+        # a stop (Ctrl-C, SIGTERM) or an input that fails mid-run (a pipe of compressed data, a
+        # read error): the rows scored and the records rejected before it are kept, whole, and
+        # the one line says so, lest they pass for the whole output
+        _close(sink, reject_sink, schema, complete=False)
+        kept = _kept_before(sink, reject_sink, out)
+        if isinstance(exc, KeyboardInterrupt) and kept:
+            raise Interrupted(kept, terminated=getattr(exc, "terminated", False)) from None
+        if isinstance(exc, DeepwatchError) and kept and not isinstance(exc, OutputError):
+            exc.args = (f"{exc}; {kept}",)
         raise
-    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: as for an error, rows kept are partial
-        if sink.rows and out != "-":
-            raise Interrupted(f"the {sink.rows:,} rows scored before it are kept in {out}, "
-                              "which is incomplete",
-                              terminated=getattr(exc, "terminated", False)) from None
-        raise
-    finally:
-        kept = done or sink.rows
-        try:
-            if kept:
-                sink.close(schema)
-            else:  # failed before any record: an empty output would read as "nothing found"
-                sink.abort()
-        finally:
-            if kept:
-                reject_sink.close()
-            else:
-                reject_sink.abort()
+    _close(sink, reject_sink, schema, complete=True)
     return ScoreReport(reader.stats, sink.rows, alerts, time.perf_counter() - t0, det.engine)
+
+
+def _close(sink: RecordSink, rejects: RejectSink, schema: pa.Schema | None,
+           complete: bool) -> None:
+    """Close the outputs of a run, ``complete`` or stopped. A stopped run that scored nothing
+    makes no output (an empty one would read as "nothing found"), and a rejects file only
+    when it holds records (:meth:`RejectSink.abort`)."""
+    kept = complete or sink.rows
+    try:
+        if kept:
+            sink.close(schema)
+        else:
+            sink.abort()
+    finally:
+        if kept:
+            rejects.close()
+        else:
+            rejects.abort()
+
+
+def _kept_before(sink: RecordSink, rejects: RejectSink, out: str) -> str | None:
+    """What a stopped run keeps, for its one line (None: nothing)."""
+    rows = f"the {sink.rows:,} rows scored before it" if sink.rows and out != "-" else None
+    n = rejects.count if rejects.path else 0
+    bad = (f"the {n:,} rejected record{'s' if n != 1 else ''} read before it"
+           if n else None)
+    if rows and bad:
+        return f"{rows} are kept in {out} and {bad} in {rejects.path}, which are incomplete"
+    if rows:
+        return f"{rows} are kept in {out}, which is incomplete"
+    if bad:
+        return f"{bad} {'are' if n != 1 else 'is'} kept in {rejects.path}, which is incomplete"
+    return None
 
 
 def _output_schema(det: Any, fmt: Format, cluster: bool) -> pa.Schema:

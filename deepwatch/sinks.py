@@ -186,6 +186,8 @@ class RecordSink:
         self._pending: list[Future[bool]] = []
 
     def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:  # (a chunk all rejects): the file is made by the first row, so
+            return  # that a run stopped before any (see abort) leaves no empty output behind
         self.rows += batch.num_rows
         while len(self._pending) >= 2:  # bounded: wait for the oldest (and raise its error)
             if self._pending.pop(0).result():
@@ -334,9 +336,11 @@ class RejectSink:
         self._kept = (self._kept[0] + n, self._kept[1] + len(data))
 
     def close(self) -> None:
+        """Close the file, empty or not (a run that kept other output, or ran whole)."""
         fh, self._fh = self._fh, None  # closed once, even when closing fails
         if fh is None:
             return
+        self._count_write_under_way(fh)
         try:
             fh.close()
         except OSError as exc:
@@ -344,23 +348,25 @@ class RejectSink:
 
     def abort(self) -> None:
         """Close and remove the file of a run that failed before it kept anything: an empty
-        rejects file would read as "nothing was rejected".
-
-        A Ctrl-C can stop the run as a write returns, before its records are counted: they are
-        in the file all the same, and counted here (a file is never taken for empty, nor said
-        to hold fewer records, when it holds them)."""
+        rejects file would read as "nothing was rejected"."""
         fh, self._fh = self._fh, None
         if fh is None:
             return
-        try:
-            at = fh.tell()
-        except OSError:  # (a pipe: no position)
-            at = None
-        if at is not None and at == self._kept[1] + self._writing[1]:
-            self._kept = (self._kept[0] + self._writing[0], at)
+        self._count_write_under_way(fh)
         fh.close()
         if self.count == 0 and self.path and os.path.isfile(self.path):
             os.unlink(self.path)
+
+    def _count_write_under_way(self, fh: IO[bytes]) -> None:
+        """A Ctrl-C can stop the run as a write returns, before its records are counted: they
+        are in the file all the same, and counted here (a file is never taken for empty, nor
+        said to hold fewer records, when it holds them)."""
+        try:
+            at = fh.tell()
+        except OSError:  # (a pipe: no position)
+            return
+        if at == self._kept[1] + self._writing[1]:
+            self._kept = (self._kept[0] + self._writing[0], at)
 
 
 @contextmanager

@@ -165,6 +165,59 @@ def test_stops_sent_again_and_again_are_held_until_the_output_is_closed(
     assert lines[:-1] in ([], ["already stopping: the clean-up under way is finished first"])
 
 
+def _stop_scoring_with_rejects(bundle: Path, out: Path, rejects: Path,
+                               data: bytes) -> tuple[int, str]:
+    """``score --out OUT --rejects REJECTS -`` fed ``data`` (stdin left open), stopped by
+    Ctrl-C once REJECTS holds a record: the exit status and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", "score", str(bundle),
+                             "--format", "kdd", "--out", str(out), "--rejects", str(rejects),
+                             "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=QUIET)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        signal_when(proc, lambda: rejects.exists() and rejects.stat().st_size > 0,
+                    signal.SIGINT)
+        return proc.returncode, proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.stderr.close()
+
+
+def test_a_stopped_score_says_its_rejects_are_kept_and_incomplete_too(
+        kdd_bundle: Path, kdd_test_file: Path, tmp_path: Path) -> None:
+    """The line named the rows kept, not the rejects file beside them, which was as partial;
+    with nothing scored yet it said a bare "interrupted" though rejects were kept."""
+    garbage = "".join(f"not a record {i},x\n" for i in range(150_000)).encode()
+    good = "".join(head_lines(kdd_test_file, 60_000)).encode()
+    out, rejects = tmp_path / "out.jsonl", tmp_path / "rejects.jsonl"
+    code, err = _stop_scoring_with_rejects(kdd_bundle, out, rejects, garbage + good)
+    assert code == 130, err
+    rows = len(_jsonl(out.read_text()))
+    bad = _jsonl(rejects.read_text())
+    assert 0 < rows < 60_000 and 0 < len(bad) <= 150_000
+    assert all(r["reason"] for r in bad)
+    assert err.strip() == (f"interrupted: the {rows:,} rows scored before it are kept in {out} "
+                           f"and the {len(bad):,} rejected records read before it in "
+                           f"{rejects}, which are incomplete"), err
+
+
+def test_a_score_stopped_before_any_row_keeps_its_rejects_and_makes_no_output(
+        kdd_bundle: Path, tmp_path: Path) -> None:
+    """A first chunk all rejects made the output file (an empty Parquet file), which a stop
+    then left behind: read as "nothing malicious" though nothing was scored."""
+    garbage = "".join(f"not a record {i},x\n" for i in range(600_000)).encode()
+    out, rejects = tmp_path / "out.parquet", tmp_path / "rejects.jsonl"
+    code, err = _stop_scoring_with_rejects(kdd_bundle, out, rejects, garbage)
+    assert code == 130, err
+    assert not out.exists()
+    bad = _jsonl(rejects.read_text())
+    assert 0 < len(bad) < 600_000
+    assert err.strip() == (f"interrupted: the {len(bad):,} rejected records read before it are "
+                           f"kept in {rejects}, which is incomplete"), err
+
+
 def test_ctrl_c_before_any_record_is_scored_is_plain_interrupted(
         kdd_bundle: Path, tmp_path: Path) -> None:
     """Nothing scored yet (stdin still empty): no output is made, and nothing is claimed kept."""
