@@ -149,6 +149,24 @@ def signal_when(proc: Any, ready: Any, sig: int, within: float = 120) -> None:
     proc.wait(timeout=60)
 
 
+def signal_until_it_ends(proc: Any, ready: Any, sig: int, within: float = 120) -> int:
+    """Once ``ready()`` holds, send ``sig`` to ``proc`` every 2 ms until it has ended (a user
+    pressing Ctrl-C again and again, a supervisor repeating SIGTERM); how many were sent."""
+    import time
+
+    deadline = time.monotonic() + within
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    sent = 0
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(sig)
+        sent += 1
+        time.sleep(0.002)
+    assert proc.poll() is not None, "still running"
+    return sent
+
+
 def free_port() -> int:
     import socket
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import head_lines, signal_when
+from conftest import head_lines, signal_until_it_ends, signal_when
 
 from deepwatch.cli import main
 
@@ -134,16 +134,7 @@ def test_stops_sent_again_and_again_are_held_until_the_output_is_closed(
     try:
         proc.stdin.write(data)
         proc.stdin.flush()
-        deadline = time.monotonic() + 120
-        while not out.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        sent = 0
-        while proc.poll() is None and time.monotonic() < deadline:  # until it has ended
-            proc.send_signal(sig)
-            sent += 1
-            time.sleep(0.002)
-        assert proc.poll() is not None
+        sent = signal_until_it_ends(proc, out.exists, sig)
         err = proc.stderr.read().decode()
     finally:
         proc.kill()

@@ -327,7 +327,8 @@ def test_an_ingest_sent_stop_after_stop_still_rolls_back_whole(tmp_path: Path,
     raised inside the rollback, which then left parts behind or ended in a traceback. Only
     the first stop counts; the rollback finishes and the last line says so."""
     import signal
-    import time
+
+    from conftest import signal_until_it_ends
 
     lake = tmp_path / "lake"
     exe = Path(sys.executable).with_name("deepwatch")
@@ -336,16 +337,8 @@ def test_an_ingest_sent_stop_after_stop_still_rolls_back_whole(tmp_path: Path,
                             env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
     assert proc.stderr is not None
     try:
-        deadline = time.monotonic() + 120
-        while not list(lake.rglob("part-*.parquet")):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.005)
-        sent = 0
-        while proc.poll() is None and time.monotonic() < deadline:
-            proc.send_signal(signal.SIGTERM)
-            sent += 1
-            time.sleep(0.002)
-        assert proc.poll() is not None
+        sent = signal_until_it_ends(proc, lambda: bool(list(lake.rglob("part-*.parquet"))),
+                                    signal.SIGTERM)
         err = proc.stderr.read().decode()
     finally:
         proc.kill()
