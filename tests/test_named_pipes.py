@@ -1,0 +1,180 @@
+"""Named pipes (FIFOs) given as paths, with real processes and real signals.
+
+``open`` of a FIFO blocks until a writer opens it, in a system call that a signal does not end
+(Python retries it once its handler has run): ``stream ... FIFO``, whose handler only asks the
+run to stop, waited for ever on SIGTERM or Ctrl-C while nobody wrote to the FIFO. The reader now
+waits for the writer in ``select``, so these also check that score still stops as it should
+there and that a FIFO is still read whole once its writer comes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, signal_when
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="Linux FIFO semantics, and /proc to see the wait")
+
+QUIET = {**os.environ, "DEEPWATCH_PROGRESS": "0"}
+#: how long a stop may take once the signal is sent (a wait wakes every 0.2 s)
+PROMPT = 5.0
+
+
+@pytest.fixture(scope="module")
+def records(small_kdd_test: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("fifo") / "records.csv"
+    p.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:400]))
+    return p
+
+
+def _waits_on(proc: subprocess.Popen[bytes], fifo: Path) -> Callable[[], bool]:
+    """Whether ``proc`` is waiting for ``fifo``'s writer: blocked opening it (the kernel's
+    wait for a FIFO's partner, as ``/proc/PID/wchan`` names it), or holding it open."""
+    def waiting() -> bool:
+        try:
+            if Path(f"/proc/{proc.pid}/wchan").read_text() in ("wait_for_partner", "fifo_open"):
+                return True
+            fds = Path(f"/proc/{proc.pid}/fd")
+            return any(os.readlink(fd) == str(fifo) for fd in fds.iterdir())
+        except OSError:  # (a descriptor closed while it was looked at)
+            return False
+    return waiting
+
+
+def _until(proc: subprocess.Popen[bytes], ready: Callable[[], bool], within: float = 120) -> None:
+    """Wait until ``ready()`` holds, ``proc`` still running."""
+    deadline = time.monotonic() + within
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _unread(fd: int) -> int:
+    """The bytes in the pipe of ``fd`` (its writing end) that its reader has not read yet."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
+@contextmanager
+def _deepwatch(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", *args], cwd=ROOT, env=QUIET,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def _stop(proc: subprocess.Popen[bytes], ready: Callable[[], bool], sig: int) -> str:
+    """Send ``sig`` once ``ready()`` holds; check that ``proc`` ended within PROMPT seconds of
+    it. Its stderr."""
+    sent = 0.0
+
+    def when() -> bool:
+        nonlocal sent
+        sent = time.monotonic()
+        return ready()
+
+    signal_when(proc, when, sig, within=120)
+    assert time.monotonic() - sent < PROMPT
+    assert proc.stderr is not None
+    return proc.stderr.read().decode()
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                   (signal.SIGTERM, 143, "terminated")])
+def test_score_waiting_for_a_named_pipes_writer_stops_on_a_signal(
+        kdd_bundle: Path, records: Path, tmp_path: Path, sig: signal.Signals, code: int,
+        word: str) -> None:
+    """``score MODEL FILE FIFO``, nobody writing to the FIFO: the file's rows are kept, the one
+    line says so, and the exit status is the signal's (Ctrl-C used to wait for ever)."""
+    fifo, out = tmp_path / "live", tmp_path / "out.jsonl"
+    os.mkfifo(fifo)
+    with _deepwatch("score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                    str(records), str(fifo)) as proc:
+        err = _stop(proc, _waits_on(proc, fifo), sig)
+        assert proc.returncode == code, err
+    rows = out.read_text().splitlines()
+    assert len(rows) == 400, err
+    assert err.strip() == (f"{word}: the 400 rows scored before it are kept in {out}, which is "
+                           "incomplete"), err
+
+
+@pytest.mark.parametrize(("sig", "follow"), [(signal.SIGTERM, False), (signal.SIGINT, False),
+                                             (signal.SIGTERM, True)])
+def test_stream_waiting_for_a_named_pipes_writer_stops_on_a_signal(
+        kdd_bundle: Path, tmp_path: Path, sig: signal.Signals, follow: bool) -> None:
+    """``stream MODEL FIFO`` (``--follow`` too) logged "stopping after the batch in hand" and
+    then waited for the FIFO's writer for ever. Now it stops as on stdin: exit 0, nothing
+    scored."""
+    fifo = tmp_path / "live"
+    os.mkfifo(fifo)
+    with _deepwatch("stream", str(kdd_bundle), "--format", "kdd", "--out",
+                    str(tmp_path / "alerts.jsonl"), *(["--follow"] if follow else []),
+                    str(fifo)) as proc:
+        err = _stop(proc, _waits_on(proc, fifo), sig)
+        assert proc.returncode == 0, err
+    logs = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    assert [x["signal"] for x in logs if x.get("event") == "signal"] == [sig.name]
+    stop = [x for x in logs if x.get("event") == "stop"]
+    assert len(stop) == 1 and (stop[0]["scored"], stop[0]["rejected"]) == (0, 0), err
+
+
+def test_stream_of_a_compressed_named_pipe_whose_writer_is_idle_stops_on_sigterm(
+        kdd_bundle: Path, records: Path, tmp_path: Path) -> None:
+    """A ``.gz`` FIFO is copied aside before it is decompressed: the copy waited in ``read``
+    while the writer kept the pipe open and idle, and SIGTERM did not end it. Now the stream
+    stops with the records that arrived scored."""
+    fifo = tmp_path / "live.gz"
+    os.mkfifo(fifo)
+    packed = gzip.compress(records.read_bytes())
+    with _deepwatch("stream", str(kdd_bundle), "--format", "kdd", "--out",
+                    str(tmp_path / "alerts.jsonl"), str(fifo)) as proc:
+        _until(proc, _waits_on(proc, fifo))
+        writer = os.open(fifo, os.O_WRONLY)
+        try:
+            os.write(writer, packed[: len(packed) // 2])
+            err = _stop(proc, lambda: _unread(writer) == 0, signal.SIGTERM)
+        finally:
+            os.close(writer)
+        assert proc.returncode == 0, err
+    logs = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    assert [x["signal"] for x in logs if x.get("event") == "signal"] == ["SIGTERM"]
+    (stop,) = [x for x in logs if x.get("event") == "stop"]
+    assert 0 < stop["scored"] < 400, err
+
+
+@pytest.mark.parametrize("name", ["live", "live.gz"])
+def test_a_named_pipe_is_scored_whole_once_its_writer_comes(
+        kdd_bundle: Path, records: Path, tmp_path: Path, name: str) -> None:
+    """The reader waits for a writer that comes late (the silence before it is not the end of
+    the input), the FIFO is opened once (nothing read ahead and lost), and every record the
+    writer sends before it closes the FIFO is scored."""
+    fifo, out = tmp_path / name, tmp_path / "out.jsonl"
+    os.mkfifo(fifo)
+    data = records.read_bytes()
+    with _deepwatch("score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                    str(fifo)) as proc:
+        _until(proc, _waits_on(proc, fifo))
+        with open(fifo, "wb") as writer:
+            writer.write(gzip.compress(data) if name.endswith(".gz") else data)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == data.count(b"\n") == 400
+    assert all(r["verdict"] in ("normal", "malicious") for r in rows)
