@@ -123,7 +123,7 @@ def test_a_worker_killed_mid_write_leaves_no_temporary_file_and_its_counts_stay(
         kdd_bundle: Path, small_kdd: Path, tmp_path: Path) -> None:
     """SIGKILL between a worker's stats write and its rename used to leave its hidden temporary
     file in ``stats/`` for good; the parent removes it once the worker is gone."""
-    from test_serve_workers import _get, _kill, _start, _state_of
+    from test_serve_workers import _get, _kill, _score_and_wait_for_stats, _start, _state_of
     from test_workers_reload import _workers_of
 
     records = small_kdd.read_text().splitlines()[:6]
@@ -138,12 +138,7 @@ def test_a_worker_killed_mid_write_leaves_no_temporary_file_and_its_counts_stay(
     try:
         wait_healthy(url, proc)
         state, workers = _state_of(proc, url)
-        for _ in range(sent):
-            assert _get(url, "/v1/score", "POST", json={"records": records}).status_code == 200
-        deadline = time.monotonic() + 10
-        while (before := _get(url, "/v1/stats").json())["totals"]["requests"] != sent:
-            assert time.monotonic() < deadline, before["totals"]  # written every second
-            time.sleep(0.2)
+        before = _score_and_wait_for_stats(url, records, sent)
 
         arm.touch()
         deadline = time.monotonic() + 10

@@ -172,6 +172,18 @@ def _state_of(proc: subprocess.Popen[bytes], url: str) -> tuple[Path, list[int]]
     return state, workers
 
 
+def _score_and_wait_for_stats(url: str, records: list[str], sent: int) -> dict[str, Any]:
+    """Score ``records`` in ``sent`` requests, then wait until the workers' published stats
+    (written every second) count them all; those stats."""
+    for _ in range(sent):
+        assert _get(url, "/v1/score", "POST", json={"records": records}).status_code == 200
+    deadline = time.monotonic() + 10
+    while (stats := _get(url, "/v1/stats").json())["totals"]["requests"] != sent:
+        assert time.monotonic() < deadline, stats["totals"]
+        time.sleep(0.2)
+    return dict(stats)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds workers in /proc")
 def test_the_state_of_a_server_killed_outright_is_removed_by_the_next_one(
@@ -297,12 +309,7 @@ def test_replaced_workers_stats_are_folded_into_one_file_and_keep_their_counts(
     try:
         wait_healthy(url, proc)
         state, _ = _state_of(proc, url)
-        for _ in range(sent):
-            assert _get(url, "/v1/score", "POST", json={"records": records}).status_code == 200
-        deadline = time.monotonic() + 10
-        while (before := _get(url, "/v1/stats").json())["totals"]["requests"] != sent:
-            assert time.monotonic() < deadline, before["totals"]  # written every second
-            time.sleep(0.2)
+        before = _score_and_wait_for_stats(url, records, sent)
         assert before["totals"]["records"] == sent * len(records)
         assert 0 < before["totals"]["alerts"] <= RECENT_ALERTS  # every alert in recent_alerts
         assert len(before["recent_alerts"]) == before["totals"]["alerts"]
