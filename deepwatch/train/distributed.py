@@ -15,6 +15,10 @@ weights and buffers are sent to every rank, so all ranks continue from identical
 On CUDA each rank uses the GPU of its local rank, the NCCL backend, and batch normalisation
 synchronised across ranks. On CPU (gloo) batch statistics are per rank (SyncBatchNorm needs a
 GPU), so networks with batch normalisation (``mlp``) train close to, not exactly as, one process.
+
+A job :func:`launch_local` started stops as one process does: Ctrl-C or SIGTERM to the launcher
+stops every rank with SIGTERM, which each takes as Ctrl-C (rank 0's bundle half written is
+removed), and the launcher alone says so, in one line.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ def _env_int(name: str, default: int) -> int:
 
 #: Set by :func:`launch_local` for its ranks: the file-based rendezvous of the process group.
 STORE_ENV = "DEEPWATCH_DIST_STORE"
+#: Set by :func:`launch_local` for its ranks: the launcher's process id.
+LAUNCHER_ENV = "DEEPWATCH_DIST_LAUNCHER"
+#: The exit status of a rank of :func:`launch_local` stopped by SIGTERM (as a shell gives it).
+STOPPED_EXIT = 128 + 15
+#: The exit status of a rank of :func:`launch_local` that lost contact with a peer that failed
+#: (no deepwatch error exits with it): the launcher says which one failed.
+LOST_CONTACT_EXIT = 75
 
 
 def launched() -> bool:
@@ -84,11 +95,21 @@ def session(device: str = "auto") -> Iterator[Dist]:
     """Join the process group ``torchrun`` set up (when it did) for the duration of a run.
 
     Outside a launcher, or inside an already initialised group, this only reports the state.
+    A rank of :func:`launch_local` also stops cleanly on SIGTERM and ends quietly (see
+    :func:`_as_local_rank`): its launcher speaks for it.
     """
-    global _current
     if not launched():
         yield _current
         return
+    with ExitStack() as stack:
+        if STORE_ENV in os.environ:
+            stack.enter_context(_as_local_rank())
+        yield stack.enter_context(_joined(device))
+
+
+@contextmanager
+def _joined(device: str) -> Iterator[Dist]:
+    global _current
     import torch.distributed as tdist
 
     owned = not tdist.is_initialized()
@@ -121,6 +142,65 @@ def session(device: str = "auto") -> Iterator[Dist]:
         _current = _SINGLE
         if owned:
             tdist.destroy_process_group()
+
+
+@contextmanager
+def _as_local_rank() -> Iterator[None]:
+    """For a rank of :func:`launch_local`, the length of its run: SIGTERM (its launcher's stop,
+    or the kernel's when the launcher dies) stops it as Ctrl-C does, through the clean-up of
+    what it was writing (rank 0's bundle, assembled beside ``--out``, removed), instead of
+    ending it mid-write; further SIGTERMs are ignored so that they cannot cut that clean-up
+    short (the launcher kills a rank that takes too long). Such a stop, and the loss of a
+    failed peer, end the rank quietly with :data:`STOPPED_EXIT` or :data:`LOST_CONTACT_EXIT`:
+    rank 0 speaks to the terminal, and the launcher, which knows what happened to every rank,
+    says it once."""
+    import signal
+    import threading
+
+    from ..errors import DistributedError, Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(_signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Interrupted(terminated=True)
+
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        _follow_launcher()
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(STOPPED_EXIT) from None
+    except DistributedError:
+        raise SystemExit(LOST_CONTACT_EXIT) from None
+    finally:
+        if signal.getsignal(signal.SIGTERM) is terminated:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def _follow_launcher() -> None:
+    """Have Linux send this rank SIGTERM when its launcher dies, so that a launcher killed
+    outright (SIGKILL, the OOM killer) leaves no rank training on; stop at once where it died
+    already."""
+    import sys
+
+    launcher = _env_int(LAUNCHER_ENV, 0)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    from ..errors import Interrupted
+
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:  # it died before the request above
+        raise Interrupted(terminated=True)
 
 
 def _is_peer_failure(exc: RuntimeError) -> bool:
@@ -192,80 +272,142 @@ def _loopback_interface() -> str | None:
     return next((n for n in names if n.startswith("lo")), None)
 
 
-def launch_local(command: list[str], nproc: int, log: Callable[[str], None]) -> int:
+def launch_local(command: list[str], nproc: int, log: Callable[[str], None],
+                 grace: float = 10.0) -> int:
     """Run ``command`` as ``nproc`` ranks of one data-parallel job on this machine.
 
     The ranks meet through a file (no TCP store), and gloo/NCCL talk over the loopback
     interface only, so nothing listens beyond this machine. When a rank fails the others are
-    stopped. Returns 0, else rank 0's exit code where it failed, else the highest of the others'
-    (at least 1; 130 when interrupted).
+    stopped. Returns 0, else rank 0's exit code where it failed on its own, else 1.
+
+    Ctrl-C and SIGTERM stop the job as they stop a one-process run: the ranks are stopped
+    with SIGTERM (killed after ``grace`` seconds), the temporary directory removed, and
+    :class:`~deepwatch.errors.Interrupted` raised, saying so. The ranks do not see Ctrl-C
+    themselves (it reaches the terminal's whole process group): one that did would stop on its
+    own, in its own words, and race the launcher's SIGTERM.
     """
+    import shutil
     import signal
     import subprocess
     import tempfile
     import time
 
-    with tempfile.TemporaryDirectory(prefix="deepwatch-ddp-") as tmp, ExitStack() as opened:
-        base = dict(os.environ)
-        base.update({STORE_ENV: os.path.join(tmp, "store"), "WORLD_SIZE": str(nproc),
-                     "LOCAL_WORLD_SIZE": str(nproc)})
-        base.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
-        lo = _loopback_interface()
-        if lo:
-            base.setdefault("GLOO_SOCKET_IFNAME", lo)
-            base.setdefault("NCCL_SOCKET_IFNAME", lo)
-        procs: list[subprocess.Popen[bytes]] = []
-        logs: list[Any] = []
-        codes: dict[int, int] = {}  # exit codes of the ranks that ended on their own
-        interrupted = False
-        try:
-            for rank in range(nproc):
-                env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-                # rank 0 speaks to the terminal; the others' words are kept for their failures
-                err = None if rank == 0 else opened.enter_context(
-                    open(os.path.join(tmp, f"rank{rank}.log"), "w+b"))
-                logs.append(err)
-                procs.append(subprocess.Popen(command, env=env, stderr=err))
-            def collect() -> None:
-                codes.update({r: int(p.returncode) for r, p in enumerate(procs)
-                              if r not in codes and p.poll() is not None})
+    from ..errors import Interrupted, sigterm_stops_cleanly
 
-            while len(codes) < nproc:
-                time.sleep(0.2)
-                collect()
-                if any(codes.values()):
-                    time.sleep(1.0)  # peers that die of the same failure do so now
-                    collect()
-                    break
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            for p in procs:  # a rank left waiting for a failed peer would wait for ever
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs:
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Any] = []
+    stopped: set[int] = set()  # the ranks the launcher stopped itself
+    interrupted: KeyboardInterrupt | None = None
+    # the first Ctrl-C or SIGTERM raises; those after it are held while the ranks are stopped
+    with sigterm_stops_cleanly():
+        tmp = tempfile.mkdtemp(prefix="deepwatch-ddp-")
+        try:
+            with ExitStack() as opened:
                 try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        if interrupted:
-            log("interrupted: every training rank was stopped, no bundle was written")
-            return 130
-        failures = {r: c for r, c in codes.items() if c}
-        first = failures.get(0, 0)
-        for rank, code in sorted(failures.items()):
-            if rank == 0 and code > 0:
-                continue  # rank 0 has said what went wrong
-            if rank > 0 and code == first:
-                continue  # the same failure as rank 0's, said once
-            if rank > 0:
-                logs[rank].seek(0)
-                said = logs[rank].read().decode(errors="replace").strip().splitlines()
-                for line in said[-20:]:
-                    log(f"rank {rank}: {line}")
-            what = f"signal {-code}" if code < 0 else f"exit code {code}"
-            log(f"error: training rank {rank} failed ({what})")
-        if not failures:
-            return 0
-        return first if first > 0 else max(max(failures.values()), 1)
+                    base = dict(os.environ)
+                    base.update({STORE_ENV: os.path.join(tmp, "store"),
+                                 "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                                 LAUNCHER_ENV: str(os.getpid())})
+                    base.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
+                    lo = _loopback_interface()
+                    if lo:
+                        base.setdefault("GLOO_SOCKET_IFNAME", lo)
+                        base.setdefault("NCCL_SOCKET_IFNAME", lo)
+                    for rank in range(nproc):
+                        env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                        # rank 0 speaks to the terminal; the others' words are kept for their
+                        # failures
+                        err = None if rank == 0 else opened.enter_context(
+                            open(os.path.join(tmp, f"rank{rank}.log"), "w+b"))
+                        logs.append(err)
+                        _start_rank(procs, command, env, err)
+                    codes: dict[int, int] = {}
+
+                    def collect() -> None:
+                        codes.update({r: int(p.returncode) for r, p in enumerate(procs)
+                                      if r not in codes and p.poll() is not None})
+
+                    while len(codes) < nproc:
+                        time.sleep(0.2)
+                        collect()
+                        if any(codes.values()):
+                            time.sleep(1.0)  # peers that die of the same failure do so now
+                            collect()
+                            break
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
+                finally:
+                    stopped = _stop_ranks(procs, grace)
+                    said = {r: _tail(f) for r, f in enumerate(logs) if f is not None}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    codes = {r: int(p.returncode) for r, p in enumerate(procs)}
+    if interrupted is not None:
+        detail = ("the training had finished, its bundle was saved" if codes.get(0) == 0
+                  else "every training rank was stopped, no bundle was written")
+        raise Interrupted(detail, getattr(interrupted, "terminated", False)) from None
+    # what went wrong is a rank's own failure, not a stop or a lost peer that follows from it
+    failures = {r: c for r, c in codes.items()
+                if c and r not in stopped and c != LOST_CONTACT_EXIT}
+    first = failures.get(0, 0)
+    for rank, code in sorted(failures.items()):
+        if rank == 0 and 0 < code != STOPPED_EXIT:
+            continue  # rank 0 has said what went wrong
+        if rank > 0 and code == first:
+            continue  # the same failure as rank 0's, said once
+        if rank > 0 and code != STOPPED_EXIT:
+            for line in said.get(rank, [])[-20:]:
+                log(f"rank {rank}: {line}")
+        if code == STOPPED_EXIT:  # (its SIGTERM handler's exit status)
+            code = -signal.SIGTERM
+        what = f"signal {-code}" if code < 0 else f"exit code {code}"
+        log(f"error: training rank {rank} failed ({what})")
+    if not failures and any(codes.values()):
+        log("error: the training ranks lost contact with each other")
+    if not any(codes.values()):
+        return 0
+    return first if 0 < first != STOPPED_EXIT else 1
+
+
+def _start_rank(procs: list[Any], command: list[str], env: dict[str, str], err: Any) -> None:
+    """Start one rank, added to ``procs``, with Ctrl-C blocked: the mask is inherited, so the
+    rank never sees the terminal's SIGINT; one sent to the launcher meanwhile waits until the
+    rank is in ``procs`` (and so will be stopped), not lost."""
+    import signal
+    import subprocess
+
+    if not hasattr(signal, "pthread_sigmask"):
+        procs.append(subprocess.Popen(command, env=env, stderr=err))
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        procs.append(subprocess.Popen(command, env=env, stderr=err))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _stop_ranks(procs: list[Any], grace: float) -> set[int]:
+    """SIGTERM every rank still running and kill those still running ``grace`` seconds later
+    (one blocked in a collective runs its handler only when that returns). The ranks it
+    signalled."""
+    import time
+
+    stopped = set()
+    for rank, p in enumerate(procs):
+        if p.poll() is None:
+            p.terminate()
+            stopped.add(rank)
+    deadline = time.monotonic() + grace
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    return stopped
+
+
+def _tail(f: Any) -> list[str]:
+    """The lines a rank wrote to its log file."""
+    f.seek(0)
+    return f.read().decode(errors="replace").strip().splitlines()
