@@ -156,10 +156,11 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     Ctrl-C does, through the clean-up of what it was writing (an output closed whole and said
     to be partial, a lake rolled back, a temporary file or directory removed), instead of
     ending the process mid-write; the handler before is put back after. Not where SIGTERM is
-    ignored, outside the main thread, nor in a rank of a data-parallel job (one waiting on its
-    peers could not run the handler; its launcher stops it with SIGTERM and says what
-    happened). A handler that only saves state and exits (coverage's, under ``make test``)
-    is replaced for the length: the run then ends normally, and exit handlers still run.
+    ignored, outside the main thread, nor in a rank of a data-parallel job (``train --nproc``'s
+    ranks take SIGTERM their own way, see ``train.distributed._as_local_rank``, and their
+    launcher, which takes it here, speaks for them; torchrun stops its own). A handler that
+    only saves state and exits (coverage's, under ``make test``) is replaced for the length:
+    the run then ends normally, and exit handlers still run.
 
     Only the first stop (Ctrl-C or SIGTERM) stops the run. The ones after it are held, with
     one line saying so: a user pressing Ctrl-C again while the output is closed would cut it
