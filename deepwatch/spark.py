@@ -450,8 +450,11 @@ def _contexts(frame: Any, fmt: Format) -> dict[int, list[tuple[int, str]]]:
         return {}
     from pyspark.sql import functions as F
 
-    rows = frame.filter(F.col("damage").isNull() & F.col("text").startswith(
-        fmt.context_prefix)).select("file", "line", "text").collect()
+    from .formats._base import CR_INSIDE
+
+    # a line with text after a CR in it is a reject, not a context line (as Format.context_after)
+    rows = frame.filter(F.col("damage").isNull() & F.col("text").startswith(fmt.context_prefix)
+                        & ~F.col("text").rlike(CR_INSIDE)).select("file", "line", "text").collect()
     out: dict[int, list[tuple[int, str]]] = {}
     for row in sorted(rows, key=lambda r: (r["file"], r["line"])):
         out.setdefault(int(row["file"]), []).append((int(row["line"]), str(row["text"])))

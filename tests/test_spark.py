@@ -496,3 +496,33 @@ def test_bzip2_and_xz_files_whole_or_damaged_give_the_local_engines_output(
         assert (stats.lines, stats.parsed, stats.rejected) == (len(rows) + 2, len(rows), 2)
     assert dist.stats.by_source == local.stats.by_source  # type: ignore[attr-defined]
     assert warned == local_warned and [w.split(": ")[0] for w in warned] == [str(cut), str(bad)]
+
+
+def test_a_zeek_header_run_into_a_record_by_a_cr_is_no_header_on_spark(
+        spark: object, tmp_path: Path) -> None:
+    """A ``#fields`` line with a record after a CR in it is a reject, locally and on Spark: the
+    line ranges after it keep reading the fields in the order of the header before it."""
+    from test_zeek import FIELDS, HEADER, SWAPPED, _conn, _tsv
+
+    from deepwatch.spark import score_spark
+    from deepwatch.train.api import train
+
+    header = HEADER.replace("\t".join(FIELDS), "\t".join(SWAPPED))
+    rows = [_conn(i) for i in range(3000)]
+    for i, r in enumerate(rows):
+        r["duration"] = str(0.1 * (i % 7))
+    text = "\n".join([header, *(_tsv(SWAPPED, r) for r in rows[:1000]),
+                      "#fields\t" + "\t".join(FIELDS) + "\r" + _tsv(SWAPPED, rows[1000]),
+                      *(_tsv(SWAPPED, r) for r in rows[1001:])]) + "\n"
+    log = tmp_path / "conn.log.gz"
+    log.write_bytes(gzip.compress(text.encode()))
+    bundle = tmp_path / "ae"
+    train("zeek", "autoencoder", [f"{log}=normal"], bundle, epochs=1, seed=0)
+    local = score_files(str(bundle), "zeek", [str(log)], str(tmp_path / "local.parquet"))
+    dist = score_spark(str(bundle), "zeek", [str(log)], str(tmp_path / "spark.parquet"))
+    a = pq.read_table(tmp_path / "spark.parquet")
+    assert (dist.stats.parsed, dist.stats.rejected) == (local.stats.parsed,
+                                                        local.stats.rejected) == (2999, 1)
+    assert set(a.column("orig_h").to_pylist()) == {"10.0.0.1"}
+    assert a.column("uid").to_pylist() == pq.read_table(tmp_path / "local.parquet").column(
+        "uid").to_pylist()

@@ -26,6 +26,17 @@ def empty_rejects() -> pa.Table:
 MAX_RAW = 10_000
 
 
+#: A carriage return with more text after it on the same line (a regular expression). Only
+#: ``\n`` ends a line, so such a line is a file with CR line ends (classic Mac OS) read as one
+#: line, or records run together. Formats whose lines can hold text after a whole record (an
+#: access log's extra fields, a Zeek header or TSV record) reject it: they would otherwise keep
+#: the first record, or take the line for a header, and drop the rest unseen.
+CR_INSIDE = r"\r\s*\S"
+CR_INSIDE_REASON = ("a carriage return (\\r) with more text after it: only \\n ends a line, so "
+                    "this may be several records run together (CR line ends? convert them: "
+                    "tr '\\r' '\\n')")
+
+
 def cut_raw(raw: str, why: str) -> tuple[str, str]:
     """A rejected record's raw text and reason as kept: a text longer than MAX_RAW keeps its
     beginning, and the reason says so."""
@@ -176,15 +187,23 @@ class Format(ABC):
         else ``context`` (None for formats without one)."""
         if self.context_prefix is None:
             return None
+        import re
+
         raw = data.encode("utf-8") if isinstance(data, str) else data
         prefix = self.context_prefix.encode()
-        at = raw.rfind(b"\n" + prefix)
-        start = at + 1 if at >= 0 else 0 if raw.startswith(prefix) else -1
-        if start < 0:
-            return context
-        end = raw.find(b"\n", start)
-        line = raw[start : end if end >= 0 else len(raw)]
-        return line.decode("utf-8", errors="replace").removesuffix("\r")
+        before = len(raw)
+        while True:  # a line with CR_INSIDE is a reject, not a context line: look further back
+            at = raw.rfind(b"\n" + prefix, 0, before)
+            start = at + 1 if at >= 0 else 0 if raw.startswith(prefix) else -1
+            if start < 0:
+                return context
+            end = raw.find(b"\n", start)
+            line = raw[start : end if end >= 0 else len(raw)]
+            if not re.search(CR_INSIDE.encode(), line):
+                return line.decode("utf-8", errors="replace").removesuffix("\r")
+            if at < 0:
+                return context
+            before = at
 
     def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
         """Parse records given as JSON objects of already-split fields (the REST API)."""

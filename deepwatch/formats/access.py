@@ -18,7 +18,15 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from ._base import Format, ParseResult, empty_rejects, make_rejects, split_lines
+from ._base import (
+    CR_INSIDE,
+    CR_INSIDE_REASON,
+    Format,
+    ParseResult,
+    empty_rejects,
+    make_rejects,
+    split_lines,
+)
 
 #: A quoted field: anything but an unescaped quote; ``\\"`` and ``\\xHH`` stay as written.
 _QUOTED = r'"((?:[^"\\]|\\.)*)"'
@@ -81,6 +89,8 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     matched = pl.col("client_ip").is_not_null()
     reason = (
         pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
+        # the extra fields a line may end with would take in the records after a CR as words
+        .when(pl.col("raw").str.contains(CR_INSIDE)).then(pl.lit(CR_INSIDE_REASON))
         .when(~matched & pl.col("raw").str.contains(_FRAME + r"\s")).then(pl.lit(
             "unterminated quoted field after the size (the line may be cut short)"))
         .when(~matched).then(pl.lit("not in common or combined log format"))

@@ -21,7 +21,15 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from ._base import Format, ParseResult, empty_rejects, make_rejects, split_lines
+from ._base import (
+    CR_INSIDE,
+    CR_INSIDE_REASON,
+    Format,
+    ParseResult,
+    empty_rejects,
+    make_rejects,
+    split_lines,
+)
 
 #: The standard conn.log fields, in Zeek's order (name in the log -> column, Arrow type).
 CONN_FIELDS: tuple[tuple[str, str, pa.DataType], ...] = (
@@ -131,6 +139,7 @@ def _typed(df: Any, n_fields: int) -> tuple[Any, Any]:
     frame = df.with_columns(typed)
     shape = (
         pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
+        .when(pl.col("raw").str.contains(CR_INSIDE)).then(pl.lit(CR_INSIDE_REASON))
         .when(pl.col("raw").str.starts_with("#"))
         .then(pl.lit("a line starting with '#' that is not a Zeek header (#fields, #types...)"))
         .when(pl.col("_json") & pl.col("_v_ts").is_null() & pl.col("ts").is_null()
@@ -185,7 +194,10 @@ class Zeek(Format):
         import polars as pl
 
         every = pl.Series("raw", split_lines(data), dtype=pl.String)
-        header = every.str.contains(HEADER).to_numpy()
+        # a header with text after a CR in it (a log with CR line ends, read as one line) is no
+        # header: skipped, it would take every record run into it along
+        run_together = every.str.contains(CR_INSIDE).to_numpy()
+        header = every.str.contains(HEADER).to_numpy() & ~run_together
         record = ~header
         numbers = np.flatnonzero(record) + first_line
         raw = every.filter(pl.Series(record))
@@ -194,7 +206,7 @@ class Zeek(Format):
             return ParseResult(pa.RecordBatch.from_pylist([], schema=SCHEMA), empty_rejects(), 0,
                                skipped=skipped)
         # each record is read in the order of the last #fields header before it
-        is_fields = every.str.starts_with(FIELDS_PREFIX).to_numpy()
+        is_fields = every.str.starts_with(FIELDS_PREFIX).to_numpy() & ~run_together
         orders = [_order(context)] + [_order(every[int(i)]) for i in np.flatnonzero(is_fields)]
         segment = np.cumsum(is_fields)[record]
         frames, reasons = [], []
