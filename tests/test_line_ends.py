@@ -1,7 +1,8 @@
 """Lines ended by a carriage return alone (a log with classic Mac OS line ends, or records run
-together by a stray CR): only ``\\n`` ends a line, so such text is one line, and it must come
-out as one counted reject with its text and reason, never as one record standing for many, or
-as a header that takes the records after it along, unseen."""
+together by a stray CR), or records run together by a lost line break: only ``\\n`` ends a line,
+so such text is one line, and it must come out as one counted reject with its text and reason,
+never as one record standing for many, or as a header that takes the records after it along,
+unseen."""
 
 from __future__ import annotations
 
@@ -104,3 +105,19 @@ def test_a_zeek_header_with_text_after_a_cr_sets_no_field_order() -> None:
     assert result.rejects.column("reason").to_pylist() == [CR_INSIDE_REASON]
     assert fmt.context_after(text, None) is None
     assert fmt.context_after("#fields\tts\n" + text, None) == "#fields\tts"
+
+
+def test_zeek_records_run_together_under_a_header_are_a_reject(
+        bundles: dict[str, Path], tmp_path: Path) -> None:
+    # the #fields header declares 21 fields: a line of 41 is two records that lost the line
+    # break between them; the first was scored and the second was gone, the line counted parsed
+    lines = _text("zeek").splitlines()
+    at = len(lines) - 5
+    joined = lines[at] + lines[at + 1]
+    log = tmp_path / "joined.log"
+    log.write_text("\n".join([*lines[:at], joined, *lines[at + 2:]]) + "\n")
+    err, rejects = _score(bundles["zeek"], "zeek", log, tmp_path)
+    assert "29 lines read: 28 parsed, 1 rejected" in err, err
+    n = len(FIELDS)  # the last field of the first and the first of the second are one
+    assert [(r["line"], r["raw"], r["reason"]) for r in rejects] == [
+        (at + 1, joined, f"expected {n} tab-separated fields, found {2 * n - 1}")]

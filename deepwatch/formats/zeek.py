@@ -108,8 +108,12 @@ def _text_columns(raw: Any, order: list[str]) -> Any:
     return df.with_columns(exprs)
 
 
-def _typed(df: Any, n_fields: int) -> tuple[Any, Any]:
-    """(typed record frame, reason per line: null where the line is a record)."""
+def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
+    """(typed record frame, reason per line: null where the line is a record). ``exact``: the
+    field order comes from a ``#fields`` header, so a TSV line has exactly ``n_fields`` fields
+    (Zeek writes a tab inside a field as ``\\x09``); more are records run together (a lost
+    line break), whose first would pass and the others vanish. Without a header the standard
+    order names the first fields only, and a log may have more (``tunnel_parents`` ...)."""
     import polars as pl
 
     typed = []
@@ -147,7 +151,8 @@ def _typed(df: Any, n_fields: int) -> tuple[Any, Any]:
         .then(pl.lit("not valid JSON, or a number in it is out of range (such as a ts of 1e400)"))
         .when(pl.col("_json") & pl.col("_v_ts").is_null() & pl.col("ts").is_null())
         .then(pl.lit("not a JSON object with a ts field"))
-        .when(~pl.col("_json") & (pl.col("_n") < n_fields))
+        .when(~pl.col("_json") & ((pl.col("_n") != n_fields) if exact
+                                  else (pl.col("_n") < n_fields)))
         .then(pl.lit(f"expected {n_fields} tab-separated fields, found ")
               + pl.col("_n").cast(pl.String))
     )
@@ -212,7 +217,9 @@ class Zeek(Format):
         frames, reasons = [], []
         for seg in np.unique(segment):  # segments are runs: records stay in order
             part = raw.filter(pl.Series(segment == seg))
-            frame, reason = _typed(_text_columns(part, orders[seg]), len(orders[seg]))
+            order = orders[seg]  # DEFAULT_ORDER itself where no #fields header declares one
+            frame, reason = _typed(_text_columns(part, order), len(order),
+                                   exact=order is not DEFAULT_ORDER)
             frames.append(frame)
             reasons.append(reason)
         frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
