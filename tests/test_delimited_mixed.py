@@ -89,3 +89,27 @@ def test_tiny_inputs_parse_as_the_bulk_paths_do(small_kdd_test: Path, fmt_name: 
         assert got.line_numbers.equals(want.line_numbers)
         tiny_taken += delimited._tiny(data, fmt._schemas(), ",", fmt.nonnegative) is not None
     assert tiny_taken > 60  # clean records really took the Python path
+
+
+@pytest.mark.parametrize("fmt_name", ["kdd", "nslkdd"])
+def test_a_line_opened_by_a_byte_order_mark_is_a_reject_wherever_it_falls(
+        small_kdd_test: Path, fmt_name: str) -> None:
+    """First of a chunk, alone (a REST record), after other lines, among repeated lines (each
+    distinct one parsed once, in hash order): one verdict. Arrow's reader dropped the mark
+    where it opened the text it was given, so the line parsed there and nowhere else."""
+    fmt = get_format(fmt_name)
+    base = small_kdd_test.read_text().splitlines()[:3]
+    if fmt_name == "nslkdd":
+        base = [ln.rstrip(".") + ",17" for ln in base]
+    marked = "\ufeff" + base[2]
+    why = ("the line starts with a UTF-8 byte order mark (U+FEFF): a file joined to the one "
+           "before it?")
+    for lines in ([marked, base[0]], [base[0], marked], [marked], [marked, "x", base[0]],
+                  [base[0], marked, "x"]):
+        result = fmt.parse("\n".join(lines) + "\n", first_line=1)
+        assert result.rejects.column("reason").to_pylist()[:1] == [why], lines
+        assert result.batch.num_rows == lines.count(base[0])
+        repeated = "\n".join(lines * 5000) + "\n"  # over REPEAT_MIN_BYTES: parse_repeated
+        bulk = fmt.parse_bulk(repeated, first_line=1)
+        assert bulk.batch.num_rows == 5000 * lines.count(base[0]), lines
+        assert bulk.rejects.num_rows == 5000 * (len(lines) - lines.count(base[0]))

@@ -324,6 +324,42 @@ def test_formats_read_files_that_open_with_a_byte_order_mark(
             assert table.column("client_ip").to_pylist() == ["1.2.3.4"] * 3
 
 
+def test_score_rejects_every_line_opened_by_a_byte_order_mark_wherever_it_falls(
+        kdd_bundle: Path, text: bytes, tmp_path: Path) -> None:
+    """A mark inside a file (``cat a.csv b.csv`` of files that open with one) stays on its line,
+    which is a reject: also where it opens the second 8 MiB chunk of a file, and in a small
+    file. It was parsed there, Arrow's CSV reader dropping the mark that opens its buffer, while
+    the same line was a reject anywhere else in the file."""
+    import json
+    import subprocess
+    import sys
+
+    lines = text.splitlines(keepends=True)
+    first = bytearray()
+    while len(first) < files.CHUNK_BYTES - 1000:  # one chunk of whole lines, exactly
+        first += lines[len(first) % 97]
+    first += b"x" * (files.CHUNK_BYTES - len(first) - 1) + b"\n"  # one reject, to fill it
+    marked = BOM_BYTES + lines[5]
+    big, small = tmp_path / "big.csv", tmp_path / "small.csv"
+    big.write_bytes(bytes(first) + marked + b"".join(lines[:50]) + marked + b"".join(lines[:50]))
+    small.write_bytes(b"".join(lines[:10]) + marked + b"".join(lines[:10]))
+    n_big = first.count(b"\n") + 102
+    rejects = tmp_path / "rejects.jsonl"
+    run = subprocess.run([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
+                          "--format", "kdd", "--out", str(tmp_path / "out.parquet"),
+                          "--rejects", str(rejects), str(big), str(small)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    assert run.returncode == 0, run.stderr
+    assert f"{n_big + 21:,} lines read: {n_big + 21 - 4:,} parsed, 4 rejected" in run.stderr
+    why = ("the line starts with a UTF-8 byte order mark (U+FEFF): a file joined to the one "
+           "before it?")
+    kept = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["source"], r["line"], r["reason"]) for r in kept[1:]] == [
+        (str(big), n_big - 101, why), (str(big), n_big - 50, why), (str(small), 11, why)]
+    assert {r["raw"] for r in kept[1:]} == {marked.decode().removesuffix("\n")}
+
+
 # -- compression told by the first bytes -----------------------------------------------------
 def test_a_gzip_file_without_a_gz_name_is_read_as_gzip(text: bytes, tmp_path: Path) -> None:
     """Rotated logs and downloads are not always named .gz: the magic bytes decide."""

@@ -19,6 +19,10 @@ from .._arrow import from_numpy, to_numpy
 from ._base import ParseResult, count_lines, empty_rejects, make_rejects, split_lines
 
 THREADED_PARSE_BYTES = 1 << 20
+#: A UTF-8 byte order mark. Arrow's CSV reader drops one that opens its buffer, so a line that
+#: starts with one would parse when it is the first of a chunk (or of the distinct lines of
+#: one, in hash order) and be a reject anywhere else: such text never goes to Arrow first.
+_BOM = b"\xef\xbb\xbf"
 
 
 def _fast(
@@ -27,6 +31,8 @@ def _fast(
     try:  # Arrow decodes an invalid row as UTF-8 to hand it to the handler, and an error raised
         data.decode("utf-8")  # there escapes as an unraisable exception: such bytes go robust
     except UnicodeDecodeError:
+        return None
+    if data.startswith(_BOM):  # Arrow would drop it: the robust path reads the line as written
         return None
     invalid: list[object] = []
 
@@ -208,6 +214,9 @@ def _robust(
     count_reason = (
         pl.when(empty)
         .then(pl.lit("empty line"))
+        .when(pl.col("raw").str.starts_with(_BOM.decode()))  # invisible in the raw text shown
+        .then(pl.lit("the line starts with a UTF-8 byte order mark (U+FEFF): a file joined to "
+                     "the one before it?"))
         .when(count != n_fields)
         .then(pl.lit(f"expected {n_fields} fields separated by {sep!r}{count_note}, found ")
               + count.cast(pl.String))
@@ -347,6 +356,8 @@ def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequenc
     text = pa.array(lines, pa.string())
     counts = pc.add(pc.count_substring(text, sep), 1)
     candidate = pc.and_(pc.equal(counts, len(schema)), pc.greater(pc.utf8_length(text), 0))
+    # a line opened by a byte order mark is left to the robust path (see _BOM)
+    candidate = pc.and_(candidate, pc.invert(pc.starts_with(text, _BOM.decode())))
     cand_idx = np.flatnonzero(np.asarray(candidate.to_numpy(zero_copy_only=False), dtype=bool))
     if cand_idx.size == 0:
         return None
