@@ -359,3 +359,36 @@ def test_score_reads_zero_padding_as_no_record_and_warns_of_it_and_of_empty_file
         *(f"{e}: the file is empty (0 bytes) and holds no {kind} data, though it is named "
           f"{e.suffix} (a failed transfer, or a file not written yet?)"
           for e, kind in zip(empties, ("gzip", "bzip2", "xz"), strict=True))]
+
+
+def test_text_appended_to_a_compressed_file_is_kept_in_its_reject(
+        kdd_bundle: Path, text: bytes, tmp_path: Path) -> None:
+    """A log line appended as plain text to a .gz, .bz2 or .xz file (``echo ... >> log.gz``;
+    ``gzip -d`` warns of trailing garbage): one reject after the file's lines, which keeps the
+    appended text. Its raw text was empty, the record lost from the rejects file."""
+    import subprocess
+    import sys
+
+    lines = text.splitlines(keepends=True)[:200]
+    appended = lines[7].rstrip(b"\n") + b" appended\n"
+    packers = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
+    paths = []
+    for suffix, pack in packers.items():
+        packed = pack(b"".join(lines))
+        path = tmp_path / f"log{suffix}"
+        path.write_bytes(packed + appended)
+        paths.append((path, len(packed)))
+    rejects = tmp_path / "rejects.jsonl"
+    run = subprocess.run([sys.executable, "-m", "deepwatch", "score", str(kdd_bundle),
+                          "--format", "kdd", "--out", str(tmp_path / "out.jsonl"), "--rejects",
+                          str(rejects), *(str(p) for p, _ in paths)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "603 lines read: 600 parsed, 3 rejected" in run.stderr
+    kept = [json.loads(line) for line in rejects.read_text().splitlines()]
+    units = {".gz": "a gzip member", ".bz2": "a bzip2 stream", ".xz": "an xz stream"}
+    assert [(r["source"], r["line"], r["raw"], r["reason"]) for r in kept] == [
+        (str(path), 201, appended.decode(),
+         f"corrupt compressed data (the bytes at offset {at:,} are not the start of "
+         f"{units[path.suffix]}): nothing from line 201 on could be read")
+        for path, at in paths]

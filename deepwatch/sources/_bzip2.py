@@ -292,6 +292,8 @@ class _Stop:
     why: str | None = None
     truncated: bool = False
     padding: int = 0
+    #: with ``why``: the first bytes of what is not a bzip2 stream (text appended to the file?)
+    lost: bytes = b""
 
 
 class _Reader:
@@ -308,8 +310,8 @@ class _Reader:
         self.stopped = False  # nothing more to cut: a _Stop is queued
 
     def _stop(self, last: int | None = None, why: str | None = None,
-              truncated: bool = False, padding: int = 0) -> None:
-        self.queue.append(_Stop(last, self.level, why, truncated, padding))
+              truncated: bool = False, padding: int = 0, lost: bytes = b"") -> None:
+        self.queue.append(_Stop(last, self.level, why, truncated, padding, lost))
         self.stopped = True
 
     def _cut(self) -> None:
@@ -330,8 +332,10 @@ class _Reader:
                 if len(head) < 4 or not (head[:3] == b"BZh" and 49 <= head[3] <= 57):
                     if len(head) < 4 and b"BZh"[: len(head)] == head[:3]:
                         return self._stop(truncated=True)
+                    bits.has(q + self.keep)  # the reject keeps their beginning: what are they?
                     return self._stop(why=f"corrupt compressed data (the bytes at offset {q:,} "
-                                          "are not the start of a bzip2 stream)")
+                                          "are not the start of a bzip2 stream)",
+                                      lost=bits.bytes_at(q, q + self.keep))
                 self.level, at = head[3] - 48, 8 * q + 32
                 if bits.next_mark(at - 1, at + 1) != at:
                     if bits.eof and 8 * bits.end < at + 48:
@@ -402,6 +406,7 @@ class _Reader:
                 if item.last is not None:
                     yield from _last(bits, item.last, item.level, outcome, self.keep)
                 outcome.why = outcome.why or item.why
+                outcome.unverified = outcome.unverified or item.lost
                 outcome.truncated = outcome.truncated or item.truncated
                 outcome.padding = item.padding
                 return

@@ -743,7 +743,7 @@ class VerifiedStream:
         if not first:
             self.empty = True
             return
-        if not any(first[: len(m)] == m[: len(first)] for m in self.kind.magic):
+        if not self._starts_unit(first):
             # the reject keeps the file's first bytes: they show what it is
             self._damage(_not_compressed(self.kind, self.path, first), 0, first[:LOST_BYTES])
             return
@@ -759,6 +759,11 @@ class VerifiedStream:
                     if zeros is not None:
                         self.padding = zeros
                         return
+            if after:
+                first = first or fh.read(_PIECE)
+                if first[:1] not in (b"", b"\x00") and not self._starts_unit(first):
+                    self._not_a_unit(fh, first)
+                    return
             start = fh.tell() - len(first)
             member = _Member()
             output = self._start(fh, first, member, after)
@@ -806,6 +811,21 @@ class VerifiedStream:
                 self._damage(_TRUNCATED)
                 return
             first = again.rest
+
+    def _starts_unit(self, first: bytes) -> bool:
+        """Whether ``first``, bytes read where a member (stream) would start, may be one: they
+        start with its magic, or with as much of it as they have."""
+        return any(first[: len(m)] == m[: len(first)] for m in self.kind.magic)
+
+    def _not_a_unit(self, fh: BinaryIO, first: bytes) -> None:
+        """Damage by bytes after a member (stream) that are not another one, ``first`` being
+        their beginning: text appended to a compressed file, say (``gzip -d`` warns of trailing
+        garbage). The reject keeps their first bytes, which show what they are."""
+        at = fh.tell() - len(first)
+        lost = (first + fh.read(max(0, LOST_BYTES - len(first))))[:LOST_BYTES]
+        unit = self.kind.unit
+        self._damage(f"corrupt compressed data (the bytes at offset {at:,} are not the start of "
+                     f"{'an' if unit.startswith('xz') else 'a'} {unit})", 0, lost)
 
     def _bzip2(self, fh: BinaryIO, first: bytes) -> Iterator[bytes]:
         """A bzip2 file's text, each block's once its CRC is verified (see
