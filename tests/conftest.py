@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("DEEPWATCH_DATA", ROOT.parent / "shared" / "data"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The Ctrl-C tests send SIGINT to deepwatch processes. A process that starts with SIGINT
+# ignored keeps ignoring it, as POSIX programs do (Python installs no handler then, nor does
+# deepwatch), and a child inherits that: a test run started as a background job of a script
+# (`.ci/run &`, where the shell ignores SIGINT for it) would have every such test hang. A
+# handler set here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """For an in-process test that sends itself Ctrl-C: SIGINT has Python's own handler for
+    its length (PySpark's driver, started by an earlier test, replaces it with its own)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def need(condition: bool, what: str) -> None:

@@ -291,6 +291,7 @@ class _StoppedAfterWrite:
 
 
 @pytest.mark.parametrize("when", ["while its lines are made", "as its write returns"])
+@pytest.mark.usefixtures("python_sigint")
 def test_a_stop_during_a_rejects_write_counts_what_the_file_holds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
     """Ctrl-C lands wherever it lands: the records the one line says are kept are those the

@@ -12,6 +12,7 @@ import pytest
 from deepwatch.errors import Interrupted, sigterm_stops_cleanly
 
 
+@pytest.mark.usefixtures("python_sigint")
 @pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM])
 def test_the_first_stop_raises_the_ones_after_it_are_held_then_handlers_are_restored(
         first: signal.Signals, capfd: pytest.CaptureFixture[str]) -> None:
