@@ -13,6 +13,7 @@ import tracemalloc
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -244,28 +245,43 @@ def test_warnings_about_zero_padding_and_empty_files_reach_the_driver_once_each(
     assert "Exception" not in err
 
 
-@pytest.mark.slow
-def test_zeek_headers_reach_every_partition(spark: object, tmp_path: Path) -> None:
-    """A .gz conn.log is one Hadoop split, spread over the cores in line ranges: the ranges
-    after the first must still read the fields in the order of the file's #fields header."""
-    from test_zeek import FIELDS, HEADER, SWAPPED, _conn, _tsv
+def _swapped_zeek_log() -> tuple[str, list[dict[str, str]]]:
+    """A conn.log header whose #fields name the columns in another order than Zeek's, and
+    3,000 records (durations varied, so that an autoencoder can train on them)."""
+    from test_zeek import FIELDS, HEADER, SWAPPED, _conn
 
-    from deepwatch.spark import score_spark
-    from deepwatch.train.api import train
-
-    header = HEADER.replace("\t".join(FIELDS), "\t".join(SWAPPED))
     rows = [_conn(i) for i in range(3000)]
     for i, r in enumerate(rows):
         r["duration"] = str(0.1 * (i % 7))
-    text = "\n".join([header, *(_tsv(SWAPPED, r) for r in rows[:2000]),
-                      "#fields\t" + "\t".join(FIELDS),  # a second log, the standard order
-                      *(_tsv(list(FIELDS), r) for r in rows[2000:])]) + "\n"
+    return HEADER.replace("\t".join(FIELDS), "\t".join(SWAPPED)), rows
+
+
+def _zeek_scored_both_ways(text: str, tmp_path: Path) -> tuple[Any, Any]:
+    """``text`` as a .gz conn.log, an autoencoder trained on it, and the log scored by the
+    local engine (local.parquet) and on Spark (spark.parquet): both reports."""
+    from deepwatch.spark import score_spark
+    from deepwatch.train.api import train
+
     log = tmp_path / "conn.log.gz"
     log.write_bytes(gzip.compress(text.encode()))
     bundle = tmp_path / "ae"
     train("zeek", "autoencoder", [f"{log}=normal"], bundle, epochs=1, seed=0)
     local = score_files(str(bundle), "zeek", [str(log)], str(tmp_path / "local.parquet"))
     dist = score_spark(str(bundle), "zeek", [str(log)], str(tmp_path / "spark.parquet"))
+    return local, dist
+
+
+@pytest.mark.slow
+def test_zeek_headers_reach_every_partition(spark: object, tmp_path: Path) -> None:
+    """A .gz conn.log is one Hadoop split, spread over the cores in line ranges: the ranges
+    after the first must still read the fields in the order of the file's #fields header."""
+    from test_zeek import FIELDS, SWAPPED, _tsv
+
+    header, rows = _swapped_zeek_log()
+    text = "\n".join([header, *(_tsv(SWAPPED, r) for r in rows[:2000]),
+                      "#fields\t" + "\t".join(FIELDS),  # a second log, the standard order
+                      *(_tsv(list(FIELDS), r) for r in rows[2000:])]) + "\n"
+    local, dist = _zeek_scored_both_ways(text, tmp_path)
     a = pq.read_table(tmp_path / "spark.parquet")
     b = pq.read_table(tmp_path / "local.parquet")
     assert (dist.stats.parsed, dist.stats.rejected) == (local.stats.parsed, 0) == (3000, 0)
@@ -502,24 +518,13 @@ def test_a_zeek_header_run_into_a_record_by_a_cr_is_no_header_on_spark(
         spark: object, tmp_path: Path) -> None:
     """A ``#fields`` line with a record after a CR in it is a reject, locally and on Spark: the
     line ranges after it keep reading the fields in the order of the header before it."""
-    from test_zeek import FIELDS, HEADER, SWAPPED, _conn, _tsv
+    from test_zeek import FIELDS, SWAPPED, _tsv
 
-    from deepwatch.spark import score_spark
-    from deepwatch.train.api import train
-
-    header = HEADER.replace("\t".join(FIELDS), "\t".join(SWAPPED))
-    rows = [_conn(i) for i in range(3000)]
-    for i, r in enumerate(rows):
-        r["duration"] = str(0.1 * (i % 7))
+    header, rows = _swapped_zeek_log()
     text = "\n".join([header, *(_tsv(SWAPPED, r) for r in rows[:1000]),
                       "#fields\t" + "\t".join(FIELDS) + "\r" + _tsv(SWAPPED, rows[1000]),
                       *(_tsv(SWAPPED, r) for r in rows[1001:])]) + "\n"
-    log = tmp_path / "conn.log.gz"
-    log.write_bytes(gzip.compress(text.encode()))
-    bundle = tmp_path / "ae"
-    train("zeek", "autoencoder", [f"{log}=normal"], bundle, epochs=1, seed=0)
-    local = score_files(str(bundle), "zeek", [str(log)], str(tmp_path / "local.parquet"))
-    dist = score_spark(str(bundle), "zeek", [str(log)], str(tmp_path / "spark.parquet"))
+    local, dist = _zeek_scored_both_ways(text, tmp_path)
     a = pq.read_table(tmp_path / "spark.parquet")
     assert (dist.stats.parsed, dist.stats.rejected) == (local.stats.parsed,
                                                         local.stats.rejected) == (2999, 1)
