@@ -173,7 +173,8 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     if "WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread():
         yield
         return
-    if signal.getsignal(signal.SIGTERM) is _on_stop:  # (inside another such block)
+    if _on_stop in (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)):
+        # inside another such block (or after a stop of this process): its state stands
         yield
         return
     keep_ctrl_c_from_polars()  # (before the handlers below: they replace its hook)

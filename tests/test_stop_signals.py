@@ -46,3 +46,25 @@ def test_a_run_with_no_stop_changes_nothing_and_an_ignored_sigint_stays_ignored(
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("python_sigint")
+def test_a_block_entered_during_the_clean_up_keeps_holding_stops() -> None:
+    """With SIGTERM ignored only SIGINT is taken; a block entered while the first stop is being
+    handled (a clean-up that writes through another such block) must not start over and let
+    the next Ctrl-C raise in the middle of it."""
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cleaned = []
+    try:
+        with pytest.raises(Interrupted), sigterm_stops_cleanly():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                raise AssertionError("the first stop did not raise")
+            finally:
+                with sigterm_stops_cleanly():
+                    os.kill(os.getpid(), signal.SIGINT)  # held: nothing raised here
+                    cleaned.append(True)
+        assert cleaned == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
