@@ -14,7 +14,7 @@ from ._line_cache import ScoredLineCache
 from .errors import DeepwatchError, Interrupted, OutputError, UsageError
 from .formats import Format, get_format
 from .io import InputReader, Stats
-from .sinks import RecordSink, RejectSink
+from .sinks import RecordSink, RejectSink, rejects_read
 
 if TYPE_CHECKING:
     from .models.campaigns import Campaigns
@@ -117,8 +117,7 @@ def _kept_before(sink: RecordSink, rejects: RejectSink, out: str) -> str | None:
     """What a stopped run keeps, for its one line (None: nothing)."""
     rows = f"the {sink.rows:,} rows scored before it" if sink.rows and out != "-" else None
     n = rejects.count if rejects.path else 0
-    bad = (f"the {n:,} rejected record{'s' if n != 1 else ''} read before it"
-           if n else None)
+    bad = rejects_read(n) if n else None
     if rows and bad:
         return f"{rows} are kept in {out} and {bad} in {rejects.path}, which are incomplete"
     if rows:

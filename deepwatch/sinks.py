@@ -369,6 +369,11 @@ class RejectSink:
             self._kept = (self._kept[0] + self._writing[0], at)
 
 
+def rejects_read(n: int) -> str:
+    """``n`` rejected records kept by a run stopped part-way, as its one line names them."""
+    return f"the {n:,} rejected record{'s' if n != 1 else ''} read before it"
+
+
 @contextmanager
 def keeping_rejects(path: str | None) -> Iterator[RejectSink]:
     """A :class:`RejectSink` at ``path`` (None: rejects only counted) for the length of a run's
@@ -390,9 +395,8 @@ def keeping_rejects(path: str | None) -> Iterator[RejectSink]:
         sink.abort()
         if sink.complete or not (sink.path and sink.count):
             raise
-        n = sink.count
-        kept = (f"the {n:,} rejected record{'s' if n != 1 else ''} read before it "
-                f"{'are' if n != 1 else 'is'} kept in {sink.path}, which is incomplete")
+        kept = f"{rejects_read(sink.count)} {'is' if sink.count == 1 else 'are'} kept in " \
+            f"{sink.path}, which is incomplete"
         detail = getattr(exc, "detail", None)
         raise Interrupted(f"{detail}; {kept}" if detail else kept,
                           terminated=getattr(exc, "terminated", False)) from None
