@@ -326,32 +326,71 @@ def _worker_app() -> Any:
                      tls=TlsReload(tls["cert"], tls["key"], tls["password_file"]) if tls
                      else None)
     service = app.state.service
+    parent = os.getppid()
+    end = _WorkerEnd(state, parent)
 
     def publish() -> None:
-        while True:
-            try:
-                group.publish_stats(service.stats.raw())
-            except OSError:  # the state directory is gone: the server is stopping
-                return
+        while end.publish(group, service.stats):
             time.sleep(STATS_EVERY_SECONDS)
-
-    parent = os.getppid()
 
     def orphaned() -> None:  # the parent was killed outright: stop, as it would have had us
         while os.getppid() == parent:
             time.sleep(1.0)
         log.warning("the serving parent process is gone: worker %d stops", os.getpid())
-        shutil.rmtree(state, ignore_errors=True)  # the parent cannot remove it now
+        end.orphan()
         os.kill(os.getpid(), signal.SIGTERM)
 
     group.publish_stats(service.stats.raw())
     threading.Thread(target=publish, name="deepwatch-stats", daemon=True).start()
     threading.Thread(target=orphaned, name="deepwatch-orphan", daemon=True).start()
-    app.router.lifespan_context = _on_shutdown(group, service.stats)
+    app.router.lifespan_context = _on_shutdown(group, service.stats, end)
     return app
 
 
-def _on_shutdown(group: WorkerGroup, stats: Any) -> Any:
+class _WorkerEnd:
+    """Whether this worker's parent is gone, and the state directory's removal if it is.
+
+    The parent removes the directory when it stops; killed outright, it cannot, and its workers
+    do, each as the last thing it does. One removal is not enough: a sibling still writing its
+    stats while another worker removes the directory can put a file back into it (between the
+    removal's listing and its ``rmdir``), and ``rmtree`` then leaves the directory behind. Every
+    worker removes it after its own last write instead (the stats thread writes under the lock
+    and stops once the parent is known gone), so the last worker to end removes it last."""
+
+    def __init__(self, state: Path, parent: int) -> None:
+        self.state = state
+        self.parent = parent
+        self._writing = threading.Lock()
+        self._orphaned = False
+
+    def orphan(self) -> None:
+        with self._writing:
+            self._orphaned = True
+
+    def orphaned(self) -> bool:
+        """Whether the parent is gone (also where it was killed after it told us to stop)."""
+        with self._writing:
+            self._orphaned = self._orphaned or os.getppid() != self.parent
+            return self._orphaned
+
+    def publish(self, group: WorkerGroup, stats: Any) -> bool:
+        """Publish this worker's stats unless the parent is gone (nobody would fold them, and
+        the directory is being removed); whether to go on publishing."""
+        with self._writing:
+            if self._orphaned:
+                return False
+            try:
+                group.publish_stats(stats.raw())
+            except OSError:  # the state directory is gone: the server is stopping
+                return False
+            return True
+
+    def remove_state(self) -> None:
+        with self._writing:
+            shutil.rmtree(self.state, ignore_errors=True)
+
+
+def _on_shutdown(group: WorkerGroup, stats: Any, end: _WorkerEnd) -> Any:
     """The worker's lifespan: its last words as uvicorn shuts it down (after the drain). Not
     ``atexit``: uvicorn raises the stop signal again once it has shut down, and the signal's
     default action ends the process without running exit handlers."""
@@ -359,19 +398,22 @@ def _on_shutdown(group: WorkerGroup, stats: Any) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> Any:
         yield
-        _last_words(group, stats, os.getpid())
+        _last_words(group, stats, os.getpid(), end)
 
     return lifespan
 
 
-def _last_words(group: WorkerGroup, stats: Any, pid: int) -> None:
+def _last_words(group: WorkerGroup, stats: Any, pid: int, end: _WorkerEnd) -> None:
     """A stopping worker's final activity for the dashboard, and its live gauges dropped from
     ``/metrics`` (the model it served, its certificate's expiry). A worker that dies without
-    them has its gauges dropped by the parent (``_forget_gone_workers``)."""
+    them has its gauges dropped by the parent (``_forget_gone_workers``). A worker whose parent
+    is gone removes the state directory instead (see ``_WorkerEnd``)."""
     from prometheus_client import multiprocess
 
-    with contextlib.suppress(OSError):
-        group.publish_stats(stats.raw())
+    if end.orphaned():
+        end.remove_state()
+        return
+    end.publish(group, stats)
     with contextlib.suppress(OSError):
         multiprocess.mark_process_dead(pid)
 
