@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from conftest import wait_healthy
 from test_serve_stats_retired import NOW, _raw, _totals, _write
 
 from deepwatch.serve import _workers
-from deepwatch.serve._workers import RETIRED, WorkerGroup, retire_gone_stats
+from deepwatch.serve._workers import RELOAD, RETIRED, WorkerGroup, retire_gone_stats
 
 
 def test_a_gone_workers_temporary_files_are_removed_and_never_counted(tmp_path: Path) -> None:
@@ -138,6 +139,11 @@ def test_a_worker_killed_mid_write_leaves_no_temporary_file_and_its_counts_stay(
     try:
         wait_healthy(url, proc)
         state, workers = _state_of(proc, url)
+        # a worker killed writing a reload request (a pid that has ended) leaves this behind
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        reload_tmp = state / f".{RELOAD}.{ended.pid}-0123abcd.tmp"
+        reload_tmp.write_text('{"bundle": "/nowhere"}')
         before = _score_and_wait_for_stats(url, records, sent)
 
         arm.touch()
@@ -154,10 +160,12 @@ def test_a_worker_killed_mid_write_leaves_no_temporary_file_and_its_counts_stay(
         deadline = time.monotonic() + 15
         while True:  # uvicorn starts a new worker, then the parent sweeps the stats
             live = _workers_of(proc.pid)
-            if len(live) == 2 and pid not in live and not tmp.exists():
+            if (len(live) == 2 and pid not in live and not tmp.exists()
+                    and not reload_tmp.exists()):
                 break
             assert time.monotonic() < deadline, (
-                f"live workers {live}, stats/: {sorted(os.listdir(tmp.parent))}")
+                f"live workers {live}, stats/: {sorted(os.listdir(tmp.parent))}, "
+                f"state: {sorted(os.listdir(state))}")
             time.sleep(0.2)
         for _ in range(4):  # whichever worker answers
             assert _get(url, "/v1/stats").json()["totals"] == before["totals"]
