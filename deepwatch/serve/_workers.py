@@ -229,9 +229,8 @@ def retire_gone_stats(stats_dir: Path, ours: set[int], now: float | None = None)
 
 
 def remove_gone_writers_temps(stats_dir: Path, ours: set[int]) -> list[Path]:
-    """Remove the temporary files in ``stats_dir`` (or the state directory, for ``reload.json``)
-    written by processes not in ``ours``; the
-    removed ones. A worker killed outright (SIGKILL) between writing its stats and renaming
+    """Remove the temporary files in ``stats_dir`` (or in the state directory: ``reload.json``'s)
+    written by processes not in ``ours``; the removed ones. A worker killed outright (SIGKILL) between writing its stats and renaming
     them leaves its temporary file, which nobody else would remove: one more file for every
     such death, for as long as the server runs. A worker not in ``ours`` has been joined: it
     writes no more, and its temporary file is of no use to anyone. (The parent's own, of
@@ -523,8 +522,8 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                     if pid.isdigit() and int(pid) not in ours:
                         with contextlib.suppress(OSError):
                             multiprocess.mark_process_dead(int(pid), str(state / "prometheus"))
-                # a worker killed writing a reload request leaves its temporary file there
-                # (the parent's own are written from this thread: none is found half-way)
+                # a worker killed writing a reload request leaves its temporary file in the
+                # state directory (the parent's own, of settings.json, are never taken)
                 remove_gone_writers_temps(state, ours | {os.getpid()})
                 # their dashboard stats folded into one file, so they do not pile up
                 try:
