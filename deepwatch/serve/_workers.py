@@ -230,11 +230,12 @@ def retire_gone_stats(stats_dir: Path, ours: set[int], now: float | None = None)
 
 def remove_gone_writers_temps(stats_dir: Path, ours: set[int]) -> list[Path]:
     """Remove the temporary files in ``stats_dir`` (or in the state directory: ``reload.json``'s)
-    written by processes not in ``ours``; the removed ones. A worker killed outright (SIGKILL) between writing its stats and renaming
-    them leaves its temporary file, which nobody else would remove: one more file for every
-    such death, for as long as the server runs. A worker not in ``ours`` has been joined: it
-    writes no more, and its temporary file is of no use to anyone. (The parent's own, of
-    ``retired.json``, come and go in the thread that calls this: none is found half-way.)"""
+    written by processes not in ``ours``; the removed ones. A worker killed outright (SIGKILL)
+    between writing its stats and renaming them leaves its temporary file, which nobody else
+    would remove: one more file for every such death, for as long as the server runs. A worker
+    not in ``ours`` has been joined: it writes no more, and its temporary file is of no use to
+    anyone. (The parent's own, of ``retired.json``, come and go in the thread that calls this:
+    none is found half-way.)"""
     removed = []
     for tmp in stats_dir.glob(".*.tmp"):
         found = _TMP_NAME.match(tmp.name)
