@@ -1,8 +1,8 @@
 """``deepwatch train --nproc 2`` stopped part-way, with real processes and real signals: SIGTERM
 to the launcher, Ctrl-C to the terminal's process group, SIGTERM or SIGKILL to one rank, SIGKILL
 to the launcher. Every rank ends, nothing is left at ``--out`` or beside it, the launcher's
-temporary directory is removed, and one line says what happened, with the exit status a
-one-process ``train`` gives."""
+temporary directory is removed (by the next launcher, where it was killed outright), and one
+line says what happened, with the exit status a one-process ``train`` gives."""
 
 from __future__ import annotations
 
@@ -77,19 +77,21 @@ def _ranks(launcher: int) -> dict[str, int]:
 
 class _Run:
     """``deepwatch train --nproc 2`` in a session of its own (its own process group, as a
-    terminal's foreground job), stderr collected line by line."""
+    terminal's foreground job), stderr collected line by line. Runs of one test share their
+    TMPDIR; each has its own ``--out``, named ``name``."""
 
-    def __init__(self, tmp_path: Path, data: Path, *, epochs: int, pause_in_save: bool):
-        self.out = tmp_path / "b"
+    def __init__(self, tmp_path: Path, data: Path, *, epochs: int, pause_in_save: bool,
+                 name: str):
+        self.out = tmp_path / name
         self.out.mkdir()  # an empty --out: a stray temporary directory in it would be kept
         self.tmp = tmp_path / "tmp"  # the launcher's TMPDIR
-        self.tmp.mkdir()
-        self.flag = tmp_path / "paused"
+        self.tmp.mkdir(exist_ok=True)
+        self.flag = tmp_path / f"{name}.paused"
         env = {**os.environ, "TMPDIR": str(self.tmp), "DEEPWATCH_PROGRESS": "0",
                "PAUSED_FLAG": str(self.flag)}
         if pause_in_save:
             hook = tmp_path / "hook"
-            hook.mkdir()
+            hook.mkdir(exist_ok=True)
             (hook / "sitecustomize.py").write_text(_PAUSE_IN_SAVE)
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -130,6 +132,15 @@ class _Run:
                                         "features:"))]
         return code, said
 
+    def kill_launcher(self) -> None:
+        """SIGKILL to the launcher alone (the OOM killer's way); wait until its ranks end."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in self.ranks.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [rank for rank, pid in self.ranks.items() if _alive(pid)]
+
     def left_behind(self) -> list[str]:
         """Temporary files the run left: in or beside ``--out``, or in its TMPDIR."""
         return ([p.name for p in self.out.iterdir()]
@@ -151,8 +162,9 @@ class _Run:
 def run(tmp_path: Path, kdd_3k: Path) -> Iterator[Callable[..., _Run]]:
     runs: list[_Run] = []
 
-    def start(*, epochs: int = 1, pause_in_save: bool = True) -> _Run:
-        runs.append(_Run(tmp_path, kdd_3k, epochs=epochs, pause_in_save=pause_in_save))
+    def start(*, epochs: int = 1, pause_in_save: bool = True, name: str = "b") -> _Run:
+        runs.append(_Run(tmp_path, kdd_3k, epochs=epochs, pause_in_save=pause_in_save,
+                         name=name))
         return runs[-1]
 
     yield start
@@ -188,13 +200,35 @@ def test_a_launcher_killed_outright_takes_its_ranks_with_it(run: Callable[..., _
     half-written bundle is removed, not left in ``--out``."""
     r = run()
     r.when(r.flag.exists)
-    r.proc.kill()
-    r.proc.wait(timeout=30)
-    deadline = time.monotonic() + 60
-    while any(_alive(pid) for pid in r.ranks.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [rank for rank, pid in r.ranks.items() if _alive(pid)]
+    r.kill_launcher()
     assert [p.name for p in r.out.iterdir()] == []
+
+
+def test_the_directory_of_a_launcher_killed_outright_is_removed_by_the_next_one(
+        run: Callable[..., _Run]) -> None:
+    """A launcher killed outright cannot remove its temporary directory, and its ranks did not
+    either: one more ``deepwatch-ddp-*`` directory in the temporary directory for every such
+    kill. The next ``train --nproc`` removes those whose lock nobody holds; not one a live
+    process holds, nor one with no lock file (another user's, or an older deepwatch's)."""
+    import fcntl
+
+    killed = run(epochs=200, pause_in_save=False)
+    killed.when(killed.said("features:"))  # the ranks train
+    killed.kill_launcher()
+    [left] = killed.tmp.glob("deepwatch-ddp-*")  # nobody removed it
+    held, foreign = killed.tmp / "deepwatch-ddp-held", killed.tmp / "deepwatch-ddp-foreign"
+    held.mkdir()
+    (held / "lock").touch()
+    foreign.mkdir()
+    lock = os.open(held / "lock", os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # as a live launcher, or a rank, holds its own
+        code, said = run(pause_in_save=False, name="next").finish()
+    finally:
+        os.close(lock)
+    assert code == 0, said
+    assert not left.exists()
+    assert sorted(p.name for p in killed.tmp.glob("deepwatch-ddp-*")) == [foreign.name, held.name]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

@@ -15,7 +15,7 @@ request. The workers share a state directory the parent made (and removes on exi
 - ``lock``: held (shared) by the parent and every worker for as long as they run. A server
   whose processes were all killed outright (SIGKILL to the group, as a stop timing out ends
   in) removes nothing: the next ``serve --workers`` removes the directories whose lock nobody
-  holds, so they do not pile up in the temporary directory.
+  holds, so they do not pile up in the temporary directory (``deepwatch._held_dirs``).
 
 ``POST /v1/reload`` on any worker loads the new bundle there first (a bundle that fails to load
 is refused and nothing changes), records it in ``reload.json`` and asks the parent, by SIGHUP,
@@ -48,6 +48,7 @@ from socket import socket
 from typing import Any
 
 from .._cpus import usable_cores
+from .._held_dirs import LOCK, hold_lock, make_held_dir, remove_unheld_dirs
 from ._service import Limits
 from ._stats import fold_retired, is_folded
 
@@ -57,7 +58,6 @@ log = logging.getLogger("deepwatch.serve")
 STATE_ENV = "DEEPWATCH_SERVE_STATE"
 #: The state directories' names, in the temporary directory.
 STATE_PREFIX = "deepwatch-serve-"
-LOCK = "lock"
 SETTINGS = "settings.json"
 #: A worker's request for a reload: the bundle to serve next (the newest request wins).
 RELOAD = "reload.json"
@@ -96,56 +96,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-def _hold_lock(path: Path) -> int | None:
-    """Hold ``path`` with a shared lock for as long as this process lives (the descriptor is
-    never closed; the kernel lets go of it however the process ends). None where there is no
-    ``flock``."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no stale directory is recognised there
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
-
-
-def _make_state() -> Path:
-    """The state directory, its lock held before the lock has its name: another server
-    cleaning up never finds it without a holder, however soon it looks."""
-    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
-    unnamed = state / f".{LOCK}.tmp"
-    unnamed.touch()
-    _hold_lock(unnamed)
-    os.replace(unnamed, state / LOCK)
-    return state
-
-
-def remove_stale_states(tmp: Path) -> list[Path]:
-    """Remove the state directories in ``tmp`` that no process holds any more (those of servers
-    killed outright, workers and all); the removed ones."""
-    try:
-        import fcntl
-    except ImportError:
-        return []
-    removed = []
-    for state in tmp.glob(f"{STATE_PREFIX}*"):
-        try:
-            fd = os.open(state / LOCK, os.O_RDONLY)
-        except OSError:  # not ours to judge: another user's, or made by an older deepwatch
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a server runs on it
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(state, ignore_errors=True)
-        finally:
-            os.close(fd)
-        removed.append(state)
-    return removed
 
 
 def read_settings(state: Path) -> dict[str, Any]:
@@ -316,7 +266,7 @@ def _worker_app() -> Any:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     state = Path(os.environ[STATE_ENV])
     with contextlib.suppress(OSError):  # the directory is gone: the server is stopping
-        _hold_lock(state / LOCK)
+        hold_lock(state / LOCK)
     settings = read_settings(state)
     key = read_api_key(settings["key_file"]) if settings["key_file"] else None
     group = WorkerGroup(state)
@@ -436,9 +386,9 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
     from ..errors import DeepwatchError
     from .app import tls_options
 
-    for stale in remove_stale_states(Path(tempfile.gettempdir())):
+    for stale in remove_unheld_dirs(Path(tempfile.gettempdir()), STATE_PREFIX):
         log.info("removed %s, left by a server killed outright", stale)
-    state = _make_state()
+    state, _ = make_held_dir(STATE_PREFIX)
     try:
         (state / "prometheus").mkdir()
         (state / "stats").mkdir()

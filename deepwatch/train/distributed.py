@@ -18,7 +18,9 @@ GPU), so networks with batch normalisation (``mlp``) train close to, not exactly
 
 A job :func:`launch_local` started stops as one process does: Ctrl-C or SIGTERM to the launcher
 stops every rank with SIGTERM, which each takes as Ctrl-C (rank 0's bundle half written is
-removed), and the launcher alone says so, in one line.
+removed), and the launcher alone says so, in one line. A launcher killed outright (SIGKILL)
+takes its ranks with it (see :func:`_follow_launcher`) but cannot remove its temporary
+directory: the next launcher does (see :func:`launch_local`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def _env_int(name: str, default: int) -> int:
 STORE_ENV = "DEEPWATCH_DIST_STORE"
 #: Set by :func:`launch_local` for its ranks: the launcher's process id.
 LAUNCHER_ENV = "DEEPWATCH_DIST_LAUNCHER"
+#: The names of :func:`launch_local`'s temporary directories, in the temporary directory.
+TMP_PREFIX = "deepwatch-ddp-"
 #: The exit status of a rank of :func:`launch_local` stopped by SIGTERM (as a shell gives it).
 STOPPED_EXIT = 128 + 15
 #: The exit status of a rank of :func:`launch_local` that lost contact with a peer that failed
@@ -285,13 +289,20 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None],
     :class:`~deepwatch.errors.Interrupted` raised, saying so. The ranks do not see Ctrl-C
     themselves (it reaches the terminal's whole process group): one that did would stop on its
     own, in its own words, and race the launcher's SIGTERM.
+
+    The temporary directory (the rendezvous file, the other ranks' stderr) holds a lock that
+    the launcher and its ranks keep for as long as any of them lives: one killed outright
+    (SIGKILL, the OOM killer) leaves its directory behind, and the next launcher removes those
+    nobody holds any more (see :mod:`deepwatch._held_dirs`), so they do not pile up.
     """
     import shutil
     import signal
     import subprocess
     import tempfile
     import time
+    from pathlib import Path
 
+    from .._held_dirs import make_held_dir, remove_unheld_dirs
     from ..errors import Interrupted, sigterm_stops_cleanly
 
     procs: list[subprocess.Popen[bytes]] = []
@@ -300,7 +311,9 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None],
     interrupted: KeyboardInterrupt | None = None
     # the first Ctrl-C or SIGTERM raises; those after it are held while the ranks are stopped
     with sigterm_stops_cleanly():
-        tmp = tempfile.mkdtemp(prefix="deepwatch-ddp-")
+        remove_unheld_dirs(Path(tempfile.gettempdir()), TMP_PREFIX)
+        made, lock = make_held_dir(TMP_PREFIX)
+        tmp = str(made)
         try:
             with ExitStack() as opened:
                 try:
@@ -320,7 +333,7 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None],
                         err = None if rank == 0 else opened.enter_context(
                             open(os.path.join(tmp, f"rank{rank}.log"), "w+b"))
                         logs.append(err)
-                        _start_rank(procs, command, env, err)
+                        _start_rank(procs, command, env, err, lock)
                     codes: dict[int, int] = {}
 
                     def collect() -> None:
@@ -341,6 +354,8 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None],
                     said = {r: _tail(f) for r, f in enumerate(logs) if f is not None}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if lock is not None:  # (a process may launch more than one job)
+                os.close(lock)
     codes = {r: int(p.returncode) for r, p in enumerate(procs)}
     if interrupted is not None:
         detail = ("the training had finished, its bundle was saved" if codes.get(0) == 0
@@ -369,19 +384,23 @@ def launch_local(command: list[str], nproc: int, log: Callable[[str], None],
     return first if 0 < first != STOPPED_EXIT else 1
 
 
-def _start_rank(procs: list[Any], command: list[str], env: dict[str, str], err: Any) -> None:
+def _start_rank(procs: list[Any], command: list[str], env: dict[str, str], err: Any,
+                lock: int | None) -> None:
     """Start one rank, added to ``procs``, with Ctrl-C blocked: the mask is inherited, so the
     rank never sees the terminal's SIGINT; one sent to the launcher meanwhile waits until the
-    rank is in ``procs`` (and so will be stopped), not lost."""
+    rank is in ``procs`` (and so will be stopped), not lost. The rank is given ``lock``, the
+    descriptor of the temporary directory's lock, and so holds it from its start: a rank still
+    stopping after its launcher was killed keeps its directory from being removed under it."""
     import signal
     import subprocess
 
+    fds = () if lock is None else (lock,)
     if not hasattr(signal, "pthread_sigmask"):
-        procs.append(subprocess.Popen(command, env=env, stderr=err))
+        procs.append(subprocess.Popen(command, env=env, stderr=err, pass_fds=fds))
         return
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        procs.append(subprocess.Popen(command, env=env, stderr=err))
+        procs.append(subprocess.Popen(command, env=env, stderr=err, pass_fds=fds))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
