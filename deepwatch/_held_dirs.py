@@ -25,9 +25,9 @@ LOCK = "lock"
 
 
 def hold_lock(path: Path) -> int | None:
-    """Hold ``path`` with a shared lock for as long as this process lives (the descriptor is
-    never closed; the kernel lets go of it however the process ends); the descriptor, which a
-    child given it shares the lock through. None where there is no ``flock``."""
+    """Hold ``path`` with a shared lock for as long as the descriptor returned stays open (the
+    kernel lets go of it however the process ends), and a child given the descriptor shares it.
+    None where there is no ``flock``."""
     try:
         import fcntl
     except ImportError:  # Windows: no stale directory is recognised there
