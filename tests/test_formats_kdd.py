@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 from deepwatch.errors import FormatError
 from deepwatch.formats import get_format
 from deepwatch.formats.kdd import KDD_FEATURES
+from deepwatch.lake import read_rejects
 
 GOOD = ("0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,0.00,0.00,1.00,"
         "0.00,0.00,9,9,1.00,0.00,0.11,0.00,0.00,0.00,0.00,0.00,normal.")
@@ -254,3 +258,30 @@ def test_a_bad_field_count_names_every_count_the_format_takes() -> None:
     assert r.batch.num_rows == 2
     assert r.rejects.column("reason").to_pylist() == [
         "expected 42 fields separated by ',' (or 41 without the label), found 43"]
+
+
+@pytest.mark.parametrize("fmt", ["kdd", "nslkdd", "access", "zeek"])
+def test_a_line_of_spaces_and_tabs_is_an_empty_line_in_every_format(
+        fmt: str, tmp_path: Path) -> None:
+    """``deepwatch ingest`` gives a line of spaces and tabs the reason an empty line gets, in
+    every format. KDD and NSL-KDD said "expected 42 fields ..., found 1" for it, access and
+    Zeek "empty line": one blank line, two reasons, depending on the format."""
+    from test_access import COMBINED
+    from test_zeek import HEADER, ROW
+
+    record = {"kdd": GOOD, "nslkdd": GOOD, "access": COMBINED, "zeek": ROW}[fmt]
+    blanks = ["", "   ", "\t", " \t \t", "  \r"]
+    head = HEADER + "\n" if fmt == "zeek" else ""
+    path = tmp_path / "in.log"
+    path.write_text(head + "\n".join([record, *blanks, record]) + "\n")
+    lake = tmp_path / "lake"
+    done = subprocess.run([sys.executable, "-m", "deepwatch", "ingest", "--format", fmt,
+                           "--lake", str(lake), str(path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    assert "7 lines read: 2 parsed, 5 rejected" in done.stderr
+    rejects = read_rejects(lake)
+    assert rejects is not None
+    first = head.count("\n") + 2
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (n, "empty line") for n in range(first, first + len(blanks))]

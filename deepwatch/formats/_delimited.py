@@ -210,7 +210,9 @@ def _robust(
             )
         )
     count = parts.list.len()
-    empty = pl.col("raw").str.len_chars() == 0
+    # a line of spaces and tabs only is as empty as one with nothing: the reason the other
+    # formats give it, not a count of one field
+    empty = pl.col("raw").str.strip_chars().str.len_chars() == 0
     count_reason = (
         pl.when(empty)
         .then(pl.lit("empty line"))
