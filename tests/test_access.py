@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pyarrow as pa
 from conftest import data_file
@@ -12,6 +17,7 @@ from hypothesis import strategies as st
 
 from deepwatch.formats import get_format
 from deepwatch.formats.access import SCHEMA
+from deepwatch.lake import read_lake, read_rejects
 
 FMT = get_format("access")
 
@@ -205,3 +211,93 @@ def test_a_long_rejected_line_says_it_was_cut() -> None:
     assert res.rejects.num_rows == 1
     assert len(res.rejects.column("raw")[0].as_py()) == 10_000
     assert "cut to its first 10,000 of 30,005 characters" in res.rejects.column("reason")[0].as_py()
+
+
+# -- the client field ------------------------------------------------------------------------
+def _line(client: str) -> str:
+    return COMBINED.replace("203.0.113.9", client, 1)
+
+
+def test_a_client_with_a_control_or_invisible_character_is_a_reject() -> None:
+    """Servers write a client as an address or a host name and escape what is not printable
+    (``\\xHH``), so a raw NUL, control character or byte order mark there is damage: a reject
+    that names the character, which the raw text does not show. It was parsed, and the client
+    counted as one more address."""
+    good = ["198.51.100.7", "2001:db8::17", "::1", "::ffff:192.0.2.1",
+            "crawl-66-249-66-1.googlebot.com", "localhost", "unix:", "-"]
+    bad = {
+        "198.51.100.7\x00": "a control character (U+0000)",
+        "\x00\x00198.51.100.7": "a control character (U+0000)",
+        "198.51\x01.100.7": "a control character (U+0001)",
+        "\x7f198.51.100.7": "a control character (U+007F)",
+        "198.51.100.7\x9b": "a control character (U+009B)",
+        "198.51.100.7\ufeff": "a byte order mark (U+FEFF)",
+        "  \ufeff198.51.100.7": "a byte order mark (U+FEFF)",  # after spaces a line may open with
+        "198.51.100\u200b.7": "an invisible format character (U+200B)",
+    }
+    lines = [_line(c) for c in good] + [_line(c) for c in bad]
+    res = parse("\n".join(lines) + "\n")
+    assert res.batch.column("client_ip").to_pylist() == [*good]
+    rej = res.rejects.to_pylist()
+    assert [r["line"] for r in rej] == list(range(len(good) + 1, len(lines) + 1))
+    for r, (client, what) in zip(rej, bad.items(), strict=True):
+        assert r["raw"] == _line(client)
+        assert r["reason"] == (f"client holds {what}, never part of an address or host name: "
+                               f"'{client.lstrip(' ')}'")
+
+
+def test_a_line_opened_by_a_byte_order_mark_is_a_reject_whatever_follows() -> None:
+    """In the middle of a text (``cat`` of two logs that each open with one): the reason KDD
+    lines get, whether the rest of the line reads as a record or not."""
+    why = ("the line starts with a UTF-8 byte order mark (U+FEFF): a file joined to the one "
+           "before it?")
+    res = parse("\n".join([COMBINED, "\ufeff" + COMBINED, "\ufeffnot a log line", COMBINED]))
+    assert res.line_numbers.to_pylist() == [1, 4]
+    assert [(r["line"], r["reason"]) for r in res.rejects.to_pylist()] == [(2, why), (3, why)]
+
+
+def test_a_record_object_with_a_control_character_in_its_client_is_a_reject() -> None:
+    """A record given as a JSON object (REST) gets the verdict its log line gets."""
+    def record(client: str) -> dict[str, object]:
+        return {"client_ip": client, "timestamp": "2024-05-14T10:00:00Z",
+                "request": "GET / HTTP/1.1", "status": 200, "bytes": 1}
+
+    res = FMT.parse_records([record("1.2.3.4"), record("1.2.3.4\x00"), {"status": 200},
+                             record("\ufeff1.2.3.4"), record("2001:db8::1")])
+    assert res.batch.column("client_ip").to_pylist() == ["1.2.3.4", "2001:db8::1"]
+    assert res.line_numbers.to_pylist() == [1, 5]
+    rej = res.rejects.to_pylist()
+    assert [r["line"] for r in rej] == [2, 3, 4]
+    assert rej[0]["reason"].startswith("client holds a control character (U+0000)")
+    assert rej[2]["reason"].startswith("client holds a byte order mark (U+FEFF)")
+    assert rej[0]["raw"] == json.dumps(record("1.2.3.4\x00"), ensure_ascii=False)
+
+
+def test_ingest_rejects_damaged_clients_and_keeps_the_mark_that_opens_the_file(
+        tmp_path: Path) -> None:
+    """``deepwatch ingest`` of a log that opens with a byte order mark (dropped: its first
+    record parses) and holds another at the start of a later line, and clients with a NUL, a
+    control character and a zero-width space: each is a counted reject with its reason, kept
+    in the lake; the good records, IPv6 and host names among them, are all stored."""
+    lines = [COMBINED, "\ufeff" + COMBINED, _line("203.0.113.9\x00"), _line("203.0\x01.113.9"),
+             _line("203.0.113.9\u200b"), _line("2001:db8::17"), _line("host.example.com"),
+             COMBINED]
+    log = tmp_path / "site.log"
+    log.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    lake = tmp_path / "lake"
+    done = subprocess.run([sys.executable, "-m", "deepwatch", "ingest", "--format", "access",
+                           "--lake", str(lake), str(log)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    assert "8 lines read: 4 parsed, 4 rejected" in done.stderr
+    assert read_lake(lake).column("client_ip").to_pylist() == [
+        "203.0.113.9", "2001:db8::17", "host.example.com", "203.0.113.9"]
+    rejects = read_rejects(lake)
+    assert rejects is not None
+    kept = rejects.to_pylist()
+    assert [(r["line"], r["raw"]) for r in kept] == [(n, lines[n - 1]) for n in (2, 3, 4, 5)]
+    reasons = [r["reason"] for r in kept]
+    assert reasons[0].startswith("the line starts with a UTF-8 byte order mark (U+FEFF)")
+    assert reasons[1].startswith("client holds a control character (U+0000)")
+    assert reasons[2].startswith("client holds a control character (U+0001)")
+    assert reasons[3].startswith("client holds an invisible format character (U+200B)")

@@ -36,6 +36,13 @@ CR_INSIDE_REASON = ("a carriage return (\\r) with more text after it: only \\n e
                     "this may be several records run together (CR line ends? convert them: "
                     "tr '\\r' '\\n')")
 
+#: Why a line that starts with a UTF-8 byte order mark is a reject. The mark that opens a file
+#: or stdin is dropped before its first line is parsed (``sources/files.py``), so one that
+#: starts a line is inside the text: most often where a file was joined to another that opened
+#: with one (``cat a.log b.log``). It is invisible in the raw text shown, so the reason names it.
+BOM_LINE_REASON = ("the line starts with a UTF-8 byte order mark (U+FEFF): a file joined to the "
+                   "one before it?")
+
 
 def cut_raw(raw: str, why: str) -> tuple[str, str]:
     """A rejected record's raw text and reason as kept: a text longer than MAX_RAW keeps its
@@ -99,6 +106,25 @@ class ParseResult:
                 f"parser lost records: {self.batch.num_rows} parsed + "
                 f"{self.rejects.num_rows} rejected != {self.lines} lines"
             )
+
+
+def reject_rows(result: ParseResult, rows: Any, raw: list[str], reasons: list[str]
+                ) -> ParseResult:
+    """``result`` with its parsed records ``rows`` (a numpy array of their indices) turned into
+    rejects (their ``raw`` text and ``reasons``), merged into its rejects in line order: for a
+    check a format makes after its parse (KDD's text fields, an access client)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    numbers = np.asarray(result.line_numbers, dtype=np.int64)
+    found = make_rejects(numbers[rows].tolist(), raw, reasons)
+    keep = np.ones(len(numbers), dtype=bool)
+    keep[rows] = False
+    rejects = pa.concat_tables([result.rejects, found])
+    rejects = rejects.take(pc.sort_indices(rejects, [("line", "ascending")]))
+    return ParseResult(batch=result.batch.filter(pa.array(keep)), rejects=rejects,
+                       lines=result.lines, line_numbers=pa.array(numbers[keep], pa.int64()),
+                       skipped=result.skipped)
 
 
 def split_lines(data: bytes | str) -> list[str]:

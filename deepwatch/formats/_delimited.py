@@ -16,7 +16,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from .._arrow import from_numpy, to_numpy
-from ._base import ParseResult, count_lines, empty_rejects, make_rejects, split_lines
+from ._base import (
+    BOM_LINE_REASON,
+    ParseResult,
+    count_lines,
+    empty_rejects,
+    make_rejects,
+    split_lines,
+)
 
 THREADED_PARSE_BYTES = 1 << 20
 #: A UTF-8 byte order mark. Arrow's CSV reader drops one that opens its buffer, so a line that
@@ -217,8 +224,7 @@ def _robust(
         pl.when(empty)
         .then(pl.lit("empty line"))
         .when(pl.col("raw").str.starts_with(_BOM.decode()))  # invisible in the raw text shown
-        .then(pl.lit("the line starts with a UTF-8 byte order mark (U+FEFF): a file joined to "
-                     "the one before it?"))
+        .then(pl.lit(BOM_LINE_REASON))
         .when(count != n_fields)
         .then(pl.lit(f"expected {n_fields} fields separated by {sep!r}{count_note}, found ")
               + count.cast(pl.String))

@@ -8,7 +8,9 @@ TLS handshakes and bare paths): such a record is kept with its raw request and n
 it is evidence in its own right. A line is rejected only when its frame (client, time, quoted
 request, status, size) cannot be read, or when a quoted field after it is left open (a line cut
 short in its user agent would otherwise pass for one in common format); the reason says which
-part failed.
+part failed. The client may be an address or a host name (Apache's ``%h`` with host name
+lookups on, NGINX's ``unix:``), but not one holding a control or invisible character: servers
+escape those (``\\xHH``), so such a client is damage or a forgery, not a client to count.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import numpy as np
 import pyarrow as pa
 
 from ._base import (
+    BOM_LINE_REASON,
     CR_INSIDE,
     CR_INSIDE_REASON,
     Format,
     ParseResult,
     empty_rejects,
     make_rejects,
+    reject_rows,
     split_lines,
 )
+from ._records import record_text
 
 #: A quoted field: anything but an unescaped quote; ``\\"`` and ``\\xHH`` stay as written.
 _QUOTED = r'"((?:[^"\\]|\\.)*)"'
@@ -42,6 +47,10 @@ _GROUPS = ("client_ip", "ident", "user", "time", "request", "status", "bytes",
 #: Request line: method token, target, optional protocol.
 _REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S+)(?: (HTTP/\d(?:\.\d)?))?$"
 _TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
+#: A control character (C0, DEL, C1: NUL among them) or an invisible format character (the
+#: byte order mark U+FEFF, zero-width spaces and joiners): never part of an address or a host
+#: name, and never written raw by NGINX or Apache, which escape them as ``\\xHH``.
+_HIDDEN = r"([\p{Cc}\p{Cf}])"
 
 SCHEMA = pa.schema(
     [
@@ -86,14 +95,18 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         size.alias("_bytes"),
         stamp.dt.convert_time_zone("UTC").alias("_ts"),
     )
+    df = df.with_columns(_hidden_reasons(df.get_column("client_ip")).alias("_client"))
     matched = pl.col("client_ip").is_not_null()
     reason = (
         pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
         # the extra fields a line may end with would take in the records after a CR as words
         .when(pl.col("raw").str.contains(CR_INSIDE)).then(pl.lit(CR_INSIDE_REASON))
+        # a mark inside the text (see BOM_LINE_REASON), whether or not the rest of the line reads
+        .when(pl.col("raw").str.starts_with("\ufeff")).then(pl.lit(BOM_LINE_REASON))
         .when(~matched & pl.col("raw").str.contains(_FRAME + r"\s")).then(pl.lit(
             "unterminated quoted field after the size (the line may be cut short)"))
         .when(~matched).then(pl.lit("not in common or combined log format"))
+        .when(pl.col("_client").is_not_null()).then(pl.col("_client"))
         .when(pl.col("_ts").is_null())
         .then(pl.lit("unreadable time '") + pl.col("time").str.slice(0, 60) + pl.lit("'"))
         .when(pl.col("_status").is_null() | (pl.col("_status") < 100) | (pl.col("_status") > 599))
@@ -123,6 +136,28 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         )
     )
     return good, df.get_column("reason")
+
+
+def _hidden_reasons(client: Any) -> Any:
+    """For a polars Series of clients, the reason for each that holds a control or invisible
+    character (see ``_HIDDEN``), null for the others. The character is named, as it cannot be
+    seen in the text: from a table of the few distinct ones found, not line by line."""
+    import unicodedata
+
+    import polars as pl
+
+    found = client.str.extract(_HIDDEN, 1)
+    names = {}
+    for char in found.drop_nulls().unique().to_list():
+        what = ("a byte order mark" if char == "\ufeff" else "a control character"
+                if unicodedata.category(char) == "Cc" else "an invisible format character")
+        names[char] = f"{what} (U+{ord(char):04X})"
+    if not names:
+        return pl.repeat(None, len(client), dtype=pl.String, eager=True)
+    what = found.replace_strict(names, default=None, return_dtype=pl.String)
+    return pl.select(pl.lit("client holds ") + what
+                     + pl.lit(", never part of an address or host name: '")
+                     + client.str.slice(0, 60) + pl.lit("'")).to_series()
 
 
 def _to_batch(good: Any) -> pa.RecordBatch:
@@ -205,10 +240,23 @@ class Access(Format):
 
     def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
         """Records as JSON objects (REST): the method, URL, path, query and protocol of a record
-        that gives only its ``request`` line are split from it, as for a log line."""
+        that gives only its ``request`` line are split from it, as for a log line, and a client
+        holding a control or invisible character is a reject with the reason a line gets."""
+        import polars as pl
+
         result = super().parse_records(records)
         result.batch = _split_requests(result.batch)
-        return result
+        if result.batch.num_rows == 0:
+            return result
+        client = pl.from_arrow(result.batch.column("client_ip"))
+        assert isinstance(client, pl.Series)
+        reasons = _hidden_reasons(client)
+        rows = np.flatnonzero(reasons.is_not_null().to_numpy())
+        if not len(rows):
+            return result
+        positions = np.asarray(result.line_numbers, dtype=np.int64)[rows]  # 1-based
+        return reject_rows(result, rows, [record_text(records[n - 1]) for n in positions],
+                           reasons.gather(rows).to_list())
 
     def feature_spec(self) -> dict[str, Any]:
         from ..features.web import access_feature_spec

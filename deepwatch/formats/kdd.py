@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import kdd_category
-from ._base import Format, ParseResult, make_rejects, split_lines
+from ._base import Format, ParseResult, reject_rows, split_lines
 from ._delimited import parse_delimited
 from ._records import record_text
 
@@ -73,7 +73,7 @@ class KDD(Format):
         rows = np.array(sorted(reasons), dtype=np.int64)
         lines = split_lines(data)
         numbers = np.asarray(result.line_numbers, dtype=np.int64)[rows]
-        return _reject_rows(result, rows, [lines[n - first_line] for n in numbers],
+        return reject_rows(result, rows, [lines[n - first_line] for n in numbers],
                             [reasons[r] for r in rows])
 
     def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
@@ -86,7 +86,7 @@ class KDD(Format):
             return result
         rows = np.array(sorted(reasons), dtype=np.int64)
         positions = np.asarray(result.line_numbers, dtype=np.int64)[rows]  # 1-based
-        return _reject_rows(result, rows, [record_text(records[n - 1]) for n in positions],
+        return reject_rows(result, rows, [record_text(records[n - 1]) for n in positions],
                             [reasons[r] for r in rows])
 
     def feature_spec(self) -> dict[str, Any]:
@@ -142,23 +142,6 @@ def _text_bytes(column: pa.Array) -> int:
         return 0
     offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)  # a string column's, int32
     return int(offsets[column.offset + len(column)]) - int(offsets[column.offset])
-
-
-def _reject_rows(result: ParseResult, rows: np.ndarray, raw: list[str], reasons: list[str]
-                 ) -> ParseResult:
-    """``result`` with its parsed records ``rows`` turned into rejects (their ``raw`` text and
-    ``reasons``), merged into its rejects in line order."""
-    import pyarrow.compute as pc
-
-    numbers = np.asarray(result.line_numbers, dtype=np.int64)
-    found = make_rejects(numbers[rows].tolist(), raw, reasons)
-    keep = np.ones(len(numbers), dtype=bool)
-    keep[rows] = False
-    rejects = pa.concat_tables([result.rejects, found])
-    rejects = rejects.take(pc.sort_indices(rejects, [("line", "ascending")]))
-    return ParseResult(batch=result.batch.filter(pa.array(keep)), rejects=rejects,
-                       lines=result.lines, line_numbers=pa.array(numbers[keep], pa.int64()),
-                       skipped=result.skipped)
 
 
 class NSLKDD(KDD):
