@@ -70,7 +70,8 @@ def train(
         "--target-fpr", help="False-positive rate the anomaly threshold is calibrated at")] = 0.01,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     decision: Annotated[str, typer.Option(
-        help="auto (KDD data: least expected contest cost, else threshold), cost, "
+        help="auto (KDD data: least expected contest cost, else threshold; also where a "
+             "training label has no KDD category), cost, "
              "threshold (on the attack probability, fitted for fewest errors on held-out "
              "records) or fpr (threshold calibrated on held-out benign records at "
              "--target-fpr)")] = "auto",

@@ -363,6 +363,39 @@ def test_decision_fpr_without_benign_validation_records_is_refused_before_traini
     assert not (tmp_path / "b").exists()
 
 
+
+@pytest.mark.parametrize("model", ["mlp", "hybrid"])
+def test_decision_cost_with_labels_no_kdd_category_knows_is_refused_before_training(
+        model: str, small_kdd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost matrix has no row for such a label: an explicit ``--decision cost`` used to
+    give a bundle deciding by threshold, without a word."""
+    import deepwatch.train.supervised as supervised
+
+    def trained(*_a: object, **_k: object) -> None:
+        raise AssertionError("a network was trained before the refusal")
+
+    lines = small_kdd.read_text().splitlines(keepends=True)[:3000]
+    odd = [x for x in lines if x.rstrip().endswith(",smurf.")]
+    assert len(odd) > 50
+    train = tmp_path / "train.csv"
+    train.write_text("".join(x.replace(",smurf.", ",foo.") for x in lines))
+    with monkeypatch.context() as patched:
+        patched.setattr(supervised, "train_supervised", trained)
+        assert main(["train", "--format", "kdd", "--model", model, "--decision", "cost",
+                     "--epochs", "1", "--out", str(tmp_path / "b"), str(train)]) == 4
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "error: --decision cost weighs the KDD contest's cost matrix, which has no row for the "
+        "training labels no KDD category knows: 'foo' (give --decision threshold or fpr, or "
+        "leave --decision out: the bundle then decides by threshold)"), err
+    assert not (tmp_path / "b").exists()
+    if model == "mlp":  # left to the default, the same data gives a threshold bundle
+        assert main(["train", "--format", "kdd", "--model", model, "--epochs", "1", "--out",
+                     str(tmp_path / "b"), str(train)]) == 0
+        manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+        assert manifest["decision"]["policy"] == "threshold"
+
 # -- the scoring cache of a long-running service, when it fills up -----------------------------
 
 def test_the_result_cache_starts_again_when_full_and_stays_right(kdd_bundle: Path,

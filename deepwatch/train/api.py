@@ -69,6 +69,8 @@ class TrainContext:
     calib: Split
     cfg: TrainConfig
     target_fpr: float
+    #: ``--decision``: auto (the contest's cost on KDD data, where every label has a category;
+    #: else threshold), cost, threshold or fpr.
     policy: str
     options: dict[str, Any] = field(default_factory=dict)
     #: Cross-fitting (``--folds K``, K > 1): each member's (train, early, calib) parts; then
@@ -94,6 +96,15 @@ class TrainContext:
             cats = list(KDD_CATEGORIES)
             label_cat = [self.fmt.category_of(lab) for lab in self.vocab]
             unknown = sorted({c for c in label_cat if c not in cats})
+            if unknown and self.policy == "cost":  # asked for: not quietly another decision
+                odd = [lab for lab, c in zip(self.vocab, label_cat, strict=True) if c in unknown]
+                raise DataError(
+                    "--decision cost weighs the KDD contest's cost matrix, which has no row "
+                    "for the training labels no KDD category knows: "
+                    + ", ".join(repr(lab) for lab in odd[:5])
+                    + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+                    + " (give --decision threshold or fpr, or leave --decision out: the bundle "
+                    "then decides by threshold)")
             cats += unknown
             cost = KDD_COST.tolist() if not unknown else None
         else:
@@ -101,7 +112,8 @@ class TrainContext:
             label_cat = list(self.vocab)
             cost = None
         return {"labels": self.vocab, "label_category": label_cat, "categories": cats,
-                "policy": self.policy if cost is not None else "threshold",
+                "policy": ("cost" if self.policy == "auto" else self.policy)
+                if cost is not None else "threshold",
                 "cost_matrix": cost, "threshold": 0.5}
 
 
@@ -551,7 +563,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     if loop_options:
         cfg = cfg.with_(**loop_options)
     ctx = TrainContext(fmt, featurizer, vocab, train_split, early_split, calib_split, cfg,
-                       target_fpr, "cost" if policy == "auto" else policy, options or {},
+                       target_fpr, policy, options or {},
                        member_splits, refit)
     trained = _trainer(model)(model, ctx)
     t_train = time.perf_counter() - t0
