@@ -36,10 +36,24 @@ def _not_a_directory(p: Path, what: str) -> None:
 def writable_file(path: str | Path, what: str = "the output") -> Path:
     """``path`` as a file that can be written: its directory is made if missing; a directory
     in its place, a file where its directory should be, or a directory that cannot be written
-    is one clear error, before any work."""
+    is one clear error, before any work. ``-`` is refused: no option that calls this writes to
+    standard output, and ``open("-")`` would make a file of that name. A path that exists and is
+    no regular file (``/dev/stdout``, a named pipe) is written as it is: only it need be
+    writable, not its directory (``/dev``)."""
+    if str(path) == "-":
+        raise UsageError(f"{what} takes a file path, not '-' (for standard output, give "
+                         "/dev/stdout)")
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{what} {p} is a directory; give a file path")
+    try:
+        special = not stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:  # missing (made by the write) or unreadable (the checks below say which)
+        special = False
+    if special:
+        if not os.access(p, os.W_OK):
+            raise OutputError(f"cannot write {what} {p}: permission denied")
+        return p
     _not_a_directory(p, what)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,39 @@ def test_outputs_that_cannot_be_written_are_one_line_errors_before_the_work(
     assert (not_bundle / "keep.txt").read_text() == "precious"
     assert a_file.read_text() == "x"
 
+
+
+def test_a_dash_for_a_file_output_is_refused_and_dev_stdout_works(
+        kdd_bundle: Path, mixed_input: Path, tmp_path: Path) -> None:
+    """``-`` is standard output for ``score --out`` and ``stream``; the options that write only
+    files used to make a file named ``-`` in the working directory."""
+    data = str(mixed_input)
+    cases = [
+        ["score", str(kdd_bundle), "--format", "kdd", "--out", "o.parquet", "--rejects", "-",
+         data],
+        ["evaluate", str(kdd_bundle), "--format", "kdd", "--json", "-", data],
+        ["evaluate", str(kdd_bundle), "--format", "kdd", "--json", "e.json", "--report", "-",
+         data],
+        ["evaluate", str(kdd_bundle), "--format", "kdd", "--json", "e.json", "--rejects", "-",
+         data],
+        ["report", str(kdd_bundle), "--format", "kdd", "--out", "-", data],
+        ["train", "--format", "kdd", "--model", "mlp", "--out", "b", "--rejects", "-", data],
+    ]
+    for args in cases:
+        r = subprocess.run([sys.executable, "-m", "deepwatch.cli", *args], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+        flag = args[args.index("-") - 1]
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"error: {flag} takes a file path, not '-' (for standard output, give /dev/stdout)")
+        assert sorted(os.listdir(tmp_path)) == [], args  # nothing made, '-' least of all
+    r = subprocess.run([sys.executable, "-m", "deepwatch.cli", "score", str(kdd_bundle),
+                        "--format", "kdd", "--out", "o.jsonl", "--rejects", "/dev/stdout", data],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rejected = [json.loads(x) for x in r.stdout.splitlines()]
+    assert rejected and all(set(x) >= {"line", "raw", "reason"} for x in rejected)
+    assert f"{len(rejected)} rejected" in r.stderr
 
 def test_a_stray_unlabelled_line_is_a_reject_in_train_and_evaluate(
         small_kdd: Path, small_kdd_test: Path, kdd_bundle: Path, tmp_path: Path,

@@ -212,6 +212,33 @@ def test_an_output_under_a_file_says_the_file_is_no_directory(tmp_path: Path) ->
     assert writable_file(tmp_path / "new" / "deeper" / "x.jsonl").parent.is_dir()
 
 
+
+def test_a_pipe_or_device_is_written_where_its_directory_is_not_writable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--rejects /dev/stderr`` as a user other than root: ``/dev`` cannot be written, and
+    the output used to be refused for it, though the device itself can be."""
+    import os
+
+    from deepwatch.sinks import writable_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    real_access = os.access
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:  # the directory is not ours
+        return False if Path(str(path)) == tmp_path else real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    assert writable_file(fifo, "--rejects") == fifo
+    with pytest.raises(OutputError, match=f"^cannot write --rejects {tmp_path}/r.jsonl: "
+                                          "permission denied$"):
+        writable_file(tmp_path / "r.jsonl", "--rejects")
+    fifo.chmod(0o400)
+    monkeypatch.setattr(os, "access", lambda path, mode, **_k: Path(str(path)) not in (
+        tmp_path, fifo))
+    with pytest.raises(OutputError, match=f"^cannot write --rejects {fifo}: permission denied$"):
+        writable_file(fifo, "--rejects")
+
 def test_score_into_a_path_under_a_file_is_one_line_error(
         kdd_bundle: Path, tmp_path: Path, records: str,
         capsys: pytest.CaptureFixture[str]) -> None:
