@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +66,17 @@ class Stats:
                 f"parsed as {format_name} records; is --format right?" for s in self.unparsed()]
 
 
+def _rereadable(path: str) -> bool:
+    """Whether ``path`` gives the same bytes when it is opened again: a regular file (stdin, a
+    pipe, a named pipe or a device does not)."""
+    import stat
+
+    try:
+        return path != "-" and stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def with_label(batch: pa.RecordBatch, label: str | None) -> pa.RecordBatch:
     """Set every record's ground-truth label (``PATH=LABEL``), adding the column if needed."""
     if label is None:
@@ -80,7 +93,8 @@ class InputReader:
 
     def __init__(self, fmt: Format, specs: Sequence[str | InputSpec], progress: bool = False,
                  lakes: Sequence[str] = (),
-                 parse: Callable[[bytes, int], ParseResult] | None = None):
+                 parse: Callable[[bytes, int], ParseResult] | None = None,
+                 checksums: bool = False):
         self.fmt = fmt
         #: parses a chunk of raw text (default: the format's ``parse_bulk``); a parse that also
         #: scores (:class:`deepwatch._line_cache.ScoredLineCache`) sets ``scored`` on its batches
@@ -97,6 +111,21 @@ class InputReader:
         #: (None for records from lakes, which keep no lines)
         self._chunk: Chunk | None = None
         self._numbers: np.ndarray | None = None
+        #: with ``checksums``: for each input that cannot be read again (stdin, a pipe, a named
+        #: pipe; by its place in ``specs``), the sha256 of its bytes as they were read
+        self._read_hashes: dict[int, Any] | None = {} if checksums else None
+
+    def sha256(self, i: int) -> str:
+        """The sha256 of input ``i`` (its place in ``specs``): of the bytes read from it where
+        it cannot be read again (stdin, a pipe: opened again, it would give nothing, or wait
+        for a writer for ever), else of the file as it is now. Needs ``checksums``."""
+        assert self._read_hashes is not None, "an InputReader made without checksums"
+        read = self._read_hashes.get(i)
+        if read is not None:
+            return str(read.hexdigest())
+        from .bundle import sha256_file
+
+        return sha256_file(self.specs[i].path)
 
     def _total_bytes(self) -> int | None:
         """The size of the inputs, as the bytes read from them (compressed, for a compressed
@@ -120,9 +149,13 @@ class InputReader:
 
         ctx = byte_progress("reading", self._total_bytes()) if self.progress else nullcontext()
         with ctx as advance:  # by the bytes read from each file, compressed or not
-            for spec in self.specs:
+            for i, spec in enumerate(self.specs):
                 context = None  # a Zeek #fields header reaches the chunks after it
-                for chunk in iter_chunks(spec, on_bytes=advance):
+                on_read = None
+                if self._read_hashes is not None and not _rereadable(spec.path):
+                    self._read_hashes[i] = hashlib.sha256()
+                    on_read = self._read_hashes[i].update
+                for chunk in iter_chunks(spec, on_bytes=advance, on_read=on_read):
                     if self.parse is not None:
                         result = self.parse(chunk.data, chunk.first_line)
                     else:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from deepwatch.bundle import read_manifest
 from deepwatch.errors import BundleError
@@ -139,3 +141,66 @@ def test_a_saved_bundle_is_as_readable_as_a_new_directory(tmp_path: Path) -> Non
         assert stat.S_IMODE(private.stat().st_mode) == 0o700
     finally:
         os.umask(old)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux FIFO semantics")
+@pytest.mark.parametrize("source", ["stdin", "named pipe", "process substitution"])
+def test_manifest_checksums_data_read_from_stdin_or_a_pipe(small_kdd: Path, tmp_path: Path,
+                                                           source: str) -> None:
+    """The manifest's data checksum is of the bytes the model learnt from. It was taken by
+    opening each input again once training was done: stdin got none, a process substitution
+    (``<(zcat ...)``, a pipe at /dev/fd/N) the sha256 of nothing, and a named pipe left
+    ``train`` waiting for ever for a writer, with no bundle written."""
+    import hashlib
+    import os
+    import subprocess
+    import threading
+
+    data = "".join(small_kdd.read_text().splitlines(keepends=True)[:600]).encode()
+    cmd = [sys.executable, "-m", "deepwatch", "train", "--format", "kdd", "--model", "mlp",
+           "--epochs", "1", "--out", str(tmp_path / "b")]
+    env = {**os.environ, "DEEPWATCH_PROGRESS": "0"}
+    stdin: bytes | None = None
+    pass_fds: tuple[int, ...] = ()
+    read_end = -1
+    if source == "stdin":
+        cmd.append("-")
+        stdin = data
+        feed = None
+    else:
+        if source == "named pipe":
+            fifo = tmp_path / "records.csv"
+            os.mkfifo(fifo)
+            cmd.append(str(fifo))
+
+            def write() -> None:
+                with open(fifo, "wb") as f:  # (waits for the reader's open)
+                    f.write(data)
+        else:
+            read_end, write_end = os.pipe()
+            pass_fds = (read_end,)
+            cmd.append(f"/dev/fd/{read_end}")
+
+            def write() -> None:
+                with os.fdopen(write_end, "wb") as f:
+                    f.write(data)
+        feed = threading.Thread(target=write, daemon=True)
+        feed.start()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, pass_fds=pass_fds,
+                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if read_end >= 0:
+        os.close(read_end)  # the child holds its own copy
+    try:
+        _, err = proc.communicate(stdin, timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"train did not finish: {err.decode()[-500:]}")
+    if feed is not None:
+        feed.join(10)
+    assert proc.returncode == 0, err.decode()
+    [entry] = read_manifest(tmp_path / "b")["data"]
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["path"] == {"stdin": "<stdin>", "named pipe": str(tmp_path / "records.csv"),
+                             "process substitution": f"/dev/fd/{read_end}"}[source]

@@ -678,7 +678,8 @@ class VerifiedStream:
 
     def __init__(self, path: str, block_bytes: int = CHUNK_BYTES, hold_bytes: int | None = None,
                  on_bytes: Callable[[int], None] | None = None, kind: str = "gzip",
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None,
+                 on_read: Callable[[bytes], None] | None = None):
         self.path = path
         #: a named pipe is read until ``stop`` is set at the latest (see :func:`open_input`)
         self.stop = stop
@@ -696,6 +697,9 @@ class VerifiedStream:
         self.padding = 0
         self.on_bytes = on_bytes
         self._counted = 0  # compressed bytes told to on_bytes so far
+        #: handed the compressed bytes of a file that cannot seek (a named pipe), each once, as
+        #: they are read (a seekable file may be read twice and is not handed over)
+        self.on_read = on_read
 
     def __iter__(self) -> Iterator[bytes]:
         parts: list[bytes] = []  # verified output, joined once about block_bytes are there
@@ -705,7 +709,7 @@ class VerifiedStream:
             self.stopped = True
             return
         with opened as raw:
-            fh: BinaryIO = raw if raw.seekable() else _spooled(raw, self.stop)
+            fh: BinaryIO = raw if raw.seekable() else _spooled(raw, self.stop, self.on_read)
             try:
                 for piece in self._verified(fh):
                     parts.append(piece)
@@ -854,18 +858,26 @@ class VerifiedStream:
         self.damage = StreamDamage(why, unverified_bytes, unverified, self.kind.unit)
 
 
-def _spooled(stream: BinaryIO, stop: threading.Event | None = None) -> BinaryIO:
+def _spooled(stream: BinaryIO, stop: threading.Event | None = None,
+             on_read: Callable[[bytes], None] | None = None) -> BinaryIO:
     """A copy of a stream that cannot seek (a named pipe), in a temporary file that can: a long
     gzip member (xz stream) is read twice. The copy is compressed data, a fraction of the
     text. A pipe is waited on in ``select`` (see :func:`read_when_ready`), so that Ctrl-C and
-    SIGTERM stop a run while its writer is idle; ``stop`` ends the copy there."""
+    SIGTERM stop a run while its writer is idle; ``stop`` ends the copy there. ``on_read`` is
+    handed each piece of the stream as it is copied."""
     copy = tempfile.TemporaryFile()  # noqa: SIM115 - closed by VerifiedStream
     if waits_for_data(stream):
         fd = stream.fileno()  # unbuffered (VerifiedStream opens it so): nothing read past
         while piece := read_when_ready(fd, _PIECE, stop):
             copy.write(piece)
-    else:
+            if on_read is not None:
+                on_read(piece)
+    elif on_read is None:
         shutil.copyfileobj(stream, copy, _PIECE)
+    else:
+        while piece := stream.read(_PIECE):
+            copy.write(piece)
+            on_read(piece)
     copy.seek(0)
     return copy  # type: ignore[return-value]
 
@@ -920,11 +932,13 @@ def _notes(spec: InputSpec, kind: str, blocks: VerifiedStream) -> list[str]:
 
 def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
                        on_bytes: Callable[[int], None] | None,
-                       stop: threading.Event | None = None) -> Iterator[Chunk]:
+                       stop: threading.Event | None = None,
+                       on_read: Callable[[bytes], None] | None = None) -> Iterator[Chunk]:
     """:func:`iter_chunks` of a compressed file (gzip, bzip2 or xz): the lines of its verified
     members or streams (:class:`VerifiedStream`)."""
     try:
-        blocks = VerifiedStream(spec.path, chunk_bytes, on_bytes=on_bytes, kind=kind, stop=stop)
+        blocks = VerifiedStream(spec.path, chunk_bytes, on_bytes=on_bytes, kind=kind, stop=stop,
+                                on_read=on_read)
         lines = LineBuffer(spec)
         first = True
         for block in blocks:
@@ -954,7 +968,8 @@ def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
 
 def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
                 on_bytes: Callable[[int], None] | None = None,
-                stop: threading.Event | None = None) -> Iterator[Chunk]:
+                stop: threading.Event | None = None,
+                on_read: Callable[[bytes], None] | None = None) -> Iterator[Chunk]:
     """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1.
 
     A damaged compressed input (.gz, .bz2, .xz) does not stop the run: every line before the
@@ -968,10 +983,15 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     A pipe or terminal (stdin, a named pipe) is waited on in ``select``, so that Ctrl-C and
     SIGTERM stop the run while it is idle, a named pipe with no writer yet included (see
     :func:`open_input`). ``stop`` being set ends such an input where it is, as its end would.
+
+    ``on_read`` is handed the input's bytes as they are read, each once, in order (for a
+    checksum of an input that cannot be read again, such as stdin or a pipe): all of them for
+    text; for a compressed input, only where it cannot seek (a named pipe; a file that can seek
+    may be read twice, and is not handed over).
     """
     kind = spec.compression
     if kind is not None:
-        yield from _compressed_chunks(spec, kind, chunk_bytes, on_bytes, stop)
+        yield from _compressed_chunks(spec, kind, chunk_bytes, on_bytes, stop, on_read)
         return
     opened = _open(spec, stop)
     if opened is None:  # stopped before the named pipe's writer came: no input at all
@@ -993,6 +1013,8 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
             _refuse_utf16(spec, block)
         if on_bytes is not None and block:
             on_bytes(len(block))
+        if on_read is not None and block:
+            on_read(block)
         return block
 
     try:

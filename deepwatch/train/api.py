@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch import nn
 
-from ..bundle import FEATURIZER, ONNX, WEIGHTS, check_bundle_target, save_bundle, sha256_file
+from ..bundle import FEATURIZER, ONNX, WEIGHTS, check_bundle_target, save_bundle
 from ..errors import DataError, UsageError
 from ..features import Featurizer
 from ..formats import Format, get_format
@@ -353,7 +353,8 @@ def _read_keeping(fmt: Format, inputs: Sequence[str], purpose: str, kept: Reject
     minutes) keeps those read so far; those without a label once every input is read (whether
     a record lacking one is a reject is known only then). The reader, the records, all the
     rejects and the counts."""
-    reader = _RejectsKeptAsRead(fmt, inputs, kept, progress=progress, lakes=lakes)
+    reader = _RejectsKeptAsRead(fmt, inputs, kept, progress=progress, lakes=lakes,
+                                checksums=True)
     table, rejects, stats = read_labelled(reader, purpose)
     kept.write(_no_label(rejects, purpose))
     return reader, table, rejects, stats
@@ -624,7 +625,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             **trained.info,
         },
         "metrics": {"calibration": calib_metrics},
-        "data": [_checksum(s) for s in reader.specs],
+        "data": [_checksum(reader, i) for i in range(len(reader.specs))],
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     save_bundle(out, manifest, files)
@@ -667,7 +668,9 @@ def _calibration_metrics(cols: dict[str, np.ndarray], labels: np.ndarray | None
     return binary_metrics(y, cols["score"], cols["verdict"])
 
 
-def _checksum(spec: Any) -> dict[str, Any]:
-    if spec.path == "-":
-        return {"path": "<stdin>", "label": spec.label}
-    return {"path": str(spec.path), "sha256": sha256_file(spec.path), "label": spec.label}
+def _checksum(reader: InputReader, i: int) -> dict[str, Any]:
+    """The manifest's record of training input ``i``: stdin and pipes are checksummed as they
+    were read, since opening one again gives nothing (a process substitution, ``<(zcat ...)``)
+    or waits for a writer that never comes (a named pipe)."""
+    spec = reader.specs[i]
+    return {"path": spec.display, "sha256": reader.sha256(i), "label": spec.label}
