@@ -1,8 +1,9 @@
 """ECS alerts from scored records, built a batch at a time.
 
 Every alert field is a column expression evaluated once per batch; polars then serialises the
-rows. ``score``, the REST service, the stream worker and the demo all use this module, so an
-alert looks the same wherever it is raised.
+rows. The stream worker (Kafka, files and stdin alike) and the demo both use this module, so
+an alert looks the same wherever it is raised. (``score`` writes verdict rows and the REST
+service results, not alerts.)
 
 Risk and severity: ``event.risk_score`` (0-100) is ``100 * score``: every bundle's score is
 0..1 (a probability for classifiers; for autoencoders the decision maps the reconstruction error
