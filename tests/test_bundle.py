@@ -204,3 +204,25 @@ def test_manifest_checksums_data_read_from_stdin_or_a_pipe(small_kdd: Path, tmp_
     assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     assert entry["path"] == {"stdin": "<stdin>", "named pipe": str(tmp_path / "records.csv"),
                              "process substitution": f"/dev/fd/{read_end}"}[source]
+
+
+def test_manifest_checksums_the_validation_files_too(small_kdd: Path, tmp_path: Path) -> None:
+    """``--val`` files stop the training early and set the thresholds; the manifest listed the
+    training files only."""
+    import hashlib
+
+    from deepwatch.cli import main
+
+    lines = small_kdd.read_text().splitlines(keepends=True)
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    train.write_text("".join(lines[:2000]))
+    val.write_text("".join(lines[2000:2600]))
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--epochs", "1", "--out",
+                 str(tmp_path / "b"), "--val", f"{val}=normal", str(train)]) == 0
+    data = read_manifest(tmp_path / "b")["data"]
+    assert data == [
+        {"path": str(train), "sha256": hashlib.sha256(train.read_bytes()).hexdigest(),
+         "label": None, "role": "training"},
+        {"path": str(val), "sha256": hashlib.sha256(val.read_bytes()).hexdigest(),
+         "label": "normal", "role": "validation"},
+    ]

@@ -491,6 +491,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         if folds > 1 and labels is None:
             raise DataError("--folds needs labelled training data")
         fold_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        val_reader: InputReader | None = None
         if folds > 1:
             assert labels is not None
             fold_parts = _fold_indices(labels, folds, seed)
@@ -499,8 +500,8 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
             tr_labels, es_labels, cal_labels = labels[tr_idx], labels[es_idx], labels[cal_idx]
         elif val_inputs:
-            _, vtable, vrej, vstats = _read_keeping(fmt, val_inputs, "validation", kept,
-                                                    progress)
+            val_reader, vtable, vrej, vstats = _read_keeping(fmt, val_inputs, "validation",
+                                                             kept, progress)
             kept.complete = True
             vtable = _derive_in_order(fmt, vtable)
             log(f"validation data: {vstats.summary()}")
@@ -625,7 +626,11 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             **trained.info,
         },
         "metrics": {"calibration": calib_metrics},
-        "data": [_checksum(reader, i) for i in range(len(reader.specs))],
+        # the validation files stopped the training and set the thresholds: as much the
+        # bundle's data as the training files
+        "data": [_checksum(r, i, role) for r, role in ((reader, "training"),
+                                                       (val_reader, "validation"))
+                 if r is not None for i in range(len(r.specs))],
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     save_bundle(out, manifest, files)
@@ -668,9 +673,11 @@ def _calibration_metrics(cols: dict[str, np.ndarray], labels: np.ndarray | None
     return binary_metrics(y, cols["score"], cols["verdict"])
 
 
-def _checksum(reader: InputReader, i: int) -> dict[str, Any]:
-    """The manifest's record of training input ``i``: stdin and pipes are checksummed as they
-    were read, since opening one again gives nothing (a process substitution, ``<(zcat ...)``)
-    or waits for a writer that never comes (a named pipe)."""
+def _checksum(reader: InputReader, i: int, role: str) -> dict[str, Any]:
+    """The manifest's record of input ``i`` of ``reader`` (``role``: training or validation):
+    stdin and pipes are checksummed as they were read, since opening one again gives nothing
+    (a process substitution, ``<(zcat ...)``) or waits for a writer that never comes (a named
+    pipe)."""
     spec = reader.specs[i]
-    return {"path": spec.display, "sha256": reader.sha256(i), "label": spec.label}
+    return {"path": spec.display, "sha256": reader.sha256(i), "label": spec.label,
+            "role": role}
