@@ -114,6 +114,9 @@ class InputReader:
         #: with ``checksums``: for each input that cannot be read again (stdin, a pipe, a named
         #: pipe; by its place in ``specs``), the sha256 of its bytes as they were read
         self._read_hashes: dict[int, Any] | None = {} if checksums else None
+        #: with ``checksums``: for each lake (by its place in ``lakes``), the digest of the
+        #: parts read from it (see :func:`deepwatch.lake.lake_sha256`) and their records
+        self.lake_hashes: dict[int, Any] | None = {} if checksums else None
 
     def sha256(self, i: int) -> str:
         """The sha256 of input ``i`` (its place in ``specs``): of the bytes read from it where
@@ -186,7 +189,7 @@ class InputReader:
         """Records already parsed into a lake (``--lake DIR``), labels as stored."""
         from .lake import iter_lake, lake_format
 
-        for root in self.lakes:
+        for i, root in enumerate(self.lakes):
             held = lake_format(root)
             if held != self.fmt.name:
                 raise DataError(f"the lake at {root} holds {held!r} records, not "
@@ -194,7 +197,10 @@ class InputReader:
             spec = InputSpec(root)
             self.scored = False
             self._chunk = self._numbers = None
-            for batch in iter_lake(root):
+            digest = None
+            if self.lake_hashes is not None:
+                digest = self.lake_hashes[i] = hashlib.sha256()
+            for batch in iter_lake(root, digest=digest):
                 self.stats.add(f"lake:{root}", batch.num_rows, 0)
                 yield batch, REJECT_SCHEMA.empty_table(), spec
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -306,16 +307,43 @@ def lake_days(root: str | Path) -> list[str]:
         else []
 
 
-def iter_lake(root: str | Path, days: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """The lake's record batches: days in order, each day's records in arrival order."""
+def iter_lake(root: str | Path, days: Sequence[str] | None = None,
+              digest: Any = None) -> Iterator[pa.RecordBatch]:
+    """The lake's record batches: days in order, each day's records in arrival order. With
+    ``digest`` (a ``hashlib`` object), the parts read are added to it as :func:`lake_sha256`
+    does, from the very bytes the records come from (an ingest running meanwhile may add
+    parts; the digest is of those read)."""
     root = Path(root)
     _manifest(root)
     for part in _parts(root, days):
         try:
-            table = pq.read_table(part)
+            if digest is None:
+                table = pq.read_table(part)
+            else:
+                data = part.read_bytes()
+                _digest_part(digest, root, part, data)
+                table = pq.read_table(pa.BufferReader(data))
         except (OSError, pa.ArrowInvalid) as exc:
             raise InputError(f"cannot read {part}: {exc}") from None
         yield from table.combine_chunks().to_batches()
+
+
+def _digest_part(digest: Any, root: Path, part: Path, data: bytes) -> None:
+    digest.update(f"{part.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+    digest.update(data)
+
+
+def lake_sha256(root: str | Path, days: Sequence[str] | None = None) -> str:
+    """The checksum of a lake's records as ``train --lake`` records it in a bundle's manifest:
+    the sha256 of, for each record part in reading order (days in order), its path within the
+    lake, a NUL, its size in bytes, a NUL, and its bytes. It changes when a part is added,
+    removed, renamed or altered; rejects and the lake's own files do not count."""
+    root = Path(root)
+    _manifest(root)
+    digest = hashlib.sha256()
+    for part in _parts(root, days):
+        _digest_part(digest, root, part, part.read_bytes())
+    return digest.hexdigest()
 
 
 def read_lake(root: str | Path, days: Sequence[str] | None = None) -> pa.Table:

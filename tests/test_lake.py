@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +17,14 @@ from deepwatch.cli import main
 from deepwatch.errors import InputError, UsageError
 from deepwatch.formats import get_format
 from deepwatch.io import InputReader
-from deepwatch.lake import LakeWriter, iter_lake, lake_days, read_lake, read_rejects
+from deepwatch.lake import (
+    LakeWriter,
+    iter_lake,
+    lake_days,
+    lake_sha256,
+    read_lake,
+    read_rejects,
+)
 from deepwatch.simulate import simulate
 
 LINE = ('{ip} - - [{day}/May/2024:23:59:{sec:02d} +0000] "GET /p{sec} HTTP/1.1" 200 10 "-" '
@@ -112,6 +120,15 @@ def test_train_and_score_from_the_lake(tmp_path: Path, monkeypatch: pytest.Monke
                  "--lake", str(lake), "--epochs", "2"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["input_format"] == "access" and manifest["training"]["records"] > 1000
+    # the records learnt from are checksummed as for files (the manifest had no entry for a
+    # lake), of the parts as they were read
+    assert manifest["data"] == [{"path": str(lake), "sha256": lake_sha256(lake), "label": None,
+                                 "role": "training", "lake": True}]
+    by_hand = hashlib.sha256()  # as lake_sha256's docstring says it is made
+    for part in sorted((lake / "records").glob("day=*/part-*.parquet")):
+        data = part.read_bytes()
+        by_hand.update(f"{part.relative_to(lake).as_posix()}\0{len(data)}\0".encode() + data)
+    assert manifest["data"][0]["sha256"] == by_hand.hexdigest()
     out = tmp_path / "scored.parquet"
     assert main(["score", str(bundle), "--format", "access", "--out", str(out),
                  "--lake", str(lake), str(paths["scanner"])]) == 0
@@ -121,6 +138,9 @@ def test_train_and_score_from_the_lake(tmp_path: Path, monkeypatch: pytest.Monke
     assert {"anomaly_score", "verdict"} <= set(scored.schema.names)
     assert pa.types.is_timestamp(scored.schema.field("timestamp").type)
     assert main(["score", str(bundle), "--format", "access", "--out", str(out)]) == 2
+    assert main(["ingest", "--format", "access", "--lake", str(lake),
+                 f"{paths['scanner']}=scanner"]) == 0
+    assert lake_sha256(lake) != manifest["data"][0]["sha256"]  # a part more: not the same data
 
 
 def _zeek_json(ts: float, uid: str) -> str:

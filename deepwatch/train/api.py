@@ -628,9 +628,10 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         "metrics": {"calibration": calib_metrics},
         # the validation files stopped the training and set the thresholds: as much the
         # bundle's data as the training files
-        "data": [_checksum(r, i, role) for r, role in ((reader, "training"),
-                                                       (val_reader, "validation"))
-                 if r is not None for i in range(len(r.specs))],
+        "data": [*(_checksum(r, i, role) for r, role in ((reader, "training"),
+                                                         (val_reader, "validation"))
+                   if r is not None for i in range(len(r.specs))),
+                 *_lake_checksums(reader)],
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     save_bundle(out, manifest, files)
@@ -671,6 +672,14 @@ def _calibration_metrics(cols: dict[str, np.ndarray], labels: np.ndarray | None
 
     y = labels != BENIGN
     return binary_metrics(y, cols["score"], cols["verdict"])
+
+
+def _lake_checksums(reader: InputReader) -> list[dict[str, Any]]:
+    """The manifest's record of each ``--lake``: the checksum of the parts its records were
+    read from (:func:`deepwatch.lake.lake_sha256` gives it again for the lake as it is)."""
+    assert reader.lake_hashes is not None
+    return [{"path": root, "sha256": reader.lake_hashes[i].hexdigest(), "label": None,
+             "role": "training", "lake": True} for i, root in enumerate(reader.lakes)]
 
 
 def _checksum(reader: InputReader, i: int, role: str) -> dict[str, Any]:
