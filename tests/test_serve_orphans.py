@@ -52,7 +52,7 @@ def test_an_orphaned_workers_stats_thread_stops_writing(tmp_path: Path) -> None:
     end = _WorkerEnd(state, os.getppid())
     assert end.publish(group, _Stats(3))  # the parent is there: published, and goes on
     assert json.loads((state / "stats" / f"{os.getpid()}.json").read_text()) == {"requests": 3}
-    end.orphan()
+    end = _WorkerEnd(state, GONE)  # the same worker, once its parent is gone
     assert not end.publish(group, _Stats(4))
     assert json.loads((state / "stats" / f"{os.getpid()}.json").read_text()) == {"requests": 3}
     assert end.orphaned()

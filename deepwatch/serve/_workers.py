@@ -277,18 +277,16 @@ def _worker_app() -> Any:
                      tls=TlsReload(tls["cert"], tls["key"], tls["password_file"]) if tls
                      else None)
     service = app.state.service
-    parent = os.getppid()
-    end = _WorkerEnd(state, parent)
+    end = _WorkerEnd(state, os.getppid())
 
     def publish() -> None:
         while end.publish(group, service.stats):
             time.sleep(STATS_EVERY_SECONDS)
 
     def orphaned() -> None:  # the parent was killed outright: stop, as it would have had us
-        while os.getppid() == parent:
+        while not end.orphaned():
             time.sleep(1.0)
         log.warning("the serving parent process is gone: worker %d stops", os.getpid())
-        end.orphan()
         os.kill(os.getpid(), signal.SIGTERM)
 
     group.publish_stats(service.stats.raw())
@@ -306,29 +304,22 @@ class _WorkerEnd:
     stats while another worker removes the directory can put a file back into it (between the
     removal's listing and its ``rmdir``), and ``rmtree`` then leaves the directory behind. Every
     worker removes it after its own last write instead (the stats thread writes under the lock
-    and stops once the parent is known gone), so the last worker to end removes it last."""
+    and stops once the parent is gone), so the last worker to end removes it last."""
 
     def __init__(self, state: Path, parent: int) -> None:
         self.state = state
         self.parent = parent
         self._writing = threading.Lock()
-        self._orphaned = False
-
-    def orphan(self) -> None:
-        with self._writing:
-            self._orphaned = True
 
     def orphaned(self) -> bool:
         """Whether the parent is gone (also where it was killed after it told us to stop)."""
-        with self._writing:
-            self._orphaned = self._orphaned or os.getppid() != self.parent
-            return self._orphaned
+        return os.getppid() != self.parent
 
     def publish(self, group: WorkerGroup, stats: Any) -> bool:
         """Publish this worker's stats unless the parent is gone (nobody would fold them, and
         the directory is being removed); whether to go on publishing."""
         with self._writing:
-            if self._orphaned:
+            if self.orphaned():
                 return False
             try:
                 group.publish_stats(stats.raw())
