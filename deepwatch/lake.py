@@ -314,7 +314,7 @@ def iter_lake(root: str | Path, days: Sequence[str] | None = None,
     does, from the very bytes the records come from (an ingest running meanwhile may add
     parts; the digest is of those read)."""
     root = Path(root)
-    _manifest(root)
+    schema = _schema(str(_manifest(root)["format"]))
     for part in _parts(root, days):
         try:
             if digest is None:
@@ -325,7 +325,40 @@ def iter_lake(root: str | Path, days: Sequence[str] | None = None,
                 table = pq.read_table(pa.BufferReader(data))
         except (OSError, pa.ArrowInvalid) as exc:
             raise InputError(f"cannot read {part}: {exc}") from None
+        if schema is not None:
+            table = _conform(table, schema, part)
         yield from table.combine_chunks().to_batches()
+
+
+def _schema(format_name: str) -> pa.Schema | None:
+    """The schema of the records a lake of ``format_name`` holds (None for a format unknown
+    here: its parts are read as they are)."""
+    from .formats import get_format
+
+    try:
+        return get_format(format_name).schema
+    except Exception:  # noqa: BLE001 - the lake's format is checked by whoever reads it
+        return None
+
+
+def _conform(table: pa.Table, schema: pa.Schema, part: Path) -> pa.Table:
+    """``table`` (one part) as the lake's ``schema``: columns in its order and of its types.
+
+    Parts deepwatch writes already are; a part rewritten by another tool (compacted with
+    polars, which writes ``large_string``; by Spark, which writes microsecond timestamps and
+    drops the not-null marks; columns reordered) holds the same records in other types, and
+    those differences made reading the lake fail with a traceback. A part that cannot be read
+    as the lake's records (a column missing, a value that does not fit) is one clear error."""
+    if table.schema.equals(schema):
+        return table
+    missing = [n for n in schema.names if n not in table.schema.names]
+    try:
+        if missing:
+            raise ValueError(f"no column {', '.join(repr(n) for n in missing)}")
+        return table.select(schema.names).cast(schema)
+    except (ValueError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError too
+        raise InputError(f"{part} does not hold the lake's records: "
+                         f"{first_line(exc)}") from None
 
 
 def _digest_part(digest: Any, root: Path, part: Path, data: bytes) -> None:

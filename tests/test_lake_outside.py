@@ -1,0 +1,65 @@
+"""The lake beside other tools: parts rewritten by polars, a lake read by polars while written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from deepwatch.cli import main
+from deepwatch.formats import get_format
+from deepwatch.lake import read_lake
+
+LINE = ('{ip} - - [{day}/May/2024:12:00:{sec:02d} +0000] "GET /p{sec} HTTP/1.1" 200 10 "-" '
+        '"Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"')
+
+
+def _log(path: Path, days: list[int]) -> Path:
+    path.write_text("".join(LINE.format(ip=f"9.9.9.{i % 3}", day=d, sec=i % 60) + "\n"
+                            for i, d in enumerate(days)))
+    return path
+
+
+def _compact_with_polars(day_dir: Path) -> Path:
+    """What a data scientist does to a day of many small parts: one part, written by polars
+    (which writes its strings as ``large_string`` and drops the not-null marks)."""
+    import polars as pl
+
+    parts = sorted(day_dir.glob("part-*.parquet"))
+    one = day_dir / "part-compacted.parquet"
+    pl.read_parquet([str(p) for p in parts]).write_parquet(one)
+    for part in parts:
+        part.unlink()
+    return one
+
+
+def test_a_day_compacted_by_polars_reads_back_as_the_lakes_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # reading the lake joined parts of two schemas: a traceback (ArrowTypeError) in train
+    monkeypatch.setenv("DEEPWATCH_TORCH_THREADS", "1")
+    lake = tmp_path / "lake"
+    for name, days in (("a.log", [14] * 150 + [15] * 150), ("b.log", [14] * 100 + [16] * 100)):
+        assert main(["ingest", "--format", "access", "--lake", str(lake),
+                     f"{_log(tmp_path / name, days)}=normal"]) == 0
+    one = _compact_with_polars(lake / "records" / "day=2024-05-14")
+    assert not pq.read_schema(one).equals(get_format("access").schema)  # as polars wrote it
+    table = read_lake(lake)
+    assert table.num_rows == 500 and table.schema.equals(get_format("access").schema)
+    capsys.readouterr()
+    bundle = tmp_path / "bundle"
+    assert main(["train", "--format", "access", "--model", "autoencoder", "--out", str(bundle),
+                 "--lake", str(lake), "--epochs", "1"]) == 0, capsys.readouterr().err
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["training"]["records"] + manifest["training"].get("val_records", 0) > 0
+
+    # a part that does not hold the lake's records (a column dropped) is one clear line
+    pq.write_table(pq.read_table(one).drop_columns(["status"]), one)
+    capsys.readouterr()
+    assert main(["train", "--format", "access", "--model", "autoencoder", "--out",
+                 str(tmp_path / "bundle2"), "--lake", str(lake), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: {one} does not hold the lake's records: no column "
+                           "'status'"), err
