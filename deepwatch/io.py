@@ -15,7 +15,14 @@ import pyarrow.compute as pc
 from .errors import DataError
 from .formats import REJECT_SCHEMA, Format
 from .formats._base import ParseResult, cut_lost, make_rejects
-from .sources.files import Chunk, InputSpec, iter_chunks, parse_input_spec
+from .sources.files import (
+    Chunk,
+    Inputs,
+    InputSpec,
+    input_list,
+    iter_chunks,
+    parse_input_spec,
+)
 
 
 @dataclass
@@ -91,8 +98,8 @@ def with_label(batch: pa.RecordBatch, label: str | None) -> pa.RecordBatch:
 class InputReader:
     """Iterates ``(batch, rejects, spec)`` over inputs; rejects carry their source."""
 
-    def __init__(self, fmt: Format, specs: Sequence[str | InputSpec], progress: bool = False,
-                 lakes: Sequence[str] = (),
+    def __init__(self, fmt: Format, specs: Inputs | Sequence[InputSpec], progress: bool = False,
+                 lakes: Inputs = (),
                  parse: Callable[[bytes, int], ParseResult] | None = None,
                  checksums: bool = False):
         self.fmt = fmt
@@ -102,9 +109,12 @@ class InputReader:
         #: whether the batch just yielded came out of ``parse`` (False for records from lakes)
         self.scored = False
         self.specs: list[InputSpec] = []
+        if isinstance(specs, str | os.PathLike):  # one input (a str is a sequence too)
+            specs = [specs]
         for s in specs:
-            self.specs.extend(parse_input_spec(s) if isinstance(s, str) else [s])
-        self.lakes = list(lakes)
+            self.specs.extend([s] if isinstance(s, InputSpec) else
+                              parse_input_spec(input_list(s)[0]))
+        self.lakes = input_list(lakes, "lakes")
         self.progress = progress
         self.stats = Stats()
         #: the chunk the batch just yielded came from, and the line of each of its records

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -15,6 +16,7 @@ from .errors import DeepwatchError, Interrupted, OutputError, UsageError
 from .formats import Format, get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink, rejects_read
+from .sources.files import Inputs, input_list
 
 if TYPE_CHECKING:
     from .models.campaigns import Campaigns
@@ -35,12 +37,18 @@ class ScoreReport:
     engine: str
 
 
-def score_files(bundle: str, format_name: str, inputs: Sequence[str], out: str,
-                alerts_only: bool = False, rejects: str | None = None, engine: str = "auto",
-                progress: bool = False, detector: Any = None,
-                lakes: Sequence[str] = (), cluster: bool = False,
+def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str | Path,
+                alerts_only: bool = False, rejects: str | Path | None = None,
+                engine: str = "auto", progress: bool = False, detector: Any = None,
+                lakes: Inputs = (), cluster: bool = False,
                 explain: bool | None = None) -> ScoreReport:
+    """Score ``inputs`` (one path, ``str`` or ``pathlib.Path``, or a list) and ``lakes`` with
+    ``bundle`` into ``out`` (``.parquet``, ``.jsonl``, or ``-`` for JSONL on stdout)."""
     from .models.detector import Detector
+
+    inputs, lakes = input_list(inputs), input_list(lakes, "lakes")
+    out = os.fspath(out)
+    rejects = os.fspath(rejects) if rejects is not None else None
 
     t0 = time.perf_counter()
     det = detector or Detector(bundle, engine=engine, explain=explain)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ from ..errors import DataError, UsageError
 from ..formats import get_format
 from ..io import InputReader, no_label_reason, split_unlabelled
 from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST, is_attack, kdd_category
+from ..sources.files import Inputs, input_list
 from .metrics import binary_metrics, confusion, kdd_cost, label_codes
 
 #: Records of every label whose features a report keeps for its t-SNE map.
@@ -169,14 +172,19 @@ def verdict_threshold(decision: Any, cols: dict[str, np.ndarray]) -> float | Non
     return cut
 
 
-def evaluate(bundle: str, format_name: str, inputs: Sequence[str], engine: str = "auto",
+def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str = "auto",
              progress: bool = False, feature_sample: int = 0, policy: str | None = None,
-             rejects: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Metrics of ``bundle`` on labelled ``inputs``; ``rejects``: a JSONL file that keeps every
-    rejected record with its line, text and reason (what it kept stays when the run fails or is
-    stopped, said to be incomplete when stopped; see :func:`~deepwatch.sinks.keeping_rejects`)."""
+             rejects: str | Path | None = None
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metrics of ``bundle`` on labelled ``inputs`` (one path, ``str`` or ``pathlib.Path``, or a
+    list); ``rejects``: a JSONL file that keeps every rejected record with its line, text and
+    reason (what it kept stays when the run fails or is stopped, said to be incomplete when
+    stopped; see :func:`~deepwatch.sinks.keeping_rejects`)."""
     from ..models.detector import Detector
     from ..sinks import keeping_rejects
+
+    inputs = input_list(inputs)
+    rejects = os.fspath(rejects) if rejects is not None else None
 
     det = Detector(bundle, engine=engine, explain=False, policy=policy)
     with keeping_rejects(rejects) as sink:

@@ -15,11 +15,11 @@ import sys
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..formats._base import MAX_RAW, count_newlines
 from ._tail import all_zero, zeros_to_end
 
@@ -327,6 +327,30 @@ class LineBuffer:
             last = Chunk(rest, self.line, self.spec) if rest else None
         self.line, self.rest, self.at_start = 1, b"", True
         return last
+
+
+#: What a Python caller may give as inputs: one path or several, as ``str`` or
+#: ``pathlib.Path`` (``PATH=LABEL``, globs and ``-`` are strings).
+Inputs = str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
+
+
+def input_list(inputs: Inputs, what: str = "inputs") -> list[str]:
+    """``inputs`` as a list of their texts: a lone ``str`` or ``pathlib.Path`` is one input. A
+    string is a ``Sequence[str]`` too, and iterating it made each of its characters an input
+    (``train(..., "kdd.txt", ...)`` failed with ``/ is a directory``); a ``Path`` failed deep
+    inside with an ``AttributeError``."""
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    elif isinstance(inputs, bytes) or not isinstance(inputs, Iterable):
+        raise UsageError(f"{what} must be a path (str or pathlib.Path) or a list of them, "
+                         f"not {type(inputs).__name__}")
+    out: list[str] = []
+    for item in inputs:
+        if not isinstance(item, str | os.PathLike):
+            raise UsageError(f"{what} must be paths (str or pathlib.Path), not "
+                             f"{type(item).__name__} ({item!r:.60})")
+        out.append(os.fspath(item))
+    return out
 
 
 def parse_input_spec(text: str) -> list[InputSpec]:
@@ -1024,7 +1048,7 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
             stream.close()
 
 
-def read_inputs(specs: Sequence[str | InputSpec], fmt, progress: bool = False):  # type: ignore[no-untyped-def]
+def read_inputs(specs: Inputs | Sequence[InputSpec], fmt, progress: bool = False):  # type: ignore[no-untyped-def]
     """Parse every input completely. Returns ``(table, rejects, stats)``.
 
     ``rejects`` has a ``source`` column; ``stats`` maps ``lines``, ``parsed``, ``rejected``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..formats import Format, get_format
 from ..io import InputReader, Stats, labels_of, no_label_reason, read_labelled
 from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST
 from ..models import MODEL_KINDS
+from ..sources.files import Inputs, input_list
 from . import distributed
 from .data import dedupe, label_vocabulary, stratified_split
 from .loop import TrainConfig, pick_device
@@ -368,9 +370,9 @@ def _labels(table: pa.Table) -> np.ndarray | None:
 def train(
     format_name: str,
     model: str,
-    inputs: Sequence[str],
+    inputs: Inputs,
     out: str | Path,
-    val_inputs: Sequence[str] = (),
+    val_inputs: Inputs = (),
     epochs: int | None = None,
     seed: int = 0,
     target_fpr: float = 0.01,
@@ -379,9 +381,9 @@ def train(
     progress: bool = False,
     options: dict[str, Any] | None = None,
     log: Callable[[str], None] = lambda s: None,
-    lakes: Sequence[str] = (),
+    lakes: Inputs = (),
     folds: int = 1,
-    rejects: str | None = None,
+    rejects: str | Path | None = None,
     refit: bool = False,
 ) -> dict[str, Any]:
     """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest.
@@ -389,7 +391,11 @@ def train(
     ``folds`` > 1 cross-fits the classifiers over that many folds (``docs/models.md``).
     ``rejects``: a JSONL file that keeps every rejected training or validation record.
     ``refit`` trains the classifiers again on all labelled records after the first pass.
+    ``inputs``, ``val_inputs`` and ``lakes``: one path (``str`` or ``pathlib.Path``) or a list.
     """
+    inputs, val_inputs = input_list(inputs), input_list(val_inputs, "val_inputs")
+    lakes = input_list(lakes, "lakes")
+    rejects = os.fspath(rejects) if rejects is not None else None
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
                     rejects=rejects, format_name=format_name, refit=refit)

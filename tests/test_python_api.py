@@ -1,0 +1,55 @@
+"""deepwatch from Python, as a notebook uses it: the inputs a data scientist naturally passes
+(one path as a str or a pathlib.Path, a pandas or polars frame, a pyarrow Table), the errors
+they get for wrong ones, what is printed, and the reprs they look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import head_lines
+
+from deepwatch.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def tiny_kdd(tmp_path_factory: pytest.TempPathFactory, kdd_train_file: Path) -> Path:
+    """A few thousand records with both classes (every 100th line of the 10% file)."""
+    p = tmp_path_factory.mktemp("api") / "kdd_tiny.csv"
+    p.write_text("".join(head_lines(kdd_train_file, 3000, every=100)))
+    return p
+
+
+@pytest.mark.parametrize("as_", [str, Path])
+def test_one_input_path_is_one_input_not_its_characters(tiny_kdd: Path, kdd_bundle: Path,
+                                                        tmp_path: Path, as_: type) -> None:
+    """``evaluate(bundle, "kdd", "file.csv")``: a str is a Sequence[str], and each of its
+    characters was taken for an input ("/ is a directory"); a Path failed with a TypeError."""
+    from deepwatch.evaluate.run import evaluate
+    from deepwatch.scoring import score_files
+    from deepwatch.train.api import train
+
+    one = as_(tiny_kdd)
+    result, _ = evaluate(as_(kdd_bundle), "kdd", one)
+    assert result["n"] == 3000
+    report = score_files(as_(kdd_bundle), "kdd", one, as_(tmp_path / "v.parquet"))
+    assert report.stats.parsed == 3000
+    assert (tmp_path / "v.parquet").is_file()
+    manifest = train("kdd", "mlp", one, as_(tmp_path / "b"), val_inputs=one, epochs=1)
+    assert [d["role"] for d in manifest["data"]] == ["training", "validation"]
+
+
+def test_a_list_of_paths_is_read(tiny_kdd: Path, kdd_bundle: Path) -> None:
+    from deepwatch.evaluate.run import evaluate
+
+    result, _ = evaluate(kdd_bundle, "kdd", [tiny_kdd, tiny_kdd])
+    assert result["n"] == 6000
+
+
+def test_inputs_that_are_no_paths_are_one_clear_error(kdd_bundle: Path) -> None:
+    from deepwatch.evaluate.run import evaluate
+
+    with pytest.raises(UsageError, match="inputs must be paths .* not int"):
+        evaluate(kdd_bundle, "kdd", [3])
+    with pytest.raises(UsageError, match="inputs must be a path .* not int"):
+        evaluate(kdd_bundle, "kdd", 3)  # type: ignore[arg-type]
