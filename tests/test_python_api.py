@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import head_lines
 
@@ -53,3 +55,44 @@ def test_inputs_that_are_no_paths_are_one_clear_error(kdd_bundle: Path) -> None:
         evaluate(kdd_bundle, "kdd", [3])
     with pytest.raises(UsageError, match="inputs must be a path .* not int"):
         evaluate(kdd_bundle, "kdd", 3)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def parsed(small_kdd: Path) -> pa.RecordBatch:
+    from deepwatch.formats import get_format
+
+    return get_format("kdd").parse(small_kdd.read_bytes()).batch
+
+
+def test_score_batch_takes_tables_and_frames(kdd_bundle: Path, parsed: pa.RecordBatch) -> None:
+    """A lake's ``read_lake`` gives a Table (of 4,096 rows or more it failed inside pyarrow:
+    "Cannot convert ChunkedArray to Array"); a notebook holds pandas or polars frames (they
+    failed with ``AttributeError: num_rows``). Each scores as the RecordBatch does."""
+    import polars as pl
+
+    from deepwatch.models.detector import Detector
+
+    det = Detector(kdd_bundle)
+    assert parsed.num_rows > 4096
+    want = det.score_batch(parsed)
+    table = pa.Table.from_batches([parsed.slice(0, 5000), parsed.slice(5000)])
+    for given in (table, parsed.to_pandas(), pl.from_arrow(parsed), parsed.slice(0, 10)):
+        got = det.score_batch(given)
+        assert isinstance(got, pa.RecordBatch)
+        n = got.num_rows
+        assert got.column("score").equals(want.column("score").slice(0, n))
+        assert got.column("verdict").equals(want.column("verdict").slice(0, n))
+
+
+def test_score_batch_refuses_what_it_cannot_score_in_one_sentence(
+        kdd_bundle: Path, parsed: pa.RecordBatch) -> None:
+    from deepwatch.errors import InputError
+    from deepwatch.models.detector import Detector
+
+    det = Detector(kdd_bundle)
+    with pytest.raises(InputError, match=r"parse_records\(records\)"):
+        det.score_batch(parsed.slice(0, 3).to_pylist())
+    with pytest.raises(InputError, match="not ndarray"):
+        det.score_batch(np.zeros((3, 41)))
+    with pytest.raises(InputError, match="no column 'service', which this kdd model reads"):
+        det.score_batch(parsed.drop_columns(["service"]))

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
 
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
-from ..errors import BundleError, DeepwatchError, UsageError, first_line
+from ..errors import BundleError, DeepwatchError, InputError, UsageError, first_line
 from ..features import Featurizer
 from ._checks import check_manifest, check_onnx, check_scoring
 from .decision import Decision
+
+#: What :meth:`Detector.score_batch` takes: a RecordBatch, a Table, or what ``pa.table``
+#: converts (a pandas or polars DataFrame, a dict of columns).
+Records: TypeAlias = Any  # (pyarrow is untyped: the union would read as Any anyway)
 
 #: Columns score_batch appends, in order (those a bundle cannot produce are left out).
 OUTPUT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category")
@@ -119,6 +123,36 @@ class Detector:
     def engine(self) -> str:
         return str(self.backend.name)
 
+    def as_batch(self, records: Records) -> pa.RecordBatch:
+        """``records`` as one RecordBatch holding every column the featurizer reads: a Table,
+        pandas or polars frame is converted; anything else, or a column missing, is one
+        :class:`~deepwatch.errors.InputError` (a Table of 4,096 rows or more failed inside
+        pyarrow, a DataFrame with ``AttributeError: num_rows``, a missing column with a
+        ``KeyError`` from the featurizer)."""
+        if not isinstance(records, pa.RecordBatch):
+            if isinstance(records, list | tuple):
+                raise InputError(
+                    f"score_batch takes parsed records as a table (pyarrow, pandas, polars), not "
+                    f"a {type(records).__name__}; records as dicts of fields go through "
+                    f"deepwatch.formats.get_format({self.format!r}).parse_records(records).batch"
+                    f", raw lines through .parse(text).batch")
+            if not isinstance(records, pa.Table):
+                try:
+                    records = pa.table(records)
+                except (TypeError, ValueError, pa.ArrowException) as exc:
+                    raise InputError(f"score_batch takes parsed records as a table (pyarrow, "
+                                     f"pandas, polars), not {type(records).__name__}: "
+                                     f"{first_line(exc)}") from None
+            records = _one_batch(records)
+        if self.featurizer.stateful:  # (derived features: the deriver reads the columns)
+            return records
+        names = set(records.schema.names)
+        missing = [c for c in self.featurizer.input_columns if c not in names]
+        if missing:
+            raise InputError(f"the records have no column {', '.join(map(repr, missing))}, "
+                             f"which this {self.format} model reads")
+        return records
+
     def new_state(self) -> dict[str, Any]:
         """State carried across batches of one stream (per-client windows of derived features)."""
         return {}
@@ -154,10 +188,15 @@ class Detector:
         cols["_out"] = out  # type: ignore[assignment]
         return cols
 
-    def score_batch(self, batch: pa.RecordBatch, state: dict[str, Any] | None = None
+    def score_batch(self, batch: Records, state: dict[str, Any] | None = None
                     ) -> pa.RecordBatch:
         """The input batch with ``score``, ``anomaly_score`` (autoencoders), ``verdict``
-        (``normal``/``malicious``), ``attack_type`` and ``category`` (classifiers) appended."""
+        (``normal``/``malicious``), ``attack_type`` and ``category`` (classifiers) appended.
+
+        ``batch``: parsed records (a format's ``parse(...).batch``, a lake's table), as a
+        pyarrow RecordBatch or Table, or any frame pyarrow converts (pandas, polars); the
+        result is a RecordBatch (``.to_pandas()`` makes it a frame)."""
+        batch = self.as_batch(batch)
         if batch.num_rows >= DEDUPE_MIN_ROWS and not self.featurizer.stateful:
             # A record's verdict depends on nothing but its own fields: records seen before
             # (floods and scans repeat them across batches as well as within one) are not
@@ -165,9 +204,10 @@ class Detector:
             return _append(batch, self._cache.columns(batch, self))
         return self.score_with_outputs(batch, state)[0]
 
-    def score_with_outputs(self, batch: pa.RecordBatch, state: dict[str, Any] | None = None
+    def score_with_outputs(self, batch: Records, state: dict[str, Any] | None = None
                            ) -> tuple[pa.RecordBatch, dict[str, np.ndarray]]:
         """``score_batch`` plus the network's named outputs (e.g. ``latent`` for campaigns)."""
+        batch = self.as_batch(batch)
         if batch.num_rows == 0:
             return _append(batch, self._empty_columns()), {}
         cols = self.decide(batch, state)
@@ -226,6 +266,12 @@ def _expand(value: Any, inverse: np.ndarray) -> Any:
     if isinstance(value, pa.Array | pa.ChunkedArray):
         return value.take(pa.array(inverse))
     return np.asarray(value)[inverse]
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    """A Table's rows as one RecordBatch (its chunks joined)."""
+    batches = table.combine_chunks().to_batches()
+    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
 
 
 def _append(batch: pa.RecordBatch, cols: dict[str, pa.Array]) -> pa.RecordBatch:
