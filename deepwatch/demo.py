@@ -71,6 +71,7 @@ def _stream_into_lake(paths: dict[str, Path], lake: Path) -> tuple[int, int, int
             writer.write(with_label(result.batch, label))
             writer.write_rejects(result.rejects)
             chunks += 1
+    writer.commit()  # the parts appear in the lake together, now
     return writer.stats.records, writer.stats.rejects, chunks
 
 

@@ -11,11 +11,15 @@ A record's day comes from the format's time column (the column its ECS ``@timest
 day they were ingested. Part names sort in the order they were written, so reading a lake back
 yields each day's records in arrival order, days in order.
 
-Every file is written under a temporary name starting with a dot in its final directory and
-renamed into place when complete, so readers (which only see ``part-*.parquet``) never see half a
-part or half a manifest, even beside an ingest that is running or was killed. Ingest appends: the
-same input ingested twice is there twice. ``_ingested.jsonl`` lists the inputs ingested (path,
-size, sha256), so a repeat can be warned about.
+An ingest writes its parts into a staging directory of its own, ``.ingest-*/`` (hidden, so
+outside readers skip it too), and moves them into ``records/`` and ``rejects/`` only when it
+commits, at its end: readers never see a running ingest's records, nor any of one that failed or
+was killed, even outright (SIGKILL), so running it again stores nothing twice. The staging
+directory is locked for as long as its ingest lives; the next writer removes those nobody holds,
+or finishes the moves of one killed while committing (``commit.json`` lists them). The manifest
+is written under a hidden temporary name and renamed into place. Ingest appends: the same input
+ingested twice is there twice. ``_ingested.jsonl`` lists the inputs ingested (path, size,
+sha256), so a repeat can be warned about.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +49,10 @@ MANIFEST = "_lake.json"
 RECORDS = "records"
 REJECTS = "rejects"
 INGESTED = "_ingested.jsonl"
+#: Each ingest's parts are written under ``<lake>/.ingest-*/`` until it commits.
+STAGING_PREFIX = ".ingest-"
+#: In a staging directory: the moves of a commit under way (finished by the next writer).
+COMMIT = "commit.json"
 PART_GLOB = "part-*.parquet"
 #: Temporary files (a killed writer's leftovers) older than this are removed by the next writer.
 STALE_TMP_S = 3600.0
@@ -154,12 +164,16 @@ class LakeWriter:
                        *(self.root / RECORDS).glob("day=*")):
             if folder.is_dir():
                 _clean_stale_tmp(folder)
+        _recover(self.root)
         # ingest ids sort by time, so parts read back in the order they were written
         self._ingest = f"{time.time_ns():020d}-{secrets.token_hex(3)}"
         self._seq = 0
         self.stats = LakeStats(days=set())
         self._sums: dict[str, tuple[int, str]] = {}
-        self._written: list[Path] = []  # this writer's parts, for rollback()
+        self._staged: list[Path] = []  # this run's parts (their final paths), not yet in place
+        self._written: list[Path] = []  # those moved into place by a commit under way
+        self._staging: Path | None = None
+        self._lock: int | None = None
 
     def _name(self) -> str:
         self._seq += 1
@@ -183,27 +197,75 @@ class LakeWriter:
         self.stats.rejects += rejects.num_rows
 
     def _put(self, table: pa.Table, folder: Path) -> None:
-        """One new part in ``folder``; a failure to write (a full disk) is an OutputError."""
+        """One new part for ``folder``, written into this run's staging directory (readers see
+        it once :meth:`commit` moves it into place); a failure to write (a full disk) is an
+        OutputError."""
         final = folder / self._name()
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_part(table, final)
+            if self._staging is None:
+                self._staging, self._lock = _make_staging(self.root)
+            staged = self._staging / final.relative_to(self.root)
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, staged, compression="zstd")
         except OSError as exc:
             raise OutputError(f"cannot write the lake at {self.root}: "
                               f"{exc.strerror or first_line(exc)}") from None
-        self._written.append(final)
+        self._staged.append(final)
+
+    def commit(self, inputs: Sequence[str | Path] = ()) -> str | None:
+        """Move every part this run wrote into place, all together, and note ``inputs`` (the
+        files read, for :meth:`seen_before`) in ``_ingested.jsonl``.
+
+        Until now no reader saw any of this run's records, so a run killed outright (SIGKILL,
+        the OOM killer, a power cut) leaves none behind to be stored twice when it is run
+        again. The moves are quick, but a run can be killed among them too: the list of moves
+        is written first (``commit.json``), and the next writer finishes them. A part that
+        cannot be moved is an OutputError (:meth:`rollback` then removes those moved); an
+        input that cannot be noted is not (the records are in): its message is returned."""
+        lines = [json.dumps({"path": str(path), "size": size, "sha256": digest,
+                             "ingest": self._ingest}) + "\n"
+                 for path in inputs for size, digest in [self._checksum(path)]]
+        if self._staging is None:  # no records: only the inputs to note
+            return _append_ingested(self.root, lines)
+        plan = {"parts": [f.relative_to(self.root).as_posix() for f in self._staged],
+                "ingested": lines}
+        try:
+            _write_atomic(self._staging / COMMIT, lambda t: t.write_text(json.dumps(plan)))
+            for final in self._staged:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self._staging / final.relative_to(self.root), final)
+                self._written.append(final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # not to be finished by the next writer
+                (self._staging / COMMIT).unlink()
+            raise OutputError(f"cannot write the lake at {self.root}: "
+                              f"{exc.strerror or first_line(exc)}") from None
+        failed = _append_ingested(self.root, lines)
+        self._staged.clear()
+        self._written.clear()
+        self._drop_staging()
+        return failed
 
     def rollback(self) -> int:
         """Remove every part this writer wrote (a run that failed keeps nothing, so running it
         again does not store its records twice); the number of parts removed."""
-        removed = 0
-        for part in self._written:
+        removed = len(self._staged)
+        for part in self._written:  # moved into place by a commit that failed part-way
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
-                removed += 1
+        self._staged.clear()
         self._written.clear()
+        self._drop_staging()
         self.stats = LakeStats(days=set())
         return removed
+
+    def _drop_staging(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def seen_before(self, path: str | Path) -> bool:
         """Whether an input with ``path``'s size and sha256 was ingested into this lake before
@@ -212,22 +274,93 @@ class LakeWriter:
         return any(e.get("size") == size and e.get("sha256") == digest
                    for e in _ingested(self.root))
 
-    def note_ingested(self, path: str | Path) -> None:
-        """Remember ``path`` (size, sha256) as ingested, in ``_ingested.jsonl``: one line
-        appended in one write, so concurrent ingests do not lose each other's entries."""
-        size, digest = self._checksum(path)
-        line = json.dumps({"path": str(path), "size": size, "sha256": digest,
-                           "ingest": self._ingest}) + "\n"
-        fd = os.open(self.root / INGESTED, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
     def _checksum(self, path: str | Path) -> tuple[int, str]:
         if str(path) not in self._sums:  # each input is read once to checksum it, not twice
             self._sums[str(path)] = _checksum(Path(path))
         return self._sums[str(path)]
+
+
+
+def _append_ingested(root: Path, lines: Sequence[str]) -> str | None:
+    """Append ``lines`` to ``_ingested.jsonl`` in one write (concurrent ingests do not lose
+    each other's entries); a message where that failed, else None."""
+    if not lines:
+        return None
+    try:
+        fd = os.open(root / INGESTED, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, "".join(lines).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"could not note the inputs as ingested in {root}: {exc.strerror or exc}"
+    return None
+
+
+def _make_staging(root: Path) -> tuple[Path, int | None]:
+    """A new staging directory in the lake, locked (shared) for as long as this process lives:
+    the lock is held before the lock file has its name, so :func:`_recover` never finds it
+    without a holder however soon it looks."""
+    from ._held_dirs import LOCK, hold_lock
+
+    made = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+    unnamed = made / f".{LOCK}.tmp"
+    unnamed.touch()
+    fd = hold_lock(unnamed)
+    os.replace(unnamed, made / LOCK)
+    return made, fd
+
+
+def _recover(root: Path) -> None:
+    """Deal with the staging directories of ingests killed outright (nobody holds their lock):
+    one killed while committing has its moves finished (its ``commit.json`` lists them), any
+    other is removed with its parts, which no reader ever saw."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no staging directory is judged abandoned
+        return
+    from ._held_dirs import LOCK
+
+    for staging in root.glob(f"{STAGING_PREFIX}*"):
+        try:
+            fd = os.open(staging / LOCK, os.O_RDONLY)
+        except OSError:  # being made or removed by another writer right now
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its ingest is running
+            os.close(fd)
+            continue
+        try:
+            if _finish_commit(root, staging):
+                shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _finish_commit(root: Path, staging: Path) -> bool:
+    """Finish the moves of the commit an abandoned ``staging`` directory was making, if it was
+    making one; whether ``staging`` may now be removed (not when a move failed: the next
+    writer tries again, rather than drop the rest of a run whose first parts are in)."""
+    try:
+        plan = json.loads((staging / COMMIT).read_text())
+        parts = [str(rel) for rel in plan["parts"]]
+        lines = [str(line) for line in plan["ingested"]]
+        ingest = json.loads(lines[0]).get("ingest") if lines else None
+    except FileNotFoundError:  # killed before committing: none of its parts was ever seen
+        return True
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False  # an unreadable plan (written whole, so damaged since): left alone
+    try:
+        for rel in parts:
+            if (staging / rel).exists():
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / rel, root / rel)
+    except OSError:
+        return False
+    if ingest is None or all(e.get("ingest") != ingest for e in _ingested(root)):
+        _append_ingested(root, lines)
+    return True
 
 
 def _checksum(path: Path) -> tuple[int, str]:
@@ -252,10 +385,6 @@ def _ingested(root: Path) -> list[dict[str, object]]:
             if isinstance(entry, dict):
                 out.append(entry)
     return out
-
-
-def _write_part(table: pa.Table, final: Path) -> None:
-    _write_atomic(final, lambda t: pq.write_table(table, t, compression="zstd"))
 
 
 def _time_column(format_name: str) -> str | None:

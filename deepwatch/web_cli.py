@@ -38,6 +38,8 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
             writer.write_rejects(rejects)
             if on_batch is not None:
                 on_batch(batch.num_rows)
+        # the run's parts appear together, and only now: a run killed before leaves none
+        failed = writer.commit(files)
     except BaseException as exc:  # a full disk, an unreadable input, Ctrl-C: keep nothing
         removed = writer.rollback()
         parts = "1 part it had written was" if removed == 1 else \
@@ -49,13 +51,9 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(kept_nothing, getattr(exc, "terminated", False)) from None
         raise
-    for path in files:
-        try:
-            writer.note_ingested(path)
-        except OSError as exc:  # the records are in: only the duplicate warning loses out
-            print(f"warning: could not note {path} as ingested in {lake}: "
-                  f"{exc.strerror or exc}; ingesting it again will not be warned about",
-                  file=sys.stderr)
+    if failed is not None:  # the records are in: only the duplicate warning loses out
+        print(f"warning: {failed}; ingesting them again will not be warned about",
+              file=sys.stderr)
     return writer.stats, reader.stats.summary()
 
 
@@ -71,8 +69,9 @@ def register(app: typer.Typer) -> None:
 
         Ingest appends and is not idempotent: ingesting the same file twice stores its records
         twice (a warning says so when a file of the same size and sha256 was ingested before).
-        A run that fails (a full disk, an unreadable input, Ctrl-C, SIGTERM) keeps nothing it
-        wrote, so it can be run again as it was.
+        A run's records appear in the lake together when it ends; one that fails (a full disk,
+        an unreadable input, Ctrl-C, SIGTERM) or is killed outright keeps nothing it wrote, so
+        it can be run again as it was.
         """
         from .progress import enabled
 

@@ -43,6 +43,8 @@ def test_partitions_by_day_in_arrival_order(tmp_path: Path) -> None:
     writer = LakeWriter(tmp_path / "lake", "access")
     for days in ([14, 15, 14], [15, 16]):
         writer.write(fmt.parse(_log(tmp_path / "a.log", days).read_bytes()).batch)
+    assert lake_days(tmp_path / "lake") == []  # staged: none in place before the commit
+    writer.commit()
     assert lake_days(tmp_path / "lake") == ["2024-05-14", "2024-05-15", "2024-05-16"]
     assert sorted(p.parent.name for p in (tmp_path / "lake/records").rglob("*.parquet")) == [
         "day=2024-05-14", "day=2024-05-15", "day=2024-05-15", "day=2024-05-16"]
@@ -162,12 +164,15 @@ def test_zeek_records_are_filed_under_their_own_day(tmp_path: Path) -> None:
 
 def test_a_part_is_never_visible_half_written(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A writer killed (here: failing) midway leaves no ``part-*.parquet`` behind, and the
-    temporaries it leaves are ignored by readers and cleaned up by a later writer when old."""
+    """A writer failing midway leaves no ``part-*.parquet`` behind once rolled back, and the
+    temporaries a killed writer of an older deepwatch left in a day's folder are ignored by
+    readers and cleaned up by a later writer when old."""
     fmt = get_format("access")
     lake = tmp_path / "lake"
     writer = LakeWriter(lake, "access")
     writer.write(fmt.parse(_log(tmp_path / "a.log", [14]).read_bytes()).batch)
+    writer.commit()
+    writer = LakeWriter(lake, "access")
     real = pq.write_table
 
     def torn(table: pa.Table, where: object, **kw: object) -> None:
@@ -183,6 +188,7 @@ def test_a_part_is_never_visible_half_written(tmp_path: Path,
         writer.write_rejects(fmt.parse(b"junk\n").rejects.append_column(
             "source", pa.array(["x"])))
     monkeypatch.setattr(pq, "write_table", real)
+    writer.rollback()
     parts = sorted((lake / "records").rglob("part-*.parquet"))
     assert [p.parent.name for p in parts] == ["day=2024-05-14"]
     assert read_lake(lake).num_rows == 1 and read_rejects(lake) is None

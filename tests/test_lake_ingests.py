@@ -1,0 +1,166 @@
+"""Ingests killed outright and ingests side by side, as real processes, with readers beside."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from deepwatch.lake import read_lake
+
+LINE = ('{ip} - - [{day}/May/2024:12:{min:02d}:{sec:02d} +0000] "GET /{tag}/{i} HTTP/1.1" 200 10 '
+        '"-" "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"')
+EXE = str(Path(sys.executable).with_name("deepwatch"))
+ENV = {**os.environ, "DEEPWATCH_PROGRESS": "0"}
+
+
+def _log(path: Path, days: list[int], tag: str) -> Path:
+    path.write_text("".join(LINE.format(ip=f"9.9.9.{i % 5}", day=d, min=i // 60 % 60,
+                                        sec=i % 60, tag=tag, i=i) + "\n"
+                            for i, d in enumerate(days)))
+    return path
+
+
+def _ingest(lake: Path, *inputs: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([EXE, "ingest", "--format", "access", "--lake", str(lake), *inputs],
+                          capture_output=True, timeout=120, env=ENV)
+
+
+def _held_open(lake: Path, log: Path) -> Any:
+    """An ingest of ``log`` then stdin, which is left open: the run cannot end before it
+    is closed (or the run is killed)."""
+    return subprocess.Popen([EXE, "ingest", "--format", "access", "--lake", str(lake),
+                             str(log), "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=ENV)
+
+
+def _parts_anywhere(lake: Path) -> int:
+    """Parts the ingests have written, whether readers see them yet or not."""
+    return len(list(lake.rglob("part-*.parquet")))
+
+
+def _seen(lake: Path) -> tuple[int, int, int]:
+    """The records three readers see: deepwatch's own, pyarrow's dataset with hive partitions
+    and polars scanning the records directory (as docs/web.md tells)."""
+    import polars as pl
+
+    records = lake / "records"
+    ours = read_lake(lake).num_rows if records.exists() else 0
+    if not records.exists():
+        return ours, 0, 0
+    arrow = ds.dataset(records, format="parquet", partitioning="hive").count_rows()
+    polars = pl.scan_parquet(records, hive_partitioning=True).select(pl.len()).collect().item()
+    return ours, arrow, polars
+
+
+def test_an_ingest_killed_outright_leaves_nothing_to_store_twice(tmp_path: Path) -> None:
+    # a run killed with SIGKILL (the OOM killer) left the parts it had finished in the lake:
+    # readers took the half run for data, and running it again stored that half twice
+    from conftest import signal_when
+
+    lake = tmp_path / "lake"
+    assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 5, "first"))).returncode == 0
+    log = _log(tmp_path / "day.log", [14] * 200 + [15] * 100, "day")
+    proc = _held_open(lake, log)
+    try:  # day.log written (two parts, one a day), stdin still open
+        signal_when(proc, lambda: _parts_anywhere(lake) >= 3, signal.SIGKILL)
+    finally:
+        proc.kill()
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert _seen(lake) == (5, 5, 5)  # the killed run's parts are nowhere a reader looks
+
+    again = _ingest(lake, str(log))  # simply run again
+    assert again.returncode == 0, again.stderr.decode()
+    assert b"already ingested" not in again.stderr
+    assert _seen(lake) == (305, 305, 305)
+    assert not list(lake.glob(".*"))  # the killed run's leftovers were cleared
+    paths = read_lake(lake).column("path").to_pylist()
+    assert len(set(paths)) == len(paths)
+
+
+def test_two_ingests_at_once_with_readers_beside(tmp_path: Path) -> None:
+    """Two ingests into one lake at the same time, each held open until both have written
+    parts: readers meanwhile see neither run's records (no half run is taken for data); once
+    both end, every record is there once, and both inputs are noted as ingested."""
+    import time
+
+    lake = tmp_path / "lake"
+    assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 7, "first"))).returncode == 0
+    logs = [_log(tmp_path / f"{tag}.log", days, tag)
+            for tag, days in (("a", [14] * 300 + [15] * 300), ("b", [15] * 250 + [16] * 250))]
+    procs = [_held_open(lake, log) for log in logs]
+    try:
+        deadline = time.monotonic() + 120
+        while _parts_anywhere(lake) < 1 + 2 + 2:  # both runs' parts written
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _seen(lake) == (7, 7, 7)
+        errs = []
+        for proc in procs:
+            assert proc.stdin is not None and proc.stderr is not None
+            proc.stdin.close()
+        for proc in procs:
+            assert proc.stderr is not None
+            errs.append(proc.stderr.read().decode())
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            proc.kill()
+            assert proc.stderr is not None
+            proc.stderr.close()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert _seen(lake) == (1107, 1107, 1107)
+    table = read_lake(lake)
+    paths = table.column("path").to_pylist()
+    assert len(set(paths)) == len(paths)
+    for part in (lake / "records").rglob("*"):  # nothing in the records but whole parts
+        assert part.is_dir() or pq.read_metadata(part).num_rows > 0, part
+    noted = [json.loads(line)["path"]
+             for line in (lake / "_ingested.jsonl").read_text().splitlines()]
+    assert sorted(noted) == sorted([str(tmp_path / "first.log"), *map(str, logs)])
+    assert not list(lake.glob(".*"))
+
+
+def test_a_commit_cut_short_is_finished_by_the_next_ingest(tmp_path: Path) -> None:
+    """A run killed among the moves of its commit (after writing their list, ``commit.json``,
+    with the first part moved into place) is neither half in the lake nor dropped: the next
+    ingest finishes the moves and notes its input."""
+    from conftest import signal_when
+
+    lake = tmp_path / "lake"
+    log = _log(tmp_path / "day.log", [14] * 200 + [15] * 100, "day")
+    proc = _held_open(lake, log)
+    try:
+        signal_when(proc, lambda: _parts_anywhere(lake) >= 2, signal.SIGKILL)
+    finally:
+        proc.kill()
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.close()
+        proc.stderr.close()
+    [staging] = lake.glob(".ingest-*")
+    staged = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("part-*.parquet"))
+    assert len(staged) == 2
+    ingest = staged[0].split("part-", 1)[1].rsplit("-", 1)[0]
+    line = json.dumps({"path": str(log), "size": log.stat().st_size, "sha256": "0" * 64,
+                       "ingest": ingest}) + "\n"
+    (staging / "commit.json").write_text(json.dumps({"parts": staged, "ingested": [line]}))
+    (lake / staged[0]).parent.mkdir(parents=True)
+    os.replace(staging / staged[0], lake / staged[0])
+    assert read_lake(lake).num_rows == 200  # half a run in: what the next ingest must finish
+
+    other = _log(tmp_path / "other.log", [16] * 10, "other")
+    assert _ingest(lake, str(other)).returncode == 0
+    assert _seen(lake) == (310, 310, 310)
+    assert not list(lake.glob(".*"))
+    noted = [json.loads(x)["path"] for x in (lake / "_ingested.jsonl").read_text().splitlines()]
+    assert sorted(noted) == sorted([str(log), str(other)])
