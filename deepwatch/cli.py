@@ -37,6 +37,14 @@ def _progress() -> bool:
     return enabled()
 
 
+def _shows_progress() -> bool:
+    """Whether progress is shown at all (bars, or training's lines where stderr is no
+    terminal)."""
+    from .progress import mode
+
+    return mode() != "off"
+
+
 def _read_dirs(bundle: str, lakes: list[str] | None = None) -> list[tuple[str, str | None]]:
     """The directories a command reads, that no output of it may be written into: the bundle
     (where it is one; anything else is refused as no bundle, in its turn) and lakes."""
@@ -111,8 +119,8 @@ def train(
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
                    target_fpr=target_fpr, device=device, policy=decision,
-                   progress=_progress(), log=_err, lakes=lake or [], folds=folds, rejects=rejects,
-                   refit=refit)
+                   progress=_shows_progress(), log=_err, lakes=lake or [], folds=folds,
+                   rejects=rejects, refit=refit)
     if manifest["training"].get("rank", 0):
         return  # another rank of a distributed run: rank 0 reports
     cal = manifest["metrics"]["calibration"]

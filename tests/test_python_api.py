@@ -96,3 +96,22 @@ def test_score_batch_refuses_what_it_cannot_score_in_one_sentence(
         det.score_batch(np.zeros((3, 41)))
     with pytest.raises(InputError, match="no column 'service', which this kdd model reads"):
         det.score_batch(parsed.drop_columns(["service"]))
+
+
+def test_train_from_python_is_quiet_unless_asked(tiny_kdd: Path, tmp_path: Path,
+                                                  capfd: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train(progress=False)`` (the default) printed a line per epoch to stderr wherever
+    stderr was no terminal (a notebook's is not) and drew rich bars where it was one: the
+    flag governed the reading bar only. With ``progress=True`` it shows what the command
+    shows."""
+    from deepwatch.train.api import train
+
+    monkeypatch.delenv("DEEPWATCH_PROGRESS", raising=False)
+    train("kdd", "mlp", tiny_kdd, tmp_path / "quiet", epochs=2)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    train("kdd", "mlp", tiny_kdd, tmp_path / "told", epochs=2, progress=True)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert err.startswith("mlp: training, up to 2 epochs") and "mlp: epoch 2/2" in err, err

@@ -392,6 +392,8 @@ def train(
     ``rejects``: a JSONL file that keeps every rejected training or validation record.
     ``refit`` trains the classifiers again on all labelled records after the first pass.
     ``inputs``, ``val_inputs`` and ``lakes``: one path (``str`` or ``pathlib.Path``) or a list.
+    ``progress``: show progress on stderr as ``deepwatch train`` does (bars on a terminal, a
+    line per epoch elsewhere, as ``DEEPWATCH_PROGRESS`` says); by default nothing is shown.
     """
     inputs, val_inputs = input_list(inputs), input_list(val_inputs, "val_inputs")
     lakes = input_list(lakes, "lakes")
@@ -564,7 +566,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         f"({len(train_split.X):,} distinct), early-stopping rows {es_table.num_rows:,}, "
         f"calibration rows {cal_table.num_rows:,}"
         + (f"; each of {folds} cross-fitted members alike" if folds > 1 else ""))
-    cfg = TrainConfig(seed=seed, device=device)
+    cfg = TrainConfig(seed=seed, device=device, progress=progress)
     if epochs is not None:
         cfg = cfg.with_(epochs=epochs)
     loop_options = {k: v for k, v in (options or {}).items() if k in _LOOP_OPTIONS}

@@ -9,6 +9,7 @@ import copy
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .._cpus import usable_cores
-from ..progress import epoch_progress
+from ..progress import EpochReport, epoch_progress
 from . import distributed
 
 
@@ -39,6 +40,9 @@ class TrainConfig:
     #: Refit (``train --refit``): train exactly this many epochs of the ``epochs``-long
     #: schedule, without validation or early stopping, and keep the final weights.
     fixed_epochs: int | None = None
+    #: Report each network's epochs on stderr (bars or lines, see ``deepwatch.progress``):
+    #: what the command does; a library call's ``train(progress=False)`` shows nothing.
+    progress: bool = True
     history: list[dict[str, float]] = field(default_factory=list)
 
     def with_(self, **kw: Any) -> TrainConfig:
@@ -141,7 +145,8 @@ def fit(
     before = len(cfg.history)
     detail = f"{steps:,} batch{'es' if steps != 1 else ''} of {cfg.batch_size:,} from " \
         f"{len(X):,} rows" + (", no validation" if fixed else "") + f", on {device}"
-    with epoch_progress(cfg.label, n_epochs, detail) as report:
+    with (epoch_progress(cfg.label, n_epochs, detail) if cfg.progress
+          else nullcontext(EpochReport())) as report:
         for epoch in range(n_epochs):
             stepper.train()
             idx = torch.as_tensor(rng.choice(len(X), size=steps * cfg.batch_size, p=probs),
