@@ -241,9 +241,10 @@ class LakeWriter:
             raise OutputError(f"cannot write the lake at {self.root}: "
                               f"{exc.strerror or first_line(exc)}") from None
         failed = _append_ingested(self.root, lines)
+        self._drop_staging()
+        # (only now: a stop before this line still has rollback() remove the parts moved)
         self._staged.clear()
         self._written.clear()
-        self._drop_staging()
         return failed
 
     def rollback(self) -> int:
