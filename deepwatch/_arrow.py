@@ -57,3 +57,24 @@ def to_numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if pa.types.is_boolean(typ) and values.null_count == 0:
         return to_numpy(values.cast(pa.uint8())).astype(bool)
     return values.to_numpy(zero_copy_only=False)
+
+
+def as_arrow(records: Any, what: str) -> pa.RecordBatch | pa.Table:
+    """Records as Arrow: a RecordBatch or Table as it is, a pandas or polars frame (anything
+    ``pa.table`` converts) as a Table; anything else is an InputError naming ``what`` took it.
+    A list (of dicts, say) is refused too: iterated, it gave column values, not records."""
+    from .errors import InputError, first_line
+
+    if isinstance(records, pa.RecordBatch | pa.Table):
+        return records
+    if not isinstance(records, list | tuple):
+        try:
+            return pa.table(records)
+        except (TypeError, ValueError, pa.ArrowException) as exc:
+            raise InputError(f"{what} takes parsed records as a table (pyarrow, pandas, "
+                             f"polars), not {type(records).__name__}: {first_line(exc)}"
+                             ) from None
+    raise InputError(f"{what} takes parsed records as a table (pyarrow, pandas, polars), not "
+                     f"a {type(records).__name__}; records as dicts of fields go through "
+                     f"deepwatch.formats.get_format(NAME).parse_records(records).batch, raw "
+                     f"lines through .parse(text).batch")

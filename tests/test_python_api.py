@@ -115,3 +115,26 @@ def test_train_from_python_is_quiet_unless_asked(tiny_kdd: Path, tmp_path: Path,
     out, err = capfd.readouterr()
     assert out == ""
     assert err.startswith("mlp: training, up to 2 epochs") and "mlp: epoch 2/2" in err, err
+
+
+def test_featurizer_fits_frames_and_says_what_is_wrong(parsed: pa.RecordBatch) -> None:
+    """Unfitted, it failed with ``AttributeError: feature_names_``; a pandas frame with
+    ``AttributeError: num_rows``; a missing column with pyarrow's ``KeyError``."""
+    from deepwatch.errors import InputError
+    from deepwatch.features import Featurizer
+    from deepwatch.formats import get_format
+
+    spec = get_format("kdd").feature_spec()
+    f = Featurizer(spec)
+    assert repr(f) == "Featurizer(3 categorical + 38 numeric columns, not fitted)"
+    for use in (lambda: f.transform(parsed), lambda: f.n_features, f.to_json):
+        with pytest.raises(UsageError, match=r"not fitted: call fit\(table\) first"):
+            use()
+    with pytest.raises(InputError, match="no column 'service', which the featurizer reads"):
+        f.fit(parsed.drop_columns(["service"]))
+    f.fit(parsed.to_pandas())
+    assert repr(f) == f"Featurizer(3 categorical + 38 numeric columns -> {f.n_features} features)"
+    assert np.array_equal(f.transform(parsed.to_pandas()), Featurizer(spec).fit(parsed)
+                          .transform(parsed))
+    with pytest.raises(InputError, match="no column 'flag', which the featurizer reads"):
+        f.transform(parsed.drop_columns(["flag"]))

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .._arrow import to_numpy
-from ..errors import DataError
+from .._arrow import as_arrow, to_numpy
+from ..errors import DataError, InputError, UsageError
 from ._derive import get_deriver
 
 OTHER = "<other>"
@@ -32,11 +32,45 @@ class Featurizer:
     def __init__(self, spec: dict[str, Any]):
         self.spec = spec
 
+    def __repr__(self) -> str:
+        columns = (f"{len(self.spec.get('categorical', []))} categorical + "
+                   f"{len(self.spec.get('numeric', []))} numeric columns")
+        derive = self.spec.get("derive")
+        if derive:
+            columns += f", derived by {derive.get('name')!r}"
+        fitted = (f" -> {len(self.feature_names_)} features" if self.fitted
+                  else ", not fitted")
+        return f"Featurizer({columns}{fitted})"
+
+    @property
+    def fitted(self) -> bool:
+        return "feature_names_" in self.__dict__
+
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise UsageError("this Featurizer is not fitted: call fit(table) first")
+
+    def _check_columns(self, table: pa.Table | pa.RecordBatch, derived: bool) -> None:
+        """An InputError naming the columns the spec reads that ``table`` lacks (a KeyError
+        from pyarrow otherwise). ``derived``: ``table`` is after the deriver, which makes some
+        of them; before it, only stateless featurizers can be checked."""
+        if not derived and self.stateful:
+            return
+        names = set(table.schema.names)
+        missing = [c for c in self.input_columns if c not in names]
+        if missing:
+            raise InputError(f"the records have no column {', '.join(map(repr, missing))}, "
+                             "which the featurizer reads")
+
     # -- fitting ---------------------------------------------------------------------------
-    def fit(self, table: pa.Table) -> Featurizer:
+    def fit(self, table: pa.Table | pa.RecordBatch) -> Featurizer:
+        """Learn the vocabularies and moments from ``table`` (a pyarrow Table or RecordBatch,
+        or a pandas or polars frame)."""
+        table = as_arrow(table, "Featurizer.fit")
         if table.num_rows == 0:
             raise DataError("cannot fit a featurizer on zero records")
         table = self._derive(table, state={})
+        self._check_columns(table, derived=True)
         spec = self.spec
         min_count = int(spec.get("min_count", 1))
         max_cats = int(spec.get("max_categories", 256))
@@ -97,14 +131,25 @@ class Featurizer:
 
     @property
     def n_features(self) -> int:
+        self._check_fitted()
         return len(self.feature_names_)
 
     def transform(self, table: pa.Table | pa.RecordBatch,
                   state: dict[str, Any] | None = None) -> np.ndarray:
-        """Float32 matrix ``(rows, n_features)``. Unseen categories land in the ``other`` slot."""
+        """Float32 matrix ``(rows, n_features)``. Unseen categories land in the ``other`` slot.
+        ``table``: a pyarrow Table or RecordBatch, or a pandas or polars frame."""
+        self._check_fitted()
+        table = as_arrow(table, "Featurizer.transform")
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         table = self._derive(table, state if state is not None else {})
+        try:
+            return self._transform(table)
+        except KeyError:
+            self._check_columns(table, derived=True)
+            raise
+
+    def _transform(self, table: pa.Table) -> np.ndarray:
         n = table.num_rows
         out = np.zeros((n, self.n_features), dtype=np.float32)
         offset = 0
@@ -148,6 +193,7 @@ class Featurizer:
 
     # -- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        self._check_fitted()
         return {
             "kind": "tabular/v1",
             "spec": self.spec,

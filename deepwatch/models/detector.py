@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import pyarrow as pa
 
+from .._arrow import as_arrow
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
 from ..errors import BundleError, DeepwatchError, InputError, UsageError, first_line
@@ -129,20 +130,8 @@ class Detector:
         :class:`~deepwatch.errors.InputError` (a Table of 4,096 rows or more failed inside
         pyarrow, a DataFrame with ``AttributeError: num_rows``, a missing column with a
         ``KeyError`` from the featurizer)."""
-        if not isinstance(records, pa.RecordBatch):
-            if isinstance(records, list | tuple):
-                raise InputError(
-                    f"score_batch takes parsed records as a table (pyarrow, pandas, polars), not "
-                    f"a {type(records).__name__}; records as dicts of fields go through "
-                    f"deepwatch.formats.get_format({self.format!r}).parse_records(records).batch"
-                    f", raw lines through .parse(text).batch")
-            if not isinstance(records, pa.Table):
-                try:
-                    records = pa.table(records)
-                except (TypeError, ValueError, pa.ArrowException) as exc:
-                    raise InputError(f"score_batch takes parsed records as a table (pyarrow, "
-                                     f"pandas, polars), not {type(records).__name__}: "
-                                     f"{first_line(exc)}") from None
+        records = as_arrow(records, "score_batch")
+        if isinstance(records, pa.Table):
             records = _one_batch(records)
         if self.featurizer.stateful:  # (derived features: the deriver reads the columns)
             return records
