@@ -138,3 +138,31 @@ def test_featurizer_fits_frames_and_says_what_is_wrong(parsed: pa.RecordBatch) -
                           .transform(parsed))
     with pytest.raises(InputError, match="no column 'flag', which the featurizer reads"):
         f.transform(parsed.drop_columns(["flag"]))
+
+
+def test_formats_say_what_they_take(tiny_kdd: Path, parsed: pa.RecordBatch) -> None:
+    """``parse(Path)`` failed with ``TypeError: no len()``, ``parse(list_of_lines)`` with
+    ``AttributeError: endswith``; ``parse_records(DataFrame)`` iterated the frame's column
+    names and failed with an IndexError. A ParseResult's repr printed every record."""
+    from deepwatch.formats import get_format
+
+    kdd = get_format("kdd")
+    assert repr(kdd) == "get_format('kdd')"
+    with pytest.raises(UsageError, match=r"raw text .* not PosixPath: read the file first"):
+        kdd.parse(tiny_kdd)
+    with pytest.raises(UsageError, match="raw text .* not list: join the lines"):
+        kdd.parse(tiny_kdd.read_text().splitlines())
+    result = kdd.parse(tiny_kdd.read_bytes())
+    assert repr(result) == "ParseResult(lines=3,000, parsed=3,000, rejected=0, skipped=0)"
+    rows = parsed.slice(0, 50)
+    from_frame = kdd.parse_records(rows.to_pandas())
+    assert from_frame.batch.equals(kdd.parse_records(rows.to_pylist()).batch)
+    assert from_frame.batch.num_rows == 50
+
+
+def test_a_detector_says_what_it_is(kdd_bundle: Path) -> None:
+    from deepwatch.models.detector import Detector
+
+    assert repr(Detector(kdd_bundle, engine="torch")) == (
+        f"Detector({str(kdd_bundle)!r}, kind='mlp', format='kdd', engine='torch:cpu', "
+        "policy='cost')")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -100,6 +101,10 @@ class ParseResult:
     line_numbers: pa.Array = field(default_factory=lambda: pa.array([], pa.int64()))
     skipped: int = 0
 
+    def __repr__(self) -> str:  # (the default printed every record and line number)
+        return (f"ParseResult(lines={self.lines:,}, parsed={self.batch.num_rows:,}, "
+                f"rejected={self.rejects.num_rows:,}, skipped={self.skipped:,})")
+
     def __post_init__(self) -> None:
         if self.batch.num_rows + self.rejects.num_rows != self.lines:
             raise AssertionError(
@@ -125,6 +130,20 @@ def reject_rows(result: ParseResult, rows: Any, raw: list[str], reasons: list[st
     return ParseResult(batch=result.batch.filter(pa.array(keep)), rejects=rejects,
                        lines=result.lines, line_numbers=pa.array(numbers[keep], pa.int64()),
                        skipped=result.skipped)
+
+
+def check_text(data: object) -> None:
+    """A UsageError where :meth:`Format.parse` was handed something else than raw text (a
+    path, a list of lines), which failed deep inside with a TypeError or AttributeError."""
+    if not isinstance(data, str | bytes | bytearray | memoryview):
+        from ..errors import UsageError
+
+        hint = (": read the file first (Path.read_bytes()), or read files with "
+                "deepwatch.sources.files.read_inputs" if isinstance(data, os.PathLike)
+                else ": join the lines with newlines" if isinstance(data, list | tuple)
+                else "")
+        raise UsageError(f"parse takes raw text (str or bytes) of whole lines, not "
+                         f"{type(data).__name__}{hint}")
 
 
 def split_lines(data: bytes | str) -> list[str]:
@@ -184,6 +203,9 @@ class Format(ABC):
     #: such line from chunk to chunk (:meth:`context_after`, ``parse_bulk(context=...)``).
     context_prefix: ClassVar[str | None] = None
 
+    def __repr__(self) -> str:
+        return f"get_format({self.name!r})"
+
     @abstractmethod
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
         """Parse a chunk of raw text made of whole lines. ``first_line`` numbers its first line."""
@@ -196,6 +218,7 @@ class Format(ABC):
         """
         from ._repeats import REPEAT_MIN_BYTES, parse_repeated
 
+        check_text(data)
         if self.context_prefix is not None:
             return self.parse_in_context(data, first_line, context)
         if self.line_independent and len(data) >= REPEAT_MIN_BYTES:
@@ -231,10 +254,18 @@ class Format(ABC):
                 return context
             before = at
 
-    def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
-        """Parse records given as JSON objects of already-split fields (the REST API)."""
+    def parse_records(self, records: list[dict[str, Any]] | Any) -> ParseResult:
+        """Parse records given as JSON objects of already-split fields (the REST API), or as
+        the rows of a table (pyarrow, pandas, polars): each checked as the REST API checks
+        them, the bad ones rejects."""
         from ._records import records_to_batch
 
+        if not isinstance(records, list):
+            # iterated, a DataFrame gives its column names: an IndexError followed
+            from .._arrow import as_arrow
+
+            records = (list(records) if isinstance(records, tuple)
+                       else as_arrow(records, "parse_records").to_pylist())
         return records_to_batch(self.schema, records, self.nonnegative)
 
     def feature_spec(self) -> dict[str, Any]:

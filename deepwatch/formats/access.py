@@ -26,6 +26,7 @@ from ._base import (
     CR_INSIDE_REASON,
     Format,
     ParseResult,
+    check_text,
     empty_rejects,
     make_rejects,
     reject_rows,
@@ -224,6 +225,7 @@ class Access(Format):
     }
 
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        check_text(data)
         lines = split_lines(data)
         if not lines:
             return ParseResult(pa.RecordBatch.from_pylist([], schema=SCHEMA), empty_rejects(), 0)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import kdd_category
-from ._base import Format, ParseResult, reject_rows, split_lines
+from ._base import Format, ParseResult, check_text, reject_rows, split_lines
 from ._delimited import parse_delimited
 from ._records import record_text
 
@@ -63,6 +63,7 @@ class KDD(Format):
         return [self.schema, self._unlabelled]
 
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        check_text(data)
         table, result = parse_delimited(
             data, self._schemas(), first_line=first_line, sep=",",
             nonneg=[f for f in KDD_FEATURES if f not in CATEGORICAL],

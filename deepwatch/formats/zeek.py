@@ -26,6 +26,7 @@ from ._base import (
     CR_INSIDE_REASON,
     Format,
     ParseResult,
+    check_text,
     empty_rejects,
     make_rejects,
     split_lines,
@@ -192,6 +193,7 @@ class Zeek(Format):
     context_prefix: ClassVar[str | None] = FIELDS_PREFIX
 
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
+        check_text(data)
         return self.parse_in_context(data, first_line, None)
 
     def parse_in_context(self, data: bytes | str, first_line: int,

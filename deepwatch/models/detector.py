@@ -120,6 +120,10 @@ class Detector:
         weights = self._file(WEIGHTS, verify)
         return TorchBackend(self.manifest["network"], weights, self.outputs, device)
 
+    def __repr__(self) -> str:
+        return (f"Detector({str(self.path)!r}, kind={self.kind!r}, format={self.format!r}, "
+                f"engine={self.engine!r}, policy={self.decision.config.get('policy')!r})")
+
     @property
     def engine(self) -> str:
         return str(self.backend.name)
