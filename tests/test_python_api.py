@@ -166,3 +166,17 @@ def test_a_detector_says_what_it_is(kdd_bundle: Path) -> None:
     assert repr(Detector(kdd_bundle, engine="torch")) == (
         f"Detector({str(kdd_bundle)!r}, kind='mlp', format='kdd', engine='torch:cpu', "
         "policy='cost')")
+
+
+def test_a_misspelt_training_option_is_refused(tiny_kdd: Path, tmp_path: Path) -> None:
+    """``options={"latnet": 8}`` was ignored without a word: the model trained with its
+    default bottleneck, and the user believed it had 8."""
+    from deepwatch.train.api import train
+
+    with pytest.raises(UsageError, match="unknown training option 'latnet'; the options are "
+                                         r".*\blatent\b"):
+        train("kdd", "autoencoder", tiny_kdd, tmp_path / "b", epochs=1, options={"latnet": 8})
+    assert not (tmp_path / "b").exists()
+    manifest = train("kdd", "autoencoder", tiny_kdd, tmp_path / "b", epochs=1,
+                     options={"latent": 5, "batch_size": 256})
+    assert manifest["training"]["autoencoder"]["latent"] == 5

@@ -398,6 +398,7 @@ def train(
     inputs, val_inputs = input_list(inputs), input_list(val_inputs, "val_inputs")
     lakes = input_list(lakes, "lakes")
     rejects = os.fspath(rejects) if rejects is not None else None
+    check_options(options)
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
                     rejects=rejects, format_name=format_name, refit=refit)
@@ -411,6 +412,23 @@ def train(
         return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
                       device, policy, progress, options, log, lakes, dist, folds, rejects,
                       refit)
+
+
+def check_options(options: dict[str, Any] | None) -> None:
+    """A UsageError naming an option ``train(options=...)`` does not know: a misspelt one
+    (``{"latnet": 8}``) was ignored without a word, and the model trained with the default."""
+    if options is None:
+        return
+    from .anomaly import DEFAULTS
+
+    if not isinstance(options, dict):
+        raise UsageError(f"options must be a dict of option names to values, not "
+                         f"{type(options).__name__}")
+    known = {*_LOOP_OPTIONS, *DEFAULTS, "latent", "novel_category"}
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise UsageError(f"unknown training option {unknown[0]!r}; the options are "
+                         f"{', '.join(sorted(known))}")
 
 
 #: Models whose classifiers ``--folds`` cross-fits.
