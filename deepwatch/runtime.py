@@ -153,6 +153,23 @@ class OnnxBackend:
                 "skipped": self.skipped}
 
 
+def torch_device(name: str) -> Any:
+    """The torch device ``name`` (``auto``: CUDA where there is one, else the CPU); a
+    UsageError for a name torch does not know or a CUDA device this machine lacks, which
+    failed deep in torch and read as a damaged bundle."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} was asked for but no CUDA device is available")
+    return device
+
+
 class TorchBackend:
     """The fallback: the same export module, run by torch (CPU or CUDA)."""
 
@@ -166,6 +183,7 @@ class TorchBackend:
 
         from .models.export import build_export_module
 
+        self.device = torch_device(device)
         data = (weights_path if isinstance(weights_path, bytes)
                 else Path(weights_path).read_bytes())
         try:
@@ -188,7 +206,6 @@ class TorchBackend:
                 f"makes {want.get(name, 'nothing')}, the weights hold {got.get(name, 'nothing')})")
         self.module = build_export_module(network)
         self.module.load_state_dict(state)
-        self.device = torch.device(device)
         self.module.to(self.device).eval()
         self.outputs = outputs
         self.name = f"torch:{self.device.type}"

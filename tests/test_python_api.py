@@ -180,3 +180,23 @@ def test_a_misspelt_training_option_is_refused(tiny_kdd: Path, tmp_path: Path) -
     manifest = train("kdd", "autoencoder", tiny_kdd, tmp_path / "b", epochs=1,
                      options={"latent": 5, "batch_size": 256})
     assert manifest["training"]["autoencoder"]["latent"] == 5
+
+
+def test_a_device_the_machine_lacks_is_a_usage_error(kdd_bundle: Path) -> None:
+    """``Detector(b, engine="torch", device="gpu")`` (or ``"cuda"`` on a machine without one)
+    raised a BundleError, "the bundle cannot be loaded (RuntimeError: Expected one of cpu,
+    cuda, ipu, ...)": the bundle is fine, the argument is not. ``device="auto"``, as
+    ``train`` takes it, failed the same way."""
+    import torch
+
+    from deepwatch.errors import BundleError
+    from deepwatch.models.detector import Detector
+
+    with pytest.raises(UsageError, match="unknown device 'gpu'; use auto, cpu or cuda") as err:
+        Detector(kdd_bundle, engine="torch", device="gpu")
+    assert not isinstance(err.value, BundleError)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device is available"):
+            Detector(kdd_bundle, engine="torch", device="cuda")
+    want = "torch:cuda" if torch.cuda.is_available() else "torch:cpu"
+    assert Detector(kdd_bundle, engine="torch", device="auto").engine == want
