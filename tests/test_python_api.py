@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import head_lines
+from conftest import data_file, head_lines
 
 from deepwatch.errors import UsageError
 
@@ -200,3 +200,22 @@ def test_a_device_the_machine_lacks_is_a_usage_error(kdd_bundle: Path) -> None:
             Detector(kdd_bundle, engine="torch", device="cuda")
     want = "torch:cuda" if torch.cuda.is_available() else "torch:cpu"
     assert Detector(kdd_bundle, engine="torch", device="auto").engine == want
+
+
+def test_web_records_without_a_column_the_deriver_reads(tmp_path: Path) -> None:
+    """For access logs the featurizer derives its features (URL, user agent...) first: a
+    column missing failed there with pyarrow's ``KeyError: Field "path" does not exist``."""
+    from deepwatch.errors import InputError
+    from deepwatch.formats import get_format
+    from deepwatch.models.detector import Detector
+    from deepwatch.train.api import train
+
+    site = data_file("weblogs/apache_access.log.gz")
+    log = tmp_path / "site.log"
+    log.write_text("".join(head_lines(site, 2000)))
+    train("access", "autoencoder", f"{log}=normal", tmp_path / "b", epochs=1)
+    det = Detector(tmp_path / "b")
+    batch = get_format("access").parse(log.read_bytes()).batch
+    assert det.score_batch(batch.to_pandas()).num_rows == 2000
+    with pytest.raises(InputError, match="no column 'user_agent', which the featurizer reads"):
+        det.score_batch(batch.drop_columns(["user_agent"]))

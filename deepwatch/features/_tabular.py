@@ -69,7 +69,7 @@ class Featurizer:
         table = as_arrow(table, "Featurizer.fit")
         if table.num_rows == 0:
             raise DataError("cannot fit a featurizer on zero records")
-        table = self._derive(table, state={})
+        table = self._derived(table, state={})
         self._check_columns(table, derived=True)
         spec = self.spec
         min_count = int(spec.get("min_count", 1))
@@ -142,12 +142,26 @@ class Featurizer:
         table = as_arrow(table, "Featurizer.transform")
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
-        table = self._derive(table, state if state is not None else {})
+        table = self._derived(table, state if state is not None else {})
         try:
             return self._transform(table)
         except KeyError:
             self._check_columns(table, derived=True)
             raise
+
+    def _derived(self, table: pa.Table, state: dict[str, Any]) -> pa.Table:
+        """:meth:`_derive`, a column the deriver reads and the records lack named in an
+        InputError (pyarrow's KeyError otherwise)."""
+        try:
+            return self._derive(table, state)
+        except KeyError as exc:
+            import re
+
+            found = re.fullmatch(r'Field "(.*)" does not exist in schema', str(exc.args[0]))
+            if found is None or found[1] in table.schema.names:
+                raise
+            raise InputError(f"the records have no column {found[1]!r}, which the "
+                             "featurizer reads") from None
 
     def _transform(self, table: pa.Table) -> np.ndarray:
         n = table.num_rows
