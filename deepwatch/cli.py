@@ -355,9 +355,9 @@ def datasets_fetch(
     from_dir: Annotated[str | None, typer.Option("--from", help="Copy from this directory")] = None,
 ) -> None:
     """Download a data set into the cache (or copy it from a local directory)."""
-    from .datasets import fetch
+    from .datasets import iter_fetch
 
-    for path in fetch(name, from_dir=from_dir, progress=_progress()):
+    for path in iter_fetch(name, from_dir=from_dir, progress=_progress()):
         typer.echo(path)
 
 

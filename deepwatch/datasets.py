@@ -374,14 +374,25 @@ def _fetch_one(ds: Dataset, from_dir: str | None, progress: bool) -> Path:
     return _download(ds, progress)
 
 
-def fetch(name: str, from_dir: str | None = None, progress: bool = False) -> Iterator[Path]:
-    """Make a data set (or each of a group) available locally and verified; yields the paths.
+def fetch(name: str, from_dir: str | os.PathLike[str] | None = None,
+          progress: bool = False) -> list[Path]:
+    """Make a data set (or each of a group) available locally and verified; returns the paths.
 
     With ``from_dir`` the copy found there is verified and copied into the cache; otherwise a copy
     already under ``$DEEPWATCH_DATA`` or in the cache is verified, else the file is downloaded.
+    The work is done by the call (it was a generator: ``fetch("kdd99-corrected")`` on its own
+    line did nothing, and an unknown name was not even refused).
     """
-    for ds in _expand(name):
-        yield _fetch_one(ds, from_dir, progress)
+    return list(iter_fetch(name, from_dir, progress))
+
+
+def iter_fetch(name: str, from_dir: str | os.PathLike[str] | None = None,
+               progress: bool = False) -> Iterator[Path]:
+    """:func:`fetch`, yielding each data set's path as soon as it is there (a group's first
+    before its second is downloaded). The name is checked before anything is yielded."""
+    sets = _expand(name)
+    from_text = os.fspath(from_dir) if from_dir is not None else None
+    return (_fetch_one(ds, from_text, progress) for ds in sets)
 
 
 # ---- describing ------------------------------------------------------------------------------
@@ -422,4 +433,4 @@ def describe_all() -> list[str]:
 
 
 __all__ = ["DATASETS", "GROUPS", "Dataset", "Digest", "cache_dir", "describe_all", "digest",
-           "fetch", "find", "get", "path", "verify"]
+           "fetch", "find", "get", "iter_fetch", "path", "verify"]

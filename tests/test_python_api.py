@@ -247,3 +247,21 @@ def test_the_readme_python_example_runs_as_written(tmp_path: Path, kdd_train_fil
     assert 0.5 < float(f1) <= 1 and float(cost) >= 0
     assert lines[1] == "verdict" and "malicious" in r.stdout
     assert r.stderr == ""
+
+
+def test_datasets_fetch_does_its_work_when_called(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``deepwatch.datasets.fetch(...)`` was a generator: called on its own line, as a
+    notebook calls it, it copied nothing and refused nothing."""
+    from deepwatch import datasets
+
+    monkeypatch.setenv("DEEPWATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEEPWATCH_DATA", raising=False)
+    src = tmp_path / "downloads"
+    src.mkdir()
+    (src / "KDDTest+.txt.gz").write_bytes(data_file("nslkdd/KDDTest+.txt.gz").read_bytes())
+    got = datasets.fetch("nslkdd-test", from_dir=src)
+    assert got == [tmp_path / "cache" / "datasets" / "nslkdd" / "KDDTest+.txt.gz"]
+    assert got[0].is_file()
+    with pytest.raises(UsageError, match="unknown data set 'kdd2000'"):
+        datasets.fetch("kdd2000")
