@@ -357,7 +357,7 @@ class Simulator:
         return out
 
 
-def simulate(out_dir: str | Path, visits: int = 2000, attacks: Sequence[str] = ATTACKS,
+def simulate(out_dir: str | Path, visits: int = 2000, attacks: str | Sequence[str] = ATTACKS,
              attack_share: float = 0.05, seed: int = 0, start: datetime | None = None,
              hours: float = 24.0, log: Callable[[str], None] = lambda s: None
              ) -> dict[str, Path]:
@@ -366,6 +366,8 @@ def simulate(out_dir: str | Path, visits: int = 2000, attacks: Sequence[str] = A
     ``attack_share`` is the share of attack lines relative to normal lines (split evenly
     across the attack kinds). Lines of each file are in time order.
     """
+    if isinstance(attacks, str):  # one kind ("sqli"), not its letters ("unknown attack 's'")
+        attacks = [attacks]
     attacks = list(dict.fromkeys(attacks))  # a kind named twice is one kind, not half a share
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:

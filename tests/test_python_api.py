@@ -265,3 +265,12 @@ def test_datasets_fetch_does_its_work_when_called(tmp_path: Path,
     assert got[0].is_file()
     with pytest.raises(UsageError, match="unknown data set 'kdd2000'"):
         datasets.fetch("kdd2000")
+
+
+def test_simulate_takes_one_attack_by_name(tmp_path: Path) -> None:
+    """``simulate(out, attacks="sqli")``: the string was taken for its letters, refused as
+    ``unknown attack 's'``."""
+    from deepwatch.simulate import simulate
+
+    paths = simulate(tmp_path, visits=50, attacks="sqli", attack_share=0.5)
+    assert sorted(paths) == ["normal", "sqli"]
