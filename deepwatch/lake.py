@@ -416,10 +416,19 @@ def _by_day(table: pa.Table, time_column: str | None = "timestamp"
     return sorted(out, key=lambda p: p[0])
 
 
-def _parts(root: Path, days: Sequence[str] | None) -> list[Path]:
+def _day_list(days: str | Sequence[str] | None) -> list[str] | None:
+    """``days`` as a list: a lone ``"2024-05-14"`` is one day (iterated, a string gave its
+    characters: "no records for days 2, 0, 2, 4, -, ...")."""
+    if days is None:
+        return None
+    return [days] if isinstance(days, str) else list(days)
+
+
+def _parts(root: Path, days: str | Sequence[str] | None) -> list[Path]:
     folder = root / RECORDS
     if not folder.exists():
         return []
+    days = _day_list(days)
     wanted = set(days) if days else None
     out = []
     for day_dir in sorted(folder.glob("day=*")):
@@ -437,7 +446,7 @@ def lake_days(root: str | Path) -> list[str]:
         else []
 
 
-def iter_lake(root: str | Path, days: Sequence[str] | None = None,
+def iter_lake(root: str | Path, days: str | Sequence[str] | None = None,
               digest: Any = None) -> Iterator[pa.RecordBatch]:
     """The lake's record batches: days in order, each day's records in arrival order. With
     ``digest`` (a ``hashlib`` object), the parts read are added to it as :func:`lake_sha256`
@@ -496,7 +505,7 @@ def _digest_part(digest: Any, root: Path, part: Path, data: bytes) -> None:
     digest.update(data)
 
 
-def lake_sha256(root: str | Path, days: Sequence[str] | None = None) -> str:
+def lake_sha256(root: str | Path, days: str | Sequence[str] | None = None) -> str:
     """The checksum of a lake's records as ``train --lake`` records it in a bundle's manifest:
     the sha256 of, for each record part in reading order (days in order), its path within the
     lake, a NUL, its size in bytes, a NUL, and its bytes. It changes when a part is added,
@@ -509,8 +518,9 @@ def lake_sha256(root: str | Path, days: Sequence[str] | None = None) -> str:
     return digest.hexdigest()
 
 
-def read_lake(root: str | Path, days: Sequence[str] | None = None) -> pa.Table:
-    """The whole lake (or some of its days) as one table."""
+def read_lake(root: str | Path, days: str | Sequence[str] | None = None) -> pa.Table:
+    """The whole lake (or some of its days, ``YYYY-MM-DD``: one or a list) as one table."""
+    days = _day_list(days)
     batches = list(iter_lake(root, days))
     if not batches:
         raise InputError(f"the lake at {root} holds no records"

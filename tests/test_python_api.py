@@ -274,3 +274,20 @@ def test_simulate_takes_one_attack_by_name(tmp_path: Path) -> None:
 
     paths = simulate(tmp_path, visits=50, attacks="sqli", attack_share=0.5)
     assert sorted(paths) == ["normal", "sqli"]
+
+
+def test_a_lake_read_for_one_day_given_as_a_string(tiny_kdd: Path, tmp_path: Path,
+                                                   kdd_bundle: Path) -> None:
+    """``read_lake(lake, days="2024-05-14")`` took the string for its characters ("no records
+    for days 2, 0, 2, 4, -, ..."). The lake's Table then scores as it is."""
+    from deepwatch.lake import lake_days, lake_sha256, read_lake
+    from deepwatch.models.detector import Detector
+    from deepwatch.web_cli import ingest
+
+    lake = tmp_path / "lake"
+    ingest("kdd", str(lake), tiny_kdd)
+    [day] = lake_days(lake)
+    table = read_lake(lake, days=day)
+    assert table.num_rows == 3000
+    assert lake_sha256(lake, days=day) == lake_sha256(lake, days=[day])
+    assert Detector(kdd_bundle).score_batch(table).num_rows == 3000
