@@ -4,6 +4,7 @@ they get for wrong ones, what is printed, and the reprs they look at."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,20 @@ def test_a_lake_read_for_one_day_given_as_a_string(tiny_kdd: Path, tmp_path: Pat
     assert table.num_rows == 3000
     assert lake_sha256(lake, days=day) == lake_sha256(lake, days=[day])
     assert Detector(kdd_bundle).score_batch(table).num_rows == 3000
+
+
+@pytest.mark.parametrize("given,said", [
+    ({"seed": None}, "seed must be a whole number, not None"),
+    ({"epochs": 2.0}, "epochs must be a whole number, not 2.0"),
+    ({"epochs": "2"}, "epochs must be a whole number, not '2'"),
+    ({"target_fpr": "0.01"}, "target_fpr must be a number between 0 and 1, not '0.01'"),
+])
+def test_train_numbers_of_the_wrong_type_are_refused_first(
+        tiny_kdd: Path, tmp_path: Path, given: dict[str, object], said: str) -> None:
+    """Each failed with a raw TypeError (from torch, from a comparison; ``epochs=2.0`` only
+    after the data was read and featurised)."""
+    from deepwatch.train.api import train
+
+    with pytest.raises(UsageError, match=re.escape(said)):
+        train("kdd", "mlp", tiny_kdd, tmp_path / "b", **given)  # type: ignore[arg-type]
+    assert not (tmp_path / "b").exists()

@@ -399,6 +399,7 @@ def train(
     lakes = input_list(lakes, "lakes")
     rejects = os.fspath(rejects) if rejects is not None else None
     check_options(options)
+    check_numbers(seed=seed, epochs=epochs, folds=folds, target_fpr=target_fpr)
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
                     rejects=rejects, format_name=format_name, refit=refit)
@@ -429,6 +430,21 @@ def check_options(options: dict[str, Any] | None) -> None:
     if unknown:
         raise UsageError(f"unknown training option {unknown[0]!r}; the options are "
                          f"{', '.join(sorted(known))}")
+
+
+def check_numbers(seed: Any, epochs: Any, folds: Any, target_fpr: Any) -> None:
+    """A UsageError for a number of the wrong type (the command's parser checks them): a
+    ``seed=None`` failed in torch, ``epochs=2.0`` only after the data was read and
+    featurised, ``epochs="2"`` with a TypeError from a comparison."""
+    import numbers
+
+    for name, value in (("seed", seed), ("epochs", epochs), ("folds", folds)):
+        if value is None and name == "epochs":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise UsageError(f"{name} must be a whole number, not {value!r}")
+    if isinstance(target_fpr, bool) or not isinstance(target_fpr, numbers.Real):
+        raise UsageError(f"target_fpr must be a number between 0 and 1, not {target_fpr!r}")
 
 
 #: Models whose classifiers ``--folds`` cross-fits.
