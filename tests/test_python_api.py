@@ -309,3 +309,23 @@ def test_train_numbers_of_the_wrong_type_are_refused_first(
     with pytest.raises(UsageError, match=re.escape(said)):
         train("kdd", "mlp", tiny_kdd, tmp_path / "b", **given)  # type: ignore[arg-type]
     assert not (tmp_path / "b").exists()
+
+
+def test_a_filtered_pandas_frame_gets_its_index_back(kdd_bundle: Path,
+                                                     parsed: pa.RecordBatch) -> None:
+    """The result of scoring ``df[df.protocol_type == "icmp"]`` came back, through
+    ``to_pandas()``, with a fresh RangeIndex and an ``__index_level_0__`` column: assigned
+    back to the frame (``df["verdict"] = ...``), verdicts landed on the wrong rows."""
+    import pandas as pd
+
+    from deepwatch.models.detector import Detector
+
+    det = Detector(kdd_bundle)
+    frame = parsed.slice(0, 3000).to_pandas()
+    icmp = frame[frame.protocol_type == "icmp"]
+    assert 0 < len(icmp) < len(frame) and not icmp.index.equals(pd.RangeIndex(len(icmp)))
+    out = det.score_batch(icmp).to_pandas()
+    assert out.index.equals(icmp.index)
+    assert "__index_level_0__" not in out.columns
+    want = det.score_batch(parsed.slice(0, 3000)).to_pandas()
+    assert np.array_equal(out["score"].to_numpy(), want["score"][icmp.index].to_numpy())

@@ -270,7 +270,12 @@ def _one_batch(table: pa.Table) -> pa.RecordBatch:
 def _append(batch: pa.RecordBatch, cols: dict[str, pa.Array]) -> pa.RecordBatch:
     names = [n for n in batch.schema.names if n not in cols]
     arrays = [batch.column(n) for n in names]
-    return pa.RecordBatch.from_arrays(arrays + list(cols.values()), names=names + list(cols))
+    out = pa.RecordBatch.from_arrays(arrays + list(cols.values()), names=names + list(cols))
+    # a pandas frame's index travels as a column and the schema's metadata: kept, the
+    # result's to_pandas() has the frame's index again (a filtered frame's rows line up with
+    # it) rather than a RangeIndex and an __index_level_0__ column
+    meta = batch.schema.metadata
+    return out if meta is None else out.replace_schema_metadata(meta)
 
 
 class ResultCache:
