@@ -329,3 +329,26 @@ def test_a_filtered_pandas_frame_gets_its_index_back(kdd_bundle: Path,
     assert "__index_level_0__" not in out.columns
     want = det.score_batch(parsed.slice(0, 3000)).to_pandas()
     assert np.array_equal(out["score"].to_numpy(), want["score"][icmp.index].to_numpy())
+
+
+def test_a_frame_read_without_its_header_is_told_how_to_name_its_columns(
+        kdd_bundle: Path, tiny_kdd: Path) -> None:
+    """``pd.read_csv(path, header=None)``: the error listed all 41 column names in one
+    line, and did not say what to do."""
+    import pandas as pd
+
+    from deepwatch.errors import InputError
+    from deepwatch.formats import get_format
+    from deepwatch.models.detector import Detector
+
+    det = Detector(kdd_bundle)
+    frame = pd.read_csv(tiny_kdd, header=None)
+    with pytest.raises(InputError) as err:
+        det.score_batch(frame)
+    said = str(err.value)
+    assert said.startswith("the records lack 41 of the columns this kdd model reads "
+                           "('protocol_type', 'service', 'flag', 'duration', ...; they have "
+                           "'0', '1', '2', '3', ...): give their columns the names in "
+                           "deepwatch.formats.get_format('kdd').schema.names"), said
+    frame.columns = get_format("kdd").schema.names
+    assert det.score_batch(frame).num_rows == 3000

@@ -59,8 +59,7 @@ class Featurizer:
         names = set(table.schema.names)
         missing = [c for c in self.input_columns if c not in names]
         if missing:
-            raise InputError(f"the records have no column {', '.join(map(repr, missing))}, "
-                             "which the featurizer reads")
+            raise missing_columns(missing, table.schema.names, "the featurizer reads")
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, table: pa.Table | pa.RecordBatch) -> Featurizer:
@@ -160,8 +159,8 @@ class Featurizer:
             found = re.fullmatch(r'Field "(.*)" does not exist in schema', str(exc.args[0]))
             if found is None or found[1] in table.schema.names:
                 raise
-            raise InputError(f"the records have no column {found[1]!r}, which the "
-                             "featurizer reads") from None
+            raise missing_columns([found[1]], table.schema.names, "the featurizer reads"
+                                  ) from None
 
     def _transform(self, table: pa.Table) -> np.ndarray:
         n = table.num_rows
@@ -278,6 +277,22 @@ class Featurizer:
         """Identifies the input layout the models were trained on (names and order)."""
         blob = json.dumps({"names": self.feature_names_, "spec": self.spec}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def missing_columns(missing: list[str], present: list[str], reader: str,
+                    format_name: str | None = None) -> InputError:
+    """The error for records that lack the columns ``missing`` that ``reader`` reads: the
+    first few named, and where most are missing (a frame read from a CSV without its header,
+    columns 0, 1, 2...) how to name them."""
+    if len(missing) <= 4:
+        return InputError(f"the records have no column {', '.join(map(repr, missing))}, "
+                          f"which {reader}")
+    shown = ", ".join(map(repr, missing[:4]))
+    names = (f"the names in deepwatch.formats.get_format({format_name!r}).schema.names"
+             if format_name else "the names the format gives them")
+    return InputError(f"the records lack {len(missing)} of the columns {reader} ({shown}, ...; "
+                      f"they have {', '.join(map(repr, present[:4]))}"
+                      f"{', ...' if len(present) > 4 else ''}): give their columns {names}")
 
 
 def _numeric_matrix(table: pa.Table, names: list[str]) -> np.ndarray:

@@ -13,8 +13,9 @@ import pyarrow as pa
 from .._arrow import as_arrow
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
-from ..errors import BundleError, DeepwatchError, InputError, UsageError, first_line
+from ..errors import BundleError, DeepwatchError, UsageError, first_line
 from ..features import Featurizer
+from ..features._tabular import missing_columns
 from ._checks import check_manifest, check_onnx, check_scoring
 from .decision import Decision
 
@@ -142,8 +143,8 @@ class Detector:
         names = set(records.schema.names)
         missing = [c for c in self.featurizer.input_columns if c not in names]
         if missing:
-            raise InputError(f"the records have no column {', '.join(map(repr, missing))}, "
-                             f"which this {self.format} model reads")
+            raise missing_columns(missing, records.schema.names,
+                                  f"this {self.format} model reads", self.format)
         return records
 
     def new_state(self) -> dict[str, Any]:
