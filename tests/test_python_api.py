@@ -352,3 +352,15 @@ def test_a_frame_read_without_its_header_is_told_how_to_name_its_columns(
                            "deepwatch.formats.get_format('kdd').schema.names"), said
     frame.columns = get_format("kdd").schema.names
     assert det.score_batch(frame).num_rows == 3000
+
+
+def test_a_policy_evaluate_cannot_rescore_by_says_why(kdd_bundle: Path, tiny_kdd: Path) -> None:
+    """``evaluate(..., policy="fpr")`` (a policy ``train`` takes) was refused as "not
+    available for this bundle", as if another bundle had it; no bundle has it when scoring."""
+    from deepwatch.evaluate.run import evaluate
+
+    with pytest.raises(UsageError, match="'fpr' cannot be chosen when scoring: use threshold "
+                                         r"\(the bundle's calibrated threshold\) or cost"):
+        evaluate(kdd_bundle, "kdd", tiny_kdd, policy="fpr")
+    result, _ = evaluate(kdd_bundle, "kdd", tiny_kdd, policy="threshold")
+    assert result["binary"]["threshold"] is not None

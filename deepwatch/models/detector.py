@@ -84,9 +84,16 @@ class Detector:
                               f"features but the manifest says {self.manifest['n_features']}")
         decision = dict(self.manifest["decision"])
         if policy is not None:  # evaluate a bundle under another decision (cost or threshold)
-            if policy not in ("cost", "threshold") or (
-                    policy == "cost" and decision.get("cost_matrix") is None):
-                raise UsageError(f"decision policy {policy!r} is not available for this bundle")
+            if policy not in ("cost", "threshold"):
+                # fpr (and auto) are ways of choosing the threshold, which happens in training
+                raise UsageError(f"decision policy {policy!r} cannot be chosen when scoring: "
+                                 f"use threshold (the bundle's calibrated threshold) or cost "
+                                 f"(KDD bundles); fpr is chosen at training")
+            if policy == "cost" and decision.get("cost_matrix") is None:
+                raise UsageError(f"decision policy 'cost' needs the KDD contest's cost matrix, "
+                                 f"which this {self.manifest.get('model_kind')} bundle on "
+                                 f"{self.manifest.get('input_format')} data does not have "
+                                 f"(use threshold)")
             decision["policy"] = policy
         self.decision = Decision(decision)
         self.outputs: list[str] = list(self.manifest["outputs"])
