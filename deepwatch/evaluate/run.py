@@ -179,7 +179,12 @@ def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str =
     """Metrics of ``bundle`` on labelled ``inputs`` (one path, ``str`` or ``pathlib.Path``, or a
     list); ``rejects``: a JSONL file that keeps every rejected record with its line, text and
     reason (what it kept stays when the run fails or is stopped, said to be incomplete when
-    stopped; see :func:`~deepwatch.sinks.keeping_rejects`)."""
+    stopped; see :func:`~deepwatch.sinks.keeping_rejects`). ``policy``: re-score under
+    ``threshold`` or ``cost`` instead of the bundle's decision.
+
+    Returns ``(result, columns)``: the ``evaluate --json`` object as a dict, and the scored
+    records' columns as numpy arrays (``label``, ``score``, ``verdict``...; :func:`to_table`
+    makes them a table)."""
     from ..models.detector import Detector
     from ..sinks import keeping_rejects
 

@@ -28,6 +28,20 @@ OUTPUT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category"
 
 
 class Detector:
+    """A trained bundle loaded for scoring: featurizer, network and decision.
+
+    ``path``: the bundle directory (checked against its manifest as it is read; ``verify``
+    False skips the files not read). ``engine``: ``auto`` (ONNX Runtime where the bundle has
+    a ``model.onnx`` and it is installed, else torch), ``onnx`` or ``torch``; ``device``
+    (torch only): ``cpu``, ``cuda[:N]`` or ``auto``. ``explain``: add an ``explanation``
+    column to malicious records (default: where it is free, i.e. autoencoders). ``policy``:
+    re-score under ``threshold`` or ``cost`` instead of the bundle's decision.
+
+    Problems with the bundle raise :class:`~deepwatch.errors.BundleError`, with the
+    arguments :class:`~deepwatch.errors.UsageError`. One detector may score from several
+    threads at once.
+    """
+
     def __init__(self, path: str | Path, engine: str = "auto", verify: bool = True,
                  device: str = "cpu", explain: bool | None = None,
                  policy: str | None = None):
