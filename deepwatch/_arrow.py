@@ -69,7 +69,7 @@ def as_arrow(records: Any, what: str) -> pa.RecordBatch | pa.Table:
         return records
     if not isinstance(records, list | tuple):
         try:
-            return pa.table(records)
+            return without_views(pa.table(records))
         except (TypeError, ValueError, pa.ArrowException) as exc:
             raise InputError(f"{what} takes parsed records as a table (pyarrow, pandas, "
                              f"polars), not {type(records).__name__}: {first_line(exc)}"
@@ -78,3 +78,15 @@ def as_arrow(records: Any, what: str) -> pa.RecordBatch | pa.Table:
                      f"a {type(records).__name__}; records as dicts of fields go through "
                      f"deepwatch.formats.get_format(NAME).parse_records(records).batch, raw "
                      f"lines through .parse(text).batch")
+
+
+def without_views(table: pa.Table) -> pa.Table:
+    """``table`` with its ``string_view``/``binary_view`` columns as plain strings/binaries:
+    polars hands its frames over in the view types, on which some of pyarrow's kernels
+    (``take``, which scoring uses on repeated records) have no implementation."""
+    fields = [pa.field(f.name, pa.string() if pa.types.is_string_view(f.type)
+                       else pa.binary() if pa.types.is_binary_view(f.type) else f.type,
+                       f.nullable, f.metadata)
+              for f in table.schema]
+    schema = pa.schema(fields, metadata=table.schema.metadata)
+    return table if schema.equals(table.schema) else table.cast(schema)
