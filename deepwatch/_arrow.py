@@ -80,7 +80,7 @@ def as_arrow(records: Any, what: str) -> pa.RecordBatch | pa.Table:
                      f"lines through .parse(text).batch")
 
 
-def without_views(table: pa.Table) -> pa.Table:
+def without_views(table: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
     """``table`` with its ``string_view``/``binary_view`` columns as plain strings/binaries:
     polars hands its frames over in the view types, on which some of pyarrow's kernels
     (``take``, which scoring uses on repeated records) have no implementation."""

@@ -80,7 +80,10 @@ def test_score_batch_takes_tables_and_frames(kdd_bundle: Path, parsed: pa.Record
     small = parsed.slice(0, 10)
     for rows in (parsed, small):
         want = Detector(kdd_bundle).score_batch(rows)
-        givens = [rows.to_pandas(), pl.from_arrow(rows)] + ([table] if rows is parsed else [])
+        views = pa.table(pl.from_arrow(rows)).combine_chunks().to_batches()[0]
+        assert views.schema.field("service").type == pa.string_view()
+        givens = [rows.to_pandas(), pl.from_arrow(rows), views] + (
+            [table] if rows is parsed else [])
         for given in givens:  # each to a new detector: no result is taken from its cache
             got = Detector(kdd_bundle).score_batch(given)
             assert isinstance(got, pa.RecordBatch)

@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import pyarrow as pa
 
-from .._arrow import as_arrow
+from .._arrow import as_arrow, without_views
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
 from ..errors import BundleError, DeepwatchError, UsageError, first_line
@@ -158,7 +158,9 @@ class Detector:
         ``KeyError`` from the featurizer)."""
         records = as_arrow(records, "score_batch")
         if isinstance(records, pa.Table):
-            records = _one_batch(records)
+            records = _one_batch(without_views(records))
+        elif records.num_rows >= DEDUPE_MIN_ROWS:  # (where a look at the types costs nothing)
+            records = without_views(records)  # repeated records are taken: no view kernels
         if self.featurizer.stateful:  # (derived features: the deriver reads the columns)
             return records
         names = set(records.schema.names)
