@@ -24,6 +24,7 @@ import polars as pl
 import pyarrow as pa
 
 from . import __version__
+from .errors import InputError
 
 ALERT_CATEGORY = ("network", "intrusion_detection")
 #: Columns score_batch appends: alerts carry them under ``deepwatch.*``, not in the record.
@@ -149,6 +150,21 @@ def _cut_long_fields(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series | Non
     return cut, names
 
 
+def _scored_frame(scored: Any) -> pl.DataFrame:
+    """Scored records (``Detector.score_batch``'s output, as Arrow, polars or pandas) as a
+    polars frame; an InputError for anything else (a pandas frame failed on a bare
+    ``assert``, records not scored with polars' ``ColumnNotFoundError: "score"``)."""
+    from ._arrow import as_arrow
+
+    frame = scored if isinstance(scored, pl.DataFrame) else pl.from_arrow(
+        as_arrow(scored, "alerts"))
+    assert isinstance(frame, pl.DataFrame)
+    if "score" not in frame.columns:
+        raise InputError("alerts are made of scored records (Detector.score_batch's output): "
+                         "these have no 'score' column")
+    return frame
+
+
 def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertContext,
                 source: pl.DataFrame | None = None, now: datetime | None = None,
                 splice_explanation: bool = False) -> pl.DataFrame:
@@ -156,8 +172,7 @@ def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
     top-level ECS object, ``deepwatch`` last; ``source`` (same length) becomes
     ``deepwatch.source``. With ``splice_explanation`` the explanation is left out (the caller
     splices its JSON text in)."""
-    frame = scored if isinstance(scored, pl.DataFrame) else pl.from_arrow(scored)
-    assert isinstance(frame, pl.DataFrame)
+    frame = _scored_frame(scored)
     if source is not None and source.height != frame.height:
         raise ValueError(f"{source.height} source rows for {frame.height} alerts")
     frame, truncated = _cut_long_fields(frame)
@@ -212,8 +227,7 @@ def alert_lines(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
     The detector's explanation is already JSON text: it is spliced in as
     ``deepwatch.explanation`` rather than decoded and encoded again.
     """
-    frame = scored if isinstance(scored, pl.DataFrame) else pl.from_arrow(scored)
-    assert isinstance(frame, pl.DataFrame)
+    frame = _scored_frame(scored)
     if frame.height == 0:
         return []
     explanation = _json_explanation(frame)

@@ -370,3 +370,26 @@ def test_a_policy_evaluate_cannot_rescore_by_says_why(kdd_bundle: Path, tiny_kdd
         evaluate(kdd_bundle, "kdd", tiny_kdd, policy="fpr")
     result, _ = evaluate(kdd_bundle, "kdd", tiny_kdd, policy="threshold")
     assert result["binary"]["threshold"] is not None
+
+
+def test_alerts_from_a_pandas_frame_and_from_unscored_records(kdd_bundle: Path,
+                                                              parsed: pa.RecordBatch) -> None:
+    """``alert_lines`` of scored records as a pandas frame failed on a bare ``assert`` (no
+    message at all); of records not scored, with polars' ``ColumnNotFoundError``."""
+    import json
+    from datetime import UTC, datetime
+
+    from deepwatch.alerts import AlertContext, alert_lines, malicious
+    from deepwatch.errors import InputError
+    from deepwatch.models.detector import Detector
+
+    det = Detector(kdd_bundle)
+    ctx = AlertContext.from_detector(det)
+    flagged = malicious(det.score_batch(parsed.slice(0, 2000)))
+    assert flagged.num_rows > 0
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    from_pandas = alert_lines(flagged.to_pandas(), ctx, now=now)
+    assert from_pandas == alert_lines(flagged, ctx, now=now)
+    assert json.loads(from_pandas[0])["event"]["kind"] == "alert"
+    with pytest.raises(InputError, match="alerts are made of scored records .* no 'score'"):
+        alert_lines(parsed.slice(0, 10), ctx)
