@@ -393,3 +393,14 @@ def test_alerts_from_a_pandas_frame_and_from_unscored_records(kdd_bundle: Path,
     assert json.loads(from_pandas[0])["event"]["kind"] == "alert"
     with pytest.raises(InputError, match="alerts are made of scored records .* no 'score'"):
         alert_lines(parsed.slice(0, 10), ctx)
+
+
+def test_read_inputs_takes_a_format_name(tiny_kdd: Path) -> None:
+    """``read_inputs(path, "kdd")`` failed with ``AttributeError: 'str' object has no
+    attribute 'parse_bulk'``: only a Format object was taken."""
+    from deepwatch.formats import get_format
+    from deepwatch.sources.files import read_inputs
+
+    table, rejects, stats = read_inputs(tiny_kdd, "kdd")
+    assert (table.num_rows, rejects.num_rows, stats.parsed) == (3000, 0, 3000)
+    assert table.equals(read_inputs([tiny_kdd], get_format("kdd"))[0])

@@ -17,11 +17,17 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import InputError, UsageError
 from ..formats._base import MAX_RAW, count_newlines
 from ._tail import all_zero, zeros_to_end
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from ..formats import Format
+    from ..io import Stats
 
 CHUNK_BYTES = 8 << 20
 #: The UTF-8 byte order mark some Windows tools write at the start of a text file.
@@ -1048,12 +1054,18 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
             stream.close()
 
 
-def read_inputs(specs: Inputs | Sequence[InputSpec], fmt, progress: bool = False):  # type: ignore[no-untyped-def]
+def read_inputs(specs: Inputs | Sequence[InputSpec], fmt: Format | str,
+                progress: bool = False) -> tuple[pa.Table, pa.Table, Stats]:
     """Parse every input completely. Returns ``(table, rejects, stats)``.
 
-    ``rejects`` has a ``source`` column; ``stats`` maps ``lines``, ``parsed``, ``rejected``.
+    ``fmt``: a format or its name (``"kdd"``; a name failed with ``AttributeError:
+    parse_bulk``). ``rejects`` has a ``source`` column; ``stats`` counts ``lines``,
+    ``parsed``, ``rejected``.
     """
+    from ..formats import get_format
     from ..io import InputReader
 
+    if isinstance(fmt, str):
+        fmt = get_format(fmt)
     reader = InputReader(fmt, specs, progress=progress)
     return reader.read_all()
