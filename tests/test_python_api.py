@@ -404,3 +404,12 @@ def test_read_inputs_takes_a_format_name(tiny_kdd: Path) -> None:
     table, rejects, stats = read_inputs(tiny_kdd, "kdd")
     assert (table.num_rows, rejects.num_rows, stats.parsed) == (3000, 0, 3000)
     assert table.equals(read_inputs([tiny_kdd], get_format("kdd"))[0])
+
+
+def test_evaluate_without_inputs_says_so(kdd_bundle: Path) -> None:
+    """``evaluate(bundle, "kdd", [])`` said "no records could be parsed from the evaluation
+    inputs", a DataError (exit 4) as if the inputs held garbage."""
+    from deepwatch.evaluate.run import evaluate
+
+    with pytest.raises(UsageError, match="nothing to evaluate on: give one or more labelled"):
+        evaluate(kdd_bundle, "kdd", [])

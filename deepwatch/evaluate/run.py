@@ -189,6 +189,8 @@ def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str =
     from ..sinks import keeping_rejects
 
     inputs = input_list(inputs)
+    if not inputs:  # (not "no records could be parsed", as if the inputs held garbage)
+        raise UsageError("nothing to evaluate on: give one or more labelled input files")
     rejects = os.fspath(rejects) if rejects is not None else None
 
     det = Detector(bundle, engine=engine, explain=False, policy=policy)
