@@ -63,6 +63,8 @@ _FLAGS = ("local_orig", "local_resp")
 _JSON_FLAGS = {"true": "T", "false": "F"}
 #: Latest accepted time (seconds since 1970; the year 5138): beyond it a ts is garbage.
 MAX_TS = 1e11
+#: The timestamps of Zeek's JSON logs written with ``JSON::TS_ISO8601``: always UTC, ``Z``.
+ISO_TS = "%Y-%m-%dT%H:%M:%S%.fZ"
 
 SCHEMA = pa.schema(
     [pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False)]
@@ -126,9 +128,12 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
             bad = text.is_not_null() & (val.is_null() | (val < 0))
             what = "a non-negative integer"
         elif col == "ts":
-            val = text.cast(pl.Float64, strict=False)
+            # seconds since 1970, or the UTC ISO 8601 text Zeek writes with JSON::TS_ISO8601
+            iso = text.str.strptime(pl.Datetime("us", "UTC"), ISO_TS, strict=False)
+            val = pl.coalesce(text.cast(pl.Float64, strict=False),
+                              iso.dt.epoch("us").cast(pl.Float64) / 1e6)
             bad = text.is_not_null() & ~val.is_between(0.0, MAX_TS).fill_null(False)
-            what = "a time in seconds since 1970"
+            what = "a time in seconds since 1970 or in ISO 8601 UTC (2026-11-24T10:00:00.5Z)"
         elif pa.types.is_floating(typ):
             val = text.cast(pl.Float64, strict=False)
             bad = text.is_not_null() & (val.is_null() | ~val.is_finite().fill_null(False))
