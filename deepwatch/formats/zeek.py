@@ -136,8 +136,10 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
             what = "a time in seconds since 1970 or in ISO 8601 UTC (2026-11-24T10:00:00.5Z)"
         elif pa.types.is_floating(typ):
             val = text.cast(pl.Float64, strict=False)
-            bad = text.is_not_null() & (val.is_null() | ~val.is_finite().fill_null(False))
-            what = "a finite number"
+            # a duration is an interval: Zeek never writes a negative one
+            bad = text.is_not_null() & (val.is_null() | ~val.is_finite().fill_null(False)
+                                        | (val < 0).fill_null(False))
+            what = "a finite non-negative number"
         else:
             val, bad, what = text, pl.lit(False), ""
         if col in _REQUIRED:
@@ -183,7 +185,7 @@ class Zeek(Format):
 
     name: ClassVar[str] = "zeek"
     schema: ClassVar[pa.Schema] = SCHEMA
-    nonnegative: ClassVar[tuple[str, ...]] = _COUNTS
+    nonnegative: ClassVar[tuple[str, ...]] = (*_COUNTS, "duration")
     ecs_fields: ClassVar[dict[str, str]] = {
         "@timestamp": "ts",
         "source.ip": "orig_h",
