@@ -40,3 +40,12 @@ def test_a_negative_duration_posted_as_a_record_is_a_reject() -> None:
          "duration": -1.5}])
     assert res.batch.num_rows == 0 and res.rejects.num_rows == 1
     assert "duration" in res.rejects.column("reason")[0].as_py()
+
+
+def test_a_count_past_int64_is_a_reject_that_says_so() -> None:
+    line = ("1700000000.1\tC1\t10.0.0.1\t50465\t10.0.0.2\t80\ttcp\t-\t0.5\t9223372036854775807"
+            "\t18446744073709551615\tSF\t-\t-\t0\tS\t1\t1\t1\t1\n")
+    res = get_format("zeek").parse(line)
+    assert res.batch.num_rows == 0 and res.rejects.num_rows == 1
+    assert res.rejects.column("reason")[0].as_py() == (
+        "field resp_bytes is over 9223372036854775807: '18446744073709551615'")

@@ -127,6 +127,10 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
             val = text.cast(pl.Int64, strict=False)
             bad = text.is_not_null() & (val.is_null() | (val < 0))
             what = "a non-negative integer"
+            # Zeek's counts are unsigned 64-bit: one past 2^63 - 1 is a count, too large to keep
+            huge = val.is_null() & text.str.contains(r"^[0-9]{19,}$")
+            reasons.append(pl.when(huge).then(pl.lit(f"field {col} is over {2**63 - 1}: '")
+                                              + text.str.slice(0, 60) + pl.lit("'")))
         elif col == "ts":
             # seconds since 1970, or the UTC ISO 8601 text Zeek writes with JSON::TS_ISO8601
             iso = text.str.strptime(pl.Datetime("us", "UTC"), ISO_TS, strict=False)
