@@ -41,6 +41,22 @@ def _held_open(lake: Path, log: Path) -> Any:
                             env=ENV)
 
 
+def _kill_when_written(lake: Path, log: Path, parts: int) -> None:
+    """Hold an ingest of ``log`` open and kill it with SIGKILL once ``parts`` parts are
+    written anywhere in the lake (staged or not)."""
+    from conftest import signal_when
+
+    proc = _held_open(lake, log)
+    try:
+        signal_when(proc, lambda: _parts_anywhere(lake) >= parts, signal.SIGKILL)
+    finally:
+        proc.kill()
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def _parts_anywhere(lake: Path) -> int:
     """Parts the ingests have written, whether readers see them yet or not."""
     return len(list(lake.rglob("part-*.parquet")))
@@ -63,20 +79,11 @@ def _seen(lake: Path) -> tuple[int, int, int]:
 def test_an_ingest_killed_outright_leaves_nothing_to_store_twice(tmp_path: Path) -> None:
     # a run killed with SIGKILL (the OOM killer) left the parts it had finished in the lake:
     # readers took the half run for data, and running it again stored that half twice
-    from conftest import signal_when
-
     lake = tmp_path / "lake"
     assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 5, "first"))).returncode == 0
     log = _log(tmp_path / "day.log", [14] * 200 + [15] * 100, "day")
-    proc = _held_open(lake, log)
-    try:  # day.log written (two parts, one a day), stdin still open
-        signal_when(proc, lambda: _parts_anywhere(lake) >= 3, signal.SIGKILL)
-    finally:
-        proc.kill()
-        assert proc.stdin is not None and proc.stderr is not None
-        proc.stdin.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    # killed once day.log is written (two parts, one a day), stdin still open
+    _kill_when_written(lake, log, 3)
     assert _seen(lake) == (5, 5, 5)  # the killed run's parts are nowhere a reader looks
 
     again = _ingest(lake, str(log))  # simply run again
@@ -135,18 +142,9 @@ def test_a_commit_cut_short_is_finished_by_the_next_ingest(tmp_path: Path) -> No
     """A run killed among the moves of its commit (after writing their list, ``commit.json``,
     with the first part moved into place) is neither half in the lake nor dropped: the next
     ingest finishes the moves and notes its input."""
-    from conftest import signal_when
-
     lake = tmp_path / "lake"
     log = _log(tmp_path / "day.log", [14] * 200 + [15] * 100, "day")
-    proc = _held_open(lake, log)
-    try:
-        signal_when(proc, lambda: _parts_anywhere(lake) >= 2, signal.SIGKILL)
-    finally:
-        proc.kill()
-        assert proc.stdin is not None and proc.stderr is not None
-        proc.stdin.close()
-        proc.stderr.close()
+    _kill_when_written(lake, log, 2)
     [staging] = lake.glob(".ingest-*")
     staged = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("part-*.parquet"))
     assert len(staged) == 2
