@@ -62,3 +62,27 @@ def test_huge_values_are_clipped_not_infinite() -> None:
         warnings.simplefilter("error")  # and quietly: no numpy overflow warning on stderr
         X = f.transform(t)
     assert np.all(np.isfinite(X)) and np.abs(X).max() <= 50.0
+
+
+def test_a_column_a_registered_deriver_reads_is_named_when_missing() -> None:
+    """A deriver declares the columns it reads; records lacking one are refused with that
+    column named, whatever error the deriver's own code raised (here a plain ``KeyError('b')``
+    from a dict, which earlier surfaced as it was: only pyarrow's wording was recognised)."""
+    import pytest
+
+    from deepwatch.errors import InputError
+    from deepwatch.features import register_deriver
+
+    def summed(table: pa.Table, params: dict, state: dict) -> pa.Table:
+        cols = table.to_pydict()
+        return table.append_column("z", pa.array([a + b for a, b in zip(cols["a"], cols["b"],
+                                                                          strict=True)]))
+
+    register_deriver("test_summed", summed, reads=("a", "b"))
+    f = Featurizer({"numeric": ["z"], "derive": {"name": "test_summed"}})
+    f.fit(pa.table({"a": [1.0, 2.0, 3.0], "b": [1.0, 0.0, 2.0]}))
+    assert f.transform(pa.table({"a": [1.0], "b": [1.0]})).shape == (1, 1)
+    with pytest.raises(InputError, match="no column 'b', which the featurizer reads"):
+        f.transform(pa.table({"a": [1.0]}))
+    with pytest.raises(TypeError, match="not one string"):
+        register_deriver("test_summed", summed, reads="ab")

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from .._arrow import as_arrow, to_numpy
 from ..errors import DataError, InputError, UsageError
-from ._derive import get_deriver
+from ._derive import deriver_reads, get_deriver
 
 OTHER = "<other>"
 CLIP = 50.0
@@ -50,16 +50,19 @@ class Featurizer:
         if not self.fitted:
             raise UsageError("this Featurizer is not fitted: call fit(table) first")
 
-    def _check_columns(self, table: pa.Table | pa.RecordBatch, derived: bool) -> None:
+    def check_columns(self, table: pa.Table | pa.RecordBatch, derived: bool,
+                      reader: str = "the featurizer reads", format_name: str | None = None
+                      ) -> None:
         """An InputError naming the columns the spec reads that ``table`` lacks (a KeyError
         from pyarrow otherwise). ``derived``: ``table`` is after the deriver, which makes some
-        of them; before it, only stateless featurizers can be checked."""
+        of them; before it, only stateless featurizers can be checked. ``reader`` and
+        ``format_name`` word the error (see :func:`missing_columns`)."""
         if not derived and self.stateful:
             return
         names = set(table.schema.names)
         missing = [c for c in self.input_columns if c not in names]
         if missing:
-            raise missing_columns(missing, table.schema.names, "the featurizer reads")
+            raise missing_columns(missing, table.schema.names, reader, format_name)
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, table: pa.Table | pa.RecordBatch) -> Featurizer:
@@ -69,7 +72,7 @@ class Featurizer:
         if table.num_rows == 0:
             raise DataError("cannot fit a featurizer on zero records")
         table = self._derived(table, state={})
-        self._check_columns(table, derived=True)
+        self.check_columns(table, derived=True)
         spec = self.spec
         min_count = int(spec.get("min_count", 1))
         max_cats = int(spec.get("max_categories", 256))
@@ -145,22 +148,22 @@ class Featurizer:
         try:
             return self._transform(table)
         except KeyError:
-            self._check_columns(table, derived=True)
+            self.check_columns(table, derived=True)
             raise
 
     def _derived(self, table: pa.Table, state: dict[str, Any]) -> pa.Table:
-        """:meth:`_derive`, a column the deriver reads and the records lack named in an
-        InputError (pyarrow's KeyError otherwise)."""
+        """:meth:`_derive`; where it fails with a KeyError, a column the deriver declared it
+        reads (:func:`~deepwatch.features.register_deriver`) and the records lack is named in
+        an InputError (the deriver's own KeyError otherwise)."""
         try:
             return self._derive(table, state)
-        except KeyError as exc:
-            import re
-
-            found = re.fullmatch(r'Field "(.*)" does not exist in schema', str(exc.args[0]))
-            if found is None or found[1] in table.schema.names:
+        except KeyError:
+            names = set(table.schema.names)
+            reads = deriver_reads(self.spec.get("derive", {}).get("name", ""))
+            missing = [c for c in reads if c not in names]
+            if not missing:
                 raise
-            raise missing_columns([found[1]], table.schema.names, "the featurizer reads"
-                                  ) from None
+            raise missing_columns(missing, table.schema.names, "the featurizer reads") from None
 
     def _transform(self, table: pa.Table) -> np.ndarray:
         n = table.num_rows

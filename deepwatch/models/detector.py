@@ -15,7 +15,6 @@ from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
 from ..errors import BundleError, DeepwatchError, UsageError, first_line
 from ..features import Featurizer
-from ..features._tabular import missing_columns
 from ._checks import check_manifest, check_onnx, check_scoring
 from .decision import Decision
 
@@ -161,13 +160,10 @@ class Detector:
             records = _one_batch(without_views(records))
         elif records.num_rows >= DEDUPE_MIN_ROWS:  # (where a look at the types costs nothing)
             records = without_views(records)  # repeated records are taken: no view kernels
-        if self.featurizer.stateful:  # (derived features: the deriver reads the columns)
-            return records
-        names = set(records.schema.names)
-        missing = [c for c in self.featurizer.input_columns if c not in names]
-        if missing:
-            raise missing_columns(missing, records.schema.names,
-                                  f"this {self.format} model reads", self.format)
+        # (derived features: the deriver checks the columns it reads when it runs)
+        self.featurizer.check_columns(records, derived=False,
+                                      reader=f"this {self.format} model reads",
+                                      format_name=self.format)
         return records
 
     def new_state(self) -> dict[str, Any]:
