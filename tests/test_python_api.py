@@ -413,3 +413,32 @@ def test_evaluate_without_inputs_says_so(kdd_bundle: Path) -> None:
 
     with pytest.raises(UsageError, match="nothing to evaluate on: give one or more labelled"):
         evaluate(kdd_bundle, "kdd", [])
+
+
+def test_deepwatch_api_names_the_python_api_and_loads_it_lazily() -> None:
+    """``from deepwatch.api import ...`` gives the very objects of their modules, and importing
+    ``deepwatch.api`` loads neither torch nor onnxruntime (a fresh interpreter checks)."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, sys
+import deepwatch.api as api
+heavy = sorted(m for m in ('torch', 'onnxruntime', 'polars') if m in sys.modules)
+assert not heavy, heavy
+assert api.__all__ == sorted(api._WHERE), api.__all__
+for name in api.__all__:
+    assert getattr(api, name) is getattr(importlib.import_module(api._WHERE[name]), name), name
+assert set(api.__all__) <= set(dir(api))
+from deepwatch.api import Detector, evaluate, train
+from deepwatch.models.detector import Detector as D
+assert Detector is D and callable(evaluate) and callable(train)
+try:
+    api.nothing_here
+except AttributeError as exc:
+    print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "module 'deepwatch.api' has no attribute 'nothing_here'\n"
