@@ -174,6 +174,9 @@ class LakeWriter:
         self._written: list[Path] = []  # those moved into place by a commit under way
         self._staging: Path | None = None
         self._lock: int | None = None
+        #: whether this run's commit is past its point of no return (its inputs noted in
+        #: ``_ingested.jsonl``): its records stay, whatever stops it after (see :meth:`rollback`)
+        self.committed = False
 
     def _name(self) -> str:
         self._seq += 1
@@ -221,12 +224,21 @@ class LakeWriter:
         again. The moves are quick, but a run can be killed among them too: the list of moves
         is written first (``commit.json``), and the next writer finishes them. A part that
         cannot be moved is an OutputError (:meth:`rollback` then removes those moved); an
-        input that cannot be noted is not (the records are in): its message is returned."""
+        input that cannot be noted is not (the records are in): its message is returned.
+
+        Noting the inputs is the point of no return: a stop (Ctrl-C, SIGTERM) before it rolls
+        the run back whole, one after it keeps the run whole. A rollback after the parts were
+        moved looks for this run's entries in ``_ingested.jsonl`` to tell which, so a stop
+        landing between the append and the line after it does not remove records the lake
+        says were ingested (a later ingest of the same file then warned of a repeat that was
+        not there)."""
         lines = [json.dumps({"path": str(path), "size": size, "sha256": digest,
                              "ingest": self._ingest}) + "\n"
                  for path in inputs for size, digest in [self._checksum(path)]]
         if self._staging is None:  # no records: only the inputs to note
-            return _append_ingested(self.root, lines)
+            failed = _append_ingested(self.root, lines)
+            self.committed = True
+            return failed
         plan = {"parts": [f.relative_to(self.root).as_posix() for f in self._staged],
                 "ingested": lines}
         try:
@@ -241,15 +253,24 @@ class LakeWriter:
             raise OutputError(f"cannot write the lake at {self.root}: "
                               f"{exc.strerror or first_line(exc)}") from None
         failed = _append_ingested(self.root, lines)
+        self.committed = True
         self._drop_staging()
-        # (only now: a stop before this line still has rollback() remove the parts moved)
         self._staged.clear()
         self._written.clear()
         return failed
 
     def rollback(self) -> int:
         """Remove every part this writer wrote (a run that failed keeps nothing, so running it
-        again does not store its records twice); the number of parts removed."""
+        again does not store its records twice); the number of parts removed. Not once the
+        commit is past its point of no return (:attr:`committed` is then True): only its
+        clean-up is finished, and 0 returned."""
+        if not self.committed and self._written and self._noted():
+            self.committed = True  # stopped between noting the inputs and saying so
+        if self.committed:
+            self._drop_staging()
+            self._staged.clear()
+            self._written.clear()
+            return 0
         removed = len(self._staged)
         for part in self._written:  # moved into place by a commit that failed part-way
             with contextlib.suppress(FileNotFoundError):
@@ -259,6 +280,10 @@ class LakeWriter:
         self._drop_staging()
         self.stats = LakeStats(days=set())
         return removed
+
+    def _noted(self) -> bool:
+        """Whether ``_ingested.jsonl`` holds entries of this run (a commit noted its inputs)."""
+        return any(e.get("ingest") == self._ingest for e in _ingested(self.root))
 
     def _drop_staging(self) -> None:
         if self._staging is not None:

@@ -42,6 +42,13 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
         failed = writer.commit(files)
     except BaseException as exc:  # a full disk, an unreadable input, Ctrl-C: keep nothing
         removed = writer.rollback()
+        if writer.committed:  # stopped once its inputs were noted: the run is in, whole
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(f"too late to roll back, the run had committed: its "
+                                  f"{writer.stats.records:,} records are in {lake}, so "
+                                  "running it again would store them twice",
+                                  getattr(exc, "terminated", False)) from None
+            raise
         parts = "1 part it had written was" if removed == 1 else \
             f"{removed} parts it had written were"
         kept_nothing = f"nothing from this run was kept ({parts} removed), so it can simply be " \

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 
 from deepwatch.lake import read_lake
 
@@ -162,3 +163,72 @@ def test_a_commit_cut_short_is_finished_by_the_next_ingest(tmp_path: Path) -> No
     assert not list(lake.glob(".*"))
     noted = [json.loads(x)["path"] for x in (lake / "_ingested.jsonl").read_text().splitlines()]
     assert sorted(noted) == sorted([str(log), str(other)])
+
+
+#: Installed in an ingest (``sitecustomize``): once it has appended its entries to
+#: ``_ingested.jsonl``, it says so (``NOTED_FLAG``) and waits there, for the test's signal.
+_HOLD_AFTER_NOTING = '''
+import os, time
+
+_open, _write = os.open, os.write
+_appending = set()
+
+
+def _opened(path, flags, *args, **kwargs):
+    fd = _open(path, flags, *args, **kwargs)
+    if os.fspath(path).endswith("_ingested.jsonl") and flags & os.O_APPEND:
+        _appending.add(fd)
+    return fd
+
+
+def _written(fd, data):
+    n = _write(fd, data)
+    if fd in _appending:
+        _appending.discard(fd)
+        open(os.environ["NOTED_FLAG"], "w").close()
+        while True:
+            time.sleep(60)
+    return n
+
+
+os.open, os.write = _opened, _written
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_once_the_inputs_are_noted_keeps_the_run(tmp_path: Path, sig: int) -> None:
+    """A Ctrl-C or SIGTERM landing just after the commit noted its input in _ingested.jsonl
+    rolled the records back but left the entry: the lake said the file was ingested while
+    none of its records were in it, and ingesting it again warned of a repeat that was not
+    there. Noting the inputs is the commit's point of no return: the run is kept whole."""
+    from conftest import signal_when
+
+    lake = tmp_path / "lake"
+    assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 5, "first"))).returncode == 0
+    log = _log(tmp_path / "day.log", [14] * 200 + [15] * 100, "day")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_AFTER_NOTING)
+    flag = tmp_path / "noted"
+    env = {**ENV, "NOTED_FLAG": str(flag),
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [ENV.get("PYTHONPATH")])])}
+    proc = subprocess.Popen([EXE, "ingest", "--format", "access", "--lake", str(lake),
+                             str(log)], stderr=subprocess.PIPE, env=env)
+    try:
+        signal_when(proc, flag.exists, sig, within=60)
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
+    assert "300 records are in" in err and "nothing from this run was kept" not in err, err
+    assert _seen(lake) == (305, 305, 305)  # the run is in whole, as _ingested.jsonl says
+    noted = [json.loads(x)["path"] for x in (lake / "_ingested.jsonl").read_text().splitlines()]
+    assert noted == [str(tmp_path / "first.log"), str(log)]
+    assert not list(lake.glob(".*"))  # its staging directory was cleared all the same
+
+    again = _ingest(lake, str(log))  # the warning is true: the records are there
+    assert again.returncode == 0 and again.stdout == b"", again.stderr.decode()
+    assert b"already ingested" in again.stderr
