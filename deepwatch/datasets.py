@@ -360,7 +360,7 @@ def _fetch_one(ds: Dataset, from_dir: str | None, progress: bool) -> Path:
     if from_dir is not None:
         root = Path(from_dir).expanduser()
         if not root.is_dir():
-            raise UsageError(f"--from {from_dir}: no such directory")
+            raise UsageError(f"from_dir (--from) {from_dir}: no such directory")
         src = _look_in(ds, root)
         if src is None:
             raise InputError(f"no copy of {ds.name} in {from_dir} (looked for "

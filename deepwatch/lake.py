@@ -138,7 +138,7 @@ class LakeWriter:
         self.root = Path(root)
         self.format = format_name
         if self.root.exists() and not self.root.is_dir():
-            raise UsageError(f"--lake {self.root} is a file; a lake is a directory")
+            raise UsageError(f"lake {self.root} is a file; a lake is a directory")
         if not (self.root / MANIFEST).exists():
             # hidden files are other writers' temporaries (a concurrent creator's manifest)
             # (a manifest that appeared meanwhile is a concurrent creator's: a lake after all)

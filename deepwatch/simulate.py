@@ -373,11 +373,12 @@ def simulate(out_dir: str | Path, visits: int = 2000, attacks: str | Sequence[st
     if unknown:
         raise UsageError(f"unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
     if visits < 1:
-        raise UsageError(f"--visits must be at least 1, not {visits}")
+        raise UsageError(f"visits (--visits) must be at least 1, not {visits}")
     if not 0.0 <= attack_share <= 1.0:
-        raise UsageError(f"--attack-share must be between 0 and 1, not {attack_share}")
+        raise UsageError("attack_share (--attack-share) must be between 0 and 1, "
+                         f"not {attack_share}")
     if not 0 < hours <= 24 * 366:
-        raise UsageError(f"--hours must be above 0 and at most a year (8,784), not {hours}")
+        raise UsageError(f"hours (--hours) must be above 0 and at most a year (8,784), not {hours}")
     from .sinks import writable_dir
 
     out = writable_dir(out_dir, "--out")  # before the work, not after it

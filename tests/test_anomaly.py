@@ -299,6 +299,6 @@ def test_hybrid_on_benign_records_only_names_the_hybrid(
                "--out", str(tmp_path / "b"), f"{logs['normal']}=normal"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 4
-    assert err.startswith("error: --model hybrid needs labelled data with at least two labels "
+    assert err.startswith("error: model 'hybrid' needs labelled data with at least two labels "
                           "(found ['normal'])"), err
-    assert "--model stack" not in err and "--model autoencoder" in err
+    assert "'stack'" not in err and "the autoencoder model" in err

@@ -334,8 +334,9 @@ def test_a_classifier_with_unlabelled_validation_data_is_one_clear_error(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
-        f"error: --model {model} stops early and sets its threshold on labelled validation "
-        "records, but the validation data has no labels: label it (PATH=LABEL) or drop --val")
+        f"error: model {model!r} stops early and sets its threshold on labelled validation "
+        "records, but the validation data has no labels: label it (PATH=LABEL) or drop the "
+        "validation inputs (--val)")
     assert not (tmp_path / "b").exists()
 
 

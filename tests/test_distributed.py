@@ -156,7 +156,7 @@ def test_nproc_cross_fits_with_folds(tmp_path: Path, small_kdd: Path) -> None:
     assert manifest["network"]["kind"] == "bag" and len(manifest["network"]["members"]) == 2
     r = _deepwatch("train", "--nproc", "2", "--format", "kdd", "--model", "mlp", "--folds", "0",
                    "--out", str(tmp_path / "b"), str(small))
-    assert r.returncode == 2 and r.stderr.count("error: --folds must be between") == 1
+    assert r.returncode == 2 and r.stderr.count("error: folds (--folds) must be between") == 1
     # --refit reaches the ranks: one network, refitted on every record, in both processes
     r = _deepwatch("train", "--nproc", "2", "--format", "kdd", "--model", "mlp", "--folds", "2",
                    "--refit", "--epochs", "2", "--out", str(tmp_path / "refit"), str(small))

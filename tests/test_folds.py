@@ -126,9 +126,9 @@ def test_cross_fitted_hybrid_bundle(tiny: Path, tmp_path: Path, small_kdd_test: 
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["--folds", "0"], "--folds must be between 1 and 20, not 0"),
-    (["--folds", "3", "--model", "autoencoder"], "--folds cross-fits classifiers"),
-    (["--folds", "3", "--val", "VAL"], "--folds holds out part of each fold"),
+    (["--folds", "0"], "folds (--folds) must be between 1 and 20, not 0"),
+    (["--folds", "3", "--model", "autoencoder"], "folds (--folds) above 1 cross-fit classifiers"),
+    (["--folds", "3", "--val", "VAL"], "folds (--folds) above 1 hold out part of each fold"),
 ])
 def test_folds_mistakes_are_one_line(args: list[str], says: str, tiny: Path,
                                      tmp_path: Path) -> None:

@@ -325,7 +325,7 @@ def test_train_mistakes_are_refused_before_reading(
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: ")
-    expected = "--epochs must be at least 1, not 0" if "0" in extra else \
+    expected = "epochs (--epochs) must be at least 1, not 0" if "0" in extra else \
         "no such file: nosuch.csv"
     assert expected in err
     assert "training data" not in err and "training in" not in err  # nothing read or started
@@ -333,9 +333,10 @@ def test_train_mistakes_are_refused_before_reading(
 
 
 @pytest.mark.parametrize("fmt, model, decision, says", [
-    ("kdd", "autoencoder", "cost", "--decision cost decides on a classifier's attack probability"),
+    ("kdd", "autoencoder", "cost", "decision 'cost' (--decision) decides on a classifier's "
+                                   "attack probability"),
     ("kdd", "autoencoder", "threshold", "an autoencoder flags by its threshold calibrated at "
-                                        "--target-fpr"),
+                                        "target_fpr (--target-fpr)"),
     ("access", "mlp", "cost", "it applies to kdd and nslkdd data, not access"),
 ])
 def test_a_decision_that_does_not_apply_is_refused_not_replaced(

@@ -305,6 +305,12 @@ def test_a_lake_read_for_one_day_given_as_a_string(tiny_kdd: Path, tmp_path: Pat
     ({"epochs": 2.0}, "epochs must be a whole number, not 2.0"),
     ({"epochs": "2"}, "epochs must be a whole number, not '2'"),
     ({"target_fpr": "0.01"}, "target_fpr must be a number between 0 and 1, not '0.01'"),
+    # values of the right type but out of range: the parameter is named as Python spells it
+    # (these said only "--epochs", "--folds", ...: the CLI's flags)
+    ({"epochs": 0}, "epochs (--epochs) must be at least 1, not 0"),
+    ({"folds": 0}, "folds (--folds) must be between 1 and 20, not 0"),
+    ({"target_fpr": 1.5}, "target_fpr (--target-fpr) must be between 0 and 1, not 1.5"),
+    ({"refit": True, "model": "autoencoder"}, "refit (--refit) trains classifiers again"),
 ])
 def test_train_numbers_of_the_wrong_type_are_refused_first(
         tiny_kdd: Path, tmp_path: Path, given: dict[str, object], said: str) -> None:
@@ -312,8 +318,9 @@ def test_train_numbers_of_the_wrong_type_are_refused_first(
     after the data was read and featurised)."""
     from deepwatch.train.api import train
 
+    model = str(given.pop("model", "mlp"))
     with pytest.raises(UsageError, match=re.escape(said)):
-        train("kdd", "mlp", tiny_kdd, tmp_path / "b", **given)  # type: ignore[arg-type]
+        train("kdd", model, tiny_kdd, tmp_path / "b", **given)  # type: ignore[arg-type]
     assert not (tmp_path / "b").exists()
 
 

@@ -150,7 +150,7 @@ def test_refit_of_an_autoencoder_is_a_usage_error(tiny: Path, tmp_path: Path) ->
     r = run_cli("train", "--format", "kdd", "--model", "autoencoder", "--refit",
                 "--out", str(tmp_path / "b"), str(tiny))
     assert r.returncode == 2, r.stderr
-    assert "--refit trains classifiers again" in r.stderr
+    assert "refit (--refit) trains classifiers again" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "b").exists()
 

@@ -157,18 +157,18 @@ def _trainer(kind: str) -> Trainer:
 def require_two_labels(kind: str, ctx: TrainContext) -> None:
     """A classifier (alone or in a hybrid, named as the user asked for it) needs two labels."""
     if not ctx.vocab or len(ctx.vocab) < 2:
-        raise DataError(f"--model {kind} needs labelled data with at least two labels "
+        raise DataError(f"model {kind!r} needs labelled data with at least two labels "
                         f"(found {ctx.vocab or 'none'}): give attack records too (PATH=LABEL), "
-                        "or learn from benign records alone with --model autoencoder")
+                        "or learn from benign records alone with the autoencoder model")
 
 
 def require_labelled_validation(kind: str, ctx: TrainContext) -> None:
     """A classifier stops early and sets its threshold on labelled validation records (a
     labelled training set beside an unlabelled ``--val``)."""
     if ctx.early.y is None or ctx.calib.y is None:
-        raise DataError(f"--model {kind} stops early and sets its threshold on labelled "
+        raise DataError(f"model {kind!r} stops early and sets its threshold on labelled "
                         "validation records, but the validation data has no labels: label it "
-                        "(PATH=LABEL) or drop --val")
+                        "(PATH=LABEL) or drop the validation inputs (--val)")
 
 
 def train_classifier(kind: str, ctx: TrainContext) -> Trained:
@@ -466,31 +466,32 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
     if model not in MODEL_KINDS:
         raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
     if not 0.0 < target_fpr < 1.0:
-        raise UsageError(f"--target-fpr must be between 0 and 1, not {target_fpr}")
+        raise UsageError(f"target_fpr (--target-fpr) must be between 0 and 1, not {target_fpr}")
     if policy not in ("auto", "cost", "threshold", "fpr"):
         raise UsageError(f"unknown decision policy {policy!r}; use auto, cost, threshold or fpr")
     if model == "autoencoder" and policy in ("cost", "threshold"):
-        raise UsageError(f"--decision {policy} decides on a classifier's attack probability; an "
-                         "autoencoder flags by its threshold calibrated at --target-fpr (drop "
-                         "--decision, or give fpr)")
+        raise UsageError(f"decision {policy!r} (--decision) decides on a classifier's attack "
+                         "probability; an autoencoder flags by its threshold calibrated at "
+                         "target_fpr (--target-fpr): give decision fpr, or leave it out")
     if policy == "cost" and format_name is not None and not get_format(format_name).kdd_labels:
-        raise UsageError(f"--decision cost weighs the KDD contest's cost matrix: it applies to "
-                         f"kdd and nslkdd data, not {format_name} (use threshold or fpr)")
+        raise UsageError("decision 'cost' (--decision) weighs the KDD contest's cost matrix: "
+                         f"it applies to kdd and nslkdd data, not {format_name} (use threshold "
+                         "or fpr)")
     if not inputs and not lakes:
         raise UsageError("no training input given (files or --lake DIR)")
     if epochs is not None and epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, not {epochs}")
+        raise UsageError(f"epochs (--epochs) must be at least 1, not {epochs}")
     if not 1 <= folds <= MAX_FOLDS:
-        raise UsageError(f"--folds must be between 1 and {MAX_FOLDS}, not {folds}")
+        raise UsageError(f"folds (--folds) must be between 1 and {MAX_FOLDS}, not {folds}")
     if folds > 1 and model not in FOLD_MODELS:
-        raise UsageError(f"--folds cross-fits classifiers ({', '.join(FOLD_MODELS)}), "
-                         f"not --model {model}")
+        raise UsageError(f"folds (--folds) above 1 cross-fit classifiers "
+                         f"({', '.join(FOLD_MODELS)}), not model {model!r}")
     if refit and model not in FOLD_MODELS:
-        raise UsageError(f"--refit trains classifiers again ({', '.join(FOLD_MODELS)}), "
-                         f"not --model {model}")
+        raise UsageError(f"refit (--refit) trains classifiers again "
+                         f"({', '.join(FOLD_MODELS)}), not model {model!r}")
     if folds > 1 and val_inputs:
-        raise UsageError("--folds holds out part of each fold for validation: "
-                         "drop --val, or use --folds 1")
+        raise UsageError("folds (--folds) above 1 hold out part of each fold for validation: "
+                         "drop the validation inputs (--val), or use one fold")
     for text in (*inputs, *val_inputs):  # a missing file, found now rather than after reading
         parse_input_spec(text)
     pick_device(device)  # an unknown or absent device
@@ -531,7 +532,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
                             + stats.format_hint(format_name))
         labels = _labels(table)
         if folds > 1 and labels is None:
-            raise DataError("--folds needs labelled training data")
+            raise DataError("folds (--folds) above 1 need labelled training data")
         fold_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         val_reader: InputReader | None = None
         if folds > 1:

@@ -61,7 +61,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         from ..errors import UsageError
 
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
+        raise UsageError("device cuda was asked for but no CUDA device is available")
     return dev
 
 
