@@ -10,11 +10,21 @@ request, status, size) cannot be read, or when a quoted field after it is left o
 short in its user agent would otherwise pass for one in common format); the reason says which
 part failed. The client may be an address or a host name (Apache's ``%h`` with host name
 lookups on, NGINX's ``unix:``), but not one holding a control or invisible character: servers
-escape those (``\\xHH``), so such a client is damage or a forgery, not a client to count.
+escape those (``\\xHH``), so such a client is damage or a forgery, not a client to count. The
+ident and user are rejected for the same reason (the user is the name a client sent for HTTP
+authentication: the attacker's text, escaped by the server).
+
+A raw control character inside a quoted field (request, referer, user agent) is kept, written
+as NGINX writes it, ``\\xHH`` for each of its UTF-8 bytes: such a line comes from a logger that
+does not escape (``log_format ... escape=none``, an application's own log), and what an attacker
+put there (terminal escape sequences, NUL, CR) is evidence to score and alert on, not a reason
+to drop the request. A record then reads and scores as the line NGINX would have written, and no
+alert, output file or terminal it reaches gets a raw control character from it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -52,6 +62,17 @@ _TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
 #: byte order mark U+FEFF, zero-width spaces and joiners): never part of an address or a host
 #: name, and never written raw by NGINX or Apache, which escape them as ``\\xHH``.
 _HIDDEN = r"([\p{Cc}\p{Cf}])"
+#: The frame's fields that may hold no such character, and what the reason says of each.
+_FRAME_TEXT = {
+    "client_ip": ("client", "never part of an address or host name"),
+    "ident": ("ident", "which servers escape (\\xHH), never write raw"),
+    "user": ("user", "which servers escape (\\xHH), never write raw"),
+}
+#: The quoted fields whose raw control characters are kept escaped (see the module's docstring).
+_QUOTED_FIELDS = ("request", "referer", "user_agent")
+#: A control character: C0 (NUL, ESC, CR ...), DEL and C1 (U+0080-U+009F), in polars and Python.
+_CONTROL = r"\p{Cc}"
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 SCHEMA = pa.schema(
     [
@@ -96,7 +117,7 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         size.alias("_bytes"),
         stamp.dt.convert_time_zone("UTC").alias("_ts"),
     )
-    df = df.with_columns(_hidden_reasons(df.get_column("client_ip")).alias("_client"))
+    df = df.with_columns(_frame_text_reasons(df).alias("_client"))
     matched = pl.col("client_ip").is_not_null()
     reason = (
         pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
@@ -123,7 +144,7 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     req = pl.col("request").str.extract_groups(_REQUEST).struct.rename_fields(
         ["method", "url", "protocol"])
     good = (
-        df.filter(pl.col("reason").is_null())
+        _escape_controls(df.filter(pl.col("reason").is_null()))
         .with_columns(req.alias("r"))
         .unnest("r")
         .with_columns(
@@ -139,26 +160,61 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     return good, df.get_column("reason")
 
 
-def _hidden_reasons(client: Any) -> Any:
-    """For a polars Series of clients, the reason for each that holds a control or invisible
-    character (see ``_HIDDEN``), null for the others. The character is named, as it cannot be
-    seen in the text: from a table of the few distinct ones found, not line by line."""
+def _hidden_reasons(values: Any, field: str = "client_ip") -> Any:
+    """For a polars Series of a frame field's values (client, ident or user), the reason for
+    each that holds a control or invisible character (see ``_HIDDEN``), null for the others.
+    The character is named, as it cannot be seen in the text: from a table of the few distinct
+    ones found, not line by line."""
     import unicodedata
 
     import polars as pl
 
-    found = client.str.extract(_HIDDEN, 1)
+    found = values.str.extract(_HIDDEN, 1)
     names = {}
     for char in found.drop_nulls().unique().to_list():
         what = ("a byte order mark" if char == "\ufeff" else "a control character"
                 if unicodedata.category(char) == "Cc" else "an invisible format character")
         names[char] = f"{what} (U+{ord(char):04X})"
     if not names:
-        return pl.repeat(None, len(client), dtype=pl.String, eager=True)
+        return pl.repeat(None, len(values), dtype=pl.String, eager=True)
     what = found.replace_strict(names, default=None, return_dtype=pl.String)
-    return pl.select(pl.lit("client holds ") + what
-                     + pl.lit(", never part of an address or host name: '")
-                     + client.str.slice(0, 60) + pl.lit("'")).to_series()
+    name, why = _FRAME_TEXT[field]
+    return pl.select(pl.lit(f"{name} holds ") + what + pl.lit(f", {why}: '")
+                     + values.str.slice(0, 60) + pl.lit("'")).to_series()
+
+
+def _frame_text_reasons(frame: Any) -> Any:
+    """For a polars frame with the client, ident and user columns, the reason of each row whose
+    first such field holds a control or invisible character (null for the others)."""
+    import polars as pl
+
+    reasons = [_hidden_reasons(frame.get_column(f), f) for f in _FRAME_TEXT
+               if f in frame.columns]
+    if len(reasons) == 1:
+        return reasons[0]
+    return pl.select(pl.coalesce(reasons)).to_series()
+
+
+def _escaped(text: str) -> str:
+    """``text`` with each control character written ``\\xHH`` per UTF-8 byte, as NGINX does."""
+    return _CONTROL_CHAR.sub(
+        lambda m: "".join(f"\\x{b:02X}" for b in m.group().encode()), text)
+
+
+def _escape_controls(frame: Any, names: tuple[str, ...] = _QUOTED_FIELDS) -> Any:
+    """``frame`` (polars) with the raw control characters of its fields ``names`` escaped (see
+    the module's docstring): one scan of each, Python only for the few values that hold one."""
+    for name in names:
+        if name not in frame.columns:
+            continue
+        column = frame.get_column(name)
+        hit = column.str.contains(_CONTROL).fill_null(False)
+        if not hit.any():
+            continue
+        rows = hit.arg_true()
+        fixed = [_escaped(v) for v in column.gather(rows).to_list()]
+        frame = frame.with_columns(column.clone().scatter(rows, fixed))
+    return frame
 
 
 def _to_batch(good: Any) -> pa.RecordBatch:
@@ -242,17 +298,28 @@ class Access(Format):
 
     def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
         """Records as JSON objects (REST): the method, URL, path, query and protocol of a record
-        that gives only its ``request`` line are split from it, as for a log line, and a client
-        holding a control or invisible character is a reject with the reason a line gets."""
+        that gives only its ``request`` line are split from it, as for a log line; a client,
+        ident or user holding a control or invisible character is a reject with the reason a
+        line gets, and a control character in any other text is escaped as in a line's quoted
+        fields."""
         import polars as pl
 
         result = super().parse_records(records)
-        result.batch = _split_requests(result.batch)
         if result.batch.num_rows == 0:
             return result
-        client = pl.from_arrow(result.batch.column("client_ip"))
-        assert isinstance(client, pl.Series)
-        reasons = _hidden_reasons(client)
+        frame = pl.from_arrow(pa.Table.from_batches([result.batch]))
+        assert isinstance(frame, pl.DataFrame)
+        # a record may give the parts of its request line too: every text but the frame's
+        text = tuple(f.name for f in result.batch.schema
+                     if f.type == pa.string() and f.name not in _FRAME_TEXT)
+        escaped = _escape_controls(frame, text)
+        if escaped is not frame:
+            table = escaped.to_arrow()
+            result.batch = pa.RecordBatch.from_arrays(
+                [table.column(f.name).combine_chunks().cast(f.type) for f in result.batch.schema],
+                schema=result.batch.schema)
+        result.batch = _split_requests(result.batch)
+        reasons = _frame_text_reasons(frame)
         rows = np.flatnonzero(reasons.is_not_null().to_numpy())
         if not len(rows):
             return result
