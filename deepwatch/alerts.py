@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from . import __version__
 from .errors import InputError
+from .sinks import escape_unsafe_documents
 
 ALERT_CATEGORY = ("network", "intrusion_detection")
 #: Columns score_batch appends: alerts carry them under ``deepwatch.*``, not in the record.
@@ -222,7 +223,9 @@ def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
 
 def alert_lines(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertContext,
                 source: pl.DataFrame | None = None, now: datetime | None = None) -> list[bytes]:
-    """Each alert as one JSON document (bytes, no newline): one Kafka message each.
+    """Each alert as one JSON document (bytes, no newline): one Kafka message each, or one
+    line of a file or of standard output; the characters a JSONL writer escapes are escaped
+    (see ``deepwatch.sinks.escape_unsafe_text``).
 
     The detector's explanation is already JSON text: it is spliced in as
     ``deepwatch.explanation`` rather than decoded and encoded again.
@@ -237,7 +240,8 @@ def alert_lines(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
         encoded = pl.select(pl.concat_str([
             encoded.str.slice(0, encoded.str.len_bytes() - 2), pl.lit(',"explanation":'),
             explanation, pl.lit("}}")]))[:, 0]
-    return encoded.cast(pl.Binary).to_list()
+    # an alert goes to terminals and line-based files too: no raw DEL, C1 or U+2028/U+2029
+    return escape_unsafe_documents(encoded).cast(pl.Binary).to_list()
 
 
 def write_alerts(fh: IO[bytes], scored: pa.RecordBatch | pa.Table | pl.DataFrame,

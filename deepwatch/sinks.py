@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -282,18 +283,37 @@ class RecordSink:
             self._fh.flush()
 
 
-#: U+2028 and U+2029 are valid inside a JSON string, but JavaScript, Python's ``splitlines`` and
-#: some SIEM shippers take them for line breaks: a record's text could split one JSON line in
-#: two. Every JSONL writer escapes them.
-_LINE_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+#: Characters valid raw inside a JSON string that no JSONL output writes raw: U+2028 and U+2029,
+#: which JavaScript, Python's ``splitlines`` and some SIEM shippers take for line breaks (a
+#: record's text could split one JSON line in two), and DEL and the C1 controls (U+0080-U+009F),
+#: which terminals that act on 8-bit controls take for escape sequences (U+009B is CSI, as
+#: ``ESC [``): an alert written to stdout could rewrite the analyst's screen. JSON escapes C0
+#: controls itself. Each is a UTF-8 sequence of its own (only ever inside a JSON string), so the
+#: encoded bytes are searched; ``\xc2`` and ``\xe2\x80`` find the candidates fast.
+_UNSAFE_TEXT = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+#: The same characters as text, each with its JSON escape.
+_UNSAFE_CHARS = {c: f"\\u{ord(c):04x}" for c in ["\x7f", *map(chr, range(0x80, 0xA0)),
+                                                    "\u2028", "\u2029"]}
 
 
-def escape_line_separators(data: bytes) -> bytes:
-    """``data`` (UTF-8 JSON text) with U+2028 and U+2029 written as JSON escapes."""
-    for raw, escaped in _LINE_SEPARATORS:
-        if raw in data:
-            data = data.replace(raw, escaped)
-    return data
+def _json_escape(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match.group().decode())
+
+
+def escape_unsafe_text(data: bytes) -> bytes:
+    """``data`` (UTF-8 JSON text) with the characters of ``_UNSAFE_TEXT`` written as JSON
+    escapes."""
+    if b"\x7f" not in data and b"\xc2" not in data and b"\xe2\x80" not in data:
+        return data
+    return _UNSAFE_TEXT.sub(_json_escape, data)
+
+
+def escape_unsafe_documents(encoded: Any) -> Any:
+    """A polars Series of JSON documents with the characters of ``_UNSAFE_TEXT`` escaped, as
+    :func:`escape_unsafe_text` does (one scan where none is found, the common case)."""
+    if not encoded.str.contains(r"[\x7f\x{80}-\x{9f}\x{2028}\x{2029}]").any():
+        return encoded
+    return encoded.str.replace_many(list(_UNSAFE_CHARS), list(_UNSAFE_CHARS.values()))
 
 
 def write_jsonl(batch: pa.RecordBatch | pa.Table, fh: IO[bytes]) -> None:
@@ -303,7 +323,7 @@ def write_jsonl(batch: pa.RecordBatch | pa.Table, fh: IO[bytes]) -> None:
     assert isinstance(df, pl.DataFrame)
     buf = io.BytesIO()
     df.write_ndjson(buf)
-    fh.write(escape_line_separators(buf.getvalue()))
+    fh.write(escape_unsafe_text(buf.getvalue()))
 
 
 class RejectSink:
@@ -340,7 +360,7 @@ class RejectSink:
         if self._fh is None or n == 0:
             self._kept = (self._kept[0] + n, self._kept[1])
             return
-        data = escape_line_separators("".join(
+        data = escape_unsafe_text("".join(
             json.dumps(row, ensure_ascii=False) + "\n" for row in rejects.to_pylist()).encode())
         self._writing = (n, len(data))
         try:

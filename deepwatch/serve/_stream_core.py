@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ..alerts import AlertContext, alert_lines
 from ..formats import Format
+from ..sinks import escape_unsafe_documents
 
 ALERT, VERDICT, DEAD_LETTER = "alert", "verdict", "dead_letter"
 KINDS = (ALERT, VERDICT, DEAD_LETTER)
@@ -191,11 +192,12 @@ def _with_source(frame: pl.DataFrame, origin: pl.DataFrame) -> pl.DataFrame:
 
 
 def encode_rows(frame: pl.DataFrame) -> list[bytes]:
-    """Each row as one JSON document (bytes, no newline)."""
+    """Each row as one JSON document (bytes, no newline), with the characters a JSONL writer
+    escapes escaped (a verdict or dead letter may be a line of a file or of a terminal)."""
     if frame.height == 0:
         return []
     encoded = frame.select(pl.struct(pl.all()).struct.json_encode().alias("j"))["j"]
-    return encoded.cast(pl.Binary).to_list()
+    return escape_unsafe_documents(encoded).cast(pl.Binary).to_list()
 
 
 class StreamProcessor:

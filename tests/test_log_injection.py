@@ -1,0 +1,145 @@
+"""Regressions from an audit of what an attacker's text in a web access log does to the outputs
+an analyst or a SIEM reads (alerts on stdout and in files, scored rows, rejects).
+
+- a raw control character in the ident or user (the user is the name a client sent for HTTP
+  authentication) was accepted and carried into ``user.name``; servers escape such bytes, so it
+  is now a reject with a reason, as in the client;
+- raw control characters in the request, referer and user agent (a logger that does not escape:
+  NGINX's ``escape=none``) were kept raw; JSON escapes C0, but DEL and the C1 controls (U+009B is
+  CSI, ``ESC [`` to terminals that act on 8-bit controls) went out raw. They are now written as
+  NGINX writes them, ``\\xHH``, and the record kept: it is evidence to alert on;
+- ``deepwatch stream`` wrote alerts, verdicts and dead letters with U+2028/U+2029, DEL and C1 raw
+  (``score`` escaped the line separators, the stream did not): a user agent holding U+2028 split
+  an alert line in two for ``splitlines``, JavaScript and some shippers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import data_file, head_lines
+
+ESC, BEL = "\x1b", "\x07"
+SCANNER = "w3af.org"
+#: What no JSONL output may hold raw: C0 controls but the line end, DEL, C1, U+2028/U+2029.
+UNSAFE = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+
+
+@pytest.fixture(scope="module")
+def access_bundle(bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small access-log `mlp` bundle: Apache's own log normal, w3af's scan the attack."""
+    from deepwatch.train.api import train
+
+    root = tmp_path_factory.mktemp("injection")
+    (root / "site.log").write_text(
+        "".join(head_lines(data_file("weblogs/apache_access.log.gz"), 3000)))
+    (root / "scan.log").write_text(
+        "".join(head_lines(data_file("weblogs/scan_w3af.log.gz"), 1500)))
+    out = bundle_root / "bundle_access_injection"
+    train("access", "mlp", [f"{root / 'site.log'}=normal", f"{root / 'scan.log'}=scanner"], out,
+          epochs=2, seed=0)
+    return out
+
+
+def _line(client: str = "182.118.20.213", ident: str = "-", user: str = "-",
+          request: str = "GET /templates/beez_20/favicon.ico HTTP/1.1", referer: str = "-",
+          agent: str = SCANNER) -> str:
+    return (f'{client} {ident} {user} [18/May/2015:08:55:06 +0000] "{request}" 200 1449 '
+            f'"{referer}" "{agent}"')
+
+
+#: (line, the user agent, request and referer the record keeps); lines with None: rejects
+LINES: list[tuple[str, tuple[str, str, str] | None]] = [
+    (_line(), (SCANNER, "GET /templates/beez_20/favicon.ico HTTP/1.1", "-")),
+    (_line(agent=f"{SCANNER}{ESC}]2;pwned{BEL}{ESC}[2J"),
+     (SCANNER + r"\x1B]2;pwned\x07\x1B[2J", "GET /templates/beez_20/favicon.ico HTTP/1.1", "-")),
+    (_line(request=f"GET /a{ESC}[31m HTTP/1.1", referer="http://x/\x00",
+           agent=SCANNER + "\x7f\x9b1m"),
+     (SCANNER + r"\x7F\xC2\x9B1m", r"GET /a\x1B[31m HTTP/1.1", r"http://x/\x00")),
+    (_line(agent=SCANNER + r"\x1B[31m"), (SCANNER + r"\x1B[31m",  # escaped by the server: as is
+                                          "GET /templates/beez_20/favicon.ico HTTP/1.1", "-")),
+    (_line(agent=SCANNER + '\u2028{\\"forged\\": 1}'),  # a quote as NGINX escapes it
+     (SCANNER + '\u2028{\\"forged\\": 1}', "GET /templates/beez_20/favicon.ico HTTP/1.1", "-")),
+    (_line(user=f"admin{ESC}[2J"), None),
+    (_line(ident="id\x00x"), None),
+    (_line(user="adm\x9bin"), None),
+    (_line(client="\x9b31m182.118.20.213"), None),
+]
+REASONS = [
+    "user holds a control character (U+001B), which servers escape (\\xHH), never write raw: "
+    f"'admin{ESC}[2J'",
+    "ident holds a control character (U+0000), which servers escape (\\xHH), never write raw: "
+    "'id\x00x'",
+    "user holds a control character (U+009B), which servers escape (\\xHH), never write raw: "
+    "'adm\x9bin'",
+    "client holds a control character (U+009B), never part of an address or host name: "
+    "'\x9b31m182.118.20.213'",
+]
+
+
+def _deepwatch(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "deepwatch", *args], capture_output=True,
+                          timeout=120, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+
+
+def _json_lines(data: bytes) -> list[dict]:
+    """The JSON documents of a JSONL output, checked to hold nothing a terminal or a line-based
+    reader would act on: as many lines for ``splitlines`` as there are ``\\n``."""
+    assert UNSAFE.findall(data) == []
+    text = data.decode("utf-8")
+    assert len(text.splitlines()) == data.count(b"\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _log(tmp_path: Path) -> Path:
+    log = tmp_path / "hostile.log"
+    log.write_bytes("".join(line + "\n" for line, _ in LINES).encode() + b"\xff\xfe\n")
+    return log
+
+
+def test_score_escapes_controls_in_quoted_fields_and_rejects_them_in_the_frame(
+        access_bundle: Path, tmp_path: Path) -> None:
+    """Every record is scored or a counted reject with its reason; the scored rows keep the
+    quoted fields with their control characters written ``\\xHH``; no output holds a raw one."""
+    out, rejects = tmp_path / "scored.jsonl", tmp_path / "rejects.jsonl"
+    done = _deepwatch("score", str(access_bundle), "--format", "access", "--out", str(out),
+                      "--rejects", str(rejects), str(_log(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    assert UNSAFE.findall(done.stderr) == []
+    assert b"10 lines read: 5 parsed, 5 rejected" in done.stderr
+    rows = _json_lines(out.read_bytes())
+    kept = [want for _, want in LINES if want is not None]
+    assert [(r["user_agent"], r["request"], r["referer"] or "-") for r in rows] == kept
+    assert [r["user"] for r in rows] == [None] * len(kept)
+    assert rows[2]["url"] == r"/a\x1B[31m"  # split from the escaped request line
+    rejected = _json_lines(rejects.read_bytes())
+    assert [r["line"] for r in rejected] == [6, 7, 8, 9, 10]
+    assert [r["raw"] for r in rejected[:4]] == [line for line, want in LINES if want is None]
+    assert [r["reason"] for r in rejected[:4]] == REASONS
+    assert rejected[4]["reason"] == "not in common or combined log format"
+
+
+def test_stream_alerts_on_stdout_hold_no_terminal_controls_nor_line_separators(
+        access_bundle: Path, tmp_path: Path) -> None:
+    """``deepwatch stream`` to stdout (an analyst's terminal, or a shipper reading lines): one
+    JSON alert per line, user agents escaped, and the dead letters as safe."""
+    rejects = tmp_path / "dead.jsonl"
+    done = _deepwatch("stream", str(access_bundle), "--format", "access", "--alert-record",
+                      "--rejects", str(rejects), str(_log(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    assert UNSAFE.findall(done.stderr) == []
+    alerts = _json_lines(done.stdout)
+    agents = {a["user_agent"]["original"] for a in alerts}
+    assert SCANNER + r"\x7F\xC2\x9B1m" in agents
+    assert SCANNER + '\u2028{\\"forged\\": 1}' in agents
+    assert all(a["event"]["kind"] == "alert" for a in alerts)
+    assert all(a["user"]["name"] is None for a in alerts)
+    dead = _json_lines(rejects.read_bytes())
+    assert [d["reason"] for d in dead[:4]] == REASONS
+    assert [d["raw"] for d in dead[:4]] == [line for line, want in LINES if want is None]
