@@ -63,6 +63,9 @@ OptionalFiles = Annotated[list[str] | None, typer.Argument(
     help="Input files (.gz, .bz2, .xz ok), globs, PATH=LABEL, or - (optional with --lake)")]
 LakeOption = Annotated[list[str] | None, typer.Option(
     "--lake", help="Also read the records of this lake directory (see `ingest`)")]
+DaysOption = Annotated[list[str] | None, typer.Option(
+    "--days", help="Read only these days of the lakes (--lake): a day YYYY-MM-DD, a range "
+                   "FIRST..LAST (both in), or unknown (records without a time); repeatable")]
 
 
 @app.command()
@@ -85,6 +88,7 @@ def train(
              "--target-fpr)")] = "auto",
     files: OptionalFiles = None,
     lake: LakeOption = None,
+    days: DaysOption = None,
     nproc: Annotated[int, typer.Option(
         "--nproc", help="Train data-parallel (torch DDP) in this many processes on this "
                         "machine, one per GPU on CUDA; torchrun -m deepwatch train ... "
@@ -108,19 +112,20 @@ def train(
                 "--target-fpr", str(target_fpr), "--device", device, "--decision", decision]
         argv += [a for v in val or [] for a in ("--val", v)]
         argv += [a for v in lake or [] for a in ("--lake", v)]
+        argv += [a for d in days or [] for a in ("--days", d)]
         argv += ["--epochs", str(epochs)] if epochs is not None else []
         argv += ["--folds", str(folds)]
         argv += ["--refit"] if refit else []
         argv += ["--rejects", rejects] if rejects else []
         raise typer.Exit(_launch_train(argv, files or [], lake or [], nproc, model, out, device,
                                        target_fpr, decision, folds, val or [], epochs, rejects,
-                                       refit))
+                                       refit, days))
     from .train.api import train as run
 
     manifest = run(fmt, model, files or [], out, val_inputs=val or (), epochs=epochs, seed=seed,
                    target_fpr=target_fpr, device=device, policy=decision,
                    progress=_shows_progress(), log=_err, lakes=lake or [], folds=folds,
-                   rejects=rejects, refit=refit)
+                   rejects=rejects, refit=refit, days=days)
     if manifest["training"].get("rank", 0):
         return  # another rank of a distributed run: rank 0 reports
     cal = manifest["metrics"]["calibration"]
@@ -137,7 +142,8 @@ def train(
 def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: int,
                   model: str, out: str, device: str, target_fpr: float, decision: str,
                   folds: int, val: list[str], epochs: int | None,
-                  rejects: str | None = None, refit: bool = False) -> int:
+                  rejects: str | None = None, refit: bool = False,
+                  days: list[str] | None = None) -> int:
     """Check what can be checked once, then start ``nproc`` training ranks."""
     from .errors import UsageError
     from .train.api import check_arguments
@@ -149,7 +155,7 @@ def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: in
         raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
     check_arguments(model, files, out, target_fpr=target_fpr, device=device, policy=decision,
                     lakes=lakes, folds=folds, val_inputs=val, epochs=epochs, rejects=rejects,
-                    refit=refit)
+                    refit=refit, days=days)
     if device.startswith("cuda"):
         import torch
 
@@ -215,6 +221,7 @@ def score(
         "--cluster", help="Group alerts into campaigns (needs an autoencoder)")] = False,
     files: OptionalFiles = None,
     lake: LakeOption = None,
+    days: DaysOption = None,
     explain: Annotated[bool | None, typer.Option(
         "--explain/--no-explain",
         help="Add the features behind each alert (default: when free, i.e. for autoencoder and "
@@ -231,6 +238,8 @@ def score(
 
         if cluster:
             raise typer.BadParameter("--cluster works with --engine local only")
+        if days:
+            raise typer.BadParameter("--days works with --engine local only")
         report = score_spark(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, master=master)
     elif engine == "local":
@@ -240,7 +249,8 @@ def score(
         with sigterm_stops_cleanly():  # the output closed whole (Parquet's footer), said partial
             report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,
                                  rejects=rejects, engine=backend, progress=_progress(),
-                                 lakes=lake or [], cluster=cluster, explain=explain)
+                                 lakes=lake or [], cluster=cluster, explain=explain,
+                                 days=days)
     else:
         raise typer.BadParameter(f"unknown engine {engine!r}; use local or spark")
     _err(f"{report.stats.summary()}; {report.alerts:,} malicious; {report.written:,} rows "

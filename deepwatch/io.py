@@ -101,7 +101,8 @@ class InputReader:
     def __init__(self, fmt: Format, specs: Inputs | Sequence[InputSpec], progress: bool = False,
                  lakes: Inputs = (),
                  parse: Callable[[bytes, int], ParseResult] | None = None,
-                 checksums: bool = False):
+                 checksums: bool = False,
+                 lake_days: str | Sequence[str] | None = None):
         self.fmt = fmt
         #: parses a chunk of raw text (default: the format's ``parse_bulk``); a parse that also
         #: scores (:class:`deepwatch._line_cache.ScoredLineCache`) sets ``scored`` on its batches
@@ -115,6 +116,9 @@ class InputReader:
             self.specs.extend([s] if isinstance(s, InputSpec) else
                               parse_input_spec(input_list(s)[0]))
         self.lakes = input_list(lakes, "lakes")
+        #: the days of the lakes read (as :func:`deepwatch.lake.day_spans` takes them); None: all
+        self.lake_days = [lake_days] if isinstance(lake_days, str) else \
+            None if lake_days is None else list(lake_days)
         self.progress = progress
         self.stats = Stats()
         #: the chunk the batch just yielded came from, and the line of each of its records
@@ -210,7 +214,7 @@ class InputReader:
             digest = None
             if self.lake_hashes is not None:
                 digest = self.lake_hashes[i] = hashlib.sha256()
-            for batch in iter_lake(root, digest=digest):
+            for batch in iter_lake(root, days=self.lake_days, digest=digest):
                 self.stats.add(f"lake:{root}", batch.num_rows, 0)
                 yield batch, REJECT_SCHEMA.empty_table(), spec
 

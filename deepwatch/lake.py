@@ -441,6 +441,10 @@ def _by_day(table: pa.Table, time_column: str | None = "timestamp"
     return sorted(out, key=lambda p: p[0])
 
 
+#: The day of records without a time (a null in the time column).
+UNKNOWN_DAY = "unknown"
+
+
 def _day_list(days: str | Sequence[str] | None) -> list[str] | None:
     """``days`` as a list: a lone ``"2024-05-14"`` is one day (iterated, a string gave its
     characters: "no records for days 2, 0, 2, 4, -, ...")."""
@@ -449,15 +453,49 @@ def _day_list(days: str | Sequence[str] | None) -> list[str] | None:
     return [days] if isinstance(days, str) else list(days)
 
 
+def _is_day(text: str) -> bool:
+    if len(text) != 10 or text[4] != "-" or text[7] != "-":  # (fromisoformat takes 20240514)
+        return False
+    try:
+        datetime.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return True
+
+
+def day_spans(days: str | Sequence[str] | None) -> list[tuple[str, str]] | None:
+    """``days`` (one or a list, each a day ``YYYY-MM-DD``, a range of days ``FIRST..LAST`` with
+    both ends in, or ``unknown``, the day of records without a time) as ``(first, last)``
+    pairs; a UsageError for one that is none of those (``2024-5-14`` matched no day folder, and
+    the lake seemed to hold nothing for it)."""
+    spans = []
+    for text in _day_list(days) or ():
+        first, sep, last = str(text).partition("..")
+        if not sep:
+            last = first
+        if text == UNKNOWN_DAY:
+            spans.append((text, text))
+            continue
+        if not (_is_day(first) and _is_day(last)) or first > last:
+            raise UsageError(f"days (--days) {str(text)!r} is not a day (YYYY-MM-DD), a range "
+                             "of days (FIRST..LAST) or 'unknown'")
+        spans.append((first, last))
+    return spans if days is not None else None
+
+
+def _in_spans(day: str, spans: list[tuple[str, str]]) -> bool:
+    return any(first <= day <= last for first, last in spans)  # (ISO days sort as dates)
+
+
 def _parts(root: Path, days: str | Sequence[str] | None) -> list[Path]:
     folder = root / RECORDS
     if not folder.exists():
         return []
-    days = _day_list(days)
-    wanted = set(days) if days else None
+    spans = day_spans(days)
+    wanted = spans if spans else None  # (days=[]: every day, as before)
     out = []
     for day_dir in sorted(folder.glob("day=*")):
-        if wanted is not None and day_dir.name.removeprefix("day=") not in wanted:
+        if wanted is not None and not _in_spans(day_dir.name.removeprefix("day="), wanted):
             continue
         out.extend(sorted(day_dir.glob(PART_GLOB)))
     return out
@@ -469,6 +507,26 @@ def lake_days(root: str | Path) -> list[str]:
     folder = Path(root) / RECORDS
     return sorted(p.name.removeprefix("day=") for p in folder.glob("day=*")) if folder.exists() \
         else []
+
+
+def check_lake_days(roots: Sequence[str | Path], days: str | Sequence[str] | None) -> None:
+    """A clear error, before any reading, for ``days`` (as :func:`day_spans` takes them) that
+    are malformed, or that name a day or range none of the lakes at ``roots`` holds records for
+    (a typo, a day not ingested yet): ``train --lake`` went on to train on fewer records than
+    asked for, or failed only once every input was read."""
+    spans = day_spans(days)
+    if not spans:
+        return
+    if not roots:
+        raise UsageError("days (--days) picks days of the lakes read: give a lake (--lake DIR)")
+    held = sorted({d for root in roots for d in lake_days(root)
+                   if _parts(Path(root), [d])})  # (a day folder may be left empty)
+    for text, span in zip(_day_list(days) or (), spans, strict=True):
+        if not any(_in_spans(day, [span]) for day in held):
+            where = f"the lake at {roots[0]} holds no" if len(roots) == 1 else \
+                f"none of the {len(roots)} lakes holds"
+            has = f"{held[0]} .. {held[-1]}" if held else "none"
+            raise InputError(f"{where} records for {text} (days held: {has})")
 
 
 def iter_lake(root: str | Path, days: str | Sequence[str] | None = None,
@@ -544,7 +602,8 @@ def lake_sha256(root: str | Path, days: str | Sequence[str] | None = None) -> st
 
 
 def read_lake(root: str | Path, days: str | Sequence[str] | None = None) -> pa.Table:
-    """The whole lake (or some of its days, ``YYYY-MM-DD``: one or a list) as one table."""
+    """The whole lake (or some of its days: one or a list of ``YYYY-MM-DD``, ranges
+    ``FIRST..LAST`` or ``unknown``, see :func:`day_spans`) as one table."""
     days = _day_list(days)
     batches = list(iter_lake(root, days))
     if not batches:

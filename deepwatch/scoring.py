@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,9 +42,11 @@ def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str |
                 alerts_only: bool = False, rejects: str | Path | None = None,
                 engine: str = "auto", progress: bool = False, detector: Any = None,
                 lakes: Inputs = (), cluster: bool = False,
-                explain: bool | None = None) -> ScoreReport:
-    """Score ``inputs`` (one path, ``str`` or ``pathlib.Path``, or a list) and ``lakes`` with
-    ``bundle`` into ``out`` (``.parquet``, ``.jsonl``, or ``-`` for JSONL on stdout)."""
+                explain: bool | None = None,
+                days: str | Sequence[str] | None = None) -> ScoreReport:
+    """Score ``inputs`` (one path, ``str`` or ``pathlib.Path``, or a list) and ``lakes`` (only
+    their ``days``, where given: see :func:`deepwatch.lake.read_lake`) with ``bundle`` into
+    ``out`` (``.parquet``, ``.jsonl``, or ``-`` for JSONL on stdout)."""
     from .models.detector import Detector
 
     inputs, lakes = input_list(inputs), input_list(lakes, "lakes")
@@ -57,11 +60,14 @@ def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str |
     fmt = get_format(format_name)
     if not inputs and not lakes:
         raise UsageError("nothing to score: give input files or --lake DIR")
+    from .lake import check_lake_days
+
+    check_lake_days(lakes, days)  # a day mistyped or not ingested, before any scoring
     campaigns = _campaigns(det, alerts_only) if cluster else None
     lines = None
     if campaigns is None and ScoredLineCache.applies(fmt, det):
         lines = ScoredLineCache(fmt, det)  # repeated lines are parsed and scored once
-    reader = InputReader(fmt, inputs, progress=progress, lakes=lakes,
+    reader = InputReader(fmt, inputs, progress=progress, lakes=lakes, lake_days=days,
                          parse=lines.parse if lines is not None else None)
     sink = RecordSink(out)
     reject_sink = RejectSink(rejects)

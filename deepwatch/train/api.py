@@ -348,7 +348,8 @@ class _RejectsKeptAsRead(InputReader):
 
 
 def _read_keeping(fmt: Format, inputs: Sequence[str], purpose: str, kept: RejectSink,
-                  progress: bool = False, lakes: Sequence[str] = ()
+                  progress: bool = False, lakes: Sequence[str] = (),
+                  days: str | Sequence[str] | None = None
                   ) -> tuple[InputReader, pa.Table, pa.Table, Stats]:
     """:func:`read_labelled`, each rejected record written to ``kept`` as soon as it is known:
     the reader's as each chunk is read, so that a run stopped while reading (which can take
@@ -356,7 +357,7 @@ def _read_keeping(fmt: Format, inputs: Sequence[str], purpose: str, kept: Reject
     a record lacking one is a reject is known only then). The reader, the records, all the
     rejects and the counts."""
     reader = _RejectsKeptAsRead(fmt, inputs, kept, progress=progress, lakes=lakes,
-                                checksums=True)
+                                checksums=True, lake_days=days)
     table, rejects, stats = read_labelled(reader, purpose)
     kept.write(_no_label(rejects, purpose))
     return reader, table, rejects, stats
@@ -385,12 +386,16 @@ def train(
     folds: int = 1,
     rejects: str | Path | None = None,
     refit: bool = False,
+    days: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train a ``model`` on ``inputs`` and save the bundle at ``out``. Returns the manifest.
 
     ``folds`` > 1 cross-fits the classifiers over that many folds (``docs/models.md``).
     ``rejects``: a JSONL file that keeps every rejected training or validation record.
     ``refit`` trains the classifiers again on all labelled records after the first pass.
+    ``days``: read only these days of ``lakes`` (as :func:`deepwatch.lake.read_lake` takes
+    them: ``YYYY-MM-DD``, ``FIRST..LAST`` or ``unknown``, one or a list); each must match
+    records of a lake.
     ``inputs``, ``val_inputs`` and ``lakes``: one path (``str`` or ``pathlib.Path``) or a list.
     ``progress``: show progress on stderr as ``deepwatch train`` does (bars on a terminal, a
     line per epoch elsewhere, as ``DEEPWATCH_PROGRESS`` says); by default nothing is shown.
@@ -402,7 +407,7 @@ def train(
     check_numbers(seed=seed, epochs=epochs, folds=folds, target_fpr=target_fpr)
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
-                    rejects=rejects, format_name=format_name, refit=refit)
+                    rejects=rejects, format_name=format_name, refit=refit, days=days)
     from ..errors import sigterm_stops_cleanly
 
     # by default SIGTERM would end the process mid-save, leaving the bundle's temporary
@@ -412,7 +417,7 @@ def train(
             progress, log, rejects = False, _silent, None
         return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
                       device, policy, progress, options, log, lakes, dist, folds, rejects,
-                      refit)
+                      refit, days)
 
 
 def check_options(options: dict[str, Any] | None) -> None:
@@ -458,7 +463,7 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                     lakes: Sequence[str] = (), folds: int = 1,
                     val_inputs: Sequence[str] = (), epochs: int | None = None,
                     rejects: str | None = None, format_name: str | None = None,
-                    refit: bool = False) -> None:
+                    refit: bool = False, days: str | Sequence[str] | None = None) -> None:
     """The mistakes :func:`train` refuses before any work (``train --nproc`` checks them once,
     before starting its ranks)."""
     from ..sources.files import parse_input_spec
@@ -494,6 +499,9 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
                          "drop the validation inputs (--val), or use one fold")
     for text in (*inputs, *val_inputs):  # a missing file, found now rather than after reading
         parse_input_spec(text)
+    from ..lake import check_lake_days
+
+    check_lake_days(lakes, days)  # a day mistyped or not ingested, before reading the rest
     pick_device(device)  # an unknown or absent device
     check_bundle_target(out)
     if rejects:
@@ -513,7 +521,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
            device: str, policy: str, progress: bool, options: dict[str, Any] | None,
            log: Callable[[str], None], lakes: Sequence[str], dist: distributed.Dist,
            folds: int = 1, rejects_path: str | None = None,
-           refit: bool = False) -> dict[str, Any]:
+           refit: bool = False, days: str | Sequence[str] | None = None) -> dict[str, Any]:
     from ..sinks import keeping_rejects
 
     t0 = time.perf_counter()
@@ -522,7 +530,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     # never an empty file; one stopped while reading keeps them too, said to be incomplete
     with keeping_rejects(rejects_path) as kept:
         reader, table, rejects, stats = _read_keeping(fmt, inputs, "training", kept,
-                                                      progress, lakes)
+                                                      progress, lakes, days)
         kept.complete = not val_inputs  # (else once the validation records are read too)
         table = _derive_in_order(fmt, table)
         log(f"training data: {stats.summary()}")
@@ -719,10 +727,12 @@ def _calibration_metrics(cols: dict[str, np.ndarray], labels: np.ndarray | None
 
 def _lake_checksums(reader: InputReader) -> list[dict[str, Any]]:
     """The manifest's record of each ``--lake``: the checksum of the parts its records were
-    read from (:func:`deepwatch.lake.lake_sha256` gives it again for the lake as it is)."""
+    read from (:func:`deepwatch.lake.lake_sha256` gives it again for the lake as it is, with
+    the ``days`` read where only some were)."""
     assert reader.lake_hashes is not None
+    days = {} if reader.lake_days is None else {"days": reader.lake_days}
     return [{"path": root, "sha256": reader.lake_hashes[i].hexdigest(), "label": None,
-             "role": "training", "lake": True} for i, root in enumerate(reader.lakes)]
+             "role": "training", "lake": True, **days} for i, root in enumerate(reader.lakes)]
 
 
 def _checksum(reader: InputReader, i: int, role: str) -> dict[str, Any]:
