@@ -245,8 +245,11 @@ class LakeWriter:
             _write_atomic(self._staging / COMMIT, lambda t: t.write_text(json.dumps(plan)))
             for final in self._staged:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self._staging / final.relative_to(self.root), final)
+                # listed before it is moved: a stop landing just after the move (when Python
+                # next looks for signals) has rollback() remove it too; the name is this
+                # run's own, so removing it where the move did not happen removes nothing
                 self._written.append(final)
+                os.replace(self._staging / final.relative_to(self.root), final)
         except OSError as exc:
             with contextlib.suppress(OSError):  # not to be finished by the next writer
                 (self._staging / COMMIT).unlink()

@@ -165,13 +165,21 @@ def test_a_commit_cut_short_is_finished_by_the_next_ingest(tmp_path: Path) -> No
     assert sorted(noted) == sorted([str(log), str(other)])
 
 
-#: Installed in an ingest (``sitecustomize``): once it has appended its entries to
-#: ``_ingested.jsonl``, it says so (``NOTED_FLAG``) and waits there, for the test's signal.
-_HOLD_AFTER_NOTING = '''
+#: Installed in an ingest (``sitecustomize``): at a point of its commit (``HOLD_AT``: "noting",
+#: just after it appended its entries to ``_ingested.jsonl``; "moving", just after it moved its
+#: first part into ``records/``), it says so (``HOLD_FLAG``) and waits there for the test's signal.
+_HOLD_IN_COMMIT = '''
 import os, time
 
-_open, _write = os.open, os.write
+_open, _write, _replace = os.open, os.write, os.replace
 _appending = set()
+_at = os.environ["HOLD_AT"]
+
+
+def _hold():
+    open(os.environ["HOLD_FLAG"], "w").close()
+    while True:
+        time.sleep(60)
 
 
 def _opened(path, flags, *args, **kwargs):
@@ -183,34 +191,33 @@ def _opened(path, flags, *args, **kwargs):
 
 def _written(fd, data):
     n = _write(fd, data)
-    if fd in _appending:
-        _appending.discard(fd)
-        open(os.environ["NOTED_FLAG"], "w").close()
-        while True:
-            time.sleep(60)
+    if fd in _appending and _at == "noting":
+        _hold()
     return n
 
 
-os.open, os.write = _opened, _written
+def _replaced(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    dst = os.fspath(dst)
+    if _at == "moving" and f"{os.sep}records{os.sep}" in dst \
+            and os.path.basename(dst).startswith("part-"):
+        _hold()
+
+
+os.open, os.write, os.replace = _opened, _written, _replaced
 '''
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_once_the_inputs_are_noted_keeps_the_run(tmp_path: Path, sig: int) -> None:
-    """A Ctrl-C or SIGTERM landing just after the commit noted its input in _ingested.jsonl
-    rolled the records back but left the entry: the lake said the file was ingested while
-    none of its records were in it, and ingesting it again warned of a repeat that was not
-    there. Noting the inputs is the commit's point of no return: the run is kept whole."""
+def _stopped_in_commit(tmp_path: Path, lake: Path, log: Path, at: str, sig: int) -> str:
+    """Ingest ``log``, hold it in its commit (``at``, see :data:`_HOLD_IN_COMMIT`), send it
+    ``sig``; its stderr (it exits as a stop says)."""
     from conftest import signal_when
 
-    lake = tmp_path / "lake"
-    assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 5, "first"))).returncode == 0
-    log = _log(tmp_path / "day.log", [14] * 200 + [15] * 100, "day")
     hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_HOLD_AFTER_NOTING)
-    flag = tmp_path / "noted"
-    env = {**ENV, "NOTED_FLAG": str(flag),
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_HOLD_IN_COMMIT)
+    flag = tmp_path / f"held-{at}"
+    env = {**ENV, "HOLD_AT": at, "HOLD_FLAG": str(flag),
            "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [ENV.get("PYTHONPATH")])])}
     proc = subprocess.Popen([EXE, "ingest", "--format", "access", "--lake", str(lake),
                              str(log)], stderr=subprocess.PIPE, env=env)
@@ -223,6 +230,19 @@ def test_a_stop_once_the_inputs_are_noted_keeps_the_run(tmp_path: Path, sig: int
         assert proc.stderr is not None
         proc.stderr.close()
     assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
+    return err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_once_the_inputs_are_noted_keeps_the_run(tmp_path: Path, sig: int) -> None:
+    """A Ctrl-C or SIGTERM landing just after the commit noted its input in _ingested.jsonl
+    rolled the records back but left the entry: the lake said the file was ingested while
+    none of its records were in it, and ingesting it again warned of a repeat that was not
+    there. Noting the inputs is the commit's point of no return: the run is kept whole."""
+    lake = tmp_path / "lake"
+    assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 5, "first"))).returncode == 0
+    log = _log(tmp_path / "day.log", [14] * 200 + [15] * 100, "day")
+    err = _stopped_in_commit(tmp_path, lake, log, "noting", sig)
     assert "300 records are in" in err and "nothing from this run was kept" not in err, err
     assert _seen(lake) == (305, 305, 305)  # the run is in whole, as _ingested.jsonl says
     noted = [json.loads(x)["path"] for x in (lake / "_ingested.jsonl").read_text().splitlines()]
@@ -232,3 +252,20 @@ def test_a_stop_once_the_inputs_are_noted_keeps_the_run(tmp_path: Path, sig: int
     again = _ingest(lake, str(log))  # the warning is true: the records are there
     assert again.returncode == 0 and again.stdout == b"", again.stderr.decode()
     assert b"already ingested" in again.stderr
+
+
+def test_a_stop_just_after_a_part_is_moved_removes_that_part_too(tmp_path: Path) -> None:
+    """A Ctrl-C landing just after a part was moved into records/, before the commit had
+    listed it as moved, left that part in the lake (half the run, taken for data by every
+    reader) while the run said nothing of it was kept, and ingesting it again stored that
+    half twice."""
+    lake = tmp_path / "lake"
+    assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 5, "first"))).returncode == 0
+    log = _log(tmp_path / "day.log", [14] * 200 + [15] * 100, "day")
+    err = _stopped_in_commit(tmp_path, lake, log, "moving", signal.SIGINT)
+    assert "nothing from this run was kept" in err, err
+    assert _seen(lake) == (5, 5, 5)
+    assert not list(lake.glob(".*"))
+    again = _ingest(lake, str(log))
+    assert again.returncode == 0 and b"already ingested" not in again.stderr
+    assert _seen(lake) == (305, 305, 305)
