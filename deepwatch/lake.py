@@ -505,11 +505,13 @@ def _parts(root: Path, days: str | Sequence[str] | None) -> list[Path]:
 
 
 def lake_days(root: str | Path) -> list[str]:
-    """The days a lake holds records for, in order."""
+    """The days a lake holds records for, in order: day folders without parts are not (a
+    rolled-back commit leaves the folders its moves made, since a concurrent ingest may be
+    moving a part into one)."""
     _manifest(Path(root))
     folder = Path(root) / RECORDS
-    return sorted(p.name.removeprefix("day=") for p in folder.glob("day=*")) if folder.exists() \
-        else []
+    return sorted(p.name.removeprefix("day=") for p in folder.glob("day=*")
+                  if next(p.glob(PART_GLOB), None) is not None) if folder.exists() else []
 
 
 def check_lake_days(roots: Sequence[str | Path], days: str | Sequence[str] | None) -> None:
@@ -522,8 +524,7 @@ def check_lake_days(roots: Sequence[str | Path], days: str | Sequence[str] | Non
         return
     if not roots:
         raise UsageError("days (--days) picks days of the lakes read: give a lake (--lake DIR)")
-    held = sorted({d for root in roots for d in lake_days(root)
-                   if _parts(Path(root), [d])})  # (a day folder may be left empty)
+    held = sorted({d for root in roots for d in lake_days(root)})
     for text, span in zip(_day_list(days) or (), spans, strict=True):
         if not any(_in_spans(day, [span]) for day in held):
             where = f"the lake at {roots[0]} holds no" if len(roots) == 1 else \

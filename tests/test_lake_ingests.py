@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from deepwatch.lake import read_lake
+from deepwatch.lake import lake_days, read_lake
 
 LINE = ('{ip} - - [{day}/May/2024:12:{min:02d}:{sec:02d} +0000] "GET /{tag}/{i} HTTP/1.1" 200 10 '
         '"-" "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"')
@@ -266,6 +266,10 @@ def test_a_stop_just_after_a_part_is_moved_removes_that_part_too(tmp_path: Path)
     assert "nothing from this run was kept" in err, err
     assert _seen(lake) == (5, 5, 5)
     assert not list(lake.glob(".*"))
+    # the day folder the move made stays (another ingest may be moving a part into it), but
+    # holds no records: it is no day of the lake's
+    assert (lake / "records" / "day=2024-05-14").is_dir()
+    assert lake_days(lake) == ["2024-05-13"]
     again = _ingest(lake, str(log))
     assert again.returncode == 0 and b"already ingested" not in again.stderr
     assert _seen(lake) == (305, 305, 305)
