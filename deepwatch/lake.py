@@ -343,7 +343,9 @@ def _make_staging(root: Path) -> tuple[Path, int | None]:
 def _recover(root: Path) -> None:
     """Deal with the staging directories of ingests killed outright (nobody holds their lock):
     one killed while committing has its moves finished (its ``commit.json`` lists them), any
-    other is removed with its parts, which no reader ever saw."""
+    other is removed with its parts, which no reader ever saw; one killed before its lock file
+    had its name, once it is older than :data:`STALE_TMP_S` (a young one may be a running
+    writer's, about to be locked)."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): no staging directory is judged abandoned
@@ -353,7 +355,12 @@ def _recover(root: Path) -> None:
     for staging in root.glob(f"{STAGING_PREFIX}*"):
         try:
             fd = os.open(staging / LOCK, os.O_RDONLY)
-        except OSError:  # being made or removed by another writer right now
+        except OSError:  # being made or removed by another writer right now, or left by one
+            # killed while making it (before its lock had a name): that one once it is old
+            with contextlib.suppress(OSError):
+                if time.time() - staging.stat().st_mtime > STALE_TMP_S \
+                        and not (staging / LOCK).exists():
+                    shutil.rmtree(staging, ignore_errors=True)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from deepwatch.lake import lake_days, read_lake
+from deepwatch.lake import STALE_TMP_S, lake_days, read_lake
 
 LINE = ('{ip} - - [{day}/May/2024:12:{min:02d}:{sec:02d} +0000] "GET /{tag}/{i} HTTP/1.1" 200 10 '
         '"-" "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"')
@@ -100,8 +101,6 @@ def test_two_ingests_at_once_with_readers_beside(tmp_path: Path) -> None:
     """Two ingests into one lake at the same time, each held open until both have written
     parts: readers meanwhile see neither run's records (no half run is taken for data); once
     both end, every record is there once, and both inputs are noted as ingested."""
-    import time
-
     lake = tmp_path / "lake"
     assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 7, "first"))).returncode == 0
     logs = [_log(tmp_path / f"{tag}.log", days, tag)
@@ -165,9 +164,10 @@ def test_a_commit_cut_short_is_finished_by_the_next_ingest(tmp_path: Path) -> No
     assert sorted(noted) == sorted([str(log), str(other)])
 
 
-#: Installed in an ingest (``sitecustomize``): at a point of its commit (``HOLD_AT``: "noting",
-#: just after it appended its entries to ``_ingested.jsonl``; "moving", just after it moved its
-#: first part into ``records/``), it says so (``HOLD_FLAG``) and waits there for the test's signal.
+#: Installed in an ingest (``sitecustomize``): at a point of its run (``HOLD_AT``: "noting",
+#: just after its commit appended its entries to ``_ingested.jsonl``; "moving", just after it
+#: moved its first part into ``records/``; "locking", when its new staging directory's lock
+#: file is about to get its name), it says so (``HOLD_FLAG``) and waits for the test's signal.
 _HOLD_IN_COMMIT = '''
 import os, time
 
@@ -197,6 +197,8 @@ def _written(fd, data):
 
 
 def _replaced(src, dst, *args, **kwargs):
+    if _at == "locking" and os.fspath(src).endswith(".lock.tmp"):
+        _hold()
     _replace(src, dst, *args, **kwargs)
     dst = os.fspath(dst)
     if _at == "moving" and f"{os.sep}records{os.sep}" in dst \
@@ -209,8 +211,8 @@ os.open, os.write, os.replace = _opened, _written, _replaced
 
 
 def _stopped_in_commit(tmp_path: Path, lake: Path, log: Path, at: str, sig: int) -> str:
-    """Ingest ``log``, hold it in its commit (``at``, see :data:`_HOLD_IN_COMMIT`), send it
-    ``sig``; its stderr (it exits as a stop says)."""
+    """Ingest ``log``, hold it where ``at`` says (see :data:`_HOLD_IN_COMMIT`), send it
+    ``sig``; its stderr (it exits as the signal says)."""
     from conftest import signal_when
 
     hook = tmp_path / "hook"
@@ -229,7 +231,7 @@ def _stopped_in_commit(tmp_path: Path, lake: Path, log: Path, at: str, sig: int)
         proc.kill()
         assert proc.stderr is not None
         proc.stderr.close()
-    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
+    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}.get(sig, -sig), err
     return err
 
 
@@ -273,3 +275,23 @@ def test_a_stop_just_after_a_part_is_moved_removes_that_part_too(tmp_path: Path)
     again = _ingest(lake, str(log))
     assert again.returncode == 0 and b"already ingested" not in again.stderr
     assert _seen(lake) == (305, 305, 305)
+
+
+def test_a_staging_directory_killed_before_its_lock_is_removed_once_old(tmp_path: Path) -> None:
+    """An ingest killed outright while making its staging directory, before the lock file had
+    its name, left a directory no later ingest would ever remove (one without a lock file was
+    taken to be in the making by a running ingest, however old)."""
+    lake = tmp_path / "lake"
+    assert _ingest(lake, str(_log(tmp_path / "first.log", [13] * 5, "first"))).returncode == 0
+    log = _log(tmp_path / "day.log", [14] * 20, "day")
+    _stopped_in_commit(tmp_path, lake, log, "locking", signal.SIGKILL)
+    [left] = lake.glob(".ingest-*")
+    assert not (left / "lock").exists()
+    other = _log(tmp_path / "other.log", [15] * 3, "other")
+    assert _ingest(lake, str(other)).returncode == 0
+    assert left.exists()  # young: it may be a running ingest's, about to be locked
+    old = time.time() - 2 * STALE_TMP_S
+    os.utime(left, (old, old))  # as it is an hour or more later
+    assert _ingest(lake, str(other)).returncode == 0
+    assert not list(lake.glob(".*"))
+    assert _seen(lake) == (11, 11, 11)
