@@ -247,9 +247,16 @@ class Zeek(Format):
         return ParseResult(batch, rejects, raw.len(), pa.array(numbers[ok.to_numpy()], pa.int64()),
                            skipped=skipped)
 
-    def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
-        """Records as JSON objects (REST): ``local_orig``/``local_resp`` may be JSON booleans
-        (as Zeek's JSON logs write them) and are kept as ``T``/``F``, as from a log line."""
+    def parse_records(self, records: list[dict[str, Any]] | Any) -> ParseResult:
+        """Records as JSON objects (REST), or the rows of a table: ``local_orig``/``local_resp``
+        may be JSON booleans (as Zeek's JSON logs write them) and are kept as ``T``/``F``, as
+        from a log line."""
+        if not isinstance(records, list):
+            # a table: its rows as dicts first (iterated, a frame gives its column names)
+            from .._arrow import as_arrow
+
+            records = (list(records) if isinstance(records, tuple)
+                       else as_arrow(records, "parse_records").to_pylist())
         flags = {True: "T", False: "F", "true": "T", "false": "F"}
         fixed: list[Any] = []
         for r in records:
