@@ -55,6 +55,8 @@ CONN_FIELDS: tuple[tuple[str, str, pa.DataType], ...] = (
     ("resp_pkts", "resp_pkts", pa.int64()),
     ("resp_ip_bytes", "resp_ip_bytes", pa.int64()),
 )
+#: Zeek's names of the connection's endpoints (``id.orig_h``...) and their columns.
+_DOTTED = tuple((name, col) for name, col, _t in CONN_FIELDS if name != col)
 _REQUIRED = ("ts", "orig_h", "resp_h", "proto")
 _COUNTS = ("orig_p", "resp_p", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
            "orig_ip_bytes", "resp_pkts", "resp_ip_bytes")
@@ -248,9 +250,12 @@ class Zeek(Format):
                            skipped=skipped)
 
     def parse_records(self, records: list[dict[str, Any]] | Any) -> ParseResult:
-        """Records as JSON objects (REST), or the rows of a table: ``local_orig``/``local_resp``
-        may be JSON booleans (as Zeek's JSON logs write them) and are kept as ``T``/``F``, as
-        from a log line."""
+        """Records as JSON objects (REST), or the rows of a table: taken as Zeek's JSON writer
+        logs them as well as by column name, so a record posted exactly as Zeek wrote it is
+        read as its line is. ``id.orig_h``, ``id.orig_p``, ``id.resp_h`` and ``id.resp_p`` fill
+        the columns ``orig_h``... (a record giving both names keeps the column name's value);
+        ``local_orig``/``local_resp`` may be JSON booleans and are kept as ``T``/``F``, as from
+        a log line."""
         if not isinstance(records, list):
             # a table: its rows as dicts first (iterated, a frame gives its column names)
             from .._arrow import as_arrow
@@ -260,10 +265,14 @@ class Zeek(Format):
         flags = {True: "T", False: "F", "true": "T", "false": "F"}
         fixed: list[Any] = []
         for r in records:
-            if type(r) is dict and any(type(r.get(k)) is bool or r.get(k) in ("true", "false")
-                                       for k in _FLAGS):
-                r = {**r, **{k: flags[r[k]] for k in _FLAGS
-                             if type(r.get(k)) is bool or r.get(k) in ("true", "false")}}
+            if type(r) is dict:
+                dotted = {col: r[name] for name, col in _DOTTED
+                          if name in r and r.get(col) is None}
+                if dotted:
+                    r = {**r, **dotted}
+                if any(type(r.get(k)) is bool or r.get(k) in ("true", "false") for k in _FLAGS):
+                    r = {**r, **{k: flags[r[k]] for k in _FLAGS
+                                 if type(r.get(k)) is bool or r.get(k) in ("true", "false")}}
             fixed.append(r)
         return super().parse_records(fixed)
 
