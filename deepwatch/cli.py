@@ -240,6 +240,9 @@ def score(
             raise typer.BadParameter("--cluster works with --engine local only")
         if days:
             raise typer.BadParameter("--days works with --engine local only")
+        if lake:  # (it was ignored: the lake's records went unscored, without a word)
+            raise typer.BadParameter("--lake works with --engine local only (the spark "
+                                     "engine reads text files)")
         report = score_spark(bundle, fmt, files or [], out, alerts_only=alerts_only,
                              rejects=rejects, master=master)
     elif engine == "local":

@@ -148,6 +148,24 @@ def test_bad_bundle_and_stdin_are_refused_before_spark_starts(
         score_spark(str(broken), "kdd", inputs, str(tmp_path / "o.parquet"))
 
 
+def test_a_lake_is_refused_by_the_spark_engine_not_ignored(
+        kdd_bundle: Path, inputs: list[str], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``score --engine spark --lake L`` scored the files and left the lake's records out
+    without a word; it is refused before Spark starts."""
+    from deepwatch.cli import main
+    from deepwatch.lake import LakeWriter
+
+    LakeWriter(tmp_path / "lake", "kdd")
+    out = tmp_path / "o.parquet"
+    code = main(["score", str(kdd_bundle), "--format", "kdd", "--out", str(out),
+                 "--engine", "spark", "--lake", str(tmp_path / "lake"), *inputs])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--lake works with --engine local only" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def _decodable_lines(compressed: bytes) -> int:
     """The whole lines zlib can decompress from the start of a truncated gzip member."""
     return zlib.decompressobj(wbits=31).decompress(compressed).count(b"\n")
