@@ -100,3 +100,13 @@ def test_a_table_of_zeek_records_parses_as_its_rows() -> None:
         assert res.rejects.num_rows == 0 and res.batch.num_rows == 1
         assert res.batch.select(["orig_h", "resp_p", "local_orig"]).to_pylist() == [
             {"orig_h": "10.0.0.1", "resp_p": 80, "local_orig": "T"}]
+
+
+def test_a_rejected_zeek_record_keeps_its_text_as_given() -> None:
+    given = json.loads(_zeek_json(1)) | {"duration": -0.5}  # Zeek never logs a negative one
+    res = get_format("zeek").parse_records([json.loads(_zeek_json(0)), given])
+    assert res.batch.num_rows == 1
+    assert res.rejects.column("line").to_pylist() == [2]
+    assert "duration" in res.rejects.column("reason")[0].as_py()
+    # its names and values as sent: not the columns (orig_h) and T/F they were read into
+    assert json.loads(res.rejects.column("raw")[0].as_py()) == given

@@ -31,6 +31,7 @@ from ._base import (
     make_rejects,
     split_lines,
 )
+from ._records import record_text
 
 #: The standard conn.log fields, in Zeek's order (name in the log -> column, Arrow type).
 CONN_FIELDS: tuple[tuple[str, str, pa.DataType], ...] = (
@@ -274,7 +275,15 @@ class Zeek(Format):
                     r = {**r, **{k: flags[r[k]] for k in _FLAGS
                                  if type(r.get(k)) is bool or r.get(k) in ("true", "false")}}
             fixed.append(r)
-        return super().parse_records(fixed)
+        result = super().parse_records(fixed)
+        if result.rejects.num_rows and any(f is not r for f, r in zip(fixed, records,
+                                                                     strict=True)):
+            # a reject's raw text is the record as given, not as read (``id.orig_h``, ``true``)
+            lines = result.rejects.column("line").to_pylist()
+            result.rejects = result.rejects.set_column(
+                1, result.rejects.schema.field("raw"),
+                pa.array([record_text(records[n - 1]) for n in lines], pa.string()))
+        return result
 
     def feature_spec(self) -> dict[str, Any]:
         numeric = ["duration", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
