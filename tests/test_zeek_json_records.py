@@ -110,3 +110,36 @@ def test_a_rejected_zeek_record_keeps_its_text_as_given() -> None:
     assert "duration" in res.rejects.column("reason")[0].as_py()
     # its names and values as sent: not the columns (orig_h) and T/F they were read into
     assert json.loads(res.rejects.column("raw")[0].as_py()) == given
+
+
+def _millis(line: str) -> str:
+    """``line`` as Zeek writes it with ``JSON::TS_MILLIS``: ts in integer milliseconds."""
+    record = json.loads(line)
+    return json.dumps(record | {"ts": round(record["ts"] * 1000)}, separators=(",", ":"))
+
+
+def test_a_json_log_with_millisecond_timestamps_scores_as_with_seconds(
+        zeek_bundle: Path, tmp_path: Path) -> None:
+    lines = LOG.splitlines()[:50]
+    outs = []
+    for name, text in (("seconds", lines), ("millis", [_millis(line) for line in lines])):
+        log = tmp_path / f"conn.{name}.log"
+        log.write_text("\n".join(text) + "\n")
+        out = tmp_path / f"{name}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "deepwatch.cli", "score", str(zeek_bundle),
+                            "-f", "zeek", "--out", str(out), str(log)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "50 lines read: 50 parsed, 0 rejected" in r.stderr
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]
+    assert json.loads(outs[1].splitlines()[1])["ts"] == "2023-11-14T22:13:20.250+00:00"
+
+
+def test_a_record_with_millisecond_timestamps_reads_as_with_seconds() -> None:
+    lines = LOG.splitlines()[:5]
+    fmt = get_format("zeek")
+    seconds = fmt.parse_records([json.loads(line) for line in lines])
+    millis = fmt.parse_records([json.loads(_millis(line)) for line in lines])
+    assert millis.rejects.num_rows == 0
+    assert millis.batch.to_pylist() == seconds.batch.to_pylist()

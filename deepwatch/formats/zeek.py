@@ -64,7 +64,8 @@ _COUNTS = ("orig_p", "resp_p", "orig_bytes", "resp_bytes", "missed_bytes", "orig
 #: Zeek's booleans, written T/F in TSV logs and true/false in JSON logs: kept as T/F either way.
 _FLAGS = ("local_orig", "local_resp")
 _JSON_FLAGS = {"true": "T", "false": "F"}
-#: Latest accepted time (seconds since 1970; the year 5138): beyond it a ts is garbage.
+#: Latest accepted time (seconds since 1970; the year 5138): beyond it a ts is garbage. An integer
+#: ts of a JSON line from there on is in milliseconds (``JSON::TS_MILLIS``; 1e11 ms is in 1973).
 MAX_TS = 1e11
 #: The timestamps of Zeek's JSON logs written with ``JSON::TS_ISO8601``: always UTC, ``Z``.
 ISO_TS = "%Y-%m-%dT%H:%M:%S%.fZ"
@@ -137,10 +138,14 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
         elif col == "ts":
             # seconds since 1970, or the UTC ISO 8601 text Zeek writes with JSON::TS_ISO8601
             iso = text.str.strptime(pl.Datetime("us", "UTC"), ISO_TS, strict=False)
-            val = pl.coalesce(text.cast(pl.Float64, strict=False),
+            number = text.cast(pl.Float64, strict=False)
+            # or, in a JSON line, the integer milliseconds Zeek writes with JSON::TS_MILLIS
+            millis = pl.col("_json") & text.str.contains(r"^[0-9]+$") & (number >= MAX_TS)
+            val = pl.coalesce(pl.when(millis).then(number / 1000).otherwise(number),
                               iso.dt.epoch("us").cast(pl.Float64) / 1e6)
             bad = text.is_not_null() & ~val.is_between(0.0, MAX_TS).fill_null(False)
-            what = "a time in seconds since 1970 or in ISO 8601 UTC (2026-11-24T10:00:00.5Z)"
+            what = ("a time in seconds since 1970, in milliseconds (JSON lines) or in ISO 8601 "
+                    "UTC (2026-11-24T10:00:00.5Z)")
         elif pa.types.is_floating(typ):
             val = text.cast(pl.Float64, strict=False)
             # a duration is an interval: Zeek never writes a negative one
@@ -255,6 +260,7 @@ class Zeek(Format):
         logs them as well as by column name, so a record posted exactly as Zeek wrote it is
         read as its line is. ``id.orig_h``, ``id.orig_p``, ``id.resp_h`` and ``id.resp_p`` fill
         the columns ``orig_h``... (a record giving both names keeps the column name's value);
+        an integer ``ts`` from ``MAX_TS`` on is in milliseconds, as in a JSON line;
         ``local_orig``/``local_resp`` may be JSON booleans and are kept as ``T``/``F``, as from
         a log line."""
         if not isinstance(records, list):
@@ -271,6 +277,9 @@ class Zeek(Format):
                           if name in r and r.get(col) is None}
                 if dotted:
                     r = {**r, **dotted}
+                ts = r.get("ts")
+                if type(ts) is int and MAX_TS <= ts < MAX_TS * 1000:  # JSON::TS_MILLIS
+                    r = {**r, "ts": ts / 1000}
                 if any(type(r.get(k)) is bool or r.get(k) in ("true", "false") for k in _FLAGS):
                     r = {**r, **{k: flags[r[k]] for k in _FLAGS
                                  if type(r.get(k)) is bool or r.get(k) in ("true", "false")}}
