@@ -5,6 +5,7 @@ Under CI=true a missing data file or optional dependency is a failure, never a s
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -154,6 +155,25 @@ def stop_server(proc: Any) -> None:
         proc.wait()
     if proc.stderr:
         proc.stderr.close()
+
+
+@contextlib.contextmanager
+def serving(bundle: Path, *args: str) -> Iterator[tuple[Any, str]]:
+    """A real ``deepwatch serve BUNDLE`` on a free loopback port (extra ``args`` appended),
+    healthy: yields the process (stderr piped) and its base URL; stopped on the way out."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "serve", str(bundle), "--port", str(port), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        yield proc, url
+    finally:
+        stop_server(proc)
 
 
 def signal_when(proc: Any, ready: Any, sig: int, within: float = 120) -> None:

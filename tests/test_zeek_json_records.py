@@ -14,7 +14,7 @@ import httpx
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import free_port, stop_server, trained_bundle, wait_healthy
+from conftest import serving, trained_bundle
 
 from deepwatch.formats import get_format
 
@@ -55,21 +55,13 @@ def zeek_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_record_posted_as_zeek_logged_it_scores_as_its_line(zeek_bundle: Path) -> None:
     lines = LOG.splitlines()[:5]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deepwatch.cli", "serve", str(zeek_bundle), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_healthy(url, proc)
+    with serving(zeek_bundle) as (_, url):
         objects = [json.loads(line) for line in lines]
         # each object gets the verdict and scores of the same record sent as its raw line
         answers = [httpx.post(url + "/v1/score", json={"records": records}, timeout=30).json()
                    for records in (objects, lines)]
         assert answers[0]["rejects"] == [] and len(answers[0]["results"]) == 5
         assert answers[0] == answers[1]
-    finally:
-        stop_server(proc)
 
 
 def test_a_frame_read_from_a_zeek_json_log_parses_as_its_lines() -> None:
