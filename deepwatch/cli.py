@@ -244,7 +244,7 @@ def score(
             raise typer.BadParameter("--lake works with --engine local only (the spark "
                                      "engine reads text files)")
         report = score_spark(bundle, fmt, files or [], out, alerts_only=alerts_only,
-                             rejects=rejects, master=master)
+                             rejects=rejects, master=master, backend=backend, explain=explain)
     elif engine == "local":
         from .errors import sigterm_stops_cleanly
         from .scoring import score_files

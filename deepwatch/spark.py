@@ -205,12 +205,15 @@ def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: 
 def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name: str,
                     labels: Sequence[str | None], parsed: pa.Schema, union: pa.Schema,
                     contexts: dict[int, list[tuple[int, str]]] | None = None,
+                    backend: str = "auto", explain: bool | None = None,
                     ) -> Iterator[pa.RecordBatch]:
     """The ``mapInArrow`` function: (file, line, text) rows in, scored rows and rejects out.
-    ``contexts``: per file, its context lines (line number, text) in order (see _contexts)."""
+    ``contexts``: per file, its context lines (line number, text) in order (see _contexts).
+    ``backend`` and ``explain`` are the driver's, so that every partition scores as it does."""
     from .models.detector import Detector
 
-    det = Detector(bundle)  # once per partition; verify=True checks every file's sha256
+    # once per partition; verify=True checks every file's sha256
+    det = Detector(bundle, engine=backend, explain=explain)
     fmt = get_format(format_name)
     for batch in batches:
         n = batch.num_rows
@@ -633,22 +636,27 @@ def _warn(batch: pa.RecordBatch, names: Sequence[str]) -> None:
 
 def score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                 alerts_only: bool = False, rejects: str | None = None,
-                master: str | None = None) -> ScoreReport:
-    """Score ``inputs`` on Spark into ``out`` (.parquet or .jsonl), rejects to ``rejects``."""
+                master: str | None = None, backend: str = "auto",
+                explain: bool | None = None) -> ScoreReport:
+    """Score ``inputs`` on Spark into ``out`` (.parquet or .jsonl), rejects to ``rejects``.
+    ``backend`` and ``explain`` mean what they mean to the local engine (``score_files``)."""
     with warnings.catch_warnings():  # pyspark's notice about pandas 3, which deepwatch never uses
         warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas",
                                 FutureWarning)
-        return _score_spark(bundle, format_name, inputs, out, alerts_only, rejects, master)
+        return _score_spark(bundle, format_name, inputs, out, alerts_only, rejects, master,
+                            backend, explain)
 
 
 def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
-                 alerts_only: bool, rejects: str | None, master: str | None) -> ScoreReport:
+                 alerts_only: bool, rejects: str | None, master: str | None,
+                 backend: str, explain: bool | None) -> ScoreReport:
     from pyspark.sql.pandas.types import from_arrow_schema
 
     from .models.detector import Detector
 
     t0 = time.perf_counter()
-    det = Detector(bundle)  # fail here, not on an executor, for a bad bundle
+    # fail here, not on an executor, for a bad bundle; its output schema is the executors'
+    det = Detector(bundle, engine=backend, explain=explain)
     if format_name != det.format:
         raise UsageError(f"the bundle was trained on format {det.format!r}, not {format_name!r}")
     if out == "-":
@@ -668,7 +676,8 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
             lines = _lines_frame(session, specs)
             work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
                                      format_name=format_name, labels=[s.label for s in specs],
-                                     parsed=parsed, union=union, contexts=_contexts(lines, fmt))
+                                     parsed=parsed, union=union, contexts=_contexts(lines, fmt),
+                                     backend=backend, explain=explain)
             frame = lines.mapInArrow(work, from_arrow_schema(union))
             frame.write.mode("overwrite").parquet(str(staging / "parts"))
         except DeepwatchError:

@@ -132,6 +132,31 @@ def test_cli_spark_alerts_only_jsonl_with_path_labels(
     assert [r["src_bytes"] for r in spark_rows] == [r["src_bytes"] for r in local_rows]
 
 
+@pytest.mark.slow
+def test_cli_spark_explains_and_scores_on_the_backend_asked_for(
+        spark: object, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``score --engine spark --explain --backend torch`` gave no ``explanation`` column and
+    scored through ONNX Runtime: both options were dropped without a word. The executors now
+    score as the local engine does with them."""
+    from deepwatch.cli import main
+
+    part = tmp_path / "part.csv"
+    part.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:400]))
+    args = ["score", str(kdd_bundle), "--format", "kdd", "--explain", "--backend", "torch",
+            str(part)]
+    assert main([*args, "--out", str(tmp_path / "local.jsonl")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "spark.jsonl"), "--engine", "spark"]) == 0
+    err = capsys.readouterr().err
+    assert "(spark local[2], torch:cpu)" in err, err
+    spark_rows = _rejects(tmp_path / "spark.jsonl")
+    local_rows = _rejects(tmp_path / "local.jsonl")
+    assert len(spark_rows) == len(local_rows) == 400
+    explained = [r["explanation"] for r in local_rows]
+    assert any(explained) and [r.get("explanation") for r in spark_rows] == explained
+
+
 def test_bad_bundle_and_stdin_are_refused_before_spark_starts(
         kdd_bundle: Path, inputs: list[str], tmp_path: Path) -> None:
     from deepwatch.spark import score_spark
