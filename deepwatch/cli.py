@@ -249,6 +249,9 @@ def score(
         from .errors import sigterm_stops_cleanly
         from .scoring import score_files
 
+        if master:  # (it was ignored: the run went to the local engine, without a word)
+            raise typer.BadParameter("--master works with --engine spark only")
+
         with sigterm_stops_cleanly():  # the output closed whole (Parquet's footer), said partial
             report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,
                                  rejects=rejects, engine=backend, progress=_progress(),

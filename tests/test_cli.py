@@ -130,6 +130,19 @@ def test_user_mistakes_are_one_line_errors(kdd_bundle: Path, tmp_path: Path) -> 
         assert "PATH=LABEL" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_spark_master_without_the_spark_engine_is_refused(kdd_bundle: Path,
+                                                            small_kdd_test: Path,
+                                                            tmp_path: Path) -> None:
+    """``score --master local[4]`` without ``--engine spark`` scored on the local engine and
+    said nothing of the master it left out."""
+    out = tmp_path / "o.jsonl"
+    r = _run("score", str(kdd_bundle), "--format", "kdd", "--master", "local[4]",
+             "--out", str(out), str(small_kdd_test))
+    assert r.returncode == 2, r.stderr
+    assert "--master works with --engine spark only" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
 def test_score_reads_stdin(kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
     data = "".join(small_kdd_test.read_text().splitlines(keepends=True)[:50])
