@@ -223,10 +223,11 @@ def run_demo(out_dir: str | Path = "demo-out", log: Callable[[str], None] = prin
     from .simulate import ATTACKS, simulate
     from .sinks import writable_dir
     from .train.api import train
+    from .train.loop import torch_threads
 
     # Small networks on a shared CPU train many times faster on one thread than on several.
     os.environ.setdefault("DEEPWATCH_TORCH_THREADS", "1")
-    torch.set_num_threads(int(os.environ["DEEPWATCH_TORCH_THREADS"]))
+    torch.set_num_threads(torch_threads() or 1)
     check_demo_target(out_dir)
     out = writable_dir(out_dir, "--out")
     clock = _Clock(log)

@@ -143,6 +143,26 @@ def test_a_spark_master_without_the_spark_engine_is_refused(kdd_bundle: Path,
     assert "Traceback" not in r.stderr and not out.exists()
 
 
+@pytest.mark.parametrize(("value", "says"), [
+    ("abc", "must be a whole number, not 'abc'"),
+    ("-2", "must be 1 or more (0: one per core), not -2"),
+])
+def test_a_bad_torch_threads_setting_is_one_line_before_the_work(small_kdd: Path, tmp_path: Path,
+                                                                  value: str, says: str) -> None:
+    """``DEEPWATCH_TORCH_THREADS=abc`` made ``train`` read the data, then die with a
+    ValueError traceback; ``demo`` died the same way."""
+    env = {**os.environ, "DEEPWATCH_TORCH_THREADS": value}
+    for args in (["train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
+                  "--out", str(tmp_path / "b"), str(small_kdd)],
+                 ["demo", "--out", str(tmp_path / "demo")]):
+        r = subprocess.run([sys.executable, "-m", "deepwatch.cli", *args], capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines() == [f"error: DEEPWATCH_TORCH_THREADS {says}"]
+        assert "training data" not in r.stderr
+    assert not (tmp_path / "b").exists() and not (tmp_path / "demo").exists()
+
+
 def test_score_reads_stdin(kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
     data = "".join(small_kdd_test.read_text().splitlines(keepends=True)[:50])

@@ -26,7 +26,7 @@ from ..models import MODEL_KINDS
 from ..sources.files import Inputs, input_list
 from . import distributed
 from .data import dedupe, label_vocabulary, stratified_split
-from .loop import TrainConfig, pick_device
+from .loop import TrainConfig, pick_device, torch_threads
 
 if TYPE_CHECKING:
     from ..sinks import RejectSink
@@ -486,6 +486,7 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
         raise UsageError("no training input given (files or --lake DIR)")
     if epochs is not None and epochs < 1:
         raise UsageError(f"epochs (--epochs) must be at least 1, not {epochs}")
+    torch_threads()  # a bad DEEPWATCH_TORCH_THREADS, said before the data is read
     if not 1 <= folds <= MAX_FOLDS:
         raise UsageError(f"folds (--folds) must be between 1 and {MAX_FOLDS}, not {folds}")
     if folds > 1 and model not in FOLD_MODELS:

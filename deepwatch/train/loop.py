@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._cpus import usable_cores
+from ..errors import UsageError
 from ..progress import EpochReport, epoch_progress
 from . import distributed
 
@@ -65,15 +66,32 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def torch_threads() -> int | None:
+    """``DEEPWATCH_TORCH_THREADS``: the intra-op threads torch is to use, or None where it is
+    unset or 0 (the default: the usable cores). Anything else but a positive whole number is a
+    one-line usage error, as ``DEEPWATCH_THREADS`` is, not a traceback once the data is read."""
+    raw = os.environ.get("DEEPWATCH_TORCH_THREADS", "").strip()
+    if not raw:
+        return None
+    try:
+        threads = int(raw)
+    except ValueError:
+        raise UsageError(f"DEEPWATCH_TORCH_THREADS must be a whole number, not {raw!r}") from None
+    if threads < 0:
+        raise UsageError(f"DEEPWATCH_TORCH_THREADS must be 1 or more (0: one per core), "
+                         f"not {threads}")
+    return threads or None
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     # DEEPWATCH_TORCH_THREADS caps the threads: small networks on a busy CPU train many times
     # faster on one thread than on several that wait for each other.
     # Several training processes on one machine (torchrun) share its cores.
-    threads = int(os.environ.get("DEEPWATCH_TORCH_THREADS") or 0)
+    threads = torch_threads()
     per_process = max(1, usable_cores() // distributed.current().local_world)
-    torch.set_num_threads(threads if threads > 0 else per_process)
+    torch.set_num_threads(threads or per_process)
 
 
 def sampling_probs(y: np.ndarray | None, w: np.ndarray, balance: float) -> np.ndarray:
