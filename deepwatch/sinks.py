@@ -75,12 +75,9 @@ def replace_file(path: str | Path, data: bytes) -> None:
     symbolic link, through. A failure is the ``OSError``, for the caller to name the output.
     """
     real = Path(os.path.realpath(path))
-    try:
-        st: os.stat_result | None = os.stat(real)
-    except OSError:
-        st = None
+    st, there = _stat(path, real)
     if st is not None and not stat.S_ISREG(st.st_mode):
-        real.write_bytes(data)
+        Path(there).write_bytes(data)
         return
     tmp = real.with_name(f".{real.name}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -95,14 +92,26 @@ def replace_file(path: str | Path, data: bytes) -> None:
         raise
 
 
+def _stat(path: str | Path, real: str | Path) -> tuple[os.stat_result | None, str | Path]:
+    """What ``path`` names, through its links (None where nothing is there yet), and the path
+    that reached it. Asked of the path as given first: /dev/stdout on a pipe is a link to
+    ``pipe:[N]``, which ``realpath`` turns into a path that does not exist; then of ``real``,
+    its resolved path (``sub/../x`` is ``x`` even where ``sub`` is missing)."""
+    for p in (path, real):
+        try:
+            return os.stat(p), p
+        except OSError:
+            pass
+    return None, real
+
+
 def _file_key(path: str | Path) -> tuple[object, ...] | None:
     """What tells files apart: device and inode of an existing regular file (hard links and
     symbolic links alike), the resolved path of one yet to be made; None for what many may
     share without harm (``/dev/null``, a pipe, a terminal) or what is no file at all."""
     real = os.path.realpath(path)  # `sub/../x` is x even where sub is not (yet) there
-    try:
-        st = os.stat(real)
-    except OSError:
+    st, _there = _stat(path, real)
+    if st is None:
         return ("path", real)
     if not stat.S_ISREG(st.st_mode):
         return None

@@ -264,6 +264,20 @@ def test_a_dash_for_a_file_output_is_refused_and_dev_stdout_works(
     assert rejected and all(set(x) >= {"line", "raw", "reason"} for x in rejected)
     assert f"{len(rejected)} rejected" in r.stderr
 
+def test_evaluate_writes_its_json_to_dev_stdout_on_a_pipe(kdd_bundle: Path, small_kdd_test: Path,
+                                                           tmp_path: Path) -> None:
+    """``--json /dev/stdout`` with stdout a pipe (``| jq``) ran the whole evaluation, then said
+    "cannot write /dev/stdout: No such file or directory": /dev/stdout resolves to the pipe's
+    name under /proc, which is no path, so the whole-or-nothing write looked for a directory
+    there to put its temporary file in."""
+    r = subprocess.run([sys.executable, "-m", "deepwatch.cli", "evaluate", str(kdd_bundle),
+                        "--format", "kdd", "--json", "/dev/stdout", str(small_kdd_test)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)  # pipes
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 10_000
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_stray_unlabelled_line_is_a_reject_in_train_and_evaluate(
         small_kdd: Path, small_kdd_test: Path, kdd_bundle: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
