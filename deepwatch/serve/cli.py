@@ -26,7 +26,8 @@ def stream(
         help="Longest wait to fill a micro-batch (ms)")] = 500,
     metrics_port: Annotated[int | None, typer.Option(
         help="Serve Prometheus metrics on this port")] = None,
-    metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port")] = "127.0.0.1",
+    metrics_host: Annotated[str | None, typer.Option(
+        help="Interface for --metrics-port (default 127.0.0.1)")] = None,
     follow: Annotated[bool, typer.Option(
         "--follow", help="Keep reading a growing file, as tail -F")] = False,
     out: Annotated[str, typer.Option("--out", "-o", help="Without --brokers: alerts JSONL "

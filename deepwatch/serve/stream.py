@@ -189,7 +189,8 @@ class StreamOptions:
     batch_size: int = 10000
     batch_wait_ms: int = 500
     metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
+    #: the interface of the metrics port (None: loopback); only with ``metrics_port``
+    metrics_host: str | None = None
     follow: bool = False
     out: str = "-"
     verdicts: str | None = None
@@ -207,6 +208,10 @@ class StreamOptions:
             raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.batch_wait_ms < 1:
             raise UsageError(f"--batch-wait-ms must be at least 1, not {self.batch_wait_ms}")
+        if self.metrics_host is not None and self.metrics_port is None:
+            # (it was ignored: no metrics served anywhere, without a word)
+            raise UsageError("--metrics-host is the interface of --metrics-port: give the port "
+                             "too")
         if self.brokers:
             missing = [flag for flag, v in (("--input-topic", self.input_topic),
                                             ("--output-topic", self.output_topic)) if not v]
@@ -308,10 +313,11 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
     stop = stop or threading.Event()
     metrics = StreamMetrics()
     if opts.metrics_port is not None:
+        host = opts.metrics_host or "127.0.0.1"
         try:
-            metrics.serve(opts.metrics_port, opts.metrics_host)
+            metrics.serve(opts.metrics_port, host)
         except OSError as exc:
-            raise UsageError(f"cannot serve metrics on {opts.metrics_host}:{opts.metrics_port}: "
+            raise UsageError(f"cannot serve metrics on {host}:{opts.metrics_port}: "
                              f"{exc.strerror or exc}") from None
     with ExitStack() as signals:
         # SIGTERM while the brokers are asked about the topics at start (up to 10 s each when
