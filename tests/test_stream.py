@@ -323,6 +323,8 @@ def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: P
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     # (ignored before: no metrics served anywhere)
     (["--metrics-host", "0.0.0.0"], "--metrics-host is the interface of --metrics-port"),
+    # (ignored before: files were read, no group joined)
+    (["--group", "ids"], "--group needs --brokers"),
     (["--log-level", "bogus"], "--log-level must be debug, info, warning or error"),
     (["--format", "access"], "trained on format 'kdd'"),
     (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a",

@@ -20,7 +20,8 @@ def stream(
         help="Topic for every record's verdict")] = None,
     dead_letter_topic: Annotated[str | None, typer.Option(
         help="Topic for rejected records (default: INPUT_TOPIC.dead-letter)")] = None,
-    group: Annotated[str, typer.Option(help="Kafka consumer group")] = "deepwatch",
+    group: Annotated[str | None, typer.Option(
+        help="Kafka consumer group (default deepwatch); only with --brokers")] = None,
     batch_size: Annotated[int, typer.Option(help="Most records in one micro-batch")] = 10000,
     batch_wait_ms: Annotated[int, typer.Option(
         help="Longest wait to fill a micro-batch (ms)")] = 500,

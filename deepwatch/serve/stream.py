@@ -173,6 +173,10 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
+#: The Kafka consumer group where ``--group`` is not given.
+DEFAULT_GROUP = "deepwatch"
+
+
 @dataclass
 class StreamOptions:
     """Everything ``deepwatch stream`` is told on its command line."""
@@ -185,7 +189,8 @@ class StreamOptions:
     output_topic: str | None = None
     verdict_topic: str | None = None
     dead_letter_topic: str | None = None
-    group: str = "deepwatch"
+    #: the Kafka consumer group (None: ``deepwatch``); only with ``brokers``
+    group: str | None = None
     batch_size: int = 10000
     batch_wait_ms: int = 500
     metrics_port: int | None = None
@@ -232,6 +237,8 @@ class StreamOptions:
                                                ("--output-topic", self.output_topic),
                                                ("--verdict-topic", self.verdict_topic),
                                                ("--dead-letter-topic", self.dead_letter_topic),
+                                               # (it was ignored: files have no group)
+                                               ("--group", self.group),
                                                ("--kafka-config", self.kafka_config),
                                                ("--kafka-option", self.kafka_options))
                           if v]
@@ -274,8 +281,9 @@ def _kafka_io(opts: StreamOptions, metrics: StreamMetrics, stop: threading.Event
                      origins=origins)
     consumer_opts = dict(options)
     try:
-        source = KafkaSource(opts.brokers, opts.input_topic, opts.group, opts.batch_size,
-                             opts.batch_wait_ms / 1000.0, consumer_opts, metrics.on_source_event,
+        source = KafkaSource(opts.brokers, opts.input_topic, opts.group or DEFAULT_GROUP,
+                             opts.batch_size, opts.batch_wait_ms / 1000.0, consumer_opts,
+                             metrics.on_source_event,
                              _input_topic_gauge(metrics), metrics=metrics, origins=origins)
     except BaseException:
         sink.close()
@@ -339,7 +347,8 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
         log.info("stream started", extra={
             "event": "start", "bundle": opts.bundle, "format": fmt.name, "engine": det.engine,
             "source": f"kafka:{opts.input_topic}" if opts.brokers else list(opts.inputs or ["-"]),
-            "group": opts.group if opts.brokers else None, "batch_size": opts.batch_size})
+            "group": (opts.group or DEFAULT_GROUP) if opts.brokers else None,
+            "batch_size": opts.batch_size})
         try:
             report = run_loop(source, sink, processor, stop, metrics)
         finally:
