@@ -66,6 +66,8 @@ LakeOption = Annotated[list[str] | None, typer.Option(
 DaysOption = Annotated[list[str] | None, typer.Option(
     "--days", help="Read only these days of the lakes (--lake): a day YYYY-MM-DD, a range "
                    "FIRST..LAST (both in), or unknown (records without a time); repeatable")]
+#: The models with no anomaly threshold: ``--target-fpr`` only sets their ``--decision fpr``.
+CLASSIFIERS = ("mlp", "resnet", "snn", "stack")
 
 
 @app.command()
@@ -77,8 +79,10 @@ def train(
     val: Annotated[list[str] | None, typer.Option("--val", help="Validation file(s)")] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs per network")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (splits, init, sampling)")] = 0,
-    target_fpr: Annotated[float, typer.Option(
-        "--target-fpr", help="False-positive rate the anomaly threshold is calibrated at")] = 0.01,
+    target_fpr: Annotated[float | None, typer.Option(
+        "--target-fpr", help="False-positive rate the anomaly threshold (autoencoder, hybrid) "
+                             "or, with --decision fpr, the score threshold is calibrated at "
+                             "(default 0.01)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     decision: Annotated[str, typer.Option(
         help="auto (KDD data: least expected contest cost, else threshold; also where a "
@@ -107,9 +111,18 @@ def train(
                         "the training time)")] = False,
 ) -> None:
     """Train a model on labelled (or, for autoencoders, benign) records and save a bundle."""
+    if target_fpr is not None and model in CLASSIFIERS and decision != "fpr":
+        # (it was ignored: the classifier's threshold was fitted for fewest errors or cost)
+        raise typer.BadParameter(f"--target-fpr calibrates an anomaly threshold (autoencoder, "
+                                 f"hybrid) or the score threshold of --decision fpr; model "
+                                 f"{model!r} with --decision {decision} does not use it")
+    if target_fpr is None:
+        target_fpr = 0.01
     if nproc != 1 and "WORLD_SIZE" not in os.environ:  # (under torchrun: a rank already)
         argv = ["train", "--format", fmt, "--model", model, "--out", out, "--seed", str(seed),
-                "--target-fpr", str(target_fpr), "--device", device, "--decision", decision]
+                "--device", device, "--decision", decision]
+        if model not in CLASSIFIERS or decision == "fpr":  # (refused by the ranks otherwise)
+            argv += ["--target-fpr", str(target_fpr)]
         argv += [a for v in val or [] for a in ("--val", v)]
         argv += [a for v in lake or [] for a in ("--lake", v)]
         argv += [a for d in days or [] for a in ("--days", d)]

@@ -93,8 +93,9 @@ def register(app: typer.Typer) -> None:
     def simulate_cmd(
         out: Annotated[str, typer.Option("--out", "-o", help="Directory for the logs")],
         visits: Annotated[int, typer.Option(help="Number of visits (normal sessions)")] = 2000,
-        attack_share: Annotated[float, typer.Option(
-            "--attack-share", help="Attack lines per normal line, all kinds together")] = 0.05,
+        attack_share: Annotated[float | None, typer.Option(
+            "--attack-share", help="Attack lines per normal line, all kinds together "
+                                   "(default 0.05)")] = None,
         attacks: Annotated[str, typer.Option(
             help="Comma-separated attack kinds, or 'none'")] = ",".join(_attack_names()),
         seed: Annotated[int, typer.Option(help="Random seed")] = 0,
@@ -104,7 +105,11 @@ def register(app: typer.Typer) -> None:
         from .simulate import simulate
 
         kinds = [] if attacks.strip() in ("", "none") else [a.strip() for a in attacks.split(",")]
-        paths = simulate(out, visits=visits, attacks=kinds, attack_share=attack_share,
+        if attack_share and not kinds:  # (it was ignored: no attack lines at all)
+            raise typer.BadParameter("--attack-share sets how many attack lines --attacks adds; "
+                                     "with --attacks none there are none")
+        paths = simulate(out, visits=visits, attacks=kinds,
+                         attack_share=0.05 if attack_share is None else attack_share,
                          seed=seed, hours=hours, log=lambda s: typer.echo(s, err=True))
         args = " ".join(f"{p}={label}" for label, p in paths.items())
         typer.echo(f"evaluate with: deepwatch evaluate BUNDLE --format access --json OUT.json "

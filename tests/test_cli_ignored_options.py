@@ -1,0 +1,53 @@
+"""Options that did nothing in some combination are refused there, in one line, before any work:
+a user who gives an option expects it to count, and a run that quietly leaves it out looks right
+while it is not what was asked for."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deepwatch.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _refused(r: subprocess.CompletedProcess[str], says: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_target_fpr_with_a_classifier_is_refused_unless_decision_fpr(tmp_path: Path) -> None:
+    """``train --model mlp --target-fpr 0.3`` trained a bundle identical to one without it: a
+    classifier's threshold is fitted for fewest errors (or the KDD cost) unless --decision fpr."""
+    data = tmp_path / "missing.csv"  # never read: the refusal comes first
+    for model, decision in (("mlp", []), ("stack", ["--decision", "threshold"]),
+                            ("resnet", ["--decision", "cost"])):
+        r = _run("train", "--format", "kdd", "--model", model, *decision, "--target-fpr", "0.3",
+                 "--out", str(tmp_path / "b"), str(data))
+        _refused(r, f"--target-fpr calibrates an anomaly threshold (autoencoder, hybrid) or the "
+                    f"score threshold of --decision fpr; model {model!r}")
+    assert not (tmp_path / "b").exists()
+    # where it counts it is taken: these go on to find the missing input
+    for model, decision in (("mlp", ["--decision", "fpr"]), ("autoencoder", []),
+                            ("hybrid", [])):
+        r = _run("train", "--format", "kdd", "--model", model, *decision, "--target-fpr", "0.3",
+                 "--out", str(tmp_path / "b"), str(data))
+        assert r.returncode == 2 and "no such file" in r.stderr, (model, r.stderr)
+
+
+def test_attack_share_with_no_attacks_is_refused(tmp_path: Path) -> None:
+    """``simulate --attacks none --attack-share 0.5`` wrote normal traffic only, as without it."""
+    out = tmp_path / "sim"
+    r = _run("simulate", "--out", str(out), "--visits", "5", "--attacks", "none",
+             "--attack-share", "0.5")
+    _refused(r, "--attack-share sets how many attack lines --attacks adds; with --attacks none "
+                "there are none")
+    assert not out.exists()
+    # a share of 0 says the same as none: taken
+    r = _run("simulate", "--out", str(out), "--visits", "5", "--attacks", "none",
+             "--attack-share", "0")
+    assert r.returncode == 0 and sorted(p.name for p in out.iterdir()) == ["normal.log"], r.stderr
