@@ -176,7 +176,8 @@ def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: 
                label: str | None, parsed: pa.Schema, union: pa.Schema,
                context: str | None = None) -> pa.RecordBatch:
     """Parse and score one run of consecutive lines of one file; records and rejects in order.
-    ``context``: the format's context line in force before the run (a Zeek #fields header)."""
+    ``context``: the format's context line in force before the run (a Zeek #fields header, or
+    a ``LogAscii::tsv=T`` log's field-name line)."""
     joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(text)], pa.int32()), text),
                             "\n")[0].as_py()
     result = fmt.parse_in_context(joined + "\n", first_line, context)
@@ -447,16 +448,21 @@ def _context_at(headers: list[tuple[int, str]], line: int) -> str | None:
 
 
 def _contexts(frame: Any, fmt: Format) -> dict[int, list[tuple[int, str]]]:
-    """Per file, the lines that set the format's context (Zeek's #fields headers), in order:
-    a run of lines scored on an executor may start after its file's header."""
-    if fmt.context_prefix is None:
+    """Per file, the lines that set the format's context (Zeek's #fields headers, or the
+    field-name line of a ``LogAscii::tsv=T`` log), in order: a run of lines scored on an
+    executor may start after its file's header."""
+    if not fmt.context_prefixes:
         return {}
+    from functools import reduce
+
     from pyspark.sql import functions as F
 
     from .formats._base import CR_INSIDE
 
+    starts = reduce(lambda a, b: a | b, [F.col("text").startswith(p)
+                                         for p in fmt.context_prefixes])
     # a line with text after a CR in it is a reject, not a context line (as Format.context_after)
-    rows = frame.filter(F.col("damage").isNull() & F.col("text").startswith(fmt.context_prefix)
+    rows = frame.filter(F.col("damage").isNull() & starts
                         & ~F.col("text").rlike(CR_INSIDE)).select("file", "line", "text").collect()
     out: dict[int, list[tuple[int, str]]] = {}
     for row in sorted(rows, key=lambda r: (r["file"], r["line"])):

@@ -336,6 +336,24 @@ def test_zeek_headers_reach_every_partition(spark: object, tmp_path: Path) -> No
     assert a.column("verdict").to_pylist() == b.column("verdict").to_pylist()
 
 
+@pytest.mark.slow
+def test_zeek_tsv_headers_reach_every_partition(spark: object, tmp_path: Path) -> None:
+    """The same for logs written with ``LogAscii::tsv=T``, whose one header line is the field
+    names (no ``#fields``): two such logs concatenated, each with its own columns, read by the
+    local engine and on Spark alike, the header lines neither records nor rejects."""
+    from test_zeek_tsv_header import EXTRA, FEWER, _log
+
+    text = _log(FEWER, range(2000)) + _log(EXTRA, range(2000, 3000))
+    local, dist = _zeek_scored_both_ways(text, tmp_path)
+    a = pq.read_table(tmp_path / "spark.parquet")
+    b = pq.read_table(tmp_path / "local.parquet")
+    assert (dist.stats.parsed, dist.stats.rejected) == (local.stats.parsed, 0) == (3000, 0)
+    assert dist.stats.lines == local.stats.lines == 3000
+    assert set(a.column("resp_bytes").to_pylist()) == {999999}
+    assert a.column("orig_p").to_pylist() == [None] * 2000 + list(range(40000, 41000))
+    assert a.column("uid").to_pylist() == b.column("uid").to_pylist()
+    assert a.column("verdict").to_pylist() == b.column("verdict").to_pylist()
+
 def _rows(chunks: Iterator[Chunk]) -> list[tuple[int, bytes | None, str | None, bytes]]:
     """(line, text, damage, the kept head of an over-long line) of every line of ``chunks``."""
     out: list[tuple[int, bytes | None, str | None, bytes]] = []

@@ -85,6 +85,27 @@ def make_rejects(lines: list[int], raws: list[str], reasons: list[str]) -> pa.Ta
     )
 
 
+def _last_line_starting(raw: bytes, prefix: bytes) -> tuple[int, str | None]:
+    """(where it starts, its text without a CR at its end) of the last line of ``raw`` that
+    starts with ``prefix``; (-1, None) where none does. A line with CR_INSIDE is a reject, not
+    such a line: the search looks further back."""
+    import re
+
+    before = len(raw)
+    while True:
+        at = raw.rfind(b"\n" + prefix, 0, before)
+        start = at + 1 if at >= 0 else 0 if raw.startswith(prefix) else -1
+        if start < 0:
+            return -1, None
+        end = raw.find(b"\n", start)
+        line = raw[start : end if end >= 0 else len(raw)]
+        if not re.search(CR_INSIDE.encode(), line):
+            return start, line.decode("utf-8", errors="replace").removesuffix("\r")
+        if at < 0:
+            return -1, None
+        before = at
+
+
 @dataclass
 class ParseResult:
     """Parsed records of one chunk of input and the lines that could not be parsed.
@@ -198,10 +219,11 @@ class Format(ABC):
     #: Whether a line parses the same wherever it appears (no headers, no state carried from
     #: line to line): then :meth:`parse_bulk` parses each distinct line of a chunk once.
     line_independent: ClassVar[bool] = False
-    #: Lines starting with this set how the lines after them in the same input are read (a
-    #: Zeek log's ``#fields`` header): the *context*. An input read in chunks carries the last
-    #: such line from chunk to chunk (:meth:`context_after`, ``parse_bulk(context=...)``).
-    context_prefix: ClassVar[str | None] = None
+    #: Lines starting with one of these set how the lines after them in the same input are
+    #: read (a Zeek log's ``#fields`` header, or the field-name line of one written with
+    #: ``LogAscii::tsv=T``): the *context*. An input read in chunks carries the last such line
+    #: from chunk to chunk (:meth:`context_after`, ``parse_bulk(context=...)``).
+    context_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:
         return f"get_format({self.name!r})"
@@ -214,12 +236,12 @@ class Format(ABC):
                    context: str | None = None) -> ParseResult:
         """:meth:`parse` for large chunks: the same result, but where the format allows, lines
         that repeat (floods and scans send the same record again and again) are parsed once.
-        ``context``: the context line in force where the chunk starts (see ``context_prefix``).
+        ``context``: the context line in force where the chunk starts (see ``context_prefixes``).
         """
         from ._repeats import REPEAT_MIN_BYTES, parse_repeated
 
         check_text(data)
-        if self.context_prefix is not None:
+        if self.context_prefixes:
             return self.parse_in_context(data, first_line, context)
         if self.line_independent and len(data) >= REPEAT_MIN_BYTES:
             return parse_repeated(self.parse, data, first_line)
@@ -227,32 +249,19 @@ class Format(ABC):
 
     def parse_in_context(self, data: bytes | str, first_line: int,
                          context: str | None) -> ParseResult:
-        """:meth:`parse`, the chunk starting under ``context`` (formats with a context_prefix
+        """:meth:`parse`, the chunk starting under ``context`` (formats with context_prefixes
         override this)."""
         return self.parse(data, first_line)
 
     def context_after(self, data: bytes | str, context: str | None) -> str | None:
-        """The context in force after ``data``: its last line starting with ``context_prefix``,
-        else ``context`` (None for formats without one)."""
-        if self.context_prefix is None:
+        """The context in force after ``data``: its last line starting with one of
+        ``context_prefixes``, else ``context`` (None for formats without them)."""
+        if not self.context_prefixes:
             return None
-        import re
-
         raw = data.encode("utf-8") if isinstance(data, str) else data
-        prefix = self.context_prefix.encode()
-        before = len(raw)
-        while True:  # a line with CR_INSIDE is a reject, not a context line: look further back
-            at = raw.rfind(b"\n" + prefix, 0, before)
-            start = at + 1 if at >= 0 else 0 if raw.startswith(prefix) else -1
-            if start < 0:
-                return context
-            end = raw.find(b"\n", start)
-            line = raw[start : end if end >= 0 else len(raw)]
-            if not re.search(CR_INSIDE.encode(), line):
-                return line.decode("utf-8", errors="replace").removesuffix("\r")
-            if at < 0:
-                return context
-            before = at
+        found = [_last_line_starting(raw, p.encode()) for p in self.context_prefixes]
+        start, line = max(found, key=lambda f: f[0])
+        return line if start >= 0 else context
 
     def parse_records(self, records: list[dict[str, Any]] | Any) -> ParseResult:
         """Parse records given as JSON objects of already-split fields (the REST API), or as

@@ -3,12 +3,16 @@
 Both layouts may come in one input; each line is recognised on its own. A ``#fields`` header sets
 the field order of the TSV lines after it in the same input, up to the next ``#fields`` header
 (two logs concatenated keep each its own order); it is carried from chunk to chunk of an input
-(the format's *context*, see ``Format.context_prefix``). TSV lines before any header are read in
-the standard ``conn.log`` order.
+(the format's *context*, see ``Format.context_prefixes``). TSV lines before any header are read in
+the standard ``conn.log`` order. A log written with ``LogAscii::tsv=T`` has no ``#`` lines but
+one line of field names (``ts\tuid\tid.orig_h...``): it is read as a ``#fields`` header is. A
+conn.log's first field is ``ts``, and a record's ``ts`` is a time, never the text ``ts``: so a
+line whose first field is ``ts`` is that header.
 
-Zeek's header lines (``#separator``, ``#fields``, ``#types``, ``#path``, ``#open``, ``#close``...)
-are not records: they are neither parsed nor rejected, and are counted as ``skipped``. Any other
-line starting with ``#`` is rejected with its reason. ``-`` (unset) and ``(empty)`` fields are
+Zeek's header lines (``#separator``, ``#fields``, ``#types``, ``#path``, ``#open``, ``#close``...,
+and the field-name line of a ``LogAscii::tsv=T`` log) are not records: they are neither parsed
+nor rejected, and are counted as ``skipped``. Any other line starting with ``#`` is rejected
+with its reason. ``-`` (unset) and ``(empty)`` fields are
 null. Everything is vectorised with polars: TSV lines are split in bulk, JSON fields are read with
 JSON-path matching, which yields null (never an error) for malformed JSON, so a bad line becomes
 a reject with a reason.
@@ -80,16 +84,24 @@ SCHEMA = pa.schema(
 
 DEFAULT_ORDER = [name for name, _c, _t in CONN_FIELDS]
 FIELDS_PREFIX = "#fields\t"
+#: The start of the one header line of a log written with ``LogAscii::tsv=T``: the field names.
+TSV_PREFIX = "ts\t"
 #: Zeek's log header lines: metadata, not records.
-HEADER = (r"^#(?:separator|set_separator|empty_field|unset_field|path|open|close|fields|types)"
-          r"(?:[\t ]|$)")
+HEADER = (r"^(?:#(?:separator|set_separator|empty_field|unset_field|path|open|close|fields|types)"
+          r"(?:[\t ]|$)|ts\t)")
 
 
 def _order(header: str | None) -> list[str]:
-    """The field order a ``#fields`` header line declares (the standard one without it)."""
-    if not header or not header.startswith(FIELDS_PREFIX):
+    """The field order a ``#fields`` header line, or a ``LogAscii::tsv=T`` log's field-name
+    line, declares (the standard one without either)."""
+    if not header:
         return DEFAULT_ORDER
-    names = header.rstrip("\r").split("\t")[1:]
+    if header.startswith(FIELDS_PREFIX):
+        names = header.rstrip("\r").split("\t")[1:]
+    elif header.startswith(TSV_PREFIX):
+        names = header.rstrip("\r").split("\t")
+    else:
+        return DEFAULT_ORDER
     return names if any(names) else DEFAULT_ORDER
 
 
@@ -117,10 +129,11 @@ def _text_columns(raw: Any, order: list[str]) -> Any:
 
 def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
     """(typed record frame, reason per line: null where the line is a record). ``exact``: the
-    field order comes from a ``#fields`` header, so a TSV line has exactly ``n_fields`` fields
-    (Zeek writes a tab inside a field as ``\\x09``); more are records run together (a lost
-    line break), whose first would pass and the others vanish. Without a header the standard
-    order names the first fields only, and a log may have more (``tunnel_parents`` ...)."""
+    field order comes from a header (``#fields``, or a ``LogAscii::tsv=T`` field-name line), so
+    a TSV line has exactly ``n_fields`` fields (Zeek writes a tab inside a field as ``\\x09``);
+    more are records run together (a lost line break), whose first would pass and the others
+    vanish. Without a header the standard order names the first fields only, and a log may have
+    more (``tunnel_parents`` ...)."""
     import polars as pl
 
     typed = []
@@ -209,7 +222,7 @@ class Zeek(Format):
         "event.id": "uid",
     }
 
-    context_prefix: ClassVar[str | None] = FIELDS_PREFIX
+    context_prefixes: ClassVar[tuple[str, ...]] = (FIELDS_PREFIX, TSV_PREFIX)
 
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
         check_text(data)
@@ -231,8 +244,10 @@ class Zeek(Format):
         if raw.len() == 0:
             return ParseResult(pa.RecordBatch.from_pylist([], schema=SCHEMA), empty_rejects(), 0,
                                skipped=skipped)
-        # each record is read in the order of the last #fields header before it
-        is_fields = every.str.starts_with(FIELDS_PREFIX).to_numpy() & ~run_together
+        # each record is read in the order of the last #fields (or tsv=T field-name) header
+        # before it
+        is_fields = ((every.str.starts_with(FIELDS_PREFIX) | every.str.starts_with(TSV_PREFIX))
+                     .to_numpy() & ~run_together)
         orders = [_order(context)] + [_order(every[int(i)]) for i in np.flatnonzero(is_fields)]
         segment = np.cumsum(is_fields)[record]
         frames, reasons = [], []
