@@ -320,9 +320,9 @@ def serve(
     body_min_rate: Annotated[float, typer.Option(
         help="Bytes a second a request body must average once it has been arriving "
              "--body-rate-grace seconds; a slower one gets 408 (0: no minimum)")] = 1024.0,
-    body_rate_grace: Annotated[float, typer.Option(
+    body_rate_grace: Annotated[float | None, typer.Option(
         help="Seconds from the start of a request body before --body-min-rate applies to it "
-             "(above 0; --body-timeout or more: no minimum)")] = 5.0,
+             "(default 5; above 0; --body-timeout or more: no minimum)")] = None,
     max_uploads: Annotated[int, typer.Option(
         help="Request bodies arriving at once from all clients, per worker process; a request "
              "past it gets 503 (1 or more)")] = 256,
@@ -331,9 +331,9 @@ def serve(
              "(they hold no request slot while they arrive); a request past it waits up to "
              "--upload-wait seconds for one of them to come in whole, then gets 429 "
              "(0: no cap)")] = 16,
-    upload_wait: Annotated[float, typer.Option(
+    upload_wait: Annotated[float | None, typer.Option(
         help="Seconds a request past --max-client-uploads waits for its client's turn before "
-             "429 (0: 429 at once)")] = 5.0,
+             "429 (default 5; 0: 429 at once)")] = None,
     forwarded_allow_ips: Annotated[str | None, typer.Option(
         help="Comma-separated addresses or networks of reverse proxies trusted to name the "
              "client in X-Forwarded-For (default: none, the header is ignored)")] = None,
@@ -350,9 +350,21 @@ def serve(
     from .serve._service import Limits
     from .serve.app import run_server
 
+    # (each was ignored: with no minimum rate nothing waits for a grace, with no cap no request
+    # waits for its client's turn)
+    if body_rate_grace is not None and body_min_rate == 0:
+        raise typer.BadParameter("--body-rate-grace delays --body-min-rate; with "
+                                 "--body-min-rate 0 (no minimum) it has nothing to delay")
+    if upload_wait is not None and max_client_uploads == 0:
+        raise typer.BadParameter("--upload-wait is how long a request past --max-client-uploads "
+                                 "waits; with --max-client-uploads 0 (no cap) none waits")
+    defaults = Limits()
     limits = Limits(body_timeout_seconds=body_timeout, body_min_rate=body_min_rate,
-                    body_rate_grace_seconds=body_rate_grace, max_uploads=max_uploads,
-                    max_client_uploads=max_client_uploads, upload_wait_seconds=upload_wait)
+                    body_rate_grace_seconds=(defaults.body_rate_grace_seconds
+                                             if body_rate_grace is None else body_rate_grace),
+                    max_uploads=max_uploads, max_client_uploads=max_client_uploads,
+                    upload_wait_seconds=(defaults.upload_wait_seconds
+                                         if upload_wait is None else upload_wait))
     run_server(bundle, host=host, port=port, api_key_file=api_key_file, workers=workers,
                engine=backend, limits=limits,
                forwarded_allow_ips=[forwarded_allow_ips] if forwarded_allow_ips else [],

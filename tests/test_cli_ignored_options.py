@@ -51,3 +51,24 @@ def test_attack_share_with_no_attacks_is_refused(tmp_path: Path) -> None:
     r = _run("simulate", "--out", str(out), "--visits", "5", "--attacks", "none",
              "--attack-share", "0")
     assert r.returncode == 0 and sorted(p.name for p in out.iterdir()) == ["normal.log"], r.stderr
+
+
+def test_serve_refuses_a_wait_or_grace_that_nothing_uses(tmp_path: Path) -> None:
+    """``serve --max-client-uploads 0 --upload-wait 30`` and ``--body-min-rate 0
+    --body-rate-grace 60`` started and served: with no cap no request waits its client's turn,
+    with no minimum rate there is no grace to give."""
+    bundle = tmp_path / "no-bundle"  # never looked at: the refusal comes first
+    for args, says in [
+        (["--max-client-uploads", "0", "--upload-wait", "30"],
+         "--upload-wait is how long a request past --max-client-uploads waits; with "
+         "--max-client-uploads 0 (no cap) none waits"),
+        (["--body-min-rate", "0", "--body-rate-grace", "60"],
+         "--body-rate-grace delays --body-min-rate; with --body-min-rate 0 (no minimum) it has "
+         "nothing to delay"),
+    ]:
+        _refused(_run("serve", str(bundle), "--port", "0", *args), says)
+    # with the cap and the rate they count (the missing bundle is what stops these)
+    for args in (["--max-client-uploads", "2", "--upload-wait", "30"],
+                 ["--body-min-rate", "10", "--body-rate-grace", "60"]):
+        r = _run("serve", str(bundle), "--port", "0", *args)
+        assert r.returncode != 0 and "no-bundle" in r.stderr and "--body" not in r.stderr, r.stderr
