@@ -118,6 +118,8 @@ def train(
                                  f"{model!r} with --decision {decision} does not use it")
     if target_fpr is None:
         target_fpr = 0.01
+    if rejects and lake and not files and not val:
+        _lake_rejects_refused()
     if nproc != 1 and "WORLD_SIZE" not in os.environ:  # (under torchrun: a rank already)
         argv = ["train", "--format", fmt, "--model", model, "--out", out, "--seed", str(seed),
                 "--device", device, "--decision", decision]
@@ -150,6 +152,14 @@ def train(
     if "tp" in cal and not cal["tp"] + cal["fn"]:
         summary += " (no attacks among the validation records)"
     _err(f"validation: {summary}")
+
+
+def _lake_rejects_refused() -> None:
+    """``--rejects`` with lakes alone: their records were parsed when ingested, so nothing is
+    parsed now and the file came out empty, whatever the lakes had rejected."""
+    raise typer.BadParameter("--rejects keeps the input lines that do not parse; --lake records "
+                             "were parsed by ingest (its rejects are in LAKE/rejects): give "
+                             "input files, or leave --rejects out")
 
 
 def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: int,
@@ -264,6 +274,8 @@ def score(
 
         if master:  # (it was ignored: the run went to the local engine, without a word)
             raise typer.BadParameter("--master works with --engine spark only")
+        if rejects and lake and not files:
+            _lake_rejects_refused()
 
         with sigterm_stops_cleanly():  # the output closed whole (Parquet's footer), said partial
             report = score_files(bundle, fmt, files or [], out, alerts_only=alerts_only,

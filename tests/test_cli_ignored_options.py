@@ -72,3 +72,29 @@ def test_serve_refuses_a_wait_or_grace_that_nothing_uses(tmp_path: Path) -> None
                  ["--body-min-rate", "10", "--body-rate-grace", "60"]):
         r = _run("serve", str(bundle), "--port", "0", *args)
         assert r.returncode != 0 and "no-bundle" in r.stderr and "--body" not in r.stderr, r.stderr
+
+
+def test_rejects_with_lakes_alone_is_refused(small_kdd_test: Path, tmp_path: Path) -> None:
+    """``score``/``train --lake L --rejects R`` with no input files wrote an empty R: the lake's
+    records were parsed by ingest, so nothing was parsed now, whatever the lake had rejected."""
+    data = tmp_path / "conn.csv"
+    data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:50])
+                    + "not a record\n")
+    lake = tmp_path / "lake"
+    assert _run("ingest", "--format", "kdd", "--lake", str(lake), str(data)).returncode == 0
+    rejects = tmp_path / "rejects.jsonl"
+    says = ("--rejects keeps the input lines that do not parse; --lake records were parsed by "
+            "ingest (its rejects are in LAKE/rejects)")
+    bundle = tmp_path / "no-bundle"  # never looked at: the refusal comes first
+    _refused(_run("score", str(bundle), "--format", "kdd", "--out", str(tmp_path / "o.jsonl"),
+                  "--lake", str(lake), "--rejects", str(rejects)), says)
+    _refused(_run("train", "--format", "kdd", "--model", "mlp", "--out", str(bundle),
+                  "--lake", str(lake), "--rejects", str(rejects)), says)
+    assert not rejects.exists() and not bundle.exists()
+    # beside input files (or, for train, validation files) there are lines to parse: taken
+    r = _run("score", str(bundle), "--format", "kdd", "--out", str(tmp_path / "o.jsonl"),
+             "--lake", str(lake), "--rejects", str(rejects), str(data))
+    assert r.returncode != 0 and "no bundle" in r.stderr, r.stderr
+    r = _run("train", "--format", "kdd", "--model", "mlp", "--out", str(tmp_path / "b"),
+             "--lake", str(lake), "--rejects", str(rejects), "--val", str(tmp_path / "v.csv"))
+    assert r.returncode == 2 and "no such file" in r.stderr, r.stderr
