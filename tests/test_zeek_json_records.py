@@ -135,3 +135,28 @@ def test_a_record_with_millisecond_timestamps_reads_as_with_seconds() -> None:
     millis = fmt.parse_records([json.loads(_millis(line)) for line in lines])
     assert millis.rejects.num_rows == 0
     assert millis.batch.to_pylist() == seconds.batch.to_pylist()
+
+
+def test_a_frame_read_from_a_zeek_json_log_scores_as_its_lines(zeek_bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    """``Detector.score_batch`` of ``pd.read_json(conn.log, lines=True)``: the columns are
+    Zeek's names (``id.resp_p``...), read as the columns ``resp_p``... (the error said they
+    were missing); the scores are those of the log's parsed lines."""
+    from deepwatch.models.detector import Detector
+
+    log = tmp_path / "conn.log"
+    log.write_text(LOG)
+    det = Detector(zeek_bundle)
+    frame = pd.read_json(log, lines=True)
+    scored = det.score_batch(frame)
+    parsed = det.score_batch(get_format("zeek").parse(LOG).batch)
+    assert scored.column("score").to_pylist() == parsed.column("score").to_pylist()
+    assert scored.column("verdict").to_pylist() == parsed.column("verdict").to_pylist()
+    # the frame's columns are kept, and the ones read are added under their own names
+    assert {"id.orig_h", "id.resp_p", "orig_h", "resp_p"} <= set(scored.schema.names)
+    assert scored.column("resp_p").to_pylist() == frame["id.resp_p"].tolist()
+
+    # a column given under both names: its own name is read (as parse_records reads a record)
+    both = frame.assign(resp_p=frame["id.resp_p"], **{"id.resp_p": 1})  # a port never seen
+    assert det.score_batch(both).column("score").to_pylist() == parsed.column(
+        "score").to_pylist()

@@ -224,6 +224,10 @@ class Format(ABC):
     #: ``LogAscii::tsv=T``): the *context*. An input read in chunks carries the last such line
     #: from chunk to chunk (:meth:`context_after`, ``parse_bulk(context=...)``).
     context_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: Other names a table of parsed records may give a column by (name -> column): Zeek's
+    #: JSON writer names ``orig_h`` ``id.orig_h``, so a frame read from such a log has that
+    #: column. :meth:`with_column_names` reads them.
+    column_aliases: ClassVar[dict[str, str]] = {}
 
     def __repr__(self) -> str:
         return f"get_format({self.name!r})"
@@ -262,6 +266,16 @@ class Format(ABC):
         found = [_last_line_starting(raw, p.encode()) for p in self.context_prefixes]
         start, line = max(found, key=lambda f: f[0])
         return line if start >= 0 else context
+
+    def with_column_names(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``batch`` with a column added under its own name for each of ``column_aliases`` it
+        has under the other name only (a column given under both names keeps its own)."""
+        names = batch.schema.names
+        add = [(alias, col) for alias, col in self.column_aliases.items()
+               if alias in names and col not in names]
+        for alias, col in add:
+            batch = batch.append_column(col, batch.column(alias))
+        return batch
 
     def parse_records(self, records: list[dict[str, Any]] | Any) -> ParseResult:
         """Parse records given as JSON objects of already-split fields (the REST API), or as

@@ -223,6 +223,7 @@ class Zeek(Format):
     }
 
     context_prefixes: ClassVar[tuple[str, ...]] = (FIELDS_PREFIX, TSV_PREFIX)
+    column_aliases: ClassVar[dict[str, str]] = dict(_DOTTED)
 
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
         check_text(data)

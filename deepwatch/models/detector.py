@@ -13,7 +13,7 @@ import pyarrow as pa
 from .._arrow import as_arrow, without_views
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
-from ..errors import BundleError, DeepwatchError, UsageError, first_line
+from ..errors import BundleError, DeepwatchError, FormatError, UsageError, first_line
 from ..features import Featurizer
 from ._checks import check_manifest, check_onnx, check_scoring
 from .decision import Decision
@@ -111,6 +111,13 @@ class Detector:
         self.decision = Decision(decision)
         self.outputs: list[str] = list(self.manifest["outputs"])
         self.format: str = self.manifest["input_format"]
+        from ..formats import Format, get_format
+
+        self._format: Format | None
+        try:  # (a format this build lacks is no reason to refuse a bundle that scores tables)
+            self._format = get_format(self.format)
+        except FormatError:
+            self._format = None
         self.kind: str = self.manifest["model_kind"]
         self.backend = self._backend(engine, device, verify)
         check_scoring(self)
@@ -154,12 +161,16 @@ class Detector:
         pandas or polars frame is converted; anything else, or a column missing, is one
         :class:`~deepwatch.errors.InputError` (a Table of 4,096 rows or more failed inside
         pyarrow, a DataFrame with ``AttributeError: num_rows``, a missing column with a
-        ``KeyError`` from the featurizer)."""
+        ``KeyError`` from the featurizer). A column may come under the format's other name for
+        it (``Format.column_aliases``: a frame read from a Zeek JSON log has ``id.resp_p``, not
+        ``resp_p``): it is then added under its own name, as ``parse_records`` reads it."""
         records = as_arrow(records, "score_batch")
         if isinstance(records, pa.Table):
             records = _one_batch(without_views(records))
         elif records.num_rows >= DEDUPE_MIN_ROWS:  # (where a look at the types costs nothing)
             records = without_views(records)  # repeated records are taken: no view kernels
+        if self._format is not None and self._format.column_aliases:
+            records = self._format.with_column_names(records)
         # (derived features: the deriver checks the columns it reads when it runs)
         self.featurizer.check_columns(records, derived=False,
                                       reader=f"this {self.format} model reads",
