@@ -155,3 +155,16 @@ def test_stream_follow_reads_each_files_header_over_a_rotation(bundle: Path,
 
 def _lines(path: Path) -> int:
     return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
+def test_a_field_name_line_posted_as_a_raw_line_is_a_header(bundle: Path) -> None:
+    """Over REST, as in a file: the line gets neither a result nor a reject, and names the
+    fields of the lines after it in the same request."""
+    import httpx
+    from conftest import serving
+
+    lines = _log(FEWER, range(3)).splitlines()
+    with serving(bundle) as (_, url):
+        answer = httpx.post(url + "/v1/score", json={"records": lines}, timeout=30).json()
+    assert answer["rejects"] == []
+    assert [r["index"] for r in answer["results"]] == [1, 2, 3]
