@@ -325,6 +325,9 @@ def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: P
     (["--metrics-host", "0.0.0.0"], "--metrics-host is the interface of --metrics-port"),
     # (ignored before: files were read, no group joined)
     (["--group", "ids"], "--group needs --brokers"),
+    # (ignored before: stdin is read to its end either way)
+    (["--follow"], "--follow tails a file; stdin (-) is read until it ends without it"),
+    (["--follow", "-"], "--follow tails a file; stdin (-) is read until it ends without it"),
     (["--log-level", "bogus"], "--log-level must be debug, info, warning or error"),
     (["--format", "access"], "trained on format 'kdd'"),
     (["--brokers", "127.0.0.1:1", "--input-topic", "t", "--output-topic", "a",
@@ -748,7 +751,7 @@ def test_inputs_stream_cannot_read_are_one_line_usage_errors(
         (["--follow", str(bzipped)], f"--follow cannot tail a compressed file: {bzipped}"),
         (["--follow", str(xz)], f"--follow cannot tail a compressed file: {xz}"),
         (["--follow", str(small_kdd_test), str(small_kdd_test)],
-         "--follow tails exactly one file (or stdin)"),
+         "--follow tails exactly one file"),
     ]:
         rc = main(["stream", str(kdd_bundle), "--format", "kdd", "--out", str(out), *args])
         err = capsys.readouterr().err

@@ -149,7 +149,7 @@ class FileSource:
                     raise UsageError(f"--follow cannot tail a compressed file: {spec.path}")
                 self.specs.append(spec)
         if follow and len(self.specs) != 1:
-            raise UsageError("--follow tails exactly one file (or stdin)")
+            raise UsageError("--follow tails exactly one file")
         self.follow = follow
         self.chunk_bytes = chunk_bytes
 

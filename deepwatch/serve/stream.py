@@ -233,6 +233,10 @@ class StreamOptions:
                 raise UsageError(f"{', '.join(files)} name files; with --brokers, records go "
                                  "to --output-topic, --verdict-topic and --dead-letter-topic")
         else:
+            if self.follow and list(self.inputs or ["-"]) == ["-"]:
+                # (it was ignored: stdin is read to its end, with --follow or without)
+                raise UsageError("--follow tails a file; stdin (-) is read until it ends "
+                                 "without it")
             kafka_only = [flag for flag, v in (("--input-topic", self.input_topic),
                                                ("--output-topic", self.output_topic),
                                                ("--verdict-topic", self.verdict_topic),
