@@ -98,3 +98,29 @@ def test_rejects_with_lakes_alone_is_refused(small_kdd_test: Path, tmp_path: Pat
     r = _run("train", "--format", "kdd", "--model", "mlp", "--out", str(tmp_path / "b"),
              "--lake", str(lake), "--rejects", str(rejects), "--val", str(tmp_path / "v.csv"))
     assert r.returncode == 2 and "no such file" in r.stderr, r.stderr
+
+
+def test_stream_batch_size_bounds_the_batches_of_files_too(kdd_bundle: Path,
+                                                            small_kdd_test: Path,
+                                                            tmp_path: Path) -> None:
+    """``stream --batch-size 100 FILE`` scored a whole 4 MiB read as one batch: the bound held
+    for Kafka only. Now a file's records come in batches of at most that many, every record
+    once, in order, with its line (a reject included)."""
+    import json
+
+    lines = small_kdd_test.read_text().splitlines(keepends=True)[:248]
+    data = tmp_path / "conn.csv"
+    data.write_text("".join(lines[:120]) + "not a record\n" + "".join(lines[120:]))
+    verdicts, rejects = tmp_path / "v.jsonl", tmp_path / "r.jsonl"
+    r = _run("stream", str(kdd_bundle), "--format", "kdd", "--batch-size", "100",
+             "--out", str(tmp_path / "a.jsonl"), "--verdicts", str(verdicts),
+             "--rejects", str(rejects), str(data))
+    assert r.returncode == 0, r.stderr
+    stop = [json.loads(x) for x in r.stderr.splitlines() if '"event": "stop"' in x]
+    assert len(stop) == 1 and "249 records" in stop[0]["message"], r.stderr
+    assert "3 batches" in stop[0]["message"], stop[0]["message"]
+    scored = [json.loads(x)["deepwatch"]["source"]["line"]
+              for x in verdicts.read_text().splitlines()]
+    assert scored == [n for n in range(1, 250) if n != 121]
+    assert [json.loads(x)["deepwatch"]["source"]["line"]
+            for x in rejects.read_text().splitlines()] == [121]

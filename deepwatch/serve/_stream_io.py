@@ -134,12 +134,24 @@ def _stdin_chunks(spec: InputSpec, chunk_bytes: int, stop: threading.Event) -> I
     yield from chunks_from_reads(lambda: read_when_ready(fd, chunk_bytes, stop), spec)
 
 
+def _at_most(data: bytes, count: int, most: int | None) -> list[tuple[bytes, int]]:
+    """``data`` (``count`` lines) cut after every ``most``-th line break: the pieces and their
+    line counts (the last piece keeps a last line without its break)."""
+    if most is None or count <= most:
+        return [(data, count)]
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)[most - 1::most] + 1
+    cuts = [0, *(int(e) for e in ends if e < len(data)), len(data)]
+    return [(data[a:b], min(most, count - i * most))
+            for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))]
+
+
 class FileSource:
     """Files (plain, .gz, .bz2 or .xz; globs) or stdin (``-``); ``follow`` tails plain files like
     ``tail -F``. Origin of a record: ``{file, line}``."""
 
     def __init__(self, inputs: Sequence[str], follow: bool = False,
-                 chunk_bytes: int = CHUNK_BYTES):
+                 chunk_bytes: int = CHUNK_BYTES, batch_size: int | None = None):
+        """``batch_size``: the most records in one batch (``--batch-size``); None: a chunk's."""
         self.specs: list[InputSpec] = []
         for text in inputs or ["-"]:
             for spec in parse_input_spec(text):
@@ -152,6 +164,7 @@ class FileSource:
             raise UsageError("--follow tails exactly one file")
         self.follow = follow
         self.chunk_bytes = chunk_bytes
+        self.batch_size = batch_size
 
     def _chunks(self, spec: InputSpec, stop: threading.Event) -> Iterator[Chunk]:
         if spec.path == "-":
@@ -170,12 +183,18 @@ class FileSource:
                 for chunk in chunks:
                     # the unreadable rest of a damaged input: one dead letter says why
                     n = 1 if chunk.damage is not None else count_lines(chunk.data)
-                    origin = pl.DataFrame({
-                        "file": pl.repeat(spec.display, n, eager=True, dtype=pl.String),
-                        "line": np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64),
-                    })
-                    yield RawBatch(chunk.data, n, origin, stream=f"{number}:{spec.display}",
-                                   damage=chunk.damage, lost=chunk.lost)
+                    # (--batch-size was ignored here: a chunk of 4 MiB was one batch)
+                    pieces = ([(chunk.data, n)] if chunk.damage is not None
+                              else _at_most(chunk.data, n, self.batch_size))
+                    first = chunk.first_line
+                    for data, count in pieces:
+                        origin = pl.DataFrame({
+                            "file": pl.repeat(spec.display, count, eager=True, dtype=pl.String),
+                            "line": np.arange(first, first + count, dtype=np.int64),
+                        })
+                        first += count
+                        yield RawBatch(data, count, origin, stream=f"{number}:{spec.display}",
+                                       damage=chunk.damage, lost=chunk.lost)
                     if stop.is_set() and not ends_on_stop:
                         return
             finally:

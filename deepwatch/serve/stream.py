@@ -343,7 +343,7 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
                 raise
             verdicts = bool(opts.verdict_topic)
         else:
-            source = FileSource(opts.inputs, follow=opts.follow)
+            source = FileSource(opts.inputs, follow=opts.follow, batch_size=opts.batch_size)
             sink = JsonlSink(opts.out, opts.verdicts, opts.rejects)
             verdicts = opts.verdicts is not None
         context = AlertContext.from_detector(det, include_record=opts.alert_record)
