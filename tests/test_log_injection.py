@@ -143,3 +143,21 @@ def test_stream_alerts_on_stdout_hold_no_terminal_controls_nor_line_separators(
     dead = _json_lines(rejects.read_bytes())
     assert [d["reason"] for d in dead[:4]] == REASONS
     assert [d["raw"] for d in dead[:4]] == [line for line, want in LINES if want is None]
+
+
+def test_the_rest_answer_holds_no_terminal_controls_nor_line_separators(
+        access_bundle: Path) -> None:
+    """A real ``serve``'s /v1/score answer to the hostile lines: its rejects quote what the
+    client sent (DEL, C1 such as U+009B, CSI, and U+2028 were written raw by orjson), now
+    escaped; decoded, the JSON gives the same text back."""
+    import httpx
+    from conftest import serving
+
+    lines = [line for line, _ in LINES]
+    with serving(access_bundle) as (_, url):
+        r = httpx.post(url + "/v1/score", json={"records": lines}, timeout=30)
+    assert r.status_code == 200
+    assert UNSAFE.findall(r.content) == []
+    answer = r.json()
+    assert len(answer["results"]) == 5
+    assert [x["reason"] for x in answer["rejects"]] == REASONS

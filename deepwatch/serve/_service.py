@@ -25,6 +25,7 @@ from ..bundle import MANIFEST, sha256_file
 from ..errors import DeepwatchError
 from ..formats import Format, get_format
 from ..models.detector import Detector
+from ..sinks import escape_unsafe_text
 from ._metrics import Metrics
 from ._request import Parsed, decode, parse
 from ._stats import RecentStats
@@ -182,7 +183,8 @@ def render(scored: pa.RecordBatch, parsed: Parsed) -> bytes:
     names = ["index", *(c for c in RESULT_COLUMNS if c in scored.schema.names)]
     columns = [parsed.index.tolist(), *(scored.column(c).to_pylist() for c in names[1:])]
     results = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
-    return orjson.dumps({"results": results, "rejects": parsed.rejects})
+    # (rejects quote what the client sent: no raw DEL, C1 or U+2028 reaches its terminal or log)
+    return escape_unsafe_text(orjson.dumps({"results": results, "rejects": parsed.rejects}))
 
 
 def _summary_fields(fmt: Format, names: list[str]) -> list[str]:
