@@ -41,17 +41,26 @@ class Backend(Protocol):
     def run(self, X: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def default_threads() -> int:
-    raw = os.environ.get("DEEPWATCH_THREADS", "").strip()
+def threads_from_env(name: str, zero_is_default: bool = False) -> int | None:
+    """The thread count the environment variable ``name`` gives; None where it is unset (or 0,
+    with ``zero_is_default``). Anything but a whole number from 1 (0 too, where allowed) is a
+    one-line UsageError, not a traceback once the work has begun."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return usable_cores()
+        return None
     try:
         threads = int(raw)
     except ValueError:
-        raise UsageError(f"DEEPWATCH_THREADS must be a whole number, not {raw!r}") from None
-    if threads < 1:
-        raise UsageError(f"DEEPWATCH_THREADS must be at least 1, not {threads}")
-    return threads
+        raise UsageError(f"{name} must be a whole number, not {raw!r}") from None
+    if threads < (0 if zero_is_default else 1):
+        rule = "1 or more (0: one per core)" if zero_is_default else "at least 1"
+        raise UsageError(f"{name} must be {rule}, not {threads}")
+    return threads or None
+
+
+def default_threads() -> int:
+    """ONNX Runtime's intra-op threads: ``DEEPWATCH_THREADS``, else the usable cores."""
+    return threads_from_env("DEEPWATCH_THREADS") or usable_cores()
 
 
 def choose_providers(available: Sequence[str], wanted: Sequence[str] | None = None) -> list[str]:

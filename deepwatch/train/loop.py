@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -20,6 +19,7 @@ from torch import nn
 from .._cpus import usable_cores
 from ..errors import UsageError
 from ..progress import EpochReport, epoch_progress
+from ..runtime import threads_from_env
 from . import distributed
 
 
@@ -56,37 +56,22 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        from ..errors import UsageError
-
         raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from ..errors import UsageError
-
         raise UsageError("device cuda was asked for but no CUDA device is available")
     return dev
 
 
 def torch_threads() -> int | None:
     """``DEEPWATCH_TORCH_THREADS``: the intra-op threads torch is to use, or None where it is
-    unset or 0 (the default: the usable cores). Anything else but a positive whole number is a
-    one-line usage error, as ``DEEPWATCH_THREADS`` is, not a traceback once the data is read."""
-    raw = os.environ.get("DEEPWATCH_TORCH_THREADS", "").strip()
-    if not raw:
-        return None
-    try:
-        threads = int(raw)
-    except ValueError:
-        raise UsageError(f"DEEPWATCH_TORCH_THREADS must be a whole number, not {raw!r}") from None
-    if threads < 0:
-        raise UsageError(f"DEEPWATCH_TORCH_THREADS must be 1 or more (0: one per core), "
-                         f"not {threads}")
-    return threads or None
+    unset or 0 (the default: the usable cores); checked as ``DEEPWATCH_THREADS`` is."""
+    return threads_from_env("DEEPWATCH_TORCH_THREADS", zero_is_default=True)
 
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
-    # DEEPWATCH_TORCH_THREADS caps the threads: small networks on a busy CPU train many times
+    # DEEPWATCH_TORCH_THREADS sets the threads: small networks on a busy CPU train many times
     # faster on one thread than on several that wait for each other.
     # Several training processes on one machine (torchrun) share its cores.
     threads = torch_threads()
