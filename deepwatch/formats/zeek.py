@@ -247,8 +247,8 @@ class Zeek(Format):
                                skipped=skipped)
         # each record is read in the order of the last #fields (or tsv=T field-name) header
         # before it
-        is_fields = ((every.str.starts_with(FIELDS_PREFIX) | every.str.starts_with(TSV_PREFIX))
-                     .to_numpy() & ~run_together)
+        starts = [every.str.starts_with(p) for p in self.context_prefixes]
+        is_fields = np.logical_or.reduce([s.to_numpy() for s in starts]) & ~run_together
         orders = [_order(context)] + [_order(every[int(i)]) for i in np.flatnonzero(is_fields)]
         segment = np.cumsum(is_fields)[record]
         frames, reasons = [], []
