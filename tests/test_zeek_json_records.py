@@ -160,3 +160,33 @@ def test_a_frame_read_from_a_zeek_json_log_scores_as_its_lines(zeek_bundle: Path
     both = frame.assign(resp_p=frame["id.resp_p"], **{"id.resp_p": 1})  # a port never seen
     assert det.score_batch(both).column("score").to_pylist() == parsed.column(
         "score").to_pylist()
+
+
+def test_a_table_mixing_both_names_reads_each_row_under_the_name_it_has(
+        zeek_bundle: Path, tmp_path: Path) -> None:
+    """A table concatenated from records written both ways (half as Zeek's JSON writer names
+    the endpoints, half under the column names) has both columns, each null where a row used
+    the other name. ``score_batch`` kept the column-name column whole, so the dotted half was
+    scored with no endpoints at all; each row now reads as its own record does."""
+    from deepwatch.models.detector import Detector
+
+    det = Detector(zeek_bundle)
+    parsed = det.score_batch(get_format("zeek").parse(LOG).batch)
+    frame = pd.read_json(io.StringIO(LOG), lines=True)
+    renamed = frame.rename(columns={"id.orig_h": "orig_h", "id.orig_p": "orig_p",
+                                    "id.resp_h": "resp_h", "id.resp_p": "resp_p"})
+    half = len(frame) // 2
+    mixed = pd.concat([frame.iloc[:half], renamed.iloc[half:]], ignore_index=True)
+    assert mixed["resp_p"].isna().sum() == half and mixed["id.resp_p"].isna().sum() == half
+    scored = det.score_batch(mixed)
+    assert scored.column("resp_p").to_pylist() == frame["id.resp_p"].astype(float).tolist()
+    assert scored.column("score").to_pylist() == pytest.approx(
+        parsed.column("score").to_pylist(), rel=1e-6)
+    assert scored.column("verdict").to_pylist() == parsed.column("verdict").to_pylist()
+
+    # a dotted column whose values cannot be the column's type is one clear error
+    bad = mixed.assign(**{"id.resp_p": ["https"] * len(mixed)})
+    from deepwatch.errors import InputError
+
+    with pytest.raises(InputError, match="id.resp_p"):
+        det.score_batch(bad)

@@ -269,12 +269,32 @@ class Format(ABC):
 
     def with_column_names(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """``batch`` with a column added under its own name for each of ``column_aliases`` it
-        has under the other name only (a column given under both names keeps its own)."""
+        has under the other name only. A column given under both names keeps its own values
+        and takes the other name's where its own are null, value by value, as
+        :meth:`parse_records` reads each record (a table concatenated from records written
+        both ways has nulls in each column where the record used the other name)."""
+        import pyarrow.compute as pc
+
         names = batch.schema.names
-        add = [(alias, col) for alias, col in self.column_aliases.items()
-               if alias in names and col not in names]
-        for alias, col in add:
-            batch = batch.append_column(col, batch.column(alias))
+        for alias, col in self.column_aliases.items():
+            if alias not in names:
+                continue
+            if col not in names:
+                batch = batch.append_column(col, batch.column(alias))
+                continue
+            own, other = batch.column(col), batch.column(alias)
+            if own.null_count == 0 or other.null_count == len(other):
+                continue
+            try:
+                other = other.cast(own.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                from ..errors import InputError
+
+                raise InputError(f"column {alias!r} fills the nulls of {col!r} ({own.type}), "
+                                 f"but its values ({other.type}) do not convert: "
+                                 f"{str(exc).splitlines()[0]}") from None
+            i = batch.schema.get_field_index(col)
+            batch = batch.set_column(i, batch.schema.field(i), pc.coalesce(own, other))
         return batch
 
     def parse_records(self, records: list[dict[str, Any]] | Any) -> ParseResult:
