@@ -301,3 +301,100 @@ def test_ingest_rejects_damaged_clients_and_keeps_the_mark_that_opens_the_file(
     assert reasons[1].startswith("client holds a control character (U+0000)")
     assert reasons[2].startswith("client holds a control character (U+0001)")
     assert reasons[3].startswith("client holds an invisible format character (U+200B)")
+
+
+# -- what servers that do not escape, and other layouts, write ------------------------------
+_HEAD = '198.51.100.4 - - [14/May/2024:10:00:00 +0000] "GET /shop HTTP/1.1" 200 512'
+
+
+def test_a_raw_quote_in_the_user_agent_keeps_the_referer_and_agent() -> None:
+    """A logger that does not escape ``"`` (``escape=none``, an old server) writes it raw in
+    the user agent: the agent runs to the last quote of the line. It was read as a common
+    line whose referer and agent were extra fields, and both were lost without a reject."""
+    lines = [
+        _HEAD + ' "http://a.example/" "Mozilla/5.0 "evil" x"',
+        _HEAD + ' "-" "say "hi"" 0.004 rt=1',
+        _HEAD + ' "-" "ends with a quote""',
+    ]
+    res = parse("\n".join(lines))
+    assert res.rejects.num_rows == 0
+    assert [(r["referer"], r["user_agent"]) for r in res.batch.to_pylist()] == [
+        ("http://a.example/", 'Mozilla/5.0 "evil" x'), (None, 'say "hi"'),
+        (None, 'ends with a quote"')]
+
+
+def test_a_raw_quote_in_the_referer_splits_where_only_one_boundary_is() -> None:
+    """A raw quote in the referer is read when the line has exactly one ``" "`` between the
+    referer and the agent (the only place the two can part); with more, the split is
+    ambiguous (a raw ``" "`` could be a boundary) and the line is a reject that says so,
+    not a record with text moved between the fields."""
+    lines = [
+        _HEAD + ' "http://a.example/?q="x"" "Mozilla/5.0"',
+        _HEAD + ' "http://a.example/"x" "Mozilla "y"" "10.0.0.1"',
+        _HEAD + ' "-" "Mozilla "y" z" "10.0.0.1"',
+    ]
+    res = parse("\n".join(lines))
+    rows = res.batch.to_pylist()
+    assert [(r["referer"], r["user_agent"]) for r in rows] == [
+        ('http://a.example/?q="x"', "Mozilla/5.0")]
+    rej = res.rejects.to_pylist()
+    assert [r["line"] for r in rej] == [2, 3]
+    assert all(r["reason"].startswith("unescaped quote after the size") for r in rej)
+
+
+def test_an_apache_vhost_prefix_is_not_read_as_the_client() -> None:
+    """Apache's ``vhost_combined`` (``%v:%p %h %l %u ...``, Debian's
+    ``other_vhosts_access.log``) opens with the virtual host and port, ``vcommon`` with the
+    host alone: the client is the field after it. It was read as the client, the address as
+    the ident and ``- -`` as the user."""
+    lines = [
+        "www.example.com:443 " + COMBINED,
+        "shop.example.org:80 2001:db8::7 - frank " + COMBINED.split(" - - ", 1)[1],
+        "[2001:db8::1]:8443 " + COMBINED,
+        "www.example.com " + COMBINED,  # vcommon: %v %h %l %u, no port
+        "www.example.com 2001:db8::7 - frank " + COMBINED.split(" - - ", 1)[1],
+        "203.0.113.9 - john doe " + COMBINED.split(" - - ", 1)[1],  # a user with a space
+    ]
+    rows = parse("\n".join(lines)).batch.to_pylist()
+    assert [(r["client_ip"], r["ident"], r["user"]) for r in rows] == [
+        ("203.0.113.9", None, None), ("2001:db8::7", None, "frank"), ("203.0.113.9", None, None),
+        ("203.0.113.9", None, None), ("2001:db8::7", None, "frank"),
+        ("203.0.113.9", None, "john doe")]
+    assert all(r["user_agent"].endswith("Firefox/125.0") for r in rows)
+
+
+def test_a_target_with_raw_spaces_keeps_its_method_and_protocol() -> None:
+    """A request line with spaces in its target (servers before NGINX 1.21.1 took them) is
+    still ``METHOD TARGET PROTOCOL``: the target is all between the two."""
+    line = _HEAD.replace("/shop", "/a b/c d?x=1 2") + ' "-" "ua"'
+    row = parse(line).batch.to_pylist()[0]
+    assert (row["method"], row["url"], row["path"], row["query"], row["protocol"]) == (
+        "GET", "/a b/c d?x=1 2", "/a b/c d", "x=1 2", "HTTP/1.1")
+
+
+def test_ingest_keeps_agents_with_raw_quotes_and_counts_ambiguous_lines(tmp_path: Path) -> None:
+    """Through ``deepwatch ingest``: a raw quote in the agent is kept in the lake with the
+    referer; an ambiguous line is a counted reject with its reason; a vhost-prefixed line
+    stores the client, not the virtual host."""
+    lines = [
+        _HEAD + ' "http://a.example/" "Mozilla/5.0 "evil" x"',
+        _HEAD + ' "-" "Mozilla "y" z" "10.0.0.1"',
+        "www.example.com:443 " + COMBINED,
+    ]
+    log = tmp_path / "site.log"
+    log.write_text("\n".join(lines) + "\n")
+    lake = tmp_path / "lake"
+    done = subprocess.run([sys.executable, "-m", "deepwatch", "ingest", "--format", "access",
+                           "--lake", str(lake), str(log)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    assert "3 lines read: 2 parsed, 1 rejected" in done.stderr
+    rows = {r["client_ip"]: r for r in read_lake(lake).to_pylist()}  # by day: 2015 first
+    assert sorted(rows) == ["198.51.100.4", "203.0.113.9"]
+    assert rows["198.51.100.4"]["referer"] == "http://a.example/"
+    assert rows["198.51.100.4"]["user_agent"] == 'Mozilla/5.0 "evil" x'
+    assert rows["203.0.113.9"]["user_agent"].endswith("Firefox/125.0")
+    rejects = read_rejects(lake)
+    assert rejects is not None
+    assert [(r["line"], r["raw"]) for r in rejects.to_pylist()] == [(2, lines[1])]
+    assert rejects.column("reason")[0].as_py().startswith("unescaped quote after the size")

@@ -2,8 +2,10 @@
 
 One regular expression, applied to a whole chunk at once by polars (Rust regex, no per-line
 Python), splits each line into its fields. What real servers write is accepted: ``-`` for absent
-fields, ``\\"`` and ``\\xHH`` escapes inside quoted fields, IPv6 clients, extra fields after the
-user agent, and request lines that are not ``METHOD TARGET PROTOCOL`` (scanners send garbage,
+fields, ``\\"`` and ``\\xHH`` escapes inside quoted fields (kept as written), quotes a server did
+not escape in the referer or user agent (see ``_read_raw_quotes``), IPv6 clients, a virtual host
+before the client (Apache's ``vhost_combined`` and ``vcommon``), extra fields after the user
+agent, and request lines that are not ``METHOD TARGET PROTOCOL`` (scanners send garbage,
 TLS handshakes and bare paths): such a record is kept with its raw request and null method, as
 it is evidence in its own right. A line is rejected only when its frame (client, time, quoted
 request, status, size) cannot be read, or when a quoted field after it is left open (a line cut
@@ -50,13 +52,25 @@ _QUOTED = r'"((?:[^"\\]|\\.)*)"'
 #: plain characters and whole quoted strings. A quote left open there (a line cut short inside
 #: its user agent) does not match, so that such a line is not read as a common-format record.
 _TAIL = r'(?:\s+(?:[^\s"]|"(?:[^"\\]|\\.)*")+)*\s*$'
+#: Apache's ``vhost_combined`` opens with the virtual host and its port (``%v:%p``): a host
+#: name or IPv4 address (no colon, or an IPv6 one in brackets) and a port. No client is ever
+#: written so (an IPv6 client has two colons or more and no brackets), so such a first field,
+#: followed by the usual four, is the virtual host and not the client. It is not kept.
+_VHOST = r"(?:(?:[^\s:\[\]\"]+|\[[0-9A-Fa-f:.]+\]):\d{1,5} )?"
 #: Client, ident, user, [time], "request", status and size: the frame of every line.
-_FRAME = r"(?s)^\s*(\S+) (\S+) (\S+(?: \S+)*?) \[([^\]]+)\] " + _QUOTED + r" (\S+) (\S+)"
+_FRAME = (r"(?s)^\s*" + _VHOST + r"(\S+) (\S+) (\S+(?: \S+)*?) \[([^\]]+)\] " + _QUOTED
+          + r" (\S+) (\S+)")
 _LINE = _FRAME + r"(?: " + _QUOTED + " " + _QUOTED + r")?" + _TAIL
 _GROUPS = ("client_ip", "ident", "user", "time", "request", "status", "bytes",
            "referer", "user_agent")
-#: Request line: method token, target, optional protocol.
-_REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S+)(?: (HTTP/\d(?:\.\d)?))?$"
+#: A line whose referer or user agent holds a quote its server did not escape: after the frame,
+#: everything from the first quote to the last one of the line (``_SPAN``), then plain words.
+#: It is the referer and the agent if it holds their boundary ``" "`` exactly once.
+_LOOSE = _FRAME + r' "(.*)"(?:\s+[^\s"]+)*\s*$'
+_SPAN = "_span"
+_BOUNDARY = '" "'
+#: Request line: method token, target (which may hold spaces), optional protocol.
+_REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S.*?)(?: (HTTP/\d(?:\.\d)?))?$"
 _TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
 #: A control character (C0, DEL, C1: NUL among them) or an invisible format character (the
 #: byte order mark U+FEFF, zero-width spaces and joiners): never part of an address or a host
@@ -103,6 +117,8 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     df = pl.DataFrame({"raw": raw})
     groups = pl.col("raw").str.extract_groups(_LINE)
     df = df.with_columns(groups.struct.rename_fields(list(_GROUPS)).alias("g")).unnest("g")
+    df = _read_raw_quotes(df)
+    df = _drop_bare_vhost(df)
 
     def dash_null(name: str) -> pl.Expr:
         c = pl.col(name)
@@ -125,6 +141,7 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         .when(pl.col("raw").str.contains(CR_INSIDE)).then(pl.lit(CR_INSIDE_REASON))
         # a mark inside the text (see BOM_LINE_REASON), whether or not the rest of the line reads
         .when(pl.col("raw").str.starts_with("\ufeff")).then(pl.lit(BOM_LINE_REASON))
+        .when(pl.col("_quote")).then(pl.lit(_AMBIGUOUS_REASON))
         .when(~matched & pl.col("raw").str.contains(_FRAME + r"\s")).then(pl.lit(
             "unterminated quoted field after the size (the line may be cut short)"))
         .when(~matched).then(pl.lit("not in common or combined log format"))
@@ -158,6 +175,69 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         )
     )
     return good, df.get_column("reason")
+
+
+#: An IPv4 or IPv6 address, written as servers write a client.
+_ADDRESS = r"^(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)$"
+
+
+def _drop_bare_vhost(df: Any) -> Any:
+    """``df`` (polars, the groups of a line) with the client of Apache's ``vcommon`` lines
+    (``%v %h %l %u``: the virtual host with no port, then the usual four fields) in its place.
+    Read as a plain line such a line has the host for client, the address for ident and
+    ``ident user`` for the user. An ident is a user name from identd, not an address, so an
+    ident that is an address with more than one word after it marks the host's field; a host
+    before a client written as a host name (``HostnameLookups On``) cannot be told from one."""
+    import polars as pl
+
+    shifted = (pl.col("ident").str.contains(_ADDRESS)
+               & pl.col("user").str.contains(" ", literal=True)).fill_null(False)
+    words = pl.col("user").str.splitn(" ", 2).struct.rename_fields(["_first", "_rest"])
+    df = df.with_columns(words.alias("_w")).unnest("_w")
+    return df.with_columns(
+        pl.when(shifted).then(pl.col("ident")).otherwise(pl.col("client_ip")).alias("client_ip"),
+        pl.when(shifted).then(pl.col("_first")).otherwise(pl.col("ident")).alias("ident"),
+        pl.when(shifted).then(pl.col("_rest")).otherwise(pl.col("user")).alias("user"),
+    ).drop("_first", "_rest")
+
+
+_AMBIGUOUS_REASON = ("unescaped quote after the size: where the referer, the user agent and "
+                     "any quoted field after them part cannot be told")
+
+
+def _read_raw_quotes(df: Any) -> Any:
+    """``df`` (polars, the groups of ``_LINE``) with the lines that did not read as combined
+    but whose referer or user agent holds a raw quote (a logger that does not escape ``"``:
+    NGINX's ``escape=none``, old servers) read by ``_LOOSE``, and a boolean ``_quote`` column
+    true for those whose split is ambiguous. Without this such a line read as a common one
+    with its referer and agent for extra fields, and lost both without a word.
+
+    The agent is the last field a combined line has, so it runs to the last quote of the
+    line; what parts it from the referer is the one ``" "`` between them. A raw ``" "`` inside
+    either, or a quoted field the server adds after the agent, makes two or more: then any of
+    them could be the boundary, and which one would decide what text the record shows as its
+    agent (the referer is the client's to write, so a guess would let it forge one), so the
+    line is a reject with that reason. Only lines that hold a ``" "`` are looked at again: a
+    common line holds none."""
+    import polars as pl
+
+    frame = list(_GROUPS[:7])
+    again = pl.col("referer").is_null() & pl.col("raw").str.contains(_BOUNDARY, literal=True)
+    df = df.with_row_index("_row").with_columns(pl.lit(False).alias("_quote"))
+    hits = df.filter(again).select(
+        "_row", "raw", pl.col("raw").str.extract_groups(_LOOSE)
+        .struct.rename_fields([*frame, _SPAN]).alias("g")).unnest("g")
+    hits = hits.filter(pl.col("client_ip").is_not_null())
+    if hits.height == 0:
+        return df.drop("_row")
+    span = pl.col(_SPAN)
+    # `" " "` holds two boundaries that share a quote, which a count of matches sees as one
+    ambiguous = ((span.str.count_matches(_BOUNDARY, literal=True) != 1)
+                 | span.str.contains('" " "', literal=True))
+    parts = span.str.splitn(_BOUNDARY, 2).struct.rename_fields(["referer", "user_agent"])
+    hits = hits.with_columns(ambiguous.alias("_quote"), parts.alias("p")).unnest("p").drop(_SPAN)
+    rest = df.join(hits.select("_row"), on="_row", how="anti")
+    return pl.concat([rest, hits.select(rest.columns)]).sort("_row").drop("_row")
 
 
 def _hidden_reasons(values: Any, field: str = "client_ip") -> Any:
