@@ -197,3 +197,54 @@ def test_report_renders_in_headless_chromium(report_page: tuple[Path, dict], tmp
     run = _headless(browser, "--window-size=1200,3000", "--hide-scrollbars",
                     f"--screenshot={shot}", page.as_uri())
     assert run.returncode == 0 and shot.stat().st_size > 50_000
+
+
+def _write_many_types(path: Path, src: Path, types: int) -> int:
+    """``types`` attack labels of one record each (every other one 200 characters long), then
+    100 ``normal`` records; returns how many records."""
+    rows = [line.rsplit(",", 1)[0] for line in src.read_text().splitlines()]
+    out = [f"{rows[i % len(rows)]},attack_{i:05d}_{'x' * (200 if i % 2 else 0)}."
+           for i in range(types)]
+    out += [f"{rows[i]},normal." for i in range(100)]
+    path.write_text("\n".join(out) + "\n")
+    return len(out)
+
+
+@pytest.mark.integration
+def test_a_report_on_thousands_of_types_stays_bounded_in_chromium(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    # One Sankey node, one bar and one legend entry per type made a page 100,000 px tall for
+    # a label per host; and the t-SNE sample, rationed in name order, left "normal" out.
+    import sys
+
+    MAX_TYPES = 30  # figures.MAX_TYPES: types a figure draws one by one
+    browser = _chromium()
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    data = tmp_path / "many.kdd"
+    n = _write_many_types(data, small_kdd_test, 3100)
+    page = tmp_path / "report.html"
+    run = subprocess.run([sys.executable, "-m", "deepwatch", "report", str(kdd_bundle),
+                          "--format", "kdd", "--out", str(page), str(data)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shown = _headless(browser, "--dump-dom", page.as_uri())
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    dom = shown.stdout
+    sankey = dom[dom.index('id="plot-sankey"'):dom.index('id="plot-categories"')]
+    assert sankey.count('class="sankey-node"') == MAX_TYPES + 2
+    # every record is in one flow: the nodes' counts add up to the records scored
+    nodes = re.findall(r'class="node-label"[^>]*>([^<]*) \(([\d,]+)\)</text>', sankey)
+    assert len(nodes) == MAX_TYPES
+    assert sum(int(c.replace(",", "")) for _, c in nodes) == n
+    assert (f"{3100 - MAX_TYPES + 2:,} other types", f"{3100 - MAX_TYPES + 2:,}") in nodes
+    assert all(len(name) <= 48 for name, _ in nodes)
+    # no figure taller than a few screens
+    heights = [int(h) for h in re.findall(r'<svg class="main-svg"[^>]* height="(\d+)"', dom)]
+    assert heights and max(heights) <= 1000, heights
+    tsne = dom[dom.index('id="plot-tsne"'):]
+    assert tsne.count('class="traces"') == MAX_TYPES
+    assert "normal (1)" in tsne  # "normal" is on the map (a slot for each of 3,000 types)
+    table = dom[dom.index('id="labels-table"'):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 1 + 200

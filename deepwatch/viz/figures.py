@@ -15,6 +15,39 @@ RIGHT = "rgba(46, 139, 87, 0.45)"  # the verdict was right
 WRONG = "rgba(214, 39, 40, 0.55)"  # a missed attack or a false alarm
 VERDICT_COLOURS = {"normal": "#2e8b57", "malicious": "#d62728"}
 
+#: Most true types a figure draws one by one (Sankey nodes, detection bars, t-SNE legend
+#: entries); the rarest beyond them are drawn together as one "other types". Data with a
+#: label per host or per campaign has thousands: one node each made a Sankey 100,000 px tall.
+MAX_TYPES = 30
+#: Longest label text a figure draws; a longer one is cut (the whole text is in the hover).
+#: A 200-character label as an axis tick took the plot's whole width.
+MAX_NAME = 48
+
+
+def short(name: str, limit: int = MAX_NAME) -> str:
+    """``name`` cut to ``limit`` characters, an ellipsis marking the cut."""
+    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
+
+
+def others_name(types: int) -> str:
+    """What the types beyond :data:`MAX_TYPES` are called, taken together."""
+    return f"{types:,} other types"
+
+
+def bounded_rates(rates: dict[str, dict[str, Any]], limit: int = MAX_TYPES
+                  ) -> list[tuple[str, dict[str, Any]]]:
+    """``rates`` (in the order given) as at most ``limit`` rows: the first ``limit - 1`` as
+    they are, the rest pooled into one row (their records summed, detection rate over all of
+    them)."""
+    items = list(rates.items())
+    if len(items) <= limit:
+        return items
+    rest = [r for _, r in items[limit - 1:]]
+    support = sum(int(r["support"]) for r in rest)
+    hits = sum(float(r["detection_rate"]) * int(r["support"]) for r in rest)
+    pooled = {"support": support, "detection_rate": hits / support if support else 0.0}
+    return [*items[: limit - 1], (others_name(len(rest)), pooled)]
+
 
 def verdict_names(verdict: np.ndarray) -> np.ndarray:
     """Verdicts as the words ``normal``/``malicious`` whether given as booleans or words."""
@@ -38,8 +71,12 @@ def sankey(labels: np.ndarray, verdict: np.ndarray) -> Any:
     import plotly.graph_objects as go
 
     verdicts = verdict_names(verdict)
-    types = label_order(labels)
-    type_index = {t: i for i, t in enumerate(types)}
+    order = label_order(labels)
+    # at most MAX_TYPES nodes on the left: the rarest types beyond them share the last one
+    # (never "normal": label_order puts it first)
+    shown = order if len(order) <= MAX_TYPES else order[: MAX_TYPES - 1]
+    types = shown + ([others_name(len(order) - len(shown))] if len(shown) < len(order) else [])
+    type_index = {t: min(i, len(types) - 1) for i, t in enumerate(order)}
     names, codes = label_codes(labels)
     row = np.array([type_index[u] for u in names], dtype=np.int64)[codes]
     is_bad = (verdicts == "malicious").astype(np.int64)
@@ -53,10 +90,10 @@ def sankey(labels: np.ndarray, verdict: np.ndarray) -> Any:
             src.append(i)
             dst.append(len(types) + j)
             val.append(int(counts[i, j]))
-            right = (lab == BENIGN) == (ver == "normal")
+            right = (i < len(shown) and lab == BENIGN) == (ver == "normal")
             colour.append(RIGHT if right else WRONG)
-            text.append(f"{counts[i, j] / totals[i]:.2%} of {lab}")
-    node_labels = [f"{t} ({n:,})" for t, n in zip(types, totals.tolist(), strict=True)]
+            text.append(f"{counts[i, j] / totals[i]:.2%} of {short(lab)}")
+    node_labels = [f"{short(t)} ({n:,})" for t, n in zip(types, totals.tolist(), strict=True)]
     node_labels += ["verdict: normal", "verdict: malicious"]
     node_colours = ["#7f7f7f"] * len(types) + [VERDICT_COLOURS["normal"],
                                                VERDICT_COLOURS["malicious"]]
@@ -96,17 +133,22 @@ def detection_bars(rates: dict[str, dict[str, Any]], what: str) -> Any:
     """Horizontal bars of detection rate per category or label, with the support on hover."""
     import plotly.graph_objects as go
 
-    names = list(rates)
-    rate = [float(rates[n]["detection_rate"]) for n in names]
-    support = [int(rates[n]["support"]) for n in names]
+    rows = bounded_rates(rates)
+    rate = [float(r["detection_rate"]) for _, r in rows]
+    # bars at positions 0..n-1, named by tick: two long names cut to the same text stay two bars
     fig = go.Figure(go.Bar(
-        x=rate, y=names, orientation="h", customdata=support,
+        x=rate, y=list(range(len(rows))), orientation="h",
+        customdata=[[int(r["support"]), short(name, 200)] for name, r in rows],
         marker_color=[VERDICT_COLOURS["normal"] if r >= 0.9 else
                       "#ff7f0e" if r >= 0.5 else VERDICT_COLOURS["malicious"] for r in rate],
-        hovertemplate=f"%{{y}}: %{{x:.2%}} of %{{customdata:,}} {what}<extra></extra>",
+        hovertemplate=f"%{{customdata[1]}}: %{{x:.2%}} of %{{customdata[0]:,}} {what}"
+                      "<extra></extra>",
     ))
     fig.update_layout(xaxis={"range": [0, 1], "tickformat": ".0%", "title": "detection rate"},
-                      yaxis={"autorange": "reversed"}, height=max(260, 20 * len(names) + 80),
+                      yaxis={"autorange": "reversed", "tickmode": "array",
+                             "tickvals": list(range(len(rows))),
+                             "ticktext": [short(name) for name, _ in rows]},
+                      height=max(260, 20 * len(rows) + 80),
                       margin={"l": 10, "r": 10, "t": 10, "b": 10})
     return fig
 
@@ -139,14 +181,22 @@ def tsne_scatter(xy: np.ndarray, labels: np.ndarray, verdict: np.ndarray) -> Any
     wrong = (np.asarray(labels, dtype=object) == BENIGN) != (verdicts == "normal")
     names, codes = label_codes(labels)
     index = {name: i for i, name in enumerate(names)}
+    order = label_order(labels)
+    # one legend entry per type up to MAX_TYPES; the rarest beyond share the last trace
+    groups = [(lab, codes == index[lab]) for lab in order[: MAX_TYPES - 1]]
+    if len(order) > MAX_TYPES:
+        rest = np.isin(codes, [index[lab] for lab in order[MAX_TYPES - 1:]])
+        groups.append((others_name(len(order) - MAX_TYPES + 1), rest))
+    elif len(order) == MAX_TYPES:
+        groups.append((order[-1], codes == index[order[-1]]))
+    point_names = np.array([short(name) for name in names], dtype=object)[codes]
     fig = go.Figure()
-    for lab in label_order(labels):
-        m = codes == index[lab]
+    for lab, m in groups:
         fig.add_trace(go.Scatter(
-            x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{lab} ({int(m.sum())})",
+            x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{short(lab)} ({int(m.sum())})",
             marker={"size": 5, "symbol": np.where(wrong[m], "x", "circle").tolist()},
-            customdata=verdicts[m],
-            hovertemplate=f"{lab}: verdict %{{customdata}}<extra></extra>",
+            customdata=np.stack([point_names[m], verdicts[m].astype(object)], axis=1),
+            hovertemplate="%{customdata[0]}: verdict %{customdata[1]}<extra></extra>",
         ))
     fig.update_layout(height=560, xaxis={"visible": False}, yaxis={"visible": False},
                       legend={"title": {"text": "true type"}},

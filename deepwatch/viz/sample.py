@@ -56,7 +56,9 @@ def balanced_pick(labels: np.ndarray, total: int, seed: int = 0) -> np.ndarray:
     """Indices of at most ``total`` rows, shared as evenly as the labels allow.
 
     Every label gets the same quota; what a small label leaves unused goes to the larger ones
-    (water-filling), so rare attack types stay visible next to the common ones.
+    (water-filling), so rare attack types stay visible next to the common ones. Where there are
+    more labels than slots, the last slots go to the most common labels first: taken in name
+    order, thousands of rare labels used them all and the common ones ("normal") had none.
     """
     from ..evaluate.metrics import label_codes
 
@@ -71,8 +73,10 @@ def balanced_pick(labels: np.ndarray, total: int, seed: int = 0) -> np.ndarray:
         share = max(left // int(open_.sum()), 1)
         room = counts - quota
         grant = np.where(open_, np.minimum(room, share), 0)
-        if grant.sum() > left:  # the last few slots: first labels in order take one each
-            grant = np.where(np.cumsum(grant) <= left, grant, 0)
+        if grant.sum() > left:  # the last few slots: the most common labels take one each
+            by_count = np.argsort(-counts, kind="stable")
+            fits = np.cumsum(grant[by_count]) <= left
+            grant[by_count[~fits]] = 0
             if grant.sum() == 0:
                 break
         quota += grant
