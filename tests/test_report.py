@@ -248,3 +248,36 @@ def test_a_report_on_thousands_of_types_stays_bounded_in_chromium(
     table = dom[dom.index('id="labels-table"'):]
     table = table[:table.index("</table>")]
     assert table.count("<tr>") == 1 + 200
+
+
+@pytest.mark.integration
+def test_categories_without_records_show_no_detection_rate(kdd_bundle: Path,
+                                                           small_kdd_test: Path,
+                                                           tmp_path: Path) -> None:
+    # Normal traffic only: the page said probe, dos, u2r and r2l were each detected 0.00%
+    # of the time, with an empty bar each, as if every one had been missed.
+    import sys
+
+    browser = _chromium()
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    data = tmp_path / "normal.kdd"
+    normal = [line for line in small_kdd_test.read_text().splitlines()
+              if line.endswith(",normal.")]
+    data.write_text("\n".join(normal[:60]) + "\n")
+    page = tmp_path / "report.html"
+    run = subprocess.run([sys.executable, "-m", "deepwatch", "report", str(kdd_bundle),
+                          "--format", "kdd", "--out", str(page), str(data)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shown = _headless(browser, "--dump-dom", page.as_uri())
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    dom = shown.stdout
+    table = dom[dom.index('id="categories-table"'):]
+    table = table[:table.index("</table>")]
+    for category in ("probe", "dos", "u2r", "r2l"):
+        assert f"<td>{category}</td><td>0</td><td>–</td>" in table
+    assert re.search(r"<td>normal</td><td>60</td><td>\d+\.\d\d%</td>", table)
+    bars = dom[dom.index('id="plot-categories"'):dom.index('id="plot-confusion"')]
+    ticks = re.findall(r'<g class="ytick">.*?<text[^>]*>([^<]*)</text>', bars)
+    assert ticks == ["normal"]

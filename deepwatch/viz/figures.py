@@ -130,10 +130,11 @@ def confusion(labels: list[str], matrix: list[list[int]]) -> Any:
 
 
 def detection_bars(rates: dict[str, dict[str, Any]], what: str) -> Any:
-    """Horizontal bars of detection rate per category or label, with the support on hover."""
+    """Horizontal bars of detection rate per category or label, with the support on hover.
+    One without records has no bar: an empty bar read as "none of them detected"."""
     import plotly.graph_objects as go
 
-    rows = bounded_rates(rates)
+    rows = bounded_rates({name: r for name, r in rates.items() if r["support"]})
     rate = [float(r["detection_rate"]) for _, r in rows]
     # bars at positions 0..n-1, named by tick: two long names cut to the same text stay two bars
     fig = go.Figure(go.Bar(

@@ -80,7 +80,9 @@ MAX_TABLE_ROWS = 200
 
 
 def _rates_table(rates: dict[str, dict[str, Any]], table_id: str) -> str:
-    rows = [[name, f"{int(r['support']):,}", _num(r["detection_rate"], pct=True)]
+    # a category without records has no detection rate (the JSON's 0.0 is no measurement)
+    rows = [[name, f"{int(r['support']):,}",
+             _num(r["detection_rate"] if r["support"] else None, pct=True)]
             for name, r in figures.bounded_rates(rates, MAX_TABLE_ROWS)]
     return _table(["", "records", "detection rate"], rows, table_id)
 
@@ -122,7 +124,9 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
              "records of one true type given one verdict; red flows are missed attacks or false "
              "alarms.</p>", _plot(figures.sankey(labels, verdict), "sankey"), "</section>"]
     if result.get("categories"):
-        parts += ['<section id="categories"><h2>Per category</h2>',
+        parts += ['<section id="categories"><h2>Per category</h2><p class="note">Detection '
+                  "rate: the share of the category's records given that category (not only "
+                  "flagged: an attack named in the wrong category counts as missed here).</p>",
                   _rates_table(result["categories"], "categories-table"),
                   _plot(figures.detection_bars(result["categories"], "records"), "categories"),
                   "</section>"]
