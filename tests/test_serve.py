@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -766,6 +767,31 @@ def test_dashboard_renders_live_numbers_in_headless_chromium(kdd_bundle: Path,
     assert "<polyline" in dom
     if alerts:
         assert 'class="alert-row"' in dom
+
+
+@pytest.mark.integration
+def test_dashboard_counts_rejected_records_apart_from_scored_ones(kdd_bundle: Path,
+                                                                  lines: list[str]) -> None:
+    # "records scored" said 22 for 20 records scored and 2 rejected (/metrics said 20), and
+    # "records / s" said 0 for a trickle of 22 records in the last minute
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    with ThreadServer(create_app(kdd_bundle)) as srv, httpx.Client(base_url=srv.url) as c:
+        body = c.post("/v1/score", json={"records": [*lines[:20], "junk", "1,2"]}).json()
+        assert (len(body["results"]), len(body["rejects"])) == (20, 2)
+        metrics = c.get("/metrics").text
+        proc = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-dev-shm-usage",
+             "--virtual-time-budget=5000", "--dump-dom", srv.url + "/"],
+            capture_output=True, text=True, timeout=120)
+    assert re.search(r'deepwatch_records_total\{outcome="scored"\} 20\.0', metrics)
+    dom = proc.stdout
+    assert 'data-state="live"' in dom, (dom[:2000], proc.stderr[-2000:])
+    assert '<div class="v" id="total-records">20</div>' in dom
+    assert '<div class="v" id="total-rejects">2</div>' in dom
+    assert '<div class="v" id="rate">0.37</div>' in dom  # 22 records in the last minute
 
 
 # -- any body: an answer or a 4xx, and every record accounted for --------------------------------
