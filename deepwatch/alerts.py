@@ -240,7 +240,8 @@ def alert_lines(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
         encoded = pl.select(pl.concat_str([
             encoded.str.slice(0, encoded.str.len_bytes() - 2), pl.lit(',"explanation":'),
             explanation, pl.lit("}}")]))[:, 0]
-    # an alert goes to terminals and line-based files too: no raw DEL, C1 or U+2028/U+2029
+    # an alert goes to terminals and line-based files too: no raw DEL, C1, line separator,
+    # bidirectional control or invisible format character (sinks._UNSAFE_RANGES)
     return escape_unsafe_documents(encoded).cast(pl.Binary).to_list()
 
 

@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -292,17 +292,52 @@ class RecordSink:
             self._fh.flush()
 
 
-#: Characters valid raw inside a JSON string that no JSONL output writes raw: U+2028 and U+2029,
-#: which JavaScript, Python's ``splitlines`` and some SIEM shippers take for line breaks (a
-#: record's text could split one JSON line in two), and DEL and the C1 controls (U+0080-U+009F),
-#: which terminals that act on 8-bit controls take for escape sequences (U+009B is CSI, as
-#: ``ESC [``): an alert written to stdout could rewrite the analyst's screen. JSON escapes C0
-#: controls itself. Each is a UTF-8 sequence of its own (only ever inside a JSON string), so the
-#: encoded bytes are searched; ``\xc2`` and ``\xe2\x80`` find the candidates fast.
-_UNSAFE_TEXT = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
-#: The same characters as text, each with its JSON escape.
-_UNSAFE_CHARS = {c: f"\\u{ord(c):04x}" for c in ["\x7f", *map(chr, range(0x80, 0xA0)),
-                                                    "\u2028", "\u2029"]}
+#: Characters valid raw inside a JSON string that no JSONL output writes raw, as inclusive
+#: ranges of code points. This is the one definition: the byte pattern, the quick test and the
+#: polars pattern below are all derived from it, so the outputs that use one or the other
+#: (``score``, rejects, ``stream``, alerts, the REST answer) escape the same set.
+#:
+#: - DEL and the C1 controls (U+0080-U+009F), which terminals that act on 8-bit controls take
+#:   for escape sequences (U+009B is CSI, as ``ESC [``): an alert written to stdout could
+#:   rewrite the analyst's screen. (JSON escapes the C0 controls itself.)
+#: - U+2028 and U+2029, which JavaScript, Python's ``splitlines`` and some SIEM shippers take
+#:   for line breaks: a record's text could split one JSON line in two.
+#: - the bidirectional controls, ALM (U+061C), LRM and RLM (U+200E, U+200F), LRE, RLE, PDF,
+#:   LRO and RLO (U+202A-U+202E), LRI, RLI, FSI and PDI (U+2066-U+2069): an RLO in a user agent
+#:   makes a terminal or an editor show the rest of the line reversed ("Trojan Source",
+#:   CVE-2021-42574), so an analyst could read a URL that is not the one requested.
+#: - the invisible format characters around them: zero-width space, non-joiner and joiner
+#:   (U+200B-U+200D), the word joiner and invisible operators (U+2060-U+2064, with the
+#:   deprecated format controls U+206A-U+206F) and U+FEFF. They reorder nothing, but two URLs
+#:   that differ only by one look the same on screen, and the one copied from the screen then
+#:   matches nothing. They are joiners in some scripts and emoji, which is no loss here: each is
+#:   a JSON escape, and the decoded value is the same string.
+_UNSAFE_RANGES = ((0x7F, 0x9F), (0x061C, 0x061C), (0x200B, 0x200F), (0x2028, 0x202E),
+                  (0x2060, 0x206F), (0xFEFF, 0xFEFF))
+#: Each of those characters with its JSON escape.
+_UNSAFE_CHARS = {chr(cp): f"\\u{cp:04x}" for lo, hi in _UNSAFE_RANGES
+                 for cp in range(lo, hi + 1)}
+
+
+def _byte_pattern(chars: Iterable[str]) -> re.Pattern[bytes]:
+    """A pattern for the UTF-8 encodings of ``chars``: for each leading part, one class of last
+    bytes (``\\xc2[\\x80-\\x9f]``). UTF-8 is self-synchronising, so in valid UTF-8 a match is
+    always one whole character."""
+    tails: dict[bytes, list[int]] = {}
+    for c in chars:
+        b = c.encode()
+        tails.setdefault(b[:-1], []).append(b[-1])
+    return re.compile(b"|".join(
+        re.escape(lead) + b"[" + b"".join(re.escape(bytes([t])) for t in last) + b"]"
+        for lead, last in tails.items()))
+
+
+_UNSAFE_TEXT = _byte_pattern(_UNSAFE_CHARS)
+#: What an output must hold for it to need :data:`_UNSAFE_TEXT` at all: the leading bytes of
+#: the characters (a single byte for DEL). A plain ``in`` test each is faster than the pattern.
+_UNSAFE_LEADS = tuple(sorted({c.encode()[:-1] or c.encode() for c in _UNSAFE_CHARS}))
+#: The same set as one character class in the syntax of polars' (Rust) regular expressions.
+_UNSAFE_POLARS = "[" + "".join(f"\\x{{{lo:x}}}-\\x{{{hi:x}}}" for lo, hi in _UNSAFE_RANGES) + "]"
 
 
 def _json_escape(match: re.Match[bytes]) -> bytes:
@@ -310,17 +345,17 @@ def _json_escape(match: re.Match[bytes]) -> bytes:
 
 
 def escape_unsafe_text(data: bytes) -> bytes:
-    """``data`` (UTF-8 JSON text) with the characters of ``_UNSAFE_TEXT`` written as JSON
+    """``data`` (UTF-8 JSON text) with the characters of ``_UNSAFE_RANGES`` written as JSON
     escapes."""
-    if b"\x7f" not in data and b"\xc2" not in data and b"\xe2\x80" not in data:
+    if not any(lead in data for lead in _UNSAFE_LEADS):
         return data
     return _UNSAFE_TEXT.sub(_json_escape, data)
 
 
 def escape_unsafe_documents(encoded: Any) -> Any:
-    """A polars Series of JSON documents with the characters of ``_UNSAFE_TEXT`` escaped, as
+    """A polars Series of JSON documents with the characters of ``_UNSAFE_RANGES`` escaped, as
     :func:`escape_unsafe_text` does (one scan where none is found, the common case)."""
-    if not encoded.str.contains(r"[\x7f\x{80}-\x{9f}\x{2028}\x{2029}]").any():
+    if not encoded.str.contains(_UNSAFE_POLARS).any():
         return encoded
     return encoded.str.replace_many(list(_UNSAFE_CHARS), list(_UNSAFE_CHARS.values()))
 

@@ -27,8 +27,13 @@ from conftest import data_file, head_lines
 
 ESC, BEL = "\x1b", "\x07"
 SCANNER = "w3af.org"
-#: What no JSONL output may hold raw: C0 controls but the line end, DEL, C1, U+2028/U+2029.
-UNSAFE = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+#: What no JSONL output may hold raw: C0 controls but the line end, DEL, C1, U+2028/U+2029,
+#: the bidirectional controls (ALM, LRM/RLM, LRE..RLO, LRI..PDI) and the zero-width and other
+#: invisible format characters (U+200B-U+200D, U+2060-U+206F, U+FEFF).
+#: (Searched in the bytes, each character as its UTF-8 sequence.)
+UNSAFE = re.compile(b"|".join(re.escape(chr(c).encode()) for c in [
+    *range(0x0a), *range(0x0b, 0x20), *range(0x7f, 0xa0), 0x61c, *range(0x200b, 0x2010),
+    *range(0x2028, 0x202f), *range(0x2060, 0x2070), 0xfeff]))
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +166,76 @@ def test_the_rest_answer_holds_no_terminal_controls_nor_line_separators(
     answer = r.json()
     assert len(answer["results"]) == 5
     assert [x["reason"] for x in answer["rejects"]] == REASONS
+
+
+# -- bidirectional controls ("Trojan Source") ----------------------------------------------------
+
+RLO, PDF, LRI, PDI, ALM, LRM, ZWSP, BOM = ("\u202e", "\u202c", "\u2066", "\u2069", "\u061c",
+                                           "\u200e", "\u200b", "\ufeff")
+#: An agent that a terminal shows as "w3af.org exe.gpj"; a URL with isolates and marks around
+#: its parts; a referer that two invisible characters make look like another (the scanner's
+#: record is still an alert).
+BIDI_AGENT = f"{SCANNER} {RLO}gpj.exe"
+BIDI_URL = f"/templates/{LRI}beez_20{PDI}/{ALM}favicon.ico{LRM}"
+BIDI_REQUEST = f"GET {BIDI_URL} HTTP/1.1"
+BIDI_REFERER = f"http://ev{ZWSP}il.example/{BOM}{PDF}"
+#: after four plain requests of the scan (the model weighs a client's other requests)
+BIDI_LINES = [*[_line()] * 4, _line(agent=BIDI_AGENT, request=BIDI_REQUEST, referer=BIDI_REFERER),
+              _line(client=f"{RLO}182.118.20.213")]
+BIDI_REASON = ("client holds an invisible format character (U+202E), never part of an address "
+               f"or host name: '{RLO}182.118.20.213'")
+
+
+def _bidi_log(tmp_path: Path) -> Path:
+    log = tmp_path / "bidi.log"
+    log.write_text("".join(line + "\n" for line in BIDI_LINES), encoding="utf-8")
+    return log
+
+
+def test_score_and_rejects_write_bidi_controls_as_json_escapes(access_bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """An RLO in a user agent made a terminal or an editor show the scored line reordered
+    (CVE-2021-42574): ``score --out`` and ``--rejects`` now write bidirectional controls and
+    invisible characters as ``\\uXXXX``; the decoded record is the text sent, unchanged."""
+    out, rejects = tmp_path / "scored.jsonl", tmp_path / "rejects.jsonl"
+    done = _deepwatch("score", str(access_bundle), "--format", "access", "--out", str(out),
+                      "--rejects", str(rejects), str(_bidi_log(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    data = out.read_bytes()
+    assert b"\\u202e" in data and b"\\u2066" in data and b"\\u200b" in data
+    row = _json_lines(data)[-1]
+    assert (row["user_agent"], row["request"], row["referer"]) == (
+        BIDI_AGENT, BIDI_REQUEST, BIDI_REFERER)
+    assert row["url"] == BIDI_URL
+    [reject] = _json_lines(rejects.read_bytes())
+    assert (reject["raw"], reject["reason"]) == (BIDI_LINES[-1], BIDI_REASON)
+
+
+def test_stream_alerts_write_bidi_controls_as_json_escapes(access_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    """``stream``'s alerts on stdout and its dead letters, escaped the same way."""
+    dead = tmp_path / "dead.jsonl"
+    done = _deepwatch("stream", str(access_bundle), "--format", "access", "--alert-record",
+                      "--rejects", str(dead), str(_bidi_log(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    alerts = _json_lines(done.stdout)
+    assert BIDI_AGENT in {a["user_agent"]["original"] for a in alerts}
+    assert [d["raw"] for d in _json_lines(dead.read_bytes())] == [BIDI_LINES[-1]]
+
+
+def test_the_rest_answers_write_bidi_controls_as_json_escapes(access_bundle: Path) -> None:
+    """A real ``serve``: the /v1/score rejects quote the client's text, and /v1/stats (the
+    dashboard's data) the recent alerts' agents and URLs; both escaped."""
+    import httpx
+    from conftest import serving
+
+    with serving(access_bundle) as (_, url):
+        r = httpx.post(url + "/v1/score", json={"records": BIDI_LINES}, timeout=30)
+        stats = httpx.get(url + "/v1/stats", timeout=30)
+    assert r.status_code == 200 and stats.status_code == 200
+    assert UNSAFE.findall(r.content) == [] and UNSAFE.findall(stats.content) == []
+    answer = r.json()
+    assert len(answer["results"]) == 5
+    assert [x["reason"] for x in answer["rejects"]] == [BIDI_REASON]
+    assert answer["results"][-1]["verdict"] == "malicious"
+    assert BIDI_URL in {a["url"] for a in stats.json()["recent_alerts"]}

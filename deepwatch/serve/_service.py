@@ -183,7 +183,8 @@ def render(scored: pa.RecordBatch, parsed: Parsed) -> bytes:
     names = ["index", *(c for c in RESULT_COLUMNS if c in scored.schema.names)]
     columns = [parsed.index.tolist(), *(scored.column(c).to_pylist() for c in names[1:])]
     results = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
-    # (rejects quote what the client sent: no raw DEL, C1 or U+2028 reaches its terminal or log)
+    # (rejects quote what the client sent: no raw DEL, C1, line separator or bidirectional
+    # control reaches its terminal or log; the set is sinks._UNSAFE_RANGES)
     return escape_unsafe_text(orjson.dumps({"results": results, "rejects": parsed.rejects}))
 
 

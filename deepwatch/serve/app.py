@@ -50,6 +50,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import __version__
 from ..errors import DeepwatchError, InputError, UsageError
+from ..sinks import escape_unsafe_text
 from ._auth import OPEN_PATHS, ASGIApp, Gate, Receive, Scope, Send
 from ._intake import TICKET, Intake, IntakeGuard, read_body
 from ._intake import error_response as _error
@@ -329,7 +330,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
         # this process's requests in flight (each of --workers has its own, see _intake)
         snap["intake"] = {**app.state.intake.snapshot(request.scope.get(TICKET)),
                           "pid": os.getpid()}
-        return Response(orjson.dumps(snap), media_type=JSON)
+        # recent alerts quote user agents and URLs: escaped as every JSON output of a record is
+        return Response(escape_unsafe_text(orjson.dumps(snap)), media_type=JSON)
 
     @app.get("/", response_class=HTMLResponse, summary="The live dashboard")
     async def index() -> HTMLResponse:
