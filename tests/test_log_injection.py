@@ -239,3 +239,121 @@ def test_the_rest_answers_write_bidi_controls_as_json_escapes(access_bundle: Pat
     assert [x["reason"] for x in answer["rejects"]] == [BIDI_REASON]
     assert answer["results"][-1]["verdict"] == "malicious"
     assert BIDI_URL in {a["url"] for a in stats.json()["recent_alerts"]}
+
+
+# -- the pages: an override reorders its own value, never the text beside it -------------------
+
+#: A probe added at the end of a page: once ``READY`` holds, for each element of ``SELECTOR``
+#: its text and the (top, left) where the first letter of each match of ``PATTERN`` in it is
+#: drawn (the group's text, for ``key=`` the key), in the text's order, as JSON in
+#: ``data-probe`` on the page's ``<html>`` (read back with ``--dump-dom``).
+PROBE = """<script>
+function place(cell) {
+  const nodes = [], walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+  let text = "";
+  for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+    nodes.push([text.length, n]);
+    text += n.data;
+  }
+  const found = [];
+  for (const m of text.matchAll(/PATTERN/g)) {
+    const at = m.index + m[0].indexOf(m[1]);
+    const [start, node] = nodes.filter(([s]) => s <= at).pop();
+    const r = document.createRange();
+    r.setStart(node, at - start); r.setEnd(node, at - start + 1);
+    const box = r.getBoundingClientRect();
+    found.push([m[1], Math.round(box.top), Math.round(box.left)]);
+  }
+  return [text, found];
+}
+function probe() {
+  if (!(READY)) { setTimeout(probe, 50); return; }
+  document.documentElement.dataset.probe =
+    JSON.stringify([...document.querySelectorAll("SELECTOR")].map(place));
+}
+probe();
+</script>"""
+
+
+def _drawn_keys(page: str, ready: str, selector: str, pattern: str = r"(?:^| )([a-z_]+)="
+                ) -> list[tuple[str, list[list]]]:
+    """The text and the (key, top, left) of each ``key=`` (or match of ``pattern``, its first
+    group the key) of each element of ``selector``, as a
+    real headless Chromium draws ``page`` (HTML text) with :data:`PROBE` added; web security
+    is off, so a page given a ``<base>`` on a server may poll it from a file."""
+    import html as html_lib
+    import shutil
+    import tempfile
+
+    from conftest import need
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    probe = (PROBE.replace("READY", ready).replace("SELECTOR", selector)
+             .replace("PATTERN", pattern))
+    with tempfile.TemporaryDirectory() as profile:
+        path = Path(profile) / "page.html"
+        path.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
+        run = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-web-security",
+             "--disable-background-networking", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}/data", "--window-size=1600,1000",
+             "--virtual-time-budget=15000", "--dump-dom", path.as_uri()],
+            capture_output=True, text=True, timeout=120, check=False)
+    m = re.search(r'data-probe="([^"]*)"', run.stdout)
+    assert m, (run.stdout[:2000], run.stderr[-2000:])
+    return [(text, keys) for text, keys in json.loads(html_lib.unescape(m.group(1)))]
+
+
+def _in_reading_order(keys: list[list]) -> bool:
+    return [(top, left) for _, top, left in keys] == sorted((top, left) for _, top, left in keys)
+
+
+def test_dashboard_draws_each_field_of_an_alert_in_its_place(access_bundle: Path) -> None:
+    """The dashboard's alert list wrote a record's fields as one text, ``url=... path=...
+    query=``: an RLO in the URL drew ``query=`` before ``path=``, the rest of the row reversed.
+    Each value is now isolated: the fields are drawn in order, whatever one of them holds."""
+    import httpx
+    from conftest import serving
+
+    url = f"/templates/{RLO}gpj.exe/favicon.ico"
+    lines = [*[_line()] * 4, _line(request=f"GET {url} HTTP/1.1")]
+    with serving(access_bundle) as (_, base):
+        r = httpx.post(base + "/v1/score", json={"records": lines}, timeout=30)
+        verdicts = [x["verdict"] for x in r.json()["results"]]
+        assert verdicts[-1] == "malicious"
+        # the served page, polling the server from a file (the probe reads it as drawn)
+        page = httpx.get(base + "/", timeout=30).text.replace(
+            "<head>", f'<head><base href="{base}/">')
+        cells = _drawn_keys(page, 'document.querySelector("tr.alert-row")',
+                            "tr.alert-row td:last-child")
+    assert len(cells) == verdicts.count("malicious")
+    assert sum(url in text for text, _ in cells) == 1
+    for text, keys in cells:
+        assert [k for k, _, _ in keys] == ["client_ip", "timestamp", "method", "url", "path",
+                                           "query"], text
+        assert _in_reading_order(keys), (text, keys)
+
+
+def test_report_draws_a_count_beside_a_label_in_its_place(access_bundle: Path,
+                                                          tmp_path: Path) -> None:
+    """The report's figures draw a label beside its count (``name (200)``, in the Sankey and
+    the map's legend): an RLO in a label (the data's text) drew the count as ``)002(``. A label
+    that is not plain ASCII is now an isolate there, and the count is drawn as written."""
+    label = f"w3af {RLO}gpj.exe"
+    site, scan = tmp_path / "site.log", tmp_path / "scan.log"
+    site.write_text("".join(head_lines(data_file("weblogs/apache_access.log.gz"), 200)))
+    scan.write_text("".join(head_lines(data_file("weblogs/scan_w3af.log.gz"), 200)))
+    page = tmp_path / "report.html"
+    done = _deepwatch("report", str(access_bundle), "--format", "access", "--out", str(page),
+                      f"{site}=normal", f"{scan}={label}")
+    assert done.returncode == 0, done.stderr
+    drawn = _drawn_keys(page.read_text(encoding="utf-8"),
+                        'document.querySelector("#plot-tsne .legendtext")',
+                        "#plot-sankey text.node-label, #plot-tsne text.legendtext", r"([()])")
+    counted = [(text, keys) for text, keys in drawn if RLO in text]
+    assert len(counted) == 2, drawn  # the Sankey's node and the legend's entry
+    for text, keys in counted:
+        assert [k for k, _, _ in keys] == ["(", ")"], text
+        assert _in_reading_order(keys), (text, keys)

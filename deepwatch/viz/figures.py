@@ -24,9 +24,20 @@ MAX_TYPES = 30
 MAX_NAME = 48
 
 
+def isolate(name: str) -> str:
+    """``name`` as a bidirectional isolate (FSI ... PDI) where it is not plain ASCII.
+
+    A label is the data's text, and figures draw it beside other text (``name (count)``, ``name:
+    rate``): an override (U+202E) in it, or right-to-left letters, would reorder that text too.
+    The PDI also ends an override left open in the name."""
+    return name if name.isascii() else f"\u2068{name}\u2069"
+
+
 def short(name: str, limit: int = MAX_NAME) -> str:
-    """``name`` cut to ``limit`` characters, an ellipsis marking the cut."""
-    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
+    """``name`` cut to ``limit`` characters, an ellipsis marking the cut, and isolated as
+    :func:`isolate` does (a cut that drops a PDF leaves no override open)."""
+    cut = name if len(name) <= limit else name[: limit - 1] + "\u2026"
+    return cut if name.isascii() else f"\u2068{cut}\u2069"
 
 
 def others_name(types: int) -> str:
@@ -118,7 +129,8 @@ def confusion(labels: list[str], matrix: list[list[int]]) -> Any:
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
     fig = go.Figure(go.Heatmap(
-        z=share, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+        z=share, x=[isolate(x) for x in labels], y=[isolate(y) for y in labels],
+        colorscale="Blues", zmin=0, zmax=1,
         text=[[f"{int(v):,}" for v in row] for row in m], texttemplate="%{text}",
         hovertemplate="true %{y}, predicted %{x}: %{text} (%{z:.1%} of the row)<extra></extra>",
         colorbar={"title": {"text": "share of true"}},
