@@ -281,3 +281,35 @@ def test_categories_without_records_show_no_detection_rate(kdd_bundle: Path,
     bars = dom[dom.index('id="plot-categories"'):dom.index('id="plot-confusion"')]
     ticks = re.findall(r'<g class="ytick">.*?<text[^>]*>([^<]*)</text>', bars)
     assert ticks == ["normal"]
+
+
+@pytest.mark.integration
+def test_a_label_holding_markup_is_drawn_as_text_not_as_a_link(kdd_bundle: Path,
+                                                               small_kdd_test: Path,
+                                                               tmp_path: Path) -> None:
+    # plotly draws figure text as a subset of HTML: a label '<a href="...">click</a>' (the
+    # data's text, an attacker's where labels come from a file name or a feed) became a real
+    # link in the Sankey, the bars and the legend.
+    import sys
+
+    browser = _chromium()
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    label = '<a href="https://example.com/x">click</a><b>bold</b>'
+    lines = small_kdd_test.read_text().splitlines()[:80]
+    data = tmp_path / "markup.kdd"
+    data.write_text("\n".join(line if i % 4 else line.rsplit(",", 1)[0] + f",{label}."
+                              for i, line in enumerate(lines)) + "\n")
+    page = tmp_path / "report.html"
+    run = subprocess.run([sys.executable, "-m", "deepwatch", "report", str(kdd_bundle),
+                          "--format", "kdd", "--out", str(page), str(data)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shown = _headless(browser, "--dump-dom", page.as_uri())
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    dom = shown.stdout
+    figures = dom[dom.index('id="plot-sankey"'):]
+    assert "example.com" in figures  # the label is drawn...
+    assert not re.search(r"<a [^>]*href=\"https://example\.com", figures)  # ...not as a link
+    assert "font-weight: bold" not in figures and "<b>" not in figures
+    assert "&lt;a href=" in figures  # its characters shown as they are

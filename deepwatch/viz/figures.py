@@ -24,20 +24,32 @@ MAX_TYPES = 30
 MAX_NAME = 48
 
 
+def _as_text(name: str) -> str:
+    """``name`` with plotly's markup characters written as entities: plotly draws text as a
+    subset of HTML (``<a href>``, ``<b>``, ``<br>``, ``<span style>``), so a label
+    ``<a href="https://...">`` was drawn as a link an analyst could click. The entities show
+    the characters as they are."""
+    return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def isolate(name: str) -> str:
-    """``name`` as a bidirectional isolate (FSI ... PDI) where it is not plain ASCII.
+    """``name`` as figure text: a bidirectional isolate (FSI ... PDI) where it is not plain
+    ASCII, and plotly's markup characters as entities (:func:`_as_text`).
 
     A label is the data's text, and figures draw it beside other text (``name (count)``, ``name:
     rate``): an override (U+202E) in it, or right-to-left letters, would reorder that text too.
     The PDI also ends an override left open in the name."""
-    return name if name.isascii() else f"\u2068{name}\u2069"
+    text = _as_text(name)
+    return text if name.isascii() else f"\u2068{text}\u2069"
 
 
 def short(name: str, limit: int = MAX_NAME) -> str:
-    """``name`` cut to ``limit`` characters, an ellipsis marking the cut, and isolated as
-    :func:`isolate` does (a cut that drops a PDF leaves no override open)."""
+    """``name`` cut to ``limit`` characters, an ellipsis marking the cut, as figure text as
+    :func:`isolate` makes it (a cut that drops a PDF leaves no override open; the cut comes
+    before the entities, so none is cut in half)."""
     cut = name if len(name) <= limit else name[: limit - 1] + "\u2026"
-    return cut if name.isascii() else f"\u2068{cut}\u2069"
+    text = _as_text(cut)
+    return text if name.isascii() else f"\u2068{text}\u2069"
 
 
 def others_name(types: int) -> str:
