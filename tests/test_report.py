@@ -199,6 +199,24 @@ def test_report_renders_in_headless_chromium(report_page: tuple[Path, dict], tmp
     assert run.returncode == 0 and shot.stat().st_size > 50_000
 
 
+def _report_dom(bundle: Path, data: Path, tmp_path: Path) -> str:
+    """``deepwatch report`` of ``data`` (KDD) run as a user runs it, and the page's DOM as
+    headless Chromium renders it."""
+    import sys
+
+    browser = _chromium()
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    page = tmp_path / "report.html"
+    run = subprocess.run([sys.executable, "-m", "deepwatch", "report", str(bundle),
+                          "--format", "kdd", "--out", str(page), str(data)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shown = _headless(browser, "--dump-dom", page.as_uri())
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    return shown.stdout
+
+
 def _write_many_types(path: Path, src: Path, types: int) -> int:
     """``types`` attack labels of one record each (every other one 200 characters long), then
     100 ``normal`` records; returns how many records."""
@@ -215,22 +233,10 @@ def test_a_report_on_thousands_of_types_stays_bounded_in_chromium(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
     # One Sankey node, one bar and one legend entry per type made a page 100,000 px tall for
     # a label per host; and the t-SNE sample, rationed in name order, left "normal" out.
-    import sys
-
     MAX_TYPES = 30  # figures.MAX_TYPES: types a figure draws one by one
-    browser = _chromium()
-    need(browser is not None, "chromium (apt-get install -y chromium)")
-    assert browser is not None
     data = tmp_path / "many.kdd"
     n = _write_many_types(data, small_kdd_test, 3100)
-    page = tmp_path / "report.html"
-    run = subprocess.run([sys.executable, "-m", "deepwatch", "report", str(kdd_bundle),
-                          "--format", "kdd", "--out", str(page), str(data)],
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    shown = _headless(browser, "--dump-dom", page.as_uri())
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    dom = shown.stdout
+    dom = _report_dom(kdd_bundle, data, tmp_path)
     sankey = dom[dom.index('id="plot-sankey"'):dom.index('id="plot-categories"')]
     assert sankey.count('class="sankey-node"') == MAX_TYPES + 2
     # every record is in one flow: the nodes' counts add up to the records scored
@@ -256,23 +262,11 @@ def test_categories_without_records_show_no_detection_rate(kdd_bundle: Path,
                                                            tmp_path: Path) -> None:
     # Normal traffic only: the page said probe, dos, u2r and r2l were each detected 0.00%
     # of the time, with an empty bar each, as if every one had been missed.
-    import sys
-
-    browser = _chromium()
-    need(browser is not None, "chromium (apt-get install -y chromium)")
-    assert browser is not None
     data = tmp_path / "normal.kdd"
     normal = [line for line in small_kdd_test.read_text().splitlines()
               if line.endswith(",normal.")]
     data.write_text("\n".join(normal[:60]) + "\n")
-    page = tmp_path / "report.html"
-    run = subprocess.run([sys.executable, "-m", "deepwatch", "report", str(kdd_bundle),
-                          "--format", "kdd", "--out", str(page), str(data)],
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    shown = _headless(browser, "--dump-dom", page.as_uri())
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    dom = shown.stdout
+    dom = _report_dom(kdd_bundle, data, tmp_path)
     table = dom[dom.index('id="categories-table"'):]
     table = table[:table.index("</table>")]
     for category in ("probe", "dos", "u2r", "r2l"):
@@ -290,24 +284,12 @@ def test_a_label_holding_markup_is_drawn_as_text_not_as_a_link(kdd_bundle: Path,
     # plotly draws figure text as a subset of HTML: a label '<a href="...">click</a>' (the
     # data's text, an attacker's where labels come from a file name or a feed) became a real
     # link in the Sankey, the bars and the legend.
-    import sys
-
-    browser = _chromium()
-    need(browser is not None, "chromium (apt-get install -y chromium)")
-    assert browser is not None
     label = '<a href="https://example.com/x">click</a><b>bold</b>'
     lines = small_kdd_test.read_text().splitlines()[:80]
     data = tmp_path / "markup.kdd"
     data.write_text("\n".join(line if i % 4 else line.rsplit(",", 1)[0] + f",{label}."
                               for i, line in enumerate(lines)) + "\n")
-    page = tmp_path / "report.html"
-    run = subprocess.run([sys.executable, "-m", "deepwatch", "report", str(kdd_bundle),
-                          "--format", "kdd", "--out", str(page), str(data)],
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    shown = _headless(browser, "--dump-dom", page.as_uri())
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    dom = shown.stdout
+    dom = _report_dom(kdd_bundle, data, tmp_path)
     figures = dom[dom.index('id="plot-sankey"'):]
     assert "example.com" in figures  # the label is drawn...
     assert not re.search(r"<a [^>]*href=\"https://example\.com", figures)  # ...not as a link
