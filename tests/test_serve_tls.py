@@ -11,14 +11,16 @@ import contextlib
 import logging
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -113,13 +115,82 @@ def lines(small_kdd: Path) -> list[str]:
     return small_kdd.read_text().splitlines()[:50]
 
 
-def _serve(bundle: Path, log: Path, *args: str | Path) -> tuple[subprocess.Popen[bytes], int]:
+#: ``deepwatch serve`` as ``python -m deepwatch.cli`` runs it, its request-head deadline (the
+#: TLS handshake's too) set to the first argument's seconds: the tests wait out short ones.
+WITH_HEAD_TIMEOUT = ("import sys; from deepwatch.serve import app; "
+                     "app.HEAD_TIMEOUT_SECONDS = float(sys.argv.pop(1)); "
+                     "from deepwatch.cli import main; sys.exit(main())")
+#: The request-head deadline of the servers whose stalled handshakes are timed.
+SHORT_HEAD_TIMEOUT = 2.0
+
+
+def _serve(bundle: Path, log: Path, *args: str | Path, head_timeout: float | None = None
+           ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
+    command = ["-m", "deepwatch.cli"] if head_timeout is None else [
+        "-c", WITH_HEAD_TIMEOUT, str(head_timeout)]
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "deepwatch.cli", "serve", str(bundle), "--port", str(port),
+            [sys.executable, *command, "serve", str(bundle), "--port", str(port),
              *map(str, args)], stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True)
     return proc, port
+
+
+def _half_a_client_hello() -> bytes:
+    """The first half of the ClientHello Python's TLS client sends to begin a handshake."""
+    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(),
+                                                  server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello.do_handshake()
+    sent = out.read()
+    assert sent[:1] == b"\x16", sent[:16]  # a TLS handshake record
+    return sent[:len(sent) // 2]
+
+
+def _stall_handshakes(port: int, deadline: float) -> Callable[[], list[float | None]]:
+    """Open two TCP connections to the TLS port that never finish their handshake: one sends
+    nothing, one half a ClientHello. The function returned gives, for each, the seconds from
+    its opening until the server closed it; None where it was still open ``deadline`` + 5 s
+    on (asyncio's own handshake timeout is 60 s)."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    opened = time.monotonic()
+    socks[1].sendall(_half_a_client_hello())
+    closed: list[float | None] = [None, None]
+
+    def watch() -> None:
+        with selectors.DefaultSelector() as sel:
+            for i, sock in enumerate(socks):
+                sel.register(sock, selectors.EVENT_READ, i)
+            while sel.get_map() and (left := opened + deadline + 5 - time.monotonic()) > 0:
+                for key, _ in sel.select(left):
+                    try:
+                        if key.fileobj.recv(65536):  # type: ignore[union-attr]
+                            continue  # (the server sends nothing before it closes)
+                    except ConnectionResetError:
+                        pass
+                    closed[key.data] = time.monotonic() - opened
+                    sel.unregister(key.fileobj)
+        for sock in socks:
+            sock.close()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
+    def result() -> list[float | None]:
+        watcher.join(deadline + 10)
+        return closed
+
+    return result
+
+
+def _assert_closed_at_the_deadline(closed: list[float | None], deadline: float) -> None:
+    """Both stalled handshakes were cut off at the deadline (give or take scheduling)."""
+    late = [f"{what}: " + (f"still open {deadline + 5:g} s on" if after is None
+                           else f"closed after {after:.2f} s")
+            for what, after in zip(("a silent connection", "half a ClientHello"), closed,
+                                   strict=True)
+            if after is None or not deadline - 0.2 <= after <= deadline + 2.5]
+    assert not late, f"the handshake deadline is {deadline:g} s; " + "; ".join(late)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path,
@@ -196,13 +267,16 @@ def test_https_serves_the_api_metrics_and_dashboard(kdd_bundle: Path, tls: dict[
                                                     started: list[subprocess.Popen[bytes]]
                                                     ) -> None:
     """Beyond loopback (0.0.0.0) with TLS and a key: every endpoint over HTTPS, no cleartext
-    warning, the https URL in the log."""
+    warning, the https URL in the log; a TLS handshake left unfinished (nothing sent, or half a
+    ClientHello) is cut off at the request-head deadline (short here) while HTTPS goes on."""
     log = tmp_path / "serve.log"
     proc, port = _serve(kdd_bundle, log, "--host", "0.0.0.0", "--tls-cert", tls["server.pem"],
-                        "--tls-key", tls["server.key"], "--api-key-file", tls["api.key"])
+                        "--tls-key", tls["server.key"], "--api-key-file", tls["api.key"],
+                        head_timeout=SHORT_HEAD_TIMEOUT)
     started.append(proc)
     url = f"https://127.0.0.1:{port}"
     _wait_healthy(url, proc, log, _trusting(tls))
+    stalled = _stall_handshakes(port, SHORT_HEAD_TIMEOUT)
     _check_https(url, port, tls, lines)
     with httpx.Client(base_url=url, verify=_trusting(tls), headers=AUTH, timeout=30) as c:
         metrics = c.get("/metrics").text
@@ -213,6 +287,8 @@ def test_https_serves_the_api_metrics_and_dashboard(kdd_bundle: Path, tls: dict[
         assert "http://" not in page.text and "ws://" not in page.text  # relative: https too
         stats = c.get("/v1/stats")
         assert stats.status_code == 200 and stats.json()["totals"]["records"] == 50
+    _assert_closed_at_the_deadline(stalled(), SHORT_HEAD_TIMEOUT)
+    assert httpx.get(url + "/healthz", verify=_trusting(tls), timeout=10).status_code == 200
     assert _stop(proc) == 0
     err = log.read_text()
     assert f"at https://0.0.0.0:{port}/" in err, err
@@ -240,19 +316,25 @@ def test_https_with_two_workers_and_an_encrypted_key(kdd_bundle: Path, tls: dict
                                                      lines: list[str], tmp_path: Path,
                                                      started: list[subprocess.Popen[bytes]]
                                                      ) -> None:
+    """Each worker serves HTTPS with the key the password decrypts, and cuts off a TLS
+    handshake left unfinished at the request-head deadline (the parent's, short here)."""
     log = tmp_path / "serve.log"
     proc, port = _serve(kdd_bundle, log, "--workers", "2", "--tls-cert", tls["server.pem"],
                         "--tls-key", tls["server-encrypted.key"], "--tls-key-password-file",
-                        tls["password.txt"], "--api-key-file", tls["api.key"])
+                        tls["password.txt"], "--api-key-file", tls["api.key"],
+                        head_timeout=SHORT_HEAD_TIMEOUT)
     started.append(proc)
     url = f"https://127.0.0.1:{port}"
     _wait_healthy(url, proc, log, _trusting(tls))
+    stalled = _stall_handshakes(port, SHORT_HEAD_TIMEOUT)
     _check_https(url, port, tls, lines)
     pids = {httpx.get(url + "/healthz", verify=_trusting(tls), timeout=10).json()["pid"]
             for _ in range(12)}
     assert proc.pid not in pids  # the workers answer, each over TLS
     metrics = httpx.get(url + "/metrics", verify=_trusting(tls), headers=AUTH, timeout=10).text
     assert _expiry_gauge(metrics) == _not_after(tls["server.pem"])  # the workers' together
+    _assert_closed_at_the_deadline(stalled(), SHORT_HEAD_TIMEOUT)
+    assert httpx.get(url + "/healthz", verify=_trusting(tls), timeout=10).status_code == 200
     assert _stop(proc) == 0
     err = log.read_text()
     assert "with 2 workers" in err and f"at https://127.0.0.1:{port}/" in err, err

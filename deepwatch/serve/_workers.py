@@ -6,7 +6,8 @@ by one, each replacement serving before its predecessor stops: a rolling reload 
 request. The workers share a state directory the parent made (and removes on exit):
 
 - ``settings.json``: the bundle to serve, its generation, the key file, engine and limits (and
-  the TLS files' paths); a worker reads it when it starts;
+  the TLS files' paths, and the request-head deadline, which bounds TLS handshakes too); a
+  worker reads it when it starts;
 - ``prometheus/``: every worker's metric values (``/metrics`` adds them up, see ``_metrics``);
 - ``stats/PID.json``: every worker's recent activity, rewritten each second, merged by
   ``/v1/stats`` for the dashboard; ``stats/retired.json``: the activity of the workers that are
@@ -256,10 +257,12 @@ def _drain_before_shutdown() -> None:
 
 
 def _worker_app() -> Any:
-    from .app import TlsReload, create_app, read_api_key
+    from . import app as app_module
+    from .app import TlsReload, bound_tls_handshakes, create_app, read_api_key
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     _drain_before_shutdown()
+    bound_tls_handshakes()  # (uvicorn starts this worker's listener after this factory)
     # a hang-up sent to the whole process group reaches the parent, which replaces us: that
     # is the reload; the default action here would kill this worker first
     if hasattr(signal, "SIGHUP"):
@@ -268,6 +271,9 @@ def _worker_app() -> Any:
     with contextlib.suppress(OSError):  # the directory is gone: the server is stopping
         hold_lock(state / LOCK)
     settings = read_settings(state)
+    # the parent's request-head deadline (which TLS handshakes get too): one for the server
+    app_module.HEAD_TIMEOUT_SECONDS = float(settings.get("head_timeout_seconds",
+                                                         app_module.HEAD_TIMEOUT_SECONDS))
     key = read_api_key(settings["key_file"]) if settings["key_file"] else None
     group = WorkerGroup(state)
     tls = settings.get("tls")
@@ -375,7 +381,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
     from uvicorn.supervisors.multiprocess import SIGNALS
 
     from ..errors import DeepwatchError
-    from .app import tls_options
+    from .app import HEAD_TIMEOUT_SECONDS, tls_options
 
     for stale in remove_unheld_dirs(Path(tempfile.gettempdir()), STATE_PREFIX):
         log.info("removed %s, left by a server killed outright", stale)
@@ -386,7 +392,8 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
         _write_json(state / SETTINGS, {
             "bundle": str(Path(bundle).resolve()), "generation": 1,
             "key_file": str(Path(key_file).resolve()) if key_file else None,
-            "engine": engine, "limits": asdict(limits), "tls": tls_files})
+            "engine": engine, "limits": asdict(limits), "tls": tls_files,
+            "head_timeout_seconds": HEAD_TIMEOUT_SECONDS})
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "prometheus")
         # the workers share the cores: ONNX Runtime threads per worker, unless set already
         os.environ.setdefault("DEEPWATCH_THREADS",

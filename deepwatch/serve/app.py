@@ -11,7 +11,8 @@ Browsers: POST bodies must be ``application/json`` (which a cross-site page cann
 a CORS preflight, and none is granted), a request that reached the server over loopback must
 name a loopback host (no DNS rebinding), and a POST whose ``Origin`` is another site is refused.
 Slow clients: a connection gets ``HEAD_TIMEOUT_SECONDS`` to deliver each request head
-(connections waiting for one take no request slot, see ``_SlowClientGuard``); a body must arrive
+(connections waiting for one take no request slot, see ``_SlowClientGuard``), and with TLS as long
+again for its handshake before that (see ``bound_tls_handshakes``); a body must arrive
 within ``--body-timeout`` and, after ``--body-rate-grace``, at ``--body-min-rate`` or faster
 (408 after), holds no request slot while it arrives, at most ``--max-uploads`` arrive at once
 (503 past it), and one client may send at most ``--max-client-uploads`` at once (past it a
@@ -71,6 +72,7 @@ JSON = "application/json"
 INLINE_BODY_BYTES = 32 * 1024
 #: A connection has this long, from its opening or from its previous answer, to deliver a whole
 #: request head; then it is closed. Connections still waiting for one take no request slot.
+#: With TLS, the handshake before the first head has as long again (``bound_tls_handshakes``).
 HEAD_TIMEOUT_SECONDS = 10.0
 #: A request head (request line and headers) larger than this is refused with 431.
 MAX_HEAD_BYTES = 64 * 1024
@@ -581,6 +583,60 @@ else:
     HttpProtocol = GuardedHttpTools
 
 
+def bound_tls_handshakes() -> None:
+    """Give TLS handshakes ``HEAD_TIMEOUT_SECONDS`` (read as each server starts), not asyncio's
+    60 s: the request-head deadline of ``_SlowClientGuard`` starts only once the handshake is
+    done (the HTTP protocol sees the connection only then), so a client that opened a TCP
+    connection and sent nothing, or part of a ClientHello, held it for a minute. For every
+    uvicorn server of this process (``run_server``, and each worker of ``--workers``).
+
+    The deadline is asyncio's own ``ssl_handshake_timeout`` of ``loop.create_server`` (uvloop's
+    too), which uvicorn sets no value for and has no setting for. uvicorn calls
+    ``loop.create_server(..., ssl=...)`` in ``Server.startup``, on the running loop; so for the
+    time of that call (and only then) the loop's ``create_server`` is shadowed by one that adds
+    the timeout where a server has ``ssl``. The other ways are more fragile: a copy of
+    ``startup`` (most of 90 lines of uvicorn, which change between versions), or building the TLS
+    transport ourselves from asyncio's private ``sslproto``. Should a uvicorn version make its
+    listeners otherwise, the warning below says that handshakes are left with no deadline of
+    ours (and the tests fail)."""
+    from uvicorn.server import Server
+
+    startup = Server.startup
+    if getattr(startup, "bounds_handshakes", False):
+        return
+
+    async def startup_bounding_handshakes(self: Server, sockets: Any = None) -> None:
+        if not self.config.is_ssl:
+            await startup(self, sockets)
+            return
+        loop = asyncio.get_running_loop()
+        create_server = loop.create_server
+        bounded: list[float] = []
+
+        def create_tls_server(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("ssl") is not None and kwargs.get("ssl_handshake_timeout") is None:
+                kwargs["ssl_handshake_timeout"] = HEAD_TIMEOUT_SECONDS
+                bounded.append(HEAD_TIMEOUT_SECONDS)
+            return create_server(*args, **kwargs)
+
+        shadowed = vars(loop).get("create_server")  # (none: the loop class's method)
+        loop.create_server = create_tls_server  # type: ignore[method-assign]
+        try:
+            await startup(self, sockets)
+        finally:
+            if shadowed is None:
+                del loop.create_server
+            else:
+                loop.create_server = shadowed  # type: ignore[method-assign]
+        if self.started and not bounded:
+            log.warning("TLS handshakes have no deadline of deepwatch's (asyncio's 60 s "
+                        "applies): this uvicorn version does not start its listeners with "
+                        "loop.create_server(ssl=...)")
+
+    startup_bounding_handshakes.bounds_handshakes = True  # type: ignore[attr-defined]
+    Server.startup = startup_bounding_handshakes  # type: ignore[method-assign]
+
+
 def uvicorn_options(forwarded_allow_ips: Iterable[str] = (),
                     tls: dict[str, Any] | None = None) -> dict[str, Any]:
     """The uvicorn settings of ``deepwatch serve`` (one process or each worker).
@@ -896,6 +952,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
         options["ssl_context_factory"] = reloader.context_factory
     config = uvicorn.Config(app, host=host, port=port, **options)
     server = uvicorn.Server(config)
+    bound_tls_handshakes()
     _install_sighup(app.state.service, reloader)
     _exit_cleanly_on_stop()
     model = app.state.service.model
