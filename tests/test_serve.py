@@ -745,20 +745,26 @@ def test_cli_serve_on_port_0_names_the_port_it_got(kdd_bundle: Path, lines: list
 
 # -- the dashboard in a real browser -------------------------------------------------------------
 
-@pytest.mark.integration
-def test_dashboard_renders_live_numbers_in_headless_chromium(kdd_bundle: Path,
-                                                             lines: list[str]) -> None:
+def _dashboard_dom(url: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on the dashboard at ``url``, given 5 s of page time to poll
+    ``/v1/stats``: the rendered DOM on its stdout (skipped without Chromium, failed under CI)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     need(browser is not None, "chromium (apt-get install -y chromium)")
     assert browser is not None
+    return subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu",
+         "--disable-background-networking", "--disable-dev-shm-usage",
+         "--virtual-time-budget=5000", "--dump-dom", url + "/"],
+        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.integration
+def test_dashboard_renders_live_numbers_in_headless_chromium(kdd_bundle: Path,
+                                                             lines: list[str]) -> None:
     with ThreadServer(create_app(kdd_bundle)) as srv, httpx.Client(base_url=srv.url) as c:
         body = c.post("/v1/score", json={"records": lines[:300]}).json()
         alerts = sum(r["verdict"] == "malicious" for r in body["results"])
-        proc = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-dev-shm-usage",
-             "--virtual-time-budget=5000", "--dump-dom", srv.url + "/"],
-            capture_output=True, text=True, timeout=120)
+        proc = _dashboard_dom(srv.url)
     dom = proc.stdout
     assert 'data-state="live"' in dom, (dom[:2000], proc.stderr[-2000:])
     assert '<div class="v" id="total-records">300</div>' in dom
@@ -774,18 +780,11 @@ def test_dashboard_counts_rejected_records_apart_from_scored_ones(kdd_bundle: Pa
                                                                   lines: list[str]) -> None:
     # "records scored" said 22 for 20 records scored and 2 rejected (/metrics said 20), and
     # "records / s" said 0 for a trickle of 22 records in the last minute
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    need(browser is not None, "chromium (apt-get install -y chromium)")
-    assert browser is not None
     with ThreadServer(create_app(kdd_bundle)) as srv, httpx.Client(base_url=srv.url) as c:
         body = c.post("/v1/score", json={"records": [*lines[:20], "junk", "1,2"]}).json()
         assert (len(body["results"]), len(body["rejects"])) == (20, 2)
         metrics = c.get("/metrics").text
-        proc = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-dev-shm-usage",
-             "--virtual-time-budget=5000", "--dump-dom", srv.url + "/"],
-            capture_output=True, text=True, timeout=120)
+        proc = _dashboard_dom(srv.url)
     assert re.search(r'deepwatch_records_total\{outcome="scored"\} 20\.0', metrics)
     dom = proc.stdout
     assert 'data-state="live"' in dom, (dom[:2000], proc.stderr[-2000:])
