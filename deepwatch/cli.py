@@ -304,11 +304,11 @@ def report(
     """An HTML report: per-type detection (Sankey), t-SNE map, metrics."""
     from .evaluate.run import REPORT_SAMPLE, summary_lines
     from .evaluate.run import evaluate as run
-    from .sinks import check_distinct_outputs, writable_file
-    from .viz.report import write_report
+    from .sinks import check_distinct_outputs
+    from .viz.report import writable_report, write_report
 
     check_distinct_outputs([("--out", out), ("--rejects", rejects)], files, _read_dirs(bundle))
-    writable_file(out, "--out")  # before the work, not after it
+    writable_report(out, "--out")  # before the work, not after it
     result, cols = run(bundle, fmt, files, engine=backend, progress=_progress(),
                        feature_sample=REPORT_SAMPLE, rejects=rejects)
     for line in summary_lines(result):

@@ -38,6 +38,38 @@ def test_label_sample_is_bounded_per_label_and_independent_of_batching() -> None
     assert kept == {k: min(200, v) for k, v in total.items()}
 
 
+def test_label_sample_stays_bounded_whatever_the_number_of_labels() -> None:
+    # Bounded only per label (3,000 each, as evaluate keeps it), a label per host kept the
+    # features of every record: 2,000 hosts of 10 records kept all 20,000.
+    from deepwatch.viz.tsne import MAX_POINTS
+
+    rng = np.random.default_rng(3)
+    labels = rng.permutation(np.array([f"host{i % 2000}" for i in range(20_000)]
+                                      + ["normal"] * 5000, dtype=object))
+    X = np.zeros((len(labels), 4), np.float32)
+    sample = LabelSample(per_label=3000, seed=1)
+    for a in range(0, len(labels), 4096):
+        sample.add(labels[a:a + 4096], X[a:a + 4096], a)
+    rows, _ = sample.result()
+    assert len(rows) <= MAX_POINTS
+    assert "normal" in set(labels[rows])  # the most common label keeps its place on the map
+
+
+def test_label_sample_keeps_what_the_map_draws() -> None:
+    # bounded in all, the sample still holds every row the map's balanced pick would take
+    # from all the records: rare types whole, the common ones at one level
+    labels = np.array(["a"] * 9000 + ["b"] * 9000 + ["c"] * 3000 + ["perl"] * 5 + ["nmap"] * 40,
+                      dtype=object)
+    labels = np.random.default_rng(5).permutation(labels)
+    rows, _ = _stream(labels, [1000, 1001, 7777, 15000], per_label=3000)
+    rows2, _ = _stream(labels, [20000], per_label=3000)
+    assert np.array_equal(rows, rows2)  # the same sample however the stream is cut
+    kept = dict(zip(*np.unique(labels[rows], return_counts=True), strict=True))
+    full = dict(zip(*np.unique(labels[balanced_pick(labels, 3000)], return_counts=True),
+                    strict=True))
+    assert kept == full == {"a": 985, "b": 985, "c": 985, "perl": 5, "nmap": 40}
+
+
 def test_balanced_pick_keeps_rare_types_and_respects_the_cap() -> None:
     labels = np.array(["smurf"] * 9000 + ["normal"] * 3000 + ["perl"] * 3 + ["nmap"] * 40)
     pick = balanced_pick(labels, 500, seed=1)
@@ -82,11 +114,41 @@ def test_page_without_a_feature_sample_says_so_and_escapes_names() -> None:
     page = render(result, {"label": labels, "score": verdict * 0.9, "verdict": verdict},
                   title="a <b>title</b>")
     assert "No feature sample was collected" in page
-    assert "<h1>a &lt;b&gt;title&lt;/b&gt;</h1>" in page
+    assert "<h1><bdi>a &lt;b&gt;title&lt;/b&gt;</bdi></h1>" in page
     assert "<td>&lt;script&gt;x&lt;/script&gt;</td><td>4</td><td>100.00%</td>" in page
     assert 'id="plot-categories"' not in page and 'id="plot-sankey"' in page
     # a label cannot close the page's scripts early (plotly escapes it in the figure JSON)
     assert page.count("<script") == page.count("</script>")
+
+
+def test_short_is_isolate_on_the_cut_name() -> None:
+    # (short repeated isolate's lines; it now calls it: the text it gives is as before)
+    assert figures.short("x" * 60) == "x" * 47 + "\u2026"  # an ASCII name: no isolate
+    assert figures.short("<b>" + "x" * 60) == "&lt;b&gt;" + "x" * 44 + "\u2026"
+    assert figures.short("\u202eabc") == "\u2068\u202eabc\u2069"
+    assert figures.short("\u202e" + "y" * 60) == "\u2068\u202e" + "y" * 46 + "\u2026\u2069"
+    assert figures.short("ok") == figures.isolate("ok") == "ok"
+
+
+def test_the_title_and_the_bundle_note_are_isolated() -> None:
+    # A title holds a bundle's path (the user's text): an override in it was written bare, in
+    # <h1> and in <title>, where a browser draws its own text after it (" - Chromium").
+    from deepwatch.viz.report import render
+
+    labels = np.array(["normal"] * 3 + ["smurf"] * 3, dtype=object)
+    verdict = np.array([False, False, True, True, True, True])
+    result = {"n": 6, "binary": {"threshold": 0.5}, "kdd_cost": None, "categories": None,
+              "confusion": None, "per_label": {}, "rows_per_second": 1.0,
+              "bundle": {"kind": "mlp\u202e", "engine": "onnx", "path": "/m/\u202ex<b>"}}
+    page = render(result, {"label": labels, "score": verdict * 0.9, "verdict": verdict},
+                  title="deepwatch report: /m/\u202ex<b>", progress=False)
+    assert "<h1><bdi>deepwatch report: /m/\u202ex&lt;b&gt;</bdi></h1>" in page
+    assert "<title>\u2068deepwatch report: /m/\u202ex&lt;b&gt;\u2069</title>" in page
+    assert (" · model <bdi>mlp\u202e</bdi> (<bdi>onnx</bdi>) from "
+            "<bdi>/m/\u202ex&lt;b&gt;</bdi>") in page
+    plain = render(result, {"label": labels, "score": verdict * 0.9, "verdict": verdict},
+                   title="deepwatch report: /m/b", progress=False)
+    assert "<title>deepwatch report: /m/b</title>" in plain  # plain ASCII: as it is
 
 
 def test_a_sample_too_small_for_a_map_says_so() -> None:
@@ -212,6 +274,7 @@ def _report_dom(bundle: Path, data: Path, tmp_path: Path) -> str:
                           "--format", "kdd", "--out", str(page), str(data)],
                          capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert "t-SNE" not in run.stderr  # stderr is no terminal: no spinner (as no bar)
     shown = _headless(browser, "--dump-dom", page.as_uri())
     assert shown.returncode == 0, shown.stderr[-2000:]
     return shown.stdout
@@ -289,9 +352,98 @@ def test_a_label_holding_markup_is_drawn_as_text_not_as_a_link(kdd_bundle: Path,
     data = tmp_path / "markup.kdd"
     data.write_text("\n".join(line if i % 4 else line.rsplit(",", 1)[0] + f",{label}."
                               for i, line in enumerate(lines)) + "\n")
-    dom = _report_dom(kdd_bundle, data, tmp_path)
+    # the bundle's path, in the title and the note, holds an override: each is isolated
+    bundle = tmp_path / "\u202eb<i>"
+    bundle.symlink_to(kdd_bundle, target_is_directory=True)
+    dom = _report_dom(bundle, data, tmp_path)
+    assert f"<h1><bdi>deepwatch report: {tmp_path}/\u202eb&lt;i&gt;</bdi></h1>" in dom
+    assert f"<title>\u2068deepwatch report: {tmp_path}/\u202eb&lt;i&gt;\u2069</title>" in dom
+    assert re.search(r"from <bdi>[^<]*\u202eb&lt;i&gt;</bdi></p>", dom)
     figures = dom[dom.index('id="plot-sankey"'):]
     assert "example.com" in figures  # the label is drawn...
     assert not re.search(r"<a [^>]*href=\"https://example\.com", figures)  # ...not as a link
     assert "font-weight: bold" not in figures and "<b>" not in figures
     assert "&lt;a href=" in figures  # its characters shown as they are
+
+
+def test_an_output_where_no_file_can_be_made_fails_before_the_work(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # /proc passes the permission check (root may write anywhere, by the bits): the report
+    # failed at the last write, after the scoring and the t-SNE map
+    from deepwatch import cli
+
+    data = tmp_path / "in.kdd"
+    data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:300]))
+    rc = cli.main(["report", str(kdd_bundle), "--format", "kdd", "--out", "/proc/x.html",
+                   str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.splitlines() == ["error: cannot write --out /proc/x.html: no file can be made in "
+                                "/proc (No such file or directory)"], err
+
+
+def _pty_run(cmd: list[str], until: str, sig: int, within: float = 180
+             ) -> tuple[int, str, bool]:
+    """Run ``cmd`` with its stderr on a terminal (a pseudo-terminal, as a user's shell gives
+    it); once ``until`` shows there, send ``sig``. The exit status, what the terminal got (escape
+    sequences removed) and whether ``until`` showed."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "DEEPWATCH_PROGRESS"}
+    env.update(TERM="xterm", COLUMNS="120")
+    proc = subprocess.Popen([sys.executable, "-m", "deepwatch", *cmd], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave, env=env)
+    os.close(slave)
+    got, seen = b"", False
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child has closed its end
+                    break
+                if not chunk:
+                    break
+                got += chunk
+                if not seen and until.encode() in got:
+                    seen = True
+                    proc.send_signal(sig)
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got.decode(errors="replace"))
+    return code, text, seen
+
+
+@pytest.mark.slow
+def test_the_tsne_step_shows_a_spinner_and_stops_on_sigterm(kdd_bundle: Path,
+                                                            small_kdd_test: Path,
+                                                            tmp_path: Path) -> None:
+    # The t-SNE map (seconds to minutes) showed nothing on a terminal; SIGTERM there ended the
+    # process without a word (exit status -15) instead of "terminated" as other commands say.
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    page = out / "r.html"
+    page.write_text("<html>an older report</html>\n")
+    code, err, seen = _pty_run(["report", str(kdd_bundle), "--format", "kdd", "--out",
+                                str(page), str(small_kdd_test)], "t-SNE map of ",
+                               signal.SIGTERM)
+    assert seen, err  # the spinner, on stderr, once the records are scored
+    assert code == 143, err  # 128 + SIGTERM, as the other commands exit
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", err) if ln.strip()]
+    assert lines[-1] == "terminated" and "Traceback" not in err, err
+    assert page.read_text() == "<html>an older report</html>\n"
+    assert sorted(p.name for p in out.iterdir()) == ["r.html"]  # no page half written beside

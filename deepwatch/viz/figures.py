@@ -32,15 +32,18 @@ def _as_text(name: str) -> str:
     return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def isolate(name: str) -> str:
+def isolate(name: str, ascii_source: bool | None = None) -> str:
     """``name`` as figure text: a bidirectional isolate (FSI ... PDI) where it is not plain
-    ASCII, and plotly's markup characters as entities (:func:`_as_text`).
+    ASCII, and plotly's markup characters as entities (:func:`_as_text`). ``ascii_source``:
+    whether the text ``name`` was made from is plain ASCII (default: whether ``name`` is), for a
+    cut name whose ellipsis alone is not ASCII.
 
     A label is the data's text, and figures draw it beside other text (``name (count)``, ``name:
     rate``): an override (U+202E) in it, or right-to-left letters, would reorder that text too.
     The PDI also ends an override left open in the name."""
     text = _as_text(name)
-    return text if name.isascii() else f"\u2068{text}\u2069"
+    plain = name.isascii() if ascii_source is None else ascii_source
+    return text if plain else f"\u2068{text}\u2069"
 
 
 def short(name: str, limit: int = MAX_NAME) -> str:
@@ -48,8 +51,7 @@ def short(name: str, limit: int = MAX_NAME) -> str:
     :func:`isolate` makes it (a cut that drops a PDF leaves no override open; the cut comes
     before the entities, so none is cut in half)."""
     cut = name if len(name) <= limit else name[: limit - 1] + "\u2026"
-    text = _as_text(cut)
-    return text if name.isascii() else f"\u2068{text}\u2069"
+    return isolate(cut, ascii_source=name.isascii())
 
 
 def others_name(types: int) -> str:

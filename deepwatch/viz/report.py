@@ -9,14 +9,17 @@ numbers) and ``_sample_X`` (their feature rows), a per-label sample taken while 
 from __future__ import annotations
 
 import html
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import OutputError, UsageError, sigterm_stops_cleanly
-from ..sinks import replace_file
+from ..sinks import replace_file, writable_file
 from . import figures
 from .sample import balanced_pick
 from .tsne import MAX_POINTS, tsne_map
@@ -87,7 +90,26 @@ def _rates_table(rates: dict[str, dict[str, Any]], table_id: str) -> str:
     return _table(["", "records", "detection rate"], rows, table_id)
 
 
-def _tsne_section(cols: dict[str, np.ndarray], seed: int) -> str:
+@contextmanager
+def _working(what: str, shown: bool) -> Iterator[None]:
+    """A spinner with the time elapsed, on stderr, for a step that tells nothing of its
+    progress (scikit-learn's t-SNE has no callback); where ``shown``, else nothing (as the
+    other bars: only on a terminal, or under ``DEEPWATCH_PROGRESS=1``). It is gone once the step
+    ends, however it ends."""
+    if not shown:
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    # stderr, as the other bars: stdout may carry a command's output
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  transient=True, console=Console(stderr=True)) as bar:
+        bar.add_task(what, total=None)
+        yield
+
+
+def _tsne_section(cols: dict[str, np.ndarray], seed: int, progress: bool = False) -> str:
     rows, X = cols.get("_sample_rows"), cols.get("_sample_X")
     if rows is None or X is None:
         return '<p class="note">No feature sample was collected, so no map was drawn.</p>'
@@ -97,7 +119,8 @@ def _tsne_section(cols: dict[str, np.ndarray], seed: int) -> str:
     labels = np.asarray(cols["label"], dtype=object)[rows]
     pick = balanced_pick(labels, MAX_POINTS, seed=seed)
     t0 = time.perf_counter()
-    xy = tsne_map(np.asarray(X)[pick], seed=seed)
+    with _working(f"t-SNE map of {len(pick):,} records", progress):
+        xy = tsne_map(np.asarray(X)[pick], seed=seed)
     took = time.perf_counter() - t0
     fig = figures.tsne_scatter(xy, labels[pick], np.asarray(cols["verdict"])[rows[pick]])
     return (f'<p class="note">{len(pick):,} records, sampled per true type (rare types '
@@ -105,10 +128,20 @@ def _tsne_section(cols: dict[str, np.ndarray], seed: int) -> str:
             f"a wrong verdict.</p>" + _plot(fig, "tsne"))
 
 
-def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed: int = 0
-           ) -> str:
-    """The report page as a string."""
+def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed: int = 0,
+           progress: bool | None = None) -> str:
+    """The report page as a string. ``progress``: show a spinner on stderr while the t-SNE
+    map is computed (default: where the other bars are shown, :func:`deepwatch.progress.enabled`).
+
+    The title (it holds a bundle's path: the user's text) is a bidi isolate as figure text is:
+    a ``<bdi>`` in the page, FSI ... PDI in ``<title>``, where no markup goes and a browser
+    draws its own text after it (a window's title); so are the bundle's values in the note."""
     from plotly.offline import get_plotlyjs
+
+    if progress is None:
+        from ..progress import enabled
+
+        progress = enabled()
 
     for need in ("label", "score", "verdict"):
         if need not in cols:
@@ -116,7 +149,7 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
     labels = np.asarray(cols["label"], dtype=object)
     verdict = np.asarray(cols["verdict"])
     b = result.get("binary") or {}
-    parts = [f"<h1>{html.escape(title)}</h1>",
+    parts = [f"<h1><bdi>{html.escape(title)}</bdi></h1>",
              f'<p class="note">generated {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}'
              + _bundle_note(result) + "</p>",
              '<section id="summary"><h2>Metrics</h2>', _summary(result), "</section>",
@@ -146,31 +179,65 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
               _plot(figures.score_histogram(labels, np.asarray(cols["score"], dtype=np.float64),
                                             b.get("threshold")), "score-histogram"),
               "</section>",
-              '<section id="map"><h2>t-SNE map of the traffic</h2>', _tsne_section(cols, seed),
+              '<section id="map"><h2>t-SNE map of the traffic</h2>',
+              _tsne_section(cols, seed, progress),
               "</section>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+            f"<title>{_isolated(title)}</title><style>{_STYLE}</style>"
             f'<script type="text/javascript">{get_plotlyjs()}</script></head>'
             f"<body>{''.join(parts)}</body></html>\n")
+
+
+def _isolated(text: str) -> str:
+    """``text`` escaped for HTML, as an FSI ... PDI isolate where it is not plain ASCII (as
+    :func:`figures.isolate` makes figure text), for where no ``<bdi>`` can go."""
+    out = html.escape(text)
+    return out if text.isascii() else f"\u2068{out}\u2069"
 
 
 def _bundle_note(result: dict[str, Any]) -> str:
     bundle = result.get("bundle")
     if not bundle:
         return ""
-    return html.escape(f" · model {bundle.get('kind')} ({bundle.get('engine')}) "
-                       f"from {bundle.get('path')}")
+    kind, engine, path = (f"<bdi>{html.escape(str(bundle.get(k)))}</bdi>"
+                          for k in ("kind", "engine", "path"))
+    return f" · model {kind} ({engine}) from {path}"
+
+
+def writable_report(path: str | Path, what: str = "--out") -> Path:
+    """``path`` checked as :func:`~deepwatch.sinks.writable_file` does, then by making (and
+    removing) a file beside it, where the page is first written: permission bits do not tell
+    everything (``/proc``, a read-only mount, a full directory of a quota), and a report that
+    fails there fails after minutes of scoring and a t-SNE map. One clear error, before any
+    work. A path that is no regular file (``/dev/stdout``) is written as it is: not probed."""
+    import tempfile
+
+    p = writable_file(path, what)
+    if os.path.exists(p) and not os.path.isfile(p):
+        return p
+    real = Path(os.path.realpath(p))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {p}: no file can be made in {real.parent} "
+                          f"({exc.strerror or exc})") from None
+    return p
 
 
 def write_report(path: str | Path, result: dict[str, Any], cols: dict[str, np.ndarray],
-                 title: str = "deepwatch report") -> Path:
-    """Write the report page to ``path``; returns the path."""
+                 title: str = "deepwatch report", progress: bool | None = None) -> Path:
+    """Write the report page to ``path``; returns the path. SIGTERM while the page is made
+    (the t-SNE map takes a while) or written stops it as Ctrl-C does (``terminated``), an older
+    report at ``path`` kept whole and no temporary file left."""
     out = Path(path)
-    page = render(result, cols, title)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with sigterm_stops_cleanly():  # an older report stays whole, no temporary file left
+    with sigterm_stops_cleanly():
+        page = render(result, cols, title, progress=progress)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             replace_file(out, page.encode("utf-8"))
-    except OSError as exc:
-        raise OutputError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+        except OSError as exc:
+            raise OutputError(f"cannot write the report to {out}: {exc.strerror or exc}"
+                              ) from None
     return out

@@ -1,8 +1,12 @@
 """A per-label sample of feature rows taken while a stream of batches goes by.
 
-Every row gets a random key; for each label the rows with the ``per_label`` smallest keys are
-kept ("bottom-k"), which is a uniform sample without replacement of that label's rows however the
-stream is cut into batches, in memory bounded by ``per_label`` times the number of labels.
+Every row gets a random key; for each label the rows with the smallest keys are kept
+("bottom-k"), which is a uniform sample without replacement of that label's rows however the
+stream is cut into batches. How many a label keeps is bounded twice: by ``per_label``, and by a
+share of ``total`` rows over all labels, shared out as :func:`balanced_pick` shares the map's
+points (rare labels kept whole, the common ones cut to one level). Memory is then bounded by
+``total`` rows whatever the number of labels: bounded by ``per_label`` alone, a label per host
+kept the features of every record.
 """
 
 from __future__ import annotations
@@ -11,14 +15,34 @@ import numpy as np
 import pyarrow as pa
 
 from .._arrow import to_numpy
+from .tsne import MAX_POINTS
+
+
+def fill_level(counts: np.ndarray, total: int, cap: int) -> int:
+    """The largest level ``m`` (1 to ``cap``) at which labels of ``counts`` records, each
+    keeping ``min(count, m)``, keep at most ``total`` in all; 1 where even that is more."""
+    lo, hi = 1, max(cap, 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(np.minimum(counts, mid).sum()) <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class LabelSample:
-    def __init__(self, per_label: int = 3000, seed: int = 0):
+    def __init__(self, per_label: int = 3000, seed: int = 0, total: int | None = None):
+        """``total``: most rows kept in all (default :data:`~deepwatch.viz.tsne.MAX_POINTS`,
+        the most a t-SNE map draws)."""
         self.per_label = per_label
+        self.total = MAX_POINTS if total is None else total
         self._rng = np.random.default_rng(seed)
         #: label -> (keys, global row numbers, feature rows)
         self._kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        #: label -> records seen (kept or not)
+        self._seen: dict[str, int] = {}
+        self._level = per_label  # what a label may keep: only ever lowers as records come
 
     def add(self, labels: np.ndarray, X: np.ndarray, first_row: int) -> None:
         """Offer a batch: ``labels[i]`` and ``X[i]`` are global row ``first_row + i``."""
@@ -29,18 +53,35 @@ class LabelSample:
         # hash-based grouping in Arrow: several times faster than sorting strings with numpy
         encoded = pa.array(labels, pa.string()).dictionary_encode()
         inverse = to_numpy(encoded.indices)
+        k = self._level
         for j, lab in enumerate(encoded.dictionary.to_pylist()):
             idx = np.flatnonzero(inverse == j)
-            if len(idx) > self.per_label:
-                idx = idx[np.argpartition(keys[idx], self.per_label)[: self.per_label]]
+            self._seen[lab] = self._seen.get(lab, 0) + len(idx)
+            if len(idx) > k:
+                idx = idx[np.argpartition(keys[idx], k)[:k]]
             new = (keys[idx], idx.astype(np.int64) + first_row, X[idx].astype(np.float32))
             old = self._kept.get(lab)
             if old is not None:
                 new = tuple(np.concatenate([a, b]) for a, b in zip(old, new, strict=True))  # type: ignore[assignment]
-                if len(new[0]) > self.per_label:
-                    keep = np.argpartition(new[0], self.per_label)[: self.per_label]
-                    new = (new[0][keep], new[1][keep], new[2][keep])
             self._kept[lab] = new
+        self._trim()
+
+    def _trim(self) -> None:
+        """Cut every label to the level its count now allows. The level only lowers as counts
+        grow, so a row cut now would never have been kept (bottom-k of a label's keys)."""
+        counts = np.fromiter(self._seen.values(), np.int64, len(self._seen))
+        self._level = k = fill_level(counts, self.total, self.per_label)
+        for lab, (keys, rows, X) in self._kept.items():
+            if len(keys) > k:
+                keep = np.argpartition(keys, k)[:k]
+                self._kept[lab] = (keys[keep], rows[keep], X[keep])
+        if len(self._kept) > self.total:
+            # more labels than rows (one each): the most common keep theirs, as balanced_pick
+            # gives its last slots to the most common labels; ties by the row's random key
+            ranked = sorted(self._kept, key=lambda lab: (-self._seen[lab],
+                                                         float(self._kept[lab][0].min())))
+            for lab in ranked[self.total:]:
+                del self._kept[lab]
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(global row numbers sorted ascending, their feature rows)."""
