@@ -273,6 +273,13 @@ def test_a_record_object_with_a_control_character_in_its_client_is_a_reject() ->
     assert rej[0]["raw"] == json.dumps(record("1.2.3.4\x00"), ensure_ascii=False)
 
 
+def _ingest(log: Path, lake: Path) -> subprocess.CompletedProcess[str]:
+    """``deepwatch ingest --format access`` of ``log`` into ``lake``, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "deepwatch", "ingest", "--format", "access",
+                           "--lake", str(lake), str(log)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+
+
 def test_ingest_rejects_damaged_clients_and_keeps_the_mark_that_opens_the_file(
         tmp_path: Path) -> None:
     """``deepwatch ingest`` of a log that opens with a byte order mark (dropped: its first
@@ -285,9 +292,7 @@ def test_ingest_rejects_damaged_clients_and_keeps_the_mark_that_opens_the_file(
     log = tmp_path / "site.log"
     log.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
     lake = tmp_path / "lake"
-    done = subprocess.run([sys.executable, "-m", "deepwatch", "ingest", "--format", "access",
-                           "--lake", str(lake), str(log)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    done = _ingest(log, lake)
     assert done.returncode == 0, done.stderr
     assert "8 lines read: 4 parsed, 4 rejected" in done.stderr
     assert read_lake(lake).column("client_ip").to_pylist() == [
@@ -342,6 +347,69 @@ def test_a_raw_quote_in_the_referer_splits_where_only_one_boundary_is() -> None:
     assert all(r["reason"].startswith("unescaped quote after the size") for r in rej)
 
 
+def test_a_raw_quote_in_the_request_line_is_read_where_only_one_end_is() -> None:
+    """A logger that does not escape ``"`` writes one in the request line raw: the request ends
+    at the server's closing quote, the one before the status and size. A line that holds a
+    quote, a status and a size once is read so (its referer and agent as any line's); one
+    where the target, referer or agent holds another (the client's to write) is a reject that
+    says so: the client does not choose the status, size, referer or agent read. Such a line
+    was a reject, "not in common or combined log format", and the second line below a record
+    with the client's status and referer."""
+    head = '198.51.100.4 - - [14/May/2024:10:00:00 +0000] "GET '
+    read = [
+        head + '/a"b HTTP/1.1" 200 5 "-" "ua"',
+        head + '/a"b HTTP/1.1" 404 0',
+        head + '/"x" HTTP/1.1" 200 5 "http://r.example/"x" "Mozilla "q" z"',
+        head + '/b HTTP/1.1" 200 5 "-" "ua" "example.com" 443 512',  # "$host" $server_port ...
+    ]
+    forged = [
+        head + '/a" 200 5 "x HTTP/1.1" 404 0 "-" "ua"',
+        head + '/a"x" 200 5 "-" "forged HTTP/1.1" 404 0 "-" "ua"',
+        head + '/a"b HTTP/1.1" 200 5 "r" 500 9 "x" "ua"',
+        head + '/a"b HTTP/1.1" 200 5 "-" "ua" "x" 500 9',
+        # a whole frame in the target, opening a quote that the server's closing quote ends
+        head + '/a" 200 5 "-" "forged" "x HTTP/1.1" 404 0 "-" "ua"',
+        head + '/a HTTP/1.1" 200 5 "x HTTP/1.1" 404 0',
+    ]
+    res = parse("\n".join(read + forged))
+    rows = res.batch.to_pylist()
+    assert [(r["request"], r["method"], r["url"], r["protocol"], r["status"], r["bytes"],
+             r["referer"], r["user_agent"]) for r in rows] == [
+        ('GET /a"b HTTP/1.1', "GET", '/a"b', "HTTP/1.1", 200, 5, None, "ua"),
+        ('GET /a"b HTTP/1.1', "GET", '/a"b', "HTTP/1.1", 404, 0, None, None),
+        ('GET /"x" HTTP/1.1', "GET", '/"x"', "HTTP/1.1", 200, 5, 'http://r.example/"x',
+         'Mozilla "q" z'),
+        ("GET /b HTTP/1.1", "GET", "/b", "HTTP/1.1", 200, 5, None, "ua"),
+    ]
+    rej = res.rejects.to_pylist()
+    assert [r["line"] for r in rej] == [5, 6, 7, 8, 9, 10]
+    assert all(r["reason"].startswith("unescaped quote in the request line: more than one "
+                                      "place where it could end") for r in rej)
+
+
+def test_a_raw_quote_in_the_agent_stops_before_the_keyed_fields_a_server_adds() -> None:
+    """NGINX timings after the agent (``rt="0.003" uct="-" urt="0.001, 0.002"``) are not part of
+    an agent with a raw quote; they were taken into it. Text of the client's own that looks
+    like such a field stays in its agent: a ``x="y"`` of its own is followed by the server's
+    quote, and a value with more than numbers (room for a payload) is never read as a field
+    the server added, so all the client can drop from its agent is text it could have left
+    out (``" rt="1``)."""
+    lines = [
+        _HEAD + ' "-" "Mozilla "evil" x" rt="0.003"',
+        _HEAD + ' "http://a.example/"q" "Mozilla "evil" x" rt="0.003" uct="-" '
+        'urt="0.001, 0.002" 0.5',
+        _HEAD + ' "-" "Mozilla x="y"" rt="0.003"',  # the client's x="y" in its agent
+        _HEAD + ' "-" "Mozilla "a" b" rt="1 UNION SELECT" rt="0.003"',  # its b" rt="1 UNI...
+        _HEAD + ' "-" "Mozilla "a" b" rt="1" rt="0.003"',  # its b" rt="1, or just b
+    ]
+    res = parse("\n".join(lines))
+    assert res.rejects.num_rows == 0
+    assert [(r["referer"], r["user_agent"]) for r in res.batch.to_pylist()] == [
+        (None, 'Mozilla "evil" x'), ('http://a.example/"q', 'Mozilla "evil" x'),
+        (None, 'Mozilla x="y"'), (None, 'Mozilla "a" b" rt="1 UNION SELECT'),
+        (None, 'Mozilla "a" b')]
+
+
 def test_an_apache_vhost_prefix_is_not_read_as_the_client() -> None:
     """Apache's ``vhost_combined`` (``%v:%p %h %l %u ...``, Debian's
     ``other_vhosts_access.log``) opens with the virtual host and port, ``vcommon`` with the
@@ -384,9 +452,7 @@ def test_ingest_keeps_agents_with_raw_quotes_and_counts_ambiguous_lines(tmp_path
     log = tmp_path / "site.log"
     log.write_text("\n".join(lines) + "\n")
     lake = tmp_path / "lake"
-    done = subprocess.run([sys.executable, "-m", "deepwatch", "ingest", "--format", "access",
-                           "--lake", str(lake), str(log)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    done = _ingest(log, lake)
     assert done.returncode == 0, done.stderr
     assert "3 lines read: 2 parsed, 1 rejected" in done.stderr
     rows = {r["client_ip"]: r for r in read_lake(lake).to_pylist()}  # by day: 2015 first

@@ -3,18 +3,20 @@
 One regular expression, applied to a whole chunk at once by polars (Rust regex, no per-line
 Python), splits each line into its fields. What real servers write is accepted: ``-`` for absent
 fields, ``\\"`` and ``\\xHH`` escapes inside quoted fields (kept as written), quotes a server did
-not escape in the referer or user agent (see ``_read_raw_quotes``), IPv6 clients, a virtual host
+not escape in the request line (see ``_read_raw_requests``) or the referer or user agent (see
+``_read_raw_quotes``), where the line holds only one way to read them, IPv6 clients, a virtual host
 before the client (Apache's ``vhost_combined`` and ``vcommon``), extra fields after the user
 agent, and request lines that are not ``METHOD TARGET PROTOCOL`` (scanners send garbage,
 TLS handshakes and bare paths): such a record is kept with its raw request and null method, as
 it is evidence in its own right. A line is rejected only when its frame (client, time, quoted
 request, status, size) cannot be read, or when a quoted field after it is left open (a line cut
-short in its user agent would otherwise pass for one in common format); the reason says which
-part failed. The client may be an address or a host name (Apache's ``%h`` with host name
-lookups on, NGINX's ``unix:``), but not one holding a control or invisible character: servers
-escape those (``\\xHH``), so such a client is damage or a forgery, not a client to count. The
-ident and user are rejected for the same reason (the user is the name a client sent for HTTP
-authentication: the attacker's text, escaped by the server).
+short in its user agent would otherwise pass for one in common format), or when a raw quote
+leaves more than one way to part its fields; the reason says which part failed. The client may
+be an address or a host name (Apache's ``%h`` with host name lookups on, NGINX's ``unix:``),
+but not one holding a control or invisible character: servers escape those (``\\xHH``), so
+such a client is damage or a forgery, not a client to count. The ident and user are rejected
+for the same reason (the user is the name a client sent for HTTP authentication: the
+attacker's text, escaped by the server).
 
 A raw control character inside a quoted field (request, referer, user agent) is kept, written
 as NGINX writes it, ``\\xHH`` for each of its UTF-8 bytes: such a line comes from a logger that
@@ -60,13 +62,30 @@ _VHOST = r"(?:(?:[^\s:\[\]\"]+|\[[0-9A-Fa-f:.]+\]):\d{1,5} )?"
 #: Client, ident, user, [time], "request", status and size: the frame of every line.
 _FRAME = (r"(?s)^\s*" + _VHOST + r"(\S+) (\S+) (\S+(?: \S+)*?) \[([^\]]+)\] " + _QUOTED
           + r" (\S+) (\S+)")
-_LINE = _FRAME + r"(?: " + _QUOTED + " " + _QUOTED + r")?" + _TAIL
+_LINE = _FRAME + r"(?: " + _QUOTED + " " + _QUOTED + r")?(" + _TAIL + ")"
 _GROUPS = ("client_ip", "ident", "user", "time", "request", "status", "bytes",
            "referer", "user_agent")
+#: The groups of ``_LINE``: the fields, then what follows them (``_TAIL``).
+_LINE_GROUPS = (*_GROUPS, "_tail")
+#: A line whose frame does not read: all up to the request's opening quote, and the rest.
+_OPENED = r'(?s)^(\s*' + _VHOST + r'\S+ \S+ \S+(?: \S+)*? \[[^\]]+\] ")(.*)$'
+#: Where a request line may end: a quote, then a status (always three digits) and a size.
+_REQUEST_END = r'" \d{3} (?:\d+|-)(?:\s|$)'
+#: Where a request line with a protocol ends. After the fields, it is the end of the request
+#: line the server wrote, and what was read as one a frame the client wrote in its target
+#: (``/a" 200 5 "-" "x" "y``, its last quote closed by the server's): no field a server adds
+#: ends so. (A quote, a status and a size alone may be such a field: ``"$host" 443 512``.)
+_PROTOCOL_END = r'HTTP/\d(?:\.\d)?' + _REQUEST_END
+#: A field a server adds after the user agent as ``key="value"`` with a value only it writes:
+#: numbers, ``-``, and the lists NGINX makes of them (``rt="0.003"``, ``urt="0.001, 0.002"``,
+#: ``uct="-"``). No payload fits in such a value, so text a client ends its agent with that
+#: reads as one (``Mozilla" rt="1``) can only make the agent read as one it could have sent.
+_KEYED = r'[A-Za-z_][\w.-]*="[\d.,:\s-]*"'
 #: A line whose referer or user agent holds a quote its server did not escape: after the frame,
-#: everything from the first quote to the last one of the line (``_SPAN``), then plain words.
-#: It is the referer and the agent if it holds their boundary ``" "`` exactly once.
-_LOOSE = _FRAME + r' "(.*)"(?:\s+[^\s"]+)*\s*$'
+#: everything from the first quote to the last one before what the server adds, plain words
+#: and ``_KEYED`` fields (``_SPAN``). It is the referer and the agent if it holds their
+#: boundary ``" "`` exactly once.
+_LOOSE = _FRAME + r' "(.*?)"(?:\s+(?:' + _KEYED + r'|[^\s"]+))*\s*$'
 _SPAN = "_span"
 _BOUNDARY = '" "'
 #: Request line: method token, target (which may hold spaces), optional protocol.
@@ -114,11 +133,16 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     import polars as pl
 
     raw = pl.Series("raw", lines, dtype=pl.String)
-    df = pl.DataFrame({"raw": raw})
+    # _TEXT is what the regular expressions read: the line, or for the few whose request line
+    # holds a raw quote the line with that request set aside (see _read_raw_requests)
+    df = pl.DataFrame({"raw": raw}).with_columns(pl.col("raw").alias(_TEXT))
     groups = pl.col("raw").str.extract_groups(_LINE)
-    df = df.with_columns(groups.struct.rename_fields(list(_GROUPS)).alias("g")).unnest("g")
+    df = df.with_columns(groups.struct.rename_fields(list(_LINE_GROUPS)).alias("g")).unnest("g")
+    df = _read_raw_requests(df)
     df = _read_raw_quotes(df)
     df = _drop_bare_vhost(df)
+    if _REQUEST_ASIDE in df.columns:
+        df = df.with_columns(pl.coalesce(_REQUEST_ASIDE, "request").alias("request"))
 
     def dash_null(name: str) -> pl.Expr:
         c = pl.col(name)
@@ -141,8 +165,10 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         .when(pl.col("raw").str.contains(CR_INSIDE)).then(pl.lit(CR_INSIDE_REASON))
         # a mark inside the text (see BOM_LINE_REASON), whether or not the rest of the line reads
         .when(pl.col("raw").str.starts_with("\ufeff")).then(pl.lit(BOM_LINE_REASON))
+        .when(pl.col(_REQUEST_QUOTE) | pl.col("_tail").str.contains(_PROTOCOL_END))
+        .then(pl.lit(_AMBIGUOUS_REQUEST_REASON))
         .when(pl.col("_quote")).then(pl.lit(_AMBIGUOUS_REASON))
-        .when(~matched & pl.col("raw").str.contains(_FRAME + r"\s")).then(pl.lit(
+        .when(~matched & pl.col(_TEXT).str.contains(_FRAME + r"\s")).then(pl.lit(
             "unterminated quoted field after the size (the line may be cut short)"))
         .when(~matched).then(pl.lit("not in common or combined log format"))
         .when(pl.col("_client").is_not_null()).then(pl.col("_client"))
@@ -201,6 +227,57 @@ def _drop_bare_vhost(df: Any) -> Any:
     ).drop("_first", "_rest")
 
 
+_TEXT = "_text"
+_REQUEST_ASIDE = "_request"
+_REQUEST_QUOTE = "_request_quote"
+_AMBIGUOUS_REQUEST_REASON = (
+    "unescaped quote in the request line: more than one place where it could end (a quote, a "
+    "status and a size), so which holds the status, size, referer and agent cannot be told")
+
+
+def _read_raw_requests(df: Any) -> Any:
+    """``df`` (polars, the groups of ``_LINE`` over ``raw``) with the lines whose request line
+    holds a quote its server did not escape (``"GET /a"b HTTP/1.1"``: NGINX's ``escape=none``,
+    old servers) read, and a boolean ``_REQUEST_QUOTE`` column true for those where it cannot
+    be, with ``_REQUEST_ASIDE`` holding the request of each line read (null for the others).
+
+    The request line ends where the server wrote its closing quote, then the status (three
+    digits) and the size. The target is the client's to write, and so are the referer and the
+    agent after the size: any of them may hold a quote, a status and a size of its own. A line
+    with that pattern once holds only the server's, and is read: the request is all before it,
+    and the rest is read as any line's is, with the request set aside (``-`` in ``_TEXT``).
+    With two or more, any could be the server's, and the one taken would decide the record's
+    status, size, referer and agent: the line is a reject with that reason. Only lines whose
+    frame does not read are looked at again: the text of every other line is the line."""
+    import polars as pl
+
+    # a line whose frame reads but that fails after the size is _read_raw_quotes's
+    df = df.with_row_index("_row")
+    hits = df.filter(pl.col("client_ip").is_null())
+    hits = hits.filter(~pl.col("raw").str.contains(_FRAME)).drop([*_LINE_GROUPS, _TEXT])
+    hits = hits.with_columns(
+        pl.col("raw").str.extract_groups(_OPENED)
+        .struct.rename_fields(["_head", "_rest"]).alias("h")).unnest("h")
+    hits = hits.filter(pl.col("_rest").str.contains(_REQUEST_END))
+    if hits.height == 0:
+        return df.drop("_row").with_columns(pl.lit(False).alias(_REQUEST_QUOTE))
+    ends = pl.col("_rest").str.count_matches(_REQUEST_END)
+    split = pl.col("_rest").str.extract_groups(r"(?s)^(.*)(" + _REQUEST_END + r".*)$")
+    hits = hits.with_columns((ends > 1).alias(_REQUEST_QUOTE),
+                             split.struct.rename_fields([_REQUEST_ASIDE, "_after"]).alias("s"))
+    hits = hits.unnest("s").with_columns(
+        pl.when(pl.col(_REQUEST_QUOTE)).then(None).otherwise(pl.col(_REQUEST_ASIDE))
+        .alias(_REQUEST_ASIDE),
+        pl.when(pl.col(_REQUEST_QUOTE)).then(pl.col("_head") + pl.col("_rest"))
+        .otherwise(pl.col("_head") + pl.lit("-") + pl.col("_after")).alias(_TEXT))
+    groups = pl.col(_TEXT).str.extract_groups(_LINE).struct.rename_fields(list(_LINE_GROUPS))
+    hits = hits.with_columns(
+        pl.when(pl.col(_REQUEST_QUOTE)).then(None).otherwise(groups).alias("g")).unnest("g")
+    rest = df.join(hits.select("_row"), on="_row", how="anti").with_columns(
+        pl.lit(False).alias(_REQUEST_QUOTE), pl.lit(None, pl.String).alias(_REQUEST_ASIDE))
+    return pl.concat([rest, hits.select(rest.columns)]).sort("_row").drop("_row")
+
+
 _AMBIGUOUS_REASON = ("unescaped quote after the size: where the referer, the user agent and "
                      "any quoted field after them part cannot be told")
 
@@ -213,19 +290,29 @@ def _read_raw_quotes(df: Any) -> Any:
     with its referer and agent for extra fields, and lost both without a word.
 
     The agent is the last field a combined line has, so it runs to the last quote of the
-    line; what parts it from the referer is the one ``" "`` between them. A raw ``" "`` inside
-    either, or a quoted field the server adds after the agent, makes two or more: then any of
-    them could be the boundary, and which one would decide what text the record shows as its
-    agent (the referer is the client's to write, so a guess would let it forge one), so the
-    line is a reject with that reason. Only lines that hold a ``" "`` are looked at again: a
-    common line holds none."""
+    line before what a server adds after it: plain words and ``_KEYED`` fields (``rt="0.003"``;
+    the agent took them in). Here a client cannot end its agent with text that passes for such
+    a field and so hide what it sent: a ``x="y"`` of its own is followed by the server's quote
+    (``x="y""``, no field), and a ``_KEYED`` value holds only numbers, so all it can drop from
+    its agent (``Mozilla "a" b" rt="1``) is text it could have left out. (An agent whose only
+    raw quote starts such a text, ``Mozilla" x="y``, is read by ``_LINE`` before this: as
+    ``Mozilla`` and a field, the bytes a server that escapes writes for those two.) What parts
+    the agent from the referer is the one ``" "`` between them. A span that holds a quote, a
+    status and a size (``_REQUEST_END``) may be the rest of a request line that ended at a raw
+    quote of the client's, so that the status and size read are the client's too: the line is
+    a reject, as in ``_read_raw_requests``. A raw ``" "`` inside either, or a quoted field
+    with no key the server adds after the agent (``"$http_x_forwarded_for"``), makes two or
+    more: then any of them could be the boundary, and which one would decide what text the
+    record shows as its agent (the referer is the client's to write, so a guess would let it
+    forge one), so the line is a reject with that reason. Only lines that hold a ``" "`` are
+    looked at again: a common line holds none."""
     import polars as pl
 
     frame = list(_GROUPS[:7])
-    again = pl.col("referer").is_null() & pl.col("raw").str.contains(_BOUNDARY, literal=True)
+    again = pl.col("referer").is_null() & pl.col(_TEXT).str.contains(_BOUNDARY, literal=True)
     df = df.with_row_index("_row").with_columns(pl.lit(False).alias("_quote"))
-    hits = df.filter(again).select(
-        "_row", "raw", pl.col("raw").str.extract_groups(_LOOSE)
+    hits = df.filter(again).drop(list(_GROUPS)).with_columns(
+        pl.col(_TEXT).str.extract_groups(_LOOSE)
         .struct.rename_fields([*frame, _SPAN]).alias("g")).unnest("g")
     hits = hits.filter(pl.col("client_ip").is_not_null())
     if hits.height == 0:
@@ -234,8 +321,12 @@ def _read_raw_quotes(df: Any) -> Any:
     # `" " "` holds two boundaries that share a quote, which a count of matches sees as one
     ambiguous = ((span.str.count_matches(_BOUNDARY, literal=True) != 1)
                  | span.str.contains('" " "', literal=True))
+    # a quote, a status and a size there: the request read may have ended early, at a quote
+    # of the client's in its target, and the status and size be the client's too
+    early = span.str.contains(_REQUEST_END)
     parts = span.str.splitn(_BOUNDARY, 2).struct.rename_fields(["referer", "user_agent"])
-    hits = hits.with_columns(ambiguous.alias("_quote"), parts.alias("p")).unnest("p").drop(_SPAN)
+    hits = hits.with_columns(ambiguous.alias("_quote"), (pl.col(_REQUEST_QUOTE) | early)
+                             .alias(_REQUEST_QUOTE), parts.alias("p")).unnest("p").drop(_SPAN)
     rest = df.join(hits.select("_row"), on="_row", how="anti")
     return pl.concat([rest, hits.select(rest.columns)]).sort("_row").drop("_row")
 
