@@ -213,7 +213,9 @@ def evaluate(
                            files, _read_dirs(bundle))
     json_path = writable_file(json_out, "--json")
     if report:
-        writable_file(report, "--report")
+        from .viz.report import writable_report
+
+        writable_report(report, "--report")
     result, cols = run(bundle, fmt, files, engine=backend, progress=_progress(),
                        feature_sample=REPORT_SAMPLE if report else 0, rejects=rejects)
     try:  # whole or not at all: a full disk or a stop leaves an older eval.json as it was

@@ -366,21 +366,25 @@ def test_a_label_holding_markup_is_drawn_as_text_not_as_a_link(kdd_bundle: Path,
     assert "&lt;a href=" in figures  # its characters shown as they are
 
 
+@pytest.mark.parametrize("command", ["report", "evaluate"])
 def test_an_output_where_no_file_can_be_made_fails_before_the_work(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], command: str) -> None:
     # /proc passes the permission check (root may write anywhere, by the bits): the report
-    # failed at the last write, after the scoring and the t-SNE map
+    # failed at the last write, after the scoring and the t-SNE map (evaluate --report too)
     from deepwatch import cli
 
     data = tmp_path / "in.kdd"
     data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:300]))
-    rc = cli.main(["report", str(kdd_bundle), "--format", "kdd", "--out", "/proc/x.html",
-                   str(data)])
+    flag, args = {"report": ("--out", ["--out", "/proc/x.html"]),
+                  "evaluate": ("--report", ["--json", str(tmp_path / "e.json"),
+                                            "--report", "/proc/x.html"])}[command]
+    rc = cli.main([command, str(kdd_bundle), "--format", "kdd", *args, str(data)])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert err.splitlines() == ["error: cannot write --out /proc/x.html: no file can be made in "
-                                "/proc (No such file or directory)"], err
+    assert err.splitlines() == [f"error: cannot write {flag} /proc/x.html: no file can be made "
+                                "in /proc (No such file or directory)"], err
+    assert not (tmp_path / "e.json").exists()
 
 
 def _pty_run(cmd: list[str], until: str, sig: int, within: float = 180
