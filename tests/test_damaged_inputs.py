@@ -6,17 +6,24 @@ input."""
 from __future__ import annotations
 
 import bz2
+import fcntl
 import gzip
 import json
 import lzma
+import os
+import sys
+import termios
+import threading
+import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
 from deepwatch.cli import main
-from deepwatch.sources.files import InputSpec, iter_chunks
+from deepwatch.sources.files import HeldBack, InputSpec, VerifiedStream, compression, iter_chunks
 
 
 def _decodable(compressed: bytes) -> bytes:
@@ -392,3 +399,49 @@ def test_text_appended_to_a_compressed_file_is_kept_in_its_reject(
          f"corrupt compressed data (the bytes at offset {at:,} are not the start of "
          f"{units[path.suffix]}): nothing from line 201 on could be read")
         for path, at in paths]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="named pipes as on Linux")
+@pytest.mark.parametrize("hold", [None, 1000], ids=["held", "read-twice"])
+@pytest.mark.parametrize("kind", ["gzip", "xz"])
+def test_a_member_cut_by_a_stop_on_a_named_pipe_is_held_back_and_counted(
+        text: bytes, tmp_path: Path, hold: int | None, kind: str) -> None:
+    """A stop ends a compressed named pipe where it is. The members that arrived whole are
+    handed out; the one it cut short is not (its checksum had not come: unverified), and what
+    it held is told (bytes, line breaks), whether it was held in memory or, longer than
+    ``hold_bytes``, only decompressed to be verified. It was handed out as a truncated file's
+    last member is, the stop taken for the end of the input."""
+    head, tail = text[:100_000], text[:300_000]
+    pack = gzip.compress if kind == "gzip" else lzma.compress
+    whole, cut = pack(head), pack(tail)
+    cut = cut[: len(cut) // 2]
+    dec: Any = zlib.decompressobj(wbits=31) if kind == "gzip" else lzma.LZMADecompressor()
+    unverified = dec.decompress(cut) + (dec.flush() if kind == "gzip" else b"")
+    assert 0 < len(unverified) < len(tail)
+    fifo = tmp_path / ("live.gz" if kind == "gzip" else "live.xz")
+    os.mkfifo(fifo)
+    stop, done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        fd = os.open(fifo, os.O_WRONLY)
+        try:
+            os.write(fd, whole + cut)
+            unread = bytearray(4)
+            while fcntl.ioctl(fd, termios.FIONREAD, unread) or int.from_bytes(unread, "little"):
+                time.sleep(0.01)  # until the reader has all of it
+            stop.set()
+            done.wait(30)  # the pipe kept open to the end: the stop, not its end, ends the input
+        finally:
+            os.close(fd)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        stream = VerifiedStream(str(fifo), hold_bytes=hold, kind=kind, stop=stop)
+        got = b"".join(stream)
+    finally:
+        done.set()
+        writer.join()
+    assert got == head and stream.cut and stream.damage is None
+    assert stream.held_back == HeldBack(len(unverified), unverified.count(b"\n"),
+                                        unverified.endswith(b"\n"), compression(kind).unit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +19,7 @@ from ..formats._base import count_lines
 from ..sources.files import (
     Chunk,
     InputSpec,
+    StopCut,
     chunks_from_reads,
     iter_chunks,
     parse_input_spec,
@@ -145,9 +147,20 @@ def _at_most(data: bytes, count: int, most: int | None) -> list[tuple[bytes, int
             for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))]
 
 
+def _is_pipe(path: str) -> bool:
+    """Whether ``path`` names a named pipe (FIFO): what is read of it cannot be read again."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 class FileSource:
     """Files (plain, .gz, .bz2 or .xz; globs) or stdin (``-``); ``follow`` tails plain files like
-    ``tail -F``. Origin of a record: ``{file, line}``."""
+    ``tail -F``. Origin of a record: ``{file, line}``.
+
+    After the batches: ``cuts`` says what a stop left unscored of a compressed named pipe (the
+    text of the gzip member or xz stream it cut short, which could not be verified)."""
 
     def __init__(self, inputs: Sequence[str], follow: bool = False,
                  chunk_bytes: int = CHUNK_BYTES, batch_size: int | None = None):
@@ -165,20 +178,23 @@ class FileSource:
         self.follow = follow
         self.chunk_bytes = chunk_bytes
         self.batch_size = batch_size
+        self.cuts: list[StopCut] = []
 
     def _chunks(self, spec: InputSpec, stop: threading.Event) -> Iterator[Chunk]:
         if spec.path == "-":
             return _stdin_chunks(spec, self.chunk_bytes, stop)
         if self.follow:
             return follow_chunks(spec, stop, self.chunk_bytes)
-        return iter_chunks(spec, self.chunk_bytes, stop=stop)
+        return iter_chunks(spec, self.chunk_bytes, stop=stop, on_cut=self.cuts.append)
 
     def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
         for number, spec in enumerate(self.specs):
             chunks = self._chunks(spec, stop)
-            # stdin and a followed file end by themselves on stop, after the lines they have
-            # read (a last one without its line break included): they are not cut short here
-            ends_on_stop = spec.path == "-" or self.follow
+            # stdin, a named pipe and a followed file end by themselves on stop, after the lines
+            # they have read (a last one without its line break included): they are not cut
+            # short here. (What is read of a pipe cannot be read again: the lines after the
+            # first chunk of a .gz pipe, which is read whole at the stop, were dropped unsaid.)
+            ends_on_stop = spec.path == "-" or self.follow or _is_pipe(spec.path)
             try:
                 for chunk in chunks:
                     # the unreadable rest of a damaged input: one dead letter says why

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..alerts import AlertContext
 from ..errors import UsageError
@@ -24,6 +24,9 @@ from ..formats import get_format
 from ._stream_core import DEAD_LETTER, KINDS, StreamProcessor
 from ._stream_io import DeliveryError, FileSource, JsonlSink, Sink, Source
 from ._stream_metrics import StreamMetrics
+
+if TYPE_CHECKING:
+    from ..sources.files import StopCut
 
 log = logging.getLogger("deepwatch.stream")
 PROGRESS_EVERY_S = 10.0
@@ -38,6 +41,17 @@ class StreamReport:
     batches: int = 0
     seconds: float = 0.0
     produced: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    #: what a stop left unscored of a compressed named pipe (the source's ``cuts``): text read
+    #: but not verified, so neither scored nor counted among the records
+    cuts: list[StopCut] = field(default_factory=list)
+
+    @property
+    def unscored_lines(self) -> int:
+        return sum(c.lines for c in self.cuts)
+
+    @property
+    def unscored_bytes(self) -> int:
+        return sum(c.size for c in self.cuts)
 
     def summary(self) -> str:
         rate = self.records / self.seconds if self.seconds > 0 else 0.0
@@ -132,6 +146,7 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
                                         "records_per_s": round(report.records / (now - t_start))})
     settle()
     report.seconds = time.perf_counter() - t_start
+    report.cuts = list(getattr(source, "cuts", ()))
     return report
 
 
@@ -151,8 +166,10 @@ def _observe(metrics: StreamMetrics, out: Any, seconds: float) -> None:
 
 
 @contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stop`` (the batch in hand finishes) instead of killing."""
+def stop_on_signals(stop: threading.Event, received: list[int] | None = None
+                    ) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` (the batch in hand finishes) instead of killing; each
+    signal is added to ``received``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -160,6 +177,8 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     def handler(signum: int, _frame: Any) -> None:
         log.info("stopping after the batch in hand",
                  extra={"event": "signal", "signal": signal.Signals(signum).name})
+        if received is not None:
+            received.append(signum)
         stop.set()
 
     from ..errors import keep_ctrl_c_from_polars
@@ -331,10 +350,11 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
         except OSError as exc:
             raise UsageError(f"cannot serve metrics on {host}:{opts.metrics_port}: "
                              f"{exc.strerror or exc}") from None
+    received: list[int] = []
     with ExitStack() as signals:
         # SIGTERM while the brokers are asked about the topics at start (up to 10 s each when
         # they cannot be reached) stops the worker as it does later, instead of killing it
-        signals.enter_context(stop_on_signals(stop))
+        signals.enter_context(stop_on_signals(stop, received))
         if opts.brokers:
             try:
                 source, sink = _kafka_io(opts, metrics, stop, settings)
@@ -366,9 +386,17 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
                 except Exception as exc:  # closing must not hide what stopped the loop
                     log.warning("close failed", extra={"event": "close_error",
                                                        "error": str(exc)})
-    # the totals in the last JSON line: a clean stop writes nothing else to stderr
-    log.info(f"stream stopped: {report.summary()}", extra={
+    # the totals in the last JSON line: a clean stop writes nothing else to stderr. Text a stop
+    # cut short unverified (a .gz named pipe) is read but not scored: said here, with the
+    # signal's word as a stopped command's last line has it ("terminated: ...")
+    message = f"stream stopped: {report.summary()}"
+    if report.cuts:
+        word = ("terminated" if signal.SIGTERM in received[:1] else
+                "interrupted" if received else "stopped")
+        message += "; " + "; ".join(f"{word}: {c.describe()}" for c in report.cuts)
+    log.log(logging.WARNING if report.cuts else logging.INFO, message, extra={
         "event": "stop", "records": report.records, "scored": report.scored,
         "rejected": report.rejected, "alerts": report.alerts,
+        "unscored_lines": report.unscored_lines, "unscored_bytes": report.unscored_bytes,
         "seconds": round(report.seconds, 3)})
     return report

@@ -534,6 +534,8 @@ _OUT = 1 << 20  # the most output of one decompress call (a flood compresses 1,0
 #: The most bytes of text that could not be trusted kept with the damage (see Chunk.lost).
 LOST_BYTES = 4 * MAX_RAW
 _TRUNCATED = "the compressed stream ends early (truncated file)"
+_CUT_AT_STOP = ("the stop cut the named pipe short inside a bzip2 block (its writer had not "
+                "closed it), whose text was not decoded")
 
 
 @dataclass
@@ -665,6 +667,40 @@ class StreamDamage:
     unit: str = "gzip member"
 
 
+@dataclass(frozen=True)
+class HeldBack:
+    """The output of the gzip member (xz stream) that a stop cut short on a named pipe: it was
+    decompressed but not handed out, since its checksum was still to come (see
+    :class:`VerifiedStream`)."""
+
+    size: int  # its bytes
+    newlines: int  # the line breaks among them
+    ends_line: bool  # its last byte is a line break (or it is empty)
+    unit: str = "gzip member"
+
+
+@dataclass(frozen=True)
+class StopCut:
+    """What a stop left unscored of a compressed input read from a named pipe: the text of the
+    gzip member (xz stream) it cut short, from line ``line`` on, which could not be verified
+    (its checksum was still to come) and is not handed out. The line that the member before it
+    left unfinished, if any, goes with it (it goes on in that text)."""
+
+    input: str  # as the user named it
+    line: int  # its first line
+    lines: int  # how many lines it holds (a last one without its line break included)
+    size: int  # its bytes
+    unit: str = "gzip member"
+
+    def describe(self) -> str:
+        lines = (f"line {self.line:,}" if self.lines == 1 else
+                 f"lines {self.line:,}-{self.line + self.lines - 1:,}" if self.lines else
+                 f"no whole line (from line {self.line:,})")
+        return (f"{self.input} was cut at the stop: {self.size:,} bytes decompressed from its "
+                f"last {self.unit} ({lines}) were read but not scored, since they could not be "
+                "verified (the checksum comes at the end)")
+
+
 class VerifiedStream:
     """The decompressed bytes of a gzip file (one member or several, concatenated), in blocks of
     about ``block_bytes``, each member's only once its checksum is verified. ``kind`` xz reads
@@ -689,6 +725,11 @@ class VerifiedStream:
       deflate output before a cut is genuine (it cannot be verified, the trailer being lost).
       Corrupt data that zlib decodes without an error up to the end of the file (a damaged
       end-of-block code in the last member, say) looks the same and cannot be told apart.
+    * ``stop`` cuts a named pipe short (:attr:`cut`; its writer had not closed it): what was
+      read of it is read as a whole file would be, except for the member it cut short, whose
+      output is not handed out (it could be verified had the run read on): :attr:`held_back`
+      says how much it was. That is no damage. (bzip2: a block cut short is damage, its text
+      not read.)
 
     Holding back a whole member, rather than rejecting on failure what was already handed out,
     is what keeps every handed-out line genuine: the lines of a member that fails are never
@@ -715,6 +756,12 @@ class VerifiedStream:
         self.stop = stop
         #: after iteration: ``stop`` was set before the named pipe's writer came
         self.stopped = False
+        #: after iteration: ``stop`` cut a named pipe short (its writer had not closed it)
+        self.cut = False
+        #: after iteration, with ``cut``: the output of the member (xz stream) the stop cut
+        #: short, held back unverified and not handed out; None when the cut fell between two
+        #: (bzip2: see :meth:`_bzip2`)
+        self.held_back: HeldBack | None = None
         self.block_bytes = block_bytes
         self.hold_bytes = HOLD_BYTES if hold_bytes is None else hold_bytes
         self.kind = compression(kind)
@@ -739,7 +786,9 @@ class VerifiedStream:
             self.stopped = True
             return
         with opened as raw:
-            fh: BinaryIO = raw if raw.seekable() else _spooled(raw, self.stop, self.on_read)
+            fh: BinaryIO = raw
+            if not raw.seekable():
+                fh, self.cut = _spooled(raw, self.stop, self.on_read)
             try:
                 for piece in self._verified(fh):
                     parts.append(piece)
@@ -817,6 +866,11 @@ class VerifiedStream:
                 if member.error is not None:
                     self._fail(member.error, size, held)
                     return
+                if not member.ended and self.cut:  # unverified: held back, not handed out
+                    self.held_back = HeldBack(size, sum(count_newlines(p) for p in held),
+                                              not size or held[-1].endswith(b"\n"),
+                                              self.kind.unit)
+                    return
                 held.reverse()  # handed out first to last, each piece let go once handed out
                 while held:
                     yield held.pop()
@@ -827,12 +881,21 @@ class VerifiedStream:
                 continue
             # longer than hold_bytes: decompress it to its end to verify it, then again
             head = held[:1] or [out]
+            # a member cut short by a stop is not read again: its line breaks are counted here
+            newlines = sum(count_newlines(p) for p in held) + count_newlines(out) if self.cut else 0
+            last = out
             del held
             for more in output:
                 size += len(more)
                 self._count(fh)
+                if self.cut:
+                    newlines += count_newlines(more)
+                    last = more or last
             if member.error is not None:
                 self._fail(member.error, size, head)
+                return
+            if not member.ended and self.cut:
+                self.held_back = HeldBack(size, newlines, last.endswith(b"\n"), self.kind.unit)
                 return
             fh.seek(start)
             again = _Member()
@@ -871,7 +934,8 @@ class VerifiedStream:
         if outcome.why is not None:
             self._damage(outcome.why, outcome.unverified_bytes, outcome.unverified)
         elif outcome.truncated:
-            self._damage(_TRUNCATED)
+            # (the text of a bzip2 block cut short is not decoded: its size is not known)
+            self._damage(_CUT_AT_STOP if self.cut else _TRUNCATED)
         self.padding = outcome.padding
 
     def _fail(self, why: str, size: int, held: list[bytes]) -> None:
@@ -889,16 +953,27 @@ class VerifiedStream:
 
 
 def _spooled(stream: BinaryIO, stop: threading.Event | None = None,
-             on_read: Callable[[bytes], None] | None = None) -> BinaryIO:
+             on_read: Callable[[bytes], None] | None = None) -> tuple[BinaryIO, bool]:
     """A copy of a stream that cannot seek (a named pipe), in a temporary file that can: a long
     gzip member (xz stream) is read twice. The copy is compressed data, a fraction of the
-    text. A pipe is waited on in ``select`` (see :func:`read_when_ready`), so that Ctrl-C and
+    text. A pipe is waited on in ``select`` (see :func:`wait_readable`), so that Ctrl-C and
     SIGTERM stop a run while its writer is idle; ``stop`` ends the copy there. ``on_read`` is
-    handed each piece of the stream as it is copied."""
+    handed each piece of the stream as it is copied. Also returned: whether ``stop`` cut the
+    copy short (the pipe had not ended)."""
     copy = tempfile.TemporaryFile()  # noqa: SIM115 - closed by VerifiedStream
+    cut = False
     if waits_for_data(stream):
         fd = stream.fileno()  # unbuffered (VerifiedStream opens it so): nothing read past
-        while piece := read_when_ready(fd, _PIECE, stop):
+        while True:
+            if not wait_readable(fd, stop):
+                cut = True
+                break
+            try:
+                piece = os.read(fd, _PIECE)
+            except BlockingIOError:  # (another reader of the same pipe took the data)
+                continue
+            if not piece:
+                break
             copy.write(piece)
             if on_read is not None:
                 on_read(piece)
@@ -909,7 +984,7 @@ def _spooled(stream: BinaryIO, stop: threading.Event | None = None,
             copy.write(piece)
             on_read(piece)
     copy.seek(0)
-    return copy  # type: ignore[return-value]
+    return copy, cut  # type: ignore[return-value]
 
 
 def _not_compressed(kind: Compression, path: str, head: bytes) -> str:
@@ -963,7 +1038,8 @@ def _notes(spec: InputSpec, kind: str, blocks: VerifiedStream) -> list[str]:
 def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
                        on_bytes: Callable[[int], None] | None,
                        stop: threading.Event | None = None,
-                       on_read: Callable[[bytes], None] | None = None) -> Iterator[Chunk]:
+                       on_read: Callable[[bytes], None] | None = None,
+                       on_cut: Callable[[StopCut], None] | None = None) -> Iterator[Chunk]:
     """:func:`iter_chunks` of a compressed file (gzip, bzip2 or xz): the lines of its verified
     members or streams (:class:`VerifiedStream`)."""
     try:
@@ -979,6 +1055,18 @@ def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
     except OSError as exc:
         raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
     if blocks.stopped:  # a named pipe that no writer opened before the stop: no input at all
+        return
+    held = blocks.held_back
+    if held is not None:  # a named pipe cut short by the stop inside a member (stream)
+        rest = lines.long if lines.long else len(lines.rest)
+        size = rest + held.size
+        ends_line = held.ends_line if held.size else not rest
+        stop_cut = StopCut(spec.display, lines.line, held.newlines + (0 if ends_line else 1),
+                           size, held.unit)
+        if on_cut is not None:
+            on_cut(stop_cut)
+        else:
+            log.warning("%s", stop_cut.describe())
         return
     damage = blocks.damage
     if damage is None:
@@ -999,7 +1087,8 @@ def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
 def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
                 on_bytes: Callable[[int], None] | None = None,
                 stop: threading.Event | None = None,
-                on_read: Callable[[bytes], None] | None = None) -> Iterator[Chunk]:
+                on_read: Callable[[bytes], None] | None = None,
+                on_cut: Callable[[StopCut], None] | None = None) -> Iterator[Chunk]:
     """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1.
 
     A damaged compressed input (.gz, .bz2, .xz) does not stop the run: every line before the
@@ -1012,7 +1101,11 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
 
     A pipe or terminal (stdin, a named pipe) is waited on in ``select``, so that Ctrl-C and
     SIGTERM stop the run while it is idle, a named pipe with no writer yet included (see
-    :func:`open_input`). ``stop`` being set ends such an input where it is, as its end would.
+    :func:`open_input`). ``stop`` being set ends such an input where it is, as its end would;
+    a compressed one is read to that point as it would be to its end, except for the gzip
+    member (xz stream) the stop cut short: its text, unverified, is not handed out, and
+    ``on_cut`` is told of it (:class:`StopCut`; logged as a warning without ``on_cut``). Complete
+    members before it are handed out. (A bzip2 block cut short is the damage of a last chunk.)
 
     ``on_read`` is handed the input's bytes as they are read, each once, in order (for a
     checksum of an input that cannot be read again, such as stdin or a pipe): all of them for
@@ -1021,7 +1114,7 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     """
     kind = spec.compression
     if kind is not None:
-        yield from _compressed_chunks(spec, kind, chunk_bytes, on_bytes, stop, on_read)
+        yield from _compressed_chunks(spec, kind, chunk_bytes, on_bytes, stop, on_read, on_cut)
         return
     opened = _open(spec, stop)
     if opened is None:  # stopped before the named pipe's writer came: no input at all
