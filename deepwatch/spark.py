@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 from ._arrow import to_numpy
 from .errors import DeepwatchError, InputError, UsageError
 from .formats import Format, get_format
-from .formats._base import cut_lost
+from .formats._base import cut_lost, decode_text
 from .io import Stats, with_label
 from .scoring import ScoreReport
 from .sinks import RecordSink, RejectSink
@@ -383,7 +383,7 @@ def _chunk_lines(chunk: Chunk, file_no: int) -> pa.RecordBatch:
             {"file": [file_no], "line": [chunk.first_line], "text": [text],
              "damage": [chunk.damage], "rest_lost": [chunk.rest_lost], "reason": [reason],
              "note": [None], "level": [None]}, schema=LINES)
-    text = chunk.data.decode("utf-8", errors="replace")
+    text = decode_text(chunk.data)  # a byte that is not UTF-8 is written \xHH
     if text.endswith("\n"):
         text = text[:-1]
     split = pc.split_pattern(pa.array([text], pa.string()), "\n").flatten()

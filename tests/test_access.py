@@ -111,6 +111,8 @@ def test_invalid_utf8_and_crlf() -> None:
     res = FMT.parse(data)
     assert res.lines == 2 and res.rejects.num_rows == 0
     assert res.batch.column("user_agent")[0].as_py().endswith("Firefox/125.0")
+    # the byte is kept as NGINX writes one, not replaced by U+FFFD (tests/test_invalid_utf8.py)
+    assert res.batch.column("request")[1].as_py().startswith("GE\\xFF /shop")
 
 
 def test_empty_input() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -45,6 +46,30 @@ BOM_LINE_REASON = ("the line starts with a UTF-8 byte order mark (U+FEFF): a fil
                    "one before it?")
 
 
+#: The codecs error handler that input text is decoded with (``data.decode("utf-8",
+#: HEX_ERRORS)``): each byte that is not part of valid UTF-8 is written ``\xHH`` (upper-case
+#: hexadecimal, one escape per byte, as NGINX writes such bytes; Apache and Zeek write ``\xhh``)
+#: instead of U+FFFD, which would lose their values: for a security tool the bytes of a payload
+#: are evidence. The record is still parsed, with the escapes in its text; valid UTF-8 decodes as
+#: fast as with any other handler (it is called on an error only).
+HEX_ERRORS = "deepwatch-hex"
+_HEX = tuple(f"\\x{b:02X}" for b in range(256))
+
+
+def _hex_escapes(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return "".join([_HEX[b] for b in exc.object[exc.start : exc.end]]), exc.end
+
+
+codecs.register_error(HEX_ERRORS, _hex_escapes)
+
+
+def decode_text(data: bytes) -> str:
+    """Input bytes as text, each byte that is not UTF-8 written ``\\xHH`` (see HEX_ERRORS)."""
+    return data.decode("utf-8", HEX_ERRORS)
+
+
 def cut_raw(raw: str, why: str) -> tuple[str, str]:
     """A rejected record's raw text and reason as kept: a text longer than MAX_RAW keeps its
     beginning, and the reason says so."""
@@ -59,12 +84,11 @@ def cut_lost(lost: bytes, why: str) -> tuple[str, str]:
     over-long line, the damaged rest of an input; ``why`` says which, and how long it is),
     ``lost`` being the first bytes of that text: at most MAX_RAW of them are kept, cut where a
     character starts, and the reason says how many. (:func:`cut_raw` would count the characters
-    of ``lost``, which is itself only the beginning of the text.)"""
-    import codecs
-
+    of ``lost``, which is itself only the beginning of the text.) A byte that is not UTF-8 is
+    written ``\\xHH`` (see HEX_ERRORS): the text then holds four characters for it."""
     if len(lost) <= MAX_RAW:
-        return lost.decode("utf-8", errors="replace"), why
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return decode_text(lost), why
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=HEX_ERRORS)
     raw = decoder.decode(lost[:MAX_RAW])  # a character cut at the end is held back, not kept
     kept = MAX_RAW - len(decoder.getstate()[0])
     return raw, f"{why} (the raw text keeps its first {kept:,} bytes)"
@@ -100,7 +124,7 @@ def _last_line_starting(raw: bytes, prefix: bytes) -> tuple[int, str | None]:
         end = raw.find(b"\n", start)
         line = raw[start : end if end >= 0 else len(raw)]
         if not re.search(CR_INSIDE.encode(), line):
-            return start, line.decode("utf-8", errors="replace").removesuffix("\r")
+            return start, decode_text(line).removesuffix("\r")
         if at < 0:
             return -1, None
         before = at
@@ -171,9 +195,9 @@ def split_lines(data: bytes | str) -> list[str]:
     """Split raw input into lines the way every format counts them.
 
     Only ``\\n`` ends a line; one trailing ``\\r`` is dropped (CRLF files); a final line without a
-    newline counts; bytes that are not UTF-8 are replaced, never fatal.
+    newline counts; a byte that is not UTF-8 is written ``\\xHH`` (see HEX_ERRORS), never fatal.
     """
-    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    text = decode_text(data) if isinstance(data, bytes) else data
     if not text:
         return []
     lines = text.split("\n")

@@ -23,7 +23,9 @@ as NGINX writes it, ``\\xHH`` for each of its UTF-8 bytes: such a line comes fro
 does not escape (``log_format ... escape=none``, an application's own log), and what an attacker
 put there (terminal escape sequences, NUL, CR) is evidence to score and alert on, not a reason
 to drop the request. A record then reads and scores as the line NGINX would have written, and no
-alert, output file or terminal it reaches gets a raw control character from it.
+alert, output file or terminal it reaches gets a raw control character from it. A byte that is
+not UTF-8 is kept so too, ``\\xHH`` (see ``HEX_ERRORS`` in ``_base``), in any field: the line is
+decoded so before it is parsed, and such an escape is visible text, not a reason to reject.
 """
 
 from __future__ import annotations

@@ -16,10 +16,18 @@ with its reason. ``-`` (unset) and ``(empty)`` fields are
 null. Everything is vectorised with polars: TSV lines are split in bulk, JSON fields are read with
 JSON-path matching, which yields null (never an error) for malformed JSON, so a bad line becomes
 a reject with a reason.
+
+A byte that is not UTF-8 (Zeek writes such bytes ``\\xhh``, so a raw one comes from another
+writer or from damage) is kept as ``\\xHH`` (see ``HEX_ERRORS`` in ``_base``), in a TSV field
+and in a JSON line's string alike: a JSON parser takes UTF-8 only, so a JSON line holding such
+bytes is read as if they were written ``\\\\xHH`` (an escaped backslash), and the value read holds
+``\\xHH`` as the TSV field would. Outside a string such a byte leaves the line no JSON: a reject.
+The raw text of a reject shows the bytes ``\\xHH`` in either layout.
 """
 
 from __future__ import annotations
 
+import codecs
 from typing import Any, ClassVar
 
 import numpy as np
@@ -82,6 +90,40 @@ SCHEMA = pa.schema(
 )
 
 
+#: The codecs error handler for a JSON line's bytes that are not UTF-8: each written ``\\xHH``
+#: with its backslash escaped for JSON, so that the string JSON reads holds ``\xHH``.
+JSON_HEX_ERRORS = "deepwatch-json-hex"
+_JSON_HEX = tuple(f"\\\\x{b:02X}" for b in range(256))
+
+
+def _json_hex_escapes(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return "".join([_JSON_HEX[b] for b in exc.object[exc.start : exc.end]]), exc.end
+
+
+codecs.register_error(JSON_HEX_ERRORS, _json_hex_escapes)
+#: The column of the text a JSON line's fields are read from (see ``_json_texts``).
+_JSON_TEXT = "_json_text"
+
+
+def _json_texts(data: bytes | str, every: Any) -> Any:
+    """``every`` (a polars Series of the lines of ``data``, as ``split_lines`` cut them) with
+    each JSON line that held bytes that are not UTF-8 decoded again for its JSON to read (see
+    JSON_HEX_ERRORS); None where no line did. Only the lines that start with ``{`` and show a
+    ``\\x`` are looked at again: valid input costs one search."""
+    if not isinstance(data, bytes):
+        return None
+    suspect = every.str.starts_with("{") & every.str.contains("\\x", literal=True)
+    if not suspect.any():
+        return None
+    rows = suspect.arg_true()
+    pieces = data.split(b"\n")  # "\n" is never part of a byte sequence the handler escapes
+    texts = [pieces[i].removesuffix(b"\r").decode("utf-8", JSON_HEX_ERRORS)
+             for i in rows.to_list()]
+    return every.clone().scatter(rows, texts)
+
+
 DEFAULT_ORDER = [name for name, _c, _t in CONN_FIELDS]
 FIELDS_PREFIX = "#fields\t"
 #: The start of the one header line of a log written with ``LogAscii::tsv=T``: the field names.
@@ -105,16 +147,20 @@ def _order(header: str | None) -> list[str]:
     return names if any(names) else DEFAULT_ORDER
 
 
-def _text_columns(raw: Any, order: list[str]) -> Any:
-    """A polars frame of every record line's fields as text (null where absent or unset)."""
+def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
+    """A polars frame of every record line's fields as text (null where absent or unset).
+    ``json_text``: the text JSON lines are read from, where it is not ``raw`` (``_json_texts``).
+    """
     import polars as pl
 
-    df = pl.DataFrame({"raw": raw})
+    df = pl.DataFrame({"raw": raw} if json_text is None
+                      else {"raw": raw, _JSON_TEXT: json_text})
+    source = pl.col("raw" if json_text is None else _JSON_TEXT)
     is_json = pl.col("raw").str.starts_with("{")
     parts = pl.col("raw").str.split("\t")
     exprs = [is_json.alias("_json"), parts.list.len().alias("_n")]
     for name, col, _typ in CONN_FIELDS:
-        from_json = pl.col("raw").str.json_path_match(f"$['{name}']")
+        from_json = source.str.json_path_match(f"$['{name}']")
         if name in order:
             from_tsv = parts.list.get(order.index(name), null_on_oob=True)
         else:
@@ -174,11 +220,16 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
                                             + text.str.slice(0, 60) + pl.lit("'")))
         typed.append(val.alias(f"_v_{col}"))
     frame = df.with_columns(typed)
+    # a JSON line that held bytes that are not UTF-8 (read from _JSON_TEXT, see _json_texts)
+    not_utf8 = (pl.col(_JSON_TEXT) != pl.col("raw")) if _JSON_TEXT in df.columns else pl.lit(False)
     shape = (
         pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
         .when(pl.col("raw").str.contains(CR_INSIDE)).then(pl.lit(CR_INSIDE_REASON))
         .when(pl.col("raw").str.starts_with("#"))
         .then(pl.lit("a line starting with '#' that is not a Zeek header (#fields, #types...)"))
+        .when(pl.col("_json") & pl.col("_v_ts").is_null() & pl.col("ts").is_null() & not_utf8)
+        .then(pl.lit("not valid JSON (it holds bytes that are not UTF-8, shown \\xHH: they are "
+                     "read inside a JSON string only)"))
         .when(pl.col("_json") & pl.col("_v_ts").is_null() & pl.col("ts").is_null()
               & pl.col("raw").str.contains(r'"ts"\s*:\s*[-0-9]'))
         .then(pl.lit("not valid JSON, or a number in it is out of range (such as a ts of 1e400)"))
@@ -234,6 +285,7 @@ class Zeek(Format):
         import polars as pl
 
         every = pl.Series("raw", split_lines(data), dtype=pl.String)
+        json_every = _json_texts(data, every)
         # a header with text after a CR in it (a log with CR line ends, read as one line) is no
         # header: skipped, it would take every record run into it along
         run_together = every.str.contains(CR_INSIDE).to_numpy()
@@ -241,6 +293,7 @@ class Zeek(Format):
         record = ~header
         numbers = np.flatnonzero(record) + first_line
         raw = every.filter(pl.Series(record))
+        json_raw = None if json_every is None else json_every.filter(pl.Series(record))
         skipped = int(header.sum())
         if raw.len() == 0:
             return ParseResult(pa.RecordBatch.from_pylist([], schema=SCHEMA), empty_rejects(), 0,
@@ -254,8 +307,9 @@ class Zeek(Format):
         frames, reasons = [], []
         for seg in np.unique(segment):  # segments are runs: records stay in order
             part = raw.filter(pl.Series(segment == seg))
+            json_part = None if json_raw is None else json_raw.filter(pl.Series(segment == seg))
             order = orders[seg]  # DEFAULT_ORDER itself where no #fields header declares one
-            frame, reason = _typed(_text_columns(part, order), len(order),
+            frame, reason = _typed(_text_columns(part, order, json_part), len(order),
                                    exact=order is not DEFAULT_ORDER)
             frames.append(frame)
             reasons.append(reason)
