@@ -235,6 +235,41 @@ def test_embedded_stdin_to_stdout(kdd_bundle: Path, small_kdd_test: Path) -> Non
     assert (stop["scored"], stop["rejected"]) == (300, 1)
 
 
+def test_compressed_stdin_is_refused_as_score_refuses_it(kdd_bundle: Path, small_kdd_test: Path,
+                                                         tmp_path: Path) -> None:
+    """``gzip -c log | deepwatch stream ... -`` read the compressed bytes as text: a few dead
+    letters of binary junk and a clean exit, nothing said. Now it is refused as ``score ... -``
+    refuses it (the same check, on the first bytes): the same one error line and exit status,
+    and nothing scored or written."""
+    import bz2
+    import gzip
+    import lzma
+
+    text = b"\n".join(_records(small_kdd_test, 50)) + b"\n"
+    out, verdicts, rejects = (tmp_path / n for n in ("a.jsonl", "v.jsonl", "r.jsonl"))
+
+    def run(command: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
+        outputs = (["--verdicts", str(verdicts), "--rejects", str(rejects)]
+                   if command == "stream" else [])
+        return subprocess.run(
+            [sys.executable, "-m", "deepwatch.cli", command, str(kdd_bundle), "--format", "kdd",
+             "--out", str(out), *outputs, "-"], input=data, capture_output=True, timeout=120,
+            cwd=ROOT, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+
+    score = run("score", gzip.compress(text))
+    assert score.returncode == 2 and len(_plain_lines(score.stderr)) == 1, score.stderr
+    for name, pack in [("gzip", gzip.compress), ("bzip2", bz2.compress), ("xz", lzma.compress)]:
+        proc = run("stream", pack(text))
+        assert proc.returncode == score.returncode, proc.stderr.decode()[-2000:]
+        says = _plain_lines(proc.stderr)
+        assert len(says) == 1 and says[0].startswith(
+            f"error: <stdin> is compressed with {name}; "), says
+        if name == "gzip":
+            assert says == _plain_lines(score.stderr)
+        assert b'"event": "stop"' not in proc.stderr  # not reported as a run that read it
+        assert out.read_bytes() == verdicts.read_bytes() == rejects.read_bytes() == b""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_embedded_stdin_left_open_stops_on_a_signal(kdd_bundle: Path, small_kdd_test: Path,
                                                     sig: signal.Signals) -> None:

@@ -9,7 +9,7 @@ import stat
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 
 import numpy as np
 import polars as pl
@@ -20,11 +20,8 @@ from ..sources.files import (
     Chunk,
     InputSpec,
     StopCut,
-    chunks_from_reads,
     iter_chunks,
     parse_input_spec,
-    read_when_ready,
-    waits_for_data,
 )
 from ..sources.follow import follow_chunks
 from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_records
@@ -121,21 +118,6 @@ class MemorySink:
 # ---------------------------------------------------------------------------------- embedded
 
 
-def _stdin_chunks(spec: InputSpec, chunk_bytes: int, stop: threading.Event) -> Iterator[Chunk]:
-    """Whole lines from stdin as soon as they arrive (no waiting for a full chunk), until it
-    ends or ``stop`` is set. A pipe or terminal is waited on in ``select``, not in ``read``,
-    so a stop (SIGTERM, Ctrl-C) is seen while the writer is idle: it used to wait until the
-    writer sent more or closed the pipe. On stop a last line without its line break is handed
-    out, as ``--follow`` does."""
-    stream: Any = sys.stdin.buffer  # a BufferedReader: read1 returns what has arrived
-    if not waits_for_data(stream):  # a file redirected in: a read never waits long
-        yield from chunks_from_reads(
-            lambda: b"" if stop.is_set() else stream.read1(chunk_bytes), spec)
-        return
-    fd = stream.fileno()  # read below the buffer, which nothing has read through before
-    yield from chunks_from_reads(lambda: read_when_ready(fd, chunk_bytes, stop), spec)
-
-
 def _at_most(data: bytes, count: int, most: int | None) -> list[tuple[bytes, int]]:
     """``data`` (``count`` lines) cut after every ``most``-th line break: the pieces and their
     line counts (the last piece keeps a last line without its break)."""
@@ -181,11 +163,13 @@ class FileSource:
         self.cuts: list[StopCut] = []
 
     def _chunks(self, spec: InputSpec, stop: threading.Event) -> Iterator[Chunk]:
-        if spec.path == "-":
-            return _stdin_chunks(spec, self.chunk_bytes, stop)
-        if self.follow:
+        if self.follow and spec.path != "-":
             return follow_chunks(spec, stop, self.chunk_bytes)
-        return iter_chunks(spec, self.chunk_bytes, stop=stop, on_cut=self.cuts.append)
+        # stdin and a named pipe of text hand out their lines as soon as they arrive (a pipe
+        # given by path waited for 4 MiB or its writer's close); their first bytes are looked
+        # at as score does (compressed stdin was read as text: dead letters, not an error)
+        return iter_chunks(spec, self.chunk_bytes, stop=stop, on_cut=self.cuts.append,
+                           promptly=True)
 
     def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
         for number, spec in enumerate(self.specs):

@@ -6,6 +6,7 @@ that ground-truth label. A UTF-8 byte order mark that opens an input is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -461,6 +462,45 @@ def read_when_ready(fd: int, size: int, stop: threading.Event | None = None) -> 
         except BlockingIOError:
             continue
     return b""
+
+
+def read_arrived(fd: int, size: int, stop: threading.Event | None = None) -> bytes:
+    """What has arrived on ``fd`` (a pipe, a terminal), up to ``size`` bytes, as soon as
+    anything has: :func:`read_when_ready` for the first bytes, then more reads while more is
+    there already (a busy writer fills chunks as large as ``size``; an idle one's lines are not
+    kept waiting for more). No bytes at its end, or once ``stop`` is set while it is idle."""
+    import select
+
+    first = read_when_ready(fd, size, stop)
+    parts = [first]
+    got = len(first)
+    while first and got < size and select.select([fd], [], [], 0)[0]:
+        try:
+            piece = os.read(fd, size - got)
+        except BlockingIOError:  # (another reader of the same pipe took the data)
+            break
+        if not piece:  # its end: said by the next call
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def _widen_pipe(fd: int, size: int) -> None:
+    """Let the pipe of ``fd`` hold up to ``size`` bytes, 1 MiB at most (Linux; left as it is
+    where that fails, or where it holds more already): a writer faster than the reader queues
+    that much while a batch is scored, and :func:`read_arrived` hands it out as one chunk,
+    instead of the 64 KiB a pipe holds by default (many small batches: half the records per
+    second of 4 MiB chunks)."""
+    import fcntl
+
+    get, set_ = (getattr(fcntl, "F_GETPIPE_SZ", None), getattr(fcntl, "F_SETPIPE_SZ", None))
+    if get is None or set_ is None:
+        return
+    want = min(size, 1 << 20)
+    with contextlib.suppress(OSError):  # (not a pipe: a terminal, a socket; over the limit)
+        if fcntl.fcntl(fd, get) < want:
+            fcntl.fcntl(fd, set_, want)
 
 
 class _Stopped(Exception):
@@ -1088,8 +1128,17 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
                 on_bytes: Callable[[int], None] | None = None,
                 stop: threading.Event | None = None,
                 on_read: Callable[[bytes], None] | None = None,
-                on_cut: Callable[[StopCut], None] | None = None) -> Iterator[Chunk]:
+                on_cut: Callable[[StopCut], None] | None = None,
+                promptly: bool = False) -> Iterator[Chunk]:
     """Whole-line chunks of about ``chunk_bytes`` each, numbered from line 1.
+
+    ``promptly`` (``deepwatch stream``, which scores records as they arrive): a text input that
+    is a pipe or terminal (stdin, a named pipe) hands out its whole lines as soon as they
+    arrive, with what else has arrived by then (:func:`read_arrived`), instead of once
+    ``chunk_bytes`` have come or the writer has closed it; stdin read from a file ends at once
+    when ``stop`` is set. Either way the first bytes of stdin or a pipe are looked at before
+    anything is handed out: compressed data or UTF-16 text is refused with one line
+    (:class:`InputError`).
 
     A damaged compressed input (.gz, .bz2, .xz) does not stop the run: every line before the
     damage that can be trusted is read, then a last empty chunk stands for the rest
@@ -1122,12 +1171,19 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     stream = opened
     first = True
     waits = waits_for_data(stream)
+    if waits and promptly:
+        _widen_pipe(stream.fileno(), chunk_bytes)
 
     def read() -> bytes:
         nonlocal first
         try:
-            block: bytes = (_read_waking(stream, chunk_bytes, stop) if waits
-                            else stream.read(chunk_bytes))
+            if waits:
+                block: bytes = (read_arrived(stream.fileno(), chunk_bytes, stop) if promptly
+                                else _read_waking(stream, chunk_bytes, stop))
+            elif promptly and spec.path == "-" and stop is not None and stop.is_set():
+                block = b""
+            else:
+                block = stream.read(chunk_bytes)
         except OSError as exc:
             raise InputError(f"cannot read {spec.display}: {exc}") from None
         if first:  # stdin or a pipe, which could not be looked at before it was read
