@@ -897,7 +897,7 @@ def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
     every restart died on the same record. It is a dead letter saying why, and the records
     after it are scored and committed. (Alerts cut every field to MAX_FIELD_CHARS, so a 600 KB
     URL makes an alert of tens of KB: the producer's limit is lowered here to reach it.) Bytes
-    that are not UTF-8 are a dead letter whose reason says they were replaced."""
+    that are not UTF-8 are a dead letter showing them as \\xHH, whose reason says so."""
     from confluent_kafka import Producer
 
     scan = [x.encode() for x in head_lines(data_file("weblogs/scan_w3af.log.gz"), 100)]
@@ -926,7 +926,7 @@ def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
         "message.max.bytes (12,000)" in why and "cut to its first 10,000 of" in why
     assert dead[50]["raw"] == big[:10_000].decode()
     assert dead[50]["deepwatch"]["source"]["topic"] == topic
-    assert dead[51]["raw"] == "\ufffd" * 3 and "not valid UTF-8" in dead[51]["reason"]
+    assert dead[51]["raw"] == "\\xFF\\xFE\\xFD" and "not valid UTF-8" in dead[51]["reason"]
     assert "deepwatch.source" in dead[51]["reason"]
 
     verdicts = dict(_read_all(broker, f"{topic}.verdicts"))

@@ -112,7 +112,7 @@ class Output:
 
 
 #: Added to a dead letter's reason when its record's bytes were not UTF-8.
-NOT_UTF8 = ("; the raw bytes were not valid UTF-8 and the undecodable ones are shown as U+FFFD: "
+NOT_UTF8 = ("; the raw bytes were not valid UTF-8 and the undecodable ones are shown as \\xHH: "
             "the original is at deepwatch.source")
 
 
@@ -156,10 +156,10 @@ def record_dead_letter(raw: RawBatch, row: int, why: str, fmt: str,
                        now: datetime | None = None) -> bytes:
     """The dead letter of record ``row`` of ``raw``, whose output could not be written
     (``why``): its raw text, cut as a reject's is, and its origin."""
-    from ..formats._base import cut_raw
+    from ..formats._base import cut_raw, decode_text
 
     line = raw.line(row)
-    text, reason = cut_raw(line.decode("utf-8", errors="replace"), why)
+    text, reason = cut_raw(decode_text(line), why)
     if not _is_utf8(line):
         reason += NOT_UTF8
     return _dead_letter_rows(now or datetime.now(UTC), fmt, [text], [reason],
@@ -272,11 +272,13 @@ class StreamProcessor:
 def _note_not_utf8(raw: RawBatch, idx: np.ndarray, texts: list[str],
                    reasons: list[str]) -> list[str]:
     """``reasons``, each saying so where its record's bytes were not UTF-8 (its text then holds
-    U+FFFD in their place; a text without U+FFFD was valid UTF-8 and is not looked at again)."""
-    if not any("\ufffd" in t for t in texts):
+    ``\\xHH`` in their place, see ``formats._base.HEX_ERRORS``, which text that was valid UTF-8
+    may hold as written: the note tells the two apart; a text without ``\\x`` is not looked at
+    again)."""
+    if not any("\\x" in t for t in texts):
         return reasons
     lines = _lines(raw)
-    return [why + NOT_UTF8 if "\ufffd" in t and not _is_utf8(lines[int(i)]) else why
+    return [why + NOT_UTF8 if "\\x" in t and not _is_utf8(lines[int(i)]) else why
             for i, t, why in zip(idx, texts, reasons, strict=True)]
 
 
