@@ -580,14 +580,21 @@ def _conform(table: pa.Table, schema: pa.Schema, part: Path) -> pa.Table:
     Parts deepwatch writes already are; a part rewritten by another tool (compacted with
     polars, which writes ``large_string``; by Spark, which writes microsecond timestamps and
     drops the not-null marks; columns reordered) holds the same records in other types, and
-    those differences made reading the lake fail with a traceback. A part that cannot be read
-    as the lake's records (a column missing, a value that does not fit) is one clear error."""
+    those differences made reading the lake fail with a traceback. A part written before its
+    format gained a nullable column (the access format's ``vhost`` and ``utc_offset_minutes``)
+    lacks it: it reads with that column null, as records that hold no such field. A part that
+    cannot be read as the lake's records (a column that may not be null missing, a value that
+    does not fit) is one clear error."""
     if table.schema.equals(schema):
         return table
-    missing = [n for n in schema.names if n not in table.schema.names]
+    names = table.schema.names
+    missing = [f.name for f in schema if f.name not in names and not f.nullable]
     try:
         if missing:
             raise ValueError(f"no column {', '.join(repr(n) for n in missing)}")
+        for f in schema:
+            if f.name not in table.schema.names:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
         return table.select(schema.names).cast(schema)
     except (ValueError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError too
         raise InputError(f"{part} does not hold the lake's records: "

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from conftest import data_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -159,11 +160,13 @@ def test_an_open_quote_after_the_size_is_a_reject() -> None:
 # -- properties ------------------------------------------------------------------------------
 _FIELD = st.text(st.characters(codec="utf-8", exclude_characters="\n"), max_size=30)
 _LOGLIKE = st.builds(
-    lambda ip, user, day, req, status, size, ref, ua: (
-        f'{ip} - {user} [{day}/May/2015:10:05:03 +0000] "{req}" {status} {size} "{ref}" "{ua}"'),
+    lambda host, ip, user, day, zone, req, status, size, ref, ua: (
+        f'{host}{ip} - {user} [{day}/May/2015:10:05:03 {zone}] "{req}" {status} {size} "{ref}" '
+        f'"{ua}"'),
+    st.sampled_from(["", "www.example.com:443 ", "www.example.com ", "[::1]:80 ", "a:b "]),
     st.sampled_from(["1.2.3.4", "::1", "-", "a b", ""]),
     st.sampled_from(["-", "bob", "x y"]),
-    st.integers(0, 40),
+    st.integers(0, 40), st.sampled_from(["+0000", "-0700", "+0530", "+99", "0100"]),
     _FIELD, st.integers(-5, 1000), st.one_of(st.integers(-3, 10**6), st.just("-")),
     _FIELD, _FIELD,
 )
@@ -181,6 +184,9 @@ def test_property_counts_reconcile(lines: list[str], first: int) -> None:
     assert numbers == list(range(first, first + res.lines))
     assert res.batch.schema.equals(SCHEMA)
     assert all(r for r in res.rejects.column("reason").to_pylist())
+    for row in res.batch.to_pylist():  # a host is text of the line; every time has an offset
+        assert row["vhost"] is None or row["vhost"] in text or "\\x" in row["vhost"]
+        assert row["utc_offset_minutes"] is not None
 
 
 @settings(max_examples=60, deadline=None)
@@ -431,6 +437,53 @@ def test_an_apache_vhost_prefix_is_not_read_as_the_client() -> None:
         ("203.0.113.9", None, None), ("2001:db8::7", None, "frank"),
         ("203.0.113.9", None, "john doe")]
     assert all(r["user_agent"].endswith("Firefox/125.0") for r in rows)
+    # the host is kept (it was dropped): which site of a multi-site server a request hit
+    assert [r["vhost"] for r in rows] == [
+        "www.example.com", "shop.example.org", "2001:db8::1", "www.example.com",
+        "www.example.com", None]
+
+
+def test_the_vhost_is_kept_as_the_line_wrote_it_and_null_without_one() -> None:
+    """``vhost``: the host of a ``vhost_combined`` or ``vcommon`` line, null for a plain line;
+    read so in a line with raw quotes too, and a raw control character in it escaped as in a
+    quoted field (it is the client's Host header with ``UseCanonicalName Off``)."""
+    lines = [
+        COMBINED,
+        "www.example.com:443 " + COMBINED,
+        "www.example.com:80 " + _HEAD + ' "-" "Mozilla "evil" x"',  # a raw quote in the agent
+        "www.example.com:80 " + _HEAD.replace("/shop", '/a"b') + ' "-" "x"',  # ... the request
+        "ev\x1bil.example:80 " + COMBINED,
+        "a.example " + COMBINED.split(" - - ", 1)[0] + " - - " + COMBINED.split(" - - ", 1)[1],
+        "www.example.com:443 1.2.3.4 - [17/May/2015:10:05:03 +0000] \"GET / HTTP/1.1\" 200 5",
+    ]
+    res = parse("\n".join(lines))
+    assert res.rejects.num_rows == 0
+    rows = res.batch.to_pylist()
+    assert [r["vhost"] for r in rows] == [
+        None, "www.example.com", "www.example.com", "www.example.com", "ev\\x1Bil.example",
+        "a.example",
+        # three fields after the host:port: it is the client, as before (no host then)
+        None]
+    assert rows[2]["user_agent"] == 'Mozilla "evil" x' and rows[3]["url"] == '/a"b'
+    assert rows[-1]["client_ip"] == "www.example.com:443"
+    assert res.batch.schema.field("vhost").nullable
+
+
+def test_the_utc_offset_of_the_time_is_kept() -> None:
+    """The time zone of ``[10/Oct/2000:13:55:36 -0700]`` is kept, in minutes east of UTC, beside
+    the UTC ``timestamp`` (the server's local clock: what the hour-of-day features read)."""
+    zones = ["-0700", "+0000", "+0530", "-0930", "+1400"]
+    rows = parse("\n".join(COMBINED.replace("+0000", z) for z in zones)).batch.to_pylist()
+    assert [r["utc_offset_minutes"] for r in rows] == [-420, 0, 330, -570, 840]
+    assert rows[0]["timestamp"] == datetime(2015, 5, 17, 17, 5, 3, tzinfo=UTC)
+    objects = FMT.parse_records([
+        {"client_ip": "1.2.3.4", "timestamp": "2024-05-14T10:00:00Z", "request": "GET / HTTP/1.1",
+         "status": 200, "bytes": 1, "vhost": "www.example.com", "utc_offset_minutes": -420},
+        {"client_ip": "1.2.3.4", "timestamp": "2024-05-14T10:00:00Z", "request": "GET / HTTP/1.1",
+         "status": 200, "bytes": 1}])  # both optional in records given as JSON objects
+    assert objects.rejects.num_rows == 0
+    assert [(r["vhost"], r["utc_offset_minutes"]) for r in objects.batch.to_pylist()] == [
+        ("www.example.com", -420), (None, None)]
 
 
 def test_a_target_with_raw_spaces_keeps_its_method_and_protocol() -> None:
@@ -466,3 +519,39 @@ def test_ingest_keeps_agents_with_raw_quotes_and_counts_ambiguous_lines(tmp_path
     assert rejects is not None
     assert [(r["line"], r["raw"]) for r in rejects.to_pylist()] == [(2, lines[1])]
     assert rejects.column("reason")[0].as_py().startswith("unescaped quote after the size")
+
+
+def test_score_output_and_alerts_carry_the_vhost_and_offset(
+        bundle_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real ``deepwatch score`` of a multi-site server's log: each scored record names the
+    site it hit (``vhost``, dropped before) and its time's UTC offset, and an alert made from it
+    carries the site as ECS's ``url.domain``."""
+    from conftest import head_lines, trained_bundle
+
+    from deepwatch.alerts import AlertContext, alert_lines
+
+    monkeypatch.setenv("DEEPWATCH_TORCH_THREADS", "1")
+    site = tmp_path / "site.log"
+    site.write_text("".join(head_lines(data_file("weblogs/apache_access.log.gz"), 400)))
+    bundle = trained_bundle("autoencoder", site, bundle_root, epochs=1, fmt="access")
+    log = tmp_path / "sites.log"
+    log.write_text("\n".join([
+        "shop.example.org:443 " + COMBINED.replace("+0000", "-0700"),
+        "www.example.com " + COMBINED.replace("GET /shop", "GET /../../etc/passwd"),
+        COMBINED.replace("+0000", "+0530"),
+    ]) + "\n")
+    out = tmp_path / "scored.jsonl"
+    done = subprocess.run([sys.executable, "-m", "deepwatch", "score", str(bundle), "--format",
+                           "access", "--out", str(out), str(log)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["client_ip"], r["vhost"], r["utc_offset_minutes"]) for r in rows] == [
+        ("203.0.113.9", "shop.example.org", -420), ("203.0.113.9", "www.example.com", 0),
+        ("203.0.113.9", None, 330)]
+    names = list(rows[0])  # the parsed fields, then the score's
+    assert names[:len(SCHEMA)] == SCHEMA.names and names[len(SCHEMA)] == "score"
+    scored = pa.Table.from_pylist(rows).drop_columns(["timestamp"])
+    ctx = AlertContext("deepwatch-autoencoder", "1", "access", FMT.ecs_fields)
+    alerts = [json.loads(a) for a in alert_lines(scored, ctx)]
+    assert [a["url"]["domain"] for a in alerts] == ["shop.example.org", "www.example.com", None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -63,3 +64,28 @@ def test_a_day_compacted_by_polars_reads_back_as_the_lakes_records(
     err = capsys.readouterr().err
     assert err.strip() == (f"error: {one} does not hold the lake's records: no column "
                            "'status'"), err
+
+
+def test_a_lake_written_before_the_vhost_and_offset_columns_still_reads(tmp_path: Path) -> None:
+    """A part written before the access format kept ``vhost`` and ``utc_offset_minutes`` lacks
+    both: it was refused (``no column 'vhost'``), so every lake written before could no longer
+    be read. It reads, those columns null; a part beside it written now keeps its own."""
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "access", "--lake", str(lake),
+                 str(_log(tmp_path / "a.log", [14] * 5))]) == 0
+    [old] = (lake / "records" / "day=2024-05-14").glob("part-*.parquet")
+    table = pq.read_table(old)
+    assert table.column("utc_offset_minutes").to_pylist() == [0] * 5
+    schema = get_format("access").schema
+    before = pa.schema([f for f in schema if f.name not in ("vhost", "utc_offset_minutes")])
+    pq.write_table(table.select(before.names).cast(before), old)  # as the code before wrote it
+    (tmp_path / "b.log").write_text("www.example.com:443 " + LINE.format(ip="9.9.9.9", day=14,
+                                                                        sec=59) + "\n")
+    assert main(["ingest", "--format", "access", "--lake", str(lake),
+                 str(tmp_path / "b.log")]) == 0
+    back = read_lake(lake)
+    assert back.schema.equals(schema)
+    assert back.column("client_ip").to_pylist() == ["9.9.9.0", "9.9.9.1", "9.9.9.2", "9.9.9.0",
+                                                    "9.9.9.1", "9.9.9.9"]
+    assert back.column("vhost").to_pylist() == [None] * 5 + ["www.example.com"]
+    assert back.column("utc_offset_minutes").to_pylist() == [None] * 5 + [0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -141,3 +143,39 @@ def test_property_any_batching_gives_the_same_windows(cuts: list[int], seed: int
     streamed = pa.concat_tables(parts)
     for col in WINDOW_COLUMNS:
         assert np.array_equal(streamed.column(col).to_numpy(), whole.column(col).to_numpy()), col
+
+
+def _hours(fz: Featurizer, table: pa.Table) -> list[float]:
+    """The hour of day each record's ``hour_sin`` and ``hour_cos`` features stand for."""
+    x = fz.transform(table, {}).astype(np.float64)
+    sin, cos = ((x[:, fz.feature_names_.index(c)] * fz.std_[c] + fz.mean_[c])
+                for c in ("hour_sin", "hour_cos"))
+    return [round(float(h), 3) for h in (np.degrees(np.arctan2(sin, cos)) / 15.0) % 24.0]
+
+
+def test_a_new_featurizer_reads_the_local_hour_and_an_old_one_the_utc_hour() -> None:
+    """The hour-of-day features were the UTC hour: the offset of ``[... -0700]`` was dropped
+    at parse, so a server's 10:00 local was hour 17. A featurizer fitted now reads the local
+    hour (its saved params say so: ``local_hour``); one saved before (its params lack the key)
+    computes exactly what it did, so an old bundle scores as it always did."""
+    day = _table([_line(f"9.9.{i % 7}.1", i * 288, f"/p{i % 5}") for i in range(300)])
+    fz = Featurizer(access_feature_spec()).fit(day)  # every hour: no feature at its clip
+    assert fz.to_dict()["spec"]["derive"]["params"]["local_hour"] is True
+    lines = [_line("10.0.0.1", 36000, "/a").replace("+0000", "-0700"),  # 17:00 UTC
+             _line("10.0.0.2", 81000, "/b").replace("+0000", "+0530"),  # 17:00 UTC
+             _line("10.0.0.3", 3600, "/c")]  # 01:00 UTC
+    table = _table(lines)
+    assert _hours(fz, table) == [10.0, 22.5, 1.0]
+
+    old = fz.to_dict()  # as the featurizer was saved before the key existed
+    del old["spec"]["derive"]["params"]["local_hour"]
+    before = Featurizer.from_json(json.dumps(old))
+    assert _hours(before, table) == [17.0, 17.0, 1.0]
+    # everything else it computes is the new featurizer's
+    rest = [j for j, n in enumerate(fz.feature_names_) if not n.startswith("hour_")]
+    assert np.array_equal(before.transform(table, {})[:, rest], fz.transform(table, {})[:, rest])
+    # records with no offset (JSON objects that give none, an older lake) read as UTC
+    assert _hours(fz, table.drop_columns(["utc_offset_minutes"])) == [17.0, 17.0, 1.0]
+    assert _hours(fz, table.set_column(
+        table.schema.get_field_index("utc_offset_minutes"), "utc_offset_minutes",
+        pa.nulls(3, pa.int32()))) == [17.0, 17.0, 1.0]

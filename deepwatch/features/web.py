@@ -4,9 +4,10 @@ From each request: method, status and its class, size, URL shape (length, depth,
 parameter count), character-class counts and ratios, entropy, percent-encodings, file extension,
 hashed character n-grams of path and query; the user agent as browser, OS and device class; the
 client address as country, private/public and IPv6; the referer as present and its host; hour of
-day. Per client, behaviour over a sliding window of recent requests (see ``_window``). The
-featurizer then one-hot encodes the categorical columns with learned vocabularies and
-standardises the numbers.
+day (the server's local hour, see ``LOCAL_HOUR``). Per client, behaviour over a sliding window of
+recent requests (see ``_window``). The featurizer then one-hot encodes the categorical columns
+with learned vocabularies and standardises the numbers. The virtual host (``vhost``) is not a
+feature: a featurizer fitted before it was kept computes what it did.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ DERIVED_MARK = "_access_v1"
 #: less benign noise to reconstruct.
 DEFAULT_PARAMS: dict[str, Any] = {"path_buckets": 16, "query_buckets": 8, "agent_buckets": 8,
                                   "ngram": 3, "window": 20}
+#: The parameter that makes the hour-of-day features the server's local hour (the time of the
+#: line with its UTC offset, ``utc_offset_minutes``) rather than the UTC hour. A featurizer
+#: saved before it existed has no such key: it is not in ``DEFAULT_PARAMS``, so such a
+#: featurizer keeps computing the UTC hour and its bundle scores as it always did, while
+#: ``access_feature_spec`` (what a new featurizer is fitted from) writes it, true.
+LOCAL_HOUR = "local_hour"
 
 CATEGORICAL = ("method", "status_code", "status_class", "protocol", "extension", "browser",
                "os", "device", "country", "referer_host")
@@ -50,7 +57,7 @@ def _gram_names(prefix: str, buckets: int) -> list[str]:
 def access_feature_spec(params: dict[str, Any] | None = None, min_count: int = 10,
                         max_categories: int = 32) -> dict[str, Any]:
     """The featurizer spec of the ``access`` format (defaults: see ``DEFAULT_PARAMS``)."""
-    p = {**DEFAULT_PARAMS, **(params or {})}
+    p = {**DEFAULT_PARAMS, LOCAL_HOUR: True, **(params or {})}
     grams = (_gram_names("path_gram_", p["path_buckets"])
              + _gram_names("query_gram_", p["query_buckets"])
              + _gram_names("agent_gram_", p["agent_buckets"]))
@@ -143,7 +150,11 @@ def derive_access(table: pa.Table, params: dict[str, Any], state: dict[str, Any]
     cols["has_user"] = _num(pc.is_valid(table.column("user")))
     ts = table.column("timestamp").cast(pa.timestamp("ms", tz="UTC"))
     seconds = _num(pc.cast(ts, pa.int64())) / 1000.0
-    hour = (seconds % 86400.0) / 3600.0
+    local = seconds
+    if p.get(LOCAL_HOUR) and "utc_offset_minutes" in table.schema.names:
+        # a record without an offset (a JSON object that gives none, an older lake) is UTC
+        local = seconds + _num(table.column("utc_offset_minutes")) * 60.0
+    hour = (local % 86400.0) / 3600.0
     cols["hour_sin"] = np.sin(2 * np.pi * hour / 24.0)
     cols["hour_cos"] = np.cos(2 * np.pi * hour / 24.0)
     grams_p = hashed_ngrams(path, p["ngram"], p["path_buckets"])

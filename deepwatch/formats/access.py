@@ -1,22 +1,21 @@
 """Web server access logs: NGINX/Apache ``combined`` and ``common`` formats.
 
-One regular expression, applied to a whole chunk at once by polars (Rust regex, no per-line
-Python), splits each line into its fields. What real servers write is accepted: ``-`` for absent
-fields, ``\\"`` and ``\\xHH`` escapes inside quoted fields (kept as written), quotes a server did
-not escape in the request line (see ``_read_raw_requests``) or the referer or user agent (see
+One regular expression, applied to a whole chunk at once by polars (Rust regex, no per-line Python),
+splits each line into its fields. What real servers write is accepted: ``-`` for absent fields,
+``\\"`` and ``\\xHH`` escapes inside quoted fields (kept as written), quotes a server did not escape
+in the request line (see ``_read_raw_requests``) or the referer or user agent (see
 ``_read_raw_quotes``), where the line holds only one way to read them, IPv6 clients, a virtual host
-before the client (Apache's ``vhost_combined`` and ``vcommon``), extra fields after the user
-agent, and request lines that are not ``METHOD TARGET PROTOCOL`` (scanners send garbage,
-TLS handshakes and bare paths): such a record is kept with its raw request and null method, as
-it is evidence in its own right. A line is rejected only when its frame (client, time, quoted
+before the client (Apache's ``vhost_combined`` and ``vcommon``: kept as ``vhost``), extra fields
+after the user agent, and request lines that are not ``METHOD TARGET PROTOCOL`` (scanners send
+garbage, TLS handshakes and bare paths): such a record is kept with its raw request and null method,
+as it is evidence in its own right. A line is rejected only when its frame (client, time, quoted
 request, status, size) cannot be read, or when a quoted field after it is left open (a line cut
-short in its user agent would otherwise pass for one in common format), or when a raw quote
-leaves more than one way to part its fields; the reason says which part failed. The client may
-be an address or a host name (Apache's ``%h`` with host name lookups on, NGINX's ``unix:``),
-but not one holding a control or invisible character: servers escape those (``\\xHH``), so
-such a client is damage or a forgery, not a client to count. The ident and user are rejected
-for the same reason (the user is the name a client sent for HTTP authentication: the
-attacker's text, escaped by the server).
+short in its user agent would otherwise pass for one in common format), or when a raw quote leaves
+more than one way to part its fields; the reason says which part failed. The client may be an
+address or a host name (Apache's ``%h`` with host name lookups on, NGINX's ``unix:``), but not one
+holding a control or invisible character: servers escape those (``\\xHH``), so such a client is
+damage or a forgery, not a client to count. The ident and user are rejected for the same reason (the
+user is the name a client sent for HTTP authentication: the attacker's text, escaped by the server).
 
 A raw control character inside a quoted field (request, referer, user agent) is kept, written
 as NGINX writes it, ``\\xHH`` for each of its UTF-8 bytes: such a line comes from a logger that
@@ -59,18 +58,21 @@ _TAIL = r'(?:\s+(?:[^\s"]|"(?:[^"\\]|\\.)*")+)*\s*$'
 #: Apache's ``vhost_combined`` opens with the virtual host and its port (``%v:%p``): a host
 #: name or IPv4 address (no colon, or an IPv6 one in brackets) and a port. No client is ever
 #: written so (an IPv6 client has two colons or more and no brackets), so such a first field,
-#: followed by the usual four, is the virtual host and not the client. It is not kept.
-_VHOST = r"(?:(?:[^\s:\[\]\"]+|\[[0-9A-Fa-f:.]+\]):\d{1,5} )?"
+#: followed by the usual four, is the virtual host and not the client. It is kept as ``vhost``
+#: (the host alone: see ``_read_vhost``).
+_VHOST_TEXT = r"(?:[^\s:\[\]\"]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}"
+#: ``_VHOST_TEXT`` and its space, optional, captured (the first group of ``_FRAME``).
+_VHOST = r"(?:(" + _VHOST_TEXT + r") )?"
 #: Client, ident, user, [time], "request", status and size: the frame of every line.
 _FRAME = (r"(?s)^\s*" + _VHOST + r"(\S+) (\S+) (\S+(?: \S+)*?) \[([^\]]+)\] " + _QUOTED
           + r" (\S+) (\S+)")
 _LINE = _FRAME + r"(?: " + _QUOTED + " " + _QUOTED + r")?(" + _TAIL + ")"
-_GROUPS = ("client_ip", "ident", "user", "time", "request", "status", "bytes",
+_GROUPS = ("vhost", "client_ip", "ident", "user", "time", "request", "status", "bytes",
            "referer", "user_agent")
 #: The groups of ``_LINE``: the fields, then what follows them (``_TAIL``).
 _LINE_GROUPS = (*_GROUPS, "_tail")
 #: A line whose frame does not read: all up to the request's opening quote, and the rest.
-_OPENED = r'(?s)^(\s*' + _VHOST + r'\S+ \S+ \S+(?: \S+)*? \[[^\]]+\] ")(.*)$'
+_OPENED = r'(?s)^(\s*(?:' + _VHOST_TEXT + r' )?\S+ \S+ \S+(?: \S+)*? \[[^\]]+\] ")(.*)$'
 #: Where a request line may end: a quote, then a status (always three digits) and a size.
 _REQUEST_END = r'" \d{3} (?:\d+|-)(?:\s|$)'
 #: Where a request line with a protocol ends. After the fields, it is the end of the request
@@ -125,6 +127,10 @@ SCHEMA = pa.schema(
         pa.field("bytes", pa.int64(), nullable=False),
         pa.field("referer", pa.string()),
         pa.field("user_agent", pa.string()),
+        # the virtual host of Apache's vhost_combined and vcommon lines (null for the others)
+        pa.field("vhost", pa.string()),
+        # the UTC offset of the line's time, in minutes east of UTC (-420 for -0700)
+        pa.field("utc_offset_minutes", pa.int32()),
         pa.field("label", pa.string()),
     ]
 )
@@ -142,7 +148,7 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     df = df.with_columns(groups.struct.rename_fields(list(_LINE_GROUPS)).alias("g")).unnest("g")
     df = _read_raw_requests(df)
     df = _read_raw_quotes(df)
-    df = _drop_bare_vhost(df)
+    df = _read_vhost(df)
     if _REQUEST_ASIDE in df.columns:
         df = df.with_columns(pl.coalesce(_REQUEST_ASIDE, "request").alias("request"))
 
@@ -158,6 +164,7 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         status.alias("_status"),
         size.alias("_bytes"),
         stamp.dt.convert_time_zone("UTC").alias("_ts"),
+        _offset_minutes(pl.col("time")).alias("_offset"),
     )
     df = df.with_columns(_frame_text_reasons(df).alias("_client"))
     matched = pl.col("client_ip").is_not_null()
@@ -189,7 +196,7 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     req = pl.col("request").str.extract_groups(_REQUEST).struct.rename_fields(
         ["method", "url", "protocol"])
     good = (
-        _escape_controls(df.filter(pl.col("reason").is_null()))
+        _escape_controls(df.filter(pl.col("reason").is_null()), (*_QUOTED_FIELDS, "vhost"))
         .with_columns(req.alias("r"))
         .unnest("r")
         .with_columns(
@@ -205,14 +212,30 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     return good, df.get_column("reason")
 
 
+def _offset_minutes(time: Any) -> Any:
+    """The polars expression of the UTC offset of a log time (``[10/Oct/2000:13:55:36 -0700]``)
+    in minutes east of UTC (-420 there): null where the time has none it can read."""
+    import polars as pl
+
+    parts = time.str.extract_groups(r"([+-])(\d{2}):?(\d{2})\s*$").struct.rename_fields(
+        ["sign", "h", "m"])
+    minutes = (parts.struct.field("h").cast(pl.Int32, strict=False) * 60
+               + parts.struct.field("m").cast(pl.Int32, strict=False))
+    return pl.when(parts.struct.field("sign") == "-").then(-minutes).otherwise(minutes)
+
+
 #: An IPv4 or IPv6 address, written as servers write a client.
 _ADDRESS = r"^(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)$"
 
 
-def _drop_bare_vhost(df: Any) -> Any:
-    """``df`` (polars, the groups of a line) with the client of Apache's ``vcommon`` lines
-    (``%v %h %l %u``: the virtual host with no port, then the usual four fields) in its place.
-    Read as a plain line such a line has the host for client, the address for ident and
+def _read_vhost(df: Any) -> Any:
+    """``df`` (polars, the groups of a line) with ``vhost`` the host alone: the host of a
+    ``vhost_combined`` line's ``%v:%p`` without its port (and an IPv6 one without its brackets,
+    as ECS's ``url.domain`` has it), or the host of Apache's ``vcommon`` lines (``%v %h %l %u``:
+    the virtual host with no port, then the usual four fields), whose client is put in its
+    place; null for a line with none.
+
+    Read as a plain line a ``vcommon`` line has the host for client, the address for ident and
     ``ident user`` for the user. An ident is a user name from identd, not an address, so an
     ident that is an address with more than one word after it marks the host's field; a host
     before a client written as a host name (``HostnameLookups On``) cannot be told from one."""
@@ -222,7 +245,9 @@ def _drop_bare_vhost(df: Any) -> Any:
                & pl.col("user").str.contains(" ", literal=True)).fill_null(False)
     words = pl.col("user").str.splitn(" ", 2).struct.rename_fields(["_first", "_rest"])
     df = df.with_columns(words.alias("_w")).unnest("_w")
+    host = pl.col("vhost").str.replace(r":\d+$", "").str.replace(r"^\[(.*)\]$", "$1")
     return df.with_columns(
+        pl.coalesce(host, pl.when(shifted).then(pl.col("client_ip"))).alias("vhost"),
         pl.when(shifted).then(pl.col("ident")).otherwise(pl.col("client_ip")).alias("client_ip"),
         pl.when(shifted).then(pl.col("_first")).otherwise(pl.col("ident")).alias("ident"),
         pl.when(shifted).then(pl.col("_rest")).otherwise(pl.col("user")).alias("user"),
@@ -310,7 +335,7 @@ def _read_raw_quotes(df: Any) -> Any:
     looked at again: a common line holds none."""
     import polars as pl
 
-    frame = list(_GROUPS[:7])
+    frame = list(_GROUPS[:8])
     again = pl.col("referer").is_null() & pl.col(_TEXT).str.contains(_BOUNDARY, literal=True)
     df = df.with_row_index("_row").with_columns(pl.lit(False).alias("_quote"))
     hits = df.filter(again).drop(list(_GROUPS)).with_columns(
@@ -398,7 +423,8 @@ def _to_batch(good: Any) -> pa.RecordBatch:
         pl.col("client_ip"), pl.col("ident"), pl.col("user"), pl.col("_ts").alias("timestamp"),
         pl.col("request"), pl.col("method"), pl.col("url"), pl.col("path"), pl.col("query"),
         pl.col("protocol"), pl.col("_status").alias("status"), pl.col("_bytes").alias("bytes"),
-        pl.col("referer"), pl.col("user_agent"),
+        pl.col("referer"), pl.col("user_agent"), pl.col("vhost"),
+        pl.col("_offset").alias("utc_offset_minutes"),
     ).to_arrow()
     arrays = [out.column(f.name).combine_chunks().cast(f.type) for f in SCHEMA if f.name != "label"]
     arrays.append(pa.nulls(n, pa.string()))
@@ -451,6 +477,7 @@ class Access(Format):
         "http.request.referrer": "referer",
         "user_agent.original": "user_agent",
         "user.name": "user",
+        "url.domain": "vhost",
     }
 
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
