@@ -268,6 +268,32 @@ def test_compressed_stdin_is_refused_as_score_refuses_it(kdd_bundle: Path, small
             assert says == _plain_lines(score.stderr)
         assert b'"event": "stop"' not in proc.stderr  # not reported as a run that read it
         assert out.read_bytes() == verdicts.read_bytes() == rejects.read_bytes() == b""
+    # a writer whose first write holds only the first byte of the magic: stdin is read as its
+    # bytes arrive, and that one byte alone was looked at (and let through: read as text)
+    packed = gzip.compress(text)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
+         "--out", str(out), "--verdicts", str(verdicts), "--rejects", str(rejects), "-"],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "DEEPWATCH_PROGRESS": "0"})
+    assert proc.stdin is not None
+    assert proc.stderr is not None
+    proc.stdin.write(packed[:1])
+    proc.stdin.flush()
+    started = proc.stderr.readline()  # its first line comes once the model is loaded
+    assert b"stream started" in started, started
+    time.sleep(0.5)  # (the byte is read alone)
+    try:
+        proc.stdin.write(packed[1:])
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    err = started + proc.stderr.read()
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert proc.returncode == score.returncode, err.decode()[-2000:]
+    assert _plain_lines(err) == _plain_lines(score.stderr)
+    assert out.read_bytes() == verdicts.read_bytes() == rejects.read_bytes() == b""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -147,6 +147,15 @@ def _refuse_compressed(spec: InputSpec, head: bytes) -> None:
                              "deepwatch ... -`")
 
 
+def _starts_a_magic(head: bytes) -> bool:
+    """Whether ``head`` (first bytes that have arrived) is the start of a compression's magic
+    or of a UTF-16 byte order mark, too short to tell yet: a writer whose first write was cut
+    there (``printf '\\x1f'``, then the rest) had its compressed data read as text."""
+    magics = [m for c in (*READ_COMPRESSION, *OTHER_COMPRESSION) for m in c.magic]
+    return bool(head) and any(len(head) < len(m) and m.startswith(head)
+                              for m in (*magics, *UTF16_BOMS))
+
+
 def utf16_encoding(head: bytes) -> str | None:
     """The encoding to convert from when ``head``, an input's first bytes, is UTF-16 text, else
     None: ``UTF-16`` when it opens with a UTF-16 byte order mark (bytes that UTF-8 never has),
@@ -1180,6 +1189,12 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
             if waits:
                 block: bytes = (read_arrived(stream.fileno(), chunk_bytes, stop) if promptly
                                 else _read_waking(stream, chunk_bytes, stop))
+                # the first bytes are looked at below: not while they may be half a magic
+                while first and promptly and _starts_a_magic(block):
+                    more = read_arrived(stream.fileno(), chunk_bytes - len(block), stop)
+                    if not more:
+                        break
+                    block += more
             elif promptly and spec.path == "-" and stop is not None and stop.is_set():
                 block = b""
             else:
