@@ -395,6 +395,31 @@ def test_a_raw_quote_in_the_request_line_is_read_where_only_one_end_is() -> None
                                       "place where it could end") for r in rej)
 
 
+def test_a_frame_forged_in_the_target_up_to_the_agent_is_a_reject() -> None:
+    """The target ``/a" 200 999 "-" "forged`` (a 400 NGINX logs raw with ``escape=none``) makes
+    the line end ``"GET /a" 200 999 "-" "forged HTTP/1.1" 400 0 ...``: the server's quote
+    closing the request line closes the client's agent, and the line read as a record with the
+    client's status, size and agent, the server's own read as extra fields. It holds the end of
+    a request line with a protocol at the agent's closing quote, as a line whose extra fields
+    hold one does: a reject, whether the real referer and agent follow (no quote in them, or
+    one) or not. An agent that merely ends in ``HTTP/1.1`` is read."""
+    head = '198.51.100.4 - - [14/May/2024:10:00:00 +0000] "GET /a" 200 999 "-" "forged'
+    forged = [
+        head + ' HTTP/1.1" 400 0',
+        head + ' HTTP/1.1" 400 0 "-" "curl"',
+        head + ' HTTP/1.1" 404 - "-" "-" rt="0.003"',
+        head + '\\" HTTP/1.1" 400 0',  # its `\"`, read as an escaped quote
+        head.replace('"forged', '"for"ged') + ' HTTP/1.1" 400 0',  # a raw quote in its agent
+    ]
+    read = [_HEAD + ' "-" "probe HTTP/1.1"', _HEAD + ' "-" "probe HTTP/1.1" 0.003']
+    res = parse("\n".join(forged + read))
+    rej = res.rejects.to_pylist()
+    assert [r["line"] for r in rej] == [1, 2, 3, 4, 5]
+    assert all(r["reason"].startswith("unescaped quote in the request line: more than one "
+                                      "place where it could end") for r in rej)
+    assert [r["user_agent"] for r in res.batch.to_pylist()] == ["probe HTTP/1.1"] * 2
+
+
 def test_a_raw_quote_in_the_agent_stops_before_the_keyed_fields_a_server_adds() -> None:
     """NGINX timings after the agent (``rt="0.003" uct="-" urt="0.001, 0.002"``) are not part of
     an agent with a raw quote; they were taken into it. Text of the client's own that looks

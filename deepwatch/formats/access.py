@@ -80,6 +80,11 @@ _REQUEST_END = r'" \d{3} (?:\d+|-)(?:\s|$)'
 #: (``/a" 200 5 "-" "x" "y``, its last quote closed by the server's): no field a server adds
 #: ends so. (A quote, a status and a size alone may be such a field: ``"$host" 443 512``.)
 _PROTOCOL_END = r'HTTP/\d(?:\.\d)?' + _REQUEST_END
+#: An agent that ends so, and the text after it (``_tail``) that starts so, hold such an end
+#: between them, at the agent's closing quote: the target ``/a" 200 5 "-" "x`` makes the
+#: line ``"GET /a" 200 5 "-" "x HTTP/1.1" 404 0 ...``, read as the agent ``x HTTP/1.1``.
+_AGENT_PROTOCOL = r'HTTP/\d(?:\.\d)?$'
+_TAIL_STATUS = r'^' + _REQUEST_END[1:]
 #: A field a server adds after the user agent as ``key="value"`` with a value only it writes:
 #: numbers, ``-``, and the lists NGINX makes of them (``rt="0.003"``, ``urt="0.001, 0.002"``,
 #: ``uct="-"``). No payload fits in such a value, so text a client ends its agent with that
@@ -89,7 +94,7 @@ _KEYED = r'[A-Za-z_][\w.-]*="[\d.,:\s-]*"'
 #: everything from the first quote to the last one before what the server adds, plain words
 #: and ``_KEYED`` fields (``_SPAN``). It is the referer and the agent if it holds their
 #: boundary ``" "`` exactly once.
-_LOOSE = _FRAME + r' "(.*?)"(?:\s+(?:' + _KEYED + r'|[^\s"]+))*\s*$'
+_LOOSE = _FRAME + r' "(.*?)"((?:\s+(?:' + _KEYED + r'|[^\s"]+))*\s*)$'
 _SPAN = "_span"
 _BOUNDARY = '" "'
 #: Request line: method token, target (which may hold spaces), optional protocol.
@@ -174,7 +179,9 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         .when(pl.col("raw").str.contains(CR_INSIDE)).then(pl.lit(CR_INSIDE_REASON))
         # a mark inside the text (see BOM_LINE_REASON), whether or not the rest of the line reads
         .when(pl.col("raw").str.starts_with("\ufeff")).then(pl.lit(BOM_LINE_REASON))
-        .when(pl.col(_REQUEST_QUOTE) | pl.col("_tail").str.contains(_PROTOCOL_END))
+        .when(pl.col(_REQUEST_QUOTE) | pl.col("_tail").str.contains(_PROTOCOL_END)
+              | (pl.col("user_agent").str.contains(_AGENT_PROTOCOL)
+                 & pl.col("_tail").str.contains(_TAIL_STATUS)))
         .then(pl.lit(_AMBIGUOUS_REQUEST_REASON))
         .when(pl.col("_quote")).then(pl.lit(_AMBIGUOUS_REASON))
         .when(~matched & pl.col(_TEXT).str.contains(_FRAME + r"\s")).then(pl.lit(
@@ -338,9 +345,9 @@ def _read_raw_quotes(df: Any) -> Any:
     frame = list(_GROUPS[:8])
     again = pl.col("referer").is_null() & pl.col(_TEXT).str.contains(_BOUNDARY, literal=True)
     df = df.with_row_index("_row").with_columns(pl.lit(False).alias("_quote"))
-    hits = df.filter(again).drop(list(_GROUPS)).with_columns(
+    hits = df.filter(again).drop([*_GROUPS, "_tail"]).with_columns(
         pl.col(_TEXT).str.extract_groups(_LOOSE)
-        .struct.rename_fields([*frame, _SPAN]).alias("g")).unnest("g")
+        .struct.rename_fields([*frame, _SPAN, "_tail"]).alias("g")).unnest("g")
     hits = hits.filter(pl.col("client_ip").is_not_null())
     if hits.height == 0:
         return df.drop("_row")
