@@ -395,6 +395,30 @@ def test_a_raw_quote_in_the_request_line_is_read_where_only_one_end_is() -> None
                                       "place where it could end") for r in rej)
 
 
+def test_a_raw_quote_before_a_space_in_the_target_is_read_as_any_raw_quote() -> None:
+    """A target whose quote is followed by a space (``/?id=1"``, the commonest SQL injection
+    probe, then `` HTTP/1.1``) let the frame read: the request ended at that quote, the protocol
+    was read as the status and the real status as the size, and the line was a reject, "status
+    is not a code 100-599: 'HTTP/1.1"'", though it holds a quote, a status and a size once as
+    every raw quote in a request line that is read does. It is read so now; with that pattern
+    twice it is the reject such a line is."""
+    head = '198.51.100.4 - - [14/May/2024:10:00:00 +0000] "GET '
+    lines = [
+        head + '/?id=1" HTTP/1.1" 200 5 "-" "sqlmap"',
+        head + '/?id=1" HTTP/1.1" 403 -',
+        head + '/a" 200 HTTP/1.1" 404 0',  # its " 200 is no end: no size after it
+        head + '/a" x" 200 5 "-" "ua" 404 0',  # two ends: a reject
+    ]
+    res = parse("\n".join(lines))
+    assert [(r["request"], r["url"], r["protocol"], r["status"], r["bytes"], r["user_agent"])
+            for r in res.batch.to_pylist()] == [
+        ('GET /?id=1" HTTP/1.1', '/?id=1"', "HTTP/1.1", 200, 5, "sqlmap"),
+        ('GET /?id=1" HTTP/1.1', '/?id=1"', "HTTP/1.1", 403, 0, None),
+        ('GET /a" 200 HTTP/1.1', '/a" 200', "HTTP/1.1", 404, 0, None)]
+    (rej,) = res.rejects.to_pylist()
+    assert rej["line"] == 4 and rej["reason"].startswith("unescaped quote in the request line")
+
+
 def test_a_frame_forged_in_the_target_up_to_the_agent_is_a_reject() -> None:
     """The target ``/a" 200 999 "-" "forged`` (a 400 NGINX logs raw with ``escape=none``) makes
     the line end ``"GET /a" 200 999 "-" "forged HTTP/1.1" 400 0 ...``: the server's quote

@@ -75,6 +75,9 @@ _LINE_GROUPS = (*_GROUPS, "_tail")
 _OPENED = r'(?s)^(\s*(?:' + _VHOST_TEXT + r' )?\S+ \S+ \S+(?: \S+)*? \[[^\]]+\] ")(.*)$'
 #: Where a request line may end: a quote, then a status (always three digits) and a size.
 _REQUEST_END = r'" \d{3} (?:\d+|-)(?:\s|$)'
+#: A status and a size as a server writes them (``_REQUEST_END`` without the quote).
+_STATUS_TEXT = r"^\d{3}$"
+_SIZE_TEXT = r"^(?:\d+|-)$"
 #: Where a request line with a protocol ends. After the fields, it is the end of the request
 #: line the server wrote, and what was read as one a frame the client wrote in its target
 #: (``/a" 200 5 "-" "x" "y``, its last quote closed by the server's): no field a server adds
@@ -282,13 +285,21 @@ def _read_raw_requests(df: Any) -> Any:
     and the rest is read as any line's is, with the request set aside (``-`` in ``_TEXT``).
     With two or more, any could be the server's, and the one taken would decide the record's
     status, size, referer and agent: the line is a reject with that reason. Only lines whose
-    frame does not read are looked at again: the text of every other line is the line."""
+    frame does not read, or reads with a status or size that is none (the client's quote
+    before a space ended the request early: ``"GET /?id=1" HTTP/1.1" 200 5``), are looked at
+    again: the text of every other line is the line."""
     import polars as pl
 
-    # a line whose frame reads but that fails after the size is _read_raw_quotes's
+    # a line whose frame reads but that fails after the size is _read_raw_quotes's; one whose
+    # frame reads with no status or size where they are read is such a line too: a quote of the
+    # client's before a space (`"GET /?id=1" HTTP/1.1" 200 5`) ended the request, so that the
+    # protocol and the real status were read as the status and the size
+    read = pl.col("client_ip").is_not_null()
+    misread = read & ~(pl.col("status").str.contains(_STATUS_TEXT)
+                       & pl.col("bytes").str.contains(_SIZE_TEXT))
     df = df.with_row_index("_row")
-    hits = df.filter(pl.col("client_ip").is_null())
-    hits = hits.filter(~pl.col("raw").str.contains(_FRAME)).drop([*_LINE_GROUPS, _TEXT])
+    hits = df.filter((~read & ~pl.col("raw").str.contains(_FRAME)) | misread)
+    hits = hits.drop([*_LINE_GROUPS, _TEXT])
     hits = hits.with_columns(
         pl.col("raw").str.extract_groups(_OPENED)
         .struct.rename_fields(["_head", "_rest"]).alias("h")).unnest("h")
