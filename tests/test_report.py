@@ -43,16 +43,24 @@ def test_label_sample_stays_bounded_whatever_the_number_of_labels() -> None:
     # features of every record: 2,000 hosts of 10 records kept all 20,000.
     from deepwatch.viz.tsne import MAX_POINTS
 
+    def sampled(labels: np.ndarray, size: int) -> np.ndarray:
+        X = np.zeros((len(labels), 4), np.float32)
+        sample = LabelSample(per_label=3000, seed=1)
+        for a in range(0, len(labels), size):
+            sample.add(labels[a:a + size], X[a:a + size], a)
+        return sample.result()[0]
+
     rng = np.random.default_rng(3)
-    labels = rng.permutation(np.array([f"host{i % 2000}" for i in range(20_000)]
-                                      + ["normal"] * 5000, dtype=object))
-    X = np.zeros((len(labels), 4), np.float32)
-    sample = LabelSample(per_label=3000, seed=1)
-    for a in range(0, len(labels), 4096):
-        sample.add(labels[a:a + 4096], X[a:a + 4096], a)
-    rows, _ = sample.result()
-    assert len(rows) <= MAX_POINTS
-    assert "normal" in set(labels[rows])  # the most common label keeps its place on the map
+    for hosts in (2000, 5000):  # fewer labels than the map has points, and more
+        labels = rng.permutation(np.array([f"host{i % hosts}" for i in range(20_000)]
+                                          + ["normal"] * 5000, dtype=object))
+        rows = {size: sampled(labels, size) for size in (4096, 1000, len(labels))}
+        assert len(rows[4096]) <= MAX_POINTS
+        assert "normal" in set(labels[rows[4096]])  # the most common label keeps its place
+        # the same rows however the stream is cut: with more labels than points, ranked by
+        # the counts seen so far, a label cut early kept only its later rows (642 differed)
+        assert np.array_equal(rows[4096], rows[len(labels)]), hosts
+        assert np.array_equal(rows[1000], rows[len(labels)]), hosts
 
 
 def test_label_sample_keeps_what_the_map_draws() -> None:

@@ -4,8 +4,9 @@ Every row gets a random key; for each label the rows with the smallest keys are 
 ("bottom-k"), which is a uniform sample without replacement of that label's rows however the
 stream is cut into batches. How many a label keeps is bounded twice: by ``per_label``, and by a
 share of ``total`` rows over all labels, shared out as :func:`balanced_pick` shares the map's
-points (rare labels kept whole, the common ones cut to one level). Memory is then bounded by
-``total`` rows whatever the number of labels: bounded by ``per_label`` alone, a label per host
+points (rare labels kept whole, the common ones cut to one level); with more labels than
+``total``, one row each for the ``total`` labels whose least key is least. Memory is then bounded
+by ``total`` rows whatever the number of labels: bounded by ``per_label`` alone, a label per host
 kept the features of every record.
 """
 
@@ -76,10 +77,15 @@ class LabelSample:
                 keep = np.argpartition(keys, k)[:k]
                 self._kept[lab] = (keys[keep], rows[keep], X[keep])
         if len(self._kept) > self.total:
-            # more labels than rows (one each): the most common keep theirs, as balanced_pick
-            # gives its last slots to the most common labels; ties by the row's random key
-            ranked = sorted(self._kept, key=lambda lab: (-self._seen[lab],
-                                                         float(self._kept[lab][0].min())))
+            # more labels than rows: the level is 1, each label holds its row of least key,
+            # and the labels whose least key is among the ``total`` least keep theirs. A label
+            # cut here never comes back with its old rows: one of its later rows can only beat
+            # the keys kept (which only lower) with a key less than its old one, which then is
+            # its row. So the sample is the same however the stream is cut (ranking by the
+            # counts seen so far was not: a label cut early kept only later rows). A label's
+            # chance grows with its count (its least key is the least of more), so the common
+            # ones ("normal") keep a row, as balanced_pick gives them its last slots.
+            ranked = sorted(self._kept, key=lambda lab: float(self._kept[lab][0].min()))
             for lab in ranked[self.total:]:
                 del self._kept[lab]
 
