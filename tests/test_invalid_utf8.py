@@ -87,6 +87,14 @@ def test_zeek_keeps_the_bytes_in_tsv_fields_and_json_strings_alike() -> None:
     assert rejects[0]["reason"].startswith(
         "not valid JSON (it holds bytes that are not UTF-8, shown \\xHH")
     assert rejects[1]["reason"] == "field orig_p is not a non-negative integer: '53\\xFF'"
+    # the same lines as text, their bytes escaped already (as Spark hands its lines to the
+    # parser) read the same: the JSON line was a reject "not valid JSON" there
+    as_text = fmt.parse(decode_text(b"\n".join(lines) + b"\n"))
+    assert as_text.batch.to_pylist() == res.batch.to_pylist()
+    assert as_text.rejects.to_pylist() == rejects
+    # an escaped backslash before an x is JSON's own, left as it is
+    kept = fmt.parse(ZEEK_JSON.replace(b"\xff", b"\\\\x41").replace(b"\xfe", b"").decode())
+    assert [r["uid"] for r in kept.batch.to_pylist()] == ["C\\x411"]
 
 
 def test_zeek_header_with_such_bytes_reads_the_same_in_one_chunk_or_carried() -> None:

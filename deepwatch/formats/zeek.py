@@ -111,13 +111,23 @@ def _json_texts(data: bytes | str, every: Any) -> Any:
     """``every`` (a polars Series of the lines of ``data``, as ``split_lines`` cut them) with
     each JSON line that held bytes that are not UTF-8 decoded again for its JSON to read (see
     JSON_HEX_ERRORS); None where no line did. Only the lines that start with ``{`` and show a
-    ``\\x`` are looked at again: valid input costs one search."""
-    if not isinstance(data, bytes):
-        return None
+    ``\\x`` are looked at again: valid input costs one search.
+
+    Text (not bytes) holds such bytes already escaped, ``\\xHH`` as ``decode_text`` writes them:
+    Spark's lines reach the parser so. JSON has no ``\\x`` escape, so in a JSON line each one
+    whose backslash is not itself escaped is that escape, and is read as ``\\\\xHH`` (the value
+    holds ``\\xHH``, as when the bytes are parsed): ``--engine spark`` reads what ``score``
+    reads."""
     suspect = every.str.starts_with("{") & every.str.contains("\\x", literal=True)
     if not suspect.any():
         return None
     rows = suspect.arg_true()
+    if not isinstance(data, bytes):
+        import re
+
+        unescaped = re.compile(r"(?<!\\)((?:\\\\)*)\\x([0-9A-F]{2})")
+        texts = [unescaped.sub(r"\1\\\\x\2", t) for t in every.gather(rows).to_list()]
+        return every.clone().scatter(rows, texts)
     pieces = data.split(b"\n")  # "\n" is never part of a byte sequence the handler escapes
     texts = [pieces[i].removesuffix(b"\r").decode("utf-8", JSON_HEX_ERRORS)
              for i in rows.to_list()]
