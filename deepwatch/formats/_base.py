@@ -52,17 +52,21 @@ BOM_LINE_REASON = ("the line starts with a UTF-8 byte order mark (U+FEFF): a fil
 #: instead of U+FFFD, which would lose their values: for a security tool the bytes of a payload
 #: are evidence. The record is still parsed, with the escapes in its text; valid UTF-8 decodes as
 #: fast as with any other handler (it is called on an error only).
-HEX_ERRORS = "deepwatch-hex"
-_HEX = tuple(f"\\x{b:02X}" for b in range(256))
+def register_hex_errors(name: str, backslash: str) -> str:
+    """Register the codecs error handler ``name``, which writes each byte that is not UTF-8 as
+    ``backslash`` + ``xHH`` (upper-case hexadecimal); returns ``name``."""
+    escapes = tuple(f"{backslash}x{b:02X}" for b in range(256))
+
+    def handler(exc: UnicodeError) -> tuple[str, int]:
+        if not isinstance(exc, UnicodeDecodeError):
+            raise exc
+        return "".join([escapes[b] for b in exc.object[exc.start : exc.end]]), exc.end
+
+    codecs.register_error(name, handler)
+    return name
 
 
-def _hex_escapes(exc: UnicodeError) -> tuple[str, int]:
-    if not isinstance(exc, UnicodeDecodeError):
-        raise exc
-    return "".join([_HEX[b] for b in exc.object[exc.start : exc.end]]), exc.end
-
-
-codecs.register_error(HEX_ERRORS, _hex_escapes)
+HEX_ERRORS = register_hex_errors("deepwatch-hex", "\\")
 
 
 def decode_text(data: bytes) -> str:

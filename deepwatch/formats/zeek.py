@@ -27,7 +27,6 @@ The raw text of a reject shows the bytes ``\\xHH`` in either layout.
 
 from __future__ import annotations
 
-import codecs
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,6 +40,7 @@ from ._base import (
     check_text,
     empty_rejects,
     make_rejects,
+    register_hex_errors,
     split_lines,
 )
 from ._records import record_text
@@ -92,17 +92,7 @@ SCHEMA = pa.schema(
 
 #: The codecs error handler for a JSON line's bytes that are not UTF-8: each written ``\\xHH``
 #: with its backslash escaped for JSON, so that the string JSON reads holds ``\xHH``.
-JSON_HEX_ERRORS = "deepwatch-json-hex"
-_JSON_HEX = tuple(f"\\\\x{b:02X}" for b in range(256))
-
-
-def _json_hex_escapes(exc: UnicodeError) -> tuple[str, int]:
-    if not isinstance(exc, UnicodeDecodeError):
-        raise exc
-    return "".join([_JSON_HEX[b] for b in exc.object[exc.start : exc.end]]), exc.end
-
-
-codecs.register_error(JSON_HEX_ERRORS, _json_hex_escapes)
+JSON_HEX_ERRORS = register_hex_errors("deepwatch-json-hex", "\\\\")
 #: The column of the text a JSON line's fields are read from (see ``_json_texts``).
 _JSON_TEXT = "_json_text"
 
