@@ -231,3 +231,24 @@ def test_padded_kdd_objects_score_exactly_as_the_clean_ones(kdd_bundle: Path) ->
     assert verdicts == verdicts[:2] * 4
     reason = "field 2 (protocol_type) is empty once the spaces around it are removed: '   '"
     assert body["rejects"] == [{"index": 8, "reason": reason}, {"index": 9, "reason": reason}]
+
+
+def test_an_integer_past_a_narrower_column_is_a_reject_not_a_failed_request() -> None:
+    """``utc_offset_minutes`` (access) is an int32 column: a value past it, alone or among good
+    ones, was checked against int64's range only, so Arrow raised on building the column and
+    ``POST /v1/score`` answered 500 for the whole request. It is a reject naming the field, and
+    int32's own bounds are kept."""
+    access = get_format("access")
+    base = {"client_ip": "10.0.0.1", "timestamp": "2024-05-14T00:12:43Z",
+            "request": "GET / HTTP/1.1", "status": 200, "bytes": 10}
+    offsets: list[Any] = [2**31, -60, 2**40, -(2**31) - 1, 2**31 - 1, -(2**31), None, 2.0**31]
+    result = access.parse_records([{**base, "utc_offset_minutes": v} for v in offsets])
+    assert result.line_numbers.to_pylist() == [2, 5, 6, 7]
+    assert result.batch.column("utc_offset_minutes").to_pylist() == [
+        -60, 2**31 - 1, -(2**31), None]
+    assert result.rejects.column("line").to_pylist() == [1, 3, 4, 8]
+    assert result.rejects.column("reason").to_pylist() == [
+        f"field 'utc_offset_minutes' is out of range: {v}"
+        for v in ("2147483648", "1099511627776", "-2147483649", "2147483648.0")]
+    alone = access.parse_records([{**base, "utc_offset_minutes": 2**31}])
+    assert alone.batch.num_rows == 0 and alone.rejects.num_rows == 1

@@ -47,6 +47,15 @@ def _kind(typ: pa.DataType) -> str:
     return "other"
 
 
+def _int_range(typ: pa.DataType) -> tuple[int, int]:
+    """The least and greatest value of the integer type ``typ`` (int32's, not only int64's: a
+    value past it made Arrow fail the whole request)."""
+    bits = typ.bit_width
+    if pa.types.is_unsigned_integer(typ):
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 def _coerce(value: Any, typ: pa.DataType) -> Any:
     """One value made fit for ``typ``, or ValueError with the reason (``"is not ..."``)."""
     kind = _kind(typ)
@@ -57,7 +66,8 @@ def _coerce(value: Any, typ: pa.DataType) -> Any:
             if not value.is_integer():
                 raise ValueError("is not an integer")
             value = int(value)
-        if not -(2**63) <= value < 2**63:
+        low, high = _int_range(typ)
+        if not low <= value <= high:
             raise ValueError("is out of range")
         return value
     if kind == "float":
