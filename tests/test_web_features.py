@@ -69,6 +69,18 @@ def test_request_features() -> None:
     assert b["has_referer"] == 0.0
 
 
+def test_a_size_no_float_holds_exactly_is_a_feature_not_a_crash() -> None:
+    # a client may make a server log any size: 9223372036854775807 (2**63 - 1) passed the
+    # parse, then the features' cast to float refused it (not exact), and one such line made
+    # the whole `score` run, or the REST request, fail with a traceback / a 500
+    line = _line("1.2.3.4", 0, "/").replace(" 200 512 ", " 200 9223372036854775807 ")
+    t = _table([line, _line("1.2.3.4", 1, "/")])
+    d = derive_access(t, {}, {}).to_pylist()
+    assert d[0]["bytes"] == float(2**63 - 1) and d[1]["bytes"] == 512.0
+    fz = Featurizer(access_feature_spec()).fit(t)
+    assert np.isfinite(fz.transform(t)).all()
+
+
 def test_window_features_per_client() -> None:
     lines = [_line("1.1.1.1", i, f"/p{i % 2}", status=404 if i % 4 == 0 else 200)
              for i in range(8)]

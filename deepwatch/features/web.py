@@ -73,7 +73,9 @@ def access_feature_spec(params: dict[str, Any] | None = None, min_count: int = 1
 
 
 def _num(col: pa.ChunkedArray | pa.Array, default: float = 0.0) -> np.ndarray:
-    return np.asarray(pc.fill_null(pc.cast(col, pa.float64()), default)
+    # not a safe cast: a size past 2**53 (a client can make a server log any) has no exact
+    # float, and refusing it failed the whole run; the nearest float serves a feature
+    return np.asarray(pc.fill_null(pc.cast(col, pa.float64(), safe=False), default)
                       .to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
