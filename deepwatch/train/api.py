@@ -547,6 +547,10 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         if folds > 1:
             assert labels is not None
             fold_parts = _fold_indices(labels, folds, seed)
+            if any(not len(part) for parts in fold_parts for part in parts):
+                raise DataError(f"too few training records ({table.num_rows}) for --folds "
+                                f"{folds}: every fold must hold out records both to stop early "
+                                "on and to calibrate with; use fewer folds")
             tr_idx, es_idx, cal_idx = fold_parts[0]
             tr_table = table.take(pa.array(tr_idx))
             es_table, cal_table = table.take(pa.array(es_idx)), table.take(pa.array(cal_idx))
@@ -573,6 +577,13 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             tr_labels = labels[tr_idx] if labels is not None else None
             es_labels = labels[es_idx] if labels is not None else None
             cal_labels = labels[cal_idx] if labels is not None else None
+        if not (es_table.num_rows and cal_table.num_rows):
+            # (a label with fewer records than parts stays in one part)
+            held = ("the validation data (--val)" if val_inputs else
+                    f"the training data ({table.num_rows:,} records)")
+            raise DataError(f"{held} is too small to hold out records both to stop early on "
+                            "and to calibrate with (only a label with at least "
+                            f"{2 if val_inputs else 3} records has some in both)")
     if rejects_path:
         log(f"{kept.count:,} rejected record{'s' if kept.count != 1 else ''} kept in "
             f"{rejects_path}")

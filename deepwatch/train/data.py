@@ -36,7 +36,8 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
                 cuts[k] = min(max(cuts[k], k + 1), len(idx) - (len(fractions) - 1 - k))
         for k, piece in enumerate(np.split(idx, cuts)):
             parts[k].append(piece)
-    return [np.sort(np.concatenate(p)) for p in parts]
+    # (no rows at all: empty parts, not a concatenate of nothing)
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
 
 
 def dedupe(X: np.ndarray, y: np.ndarray | None = None, w: np.ndarray | None = None

@@ -1,0 +1,76 @@
+"""``deepwatch train`` on data too small for what it is asked: one clear error line, exit 4,
+no traceback and no bundle directory left behind."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import head_lines
+
+
+@pytest.fixture(scope="module")
+def ten(tmp_path_factory: pytest.TempPathFactory, kdd_train_file: Path) -> Path:
+    """Ten KDD records, several labels (normal, smurf, ...)."""
+    p = tmp_path_factory.mktemp("edges") / "ten.csv"
+    p.write_text("".join(head_lines(kdd_train_file, 10, every=997)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def distinct(tmp_path_factory: pytest.TempPathFactory, kdd_train_file: Path) -> Path:
+    """Ten KDD records of ten labels: none can be held out."""
+    seen: dict[str, str] = {}
+    with gzip.open(kdd_train_file, "rt") as f:
+        for line in f:
+            seen.setdefault(line.rsplit(",", 1)[-1], line)
+            if len(seen) == 10:
+                break
+    p = tmp_path_factory.mktemp("edges") / "distinct.csv"
+    p.write_text("".join(seen.values()))
+    return p
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deepwatch", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    # more folds than records: some folds hold nothing out (was a ValueError traceback)
+    (["--folds", "20"], "too few training records (10) for --folds 20"),
+    # (said before: "the validation data has no records with labels seen in training")
+    (["--folds", "5"], "too few training records (10) for --folds 5"),
+    # two --val records, one label each: nothing left to stop early on
+    (["--val", "TWO"], "the validation data (--val) is too small to hold out records both"),
+    (["--val", "TWO", "--model", "autoencoder"], "the validation data (--val) is too small"),
+])
+def test_too_small_for_the_split_is_one_line(extra: list[str], says: str, ten: Path,
+                                             tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    two = tmp_path / "two.csv"
+    lines = ten.read_text().splitlines(keepends=True)
+    two.write_text(lines[0] + lines[-1])  # a normal record and a smurf
+    model = [] if "--model" in extra else ["--model", "mlp"]
+    r = run_cli("train", "--format", "kdd", *model, "--epochs", "1", "--out", str(out),
+                *[str(two) if a == "TWO" else a for a in extra], str(ten))
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 4, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and says in last, r.stderr
+    assert not out.exists()
+
+
+def test_labels_each_seen_once_cannot_be_held_out(distinct: Path, tmp_path: Path) -> None:
+    # (said before: "the validation data has no records with labels seen in training", with
+    # no validation data given)
+    r = run_cli("train", "--format", "kdd", "--model", "stack", "--epochs", "1",
+                "--out", str(tmp_path / "b"), str(distinct))
+    assert "Traceback" not in r.stderr and r.returncode == 4, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: the training data (10 records) is too small to hold out records both to stop "
+        "early on and to calibrate with (only a label with at least 3 records has some in both)")
+    assert not (tmp_path / "b").exists()
