@@ -7,6 +7,8 @@ reason."""
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from conftest import ThreadServer
 
 from deepwatch.formats import get_format
+from deepwatch.sinks import write_jsonl
 
 uvicorn = pytest.importorskip("uvicorn")
 from deepwatch.serve.app import create_app  # noqa: E402
@@ -236,19 +239,134 @@ def test_padded_kdd_objects_score_exactly_as_the_clean_ones(kdd_bundle: Path) ->
 def test_an_integer_past_a_narrower_column_is_a_reject_not_a_failed_request() -> None:
     """``utc_offset_minutes`` (access) is an int32 column: a value past it, alone or among good
     ones, was checked against int64's range only, so Arrow raised on building the column and
-    ``POST /v1/score`` answered 500 for the whole request. It is a reject naming the field, and
-    int32's own bounds are kept."""
+    ``POST /v1/score`` answered 500 for the whole request. It is a reject naming the field; a
+    value inside int32 but past any time zone's offset is a reject too (see below)."""
     access = get_format("access")
     base = {"client_ip": "10.0.0.1", "timestamp": "2024-05-14T00:12:43Z",
             "request": "GET / HTTP/1.1", "status": 200, "bytes": 10}
     offsets: list[Any] = [2**31, -60, 2**40, -(2**31) - 1, 2**31 - 1, -(2**31), None, 2.0**31]
     result = access.parse_records([{**base, "utc_offset_minutes": v} for v in offsets])
-    assert result.line_numbers.to_pylist() == [2, 5, 6, 7]
-    assert result.batch.column("utc_offset_minutes").to_pylist() == [
-        -60, 2**31 - 1, -(2**31), None]
-    assert result.rejects.column("line").to_pylist() == [1, 3, 4, 8]
+    assert result.line_numbers.to_pylist() == [2, 7]
+    assert result.batch.column("utc_offset_minutes").to_pylist() == [-60, None]
+    assert result.rejects.column("line").to_pylist() == [1, 3, 4, 5, 6, 8]
     assert result.rejects.column("reason").to_pylist() == [
-        f"field 'utc_offset_minutes' is out of range: {v}"
-        for v in ("2147483648", "1099511627776", "-2147483649", "2147483648.0")]
+        *(f"field 'utc_offset_minutes' is out of range: {v}"
+          for v in ("2147483648", "1099511627776", "-2147483649")),
+        *(OFFSET_REASON + str(v) for v in (2**31 - 1, -(2**31))),
+        "field 'utc_offset_minutes' is out of range: 2147483648.0"]
     alone = access.parse_records([{**base, "utc_offset_minutes": 2**31}])
     assert alone.batch.num_rows == 0 and alone.rejects.num_rows == 1
+
+
+# -- access objects are checked as access lines are ----------------------------------------------
+
+ACCESS = get_format("access")
+#: an access line with its status, its time's offset and a virtual host to fill in
+ACCESS_LINE = ('{vhost}203.0.113.9 - - [17/May/2015:10:05:03 {zone}] "GET /shop?id=7 HTTP/1.1" '
+               '{status} 5123 "-" "Mozilla/5.0"')
+OFFSET_REASON = ("field 'utc_offset_minutes' is not the offset of a time zone (-1439 to 1439 "
+                 "minutes, as -23:59 to +23:59): ")
+
+
+def _access_line(status: Any = 200, zone: str = "+0000", vhost: str = "") -> str:
+    return ACCESS_LINE.format(status=status, zone=zone, vhost=vhost + " " if vhost else "")
+
+
+def _access_object(**fields: Any) -> dict[str, Any]:
+    base = {"client_ip": "203.0.113.9", "timestamp": "2015-05-17T10:05:03Z",
+            "request": "GET /shop?id=7 HTTP/1.1", "status": 200, "bytes": 5123}
+    return {**base, **fields}
+
+
+def _counted(result: Any, sent: int) -> None:
+    assert result.batch.num_rows + result.rejects.num_rows == result.lines == sent
+    numbers = result.line_numbers.to_pylist() + result.rejects.column("line").to_pylist()
+    assert sorted(numbers) == list(range(1, sent + 1))
+
+
+def test_an_access_object_status_outside_100_599_is_the_reject_a_line_gets() -> None:
+    """A status of 0, 5, 600 or a million was scored from an object, where a line with it is a
+    reject: the same reason now, from the one rule (-1 too, which was "is negative"); 100 and
+    599 are codes in both."""
+    statuses: list[Any] = [0, 5, 600, 10**6, -1, 100, 599, 200]
+    lines = ACCESS.parse("\n".join(_access_line(s) for s in statuses) + "\n")
+    objects = ACCESS.parse_records([_access_object(status=s) for s in statuses])
+    _counted(objects, len(statuses))
+    assert objects.line_numbers.to_pylist() == lines.line_numbers.to_pylist() == [6, 7, 8]
+    assert objects.batch.column("status").to_pylist() == [100, 599, 200]
+    reasons = objects.rejects.column("reason").to_pylist()
+    assert reasons == lines.rejects.column("reason").to_pylist()
+    assert reasons[2] == "status is not a code 100-599: '600'"
+    # a float that is an integer is one (3.0 is 3), shown as the object wrote it
+    [reject] = ACCESS.parse_records([_access_object(status=1e6)]).rejects.to_pylist()
+    assert reject["reason"] == "status is not a code 100-599: '1000000.0'"
+    assert reject["raw"].startswith('{"client_ip": "203.0.113.9"')
+
+
+def test_an_access_object_utc_offset_is_bounded_as_a_line_time_offset_is() -> None:
+    """``utc_offset_minutes`` of 1441 or 100000 was taken from an object (and shifted the local
+    hour the features read by days), where a line's time past +-23:59 is unreadable: both
+    now stop at +-23:59 (1439 minutes), beyond it a reject naming the field."""
+    zones = ["+2359", "-2359", "+2400", "-2400", "+9999"]
+    lines = ACCESS.parse("\n".join(_access_line(zone=z) for z in zones) + "\n")
+    assert lines.batch.column("utc_offset_minutes").to_pylist() == [1439, -1439]
+    assert [r.startswith("unreadable time") for r in lines.rejects.column("reason").to_pylist()
+            ] == [True] * 3
+    offsets = [1439, -1439, 1440, -1440, 1441, 100_000, -100_000, 0, None]
+    objects = ACCESS.parse_records([_access_object(utc_offset_minutes=o) for o in offsets])
+    _counted(objects, len(offsets))
+    assert objects.line_numbers.to_pylist() == [1, 2, 8, 9]
+    assert objects.batch.column("utc_offset_minutes").to_pylist() == [1439, -1439, 0, None]
+    assert objects.rejects.column("reason").to_pylist() == [
+        OFFSET_REASON + str(o) for o in offsets[2:7]]
+
+
+def test_an_access_object_vhost_is_stored_as_a_line_stores_it() -> None:
+    """A line's ``%v:%p`` keeps the host alone (``url.domain`` in alerts); an object's
+    ``h:8080`` kept its port. It is stored so now: the port dropped, an IPv6 host's brackets
+    too, and a host given bare (an IPv6 one among them, as ``score`` writes it) as it is."""
+    hosts = ["h:8080", "www.example.com:443", "[2001:db8::1]:8443"]
+    lines = ACCESS.parse("\n".join(_access_line(vhost=h) for h in hosts) + "\n")
+    want = ["h", "www.example.com", "2001:db8::1"]
+    assert lines.batch.column("vhost").to_pylist() == want
+    given = [*hosts, "[2001:db8::1]", "2001:db8::1", "www.example.com", "h:", None]
+    objects = ACCESS.parse_records([_access_object(vhost=h) for h in given])
+    _counted(objects, len(given))
+    assert objects.batch.column("vhost").to_pylist() == [
+        *want, "2001:db8::1", "2001:db8::1", "www.example.com", "h:", None]
+
+
+def test_an_access_object_timestamp_offset_is_its_utc_offset() -> None:
+    """An object whose ISO ``timestamp`` says ``-07:00`` and gives no ``utc_offset_minutes``
+    had its local hour read as UTC by the features: the offset is taken from the text, so the
+    object is the record its line is. An offset given beside it wins where they agree and is a
+    reject where they do not; a zero offset (``Z``, ``+00:00``: an instant in UTC) leaves the
+    given one, or none, as it is."""
+    line = _access_line(zone="-0700", vhost="h:8080")
+    want = ACCESS.parse(line + "\n").batch
+    [row] = want.to_pylist()
+    assert row["utc_offset_minutes"] == -420
+    local = {**row, "timestamp": "2015-05-17T10:05:03-07:00", "vhost": "h:8080"}
+    del local["utc_offset_minutes"]
+    assert ACCESS.parse_records([local]).batch.equals(want)
+    # as `score` writes the record (UTC time, +00:00, and the line's offset) it reads back
+    out = io.BytesIO()
+    write_jsonl(want, out)
+    written = json.loads(out.getvalue())
+    assert written["timestamp"].endswith("+00:00") and written["utc_offset_minutes"] == -420
+    assert ACCESS.parse_records([written]).batch.equals(want)
+    stamps: list[tuple[str, Any]] = [
+        ("2015-05-17T10:05:03-07:00", None), ("2015-05-17T10:05:03-07:00", -420),
+        ("2015-05-17T10:05:03-07:00", 60), ("2015-05-17T17:05:03Z", -420),
+        ("2015-05-17T17:05:03+00:00", None), ("2015-05-17T22:35:03+05:30", None),
+        ("2015-05-17T17:05:03", None), ("2015-05-17T10:05:03-07:00", 0)]
+    objects = ACCESS.parse_records([_access_object(timestamp=t, utc_offset_minutes=o)
+                                    for t, o in stamps])
+    _counted(objects, len(stamps))
+    assert objects.line_numbers.to_pylist() == [1, 2, 4, 5, 6, 7]
+    assert objects.batch.column("utc_offset_minutes").to_pylist() == [-420, -420, -420, None,
+                                                                      330, None]
+    assert len(set(objects.batch.column("timestamp").to_pylist())) == 1
+    assert objects.rejects.column("reason").to_pylist() == [
+        f"field 'utc_offset_minutes' ({o}) disagrees with the offset of the timestamp (-420 "
+        f"minutes): '2015-05-17T10:05:03-07:00'" for o in (60, 0)]

@@ -103,6 +103,27 @@ _BOUNDARY = '" "'
 #: Request line: method token, target (which may hold spaces), optional protocol.
 _REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S.*?)(?: (HTTP/\d(?:\.\d)?))?$"
 _TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
+#: The greatest UTC offset, in minutes either way, of a line's time (``+2359``, what polars'
+#: ``%z`` reads: a time beyond is unreadable) and of a record's ``utc_offset_minutes``.
+_OFFSET_LIMIT = 23 * 60 + 59
+_OFFSET_REASON = (f"field 'utc_offset_minutes' is not the offset of a time zone "
+                  f"(-{_OFFSET_LIMIT} to {_OFFSET_LIMIT} minutes, as -23:59 to +23:59): ")
+#: The HTTP status codes a record may have, and the reason of one outside (see
+#: ``_status_reason``), a line's as an object's.
+_STATUS_CODES = (100, 599)
+_STATUS_REASON = f"status is not a code {_STATUS_CODES[0]}-{_STATUS_CODES[1]}: "
+
+
+def _bad_status(status: Any) -> Any:
+    """Where ``status`` (a polars expression or a numpy array of integers) is no HTTP code."""
+    return (status < _STATUS_CODES[0]) | (status > _STATUS_CODES[1])
+
+
+def _status_reason(shown: Any) -> Any:
+    """The reason a status is refused, its first 20 characters quoted: ``shown`` is the status
+    as a line wrote it (a polars string expression) or as an object gave it (its JSON text)."""
+    cut = shown[:20] if isinstance(shown, str) else shown.str.slice(0, 20)
+    return _STATUS_REASON + "'" + cut + "'"
 #: A control character (C0, DEL, C1: NUL among them) or an invisible format character (the
 #: byte order mark U+FEFF, zero-width spaces and joiners): never part of an address or a host
 #: name, and never written raw by NGINX or Apache, which escape them as ``\\xHH``.
@@ -191,11 +212,10 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
             "unterminated quoted field after the size (the line may be cut short)"))
         .when(~matched).then(pl.lit("not in common or combined log format"))
         .when(pl.col("_client").is_not_null()).then(pl.col("_client"))
-        .when(pl.col("_ts").is_null())
+        .when(pl.col("_ts").is_null() | (pl.col("_offset").abs() > _OFFSET_LIMIT))
         .then(pl.lit("unreadable time '") + pl.col("time").str.slice(0, 60) + pl.lit("'"))
-        .when(pl.col("_status").is_null() | (pl.col("_status") < 100) | (pl.col("_status") > 599))
-        .then(pl.lit("status is not a code 100-599: '") + pl.col("status").str.slice(0, 20)
-              + pl.lit("'"))
+        .when(pl.col("_status").is_null() | _bad_status(pl.col("_status")))
+        .then(_status_reason(pl.col("status")))
         .when(pl.col("_bytes").is_null() | (pl.col("_bytes") < 0))
         .then(pl.lit("size is not a byte count: '") + pl.col("bytes").str.slice(0, 30)
               + pl.lit("'"))
@@ -255,13 +275,24 @@ def _read_vhost(df: Any) -> Any:
                & pl.col("user").str.contains(" ", literal=True)).fill_null(False)
     words = pl.col("user").str.splitn(" ", 2).struct.rename_fields(["_first", "_rest"])
     df = df.with_columns(words.alias("_w")).unnest("_w")
-    host = pl.col("vhost").str.replace(r":\d+$", "").str.replace(r"^\[(.*)\]$", "$1")
     return df.with_columns(
-        pl.coalesce(host, pl.when(shifted).then(pl.col("client_ip"))).alias("vhost"),
+        pl.coalesce(_host(pl.col("vhost")), pl.when(shifted).then(pl.col("client_ip")))
+        .alias("vhost"),
         pl.when(shifted).then(pl.col("ident")).otherwise(pl.col("client_ip")).alias("client_ip"),
         pl.when(shifted).then(pl.col("_first")).otherwise(pl.col("ident")).alias("ident"),
         pl.when(shifted).then(pl.col("_rest")).otherwise(pl.col("user")).alias("user"),
     ).drop("_first", "_rest")
+
+
+def _host(vhost: Any) -> Any:
+    """The polars expression of the host of ``vhost``: a ``%v:%p`` (``_VHOST_TEXT``) without its
+    port, and an IPv6 host without its brackets; any other text as it is (an IPv6 host written
+    bare, ``2001:db8::1``, keeps all its colons)."""
+    import polars as pl
+
+    with_port = vhost.str.contains("^" + _VHOST_TEXT + "$")
+    host = pl.when(with_port).then(vhost.str.replace(r":\d+$", "")).otherwise(vhost)
+    return host.str.replace(r"^\[(.*)\]$", "$1")
 
 
 _TEXT = "_text"
@@ -433,6 +464,46 @@ def _escape_controls(frame: Any, names: tuple[str, ...] = _QUOTED_FIELDS) -> Any
     return frame
 
 
+def _offsets(records: list[dict[str, Any]], given: list[int | None]
+             ) -> tuple[list[int | None], list[str | None]]:
+    """The ``utc_offset_minutes`` of each of ``records`` (objects that parsed; ``given``: their
+    offsets as parsed), and the reason of each that is none (null for the others).
+
+    A given offset past ``_OFFSET_LIMIT`` is no time zone's: a reject, as a line whose time has
+    one is. Left out, it is the offset of an ISO ``timestamp`` that has one other than zero, in
+    whole minutes (``2024-05-14T10:00:00-07:00``: -420; the features count a record without
+    one as UTC, and so read its local hour as UTC otherwise); given, it must be that offset (a
+    record whose two offsets disagree has no local hour to trust). An offset of zero (``Z``,
+    ``+00:00``) is how a client writes an instant in UTC, not its server's zone: it leaves
+    ``utc_offset_minutes`` as given (a record written by ``score``, UTC time and the line's
+    offset, reads back as it was)."""
+    from datetime import datetime
+
+    offsets = list(given)
+    reasons: list[str | None] = [None] * len(records)
+    for i, (record, have) in enumerate(zip(records, given, strict=True)):
+        if have is not None and abs(have) > _OFFSET_LIMIT:
+            reasons[i] = _OFFSET_REASON + record_text(record.get("utc_offset_minutes"))
+            continue
+        stamp = record.get("timestamp")
+        if not isinstance(stamp, str):
+            continue
+        try:
+            offset = datetime.fromisoformat(stamp).utcoffset()
+        except ValueError:  # not met: the timestamp parsed
+            continue
+        if not offset:
+            continue
+        seconds = offset.total_seconds()  # within a day either way, as Python bounds it
+        minutes = int(seconds / 60)  # whole minutes (toward zero, as a line's +hhmm has)
+        if have is None:
+            offsets[i] = minutes
+        elif have != minutes:
+            reasons[i] = (f"field 'utc_offset_minutes' ({have}) disagrees with the offset of "
+                          f"the timestamp ({minutes} minutes): {stamp[:60]!r}")
+    return offsets, reasons
+
+
 def _to_batch(good: Any) -> pa.RecordBatch:
     import polars as pl
 
@@ -482,7 +553,7 @@ class Access(Format):
     name: ClassVar[str] = "access"
     schema: ClassVar[pa.Schema] = SCHEMA
     has_label: ClassVar[bool] = False
-    nonnegative: ClassVar[tuple[str, ...]] = ("status", "bytes")
+    nonnegative: ClassVar[tuple[str, ...]] = ("bytes",)  # a status is checked as a code
     ecs_fields: ClassVar[dict[str, str]] = {
         "source.ip": "client_ip",
         "@timestamp": "timestamp",
@@ -514,36 +585,53 @@ class Access(Format):
         numbers = pa.array(np.flatnonzero(ok).astype(np.int64) + first_line)
         return ParseResult(_to_batch(good), rejects, len(lines), numbers)
 
-    def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
-        """Records as JSON objects (REST): the method, URL, path, query and protocol of a record
-        that gives only its ``request`` line are split from it, as for a log line; a client,
-        ident or user holding a control or invisible character is a reject with the reason a
-        line gets, and a control character in any other text is escaped as in a line's quoted
-        fields."""
+    def parse_records(self, records: list[dict[str, Any]] | Any) -> ParseResult:
+        """Records as JSON objects (REST), checked as lines are: the method, URL, path, query
+        and protocol of a record that gives only its ``request`` line are split from it; a
+        client, ident or user holding a control or invisible character, a status outside
+        100-599 and a ``utc_offset_minutes`` past +-23:59 are rejects (the first three with the
+        reason a line gets); a ``vhost`` is stored as a line's is (the host, without a port or
+        an IPv6 host's brackets); a control character in any other text is escaped as in a
+        line's quoted fields. ``utc_offset_minutes`` left out is filled from the offset of an
+        ISO ``timestamp`` that has one other than zero (``-07:00``: -420), and one given that
+        disagrees with it is a reject (see ``_offsets``)."""
         import polars as pl
 
+        if not isinstance(records, list):  # a table: its rows, as the base class reads them
+            from .._arrow import as_arrow
+
+            records = (list(records) if isinstance(records, tuple)
+                       else as_arrow(records, "parse_records").to_pylist())
         result = super().parse_records(records)
         if result.batch.num_rows == 0:
             return result
         frame = pl.from_arrow(pa.Table.from_batches([result.batch]))
         assert isinstance(frame, pl.DataFrame)
+        positions = np.asarray(result.line_numbers, dtype=np.int64)  # 1-based
+        kept = [records[n - 1] for n in positions]  # each an object: it parsed
+        offsets, offset_reasons = _offsets(kept, frame.get_column("utc_offset_minutes").to_list())
         # a record may give the parts of its request line too: every text but the frame's
         text = tuple(f.name for f in result.batch.schema
                      if f.type == pa.string() and f.name not in _FRAME_TEXT)
-        escaped = _escape_controls(frame, text)
-        if escaped is not frame:
-            table = escaped.to_arrow()
-            result.batch = pa.RecordBatch.from_arrays(
-                [table.column(f.name).combine_chunks().cast(f.type) for f in result.batch.schema],
-                schema=result.batch.schema)
-        result.batch = _split_requests(result.batch)
-        reasons = _frame_text_reasons(frame)
-        rows = np.flatnonzero(reasons.is_not_null().to_numpy())
-        if not len(rows):
+        fixed = _escape_controls(frame, text).with_columns(
+            _host(pl.col("vhost")).alias("vhost"),
+            pl.Series("utc_offset_minutes", offsets, dtype=pl.Int32))
+        table = fixed.to_arrow()
+        result.batch = _split_requests(pa.RecordBatch.from_arrays(
+            [table.column(f.name).combine_chunks().cast(f.type) for f in result.batch.schema],
+            schema=result.batch.schema))
+        status = frame.get_column("status").to_numpy()
+        status_reasons = [_status_reason(record_text(r.get("status"))) if bad else None
+                          for r, bad in zip(kept, _bad_status(status), strict=True)]
+        # the first reason in the order of the fields: the client, ident and user, the status,
+        # the UTC offset
+        reasons = [a if a is not None else b if b is not None else c for a, b, c in zip(
+            _frame_text_reasons(frame).to_list(), status_reasons, offset_reasons, strict=True)]
+        found = [(i, why) for i, why in enumerate(reasons) if why is not None]
+        if not found:
             return result
-        positions = np.asarray(result.line_numbers, dtype=np.int64)[rows]  # 1-based
-        return reject_rows(result, rows, [record_text(records[n - 1]) for n in positions],
-                           reasons.gather(rows).to_list())
+        return reject_rows(result, np.array([i for i, _ in found], dtype=np.int64),
+                           [record_text(kept[i]) for i, _ in found], [why for _, why in found])
 
     def feature_spec(self) -> dict[str, Any]:
         from ..features.web import access_feature_spec
