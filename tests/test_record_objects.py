@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,8 @@ def test_values_no_column_can_hold_are_rejects_with_their_reason(client: httpx.C
         2: "field 'ts' is out of range: 10000000000000000000",
         3: "field 'ts' is out of range: -1e+17",
         4: "field 'ts' is not an ISO-8601 timestamp: '10/Oct/2000:13:55:36 -0700'",
-        5: "field 'ts' is not a timestamp (ISO-8601 text or seconds since the epoch): True",
+        5: "field 'ts' is not a timestamp (ISO-8601 text, a datetime or seconds since the "
+           "epoch): True",
         6: "field 'orig_bytes' is out of range: 18446744073709551615",
         7: "field 'orig_bytes' is not an integer: 3.5",
         8: "field 'orig_bytes' is negative: -1",
@@ -370,3 +372,22 @@ def test_an_access_object_timestamp_offset_is_its_utc_offset() -> None:
     assert objects.rejects.column("reason").to_pylist() == [
         f"field 'utc_offset_minutes' ({o}) disagrees with the offset of the timestamp (-420 "
         f"minutes): '2015-05-17T10:05:03-07:00'" for o in (60, 0)]
+
+
+def test_records_made_in_python_may_give_the_time_as_a_datetime() -> None:
+    """Records built in Python (or rows of a pandas frame) hold their time as a ``datetime``:
+    every such record was a reject 'is not a timestamp'. It is the same instant as its ISO
+    text, naive taken as UTC, and an access record's offset comes from it as from the text."""
+    from datetime import timedelta, timezone
+
+    pacific = timezone(timedelta(hours=-7))
+    stamps: list[Any] = [datetime(2015, 5, 17, 3, 5, 3, tzinfo=pacific),
+                         datetime(2015, 5, 17, 10, 5, 3), "2015-05-17T03:05:03-07:00"]
+    result = ACCESS.parse_records([_access_object(timestamp=t) for t in stamps])
+    _counted(result, 3)
+    assert result.rejects.num_rows == 0, result.rejects.to_pylist()
+    rows = result.batch.to_pylist()
+    assert len({r["timestamp"] for r in rows}) == 1
+    assert [r["utc_offset_minutes"] for r in rows] == [-420, None, -420]
+    zeek = ZEEK.parse_records([_record(ts=datetime(2024, 1, 2, 3, 4, 5, 123000, tzinfo=UTC))])
+    assert zeek.batch.column("ts").cast(pa.int64()).to_pylist() == [1704164645123]

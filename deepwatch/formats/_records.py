@@ -98,17 +98,17 @@ def _coerce(value: Any, typ: pa.DataType) -> Any:
 
 
 def _timestamp(value: Any, typ: pa.DataType) -> Any:
-    """ISO-8601 text (a time without an offset is taken as UTC, as the columns are; digits
-    finer than the column's unit are cut) or seconds since the epoch, as an integer in the
-    column's unit."""
+    """ISO-8601 text or a ``datetime`` (a time without an offset is taken as UTC, as the
+    columns are; digits finer than the column's unit are cut) or seconds since the epoch, as an
+    integer in the column's unit."""
     per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[typ.unit]
     if isinstance(value, int | float) and not isinstance(value, bool):
         if isinstance(value, float) and not np.isfinite(value):
             raise ValueError("is not a finite timestamp")
         return _in_range(int(round(value * per_second)), per_second)
-    if isinstance(value, str):
+    if isinstance(value, str | datetime):  # (a datetime: records made in Python, pandas')
         try:
-            when = datetime.fromisoformat(value)
+            when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
         except ValueError:
             raise ValueError("is not an ISO-8601 timestamp") from None
         if when.tzinfo is None:
@@ -116,7 +116,7 @@ def _timestamp(value: Any, typ: pa.DataType) -> Any:
         since = when - _EPOCH
         micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
         return _in_range(micros * per_second // 1_000_000, per_second)  # finer digits cut
-    raise ValueError("is not a timestamp (ISO-8601 text or seconds since the epoch)")
+    raise ValueError("is not a timestamp (ISO-8601 text, a datetime or seconds since the epoch)")
 
 
 def _in_range(scaled: int, per_second: int) -> int:

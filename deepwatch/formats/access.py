@@ -486,10 +486,11 @@ def _offsets(records: list[dict[str, Any]], given: list[int | None]
             reasons[i] = _OFFSET_REASON + record_text(record.get("utc_offset_minutes"))
             continue
         stamp = record.get("timestamp")
-        if not isinstance(stamp, str):
+        if not isinstance(stamp, str | datetime):
             continue
         try:
-            offset = datetime.fromisoformat(stamp).utcoffset()
+            offset = (stamp if isinstance(stamp, datetime)
+                      else datetime.fromisoformat(stamp)).utcoffset()
         except ValueError:  # not met: the timestamp parsed
             continue
         if not offset:
@@ -500,7 +501,7 @@ def _offsets(records: list[dict[str, Any]], given: list[int | None]
             offsets[i] = minutes
         elif have != minutes:
             reasons[i] = (f"field 'utc_offset_minutes' ({have}) disagrees with the offset of "
-                          f"the timestamp ({minutes} minutes): {stamp[:60]!r}")
+                          f"the timestamp ({minutes} minutes): {str(stamp)[:60]!r}")
     return offsets, reasons
 
 
