@@ -74,3 +74,14 @@ def test_labels_each_seen_once_cannot_be_held_out(distinct: Path, tmp_path: Path
         "error: the training data (10 records) is too small to hold out records both to stop "
         "early on and to calibrate with (only a label with at least 3 records has some in both)")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("seed", ["-5", "99999999999999999999999"])
+def test_a_seed_out_of_range_is_one_line(seed: str, ten: Path, tmp_path: Path) -> None:
+    # (was a traceback from numpy or torch, after the data was read)
+    r = run_cli("train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
+                "--seed", seed, "--out", str(tmp_path / "b"), str(ten))
+    assert "Traceback" not in r.stderr and r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"error: seed (--seed) must be between 0 and {2**63 - 1}, "
+                                f"not {seed}"), r.stderr
+    assert not (tmp_path / "b").exists()

@@ -437,6 +437,10 @@ def check_options(options: dict[str, Any] | None) -> None:
                          f"{', '.join(sorted(known))}")
 
 
+#: The largest seed: torch's (64 bits, unsigned) less the offsets its members add, rounded.
+MAX_SEED = 2**63 - 1
+
+
 def check_numbers(seed: Any, epochs: Any, folds: Any, target_fpr: Any) -> None:
     """A UsageError for a number of the wrong type (the command's parser checks them): a
     ``seed=None`` failed in torch, ``epochs=2.0`` only after the data was read and
@@ -448,6 +452,8 @@ def check_numbers(seed: Any, epochs: Any, folds: Any, target_fpr: Any) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise UsageError(f"{name} must be a whole number, not {value!r}")
+    if not 0 <= seed <= MAX_SEED:  # (a negative or huge one failed in numpy or torch)
+        raise UsageError(f"seed (--seed) must be between 0 and {MAX_SEED}, not {seed}")
     if isinstance(target_fpr, bool) or not isinstance(target_fpr, numbers.Real):
         raise UsageError(f"target_fpr must be a number between 0 and 1, not {target_fpr!r}")
 
