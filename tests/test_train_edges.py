@@ -85,3 +85,27 @@ def test_a_seed_out_of_range_is_one_line(seed: str, ten: Path, tmp_path: Path) -
     assert r.stderr.strip() == (f"error: seed (--seed) must be between 0 and {2**63 - 1}, "
                                 f"not {seed}"), r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_hybrid_without_benign_records_is_refused_before_training(kdd_train_file: Path,
+                                                                   tmp_path: Path) -> None:
+    # (the stack's three networks were trained first, then the autoencoder found no benign
+    # records: minutes lost on real data)
+    got: dict[str, list[str]] = {"smurf.\n": [], "neptune.\n": []}
+    with gzip.open(kdd_train_file, "rt") as f:
+        for line in f:
+            kept = got.get(line.rsplit(",", 1)[-1])
+            if kept is not None and len(kept) < 15:
+                kept.append(line)
+            if all(len(v) == 15 for v in got.values()):
+                break
+    attacks = tmp_path / "attacks.csv"
+    attacks.write_text("".join(got["smurf.\n"] + got["neptune.\n"]))
+    r = run_cli("train", "--format", "kdd", "--model", "hybrid", "--epochs", "1",
+                "--out", str(tmp_path / "b"), str(attacks))
+    assert "Traceback" not in r.stderr and r.returncode == 4, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: the training data has no benign records (label 'normal') to learn what normal "
+        "looks like")
+    assert "epoch" not in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()

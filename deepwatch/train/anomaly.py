@@ -22,6 +22,7 @@ from ..errors import DataError
 from ..models.autoencoder import ANOMALY_OUTPUTS, HYBRID_OUTPUTS, AnomalyHead, HybridHead
 from ..models.autoencoder import build_autoencoder as build
 from .api import (
+    FPR_NEEDS_BENIGN,
     Split,
     TrainContext,
     Trained,
@@ -146,6 +147,11 @@ def train_hybrid(kind: str, ctx: TrainContext) -> Trained:
     # before the stack's own checks, which would name the stack
     require_two_labels(kind, ctx)
     require_labelled_validation(kind, ctx)
+    if ctx.policy == "fpr" and not len(ctx.calib.benign().X):
+        raise DataError(FPR_NEEDS_BENIGN)  # (the stack's own word for it)
+    for split, what in ((ctx.train, "training"), (ctx.early, "early-stopping"),
+                        (ctx.calib, "calibration")):
+        _benign(split, what)  # said before the stack trains (minutes on real data), not after
     stack = train_classifier("stack", ctx)
     classifier: nn.Module = stack.module.net  # type: ignore[assignment]  # ProbaHead(net)
     head, ae_config, info = train_anomaly_head(ctx)
