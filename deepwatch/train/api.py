@@ -597,6 +597,12 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     featurizer = Featurizer(fmt.feature_spec()).fit(table if folds > 1 else tr_table)
     vocab_of = labels if folds > 1 else tr_labels
     vocab = label_vocabulary(vocab_of) if vocab_of is not None else []
+    if model not in ("autoencoder", "hybrid") and len(vocab) > 1 and BENIGN not in vocab:
+        # legitimate (an attack-type classifier), but a benign label spelt otherwise
+        # ("Normal", "benign") silently made a model that flags every record
+        log(f"note: no training record is labelled {BENIGN!r}, the benign label: every label "
+            f"({', '.join(repr(v) for v in vocab[:5])}{', ...' if len(vocab) > 5 else ''}) "
+            "counts as an attack, so every record scored will be malicious")
     index = {lab: i for i, lab in enumerate(vocab)}
 
     def part(t: pa.Table, labs: np.ndarray | None, collapse: bool) -> Split:
