@@ -122,3 +122,15 @@ def test_no_benign_label_is_said(ten: Path, distinct: Path, tmp_path: Path) -> N
             "('Normal ', 'attack') counts as an attack, so every record scored will be "
             "malicious") in r.stderr.splitlines(), r.stderr
     assert (out / "manifest.json").exists()
+
+
+def test_rejects_inside_the_bundle_is_refused_before_training(ten: Path, tmp_path: Path) -> None:
+    # (it trained, then refused to save: --out held the rejects file and was no bundle)
+    out = tmp_path / "b"
+    r = run_cli("train", "--format", "kdd", "--model", "mlp", "--epochs", "1", "--out",
+                str(out), "--rejects", str(out / "rejects.jsonl"), str(ten))
+    assert "Traceback" not in r.stderr and r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"error: --rejects {out / 'rejects.jsonl'} is inside the bundle "
+                                f"directory --out {out}, which is written whole: give a path "
+                                "outside it"), r.stderr
+    assert not out.exists()

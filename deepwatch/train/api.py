@@ -516,6 +516,10 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
 
         check_distinct_outputs([("--rejects", rejects)], [*inputs, *val_inputs],
                                [("the bundle", str(out))])
+        if Path(out).resolve() in Path(rejects).resolve().parents:
+            # (it was refused only after training: the file made --out a non-bundle directory)
+            raise UsageError(f"--rejects {rejects} is inside the bundle directory --out {out}, "
+                             "which is written whole: give a path outside it")
         writable_file(rejects, "--rejects")
 
 
