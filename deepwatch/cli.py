@@ -147,10 +147,15 @@ def train(
     # without attacks among the validation records, precision and recall mean nothing
     shown = (("precision", "recall", "f1", "fpr") if cal.get("tp", 0) + cal.get("fn", 0)
              else ("fpr", "flagged_share"))
+    no_benign = "tn" in cal and not cal["tn"] + cal["fp"]
+    if no_benign:  # nor does a false-positive rate of 0 (of no benign records)
+        shown = tuple(k for k in shown if k != "fpr")
     summary = ", ".join(f"{k} {v:.4f}" for k, v in cal.items()
                         if isinstance(v, float) and k in shown)
     if "tp" in cal and not cal["tp"] + cal["fn"]:
         summary += " (no attacks among the validation records)"
+    if no_benign:
+        summary += " (no benign records among the validation records: no false-positive rate)"
     _err(f"validation: {summary}")
 
 

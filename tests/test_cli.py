@@ -183,6 +183,17 @@ def test_train_summary_names_only_metrics_that_mean_something(
     err = capsys.readouterr().err
     assert "validation: fpr 0.0" in err and "no attacks among the validation records" in err
     assert "precision" not in err and "recall" not in err
+    # nor a false-positive rate where no validation record is benign: it read "fpr 0.0000"
+    attacks = tmp_path / "attacks.csv"
+    attacks.write_text("".join([ln for ln in lines if not ln.rstrip().endswith(",normal.")]
+                               [:2000]))
+    assert main(["train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
+                 "--out", str(tmp_path / "attacks"), str(attacks)]) == 0
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("validation:")]
+    assert "fpr" not in line.split("(")[0], line
+    assert line.endswith("(no benign records among the validation records: no false-positive "
+                         "rate)"), line
     mixed = tmp_path / "mixed.csv"
     mixed.write_text("".join(lines[:3000]))
     assert main(["train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
