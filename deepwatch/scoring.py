@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import stat
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +21,7 @@ from .errors import DeepwatchError, Interrupted, OutputError, UsageError
 from .formats import Format, get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink, rejects_read
-from .sources.files import Inputs, input_list
+from .sources.files import Inputs, InputSpec, input_list, stop_reads_on, waits_for_data
 
 if TYPE_CHECKING:
     from .models.campaigns import Campaigns
@@ -74,20 +78,31 @@ def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str |
     alerts = 0
     schema = None
     state = det.new_state()
+
+    def take(batch: pa.RecordBatch, rej: pa.Table) -> None:
+        nonlocal alerts, schema
+        reject_sink.write(rej)
+        if campaigns is not None:  # held back until every alert's campaign is known
+            alerts += campaigns.add(*det.score_with_outputs(batch, state))
+            return
+        scored = batch if reader.scored else det.score_batch(batch, state)
+        schema = scored.schema
+        malicious = pc.equal(scored.column("verdict"), "malicious")
+        n_alerts = pc.sum(malicious).as_py() or 0
+        alerts += n_alerts
+        if alerts_only:
+            scored = scored.filter(malicious)
+        sink.write(scored)
+
+    stops = _PipeStops(reader.specs)
     try:
-        for batch, rej, _spec in reader:
-            reject_sink.write(rej)
-            if campaigns is not None:  # held back until every alert's campaign is known
-                alerts += campaigns.add(*det.score_with_outputs(batch, state))
-                continue
-            scored = batch if reader.scored else det.score_batch(batch, state)
-            schema = scored.schema
-            malicious = pc.equal(scored.column("verdict"), "malicious")
-            n_alerts = pc.sum(malicious).as_py() or 0
-            alerts += n_alerts
-            if alerts_only:
-                scored = scored.filter(malicious)
-            sink.write(scored)
+        with stops, stop_reads_on(stops.event):
+            for batch, rej, spec in reader:
+                if stops.event.is_set() and spec is not stops.spec:
+                    break  # (the inputs after the one the stop came in are not read)
+                stops.reading(spec)
+                take(batch, rej)
+            stops.raise_held()
         if campaigns is not None:
             for scored in campaigns.batches():
                 schema = scored.schema
@@ -107,6 +122,89 @@ def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str |
         raise
     _close(sink, reject_sink, schema, complete=True)
     return ScoreReport(reader.stats, sink.rows, alerts, time.perf_counter() - t0, det.engine)
+
+
+def _cannot_be_read_again(spec: InputSpec) -> bool:
+    """Whether what is read of ``spec`` is gone once read: stdin or a named pipe that is a pipe
+    (or a terminal, a socket), not a file."""
+    if spec.path == "-":
+        stdin = getattr(sys.stdin, "buffer", None)
+        return stdin is not None and waits_for_data(stdin)
+    try:
+        mode = os.stat(spec.path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
+
+
+class _PipeStops:
+    """Ctrl-C and SIGTERM while ``score`` reads stdin or a named pipe: the lines read of it
+    cannot be read again, so the stop is held, as ``deepwatch stream``'s is: ``event`` is set,
+    which ends the pipe's reads where they are (see :func:`stop_reads_on`), every line read is
+    scored (the batch in hand, and a last line without its line break), and the stop is then
+    raised by the handler that was there (:meth:`raise_held`: the output closed, said partial).
+    While a file is read, a stop is raised at once, as before (the file can be read again).
+    Main thread only, and only where the signal has a Python handler; a second stop while one
+    is held is held with it."""
+
+    def __init__(self, specs: Sequence[InputSpec]):
+        self.event = threading.Event()
+        self.spec: InputSpec | None = None  # the input read when the stop came
+        self._signum: int | None = None
+        self._pipe = bool(specs) and _cannot_be_read_again(specs[0])
+        self._current = specs[0] if specs else None
+        self._before: dict[int, Any] = {}
+
+    def reading(self, spec: InputSpec) -> None:
+        if spec is not self._current:
+            self._current = spec
+            self._pipe = _cannot_be_read_again(spec)
+            self._arrow_cancels()
+
+    def _arrow_cancels(self) -> None:
+        # pyarrow cancels a CSV parse on Ctrl-C or SIGTERM, counting on the handler it then
+        # calls to raise: the held stop left its ArrowCancelled to end the run (a traceback),
+        # and the chunk being parsed was lost. While a pipe is read, the parse goes on.
+        if self._before:
+            pa.enable_signal_handlers(not self._pipe)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self._signum is None and not self._pipe:
+            self._before[signum](signum, frame)  # a file: stopped at once
+            return
+        if self._signum is None:
+            self._signum, self.spec = signum, self._current
+            self.event.set()
+
+    def __enter__(self) -> _PipeStops:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(s)
+                if callable(handler):
+                    self._before[s] = handler
+                    signal.signal(s, self._handler)
+            self._arrow_cancels()
+        return self
+
+    def _restore(self) -> None:
+        before, self._before = self._before, {}
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if before:
+            pa.enable_signal_handlers(True)  # (as pyarrow has it: deepwatch never turns it off)
+
+    def raise_held(self) -> None:
+        """Raise the stop that was held (as its handler raises it), if one was."""
+        signum, before = self._signum, dict(self._before)
+        self._restore()
+        if signum is not None:
+            before[signum](signum, None)
+            # (a handler that does not raise: the reads were ended all the same, so the output
+            # is not the whole of the input, and is not passed off as such)
+            raise Interrupted(terminated=signum == signal.SIGTERM)
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
 
 
 def _close(sink: RecordSink, rejects: RejectSink, schema: pa.Schema | None,

@@ -275,3 +275,67 @@ def test_a_named_pipe_is_scored_whole_once_its_writer_comes(
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == data.count(b"\n") == 400
     assert all(r["verdict"] in ("normal", "malicious") for r in rows)
+
+
+@pytest.mark.parametrize(("via", "sig", "code", "word"),
+                         [("fifo", signal.SIGTERM, 143, "terminated"),
+                          ("stdin", signal.SIGINT, 130, "interrupted"),
+                          ("fifo.gz", signal.SIGTERM, 143, "terminated")])
+def test_score_of_a_pipe_scores_all_it_read_on_a_signal(
+        kdd_bundle: Path, records: Path, tmp_path: Path, via: str, sig: signal.Signals,
+        code: int, word: str) -> None:
+    """``score`` reads a pipe (a FIFO, stdin) 8 MiB at a time: stopped while the writer kept it
+    open, the lines it had read but not yet scored were dropped unsaid (a bare "terminated",
+    nothing written), and a pipe cannot be read again. Now, as ``stream`` does, every line read
+    is scored before it stops (a last one without its line break included: a reject here), and
+    the one line says the output holds them, incomplete. A ``.gz`` FIFO: the whole members
+    read are scored, and the text of the member the stop cut short, which could not be
+    verified, is counted in a line of its own."""
+    out, rejects = tmp_path / "out.jsonl", tmp_path / "rejects.jsonl"
+    source = tmp_path / ("live.gz" if via == "fifo.gz" else "live") if via != "stdin" else None
+    if source is not None:
+        os.mkfifo(source)
+    data = records.read_bytes() + b"0,tcp,http,SF,2"
+    cut_note, kept = "", f" and the 1 rejected record read before it in {rejects}, which are"
+    if via == "fifo.gz":
+        half = gzip.compress(records.read_bytes())
+        half = half[: len(half) // 2]
+        dec = zlib.decompressobj(wbits=31)
+        unverified = dec.decompress(half) + dec.flush()
+        lines = unverified.count(b"\n") + (not unverified.endswith(b"\n"))
+        cut_note = (f"{source} was cut at the stop: {len(unverified):,} bytes decompressed from "
+                    f"its last gzip member (lines 401-{400 + lines:,}) were read but not scored, "
+                    "since they could not be verified (the checksum comes at the end)\n")
+        data, kept = gzip.compress(records.read_bytes()) + half, ", which is"
+    args = [sys.executable, "-m", "deepwatch", "score", str(kdd_bundle), "--format", "kdd",
+            "--out", str(out), "--rejects", str(rejects), str(source or "-")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=QUIET, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE,
+                            stdin=subprocess.PIPE if source is None else subprocess.DEVNULL)
+    writer = -1
+    try:
+        if source is not None:
+            _until(proc, _waits_on(proc, source))
+            writer = os.open(source, os.O_WRONLY)
+        else:
+            assert proc.stdin is not None
+            writer = proc.stdin.fileno()
+        os.write(writer, data)
+        err = _stop(proc, lambda: _unread(writer) == 0, sig)
+    finally:
+        proc.kill()
+        proc.wait()
+        if source is not None and writer != -1:
+            os.close(writer)
+        for pipe in (proc.stdin, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert proc.returncode == code, err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 400, err
+    assert all(r["verdict"] in ("normal", "malicious") for r in rows)
+    if not cut_note:
+        (bad,) = [json.loads(x) for x in rejects.read_text().splitlines()]
+        assert (bad["line"], bad["raw"]) == (401, "0,tcp,http,SF,2"), err
+    assert err.strip() == (f"{cut_note}{word}: the 400 rows scored before it are kept in {out}"
+                           f"{kept} incomplete"), err

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -426,19 +427,28 @@ def waits_for_data(stream: BinaryIO) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
 
 
-def _read_waking(stream: BinaryIO, size: int, stop: threading.Event | None = None) -> bytes:
+def _read_waking(stream: BinaryIO, size: int, stop: threading.Event | None = None,
+                 interrupts: list[BaseException] | None = None) -> bytes:
     """Up to ``size`` bytes of ``stream`` (fewer only at its end), as ``stream.read(size)``, but
     waiting for data in ``select`` with a timeout instead of in ``read``. A signal (Ctrl-C,
     SIGTERM) that the kernel hands to another thread (ONNX Runtime's, the output writer's) does
     not interrupt a read the main thread is blocked in, so Python would not run its handler until
     the writer sent more data or closed the pipe: a ``score -`` stopped while its input was idle
     hung. Waking every ``WAKE_SECONDS`` lets the handler run; ``stop`` being set ends the
-    input there."""
+    input there. With ``interrupts``, a stop that the handler raises (``KeyboardInterrupt``)
+    ends the read too: it is added to ``interrupts``, and the bytes read before it are
+    returned (a pipe cannot be read again: raised here, they would be lost)."""
     fd = stream.fileno()  # read below the buffer, which nothing has read through before
     parts: list[bytes] = []
     got = 0
     while got < size:
-        piece = read_when_ready(fd, size - got, stop)
+        try:
+            piece = read_when_ready(fd, size - got, stop)
+        except KeyboardInterrupt as exc:
+            if interrupts is None:
+                raise
+            interrupts.append(exc)
+            break
         if not piece:
             break
         parts.append(piece)
@@ -510,6 +520,26 @@ def _widen_pipe(fd: int, size: int) -> None:
     with contextlib.suppress(OSError):  # (not a pipe: a terminal, a socket; over the limit)
         if fcntl.fcntl(fd, get) < want:
             fcntl.fcntl(fd, set_, want)
+
+
+#: The stop of the run under way (see :func:`stop_reads_on`). A context variable: other runs
+#: (threads) are not stopped by it.
+_RUN_STOP: ContextVar[threading.Event | None] = ContextVar("deepwatch_run_stop", default=None)
+
+
+@contextlib.contextmanager
+def stop_reads_on(stop: threading.Event) -> Iterator[None]:
+    """Within it, :func:`iter_chunks` called without a ``stop`` of its own takes ``stop``:
+    once it is set, a text input ends where it is, after the chunks of what was read of it (a
+    last line without its line break included), a compressed named pipe as ``stop`` ends it
+    there, and an input begun after that is not read at all. ``deepwatch score`` sets it on
+    Ctrl-C or SIGTERM while it reads stdin or a pipe, which cannot be read again: every line it
+    has read of them is scored before it stops."""
+    token = _RUN_STOP.set(stop)
+    try:
+        yield
+    finally:
+        _RUN_STOP.reset(token)
 
 
 class _Stopped(Exception):
@@ -1164,12 +1194,20 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     member (xz stream) the stop cut short: its text, unverified, is not handed out, and
     ``on_cut`` is told of it (:class:`StopCut`; logged as a warning without ``on_cut``). Complete
     members before it are handed out. (A bzip2 block cut short is the damage of a last chunk.)
+    Within :func:`stop_reads_on`, a stop raised there instead (Ctrl-C and SIGTERM raise
+    ``KeyboardInterrupt``) ends a text input so too: the lines read before it are handed out,
+    a last one without its line break included, then it is raised again.
 
     ``on_read`` is handed the input's bytes as they are read, each once, in order (for a
     checksum of an input that cannot be read again, such as stdin or a pipe): all of them for
     text; for a compressed input, only where it cannot seek (a named pipe; a file that can seek
     may be read twice, and is not handed over).
     """
+    run_stop = stop is None and _RUN_STOP.get() is not None
+    if run_stop:  # (see stop_reads_on)
+        stop = _RUN_STOP.get()
+        if stop is not None and stop.is_set():  # begun after the run's stop: not read at all
+            return
     kind = spec.compression
     if kind is not None:
         yield from _compressed_chunks(spec, kind, chunk_bytes, on_bytes, stop, on_read, on_cut)
@@ -1183,12 +1221,19 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     if waits and promptly:
         _widen_pipe(stream.fileno(), chunk_bytes)
 
+    # within stop_reads_on, a stop raised (Ctrl-C, SIGTERM: KeyboardInterrupt) while a pipe or
+    # stdin is waited on: what was read of it is handed out first, then the stop is raised again
+    interrupts: list[BaseException] = []
+
     def read() -> bytes:
         nonlocal first
+        if interrupts or (run_stop and stop is not None and stop.is_set() and not waits):
+            return b""  # (a pipe's read ends by itself on stop, after what it has read)
         try:
             if waits:
                 block: bytes = (read_arrived(stream.fileno(), chunk_bytes, stop) if promptly
-                                else _read_waking(stream, chunk_bytes, stop))
+                                else _read_waking(stream, chunk_bytes, stop,
+                                                  interrupts if run_stop else None))
                 # the first bytes are looked at below: not while they may be half a magic
                 while first and promptly and _starts_a_magic(block):
                     more = read_arrived(stream.fileno(), chunk_bytes - len(block), stop)
@@ -1216,6 +1261,8 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     finally:
         if spec.path != "-":
             stream.close()
+    if interrupts:
+        raise interrupts[0]
 
 
 def read_inputs(specs: Inputs | Sequence[InputSpec], fmt: Format | str,
