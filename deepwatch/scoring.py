@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -21,7 +19,13 @@ from .errors import DeepwatchError, Interrupted, OutputError, UsageError
 from .formats import Format, get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink, rejects_read
-from .sources.files import Inputs, InputSpec, input_list, stop_reads_on, waits_for_data
+from .sources.files import (
+    Inputs,
+    InputSpec,
+    cannot_be_read_again,
+    input_list,
+    stop_reads_on,
+)
 
 if TYPE_CHECKING:
     from .models.campaigns import Campaigns
@@ -124,19 +128,6 @@ def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str |
     return ScoreReport(reader.stats, sink.rows, alerts, time.perf_counter() - t0, det.engine)
 
 
-def _cannot_be_read_again(spec: InputSpec) -> bool:
-    """Whether what is read of ``spec`` is gone once read: stdin or a named pipe that is a pipe
-    (or a terminal, a socket), not a file."""
-    if spec.path == "-":
-        stdin = getattr(sys.stdin, "buffer", None)
-        return stdin is not None and waits_for_data(stdin)
-    try:
-        mode = os.stat(spec.path).st_mode
-    except OSError:
-        return False
-    return not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
-
-
 class _PipeStops:
     """Ctrl-C and SIGTERM while ``score`` reads stdin or a named pipe: the lines read of it
     cannot be read again, so the stop is held, as ``deepwatch stream``'s is: ``event`` is set,
@@ -151,14 +142,14 @@ class _PipeStops:
         self.event = threading.Event()
         self.spec: InputSpec | None = None  # the input read when the stop came
         self._signum: int | None = None
-        self._pipe = bool(specs) and _cannot_be_read_again(specs[0])
+        self._pipe = bool(specs) and cannot_be_read_again(specs[0].path)
         self._current = specs[0] if specs else None
         self._before: dict[int, Any] = {}
 
     def reading(self, spec: InputSpec) -> None:
         if spec is not self._current:
             self._current = spec
-            self._pipe = _cannot_be_read_again(spec)
+            self._pipe = cannot_be_read_again(spec.path)
             self._arrow_cancels()
 
     def _arrow_cancels(self) -> None:

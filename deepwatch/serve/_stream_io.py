@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +19,7 @@ from ..sources.files import (
     Chunk,
     InputSpec,
     StopCut,
+    cannot_be_read_again,
     iter_chunks,
     parse_input_spec,
 )
@@ -129,14 +129,6 @@ def _at_most(data: bytes, count: int, most: int | None) -> list[tuple[bytes, int
             for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))]
 
 
-def _is_pipe(path: str) -> bool:
-    """Whether ``path`` names a named pipe (FIFO): what is read of it cannot be read again."""
-    try:
-        return stat.S_ISFIFO(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
 class FileSource:
     """Files (plain, .gz, .bz2 or .xz; globs) or stdin (``-``); ``follow`` tails plain files like
     ``tail -F``. Origin of a record: ``{file, line}``.
@@ -178,7 +170,7 @@ class FileSource:
             # they have read (a last one without its line break included): they are not cut
             # short here. (What is read of a pipe cannot be read again: the lines after the
             # first chunk of a .gz pipe, which is read whole at the stop, were dropped unsaid.)
-            ends_on_stop = spec.path == "-" or self.follow or _is_pipe(spec.path)
+            ends_on_stop = self.follow or cannot_be_read_again(spec.path) or spec.path == "-"
             try:
                 for chunk in chunks:
                     # the unreadable rest of a damaged input: one dead letter says why

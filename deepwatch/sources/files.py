@@ -427,6 +427,20 @@ def waits_for_data(stream: BinaryIO) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
 
 
+def cannot_be_read_again(path: str) -> bool:
+    """Whether what is read of input ``path`` is gone once read: stdin (``-``) or a named pipe
+    that is a pipe, a terminal or a socket, not a file (which can be read again). A stop while
+    such an input is read scores what was read of it (``score``, ``stream``)."""
+    if path == "-":
+        stdin = getattr(sys.stdin, "buffer", None)
+        return stdin is not None and waits_for_data(stdin)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
+
+
 def _read_waking(stream: BinaryIO, size: int, stop: threading.Event | None = None,
                  interrupts: list[BaseException] | None = None) -> bytes:
     """Up to ``size`` bytes of ``stream`` (fewer only at its end), as ``stream.read(size)``, but
