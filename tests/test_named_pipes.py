@@ -196,9 +196,14 @@ def test_stream_of_a_named_pipe_scores_all_it_read_on_sigterm(
         finally:
             os.close(writer)
         assert proc.returncode == 0, err
+    assert _stop_counts(err) == (401, 400, 1), err
+
+
+def _stop_counts(err: str) -> tuple[int, int, int]:
+    """(records, scored, rejected) of the one stop line a stream worker logged on ``err``."""
     logs = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
     (stop,) = [x for x in logs if x.get("event") == "stop"]
-    assert (stop["records"], stop["scored"], stop["rejected"]) == (401, 400, 1), err
+    return stop["records"], stop["scored"], stop["rejected"]
 
 
 def _rows(path: Path, count: int, within: float) -> list[dict] | None:
@@ -252,9 +257,7 @@ def test_stream_of_a_named_pipe_scores_lines_as_they_arrive(
         finally:
             os.close(writer)
         assert proc.returncode == 0, err
-    logs = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
-    (stop,) = [x for x in logs if x.get("event") == "stop"]
-    assert (stop["records"], stop["scored"], stop["rejected"]) == (20, 18, 2), err
+    assert _stop_counts(err) == (20, 18, 2), err
 
 
 @pytest.mark.parametrize("name", ["live", "live.gz"])
