@@ -207,6 +207,16 @@ def signal_until_it_ends(proc: Any, ready: Any, sig: int, within: float = 120) -
     return sent
 
 
+def run_cli(*args: str, timeout: float = 300) -> Any:
+    """``deepwatch ARGS`` as a user runs it, in a process of its own: the CompletedProcess,
+    stdout and stderr as text."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "deepwatch", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def free_port() -> int:
     import socket
 

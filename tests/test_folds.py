@@ -4,14 +4,12 @@ calibration, and the user's mistakes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import head_lines
+from conftest import head_lines, run_cli
 
 from deepwatch.models.detector import Detector
 from deepwatch.models.nets import Bag, build_network
@@ -26,10 +24,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, kdd_train_file: Path) -> Path
     p.write_text("".join(head_lines(kdd_train_file, 4_000, every=120)))
     return p
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deepwatch", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_fold_indices_partition_the_rows_by_label() -> None:

@@ -4,14 +4,12 @@ training run, the epochs it takes from early stopping, the refitted stack, and t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import head_lines
+from conftest import head_lines, run_cli
 
 from deepwatch.models.detector import Detector
 from deepwatch.models.nets import Stack, build_network
@@ -140,10 +138,6 @@ def test_refit_hybrid_bundle(tiny: Path, tmp_path: Path, small_kdd_test: Path) -
     flagged = np.array(a.column("verdict").to_pylist()) == "malicious"
     assert (flagged == truth).mean() > 0.9
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deepwatch", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_refit_of_an_autoencoder_is_a_usage_error(tiny: Path, tmp_path: Path) -> None:

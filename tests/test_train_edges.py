@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import gzip
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import head_lines
+from conftest import head_lines, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +33,11 @@ def distinct(tmp_path_factory: pytest.TempPathFactory, kdd_train_file: Path) -> 
     return p
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deepwatch", *args], capture_output=True,
-                          text=True, timeout=120)
+
+def _refused(r: subprocess.CompletedProcess[str], code: int) -> str:
+    """``r``, a run refused with exit status ``code`` and no traceback: its last line."""
+    assert "Traceback" not in r.stderr and r.returncode == code, r.stderr
+    return r.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(("extra", "says"), [
@@ -57,9 +58,7 @@ def test_too_small_for_the_split_is_one_line(extra: list[str], says: str, ten: P
     model = [] if "--model" in extra else ["--model", "mlp"]
     r = run_cli("train", "--format", "kdd", *model, "--epochs", "1", "--out", str(out),
                 *[str(two) if a == "TWO" else a for a in extra], str(ten))
-    assert "Traceback" not in r.stderr, r.stderr
-    assert r.returncode == 4, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
+    last = _refused(r, 4)
     assert last.startswith("error: ") and says in last, r.stderr
     assert not out.exists()
 
@@ -69,8 +68,7 @@ def test_labels_each_seen_once_cannot_be_held_out(distinct: Path, tmp_path: Path
     # no validation data given)
     r = run_cli("train", "--format", "kdd", "--model", "stack", "--epochs", "1",
                 "--out", str(tmp_path / "b"), str(distinct))
-    assert "Traceback" not in r.stderr and r.returncode == 4, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (
+    assert _refused(r, 4) == (
         "error: the training data (10 records) is too small to hold out records both to stop "
         "early on and to calibrate with (only a label with at least 3 records has some in both)")
     assert not (tmp_path / "b").exists()
@@ -81,7 +79,7 @@ def test_a_seed_out_of_range_is_one_line(seed: str, ten: Path, tmp_path: Path) -
     # (was a traceback from numpy or torch, after the data was read)
     r = run_cli("train", "--format", "kdd", "--model", "mlp", "--epochs", "1",
                 "--seed", seed, "--out", str(tmp_path / "b"), str(ten))
-    assert "Traceback" not in r.stderr and r.returncode == 2, r.stderr
+    _refused(r, 2)
     assert r.stderr.strip() == (f"error: seed (--seed) must be between 0 and {2**63 - 1}, "
                                 f"not {seed}"), r.stderr
     assert not (tmp_path / "b").exists()
@@ -103,8 +101,7 @@ def test_hybrid_without_benign_records_is_refused_before_training(kdd_train_file
     attacks.write_text("".join(got["smurf.\n"] + got["neptune.\n"]))
     r = run_cli("train", "--format", "kdd", "--model", "hybrid", "--epochs", "1",
                 "--out", str(tmp_path / "b"), str(attacks))
-    assert "Traceback" not in r.stderr and r.returncode == 4, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (
+    assert _refused(r, 4) == (
         "error: the training data has no benign records (label 'normal') to learn what normal "
         "looks like")
     assert "epoch" not in r.stderr, r.stderr
@@ -129,7 +126,7 @@ def test_rejects_inside_the_bundle_is_refused_before_training(ten: Path, tmp_pat
     out = tmp_path / "b"
     r = run_cli("train", "--format", "kdd", "--model", "mlp", "--epochs", "1", "--out",
                 str(out), "--rejects", str(out / "rejects.jsonl"), str(ten))
-    assert "Traceback" not in r.stderr and r.returncode == 2, r.stderr
+    _refused(r, 2)
     assert r.stderr.strip() == (f"error: --rejects {out / 'rejects.jsonl'} is inside the bundle "
                                 f"directory --out {out}, which is written whole: give a path "
                                 "outside it"), r.stderr
