@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,8 @@ def digest(p: Path) -> Digest:
                 size += len(block)
                 lines += block.count(b"\n")
                 last = block[-1:]
-    except (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as exc:
+        # (a gzip copy damaged inside its compressed data raises zlib.error, no OSError)
         raise DataError(f"cannot read {p}: {exc}") from None
     if size and last != b"\n":
         lines += 1

@@ -147,6 +147,19 @@ def test_tampered_copy_is_refused(nsl_test_gz: Path, tmp_path: Path, isolated: P
         (isolated / "datasets" / "nslkdd").iterdir())
 
 
+def test_a_damaged_gzip_copy_in_the_cache_is_one_clear_line(
+        nsl_test_gz: Path, isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the gzip header is intact; the deflate data is not (zlib.error, no OSError, was a traceback)
+    damaged = bytearray(nsl_test_gz.read_bytes())
+    damaged[2000:2100] = bytes(b ^ 0xFF for b in damaged[2000:2100])
+    cached = isolated / "datasets" / "nslkdd"
+    cached.mkdir(parents=True)
+    (cached / "KDDTest+.txt.gz").write_bytes(bytes(damaged))
+    assert main(["datasets", "fetch", "nslkdd-test"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read ") and len(err.splitlines()) == 1, err
+
+
 def test_data_dir_is_looked_in_first(nsl_test_gz: Path, tmp_path: Path, isolated: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     cached = isolated / "datasets" / "nslkdd"
