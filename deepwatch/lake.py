@@ -547,7 +547,9 @@ def iter_lake(root: str | Path, days: str | Sequence[str] | None = None,
     does, from the very bytes the records come from (an ingest running meanwhile may add
     parts; the digest is of those read)."""
     root = Path(root)
-    schema = _schema(str(_manifest(root)["format"]))
+    format_name = str(_manifest(root)["format"])
+    schema = _schema(format_name)
+    added = ADDED_COLUMNS.get(format_name, frozenset())
     for part in _parts(root, days):
         try:
             if digest is None:
@@ -559,7 +561,7 @@ def iter_lake(root: str | Path, days: str | Sequence[str] | None = None,
         except (OSError, pa.ArrowInvalid) as exc:
             raise InputError(f"cannot read {part}: {exc}") from None
         if schema is not None:
-            table = _conform(table, schema, part)
+            table = _conform(table, schema, part, added)
         yield from table.combine_chunks().to_batches()
 
 
@@ -574,21 +576,33 @@ def _schema(format_name: str) -> pa.Schema | None:
         return None
 
 
-def _conform(table: pa.Table, schema: pa.Schema, part: Path) -> pa.Table:
+#: The columns each format gained after lakes of it were first written (all nullable): a part
+#: written before lacks them, and reads with them null. Any other column a part lacks is missing,
+#: not a field its records never had (see :func:`_conform`).
+ADDED_COLUMNS: dict[str, frozenset[str]] = {
+    "access": frozenset({"vhost", "utc_offset_minutes"}),
+}
+
+
+def _conform(table: pa.Table, schema: pa.Schema, part: Path,
+             added: frozenset[str] = frozenset()) -> pa.Table:
     """``table`` (one part) as the lake's ``schema``: columns in its order and of its types.
 
     Parts deepwatch writes already are; a part rewritten by another tool (compacted with
     polars, which writes ``large_string``; by Spark, which writes microsecond timestamps and
     drops the not-null marks; columns reordered) holds the same records in other types, and
     those differences made reading the lake fail with a traceback. A part written before its
-    format gained a nullable column (the access format's ``vhost`` and ``utc_offset_minutes``)
-    lacks it: it reads with that column null, as records that hold no such field. A part that
-    cannot be read as the lake's records (a column that may not be null missing, a value that
-    does not fit) is one clear error."""
+    format gained a nullable column (``added``, from :data:`ADDED_COLUMNS`: the access format's
+    ``vhost`` and ``utc_offset_minutes``) lacks it: it reads with that column null, as records
+    that hold no such field. A part that cannot be read as the lake's records (any other column
+    missing, nullable or not: a KDD part without its ``label`` read as 2,000 unlabelled records,
+    a Zeek part without ``orig_bytes`` as connections of unknown size; a value that does not
+    fit) is one clear error."""
     if table.schema.equals(schema):
         return table
     names = table.schema.names
-    missing = [f.name for f in schema if f.name not in names and not f.nullable]
+    missing = [f.name for f in schema
+               if f.name not in names and not (f.nullable and f.name in added)]
     try:
         if missing:
             raise ValueError(f"no column {', '.join(repr(n) for n in missing)}")

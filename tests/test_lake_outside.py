@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepwatch.cli import main
+from deepwatch.errors import InputError
 from deepwatch.formats import get_format
 from deepwatch.lake import read_lake
 
@@ -89,3 +90,19 @@ def test_a_lake_written_before_the_vhost_and_offset_columns_still_reads(tmp_path
                                                     "9.9.9.1", "9.9.9.9"]
     assert back.column("vhost").to_pylist() == [None] * 5 + ["www.example.com"]
     assert back.column("utc_offset_minutes").to_pylist() == [None] * 5 + [0]
+
+
+@pytest.mark.parametrize("column", ["label", "referer"])
+def test_a_part_missing_any_other_nullable_column_is_refused(tmp_path: Path,
+                                                             column: str) -> None:
+    """Only the columns the format gained since (``vhost``, ``utc_offset_minutes``) read as
+    null where a part lacks them: a part that lost another nullable column (its ``label``, by a
+    tool that rewrote it) read as records without labels or referers, with no word of it."""
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "access", "--lake", str(lake),
+                 f"{_log(tmp_path / 'a.log', [14] * 5)}=scanner"]) == 0
+    [part] = (lake / "records" / "day=2024-05-14").glob("part-*.parquet")
+    pq.write_table(pq.read_table(part).drop_columns([column]), part)
+    with pytest.raises(InputError) as err:
+        read_lake(lake)
+    assert str(err.value) == f"{part} does not hold the lake's records: no column {column!r}"
