@@ -288,11 +288,17 @@ def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / (ds.text_name + _compression(src))
     tmp = dest_dir / f".{dest.name}.part"
-    if move:
-        os.replace(src, tmp)
-    else:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    try:
+        if move:
+            os.replace(src, tmp)
+        else:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:  # a full disk, a read-only cache: no partial copy is left behind
+        raise DataError(f"cannot store {ds.name} in the cache at {dest_dir}: "
+                        f"{exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     for name in ds.candidates():  # one copy per data set
         if name != dest.name:
             (dest_dir / name).unlink(missing_ok=True)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import http.server
+import resource
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -158,6 +162,28 @@ def test_a_damaged_gzip_copy_in_the_cache_is_one_clear_line(
     assert main(["datasets", "fetch", "nslkdd-test"]) == 4
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read ") and len(err.splitlines()) == 1, err
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    def apply() -> None:  # in the child: writing past ``limit`` bytes fails as a full disk does
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_copy_that_cannot_be_written_leaves_nothing_in_the_cache(
+        nsl_test_gz: Path, tmp_path: Path, isolated: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(nsl_test_gz, src / "KDDTest+.txt.gz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepwatch", "datasets", "fetch", "nslkdd-test", "--from",
+         str(src)], capture_output=True, text=True, timeout=120,
+        preexec_fn=_file_size_limit(100_000))
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.startswith("error: cannot store nslkdd-test in the cache")
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert [p.name for p in (isolated / "datasets" / "nslkdd").iterdir()] == []
 
 
 def test_data_dir_is_looked_in_first(nsl_test_gz: Path, tmp_path: Path, isolated: Path,
