@@ -217,12 +217,34 @@ def _recorded_path() -> Path:
     return cache_dir() / "datasets" / "recorded.json"
 
 
+def _damaged_record(why: str) -> DataError:
+    return DataError(f"the checksums recorded on first fetch ({_recorded_path()}) are damaged "
+                     f"({why}); delete that file to record them again from a copy you trust")
+
+
 def _recorded() -> dict[str, Any]:
+    """What first fetches recorded (nothing where no file is there yet). A damaged record is
+    refused, not taken as empty: that would trust the next copy of any of its data sets."""
+    path = _recorded_path()
     try:
-        data = json.loads(_recorded_path().read_text())
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _damaged_record(f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
+                              ) from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _damaged_record("not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _damaged_record("not a JSON object")
+    for name, rec in data.items():
+        if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str)
+                and len(rec["sha256"]) == 64 and type(rec.get("text_bytes")) is int
+                and isinstance(rec.get("source"), str)):
+            raise _damaged_record(f"the entry for {name!r} is not a sha256, a size and a source")
+    return data
 
 
 def expected(ds: Dataset) -> tuple[str | None, int | None, str]:

@@ -223,6 +223,23 @@ def test_unknown_checksum_is_recorded_on_first_fetch(
         list(datasets.fetch("nslkdd-test21", from_dir=str(second)))
 
 
+@pytest.mark.parametrize("text", ['{"nslkdd-test21": {"sha256": "abc"}}',
+                                  '{"nslkdd-test21": "x"}', '{"nslkdd-test21": {"sha', "[1]"])
+def test_a_damaged_record_of_first_fetches_is_refused_not_forgotten(
+        text: str, tmp_path: Path, isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record = isolated / "datasets" / "recorded.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(text)
+    (tmp_path / "KDDTest-21.txt").write_text("anything\\n")
+    for argv in (["datasets", "list"], ["datasets", "fetch", "nslkdd-test21", "--from",
+                                        str(tmp_path)]):
+        assert main(argv) == 4
+        err = capsys.readouterr().err
+        assert err.startswith("error: the checksums recorded on first fetch") and "damaged" in err
+        assert len(err.splitlines()) == 1, err
+    assert record.read_text() == text  # not overwritten with the new copy's checksum
+
+
 def test_unknown_checksum_still_refuses_the_wrong_kind_of_file(tmp_path: Path) -> None:
     (tmp_path / "KDDTrain+.txt").write_text("<html><body>Please register</body></html>\n" * 5)
     with pytest.raises(DataError, match="does not look like nslkdd-train"):
