@@ -287,6 +287,15 @@ def _featurizer_names_edited(d: Path, m: dict[str, Any]) -> None:
     m["featurizer_schema_hash"] = Featurizer.from_dict(spec).schema_hash()
 
 
+def _featurizer_moment(key: str, value: float) -> Mutation:
+    def change(d: Path, m: dict[str, Any]) -> None:
+        spec = json.loads((d / "featurizer.json").read_text())
+        spec[key] = dict.fromkeys(spec[key], value)
+        (d / "featurizer.json").write_text(json.dumps(spec))  # NaN as JSON's NaN literal
+        rehash(d, m, "featurizer.json")
+    return change
+
+
 MALFORMED: dict[str, tuple[Mutation, str]] = {
     "files_list": (lambda d, m: m.update(files=["x"]), '"files" must map'),
     "files_null": (lambda d, m: m.update(files=None), '"files" must map'),
@@ -309,6 +318,8 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
     "weights_garbage": (_no_onnx_weights(b"garbage"), "not a valid safetensors file"),
     "onnx_garbage": (_write("model.onnx", b"garbage"), "cannot load the ONNX model: not a valid "
                      "ONNX model"),
+    # moments that make every record's features NaN: each verdict was "normal", silently
+    "featurizer_std_nan": (_featurizer_moment("std", float("nan")), "std of .* is nan"),
     # names that do not match the vocabularies, the schema hash made to agree with them
     "featurizer_names_edited": (_featurizer_names_edited, "its feature names do not match"),
 }
@@ -344,6 +355,9 @@ def test_featurizer_from_dict_refuses_what_it_cannot_transform(kdd_bundle: Path)
         {**good, "mean": {"x": 1}},
         {**good, "std": {k: "x" for k in good["std"]}},
         {**good, "feature_names": "x"},
+        {**good, "mean": dict.fromkeys(good["mean"], float("inf"))},
+        {**good, "std": dict.fromkeys(good["std"], 0)},
+        {**good, "std": dict.fromkeys(good["std"], float("-inf"))},
         {**good, "spec": {**good["spec"], "derive": {"name": "nope"}}},
     ]
     for d in broken:

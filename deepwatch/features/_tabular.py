@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -260,6 +261,14 @@ class Featurizer:
             f.std_ = {k: float(v) for k, v in std.items()}
         except (TypeError, ValueError):
             raise ValueError("'mean' and 'std' must hold numbers") from None
+        # a NaN or infinite moment, or a spread of 0, makes every record's features NaN or
+        # saturated: each verdict would be the same, whatever the record
+        for k in f.mean_:
+            if not math.isfinite(f.mean_[k]):
+                raise ValueError(f"the mean of {k!r} is {f.mean_[k]}, not a finite number")
+        for k in f.std_:
+            if not (math.isfinite(f.std_[k]) and f.std_[k] > 0):
+                raise ValueError(f"the std of {k!r} is {f.std_[k]}, not a finite number above 0")
         f.feature_names_ = list(d["feature_names"])
         return f
 
