@@ -1,12 +1,15 @@
 """``deepwatch train`` on data too small for what it is asked: one clear error line, exit 4,
-no traceback and no bundle directory left behind."""
+no traceback and no bundle directory left behind; and the lines it says of data or options it
+can use only in part (validation labels training lacks, --nproc above the usable CPUs)."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import head_lines, run_cli
 
@@ -131,3 +134,79 @@ def test_rejects_inside_the_bundle_is_refused_before_training(ten: Path, tmp_pat
                                 f"directory --out {out}, which is written whole: give a path "
                                 "outside it"), r.stderr
     assert not out.exists()
+
+
+def _by_label(src: Path, wanted: dict[str, int]) -> dict[str, list[str]]:
+    """The first ``wanted[label]`` records of each label of ``src`` (KDD labels end in '.')."""
+    got: dict[str, list[str]] = {lab: [] for lab in wanted}
+    with gzip.open(src, "rt") as f:
+        for line in f:
+            kept = got.get(line.rsplit(",", 1)[-1].strip())
+            if kept is not None and len(kept) < wanted[line.rsplit(",", 1)[-1].strip()]:
+                kept.append(line)
+            if all(len(got[lab]) == n for lab, n in wanted.items()):
+                return got
+    raise AssertionError(f"{src} lacks some of {wanted}")
+
+
+@pytest.fixture(scope="module")
+def unseen_val(tmp_path_factory: pytest.TempPathFactory, kdd_train_file: Path
+               ) -> tuple[Path, Path]:
+    """Training records of three labels; validation records of those and of three labels
+    training lacks: back (7), pod (3), teardrop (1)."""
+    d = tmp_path_factory.mktemp("unseen")
+    got = _by_label(kdd_train_file, {"normal.": 30, "smurf.": 16, "portsweep.": 16,
+                                     "back.": 7, "pod.": 3, "teardrop.": 1})
+    train, val = d / "train.csv", d / "val.csv"
+    train.write_text("".join(got["normal."][:20] + got["smurf."][:12]
+                             + got["portsweep."][:12]))
+    val.write_text("".join(got["normal."][20:] + got["smurf."][12:] + got["portsweep."][12:]
+                           + got["back."] + got["pod."] + got["teardrop."]))
+    return train, val
+
+
+def test_val_records_of_labels_unseen_in_training_are_said(unseen_val: tuple[Path, Path],
+                                                           tmp_path: Path) -> None:
+    # (early stopping left them out without a word: only the early-stopping and calibration
+    # row counts, which include them, were said)
+    train, val = unseen_val
+    out = tmp_path / "b"
+    r = run_cli("train", "--format", "kdd", "--model", "mlp", "--epochs", "1", "--out",
+                str(out), "--val", str(val), str(train))
+    assert r.returncode == 0, r.stderr
+    # each label's records halved (a lone one to the calibration half): back 4 + 3, pod 2 + 1,
+    # teardrop 0 + 1
+    assert ("note: 11 of the 29 validation records (--val) have a label no training record "
+            "has: 'back' (7), 'pod' (3), 'teardrop' (1); early stopping leaves out the 6 in "
+            "its half (they know the training labels only); the score threshold and the "
+            "calibration metrics count the 5 in the calibration half, any label but 'normal' "
+            "as malicious") in r.stderr.splitlines(), r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["early_stopping_rows"] == 5 + 2 + 2 + 6
+    cal = manifest["metrics"]["calibration"]
+    # the calibration half's attacks: smurf 2, portsweep 2 and the 5 of unseen labels
+    assert cal["tp"] + cal["fn"] == 2 + 2 + 5 and cal["tn"] + cal["fp"] == 5, cal
+
+
+def test_unseen_validation_note_names_what_leaves_them_out() -> None:
+    from deepwatch.train.api import Split, unseen_validation_note
+
+    def split(labels: list[str], y: list[int]) -> Split:
+        return Split(np.zeros((len(y), 1)), np.array(labels, dtype=object), np.array(y),
+                     np.ones(len(y)))
+
+    seen = split(["normal", "smurf"], [0, 1])
+    assert unseen_validation_note(seen, seen, "stack", True) is None
+    early = split(["normal", "a", "b", "c", "d", "e", "f"], [0, -1, -1, -1, -1, -1, -1])
+    calib = split(["normal", "a", "a"], [0, -1, -1])
+    assert unseen_validation_note(early, calib, "stack", True) == (
+        "note: 8 of the 10 validation records (--val) have a label no training record has: "
+        "'a' (3), 'b' (1), 'c' (1), 'd' (1), 'e' (1) and 1 more label; early stopping leaves "
+        "out the 6 in its half, the stack's meta-learner the 2 in the calibration half and "
+        "--refit's second pass all 8 (they know the training labels only); the score "
+        "threshold and the calibration metrics count the 2 in the calibration half, any label "
+        "but 'normal' as malicious")
+    assert unseen_validation_note(seen, calib, "mlp", False, "fpr") == (
+        "note: 2 of the 5 validation records (--val) have a label no training record has: "
+        "'a' (2); the calibration metrics count the 2 in the calibration half, any label but "
+        "'normal' as malicious")

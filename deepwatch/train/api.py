@@ -319,6 +319,47 @@ def _split_labels(labels: np.ndarray | None, n: int, fractions: tuple[float, ...
     return stratified_split(labels, fractions, seed)
 
 
+def unseen_validation_note(early: Split, calib: Split, model: str, refit: bool,
+                           policy: str = "auto") -> str | None:
+    """The line saying which ``--val`` records have a label no training record has (``y`` -1),
+    or None where there are none. Early stopping's loss, the stack's meta-learner and
+    ``--refit``'s second pass learn the training labels only, so they leave such records out;
+    the calibration metrics and the score threshold (but ``--decision fpr``'s, set on benign
+    records alone) take every calibration record (any label but ``normal`` as malicious), so
+    they count those of the calibration half."""
+    if early.y is None or calib.y is None or early.labels is None or calib.labels is None:
+        return None
+    es_unseen, cal_unseen = early.y < 0, calib.y < 0
+    n_es, n_cal = int(early.w[es_unseen].sum()), int(calib.w[cal_unseen].sum())
+    if not n_es + n_cal:
+        return None
+    total = int(early.w.sum() + calib.w.sum())
+    counts: dict[str, int] = {}
+    for lab, w in ((*zip(early.labels[es_unseen], early.w[es_unseen], strict=True),
+                    *zip(calib.labels[cal_unseen], calib.w[cal_unseen], strict=True))):
+        counts[lab] = counts.get(lab, 0) + int(w)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{lab!r} ({n:,})" for lab, n in ranked[:5])
+    if len(ranked) > 5:
+        shown += f" and {len(ranked) - 5} more label{'s' if len(ranked) > 6 else ''}"
+    left_out = [f"early stopping leaves out the {n_es:,} in its half"] if n_es else []
+    if model in ("stack", "hybrid") and n_cal:
+        left_out.append(f"the stack's meta-learner the {n_cal:,} in the calibration half")
+    if refit:
+        left_out.append(f"--refit's second pass all {n_es + n_cal:,}")
+    said = (f"note: {n_es + n_cal:,} of the {total:,} validation records (--val) have a label "
+            f"no training record has: {shown}; ")
+    if left_out:
+        said += (", ".join(left_out[:-1]) + (" and " if len(left_out) > 1 else "")
+                 + left_out[-1] + " (they know the training labels only); ")
+    counters = ("the calibration metrics" if policy == "fpr" else
+                "the score threshold and the calibration metrics")
+    said += (f"{counters} count the {n_cal:,} in the calibration half, any label but "
+             "'normal' as malicious" if n_cal else
+             f"none is in the calibration half, for {counters}")
+    return said
+
+
 def _no_label(rejects: pa.Table, purpose: str) -> pa.Table:
     """The records :func:`read_labelled` rejected for having no label (the rest of
     ``rejects``, the reader's, have other reasons)."""
@@ -637,6 +678,10 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         f"({len(train_split.X):,} distinct), early-stopping rows {es_table.num_rows:,}, "
         f"calibration rows {cal_table.num_rows:,}"
         + (f"; each of {folds} cross-fitted members alike" if folds > 1 else ""))
+    if val_inputs and model != "autoencoder":  # (it learns from benign records alone)
+        note = unseen_validation_note(early_split, calib_split, model, refit, policy)
+        if note:
+            log(note)
     cfg = TrainConfig(seed=seed, device=device, progress=progress)
     if epochs is not None:
         cfg = cfg.with_(epochs=epochs)
