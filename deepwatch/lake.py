@@ -9,7 +9,8 @@ Layout of a lake directory::
 A record's day comes from the format's time column (the column its ECS ``@timestamp`` maps to:
 ``timestamp`` for access logs, ``ts`` for Zeek), in UTC; formats without one are filed under the
 day they were ingested. Part names sort in the order they were written, so reading a lake back
-yields each day's records in arrival order, days in order.
+yields each day's records in arrival order, days in order. Any other Parquet file in a day folder
+(another tool's rewrite of the day) is read too, in name order; hidden ones (``.``, ``_``) are not.
 
 An ingest writes its parts into a staging directory of its own, ``.ingest-*/`` (hidden, so
 outside readers skip it too), and moves them into ``records/`` and ``rejects/`` only when it
@@ -54,6 +55,16 @@ STAGING_PREFIX = ".ingest-"
 #: In a staging directory: the moves of a commit under way (finished by the next writer).
 COMMIT = "commit.json"
 PART_GLOB = "part-*.parquet"
+
+
+def _part_files(folder: Path) -> list[Path]:
+    """The Parquet files of ``folder``, in name order: deepwatch's parts (``part-*``, which sort
+    in write order) and those another tool wrote in their place (polars' ``partition_by`` writes
+    ``00000000.parquet``), which were skipped, so a day compacted by polars read as no records
+    at all. Hidden names (``.``, ``_``: temporaries, checksums, markers) are not parts, as for
+    pyarrow and Spark."""
+    return sorted(p for p in folder.glob("*.parquet")
+                  if not p.name.startswith((".", "_")) and p.is_file())
 #: Temporary files (a killed writer's leftovers) older than this are removed by the next writer.
 STALE_TMP_S = 3600.0
 
@@ -507,7 +518,7 @@ def _parts(root: Path, days: str | Sequence[str] | None) -> list[Path]:
     for day_dir in sorted(folder.glob("day=*")):
         if wanted is not None and not _in_spans(day_dir.name.removeprefix("day="), wanted):
             continue
-        out.extend(sorted(day_dir.glob(PART_GLOB)))
+        out.extend(_part_files(day_dir))
     return out
 
 
@@ -518,7 +529,7 @@ def lake_days(root: str | Path) -> list[str]:
     _manifest(Path(root))
     folder = Path(root) / RECORDS
     return sorted(p.name.removeprefix("day=") for p in folder.glob("day=*")
-                  if next(p.glob(PART_GLOB), None) is not None) if folder.exists() else []
+                  if _part_files(p)) if folder.exists() else []
 
 
 def check_lake_days(roots: Sequence[str | Path], days: str | Sequence[str] | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pytest
 from deepwatch.cli import main
 from deepwatch.errors import InputError
 from deepwatch.formats import get_format
-from deepwatch.lake import read_lake
+from deepwatch.lake import lake_days, read_lake
 
 LINE = ('{ip} - - [{day}/May/2024:12:00:{sec:02d} +0000] "GET /p{sec} HTTP/1.1" 200 10 "-" '
         '"Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"')
@@ -106,3 +107,28 @@ def test_a_part_missing_any_other_nullable_column_is_refused(tmp_path: Path,
     with pytest.raises(InputError) as err:
         read_lake(lake)
     assert str(err.value) == f"{part} does not hold the lake's records: no column {column!r}"
+
+
+def test_a_lake_rewritten_by_polars_partition_by_reads_every_record(tmp_path: Path) -> None:
+    """polars writes a hive-partitioned data set as ``day=…/00000000.parquet``: only names
+    ``part-*.parquet`` were read, so the days it wrote held no records (no word, or "the lake
+    holds no records" where it wrote them all). Hidden files beside them are not parts."""
+    import polars as pl
+
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "access", "--lake", str(lake),
+                 str(_log(tmp_path / "a.log", [14] * 4 + [15] * 3 + [16] * 2))]) == 0
+    records = lake / "records"
+    pl.scan_parquet(records / "day=2024-05-1[45]" / "*.parquet", hive_partitioning=True
+                    ).collect().write_parquet(tmp_path / "rewritten", partition_by="day")
+    for day in ("2024-05-14", "2024-05-15"):
+        shutil.rmtree(records / f"day={day}")
+        shutil.move(tmp_path / "rewritten" / f"day={day}", records / f"day={day}")
+        (records / f"day={day}" / "_SUCCESS.parquet").write_bytes(b"")  # (not a part)
+    assert sorted(p.name for p in (records / "day=2024-05-14").iterdir()) == [
+        "00000000.parquet", "_SUCCESS.parquet"]
+    back = read_lake(lake)
+    assert back.num_rows == 9 and back.schema.equals(get_format("access").schema)
+    assert [t.day for t in back.column("timestamp").to_pylist()] == [14] * 4 + [15] * 3 + [16] * 2
+    assert lake_days(lake) == ["2024-05-14", "2024-05-15", "2024-05-16"]
+    assert read_lake(lake, days="2024-05-15").num_rows == 3
