@@ -175,10 +175,13 @@ def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: in
     """Check what can be checked once, then start ``nproc`` training ranks."""
     from .errors import UsageError
     from .train.api import check_arguments
-    from .train.distributed import launch_local
+    from .train.distributed import launch_local, oversubscribed
 
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, not {nproc}")
+    too_many = oversubscribed(nproc)
+    if too_many:  # a warning, not a refusal: said whether or not the checks below refuse
+        _err(too_many)
     if "-" in files:
         raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
     check_arguments(model, files, out, target_fpr=target_fpr, device=device, policy=decision,

@@ -210,3 +210,23 @@ def test_unseen_validation_note_names_what_leaves_them_out() -> None:
         "note: 2 of the 5 validation records (--val) have a label no training record has: "
         "'a' (2); the calibration metrics count the 2 in the calibration half, any label but "
         "'normal' as malicious")
+
+
+def test_nproc_above_the_usable_cpus_is_warned_of(tmp_path: Path) -> None:
+    # (it started them all without a word, however many fewer CPUs there were)
+    from deepwatch._cpus import usable_cores
+    from deepwatch.train.distributed import oversubscribed
+
+    assert oversubscribed(2, cores=2) is None and oversubscribed(1, cores=1) is None
+    assert oversubscribed(64, cores=2) == (
+        "warning: --nproc 64 starts 64 training processes, but this machine gives this process "
+        "2 usable CPUs (its CPU affinity and cgroup quota): they will take turns on them, "
+        "slower than --nproc 2 or less would train")
+    assert "1 usable CPU (" in (oversubscribed(2, cores=1) or "")
+    # said before any rank starts: here a missing input then refuses the run, no rank started
+    nproc, missing = usable_cores() + 1, tmp_path / "missing.csv"
+    r = run_cli("train", "--nproc", str(nproc), "--format", "kdd", "--model", "mlp",
+                "--out", str(tmp_path / "b"), str(missing))
+    _refused(r, 2)
+    assert r.stderr.strip().splitlines() == [oversubscribed(nproc),
+                                             f"error: no such file: {missing}"], r.stderr

@@ -276,6 +276,21 @@ def _loopback_interface() -> str | None:
     return next((n for n in names if n.startswith("lo")), None)
 
 
+def oversubscribed(nproc: int, cores: int | None = None) -> str | None:
+    """The warning for ``train --nproc N`` with N above the CPUs this process may use
+    (``cores``, by default :func:`~deepwatch._cpus.usable_cores`: its affinity capped by its
+    cgroup quota), else None. Each rank is a whole training process, so N of them on fewer
+    CPUs take turns on them, each step waiting for the slowest."""
+    if cores is None:
+        cores = usable_cores()
+    if nproc <= cores:
+        return None
+    return (f"warning: --nproc {nproc} starts {nproc} training processes, but this machine "
+            f"gives this process {cores} usable CPU{'s' if cores != 1 else ''} (its CPU "
+            "affinity and cgroup quota): they will take turns on "
+            f"{'them' if cores != 1 else 'it'}, slower than --nproc {cores} or less would train")
+
+
 def launch_local(command: list[str], nproc: int, log: Callable[[str], None],
                  grace: float = 10.0) -> int:
     """Run ``command`` as ``nproc`` ranks of one data-parallel job on this machine.
