@@ -230,3 +230,15 @@ def test_nproc_above_the_usable_cpus_is_warned_of(tmp_path: Path) -> None:
     _refused(r, 2)
     assert r.stderr.strip().splitlines() == [oversubscribed(nproc),
                                              f"error: no such file: {missing}"], r.stderr
+
+
+def test_a_lone_validation_label_goes_to_the_calibration_half() -> None:
+    # by design, whatever the seed (docs/models.md): there it counts toward the threshold and
+    # the meta-learner; in the early-stopping half one of a label training lacks counts nowhere
+    from deepwatch.train.data import stratified_split
+
+    labels = np.array(["normal"] * 6 + ["back"] + ["pod"] * 2, dtype=object)
+    for seed in range(8):
+        early, calib = stratified_split(labels, (0.5, 0.5), seed)
+        assert 6 in calib and 6 not in early
+        assert (len(early), len(calib)) == (4, 5)  # normal 3 + 3, pod 1 + 1, back 0 + 1
