@@ -145,8 +145,9 @@ def train(
         return  # another rank of a distributed run: rank 0 reports
     cal = manifest["metrics"]["calibration"]
     # without attacks among the validation records, precision and recall mean nothing
-    shown = (("precision", "recall", "f1", "fpr") if cal.get("tp", 0) + cal.get("fn", 0)
-             else ("fpr", "flagged_share"))
+    shown: tuple[str, ...] = (("precision", "recall", "f1", "fpr")
+                              if cal.get("tp", 0) + cal.get("fn", 0)
+                              else ("fpr", "flagged_share"))
     no_benign = "tn" in cal and not cal["tn"] + cal["fp"]
     if no_benign:  # nor does a false-positive rate of 0 (of no benign records)
         shown = tuple(k for k in shown if k != "fpr")
