@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import trained_bundle
 from sklearn import metrics as skm
 
 from deepwatch.cli import main
@@ -101,3 +102,31 @@ def test_evaluate_json_is_what_its_verdicts_give(kdd_bundle: Path, small_kdd_tes
         assert got == {"support": m.sum(),
                        "detection_rate": pytest.approx((verdict[m] == y[m]).mean(), abs=1e-12)}
 
+
+def test_records_predicted_outside_the_five_categories_are_named_not_dropped(
+        small_kdd: Path, small_kdd_test: Path, bundle_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle trained on a label no KDD category knows predicts the category 'unknown',
+    which the contest's matrix has no column for. Those records were left out of kdd_cost and
+    the confusion matrix without a word: kdd_cost was the mean over fewer records than n."""
+    train = tmp_path / "train.csv"
+    train.write_text("".join(ln.replace(",neptune.", ",foo.") for ln in
+                             small_kdd.read_text().splitlines(keepends=True)[::8]))
+    bundle = trained_bundle("mlp", train, bundle_root, epochs=1)
+    data = tmp_path / "t.csv"
+    data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[::10]))
+    rows, r, err = _score_and_evaluate(bundle, data, tmp_path, capsys)
+
+    true_cat = np.array([CATEGORY_OF[row["label"]] for row in rows])
+    pred_cat = np.array([row["category"] for row in rows])
+    outside = ~np.isin(pred_cat, CATEGORIES)
+    n_out = int(outside.sum())
+    assert n_out and set(pred_cat[outside]) == {"unknown"}
+    assert r["uncategorised"] == {}
+    assert r["uncategorised_predictions"] == {"unknown": n_out}
+    cm = skm.confusion_matrix(true_cat, pred_cat, labels=CATEGORIES)
+    assert r["confusion"]["matrix"] == cm.tolist() and cm.sum() == r["n"] - n_out
+    assert r["kdd_cost"] == pytest.approx((cm * COST).sum() / cm.sum(), abs=1e-12)
+    assert (f"warning: {n_out} records were given a category the KDD cost matrix has no "
+            f"column for: 'unknown' ({n_out}); they count in the binary, per-label and "
+            "categories figures, not in kdd_cost or confusion") in err

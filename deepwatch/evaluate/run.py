@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,13 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
         # labels the KDD tables do not know: in binary and per_label, not in the cost
         result["uncategorised"] = {name: int(support[i]) for i, name in enumerate(names)
                                    if cat_of[i] == "unknown"}
+        # records of a known category given one the cost matrix has no column for (a bundle
+        # trained on labels no KDD category knows predicts "unknown", its hybrid "anomaly"):
+        # named too, not in the cost; n = confusion + uncategorised + these
+        pred_cat = np.asarray(pred_cat, dtype=object)
+        off = np.isin(true_cat, cats) & ~np.isin(pred_cat, cats)
+        found = Counter(pred_cat[off].tolist())  # by exact text (numpy's strings drop NULs)
+        result["uncategorised_predictions"] = {str(c): found[c] for c in sorted(found)}
         categories = {}
         for c in cats:
             m = true_cat == c
@@ -130,6 +138,7 @@ def metrics_from(cols: dict[str, np.ndarray], kdd: bool, threshold: float | None
     else:
         result["kdd_cost"] = None
         result["uncategorised"] = None
+        result["uncategorised_predictions"] = None
         result["categories"] = None
         result["confusion"] = None
     result["per_label"] = per_label
@@ -232,6 +241,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"warning: {sum(odd.values()):,} records have labels no KDD category knows: "
                      f"{shown}{', ...' if len(odd) > 5 else ''}; they count in the binary and "
                      "per-label figures, not in kdd_cost, categories or confusion")
+    if result.get("uncategorised_predictions"):
+        odd = result["uncategorised_predictions"]
+        shown = ", ".join(f"{k!r} ({v:,})" for k, v in list(odd.items())[:5])
+        lines.append(f"warning: {sum(odd.values()):,} records were given a category the KDD cost "
+                     f"matrix has no column for: {shown}{', ...' if len(odd) > 5 else ''}; they "
+                     "count in the binary, per-label and categories figures, not in kdd_cost or "
+                     "confusion")
     return lines
 
 
