@@ -132,7 +132,8 @@ class _PipeStops:
     """Ctrl-C and SIGTERM while ``score`` reads stdin or a named pipe: the lines read of it
     cannot be read again, so the stop is held, as ``deepwatch stream``'s is: ``event`` is set,
     which ends the pipe's reads where they are (see :func:`stop_reads_on`), every line read is
-    scored (the batch in hand, and a last line without its line break), and the stop is then
+    scored (the batch in hand; a last line without its line break is a reject, see
+    :data:`~deepwatch.sources.files.STOP_CUT`), and the stop is then
     raised by the handler that was there (:meth:`raise_held`: the output closed, said partial).
     While a file is read, a stop is raised at once, as before (the file can be read again).
     Main thread only, and only where the signal has a Python handler; a second stop while one

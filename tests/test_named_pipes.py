@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, signal_when
+
+from deepwatch.sources.files import STOP_CUT, InputSpec, iter_chunks
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="Linux FIFO semantics, and /proc to see the wait")
@@ -290,15 +293,17 @@ def test_score_of_a_pipe_scores_all_it_read_on_a_signal(
     """``score`` reads a pipe (a FIFO, stdin) 8 MiB at a time: stopped while the writer kept it
     open, the lines it had read but not yet scored were dropped unsaid (a bare "terminated",
     nothing written), and a pipe cannot be read again. Now, as ``stream`` does, every line read
-    is scored before it stops (a last one without its line break included: a reject here), and
-    the one line says the output holds them, incomplete. A ``.gz`` FIFO: the whole members
+    is scored before it stops, and the one line says the output holds them, incomplete. The
+    last line, without its line break, may be one the writer had not finished: it is a reject
+    that says so (it was scored, a whole record here). A ``.gz`` FIFO: the whole members
     read are scored, and the text of the member the stop cut short, which could not be
     verified, is counted in a line of its own."""
     out, rejects = tmp_path / "out.jsonl", tmp_path / "rejects.jsonl"
     source = tmp_path / ("live.gz" if via == "fifo.gz" else "live") if via != "stdin" else None
     if source is not None:
         os.mkfifo(source)
-    data = records.read_bytes() + b"0,tcp,http,SF,2"
+    whole = records.read_bytes().split(b"\n")[0]  # a whole record, its line break not yet come
+    data = records.read_bytes() + whole
     cut_note, kept = "", f" and the 1 rejected record read before it in {rejects}, which are"
     if via == "fifo.gz":
         half = gzip.compress(records.read_bytes())
@@ -339,6 +344,47 @@ def test_score_of_a_pipe_scores_all_it_read_on_a_signal(
     assert all(r["verdict"] in ("normal", "malicious") for r in rows)
     if not cut_note:
         (bad,) = [json.loads(x) for x in rejects.read_text().splitlines()]
-        assert (bad["line"], bad["raw"]) == (401, "0,tcp,http,SF,2"), err
+        assert (bad["line"], bad["raw"], bad["reason"]) == (401, whole.decode(), STOP_CUT), err
     assert err.strip() == (f"{cut_note}{word}: the 400 rows scored before it are kept in {out}"
                            f"{kept} incomplete"), err
+
+
+@pytest.mark.parametrize("name", ["live", "live.gz"])
+def test_a_line_a_stop_leaves_unfinished_is_a_reject_not_a_record(tmp_path: Path,
+                                                                   name: str) -> None:
+    """A stop while the writer of a named pipe keeps it open: the last line read, without its
+    line break, may be one the writer had not finished (an access-log line cut inside its size
+    still parses, as a wrong record). It was handed out as a record; it is now a reject that
+    says so, its text kept. A ``.gz`` pipe whose whole members end inside a line (a shipper
+    that compresses block by block) leaves the same unfinished line at a stop between two."""
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    text = b"a,1\nb,2\nc,3"
+    data = gzip.compress(text) if name.endswith(".gz") else text
+    stop = threading.Event()
+    writer = threading.Thread(target=_write_then_stop, args=(fifo, data, stop))
+    writer.start()
+    try:
+        chunks = list(iter_chunks(InputSpec(str(fifo)), stop=stop))
+    finally:
+        stop.set()
+        writer.join(10)
+    assert b"".join(c.data for c in chunks) == b"a,1\nb,2\n"
+    (last,) = [c for c in chunks if c.damage is not None]
+    assert (last.first_line, last.lost, last.damage) == (3, b"c,3", STOP_CUT)
+
+
+def _write_then_stop(fifo: Path, data: bytes, stop: threading.Event) -> None:
+    """Write ``data`` to ``fifo`` and, its reader having taken it all, set ``stop`` while the
+    pipe is still open; close it after."""
+    fd = os.open(fifo, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+        deadline = time.monotonic() + 10
+        while _unread(fd) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        stop.set()
+        time.sleep(0.3)
+    finally:
+        os.close(fd)

@@ -29,6 +29,7 @@ from deepwatch.models.detector import Detector
 from deepwatch.serve._stream_core import ALERT, DEAD_LETTER, VERDICT, StreamProcessor
 from deepwatch.serve._stream_io import DeliveryError, MemorySink, MemorySource
 from deepwatch.serve.stream import StreamOptions, StreamReport, run_loop, run_stream
+from deepwatch.sources.files import STOP_CUT
 
 GARBAGE = [
     b"",
@@ -298,15 +299,18 @@ def test_compressed_stdin_is_refused_as_score_refuses_it(kdd_bundle: Path, small
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_embedded_stdin_left_open_stops_on_a_signal(kdd_bundle: Path, small_kdd_test: Path,
-                                                    sig: signal.Signals) -> None:
+                                                    sig: signal.Signals, tmp_path: Path) -> None:
     """A pipe whose writer is idle but keeps it open (``tail -F log | deepwatch stream``, the
     signal sent to deepwatch alone): the worker logged "stopping after the batch in hand" and
     then waited in the read until the writer sent more or closed the pipe, for ever. Now it
-    stops within a moment, every record it read scored, and a last line without its line break
-    handed out (as --follow does on stop)."""
+    stops within a moment, every record it read scored. The last line, without its line break,
+    may be one the writer had not finished (it was scored as a record): it is a dead letter
+    that says so, its text kept."""
     records = _records(small_kdd_test, 300)
+    rejects = tmp_path / "rejects.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd"],
+        [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
+         "--rejects", str(rejects)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
@@ -326,8 +330,10 @@ def test_embedded_stdin_left_open_stops_on_a_signal(kdd_bundle: Path, small_kdd_
     logs = [json.loads(x) for x in err.splitlines() if x.startswith(b"{")]
     assert [x["signal"] for x in logs if x.get("event") == "signal"] == [sig.name]
     stop = [x for x in logs if x.get("event") == "stop"][0]
-    assert (stop["scored"], stop["rejected"]) == (300, 0)
+    assert (stop["scored"], stop["rejected"]) == (299, 1)
     assert all(json.loads(x)["event"]["kind"] == "alert" for x in out.splitlines())
+    (dead,) = [json.loads(x) for x in rejects.read_text().splitlines()]
+    assert (dead["raw"], dead["reason"]) == (records[-1].decode(), STOP_CUT), dead
 
 
 def test_follow_tails_appends_and_rotation(detector: Detector, small_kdd_test: Path,

@@ -167,7 +167,7 @@ class FileSource:
         for number, spec in enumerate(self.specs):
             chunks = self._chunks(spec, stop)
             # stdin, a named pipe and a followed file end by themselves on stop, after the lines
-            # they have read (a last one without its line break included): they are not cut
+            # they have read (a last one without its line break is a dead letter): they are not cut
             # short here. (What is read of a pipe cannot be read again: the lines after the
             # first chunk of a .gz pipe, which is read whole at the stop, were dropped unsaid.)
             ends_on_stop = self.follow or cannot_be_read_again(spec.path) or spec.path == "-"

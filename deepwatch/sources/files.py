@@ -231,6 +231,14 @@ class Chunk:
     rest_lost: bool = False
 
 
+#: Why the last line of an input that a stop ended (stdin, a named pipe, a followed file), read
+#: without its line break, is a reject: its writer may not have finished it, and a line cut
+#: short can still parse, as a wrong record (an access-log line cut inside its size, a KDD line
+#: cut inside its last count).
+STOP_CUT = ("the run was stopped before this line's line break came: it may be cut short, so "
+            "it is not read as a record")
+
+
 def long_line_reason(size: int, limit: int = MAX_LINE_BYTES) -> str:
     """Why a line of ``size`` bytes (its line break left out) is no record."""
     return f"the line is {size:,} bytes long, over the limit of {limit:,} bytes for one record"
@@ -336,12 +344,17 @@ class LineBuffer:
             self._skip(self._handed_out(rest))
         return out
 
-    def finish(self) -> Chunk | None:
+    def finish(self, stopped: bool = False) -> Chunk | None:
+        """The last line, which has no line break (None if there is none), and the numbering
+        starts over. ``stopped``: a stop ended the input there (see :data:`STOP_CUT`), so that
+        line is a reject, its text kept, rather than a record."""
         if self.long:
             last: Chunk | None = self._long_line()
         else:
             rest = self._handed_out(self.rest) if self.rest else b""
-            last = Chunk(rest, self.line, self.spec) if rest else None
+            last = (None if not rest else
+                    Chunk(b"", self.line, self.spec, damage=STOP_CUT, lost=rest[:LOST_BYTES])
+                    if stopped else Chunk(rest, self.line, self.spec))
         self.line, self.rest, self.at_start = 1, b"", True
         return last
 
@@ -545,10 +558,10 @@ _RUN_STOP: ContextVar[threading.Event | None] = ContextVar("deepwatch_run_stop",
 def stop_reads_on(stop: threading.Event) -> Iterator[None]:
     """Within it, :func:`iter_chunks` called without a ``stop`` of its own takes ``stop``:
     once it is set, a text input ends where it is, after the chunks of what was read of it (a
-    last line without its line break included), a compressed named pipe as ``stop`` ends it
-    there, and an input begun after that is not read at all. ``deepwatch score`` sets it on
-    Ctrl-C or SIGTERM while it reads stdin or a pipe, which cannot be read again: every line it
-    has read of them is scored before it stops."""
+    last line without its line break is a reject: :data:`STOP_CUT`), a compressed named pipe as
+    ``stop`` ends it there, and an input begun after that is not read at all. ``deepwatch
+    score`` sets it on Ctrl-C or SIGTERM while it reads stdin or a pipe, which cannot be read
+    again: every line it has read of them is scored before it stops."""
     token = _RUN_STOP.set(stop)
     try:
         yield
@@ -606,12 +619,15 @@ def _open(spec: InputSpec, stop: threading.Event | None = None) -> BinaryIO | No
         raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
 
 
-def chunks_from_reads(read: Callable[[], bytes], spec: InputSpec) -> Iterator[Chunk]:
-    """Whole-line chunks from ``read()`` calls until one returns no bytes."""
+def chunks_from_reads(read: Callable[[], bytes], spec: InputSpec,
+                      stopped: Callable[[], bool] | None = None) -> Iterator[Chunk]:
+    """Whole-line chunks from ``read()`` calls until one returns no bytes. ``stopped()``, asked
+    then, says whether a stop ended the reads (a last line without its line break is then a
+    reject: see :data:`STOP_CUT`)."""
     lines = LineBuffer(spec)
     while block := read():
         yield from lines.feed(block)
-    last = lines.finish()
+    last = lines.finish(stopped is not None and stopped())
     if last is not None:
         yield last
 
@@ -1165,7 +1181,7 @@ def _compressed_chunks(spec: InputSpec, kind: str, chunk_bytes: int,
     if damage is None:
         for note in _notes(spec, kind, blocks):
             log.warning("%s: %s", spec.display, note)
-        last = lines.finish()
+        last = lines.finish(stopped=blocks.cut)  # (a stop between two members)
         if last is not None:
             yield last
         return
@@ -1210,7 +1226,8 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     members before it are handed out. (A bzip2 block cut short is the damage of a last chunk.)
     Within :func:`stop_reads_on`, a stop raised there instead (Ctrl-C and SIGTERM raise
     ``KeyboardInterrupt``) ends a text input so too: the lines read before it are handed out,
-    a last one without its line break included, then it is raised again.
+    then it is raised again. An input a stop ended (not its end) hands out a last line without
+    its line break as a reject (:data:`STOP_CUT`): its writer may not have finished it.
 
     ``on_read`` is handed the input's bytes as they are read, each once, in order (for a
     checksum of an input that cannot be read again, such as stdin or a pipe): all of them for
@@ -1238,6 +1255,12 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
     # within stop_reads_on, a stop raised (Ctrl-C, SIGTERM: KeyboardInterrupt) while a pipe or
     # stdin is waited on: what was read of it is handed out first, then the stop is raised again
     interrupts: list[BaseException] = []
+    # a pipe, stdin, or within stop_reads_on any input, ends where the stop came, not at its
+    # end: its last line read may be unfinished (a regular file read to its end is not that)
+    ends_on_stop = waits or spec.path == "-" or run_stop
+
+    def stopped() -> bool:
+        return bool(interrupts) or (ends_on_stop and stop is not None and stop.is_set())
 
     def read() -> bytes:
         nonlocal first
@@ -1271,7 +1294,7 @@ def iter_chunks(spec: InputSpec, chunk_bytes: int = CHUNK_BYTES,
         return block
 
     try:
-        yield from chunks_from_reads(read, spec)
+        yield from chunks_from_reads(read, spec, stopped)
     finally:
         if spec.path != "-":
             stream.close()

@@ -77,8 +77,9 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
     """Chunks of whole lines from ``spec.path`` until ``stop`` is set.
 
     Line numbers restart at 1 when the file is truncated or replaced. A last line without a line
-    break is held back until it is finished, or handed out when the file is truncated, when a
-    rotated file is let go, or on stop. A rotated file is read until it has not grown for
+    break is held back until it is finished, or handed out when the file is truncated or when a
+    rotated file is let go; on stop it is a reject (:data:`STOP_CUT`), its writer may not have
+    finished it. A rotated file is read until it has not grown for
     ``rotate_wait`` seconds, its lines between those of the new file.
 
     A named pipe neither grows nor rotates: it is read as stdin is, its lines as they come,
@@ -92,7 +93,8 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
     if waits_for_data(fh):
         try:
             fd = fh.fileno()
-            yield from chunks_from_reads(lambda: read_when_ready(fd, chunk_bytes, stop), spec)
+            yield from chunks_from_reads(lambda: read_when_ready(fd, chunk_bytes, stop), spec,
+                                         stop.is_set)
         finally:
             fh.close()
         return
@@ -139,7 +141,7 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
                 fh.seek(0)
             else:
                 stop.wait(poll)
-        last = lines.finish()
+        last = lines.finish(stopped=True)  # (only a stop ends the loop)
         if last is not None:
             yield last
         if rotated is not None:  # stopped while the new file was missing again
