@@ -177,6 +177,27 @@ def writable_dir(path: str | Path, what: str = "the output") -> Path:
     return p
 
 
+def _identity(st: os.stat_result) -> tuple[int, int] | None:
+    """What names a regular file (device, inode); None for what is none (a pipe, a device)."""
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _check_still_there(path: str, made: tuple[int, int] | None, n: int, what: str) -> None:
+    """An OutputError where the regular file ``made`` that a run wrote at ``path`` is gone from
+    there (removed with its directory, or replaced) before the run ends: its writes went on into
+    a file no name reaches, and the run said its records were written to ``path``."""
+    if made is None:
+        return
+    try:
+        now = _identity(os.stat(path))
+    except OSError:
+        now = None
+    if now != made:
+        raise OutputError(f"cannot write {path}: it was {'replaced' if now else 'removed'} "
+                          f"while this run wrote it, so the {n:,} {what}{'s' if n != 1 else ''} "
+                          f"written to it {'is' if n == 1 else 'are'} lost")
+
+
 class RecordSink:
     """Writes scored batches to ``.parquet`` or ``.jsonl`` (``-`` is JSONL on stdout).
 
@@ -208,6 +229,8 @@ class RecordSink:
         self.rows = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="deepwatch-sink")
         self._pending: list[Future[bool]] = []
+        #: the file the first batch made (see :func:`_check_still_there`)
+        self._made: tuple[int, int] | None = None
 
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:  # (a chunk all rejects): the file is made by the first row, so
@@ -242,10 +265,13 @@ class RecordSink:
                 self._writer = pq.ParquetWriter(self.path, batch.schema,
                                                 compression=self.COMPRESSION,
                                                 compression_level=self.COMPRESSION_LEVEL)
+                self._made = _identity(os.stat(self.path))
             self._writer.write_batch(batch)
             return
         if self._fh is None:
             self._fh = sys.stdout.buffer if self.path == "-" else open(self.path, "wb")  # noqa: SIM115
+            if self.path != "-":
+                self._made = _identity(os.fstat(self._fh.fileno()))
         if batch.num_rows:
             write_jsonl(batch, self._fh)
 
@@ -277,6 +303,10 @@ class RecordSink:
             self._fh.close()
 
     def _finish(self, schema: pa.Schema | None) -> None:
+        self._close_output(schema)
+        _check_still_there(self.path, self._made, self.rows, "row")
+
+    def _close_output(self, schema: pa.Schema | None) -> None:
         if self.kind == "parquet":
             if self._writer is None:  # no batch came: still this run's file, not an older one
                 import pyarrow.parquet as pq
@@ -387,10 +417,12 @@ class RejectSink:
         #: all its rejects, not an incomplete part (see :func:`keeping_rejects`)
         self.complete = False
         self._fh: IO[bytes] | None = None
+        self._made: tuple[int, int] | None = None  # (see :func:`_check_still_there`)
         if path:
             writable_file(path, "--rejects")
             try:
                 self._fh = open(path, "wb")  # noqa: SIM115
+                self._made = _identity(os.fstat(self._fh.fileno()))
             except OSError as exc:
                 raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -423,6 +455,8 @@ class RejectSink:
             fh.close()
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        if self.path and self.count:
+            _check_still_there(self.path, self._made, self.count, "rejected record")
 
     def abort(self) -> None:
         """Close and remove the file of a run that failed before it kept anything: an empty

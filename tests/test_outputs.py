@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -381,3 +382,39 @@ def test_jsonl_outputs_escape_unicode_line_separators(kdd_bundle: Path, records:
         rows = [json.loads(line) for line in lines]
     assert json.loads(out.read_text().splitlines()[-1])["service"] == "ht\u2028tp\u2029"
     assert "not\u2028a record" in rows[0]["raw"]
+
+
+@pytest.mark.parametrize(("name", "how"), [("out.parquet", "removed"), ("out.jsonl", "removed"),
+                                           ("out.parquet", "replaced")])
+def test_an_output_removed_while_written_is_an_error_not_success(
+        tmp_path: Path, name: str, how: str) -> None:
+    """Its directory removed (a clean-up run meanwhile) or the file replaced while a run wrote
+    it: the writes went on into a file no name reaches, and the run said its rows were written
+    to the path, exit 0. Closing it now says they are lost."""
+    from deepwatch.sinks import RecordSink, RejectSink
+
+    out = tmp_path / "d" / name
+    sink = RecordSink(str(out))
+    rejects = RejectSink(str(tmp_path / "d" / "rejects.jsonl"))
+    sink.write(pa.record_batch({"x": [1, 2, 3]}))
+    rejects.write(pa.table({"line": [7], "raw": ["?"], "reason": ["bad"]}))
+    while not out.exists():  # (the first batch makes the file, on the writer's thread)
+        pass
+    if how == "removed":
+        shutil.rmtree(tmp_path / "d")
+    else:
+        (tmp_path / "other").write_text("")
+        os.replace(tmp_path / "other", out)
+    assert _error_of(sink.close) == (f"cannot write {out}: it was {how} while this run wrote "
+                                     "it, so the 3 rows written to it are lost")
+    assert _error_of(rejects.close) == (None if how == "replaced" else (
+        f"cannot write {tmp_path / 'd' / 'rejects.jsonl'}: it was removed while this run wrote "
+        "it, so the 1 rejected record written to it is lost"))
+
+
+def _error_of(close: Callable[[], None]) -> str | None:
+    try:
+        close()
+    except OutputError as exc:
+        return str(exc)
+    return None
