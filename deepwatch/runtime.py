@@ -200,6 +200,10 @@ class TorchBackend:
         except Exception as exc:  # safetensors raises its own error types
             reason = first_line(exc)
             raise BundleError(f"the weights are not a valid safetensors file: {reason}") from None
+        for key, tensor in state.items():  # a NaN or inf weight: NaN scores, every one 'normal'
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise BundleError(f"the weights hold NaN or infinite values ({key}); refusing "
+                                  "them")
         try:
             with torch.device("meta"):
                 skeleton = build_export_module(network)

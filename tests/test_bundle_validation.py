@@ -296,6 +296,27 @@ def _featurizer_moment(key: str, value: float) -> Mutation:
     return change
 
 
+def _non_finite_weight(engine: str) -> Mutation:
+    """One weight made NaN/inf: in the safetensors file for torch (a batch norm's variance,
+    which a record of zeros does not reveal), in the ONNX graph (a first-layer weight)."""
+    def change(d: Path, m: dict[str, Any]) -> None:
+        from safetensors.torch import load, save
+
+        state = load((d / "weights.safetensors").read_bytes())
+        if engine == "torch":
+            key = next(k for k in sorted(state) if k.endswith("running_var"))
+            state[key].view(-1)[0] = float("inf")
+            _no_onnx_weights(save(state))(d, m)
+            return
+        from deepwatch.models.export import build_export_module, to_onnx
+
+        state[next(k for k in sorted(state) if k.endswith("weight"))].view(-1)[0] = float("nan")
+        net = build_export_module(m["network"])
+        net.load_state_dict(state)
+        _write("model.onnx", to_onnx(net, m["n_features"], m["outputs"]))(d, m)
+    return change
+
+
 MALFORMED: dict[str, tuple[Mutation, str]] = {
     "files_list": (lambda d, m: m.update(files=["x"]), '"files" must map'),
     "files_null": (lambda d, m: m.update(files=None), '"files" must map'),
@@ -320,6 +341,9 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
                      "ONNX model"),
     # moments that make every record's features NaN: each verdict was "normal", silently
     "featurizer_std_nan": (_featurizer_moment("std", float("nan")), "std of .* is nan"),
+    # NaN scores are never over a threshold: such a bundle said "normal" to every record
+    "weights_inf": (_non_finite_weight("torch"), "weights hold NaN or infinite values"),
+    "onnx_nan": (_non_finite_weight("onnx"), "'proba' output is not a finite number"),
     # names that do not match the vocabularies, the schema hash made to agree with them
     "featurizer_names_edited": (_featurizer_names_edited, "its feature names do not match"),
 }

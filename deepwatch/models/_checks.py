@@ -189,6 +189,11 @@ def check_scoring(detector: Any) -> None:
                                  or (want[1] is not None and shape[1] != want[1])):
             raise BundleError(f"the network's {name!r} output has the shape {tuple(shape)}, "
                               f"not {want[2]}")
+        # a NaN or infinite weight (a damaged file, a training that diverged) makes every
+        # score NaN, and a NaN score is never above a threshold: every record 'normal'
+        if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+            raise BundleError(f"the network's {name!r} output is not a finite number for "
+                              "a record of zeros: its weights hold NaN or infinite values")
     try:
         cols = detector.decision.apply(out)
     except Exception as exc:
