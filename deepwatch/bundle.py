@@ -170,6 +170,10 @@ def _save(out: Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
 
 #: A manifest is a few kilobytes; one past this size is not one deepwatch wrote.
 MAX_MANIFEST_BYTES = 16 << 20
+#: The most a bundle file the loader reads may hold: protobuf's own ceiling for ``model.onnx``,
+#: and far past any network deepwatch trains. Checked before reading, so a huge (or sparse)
+#: file is refused at once instead of being read into memory to fail its checksum.
+MAX_FILE_BYTES = 2 << 30
 #: Files the loader reads from every bundle: each must be listed in the manifest's ``files``
 #: (with ``model.onnx`` where the bundle has one), or it would escape its checksum.
 REQUIRED_FILES = (FEATURIZER, WEIGHTS)
@@ -250,7 +254,7 @@ def read_bundle_file(path: str | Path, manifest: dict[str, Any], name: str,
     if expected is None:
         raise BundleError(f"bundle {path}: {name} is not listed in the manifest's files; "
                           "refusing to load it")
-    data = _read_regular(path / name)
+    data = _read_regular(path / name, MAX_FILE_BYTES)
     if verify and hashlib.sha256(data).hexdigest() != expected:
         raise BundleError(_mismatch(path, name))
     return data
@@ -283,14 +287,14 @@ def _open_regular(f: Path) -> int:
     raise BundleError(f"bundle {f.parent}: {f.name} is not a regular file; refusing to read it")
 
 
-def _read_regular(f: Path, limit: int | None = None) -> bytes:
+def _read_regular(f: Path, limit: int) -> bytes:
     fd = _open_regular(f)
     with os.fdopen(fd, "rb") as fh:
-        try:
-            data = fh.read() if limit is None else fh.read(limit + 1)
+        try:  # the size first: nothing is read of a file too big (one that grows: limit + 1)
+            too_big = os.fstat(fd).st_size > limit or len(data := fh.read(limit + 1)) > limit
         except OSError as exc:
             raise BundleError(f"cannot read {f}: {exc.strerror or exc}") from None
-    if limit is not None and len(data) > limit:
+    if too_big:
         raise BundleError(f"{f} is over {limit:,} bytes; it is not part of a deepwatch bundle")
     return data
 

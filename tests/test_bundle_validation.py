@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deepwatch.bundle import read_bundle_file, read_manifest
+from deepwatch.bundle import MAX_FILE_BYTES, read_bundle_file, read_manifest
 from deepwatch.errors import BundleError
 from deepwatch.features import Featurizer
 from deepwatch.models.detector import DEDUPE_MIN_ROWS, Detector
@@ -165,6 +165,20 @@ def test_a_symlinked_file_is_checked_like_any_other(kdd_bundle: Path, tmp_path: 
 
     dev = variant(kdd_bundle, tmp_path / "dev", link_to(Path("/dev/zero")))
     refused(dev, "not a regular file", engine="torch")
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "model.onnx"])
+def test_a_huge_file_is_refused_before_it_is_read(kdd_bundle: Path, tmp_path: Path,
+                                                  name: str) -> None:
+    """A (sparse) file past any bundle's size was read whole into memory, then failed its
+    checksum: gigabytes, seconds, in a service reloading it. Its size alone refuses it."""
+    def grow(d: Path, m: dict[str, Any]) -> None:
+        with open(d / name, "r+b") as f:
+            f.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk used
+
+    b = variant(kdd_bundle, tmp_path / "b", grow)
+    refused(b, f"{name} is over 2,147,483,648 bytes",
+            engine="torch" if name == "weights.safetensors" else "onnx")
 
 
 # -- 2. featurizer, network and decision must fit each other ------------------------------------
