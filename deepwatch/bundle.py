@@ -180,6 +180,21 @@ REQUIRED_FILES = (FEATURIZER, WEIGHTS)
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, where no key is given twice: json keeps the last silently, so
+    a file listed twice in ``files`` would be checked against whichever checksum came last."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _RepeatedKey(key)
+        obj[key] = value
+    return obj
+
+
 def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """The bundle's manifest, after checking every file against its recorded sha256.
 
@@ -195,7 +210,11 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
         raise BundleError(f"{path} is not a deepwatch bundle (no {MANIFEST})")
     raw = _read_regular(path / MANIFEST, MAX_MANIFEST_BYTES)
     try:
-        manifest = json.loads(raw.decode("utf-8"))
+        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeated_keys)
+    except _RepeatedKey as exc:
+        raise BundleError(f"{path / MANIFEST} gives {exc.args[0]!r} twice in one object (two "
+                          "checksums for one file, say); it is not a manifest deepwatch "
+                          "wrote") from None
     except UnicodeDecodeError:
         raise BundleError(f"{path / MANIFEST} is not UTF-8 text") from None
     except RecursionError:

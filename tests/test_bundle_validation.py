@@ -383,6 +383,18 @@ def test_an_unreadable_manifest_is_one_clear_error(kdd_bundle: Path, tmp_path: P
     refused(b, match)
 
 
+def test_a_file_listed_twice_in_the_manifest_is_refused(kdd_bundle: Path,
+                                                        tmp_path: Path) -> None:
+    """JSON keeps the last of two equal keys: a manifest giving model.onnx a second checksum
+    loaded, checked against whichever came last, whatever a reader of the first believed."""
+    b = variant(kdd_bundle, tmp_path / "b", lambda d, m: None)
+    text = (b / "manifest.json").read_text()
+    assert text.count('"files": {') == 1
+    (b / "manifest.json").write_text(
+        text.replace('"files": {', '"files": {"model.onnx": "' + "0" * 64 + '", '))
+    refused(b, "gives 'model.onnx' twice")
+
+
 def test_featurizer_from_dict_refuses_what_it_cannot_transform(kdd_bundle: Path) -> None:
     good = json.loads((kdd_bundle / "featurizer.json").read_text())
     assert Featurizer.from_dict(good).n_features == len(good["feature_names"])
