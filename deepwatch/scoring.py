@@ -137,7 +137,7 @@ class _PipeStops:
     raised by the handler that was there (:meth:`raise_held`: the output closed, said partial).
     While a file is read, a stop is raised at once, as before (the file can be read again).
     Main thread only, and only where the signal has a Python handler; a second stop while one
-    is held is held with it."""
+    is held is held with it, and one line says so (``already stopping: ...``)."""
 
     def __init__(self, specs: Sequence[InputSpec]):
         self.event = threading.Event()
@@ -146,6 +146,7 @@ class _PipeStops:
         self._pipe = bool(specs) and cannot_be_read_again(specs[0].path)
         self._current = specs[0] if specs else None
         self._before: dict[int, Any] = {}
+        self._told = False  # a stop after the held one was answered
 
     def reading(self, spec: InputSpec) -> None:
         if spec is not self._current:
@@ -167,6 +168,12 @@ class _PipeStops:
         if self._signum is None:
             self._signum, self.spec = signum, self._current
             self.event.set()
+        elif not self._told:  # held with the first: said once (os.write: not print, which
+            # could re-enter a write to stderr under way), as errors' held stops are
+            self._told = True
+            where = self.spec.display if self.spec is not None else "the input"
+            os.write(2, f"already stopping: the lines read of {where} are scored "
+                        "first\n".encode(errors="backslashreplace"))
 
     def __enter__(self) -> _PipeStops:
         if threading.current_thread() is threading.main_thread():
