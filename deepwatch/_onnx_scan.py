@@ -11,9 +11,11 @@ skipping everything else (weights included) by its length, so it costs microseco
 
 Paths through ``onnx.proto`` (field numbers):
 
-- ModelProto: graph 7, functions 25
+- ModelProto: graph 7, training_info 20, functions 25
+- TrainingInfoProto: initialization 1, algorithm 2
 - GraphProto: node 1, initializer 5, sparse_initializer 15
-- FunctionProto: node 7
+- FunctionProto: node 7, attribute_proto 11 (an attribute's default value, which ONNX Runtime
+  puts into the graph when it inlines the function)
 - NodeProto: attribute 5
 - AttributeProto: t 5, g 6, tensors 10, graphs 11, sparse_tensor 22, sparse_tensors 23
 - SparseTensorProto: values 1, indices 2
@@ -22,12 +24,13 @@ Paths through ``onnx.proto`` (field numbers):
 
 from __future__ import annotations
 
-_MODEL, _GRAPH, _FUNCTION, _NODE, _ATTRIBUTE, _SPARSE, _TENSOR = range(7)
+_MODEL, _GRAPH, _FUNCTION, _NODE, _ATTRIBUTE, _SPARSE, _TENSOR, _TRAINING = range(8)
 #: message kind -> {field number: kind of the embedded message}
 _CHILDREN: dict[int, dict[int, int]] = {
-    _MODEL: {7: _GRAPH, 25: _FUNCTION},
+    _MODEL: {7: _GRAPH, 20: _TRAINING, 25: _FUNCTION},
+    _TRAINING: {1: _GRAPH, 2: _GRAPH},
     _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},
-    _FUNCTION: {7: _NODE},
+    _FUNCTION: {7: _NODE, 11: _ATTRIBUTE},
     _NODE: {5: _ATTRIBUTE},
     _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
     _SPARSE: {1: _TENSOR, 2: _TENSOR},

@@ -119,6 +119,60 @@ def test_onnx_weights_in_an_external_file_are_refused(copy: Path, where: str,
     assert "\n" not in str(err.value)
 
 
+def test_external_data_in_a_function_default_or_training_info_is_refused(
+        copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors live in more places than the graph: a local function's attribute default
+    (which ONNX Runtime inlines into the graph, then resolves its location against the working
+    directory) and a model's training_info graphs. Either, pointing at another file, is refused
+    by the bundle's own check, not left to ONNX Runtime."""
+    import hashlib
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from deepwatch._onnx_scan import uses_external_data
+
+    def external(name: str) -> TensorProto:
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[4],
+                        data_location=TensorProto.EXTERNAL)
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "side.bin"
+        return t
+
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [4])
+    const = helper.make_node("Constant", [], ["k"])
+    ref = onnx.AttributeProto(name="value", ref_attr_name="w", type=onnx.AttributeProto.TENSOR)
+    const.attribute.append(ref)
+    fn = helper.make_function("local", "F", ["x"], ["y"],
+                              [const, helper.make_node("Add", ["x", "k"], ["y"])],
+                              [helper.make_opsetid("", 17)])
+    fn.attribute_proto.append(helper.make_attribute("w", external("w")))
+    graph = helper.make_graph([helper.make_node("F", ["X"], ["Y"], domain="local")], "g",
+                              [x], [y])
+    model = helper.make_model(graph, functions=[fn], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    blob = model.SerializeToString()
+    assert uses_external_data(blob)
+
+    plain = helper.make_model(helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])],
+                                                "g", [x], [y]))
+    assert not uses_external_data(plain.SerializeToString())
+    plain.training_info.add().initialization.initializer.append(external("t"))
+    assert uses_external_data(plain.SerializeToString())
+
+    (copy / "model.onnx").write_bytes(blob)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["files"]["model.onnx"] = hashlib.sha256(blob).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(m))
+    (copy / "workdir").mkdir()
+    (copy / "workdir" / "side.bin").write_bytes(bytes(16))
+    monkeypatch.chdir(copy / "workdir")  # where ONNX Runtime looks for "side.bin"
+    with pytest.raises(BundleError, match="keeps tensor data in other files") as err:
+        Detector(copy, engine="onnx")
+    assert "\n" not in str(err.value)
+
+
 def test_a_saved_bundle_is_as_readable_as_a_new_directory(tmp_path: Path) -> None:
     """Bundles were assembled in a mkdtemp directory and kept its private 0700 mode, so a
     service account could not read a bundle someone else trained. A new bundle gets the mode
