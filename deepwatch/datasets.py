@@ -373,6 +373,10 @@ def _download(ds: Dataset, progress: bool) -> Path:
                         out.write(block)
                         if advance is not None:
                             advance(len(block))
+                if size is not None and got != size:
+                    # the connection closed early: a first fetch would trust a cut copy
+                    raise DataError(f"the download ended after {got:,} of the {size:,} bytes "
+                                    "the server announced (cut short)")
             return _store(ds, tmp, url, move=True)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc

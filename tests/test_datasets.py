@@ -314,6 +314,36 @@ def test_a_download_larger_than_the_file_can_be_is_stopped(
     assert [p.name for p in part_dir.iterdir()] == []
 
 
+def test_a_download_cut_short_is_neither_kept_nor_trusted(
+        nsl_test_gz: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that announces more bytes than it sends before closing: the cut copy (whole
+    records, so it parses) was kept and, for a data set the registry has no checksum for,
+    recorded as the trusted one on first fetch."""
+    body = b"".join(gzip.decompress(nsl_test_gz.read_bytes()).splitlines(keepends=True)[:300])
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (10 * len(body))
+                         + body)
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    with listener:
+        _point_at(monkeypatch, "nslkdd-train",
+                  f"http://127.0.0.1:{listener.getsockname()[1]}/KDDTrain+.txt")
+        assert main(["datasets", "fetch", "nslkdd-train"]) == 4
+    thread.join(10)
+    err = capsys.readouterr().err
+    assert f"ended after {len(body):,} of the {10 * len(body):,} bytes" in err, err
+    assert len(err.splitlines()) == 1, err
+    assert [p.name for p in (isolated / "datasets" / "nslkdd").iterdir()] == []
+    assert datasets.expected(datasets.get("nslkdd-train"))[0] is None  # nothing recorded
+
+
 def _drop_length(send):  # type: ignore[no-untyped-def]
     def without(self, keyword: str, value: str) -> None:  # type: ignore[no-untyped-def]
         if keyword.lower() != "content-length":
