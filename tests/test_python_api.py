@@ -111,11 +111,31 @@ def test_train_from_python_is_quiet_unless_asked(tiny_kdd: Path, tmp_path: Path,
     """``train(progress=False)`` (the default) printed a line per epoch to stderr wherever
     stderr was no terminal (a notebook's is not) and drew rich bars where it was one: the
     flag governed the reading bar only. With ``progress=True`` it shows what the command
-    shows."""
+    shows.
+
+    Nor does it change the process's global state: it left torch's and numpy's global random
+    generators seeded with the training seed (a notebook's later draws repeated), and torch's
+    thread count at the training's."""
+    import torch
+
     from deepwatch.train.api import train
 
     monkeypatch.delenv("DEEPWATCH_PROGRESS", raising=False)
-    train("kdd", "mlp", tiny_kdd, tmp_path / "quiet", epochs=2)
+    monkeypatch.setenv("DEEPWATCH_TORCH_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(7)
+        np.random.seed(7)
+        expected = torch.rand(3), np.random.rand(3)
+        torch.manual_seed(7)
+        np.random.seed(7)
+        train("kdd", "mlp", tiny_kdd, tmp_path / "quiet", epochs=2)
+        assert torch.get_num_threads() == 2
+        assert torch.equal(torch.rand(3), expected[0])
+        assert np.array_equal(np.random.rand(3), expected[1])
+    finally:
+        torch.set_num_threads(threads)
     out, err = capfd.readouterr()
     assert (out, err) == ("", "")
     train("kdd", "mlp", tiny_kdd, tmp_path / "told", epochs=2, progress=True)

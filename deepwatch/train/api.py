@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -453,12 +455,36 @@ def train(
 
     # by default SIGTERM would end the process mid-save, leaving the bundle's temporary
     # directory beside --out (or in it, where it was empty, which a later run then refuses)
-    with sigterm_stops_cleanly(), distributed.session(device) as dist:
+    with _global_state_kept(), sigterm_stops_cleanly(), distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
             progress, log, rejects = False, _silent, None
         return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
                       device, policy, progress, options, log, lakes, dist, folds, rejects,
                       refit, days)
+
+
+@contextmanager
+def _global_state_kept() -> Iterator[None]:
+    """Training seeds torch's and numpy's global random generators and sets torch's thread
+    count (``loop.seed_everything``); put back after, so that a notebook's own random draws
+    and torch settings are as they were before ``train`` (they were left seeded with the
+    training seed, and torch on the usable cores or ``DEEPWATCH_TORCH_THREADS``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    numpy_rng = np.random.get_state()
+    python_rng = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.random.set_rng_state(torch_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
 
 
 def check_options(options: dict[str, Any] | None) -> None:
