@@ -138,6 +138,77 @@ def test_healthz_answers_any_host(server: Server) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
+# -- the dashboard's page runs its own code only -----------------------------------------------
+
+#: Markup that, were it ever to reach the dashboard's page (the page draws user agents, URLs
+#: and labels as text), would run: an ``onerror``, an inline script, an ``onload``.
+INJECTED = ("<img src=x onerror=\"document.title='pwned by onerror'\">"
+            "<script>document.title='pwned by script'</script>"
+            "<svg onload=\"document.title='pwned by onload'\"></svg>")
+
+
+def test_the_dashboard_and_its_data_carry_a_content_security_policy(server: Server) -> None:
+    """No policy was sent: any markup that got into the page would have run. Now only the
+    page's own inline script and style (by hash) run, it fetches only from this server and no
+    site may frame it; /v1/stats, which quotes the senders' text, is never run as a page."""
+    import base64
+    import hashlib
+    import re
+
+    page = httpx.get(server.url + "/")
+    policy = {d.split()[0]: d.split()[1:]
+              for d in page.headers["content-security-policy"].split("; ")}
+    for tag in ("script", "style"):
+        [inline] = re.findall(rf"<{tag}>(.*?)</{tag}>", page.text, re.DOTALL)
+        digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+        assert policy[f"{tag}-src"] == [f"'sha256-{digest}'"]
+    assert policy["default-src"] == policy["frame-ancestors"] == ["'none'"]
+    assert policy["connect-src"] == ["'self'"] and policy["base-uri"] == ["'none'"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    stats = httpx.get(server.url + "/v1/stats")
+    assert stats.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+    assert stats.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.integration
+def test_markup_in_the_dashboard_does_not_run_under_its_policy(server: Server) -> None:
+    """Real Chromium on the served page with :data:`INJECTED` added, sent with the served
+    policy (and its data polled from the real server): the dashboard's own script runs and
+    goes live, none of the injected handlers does (without the policy each sets the title)."""
+    import shutil
+    import tempfile
+
+    from conftest import ThreadServer, need
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    real = httpx.get(server.url + "/")
+    page = real.text.replace("<h1>deepwatch</h1>", f"<h1>deepwatch{INJECTED}</h1>")
+    policy = {k: v for k, v in real.headers.items() if k == "content-security-policy"}
+
+    async def index(request: Any) -> Response:
+        return Response(page, media_type="text/html", headers=policy)
+
+    async def stats(request: Any) -> Response:
+        return Response(httpx.get(server.url + "/v1/stats").content,
+                        media_type="application/json")
+
+    app = Starlette(routes=[Route("/", index), Route("/v1/stats", stats)])
+    with ThreadServer(app) as mirror, tempfile.TemporaryDirectory() as profile:
+        run = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom",
+             mirror.url + "/"], capture_output=True, text=True, timeout=120, check=False)
+    dom = run.stdout
+    assert 'data-state="live"' in dom, (dom[:2000], run.stderr[-2000:])
+    assert "<title>deepwatch: live scoring</title>" in dom  # no handler set it
+
+
 @pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://localhost:1",
                                     "http://127.0.0.1", "https://127.0.0.1.evil.example",
                                     "file://", "not a url"])

@@ -25,11 +25,14 @@ bytes; the request/response models below only document it in the OpenAPI page.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import ssl
@@ -79,6 +82,28 @@ MAX_HEAD_BYTES = 64 * 1024
 #: Extra host names (comma-separated) that loopback requests may carry in ``Host``.
 ALLOWED_HOSTS_ENV = "DEEPWATCH_ALLOWED_HOSTS"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+#: /v1/stats quotes the records' text: opened as a page, it runs nothing and is never framed.
+DATA_HEADERS = {"content-security-policy": "default-src 'none'; frame-ancestors 'none'",
+                "x-content-type-options": "nosniff"}
+
+
+def dashboard_policy(page: bytes) -> str:
+    """The dashboard's Content-Security-Policy: its own inline ``<script>`` and ``<style>`` run
+    (allowed by their SHA-256), nothing else does; it may fetch only from this server, load
+    nothing from elsewhere, and no other site may frame it. It draws the senders' text (user
+    agents, URLs, labels) as text; the policy keeps any markup that got into the page from
+    running all the same (an ``onerror`` attribute, an injected ``<script>``)."""
+
+    def hashes(tag: bytes) -> str:
+        found = re.findall(rb"<" + tag + rb">(.*?)</" + tag + rb">", page, re.DOTALL)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'"
+                        for s in found) or "'none'"
+
+    return (f"default-src 'none'; script-src {hashes(b'script')}; "
+            f"style-src {hashes(b'style')}; connect-src 'self'; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'")
 
 
 class ScoreRequest(BaseModel):
@@ -234,6 +259,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
     """
     service = ScoringService(bundle_path, engine=engine, limits=limits, generation=generation)
     dashboard = resources.files("deepwatch.serve").joinpath("dashboard.html").read_bytes()
+    dashboard_headers = {"content-security-policy": dashboard_policy(dashboard),
+                         "x-content-type-options": "nosniff"}
     app = FastAPI(title="deepwatch", version=__version__, redoc_url=None,
                   description="Scores network records with a trained deepwatch bundle.")
     app.state.service = service
@@ -333,11 +360,13 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
         snap["intake"] = {**app.state.intake.snapshot(request.scope.get(TICKET)),
                           "pid": os.getpid()}
         # recent alerts quote user agents and URLs: escaped as every JSON output of a record is
-        return Response(escape_unsafe_text(orjson.dumps(snap)), media_type=JSON)
+        # (and, opened on its own, never run as a page: no sniffing, no content, no framing)
+        return Response(escape_unsafe_text(orjson.dumps(snap)), media_type=JSON,
+                        headers=DATA_HEADERS)
 
     @app.get("/", response_class=HTMLResponse, summary="The live dashboard")
     async def index() -> HTMLResponse:
-        return HTMLResponse(dashboard)
+        return HTMLResponse(dashboard, headers=dashboard_headers)
 
     # innermost: a request refused by the gate or the browser guard takes no slot or upload
     app.state.intake = Intake(service.limits, service.metrics)
