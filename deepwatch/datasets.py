@@ -193,8 +193,15 @@ def _open_text(p: Path) -> IO[bytes]:
     return open(p, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def digest(p: Path) -> Digest:
-    """sha256, size and line count of the text in ``p`` (plain, or gzip, bzip2 or xz)."""
+class _PastLimit(DataError):
+    pass
+
+
+def digest(p: Path, limit: int | None = None) -> Digest:
+    """sha256, size and line count of the text in ``p`` (plain, or gzip, bzip2 or xz).
+
+    ``limit``: the most bytes of text to read; a DataError past it (a few megabytes of xz or
+    gzip can unpack to terabytes, read for hours only to fail their checksum)."""
     h = hashlib.sha256()
     size = lines = 0
     last = b""
@@ -203,6 +210,9 @@ def digest(p: Path) -> Digest:
             for block in iter(lambda: f.read(_BLOCK), b""):
                 h.update(block)
                 size += len(block)
+                if limit is not None and size > limit:
+                    raise _PastLimit(f"{p} holds more than {limit:,} bytes of text, more "
+                                     "than a copy of this data set can be; refusing it")
                 lines += block.count(b"\n")
                 last = block[-1:]
     except (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as exc:
@@ -259,17 +269,29 @@ def expected(ds: Dataset) -> tuple[str | None, int | None, str]:
 
 def verify(ds: Dataset, p: Path) -> Digest:
     """Check ``p`` against the registry (or what the first fetch recorded); raise if it differs."""
-    got = digest(p)
     sha, size, origin = expected(ds)
+    try:
+        got = digest(p, size if size is not None else UNKNOWN_SIZE_LIMIT)
+    except _PastLimit as exc:
+        if sha is None:
+            raise
+        # past the expected size the rest need not be read (a decompression bomb): it differs
+        found = f"more than {size:,} bytes" if size is not None else str(exc)
+        raise _different(ds, p, found, sha, size, origin) from None
     if sha is None:
         _check_parses(ds, p)
         return got
     if got.sha256 != sha or (size is not None and got.text_bytes != size):
-        raise DataError(f"{p} is not the expected {ds.name} (sha256 {got.sha256[:12]}…, "
-                        f"{got.text_bytes:,} bytes; {origin}: {sha[:12]}…"
-                        + (f", {size:,} bytes" if size is not None else "")
-                        + "): a modified or different copy; refusing it")
+        raise _different(ds, p, f"sha256 {got.sha256[:12]}…, {got.text_bytes:,} bytes", sha,
+                         size, origin)
     return got
+
+
+def _different(ds: Dataset, p: Path, found: str, sha: str, size: int | None,
+               origin: str) -> DataError:
+    return DataError(f"{p} is not the expected {ds.name} ({found}; {origin}: {sha[:12]}…"
+                     + (f", {size:,} bytes" if size is not None else "")
+                     + "): a modified or different copy; refusing it")
 
 
 def _check_parses(ds: Dataset, p: Path) -> None:

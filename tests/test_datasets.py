@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import http.server
+import lzma
 import resource
 import shutil
 import signal
@@ -162,6 +163,22 @@ def test_a_damaged_gzip_copy_in_the_cache_is_one_clear_line(
     assert main(["datasets", "fetch", "nslkdd-test"]) == 4
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read ") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("pack", [gzip.compress, lzma.compress])
+def test_a_decompression_bomb_is_refused_once_past_the_size_a_copy_can_be(
+        pack: Callable[[bytes], bytes], tmp_path: Path, isolated: Path) -> None:
+    """A few kilobytes that unpack to more text than the data set holds: reading stops at its
+    registered size (it went on to the end, gigabytes for a few megabytes of gzip)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    size = datasets.get("nslkdd-test").text_bytes
+    assert size is not None
+    (src / "KDDTest+.txt.gz").write_bytes(pack(bytes(3 * size)))
+    with pytest.raises(DataError,
+                       match=rf"not the expected nslkdd-test \(more than {size:,} bytes;"):
+        datasets.fetch("nslkdd-test", from_dir=src)
+    assert not (isolated / "datasets" / "nslkdd").exists()
 
 
 def _file_size_limit(limit: int) -> Callable[[], None]:
