@@ -473,3 +473,26 @@ except AttributeError as exc:
                          check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "module 'deepwatch.api' has no attribute 'nothing_here'\n"
+
+
+def test_two_threads_may_train_at_once(tiny_kdd: Path, tmp_path: Path) -> None:
+    """Two ``train`` calls from two threads: one failed in torch's ONNX export
+    (``AssertionError: GLOBALS.in_onnx_export must be True``: it keeps process-wide state),
+    and both seeded the global generators their weights are drawn from, so neither got the
+    model its seed gives. They now run one after the other, each as it would alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepwatch.train.api import train
+
+    few = tmp_path / "few.csv"
+    few.write_text("".join(tiny_kdd.read_text().splitlines(keepends=True)[:400]))
+
+    def fit(name: str) -> dict:
+        return train("kdd", "mlp", few, tmp_path / name, epochs=1, seed=3,
+                     options={"epoch_size": 512})
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(fit, ["a", "b"])
+    weights = [(tmp_path / n / "weights.safetensors").read_bytes() for n in "ab"]
+    assert weights[0] == weights[1]
+    assert first["training"]["history"] == second["training"]["history"]

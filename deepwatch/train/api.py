@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -442,6 +443,8 @@ def train(
     ``inputs``, ``val_inputs`` and ``lakes``: one path (``str`` or ``pathlib.Path``) or a list.
     ``progress``: show progress on stderr as ``deepwatch train`` does (bars on a terminal, a
     line per epoch elsewhere, as ``DEEPWATCH_PROGRESS`` says); by default nothing is shown.
+    Calls from several threads run one at a time, each as it would alone; the global random
+    generators (torch, numpy, ``random``) and torch's thread count are as they were after.
     """
     inputs, val_inputs = input_list(inputs), input_list(val_inputs, "val_inputs")
     lakes = input_list(lakes, "lakes")
@@ -455,12 +458,20 @@ def train(
 
     # by default SIGTERM would end the process mid-save, leaving the bundle's temporary
     # directory beside --out (or in it, where it was empty, which a later run then refuses)
-    with _global_state_kept(), sigterm_stops_cleanly(), distributed.session(device) as dist:
+    with _ONE_AT_A_TIME, _global_state_kept(), sigterm_stops_cleanly(), \
+            distributed.session(device) as dist:
         if not dist.main:  # one voice per distributed run: rank 0's
             progress, log, rejects = False, _silent, None
         return _train(format_name, model, inputs, out, val_inputs, epochs, seed, target_fpr,
                       device, policy, progress, options, log, lakes, dist, folds, rejects,
                       refit, days)
+
+
+#: Trainings in one process run one at a time (calls from other threads wait): torch's ONNX
+#: export keeps process-wide state (two at once failed with ``AssertionError:
+#: GLOBALS.in_onnx_export must be True``), and each training seeds the global generators its
+#: networks' weights are drawn from, so two at once drew each other's numbers.
+_ONE_AT_A_TIME = threading.RLock()
 
 
 @contextmanager
