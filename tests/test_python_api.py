@@ -496,3 +496,21 @@ def test_two_threads_may_train_at_once(tiny_kdd: Path, tmp_path: Path) -> None:
     weights = [(tmp_path / n / "weights.safetensors").read_bytes() for n in "ab"]
     assert weights[0] == weights[1]
     assert first["training"]["history"] == second["training"]["history"]
+
+
+@pytest.mark.parametrize(("out", "given", "said"), [
+    (None, {}, "out must be a path (str or pathlib.Path), not NoneType"),
+    (3, {}, "out must be a path (str or pathlib.Path), not int"),
+    ("b", {"rejects": 3}, "rejects must be a path (str or pathlib.Path), not int"),
+    ("b", {"device": None}, "device must be auto, cpu or cuda[:N], not None"),
+])
+def test_train_paths_and_device_of_the_wrong_type_are_refused(
+        tiny_kdd: Path, tmp_path: Path, out: object, given: dict[str, object],
+        said: str) -> None:
+    """Each failed with a raw TypeError from pathlib or torch, not one of deepwatch's."""
+    from deepwatch.train.api import train
+
+    target = tmp_path / out if isinstance(out, str) else out
+    with pytest.raises(UsageError, match=re.escape(said)):
+        train("kdd", "mlp", tiny_kdd, target, **given)  # type: ignore[arg-type]
+    assert not (tmp_path / "b").exists()

@@ -448,6 +448,7 @@ def train(
     """
     inputs, val_inputs = input_list(inputs), input_list(val_inputs, "val_inputs")
     lakes = input_list(lakes, "lakes")
+    check_paths_and_device(out, rejects, device)
     rejects = os.fspath(rejects) if rejects is not None else None
     check_options(options)
     check_numbers(seed=seed, epochs=epochs, folds=folds, target_fpr=target_fpr)
@@ -496,6 +497,18 @@ def _global_state_kept() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
         np.random.set_state(numpy_rng)
         random.setstate(python_rng)
+
+
+def check_paths_and_device(out: Any, rejects: Any, device: Any) -> None:
+    """A UsageError for ``out`` or ``rejects`` that is no path, or a ``device`` that is no
+    string: ``out=None`` failed with pathlib's ``TypeError: expected str, bytes or
+    os.PathLike object``, ``device=None`` with torch's."""
+    for name, value in (("out", out), ("rejects", rejects)):
+        if not isinstance(value, str | os.PathLike) and not (name == "rejects" and value is None):
+            raise UsageError(f"{name} must be a path (str or pathlib.Path), not "
+                             f"{type(value).__name__}")
+    if not isinstance(device, str):
+        raise UsageError(f"device must be auto, cpu or cuda[:N], not {device!r}")
 
 
 def check_options(options: dict[str, Any] | None) -> None:
