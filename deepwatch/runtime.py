@@ -126,7 +126,7 @@ class OnnxBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # fatal only: an error is raised, and said in one line
         self.skipped: dict[str, str] = {}
         session = None
         for i, provider in enumerate(chain):

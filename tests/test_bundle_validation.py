@@ -418,22 +418,42 @@ def test_featurizer_from_dict_refuses_what_it_cannot_transform(kdd_bundle: Path)
         extra.check_layout()
 
 
+def _expand_fails() -> bytes:
+    """A valid graph that fails when run: Expand to a shape the input cannot take."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([1 << 40, 1], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["X", "shape"], ["proba"])], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, None])],
+        [helper.make_tensor_value_info("proba", TensorProto.FLOAT, [None, None])],
+        initializer=[shape])
+    return bytes(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+
+
 def test_the_cli_refuses_with_one_line_and_exit_code_3(kdd_bundle: Path, tmp_path: Path,
                                                        small_kdd_test: Path,
-                                                       capsys: pytest.CaptureFixture[str]
+                                                       capfd: pytest.CaptureFixture[str]
                                                        ) -> None:
+    """(capfd: what ONNX Runtime logs itself, to the process's stderr, counts too)"""
     from deepwatch.cli import main
 
     data = tmp_path / "in.csv"
     data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:20]))
     for name, (change, _match) in {"swapped": (_drop_onnx_entry_and_swap, ""),
                                    "outputs": MISMATCHES["outputs_unknown"],
-                                   "files": MALFORMED["files_null"]}.items():
+                                   "files": MALFORMED["files_null"],
+                                   # fails in the load's trial run: ONNX Runtime logged a
+                                   # coloured error line of its own before deepwatch's
+                                   "fails_to_run": (_write("model.onnx", _expand_fails()),
+                                                    "")}.items():
         b = variant(kdd_bundle, tmp_path / name, change)
-        capsys.readouterr()
+        capfd.readouterr()
         code = main(["score", str(b), "--format", "kdd", "--out",
                      str(tmp_path / f"{name}.jsonl"), str(data)])
-        err = capsys.readouterr().err.strip()
+        err = capfd.readouterr().err.strip()
         assert code == 3, (name, err)
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
 
