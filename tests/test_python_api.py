@@ -514,3 +514,22 @@ def test_train_paths_and_device_of_the_wrong_type_are_refused(
     with pytest.raises(UsageError, match=re.escape(said)):
         train("kdd", "mlp", tiny_kdd, target, **given)  # type: ignore[arg-type]
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    ({"batch_size": 0}, "option batch_size must be a whole number at least 1, not 0"),
+    ({"lr": "1e-3"}, "option lr must be a number, not '1e-3'"),
+    ({"class_balance": float("nan")}, "option class_balance must be a number, not nan"),
+    ({"dropout": 1.5}, "option dropout must be a number at least 0 and below 1, not 1.5"),
+    ({"novel_category": 5}, "option novel_category must be a category name (str), not 5"),
+])
+def test_a_training_option_value_it_cannot_take_is_refused_first(
+        tiny_kdd: Path, tmp_path: Path, options: dict[str, object], said: str) -> None:
+    """Each failed only after the data was read and featurised: ``batch_size=0`` with a
+    ZeroDivisionError, ``lr="1e-3"`` and ``dropout=1.5`` with torch's TypeError and
+    ValueError, ``class_balance=nan`` with numpy's "Probabilities contain NaN"."""
+    from deepwatch.train.api import train
+
+    with pytest.raises(UsageError, match=re.escape(said)):
+        train("kdd", "hybrid", tiny_kdd, tmp_path / "b", epochs=1, options=options)
+    assert not (tmp_path / "b").exists()

@@ -441,6 +441,10 @@ def train(
     them: ``YYYY-MM-DD``, ``FIRST..LAST`` or ``unknown``, one or a list); each must match
     records of a lake.
     ``inputs``, ``val_inputs`` and ``lakes``: one path (``str`` or ``pathlib.Path``) or a list.
+    ``options``: the training loop's settings (``batch_size``, ``lr``, ``weight_decay``,
+    ``patience``, ``class_balance``, ``epoch_size``) and the autoencoder's
+    (:mod:`deepwatch.train.anomaly`); a name or a value it cannot take is a UsageError before
+    any work.
     ``progress``: show progress on stderr as ``deepwatch train`` does (bars on a terminal, a
     line per epoch elsewhere, as ``DEEPWATCH_PROGRESS`` says); by default nothing is shown.
     Calls from several threads run one at a time, each as it would alone; the global random
@@ -526,6 +530,60 @@ def check_options(options: dict[str, Any] | None) -> None:
     if unknown:
         raise UsageError(f"unknown training option {unknown[0]!r}; the options are "
                          f"{', '.join(sorted(known))}")
+    for name, value in options.items():
+        _check_option_value(name, value)
+
+
+#: What each training option takes: (whole number?, lowest, lowest allowed?, highest, highest
+#: allowed?, None allowed?); a bound of None is no bound.
+_OPTION_VALUES: dict[str, tuple[bool, float | None, bool, float | None, bool, bool]] = {
+    "batch_size": (True, 1, True, None, False, False),
+    "epoch_size": (True, 1, True, None, False, True),
+    "patience": (True, 0, True, None, False, False),
+    "lr": (False, 0, False, None, False, False),
+    "weight_decay": (False, 0, True, None, False, False),
+    "class_balance": (False, None, False, None, False, False),
+    "hidden": (True, 1, True, None, False, False),
+    "depth": (True, 0, True, None, False, False),
+    "min_latent": (True, 1, True, None, False, False),
+    "max_latent": (True, 1, True, None, False, False),
+    "latent": (True, 0, True, None, False, True),  # (0 or None: chosen from the data)
+    "dropout": (False, 0, True, 1, False, False),
+    "noise": (False, 0, True, None, False, False),
+    "scale_floor": (False, 0, True, None, False, False),
+    "explained": (False, 0, False, 1, True, False),
+    "dup_power": (False, None, False, None, False, False),
+}
+
+
+def _check_option_value(name: str, value: Any) -> None:
+    """A UsageError for a training option's value of the wrong type or out of its range: they
+    failed once the data was read and featurised, with a ZeroDivisionError
+    (``batch_size=0``), torch's TypeError or ValueError (``lr="1e-3"``, ``dropout=1.5``), or
+    numpy's "Probabilities contain NaN" (``class_balance=nan``)."""
+    import math
+    import numbers
+
+    if name == "novel_category":
+        if not isinstance(value, str):
+            raise UsageError(f"option novel_category must be a category name (str), not "
+                             f"{value!r}")
+        return
+    whole, low, low_in, high, high_in, none_ok = _OPTION_VALUES[name]
+    if value is None and none_ok:
+        return
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(
+            value, numbers.Integral if whole else numbers.Real) or not math.isfinite(value):
+        raise UsageError(f"option {name} must be {kind}, not {value!r}")
+    number = float(value)
+    if ((low is not None and (number < low if low_in else number <= low))
+            or (high is not None and (number > high if high_in else number >= high))):
+        span = " ".join(part for part in (
+            f"{'at least' if low_in else 'above'} {low:g}" if low is not None else "",
+            "and" if low is not None and high is not None else "",
+            f"{'at most' if high_in else 'below'} {high:g}" if high is not None else "") if part)
+        raise UsageError(f"option {name} must be {kind} {span}, not {value!r}")
 
 
 #: The largest seed: torch's (64 bits, unsigned) less the offsets its members add, rounded.
