@@ -99,7 +99,7 @@ class OnnxBackend:
         very bytes it checked against the manifest)."""
         import onnxruntime as ort
 
-        from ._onnx_scan import MalformedModel, uses_external_data
+        from ._onnx_scan import MalformedModel, refusal
 
         where = "the ONNX model" if isinstance(model_path, bytes) else str(model_path)
         try:
@@ -107,13 +107,13 @@ class OnnxBackend:
         except OSError as exc:
             raise BundleError(f"cannot read {where}: {exc.strerror or exc}") from None
         try:
-            external = uses_external_data(model)
+            why = refusal(model)
         except MalformedModel as exc:
             raise BundleError(f"cannot load {where}: not a valid ONNX model ({exc})") from None
-        if external:
-            # ONNX Runtime would read those files, relative to the working directory
-            raise BundleError(f"refusing {where}: it keeps tensor data in other files (ONNX "
-                              "external data), and a bundle's model must hold all its weights")
+        if why is not None:
+            # ONNX Runtime would read those files (external data relative to the working
+            # directory, an EPContext's engine file where its provider is there)
+            raise BundleError(f"refusing {where}: {why}")
         available = ort.get_available_providers()
         chain = choose_providers(available, providers)
         if not chain:

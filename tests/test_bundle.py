@@ -173,6 +173,34 @@ def test_external_data_in_a_function_default_or_training_info_is_refused(
     assert "\n" not in str(err.value)
 
 
+def test_a_model_with_an_ep_context_node_is_refused(copy: Path) -> None:
+    """An ``EPContext`` node is an execution provider's compiled engine: a file to load
+    (``ep_cache_context``), which the manifest does not cover, or an opaque engine. The
+    TensorRT provider would load it; the load now refuses it with one line, whatever the
+    providers (the manifest's checksums rewritten to match, as a forger would)."""
+    import hashlib
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    from deepwatch._onnx_scan import EP_CONTEXT, refusal
+
+    model = onnx.load_from_string((copy / "model.onnx").read_bytes())
+    assert refusal(model.SerializeToString()) is None  # deepwatch's own export
+    model.graph.node.insert(0, helper.make_node(
+        "EPContext", [model.graph.input[0].name], ["engine_out"], domain="com.microsoft",
+        embed_mode=0, ep_cache_context="/etc/engine.trt", source="TensorrtExecutionProvider"))
+    blob = model.SerializeToString()
+    assert refusal(blob) == EP_CONTEXT
+    (copy / "model.onnx").write_bytes(blob)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["files"]["model.onnx"] = hashlib.sha256(blob).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="EPContext node") as err:
+        Detector(copy, engine="onnx")
+    assert "\n" not in str(err.value)
+
+
 def test_a_saved_bundle_is_as_readable_as_a_new_directory(tmp_path: Path) -> None:
     """Bundles were assembled in a mkdtemp directory and kept its private 0700 mode, so a
     service account could not read a bundle someone else trained. A new bundle gets the mode
