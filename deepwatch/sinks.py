@@ -182,10 +182,12 @@ def _identity(st: os.stat_result) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
-def _check_still_there(path: str, made: tuple[int, int] | None, n: int, what: str) -> None:
+def _check_still_there(path: str, made: tuple[int, int] | None, n: int, what: str,
+                       shown: str | None = None) -> None:
     """An OutputError where the regular file ``made`` that a run wrote at ``path`` is gone from
     there (removed with its directory, or replaced) before the run ends: its writes went on into
-    a file no name reaches, and the run said its records were written to ``path``."""
+    a file no name reaches, and the run said its records were written to ``path`` (``shown``,
+    where ``path`` is its temporary name)."""
     if made is None:
         return
     try:
@@ -193,7 +195,8 @@ def _check_still_there(path: str, made: tuple[int, int] | None, n: int, what: st
     except OSError:
         now = None
     if now != made:
-        raise OutputError(f"cannot write {path}: it was {'replaced' if now else 'removed'} "
+        raise OutputError(f"cannot write {shown or path}: it was "
+                          f"{'replaced' if now else 'removed'} "
                           f"while this run wrote it, so the {n:,} {what}{'s' if n != 1 else ''} "
                           f"written to it {'is' if n == 1 else 'are'} lost")
 
@@ -231,6 +234,10 @@ class RecordSink:
         self._pending: list[Future[bool]] = []
         #: the file the first batch made (see :func:`_check_still_there`)
         self._made: tuple[int, int] | None = None
+        #: where Parquet is written until the sink closes, and where it then goes (with the
+        #: mode of the older file there): see :meth:`_parquet_target`
+        self._tmp: str | None = None
+        self._final: tuple[str, int | None] | None = None
 
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:  # (a chunk all rejects): the file is made by the first row, so
@@ -262,10 +269,11 @@ class RecordSink:
             import pyarrow.parquet as pq
 
             if self._writer is None:
-                self._writer = pq.ParquetWriter(self.path, batch.schema,
+                target = self._parquet_target()
+                self._writer = pq.ParquetWriter(target, batch.schema,
                                                 compression=self.COMPRESSION,
                                                 compression_level=self.COMPRESSION_LEVEL)
-                self._made = _identity(os.stat(self.path))
+                self._made = _identity(os.stat(target))
             self._writer.write_batch(batch)
             return
         if self._fh is None:
@@ -274,6 +282,25 @@ class RecordSink:
                 self._made = _identity(os.fstat(self._fh.fileno()))
         if batch.num_rows:
             write_jsonl(batch, self._fh)
+
+    def _parquet_target(self) -> str:
+        """Where Parquet is written: a hidden file beside the output, moved into place when the
+        sink closes (a run done, or stopped: its rows are kept). A Parquet file is only readable
+        once its footer is written, at the end: a run killed outright (SIGKILL, the OOM killer)
+        left a file under the output's name that no reader could open, in place of the older
+        output. A path that is no regular file (a named pipe) is written as it is."""
+        real = os.path.realpath(self.path)
+        st, _there = _stat(self.path, real)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            return self.path
+        self._final = (real, st.st_mode & 0o7777 if st is not None else None)
+        self._tmp = str(Path(real).with_name(f".{Path(real).name}.{os.urandom(4).hex()}.tmp"))
+        return self._tmp
+
+    def _drop_tmp(self) -> None:
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
     def close(self, schema: pa.Schema | None = None) -> None:
         self._drain(lambda: self._finish(schema))
@@ -297,21 +324,36 @@ class RecordSink:
                 raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def _close_handles(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._fh is not None and self.path != "-":
-            self._fh.close()
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if self._fh is not None and self.path != "-":
+                self._fh.close()
+        finally:
+            self._drop_tmp()
 
     def _finish(self, schema: pa.Schema | None) -> None:
-        self._close_output(schema)
-        _check_still_there(self.path, self._made, self.rows, "row")
+        try:
+            self._close_output(schema)
+            _check_still_there(self._tmp or self.path, self._made, self.rows, "row",
+                               shown=self.path)
+            if self._tmp is not None and self._final is not None:
+                final, mode = self._final
+                if mode is not None:
+                    os.chmod(self._tmp, mode)
+                os.replace(self._tmp, final)
+                self._tmp = None
+        finally:
+            self._drop_tmp()
 
     def _close_output(self, schema: pa.Schema | None) -> None:
         if self.kind == "parquet":
             if self._writer is None:  # no batch came: still this run's file, not an older one
                 import pyarrow.parquet as pq
 
-                pq.write_table((schema or pa.schema([])).empty_table(), self.path)
+                buf = pa.BufferOutputStream()
+                pq.write_table((schema or pa.schema([])).empty_table(), buf)
+                replace_file(self.path, buf.getvalue().to_pybytes())
             else:
                 self._writer.close()
         elif self._fh is None and self.path != "-":

@@ -385,7 +385,7 @@ def test_jsonl_outputs_escape_unicode_line_separators(kdd_bundle: Path, records:
 
 
 @pytest.mark.parametrize(("name", "how"), [("out.parquet", "removed"), ("out.jsonl", "removed"),
-                                           ("out.parquet", "replaced")])
+                                           ("out.jsonl", "replaced")])
 def test_an_output_removed_while_written_is_an_error_not_success(
         tmp_path: Path, name: str, how: str) -> None:
     """Its directory removed (a clean-up run meanwhile) or the file replaced while a run wrote
@@ -396,10 +396,9 @@ def test_an_output_removed_while_written_is_an_error_not_success(
     out = tmp_path / "d" / name
     sink = RecordSink(str(out))
     rejects = RejectSink(str(tmp_path / "d" / "rejects.jsonl"))
-    sink.write(pa.record_batch({"x": [1, 2, 3]}))
+    for _ in range(3):  # (the third waits for the first, which makes the file, to be written)
+        sink.write(pa.record_batch({"x": [1]}))
     rejects.write(pa.table({"line": [7], "raw": ["?"], "reason": ["bad"]}))
-    while not out.exists():  # (the first batch makes the file, on the writer's thread)
-        pass
     if how == "removed":
         shutil.rmtree(tmp_path / "d")
     else:

@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 
@@ -41,3 +42,33 @@ def test_an_input_failing_mid_run_leaves_an_output_that_says_it_is_incomplete(
     assert line.endswith(f"; the {n:,} rows scored before it are kept in {out}, which is "
                          "incomplete")
     assert pq.read_table(out).num_rows == n  # a whole Parquet file, footer and all
+
+
+CHILD = """
+import sys, time
+import pyarrow as pa
+from deepwatch.sinks import RecordSink
+sink = RecordSink(sys.argv[1])
+for i in range(3):  # (the third waits for the first to be written: the file is made)
+    sink.write(pa.record_batch({"x": [i]}))
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_parquet_output_killed_outright_leaves_the_older_one_readable(tmp_path: Path) -> None:
+    """A Parquet file is readable only once its footer is written, when the output closes: a
+    run killed outright (SIGKILL, the OOM killer) left a file under the output's name that no
+    reader could open, in place of the older output. It is written beside it, hidden, and
+    moved into place when it closes (SIGTERM and Ctrl-C close it: see the test above)."""
+    out = tmp_path / "out.parquet"
+    pq.write_table(pa.table({"x": [41, 42]}), out)
+    with subprocess.Popen([sys.executable, "-c", CHILD, str(out)], stdout=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "written\n"
+        finally:
+            child.kill()
+    assert pq.read_table(out).column("x").to_pylist() == [41, 42]
+    [left] = [p.name for p in tmp_path.iterdir() if p != out]
+    assert left.startswith(".out.parquet.") and left.endswith(".tmp")  # hidden, as the lake's
