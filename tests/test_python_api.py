@@ -533,3 +533,16 @@ def test_a_training_option_value_it_cannot_take_is_refused_first(
     with pytest.raises(UsageError, match=re.escape(said)):
         train("kdd", "hybrid", tiny_kdd, tmp_path / "b", epochs=1, options=options)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("path", [None, 3])
+def test_a_detector_of_no_path_says_so(path: object) -> None:
+    """``Detector(None)`` (a path variable not set) failed with pathlib's TypeError, not one
+    of deepwatch's errors; ``evaluate(None, ...)`` the same way."""
+    from deepwatch.api import Detector, evaluate
+
+    said = f"give its path (str or pathlib.Path), not {type(path).__name__}"
+    with pytest.raises(UsageError, match=re.escape(said)):
+        Detector(path)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=re.escape(said)):
+        evaluate(path, "kdd", __file__)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ that the CLI, REST service, Kafka worker and Spark jobs all call."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -44,6 +45,9 @@ class Detector:
     def __init__(self, path: str | Path, engine: str = "auto", verify: bool = True,
                  device: str = "cpu", explain: bool | None = None,
                  policy: str | None = None):
+        if not isinstance(path, str | os.PathLike):  # (not pathlib's TypeError from inside)
+            raise UsageError(f"a Detector loads a bundle directory: give its path (str or "
+                             f"pathlib.Path), not {type(path).__name__}")
         self.path = Path(path)
         # the files the loader reads are checked as they are read (the bytes checked are the
         # bytes loaded); the others after, so that every file is hashed once
