@@ -331,18 +331,32 @@ def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
     dest_dir = cache_dir() / "datasets" / ds.group
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / (ds.text_name + _compression(src))
-    tmp = dest_dir / f".{dest.name}.part"
+    tmp: Path | None = None
     try:
-        if move:
+        # a name of its own: two fetches of one data set at once each write their own copy
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest_dir)
+        os.close(fd)
+        tmp = Path(name)
+        if move:  # (a download of this process's own, verified above)
             os.replace(src, tmp)
         else:
             shutil.copyfile(src, tmp)
+            # the copy kept is the one verified: a file changed between the check and the
+            # copy (another program writing it) is not stored as the checked one
+            try:
+                same = digest(tmp, got.text_bytes).sha256 == got.sha256
+            except DataError:  # (grown past its size, or damaged)
+                same = False
+            if not same:
+                raise DataError(f"{src} changed while it was copied into the cache; "
+                                "nothing was stored: fetch it again")
         os.replace(tmp, dest)
     except OSError as exc:  # a full disk, a read-only cache: no partial copy is left behind
         raise DataError(f"cannot store {ds.name} in the cache at {dest_dir}: "
                         f"{exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     for name in ds.candidates():  # one copy per data set
         if name != dest.name:
             (dest_dir / name).unlink(missing_ok=True)

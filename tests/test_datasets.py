@@ -203,6 +203,38 @@ def test_a_copy_that_cannot_be_written_leaves_nothing_in_the_cache(
     assert [p.name for p in (isolated / "datasets" / "nslkdd").iterdir()] == []
 
 
+def test_the_copy_kept_is_the_copy_verified_and_no_other_fetch_is_clobbered(
+        nsl_test_gz: Path, tmp_path: Path, isolated: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--from DIR`` verified the file, then copied it: a file changed in between (another
+    program writing it) was stored as the verified copy. And every fetch of a data set wrote
+    the same ``.part`` name, so two at once overwrote, then deleted, each other's copy."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(nsl_test_gz, src / "KDDTest+.txt.gz")
+    cache = isolated / "datasets" / "nslkdd"
+    cache.mkdir(parents=True)
+    other = cache / ".KDDTest+.txt.gz.part"  # another fetch's copy, under way
+    other.write_bytes(b"another fetch's bytes")
+    real_copy = shutil.copyfile
+
+    def changed_meanwhile(a: str, b: str) -> str:
+        real_copy(a, b)
+        with gzip.open(b, "ab") as f:  # the source, rewritten after the check
+            f.write(b"0,tcp,http,SF,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,0,0,0,0,1,0,0,1,"
+                    b"1,1,0,0,0,0,0,0,0,normal,21\n")
+        return b
+
+    monkeypatch.setattr(datasets.shutil, "copyfile", changed_meanwhile)
+    with pytest.raises(DataError, match="changed while it was copied into the cache"):
+        datasets.fetch("nslkdd-test", from_dir=str(src))
+    assert sorted(p.name for p in cache.iterdir()) == [other.name]
+    monkeypatch.setattr(datasets.shutil, "copyfile", real_copy)
+    (got,) = datasets.fetch("nslkdd-test", from_dir=str(src))
+    assert got.read_bytes() == nsl_test_gz.read_bytes()
+    assert other.read_bytes() == b"another fetch's bytes"
+
+
 def test_data_dir_is_looked_in_first(nsl_test_gz: Path, tmp_path: Path, isolated: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     cached = isolated / "datasets" / "nslkdd"
