@@ -317,10 +317,21 @@ def _record(ds: Dataset, got: Digest, source: str) -> None:
                      "records": got.records, "source": source,
                      "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     target = _recorded_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)
+    tmp: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".recorded.", suffix=".tmp", dir=target.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as exc:  # a full disk, a read-only cache: the record as it was
+        raise DataError(f"cannot record the checksum of {ds.name} in {target}: "
+                        f"{exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 # ---- getting a copy --------------------------------------------------------------------------
@@ -360,7 +371,11 @@ def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
     for name in ds.candidates():  # one copy per data set
         if name != dest.name:
             (dest_dir / name).unlink(missing_ok=True)
-    _record(ds, got, source)
+    try:
+        _record(ds, got, source)
+    except DataError as exc:  # a copy kept without its record would be trusted unchecked
+        dest.unlink(missing_ok=True)
+        raise DataError(f"{exc}; {ds.name} was not stored") from None
     return dest
 
 

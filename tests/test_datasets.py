@@ -272,6 +272,33 @@ def test_unknown_checksum_is_recorded_on_first_fetch(
         list(datasets.fetch("nslkdd-test21", from_dir=str(second)))
 
 
+def test_a_record_that_cannot_be_written_is_one_line_and_stores_nothing(
+        nsl_test_gz: Path, tmp_path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The first fetch of a data set the registry has no checksum for records it: where that
+    record could not be written (a full disk), a traceback ended the run, and the copy stayed
+    in the cache without its record, to be trusted unchecked (the next copy recorded instead)."""
+    import errno
+    import os
+
+    lines = gzip.decompress(nsl_test_gz.read_bytes()).splitlines(keepends=True)
+    (tmp_path / "KDDTest-21.txt").write_bytes(b"".join(lines[:300]))
+    real_replace = os.replace
+
+    def full_disk(a: str | Path, b: str | Path) -> None:
+        if Path(b).name == "recorded.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(a, b)
+
+    monkeypatch.setattr(datasets.os, "replace", full_disk)
+    assert main(["datasets", "fetch", "nslkdd-test21", "--from", str(tmp_path)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot record the checksum of nslkdd-test21 in "), err
+    assert err.rstrip().endswith("No space left on device; nslkdd-test21 was not stored"), err
+    assert len(err.splitlines()) == 1, err
+    assert [p.name for p in (isolated / "datasets").rglob("*") if p.is_file()] == []
+
+
 @pytest.mark.parametrize("text", ['{"nslkdd-test21": {"sha256": "abc"}}',
                                   '{"nslkdd-test21": "x"}', '{"nslkdd-test21": {"sha', "[1]"])
 def test_a_damaged_record_of_first_fetches_is_refused_not_forgotten(
