@@ -313,11 +313,14 @@ def _in_reading_order(keys: list[list]) -> bool:
 def test_dashboard_draws_each_field_of_an_alert_in_its_place(access_bundle: Path) -> None:
     """The dashboard's alert list wrote a record's fields as one text, ``url=... path=...
     query=``: an RLO in the URL drew ``query=`` before ``path=``, the rest of the row reversed.
-    Each value is now isolated: the fields are drawn in order, whatever one of them holds."""
+    Each value is now isolated: the fields are drawn in order, whatever one of them holds. And
+    a character drawn as nothing (the RLO itself, a zero-width space) is written ``<U+XXXX>``:
+    the URL did not look like the one requested."""
     import httpx
     from conftest import serving
 
-    url = f"/templates/{RLO}gpj.exe/favicon.ico"
+    url = f"/templates/{RLO}gpj.exe/fav{ZWSP}icon.ico"
+    shown = "/templates/<U+202E>gpj.exe/fav<U+200B>icon.ico"
     lines = [*[_line()] * 4, _line(request=f"GET {url} HTTP/1.1")]
     with serving(access_bundle) as (_, base):
         r = httpx.post(base + "/v1/score", json={"records": lines}, timeout=30)
@@ -329,7 +332,8 @@ def test_dashboard_draws_each_field_of_an_alert_in_its_place(access_bundle: Path
         cells = _drawn_keys(page, 'document.querySelector("tr.alert-row")',
                             "tr.alert-row td:last-child")
     assert len(cells) == verdicts.count("malicious")
-    assert sum(url in text for text, _ in cells) == 1
+    assert sum(shown in text for text, _ in cells) == 1
+    assert not any(RLO in text or ZWSP in text for text, _ in cells)
     for text, keys in cells:
         assert [k for k, _, _ in keys] == ["client_ip", "timestamp", "method", "url", "path",
                                            "query"], text
@@ -340,7 +344,8 @@ def test_report_draws_a_count_beside_a_label_in_its_place(access_bundle: Path,
                                                           tmp_path: Path) -> None:
     """The report's figures draw a label beside its count (``name (200)``, in the Sankey and
     the map's legend): an RLO in a label (the data's text) drew the count as ``)002(``. A label
-    that is not plain ASCII is now an isolate there, and the count is drawn as written."""
+    that is not plain ASCII is now an isolate there, the RLO is written ``<U+202E>``, and the
+    count is drawn as written."""
     label = f"w3af {RLO}gpj.exe"
     site, scan = tmp_path / "site.log", tmp_path / "scan.log"
     site.write_text("".join(head_lines(data_file("weblogs/apache_access.log.gz"), 200)))
@@ -352,7 +357,7 @@ def test_report_draws_a_count_beside_a_label_in_its_place(access_bundle: Path,
     drawn = _drawn_keys(page.read_text(encoding="utf-8"),
                         'document.querySelector("#plot-tsne .legendtext")',
                         "#plot-sankey text.node-label, #plot-tsne text.legendtext", r"([()])")
-    counted = [(text, keys) for text, keys in drawn if RLO in text]
+    counted = [(text, keys) for text, keys in drawn if "w3af <U+202E>gpj.exe" in text]
     assert len(counted) == 2, drawn  # the Sankey's node and the legend's entry
     for text, keys in counted:
         assert [k for k, _, _ in keys] == ["(", ")"], text

@@ -133,9 +133,39 @@ def test_short_is_isolate_on_the_cut_name() -> None:
     # (short repeated isolate's lines; it now calls it: the text it gives is as before)
     assert figures.short("x" * 60) == "x" * 47 + "\u2026"  # an ASCII name: no isolate
     assert figures.short("<b>" + "x" * 60) == "&lt;b&gt;" + "x" * 44 + "\u2026"
-    assert figures.short("\u202eabc") == "\u2068\u202eabc\u2069"
-    assert figures.short("\u202e" + "y" * 60) == "\u2068\u202e" + "y" * 46 + "\u2026\u2069"
+    assert figures.short("\u202eabc") == "\u2068&lt;U+202E&gt;abc\u2069"
+    assert (figures.short("\u202e" + "y" * 60)
+            == "\u2068&lt;U+202E&gt;" + "y" * 39 + "\u2026\u2069")  # the cut counts what is drawn
     assert figures.short("ok") == figures.isolate("ok") == "ok"
+
+
+def test_characters_drawn_as_nothing_are_written_visibly() -> None:
+    # "normal\u200b" was drawn as "normal": a second row "normal" of the attacker's records
+    # (0% detected), a second "normal" node in the Sankey, with red flows
+    from deepwatch.viz.report import render
+
+    hidden = ["\u200b", "\u200d", "\u2060", "\ufeff", "\xad", "\x01", "\x9b", "\u2028", "\u200e",
+              "\u202e", "\u2069", "\ufe0f", "\U000e0041", "\u3164"]
+    for c in hidden:
+        assert figures.visible(f"a{c}b") == f"a<U+{ord(c):04X}>b"
+        drawn = f"a&lt;U+{ord(c):04X}&gt;b"
+        assert figures.isolate(f"a{c}b") == (drawn if c.isascii() else f"\u2068{drawn}\u2069")
+    shown = "caf\u00e9 \u0627\u0644 \U0001f600 <b>"  # letters, an emoji, markup: as they are
+    assert figures.visible(shown) == shown
+    labels = np.array(["normal"] * 3 + ["normal\u200b"] * 3, dtype=object)
+    verdict = np.array([False] * 6)
+    result = {"n": 6, "binary": {"threshold": 0.5}, "kdd_cost": None, "categories": None,
+              "confusion": None, "rows_per_second": 1.0,
+              "per_label": {"normal": {"support": 3, "detection_rate": 1.0},
+                            "normal\u200b": {"support": 3, "detection_rate": 0.0}},
+              "bundle": {"kind": "mlp", "engine": "onnx", "path": "/m/\ufeffb"}}
+    page = render(result, {"label": labels, "score": verdict * 0.9, "verdict": verdict},
+                  title="report: /m/\ufeffb", progress=False)
+    assert "<td>normal&lt;U+200B&gt;</td><td>3</td><td>0.00%</td>" in page
+    assert "<h1><bdi>report: /m/&lt;U+FEFF&gt;b</bdi></h1>" in page
+    assert "<title>\u2068report: /m/&lt;U+FEFF&gt;b\u2069</title>" in page
+    assert "from <bdi>/m/&lt;U+FEFF&gt;b</bdi>" in page
+    assert "\u200b" not in page and "\ufeff" not in page
 
 
 def test_the_title_and_the_bundle_note_are_isolated() -> None:
@@ -147,13 +177,14 @@ def test_the_title_and_the_bundle_note_are_isolated() -> None:
     verdict = np.array([False, False, True, True, True, True])
     result = {"n": 6, "binary": {"threshold": 0.5}, "kdd_cost": None, "categories": None,
               "confusion": None, "per_label": {}, "rows_per_second": 1.0,
-              "bundle": {"kind": "mlp\u202e", "engine": "onnx", "path": "/m/\u202ex<b>"}}
+              "bundle": {"kind": "mlp\u05d0", "engine": "onnx", "path": "/m/\u202ex<b>"}}
     page = render(result, {"label": labels, "score": verdict * 0.9, "verdict": verdict},
-                  title="deepwatch report: /m/\u202ex<b>", progress=False)
-    assert "<h1><bdi>deepwatch report: /m/\u202ex&lt;b&gt;</bdi></h1>" in page
-    assert "<title>\u2068deepwatch report: /m/\u202ex&lt;b&gt;\u2069</title>" in page
-    assert (" · model <bdi>mlp\u202e</bdi> (<bdi>onnx</bdi>) from "
-            "<bdi>/m/\u202ex&lt;b&gt;</bdi>") in page
+                  title="deepwatch report: /m/\u05d0x<b>", progress=False)
+    assert "<h1><bdi>deepwatch report: /m/\u05d0x&lt;b&gt;</bdi></h1>" in page
+    assert "<title>\u2068deepwatch report: /m/\u05d0x&lt;b&gt;\u2069</title>" in page
+    # (an override is written visibly: it reorders nothing)
+    assert (" · model <bdi>mlp\u05d0</bdi> (<bdi>onnx</bdi>) from "
+            "<bdi>/m/&lt;U+202E&gt;x&lt;b&gt;</bdi>") in page
     plain = render(result, {"label": labels, "score": verdict * 0.9, "verdict": verdict},
                    title="deepwatch report: /m/b", progress=False)
     assert "<title>deepwatch report: /m/b</title>" in plain  # plain ASCII: as it is
@@ -358,15 +389,24 @@ def test_a_label_holding_markup_is_drawn_as_text_not_as_a_link(kdd_bundle: Path,
     label = '<a href="https://example.com/x">click</a><b>bold</b>'
     lines = small_kdd_test.read_text().splitlines()[:80]
     data = tmp_path / "markup.kdd"
-    data.write_text("\n".join(line if i % 4 else line.rsplit(",", 1)[0] + f",{label}."
-                              for i, line in enumerate(lines)) + "\n")
-    # the bundle's path, in the title and the note, holds an override: each is isolated
+    # and a label "normal" but for a zero-width space, drawn as "normal" (a second row and node
+    # "normal", its records missed attacks) before it was written visibly
+    labels = {0: label, 1: "normal\u200b"}
+    data.write_text("\n".join(line.rsplit(",", 1)[0] + f",{labels[i % 4]}." if i % 4 in labels
+                              else line for i, line in enumerate(lines)) + "\n")
+    # the bundle's path, in the title and the note, holds an override: written visibly,
+    # isolated
     bundle = tmp_path / "\u202eb<i>"
     bundle.symlink_to(kdd_bundle, target_is_directory=True)
     dom = _report_dom(bundle, data, tmp_path)
-    assert f"<h1><bdi>deepwatch report: {tmp_path}/\u202eb&lt;i&gt;</bdi></h1>" in dom
-    assert f"<title>\u2068deepwatch report: {tmp_path}/\u202eb&lt;i&gt;\u2069</title>" in dom
-    assert re.search(r"from <bdi>[^<]*\u202eb&lt;i&gt;</bdi></p>", dom)
+    assert f"<h1><bdi>deepwatch report: {tmp_path}/&lt;U+202E&gt;b&lt;i&gt;</bdi></h1>" in dom
+    assert (f"<title>\u2068deepwatch report: {tmp_path}/&lt;U+202E&gt;b&lt;i&gt;\u2069</title>"
+            in dom)
+    assert re.search(r"from <bdi>[^<]*&lt;U\+202E&gt;b&lt;i&gt;</bdi></p>", dom)
+    assert "\u200b" not in dom and "\u202e" not in dom
+    assert re.search(r"<td>normal&lt;U\+200B&gt;</td><td>20</td>", dom)
+    nodes = re.findall(r'class="node-label"[^>]*>([^<]*)</text>', dom)
+    assert "\u2068normal&lt;U+200B&gt;\u2069 (20)" in nodes, nodes
     figures = dom[dom.index('id="plot-sankey"'):]
     assert "example.com" in figures  # the label is drawn...
     assert not re.search(r"<a [^>]*href=\"https://example\.com", figures)  # ...not as a link

@@ -4,6 +4,7 @@ rates, score distributions and the t-SNE map. Each builder takes plain arrays an
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,30 @@ MAX_TYPES = 30
 MAX_NAME = 48
 
 
+#: Characters a page would draw as nothing: C0 and C1 controls, the line and paragraph
+#: separators, and Unicode's default-ignorable code points (zero-width space, non-joiner and
+#: joiner, word joiner, soft hyphen, the bidirectional controls, variation selectors, the tag
+#: characters, the Hangul fillers, ...). ``normal\u200b`` was drawn as ``normal``: a label,
+#: a URL or a user agent that differs by one looked the same as the other, in a row of its own.
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5"
+                     "\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164"
+                     "\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3"
+                     "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
+
+
+def visible(text: str) -> str:
+    """``text`` with each character a page would draw as nothing (:data:`_HIDDEN`) written as
+    ``<U+XXXX>``, as the dashboard writes them: two texts that differ look different."""
+    return _HIDDEN.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
+
+
 def _as_text(name: str) -> str:
     """``name`` with plotly's markup characters written as entities: plotly draws text as a
     subset of HTML (``<a href>``, ``<b>``, ``<br>``, ``<span style>``), so a label
     ``<a href="https://...">`` was drawn as a link an analyst could click. The entities show
-    the characters as they are."""
-    return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    the characters as they are; a character drawn as nothing is written visibly
+    (:func:`visible`)."""
+    return visible(name).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def isolate(name: str, ascii_source: bool | None = None) -> str:
@@ -48,9 +67,10 @@ def isolate(name: str, ascii_source: bool | None = None) -> str:
 
 def short(name: str, limit: int = MAX_NAME) -> str:
     """``name`` cut to ``limit`` characters, an ellipsis marking the cut, as figure text as
-    :func:`isolate` makes it (a cut that drops a PDF leaves no override open; the cut comes
-    before the entities, so none is cut in half)."""
-    cut = name if len(name) <= limit else name[: limit - 1] + "\u2026"
+    :func:`isolate` makes it (the cut comes after :func:`visible` and before the entities, so
+    it bounds what is drawn and cuts no entity in half)."""
+    shown = visible(name)
+    cut = shown if len(shown) <= limit else shown[: limit - 1] + "\u2026"
     return isolate(cut, ascii_source=name.isascii())
 
 

@@ -49,7 +49,8 @@ def _num(v: Any, pct: bool = False) -> str:
 
 def _table(head: list[str], rows: list[list[str]], table_id: str) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(figures.visible(c))}</td>" for c in r)
+                   + "</tr>"
                    for r in rows)
     return f'<table id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
@@ -135,7 +136,9 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
 
     The title (it holds a bundle's path: the user's text) is a bidi isolate as figure text is:
     a ``<bdi>`` in the page, FSI ... PDI in ``<title>``, where no markup goes and a browser
-    draws its own text after it (a window's title); so are the bundle's values in the note."""
+    draws its own text after it (a window's title); so are the bundle's values in the note.
+    There and in the tables, a character a page draws as nothing (a zero-width space, a
+    control) is written ``<U+XXXX>`` (:func:`figures.visible`), as in the figures."""
     from plotly.offline import get_plotlyjs
 
     if progress is None:
@@ -149,7 +152,7 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
     labels = np.asarray(cols["label"], dtype=object)
     verdict = np.asarray(cols["verdict"])
     b = result.get("binary") or {}
-    parts = [f"<h1><bdi>{html.escape(title)}</bdi></h1>",
+    parts = [f"<h1><bdi>{html.escape(figures.visible(title))}</bdi></h1>",
              f'<p class="note">generated {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}'
              + _bundle_note(result) + "</p>",
              '<section id="summary"><h2>Metrics</h2>', _summary(result), "</section>",
@@ -191,7 +194,7 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
 def _isolated(text: str) -> str:
     """``text`` escaped for HTML, as an FSI ... PDI isolate where it is not plain ASCII (as
     :func:`figures.isolate` makes figure text), for where no ``<bdi>`` can go."""
-    out = html.escape(text)
+    out = html.escape(figures.visible(text))
     return out if text.isascii() else f"\u2068{out}\u2069"
 
 
@@ -199,7 +202,7 @@ def _bundle_note(result: dict[str, Any]) -> str:
     bundle = result.get("bundle")
     if not bundle:
         return ""
-    kind, engine, path = (f"<bdi>{html.escape(str(bundle.get(k)))}</bdi>"
+    kind, engine, path = (f"<bdi>{html.escape(figures.visible(str(bundle.get(k))))}</bdi>"
                           for k in ("kind", "engine", "path"))
     return f" · model {kind} ({engine}) from {path}"
 
