@@ -103,6 +103,16 @@ def test_score_batch_refuses_what_it_cannot_score_in_one_sentence(
         det.score_batch(np.zeros((3, 41)))
     with pytest.raises(InputError, match="no column 'service', which this kdd model reads"):
         det.score_batch(parsed.drop_columns(["service"]))
+    # a frame's column of text where the model reads numbers failed in the featurizer with
+    # pyarrow's ArrowInvalid ("Failed to parse string"); numbers written as text still score
+    frame = parsed.slice(0, 3).to_pandas()
+    frame["src_bytes"] = frame["src_bytes"].astype(str)
+    assert det.score_batch(frame).column("score").equals(
+        det.score_batch(parsed.slice(0, 3)).column("score"))
+    frame.loc[1, "src_bytes"] = "n/a"
+    with pytest.raises(InputError, match="column 'src_bytes' holds values that are not "
+                                         "numbers .*, which this kdd model reads as numbers"):
+        det.score_batch(frame)
 
 
 def test_train_from_python_is_quiet_unless_asked(tiny_kdd: Path, tmp_path: Path,

@@ -14,7 +14,14 @@ import pyarrow as pa
 from .._arrow import as_arrow, without_views
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
-from ..errors import BundleError, DeepwatchError, FormatError, UsageError, first_line
+from ..errors import (
+    BundleError,
+    DeepwatchError,
+    FormatError,
+    InputError,
+    UsageError,
+    first_line,
+)
 from ..features import Featurizer
 from ._checks import check_manifest, check_onnx, check_scoring
 from .decision import Decision
@@ -165,9 +172,11 @@ class Detector:
         pandas or polars frame is converted; anything else, or a column missing, is one
         :class:`~deepwatch.errors.InputError` (a Table of 4,096 rows or more failed inside
         pyarrow, a DataFrame with ``AttributeError: num_rows``, a missing column with a
-        ``KeyError`` from the featurizer). A column may come under the format's other name for
-        it (``Format.column_aliases``: a frame read from a Zeek JSON log has ``id.resp_p``, not
-        ``resp_p``): it is then added under its own name, as ``parse_records`` reads it."""
+        ``KeyError`` from the featurizer), and so is a column read as numbers that holds
+        text that is none (pyarrow's ``ArrowInvalid`` from the featurizer). A column may come
+        under the format's other name for it (``Format.column_aliases``: a frame read from a
+        Zeek JSON log has ``id.resp_p``, not ``resp_p``): it is then added under its own name,
+        as ``parse_records`` reads it."""
         records = as_arrow(records, "score_batch")
         if isinstance(records, pa.Table):
             records = _one_batch(without_views(records))
@@ -179,6 +188,8 @@ class Detector:
         self.featurizer.check_columns(records, derived=False,
                                       reader=f"this {self.format} model reads",
                                       format_name=self.format)
+        if not self.featurizer.stateful:
+            _check_numbers(records, self.featurizer.spec.get("numeric", []), self.format)
         return records
 
     def new_state(self) -> dict[str, Any]:
@@ -294,6 +305,26 @@ def _expand(value: Any, inverse: np.ndarray) -> Any:
     if isinstance(value, pa.Array | pa.ChunkedArray):
         return value.take(pa.array(inverse))
     return np.asarray(value)[inverse]
+
+
+def _check_numbers(records: pa.RecordBatch, names: list[str], format_name: str) -> None:
+    """An InputError naming a column the model reads as numbers that holds something else (a
+    frame's ``"abc"`` or dates): it failed in the featurizer with pyarrow's ``ArrowInvalid:
+    Failed to parse string``. Only columns of other types than numbers are looked at."""
+    import pyarrow.compute as pc
+
+    for name in names:
+        column = records.column(name)
+        typ = column.type
+        if (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_null(typ)
+                or pa.types.is_boolean(typ) or pa.types.is_decimal(typ)):
+            continue
+        try:
+            pc.cast(column, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise InputError(f"column {name!r} holds values that are not numbers ({typ}), "
+                             f"which this {format_name} model reads as numbers: "
+                             f"{first_line(exc)}") from None
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
