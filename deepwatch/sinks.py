@@ -446,7 +446,10 @@ class RejectSink:
     """Rejected records, one JSON object per line: line, raw, reason (and source).
 
     A failure to write (a full disk) is an :class:`OutputError` naming the file, as for
-    :class:`RecordSink`.
+    :class:`RecordSink`. The file is made by the first rejected record, or empty by
+    :meth:`close` (a run that ends whole without any): a run that fails before either leaves an
+    older file at the path as it was, as :meth:`RecordSink.abort` does its output (it was
+    truncated at the start, then removed, so the rejects an earlier run kept there were lost).
     """
 
     def __init__(self, path: str | None):
@@ -460,13 +463,19 @@ class RejectSink:
         self.complete = False
         self._fh: IO[bytes] | None = None
         self._made: tuple[int, int] | None = None  # (see :func:`_check_still_there`)
+        self._closed = False
         if path:
             writable_file(path, "--rejects")
-            try:
-                self._fh = open(path, "wb")  # noqa: SIM115
-                self._made = _identity(os.fstat(self._fh.fileno()))
-            except OSError as exc:
-                raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def _open(self) -> IO[bytes]:
+        """The file, made (truncated) now: by the first rejected record, or by :meth:`close`."""
+        assert self.path
+        try:
+            self._fh = open(self.path, "wb")  # noqa: SIM115
+            self._made = _identity(os.fstat(self._fh.fileno()))
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        return self._fh
 
     @property
     def count(self) -> int:
@@ -475,20 +484,24 @@ class RejectSink:
 
     def write(self, rejects: pa.Table) -> None:
         n = rejects.num_rows
-        if self._fh is None or n == 0:
+        if not self.path or self._closed or n == 0:
             self._kept = (self._kept[0] + n, self._kept[1])
             return
         data = escape_unsafe_text("".join(
             json.dumps(row, ensure_ascii=False) + "\n" for row in rejects.to_pylist()).encode())
+        fh = self._fh if self._fh is not None else self._open()
         self._writing = (n, len(data))
         try:
-            self._fh.write(data)
+            fh.write(data)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self._kept = (self._kept[0] + n, self._kept[1] + len(data))
 
     def close(self) -> None:
         """Close the file, empty or not (a run that kept other output, or ran whole)."""
+        if self.path and not self._closed and self._fh is None:
+            self._open()  # (no rejected record: the file is made empty, this run's)
+        self._closed = True
         fh, self._fh = self._fh, None  # closed once, even when closing fails
         if fh is None:
             return
@@ -502,7 +515,9 @@ class RejectSink:
 
     def abort(self) -> None:
         """Close and remove the file of a run that failed before it kept anything: an empty
-        rejects file would read as "nothing was rejected"."""
+        rejects file would read as "nothing was rejected"; an older one not made by this run
+        is left as it was."""
+        self._closed = True
         fh, self._fh = self._fh, None
         if fh is None:
             return

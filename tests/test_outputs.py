@@ -130,7 +130,11 @@ def test_empty_input_replaces_an_older_output(kdd_bundle: Path, tmp_path: Path,
         out.write_text('{"stale": 1}\n')
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    assert main(["score", str(kdd_bundle), "-f", "kdd", "--out", str(out), str(empty)]) == 0
+    rejects = tmp_path / "rejects.jsonl"  # (made when no record was rejected, empty, too)
+    rejects.write_text('{"line": 1, "raw": "stale", "reason": "stale"}\n')
+    assert main(["score", str(kdd_bundle), "-f", "kdd", "--out", str(out), "--rejects",
+                 str(rejects), str(empty)]) == 0
+    assert rejects.read_text() == ""
     if ext == "jsonl":
         assert out.read_text() == ""
         return
@@ -157,13 +161,17 @@ def test_a_failure_before_any_record_leaves_an_older_output_alone(
             raise DataError("scoring failed")
 
     data = tmp_path / "in.csv"
-    data.write_text(records)
+    data.write_text("".join(line for line in records.splitlines(keepends=True)
+                            if line.count(",") > 40))  # (no reject: only its older file)
     out = tmp_path / "o.jsonl"
     out.write_text('{"an": "older result"}\n')
+    rejects = tmp_path / "rejects.jsonl"  # was truncated at the start, then removed
+    rejects.write_text('{"line": 3, "raw": "x", "reason": "an older reject"}\n')
     with pytest.raises(DataError, match="scoring failed"):
-        score_files(str(kdd_bundle), "kdd", [str(data)], str(out),
+        score_files(str(kdd_bundle), "kdd", [str(data)], str(out), rejects=str(rejects),
                     detector=Failing(Detector(kdd_bundle)))
     assert out.read_text() == '{"an": "older result"}\n'
+    assert rejects.read_text() == '{"line": 3, "raw": "x", "reason": "an older reject"}\n'
 
 
 def test_a_rejects_file_that_cannot_be_written_is_one_line_error(
