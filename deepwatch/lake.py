@@ -566,7 +566,13 @@ def iter_lake(root: str | Path, days: str | Sequence[str] | None = None,
             if digest is None:
                 table = pq.read_table(part)
             else:
-                data = part.read_bytes()
+                # read into memory Arrow owns, not a Python bytes: when a part fails to decode,
+                # the reads of its other columns still under way in Arrow's threads let go of
+                # the buffer after the error has ended the run, and letting go of a Python
+                # object then needs the interpreter, which is gone ("terminate called without
+                # an active exception", exit 134, in about half the runs of `train --lake`)
+                with pa.OSFile(str(part)) as f:
+                    data = f.read_buffer()
                 _digest_part(digest, root, part, data)
                 table = pq.read_table(pa.BufferReader(data))
         except (OSError, pa.ArrowInvalid) as exc:
@@ -626,7 +632,7 @@ def _conform(table: pa.Table, schema: pa.Schema, part: Path,
                          f"{first_line(exc)}") from None
 
 
-def _digest_part(digest: Any, root: Path, part: Path, data: bytes) -> None:
+def _digest_part(digest: Any, root: Path, part: Path, data: bytes | pa.Buffer) -> None:
     digest.update(f"{part.relative_to(root).as_posix()}\0{len(data)}\0".encode())
     digest.update(data)
 
