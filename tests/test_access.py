@@ -107,6 +107,20 @@ def test_rejects_keep_line_number_raw_and_reason() -> None:
     assert "size" in reasons[4]
 
 
+def test_a_time_past_9999_or_before_year_1_in_utc_is_a_reject() -> None:
+    """``31/Dec/9999:23:30:00 -0100`` is 10000-01-01 in UTC: it parsed, and a lake filed it
+    under ``day=10000-01-01`` (sorted before the other days, not nameable in ``--days``, the
+    lake's day column then read as text). Such a time, and one before year 1, is now a reject;
+    the last minutes of 9999 and the first of year 1 in UTC still read."""
+    times = ["31/Dec/9999:23:30:00 -0100", "01/Jan/0001:00:30:00 +0100",
+             "31/Dec/9999:22:30:00 -0100", "01/Jan/0001:00:30:00 -0100"]
+    res = parse("".join(f'1.2.3.4 - - [{t}] "GET / HTTP/1.1" 200 1\n' for t in times))
+    assert [str(t) for t in res.batch.column("timestamp").to_pylist()] == [
+        "9999-12-31 23:30:00+00:00", "0001-01-01 01:30:00+00:00"]
+    assert [(r["line"], r["reason"]) for r in res.rejects.to_pylist()] == [
+        (i + 1, f"time outside the years 1-9999 in UTC '{times[i]}'") for i in (0, 1)]
+
+
 def test_invalid_utf8_and_crlf() -> None:
     data = COMBINED.encode() + b"\r\n" + COMBINED.replace("GET", "GE\xff").encode("latin-1")
     res = FMT.parse(data)

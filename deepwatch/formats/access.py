@@ -214,6 +214,12 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         .when(pl.col("_client").is_not_null()).then(pl.col("_client"))
         .when(pl.col("_ts").is_null() | (pl.col("_offset").abs() > _OFFSET_LIMIT))
         .then(pl.lit("unreadable time '") + pl.col("time").str.slice(0, 60) + pl.lit("'"))
+        # in UTC past 9999 (31/Dec/9999:23:30 -0100) or before year 1: no day a lake can
+        # file it under (day=10000-01-01 sorted before the others, could not be named in
+        # --days, and turned the lake's day column into text), nor a Python datetime
+        .when(~pl.col("_ts").dt.year().is_between(1, 9999))
+        .then(pl.lit("time outside the years 1-9999 in UTC '") + pl.col("time").str.slice(0, 60)
+              + pl.lit("'"))
         .when(pl.col("_status").is_null() | _bad_status(pl.col("_status")))
         .then(_status_reason(pl.col("status")))
         .when(pl.col("_bytes").is_null() | (pl.col("_bytes") < 0))
