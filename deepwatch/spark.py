@@ -174,17 +174,19 @@ def _record_lines(result: Any, first_line: int) -> np.ndarray:
 
 def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: int,
                label: str | None, parsed: pa.Schema, union: pa.Schema,
-               context: str | None = None) -> pa.RecordBatch:
+               context: str | None = None, state: dict[str, Any] | None = None
+               ) -> pa.RecordBatch:
     """Parse and score one run of consecutive lines of one file; records and rejects in order.
     ``context``: the format's context line in force before the run (a Zeek #fields header, or
-    a ``LogAscii::tsv=T`` log's field-name line)."""
+    a ``LogAscii::tsv=T`` log's field-name line). ``state``: the detector's state carried from
+    the runs before it in the partition (per-client windows of derived features)."""
     joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(text)], pa.int32()), text),
                             "\n")[0].as_py()
     result = fmt.parse_in_context(joined + "\n", first_line, context)
     parts = []
     if result.batch.num_rows:
         records = _conform(with_label(result.batch, label), parsed)
-        scored = det.score_batch(records)
+        scored = det.score_batch(records, state)
         lines = _record_lines(result, first_line)
         extra = {"_file": pa.array(np.full(len(lines), file_no, np.int32)),
                  "_line": pa.array(lines)}
@@ -216,6 +218,10 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
     # once per partition; verify=True checks every file's sha256
     det = Detector(bundle, engine=backend, explain=explain)
     fmt = get_format(format_name)
+    # one state for the partition, as the local engine has one for the run: the per-client
+    # windows of derived features go on across its runs (cut at an over-long line, a damage, a
+    # file's end) and Arrow batches, not from nothing at each
+    state = det.new_state()
     for batch in batches:
         n = batch.num_rows
         if n == 0:
@@ -237,7 +243,7 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
                 continue
             yield _score_run(det, fmt, text.slice(a, b - a), f, int(lines[a]), labels[f],
                              parsed, union, _context_at((contexts or {}).get(f, []),
-                                                        int(lines[a])))
+                                                        int(lines[a])), state)
 
 
 def _refused(batch: pa.RecordBatch) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import need
+from conftest import data_file, head_lines, need
 
 from deepwatch.errors import BundleError, InputError, UsageError
 from deepwatch.formats._base import MAX_RAW
@@ -592,3 +592,43 @@ def test_a_zeek_header_run_into_a_record_by_a_cr_is_no_header_on_spark(
     assert set(a.column("orig_h").to_pylist()) == {"10.0.0.1"}
     assert a.column("uid").to_pylist() == pq.read_table(tmp_path / "local.parquet").column(
         "uid").to_pylist()
+
+
+@pytest.mark.slow
+def test_client_windows_go_on_across_runs_and_batches_of_a_partition(
+        spark: Any, tmp_path: Path) -> None:
+    """An access log's derived features keep a window of each client's last requests, which the
+    local engine carries through the whole run. On Spark every run of lines (cut at an over-long
+    line) and every Arrow batch was scored from an empty window, so the requests after each cut
+    got other scores, even other verdicts; the window now goes on through the partition, and a
+    file read by one task gets the local engine's scores."""
+    from deepwatch.spark import score_spark
+    from deepwatch.train.api import train
+
+    site = head_lines(data_file("weblogs/apache_access.log.gz"), 450)
+    scan = head_lines(data_file("weblogs/scan_w3af.log.gz"), 100)
+    (tmp_path / "site.log").write_text("".join(site[300:]))
+    (tmp_path / "scan.log").write_text("".join(scan))
+    bundle = tmp_path / "access"
+    train("access", "mlp", [f"{tmp_path / 'site.log'}=normal", f"{tmp_path / 'scan.log'}=scan"],
+          bundle, epochs=1, seed=0)
+    log = tmp_path / "cut.log"
+    log.write_text("".join(site[:150]) + "Y" * (MAX_LINE_BYTES + 3) + "\n" + "".join(site[150:300])
+                   + "".join(scan[:100]))
+    empty = tmp_path / "empty.log"  # (a second piece: the log is one task, not spread)
+    empty.write_text("")
+    inputs = [str(log), str(empty)]
+    local = score_files(str(bundle), "access", inputs, str(tmp_path / "local.jsonl"))
+    conf = spark.conf  # type: ignore[attr-defined]
+    conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "37")
+    try:
+        dist = score_spark(str(bundle), "access", inputs, str(tmp_path / "spark.jsonl"))
+    finally:
+        conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "50000")
+    rows, local_rows = _rejects(tmp_path / "spark.jsonl"), _rejects(tmp_path / "local.jsonl")
+    assert len(rows) == len(local_rows) == 400
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in local_rows],
+                                                       abs=1e-6)
+    assert [r["verdict"] for r in rows] == [r["verdict"] for r in local_rows]
+    assert (dist.alerts, dist.stats.rejected) == (local.alerts, local.stats.rejected) == (
+        local.alerts, 1)
