@@ -112,6 +112,8 @@ class InputReader:
         self.specs: list[InputSpec] = []
         if isinstance(specs, str | os.PathLike):  # one input (a str is a sequence too)
             specs = [specs]
+        elif not isinstance(specs, Sequence):  # None, a frame (a TypeError, or its columns
+            specs = input_list(specs)  # read as paths): one line
         for s in specs:
             self.specs.extend([s] if isinstance(s, InputSpec) else
                               parse_input_spec(input_list(s)[0]))

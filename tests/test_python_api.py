@@ -56,6 +56,21 @@ def test_inputs_that_are_no_paths_are_one_clear_error(kdd_bundle: Path) -> None:
         evaluate(kdd_bundle, "kdd", [3])
     with pytest.raises(UsageError, match="inputs must be a path .* not int"):
         evaluate(kdd_bundle, "kdd", 3)  # type: ignore[arg-type]
+    # a frame iterated as its column names ("no such file: duration"), None a TypeError
+    import pandas as pd
+    import polars as pl
+
+    from deepwatch.sources.files import read_inputs
+
+    for frame in (pd.DataFrame({"duration": [0]}), pl.DataFrame({"duration": [0]}),
+                  pa.table({"duration": [0]})):
+        with pytest.raises(UsageError, match=r"not (DataFrame|Table): inputs here are files; "
+                                             "a frame of records is scored with"):
+            evaluate(kdd_bundle, "kdd", frame)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="not dict"):
+        evaluate(kdd_bundle, "kdd", {"a.csv": 1})  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="inputs must be a path .* not NoneType"):
+        read_inputs(None, "kdd")  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -371,9 +371,15 @@ def input_list(inputs: Inputs, what: str = "inputs") -> list[str]:
     inside with an ``AttributeError``."""
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
-    elif isinstance(inputs, bytes) or not isinstance(inputs, Iterable):
+    elif (isinstance(inputs, bytes | Mapping) or not isinstance(inputs, Iterable)
+          or hasattr(inputs, "columns") or hasattr(inputs, "schema")):
+        # (a data frame or table iterates over its column names, a dict over its keys: each
+        # was read as a path, "no such file: duration")
+        hint = (": inputs here are files; a frame of records is scored with "
+                "Detector.score_batch, or written to a file first"
+                if hasattr(inputs, "columns") or hasattr(inputs, "schema") else "")
         raise UsageError(f"{what} must be a path (str or pathlib.Path) or a list of them, "
-                         f"not {type(inputs).__name__}")
+                         f"not {type(inputs).__name__}{hint}")
     out: list[str] = []
     for item in inputs:
         if not isinstance(item, str | os.PathLike):
