@@ -148,7 +148,11 @@ def test_a_burst_of_reloads_is_merged_and_sigterm_does_not_wait_for_it(
         assert took < 10, f"SIGTERM took {took:.1f} s behind the queued reloads"
         log = log_file.read_text()
         assert "Traceback" not in log
-        time.sleep(0.5)
+        deadline = time.monotonic() + 0.5
+        while [pid for pid in workers if Path(f"/proc/{pid}").exists()]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
     except BaseException:
         watching.set()
