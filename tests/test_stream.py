@@ -594,22 +594,35 @@ def _read_all(brokers: str, topic: str, conf: dict[str, str] | None = None
     """Every message of ``topic`` as (key, JSON value): partitions assigned directly (no group),
     read until quiet for 3 s (Tansu's high watermark lags behind its last batch). ``conf``:
     more client settings (TLS)."""
+    return _read_topics(brokers, [topic], conf)[topic]
+
+
+def _read_topics(brokers: str, topics: list[str], conf: dict[str, str] | None = None
+                 ) -> dict[str, list[tuple[int, dict]]]:
+    """``_read_all`` of several topics at once, by one consumer: every topic is read until all
+    are quiet for 3 s (one quiet period for them all, not one each)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer({**(conf or {}), "bootstrap.servers": brokers,
                          "group.id": "test-reader", "enable.auto.commit": False})
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        if meta.error is not None:
-            return []
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
-        out: list[tuple[int, dict]] = []
+        out: dict[str, list[tuple[int, dict]]] = {topic: [] for topic in topics}
+        assign = []
+        for topic in topics:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            if meta.error is None:
+                assign += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+        if not assign:
+            return out
+        consumer.assign(assign)
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < 3.0:
             msgs = consumer.consume(5000, 0.5)
             if msgs:
                 quiet_since = time.monotonic()
-            out += [(int(m.key()), json.loads(m.value())) for m in msgs if m.error() is None]
+            for m in msgs:
+                if m.error() is None:
+                    out[m.topic()].append((int(m.key()), json.loads(m.value())))
         return out
     finally:
         consumer.close()
@@ -697,7 +710,10 @@ def test_sigkill_mid_stream_loses_nothing(broker: str, kdd_bundle: Path, small_k
     _create_outputs(broker, f"{topic}.alerts", f"{topic}.verdicts", f"{topic}.dead")
     _produce(broker, topic, values)
 
-    first = Worker(kdd_bundle, broker, topic, group, tmp_path / "w1.log", batch_size=250)
+    # the group drops the killed member only when its session times out, and the restarted
+    # worker is assigned the partitions only then: 3 s, not Worker's 6 s (11 s to assignment)
+    first = Worker(kdd_bundle, broker, topic, group, tmp_path / "w1.log", batch_size=250,
+                   extra=("--kafka-option", "session.timeout.ms=3000"))
     _wait("the first worker's verdicts", lambda: _count(broker, f"{topic}.verdicts") >= 1500)
     first.kill()
     assert _committed(broker, group, topic, 3) < len(values)
@@ -707,13 +723,13 @@ def test_sigkill_mid_stream_loses_nothing(broker: str, kdd_bundle: Path, small_k
           lambda: _committed(broker, group, topic, 3) == len(values))
     assert second.stop() == 0  # SIGTERM: finish, commit, leave
 
-    verdicts = _read_all(broker, f"{topic}.verdicts")
-    dead = _read_all(broker, f"{topic}.dead")
+    read = _read_topics(broker, [f"{topic}.verdicts", f"{topic}.dead", f"{topic}.alerts"])
+    verdicts, dead = read[f"{topic}.verdicts"], read[f"{topic}.dead"]
     assert {k for k, _ in verdicts} == good_idx
     assert {k for k, _ in dead} == bad_idx
     for _key, doc in verdicts[:20] + dead:
         assert doc["deepwatch"]["source"]["topic"] == topic
-    alerts = _read_all(broker, f"{topic}.alerts")
+    alerts = read[f"{topic}.alerts"]
     malicious = {k for k, d in verdicts if d["verdict"] == "malicious"}
     assert {k for k, _ in alerts} == malicious
     stop = [x for x in second.logs() if x.get("event") == "stop"]
@@ -745,8 +761,9 @@ def test_two_workers_in_a_group_share_the_partitions(broker: str, kdd_bundle: Pa
     assert codes == [0, 0]
     done = [[x for x in w.logs() if x.get("event") == "stop"][0]["records"] for w in workers]
     assert all(n > 0 for n in done) and sum(done) >= len(values)
-    assert {k for k, _ in _read_all(broker, f"{topic}.verdicts")} == good_idx
-    assert {k for k, _ in _read_all(broker, f"{topic}.dead")} == bad_idx
+    read = _read_topics(broker, [f"{topic}.verdicts", f"{topic}.dead"])
+    assert {k for k, _ in read[f"{topic}.verdicts"]} == good_idx
+    assert {k for k, _ in read[f"{topic}.dead"]} == bad_idx
 
 
 
@@ -951,7 +968,8 @@ def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
                          kafka_options={"message.max.bytes": "12000"})
     report = _run_until_committed(opts, broker, group, topic, len(values))
 
-    dead = dict(_read_all(broker, f"{topic}.dead-letter"))
+    read = _read_topics(broker, [f"{topic}.dead-letter", f"{topic}.verdicts", f"{topic}.alerts"])
+    dead = dict(read[f"{topic}.dead-letter"])
     assert set(dead) == {50, 51}
     why = dead[50]["reason"]
     assert why.startswith("its alert message was ") and "bytes, over the producer's " \
@@ -961,8 +979,8 @@ def test_an_alert_too_large_to_produce_is_a_dead_letter_and_the_worker_goes_on(
     assert dead[51]["raw"] == "\\xFF\\xFE\\xFD" and "not valid UTF-8" in dead[51]["reason"]
     assert "deepwatch.source" in dead[51]["reason"]
 
-    verdicts = dict(_read_all(broker, f"{topic}.verdicts"))
-    alerts = dict(_read_all(broker, f"{topic}.alerts"))
+    verdicts = dict(read[f"{topic}.verdicts"])
+    alerts = dict(read[f"{topic}.alerts"])
     assert set(verdicts) == set(range(len(values))) - {51}
     assert verdicts[50]["verdict"] == "malicious"
     malicious = {k for k, d in verdicts.items() if d["verdict"] == "malicious"}
@@ -1027,11 +1045,12 @@ def test_a_full_producer_queue_waits_for_the_broker_and_loses_nothing(
         sink.close()
     assert sink.waits > 0, "the queue was never full: the test did not reach backpressure"
     assert source.committed == len(values)
-    verdicts = _read_all(broker, f"{topic}.verdicts")
+    read = _read_topics(broker, [f"{topic}.verdicts", f"{topic}.dead", f"{topic}.alerts"])
+    verdicts = read[f"{topic}.verdicts"]
     assert sorted(k for k, _ in verdicts) == list(range(len(values) - 1))
-    dead = _read_all(broker, f"{topic}.dead")
+    dead = read[f"{topic}.dead"]
     assert [k for k, _ in dead] == [len(values) - 1]
-    alerts = _read_all(broker, f"{topic}.alerts")
+    alerts = read[f"{topic}.alerts"]
     assert len(alerts) == sum(d["verdict"] == "malicious" for _, d in verdicts) > 0
     assert report.produced["verdict"] == len(values) - 1
 
@@ -1171,7 +1190,9 @@ def test_a_missing_input_topic_is_one_warning_and_is_read_once_created(
         _wait("the missing-input-topic warning", lambda: bool(missing()) or
               worker.proc.poll() is not None, timeout=40)
         assert worker.proc.poll() is None, worker.log.read_text()[-2000:]
-        time.sleep(3 * TOPIC_WAIT_S)  # it asks again meanwhile: still one line
+        # it asks again TOPIC_WAIT_S after its answer (waiting as long for the next): by now
+        # it has been answered again at least once, and still says it in one line
+        time.sleep(2 * TOPIC_WAIT_S)
         assert worker.proc.poll() is None
         [warning] = missing()
         assert warning["log.level"] == "warning" and warning["topic"] == topic
@@ -1798,7 +1819,8 @@ def test_an_alert_the_broker_refuses_for_its_size_is_a_dead_letter_and_the_worke
                          verdict_topic=f"{topic}.verdicts", group=group, batch_wait_ms=200)
     report = _run_until_committed(opts, broker, group, topic, len(values))
 
-    dead = dict(_read_all(broker, f"{topic}.dead-letter"))
+    read = _read_topics(broker, [f"{topic}.dead-letter", f"{topic}.verdicts"])
+    dead = dict(read[f"{topic}.dead-letter"])
     assert set(dead) == {50}  # keyed by the input's key
     why = dead[50]["reason"]
     assert why.startswith("its alert message was ") and (
@@ -1808,7 +1830,7 @@ def test_an_alert_the_broker_refuses_for_its_size_is_a_dead_letter_and_the_worke
     assert dead[50]["raw"] == big[:10_000].decode()
     assert dead[50]["format"] == "access" and dead[50]["deepwatch"]["source"]["topic"] == topic
 
-    verdicts = dict(_read_all(broker, f"{topic}.verdicts"))
+    verdicts = dict(read[f"{topic}.verdicts"])
     assert set(verdicts) == set(range(len(values))) and verdicts[50]["verdict"] == "malicious"
     malicious = sum(d["verdict"] == "malicious" for d in verdicts.values())
     # the verdict refused with its batch was sent again, alone, and acknowledged
