@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, _json_lines, _need_kafka, free_port, need
-from test_stream import _read_all, _wait
+from test_stream import _read_topics, _wait
 
 from deepwatch.cli import main
 from deepwatch.errors import UsageError
@@ -529,8 +529,8 @@ def test_the_worker_reads_and_writes_over_tls_with_the_file_and_not_without_its_
             assert proc.poll() is None, log.read_text()[-2000:]
         finally:
             assert _stop(proc) == 0, log.read_text()[-2000:]
-        verdicts = dict(_read_all(brokers, f"{topic}.verdicts", conf))
-        alerts = dict(_read_all(brokers, f"{topic}.alerts", conf))
+        read = _read_topics(brokers, [f"{topic}.verdicts", f"{topic}.alerts"], conf)
+        verdicts, alerts = dict(read[f"{topic}.verdicts"]), dict(read[f"{topic}.alerts"])
     docs = _json_lines(log.read_text())
     assert not [d for d in docs if d.get("event") in ("kafka_error", "kafka_config_readable")
                 or d["log.level"] in ("warning", "error")], docs
