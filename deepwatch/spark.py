@@ -35,8 +35,10 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Generator, Iterator, Sequence
@@ -48,11 +50,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._arrow import to_numpy
-from .errors import DeepwatchError, InputError, UsageError
+from .errors import DeepwatchError, InputError, Interrupted, UsageError
 from .formats import Format, get_format
 from .formats._base import cut_lost, decode_text
 from .io import Stats, with_label
-from .scoring import ScoreReport
+from .scoring import ScoreReport, _close, _kept_before
 from .sinks import RecordSink, RejectSink
 from .sources.files import (
     BOM,
@@ -679,37 +681,111 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     parsed, sample = _parsed_schema(fmt, specs)
     scored = det.score_batch(sample).schema
     union = pa.schema([_for_spark(f).with_nullable(True) for f in scored] + list(HELPERS))
+    interrupt = signal.getsignal(signal.SIGINT)  # (pyspark puts its own in, for good)
     session, owned = spark_session(master)
-    staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-", dir=Path(out).parent))
+    stops = _Stops(session.sparkContext)
+    staging: Path | None = None
     reject_sink = RejectSink(rejects)
-    done = False
     try:
-        try:  # the jobs: counting the lines of big plain files, Zeek's headers, scoring
-            lines = _lines_frame(session, specs)
-            work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
-                                     format_name=format_name, labels=[s.label for s in specs],
-                                     parsed=parsed, union=union, contexts=_contexts(lines, fmt),
-                                     backend=backend, explain=explain)
-            frame = lines.mapInArrow(work, from_arrow_schema(union))
-            frame.write.mode("overwrite").parquet(str(staging / "parts"))
-        except DeepwatchError:
-            raise
-        except Exception as exc:
-            raise SparkError(f"the Spark job failed: {_first_line(exc)}") from None
-        stats, alerts = _merge(staging / "parts", specs, scored, sink, reject_sink, alerts_only)
-        done = True
+        with stops:  # (the stops after the first are held through the clean-up)
+            try:
+                staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-", dir=Path(out).parent))
+                try:  # the jobs: counting the lines of big plain files, Zeek's headers, scoring
+                    lines = _lines_frame(session, specs)
+                    work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
+                                             format_name=format_name,
+                                             labels=[s.label for s in specs], parsed=parsed,
+                                             union=union, contexts=_contexts(lines, fmt),
+                                             backend=backend, explain=explain)
+                    frame = lines.mapInArrow(work, from_arrow_schema(union))
+                    frame.write.mode("overwrite").parquet(str(staging / "parts"))
+                except DeepwatchError:
+                    raise
+                except Exception as exc:
+                    stops.raise_held()  # the jobs failed because a stop cancelled them
+                    raise SparkError(f"the Spark job failed: {_first_line(exc)}") from None
+                stops.jobs_done()
+                stats, alerts = _merge(staging / "parts", specs, scored, sink, reject_sink,
+                                       alerts_only)
+            except BaseException as exc:
+                # what was written before a failure or a stop (while the output was merged) is kept,
+                # and a stop says so, as the local engine does
+                _close(sink, reject_sink, scored, complete=False)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise Interrupted(_kept_before(sink, reject_sink, out),
+                                      terminated=getattr(exc, "terminated", False)) from None
+                raise
+            else:
+                _close(sink, reject_sink, scored, complete=True)
+            finally:
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                engine = f"spark {session.sparkContext.master}, {det.engine}"
     finally:
-        if done or sink.rows:
-            sink.close(scored)
-            reject_sink.close()
-        else:
-            sink.abort()
-            reject_sink.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        engine = f"spark {session.sparkContext.master}, {det.engine}"
         if owned:
             session.stop()
+            if interrupt is not None and _main_thread():
+                signal.signal(signal.SIGINT, interrupt)
     return ScoreReport(stats, sink.rows, alerts, time.perf_counter() - t0, engine)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Stops:
+    """Ctrl-C and SIGTERM during a run, taken as the local engine's ``score`` takes them: the
+    run stops, its staging directory is removed, and one line says so (``interrupted``,
+    ``terminated``); a stop once the output is being written keeps what was written, said
+    partial. While the Spark jobs run, the stop cancels them (from a thread of its own: the
+    driver's main thread is waiting on the JVM, and a call into it from a signal handler there,
+    as pyspark's own Ctrl-C handler makes, fails with tracebacks) and the run stops when they
+    end; SIGTERM, which killed the driver and left the staging directory behind, does the same.
+    The stops after the first are held, one line saying so. Main thread only."""
+
+    def __init__(self, sc: Any):
+        self.sc = sc
+        self.signum: int | None = None
+        self.running = True  # the Spark jobs: a stop cancels them, and is raised once they end
+        self._before: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stops:
+        if _main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(s)
+                if handler is not signal.SIG_IGN:
+                    self._before[s] = handler
+                    signal.signal(s, self._on_stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        before, self._before = self._before, {}
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_stop(self, signum: int, _frame: object) -> None:
+        if self.signum is not None:
+            os.write(2, b"already stopping: the clean-up under way is finished first\n")
+            return
+        self.signum = signum
+        if self.running:
+            threading.Thread(target=self._cancel, daemon=True).start()
+            return
+        raise Interrupted(terminated=signum == signal.SIGTERM)
+
+    def _cancel(self) -> None:
+        with contextlib.suppress(Exception):  # (the jobs may have ended, Spark stopped)
+            self.sc.cancelAllJobs()
+
+    def jobs_done(self) -> None:
+        """The jobs have ended: a stop that came while they did is raised now, and one that
+        comes later at once."""
+        self.raise_held()
+        self.running = False
+
+    def raise_held(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(terminated=self.signum == signal.SIGTERM)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -632,3 +632,57 @@ def test_client_windows_go_on_across_runs_and_batches_of_a_partition(
     assert [r["verdict"] for r in rows] == [r["verdict"] for r in local_rows]
     assert (dist.alerts, dist.stats.rejected) == (local.alerts, local.stats.rejected) == (
         local.alerts, 1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_cancel_the_jobs_and_leave_nothing_behind(
+        spark: Any, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A stop while the Spark jobs run ends the run as the local engine's does: one line
+    (``interrupted``, exit 130; ``terminated``, 143), the jobs cancelled, no output, and no
+    staging directory left beside --out. pyspark's own Ctrl-C handler called into the JVM from
+    the main thread while it waited on the JVM, and failed with pages of tracebacks; SIGTERM
+    killed the driver at once and left the staging directory behind."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from deepwatch.cli import main
+
+    big = tmp_path / "big.csv"
+    big.write_bytes(small_kdd_test.read_bytes() * 4)
+    tracker = spark.sparkContext.statusTracker()
+
+    def stop_when_a_job_runs(sig: int) -> None:
+        deadline = time.monotonic() + 120
+        while not tracker.getActiveJobsIds() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+
+    def died(*_: object) -> None:  # SIGTERM's default action, without ending the test run
+        raise RuntimeError("SIGTERM was not taken: the process would have died here")
+
+    before = signal.signal(signal.SIGTERM, died)
+    try:
+        for sig, code, word in ((signal.SIGINT, 130, "interrupted"),
+                                (signal.SIGTERM, 143, "terminated")):
+            capfd.readouterr()
+            caplog.clear()
+            out = tmp_path / f"{word}.parquet"
+            sender = threading.Thread(target=stop_when_a_job_runs, args=(sig,))
+            sender.start()
+            try:
+                got = main(["score", str(kdd_bundle), "--format", "kdd", "--engine", "spark",
+                            "--out", str(out), str(big)])
+            finally:
+                sender.join()
+            err = capfd.readouterr().err
+            assert got == code, err
+            assert err.splitlines()[-1] == word and "Traceback" not in err
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert not out.exists()
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv"]
+            assert not tracker.getActiveJobsIds()
+    finally:
+        signal.signal(signal.SIGTERM, before)
