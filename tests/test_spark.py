@@ -646,7 +646,6 @@ def test_ctrl_c_and_sigterm_cancel_the_jobs_and_leave_nothing_behind(
     import os
     import signal
     import threading
-    import time
 
     from deepwatch.cli import main
 
@@ -654,10 +653,12 @@ def test_ctrl_c_and_sigterm_cancel_the_jobs_and_leave_nothing_behind(
     big.write_bytes(small_kdd_test.read_bytes() * 4)
     tracker = spark.sparkContext.statusTracker()
 
+    finished = threading.Event()
+
     def stop_when_a_job_runs(sig: int) -> None:
-        deadline = time.monotonic() + 120
-        while not tracker.getActiveJobsIds() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not tracker.getActiveJobsIds():
+            if finished.wait(0.02):
+                return  # (no stop sent: the run then fails its assertions)
         os.kill(os.getpid(), sig)
 
     def died(*_: object) -> None:  # SIGTERM's default action, without ending the test run
@@ -670,12 +671,14 @@ def test_ctrl_c_and_sigterm_cancel_the_jobs_and_leave_nothing_behind(
             capfd.readouterr()
             caplog.clear()
             out = tmp_path / f"{word}.parquet"
+            finished.clear()
             sender = threading.Thread(target=stop_when_a_job_runs, args=(sig,))
             sender.start()
             try:
                 got = main(["score", str(kdd_bundle), "--format", "kdd", "--engine", "spark",
                             "--out", str(out), str(big)])
             finally:
+                finished.set()
                 sender.join()
             err = capfd.readouterr().err
             assert got == code, err
