@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -483,9 +484,20 @@ def _contexts(frame: Any, fmt: Format) -> dict[int, list[tuple[int, str]]]:
 def _specs(inputs: Sequence[str]) -> list[InputSpec]:
     specs: list[InputSpec] = []
     for text in inputs:
-        if text == "-":
-            raise UsageError("the spark engine reads files, not stdin; use --engine local")
-        specs.extend(parse_input_spec(text))
+        for spec in parse_input_spec(text):
+            if spec.path == "-":
+                raise UsageError("the spark engine reads files, not stdin; use --engine local")
+            try:
+                regular = stat.S_ISREG(os.stat(spec.path).st_mode)
+            except OSError as exc:
+                raise InputError(f"cannot read {spec.path}: {exc.strerror or exc}") from None
+            if not regular:
+                # (its executors read a file by byte ranges of its size, from any machine: a
+                # named pipe, <(...) or a device gave no line, or waited for ever for a writer)
+                raise UsageError(f"the spark engine reads regular files, and {spec.display} is "
+                                 "not one (a named pipe, a device, or <(...)); use --engine "
+                                 "local")
+            specs.append(spec)
     if not specs:
         raise UsageError("no input files")
     return specs

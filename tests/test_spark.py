@@ -163,6 +163,24 @@ def test_bad_bundle_and_stdin_are_refused_before_spark_starts(
 
     with pytest.raises(UsageError, match="not stdin"):
         score_spark(str(kdd_bundle), "kdd", ["-"], str(tmp_path / "o.parquet"))
+    # a named pipe (or <(...)): its head was read for the schema, then its executors found it
+    # of size 0 and read no line, or waited for ever for a writer; it is refused as stdin is
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    text = Path(inputs[0]).read_bytes()[:50_000]  # (within a pipe's buffer)
+    writer = threading.Thread(target=fifo.write_bytes, args=(text,), daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(UsageError, match=r"reads regular files, and .*pipe\.csv is not one"):
+            score_spark(str(kdd_bundle), "kdd", [inputs[1], str(fifo)], str(tmp_path / "o.jsonl"))
+    finally:
+        with open(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK), "rb") as reader:  # the writer's end
+            writer.join(10)
+            assert reader.read() == text  # nothing of it was read
+    assert not (tmp_path / "o.jsonl").exists()
     with pytest.raises(UsageError, match="trained on format 'kdd'"):
         score_spark(str(kdd_bundle), "nslkdd", inputs, str(tmp_path / "o.parquet"))
     broken = tmp_path / "broken"
