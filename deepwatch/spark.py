@@ -735,7 +735,11 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                 engine = f"spark {session.sparkContext.master}, {det.engine}"
     finally:
         if owned:
-            session.stop()
+            # after a stop, the JVM may be gone already (SIGTERM to the whole process group, as
+            # `timeout`, systemd or a batch scheduler send it): nothing is left to stop
+            with contextlib.suppress(Exception) if stops.signum is not None else \
+                    contextlib.nullcontext():
+                session.stop()
             if interrupt is not None and _main_thread():
                 signal.signal(signal.SIGINT, interrupt)
     return ScoreReport(stats, sink.rows, alerts, time.perf_counter() - t0, engine)

@@ -707,3 +707,40 @@ def test_ctrl_c_and_sigterm_cancel_the_jobs_and_leave_nothing_behind(
             assert not tracker.getActiveJobsIds()
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_ends_the_run_in_one_line(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """``timeout``, systemd and batch schedulers send SIGTERM to the whole process group, the
+    JVM included, which dies at once: the run still ends with its one line and exit status 143,
+    no staging directory left, and no traceback of the Spark session it can no longer stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    need(shutil.which("java") is not None, "java (Spark needs Java 17)")
+    big = tmp_path / "big.csv"
+    big.write_bytes(small_kdd_test.read_bytes() * 4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch", "score", str(kdd_bundle), "--format", "kdd",
+         "--engine", "spark", "--out", str(tmp_path / "out.parquet"), str(big)],
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(".deepwatch-spark-") for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # the job under way
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert err.splitlines()[-1] == "terminated"
+    assert "ConnectionRefusedError" not in err and "Py4JNetworkError" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv"]
