@@ -744,3 +744,38 @@ def test_sigterm_to_the_whole_process_group_ends_the_run_in_one_line(
     assert err.splitlines()[-1] == "terminated"
     assert "ConnectionRefusedError" not in err and "Py4JNetworkError" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.csv"]
+
+
+@pytest.mark.slow
+def test_a_stop_while_the_output_is_merged_keeps_the_rows_written_and_says_so(
+        spark: Any, kdd_bundle: Path, inputs: list[str], tmp_path: Path,
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C once the jobs are done, while the driver merges their parts into --out: the rows
+    written are kept, closed whole, and the one line says how many and that they are not all,
+    as the local engine's does."""
+    import os
+    import signal
+
+    import deepwatch.spark
+    from deepwatch.cli import main
+
+    merged = []
+    warn = deepwatch.spark._warn
+
+    def warn_then_stop(*args: Any) -> None:  # (called for each batch merged, before its rows)
+        merged.append(1)
+        if len(merged) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        warn(*args)
+
+    monkeypatch.setattr(deepwatch.spark, "_warn", warn_then_stop)
+    out = tmp_path / "out.parquet"
+    capfd.readouterr()
+    code = main(["score", str(kdd_bundle), "--format", "kdd", "--engine", "spark", "--out",
+                 str(out), *inputs])
+    err = capfd.readouterr().err
+    written = pq.read_table(out).num_rows
+    assert code == 130 and 0 < written < 7000, err
+    assert err.splitlines()[-1] == (f"interrupted: the {written:,} rows scored before it are "
+                                    f"kept in {out}, which is incomplete")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
