@@ -169,11 +169,15 @@ class _PipeStops:
             self._signum, self.spec = signum, self._current
             self.event.set()
         elif not self._told:  # held with the first: said once (os.write: not print, which
-            # could re-enter a write to stderr under way), as errors' held stops are
+            # could re-enter a write to stderr under way), as errors' held stops are, and
+            # those held after it, while the output is closed, say nothing more
+            from .errors import stop_reported
+
             self._told = True
             where = self.spec.display if self.spec is not None else "the input"
             os.write(2, f"already stopping: the lines read of {where} are scored "
                         "first\n".encode(errors="backslashreplace"))
+            stop_reported()
 
     def __enter__(self) -> _PipeStops:
         if threading.current_thread() is threading.main_thread():

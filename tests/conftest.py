@@ -176,6 +176,12 @@ def serving(bundle: Path, *args: str) -> Iterator[tuple[Any, str]]:
         stop_server(proc)
 
 
+def output_begun(out: Path) -> bool:
+    """Whether a run has begun to write ``out``: the file there, or (Parquet, written under a
+    hidden name beside it until it is closed: see ``RecordSink``) its temporary file."""
+    return out.exists() or any(out.parent.glob(f".{out.name}.*.tmp"))
+
+
 def signal_when(proc: Any, ready: Any, sig: int, within: float = 120) -> None:
     """Send ``sig`` to ``proc`` once ``ready()`` holds (``proc`` still running, within
     ``within`` seconds), then wait for it to end."""
