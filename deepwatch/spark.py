@@ -764,6 +764,7 @@ class _Stops:
         self.signum: int | None = None
         self.running = True  # the Spark jobs: a stop cancels them, and is raised once they end
         self._before: dict[int, Any] = {}
+        self._told = False
 
     def __enter__(self) -> _Stops:
         if _main_thread():
@@ -781,7 +782,9 @@ class _Stops:
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         if self.signum is not None:
-            os.write(2, b"already stopping: the clean-up under way is finished first\n")
+            if not self._told:  # (once: a held key repeats Ctrl-C many times a second)
+                self._told = True
+                os.write(2, b"already stopping: the clean-up under way is finished first\n")
             return
         self.signum = signum
         if self.running:

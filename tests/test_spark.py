@@ -779,3 +779,28 @@ def test_a_stop_while_the_output_is_merged_keeps_the_rows_written_and_says_so(
     assert err.splitlines()[-1] == (f"interrupted: the {written:,} rows scored before it are "
                                     f"kept in {out}, which is incomplete")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
+
+
+def test_stops_after_the_first_are_said_to_be_held_once(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The Spark engine's stop handler said "already stopping" at every stop after the first:
+    a key held down repeats Ctrl-C many times a second, a line each. Said once now, as the
+    local engine says it."""
+    import signal
+
+    from deepwatch.spark import _Stops
+
+    class Context:
+        cancelled = 0
+
+        def cancelAllJobs(self) -> None:  # noqa: N802 - pyspark's name
+            self.cancelled += 1
+
+    sc = Context()
+    stops = _Stops(sc)
+    stops._on_stop(signal.SIGINT, None)  # the first: cancels the jobs, raised when they end
+    for _ in range(5):
+        stops._on_stop(signal.SIGINT, None)
+    assert capfd.readouterr().err == "already stopping: the clean-up under way is finished first\n"
+    with pytest.raises(KeyboardInterrupt):
+        stops.jobs_done()
