@@ -316,22 +316,15 @@ def _record(ds: Dataset, got: Digest, source: str) -> None:
     data[ds.name] = {"sha256": got.sha256, "text_bytes": got.text_bytes,
                      "records": got.records, "source": source,
                      "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from .sinks import replace_file
+
     target = _recorded_path()
-    tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".recorded.", suffix=".tmp", dir=target.parent)
-        tmp = Path(name)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)
-        tmp = None
+        replace_file(target, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
     except OSError as exc:  # a full disk, a read-only cache: the record as it was
         raise DataError(f"cannot record the checksum of {ds.name} in {target}: "
                         f"{exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 # ---- getting a copy --------------------------------------------------------------------------
