@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .._arrow import as_arrow, to_numpy
-from ..errors import DataError, InputError, UsageError
+from ..errors import DataError, InputError, UsageError, first_line
 from ._derive import deriver_reads, get_deriver
 
 OTHER = "<other>"
@@ -79,7 +79,7 @@ class Featurizer:
         max_cats = int(spec.get("max_categories", 256))
         vocab: dict[str, list[str]] = {}
         for name in spec.get("categorical", []):
-            counts = pc.value_counts(pc.cast(table.column(name), pa.string())).to_pylist()
+            counts = pc.value_counts(_cast(table.column(name), pa.string(), name)).to_pylist()
             pairs = [(d["values"], d["counts"]) for d in counts if d["values"] is not None]
             pairs.sort(key=lambda p: (-p[1], p[0]))
             vocab[name] = [v for v, c in pairs if c >= min_count][:max_cats]
@@ -106,8 +106,7 @@ class Featurizer:
 
     @staticmethod
     def _numeric(table: pa.Table, name: str, log: bool) -> np.ndarray:
-        col = table.column(name)
-        x = to_numpy(pc.fill_null(pc.cast(col, pa.float64()), 0.0))
+        x = to_numpy(pc.fill_null(_cast(table.column(name), pa.float64(), name), 0.0))
         if log:
             x = np.log1p(np.maximum(x, 0.0))
         return x
@@ -175,7 +174,7 @@ class Featurizer:
             vocab = self.vocab_[name]
             col = table.column(name)
             if col.type != pa.string():
-                col = pc.cast(col, pa.string())
+                col = _cast(col, pa.string(), name)
             idx = pc.index_in(col, value_set=self._value_set(name))
             idx_np = to_numpy(pc.fill_null(idx, len(vocab)))
             out[rows, offset + idx_np] = 1.0
@@ -330,7 +329,19 @@ def _as_float(table: pa.Table, name: str) -> np.ndarray:
     col = table.column(name)
     if col.null_count == 0 and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         return np.asarray(to_numpy(col), dtype=np.float64)
-    return to_numpy(pc.fill_null(pc.cast(col, pa.float64()), 0.0))
+    return to_numpy(pc.fill_null(_cast(col, pa.float64(), name), 0.0))
+
+
+def _cast(col: pa.ChunkedArray, to: pa.DataType, name: str) -> pa.ChunkedArray:
+    """``col`` cast to ``to``; where it cannot be (text that is no number in a numeric column,
+    a list where a category goes), an InputError naming the column instead of pyarrow's
+    ArrowInvalid or ArrowNotImplementedError, which named neither the column nor the API."""
+    try:
+        return pc.cast(col, to)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        want = "numbers" if pa.types.is_floating(to) else "categories (text)"
+        raise InputError(f"column {name!r} holds values that are not {want} ({col.type}), "
+                         f"which this featurizer reads as {want}: {first_line(exc)}") from None
 
 
 def _str_list(value: Any) -> bool:
