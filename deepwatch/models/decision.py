@@ -71,7 +71,11 @@ class Decision:
         proba = proba.astype(np.float64)
         n = len(proba)
         benign = self._benign_label
-        score = 1.0 - proba[:, benign] if benign is not None else proba.max(axis=1)
+        # 1 - P(normal); a bundle with no benign label (attack types only) gives every record
+        # P(normal) = 0: it was max P(label), under 0.5 for many records of three labels or
+        # more, which its threshold (0.5) then let through as normal, while training said that
+        # every record scored would be malicious
+        score = 1.0 - proba[:, benign] if benign is not None else np.ones(n)
         cat_p = proba @ self._member
         attack_proba = proba.copy()
         if benign is not None:
