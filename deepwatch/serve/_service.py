@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..bundle import MANIFEST, sha256_file
-from ..errors import DeepwatchError
+from ..errors import BundleError, DeepwatchError
 from ..formats import Format, get_format
 from ..models.detector import Detector
 from ..sinks import escape_unsafe_text
@@ -110,12 +110,18 @@ class ScoringService:
         return self._model
 
     def _load(self, path: Path, generation: int, announce: bool = True) -> LoadedModel:
-        detector = Detector(path, engine=self.engine, explain=False)
+        try:
+            detector = Detector(path, engine=self.engine, explain=False)
+            fingerprint = sha256_file(path / MANIFEST)
+        except OSError as exc:  # a path the system will not look up (too long, no access),
+            # or a bundle moved away while it loaded: refused as any bundle that cannot load
+            raise BundleError(f"cannot read the bundle at {path}: "
+                              f"{exc.strerror or exc}") from None
         get_format(detector.format)  # a bundle of a format this build lacks is refused now
         explaining = copy.copy(detector)
         explaining.explain = True
-        model = LoadedModel(detector, explaining, detector.format, path,
-                            sha256_file(path / MANIFEST), time.time(), generation)
+        model = LoadedModel(detector, explaining, detector.format, path, fingerprint,
+                            time.time(), generation)
         if announce:
             self.metrics.set_model(detector.kind, detector.format, detector.engine,
                                    model.loaded_at)
