@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
+from conftest import head_lines
 
 from deepwatch.models.decision import Decision
 
@@ -23,3 +27,26 @@ def test_a_bundle_without_a_benign_label_flags_every_record() -> None:
     assert cols["score"].tolist() == [1.0, 1.0, 1.0]  # 1 - P(normal), P(normal) = 0
     assert cols["attack_type"].tolist() == ["ipsweep", "smurf", "ipsweep"]
     assert cols["category"].tolist() == ["probe", "dos", "probe"]
+
+
+def test_inputs_of_another_format_are_named(kdd_train_file: Path, tmp_path: Path) -> None:
+    # a training file and a --val file of another format (web logs beside KDD records): the
+    # first was left out with no word but the count of rejects, the second ended the run with
+    # "the validation data has fewer than two records", as if it were short, not unreadable
+    from deepwatch.errors import DataError
+    from deepwatch.train.api import train
+
+    kdd = tmp_path / "kdd.csv"
+    kdd.write_text("".join(head_lines(kdd_train_file, 12, every=997)))
+    web = tmp_path / "access.log"
+    web.write_text('10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 5 "-" "x"\n'
+                   * 5)
+    said: list[str] = []
+    with pytest.raises(DataError) as err:
+        train("kdd", "mlp", [str(kdd), str(web)], tmp_path / "b", val_inputs=[str(web)],
+              epochs=1, log=said.append)
+    assert str(err.value) == ("the validation data has fewer than two records (none of the 5 "
+                              "lines read could be parsed as kdd records: is --format right?)")
+    assert (f"warning: none of the 5 lines of {web} could be parsed as kdd records; is "
+            "--format right?") in said, said
+    assert not (tmp_path / "b").exists()

@@ -371,6 +371,15 @@ def _no_label(rejects: pa.Table, purpose: str) -> pa.Table:
     return rejects.filter(pc.equal(rejects.column("reason"), no_label_reason(purpose)))
 
 
+def _log_unparsed(stats: Stats, format_name: str, log: Callable[[str], None]) -> None:
+    """Warn of each input none of whose lines parsed, beside others that did (a --val or
+    training file of another format was left out with no word but the count of rejects; where
+    no input parsed, the error says so instead), as ``score`` does."""
+    if stats.parsed:
+        for warning in stats.format_warnings(format_name):
+            log(warning)
+
+
 def _log_no_label(rejects: pa.Table, purpose: str, log: Callable[[str], None]) -> None:
     """Say how many records :func:`read_labelled` rejected for having no label."""
     n = _no_label(rejects, purpose).num_rows
@@ -694,6 +703,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         kept.complete = not val_inputs  # (else once the validation records are read too)
         table = _derive_in_order(fmt, table)
         log(f"training data: {stats.summary()}")
+        _log_unparsed(stats, format_name, log)
         _log_no_label(rejects, "training", log)
         if table.num_rows < 10:
             raise DataError(f"too few training records ({table.num_rows}) to train a model"
@@ -720,10 +730,12 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             kept.complete = True
             vtable = _derive_in_order(fmt, vtable)
             log(f"validation data: {vstats.summary()}")
+            _log_unparsed(vstats, format_name, log)
             _log_no_label(vrej, "validation", log)
             vlabels = _labels(vtable)
             if vtable.num_rows < 2:
-                raise DataError("the validation data has fewer than two records")
+                raise DataError("the validation data has fewer than two records"
+                                + vstats.format_hint(format_name))
             es_idx, cal_idx = _split_labels(vlabels, vtable.num_rows, (0.5, 0.5), seed + 1)
             tr_table, tr_labels = table, labels
             es_table, cal_table = vtable.take(pa.array(es_idx)), vtable.take(pa.array(cal_idx))
