@@ -41,6 +41,7 @@ from ._base import (
     empty_rejects,
     make_rejects,
     register_hex_errors,
+    reject_rows,
     split_lines,
 )
 from ._records import record_text
@@ -71,6 +72,10 @@ CONN_FIELDS: tuple[tuple[str, str, pa.DataType], ...] = (
 #: Zeek's names of the connection's endpoints (``id.orig_h``...) and their columns.
 _DOTTED = tuple((name, col) for name, col, _t in CONN_FIELDS if name != col)
 _REQUIRED = ("ts", "orig_h", "resp_h", "proto")
+#: The connection's ports: a TCP or UDP port (an ICMP type or code) is 16 bits, so a value past
+#: 65535 is damage, not a port (it was kept, a port no traffic can have, as a category to score).
+_PORTS = ("orig_p", "resp_p")
+_PORT_MAX = 65535
 _COUNTS = ("orig_p", "resp_p", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
            "orig_ip_bytes", "resp_pkts", "resp_ip_bytes")
 #: Zeek's booleans, written T/F in TSV logs and true/false in JSON logs: kept as T/F either way.
@@ -190,6 +195,10 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
             val = text.cast(pl.Int64, strict=False)
             bad = text.is_not_null() & (val.is_null() | (val < 0))
             what = "a non-negative integer"
+            if col in _PORTS:
+                reasons.append(pl.when(val > _PORT_MAX).then(
+                    pl.lit(f"field {col} is not a port (0-{_PORT_MAX}): '")
+                    + text.str.slice(0, 60) + pl.lit("'")))
             # Zeek's counts are unsigned 64-bit: one past 2^63 - 1 is a count, too large to keep
             huge = val.is_null() & text.str.contains(r"^[0-9]{19,}$")
             reasons.append(pl.when(huge).then(pl.lit(f"field {col} is over {2**63 - 1}: '")
@@ -254,6 +263,29 @@ def _to_batch(frame: Any) -> pa.RecordBatch:
     arrays += [table.column(col).combine_chunks().cast(typ) for _n, col, typ in CONN_FIELDS[1:]]
     arrays.append(pa.nulls(table.num_rows, pa.string()))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+def _ports_checked(result: ParseResult, records: list[Any]) -> ParseResult:
+    """``result`` (records parsed from objects) with each record whose port is past
+    ``_PORT_MAX`` a reject, with the reason a line gets (see ``_PORTS``)."""
+    if result.batch.num_rows == 0:
+        return result
+    found: list[tuple[int, str]] = []
+    for col in _PORTS:
+        values = result.batch.column(col).to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            past = np.flatnonzero(np.nan_to_num(values.astype(np.float64)) > _PORT_MAX)
+        found.extend((int(i), f"field {col} is not a port (0-{_PORT_MAX}): '{int(values[i])}'")
+                     for i in past)
+    if not found:
+        return result
+    first: dict[int, str] = {}
+    for row, why in found:  # a record with both ports past it: orig_p's reason, as a line's
+        first.setdefault(row, why)
+    rows = np.array(sorted(first), dtype=np.int64)
+    positions = np.asarray(result.line_numbers, dtype=np.int64)[rows]  # 1-based
+    return reject_rows(result, rows, [record_text(records[n - 1]) for n in positions],
+                       [first[int(r)] for r in rows])
 
 
 class Zeek(Format):
@@ -354,7 +386,7 @@ class Zeek(Format):
                     r = {**r, **{k: flags[r[k]] for k in _FLAGS
                                  if type(r.get(k)) is bool or r.get(k) in ("true", "false")}}
             fixed.append(r)
-        result = super().parse_records(fixed)
+        result = _ports_checked(super().parse_records(fixed), fixed)
         if result.rejects.num_rows and any(f is not r for f, r in zip(fixed, records,
                                                                      strict=True)):
             # a reject's raw text is the record as given, not as read (``id.orig_h``, ``true``)

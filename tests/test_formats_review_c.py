@@ -1,0 +1,46 @@
+"""Input parsing found wanting by a review: each test parses in process (no model, no run)."""
+
+from __future__ import annotations
+
+from deepwatch.formats import get_format
+
+ZEEK_FIELDS = ("#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\tservice\t"
+               "duration\torig_bytes\tresp_bytes\tconn_state\tlocal_orig\tlocal_resp\t"
+               "missed_bytes\thistory\torig_pkts\torig_ip_bytes\tresp_pkts\tresp_ip_bytes\n")
+
+
+def _zeek_line(uid: str, orig_p: str, resp_p: str) -> str:
+    return (f"1600000000.1\t{uid}\t10.0.0.1\t{orig_p}\t10.0.0.2\t{resp_p}\ttcp\thttp\t1.5\t100\t"
+            "200\tSF\t-\t-\t0\tShADadFf\t5\t300\t5\t400\n")
+
+
+def test_zeek_port_past_65535_is_a_reject_in_lines_and_objects() -> None:
+    """A port is 16 bits: 70000 or 99999 was kept as a port no traffic can have."""
+    zeek = get_format("zeek")
+    data = (ZEEK_FIELDS + _zeek_line("C1", "1234", "65535") + _zeek_line("C2", "70000", "80")
+            + _zeek_line("C3", "1", "99999")
+            + '{"ts":1600000000.3,"uid":"C4","id.orig_h":"10.0.0.1","id.orig_p":1,'
+              '"id.resp_h":"10.0.0.2","id.resp_p":65536,"proto":"tcp"}\n')
+    result = zeek.parse(data)
+    assert result.batch.column("uid").to_pylist() == ["C1"]
+    assert result.batch.column("resp_p").to_pylist() == [65535]
+    assert result.rejects.to_pylist() == [
+        {"line": 3, "raw": _zeek_line("C2", "70000", "80").rstrip("\n"),
+         "reason": "field orig_p is not a port (0-65535): '70000'"},
+        {"line": 4, "raw": _zeek_line("C3", "1", "99999").rstrip("\n"),
+         "reason": "field resp_p is not a port (0-65535): '99999'"},
+        {"line": 5, "raw": data.splitlines()[4],
+         "reason": "field resp_p is not a port (0-65535): '65536'"},
+    ]
+    assert result.lines == 4 and result.skipped == 1
+
+    base = {"ts": 1.0, "orig_h": "10.0.0.1", "resp_h": "10.0.0.2", "proto": "tcp"}
+    objects = zeek.parse_records([{**base, "orig_p": 70000, "resp_p": 99999},
+                                  {**base, "id.resp_p": 65536}, {**base, "resp_p": 65535}])
+    assert objects.batch.column("resp_p").to_pylist() == [65535]
+    assert objects.line_numbers.to_pylist() == [3]
+    assert [(r["line"], r["reason"]) for r in objects.rejects.to_pylist()] == [
+        (1, "field orig_p is not a port (0-65535): '70000'"),
+        (2, "field resp_p is not a port (0-65535): '65536'"),
+    ]
+    assert '"id.resp_p": 65536' in objects.rejects.column("raw")[1].as_py()  # as given
