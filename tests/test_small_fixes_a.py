@@ -3,6 +3,8 @@ lake's files whatever their names, the dashboard's alert fields cut, the report'
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
@@ -26,3 +28,51 @@ def test_featurizer_names_the_column_whose_values_are_of_the_wrong_kind() -> Non
     x = f.transform(pa.table({"proto": ["tcp"], "bytes": ["1"], "dur": ["0.1"]}))
     assert x.tolist() == f.transform(pa.table({"proto": ["tcp"], "bytes": [1],
                                                "dur": [0.1]})).tolist()
+
+
+#: A KDD smurf record (the bundle flags it) whose service is replaced.
+SMURF = ("0,icmp,{service},SF,1032,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,511,511,0.00,0.00,0.00,0.00,"
+         "1.00,0.00,0.00,208,63,0.30,0.01,0.30,0.00,0.00,0.00,0.00,0.00")
+
+
+@pytest.mark.integration
+def test_the_dashboard_cuts_a_long_field_of_an_alert(kdd_bundle: Path) -> None:
+    # A field of 20,000 characters (100,000 as well: a padded URL) was drawn whole in the
+    # dashboard's alert list; cut now to MAX_FIELD_CHARS characters as alerts are, a marker
+    # beside (outside the sender's <bdi>) saying how many it had.
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+    from importlib import resources
+
+    import httpx
+    from conftest import ThreadServer, need
+
+    from deepwatch.alerts import MAX_FIELD_CHARS
+    from deepwatch.serve.app import create_app
+
+    page = resources.files("deepwatch.serve").joinpath("dashboard.html").read_text()
+    assert f"const MAX_FIELD_CHARS = {MAX_FIELD_CHARS};" in page  # the page's is the alerts'
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    services = ["Z" * 20_000, "Y" * MAX_FIELD_CHARS, "\U0001f600" * (MAX_FIELD_CHARS + 5)]
+    with ThreadServer(create_app(kdd_bundle)) as srv, tempfile.TemporaryDirectory() as profile:
+        r = httpx.post(srv.url + "/v1/score", timeout=30,
+                       json={"records": [SMURF.format(service=s) for s in services]})
+        assert [x["verdict"] for x in r.json()["results"]] == ["malicious"] * 3, r.text
+        run = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom",
+             srv.url + "/"], capture_output=True, text=True, timeout=120, check=False)
+    dom = run.stdout
+    assert 'data-state="live"' in dom, (dom[:2000], run.stderr[-2000:])
+    drawn = re.findall(r"service</bdi>=<bdi>([^<]*)</bdi>(<span class=\"cut\">[^<]*</span>)?",
+                       dom)
+    assert sorted(drawn) == sorted([
+        ("Z" * MAX_FIELD_CHARS, '<span class="cut">\u2026 (cut: 20,000 characters)</span>'),
+        ("Y" * MAX_FIELD_CHARS, ""),  # as long as an alert's may be: whole, no marker
+        ("\U0001f600" * MAX_FIELD_CHARS,  # characters, not UTF-16 units, as the alerts count
+         f'<span class="cut">\u2026 (cut: {MAX_FIELD_CHARS + 5:,} characters)</span>')])
