@@ -44,3 +44,23 @@ def test_zeek_port_past_65535_is_a_reject_in_lines_and_objects() -> None:
         (2, "field resp_p is not a port (0-65535): '65536'"),
     ]
     assert '"id.resp_p": 65536' in objects.rejects.column("raw")[1].as_py()  # as given
+
+
+def test_glob_that_matches_a_directory_is_refused_before_anything_is_read(tmp_path) -> None:
+    """A directory a glob matched was found only when opened: the run failed after reading the
+    files before it, where a directory named on its own is refused up front."""
+    import pytest
+
+    from deepwatch.errors import InputError
+    from deepwatch.io import InputReader
+    from deepwatch.sources.files import parse_input_spec
+
+    (tmp_path / "a.log").write_text("x\n")
+    (tmp_path / "old").mkdir()
+    pattern = str(tmp_path / "*")
+    with pytest.raises(InputError, match=r"old, matched by .*, is a directory, not a file"):
+        parse_input_spec(pattern)
+    with pytest.raises(InputError, match="is a directory"):
+        InputReader(get_format("access"), [pattern])
+    assert [s.path for s in parse_input_spec(str(tmp_path / "*.log"))] == [
+        str(tmp_path / "a.log")]

@@ -408,6 +408,14 @@ def parse_input_spec(text: str) -> list[InputSpec]:
         found = sorted(glob.glob(path))
         if not found:
             raise InputError(f"no file matches {path!r}{read_as}")
+        # a directory it matches is refused here, as one named is: found only when opened, it
+        # failed the run after the files before it were read (and their output thrown away)
+        folders = [p for p in found if os.path.isdir(p)]
+        if folders:
+            more = f" (and {len(folders) - 1:,} more)" if len(folders) > 1 else ""
+            raise InputError(f"{folders[0]}{more}, matched by {path!r}, is a directory, not a "
+                             "file: write a pattern that matches files only (such as "
+                             f"{os.path.join(os.path.dirname(path), '*.log')!r})")
         return [_sniff(p, label) for p in found]
     if not os.path.exists(path):
         raise InputError(f"no such file: {path}{read_as}")
