@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import ssl
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ThreadServer
+from conftest import ThreadServer, need
 
 uvicorn = pytest.importorskip("uvicorn")
-from deepwatch.serve.app import create_app  # noqa: E402
+from deepwatch.serve.app import TlsReload, create_app  # noqa: E402
 
 KEY = "review-b-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -38,3 +44,72 @@ def test_reload_of_a_path_the_system_cannot_look_up_is_a_422(client: httpx.Clien
     assert "File name too long" in r.json()["detail"]
     assert client.get("/healthz").json()["generation"] == before
     assert 'deepwatch_model_reloads_total{result="failed"} 1.0' in client.get("/metrics").text
+
+
+@pytest.fixture(scope="module")
+def two_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two self-signed certificates for 127.0.0.1, each with its key: a.pem/a.key, b.pem/b.key."""
+    need(shutil.which("openssl") is not None, "the openssl command (apt-get install openssl)")
+    d = tmp_path_factory.mktemp("pairs")
+    for name in ("a", "b"):
+        r = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.pem", "-days", "30", "-subj", f"/CN=pair {name}", "-addext",
+             "subjectAltName=IP:127.0.0.1"], cwd=d, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    return d
+
+
+def _put(src: Path, dst: Path) -> None:
+    """A file renamed into place, as the docs ask a renewal to do."""
+    shutil.copyfile(src, dst.with_name(dst.name + ".new"))
+    os.replace(dst.with_name(dst.name + ".new"), dst)
+
+
+def test_a_certificate_renewed_during_a_reload_never_breaks_new_handshakes(
+        kdd_bundle: Path, two_pairs: Path, tmp_path: Path) -> None:
+    """A renewal renames the certificate, then the key, into place. A reload that read and
+    checked a matching pair, and then loaded the files again while the renewal had renamed
+    only the certificate, got the new certificate without its key into the running server's
+    context ('failed'): every new TLS connection was refused until the next good reload.
+    What is checked is now what is loaded: every reload is 'reloaded' or 'kept', and new
+    handshakes always succeed."""
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+    _put(two_pairs / "a.pem", cert)
+    _put(two_pairs / "a.key", key)
+    reloader = TlsReload(str(cert), str(key))
+    app = create_app(kdd_bundle, tls=reloader)
+    client_side = ssl.create_default_context()
+    client_side.check_hostname, client_side.verify_mode = False, ssl.CERT_NONE
+    stop = threading.Event()
+
+    def renewals() -> None:
+        i = 0
+        while not stop.is_set():
+            name = "ab"[i % 2]
+            i += 1
+            _put(two_pairs / f"{name}.pem", cert)
+            _put(two_pairs / f"{name}.key", key)
+
+    with ThreadServer(app, ssl_certfile=str(cert), ssl_keyfile=str(key),
+                      ssl_context_factory=reloader.context_factory) as srv:
+        url = srv.url.replace("http://", "https://")
+        renewing = threading.Thread(target=renewals, daemon=True)
+        renewing.start()
+        outcomes: dict[str, int] = {}
+        try:
+            end = time.monotonic() + 2.5
+            while time.monotonic() < end:
+                status = reloader.renew("test")["status"]
+                outcomes[status] = outcomes.get(status, 0) + 1
+                if status != "kept":  # what was loaded serves new connections
+                    r = httpx.get(url + "/healthz", verify=client_side, timeout=10)
+                    assert r.status_code == 200
+                assert status in ("reloaded", "kept"), outcomes
+        finally:
+            stop.set()
+            renewing.join()
+        assert outcomes.get("reloaded", 0) >= 5, outcomes

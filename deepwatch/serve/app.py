@@ -37,8 +37,9 @@ import signal
 import socket
 import ssl
 import sys
+import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -727,6 +728,44 @@ def _warn_if_others_read(files: list[tuple[str, str | None]]) -> None:
                         option, path, mode, path)
 
 
+class _TlsPair:
+    """The bytes of a certificate chain and its key, read once (and the key's password): what
+    is checked is what is loaded, whatever happens to the files meanwhile."""
+
+    def __init__(self, cert_pem: bytes, key_pem: bytes, password: str | None) -> None:
+        self.cert_pem, self.key_pem, self.password = cert_pem, key_pem, password
+
+    @contextlib.contextmanager
+    def files(self) -> Iterator[tuple[str, str]]:
+        """The two as files OpenSSL can open (it reads nothing else): anonymous memory files
+        where the system has them (Linux), else in a private temporary directory."""
+        if hasattr(os, "memfd_create"):
+            fds = [os.memfd_create(f"deepwatch-tls-{name}", 0) for name in ("cert", "key")]
+            try:
+                for fd, data in zip(fds, (self.cert_pem, self.key_pem), strict=True):
+                    _write_all(fd, data)
+                yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            return
+        with tempfile.TemporaryDirectory(prefix="deepwatch-tls-") as d:  # mode 0700
+            paths = [os.path.join(d, name) for name in ("cert.pem", "key.pem")]
+            for path, data in zip(paths, (self.cert_pem, self.key_pem), strict=True):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
+            yield paths[0], paths[1]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def tls_options(cert: str | None, key: str | None,
                 password_file: str | None = None) -> dict[str, Any]:
     """uvicorn's ``ssl_*`` settings for ``serve --tls-cert/--tls-key`` ({} for neither),
@@ -743,23 +782,50 @@ def tls_options(cert: str | None, key: str | None,
                                                                         "--tls-cert")
         raise UsageError(f"{given} needs {missing}: give both (the certificate and its private "
                          f"key, PEM files), or neither")
+    pair = _read_tls_pair(cert, key, password_file)
+    # absolute, symlinks kept: a reload reads what a link (Let's Encrypt's live/) points to then
+    options: dict[str, Any] = {"ssl_certfile": os.path.abspath(cert),
+                               "ssl_keyfile": os.path.abspath(key)}
+    if pair.password is not None:  # (uvicorn passes it to OpenSSL only; it is never logged)
+        options["ssl_keyfile_password"] = pair.password
+    return options
+
+
+def _read_tls_pair(cert: str, key: str, password_file: str | None) -> _TlsPair:
+    """The files read once and checked as uvicorn loads them (see :func:`tls_options`); the
+    bytes checked, to be loaded as they are."""
     password = _read_key_password(password_file) if password_file is not None else None
     cert_pem = _read_tls_file(cert, "--tls-cert")
     key_pem = _read_tls_file(key, "--tls-key")
     _warn_if_others_read([("--tls-key", key), ("--tls-key-password-file", password_file)])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     if b"CERTIFICATE-----" not in cert_pem:
         raise UsageError(f"--tls-cert {cert} holds no PEM certificate (-----BEGIN "
                          f"CERTIFICATE-----)")
-    try:
-        context.load_verify_locations(cafile=cert)  # parses the certificates alone
-    except ssl.SSLError as exc:
-        raise UsageError(f"--tls-cert {cert}: the certificate cannot be read "
-                         f"({exc.reason or exc})") from None
     if b"PRIVATE KEY-----" not in key_pem:
         raise UsageError(f"--tls-key {key} holds no PEM private key (-----BEGIN PRIVATE "
                          f"KEY-----)")
-    encrypted = b"ENCRYPTED" in key_pem
+    pair = _TlsPair(cert_pem, key_pem, password)
+    with pair.files() as (cert_file, key_file):
+        _check_pair(pair, cert, key, password_file, cert_file, key_file)
+    validity = certificate_validity(cert_pem)
+    warning = None if validity is None else validity_warning("--tls-cert", cert, *validity)
+    if warning is not None:
+        log.warning("%s", warning)
+    return pair
+
+
+def _check_pair(pair: _TlsPair, cert: str, key: str, password_file: str | None,
+                cert_file: str, key_file: str) -> None:
+    """Load ``pair`` (from ``cert_file`` and ``key_file``) into a context of its own; errors
+    name the files given (``cert``, ``key``, ``password_file``)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=cert_file)  # parses the certificates alone
+    except ssl.SSLError as exc:
+        raise UsageError(f"--tls-cert {cert}: the certificate cannot be read "
+                         f"({exc.reason or exc})") from None
+    password = pair.password
+    encrypted = b"ENCRYPTED" in pair.key_pem
 
     def ask() -> str:
         if password is None:
@@ -767,7 +833,7 @@ def tls_options(cert: str | None, key: str | None,
         return password
 
     try:
-        context.load_cert_chain(cert, key, ask)
+        context.load_cert_chain(cert_file, key_file, ask)
     except _NoPassword:
         raise UsageError(f"--tls-key {key} is encrypted: give its password (the first line of "
                          f"a file) with --tls-key-password-file") from None
@@ -781,16 +847,6 @@ def tls_options(cert: str | None, key: str | None,
                              ) from None
         raise UsageError(f"--tls-key {key}: the private key cannot be read with the "
                          f"certificate in {cert} ({exc.reason or exc})") from None
-    validity = certificate_validity(cert_pem)
-    warning = None if validity is None else validity_warning("--tls-cert", cert, *validity)
-    if warning is not None:
-        log.warning("%s", warning)
-    # absolute, symlinks kept: a reload reads what a link (Let's Encrypt's live/) points to then
-    options: dict[str, Any] = {"ssl_certfile": os.path.abspath(cert),
-                               "ssl_keyfile": os.path.abspath(key)}
-    if password is not None:  # (uvicorn passes it to OpenSSL only; it is never logged)
-        options["ssl_keyfile_password"] = password
-    return options
 
 
 def certificate_validity(pem: bytes) -> tuple[datetime, datetime] | None:
@@ -818,6 +874,7 @@ class TlsReload:
         self.cert, self.key, self.password_file = cert, key, password_file
         self._context: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._renewing = threading.Lock()
         #: called with the served certificate's expiry (its notAfter) now and after each
         #: reload that loads one (the app's ``/metrics`` gauge)
         self._on_expiry: Callable[[datetime], None] | None = None
@@ -828,13 +885,15 @@ class TlsReload:
         self._on_expiry = call
         self._tell_expiry()
 
-    def _tell_expiry(self) -> None:
+    def _tell_expiry(self, pem: bytes | None = None) -> None:
+        """The expiry of the certificate ``pem`` (default: the one in the file now)."""
         if self._on_expiry is None:
             return
-        try:
-            pem = Path(self.cert).read_bytes()
-        except OSError:
-            return
+        if pem is None:
+            try:
+                pem = Path(self.cert).read_bytes()
+            except OSError:
+                return
         found = certificate_validity(pem)
         if found is not None:
             self._on_expiry(found[1])
@@ -857,39 +916,44 @@ class TlsReload:
         """Check the files, then load them into the running server's context; the outcome
         (``{"status": "reloaded"}``, or ``"kept"`` with the ``reason``), logged. A pair that
         fails the check leaves the context alone: new connections still get the certificate
-        before. Call it from a thread other than the event loop's (the loading itself is done
-        in the loop, between handshakes)."""
-        try:
-            options = self.check()
-        except DeepwatchError as exc:
-            log.warning("%s: certificate not reloaded, new connections still get the previous "
-                        "one: %s", asked_by, exc)
-            return {"status": "kept", "reason": str(exc)}
-        loop = self._loop
-        try:
-            if loop is not None and loop.is_running():
-                asyncio.run_coroutine_threadsafe(self._load(options), loop).result(timeout=60)
-            else:  # not serving (yet, or any more): nothing can be handshaking
-                self._load_now(options)
-        except (ssl.SSLError, OSError) as exc:  # the files changed again since the check?
-            log.error("%s: the certificate files passed the check but could not be loaded "
-                      "(%s): new TLS connections may fail until a reload with a good pair",
-                      asked_by, exc)
-            return {"status": "failed",
-                    "reason": f"the files passed the check but could not be loaded: {exc}"}
-        log.info("%s: certificate reloaded from %s (new connections get it, open ones keep "
-                 "theirs)", asked_by, self.cert)
-        self._tell_expiry()
-        return {"status": "reloaded"}
+        before. What is loaded is the bytes checked, read once: files replaced between the
+        check and the loading (a renewal renaming the certificate, then the key, into place)
+        cannot get a certificate without its key into the context, which failed every new
+        handshake. Reloads run one at a time, so the last files read are the ones served.
+        Call it from a thread other than the event loop's (the loading itself is done in the
+        loop, between handshakes)."""
+        with self._renewing:
+            try:
+                pair = _read_tls_pair(self.cert, self.key, self.password_file)
+            except DeepwatchError as exc:
+                log.warning("%s: certificate not reloaded, new connections still get the "
+                            "previous one: %s", asked_by, exc)
+                return {"status": "kept", "reason": str(exc)}
+            loop = self._loop
+            try:
+                if loop is not None and loop.is_running():
+                    asyncio.run_coroutine_threadsafe(self._load(pair), loop).result(timeout=60)
+                else:  # not serving (yet, or any more): nothing can be handshaking
+                    self._load_now(pair)
+            except (ssl.SSLError, OSError) as exc:  # (bytes that loaded once: not expected)
+                log.error("%s: the certificate files passed the check but could not be "
+                          "loaded (%s): new TLS connections may fail until a reload with a "
+                          "good pair", asked_by, exc)
+                return {"status": "failed",
+                        "reason": f"the files passed the check but could not be loaded: {exc}"}
+            log.info("%s: certificate reloaded from %s (new connections get it, open ones "
+                     "keep theirs)", asked_by, self.cert)
+            self._tell_expiry(pair.cert_pem)
+            return {"status": "reloaded"}
 
-    async def _load(self, options: dict[str, Any]) -> None:
-        self._load_now(options)
+    async def _load(self, pair: _TlsPair) -> None:
+        self._load_now(pair)
 
-    def _load_now(self, options: dict[str, Any]) -> None:
+    def _load_now(self, pair: _TlsPair) -> None:
         if self._context is None:  # the server has not started: it reads the files itself
             return
-        password = options.get("ssl_keyfile_password")
-        self._context.load_cert_chain(options["ssl_certfile"], options["ssl_keyfile"], password)
+        with pair.files() as (cert_file, key_file):
+            self._context.load_cert_chain(cert_file, key_file, pair.password)
 
 
 def cleartext_warning(address: str, tls: bool, proxied: bool = False) -> str | None:
