@@ -50,3 +50,40 @@ def test_inputs_of_another_format_are_named(kdd_train_file: Path, tmp_path: Path
     assert (f"warning: none of the 5 lines of {web} could be parsed as kdd records; is "
             "--format right?") in said, said
     assert not (tmp_path / "b").exists()
+
+
+class _Caught(Exception):
+    """Raised by the stand-in for the training loop: the settings it was given are known."""
+
+
+@pytest.mark.parametrize(("model", "module", "asked", "setting", "expected"), [
+    # --epochs 30 for an autoencoder was taken for "no --epochs" (30 is the classifiers'
+    # default) and trained the autoencoder's default 15 epochs; --epochs 29 trained 29
+    ("autoencoder", "anomaly", {"epochs": 30}, "epochs", 30),
+    ("autoencoder", "anomaly", {}, "epochs", 15),  # (the autoencoder's own default, unchanged)
+    # options={"lr": 2e-3} for an mlp was taken for "no lr" (2e-3 is the loop's default) and
+    # trained at the mlp's default 3e-3
+    ("mlp", "supervised", {"options": {"lr": 2e-3}}, "lr", 2e-3),
+    ("mlp", "supervised", {}, "lr", 3e-3),
+])
+def test_a_setting_given_equal_to_the_loop_default_is_kept(
+        model: str, module: str, asked: dict, setting: str, expected: float,
+        kdd_train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from deepwatch.train.api import train
+
+    seen: list[object] = []
+
+    def fit(net: object, loss: object, *args: object) -> None:
+        seen.append(getattr(args[-1], setting))
+        raise _Caught
+
+    monkeypatch.setattr(importlib.import_module(f"deepwatch.train.{module}"), "fit", fit)
+    lines = head_lines(kdd_train_file, 40)
+    benign, attacks = tmp_path / "benign.csv", tmp_path / "attacks.csv"
+    benign.write_text("".join(lines[:20]))
+    attacks.write_text("".join(lines[20:]))
+    with pytest.raises(_Caught):
+        train("kdd", model, [f"{benign}=normal", f"{attacks}=smurf"], tmp_path / "b", **asked)
+    assert seen == [expected]

@@ -30,7 +30,7 @@ from .api import (
     require_two_labels,
     train_classifier,
 )
-from .loop import TrainConfig, fit, seed_everything
+from .loop import fit, seed_everything
 
 DEFAULTS: dict[str, Any] = {"hidden": 64, "depth": 2, "dropout": 0.0, "noise": 0.05,
                             "scale_floor": 0.05, "min_latent": 4, "max_latent": 24,
@@ -109,7 +109,7 @@ def train_anomaly_head(ctx: TrainContext) -> tuple[AnomalyHead, dict[str, Any], 
               "dropout": float(opts["dropout"])}
     seed_everything(ctx.cfg.seed)
     ae = build(config)
-    epochs = ctx.cfg.epochs if ctx.cfg.epochs != TrainConfig.epochs else AE_EPOCHS
+    epochs = ctx.cfg.epochs if ctx.cfg.given("epochs") else AE_EPOCHS
     # at least 16 batches an epoch: tiny benign sets still get enough steps (and a valid
     # one-cycle schedule)
     epoch_size = max(ctx.cfg.epoch_size or min(len(tr.X), 200_000), 16 * ctx.cfg.batch_size)

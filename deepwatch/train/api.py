@@ -804,10 +804,10 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             log(note)
     cfg = TrainConfig(seed=seed, device=device, progress=progress)
     if epochs is not None:
-        cfg = cfg.with_(epochs=epochs)
+        cfg = cfg.with_(epochs=epochs, chosen=cfg.chosen | {"epochs"})
     loop_options = {k: v for k, v in (options or {}).items() if k in _LOOP_OPTIONS}
     if loop_options:
-        cfg = cfg.with_(**loop_options)
+        cfg = cfg.with_(**loop_options, chosen=cfg.chosen | set(loop_options))
     ctx = TrainContext(fmt, featurizer, vocab, train_split, early_split, calib_split, cfg,
                        target_fpr, policy, options or {},
                        member_splits, refit)

@@ -44,10 +44,20 @@ class TrainConfig:
     #: Report each network's epochs on stderr (bars or lines, see ``deepwatch.progress``):
     #: what the command does; a library call's ``train(progress=False)`` shows nothing.
     progress: bool = True
+    #: The settings the user chose (``--epochs``, ``train(options=...)``), each taken as given
+    #: even where it equals the default above: ``epochs`` and ``lr`` left at their defaults are
+    #: replaced by the model's own (the autoencoder's epochs, each network's learning rate),
+    #: and ``--epochs 30`` or ``lr=2e-3`` was taken for them.
+    chosen: frozenset[str] = frozenset()
     history: list[dict[str, float]] = field(default_factory=list)
 
     def with_(self, **kw: Any) -> TrainConfig:
         return replace(self, history=[], **kw)
+
+    def given(self, name: str) -> bool:
+        """Whether setting ``name`` is the user's (chosen, or other than the default) rather
+        than the default, which the model may replace with its own."""
+        return name in self.chosen or getattr(self, name) != getattr(TrainConfig, name)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -31,7 +31,7 @@ def train_base(kind: str, X: np.ndarray, y: np.ndarray, w: np.ndarray, Xv: np.nd
     config = network_config(kind, X.shape[1], n_out)
     seed_everything(cfg.seed)
     net = build_network(config)
-    lr = DEFAULT_LR[kind] if cfg.lr == TrainConfig.lr else cfg.lr
+    lr = cfg.lr if cfg.given("lr") else DEFAULT_LR[kind]
     run = cfg.with_(lr=lr, label=label or f"{kind:>6}")
     net = fit(net, cross_entropy, X, y, w, Xv, yv, wv, run)
     cfg.history.append({"model": kind, "epochs": run.history})  # type: ignore[dict-item]
@@ -213,7 +213,7 @@ def refit(kind: str, first: nn.Module, X: np.ndarray, y: np.ndarray, w: np.ndarr
     for i, base_kind in enumerate(kinds):
         epochs[base_kind] = chosen_epochs(cfg.history, base_kind)
         seed = cfg.seed + i if kind == "stack" else cfg.seed
-        lr = DEFAULT_LR[base_kind] if cfg.lr == TrainConfig.lr else cfg.lr
+        lr = cfg.lr if cfg.given("lr") else DEFAULT_LR[base_kind]
         run = cfg.with_(seed=seed, lr=lr, fixed_epochs=epochs[base_kind],
                         label=f"{base_kind:>6} refit")
         config = network_config(base_kind, X.shape[1], n_out)
