@@ -64,3 +64,16 @@ def test_glob_that_matches_a_directory_is_refused_before_anything_is_read(tmp_pa
         InputReader(get_format("access"), [pattern])
     assert [s.path for s in parse_input_spec(str(tmp_path / "*.log"))] == [
         str(tmp_path / "a.log")]
+
+
+def test_access_referer_and_agent_after_a_doubled_space_are_read() -> None:
+    """A log format written in pieces doubles a space before the referer or the agent: read
+    after one space only, such a line was a common one with two extra fields, and its referer
+    and agent were dropped without a reject, on every line."""
+    head = '1.2.3.4 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200 5'
+    lines = [head + ' "http://ref/" "sqlmap/1.5"', head + ' "http://ref/"  "sqlmap/1.5"',
+             head + '  "http://ref/" "sqlmap/1.5"', head + '  "-"   "Nikto" "1.2.3.5"']
+    result = get_format("access").parse("\n".join(lines) + "\n")
+    assert result.rejects.num_rows == 0
+    assert result.batch.column("referer").to_pylist() == ["http://ref/"] * 3 + [None]
+    assert result.batch.column("user_agent").to_pylist() == ["sqlmap/1.5"] * 3 + ["Nikto"]

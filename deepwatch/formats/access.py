@@ -66,7 +66,11 @@ _VHOST = r"(?:(" + _VHOST_TEXT + r") )?"
 #: Client, ident, user, [time], "request", status and size: the frame of every line.
 _FRAME = (r"(?s)^\s*" + _VHOST + r"(\S+) (\S+) (\S+(?: \S+)*?) \[([^\]]+)\] " + _QUOTED
           + r" (\S+) (\S+)")
-_LINE = _FRAME + r"(?: " + _QUOTED + " " + _QUOTED + r")?(" + _TAIL + ")"
+#: The referer and the agent follow the size after one space or more: a log format written in
+#: pieces (NGINX's ``'... "$http_referer" '`` then ``' "$http_user_agent"'``) doubles one, and
+#: read only after one space such a line was a common one with two extra fields, its referer
+#: and agent dropped without a word, on every line of the log.
+_LINE = _FRAME + r"(?: +" + _QUOTED + " +" + _QUOTED + r")?(" + _TAIL + ")"
 _GROUPS = ("vhost", "client_ip", "ident", "user", "time", "request", "status", "bytes",
            "referer", "user_agent")
 #: The groups of ``_LINE``: the fields, then what follows them (``_TAIL``).
