@@ -87,3 +87,21 @@ def test_a_setting_given_equal_to_the_loop_default_is_kept(
     with pytest.raises(_Caught):
         train("kdd", model, [f"{benign}=normal", f"{attacks}=smurf"], tmp_path / "b", **asked)
     assert seen == [expected]
+
+
+def test_window_features_take_records_without_a_client() -> None:
+    # a table of access records given to Detector.score_batch with client_ip null (a frame
+    # built by hand; parsed lines always name one): numpy's "'list' argument must have no
+    # negative elements" from the windows, a traceback; they are the unnamed client's now
+    import pyarrow as pa
+
+    from deepwatch.features._window import window_features
+
+    def windows(clients: list[str | None]) -> dict[str, list[float]]:
+        out = window_features(pa.array(clients, pa.string()), np.array([1.0, 2.0, 3.0, 9.0]),
+                              pa.array(["/", "/x", "/", "/y"]),
+                              np.array([200.0, 404.0, 200.0, 500.0]),
+                              pa.array(["GET", "GET", "POST", "GET"]), {})
+        return {k: v.tolist() for k, v in out.items()}
+
+    assert windows(["a", None, "a", None]) == windows(["a", "", "a", ""])

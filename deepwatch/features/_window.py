@@ -41,7 +41,9 @@ def window_features(client: pa.Array, ts: np.ndarray, path: pa.Array, status: np
     n_new = len(client)
     tail = state.get(STATE_KEY)
     cols = {
-        "client": client,
+        # a record without a client address (a table given to Detector.score_batch) is one of
+        # the unnamed client's: its null code was a negative count, numpy's ValueError
+        "client": pc.fill_null(client, ""),
         "ts": pa.array(ts, pa.float64()),
         "path": pc.fill_null(path, ""),
         "status": pa.array(status, pa.int64()),
