@@ -105,3 +105,17 @@ def test_window_features_take_records_without_a_client() -> None:
         return {k: v.tolist() for k, v in out.items()}
 
     assert windows(["a", None, "a", None]) == windows(["a", "", "a", ""])
+
+
+@pytest.mark.parametrize(("inputs", "val"), [(["-"], ["-"]), (["-=smurf"], ["-=normal"])])
+def test_stdin_as_both_training_and_validation_input_is_refused(
+        inputs: list[str], val: list[str], tmp_path: Path) -> None:
+    # (the training data read standard input to its end, then the validation data was empty:
+    # "error: the validation data has fewer than two records", after reading)
+    from deepwatch.errors import UsageError
+    from deepwatch.train.api import train
+
+    with pytest.raises(UsageError, match=r"^standard input \(-\) is read once: give it as "
+                                         r"training or as validation \(--val\) input, not both$"):
+        train("kdd", "mlp", inputs, tmp_path / "b", val_inputs=val, epochs=1)
+    assert not (tmp_path / "b").exists()

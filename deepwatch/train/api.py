@@ -662,8 +662,16 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
     if folds > 1 and val_inputs:
         raise UsageError("folds (--folds) above 1 hold out part of each fold for validation: "
                          "drop the validation inputs (--val), or use one fold")
-    for text in (*inputs, *val_inputs):  # a missing file, found now rather than after reading
-        parse_input_spec(text)
+    stdin_in: list[str] = []
+    for texts, what in ((inputs, "training"), (val_inputs, "validation (--val)")):
+        for text in texts:  # a missing file, found now rather than after reading
+            if any(spec.path == "-" for spec in parse_input_spec(text)) and what not in stdin_in:
+                stdin_in.append(what)
+    if len(stdin_in) == 2:
+        # (the training data read it to its end, and the validation data was then empty: "the
+        # validation data has fewer than two records")
+        raise UsageError("standard input (-) is read once: give it as training or as "
+                         "validation (--val) input, not both")
     from ..lake import check_lake_days
 
     check_lake_days(lakes, days)  # a day mistyped or not ingested, before reading the rest
