@@ -296,9 +296,16 @@ def join_records(values: list[bytes | None]) -> bytes:
 
     A trailing line break is dropped and one inside a value is written as the two characters
     ``\\n``: every message stays one record (rejected, never split, when that breaks it).
+    An empty last record (a tombstone, whose value is null, or an empty value) is ended by a
+    line break of its own: joined as it is, the text would end with the break after the record
+    before it and hold one line fewer than the messages (the worker stopped with a traceback,
+    and again at every restart, on a batch ending with a tombstone).
     """
     clean = [v if v is not None else b"" for v in values]
     data = b"\n".join(clean)
-    if data.count(b"\n") == max(len(clean) - 1, 0):
-        return data
-    return b"\n".join(v.rstrip(b"\r\n").replace(b"\n", b"\\n") for v in clean)
+    if data.count(b"\n") != max(len(clean) - 1, 0):
+        clean = [v.rstrip(b"\r\n").replace(b"\n", b"\\n") for v in clean]
+        data = b"\n".join(clean)
+    if clean and not clean[-1]:
+        data += b"\n"
+    return data
