@@ -11,13 +11,43 @@ import pytest
 from deepwatch.formats import get_format
 from deepwatch.models.detector import Detector
 from deepwatch.serve._stream_core import DEAD_LETTER, VERDICT, StreamProcessor
-from deepwatch.serve._stream_io import MemorySink, MemorySource
+from deepwatch.serve._stream_io import JsonlSink, MemorySink, MemorySource
+from deepwatch.serve._stream_metrics import StreamMetrics
 from deepwatch.serve.stream import run_loop
 
 
 @pytest.fixture(scope="module")
 def detector(kdd_bundle: Path) -> Detector:
     return Detector(kdd_bundle)
+
+
+def _produced(metrics: StreamMetrics) -> dict[str, float]:
+    return {s.labels["kind"]: s.value for fam in metrics.registry.collect()
+            for s in fam.samples if s.name == "deepwatch_stream_messages_produced_total"}
+
+
+@pytest.mark.parametrize("rejects", [False, True])
+def test_dead_letters_without_rejects_file_are_not_counted_as_produced(
+        detector: Detector, small_kdd_test: Path, tmp_path: Path, rejects: bool) -> None:
+    """Without --rejects the embedded worker writes its dead letters nowhere, yet
+    ``deepwatch_stream_messages_produced_total{kind="dead_letter"}`` (and the report) counted
+    them as written; a message is counted as produced only where the sink writes its kind."""
+    values = small_kdd_test.read_bytes().split(b"\n")[:50] + [b"not a record", b""]
+    dead = tmp_path / "dead.jsonl" if rejects else None
+    sink = JsonlSink(str(tmp_path / "alerts.jsonl"), None, str(dead) if dead else None)
+    metrics = StreamMetrics()
+    try:
+        report = run_loop(MemorySource(values, batch_size=20), sink,
+                          StreamProcessor(detector, get_format("kdd"), verdicts=False),
+                          threading.Event(), metrics)
+    finally:
+        sink.close()
+    alerts = (tmp_path / "alerts.jsonl").read_bytes().count(b"\n")
+    written = dead.read_bytes().count(b"\n") if dead else 0
+    assert report.rejected == 2 and alerts == report.alerts > 0
+    assert written == (2 if rejects else 0)
+    assert report.produced == {"alert": alerts, "verdict": 0, "dead_letter": written}
+    assert _produced(metrics) == {"alert": alerts, "verdict": 0, "dead_letter": written}
 
 
 @pytest.mark.parametrize("shape", ["alone", "last", "two last"])

@@ -781,6 +781,11 @@ class KafkaSink:
                              "that create topics on demand do so: --kafka-option "
                              "allow.auto.create.topics=true)")
 
+    @property
+    def kinds(self) -> set[str]:
+        """The kinds of message written (those with a topic)."""
+        return set(self.topics)
+
     def drained(self) -> bool:
         """Whether every message written so far is acknowledged (and none failed)."""
         self.producer.poll(0)

@@ -82,6 +82,9 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
     max_pending = max(1, int(getattr(sink, "max_pending", 1)))
     pending: list[Any] = []
     written: dict[str, int] = {}  # messages of each kind in the pending batches
+    # the kinds the sink writes (None: every kind): a kind it has nowhere to write (dead letters
+    # without --rejects) is not counted as produced
+    kinds = getattr(sink, "kinds", None)
     oldest = 0.0
 
     def settle() -> None:
@@ -124,7 +127,8 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
         out = processor.process(raw)
         sink.write(out)
         for kind, msgs in out.messages.items():
-            written[kind] = written.get(kind, 0) + len(msgs)
+            if kinds is None or kind in kinds:
+                written[kind] = written.get(kind, 0) + len(msgs)
         if not pending:
             oldest = t0
         pending.append(raw)
