@@ -183,8 +183,7 @@ def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: in
     too_many = oversubscribed(nproc)
     if too_many:  # a warning, not a refusal: said whether or not the checks below refuse
         _err(too_many)
-    if "-" in files:
-        raise UsageError("--nproc reads its input once per process: give files, not stdin (-)")
+    _refuse_read_once(files, val)
     check_arguments(model, files, out, target_fpr=target_fpr, device=device, policy=decision,
                     lakes=lakes, folds=folds, val_inputs=val, epochs=epochs, rejects=rejects,
                     refit=refit, days=days)
@@ -196,6 +195,31 @@ def _launch_train(argv: list[str], files: list[str], lakes: list[str], nproc: in
                              f"{torch.cuda.device_count()} found")
     _err(f"training in {nproc} processes (torch DDP)")
     return launch_local([sys.executable, "-m", "deepwatch", *argv, "--", *files], nproc, _err)
+
+
+def _refuse_read_once(files: list[str], val: list[str]) -> None:
+    """``--nproc`` ranks each read every input: one that is gone once read (stdin, ``-=LABEL``
+    too, a named pipe, ``<(...)``) gave them different data, in training or in ``--val``: a
+    page of torch's RuntimeError from DDP (the ranks' networks had different shapes), or one
+    rank's 'the validation data has fewer than two records'."""
+    import stat
+
+    from .errors import UsageError
+    from .sources.files import parse_input_spec
+
+    for text in [*files, *val]:
+        for spec in parse_input_spec(text):
+            if spec.path == "-":
+                raise UsageError("--nproc reads its input once per process: give files, not "
+                                 "stdin (-)")
+            try:
+                regular = stat.S_ISREG(os.stat(spec.path).st_mode)
+            except OSError:
+                regular = True  # (said in its turn, by the checks that read the inputs)
+            if not regular:
+                raise UsageError(f"--nproc reads its input once per process: {spec.display} "
+                                 "is no regular file (a pipe?) and can be read once only: "
+                                 "give files")
 
 
 @app.command()

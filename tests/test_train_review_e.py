@@ -119,3 +119,34 @@ def test_stdin_as_both_training_and_validation_input_is_refused(
                                          r"training or as validation \(--val\) input, not both$"):
         train("kdd", "mlp", inputs, tmp_path / "b", val_inputs=val, epochs=1)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("where", ["stdin-labelled", "val-stdin", "val-fifo", "fifo"])
+def test_nproc_refuses_inputs_read_once(where: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # each rank reads every input: '-=normal' (only a bare '-' was refused) gave rank 0 the
+    # records and rank 1 none, and the run ended in a page of torch's RuntimeError (its
+    # networks' shapes differed); '--val -' in rank 1's 'the validation data has fewer than
+    # two records'; a named pipe split its lines between the ranks
+    import os
+
+    from deepwatch.cli import main
+
+    data = tmp_path / "kdd.csv"
+    data.write_text("0,tcp,http,SF,181,5450" + ",0" * 35 + ",normal.\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # (nothing writes it: a run that opened it would hang, not fail)
+    args = {"stdin-labelled": ["--", "-=normal", str(data)],
+            "val-stdin": ["--val", "-", str(data)],
+            "val-fifo": ["--val", str(fifo), str(data)],
+            "fifo": [str(fifo)]}[where]
+    code = main(["train", "--format", "kdd", "--model", "mlp", "--nproc", "2", "--out",
+                 str(tmp_path / "b"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err[-1] == ("error: --nproc reads its input once per process: give files, not stdin "
+                       "(-)" if "stdin" in where else
+                       f"error: --nproc reads its input once per process: {fifo} is no regular "
+                       "file (a pipe?) and can be read once only: give files"), err
+    assert not any("training in 2 processes" in line for line in err), err
+    assert not (tmp_path / "b").exists()
