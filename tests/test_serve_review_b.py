@@ -113,3 +113,32 @@ def test_a_certificate_renewed_during_a_reload_never_breaks_new_handshakes(
             stop.set()
             renewing.join()
         assert outcomes.get("reloaded", 0) >= 5, outcomes
+
+
+@pytest.fixture(scope="module")
+def access_bundle(tmp_path_factory: pytest.TempPathFactory, bundle_root: Path) -> Path:
+    """A tiny access autoencoder (400 lines of the site log, one epoch), as test_access's."""
+    from conftest import data_file, head_lines, trained_bundle
+
+    site = tmp_path_factory.mktemp("site") / "site.log"
+    site.write_text("".join(head_lines(data_file("weblogs/apache_access.log.gz"), 400)))
+    return trained_bundle("autoencoder", site, bundle_root, epochs=1, fmt="access")
+
+
+def test_a_value_the_reader_fails_on_refuses_that_record_alone(access_bundle: Path) -> None:
+    """An access record whose timestamp is 1e308 seconds made the reader raise OverflowError
+    (not a reject): the whole request was a 500 and its other records were lost. The reader's
+    failure now refuses that record alone, with the error as its reason; the others score."""
+    good = {"client_ip": "192.0.2.7", "timestamp": "2015-05-18T08:51:57Z",
+            "request": "GET / HTTP/1.1", "status": 200, "bytes": 3279}
+    with ThreadServer(create_app(access_bundle)) as srv:
+        r = httpx.post(srv.url + "/v1/score", timeout=30, json={
+            "records": [good, {**good, "timestamp": 1e308}, good]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [res["index"] for res in body["results"]] == [0, 2]
+        assert [rej["index"] for rej in body["rejects"]] == [1]
+        assert body["rejects"][0]["reason"].startswith("the record cannot be read: ")
+        metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+    assert 'deepwatch_records_total{outcome="rejected"} 1.0' in metrics
+    assert 'deepwatch_records_total{outcome="scored"} 2.0' in metrics

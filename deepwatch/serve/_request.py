@@ -7,6 +7,7 @@ their order and every other record becomes a reject naming its index in the requ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 from ..errors import DeepwatchError
 from ..formats import Format, ParseResult, get_format
 
+log = logging.getLogger("deepwatch.serve")
 ALLOWED_KEYS = frozenset({"format", "records", "explain"})
 
 
@@ -89,7 +91,7 @@ def parse(fmt: Format, records: list[Any]) -> Parsed:
     if all(type(r) is str for r in records):
         return _lines(fmt, records, np.arange(len(records)))
     if all(type(r) is dict for r in records):
-        return _result(fmt.parse_records(records), np.arange(len(records)))
+        return _objects(fmt, records, np.arange(len(records)))
     kinds = np.array([0 if type(r) is str else 1 if type(r) is dict else 2 for r in records],
                      dtype=np.int8)
     parts: list[Parsed] = []
@@ -97,8 +99,7 @@ def parse(fmt: Format, records: list[Any]) -> Parsed:
     if idx_lines.size:
         parts.append(_lines(fmt, [records[i] for i in idx_lines], idx_lines))
     if idx_objects.size:
-        objects = [records[i] for i in idx_objects]
-        parts.append(_result(fmt.parse_records(objects), idx_objects))
+        parts.append(_objects(fmt, [records[i] for i in idx_objects], idx_objects))
     refused = [{"index": int(i), "reason": "a record must be a raw line (string) or a JSON "
                 "object of fields"} for i in np.flatnonzero(kinds == 2)]
     return _merge(fmt, parts, refused)
@@ -117,6 +118,30 @@ def _lines(fmt: Format, lines: list[str], positions: np.ndarray) -> Parsed:
         return _merge(fmt, [inner], refused)
     result = fmt.parse(text + "\n" if lines else "")
     return _result(result, positions)
+
+
+def _objects(fmt: Format, objects: list[dict[str, Any]], positions: np.ndarray) -> Parsed:
+    """The objects parsed together; where the format's reader fails on a value it does not
+    expect (its defect, not the sender's), each object alone, so that only those it fails on
+    are refused (with the error, logged with its traceback) and the others are scored."""
+    try:
+        return _result(fmt.parse_records(objects), positions)
+    except DeepwatchError:
+        raise
+    except Exception:
+        log.exception("the %s reader failed on a request's records; scoring them one by one "
+                      "and refusing those it fails on", fmt.name)
+    parts: list[Parsed] = []
+    refused: list[dict[str, Any]] = []
+    for obj, position in zip(objects, positions, strict=True):
+        try:
+            parts.append(_result(fmt.parse_records([obj]), np.array([position])))
+        except DeepwatchError:
+            raise
+        except Exception as exc:
+            refused.append({"index": int(position), "reason": f"the record cannot be read: "
+                            f"{type(exc).__name__}: {exc}"})
+    return _merge(fmt, parts, refused)
 
 
 def _result(result: ParseResult, positions: np.ndarray) -> Parsed:
