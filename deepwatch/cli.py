@@ -250,7 +250,7 @@ def evaluate(
 
         writable_report(report, "--report")
     result, cols = run(bundle, fmt, files, engine=backend, progress=_progress(),
-                       feature_sample=REPORT_SAMPLE if report else 0, rejects=rejects)
+                       feature_sample=REPORT_SAMPLE if report else 0, rejects=rejects, log=_err)
     try:  # whole or not at all: a full disk or a stop leaves an older eval.json as it was
         with sigterm_stops_cleanly():
             replace_file(json_path, to_json(result).encode())
@@ -345,7 +345,7 @@ def report(
     check_distinct_outputs([("--out", out), ("--rejects", rejects)], files, _read_dirs(bundle))
     writable_report(out, "--out")  # before the work, not after it
     result, cols = run(bundle, fmt, files, engine=backend, progress=_progress(),
-                       feature_sample=REPORT_SAMPLE, rejects=rejects)
+                       feature_sample=REPORT_SAMPLE, rejects=rejects, log=_err)
     for line in summary_lines(result):
         _err(line)
     write_report(out, result, cols, title=f"deepwatch report: {bundle}")

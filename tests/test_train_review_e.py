@@ -150,3 +150,23 @@ def test_nproc_refuses_inputs_read_once(where: str, tmp_path: Path,
                        "file (a pipe?) and can be read once only: give files"), err
     assert not any("training in 2 processes" in line for line in err), err
     assert not (tmp_path / "b").exists()
+
+
+def test_evaluate_names_an_input_of_another_format(kdd_bundle: Path, small_kdd_test: Path,
+                                                   tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # (a web log among the KDD files was left out of the figures with no word but the count of
+    # rejected lines, where score warns of it)
+    from deepwatch.cli import main
+
+    web = tmp_path / "access.log"
+    web.write_text('10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 5 "-" "x"\n'
+                   * 3)
+    head = tmp_path / "kdd.csv"
+    head.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:200]))
+    code = main(["evaluate", str(kdd_bundle), "--format", "kdd", "--json",
+                 str(tmp_path / "e.json"), str(head), str(web)])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0, err
+    assert (f"warning: none of the 3 lines of {web} could be parsed as kdd records; is --format "
+            "right?") in err, err

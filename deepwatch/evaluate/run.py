@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,13 +183,15 @@ def verdict_threshold(decision: Any, cols: dict[str, np.ndarray]) -> float | Non
 
 def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str = "auto",
              progress: bool = False, feature_sample: int = 0, policy: str | None = None,
-             rejects: str | Path | None = None
+             rejects: str | Path | None = None, log: Callable[[str], None] | None = None
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics of ``bundle`` on labelled ``inputs`` (one path, ``str`` or ``pathlib.Path``, or a
     list); ``rejects``: a JSONL file that keeps every rejected record with its line, text and
     reason (what it kept stays when the run fails or is stopped, said to be incomplete when
     stopped; see :func:`~deepwatch.sinks.keeping_rejects`). ``policy``: re-score under
-    ``threshold`` or ``cost`` instead of the bundle's decision.
+    ``threshold`` or ``cost`` instead of the bundle's decision. ``log``: told a warning line
+    for each input none of whose lines could be parsed, beside inputs that were (most often
+    one of another format; ``score`` says the same).
 
     Returns ``(result, columns)``: the ``evaluate --json`` object as a dict, and the scored
     records' columns as numpy arrays (``label``, ``score``, ``verdict``...; :func:`to_table`
@@ -205,6 +207,9 @@ def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str =
     det = Detector(bundle, engine=engine, explain=False, policy=policy)
     with keeping_rejects(rejects) as sink:
         cols, stats, seconds = collect(det, format_name, inputs, progress, feature_sample, sink)
+    if log is not None:  # (where none parsed, collect's error said so)
+        for warning in stats.format_warnings(format_name):
+            log(warning)
     fmt = get_format(format_name)
     result = metrics_from(cols, fmt.kdd_labels, verdict_threshold(det.decision, cols), seconds)
     if "anomaly_score" in cols:  # the autoencoder alone, on its own scale (anomaly_score)
