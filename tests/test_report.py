@@ -248,6 +248,16 @@ def test_report_page_is_self_contained_and_carries_the_numbers(report_page: tupl
     for div in ("plot-sankey", "plot-categories", "plot-confusion", "plot-per-label",
                 "plot-score-histogram", "plot-tsne"):
         assert f'id="{div}"' in text
+    # a policy lets only the page's own scripts run (plotly.js and one per figure, by their
+    # SHA-256) and fetch nothing; plotly's inline styles may be applied
+    policy = _policy(text)
+    scripts = re.findall(r"<script\b[^>]*>(.*?)</script>", text, re.DOTALL)
+    assert len(scripts) == 7
+    assert policy["script-src"] == sorted(_sha256(s) for s in scripts)
+    assert policy["default-src"] == policy["base-uri"] == policy["form-action"] == ["'none'"]
+    assert policy["style-src"] == ["'unsafe-inline'"] and policy["img-src"] == ["data:", "blob:"]
+    assert set(policy) == {"default-src", "script-src", "style-src", "img-src", "base-uri",
+                           "form-action"}
     assert f"{result['n']:,}" in text
     assert f"{result['binary']['precision']:.4f}" in text
     assert f"{result['kdd_cost']:.4f}" in text
@@ -255,17 +265,63 @@ def test_report_page_is_self_contained_and_carries_the_numbers(report_page: tupl
     assert f"<td>smurf</td><td>{smurf['support']:,}</td>" in text
 
 
+def _sha256(script: str) -> str:
+    import base64
+    import hashlib
+
+    return f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+
+
+def _policy(page: str) -> dict[str, list[str]]:
+    """The page's Content-Security-Policy (its ``<meta>``, before any script), by directive."""
+    import html
+
+    m = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', page)
+    assert m and m.start() < page.index("<script"), page[:500]
+    return {d.split()[0]: d.split()[1:] for d in html.unescape(m.group(1)).split("; ")}
+
+
+#: Markup that, were it ever to reach the report (it draws labels, a bundle's path), would run.
+INJECTED = ("<img src=x onerror=\"document.title='pwned by onerror'\">"
+            "<script>document.title='pwned by script'</script>")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_markup_in_the_report_does_not_run_under_its_policy(report_page: tuple[Path, dict],
+                                                            tmp_path: Path) -> None:
+    # The report had no Content-Security-Policy (the dashboard has one): any markup that got
+    # into it would have run. Chromium, on the page with INJECTED added: the figures are
+    # drawn, the injected handler and script are refused (and said so on the console).
+    browser = _chromium()
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    page, _ = report_page
+    text = page.read_text()
+    bad = tmp_path / "injected.html"
+    bad.write_text(text.replace('<section id="summary">', INJECTED + '<section id="summary">'))
+    run = _headless(browser, "--dump-dom", bad.as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "pwned" not in run.stdout.partition("</title>")[0], run.stdout[:500]
+    refused = re.findall(r'"(Executing inline [a-z ]+?|Loading the image)(?: \'[^\']*\')? '
+                         r"violates the following Content Security Policy", run.stderr)
+    assert sorted(refused) == ["Executing inline event handler", "Executing inline script",
+                               "Loading the image"], run.stderr[-3000:]
+    assert re.search(r'<div id="plot-sankey" class="[^"]*js-plotly-plot', run.stdout)
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _headless(browser: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on a page: its console (a policy's refusals among it) on stderr."""
     with tempfile.TemporaryDirectory() as profile:
         return subprocess.run(
             [browser, "--headless", "--no-sandbox", "--disable-gpu",
              "--disable-background-networking", "--disable-component-update", "--no-first-run",
              "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-             "--virtual-time-budget=15000", *args],
+             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", *args],
             capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -280,6 +336,9 @@ def test_report_renders_in_headless_chromium(report_page: tuple[Path, dict], tmp
     run = _headless(browser, "--dump-dom", page.as_uri())
     assert run.returncode == 0, run.stderr[-2000:]
     dom = run.stdout
+    # under the page's Content-Security-Policy, which refused nothing of its own
+    assert 'http-equiv="Content-Security-Policy"' in dom
+    assert "Content Security Policy" not in run.stderr, run.stderr[-3000:]
     # every figure was drawn by plotly.js, not just declared
     for div in ("plot-sankey", "plot-categories", "plot-confusion", "plot-per-label",
                 "plot-score-histogram", "plot-tsne"):

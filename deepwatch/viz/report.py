@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,7 +56,9 @@ def _table(head: list[str], rows: list[list[str]], table_id: str) -> str:
     return f'<table id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _plot(fig: Any, div_id: str) -> str:
+def _plot(fig: Any, div_id: str, scripts: list[str]) -> str:
+    """The figure's ``<div>`` and the inline script that draws it (added to ``scripts``: the
+    page's policy lets those run, see :func:`_policy`)."""
     import plotly.io as pio
 
     # an explicit height: a percentage would collapse inside the page's flow layout
@@ -63,6 +66,7 @@ def _plot(fig: Any, div_id: str) -> str:
     out: str = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"plot-{div_id}",
                            default_width="100%", default_height=f"{int(height)}px",
                            config={"displaylogo": False, "responsive": True})
+    scripts += re.findall(r"<script\b[^>]*>(.*?)</script>", out, re.DOTALL)
     return out
 
 
@@ -110,7 +114,8 @@ def _working(what: str, shown: bool) -> Iterator[None]:
         yield
 
 
-def _tsne_section(cols: dict[str, np.ndarray], seed: int, progress: bool = False) -> str:
+def _tsne_section(cols: dict[str, np.ndarray], seed: int, scripts: list[str],
+                  progress: bool = False) -> str:
     rows, X = cols.get("_sample_rows"), cols.get("_sample_X")
     if rows is None or X is None:
         return '<p class="note">No feature sample was collected, so no map was drawn.</p>'
@@ -126,7 +131,7 @@ def _tsne_section(cols: dict[str, np.ndarray], seed: int, progress: bool = False
     fig = figures.tsne_scatter(xy, labels[pick], np.asarray(cols["verdict"])[rows[pick]])
     return (f'<p class="note">{len(pick):,} records, sampled per true type (rare types '
             f"kept whole), mapped from the model's input features in {took:.1f}s; a cross marks "
-            f"a wrong verdict.</p>" + _plot(fig, "tsne"))
+            f"a wrong verdict.</p>" + _plot(fig, "tsne", scripts))
 
 
 def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed: int = 0,
@@ -152,24 +157,29 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
     labels = np.asarray(cols["label"], dtype=object)
     verdict = np.asarray(cols["verdict"])
     b = result.get("binary") or {}
+    plotly_js = get_plotlyjs()
+    scripts = [plotly_js]  # the page's own: plotly.js, then each figure's (see _plot)
     parts = [f"<h1><bdi>{html.escape(figures.visible(title))}</bdi></h1>",
              f'<p class="note">generated {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}'
              + _bundle_note(result) + "</p>",
              '<section id="summary"><h2>Metrics</h2>', _summary(result), "</section>",
              '<section id="flows"><h2>True type → verdict</h2><p class="note">Each flow is the '
              "records of one true type given one verdict; red flows are missed attacks or false "
-             "alarms.</p>", _plot(figures.sankey(labels, verdict), "sankey"), "</section>"]
+             "alarms.</p>", _plot(figures.sankey(labels, verdict), "sankey", scripts),
+             "</section>"]
     if result.get("categories"):
         parts += ['<section id="categories"><h2>Per category</h2><p class="note">Detection '
                   "rate: the share of the category's records given that category (not only "
                   "flagged: an attack named in the wrong category counts as missed here).</p>",
                   _rates_table(result["categories"], "categories-table"),
-                  _plot(figures.detection_bars(result["categories"], "records"), "categories"),
+                  _plot(figures.detection_bars(result["categories"], "records"), "categories",
+                        scripts),
                   "</section>"]
     if result.get("confusion"):
         c = result["confusion"]
         parts += ['<section id="confusion-matrix"><h2>Category confusion matrix</h2>',
-                  _plot(figures.confusion(c["labels"], c["matrix"]), "confusion"), "</section>"]
+                  _plot(figures.confusion(c["labels"], c["matrix"]), "confusion", scripts),
+                  "</section>"]
     per_label = result.get("per_label") or {}
     if per_label:
         ordered = {k: per_label[k] for k in figures.label_order(labels) if k in per_label}
@@ -177,18 +187,36 @@ def render(result: dict[str, Any], cols: dict[str, np.ndarray], title: str, seed
         parts += ['<section id="labels"><h2>Per true type</h2><p class="note">Detection rate: '
                   "the share of the type's records given the right verdict.</p>",
                   _rates_table(ordered, "labels-table"),
-                  _plot(figures.detection_bars(ordered, "records"), "per-label"), "</section>"]
+                  _plot(figures.detection_bars(ordered, "records"), "per-label", scripts),
+                  "</section>"]
     parts += ['<section id="scores"><h2>Scores</h2>',
               _plot(figures.score_histogram(labels, np.asarray(cols["score"], dtype=np.float64),
-                                            b.get("threshold")), "score-histogram"),
+                                            b.get("threshold")), "score-histogram", scripts),
               "</section>",
               '<section id="map"><h2>t-SNE map of the traffic</h2>',
-              _tsne_section(cols, seed, progress),
+              _tsne_section(cols, seed, scripts, progress),
               "</section>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{_policy(scripts)}">'
             f"<title>{_isolated(title)}</title><style>{_STYLE}</style>"
-            f'<script type="text/javascript">{get_plotlyjs()}</script></head>'
+            f'<script type="text/javascript">{plotly_js}</script></head>'
             f"<body>{''.join(parts)}</body></html>\n")
+
+
+def _policy(scripts: list[str]) -> str:
+    """The report's Content-Security-Policy (a ``<meta>``: the page is a file, no server sends
+    it a header): the page's own inline ``scripts`` run, named by their SHA-256 (plotly.js and
+    each figure's call), and no other does, not even one that markup in the data got into the
+    page; it fetches nothing, from anywhere. Styles may be inline (plotly sets ``style``
+    attributes as it draws: ``'unsafe-inline'``); images only ``data:`` and ``blob:`` (the mode
+    bar's "download plot as a png")."""
+    import base64
+    import hashlib
+
+    digests = {base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() for s in scripts}
+    hashes = " ".join(f"'sha256-{d}'" for d in sorted(digests)) or "'none'"
+    return (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+            "img-src data: blob:; base-uri 'none'; form-action 'none'")
 
 
 def _isolated(text: str) -> str:
