@@ -77,3 +77,24 @@ def test_access_referer_and_agent_after_a_doubled_space_are_read() -> None:
     assert result.rejects.num_rows == 0
     assert result.batch.column("referer").to_pylist() == ["http://ref/"] * 3 + [None]
     assert result.batch.column("user_agent").to_pylist() == ["sqlmap/1.5"] * 3 + ["Nikto"]
+
+
+def test_zeek_json_text_field_given_as_array_or_object_is_a_reject() -> None:
+    """JSON path matching hands an array or object over as its JSON text: the address
+    '["10.0.0.1","10.0.0.3"]' was kept as orig_h, where the same record as an object is a
+    reject. A string that merely looks so ("[S]") is a value."""
+    zeek = get_format("zeek")
+    head = '{"ts":1600000000.5,"id.orig_p":1,"id.resp_h":"10.0.0.2","id.resp_p":80,"proto":"tcp"'
+    lines = [head + ',"uid":"C1","id.orig_h":"10.0.0.1"}',
+             head + ',"uid":"C2","id.orig_h":["10.0.0.1","10.0.0.3"]}',
+             head + ',"uid":"C3","id.orig_h":"10.0.0.1","service": {"name":"http"}}',
+             head + ',"uid":"C4","id.orig_h":"10.0.0.1","history":"[S]","tunnel_parents":[]}']
+    result = zeek.parse("\n".join(lines) + "\n")
+    assert result.batch.column("uid").to_pylist() == ["C1", "C4"]
+    assert result.batch.column("history").to_pylist() == [None, "[S]"]
+    assert [(r["line"], r["reason"]) for r in result.rejects.to_pylist()] == [
+        (2, "field id.orig_h is a JSON array or object, not one value (a string, as Zeek "
+            "writes it)"),
+        (3, "field service is a JSON array or object, not one value (a string, as Zeek "
+            "writes it)"),
+    ]

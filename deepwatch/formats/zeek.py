@@ -86,6 +86,15 @@ _JSON_FLAGS = {"true": "T", "false": "F"}
 MAX_TS = 1e11
 #: The timestamps of Zeek's JSON logs written with ``JSON::TS_ISO8601``: always UTC, ``Z``.
 ISO_TS = "%Y-%m-%dT%H:%M:%S%.fZ"
+#: A JSON line's text field whose value is an array or an object (``"id.orig_h": ["10.0.0.1"]``,
+#: ``"service": {"name": "http"}``), the field's name its first group: Zeek writes one value
+#: there, and JSON path matching hands such a value over as its JSON text, which was kept as
+#: the field (an address ``["10.0.0.1"]``); an object giving it is refused so too. (A number
+#: field holding one is no number: refused already.) The key is one of the object's own: a
+#: ``{`` or ``,`` then a quote cannot occur inside a JSON string, whose quotes are escaped.
+_JSON_CONTAINER = (r'[{,]\s*"(' + "|".join(
+    name.replace(".", r"\.") for name, _c, typ in CONN_FIELDS if pa.types.is_string(typ))
+    + r')"\s*:\s*[\[{]')
 
 SCHEMA = pa.schema(
     [pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False)]
@@ -250,7 +259,34 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
               + pl.col("_n").cast(pl.String))
     )
     reason = frame.select(pl.coalesce([shape, *reasons]).alias("r"))["r"]
-    return frame, reason
+    return frame, _json_containers(frame, reason)
+
+
+def _json_containers(frame: Any, reason: Any) -> Any:
+    """``reason`` with the JSON lines that give a text field as an array or an object (see
+    ``_JSON_CONTAINER``) rejects. Only the lines where such a field's text starts with ``[``
+    or ``{`` are looked at again, in Python: a scan of every line cost a third of the parse."""
+    import re
+
+    import polars as pl
+
+    texts = [col for name, col, typ in CONN_FIELDS if pa.types.is_string(typ)]
+    suspect = frame.select(pl.col("_json") & reason.is_null() & pl.any_horizontal(
+        [pl.col(c).str.contains(r"^[\[{]").fill_null(False) for c in texts]))
+    rows = suspect.to_series().arg_true()
+    if rows.len() == 0:
+        return reason
+    pattern = re.compile(_JSON_CONTAINER)
+    found = {}
+    for row, raw in zip(rows.to_list(), frame.get_column("raw").gather(rows).to_list(),
+                        strict=True):
+        hit = pattern.search(raw)
+        if hit is not None:
+            found[row] = (f"field {hit.group(1)} is a JSON array or object, not one value (a "
+                          "string, as Zeek writes it)")
+    if not found:
+        return reason
+    return reason.scatter(list(found), list(found.values()))
 
 
 def _to_batch(frame: Any) -> pa.RecordBatch:
