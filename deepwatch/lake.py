@@ -54,7 +54,6 @@ INGESTED = "_ingested.jsonl"
 STAGING_PREFIX = ".ingest-"
 #: In a staging directory: the moves of a commit under way (finished by the next writer).
 COMMIT = "commit.json"
-PART_GLOB = "part-*.parquet"
 
 
 def _part_files(folder: Path) -> list[Path]:
@@ -662,8 +661,10 @@ def read_lake(root: str | Path, days: str | Sequence[str] | None = None) -> pa.T
 
 
 def read_rejects(root: str | Path) -> pa.Table | None:
+    """The lake's rejected lines with their reasons, as one table; None when it has none. Read
+    like a day's records (:func:`_part_files`): files another tool compacted them into count."""
     folder = Path(root) / REJECTS
-    parts = sorted(folder.glob(PART_GLOB)) if folder.exists() else []
+    parts = _part_files(folder) if folder.is_dir() else []
     if not parts:
         return None
     return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")

@@ -80,6 +80,12 @@ def test_ingest_files_with_labels_and_rejects(tmp_path: Path) -> None:
     assert row["line"] == 4 and row["raw"] == "this is not a log line"
     assert row["reason"] and row["source"] == str(log)
     assert json.loads((lake / "_lake.json").read_text())["format"] == "access"
+    # rejects compacted by another tool (polars' partition_by names its files 00000000.parquet)
+    # are read as the lake's records are
+    (part,) = (lake / "rejects").glob("part-*.parquet")
+    part.rename(part.with_name("00000000.parquet"))
+    again = read_rejects(lake)
+    assert again is not None and again.num_rows == 2
     # the wrong format for this lake is one clear error
     assert main(["ingest", "--format", "kdd", "--lake", str(lake), str(log)]) == 2
 
