@@ -170,3 +170,19 @@ def test_evaluate_names_an_input_of_another_format(kdd_bundle: Path, small_kdd_t
     assert code == 0, err
     assert (f"warning: none of the 3 lines of {web} could be parsed as kdd records; is --format "
             "right?") in err, err
+
+
+@pytest.mark.parametrize("model", ["mlp", "stack", "hybrid"])
+def test_batch_size_one_is_refused_for_batch_normalised_networks(model: str,
+                                                                 tmp_path: Path) -> None:
+    # (torch's ValueError "Expected more than 1 value per channel when training", once the data
+    # was read and featurised)
+    from deepwatch.errors import UsageError
+    from deepwatch.train.api import train
+
+    data = tmp_path / "kdd.csv"
+    data.write_text("0,tcp,http,SF,181,5450" + ",0" * 35 + ",normal.\n")
+    with pytest.raises(UsageError, match=f"^option batch_size must be at least 2 for model "
+                                         f"'{model}', whose batch normalisation needs two rows "
+                                         "a batch, not 1$"):
+        train("kdd", model, [str(data)], tmp_path / "b", options={"batch_size": 1})

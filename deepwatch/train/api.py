@@ -463,7 +463,7 @@ def train(
     lakes = input_list(lakes, "lakes")
     check_paths_and_device(out, rejects, device)
     rejects = os.fspath(rejects) if rejects is not None else None
-    check_options(options)
+    check_options(options, model)
     check_numbers(seed=seed, epochs=epochs, folds=folds, target_fpr=target_fpr)
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
@@ -524,9 +524,17 @@ def check_paths_and_device(out: Any, rejects: Any, device: Any) -> None:
         raise UsageError(f"device must be auto, cpu or cuda[:N], not {device!r}")
 
 
-def check_options(options: dict[str, Any] | None) -> None:
+#: The models with a batch-normalised network (the ``mlp``, alone or among the stack's):
+#: a training batch of one row has no batch statistics.
+BATCH_NORMED = ("mlp", "stack", "hybrid")
+
+
+def check_options(options: dict[str, Any] | None, model: str | None = None) -> None:
     """A UsageError naming an option ``train(options=...)`` does not know: a misspelt one
-    (``{"latnet": 8}``) was ignored without a word, and the model trained with the default."""
+    (``{"latnet": 8}``) was ignored without a word, and the model trained with the default.
+    ``model``: the model they are for (``batch_size`` 1 is refused for those with batch
+    normalisation: torch's ValueError "Expected more than 1 value per channel when training",
+    after the data was read and featurised)."""
     if options is None:
         return
     from .anomaly import DEFAULTS
@@ -541,6 +549,9 @@ def check_options(options: dict[str, Any] | None) -> None:
                          f"{', '.join(sorted(known))}")
     for name, value in options.items():
         _check_option_value(name, value)
+    if model in BATCH_NORMED and options.get("batch_size") == 1:
+        raise UsageError(f"option batch_size must be at least 2 for model {model!r}, whose "
+                         "batch normalisation needs two rows a batch, not 1")
 
 
 #: What each training option takes: (whole number?, lowest, lowest allowed?, highest, highest
