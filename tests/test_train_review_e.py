@@ -186,3 +186,33 @@ def test_batch_size_one_is_refused_for_batch_normalised_networks(model: str,
                                          f"'{model}', whose batch normalisation needs two rows "
                                          "a batch, not 1$"):
         train("kdd", model, [str(data)], tmp_path / "b", options={"batch_size": 1})
+
+
+@pytest.mark.parametrize(("labels", "note"), [
+    (("normal", "weirdo"), "note: no KDD category knows the training label 'weirdo', for which "
+                           "the contest's cost matrix has no row: the bundle decides by "
+                           "threshold, not by least expected cost"),
+    (("normal", "smurf"), None),
+])
+def test_kdd_labels_without_a_category_are_said_to_change_the_decision(
+        labels: tuple[str, str], note: str | None, kdd_train_file: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # KDD data with a label of the user's own: the default decision, the contest's cost, was
+    # replaced by the threshold with no word said (the manifest alone had it)
+    import deepwatch.train.supervised as supervised
+    from deepwatch.train.api import train
+
+    def fit(*args: object) -> None:
+        raise _Caught
+
+    monkeypatch.setattr(supervised, "fit", fit)
+    lines = head_lines(kdd_train_file, 40)
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("".join(lines[:20]))
+    second.write_text("".join(lines[20:]))
+    said: list[str] = []
+    with pytest.raises(_Caught):
+        train("kdd", "mlp", [f"{first}={labels[0]}", f"{second}={labels[1]}"], tmp_path / "o",
+              log=said.append)
+    notes = [line for line in said if line.startswith("note:")]
+    assert notes == ([note] if note else []), said

@@ -787,6 +787,16 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
         log(f"note: no training record is labelled {BENIGN!r}, the benign label: every label "
             f"({', '.join(repr(v) for v in vocab[:5])}{', ...' if len(vocab) > 5 else ''}) "
             "counts as an attack, so every record scored will be malicious")
+    uncategorised = [lab for lab in vocab if fmt.kdd_labels and fmt.category_of(lab) not in
+                     KDD_CATEGORIES]
+    if model != "autoencoder" and policy == "auto" and uncategorised and len(vocab) > 1:
+        # (the default decision on KDD data, the contest's cost, was replaced by the threshold
+        # without a word: the manifest alone said so)
+        log(f"note: no KDD category knows the training label"
+            f"{'s' if len(uncategorised) != 1 else ''} "
+            f"{', '.join(repr(v) for v in uncategorised[:5])}"
+            f"{', ...' if len(uncategorised) > 5 else ''}, for which the contest's cost matrix "
+            "has no row: the bundle decides by threshold, not by least expected cost")
     index = {lab: i for i, lab in enumerate(vocab)}
 
     def part(t: pa.Table, labs: np.ndarray | None, collapse: bool) -> Split:
