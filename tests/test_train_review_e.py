@@ -216,3 +216,36 @@ def test_kdd_labels_without_a_category_are_said_to_change_the_decision(
               log=said.append)
     notes = [line for line in said if line.startswith("note:")]
     assert notes == ([note] if note else []), said
+
+
+def test_a_manifest_of_a_diverged_network_is_strict_json(kdd_train_file: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # a network whose every loss was NaN (train(options={"lr": 1e6}) on a resnet: "keeping the
+    # initial weights (no epoch gave a finite val loss)") was saved with NaN in the manifest's
+    # history, which is no JSON (jq, browsers, json.loads with parse_constant refuse it)
+    import json
+    import math
+
+    import deepwatch.train.supervised as supervised
+    from deepwatch.train.api import train
+
+    def fit(net: object, loss: object, *args: object) -> object:
+        cfg = args[-1]
+        cfg.history.append({"epoch": 1, "train_loss": math.nan,  # type: ignore[attr-defined]
+                            "val_loss": math.nan})
+        return net.eval()  # type: ignore[attr-defined]  # the initial weights, as fit keeps
+
+    monkeypatch.setattr(supervised, "fit", fit)
+    lines = head_lines(kdd_train_file, 40)
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("".join(lines[:20]))
+    second.write_text("".join(lines[20:]))
+    out = tmp_path / "b"
+    train("kdd", "resnet", [f"{first}=normal", f"{second}=smurf"], out)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    manifest = json.loads((out / "manifest.json").read_text(), parse_constant=refuse)
+    assert manifest["training"]["history"][0]["epochs"] == [
+        {"epoch": 1, "train_loss": None, "val_loss": None}]

@@ -907,6 +907,11 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
                  *_lake_checksums(reader)],
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    from ..evaluate.metrics import finite_or_none
+
+    # strict JSON: a loss that is not a number (a network that diverged: every epoch's loss
+    # NaN) was written NaN, which JSON has not (jq, browsers and Python's strict mode refuse it)
+    manifest = finite_or_none(manifest)
     save_bundle(out, manifest, files)
     log(f"saved {model} bundle to {out} in {time.perf_counter() - t0:.1f}s")
     return manifest
