@@ -910,8 +910,11 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     from ..evaluate.metrics import finite_or_none
 
     # strict JSON: a loss that is not a number (a network that diverged: every epoch's loss
-    # NaN) was written NaN, which JSON has not (jq, browsers and Python's strict mode refuse it)
-    manifest = finite_or_none(manifest)
+    # NaN) was written NaN, which JSON has not (jq, browsers and Python's strict mode refuse
+    # it); the decision is left as it is: a threshold that is not a number is refused when
+    # the bundle is loaded, where null would be no threshold
+    for key in ("training", "metrics"):
+        manifest[key] = finite_or_none(manifest[key])
     save_bundle(out, manifest, files)
     log(f"saved {model} bundle to {out} in {time.perf_counter() - t0:.1f}s")
     return manifest
