@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import ssl
@@ -142,3 +143,86 @@ def test_a_value_the_reader_fails_on_refuses_that_record_alone(access_bundle: Pa
         metrics = httpx.get(srv.url + "/metrics", timeout=30).text
     assert 'deepwatch_records_total{outcome="rejected"} 1.0' in metrics
     assert 'deepwatch_records_total{outcome="scored"} 2.0' in metrics
+
+
+def test_large_bodies_are_scored_within_two_bodies_worth_at_once(
+        kdd_bundle: Path, small_kdd: Path) -> None:
+    """A body's JSON, parsed, can take fifty times its bytes (16 MiB of nested arrays: 800 MB
+    held while its records are read): three such requests at once took a server from 164 MB
+    to 2.2 GB, and nothing bounded how many ran. Bodies scored in worker threads now take at
+    most two bodies' worth of bytes at once; the others wait their turn and are answered."""
+    from deepwatch.serve._service import Limits
+
+    limits = Limits(max_body_bytes=64 * 1024)
+    app = create_app(kdd_bundle, limits=limits)
+    service = app.state.service
+    real_score = service.score
+    now = 0
+    most = 0
+    lock = threading.Lock()
+
+    def score(body: bytes) -> bytes:  # the real scoring, watched: how many run at once
+        nonlocal now, most
+        with lock:
+            now += 1
+            most = max(most, now)
+        try:
+            time.sleep(0.3)
+            return real_score(body)
+        finally:
+            with lock:
+                now -= 1
+
+    service.score = score
+    lines = small_kdd.read_text().splitlines()
+    body = b'{"records": ['
+    for line in lines:
+        piece = b'"' + line.encode() + b'", '
+        if len(body) + len(piece) > 60 * 1024:
+            break
+        body += piece
+    body = body.rstrip(b", ") + b"]}"
+    assert 32 * 1024 < len(body) <= 64 * 1024  # scored in a thread, two fit in the budget
+    answers: list[int] = []
+    with ThreadServer(app) as srv:
+        def post() -> None:
+            r = httpx.post(srv.url + "/v1/score", content=body, timeout=30,
+                           headers={"content-type": "application/json"})
+            answers.append(r.status_code)
+
+        posts = [threading.Thread(target=post) for _ in range(4)]
+        for t in posts:
+            t.start()
+        for t in posts:
+            t.join()
+    assert answers == [200] * 4
+    assert most == 2
+
+
+def test_a_request_leaving_the_scoring_line_gives_its_turn_on() -> None:
+    """A request cancelled while it waits for its turn (or just as it got it) leaves the
+    budget as it found it, and the ones behind it go on."""
+    import asyncio
+
+    from deepwatch.serve._intake import ScoringBudget
+
+    async def run() -> None:
+        budget = ScoringBudget(10)
+        await budget.acquire(8)
+        waiting = asyncio.create_task(budget.acquire(8))  # waits: 16 > 10
+        behind = asyncio.create_task(budget.acquire(2))  # behind it, first come first served
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and not behind.done()
+        waiting.cancel()  # gone from the line: the one behind fits now
+        await asyncio.wait_for(behind, 1)
+        assert budget.used == 10
+        budget.release(2)
+        woken = asyncio.create_task(budget.acquire(5))
+        await asyncio.sleep(0.01)
+        budget.release(8)  # its turn is handed over...
+        woken.cancel()  # ...and it is cancelled before it runs: the place is given back
+        with contextlib.suppress(asyncio.CancelledError):
+            await woken
+        assert budget.used == 0
+
+    asyncio.run(run())

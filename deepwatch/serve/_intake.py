@@ -130,6 +130,50 @@ class Intake:
                 "clients": clients, "waiting": self.waiting}
 
 
+class ScoringBudget:
+    """Bytes of request bodies scored in worker threads at once: at most ``limit``, or one
+    body of any size when nothing else is scored; the others wait their turn, first come first
+    served. A body's records, once parsed from JSON, can take fifty times its bytes (16 MiB of
+    nested arrays: 800 MB), so the body-byte bound alone let a few concurrent requests take
+    gigabytes; this keeps what they expand to within a few bodies' worth. (Bodies scored on
+    the event loop itself are small and one at a time: they do not come here.)"""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._line: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def _fits(self, n: int) -> bool:
+        return not self.used or self.used + n <= self.limit
+
+    async def acquire(self, n: int) -> None:
+        if not self._line and self._fits(n):
+            self.used += n
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, turn)
+        self._line.append(entry)
+        try:
+            await turn  # (its bytes are counted when it is woken)
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.release(n)  # woken and cancelled at once: give its place on
+            else:
+                self._line.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._line and self._fits(self._line[0][0]):
+            n, turn = self._line.popleft()
+            self.used += n
+            turn.set_result(None)
+
+
 class Ticket:
     """One request's place in the :class:`Intake`: an upload, then a slot (or a slot at once)."""
 

@@ -57,7 +57,7 @@ from .. import __version__
 from ..errors import DeepwatchError, InputError, UsageError
 from ..sinks import escape_unsafe_text
 from ._auth import OPEN_PATHS, ASGIApp, Gate, Receive, Scope, Send
-from ._intake import TICKET, Intake, IntakeGuard, read_body
+from ._intake import TICKET, Intake, IntakeGuard, ScoringBudget, read_body
 from ._intake import error_response as _error
 from ._metrics import CONTENT_TYPE
 from ._request import RequestError
@@ -74,6 +74,9 @@ JSON = "application/json"
 #: those switches are what stretches the tail on busy cores). Larger bodies go to the pool, so
 #: the loop keeps answering while they score.
 INLINE_BODY_BYTES = 32 * 1024
+#: Larger bodies are scored in worker threads, at most this many bodies' worth of bytes at once
+#: (the rest wait their turn): parsed, a body's JSON can take fifty times its bytes.
+SCORING_BODIES = 2
 #: A connection has this long, from its opening or from its previous answer, to deliver a whole
 #: request head; then it is closed. Connections still waiting for one take no request slot.
 #: With TLS, the handshake before the first head has as long again (``bound_tls_handshakes``).
@@ -265,6 +268,7 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
     app = FastAPI(title="deepwatch", version=__version__, redoc_url=None,
                   description="Scores network records with a trained deepwatch bundle.")
     app.state.service = service
+    scoring = app.state.scoring = ScoringBudget(SCORING_BODIES * service.limits.max_body_bytes)
     if tls is not None:
         tls.on_expiry(lambda at: service.metrics.set_certificate_expiry(at.timestamp()))
 
@@ -277,8 +281,12 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
             body = await read_body(request, service.limits.max_body_bytes, service.limits)
             if len(body) <= INLINE_BODY_BYTES:
                 out = service.score(body)
-            else:
-                out = await run_in_threadpool(service.score, body)
+            else:  # within the bytes scored in threads at once (their JSON expands)
+                await scoring.acquire(len(body))
+                try:
+                    out = await run_in_threadpool(service.score, body)
+                finally:
+                    scoring.release(len(body))
         except RequestError as exc:
             service.metrics.rejected_requests.labels(str(exc.status)).inc()
             return _error(exc.status, exc.reason)
