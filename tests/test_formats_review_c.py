@@ -98,3 +98,24 @@ def test_zeek_json_text_field_given_as_array_or_object_is_a_reject() -> None:
         (3, "field service is a JSON array or object, not one value (a string, as Zeek "
             "writes it)"),
     ]
+
+
+def test_zeek_json_whole_number_in_an_integer_field_reads_as_the_object_does() -> None:
+    """pandas' to_json writes an integer column holding nulls as floats ("orig_bytes": 100.0):
+    such a JSON line was a reject, where the same record as an object reads as 100."""
+    import json
+
+    zeek = get_format("zeek")
+    base = {"ts": 1600000000.5, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 5000.0,
+            "id.resp_h": "10.0.0.2", "id.resp_p": 80, "proto": "tcp"}
+    values = [100, 100.0, 1e3, 100.5, -5.0, 1e19, None]
+    records = [{**base, "orig_bytes": v} for v in values]
+    lines = zeek.parse("".join(json.dumps(r) + "\n" for r in records))
+    objects = zeek.parse_records(records)
+    for result in (lines, objects):
+        assert result.line_numbers.to_pylist() == [1, 2, 3, 7]
+        assert result.batch.column("orig_bytes").to_pylist() == [100, 100, 1000, None]
+        assert result.batch.column("orig_p").to_pylist() == [5000] * 4
+    assert [r["reason"] for r in lines.rejects.to_pylist()] == [
+        f"field orig_bytes is not a non-negative integer: '{v}'"
+        for v in ("100.5", "-5.0", "1e+19")]

@@ -187,6 +187,34 @@ def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
     return df.with_columns(exprs)
 
 
+def _json_whole_numbers(df: Any) -> Any:
+    """``df`` (``_text_columns``) with each integer field of a JSON line that is a number with
+    a fraction of zero, not negative (``100.0``, as pandas' ``to_json`` writes an integer column
+    holding nulls; ``1e3``), written as that integer: a record given as an object takes it so,
+    and the line was a reject. Only the values that hold ``.``, ``e`` or ``E`` are looked at
+    again."""
+    import polars as pl
+
+    if not df.get_column("_json").any():
+        return df
+    fixed = []
+    for _name, col, typ in CONN_FIELDS:
+        if not pa.types.is_integer(typ):
+            continue
+        text = df.get_column(col)
+        rows = (df.get_column("_json") & text.str.contains_any([".", "e", "E"])
+                .fill_null(False)).arg_true()
+        if rows.len() == 0:
+            continue
+        number = text.gather(rows).cast(pl.Float64, strict=False)
+        whole = (number == number.floor()) & (number >= 0) & (number < 2.0**63)
+        values = [str(int(x)) if ok else t for x, ok, t in zip(
+            number.to_list(), whole.fill_null(False).to_list(), text.gather(rows).to_list(),
+            strict=True)]
+        fixed.append(text.clone().scatter(rows, values))
+    return df.with_columns(fixed) if fixed else df
+
+
 def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
     """(typed record frame, reason per line: null where the line is a record). ``exact``: the
     field order comes from a header (``#fields``, or a ``LogAscii::tsv=T`` field-name line), so
@@ -196,6 +224,7 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
     more (``tunnel_parents`` ...)."""
     import polars as pl
 
+    df = _json_whole_numbers(df)
     typed = []
     reasons: list[pl.Expr] = []
     for _name, col, typ in CONN_FIELDS:
