@@ -249,3 +249,27 @@ def test_a_manifest_of_a_diverged_network_is_strict_json(kdd_train_file: Path, t
     manifest = json.loads((out / "manifest.json").read_text(), parse_constant=refuse)
     assert manifest["training"]["history"][0]["epochs"] == [
         {"epoch": 1, "train_loss": None, "val_loss": None}]
+
+
+def test_evaluate_counts_an_anomaly_threshold_of_zero_as_the_verdicts_do(
+        small_kdd: Path, bundle_root: Path, tmp_path: Path) -> None:
+    # an autoencoder bundle whose threshold is 0 flags every record; evaluate's 'anomaly'
+    # figures took 0 for no threshold and said none was flagged
+    import json
+    import shutil
+
+    from conftest import trained_bundle
+
+    from deepwatch.evaluate.run import evaluate
+
+    bundle = tmp_path / "ae"
+    shutil.copytree(trained_bundle("autoencoder", small_kdd, bundle_root), bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["decision"]["anomaly_threshold"] = 0.0
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    data = tmp_path / "kdd.csv"
+    data.write_text("".join(small_kdd.read_text().splitlines(keepends=True)[:50]))
+    result, cols = evaluate(bundle, "kdd", data)
+    assert cols["verdict"].all()
+    anomaly = result["anomaly"]
+    assert anomaly["tp"] + anomaly["fp"] == 50 and anomaly["threshold"] == 0.0, anomaly

@@ -213,10 +213,13 @@ def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str =
     fmt = get_format(format_name)
     result = metrics_from(cols, fmt.kdd_labels, verdict_threshold(det.decision, cols), seconds)
     if "anomaly_score" in cols:  # the autoencoder alone, on its own scale (anomaly_score)
+        # flagged as Decision flags: a threshold of 0 flags every record (it was taken for none,
+        # and the figures said none was flagged while every verdict was malicious)
+        cut = det.decision.anomaly_threshold
         result["anomaly"] = binary_metrics(is_attack(cols["label"]), cols["anomaly_score"],
-                                           cols["anomaly_score"] >= (det.decision.anomaly_threshold
-                                                                     or np.inf),
-                                           det.decision.anomaly_threshold)
+                                           cols["anomaly_score"] >= (np.inf if cut is None
+                                                                     else float(cut)),
+                                           cut)
         result["anomaly"]["target_fpr"] = det.decision.config.get("target_fpr")
     if "_latent" in cols:  # extra key: campaigns (alert clusters) against the true labels
         from ..models.campaigns import cluster_alerts, cluster_report
