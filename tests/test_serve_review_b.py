@@ -226,3 +226,19 @@ def test_a_request_leaving_the_scoring_line_gives_its_turn_on() -> None:
         assert budget.used == 0
 
     asyncio.run(run())
+
+
+def test_a_compressed_body_is_refused_for_its_compression(client: httpx.Client) -> None:
+    """A log shipper sending gzip (Content-Encoding: gzip) got 400 'the body is not valid JSON:
+    str is not valid UTF-8', which sends its operator looking for a JSON fault; it is a 415
+    naming the compression."""
+    import gzip
+
+    r = client.post("/v1/score", content=gzip.compress(b'{"records": []}'),
+                    headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415, r.text
+    assert "Content-Encoding 'gzip' is not read" in r.json()["detail"]
+    plain = client.post("/v1/score", content=b'{"records": []}',
+                        headers={"content-type": "application/json",
+                                 "content-encoding": "identity"})
+    assert plain.status_code == 200, plain.text

@@ -344,15 +344,22 @@ def check_json(content_type: str | None, has_body: bool) -> None:
 
 
 async def read_body(request: Request, limit: int, limits: Limits) -> bytes:
-    """The body, refused with 415 unless it is JSON, 413 past ``limit`` bytes (before reading it
-    when it says so), 408 when it takes more than ``limits.body_timeout_seconds`` to arrive in
-    whole or, after ``limits.body_rate_grace_seconds``, averages under ``limits.body_min_rate``
-    bytes a second, and 503 when the service holds its most bytes of bodies. Then the request
+    """The body, refused with 415 unless it is JSON sent uncompressed, 413 past ``limit`` bytes
+    (before reading it when it says so), 408 when it takes more than
+    ``limits.body_timeout_seconds`` to arrive in whole or, after
+    ``limits.body_rate_grace_seconds``, averages under ``limits.body_min_rate`` bytes a
+    second, and 503 when the service holds its most bytes of bodies. Then the request
     takes its slot (503 when none is free)."""
     declared = request.headers.get("content-length")
     body_announced = (declared not in (None, "0")
                       or "transfer-encoding" in request.headers)
     check_json(request.headers.get("content-type"), body_announced)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # (a log shipper's gzip: read as JSON, it was a 400
+        # saying the body was not UTF-8)
+        raise RequestError(415, f"the body must be sent uncompressed (Content-Encoding "
+                                f"{encoding!r} is not read): turn compression off in the "
+                                f"sender")
     if declared is not None:
         try:
             size = int(declared)
