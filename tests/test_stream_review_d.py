@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from conftest import _need_kafka
 
 from deepwatch.formats import get_format
 from deepwatch.models.detector import Detector
@@ -73,3 +77,109 @@ def test_a_batch_ending_with_a_tombstone_is_dead_letters_not_a_crash(
     for i in empty:
         assert dead[i]["raw"] == "" and dead[i]["reason"] == "empty line"
         assert dead[i]["deepwatch"]["source"] == {"topic": "t", "partition": 0, "offset": i}
+
+
+@pytest.mark.integration
+def test_a_stop_while_the_brokers_do_not_answer_does_not_hang_on_a_done_commit(
+        tmp_path: Path) -> None:
+    """A worker stopped (SIGTERM) while its brokers did not answer (a network partition; here
+    the broker is SIGSTOPped) hung for minutes at close: it committed again, synchronously and
+    without a time limit, offsets the brokers had already stored. An offset they confirmed is
+    not committed again (and not counted again in deepwatch_stream_offset_commits_total)."""
+    _need_kafka()
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from deepwatch.serve._kafka_io import KafkaSource
+    from deepwatch.serve._stream_core import RawBatch
+    from deepwatch.serve.tansu import TansuBroker
+
+    topic, group = "stuck", "stuck-group"
+    with TansuBroker(log=tmp_path / "tansu.log") as broker:
+        admin = AdminClient({"bootstrap.servers": broker.address})
+        admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(10)
+        del admin
+        events: list[tuple[str, int]] = []
+        source = KafkaSource(broker.address, topic, group, on_event=lambda e, n: events.append(
+            (e, n)), check_timeout=5.0)
+        closer = None
+        try:
+            done = MemorySource([b"x"] * 5, topic=topic, batch_size=5)
+            batch: RawBatch = next(iter(done.batches(threading.Event())))
+            source.commit(batch)  # asynchronous, as the run loop commits
+
+            reader = Consumer({"bootstrap.servers": broker.address, "group.id": group})
+            try:
+                deadline = time.monotonic() + 20
+                while reader.committed([TopicPartition(topic, 0)], timeout=5)[0].offset != 5:
+                    assert time.monotonic() < deadline, "the commit was not stored"
+                    time.sleep(0.1)
+            finally:
+                reader.close()
+            source.consumer.poll(0.5)  # the commit's answer, as consume serves it
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGSTOP)
+            closer = threading.Thread(target=source.close, daemon=True)
+            started = time.monotonic()
+            closer.start()
+            closer.join(10)
+            took = time.monotonic() - started
+            assert not closer.is_alive(), "close hung on a commit the broker had stored"
+            assert took < 10 and events == [("commit", 1)]
+        finally:
+            if broker.proc is not None:
+                broker.proc.send_signal(signal.SIGCONT)
+            if closer is not None:
+                closer.join(120)
+            source.close()
+
+
+@pytest.mark.integration
+def test_a_refused_commit_is_said_and_sent_again_with_the_next(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
+    """An asynchronous commit the brokers refused was taken as done, without a word: the
+    partition's offset stayed uncommitted until the worker stopped (a crash meanwhile read it
+    all again). It is logged (``commit_error``) and sent again with the next commit; one not
+    confirmed yet when the worker stops is committed then."""
+    _need_kafka()
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from deepwatch.serve._kafka_io import KafkaSource
+    from deepwatch.serve.tansu import TansuBroker
+
+    def batch(topic: str, n: int) -> object:
+        return next(iter(MemorySource([b"x"] * n, topic=topic, batch_size=n).batches(
+            threading.Event())))
+
+    group = "retry-group"
+    with TansuBroker(log=tmp_path / "tansu.log") as broker:
+        admin = AdminClient({"bootstrap.servers": broker.address})
+        admin.create_topics([NewTopic("a", 1, 1)])["a"].result(10)
+        source = KafkaSource(broker.address, "a", group, check_timeout=5.0)
+        reader = Consumer({"bootstrap.servers": broker.address, "group.id": group})
+        try:
+            def stored(topic: str) -> int:
+                return int(reader.committed([TopicPartition(topic, 0)], timeout=5)[0].offset)
+
+            with caplog.at_level(logging.WARNING, logger="deepwatch.stream"):
+                source.commit(batch("b", 3))  # "b" does not exist yet: refused
+                deadline = time.monotonic() + 10
+                while not [r for r in caplog.records if getattr(r, "event", "") ==
+                           "commit_error"] and time.monotonic() < deadline:
+                    source.consumer.poll(0.1)
+            assert [r for r in caplog.records if getattr(r, "event", "") == "commit_error"]
+            admin.create_topics([NewTopic("b", 1, 1)])["b"].result(10)
+            source.commit(batch("a", 2))  # the next commit takes the refused one with it
+            deadline = time.monotonic() + 10
+            while stored("b") != 3 and time.monotonic() < deadline:
+                source.consumer.poll(0.1)
+            assert (stored("a"), stored("b")) == (2, 3)
+            source.commit(batch("a", 4))
+            source.close()  # not confirmed yet: committed (and waited for) here
+            assert stored("a") == 4
+        finally:
+            source.close()
+            reader.close()
+            del admin

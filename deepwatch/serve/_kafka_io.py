@@ -452,7 +452,11 @@ class KafkaSource:
         redact = _Redactor(options or {})
         self._log = _ClientLog("consumer", metrics, redact)
         conf = {**CONSUMER_DEFAULTS, "bootstrap.servers": brokers, "group.id": group,
-                "error_cb": self._log.error, "logger": self._log.logger, **(options or {})}
+                "error_cb": self._log.error, "logger": self._log.logger,
+                "on_commit": self._on_commit, **(options or {})}
+        #: (topic, partition) -> offset the brokers said they stored (an asynchronous commit's
+        #: answer, served by consume): not committed again on close or revoke
+        self.confirmed: dict[tuple[str, int], int] = {}
         self.consumer = _client(ck, "Consumer", conf, redact, origins)
         self.topic = topic
         self.batch_size = batch_size
@@ -563,6 +567,7 @@ class KafkaSource:
         for tp in revoked:
             self.acked.pop(tp, None)
             self.committed.pop(tp, None)
+            self.confirmed.pop(tp, None)
         log.info("partitions revoked", extra={
             "event": "revoke", "partitions": sorted(p for _, p in revoked)})
         self.on_event("revoke", len(partitions))
@@ -593,6 +598,7 @@ class KafkaSource:
         for p in partitions:  # another member owns them now: committing would be refused
             self.acked.pop((p.topic, p.partition), None)
             self.committed.pop((p.topic, p.partition), None)
+            self.confirmed.pop((p.topic, p.partition), None)
         log.warning("partitions lost", extra={
             "event": "lost", "partitions": sorted(p.partition for p in partitions)})
 
@@ -642,10 +648,29 @@ class KafkaSource:
             self.committed[(tp.topic, tp.partition)] = tp.offset
         self.on_event("commit", len(todo))
 
+    def _on_commit(self, err: Any, partitions: list[Any]) -> None:
+        """``on_commit``: the brokers' answer to an asynchronous commit. An offset they stored
+        is not committed again; one they did not is committed again with the next batch (it
+        was committed again only at close or revoke, then)."""
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            if err is None and p.error is None and p.offset >= 0:
+                if p.offset > self.confirmed.get(tp, -1):
+                    self.confirmed[tp] = p.offset
+            elif self.committed.get(tp) == p.offset:
+                del self.committed[tp]
+        if err is not None:
+            log.warning("commit failed", extra={"event": "commit_error",
+                                                "error": self._log.redact(str(err))})
+
     def _commit_sync(self, only: set[tuple[str, int]] | None = None) -> None:
+        """Commits, and waits for, every acknowledged offset the brokers have not said they
+        stored. One they confirmed is not asked again: a synchronous commit waits without a
+        time limit, so a worker stopped while its brokers do not answer (a network partition)
+        hung in it, though everything was committed already."""
         ck = self._ck
         todo = [ck.TopicPartition(t, p, o) for (t, p), o in self.acked.items()
-                if only is None or (t, p) in only]
+                if (only is None or (t, p) in only) and self.confirmed.get((t, p)) != o]
         if not todo:
             return
         try:
@@ -653,6 +678,9 @@ class KafkaSource:
             self.on_event("commit", len(todo))
         except ck.KafkaException as exc:
             log.warning("commit failed", extra={"event": "commit_error", "error": str(exc)})
+            return
+        for tp in todo:
+            self.confirmed[(tp.topic, tp.partition)] = tp.offset
 
     def close(self) -> None:
         """Commits what was acknowledged, leaves the group and destroys the consumer;
