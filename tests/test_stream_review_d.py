@@ -183,3 +183,57 @@ def test_a_refused_commit_is_said_and_sent_again_with_the_next(tmp_path: Path,
             source.close()
             reader.close()
             del admin
+
+
+class _StopOnFirstBatch:
+    """The detector, setting ``stop`` (as SIGTERM does) when it scores its first batch."""
+
+    def __init__(self, detector: Detector, stop: threading.Event):
+        self._detector, self._stop = detector, stop
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._detector, name)
+
+    def score_batch(self, *args: object, **kwargs: object) -> object:
+        self._stop.set()
+        return self._detector.score_batch(*args, **kwargs)
+
+
+def test_a_stop_while_files_are_read_says_what_was_left_unread(
+        detector: Detector, small_kdd_test: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stop (SIGTERM) while ``stream`` read a file left the rest of it, and the files after
+    it, unscored, and the stop line said only how many records were scored (exit 0, nothing
+    else): it now says where each input was left, as a warning."""
+    from deepwatch.serve._stream_io import CHUNK_BYTES
+    from deepwatch.serve.stream import StreamOptions, run_stream
+
+    big, small = tmp_path / "big.csv", tmp_path / "small.csv"
+    text = small_kdd_test.read_bytes()
+    big.write_bytes(text * (CHUNK_BYTES // len(text) + 2))  # more than one chunk
+    small.write_bytes(text[:5000])
+    stop = threading.Event()
+    opts = StreamOptions(bundle="unused", format="kdd", inputs=[str(big), str(small)],
+                         out=str(tmp_path / "alerts.jsonl"))
+    with caplog.at_level(logging.INFO, logger="deepwatch.stream"):
+        report = run_stream(opts, stop, _StopOnFirstBatch(detector, stop))
+    lines = report.records
+    assert 0 < lines < big.read_bytes().count(b"\n")
+    read = len(b"".join(big.read_bytes().splitlines(True)[:lines]))
+    assert report.unread == [
+        f"{big} was read up to line {lines:,} ({read:,} of {big.stat().st_size:,} bytes): the "
+        "lines after it were not scored",
+        f"1 more input ({small}) was not read"]
+    (stopped,) = [r for r in caplog.records if getattr(r, "event", "") == "stop"]
+    assert stopped.levelno == logging.WARNING
+    assert stopped.getMessage().endswith("; stopped: " + "; stopped: ".join(report.unread))
+
+    # read to its end, a file leaves nothing unread: the stop line says nothing more
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deepwatch.stream"):
+        report = run_stream(StreamOptions(bundle="unused", format="kdd", inputs=[str(small)],
+                                          out=str(tmp_path / "alerts.jsonl")),
+                            threading.Event(), detector)
+    assert report.unread == [] and report.records > 0
+    (stopped,) = [r for r in caplog.records if getattr(r, "event", "") == "stop"]
+    assert stopped.levelno == logging.INFO

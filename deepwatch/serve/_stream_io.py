@@ -153,6 +153,9 @@ class FileSource:
         self.chunk_bytes = chunk_bytes
         self.batch_size = batch_size
         self.cuts: list[StopCut] = []
+        #: what a stop left unread of regular files (each a sentence; empty after a run that
+        #: read every input to its end)
+        self.unread: list[str] = []
 
     def _chunks(self, spec: InputSpec, stop: threading.Event) -> Iterator[Chunk]:
         if self.follow and spec.path != "-":
@@ -171,8 +174,10 @@ class FileSource:
             # short here. (What is read of a pipe cannot be read again: the lines after the
             # first chunk of a .gz pipe, which is read whole at the stop, were dropped unsaid.)
             ends_on_stop = self.follow or cannot_be_read_again(spec.path) or spec.path == "-"
+            handed = 0  # bytes of a plain file handed out
             try:
                 for chunk in chunks:
+                    handed += len(chunk.data)
                     # the unreadable rest of a damaged input: one dead letter says why
                     n = 1 if chunk.damage is not None else count_lines(chunk.data)
                     # (--batch-size was ignored here: a chunk of 4 MiB was one batch)
@@ -188,11 +193,35 @@ class FileSource:
                         yield RawBatch(data, count, origin, stream=f"{number}:{spec.display}",
                                        damage=chunk.damage, lost=chunk.lost)
                     if stop.is_set() and not ends_on_stop:
+                        self._note_unread(spec, first, handed, self.specs[number + 1:])
                         return
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:
                     close()
+
+    def _note_unread(self, spec: InputSpec, next_line: int, handed: int,
+                     later: Sequence[InputSpec]) -> None:
+        """Says (``unread``) what a stop left unread: the rest of ``spec``, a regular file read
+        up to line ``next_line - 1`` (``handed`` bytes of it, where it is not compressed), and
+        the inputs after it. (A stop while a file was read was said only as the records
+        counted: the lines after them went unscored, the run exited 0, and nothing said so.)"""
+        rest = True
+        size = None
+        if spec.compression is None:
+            try:
+                size = os.stat(spec.path).st_size
+            except OSError:
+                size = None
+            rest = size is None or handed < size
+        if rest:
+            of = f" ({handed:,} of {size:,} bytes)" if size is not None else ""
+            self.unread.append(f"{spec.display} was read up to line {next_line - 1:,}{of}: "
+                               "the lines after it were not scored")
+        if later:
+            names = ", ".join(s.display for s in later[:3]) + (", ..." if len(later) > 3 else "")
+            self.unread.append(f"{len(later):,} more input{'s' if len(later) > 1 else ''} "
+                               f"({names}) {'were' if len(later) > 1 else 'was'} not read")
 
     def commit(self, batch: RawBatch) -> None:
         pass

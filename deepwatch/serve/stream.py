@@ -44,6 +44,8 @@ class StreamReport:
     #: what a stop left unscored of a compressed named pipe (the source's ``cuts``): text read
     #: but not verified, so neither scored nor counted among the records
     cuts: list[StopCut] = field(default_factory=list)
+    #: what a stop left unread of regular files (the source's ``unread``): one sentence each
+    unread: list[str] = field(default_factory=list)
 
     @property
     def unscored_lines(self) -> int:
@@ -151,6 +153,7 @@ def run_loop(source: Source, sink: Sink, processor: StreamProcessor, stop: threa
     settle()
     report.seconds = time.perf_counter() - t_start
     report.cuts = list(getattr(source, "cuts", ()))
+    report.unread = list(getattr(source, "unread", ()))
     return report
 
 
@@ -394,11 +397,12 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
     # cut short unverified (a .gz named pipe) is read but not scored: said here, with the
     # signal's word as a stopped command's last line has it ("terminated: ...")
     message = f"stream stopped: {report.summary()}"
-    if report.cuts:
+    notes = [c.describe() for c in report.cuts] + report.unread
+    if notes:
         word = ("terminated" if signal.SIGTERM in received[:1] else
                 "interrupted" if received else "stopped")
-        message += "; " + "; ".join(f"{word}: {c.describe()}" for c in report.cuts)
-    log.log(logging.WARNING if report.cuts else logging.INFO, message, extra={
+        message += "; " + "; ".join(f"{word}: {note}" for note in notes)
+    log.log(logging.WARNING if notes else logging.INFO, message, extra={
         "event": "stop", "records": report.records, "scored": report.scored,
         "rejected": report.rejected, "alerts": report.alerts,
         "unscored_lines": report.unscored_lines, "unscored_bytes": report.unscored_bytes,
