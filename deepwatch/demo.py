@@ -68,7 +68,7 @@ def _stream_into_lake(paths: dict[str, Path], lake: Path) -> tuple[int, int, int
         spec = InputSpec(str(path), label)
         for chunk in iter_chunks(spec, chunk_bytes=SOURCE_CHUNK):
             result = fmt.parse_bulk(chunk.data, first_line=chunk.first_line)
-            writer.write(with_label(result.batch, label))
+            writer.write(with_label(result.batch, label, fmt))
             writer.write_rejects(result.rejects)
             chunks += 1
     writer.commit()  # the parts appear in the lake together, now

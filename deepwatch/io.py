@@ -84,11 +84,12 @@ def _rereadable(path: str) -> bool:
         return False
 
 
-def with_label(batch: pa.RecordBatch, label: str | None) -> pa.RecordBatch:
-    """Set every record's ground-truth label (``PATH=LABEL``), adding the column if needed."""
+def with_label(batch: pa.RecordBatch, label: str | None, fmt: Format) -> pa.RecordBatch:
+    """Set every record's ground-truth label (``PATH=LABEL``, read as ``fmt`` reads its own
+    labels: :meth:`Format.label_of`), adding the column if needed."""
     if label is None:
         return batch
-    col = pa.array([label] * batch.num_rows, pa.string())
+    col = pa.array([fmt.label_of(label)] * batch.num_rows, pa.string())
     i = batch.schema.get_field_index("label")
     if i >= 0:
         return batch.set_column(i, "label", col)
@@ -198,7 +199,7 @@ class InputReader:
                         rejects = rejects.append_column(
                             "source", pa.array([spec.display] * rejects.num_rows, pa.string())
                         )
-                    yield with_label(result.batch, spec.label), rejects, spec
+                    yield with_label(result.batch, spec.label, self.fmt), rejects, spec
         yield from self._iter_lakes()
 
     def _iter_lakes(self) -> Iterator[tuple[pa.RecordBatch, pa.Table, InputSpec]]:

@@ -188,7 +188,7 @@ def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: 
     result = fmt.parse_in_context(joined + "\n", first_line, context)
     parts = []
     if result.batch.num_rows:
-        records = _conform(with_label(result.batch, label), parsed)
+        records = _conform(with_label(result.batch, label, fmt), parsed)
         scored = det.score_batch(records, state)
         lines = _record_lines(result, first_line)
         extra = {"_file": pa.array(np.full(len(lines), file_no, np.int32)),
@@ -515,7 +515,7 @@ def _parsed_schema(fmt: Format, specs: Sequence[InputSpec]) -> tuple[pa.Schema, 
                 chunks.close()  # the file is closed now, not whenever the generator is collected
         if chunk is None:
             continue
-        batch = with_label(fmt.parse_bulk(chunk.data, first_line=1).batch, spec.label)
+        batch = with_label(fmt.parse_bulk(chunk.data, first_line=1).batch, spec.label, fmt)
         labelled = labelled or "label" in batch.schema.names
         if sample is None and batch.num_rows:
             sample = batch.slice(0, 64)

@@ -285,3 +285,17 @@ def test_a_line_of_spaces_and_tabs_is_an_empty_line_in_every_format(
     first = head.count("\n") + 2
     assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
         (n, "empty line") for n in range(first, first + len(blanks))]
+
+
+@pytest.mark.parametrize("given", ["normal.", " normal. ", "normal"])
+def test_a_label_given_on_the_command_line_is_read_as_the_files_name_it(
+        tmp_path: Path, given: str) -> None:
+    """``PATH=normal.`` (the label as the KDD files write it) labels records ``normal``, as
+    the files' own ``normal.`` is read: it was kept as ``normal.``, an attack type."""
+    from deepwatch.io import InputReader
+
+    path = tmp_path / "in.csv"
+    path.write_text((GOOD.rsplit(",", 1)[0] + "\n") * 2)
+    labels = [lab for batch, _, _ in InputReader(get_format("kdd"), [f"{path}={given}"])
+              for lab in batch.column("label").to_pylist()]
+    assert labels == ["normal", "normal"]

@@ -257,6 +257,11 @@ class Format(ABC):
     #: column. :meth:`with_column_names` reads them.
     column_aliases: ClassVar[dict[str, str]] = {}
 
+    def label_of(self, given: str) -> str:
+        """A label given for a whole input (``PATH=LABEL``) as this format's records name it
+        (KDD's files write ``normal.``, read as ``normal``)."""
+        return given
+
     def __repr__(self) -> str:
         return f"get_format({self.name!r})"
 

@@ -102,6 +102,10 @@ class KDD(Format):
     def category_of(self, label: str) -> str:
         return kdd_category(label)
 
+    def label_of(self, given: str) -> str:
+        # as _text_fields reads the files' own labels; one that is only dots stays as given
+        return given.strip().rstrip(". ") or given
+
 
 def _text_fields(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[int, str]]:
     """Text fields as the KDD files write them, whether the record came as a line or as an
