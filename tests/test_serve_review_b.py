@@ -242,3 +242,36 @@ def test_a_compressed_body_is_refused_for_its_compression(client: httpx.Client) 
                         headers={"content-type": "application/json",
                                  "content-encoding": "identity"})
     assert plain.status_code == 200, plain.text
+
+
+def test_a_worker_starting_during_a_renewal_loads_the_renewed_pair(
+        two_pairs: Path, tmp_path: Path) -> None:
+    """serve --workers: a reload checks the files, then starts workers, which load them. A
+    renewal renaming the certificate, then the key, into place meanwhile gave a starting
+    worker a certificate without its key: it died with a traceback (KEY_VALUES_MISMATCH) and
+    the reload was undone. uvicorn's own loading (Config.load, as in a worker) now tries
+    again for a moment, and gets the renewed pair once its key is in place."""
+    from deepwatch.serve._workers import worker_ssl_context
+
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+    _put(two_pairs / "b.pem", cert)  # the renewal half-way: the new certificate, the old key
+    _put(two_pairs / "a.key", key)
+    finish = threading.Timer(0.3, _put, (two_pairs / "b.key", key))
+    finish.start()
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        pass
+
+    config = uvicorn.Config(app, ssl_certfile=str(cert), ssl_keyfile=str(key),
+                            ssl_context_factory=worker_ssl_context)
+    try:
+        config.load()
+    finally:
+        finish.join()
+    assert isinstance(config.ssl, ssl.SSLContext)
+    bare = uvicorn.Config(app, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    _put(two_pairs / "a.key", key)  # without the factory: the error at once
+    with pytest.raises(ssl.SSLError, match="KEY_VALUES_MISMATCH"):
+        bare.load()

@@ -225,6 +225,16 @@ def worker_app() -> Any:
         sys.exit(STARTUP_FAILURE)
 
 
+def worker_ssl_context(config: Any, default: Any) -> Any:
+    """A worker's TLS context (uvicorn's ``ssl_context_factory``): the certificate files the
+    parent checked, tried again for a moment where they do not load, as a renewal renaming the
+    certificate and then its key into place leaves them between the two (the worker failed to
+    start, with a traceback, and the reload was undone)."""
+    from .app import load_tls_context
+
+    return load_tls_context(default)
+
+
 def _drain_before_shutdown() -> None:
     """Make this worker's uvicorn stop taking connections ``DRAIN_SECONDS`` before it closes
     the idle ones.
@@ -399,6 +409,8 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
         os.environ.setdefault("DEEPWATCH_THREADS",
                               str(max(1, usable_cores() // workers)))
         os.environ[STATE_ENV] = str(state)
+        if tls_files is not None:  # a worker starting during a renewal tries again
+            uvicorn_options = {**uvicorn_options, "ssl_context_factory": worker_ssl_context}
         config = uvicorn.Config("deepwatch.serve._workers:worker_app", factory=True,
                                 host=host, port=port, workers=workers, **uvicorn_options)
 

@@ -39,6 +39,7 @@ import ssl
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from importlib import resources
@@ -867,6 +868,29 @@ def certificate_validity(pem: bytes) -> tuple[datetime, datetime] | None:
         return None
 
 
+#: A renewal renames the certificate and then its key into place: a server (or a worker of
+#: ``--workers``) that loads them in between finds a certificate without its key. It tries
+#: again this many times, this far apart, before the error stands.
+TLS_LOAD_TRIES = 10
+TLS_LOAD_PAUSE_SECONDS = 0.2
+
+
+def load_tls_context(default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn's context for the certificate files (``default``, its own factory), tried again
+    for a moment where they do not load: the files checked before the server (or worker)
+    started may be half-way through a renewal by the time it reads them."""
+    for attempt in range(1, TLS_LOAD_TRIES + 1):
+        try:
+            return default()
+        except ssl.SSLError as exc:
+            if attempt == TLS_LOAD_TRIES:
+                raise
+            log.info("the certificate files do not load (%s): trying again in %g s (a "
+                     "renewal half-way?)", exc.reason or exc, TLS_LOAD_PAUSE_SECONDS)
+            time.sleep(TLS_LOAD_PAUSE_SECONDS)
+    raise AssertionError("unreachable")
+
+
 class TlsReload:
     """``--tls-cert``/``--tls-key`` (and ``--tls-key-password-file``) read again on a reload.
 
@@ -909,7 +933,7 @@ class TlsReload:
     def context_factory(self, config: Any, default: Any) -> ssl.SSLContext:
         """uvicorn's ``ssl_context_factory``: its own context (``default()``), kept here with
         the event loop that serves it (uvicorn calls this in the loop, as the server starts)."""
-        context: ssl.SSLContext = default()
+        context = load_tls_context(default)
         self._context = context
         with contextlib.suppress(RuntimeError):
             self._loop = asyncio.get_running_loop()
