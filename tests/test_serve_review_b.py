@@ -275,3 +275,24 @@ def test_a_worker_starting_during_a_renewal_loads_the_renewed_pair(
     _put(two_pairs / "a.key", key)  # without the factory: the error at once
     with pytest.raises(ssl.SSLError, match="KEY_VALUES_MISMATCH"):
         bare.load()
+
+
+@pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "private-directory"])
+def test_the_checked_pair_is_handed_to_openssl_as_read(two_pairs: Path, memfd: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes read once reach OpenSSL unchanged: as anonymous memory files, or (a system
+    without them) as files only their owner may read, removed after."""
+    from deepwatch.serve.app import _TlsPair
+
+    if not memfd:
+        monkeypatch.delattr(os, "memfd_create", raising=False)
+    pair = _TlsPair((two_pairs / "a.pem").read_bytes(), (two_pairs / "a.key").read_bytes(), None)
+    with pair.files() as (cert_file, key_file):
+        assert Path(cert_file).read_bytes() == pair.cert_pem
+        assert Path(key_file).read_bytes() == pair.key_pem
+        if not memfd:
+            assert os.stat(key_file).st_mode & 0o077 == 0
+            assert os.stat(Path(key_file).parent).st_mode & 0o077 == 0
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file)
+    if not memfd:  # (a memory file's number may be taken by another file at once)
+        assert not Path(cert_file).exists() and not Path(key_file).exists()
