@@ -237,3 +237,26 @@ def test_a_stop_while_files_are_read_says_what_was_left_unread(
     assert report.unread == [] and report.records > 0
     (stopped,) = [r for r in caplog.records if getattr(r, "event", "") == "stop"]
     assert stopped.levelno == logging.INFO
+
+
+def test_a_message_holding_a_line_break_is_a_dead_letter_even_where_the_format_parses_it(
+        detector: Detector, small_kdd_test: Path) -> None:
+    """'A message holding a line break is one record, rejected whole' (docs/stream.md): it was
+    scored where the format parsed its text, the break written as the two characters \\n (a
+    KDD label 'normal.\\nxyz'; on Tansu a 3 MB one made a 3 MB verdict). It is a dead letter
+    saying why; one the format rejects keeps the format's reason; the others are scored."""
+    from deepwatch.serve._stream_core import BROKEN
+
+    good = small_kdd_test.read_bytes().split(b"\n")[:3]
+    values = [good[0] + b"\nxyz", good[1], good[2] + b"\r\n", b"a\nb", good[0][:-1] + b"\n."]
+    keys = [str(i).encode() for i in range(len(values))]
+    source, sink = MemorySource(values, keys, batch_size=10, topic="t"), MemorySink()
+    report = run_loop(source, sink, StreamProcessor(detector, get_format("kdd")),
+                      threading.Event())
+    assert (report.records, report.scored, report.rejected) == (5, 2, 3)
+    assert {int(k) for k, _ in sink.messages[VERDICT]} == {1, 2}  # a last line break is no break
+    dead = {int(k): json.loads(v) for k, v in sink.messages[DEAD_LETTER]}
+    assert set(dead) == {0, 3, 4}
+    assert dead[0]["raw"] == good[0].decode() + "\\nxyz" and dead[0]["reason"] == BROKEN
+    assert dead[4]["reason"] == BROKEN and dead[3]["reason"] != BROKEN
+    assert dead[0]["deepwatch"]["source"] == {"topic": "t", "partition": 0, "offset": 0}

@@ -57,7 +57,7 @@ from ._stream_core import (
     RawBatch,
     dead_letter_for,
     find_record,
-    join_records,
+    join_messages,
     record_dead_letter,
 )
 from ._stream_io import DeliveryError
@@ -628,7 +628,8 @@ class KafkaSource:
         ends = origin.group_by("topic", "partition").agg(pl.col("offset").max())
         positions = {(t, int(p)): int(o) + 1 for t, p, o in ends.iter_rows()}
         keys = [m.key() for m in msgs]
-        return RawBatch(join_records([m.value() for m in msgs]), n, origin, keys, positions)
+        data, broken = join_messages([m.value() for m in msgs])
+        return RawBatch(data, n, origin, keys, positions, broken=broken)
 
     def commit(self, batch: RawBatch) -> None:
         ck = self._ck

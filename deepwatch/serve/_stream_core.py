@@ -48,6 +48,9 @@ class RawBatch:
     #: With ``damage``: the beginning of the text that was read but cannot be trusted (see
     #: :class:`deepwatch.sources.files.Chunk`), kept in the dead letter as a reject keeps it.
     lost: bytes = b""
+    #: The records whose message held a line break (joined with it written as the two
+    #: characters ``\\n``, see :func:`join_messages`): each is a dead letter, never scored.
+    broken: tuple[int, ...] = ()
     _split: list[bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,9 @@ class Output:
         msgs.rows = None
 
 
+#: The reason of a dead letter whose message held a line break.
+BROKEN = ("the message holds a line break (shown as \\n in raw): a message is one record, so it "
+          "is not scored")
 #: Added to a dead letter's reason when its record's bytes were not UTF-8.
 NOT_UTF8 = ("; the raw bytes were not valid UTF-8 and the undecodable ones are shown as \\xHH: "
             "the original is at deepwatch.source")
@@ -234,9 +240,20 @@ class StreamProcessor:
             return Output(messages, 0, 0, 0, 0, raw, self.fmt.name, now)
         now = now or datetime.now(UTC)
         scored_idx = np.asarray(result.line_numbers, dtype=np.int64)
+        batch = result.batch
+        broken = np.empty(0, dtype=np.int64)
+        if raw.broken and batch.num_rows:
+            # a message holding a line break is one record, rejected whole: the format may have
+            # parsed it all the same (a KDD label, an access log's quoted user agent, holding
+            # the text "\n"), and it was scored
+            hit = np.isin(scored_idx, np.asarray(raw.broken, dtype=np.int64))
+            if hit.any():
+                broken = scored_idx[hit]
+                batch = batch.filter(pa.array(~hit))
+                scored_idx = scored_idx[~hit]
         n_alerts = 0
-        if result.batch.num_rows:
-            scored = self.detector.score_batch(result.batch, self.state)
+        if batch.num_rows:
+            scored = self.detector.score_batch(batch, self.state)
             frame = pl.from_arrow(scored)
             assert isinstance(frame, pl.DataFrame)
             origin = raw.origin[scored_idx]
@@ -252,15 +269,28 @@ class StreamProcessor:
                     alert_lines(frame[pick], self.alert_context, origin[pick], now),
                     _take_keys(raw.keys, scored_idx[pick]), scored_idx[pick])
         rejects = result.rejects
-        if rejects.num_rows:
-            reject_idx = np.asarray(rejects.column("line"), dtype=np.int64)
-            texts = rejects.column("raw").to_pylist()
-            reasons = _note_not_utf8(raw, reject_idx, texts, rejects.column("reason").to_pylist())
+        reject_idx = np.asarray(rejects.column("line"), dtype=np.int64)
+        texts = rejects.column("raw").to_pylist()
+        reasons = rejects.column("reason").to_pylist()
+        if len(broken):
+            from ..formats._base import cut_raw, decode_text
+
+            for row in broken.tolist():
+                text, why = cut_raw(decode_text(raw.line(row)), BROKEN)
+                texts.append(text)
+                reasons.append(why)
+            reject_idx = np.concatenate([reject_idx, broken])
+            order = np.argsort(reject_idx, kind="stable")
+            reject_idx = reject_idx[order]
+            texts = [texts[i] for i in order]
+            reasons = [reasons[i] for i in order]
+        if len(reject_idx):
+            reasons = _note_not_utf8(raw, reject_idx, texts, reasons)
             messages[DEAD_LETTER] = Messages(
                 self._dead_letters(now, texts, reasons, raw.origin[reject_idx]),
                 _take_keys(raw.keys, reject_idx), reject_idx)
         # header lines (Zeek's #fields...) are no records: neither scored nor rejected
-        return Output(messages, result.lines, result.batch.num_rows, rejects.num_rows, n_alerts,
+        return Output(messages, result.lines, batch.num_rows, len(reject_idx), n_alerts,
                       raw, self.fmt.name, now)
 
     def _dead_letters(self, now: datetime, raw: list[str], reasons: list[str],
@@ -292,7 +322,13 @@ def _dead_letter_rows(now: datetime, fmt: str, raw: list[str], reasons: list[str
 
 
 def join_records(values: list[bytes | None]) -> bytes:
-    """One record per message: values joined by ``\\n`` so that a format parses them as lines.
+    """The text of :func:`join_messages`."""
+    return join_messages(values)[0]
+
+
+def join_messages(values: list[bytes | None]) -> tuple[bytes, tuple[int, ...]]:
+    """One record per message: values joined by ``\\n`` so that a format parses them as lines,
+    and the indices of those that held a line break (``RawBatch.broken``).
 
     A trailing line break is dropped and one inside a value is written as the two characters
     ``\\n``: every message stays one record (rejected, never split, when that breaks it).
@@ -303,9 +339,12 @@ def join_records(values: list[bytes | None]) -> bytes:
     """
     clean = [v if v is not None else b"" for v in values]
     data = b"\n".join(clean)
+    broken: tuple[int, ...] = ()
     if data.count(b"\n") != max(len(clean) - 1, 0):
-        clean = [v.rstrip(b"\r\n").replace(b"\n", b"\\n") for v in clean]
+        clean = [v.rstrip(b"\r\n") for v in clean]
+        broken = tuple(i for i, v in enumerate(clean) if b"\n" in v)
+        clean = [v.replace(b"\n", b"\\n") for v in clean]
         data = b"\n".join(clean)
     if clean and not clean[-1]:
         data += b"\n"
-    return data
+    return data, broken

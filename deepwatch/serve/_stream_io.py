@@ -24,7 +24,7 @@ from ..sources.files import (
     parse_input_spec,
 )
 from ..sources.follow import follow_chunks
-from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_records
+from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_messages
 
 CHUNK_BYTES = 4 << 20
 
@@ -79,8 +79,8 @@ class MemorySource:
             origin = pl.DataFrame({"topic": [self.topic] * n, "partition": np.zeros(n, np.int32),
                                    "offset": np.arange(start, start + n, dtype=np.int64)})
             keys = self.keys[start:start + n] if self.keys is not None else None
-            yield RawBatch(join_records(part), n, origin, keys,
-                           {(self.topic, 0): start + n})
+            data, broken = join_messages(part)
+            yield RawBatch(data, n, origin, keys, {(self.topic, 0): start + n}, broken=broken)
 
     def commit(self, batch: RawBatch) -> None:
         self.committed = max(self.committed, *batch.positions.values())
