@@ -660,9 +660,10 @@ class KafkaSource:
                     self.confirmed[tp] = p.offset
             elif self.committed.get(tp) == p.offset:
                 del self.committed[tp]
-        if err is not None:
-            log.warning("commit failed", extra={"event": "commit_error",
-                                                "error": self._log.redact(str(err))})
+        if err is not None:  # (one that keeps failing is said once per LOG_REPEAT_S)
+            text = self._log.redact(str(err))
+            self._log.repeats.say(log, ("commit", text), logging.WARNING, "commit failed",
+                                  {"event": "commit_error", "error": text})
 
     def _commit_sync(self, only: set[tuple[str, int]] | None = None) -> None:
         """Commits, and waits for, every acknowledged offset the brokers have not said they
