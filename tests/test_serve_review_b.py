@@ -296,3 +296,48 @@ def test_the_checked_pair_is_handed_to_openssl_as_read(two_pairs: Path, memfd: b
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file)
     if not memfd:  # (a memory file's number may be taken by another file at once)
         assert not Path(cert_file).exists() and not Path(key_file).exists()
+
+
+def _reloads(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("deepwatch_model_reloads_total{")}
+
+
+@pytest.mark.slow
+def test_workers_count_each_replacement_once_in_the_reload_metric(
+        kdd_bundle: Path, tmp_path: Path) -> None:
+    """serve --workers: a replacement asked by `kill -HUP` was not counted in
+    deepwatch_model_reloads_total at all (one process counts it), and one asked by POST was
+    counted by the worker that checked the bundle, before the replacement had even begun. The
+    parent now counts each replacement once, as it ends."""
+    import signal
+
+    from conftest import wait_healthy
+    from test_serve_workers import _all_workers, _kill, _start
+
+    log = tmp_path / "serve.log"
+    proc, url = _start(kdd_bundle, log)
+    try:
+        wait_healthy(url, proc)
+        assert _reloads(url) == {"ok": 0.0, "failed": 0.0}
+        for generation, ask in ((2, "SIGHUP"), (3, "POST")):
+            if ask == "SIGHUP":
+                proc.send_signal(signal.SIGHUP)
+            else:
+                assert httpx.post(url + "/v1/reload", timeout=30).status_code == 200
+            deadline = time.monotonic() + 60
+            while {h["generation"] for h in _all_workers(url)} != {generation}:
+                assert time.monotonic() < deadline, f"{ask} did not replace the workers"
+                time.sleep(0.2)
+            # counted once the replaced workers have stopped (a second's drain)
+            while (count := _reloads(url)) != {"ok": generation - 1.0, "failed": 0.0}:
+                assert time.monotonic() < deadline, (ask, count)
+                time.sleep(0.2)
+            time.sleep(0.5)
+            assert _reloads(url) == count  # and only once
+        assert httpx.post(url + "/v1/reload", json={"bundle": str(tmp_path / "none")},
+                          timeout=30).status_code == 422
+        assert _reloads(url) == {"ok": 2.0, "failed": 1.0}
+    finally:
+        _kill(proc)

@@ -225,6 +225,28 @@ def worker_app() -> Any:
         sys.exit(STARTUP_FAILURE)
 
 
+def _parent_reload_counter() -> Any:
+    """``deepwatch_model_reloads_total`` of the parent, which replaces the workers: each
+    replacement (asked by SIGHUP or by ``POST /v1/reload``) counted once, ``ok`` when every
+    worker serves the new model, ``failed`` when it was refused (the certificate) or undone.
+    Its values go to the workers' metric files (``PROMETHEUS_MULTIPROC_DIR``, set now), so
+    ``/metrics`` adds them to the workers' own (a ``POST`` whose bundle did not load there).
+    prometheus_client chose where values go when it was first imported, before the directory
+    was set: this counter is given the multi-process kind itself."""
+    from prometheus_client import CollectorRegistry, Counter, values
+
+    kept = values.ValueClass
+    values.ValueClass = values.MultiProcessValue()
+    try:  # (each label's value is made by labels(), at its first call: here)
+        counter = Counter("deepwatch_model_reloads", "Model reloads, by result", ["result"],
+                          registry=CollectorRegistry())
+        for result in ("ok", "failed"):
+            counter.labels(result)
+    finally:
+        values.ValueClass = kept
+    return counter
+
+
 def worker_ssl_context(config: Any, default: Any) -> Any:
     """A worker's TLS context (uvicorn's ``ssl_context_factory``): the certificate files the
     parent checked, tried again for a moment where they do not load, as a renewal renaming the
@@ -405,6 +427,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
             "engine": engine, "limits": asdict(limits), "tls": tls_files,
             "head_timeout_seconds": HEAD_TIMEOUT_SECONDS})
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "prometheus")
+        reloads = _parent_reload_counter()
         # the workers share the cores: ONNX Runtime threads per worker, unless set already
         os.environ.setdefault("DEEPWATCH_THREADS",
                               str(max(1, usable_cores() // workers)))
@@ -503,6 +526,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                     return
                 before = read_settings(state)
                 if not self._certificate_loads(int(before["generation"])):
+                    reloads.labels("failed").inc()
                     return
                 now = {**before, "generation": int(before["generation"]) + 1}
                 asked = take_reload_request(state)
@@ -519,9 +543,11 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 if self.should_exit.is_set():
                     return
                 if not {p.pid for p in self.processes} & old:
+                    reloads.labels("ok").inc()
                     log.info("SIGHUP: every worker replaced, serving %s (generation %d)",
                              now["bundle"], now["generation"])
                     return
+                reloads.labels("failed").inc()
                 log.error("not every worker could be replaced: back to %s (generation %d)",
                           before["bundle"], before["generation"])
                 _write_json(state / SETTINGS, before)

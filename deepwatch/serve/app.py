@@ -326,8 +326,7 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                                 "with the bundle and certificate they have): %s", exc)
                     return _error(422, f"the workers were not replaced (they serve on with the "
                                        f"bundle and certificate they have): {exc}")
-            group.reload_all(model.path)
-            service.metrics.reloads.labels("ok").inc()
+            group.reload_all(model.path)  # (the parent counts the replacement's outcome)
             log.info("replacing the workers to serve %s", model.path)
             answer = {"status": "reloading", "model": model.describe(), "workers": "replacing"}
         else:
