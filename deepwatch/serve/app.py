@@ -746,8 +746,9 @@ class _TlsPair:
     @contextlib.contextmanager
     def files(self) -> Iterator[tuple[str, str]]:
         """The two as files OpenSSL can open (it reads nothing else): anonymous memory files
-        where the system has them (Linux), else in a private temporary directory."""
-        if hasattr(os, "memfd_create"):
+        where the system has them (Linux, with /proc), else in a private temporary
+        directory."""
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
             fds = [os.memfd_create(f"deepwatch-tls-{name}", 0) for name in ("cert", "key")]
             try:
                 for fd, data in zip(fds, (self.cert_pem, self.key_pem), strict=True):
