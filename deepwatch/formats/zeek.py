@@ -9,6 +9,11 @@ one line of field names (``ts\tuid\tid.orig_h...``): it is read as a ``#fields``
 conn.log's first field is ``ts``, and a record's ``ts`` is a time, never the text ``ts``: so a
 line whose first field is ``ts`` is that header.
 
+Zeek's other logs are refused: a ``dns.log`` line has every field a record needs (ts, hosts,
+proto) and became a connection with no bytes, duration or state. A header naming none of
+conn.log's own fields but fields of its own (see ``OTHER_LOG_MIN``) is another log's: each TSV
+line under it, carried or not, is a reject saying so; a JSON line is judged by its keys alike.
+
 Zeek's header lines (``#separator``, ``#fields``, ``#types``, ``#path``, ``#open``, ``#close``...,
 and the field-name line of a ``LogAscii::tsv=T`` log) are not records: they are neither parsed
 nor rejected, and are counted as ``skipped``. Any other line starting with ``#`` is rejected
@@ -145,6 +150,79 @@ TSV_PREFIX = "ts\t"
 #: Zeek's log header lines: metadata, not records.
 HEADER = (r"^(?:#(?:separator|set_separator|empty_field|unset_field|path|open|close|fields|types)"
           r"(?:[\t ]|$)|ts\t)")
+
+
+#: conn.log's own fields: the ones Zeek's other logs (``dns.log``, ``http.log``, ``ssl.log``...)
+#: do not have, beside the connection's identity (``ts``, ``uid``, ``id.*``, ``proto``) they share.
+CONN_OWN = ("duration", "orig_bytes", "resp_bytes", "conn_state", "missed_bytes", "history",
+            "orig_pkts", "orig_ip_bytes", "resp_pkts", "resp_ip_bytes")
+#: Fields a conn.log has beyond ``CONN_FIELDS``, from Zeek's options and common packages.
+_CONN_EXTRA = frozenset(("tunnel_parents", "community_id", "ip_proto", "orig_l2_addr",
+                         "resp_l2_addr", "vlan", "inner_vlan", "speculative_service"))
+_CONN_NAMES = frozenset(name for name, _c, _t in CONN_FIELDS) | _CONN_EXTRA
+#: How many fields conn.log does not have make a header (or a JSON object) naming none of
+#: conn.log's own another log's: a conn.log filtered down to the connection's identity, maybe
+#: with one field of a package's added, is still read; another Zeek log has several of its own
+#: (``dns.log``: ``trans_id``, ``rtt``, ``query``...; ``syslog.log``: ``facility``,
+#: ``severity``, ``message``; ``dpd.log``: ``analyzer``, ``failure_reason``).
+OTHER_LOG_MIN = 2
+
+
+def _other_log(names: Any, what: str) -> str | None:
+    """The reason a line is refused when its fields (``names``: a header's, or a JSON object's
+    keys) are another Zeek log's, not conn.log's (see ``OTHER_LOG_MIN``); None where they may
+    be conn.log's. ``what``: what names them, for the reason."""
+    if any(name in CONN_OWN for name in names):
+        return None
+    foreign = [name for name in names if name not in _CONN_NAMES]
+    if len(foreign) < OTHER_LOG_MIN:
+        return None
+    shown = ", ".join(foreign[:6]) + (", ..." if len(foreign) > 6 else "")
+    return (f"{what} is not conn.log's: it names none of conn.log's own fields "
+            f"({', '.join(CONN_OWN)}) and {len(foreign)} fields conn.log does not have "
+            f"({shown}): a line of another Zeek log (dns.log, http.log...)?")
+
+
+def _header_other_log(header: str | None, order: list[str]) -> str | None:
+    """The reason each TSV line under ``header`` (its field ``order``) is refused where the
+    header is another Zeek log's (see ``_other_log``), else None. Decided once per header."""
+    if not header or order is DEFAULT_ORDER:
+        return None
+    what = ("the #fields header of these lines" if header.startswith(FIELDS_PREFIX)
+            else "the field-name header line (LogAscii::tsv=T) of these lines")
+    return _other_log(order, what)
+
+
+def _json_other_log(frame: Any, reason: Any) -> Any:
+    """``reason`` with each JSON line that names none of conn.log's own fields but fields of
+    another log (see ``_other_log``) a reject saying so. A conn.log's JSON line always has some
+    (``missed_bytes``, ``orig_pkts``... are always set): only the lines with none of them are
+    looked at again, in Python."""
+    import json
+
+    import polars as pl
+
+    if not frame.get_column("_json").any():
+        return reason
+    suspect = frame.select(pl.col("_json") & pl.all_horizontal(
+        [pl.col(c).is_null() for c in CONN_OWN])).to_series().arg_true()
+    if suspect.len() == 0:
+        return reason
+    found = {}
+    for row, raw in zip(suspect.to_list(), frame.get_column(
+            _JSON_TEXT if _JSON_TEXT in frame.columns else "raw").gather(suspect).to_list(),
+            strict=True):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue  # not JSON: its reason says so already
+        if type(obj) is dict:
+            why = _other_log(list(obj), "this JSON object")
+            if why is not None:
+                found[row] = why
+    if not found:
+        return reason
+    return reason.scatter(list(found), list(found.values()))
 
 
 def _order(header: str | None) -> list[str]:
@@ -288,7 +366,7 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
               + pl.col("_n").cast(pl.String))
     )
     reason = frame.select(pl.coalesce([shape, *reasons]).alias("r"))["r"]
-    return frame, _json_containers(frame, reason)
+    return frame, _json_other_log(frame, _json_containers(frame, reason))
 
 
 def _json_containers(frame: Any, reason: Any) -> Any:
@@ -399,7 +477,8 @@ class Zeek(Format):
         # before it
         starts = [every.str.starts_with(p) for p in self.context_prefixes]
         is_fields = np.logical_or.reduce([s.to_numpy() for s in starts]) & ~run_together
-        orders = [_order(context)] + [_order(every[int(i)]) for i in np.flatnonzero(is_fields)]
+        headers = [context] + [every[int(i)] for i in np.flatnonzero(is_fields)]
+        orders = [_order(h) for h in headers]
         segment = np.cumsum(is_fields)[record]
         frames, reasons = [], []
         for seg in np.unique(segment):  # segments are runs: records stay in order
@@ -408,6 +487,13 @@ class Zeek(Format):
             order = orders[seg]  # DEFAULT_ORDER itself where no #fields header declares one
             frame, reason = _typed(_text_columns(part, order, json_part), len(order),
                                    exact=order is not DEFAULT_ORDER)
+            other = _header_other_log(headers[seg], order)
+            if other is not None:  # each TSV line under another log's header: refused so
+                tsv = frame.select(~pl.col("_json") & pl.col("raw").str.contains(r"\S")
+                                   & ~pl.col("raw").str.starts_with("#")
+                                   & ~pl.col("raw").str.contains(CR_INSIDE)).to_series()
+                reason = pl.select(pl.when(pl.lit(tsv)).then(pl.lit(other))
+                                   .otherwise(pl.lit(reason))).to_series()
             frames.append(frame)
             reasons.append(reason)
         frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
