@@ -153,6 +153,14 @@ def test_numbers_beyond_a_double_and_non_finite_numbers_are_rejects() -> None:
     assert result.rejects.column("raw").to_pylist()[5] == '"not an object"'
 
 
+def test_a_finite_time_past_every_column_unit_is_out_of_range() -> None:
+    """1e308 seconds is a finite double, but not in microseconds: the reader raised
+    OverflowError (a request's other records were lost with it); it is the record's reject."""
+    result = ZEEK.parse_records([_record(ts=1e308), _record()])
+    assert result.line_numbers.to_pylist() == [2]
+    assert result.rejects.column("reason").to_pylist() == ["field 'ts' is out of range: 1e+308"]
+
+
 # -- KDD objects read their text fields as lines do ----------------------------------------------
 
 KDD_LINES = [

@@ -105,7 +105,10 @@ def _timestamp(value: Any, typ: pa.DataType) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
         if isinstance(value, float) and not np.isfinite(value):
             raise ValueError("is not a finite timestamp")
-        return _in_range(int(round(value * per_second)), per_second)
+        scaled = value * per_second
+        if isinstance(scaled, float) and not np.isfinite(scaled):  # (1e308 seconds, in µs)
+            raise ValueError("is out of range")
+        return _in_range(int(round(scaled)), per_second)
     if isinstance(value, str | datetime):  # (a datetime: records made in Python, pandas')
         try:
             when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
