@@ -204,9 +204,15 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     a device or a directory in a bundle is refused without being opened.
     """
     path = Path(path)
-    if not path.exists():
-        raise BundleError(f"no bundle at {path}")
-    if not os.path.lexists(path / MANIFEST):
+    try:
+        path.stat()
+        has_manifest = os.path.lexists(path / MANIFEST)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f"no bundle at {path}") from None
+    except OSError as exc:  # a name too long, a folder not searchable, a loop of links
+        raise BundleError(f"cannot look at a bundle at {path}: "
+                          f"{exc.strerror or exc}") from None
+    if not has_manifest:
         raise BundleError(f"{path} is not a deepwatch bundle (no {MANIFEST})")
     raw = _read_regular(path / MANIFEST, MAX_MANIFEST_BYTES)
     try:

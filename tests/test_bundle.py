@@ -50,6 +50,12 @@ def test_missing_file_and_not_a_bundle(copy: Path, tmp_path: Path) -> None:
         Detector(tmp_path)
     with pytest.raises(BundleError, match="no bundle at"):
         Detector(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="no bundle at"):
+        Detector(tmp_path / "file" / "b")
+    # a path the system cannot look up (a name past NAME_MAX) was an OSError traceback
+    with pytest.raises(BundleError, match="cannot look at a bundle at .*: File name too long"):
+        Detector(tmp_path / ("a" * 5000))
 
 
 def test_featurizer_swapped_consistently_is_still_refused(copy: Path, kdd_bundle: Path) -> None:
