@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,24 @@ def need(condition: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"missing in CI: {what}")
     pytest.skip(f"missing: {what}")
+
+
+def chromium_dom(url: str, budget_ms: int = 3000) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on the page at ``url`` (own profile, no background traffic), given
+    ``budget_ms`` of page time: the rendered DOM on its stdout (skipped without Chromium,
+    failed under CI)."""
+    import shutil
+    import tempfile
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    need(browser is not None, "chromium (apt-get install -y chromium)")
+    assert browser is not None
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom",
+             url], capture_output=True, text=True, timeout=120, check=False)
 
 
 def data_file(rel: str) -> Path:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import ThreadServer, free_port, need, wait_healthy
+from conftest import ThreadServer, chromium_dom, free_port, wait_healthy
 
 from deepwatch.formats import get_format
 from deepwatch.models.detector import Detector
@@ -746,16 +746,9 @@ def test_cli_serve_on_port_0_names_the_port_it_got(kdd_bundle: Path, lines: list
 # -- the dashboard in a real browser -------------------------------------------------------------
 
 def _dashboard_dom(url: str) -> subprocess.CompletedProcess[str]:
-    """Headless Chromium on the dashboard at ``url``, given 5 s of page time to poll
-    ``/v1/stats``: the rendered DOM on its stdout (skipped without Chromium, failed under CI)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    need(browser is not None, "chromium (apt-get install -y chromium)")
-    assert browser is not None
-    return subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu",
-         "--disable-background-networking", "--disable-dev-shm-usage",
-         "--virtual-time-budget=5000", "--dump-dom", url + "/"],
-        capture_output=True, text=True, timeout=120)
+    """The dashboard at ``url`` as Chromium draws it given 5 s of page time to poll
+    ``/v1/stats``."""
+    return chromium_dom(url + "/", budget_ms=5000)
 
 
 @pytest.mark.integration

@@ -175,17 +175,11 @@ def test_markup_in_the_dashboard_does_not_run_under_its_policy(server: Server) -
     """Real Chromium on the served page with :data:`INJECTED` added, sent with the served
     policy (and its data polled from the real server): the dashboard's own script runs and
     goes live, none of the injected handlers does (without the policy each sets the title)."""
-    import shutil
-    import tempfile
-
-    from conftest import ThreadServer, need
+    from conftest import ThreadServer, chromium_dom
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    need(browser is not None, "chromium (apt-get install -y chromium)")
-    assert browser is not None
     real = httpx.get(server.url + "/")
     page = real.text.replace("<h1>deepwatch</h1>", f"<h1>deepwatch{INJECTED}</h1>")
     policy = {k: v for k, v in real.headers.items() if k == "content-security-policy"}
@@ -198,12 +192,8 @@ def test_markup_in_the_dashboard_does_not_run_under_its_policy(server: Server) -
                         media_type="application/json")
 
     app = Starlette(routes=[Route("/", index), Route("/v1/stats", stats)])
-    with ThreadServer(app) as mirror, tempfile.TemporaryDirectory() as profile:
-        run = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-dev-shm-usage",
-             f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom",
-             mirror.url + "/"], capture_output=True, text=True, timeout=120, check=False)
+    with ThreadServer(app) as mirror:
+        run = chromium_dom(mirror.url + "/")
     dom = run.stdout
     assert 'data-state="live"' in dom, (dom[:2000], run.stderr[-2000:])
     assert "<title>deepwatch: live scoring</title>" in dom  # no handler set it

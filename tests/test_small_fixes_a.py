@@ -41,32 +41,22 @@ def test_the_dashboard_cuts_a_long_field_of_an_alert(kdd_bundle: Path) -> None:
     # dashboard's alert list; cut now to MAX_FIELD_CHARS characters as alerts are, a marker
     # beside (outside the sender's <bdi>) saying how many it had.
     import re
-    import shutil
-    import subprocess
-    import tempfile
     from importlib import resources
 
     import httpx
-    from conftest import ThreadServer, need
+    from conftest import ThreadServer, chromium_dom
 
     from deepwatch.alerts import MAX_FIELD_CHARS
     from deepwatch.serve.app import create_app
 
     page = resources.files("deepwatch.serve").joinpath("dashboard.html").read_text()
     assert f"const MAX_FIELD_CHARS = {MAX_FIELD_CHARS};" in page  # the page's is the alerts'
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    need(browser is not None, "chromium (apt-get install -y chromium)")
-    assert browser is not None
     services = ["Z" * 20_000, "Y" * MAX_FIELD_CHARS, "\U0001f600" * (MAX_FIELD_CHARS + 5)]
-    with ThreadServer(create_app(kdd_bundle)) as srv, tempfile.TemporaryDirectory() as profile:
+    with ThreadServer(create_app(kdd_bundle)) as srv:
         r = httpx.post(srv.url + "/v1/score", timeout=30,
                        json={"records": [SMURF.format(service=s) for s in services]})
         assert [x["verdict"] for x in r.json()["results"]] == ["malicious"] * 3, r.text
-        run = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-dev-shm-usage",
-             f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom",
-             srv.url + "/"], capture_output=True, text=True, timeout=120, check=False)
+        run = chromium_dom(srv.url + "/")
     dom = run.stdout
     assert 'data-state="live"' in dom, (dom[:2000], run.stderr[-2000:])
     drawn = re.findall(r"service</bdi>=<bdi>([^<]*)</bdi>(<span class=\"cut\">[^<]*</span>)?",
