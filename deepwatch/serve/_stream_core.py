@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ..alerts import AlertContext, alert_lines
 from ..formats import Format
+from ..formats._base import ParseResult
 from ..sinks import escape_unsafe_documents
 
 ALERT, VERDICT, DEAD_LETTER = "alert", "verdict", "dead_letter"
@@ -117,6 +118,12 @@ class Output:
 #: The reason of a dead letter whose message held a line break.
 BROKEN = ("the message holds a line break (shown as \\n in raw): a message is one record, so it "
           "is not scored")
+#: The reason of a dead letter whose message is a log header line (Zeek's ``#fields``,
+#: ``#types``, ``#path``..., or the field-name line of a ``LogAscii::tsv=T`` log), where
+#: messages are read each on its own (Kafka): it is no record, and it sets no field order.
+HEADER_MESSAGE = ("a log header line (Zeek's #fields, #types, #path...) is not a record: each "
+                  "message is read on its own, so a header sets no field order for the messages "
+                  "after it (send JSON lines, or TSV in conn.log's standard field order)")
 #: Added to a dead letter's reason when its record's bytes were not UTF-8.
 NOT_UTF8 = ("; the raw bytes were not valid UTF-8 and the undecodable ones are shown as \\xHH: "
             "the original is at deepwatch.source")
@@ -235,6 +242,12 @@ class StreamProcessor:
         if result is not None and result.lines + result.skipped != raw.count:
             raise ValueError(f"{raw.count} records became {result.lines + result.skipped} "
                              "lines; a record holds a line break")
+        headers = np.empty(0, dtype=np.int64)
+        if result is not None and result.skipped and raw.stream is None:
+            # messages read each on its own (Kafka): a header line is no record, yet the format
+            # skipped it unsaid and let it set how the messages after it in this batch (only)
+            # were read. Each is a dead letter, and the rest are parsed again without them.
+            result, headers = self._without_headers(raw, result)
         messages = {k: Messages(keys=[] if raw.keys is not None else None) for k in KINDS}
         if result is None:
             return Output(messages, 0, 0, 0, 0, raw, self.fmt.name, now)
@@ -272,14 +285,16 @@ class StreamProcessor:
         reject_idx = np.asarray(rejects.column("line"), dtype=np.int64)
         texts = rejects.column("raw").to_pylist()
         reasons = rejects.column("reason").to_pylist()
-        if len(broken):
+        if len(broken) or len(headers):
             from ..formats._base import cut_raw, decode_text
 
-            for row in broken.tolist():
-                text, why = cut_raw(decode_text(raw.line(row)), BROKEN)
+            held = set(raw.broken)
+            for row in broken.tolist() + headers.tolist():
+                text, why = cut_raw(decode_text(raw.line(row)),
+                                    BROKEN if row in held else HEADER_MESSAGE)
                 texts.append(text)
                 reasons.append(why)
-            reject_idx = np.concatenate([reject_idx, broken])
+            reject_idx = np.concatenate([reject_idx, broken, headers])
             order = np.argsort(reject_idx, kind="stable")
             reject_idx = reject_idx[order]
             texts = [texts[i] for i in order]
@@ -289,9 +304,35 @@ class StreamProcessor:
             messages[DEAD_LETTER] = Messages(
                 self._dead_letters(now, texts, reasons, raw.origin[reject_idx]),
                 _take_keys(raw.keys, reject_idx), reject_idx)
-        # header lines (Zeek's #fields...) are no records: neither scored nor rejected
-        return Output(messages, result.lines, batch.num_rows, len(reject_idx), n_alerts,
-                      raw, self.fmt.name, now)
+        # header lines of an input read in order (a Zeek log file's #fields...) are no records:
+        # neither scored nor rejected. A message's header line (above) is a dead letter.
+        return Output(messages, result.lines + len(headers), batch.num_rows, len(reject_idx),
+                      n_alerts, raw, self.fmt.name, now)
+
+    def _without_headers(self, raw: RawBatch, result: ParseResult
+                         ) -> tuple[ParseResult, np.ndarray]:
+        """``result`` of ``raw`` parsed again without its header lines (those the format
+        skipped), its line numbers those of ``raw``; and the header lines' indices."""
+        seen = np.zeros(raw.count, dtype=bool)
+        seen[np.asarray(result.line_numbers, dtype=np.int64)] = True
+        seen[np.asarray(result.rejects.column("line"), dtype=np.int64)] = True
+        headers, keep = np.flatnonzero(~seen), np.flatnonzero(seen)
+        parts = raw.data.split(b"\n")
+        rest = [parts[i] for i in keep.tolist()]
+        data = b"\n".join(rest) + (b"\n" if rest and not rest[-1] else b"")
+        again = self.fmt.parse_bulk(data, first_line=0, context=None)
+        if again.lines + again.skipped != len(keep) or again.skipped:
+            raise ValueError(f"{len(keep)} records without their headers became "
+                             f"{again.lines} records and {again.skipped} headers")
+        rejects = again.rejects
+        if rejects.num_rows:
+            at = rejects.schema.get_field_index("line")
+            lines = keep[np.asarray(rejects.column("line"), dtype=np.int64)]
+            rejects = rejects.set_column(at, rejects.schema.field(at),
+                                         pa.array(lines, rejects.schema.field(at).type))
+        return ParseResult(again.batch, rejects, again.lines,
+                           pa.array(keep[np.asarray(again.line_numbers, dtype=np.int64)],
+                                    pa.int64())), headers
 
     def _dead_letters(self, now: datetime, raw: list[str], reasons: list[str],
                       origin: pl.DataFrame) -> list[bytes]:

@@ -30,7 +30,9 @@ class StreamMetrics:
                                 registry=r)
         self.batches = Counter("deepwatch_stream_batches", "Micro-batches processed", registry=r)
         self.batch_seconds = Histogram("deepwatch_stream_batch_duration_seconds",
-                                       "Time to parse, score, write and acknowledge a batch",
+                                       "Time to parse, score and write a batch (hand its "
+                                       "messages to the sink), not counting the wait for their "
+                                       "acknowledgement",
                                        buckets=BATCH_SECONDS, registry=r)
         self.batch_records = Histogram("deepwatch_stream_batch_records", "Records in a batch",
                                        buckets=BATCH_RECORDS, registry=r)
@@ -51,7 +53,9 @@ class StreamMetrics:
             "1 from a Kafka client error until the client works again (the brokers answer, a "
             "message is read, a delivery is acknowledged), else 0", ["client"], registry=r)
         self.last_batch = Gauge("deepwatch_stream_last_batch_timestamp_seconds",
-                                "When the last batch was acknowledged", registry=r)
+                                "When the last batch was parsed, scored and written (its "
+                                "messages handed to the sink; their acknowledgement may come "
+                                "later)", registry=r)
         for outcome in ("scored", "rejected"):
             self.records.labels(outcome)
         for kind in ("alert", "verdict", "dead_letter"):
