@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import json
 import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,7 +82,7 @@ def replace_file(path: str | Path, data: bytes) -> None:
     if st is not None and not stat.S_ISREG(st.st_mode):
         Path(there).write_bytes(data)
         return
-    tmp = real.with_name(f".{real.name}.{os.urandom(4).hex()}.tmp")
+    tmp = _tmp_beside(real)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -90,6 +93,28 @@ def replace_file(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: A temporary output file (see :func:`_tmp_beside`) older than this was left by a run killed
+#: outright (SIGKILL, the OOM killer); the next run writing that output removes it.
+STALE_TMP_S = 3600.0
+
+
+def _tmp_beside(real: str | Path) -> Path:
+    """A hidden, unique name beside ``real`` for its contents until they are whole. Those
+    that runs killed outright left beside it are removed first once older than
+    :data:`STALE_TMP_S`: nothing could read them (a Parquet file without its footer), and they
+    took the disk space of a whole output each."""
+    real = Path(real)
+    now = time.time()
+    pattern = re.compile(rf"\.{re.escape(real.name)}\.[0-9a-f]{{8}}\.tmp")
+    for old in real.parent.glob(f".{glob.escape(real.name)}.*.tmp"):
+        if pattern.fullmatch(old.name):
+            with contextlib.suppress(OSError):
+                st = old.lstat()
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TMP_S:
+                    old.unlink()
+    return real.with_name(f".{real.name}.{os.urandom(4).hex()}.tmp")
 
 
 def _stat(path: str | Path, real: str | Path) -> tuple[os.stat_result | None, str | Path]:
@@ -294,7 +319,7 @@ class RecordSink:
         if st is not None and not stat.S_ISREG(st.st_mode):
             return self.path
         self._final = (real, st.st_mode & 0o7777 if st is not None else None)
-        self._tmp = str(Path(real).with_name(f".{Path(real).name}.{os.urandom(4).hex()}.tmp"))
+        self._tmp = str(_tmp_beside(real))
         return self._tmp
 
     def _drop_tmp(self) -> None:

@@ -72,3 +72,20 @@ def test_a_parquet_output_killed_outright_leaves_the_older_one_readable(tmp_path
     assert pq.read_table(out).column("x").to_pylist() == [41, 42]
     [left] = [p.name for p in tmp_path.iterdir() if p != out]
     assert left.startswith(".out.parquet.") and left.endswith(".tmp")  # hidden, as the lake's
+    # the next run writing that output removes it once it is old (a young one may be a running
+    # writer's), and nothing else beside it: before, each killed run's stayed for good
+    from deepwatch.sinks import STALE_TMP_S, RecordSink
+
+    stale = tmp_path / left
+    young = tmp_path / ".out.parquet.0123abcd.tmp"
+    young.write_bytes(b"PAR1")
+    other = tmp_path / ".other.parquet.0123abcd.tmp"
+    other.write_bytes(b"PAR1")
+    for p in (stale, other):
+        os.utime(p, (p.stat().st_atime, p.stat().st_mtime - STALE_TMP_S - 60))
+    sink = RecordSink(str(out))
+    sink.write(pa.record_batch({"x": [7]}))
+    sink.close()
+    assert pq.read_table(out).column("x").to_pylist() == [7]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name, young.name, other.name])
