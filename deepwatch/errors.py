@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, Self
 
 
 class DeepwatchError(Exception):
@@ -79,31 +80,123 @@ class Interrupted(KeyboardInterrupt):
         self.terminated = terminated
 
 
-class _Stop:
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM taken by a run for the length of a ``with`` block: what the
+    run's own handlers share. On the main thread only (elsewhere none can be set), each signal
+    :meth:`_takes` accepts gets :meth:`_on_stop`, the subclass's policy (raise, hold, cancel,
+    set an event); the handlers found are put back after. A stop after the first that the
+    policy holds is answered once, by :meth:`_say_held`."""
+
+    def __init__(self) -> None:
+        self._before: dict[int, Any] = {}  # the handlers found, for the signals taken
+        self.told = False  # a stop held was answered: the ones after it say nothing
+
+    def _takes(self, signum: int, handler: Any) -> bool:
+        """Whether ``signum``, with ``handler`` in, is taken (not where it is ignored)."""
+        import signal
+
+        return handler is not signal.SIG_IGN
+
+    def _begin(self) -> bool:
+        """On the main thread, before the handlers are put in; False: none are."""
+        return True
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        raise NotImplementedError
+
+    def _take(self) -> bool:
+        """Put the handler in; False: not on this thread, or not begun (:meth:`_begin`)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or not self._begin():
+            return False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(s)
+            if self._takes(s, handler):
+                self._before[s] = handler
+                signal.signal(s, self._on_stop)
+        return True
+
+    def _restore(self) -> dict[int, Any]:
+        """Put back the handlers found; those, by signal."""
+        import signal
+
+        before, self._before = self._before, {}
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        return before
+
+    def _say_held(self, line: str, reported: bool = False) -> None:
+        """Say ``line`` of a stop held, once (a held key repeats Ctrl-C many times a second);
+        ``reported``: as the command's last line about the stop (:func:`stop_reported`).
+        os.write, not print, which could re-enter a write to stderr under way."""
+        import os
+
+        if not self.told:
+            self.told = True
+            os.write(2, line.encode(errors="backslashreplace"))
+            if reported:
+                stop_reported()
+
+    def __enter__(self) -> Self:
+        self._take()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+class _CleanStops(StopSignals):
     """The stop of the run under way (see :func:`sigterm_stops_cleanly`): the first Ctrl-C or
     SIGTERM stops it; the ones after are held while what was kept is closed."""
 
-    begun = False  # the first signal came
-    told = False  # the user was told that the ones after it are held
-    to_exit = False  # the process is deepwatch's own command: hold them until it has ended
+    def __init__(self) -> None:
+        super().__init__()
+        self.begun = False  # the first signal came
+        self.to_exit = False  # the process is deepwatch's own command: hold them until it has ended
+
+    def _takes(self, signum: int, handler: Any) -> bool:
+        import signal
+
+        return handler is not signal.SIG_IGN and (
+            signum == signal.SIGTERM or handler is signal.default_int_handler)
+
+    def _begin(self) -> bool:
+        import os
+        import signal
+
+        if "WORLD_SIZE" in os.environ:
+            return False
+        if self._on_stop in (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)):
+            # inside another such block (or after a stop of this process): its state stands
+            return False
+        keep_ctrl_c_from_polars()  # (before the handlers: they replace its hook)
+        self._before = {}
+        self.begun = self.told = False
+        return True
+
+    def _on_stop(self, signum: int, _frame: Any) -> None:
+        import signal
+
+        if not self.begun:
+            self.begun = True
+            raise Interrupted(terminated=signum == signal.SIGTERM)
+        self._say_held("already stopping: the clean-up under way is finished first\n")
+
+    def _end(self) -> None:
+        if not (self.begun and self.to_exit):
+            self._restore()
+            self.begun = self.told = False
 
 
-def _on_stop(signum: int, _frame: object) -> None:
-    import os
-    import signal
-
-    if not _Stop.begun:
-        _Stop.begun = True
-        raise Interrupted(terminated=signum == signal.SIGTERM)
-    if not _Stop.told:  # (os.write: print could re-enter a write to stderr under way)
-        _Stop.told = True
-        os.write(2, b"already stopping: the clean-up under way is finished first\n")
+_stop = _CleanStops()
 
 
 def stop_reported() -> None:
     """The command has printed its last line about the stop: stops held after it say nothing
     more (a line after the last one would read as the outcome)."""
-    _Stop.told = True
+    _stop.told = True
 
 
 def hold_stops_to_exit() -> None:
@@ -113,8 +206,8 @@ def hold_stops_to_exit() -> None:
     where they would print a traceback and make the exit status -2."""
     import atexit
 
-    if not _Stop.to_exit:
-        _Stop.to_exit = True
+    if not _stop.to_exit:
+        _stop.to_exit = True
         atexit.register(_ignore_stops_if_stopping)  # (the first registered runs last)
 
 
@@ -123,7 +216,7 @@ def _ignore_stops_if_stopping() -> None:
     under which one more Ctrl-C would kill the process (exit status -2, not 130); ignored."""
     import signal
 
-    if _Stop.begun:
+    if _stop.begun:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_IGN)
 
@@ -166,30 +259,10 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     one line saying so: a user pressing Ctrl-C again while the output is closed would cut it
     off mid-write (a Parquet file without its footer, a lake half rolled back) and lose the
     line saying what was kept. SIGKILL still ends the process at once."""
-    import os
-    import signal
-    import threading
-
-    if "WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread():
+    if not _stop._take():  # (a rank, not the main thread, or inside another such block)
         yield
         return
-    if _on_stop in (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)):
-        # inside another such block (or after a stop of this process): its state stands
-        yield
-        return
-    keep_ctrl_c_from_polars()  # (before the handlers below: they replace its hook)
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    taken = [s for s, h in before.items()
-             if h is not signal.SIG_IGN
-             and (s == signal.SIGTERM or h is signal.default_int_handler)]
-    _Stop.begun = _Stop.told = False
-    for s in taken:
-        signal.signal(s, _on_stop)
     try:
         yield
     finally:
-        if not (_Stop.begun and _Stop.to_exit):
-            for s in taken:
-                h = before[s]
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
-            _Stop.begun = _Stop.told = False
+        _stop._end()

@@ -9,13 +9,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._line_cache import ScoredLineCache
-from .errors import DeepwatchError, Interrupted, OutputError, UsageError
+from .errors import DeepwatchError, Interrupted, OutputError, StopSignals, UsageError
 from .formats import Format, get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink, rejects_read
@@ -128,7 +128,7 @@ def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str |
     return ScoreReport(reader.stats, sink.rows, alerts, time.perf_counter() - t0, det.engine)
 
 
-class _PipeStops:
+class _PipeStops(StopSignals):
     """Ctrl-C and SIGTERM while ``score`` reads stdin or a named pipe: the lines read of it
     cannot be read again, so the stop is held, as ``deepwatch stream``'s is: ``event`` is set,
     which ends the pipe's reads where they are (see :func:`stop_reads_on`), every line read is
@@ -140,13 +140,12 @@ class _PipeStops:
     is held is held with it, and one line says so (``already stopping: ...``)."""
 
     def __init__(self, specs: Sequence[InputSpec]):
+        super().__init__()
         self.event = threading.Event()
         self.spec: InputSpec | None = None  # the input read when the stop came
         self._signum: int | None = None
         self._pipe = bool(specs) and cannot_be_read_again(specs[0].path)
         self._current = specs[0] if specs else None
-        self._before: dict[int, Any] = {}
-        self._told = False  # a stop after the held one was answered
 
     def reading(self, spec: InputSpec) -> None:
         if spec is not self._current:
@@ -161,53 +160,41 @@ class _PipeStops:
         if self._before:
             pa.enable_signal_handlers(not self._pipe)
 
-    def _handler(self, signum: int, frame: Any) -> None:
+    def _takes(self, signum: int, handler: Any) -> bool:
+        return callable(handler)
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
         if self._signum is None and not self._pipe:
             self._before[signum](signum, frame)  # a file: stopped at once
             return
         if self._signum is None:
             self._signum, self.spec = signum, self._current
             self.event.set()
-        elif not self._told:  # held with the first: said once (os.write: not print, which
-            # could re-enter a write to stderr under way), as errors' held stops are, and
-            # those held after it, while the output is closed, say nothing more
-            from .errors import stop_reported
-
-            self._told = True
+        else:  # held with the first: said once, as errors' held stops are, and those held
+            # after it, while the output is closed, say nothing more
             where = self.spec.display if self.spec is not None else "the input"
-            os.write(2, f"already stopping: the lines read of {where} are scored "
-                        "first\n".encode(errors="backslashreplace"))
-            stop_reported()
+            self._say_held(f"already stopping: the lines read of {where} are scored first\n",
+                           reported=True)
 
-    def __enter__(self) -> _PipeStops:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                handler = signal.getsignal(s)
-                if callable(handler):
-                    self._before[s] = handler
-                    signal.signal(s, self._handler)
-            self._arrow_cancels()
+    def __enter__(self) -> Self:
+        super().__enter__()
+        self._arrow_cancels()
         return self
 
-    def _restore(self) -> None:
-        before, self._before = self._before, {}
-        for s, handler in before.items():
-            signal.signal(s, handler)
+    def _restore(self) -> dict[int, Any]:
+        before = super()._restore()
         if before:
             pa.enable_signal_handlers(True)  # (as pyarrow has it: deepwatch never turns it off)
+        return before
 
     def raise_held(self) -> None:
         """Raise the stop that was held (as its handler raises it), if one was."""
-        signum, before = self._signum, dict(self._before)
-        self._restore()
+        signum, before = self._signum, self._restore()
         if signum is not None:
             before[signum](signum, None)
             # (a handler that does not raise: the reads were ended all the same, so the output
             # is not the whole of the input, and is not passed off as such)
             raise Interrupted(terminated=signum == signal.SIGTERM)
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
 
 
 def _close(sink: RecordSink, rejects: RejectSink, schema: pa.Schema | None,

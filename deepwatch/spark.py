@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._arrow import to_numpy
-from .errors import DeepwatchError, InputError, Interrupted, UsageError
+from .errors import DeepwatchError, InputError, Interrupted, StopSignals, UsageError
 from .formats import Format, get_format
 from .formats._base import cut_lost, decode_text
 from .io import Stats, with_label
@@ -749,7 +749,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class _Stops:
+class _Stops(StopSignals):
     """Ctrl-C and SIGTERM during a run, taken as the local engine's ``score`` takes them: the
     run stops, its staging directory is removed, and one line says so (``interrupted``,
     ``terminated``); a stop once the output is being written keeps what was written, said
@@ -760,31 +760,14 @@ class _Stops:
     The stops after the first are held, one line saying so. Main thread only."""
 
     def __init__(self, sc: Any):
+        super().__init__()
         self.sc = sc
         self.signum: int | None = None
         self.running = True  # the Spark jobs: a stop cancels them, and is raised once they end
-        self._before: dict[int, Any] = {}
-        self._told = False
-
-    def __enter__(self) -> _Stops:
-        if _main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                handler = signal.getsignal(s)
-                if handler is not signal.SIG_IGN:
-                    self._before[s] = handler
-                    signal.signal(s, self._on_stop)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        before, self._before = self._before, {}
-        for s, handler in before.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         if self.signum is not None:
-            if not self._told:  # (once: a held key repeats Ctrl-C many times a second)
-                self._told = True
-                os.write(2, b"already stopping: the clean-up under way is finished first\n")
+            self._say_held("already stopping: the clean-up under way is finished first\n")
             return
         self.signum = signum
         if self.running:

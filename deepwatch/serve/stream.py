@@ -13,13 +13,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..alerts import AlertContext
-from ..errors import UsageError
+from ..errors import StopSignals, UsageError, keep_ctrl_c_from_polars
 from ..formats import get_format
 from ._stream_core import DEAD_LETTER, KINDS, StreamProcessor
 from ._stream_io import DeliveryError, FileSource, JsonlSink, Sink, Source
@@ -175,31 +175,34 @@ def _observe(metrics: StreamMetrics, out: Any, seconds: float) -> None:
     metrics.last_batch.set_to_current_time()
 
 
-@contextmanager
 def stop_on_signals(stop: threading.Event, received: list[int] | None = None
-                    ) -> Iterator[None]:
+                    ) -> StopSignals:
     """SIGTERM and SIGINT set ``stop`` (the batch in hand finishes) instead of killing; each
     signal is added to ``received``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    return _SetsStop(stop, received)
 
-    def handler(signum: int, _frame: Any) -> None:
+
+class _SetsStop(StopSignals):
+    """:func:`stop_on_signals`: every stop is logged and sets the event; both signals are
+    taken whatever handler they had (an ignored one too)."""
+
+    def __init__(self, stop: threading.Event, received: list[int] | None):
+        super().__init__()
+        self.stop, self.received = stop, received
+
+    def _takes(self, signum: int, handler: Any) -> bool:
+        return True
+
+    def _begin(self) -> bool:
+        keep_ctrl_c_from_polars()  # else polars' own hook would cut the batch in hand on Ctrl-C
+        return True
+
+    def _on_stop(self, signum: int, _frame: Any) -> None:
         log.info("stopping after the batch in hand",
                  extra={"event": "signal", "signal": signal.Signals(signum).name})
-        if received is not None:
-            received.append(signum)
-        stop.set()
-
-    from ..errors import keep_ctrl_c_from_polars
-
-    keep_ctrl_c_from_polars()  # else polars' own hook would cut the batch in hand on Ctrl-C
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if self.received is not None:
+            self.received.append(signum)
+        self.stop.set()
 
 
 #: The Kafka consumer group where ``--group`` is not given.
