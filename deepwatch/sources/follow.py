@@ -1,6 +1,12 @@
 """Following a growing log the way ``tail -F`` does: whole lines as they are written, across
 truncation and rotation (the path reopened when it points to a new file).
 
+A file truncated in place (logrotate's copytruncate) and written again past the offset read to
+before the next poll looks, by its size, like one that grew: ``tail -F`` reads on from the old
+offset, in the middle of the new lines, and loses those before it. So the first bytes read and
+the last ones before the offset are kept and read again before each read: where they changed, the
+file was rewritten and is read again from its start.
+
 A rotated file is still read for a while after the path moved on: a writer goes on writing to
 the file it has open until it is told to reopen the path (nginx's USR1 in logrotate's
 postrotate), and those lines must not be lost.
@@ -27,6 +33,46 @@ from .files import (
 POLL_SECONDS = 0.2
 #: How long a rotated file is still read after it last grew (Fluent Bit's Rotate_Wait).
 ROTATE_WAIT_SECONDS = 5.0
+#: How many of the first bytes read, and of the last ones, are read again before each read.
+SEEN_BYTES = 64
+
+
+class _Seen:
+    """The first and the last bytes read from a followed file (at most :data:`SEEN_BYTES` of
+    each), to tell a file that grew from one truncated and written again in place."""
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.tail = b""
+
+    def add(self, block: bytes) -> None:
+        if len(self.head) < SEEN_BYTES:
+            self.head += block[: SEEN_BYTES - len(self.head)]
+        self.tail = (block if len(block) >= SEEN_BYTES else self.tail + block)[-SEEN_BYTES:]
+
+    def check(self, fd: int, offset: int) -> str | None:
+        """How the bytes read up to ``offset`` changed in the file: None (they did not: it grew,
+        or was written again with the same bytes, which reads on as well), ``"rewritten"``
+        (truncated and written again: read it from its start), or ``"hole"`` (truncated, and
+        a writer that does not append wrote on at its own offset, leaving zeros before it: the
+        lines after them are new, read on from ``offset``)."""
+        if not self.tail:
+            return None
+        tail = os.pread(fd, len(self.tail), offset - len(self.tail))
+        if tail == self.tail and os.pread(fd, len(self.head), 0) == self.head:
+            return None
+        if tail.count(0) == len(self.tail):
+            return "hole"
+        return "rewritten"
+
+    @classmethod
+    def of(cls, fd: int, offset: int) -> _Seen:
+        """What the file holds now before ``offset``."""
+        seen = cls()
+        seen.head = os.pread(fd, min(offset, SEEN_BYTES), 0)
+        start = max(0, offset - SEEN_BYTES)
+        seen.tail = os.pread(fd, offset - start, start)
+        return seen
 
 
 def _open(path: str, stop: threading.Event, poll: float) -> tuple[BinaryIO, int] | None:
@@ -35,7 +81,7 @@ def _open(path: str, stop: threading.Event, poll: float) -> tuple[BinaryIO, int]
     :func:`~deepwatch.sources.files.open_input`), so that a stop ends the wait."""
     while not stop.is_set():
         try:
-            fh = open_input(path, stop)
+            fh = open_input(path, stop, buffering=0)  # read as it is now, not from a buffer
         except FileNotFoundError:
             stop.wait(poll)
             continue
@@ -43,6 +89,17 @@ def _open(path: str, stop: threading.Event, poll: float) -> tuple[BinaryIO, int]
             return None
         return fh, os.fstat(fh.fileno()).st_ino
     return None
+
+
+def _change(fh: BinaryIO, seen: _Seen) -> str | None:
+    """Whether the followed file was truncated in place since it was read to ``fh``'s offset:
+    ``"truncated"`` (it is shorter now: read it from its start), or as :meth:`_Seen.check`."""
+    offset = fh.tell()
+    if offset == 0:
+        return None
+    if os.fstat(fh.fileno()).st_size < offset:
+        return "truncated"
+    return seen.check(fh.fileno(), offset)
 
 
 class _Rotated:
@@ -99,11 +156,24 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
             fh.close()
         return
     lines = LineBuffer(spec)
+    seen = _Seen()
     rotated: _Rotated | None = None
     try:
         while True:
+            # before each read: the bytes read so far still those in the file, and no more than
+            # it holds (checked after a poll's wait, and after the reader was handed a chunk)
+            if (change := _change(fh, seen)) is not None:
+                last = lines.finish()
+                if last is not None:
+                    yield last
+                if change == "hole":  # zeros up to the offset: what follows them is new
+                    seen = _Seen.of(fh.fileno(), fh.tell())
+                else:
+                    fh.seek(0)
+                    seen = _Seen()
             block = fh.read(chunk_bytes)
             if block:
+                seen.add(block)
                 yield from lines.feed(block)
                 if not stop.is_set():
                     continue
@@ -130,15 +200,10 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
                 if opened is None:
                     break
                 older, rotated = rotated, _Rotated(fh, lines, rotate_wait)
-                (fh, inode), lines = opened, LineBuffer(spec)
+                (fh, inode), lines, seen = opened, LineBuffer(spec), _Seen()
                 if older is not None:  # rotated twice within the wait: let the older go
                     yield from older.let_go(chunk_bytes)
                 yield from rotated.read(chunk_bytes)  # what came before the switch
-            elif st is not None and st.st_size < fh.tell():  # truncated in place
-                last = lines.finish()
-                if last is not None:
-                    yield last
-                fh.seek(0)
             else:
                 stop.wait(poll)
         last = lines.finish(stopped=True)  # (only a stop ends the loop)
