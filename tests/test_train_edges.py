@@ -113,13 +113,14 @@ def test_hybrid_without_benign_records_is_refused_before_training(kdd_train_file
 
 def test_no_benign_label_is_said(ten: Path, distinct: Path, tmp_path: Path) -> None:
     # benign records labelled "Normal " instead of "normal": every record scores malicious,
-    # which the run did not say (it reported fpr 0.0000, having no benign records to count)
+    # which the run did not say (it reported fpr 0.0000, having no benign records to count).
+    # (The space goes, as from the KDD files' own labels: the case stays.)
     out = tmp_path / "b"
     r = run_cli("train", "--format", "kdd", "--model", "mlp", "--epochs", "1", "--out",
                 str(out), f"{ten}=Normal ", f"{distinct}=attack")
     assert r.returncode == 0, r.stderr
     assert ("note: no training record is labelled 'normal', the benign label: every label "
-            "('Normal ', 'attack') counts as an attack, so every record scored will be "
+            "('Normal', 'attack') counts as an attack, so every record scored will be "
             "malicious") in r.stderr.splitlines(), r.stderr
     assert (out / "manifest.json").exists()
 
