@@ -460,7 +460,23 @@ def speed(tmp: Path, quick: bool) -> list[str]:
             f"| pandas read_csv + get_dummies + RandomForest(100).predict | {t_peer:.2f} | "
             f"{n / t_peer:,.0f} |", "",
             f"deepwatch is **{t_peer / t_ours:.2f}x** the speed of the peer pipeline "
-            "(best of two runs each; the peer's model loading/training is not timed).", ""]
+            "(best of two runs each; the peer's model loading/training is not timed).", "",
+            f"Libraries: {_versions()}.", ""]
+
+
+def _versions() -> str:
+    """The versions of the libraries either pipeline's time depends on (the peer's time halved
+    between two sessions whose venvs were installed apart, and nothing recorded them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("pandas", "scikit-learn", "numpy", "pyarrow", "polars", "onnxruntime")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
 
 
 def ddp(tmp: Path, quick: bool) -> list[str]:
