@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import head_lines
 
@@ -273,3 +274,22 @@ def test_evaluate_counts_an_anomaly_threshold_of_zero_as_the_verdicts_do(
     assert cols["verdict"].all()
     anomaly = result["anomaly"]
     assert anomaly["tp"] + anomaly["fp"] == 50 and anomaly["threshold"] == 0.0, anomaly
+
+
+def test_an_explanation_column_is_there_without_a_benign_label() -> None:
+    # --explain on a classifier of attack types alone gave no 'explanation' column at all,
+    # while an empty output of the same bundle (and every other supervised bundle's) had one;
+    # every record is flagged by the bundle itself, so each explanation is null
+    from types import SimpleNamespace
+
+    from deepwatch.models.explain import explain_columns
+
+    decision = Decision({"labels": ["ipsweep", "smurf"], "label_category": ["probe", "dos"],
+                         "categories": ["normal", "probe", "dos", "u2r", "r2l", "unknown"],
+                         "policy": "threshold", "threshold": 0.5})
+    proba = np.array([[0.4, 0.6], [0.9, 0.1]], dtype=np.float32)
+    cols = decision.apply({"proba": proba})
+    detector = SimpleNamespace(decision=decision,
+                               featurizer=SimpleNamespace(feature_names_=["a", "b"]))
+    column = explain_columns(detector, np.zeros((2, 2), np.float32), {"proba": proba}, cols)
+    assert column is not None and column.type == pa.string() and column.null_count == 2

@@ -130,8 +130,13 @@ def explain_columns(detector: Any, X: np.ndarray, out: dict[str, np.ndarray],
         return explanation_strings(out["errors"], names, rows, k)
     decision = detector.decision
     benign = getattr(decision, "_benign_label", None)
-    if "proba" not in out or benign is None:
+    if "proba" not in out:
         return None
+    if benign is None:
+        # a classifier of attack types alone (no 'normal' label): every record is flagged by
+        # the bundle, not by any feature; the column is there all the same (null), as it is in
+        # an empty output and in every other supervised bundle's
+        return pa.nulls(len(rows), pa.string())
     sel = np.flatnonzero(rows)
     groups, group_names = column_groups(detector.featurizer)
 
