@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import InputError, OutputError, UsageError, first_line
+from .sinks import STALE_TMP_S
 
 LAYOUT_VERSION = 1
 MANIFEST = "_lake.json"
@@ -64,8 +65,6 @@ def _part_files(folder: Path) -> list[Path]:
     pyarrow and Spark."""
     return sorted(p for p in folder.glob("*.parquet")
                   if not p.name.startswith((".", "_")) and p.is_file())
-#: Temporary files (a killed writer's leftovers) older than this are removed by the next writer.
-STALE_TMP_S = 3600.0
 
 
 def _tmp_name(final: Path) -> Path:

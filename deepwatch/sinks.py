@@ -96,7 +96,8 @@ def replace_file(path: str | Path, data: bytes) -> None:
 
 
 #: A temporary output file (see :func:`_tmp_beside`) older than this was left by a run killed
-#: outright (SIGKILL, the OOM killer); the next run writing that output removes it.
+#: outright (SIGKILL, the OOM killer); the next run writing that output removes it. The lake's
+#: writers (:mod:`deepwatch.lake`) take the same age for their own temporary files.
 STALE_TMP_S = 3600.0
 
 

@@ -113,8 +113,9 @@ class ScoringService:
         try:
             detector = Detector(path, engine=self.engine, explain=False)
             fingerprint = sha256_file(path / MANIFEST)
-        except OSError as exc:  # a path the system will not look up (too long, no access),
-            # or a bundle moved away while it loaded: refused as any bundle that cannot load
+        except OSError as exc:  # a bundle moved away or made unreadable while it loaded (a
+            # path that cannot be looked up is Detector's BundleError): refused as any bundle
+            # that cannot load
             raise BundleError(f"cannot read the bundle at {path}: "
                               f"{exc.strerror or exc}") from None
         get_format(detector.format)  # a bundle of a format this build lacks is refused now
