@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# build: `make TORCH_INDEX=https://download.pytorch.org/whl/cpu setup` asks for the CPU one.
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[serve,kafka,web,viz,spark,dev]'
+	# the package's bytecode, as pip writes it for an installed (not editable) package: where
+	# PYTHONDONTWRITEBYTECODE is set, every `deepwatch` command compiled its modules again
+	$(BIN)/python -m compileall -q deepwatch
 	touch $(STAMP)
 
 setup: $(STAMP)
