@@ -32,6 +32,11 @@ PROVIDER_PREFERENCE = (
 )
 #: Rows per ``session.run`` call: bounds the memory of one call on huge inputs.
 CHUNK_ROWS = 65536
+#: Rows per call on ONNX Runtime's CPU provider: a stack's layers are narrow (a few hundred
+#: units), so a call's activations stay in the caches only for a few thousand rows. Measured on
+#: 2 cores: 77,000 rows through the KDD stack took 0.125 s in calls of 4,096-8,192 rows,
+#: 0.16-0.18 s in calls of 30,000 rows or more (GPU providers keep :data:`CHUNK_ROWS`).
+CPU_CHUNK_ROWS = 8192
 
 
 class Backend(Protocol):
@@ -147,8 +152,11 @@ class OnnxBackend:
         self.outputs = outputs
         self.input_name = self.session.get_inputs()[0].name
         self.name = "onnxruntime:" + self.providers[0].removesuffix("ExecutionProvider")
+        self.chunk_rows = CPU_CHUNK_ROWS if self.providers[0] == "CPUExecutionProvider" \
+            else CHUNK_ROWS
 
-    def run(self, X: np.ndarray, batch: int = CHUNK_ROWS) -> dict[str, np.ndarray]:
+    def run(self, X: np.ndarray, batch: int | None = None) -> dict[str, np.ndarray]:
+        batch = batch or self.chunk_rows
         X = np.ascontiguousarray(X, dtype=np.float32)
         if len(X) <= batch:  # the common case: one call, no copies
             got = self.session.run(self.outputs, {self.input_name: X})

@@ -16,6 +16,8 @@ from deepwatch.formats import get_format
 from deepwatch.models import MODEL_KINDS
 from deepwatch.models.detector import Detector
 from deepwatch.runtime import (
+    CHUNK_ROWS,
+    CPU_CHUNK_ROWS,
     PROVIDER_PREFERENCE,
     OnnxBackend,
     choose_providers,
@@ -75,6 +77,27 @@ def test_one_row_at_a_time_equals_the_batch(kdd_bundle: Path, features: np.ndarr
     singles = np.concatenate([backend.run(features[i : i + 1])["proba"] for i in range(50)])
     np.testing.assert_allclose(chunked, whole, atol=1e-6)
     np.testing.assert_allclose(singles, whole[:50], atol=1e-6)
+
+
+def test_cpu_calls_are_cut_to_cache_sized_chunks(kdd_bundle: Path, features: np.ndarray) -> None:
+    """On the CPU provider a large input goes through the session in calls of CPU_CHUNK_ROWS
+    rows (the stack's activations then stay in the caches), with the one-call result."""
+    backend = OnnxBackend(kdd_bundle / ONNX, ["proba"])
+    assert backend.providers[0] == "CPUExecutionProvider"
+    assert backend.chunk_rows == CPU_CHUNK_ROWS < CHUNK_ROWS
+    big = np.concatenate([features] * (2 * CPU_CHUNK_ROWS // len(features) + 1))
+    session, calls = backend.session, []
+
+    class Spy:
+        def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            calls.append(len(next(iter(feed.values()))))
+            return session.run(outputs, feed)  # type: ignore[no-any-return]
+
+    backend.session = Spy()  # type: ignore[assignment]
+    got = backend.run(big)["proba"]
+    assert calls == [CPU_CHUNK_ROWS, CPU_CHUNK_ROWS, len(big) - 2 * CPU_CHUNK_ROWS]
+    backend.session = session
+    np.testing.assert_allclose(got, backend.run(big, batch=CHUNK_ROWS)["proba"], atol=1e-6)
 
 
 def test_a_damaged_model_file_is_a_bundle_error(tmp_path: Path) -> None:
