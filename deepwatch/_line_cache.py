@@ -74,7 +74,7 @@ class ScoredLineCache:
             new = np.flatnonzero(parsed >= 0)
             if len(new):
                 at = miss[new]
-                slot[at] = self._add(a[at], b[at], self.detector.score_batch(once.batch))
+                slot[at] = self._add(a[at], b[at], self.detector.score_distinct(once.batch))
             rejects = once.rejects
             reject_of[miss] = index_of(rejects.column("line"), len(miss))
         table = self._table if self._table is not None else self._score_as_is(b"", 0).batch

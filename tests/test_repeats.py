@@ -125,6 +125,20 @@ def test_result_cache_equals_deciding_every_row(kdd_bundle: Path, small_kdd_test
     assert det._cache.hits > 0
 
 
+def test_score_distinct_equals_scoring_and_leaves_the_result_cache_alone(
+        kdd_bundle: Path, small_kdd_test: Path) -> None:
+    """What the line cache scores its new lines with: the columns of score_batch, without a
+    look for the records among those scored before (the detector's cache is not touched)."""
+    batch = get_format("kdd").parse(small_kdd_test.read_bytes()).batch
+    det = Detector(kdd_bundle)
+    got = det.score_distinct(batch)
+    assert det._cache.hits == det._cache.misses == 0 and len(det._cache) == 0
+    assert got.equals(_score_plain(det, batch))
+    assert got.equals(Detector(kdd_bundle).score_batch(batch))
+    empty = det.score_distinct(batch.slice(0, 0))
+    assert empty.num_rows == 0 and empty.schema.equals(got.schema)
+
+
 def test_score_command_output_equals_plain_scoring(kdd_bundle: Path, mixed: bytes,
                                                    tmp_path: Path) -> None:
     from deepwatch.scoring import score_files

@@ -243,6 +243,16 @@ class Detector:
             return _append(batch, self._cache.columns(batch, self))
         return self.score_with_outputs(batch, state)[0]
 
+    def score_distinct(self, batch: Records) -> pa.RecordBatch:
+        """``score_batch`` for records known to be distinct (the new lines of
+        :class:`deepwatch._line_cache.ScoredLineCache`): not looked for among the records
+        scored before, nor for repeats among themselves, which found next to nothing there
+        and cost hashing every record. Stateless detectors only (no per-client state)."""
+        batch = self.as_batch(batch)
+        if batch.num_rows == 0:
+            return _append(batch, self._empty_columns())
+        return _append(batch, self._columns(self._decide(batch, None)))
+
     def score_with_outputs(self, batch: Records, state: dict[str, Any] | None = None
                            ) -> tuple[pa.RecordBatch, dict[str, np.ndarray]]:
         """``score_batch`` plus the network's named outputs (e.g. ``latent`` for campaigns)."""
