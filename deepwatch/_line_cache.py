@@ -40,8 +40,8 @@ class ScoredLineCache:
         self._keys = KeyIndex()
         self._table: pa.Table | None = None  # one scored row per slot
         self._skip = 0
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # lines answered from the cache
+        self.misses = 0  # distinct lines new to it (parsed, and scored where they parse)
 
     @staticmethod
     def applies(fmt: Format, detector: Any) -> bool:
@@ -54,31 +54,35 @@ class ScoredLineCache:
             return self._score_as_is(raw, first_line)
         lines = line_array(raw)
         keys = line_keys(lines)
-        first, inverse = distinct(keys)
-        if len(self._keys) + len(first) > self.max_rows:
-            self._clear()
-        a = keys["a"].to_numpy()[first]
-        b = keys["b"].to_numpy()[first]
-        slot = self._keys.lookup(a, b)
-        miss = np.flatnonzero(slot < 0)
-        self.hits += len(first) - len(miss)
-        self.misses += len(miss)
-        if len(miss) >= MOSTLY_DISTINCT * len(lines):
-            self._skip = BACKOFF_CHUNKS
-            return self._score_as_is(raw, first_line)
+        a = keys["a"].to_numpy()
+        b = keys["b"].to_numpy()
+        at = self._keys.lookup(a, b)  # every line: most are found (a flood, a scan, a replay)
+        new = np.flatnonzero(at < 0)
+        reject_at = np.full(len(lines), -1, np.int64)
         rejects = empty_rejects()
-        reject_of = np.full(len(first), -1, np.int64)
-        if len(miss):
-            once = self.fmt.parse(gather_lines(lines, first[miss]), 0)  # numbered by miss index
-            parsed = index_of(once.line_numbers, len(miss))
-            new = np.flatnonzero(parsed >= 0)
-            if len(new):
-                at = miss[new]
-                slot[at] = self._add(a[at], b[at], self.detector.score_distinct(once.batch))
+        if len(new):
+            first, inverse = distinct(keys[new])  # the lines new to the cache, each once
+            if len(self._keys) + len(first) > self.max_rows:
+                self._clear()  # full: start again, every line of the chunk new
+                at[:], new = -1, np.arange(len(lines))
+                first, inverse = distinct(keys)
+            self.misses += len(first)
+            if len(first) >= MOSTLY_DISTINCT * len(lines):
+                self._skip = BACKOFF_CHUNKS
+                return self._score_as_is(raw, first_line)
+            once = self.fmt.parse(gather_lines(lines, new[first]), 0)  # numbered by new index
+            parsed = index_of(once.line_numbers, len(first))
+            ok = np.flatnonzero(parsed >= 0)
+            slot = np.full(len(first), -1, np.int64)
+            if len(ok):
+                taken = new[first[ok]]
+                slot[ok] = self._add(a[taken], b[taken], self.detector.score_distinct(once.batch))
+            at[new] = slot[inverse]
             rejects = once.rejects
-            reject_of[miss] = index_of(rejects.column("line"), len(miss))
+            reject_at[new] = index_of(rejects.column("line"), len(first))[inverse]
+        self.hits += len(lines) - len(new)
         table = self._table if self._table is not None else self._score_as_is(b"", 0).batch
-        batch, rejects, numbers = broadcast(table, slot, rejects, reject_of, inverse, first_line)
+        batch, rejects, numbers = broadcast(table, at, rejects, reject_at, first_line)
         return ParseResult(batch=batch, rejects=rejects, lines=len(lines), line_numbers=numbers)
 
     def _score_as_is(self, raw: bytes, first_line: int) -> ParseResult:

@@ -59,16 +59,15 @@ def index_of(numbers: pa.Array | pa.ChunkedArray, size: int) -> np.ndarray:
     return at
 
 
-def broadcast(rows: pa.RecordBatch | pa.Table, row_of: np.ndarray, rejects: pa.Table,
-              reject_of: np.ndarray, inverse: np.ndarray, first_line: int
+def broadcast(rows: pa.RecordBatch | pa.Table, at: np.ndarray, rejects: pa.Table,
+              reject_at: np.ndarray, first_line: int
               ) -> tuple[pa.RecordBatch, pa.Table, pa.Array]:
     """Results per distinct line back to every line.
 
-    Distinct line ``d`` is row ``row_of[d]`` of ``rows``, or else reject ``reject_of[d]``; line
-    ``i`` of the chunk is distinct line ``inverse[i]`` and is numbered ``first_line + i``.
-    Returns the rows and rejects of every line, in input order, and the rows' line numbers.
+    Line ``i`` of the chunk, numbered ``first_line + i``, is row ``at[i]`` of ``rows``, or else
+    (``at[i] < 0``) reject ``reject_at[i]``. Returns the rows and rejects of every line, in input
+    order, and the rows' line numbers.
     """
-    at = row_of[inverse]
     ok = at >= 0
     batch = rows.take(pa.array(at[ok]))
     if isinstance(batch, pa.Table):
@@ -78,7 +77,7 @@ def broadcast(rows: pa.RecordBatch | pa.Table, row_of: np.ndarray, rejects: pa.T
     bad = np.flatnonzero(~ok)
     out_rejects = rejects.slice(0, 0)
     if bad.size:
-        out_rejects = rejects.take(pa.array(reject_of[inverse[bad]]))
+        out_rejects = rejects.take(pa.array(reject_at[bad]))
         out_rejects = out_rejects.set_column(out_rejects.schema.get_field_index("line"), "line",
                                              pa.array(bad + first_line, pa.int64()))
     return batch, out_rejects, numbers
@@ -94,6 +93,6 @@ def parse_repeated(parse: Any, data: bytes | str, first_line: int) -> ParseResul
     once: ParseResult = parse(gather_lines(lines, first), 0)  # numbered by distinct index
     row_of = index_of(once.line_numbers, len(first))
     reject_of = index_of(once.rejects.column("line"), len(first))
-    batch, rejects, numbers = broadcast(once.batch, row_of, once.rejects, reject_of, inverse,
-                                        first_line)
+    batch, rejects, numbers = broadcast(once.batch, row_of[inverse], once.rejects,
+                                        reject_of[inverse], first_line)
     return ParseResult(batch=batch, rejects=rejects, lines=len(lines), line_numbers=numbers)
