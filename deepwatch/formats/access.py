@@ -56,10 +56,11 @@ _QUOTED = r'"((?:[^"\\]|\\.)*)"'
 #: its user agent) does not match, so that such a line is not read as a common-format record.
 _TAIL = r'(?:\s+(?:[^\s"]|"(?:[^"\\]|\\.)*")+)*\s*$'
 #: Apache's ``vhost_combined`` opens with the virtual host and its port (``%v:%p``): a host
-#: name or IPv4 address (no colon, or an IPv6 one in brackets) and a port. No client is ever
-#: written so (an IPv6 client has two colons or more and no brackets), so such a first field,
-#: followed by the usual four, is the virtual host and not the client. It is kept as ``vhost``
-#: (the host alone: see ``_read_vhost``).
+#: name or IPv4 address (no colon, or an IPv6 one in brackets) and a port. A plain client is
+#: never written so (an IPv6 client has two colons or more and no brackets), so such a first
+#: field, followed by the usual four, is the virtual host and not the client. It is kept as
+#: ``vhost`` (the host alone: see ``_read_vhost``, which also reads back as plain the lines of
+#: a client written with its port, ``$remote_addr:$remote_port``, that fit this too).
 _VHOST_TEXT = r"(?:[^\s:\[\]\"]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}"
 #: ``_VHOST_TEXT`` and its space, optional, captured (the first group of ``_FRAME``).
 _VHOST = r"(?:(" + _VHOST_TEXT + r") )?"
@@ -82,15 +83,20 @@ _REQUEST_END = r'" \d{3} (?:\d+|-)(?:\s|$)'
 #: A status and a size as a server writes them (``_REQUEST_END`` without the quote).
 _STATUS_TEXT = r"^\d{3}$"
 _SIZE_TEXT = r"^(?:\d+|-)$"
+#: An HTTP version, its name in any case: the name is case-sensitive (RFC 9112), but a log holds
+#: the line the client sent (``GET / http/1.1``: a scanner's, a hand-written client's), and read
+#: as part of the target it gave the record a path no server served, and no protocol. It is
+#: kept as written, so a case no real client sends is a protocol value of its own to score.
+_PROTOCOL = r"(?i:HTTP)/\d(?:\.\d)?"
 #: Where a request line with a protocol ends. After the fields, it is the end of the request
 #: line the server wrote, and what was read as one a frame the client wrote in its target
 #: (``/a" 200 5 "-" "x" "y``, its last quote closed by the server's): no field a server adds
 #: ends so. (A quote, a status and a size alone may be such a field: ``"$host" 443 512``.)
-_PROTOCOL_END = r'HTTP/\d(?:\.\d)?' + _REQUEST_END
+_PROTOCOL_END = _PROTOCOL + _REQUEST_END
 #: An agent that ends so, and the text after it (``_tail``) that starts so, hold such an end
 #: between them, at the agent's closing quote: the target ``/a" 200 5 "-" "x`` makes the
 #: line ``"GET /a" 200 5 "-" "x HTTP/1.1" 404 0 ...``, read as the agent ``x HTTP/1.1``.
-_AGENT_PROTOCOL = r'HTTP/\d(?:\.\d)?$'
+_AGENT_PROTOCOL = _PROTOCOL + "$"
 _TAIL_STATUS = r'^' + _REQUEST_END[1:]
 #: A field a server adds after the user agent as ``key="value"`` with a value only it writes:
 #: numbers, ``-``, and the lists NGINX makes of them (``rt="0.003"``, ``urt="0.001, 0.002"``,
@@ -105,7 +111,7 @@ _LOOSE = _FRAME + r' "(.*?)"((?:\s+(?:' + _KEYED + r'|[^\s"]+))*\s*)$'
 _SPAN = "_span"
 _BOUNDARY = '" "'
 #: Request line: method token, target (which may hold spaces), optional protocol.
-_REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S.*?)(?: (HTTP/\d(?:\.\d)?))?$"
+_REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S.*?)(?: (" + _PROTOCOL + r"))?$"
 _TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
 #: The greatest UTC offset, in minutes either way, of a line's time (``+2359``, what polars'
 #: ``%z`` reads: a time beyond is unreadable) and of a record's ``utc_offset_minutes``.
@@ -278,9 +284,25 @@ def _read_vhost(df: Any) -> Any:
     Read as a plain line a ``vcommon`` line has the host for client, the address for ident and
     ``ident user`` for the user. An ident is a user name from identd, not an address, so an
     ident that is an address with more than one word after it marks the host's field; a host
-    before a client written as a host name (``HostnameLookups On``) cannot be told from one."""
+    before a client written as a host name (``HostnameLookups On``) cannot be told from one.
+
+    A client written with its port (NGINX's ``$remote_addr:$remote_port``, Apache's
+    ``%a:%{remote}p``) reads as a ``%v:%p`` too, and where the user holds a space (the name a
+    client sent in its Authorization header: ``203.0.113.5:51234 - john doe [...]``) the line
+    reads as a ``vhost_combined`` one, its client ``-``. A ``vhost_combined`` line's client is
+    an address or a host name, never ``-``, so such a line is read as a plain one: the client
+    with its port as written, the ``-`` as the ident, the rest as the user (what ``_FRAME``
+    reads without the host: its fields are parted by single spaces)."""
     import polars as pl
 
+    plain = (pl.col("vhost").is_not_null() & (pl.col("client_ip") == "-")).fill_null(False)
+    df = df.with_columns(
+        pl.when(plain).then(None).otherwise(pl.col("vhost")).alias("vhost"),
+        pl.when(plain).then(pl.col("vhost")).otherwise(pl.col("client_ip")).alias("client_ip"),
+        pl.when(plain).then(pl.col("client_ip")).otherwise(pl.col("ident")).alias("ident"),
+        pl.when(plain).then(pl.col("ident") + " " + pl.col("user")).otherwise(pl.col("user"))
+        .alias("user"),
+    )
     shifted = (pl.col("ident").str.contains(_ADDRESS)
                & pl.col("user").str.contains(" ", literal=True)).fill_null(False)
     words = pl.col("user").str.splitn(" ", 2).struct.rename_fields(["_first", "_rest"])
