@@ -121,3 +121,92 @@ def test_ingest_of_conn_and_dns_logs_keeps_the_dns_lines_as_rejects(tmp_path: Pa
     assert [(Path(r["source"]).name, r["line"]) for r in rejects] == [
         ("dns.log", n) for n in (3, 4, 5, 6)]
     assert all(OTHER in r["reason"] for r in rejects)
+
+
+#: files.log's fields as Zeek 6 writes them (``uid`` and ``id.*`` since Zeek 5.1), and before
+#: (``tx_hosts``, ``rx_hosts``, ``conn_uids``): ``duration`` and ``local_orig`` are conn.log's
+#: too, and there is no ``proto`` (nor, before, ``id.orig_h``/``id.resp_h``).
+FILES = ["ts", "fuid", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "source", "depth",
+         "analyzers", "mime_type", "filename", "duration", "local_orig", "is_orig", "seen_bytes",
+         "total_bytes", "missing_bytes", "overflow_bytes", "timedout", "parent_fuid", "md5",
+         "sha1", "sha256", "extracted", "extracted_cutoff", "extracted_size"]
+FILES_OLD = ["ts", "fuid", "tx_hosts", "rx_hosts", "conn_uids", *FILES[7:]]
+NO_IDENTITY = "is not conn.log's: it has no "
+
+
+def _files(i: int, old: bool = False) -> str:
+    hosts = (f"93.184.216.34\t10.0.0.5\tCf{i}" if old
+             else f"Cf{i}\t10.0.0.5\t{50000 + i}\t93.184.216.34\t80")
+    return (f"1700000000.{i}\tFa{i}\t{hosts}\tHTTP\t0\t(empty)\ttext/html\t-\t0.000012\t-\tF"
+            "\t1256\t1256\t0\t0\tF\t-\t-\t-\t-\t-\t-\t-")
+
+
+def _files_object(i: int) -> dict:
+    return {"ts": 1700000000.5, "fuid": f"Fa{i}", "uid": f"Cf{i}", "id.orig_h": "10.0.0.5",
+            "id.orig_p": 50000 + i, "id.resp_h": "93.184.216.34", "id.resp_p": 80,
+            "source": "HTTP", "depth": 0, "analyzers": [], "mime_type": "text/html",
+            "duration": 1.2e-05, "is_orig": False, "seen_bytes": 1256, "total_bytes": 1256,
+            "missing_bytes": 0, "overflow_bytes": 0, "timedout": False}
+
+
+def test_files_log_lines_are_rejects_that_say_so() -> None:
+    """A files.log has conn.log's ``duration``, so the rule for logs naming none of conn.log's
+    own fields let it by: each line was a reject 'missing field proto' (or 'missing field
+    orig_h', before Zeek 5.1), as for a damaged conn.log."""
+    for fields, old, missing, foreign in (
+            (FILES, False, "proto", "19 fields conn.log does not have (fuid, source, depth, "
+             "analyzers, mime_type, filename, ...)"),
+            (FILES_OLD, True, "id.orig_h, id.resp_h, proto", "22 fields conn.log does not have "
+             "(fuid, tx_hosts, rx_hosts, conn_uids, source, depth, ...)")):
+        rows = [_files(i, old) for i in range(3)]
+        assert all(len(r.split("\t")) == len(fields) for r in rows)
+        res = FMT.parse(_log("files", fields, rows))
+        assert (res.lines, res.skipped, res.batch.num_rows) == (3, 3, 0)
+        assert res.rejects.column("line").to_pylist() == [3, 4, 5]
+        assert res.rejects.column("raw").to_pylist() == rows
+        assert _reasons(res) == 3 * [
+            f"the #fields header of these lines {NO_IDENTITY}{missing}, which every connection "
+            f"record has, and {foreign}: a line of another Zeek log (files.log...)?"]
+    # as JSON lines, Zeek leaving out unset fields
+    res = FMT.parse("\n".join(json.dumps(_files_object(i)) for i in range(2)))
+    assert res.batch.num_rows == 0 and len(_reasons(res)) == 2
+    assert all(r.startswith(f"this JSON object {NO_IDENTITY}proto, which every connection "
+                            "record has") and "fuid" in r for r in _reasons(res)), _reasons(res)
+
+
+def test_a_conn_log_missing_proto_keeps_its_reason() -> None:
+    """A conn.log's header without ``proto`` (one field added at most) is a damaged conn.log,
+    not another log: its lines stay rejects 'missing field proto'."""
+    fields = [f for f in FIELDS if f != "proto"]
+    line = "\t".join(v for f, v in zip(FIELDS, _tsv(list(FIELDS), _conn(0)).split("\t"),
+                                       strict=True) if f != "proto")
+    for extra in ([], ["community_id"], ["x"]):
+        res = FMT.parse(_log("conn", fields + extra, [line + "\t1" * len(extra)]))
+        assert _reasons(res) == ["missing field proto"], (extra, _reasons(res))
+    obj = {"ts": 1700000000.5, "id.orig_h": "10.0.0.5", "id.resp_h": "10.0.0.1", "x": 1}
+    assert _reasons(FMT.parse(json.dumps(obj))) == ["missing field proto"]
+    assert _reasons(FMT.parse_records([obj])) == ["missing field 'proto'"]
+
+
+def test_other_logs_given_as_objects_are_rejects_as_their_lines_are() -> None:
+    """``POST /v1/score`` with objects hands them to ``parse_records``: a dns.log object was
+    scored as a connection, a files.log object a reject 'missing field proto'; each now gets
+    the reason its JSON line gets. A conn record, by Zeek's names or the columns', is read."""
+    dns = dict(zip(DNS[:10], [1700000000.5, "Cd", "10.0.0.5", 40000, "10.0.0.1", 53, "udp", 7,
+                              0.001, "a.example"], strict=True))
+    files = _files_object(0)
+    identity = {"ts": 1700000000.5, "orig_h": "10.0.0.5", "orig_p": 1, "resp_h": "10.0.0.1",
+                "resp_p": 53, "proto": "udp", "label": "normal"}
+    objects = [identity, dns, files, {**identity, "uid": "C2"}, {**files, "orig_h": "10.0.0.7"},
+               "not an object"]
+    res = FMT.parse_records(objects)
+    assert res.batch.column("uid").to_pylist() == [None, "C2"]
+    assert res.line_numbers.to_pylist() == [1, 4]
+    assert res.rejects.column("line").to_pylist() == [2, 3, 5, 6]
+    assert res.rejects.column("raw").to_pylist()[:3] == [json.dumps(o)
+                                                         for o in (dns, files, objects[4])]
+    lines = FMT.parse("\n".join(json.dumps(o) for o in (dns, files)))
+    assert _reasons(res)[:2] == _reasons(lines)
+    assert _reasons(res)[0].startswith("this JSON object " + OTHER)
+    assert _reasons(res)[2].startswith(f"this JSON object {NO_IDENTITY}proto, which")
+    assert _reasons(res)[3] == "record is not a JSON object"

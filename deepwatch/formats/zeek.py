@@ -10,9 +10,11 @@ conn.log's first field is ``ts``, and a record's ``ts`` is a time, never the tex
 line whose first field is ``ts`` is that header.
 
 Zeek's other logs are refused: a ``dns.log`` line has every field a record needs (ts, hosts,
-proto) and became a connection with no bytes, duration or state. A header naming none of
-conn.log's own fields but fields of its own (see ``OTHER_LOG_MIN``) is another log's: each TSV
-line under it, carried or not, is a reject saying so; a JSON line is judged by its keys alike.
+proto) and became a connection with no bytes, duration or state. A header naming fields of its
+own (see ``OTHER_LOG_MIN``) and none of conn.log's own fields, or not every field a record needs
+(``files.log``: ``duration``, but no ``proto``), is another log's: each TSV line under it,
+carried or not, is a reject saying so; a JSON line, and a record given as an object
+(``parse_records``, the REST API's), is judged by its keys alike.
 
 Zeek's header lines (``#separator``, ``#fields``, ``#types``, ``#path``, ``#open``, ``#close``...,
 and the field-name line of a ``LogAscii::tsv=T`` log) are not records: they are neither parsed
@@ -168,19 +170,42 @@ _CONN_NAMES = frozenset(name for name, _c, _t in CONN_FIELDS) | _CONN_EXTRA
 OTHER_LOG_MIN = 2
 
 
-def _other_log(names: Any, what: str) -> str | None:
+#: The fields every connection record has (Zeek's name, the column): a log naming some of
+#: conn.log's own fields but not these is another log too (``files.log`` has ``duration`` but no
+#: ``proto``, and before Zeek 5.1 no ``id.orig_h``/``id.resp_h`` either: ``tx_hosts``...).
+_IDENTITY = tuple((name, col) for name, col, _t in CONN_FIELDS if col in _REQUIRED)
+#: The names a record given as an object (``parse_records``) may have beside a log's: the
+#: columns' own (``orig_h``...) and the label.
+_RECORD_NAMES = _CONN_NAMES | frozenset(col for _name, col in _DOTTED) | {"label"}
+
+
+def _other_log(names: Any, what: str, known: frozenset[str] = _CONN_NAMES,
+               records: bool = False) -> str | None:
     """The reason a line is refused when its fields (``names``: a header's, or a JSON object's
-    keys) are another Zeek log's, not conn.log's (see ``OTHER_LOG_MIN``); None where they may
-    be conn.log's. ``what``: what names them, for the reason."""
-    if any(name in CONN_OWN for name in names):
+    keys) are another Zeek log's, not conn.log's, else None: two or more fields conn.log does
+    not have (see ``OTHER_LOG_MIN``; ``known``: the names it has), and either none of
+    conn.log's own fields (``dns.log``, ``http.log``) or not every field a connection record
+    needs (``files.log``: ``duration``, but no ``proto``; lines that lack one are rejects
+    anyway, this says why). ``records``: ``names`` are an object's of ``parse_records``, where
+    a column's name (``orig_h``) gives the field as well as Zeek's (``id.orig_h``). ``what``:
+    what names them, for the reason."""
+    has = set(names)
+    own = not has.isdisjoint(CONN_OWN)
+    missing = [name for name, col in _IDENTITY
+               if name not in has and not (records and col in has)]
+    if own and not missing:
         return None
-    foreign = [name for name in names if name not in _CONN_NAMES]
+    foreign = [name for name in names if name not in known]
     if len(foreign) < OTHER_LOG_MIN:
         return None
     shown = ", ".join(foreign[:6]) + (", ..." if len(foreign) > 6 else "")
-    return (f"{what} is not conn.log's: it names none of conn.log's own fields "
-            f"({', '.join(CONN_OWN)}) and {len(foreign)} fields conn.log does not have "
-            f"({shown}): a line of another Zeek log (dns.log, http.log...)?")
+    if not own:
+        return (f"{what} is not conn.log's: it names none of conn.log's own fields "
+                f"({', '.join(CONN_OWN)}) and {len(foreign)} fields conn.log does not have "
+                f"({shown}): a line of another Zeek log (dns.log, http.log...)?")
+    return (f"{what} is not conn.log's: it has no {', '.join(missing)}, which every "
+            f"connection record has, and {len(foreign)} fields conn.log does not have "
+            f"({shown}): a line of another Zeek log (files.log...)?")
 
 
 def _header_other_log(header: str | None, order: list[str]) -> str | None:
@@ -194,9 +219,10 @@ def _header_other_log(header: str | None, order: list[str]) -> str | None:
 
 
 def _json_other_log(frame: Any, reason: Any) -> Any:
-    """``reason`` with each JSON line that names none of conn.log's own fields but fields of
-    another log (see ``_other_log``) a reject saying so. A conn.log's JSON line always has some
-    (``missed_bytes``, ``orig_pkts``... are always set): only the lines with none of them are
+    """``reason`` with each JSON line whose keys are another log's (see ``_other_log``) a
+    reject saying so. A conn.log's JSON line always has some of conn.log's own fields
+    (``missed_bytes``, ``orig_pkts``... are always set) and every field a record needs: only
+    the lines with none of the former, or missing one of the latter (a reject already), are
     looked at again, in Python."""
     import json
 
@@ -204,8 +230,9 @@ def _json_other_log(frame: Any, reason: Any) -> Any:
 
     if not frame.get_column("_json").any():
         return reason
-    suspect = frame.select(pl.col("_json") & pl.all_horizontal(
-        [pl.col(c).is_null() for c in CONN_OWN])).to_series().arg_true()
+    suspect = frame.select(pl.col("_json") & (
+        pl.all_horizontal([pl.col(c).is_null() for c in CONN_OWN])
+        | pl.any_horizontal([pl.col(c).is_null() for c in _REQUIRED]))).to_series().arg_true()
     if suspect.len() == 0:
         return reason
     found = {}
@@ -431,6 +458,27 @@ def _ports_checked(result: ParseResult, records: list[Any]) -> ParseResult:
                        [first[int(r)] for r in rows])
 
 
+def _other_logs_rejected(result: ParseResult, records: list[Any],
+                         other: dict[int, str]) -> ParseResult:
+    """``result`` (records parsed from objects) with each record of ``other`` (by 0-based
+    position: the reason it is another log's) a reject with that reason: a record that parsed
+    is turned into one, a reject (``missing field 'proto'``) is given it instead."""
+    if result.rejects.num_rows:
+        lines = result.rejects.column("line").to_pylist()
+        if any(n - 1 in other for n in lines):
+            reasons = result.rejects.column("reason").to_pylist()
+            result.rejects = result.rejects.set_column(
+                2, result.rejects.schema.field("reason"),
+                pa.array([other.get(n - 1, why) for n, why in zip(lines, reasons, strict=True)],
+                         pa.string()))
+    positions = np.asarray(result.line_numbers, dtype=np.int64) - 1
+    rows = np.flatnonzero(np.isin(positions, np.fromiter(other, dtype=np.int64)))
+    if rows.size == 0:
+        return result
+    return reject_rows(result, rows, [record_text(records[p]) for p in positions[rows]],
+                       [other[int(p)] for p in positions[rows]])
+
+
 class Zeek(Format):
     """Zeek connection records (``conn.log``), TSV or JSON lines."""
 
@@ -515,7 +563,8 @@ class Zeek(Format):
         the columns ``orig_h``... (a record giving both names keeps the column name's value);
         an integer ``ts`` from ``MAX_TS`` on is in milliseconds, as in a JSON line;
         ``local_orig``/``local_resp`` may be JSON booleans and are kept as ``T``/``F``, as from
-        a log line."""
+        a log line. An object of another Zeek log (``dns.log``, ``files.log``) is a reject with
+        the reason its JSON line gets (see ``_other_log``)."""
         if not isinstance(records, list):
             # a table: its rows as dicts first (iterated, a frame gives its column names)
             from .._arrow import as_arrow
@@ -524,8 +573,14 @@ class Zeek(Format):
                        else as_arrow(records, "parse_records").to_pylist())
         flags = {True: "T", False: "F", "true": "T", "false": "F"}
         fixed: list[Any] = []
-        for r in records:
+        other: dict[int, str] = {}  # another log's record (see _other_log), by position
+        for i, r in enumerate(records):
             if type(r) is dict:
+                if r.get("proto") is None or all(r.get(k) is None for k in CONN_OWN):
+                    # (a conn record has proto and some of conn.log's own fields: not looked at)
+                    why = _other_log(list(r), "this JSON object", _RECORD_NAMES, records=True)
+                    if why is not None:
+                        other[i] = why
                 dotted = {col: r[name] for name, col in _DOTTED
                           if name in r and r.get(col) is None}
                 if dotted:
@@ -545,7 +600,7 @@ class Zeek(Format):
             result.rejects = result.rejects.set_column(
                 1, result.rejects.schema.field("raw"),
                 pa.array([record_text(records[n - 1]) for n in lines], pa.string()))
-        return result
+        return _other_logs_rejected(result, records, other) if other else result
 
     def feature_spec(self) -> dict[str, Any]:
         numeric = ["duration", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
