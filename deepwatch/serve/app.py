@@ -207,6 +207,11 @@ class BrowserGuard:
       another site cannot send without a CORS preflight that this server never grants.)
 
     ``/healthz`` is exempt from the host check: local probes may name the host as they like.
+
+    A request with more than one ``Host`` header is invalid (RFC 9112, section 3.2) and gets
+    400 on every path: this check read the last one while Starlette (``request.url``, the
+    trailing-slash redirect) reads the first, so ``Host: evil.example`` then
+    ``Host: localhost`` passed the check and was answered as ``evil.example``.
     """
 
     def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str] = ()) -> None:
@@ -217,6 +222,8 @@ class BrowserGuard:
         host = origin = None
         for name, value in scope.get("headers", []):
             if name == b"host":
+                if host is not None:
+                    return 400, "more than one Host header (a request names one host)"
                 host = value.decode("latin-1")
             elif name == b"origin":
                 origin = value.decode("latin-1")
