@@ -26,6 +26,9 @@ from ._base import (
 )
 
 THREADED_PARSE_BYTES = 1 << 20
+#: What a value of a ``fractions`` field (a rate, such as KDD's ``serror_rate``) must be: a
+#: share of connections, so 7.5 is damage, never a rate to score.
+FRACTION = "a number from 0 to 1 (a rate)"
 #: A UTF-8 byte order mark. Arrow's CSV reader drops one that opens its buffer, so a line that
 #: starts with one would parse when it is the first of a chunk (or of the distinct lines of
 #: one, in hash order) and be a reject anywhere else: such text never goes to Arrow first.
@@ -33,7 +36,8 @@ _BOM = b"\xef\xbb\xbf"
 
 
 def _fast(
-    data: bytes, schema: pa.Schema, sep: str, nonneg: Sequence[str]
+    data: bytes, schema: pa.Schema, sep: str, nonneg: Sequence[str],
+    fractions: Sequence[str] = (),
 ) -> pa.Table | None:
     try:  # Arrow decodes an invalid row as UTF-8 to hand it to the handler, and an error raised
         data.decode("utf-8")  # there escapes as an unraisable exception: such bytes go robust
@@ -82,6 +86,8 @@ def _fast(
                 return None
             if f.name in nonneg and len(x) and x.min() < 0:
                 return None
+            if f.name in fractions and len(x) and (x.min() < 0 or x.max() > 1):
+                return None
         if pa.types.is_string(f.type) and len(col) and pc.min(pc.utf8_length(col)).as_py() == 0:
             return None
     return table
@@ -129,8 +135,8 @@ _TINY_INT = re.compile(r"-?[0-9]{1,18}")
 _TINY_FLOAT = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")
 
 
-def _tiny(data: bytes, schemas: Sequence[pa.Schema], sep: str, nonneg: Sequence[str]
-          ) -> pa.Table | None:
+def _tiny(data: bytes, schemas: Sequence[pa.Schema], sep: str, nonneg: Sequence[str],
+          fractions: Sequence[str] = ()) -> pa.Table | None:
     """A few lines of plainly clean input, parsed without Arrow's reader; None for anything
     else (the other paths then parse it, and explain what is wrong).
 
@@ -162,7 +168,10 @@ def _tiny(data: bytes, schemas: Sequence[pa.Schema], sep: str, nonneg: Sequence[
             if f.name in nonneg_set and any(v.startswith("-") for v in values):
                 return None
             cast = int if pa.types.is_integer(f.type) else float
-            arrays.append(from_numpy(np.array([cast(v) for v in values]), f.type))
+            numbers = np.array([cast(v) for v in values])
+            if f.name in fractions and not ((numbers >= 0) & (numbers <= 1)).all():
+                return None
+            arrays.append(from_numpy(numbers, f.type))
         elif pa.types.is_string(f.type):
             if not all(values):
                 return None
@@ -173,7 +182,8 @@ def _tiny(data: bytes, schemas: Sequence[pa.Schema], sep: str, nonneg: Sequence[
 
 
 def _robust(
-    lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str], count_note: str = ""
+    lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str], count_note: str = "",
+    fractions: Sequence[str] = (),
 ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """Returns (parsed table, indices of parsed lines, reason per line or None).
 
@@ -204,7 +214,10 @@ def _robust(
             val = text
             bad = val.is_null() | (val.str.len_chars() == 0)
             what = "a non-empty string"
-        if f.name in nonneg:
+        if f.name in fractions:
+            bad = bad | ((val < 0) | (val > 1)).fill_null(False)
+            what = FRACTION
+        elif f.name in nonneg:
             bad = bad | (val < 0).fill_null(False)
             what = "a non-negative " + what.removeprefix("a ").removeprefix("an ")
         values.append(val.alias(f.name))
@@ -256,8 +269,12 @@ def parse_delimited(
     first_line: int = 1,
     sep: str = ",",
     nonneg: Sequence[str] = (),
+    fractions: Sequence[str] = (),
 ) -> tuple[pa.Table, ParseResult]:
     """Parse ``data`` whose lines may follow any of ``schemas`` (distinguished by field count).
+
+    ``nonneg``: numeric fields where a negative value is a reject; ``fractions``: float fields
+    holding a fraction (a rate), where a value outside 0 to 1 is a reject (see ``FRACTION``).
 
     Returns the parsed rows conformed to the widest schema (missing trailing columns are null)
     and the ParseResult with rejects and line numbers.
@@ -271,7 +288,7 @@ def parse_delimited(
                                   pa.RecordBatch.from_pylist([], schema=full),
                                   empty_rejects(), 0)
     if n_lines <= TINY_LINES:  # one REST record: Arrow's reader costs ~1.5 ms of fixed set-up
-        tiny = _tiny(raw_bytes, schemas, sep, nonneg)
+        tiny = _tiny(raw_bytes, schemas, sep, nonneg, fractions)
         if tiny is not None:
             table = _conform(tiny, full)
             numbers = pa.array(np.arange(first_line, first_line + n_lines, dtype=np.int64))
@@ -281,7 +298,7 @@ def parse_delimited(
     n_first = first.rstrip(b"\r").count(sep.encode()) + 1
     for schema in schemas:
         if len(schema) == n_first:
-            table = _fast(raw_bytes, schema, sep, nonneg)
+            table = _fast(raw_bytes, schema, sep, nonneg, fractions)
             if table is not None:
                 table = _conform(table, full)
                 numbers = pa.array(np.arange(first_line, first_line + n_lines, dtype=np.int64))
@@ -293,7 +310,7 @@ def parse_delimited(
     reason_all = np.empty(len(lines), dtype=object)
     reason_all[:] = None
     remaining = np.arange(len(lines))
-    clean = _clean_subset(lines, full, sep, nonneg)
+    clean = _clean_subset(lines, full, sep, nonneg, fractions)
     if clean is not None:  # most lines are fine: they take the fast path, the rest go robust
         clean_idx, clean_table = clean
         ok_all[clean_idx] = True
@@ -310,7 +327,8 @@ def parse_delimited(
             continue  # no line left has this schema's field count: its reasons would not win
         sub = [lines[i] for i in remaining]
         table, idx, reasons = _robust(sub, schema, sep, nonneg,
-                                      _other_counts(schemas, full) if schema is full else "")
+                                      _other_counts(schemas, full) if schema is full else "",
+                                      fractions)
         ok_idx = remaining[idx]
         ok_all[ok_idx] = True
         parsed_parts.append((ok_idx, _conform(table, full)))
@@ -348,8 +366,8 @@ def _other_counts(schemas: Sequence[pa.Schema], full: pa.Schema) -> str:
     return f" (or {', '.join(said)})"
 
 
-def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str]
-                  ) -> tuple[np.ndarray, pa.Table] | None:
+def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequence[str],
+                  fractions: Sequence[str] = ()) -> tuple[np.ndarray, pa.Table] | None:
     """The lines of a chunk the fast path can parse, and their table; None if there are none.
 
     A few bad lines should not send a whole chunk down the robust path. Lines with the schema's
@@ -387,6 +405,8 @@ def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequenc
                 bad = bad | ~val.is_finite().fill_null(False)
             if f.name in nonneg:
                 bad = bad | (val < 0).fill_null(False)
+            if f.name in fractions:
+                bad = bad | ((val < 0) | (val > 1)).fill_null(False)
         else:
             bad = col.str.len_chars() == 0
         flags.append(bad)
@@ -396,7 +416,8 @@ def _clean_subset(lines: list[str], schema: pa.Schema, sep: str, nonneg: Sequenc
     good_idx = cand_idx[~suspect]
     if good_idx.size == 0:
         return None
-    table = _fast("\n".join(lines[i] for i in good_idx).encode("utf-8"), schema, sep, nonneg)
+    table = _fast("\n".join(lines[i] for i in good_idx).encode("utf-8"), schema, sep, nonneg,
+                  fractions)
     if table is None or table.num_rows != good_idx.size:
         return None
     return good_idx, _conform(table, schema).cast(schema)

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from ..labels import kdd_category
 from ._base import Format, ParseResult, check_text, reject_rows, split_lines
-from ._delimited import parse_delimited
+from ._delimited import FRACTION, parse_delimited
 from ._records import record_text
 
 KDD_FEATURES: tuple[str, ...] = (
@@ -66,7 +66,7 @@ class KDD(Format):
         check_text(data)
         table, result = parse_delimited(
             data, self._schemas(), first_line=first_line, sep=",",
-            nonneg=[f for f in KDD_FEATURES if f not in CATEGORICAL],
+            nonneg=[f for f in KDD_FEATURES if f not in CATEGORICAL], fractions=_RATES,
         )
         result.batch, reasons = _text_fields(result.batch)
         if not reasons:
@@ -80,9 +80,14 @@ class KDD(Format):
     def parse_records(self, records: list[dict[str, Any]]) -> ParseResult:
         """Records as JSON objects (REST), their text fields read as a line's are (see
         :func:`_text_fields`): ``{"protocol_type": " tcp"}`` scores as ``"tcp"``, and a text
-        field of spaces only is a reject with the reason a line gets."""
+        field of spaces only is a reject with the reason a line gets; so is a rate past 1 (see
+        :func:`_rates_past_one`)."""
         result = super().parse_records(records)
         result.batch, reasons = _text_fields(result.batch)
+        for row, name in _rates_past_one(result.batch).items():
+            if row not in reasons:
+                value = records[int(np.asarray(result.line_numbers)[row]) - 1][name]
+                reasons[row] = f"field {name!r} is not {FRACTION}: {value!r}"
         if not reasons:
             return result
         rows = np.array(sorted(reasons), dtype=np.int64)
@@ -139,6 +144,20 @@ def _text_fields(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[int, str]]
             reasons.setdefault(int(row), f"field {len(KDD_FEATURES) + 1} (label) {why}: "
                                f"'{text[:80]}'")
     return batch, reasons
+
+
+def _rates_past_one(batch: pa.RecordBatch) -> dict[int, str]:
+    """The rows of ``batch`` (records given as objects) with a rate (``serror_rate``...: a
+    share of connections, from 0 to 1) past 1, each with the first such field: a line with one
+    is a reject (``parse_delimited``'s ``fractions``); a negative one is already."""
+    found: dict[int, str] = {}
+    if batch.num_rows == 0:
+        return found
+    for name in _RATES:
+        values = np.asarray(batch.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+        for row in np.flatnonzero(values > 1):
+            found.setdefault(int(row), name)
+    return found
 
 
 def _text_bytes(column: pa.Array) -> int:
