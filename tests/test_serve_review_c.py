@@ -7,6 +7,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import ThreadServer
 
@@ -28,6 +29,48 @@ def open_server(kdd_bundle: Path) -> Iterator[ThreadServer]:
     """No key: on loopback the ``Host`` check is all that stands between a web page and it."""
     with ThreadServer(create_app(kdd_bundle), **uvicorn_options()) as srv:
         yield srv
+
+
+# -- the OpenAPI schema and the docs page with a key ---------------------------------------------
+
+def test_the_schema_declares_the_bearer_key_the_gate_asks_for(keyed: ThreadServer) -> None:
+    """With a key, the schema said nothing of it: the docs page had no "Authorize" button, so
+    its "Try it out" calls went without the key (401), and clients made from the schema knew
+    of no key. It declares an HTTP bearer scheme for every operation but /healthz."""
+    schema = httpx.get(keyed.url + "/openapi.json", headers=AUTH).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert list(schemes.values()) == [
+        {"type": "http", "scheme": "bearer", "description": "The key of serve's --api-key-file"}]
+    (name,) = schemes
+    assert schema["security"] == [{name: []}]
+    paths = schema["paths"]
+    assert paths["/healthz"]["get"]["security"] == [], "/healthz needs no key"
+    keyed_operations = [(path, method) for path, ops in paths.items() for method in ops
+                        if path != "/healthz"]
+    assert ("/v1/score", "post") in keyed_operations
+    for path, method in keyed_operations:
+        operation = paths[path][method]
+        assert "security" not in operation, "the schema's own: the key"
+        assert "401" in operation["responses"], (path, method)
+        # and the gate agrees with the schema, over HTTP
+        r = httpx.request(method.upper(), keyed.url + path)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    assert httpx.get(keyed.url + "/healthz").status_code == 200
+
+
+def test_the_docs_page_and_schema_stay_behind_the_key(keyed: ThreadServer) -> None:
+    """The decision taken (docs/rest.md): the page and the schema still need the key, as every
+    endpoint but /healthz does; with it the page loads and points at the schema."""
+    for path in ("/docs", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(keyed.url + path).status_code == 401, path
+    page = httpx.get(keyed.url + "/docs", headers=AUTH)
+    assert page.status_code == 200 and "'/openapi.json'" in page.text
+
+
+def test_without_a_key_the_schema_declares_none(open_server: ThreadServer) -> None:
+    schema = httpx.get(open_server.url + "/openapi.json").json()
+    assert "security" not in schema
+    assert "securitySchemes" not in schema.get("components", {})
 
 
 # -- two Host headers ----------------------------------------------------------------------------

@@ -87,6 +87,8 @@ MAX_HEAD_BYTES = 64 * 1024
 #: Extra host names (comma-separated) that loopback requests may carry in ``Host``.
 ALLOWED_HOSTS_ENV = "DEEPWATCH_ALLOWED_HOSTS"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The name of the API key's security scheme in the OpenAPI schema (with a key only).
+BEARER_SCHEME = "bearerKey"
 
 
 #: /v1/stats quotes the records' text: opened as a page, it runs nothing and is never framed.
@@ -391,7 +393,36 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                        allowed_hosts=allowed_hosts_from_env() if allowed_hosts is None
                        else allowed_hosts)
     app.add_middleware(Gate, metrics=service.metrics, api_key=api_key)
+    if api_key:
+        _declare_bearer_key(app)
     return app
+
+
+def _declare_bearer_key(app: FastAPI) -> None:
+    """The OpenAPI schema says what the gate asks for: ``Authorization: Bearer <key>`` on
+    every operation but ``/healthz``. Without it the schema claimed the API open, the docs
+    page had no "Authorize" button (its "Try it out" calls went without the key: 401), and
+    clients made from the schema knew of no key. (The gate decides; this only documents.)"""
+    make_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = make_schema()
+            schema.setdefault("components", {})["securitySchemes"] = {BEARER_SCHEME: {
+                "type": "http", "scheme": "bearer",
+                "description": "The key of serve's --api-key-file"}}
+            schema["security"] = [{BEARER_SCHEME: []}]
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    if path in OPEN_PATHS:
+                        operation["security"] = []
+                    else:
+                        operation.setdefault("responses", {}).setdefault(
+                            "401", {"description": "Missing or wrong API key"})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _reload_target(body: bytes) -> str | None:
