@@ -203,6 +203,125 @@ def writable_dir(path: str | Path, what: str = "the output") -> Path:
     return p
 
 
+class OutputLock:
+    """An advisory lock (``flock``) on an output for the length of the run that writes it, so
+    that a second run given the same path (in another terminal, from cron) is refused at once,
+    before it scores anything, rather than write the file as well: two runs writing one JSONL
+    file truncated each other's lines and left holes of NUL bytes, each saying it had written
+    all its rows; two writing one Parquet file each moved a whole file into place, the last
+    one's, and the other's rows were lost without a word.
+
+    An output already there is locked itself (nothing is added beside it). One yet to be made
+    (it is made by the run's first row) is locked through a hidden file beside it,
+    ``.NAME.lock``, removed when the lock is let go; every run checks that file too, so a run
+    that finds the output made meanwhile by another still sees the other's lock. A lock file
+    left by a run killed outright holds no lock (the kernel lets go of it however the process
+    ends): the next run takes it over. A path that is no regular file (``/dev/stdout``, a pipe)
+    is not locked, nor is anything where there is no ``flock`` (Windows) or where the lock
+    cannot be taken (a file system without it): the run writes as it did before.
+    """
+
+    def __init__(self, path: str | Path, what: str):
+        self._fds: list[int] = []
+        self._made: Path | None = None  # the lock file this run made or took over
+        self._refusal = f"{what} {path} is being written by another run"
+        real = Path(os.path.realpath(path))
+        st, _there = _stat(path, real)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            return
+        try:
+            import fcntl  # noqa: F401
+        except ImportError:  # pragma: no cover - Windows
+            return
+        try:
+            self._take(real, real.with_name(f".{real.name}.lock"))
+        except BaseException:
+            self.release()
+            raise
+
+    def _take(self, real: Path, lock: Path) -> None:
+        fd = _open_quietly(real, os.O_RDONLY)
+        if fd is not None:  # the output is there: it is the lock, and a lock file if any
+            self._hold(fd)
+            fd = _open_quietly(lock, os.O_RDONLY)
+            if fd is not None:
+                self._hold(fd)
+                self._made = lock if self._same(fd, lock) else None  # (a killed run's)
+            return
+        while True:  # the output is not there yet: its lock file, made if missing
+            fd = _open_quietly(lock, os.O_RDWR | os.O_CREAT)
+            if fd is None:
+                return  # (a directory that cannot be written is the write's to report)
+            self._hold(fd)
+            # the holder before us may have removed the file as it let go: that name is no
+            # longer the lock (a run opening it now makes a new one), so take that instead
+            if self._same(fd, lock):
+                self._made = lock
+                return
+            self._fds.remove(fd)
+            os.close(fd)
+
+    def _hold(self, fd: int) -> None:
+        import fcntl
+
+        self._fds.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(os.fstat(fd))
+            raise OutputError(f"{self._refusal}{f' (pid {holder})' if holder else ''}; wait "
+                              "for it to end or give another path") from None
+        except OSError:  # a file system without flock: as before, unlocked
+            self._fds.remove(fd)
+            os.close(fd)
+
+    @staticmethod
+    def _same(fd: int, path: Path) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            return False
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the locks (once; again does nothing). The file
+        goes first, while its lock is still held: see the retry in :meth:`_take`."""
+        made, self._made = self._made, None
+        if made is not None:
+            with contextlib.suppress(OSError):
+                made.unlink()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def __del__(self) -> None:  # a sink dropped without being closed (an error before it ran)
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def _open_quietly(path: Path, flags: int) -> int | None:
+    """A descriptor of ``path`` (None where it cannot be opened: missing, no permission)."""
+    try:
+        return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError:
+        return None
+
+
+def _lock_holder(st: os.stat_result) -> int | None:
+    """The process holding a ``flock`` on the file ``st`` describes, from ``/proc/locks``
+    (Linux; None elsewhere, or where it cannot be told)."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                if "FLOCK" in fields and "->" not in fields and dev in fields:
+                    pid = fields[fields.index(dev) - 1]
+                    return int(pid) if pid.isdigit() else None
+    except OSError:
+        pass
+    return None
+
+
 def _identity(st: os.stat_result) -> tuple[int, int] | None:
     """What names a regular file (device, inode); None for what is none (a pipe, a device)."""
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
@@ -253,6 +372,8 @@ class RecordSink:
             raise UsageError(f"--out must end in .parquet or .jsonl, not {path!r}")
         if path != "-":
             writable_file(path, "--out")
+        #: held until the sink is closed: a second run writing the same file is refused
+        self._lock = OutputLock(path, "--out") if path != "-" else None
         self._writer: Any = None
         self._fh: IO[bytes] | None = None
         self.rows = 0
@@ -348,6 +469,9 @@ class RecordSink:
                 then()
             except OSError as exc:
                 raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            finally:
+                if self._lock is not None:  # (after the Parquet file is moved into place)
+                    self._lock.release()
 
     def _close_handles(self) -> None:
         try:
@@ -490,8 +614,10 @@ class RejectSink:
         self._fh: IO[bytes] | None = None
         self._made: tuple[int, int] | None = None  # (see :func:`_check_still_there`)
         self._closed = False
+        self._lock: OutputLock | None = None
         if path:
             writable_file(path, "--rejects")
+            self._lock = OutputLock(path, "--rejects")  # (see RecordSink)
 
     def _open(self) -> IO[bytes]:
         """The file, made (truncated) now: by the first rejected record, or by :meth:`close`."""
@@ -525,6 +651,16 @@ class RejectSink:
 
     def close(self) -> None:
         """Close the file, empty or not (a run that kept other output, or ran whole)."""
+        try:
+            self._close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def _close(self) -> None:
         if self.path and not self._closed and self._fh is None:
             self._open()  # (no rejected record: the file is made empty, this run's)
         self._closed = True
@@ -543,6 +679,12 @@ class RejectSink:
         """Close and remove the file of a run that failed before it kept anything: an empty
         rejects file would read as "nothing was rejected"; an older one not made by this run
         is left as it was."""
+        try:
+            self._abort()
+        finally:
+            self._release()
+
+    def _abort(self) -> None:
         self._closed = True
         fh, self._fh = self._fh, None
         if fh is None:
