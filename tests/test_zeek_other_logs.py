@@ -210,3 +210,16 @@ def test_other_logs_given_as_objects_are_rejects_as_their_lines_are() -> None:
     assert _reasons(res)[0].startswith("this JSON object " + OTHER)
     assert _reasons(res)[2].startswith(f"this JSON object {NO_IDENTITY}proto, which")
     assert _reasons(res)[3] == "record is not a JSON object"
+
+
+def test_an_object_lacking_the_hosts_gets_its_lines_reason() -> None:
+    """An object with ``proto`` and conn.log's ``duration`` but neither host (``tx_hosts``
+    and ``rx_hosts`` instead, as files.log had before Zeek 5.1) gets the reason its JSON line
+    gets, not 'missing field 'orig_h''."""
+    obj = {"ts": 1700000000.5, "proto": "tcp", "duration": 0.5, "fuid": "Fa",
+           "tx_hosts": ["93.184.216.34"], "rx_hosts": ["10.0.0.5"]}
+    [line] = _reasons(FMT.parse(json.dumps(obj)))
+    assert line.startswith(f"this JSON object {NO_IDENTITY}id.orig_h, id.resp_h, which every")
+    assert _reasons(FMT.parse_records([obj])) == [line]
+    hosts = {"orig_h": "10.0.0.5", "resp_h": "10.0.0.1"}  # conn.log's, with fields added
+    assert FMT.parse_records([{**obj, **hosts}]).batch.num_rows == 1

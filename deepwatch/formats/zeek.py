@@ -576,8 +576,10 @@ class Zeek(Format):
         other: dict[int, str] = {}  # another log's record (see _other_log), by position
         for i, r in enumerate(records):
             if type(r) is dict:
-                if r.get("proto") is None or all(r.get(k) is None for k in CONN_OWN):
-                    # (a conn record has proto and some of conn.log's own fields: not looked at)
+                if (any(r.get(name) is None and r.get(col) is None for name, col in _IDENTITY)
+                        or all(r.get(k) is None for k in CONN_OWN)):
+                    # (a conn record has ts, hosts, proto and some of conn.log's own fields:
+                    # not looked at again)
                     why = _other_log(list(r), "this JSON object", _RECORD_NAMES, records=True)
                     if why is not None:
                         other[i] = why
