@@ -1,6 +1,7 @@
 """User agent -> browser, OS and device class (ua-parser); client IP -> country (iptocc, offline)
 and private/public. Each distinct value is looked up once and remembered, so a batch costs one
-lookup per *new* agent or address, never one per record.
+lookup per *new* agent or address, never one per record. ``client_address`` takes the port off a
+client written with one, so that the lookups and the per-client windows see the address.
 """
 
 from __future__ import annotations
@@ -43,6 +44,26 @@ def agent_info(agent: str) -> tuple[str, str, str]:
     else:
         cls = "other"
     return browser, os_family, cls
+
+
+#: A client written with its port (NGINX's ``$remote_addr:$remote_port``, Apache's
+#: ``%a:%{remote}p``): an IPv4 address or a host name (one colon only: an IPv6 address written
+#: bare has two or more, and its last group is never taken for a port) and the port.
+_HOST_PORT = r"^([^:\[\]]+):\d{1,5}$"
+#: An IPv6 address in brackets and its port (``[2001:db8::1]:443``, a zone allowed): the address
+#: without its brackets, as a ``vhost`` is stored. In brackets without a port it is kept as
+#: written (``ip_info`` reads it without them).
+_BRACKETED_PORT = r"^\[([0-9A-Fa-f]*:[0-9A-Fa-f:.]*(?:%[^\[\]]+)?)\]:\d{1,5}$"
+
+
+def client_address(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The client column with the port taken off a client written with one (``a.b.c.d:port``,
+    ``host:port``, ``[v6]:port``); any other value as written. The records keep their client as
+    written: this is what the address features and the per-client windows look at."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
+    col = pc.replace_substring_regex(col, _HOST_PORT, r"\1")
+    return pc.replace_substring_regex(col, _BRACKETED_PORT, r"\1")
 
 
 @lru_cache(maxsize=262144)

@@ -3,11 +3,12 @@
 From each request: method, status and its class, size, URL shape (length, depth, query length,
 parameter count), character-class counts and ratios, entropy, percent-encodings, file extension,
 hashed character n-grams of path and query; the user agent as browser, OS and device class; the
-client address as country, private/public and IPv6; the referer as present and its host; hour of
-day (the server's local hour, see ``LOCAL_HOUR``). Per client, behaviour over a sliding window of
-recent requests (see ``_window``). The featurizer then one-hot encodes the categorical columns
-with learned vocabularies and standardises the numbers. The virtual host (``vhost``) is not a
-feature: a featurizer fitted before it was kept computes what it did.
+client address (a client written with its port without it, see ``client_address``) as country,
+private/public and IPv6; the referer as present and its host; hour of day (the server's local
+hour, see ``LOCAL_HOUR``). Per client (its address, whatever port it came from), behaviour over a
+sliding window of recent requests (see ``_window``). The featurizer then one-hot encodes the
+categorical columns with learned vocabularies and standardises the numbers. The virtual host
+(``vhost``) is not a feature: a featurizer fitted before it was kept computes what it did.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ._lookups import addresses, agents
+from ._lookups import addresses, agents, client_address
 from ._text import char_classes, count_matches, entropy, hashed_ngrams
 from ._window import WINDOW_COLUMNS, window_features
 
@@ -146,7 +147,9 @@ def derive_access(table: pa.Table, params: dict[str, Any], state: dict[str, Any]
     cols["request_malformed"] = _num(pc.is_null(_str(table.column("method"))))
     cols.update(_categories(table))
     cols.update(agents(table.column("user_agent")))
-    cols.update(addresses(table.column("client_ip")))
+    # a client written with its port is its address: one client whatever port it came from
+    client = client_address(table.column("client_ip"))
+    cols.update(addresses(client))
     cols["bytes"] = _num(table.column("bytes"))
     cols["has_referer"] = _num(pc.is_valid(table.column("referer")))
     cols["has_user"] = _num(pc.is_valid(table.column("user")))
@@ -172,7 +175,7 @@ def derive_access(table: pa.Table, params: dict[str, Any], state: dict[str, Any]
     for i, name in enumerate(_gram_names("agent_gram_", p["agent_buckets"])):
         cols[name] = grams_a[:, i]
     cols.update(window_features(
-        _str(table.column("client_ip")), seconds, path, _num(table.column("status")),
+        client, seconds, path, _num(table.column("status")),
         pc.fill_null(_str(table.column("method")), ""), state, size=int(p["window"]),
     ))
     cols[DERIVED_MARK] = np.ones(n, dtype=np.bool_)
