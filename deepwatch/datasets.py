@@ -16,16 +16,18 @@ A file is looked for, in order, under ``$DEEPWATCH_DATA`` and in the cache
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
-import shutil
+import re
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -202,25 +204,78 @@ def digest(p: Path, limit: int | None = None) -> Digest:
 
     ``limit``: the most bytes of text to read; a DataError past it (a few megabytes of xz or
     gzip can unpack to terabytes, read for hours only to fail their checksum)."""
-    h = hashlib.sha256()
-    size = lines = 0
-    last = b""
     try:
         with _open_text(p) as f:
-            for block in iter(lambda: f.read(_BLOCK), b""):
-                h.update(block)
-                size += len(block)
-                if limit is not None and size > limit:
-                    raise _PastLimit(f"{p} holds more than {limit:,} bytes of text, more "
-                                     "than a copy of this data set can be; refusing it")
-                lines += block.count(b"\n")
-                last = block[-1:]
+            return _digest_text(f, p, limit)
     except (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as exc:
         # (a gzip copy damaged inside its compressed data raises zlib.error, no OSError)
         raise DataError(f"cannot read {p}: {exc}") from None
+
+
+def _digest_text(f: IO[bytes], p: Path, limit: int | None) -> Digest:
+    """:func:`digest` of the text read from ``f`` (of ``p``, for the messages)."""
+    h = hashlib.sha256()
+    size = lines = 0
+    last = b""
+    for block in iter(lambda: f.read(_BLOCK), b""):
+        h.update(block)
+        size += len(block)
+        if limit is not None and size > limit:
+            raise _PastLimit(f"{p} holds more than {limit:,} bytes of text, more "
+                             "than a copy of this data set can be; refusing it")
+        lines += block.count(b"\n")
+        last = block[-1:]
     if size and last != b"\n":
         lines += 1
     return Digest(h.hexdigest(), size, lines)
+
+
+class _Tee(io.RawIOBase):
+    """The bytes of ``src``, each also written to ``out`` as it is read: a copy made by the
+    same pass that reads it (through a decompressor) for its checksum. ``head``: bytes already
+    read from ``src``, given first."""
+
+    def __init__(self, src: IO[bytes], out: _Writer, head: bytes):
+        self._src, self._out, self._head = src, out, head
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        if self._head:
+            data, self._head = self._head[:len(view)], self._head[len(view):]
+        else:
+            data = self._src.read(len(view))
+        self._out.write(data)
+        view[:len(data)] = data
+        return len(data)
+
+
+def _copy_digest(src: Path, out: _Writer, limit: int | None) -> tuple[Digest, str]:
+    """Copy ``src`` to ``out`` and take the :func:`digest` of its text in the same pass (the
+    file is read once: the copy is the bytes checked, even where ``src`` changes meanwhile);
+    with the suffix of its compression. A DataError where it cannot be read, and
+    :class:`_PastLimit` past ``limit`` (the copy then stops there)."""
+    try:
+        with open(src, "rb") as raw:
+            head = raw.read(6)
+            kind = next((suffix for suffix, magic, _ in _COMPRESSED if head.startswith(magic)),
+                        "")
+            tee = io.BufferedReader(_Tee(raw, out, head), _BLOCK)
+            text: IO[bytes] = tee
+            if kind == ".gz":
+                text = cast(IO[bytes], gzip.GzipFile(fileobj=tee, mode="rb"))
+            elif kind == ".bz2":
+                text = cast(IO[bytes], bz2.BZ2File(tee))
+            elif kind == ".xz":
+                text = cast(IO[bytes], lzma.LZMAFile(tee))  # noqa: SIM115 - reads tee only
+            got = _digest_text(text, src, limit)
+            while tee.read(_BLOCK):  # what the decompressor left unread (padding) is copied too
+                pass
+    except (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as exc:
+        raise DataError(f"cannot read {src}: {exc}") from None
+    return got, kind
 
 
 def _recorded_path() -> Path:
@@ -269,9 +324,15 @@ def expected(ds: Dataset) -> tuple[str | None, int | None, str]:
 
 def verify(ds: Dataset, p: Path) -> Digest:
     """Check ``p`` against the registry (or what the first fetch recorded); raise if it differs."""
+    return _checked(ds, p, lambda limit: digest(p, limit), p)
+
+
+def _checked(ds: Dataset, p: Path, take: Callable[[int], Digest], text: Path) -> Digest:
+    """:func:`verify` of the copy ``p`` whose digest ``take(limit)`` reads; ``text``: where its
+    text can be read again (``p``, or the copy of it made as it was read)."""
     sha, size, origin = expected(ds)
     try:
-        got = digest(p, size if size is not None else UNKNOWN_SIZE_LIMIT)
+        got = take(size if size is not None else UNKNOWN_SIZE_LIMIT)
     except _PastLimit as exc:
         if sha is None:
             raise
@@ -279,7 +340,7 @@ def verify(ds: Dataset, p: Path) -> Digest:
         found = f"more than {size:,} bytes" if size is not None else str(exc)
         raise _different(ds, p, found, sha, size, origin) from None
     if sha is None:
-        _check_parses(ds, p)
+        _check_parses(ds, text, shown=p)
         return got
     if got.sha256 != sha or (size is not None and got.text_bytes != size):
         raise _different(ds, p, f"sha256 {got.sha256[:12]}…, {got.text_bytes:,} bytes", sha,
@@ -294,12 +355,14 @@ def _different(ds: Dataset, p: Path, found: str, sha: str, size: int | None,
                      + "): a modified or different copy; refusing it")
 
 
-def _check_parses(ds: Dataset, p: Path) -> None:
-    """Without a checksum, at least make sure the file is the right kind of data."""
+def _check_parses(ds: Dataset, p: Path, shown: Path | None = None) -> None:
+    """Without a checksum, at least make sure the file is the right kind of data (``shown``:
+    the name to give ``p`` in the message)."""
     from .formats import get_format
 
     with _open_text(p) as f:
         head = f.read(64 << 10)
+    p = shown or p
     head = head[: head.rfind(b"\n") + 1] or head
     result = get_format(ds.format).parse(head)
     if result.lines == 0 or result.rejects.num_rows > result.lines // 10:
@@ -329,38 +392,139 @@ def _record(ds: Dataset, got: Digest, source: str) -> None:
 
 # ---- getting a copy --------------------------------------------------------------------------
 
-def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
-    """Verify ``src`` and put it into the cache under its proper name; returns the new path."""
-    got = verify(ds, src)
-    dest_dir = cache_dir() / "datasets" / ds.group
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / (ds.text_name + _compression(src))
-    tmp: Path | None = None
-    try:
-        # a name of its own: two fetches of one data set at once each write their own copy
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest_dir)
-        os.close(fd)
-        tmp = Path(name)
-        if move:  # (a download of this process's own, verified above)
-            os.replace(src, tmp)
-        else:
-            shutil.copyfile(src, tmp)
-            # the copy kept is the one verified: a file changed between the check and the
-            # copy (another program writing it) is not stored as the checked one
+#: The temporary files of fetches: a copy from ``--from DIR`` (``.FILE.XXXXXXXX.part``) and a
+#: download (``.NAME.XXXXXXXX.download``), in the cache folder of their data set.
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.(?:part|download)")
+
+
+class _Temp:
+    """A new hidden temporary file in ``folder``, removed by :meth:`close` (Ctrl-C and SIGTERM
+    run it: see :func:`_fetch_one`), and locked (``flock``) for as long as its fetch runs: the
+    kernel lets go of the lock however the process ends, so the next fetch knows one left by
+    a fetch killed outright (SIGKILL, the OOM killer) and removes it
+    (:func:`_clear_abandoned`). Before, each such kill left a copy of up to the whole file in
+    the cache for good."""
+
+    def __init__(self, folder: Path, prefix: str, suffix: str):
+        while True:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+            path = Path(name)
             try:
-                same = digest(tmp, got.text_bytes).sha256 == got.sha256
-            except DataError:  # (grown past its size, or damaged)
-                same = False
-            if not same:
-                raise DataError(f"{src} changed while it was copied into the cache; "
-                                "nothing was stored: fetch it again")
-        os.replace(tmp, dest)
+                import fcntl
+            except ImportError:  # (Windows: abandoned ones are told by their age alone)
+                break
+            # a fetch clearing abandoned files may take the file before it is locked here
+            # and remove it: locked once it has let go, the name is checked, and on removal
+            # another is made
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.path.samestat(os.fstat(fd), path.stat()):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd: int | None = fd
+        self.path = path
+
+    def close(self, keep: bool = False) -> None:
+        """Remove the file (``keep``: it has been moved into place) and let go of it; again
+        does nothing."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            if not keep:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def _clear_abandoned(folder: Path) -> None:
+    """Remove the temporary files of fetches killed outright from ``folder``: those whose lock
+    nobody holds (where there is no ``flock``, those older than an hour)."""
+    from .sinks import STALE_TMP_S
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None  # type: ignore[assignment]
+    try:
+        names = [p for p in folder.iterdir() if _TEMP_NAME.fullmatch(p.name)]
+    except OSError:  # (no folder yet)
+        return
+    for p in names:
+        try:
+            if fcntl is None:
+                if time.time() - p.lstat().st_mtime > STALE_TMP_S:
+                    p.unlink()
+                continue
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # gone meanwhile (its fetch ended), or not ours to open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), p.lstat()):
+                p.unlink()  # (while locked: see _Temp)
+        except OSError:  # its fetch is running
+            pass
+        finally:
+            os.close(fd)
+
+
+class _WriteFailed(Exception):
+    """Writing the copy failed (a full disk): not the source's fault, so not an OSError, which
+    reading it through a decompressor would report as the source's."""
+
+    def __init__(self, exc: OSError):
+        super().__init__(exc.strerror or str(exc))
+
+
+def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
+    """Verify ``src`` and put it into the cache under its proper name; returns the new path.
+
+    ``move``: ``src`` is a download of this process's own, in the cache folder already. Else
+    ``src`` (``--from DIR``) is copied into the cache in the same pass that reads it for its
+    checksum: it was read whole twice before (once to check, once to copy, and the copy once
+    more to make sure it was the file checked), and the copy is the bytes checked however
+    ``src`` changes meanwhile. The copy is moved into place only when it checks out."""
+    dest_dir = cache_dir() / "datasets" / ds.group
+    made = not dest_dir.is_dir()  # (a copy refused leaves no empty folder)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp: _Temp | None = None
+    stored = False
+    try:
+        if move:
+            got = verify(ds, src)
+            dest = dest_dir / (ds.text_name + _compression(src))
+            os.replace(src, dest)
+        else:
+            # a name of its own: two fetches of one data set at once each write their own copy
+            tmp = _Temp(dest_dir, f".{ds.text_name}.", ".part")
+            kinds: list[str] = []
+
+            def copy(limit: int) -> Digest:
+                assert tmp is not None and tmp.fd is not None
+                with os.fdopen(tmp.fd, "wb", closefd=False) as out:
+                    got, kind = _copy_digest(src, _Writer(out), limit)
+                kinds.append(kind)
+                return got
+
+            got = _checked(ds, src, copy, tmp.path)
+            dest = dest_dir / (ds.text_name + kinds[0])
+            os.replace(tmp.path, dest)
+            tmp.close(keep=True)
+        stored = True
+    except _WriteFailed as exc:
+        raise DataError(f"cannot store {ds.name} in the cache at {dest_dir}: {exc}") from None
     except OSError as exc:  # a full disk, a read-only cache: no partial copy is left behind
         raise DataError(f"cannot store {ds.name} in the cache at {dest_dir}: "
                         f"{exc.strerror or exc}") from None
     finally:
         if tmp is not None:
-            tmp.unlink(missing_ok=True)
+            tmp.close()
+        if made and not stored:
+            with contextlib.suppress(OSError):
+                dest_dir.rmdir()
     for name in ds.candidates():  # one copy per data set
         if name != dest.name:
             (dest_dir / name).unlink(missing_ok=True)
@@ -370,6 +534,19 @@ def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
         dest.unlink(missing_ok=True)
         raise DataError(f"{exc}; {ds.name} was not stored") from None
     return dest
+
+
+class _Writer:
+    """``out``, whose write failures are :class:`_WriteFailed`."""
+
+    def __init__(self, out: IO[bytes]):
+        self._out = out
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._out.write(data)
+        except OSError as exc:
+            raise _WriteFailed(exc) from None
 
 
 #: Most bytes a download may take where the text's size is not known.
@@ -396,11 +573,13 @@ def _download(ds: Dataset, progress: bool) -> Path:
     failures: list[str] = []
     limit = download_limit(ds)
     for url in ds.urls:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{ds.name}.", suffix=".download", dir=part_dir)
-        tmp = Path(tmp_name)
+        temp = _Temp(part_dir, f".{ds.name}.", ".download")
+        tmp = temp.path
         try:
             req = urllib.request.Request(url, headers={"User-Agent": f"deepwatch/{__version__}"})
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=30) as resp:
+            assert temp.fd is not None
+            with os.fdopen(temp.fd, "wb", closefd=False) as out, \
+                    urllib.request.urlopen(req, timeout=30) as resp:
                 total = resp.headers.get("Content-Length")
                 size = int(total) if total and total.isdigit() else None
                 bar = byte_progress(ds.name, size) if progress else nullcontext()
@@ -421,20 +600,32 @@ def _download(ds: Dataset, progress: bool) -> Path:
                     # the connection closed early: a first fetch would trust a cut copy
                     raise DataError(f"the download ended after {got:,} of the {size:,} bytes "
                                     "the server announced (cut short)")
-            return _store(ds, tmp, url, move=True)
+            stored = _store(ds, tmp, url, move=True)
+            temp.close(keep=True)  # (moved into place: the name is no longer its)
+            return stored
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             failures.append(f"{url}: {reason}")
         except DataError as exc:
             failures.append(f"{url}: {exc}")
         finally:
-            tmp.unlink(missing_ok=True)
+            temp.close()
     raise DataError(f"cannot download {ds.name} (no internet, or its servers are unreachable: "
                     f"{'; '.join(failures)}); copy it from a local directory with "
                     f"`deepwatch datasets fetch {ds.name} --from DIR`")
 
 
 def _fetch_one(ds: Dataset, from_dir: str | None, progress: bool) -> Path:
+    """Fetch ``ds``. SIGTERM stops it as Ctrl-C does, through the removal of the temporary
+    file it was writing: it ended the process where it stood, and left that file behind."""
+    from .errors import sigterm_stops_cleanly
+
+    _clear_abandoned(cache_dir() / "datasets" / ds.group)
+    with sigterm_stops_cleanly():
+        return _fetch_from(ds, from_dir, progress)
+
+
+def _fetch_from(ds: Dataset, from_dir: str | None, progress: bool) -> Path:
     if from_dir is not None:
         root = Path(from_dir).expanduser()
         if not root.is_dir():

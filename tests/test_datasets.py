@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import gzip
 import http.server
 import lzma
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -112,7 +114,9 @@ def test_fetch_accepts_bzip2_and_xz_copies(suffix: str, compress: str, nsl_test_
     import importlib
 
     text = gzip.decompress(nsl_test_gz.read_bytes())
-    packed = importlib.import_module(compress).compress(text)
+    # (bzip2 with padding after its stream, which its reader skips: copied all the same)
+    packed = importlib.import_module(compress).compress(text) + bytes(64 if compress == "bz2"
+                                                                      else 0)
     cached = isolated / "datasets" / "nslkdd"
     cached.mkdir(parents=True)
     shutil.copy(nsl_test_gz, cached / "KDDTest+.txt.gz")  # an older copy in the cache
@@ -200,39 +204,41 @@ def test_a_copy_that_cannot_be_written_leaves_nothing_in_the_cache(
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr.startswith("error: cannot store nslkdd-test in the cache")
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert [p.name for p in (isolated / "datasets" / "nslkdd").iterdir()] == []
+    assert not (isolated / "datasets" / "nslkdd").exists()  # (its folder, made for it, too)
 
 
-def test_the_copy_kept_is_the_copy_verified_and_no_other_fetch_is_clobbered(
-        nsl_test_gz: Path, tmp_path: Path, isolated: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--from DIR`` verified the file, then copied it: a file changed in between (another
-    program writing it) was stored as the verified copy. And every fetch of a data set wrote
-    the same ``.part`` name, so two at once overwrote, then deleted, each other's copy."""
+def test_the_copy_is_made_as_it_is_checked_and_no_other_fetch_is_clobbered(
+        nsl_test_gz: Path, tmp_path: Path, isolated: Path) -> None:
+    """``--from DIR`` read the file whole to check it, then again to copy it (and the copy a
+    third time, to make sure it was the file checked): now the copy is made by the pass that
+    checks it, and moved into place only then. Every fetch writes its own ``.part``, locked
+    while it runs: another fetch's, under way, is left alone."""
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(nsl_test_gz, src / "KDDTest+.txt.gz")
     cache = isolated / "datasets" / "nslkdd"
     cache.mkdir(parents=True)
-    other = cache / ".KDDTest+.txt.gz.part"  # another fetch's copy, under way
+    other = cache / ".KDDTest+.txt.ab12cd34.part"  # another fetch's copy, under way
     other.write_bytes(b"another fetch's bytes")
-    real_copy = shutil.copyfile
-
-    def changed_meanwhile(a: str, b: str) -> str:
-        real_copy(a, b)
-        with gzip.open(b, "ab") as f:  # the source, rewritten after the check
-            f.write(b"0,tcp,http,SF,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,0,0,0,0,1,0,0,1,"
-                    b"1,1,0,0,0,0,0,0,0,normal,21\n")
-        return b
-
-    monkeypatch.setattr(datasets.shutil, "copyfile", changed_meanwhile)
-    with pytest.raises(DataError, match="changed while it was copied into the cache"):
-        datasets.fetch("nslkdd-test", from_dir=str(src))
-    assert sorted(p.name for p in cache.iterdir()) == [other.name]
-    monkeypatch.setattr(datasets.shutil, "copyfile", real_copy)
-    (got,) = datasets.fetch("nslkdd-test", from_dir=str(src))
+    opened: list[str] = []
+    watched = str(src / "KDDTest+.txt.gz")
+    sys.addaudithook(lambda event, args: opened.append(event) if event == "open"
+                     and args and str(args[0]) == watched else None)
+    with open(other, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        (got,) = datasets.fetch("nslkdd-test", from_dir=str(src))
+    assert len(opened) == 1  # read once (four times before: twice for its first bytes)
+    watched = ""  # (the hook stays for the session: it is made to match nothing)
     assert got.read_bytes() == nsl_test_gz.read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([got.name, other.name])
     assert other.read_bytes() == b"another fetch's bytes"
+    # a copy that does not check out is not moved into place, and its .part is removed
+    (src / "KDDTest+.txt.gz").write_bytes(gzip.compress(b"0,tcp,http,SF,1,1\n" * 50))
+    got.unlink()
+    with pytest.raises(DataError, match="not the expected nslkdd-test"):
+        datasets.fetch("nslkdd-test", from_dir=str(src))
+    # (and the other's .part, whose lock nobody holds now, is taken for a killed fetch's)
+    assert list(cache.iterdir()) == []
 
 
 def test_data_dir_is_looked_in_first(nsl_test_gz: Path, tmp_path: Path, isolated: Path,
@@ -437,3 +443,73 @@ def test_no_internet_is_one_clear_line(monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
     assert "cannot download kdd99-corrected" in err and "--from DIR" in err
+
+
+_FETCH_FROM = """
+import dataclasses, sys
+from deepwatch import datasets
+from deepwatch.cli import main
+datasets.DATASETS["nslkdd-test"] = dataclasses.replace(datasets.DATASETS["nslkdd-test"],
+                                                       urls=(sys.argv[1],))
+sys.exit(main(["datasets", "fetch", "nslkdd-test"]))
+"""
+
+
+def _stopped_mid_download(sig: int, nsl_test_gz: Path, isolated: Path) -> tuple[int, str]:
+    """A real ``deepwatch datasets fetch`` process sent ``sig`` while it downloads (the server
+    sends 2 MiB of the file, then nothing): its exit status and stderr."""
+    body = gzip.decompress(nsl_test_gz.read_bytes())
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve_part() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                         + body[:2 << 20])
+            done.wait(30)
+
+    thread = threading.Thread(target=serve_part, daemon=True)
+    thread.start()
+    folder = isolated / "datasets" / "nslkdd"
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/KDDTest+.txt"
+    with listener, subprocess.Popen([sys.executable, "-c", _FETCH_FROM, url],
+                                    stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while not any(p.stat().st_size >= 1 << 20 for p in folder.glob(".*.download")):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            _out, err = proc.communicate(timeout=30)
+        finally:
+            done.set()
+            if proc.poll() is None:
+                proc.kill()
+    thread.join(10)
+    return proc.returncode, err
+
+
+def test_a_download_stopped_by_sigterm_leaves_no_part_file(
+        nsl_test_gz: Path, isolated: Path) -> None:
+    """SIGTERM (``kill``, ``timeout``, a scheduler) ended the process where it stood, and the
+    part downloaded stayed in the cache, hidden, for good; it stops now as Ctrl-C does."""
+    rc, err = _stopped_mid_download(signal.SIGTERM, nsl_test_gz, isolated)
+    assert rc == 143, err
+    assert err.strip().splitlines()[-1].startswith("terminated"), err
+    assert list((isolated / "datasets" / "nslkdd").iterdir()) == []
+
+
+def test_the_part_file_of_a_fetch_killed_outright_is_removed_by_the_next(
+        nsl_test_gz: Path, tmp_path: Path, isolated: Path) -> None:
+    rc, _err = _stopped_mid_download(signal.SIGKILL, nsl_test_gz, isolated)
+    assert rc == -signal.SIGKILL
+    folder = isolated / "datasets" / "nslkdd"
+    [left] = folder.iterdir()  # nothing could remove it then
+    assert left.name.startswith(".nslkdd-test.") and left.name.endswith(".download")
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(nsl_test_gz, src / "KDDTest+.txt.gz")
+    (got,) = datasets.fetch("nslkdd-test", from_dir=str(src))
+    assert list(folder.iterdir()) == [got]  # before, each kill left one more for good
