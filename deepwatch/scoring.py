@@ -78,7 +78,13 @@ def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str |
     reader = InputReader(fmt, inputs, progress=progress, lakes=lakes, lake_days=days,
                          parse=lines.parse if lines is not None else None)
     sink = RecordSink(out)
-    reject_sink = RejectSink(rejects)
+    try:
+        reject_sink = RejectSink(rejects)
+    except BaseException:
+        # (the output's lock let go now: held by the sink a caught error's traceback keeps,
+        # it refused the next run given the same --out, in the same Python, as another's)
+        sink.abort()
+        raise
     alerts = 0
     schema = None
     state = det.new_state()

@@ -690,14 +690,18 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     fmt = get_format(format_name)
     specs = _specs(inputs)
     sink = RecordSink(out)
-    parsed, sample = _parsed_schema(fmt, specs)
-    scored = det.score_batch(sample).schema
-    union = pa.schema([_for_spark(f).with_nullable(True) for f in scored] + list(HELPERS))
-    interrupt = signal.getsignal(signal.SIGINT)  # (pyspark puts its own in, for good)
-    session, owned = spark_session(master)
-    stops = _Stops(session.sparkContext)
-    staging: Path | None = None
-    reject_sink = RejectSink(rejects)
+    try:
+        parsed, sample = _parsed_schema(fmt, specs)
+        scored = det.score_batch(sample).schema
+        union = pa.schema([_for_spark(f).with_nullable(True) for f in scored] + list(HELPERS))
+        interrupt = signal.getsignal(signal.SIGINT)  # (pyspark puts its own in, for good)
+        session, owned = spark_session(master)
+        stops = _Stops(session.sparkContext)
+        staging: Path | None = None
+        reject_sink = RejectSink(rejects)
+    except BaseException:
+        sink.abort()  # (its output's lock let go: see scoring.score_files)
+        raise
     try:
         with stops:  # (the stops after the first are held through the clean-up)
             try:

@@ -143,3 +143,23 @@ def test_an_output_already_there_is_locked_itself_and_one_made_meanwhile_still_i
         RecordSink(str(new))
     first.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "older.jsonl"]
+
+
+def test_a_run_refused_for_its_rejects_path_lets_go_of_its_output(
+        kdd_bundle: Path, kdd_test_file: Path, tmp_path: Path) -> None:
+    """The output's lock was taken before the rejects path was checked: a run refused for
+    that kept it, held by the sink its error's traceback keeps (a notebook keeps the last one),
+    and the next run given the same --out in the same Python was refused as another's."""
+    from deepwatch.errors import DeepwatchError
+    from deepwatch.scoring import score_files
+
+    src = tmp_path / "in.csv"
+    src.write_text("".join(head_lines(kdd_test_file, 200)))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(DeepwatchError, match="is a directory") as refused:
+        score_files(str(kdd_bundle), "kdd", [str(src)], str(out), rejects=str(tmp_path))
+    report = score_files(str(kdd_bundle), "kdd", [str(src)], str(out),
+                         rejects=str(tmp_path / "rejects.jsonl"))
+    assert refused.value is not None  # (its traceback still held while the second run ran)
+    assert report.written == 200
+    assert len(out.read_text().splitlines()) == 200
