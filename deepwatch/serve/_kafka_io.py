@@ -78,6 +78,9 @@ PROBE_TIMEOUT_S = 0.5
 #: The brokers are asked about topics at start in questions of at most this long, the client's
 #: errors served between them (librdkafka reports them only from a poll) and a stop heard
 METADATA_SLICE_S = 0.5
+#: The consumer waits for a micro-batch (``--batch-wait-ms``) in waits of at most this long, a
+#: stop heard between them
+STOP_SLICE_S = 0.2
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "enable.auto.commit": False,
@@ -471,6 +474,8 @@ class KafkaSource:
         #: callbacks there: its errors and logs are said while nothing is read)
         self.on_idle: Callable[[], None] = lambda: None
         self._revoke_error: Exception | None = None
+        #: partitions revoked or lost while a micro-batch is waited for (``_consume``)
+        self._gone: set[tuple[str, int]] = set()
         self.committed: dict[tuple[str, int], int] = {}
         #: told True when the input topic is found missing (once, until it is found), False
         #: when it is found after that
@@ -559,6 +564,7 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
+        self._gone |= revoked
         try:
             self.before_revoke()
         except Exception as exc:  # raised from batches(): the loop must not commit past it
@@ -578,7 +584,7 @@ class KafkaSource:
         self.consumer.subscribe([self.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         while not stop.is_set():
-            msgs = self.consumer.consume(self.batch_size, self.max_wait)
+            msgs = self._consume(stop)
             if self._revoke_error is not None:
                 raise self._revoke_error
             self._log.check("consumer")
@@ -594,7 +600,30 @@ class KafkaSource:
             # an empty batch when nothing came: the loop then commits what it has done
             yield self._to_batch(good) if good else _EMPTY
 
+    def _consume(self, stop: threading.Event) -> list[Any]:
+        """Up to ``batch_size`` messages, waiting up to ``max_wait`` for them in slices of at
+        most ``STOP_SLICE_S``: a stop ends the wait at once with what came (the batch is then
+        scored, written and committed). One wait of ``max_wait`` held a stop that long: with
+        ``--batch-wait-ms 60000`` SIGTERM took about a minute to end the worker."""
+        msgs: list[Any] = []
+        deadline = time.monotonic() + self.max_wait
+        self._gone.clear()
+        while True:
+            left = deadline - time.monotonic()
+            got = self.consumer.consume(self.batch_size - len(msgs),
+                                        max(0.0, min(left, STOP_SLICE_S)))
+            if self._gone:
+                # partitions revoked or lost during this wait: what an earlier wait took of
+                # them is not this worker's to score and commit any more (the next owner reads
+                # it); the batch ends here, as one wait of the whole time ended at a rebalance
+                return [m for m in msgs if (m.topic(), m.partition()) not in self._gone] + got
+            msgs += got
+            if (len(msgs) >= self.batch_size or left <= STOP_SLICE_S or stop.is_set()
+                    or self._revoke_error is not None):
+                return msgs
+
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        self._gone |= {(p.topic, p.partition) for p in partitions}
         for p in partitions:  # another member owns them now: committing would be refused
             self.acked.pop((p.topic, p.partition), None)
             self.committed.pop((p.topic, p.partition), None)
