@@ -26,7 +26,9 @@ starts, and every SIGHUP queued while one runs is merged into a single replaceme
 SIGINT/SIGTERM go ahead of queued reloads and cut a replacement short, so stopping is prompt.
 With TLS the parent checks the certificate and key (and reads the password file) again before a
 replacement, as at start: a pair that cannot work refuses the reload (one warning line) and the
-workers serve on; the worker that gets ``POST /v1/reload`` makes the same check first.
+workers serve on; the worker that gets ``POST /v1/reload`` makes the same check first. The pair
+checked goes to the workers with uvicorn's config: one whose files do not load when it starts (a
+renewal half-way) serves that pair instead (see ``worker_ssl_context``).
 """
 
 from __future__ import annotations
@@ -247,14 +249,65 @@ def _parent_reload_counter() -> Any:
     return counter
 
 
-def worker_ssl_context(config: Any, default: Any) -> Any:
-    """A worker's TLS context (uvicorn's ``ssl_context_factory``): the certificate files the
-    parent checked, tried again for a moment where they do not load, as a renewal renaming the
-    certificate and then its key into place leaves them between the two (the worker failed to
-    start, with a traceback, and the reload was undone)."""
-    from .app import load_tls_context
+#: The uvicorn ``Config`` attribute through which the parent hands its workers the certificate
+#: and key it checked (their bytes, PEM): the config reaches each worker as it is started.
+TLS_PAIR = "deepwatch_tls_pair"
 
-    return load_tls_context(default)
+
+#: In a worker: the certificate (PEM) it loaded from the parent's hands, for its expiry gauge.
+_served_cert: bytes | None = None
+
+
+def hand_tls_pair(config: Any, pair: Any) -> None:
+    """Have the workers started from now on load ``pair`` (``app._TlsPair``, checked)."""
+    setattr(config, TLS_PAIR, (pair.cert_pem, pair.key_pem))
+    config.ssl_keyfile_password = pair.password  # (passed to OpenSSL only, never logged)
+
+
+def worker_ssl_context(config: Any, default: Any) -> Any:
+    """A worker's TLS context (uvicorn's ``ssl_context_factory``): the certificate files as they
+    are when it starts (a worker restarted after a death takes a renewal), or, where they do not
+    load, the pair the parent checked last (``TLS_PAIR``), which does. A renewal that renames the
+    certificate and then its key into place, or that leaves a file half-written, had a worker
+    started meanwhile (by a reload the parent had checked, or after a death) load a certificate
+    without its key: past 2 s of retries it died with uvicorn's traceback, the reload was
+    undone and counted as failed, and a worker that died then was restarted into the same
+    traceback over and over. Without a pair handed over (uvicorn's ``Config`` made elsewhere),
+    the files, tried again for a moment where they do not load."""
+    import ssl
+
+    from .app import _TlsPair, load_tls_context
+
+    global _served_cert
+    handed = getattr(config, TLS_PAIR, None)
+    if handed is None:
+        return load_tls_context(default)
+    # (uvicorn loads TLS before the app: the worker's log format, as ``_worker_app`` sets it)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    paths = config.ssl_certfile, config.ssl_keyfile
+    password = config.ssl_keyfile_password
+
+    def load(cert_pem: bytes, key_pem: bytes) -> Any:
+        if password is None and b"ENCRYPTED" in key_pem:  # (OpenSSL would ask the terminal)
+            raise ValueError("the key is encrypted, and no password was given for it")
+        with _TlsPair(cert_pem, key_pem, password).files() as (cert, key):
+            config.ssl_certfile, config.ssl_keyfile = cert, key  # (read by ``default`` only)
+            try:
+                return default()
+            finally:
+                config.ssl_certfile, config.ssl_keyfile = paths
+
+    try:
+        files = Path(paths[0]).read_bytes(), Path(paths[1]).read_bytes()
+        context = load(*files)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        log.warning("worker %d: the certificate files do not load now (%s): it serves the "
+                    "certificate checked at the last reload (or at start) instead", os.getpid(),
+                    getattr(exc, "reason", None) or exc)
+        files = handed
+        context = load(*handed)
+    _served_cert = files[0]
+    return context
 
 
 def _drain_before_shutdown() -> None:
@@ -312,8 +365,8 @@ def _worker_app() -> Any:
     app = create_app(settings["bundle"], api_key=key, engine=settings["engine"],
                      limits=Limits(**settings["limits"]), group=group,
                      generation=int(settings["generation"]),
-                     tls=TlsReload(tls["cert"], tls["key"], tls["password_file"]) if tls
-                     else None)
+                     tls=TlsReload(tls["cert"], tls["key"], tls["password_file"],
+                                   served=_served_cert) if tls else None)
     service = app.state.service
     end = _WorkerEnd(state, os.getppid())
 
@@ -401,19 +454,21 @@ def _last_words(group: WorkerGroup, stats: Any, pid: int, end: _WorkerEnd) -> No
 def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, port: int,
                 key_file: str | None, engine: str, limits: Limits,
                 uvicorn_options: dict[str, Any],
-                tls_files: dict[str, str | None] | None = None) -> None:
+                tls_files: dict[str, str | None] | None = None, tls_pair: Any = None) -> None:
     """Serve with ``workers`` processes until SIGINT/SIGTERM; SIGHUP reloads them all.
 
     ``uvicorn_options`` reach every worker in uvicorn's ``Config`` (TLS included: each worker
     loads the certificate and key the parent checked). ``tls_files``: the ``cert``, ``key`` and
-    ``password_file`` behind them (absolute paths), checked again before every replacement."""
+    ``password_file`` behind them (absolute paths), checked again before every replacement;
+    ``tls_pair``: their bytes as checked at start (``app._TlsPair``), which the first workers
+    load (each replacement, the bytes its own check read: see ``worker_ssl_context``)."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
     from uvicorn.supervisors.multiprocess import SIGNALS
 
     from ..errors import DeepwatchError
-    from .app import HEAD_TIMEOUT_SECONDS, tls_options
+    from .app import HEAD_TIMEOUT_SECONDS, checked_tls
 
     for stale in remove_unheld_dirs(Path(tempfile.gettempdir()), STATE_PREFIX):
         log.info("removed %s, left by a server killed outright", stale)
@@ -436,6 +491,11 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
             uvicorn_options = {**uvicorn_options, "ssl_context_factory": worker_ssl_context}
         config = uvicorn.Config("deepwatch.serve._workers:worker_app", factory=True,
                                 host=host, port=port, workers=workers, **uvicorn_options)
+        if tls_files is not None:
+            if tls_pair is None:
+                _, tls_pair = checked_tls(str(tls_files["cert"]), str(tls_files["key"]),
+                                          tls_files["password_file"])
+            hand_tls_pair(config, tls_pair)
 
         class Supervisor(Multiprocess):
             """uvicorn's supervisor, which queues every signal and handles them in order,
@@ -447,6 +507,8 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 self._stopping = threading.Lock()
                 self._merged = 0
                 self._fold_error = ""
+                #: the pair the workers serve (handed to them), kept for a reload undone
+                self._served_pair = self._checked_pair = tls_pair
 
             def run(self) -> None:
                 threading.Thread(target=self._watch_for_stop, name="deepwatch-stop",
@@ -543,6 +605,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 if self.should_exit.is_set():
                     return
                 if not {p.pid for p in self.processes} & old:
+                    self._served_pair = self._checked_pair
                     reloads.labels("ok").inc()
                     log.info("SIGHUP: every worker replaced, serving %s (generation %d)",
                              now["bundle"], now["generation"])
@@ -551,6 +614,8 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 log.error("not every worker could be replaced: back to %s (generation %d)",
                           before["bundle"], before["generation"])
                 _write_json(state / SETTINGS, before)
+                if self._served_pair is not None:  # and the certificate they had
+                    hand_tls_pair(self.config, self._served_pair)
                 if {p.pid for p in self.processes} - old:  # some serve the new one: undo
                     super().restart_all()
 
@@ -562,7 +627,7 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                 if tls_files is None:
                     return True
                 try:
-                    options = tls_options(tls_files["cert"], tls_files["key"],
+                    _, pair = checked_tls(str(tls_files["cert"]), str(tls_files["key"]),
                                           tls_files["password_file"])
                 except DeepwatchError as exc:
                     self._merged = 0
@@ -570,8 +635,10 @@ def run_workers(bundle: str | Path, sock: socket, workers: int, *, host: str, po
                                 "workers serve on (generation %d, the certificate they "
                                 "have): %s", len(self.processes), generation, exc)
                     return False
-                # the new workers get the password read now (never logged)
-                self.config.ssl_keyfile_password = options.get("ssl_keyfile_password")
+                # the new workers load these bytes (and the password read now), whatever
+                # becomes of the files while they start (a renewal half-way)
+                self._checked_pair = pair
+                hand_tls_pair(self.config, pair)
                 return True
 
         supervisor = Supervisor(config, sockets=[sock])

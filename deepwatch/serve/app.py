@@ -829,13 +829,21 @@ def tls_options(cert: str | None, key: str | None,
                                                                         "--tls-cert")
         raise UsageError(f"{given} needs {missing}: give both (the certificate and its private "
                          f"key, PEM files), or neither")
+    return checked_tls(cert, key, password_file)[0]
+
+
+def checked_tls(cert: str, key: str, password_file: str | None = None
+                ) -> tuple[dict[str, Any], _TlsPair]:
+    """uvicorn's ``ssl_*`` settings for a certificate and key given (see :func:`tls_options`),
+    and the bytes checked: ``--workers`` hands these to its workers, which load them where the
+    files do not load when they start (a renewal half-way)."""
     pair = _read_tls_pair(cert, key, password_file)
     # absolute, symlinks kept: a reload reads what a link (Let's Encrypt's live/) points to then
     options: dict[str, Any] = {"ssl_certfile": os.path.abspath(cert),
                                "ssl_keyfile": os.path.abspath(key)}
     if pair.password is not None:  # (uvicorn passes it to OpenSSL only; it is never logged)
         options["ssl_keyfile_password"] = pair.password
-    return options
+    return options, pair
 
 
 def _read_tls_pair(cert: str, key: str, password_file: str | None) -> _TlsPair:
@@ -940,8 +948,13 @@ class TlsReload:
     checks (the parent replaces the workers, which read the files when they start).
     """
 
-    def __init__(self, cert: str, key: str, password_file: str | None = None) -> None:
+    def __init__(self, cert: str, key: str, password_file: str | None = None, *,
+                 served: bytes | None = None) -> None:
+        """``served``: the certificate (PEM) the server loaded, where it is not the file as
+        it is now (a worker of ``--workers`` that found the files broken loads the bytes its
+        parent checked instead)."""
         self.cert, self.key, self.password_file = cert, key, password_file
+        self._served = served
         self._context: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._renewing = threading.Lock()
@@ -953,7 +966,7 @@ class TlsReload:
         """Call ``call`` with the expiry of the certificate in the files now (what this server
         loads as it starts), and again after each reload that loads a new one."""
         self._on_expiry = call
-        self._tell_expiry()
+        self._tell_expiry(self._served)
 
     def _tell_expiry(self, pem: bytes | None = None) -> None:
         """The expiry of the certificate ``pem`` (default: the one in the file now)."""
@@ -1081,7 +1094,12 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
     _check_limits(limits)
     proxies = _check_proxies(forwarded_allow_ips)
     key = read_api_key(api_key_file) if api_key_file else None
-    tls = tls_options(tls_cert, tls_key, tls_key_password_file)
+    pair = None
+    if workers > 1 and tls_cert is not None and tls_key is not None:
+        # the bytes checked are the ones the workers load (see run_workers)
+        tls, pair = checked_tls(tls_cert, tls_key, tls_key_password_file)
+    else:
+        tls = tls_options(tls_cert, tls_key, tls_key_password_file)
     if workers > 1:
         _check_bundle(bundle)  # one clear error here, not one per worker
     sock = listen_socket(host, port)
@@ -1102,7 +1120,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
         log.warning("serving %s at %s with %d workers", bundle, url, workers)
         run_workers(bundle, sock, workers, host=host, port=port, key_file=api_key_file,
-                    engine=engine, limits=limits, uvicorn_options=options,
+                    engine=engine, limits=limits, uvicorn_options=options, tls_pair=pair,
                     tls_files=None if tls_cert is None or tls_key is None else {
                         "cert": os.path.abspath(tls_cert), "key": os.path.abspath(tls_key),
                         "password_file": None if tls_key_password_file is None
