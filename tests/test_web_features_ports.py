@@ -11,26 +11,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from conftest import data_file, head_lines
+from test_web_features import _line as _site_line
+from test_web_features import _table
 
 from deepwatch.features import Featurizer
 from deepwatch.features._lookups import client_address, ip_info
 from deepwatch.features._window import WINDOW_COLUMNS
 from deepwatch.features.web import DERIVED_MARK, access_feature_spec, derive_access
-from deepwatch.formats import get_format
-
-FMT = get_format("access")
 
 
 def _line(client: str, second: int, path: str = "/", status: int = 200) -> str:
-    minute, sec = divmod(second, 60)
-    return (f'{client} - - [14/May/2024:10:{minute:02d}:{sec:02d} +0000] "GET {path} HTTP/1.1" '
-            f'{status} 512 "-" "Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0"')
-
-
-def _table(lines: list[str]) -> pa.Table:
-    res = FMT.parse("\n".join(lines) + "\n")
-    assert res.rejects.num_rows == 0
-    return pa.Table.from_batches([res.batch])
+    return _site_line(client, second, path, status)
 
 
 def _features(table: pa.Table) -> dict[str, list[object]]:
