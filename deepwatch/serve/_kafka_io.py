@@ -615,7 +615,7 @@ class KafkaSource:
             if self._gone:
                 # partitions revoked or lost during this wait: what an earlier wait took of
                 # them is not this worker's to score and commit any more (the next owner reads
-                # it); the batch ends here, as one wait of the whole time ended at a rebalance
+                # it); the batch ends here
                 return [m for m in msgs if (m.topic(), m.partition()) not in self._gone] + got
             msgs += got
             if (len(msgs) >= self.batch_size or left <= STOP_SLICE_S or stop.is_set()
