@@ -1,7 +1,8 @@
 """User agent -> browser, OS and device class (ua-parser); client IP -> country (iptocc, offline)
 and private/public. Each distinct value is looked up once and remembered, so a batch costs one
-lookup per *new* agent or address, never one per record. ``client_address`` takes the port off a
-client written with one, so that the lookups and the per-client windows see the address.
+lookup per *new* agent or address, never one per record. ``client_address`` takes the port and
+brackets off a client written with them and writes an IPv6 address in its canonical form, so that
+the lookups and the per-client windows see one address however it was written.
 """
 
 from __future__ import annotations
@@ -50,20 +51,51 @@ def agent_info(agent: str) -> tuple[str, str, str]:
 #: ``%a:%{remote}p``): an IPv4 address or a host name (one colon only: an IPv6 address written
 #: bare has two or more, and its last group is never taken for a port) and the port.
 _HOST_PORT = r"^([^:\[\]]+):\d{1,5}$"
-#: An IPv6 address in brackets and its port (``[2001:db8::1]:443``, a zone allowed): the address
-#: without its brackets, as a ``vhost`` is stored. In brackets without a port it is kept as
-#: written (``ip_info`` reads it without them).
-_BRACKETED_PORT = r"^\[([0-9A-Fa-f]*:[0-9A-Fa-f:.]*(?:%[^\[\]]+)?)\]:\d{1,5}$"
+#: An IPv6 address in brackets, with its port or without (``[2001:db8::1]:443``,
+#: ``[2001:db8::1]``, a zone allowed): the address without its brackets, as a ``vhost`` is stored.
+_BRACKETED = r"^\[([0-9A-Fa-f]*:[0-9A-Fa-f:.]*(?:%[^\[\]]+)?)\](?::\d{1,5})?$"
+
+
+@lru_cache(maxsize=262144)
+def canonical_v6(addr: str) -> str:
+    """An IPv6 address in its canonical form (RFC 5952: lower case, zeros compressed:
+    ``2001:DB8:0:0::1`` is ``2001:db8::1``; an IPv4-mapped one ends in its IPv4 address,
+    ``::ffff:192.0.2.1``, whichever Python writes it), its zone (``%eth0``) kept as written; any
+    other value as it is."""
+    if ":" not in addr:
+        return addr
+    try:
+        ip = ipaddress.IPv6Address(addr)
+    except ValueError:
+        return addr
+    if ip.ipv4_mapped is None:
+        return str(ip)
+    return f"::ffff:{ip.ipv4_mapped}" + (f"%{ip.scope_id}" if ip.scope_id else "")
+
+
+def _canonical(col: pa.Array) -> pa.Array:
+    """``canonical_v6`` of each distinct value that has a colon (an IPv6 address can be one of
+    them), taken back to the rows; a column without one is returned as it is."""
+    if not pc.any(pc.match_substring(col, ":")).as_py():
+        return col
+    encoded = pc.dictionary_encode(col)
+    canon = pa.array([canonical_v6(v) for v in encoded.dictionary.to_pylist()],
+                     encoded.dictionary.type)
+    return canon.take(encoded.indices)
 
 
 def client_address(col: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The client column with the port taken off a client written with one (``a.b.c.d:port``,
-    ``host:port``, ``[v6]:port``); any other value as written. The records keep their client as
-    written: this is what the address features and the per-client windows look at."""
+    """The client column as an address: the port taken off a client written with one
+    (``a.b.c.d:port``, ``host:port``, ``[v6]:port``), the brackets off an IPv6 address
+    (``[v6]``), and an IPv6 address in its canonical form (``canonical_v6``: ``2001:DB8:0:0::1``,
+    ``[2001:db8::1]:443`` and ``2001:db8::1`` are all ``2001:db8::1``; a zone is kept, so
+    ``fe80::1%eth0`` and ``fe80::1%eth1`` stay two); any other value as written. The records keep
+    their client as written: this is what the address features and the per-client windows look
+    at."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
     col = pc.replace_substring_regex(col, _HOST_PORT, r"\1")
-    return pc.replace_substring_regex(col, _BRACKETED_PORT, r"\1")
+    return _canonical(pc.replace_substring_regex(col, _BRACKETED, r"\1"))
 
 
 @lru_cache(maxsize=262144)
@@ -78,7 +110,8 @@ def ip_info(addr: str) -> tuple[str, bool, bool]:
         return "private", True, v6
     import iptocc
 
-    cc = iptocc.country_code(str(ip))
+    # the address without its zone: with one (``2a00:1450::1%eth0``) iptocc found no country
+    cc = iptocc.country_code(str(ip).partition("%")[0])
     return (cc or "unknown"), False, v6
 
 

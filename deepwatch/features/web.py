@@ -3,7 +3,7 @@
 From each request: method, status and its class, size, URL shape (length, depth, query length,
 parameter count), character-class counts and ratios, entropy, percent-encodings, file extension,
 hashed character n-grams of path and query; the user agent as browser, OS and device class; the
-client address (a client written with its port without it, see ``client_address``) as country,
+client address (no port or brackets, IPv6 canonical, see ``client_address``) as country,
 private/public and IPv6; the referer as present and its host; hour of day (the server's local
 hour, see ``LOCAL_HOUR``). Per client (its address, whatever port it came from), behaviour over a
 sliding window of recent requests (see ``_window``). The featurizer then one-hot encodes the
@@ -147,7 +147,8 @@ def derive_access(table: pa.Table, params: dict[str, Any], state: dict[str, Any]
     cols["request_malformed"] = _num(pc.is_null(_str(table.column("method"))))
     cols.update(_categories(table))
     cols.update(agents(table.column("user_agent")))
-    # a client written with its port is its address: one client whatever port it came from
+    # a client written with its port is its address: one client whatever port it came from,
+    # and an IPv6 one however it is spelt ([2001:DB8::1], 2001:db8:0:0::1, ...)
     client = client_address(table.column("client_ip"))
     cols.update(addresses(client))
     cols["bytes"] = _num(table.column("bytes"))
