@@ -84,15 +84,15 @@ class KDD(Format):
         :func:`_rates_past_one`)."""
         result = super().parse_records(records)
         result.batch, reasons = _text_fields(result.batch)
+        numbers = np.asarray(result.line_numbers, dtype=np.int64)  # 1-based, one per row
         for row, name in _rates_past_one(result.batch).items():
             if row not in reasons:
-                value = records[int(np.asarray(result.line_numbers)[row]) - 1][name]
+                value = records[int(numbers[row]) - 1][name]
                 reasons[row] = f"field {name!r} is not {FRACTION}: {value!r}"
         if not reasons:
             return result
         rows = np.array(sorted(reasons), dtype=np.int64)
-        positions = np.asarray(result.line_numbers, dtype=np.int64)[rows]  # 1-based
-        return reject_rows(result, rows, [record_text(records[n - 1]) for n in positions],
+        return reject_rows(result, rows, [record_text(records[n - 1]) for n in numbers[rows]],
                             [reasons[r] for r in rows])
 
     def feature_spec(self) -> dict[str, Any]:
