@@ -2,9 +2,10 @@
 
 The autoencoder learns only from benign records (label ``normal``; every record when the data
 has no labels): early stopping uses the held-out benign records of the early-stopping split, and
-the anomaly threshold is the ``1 - target_fpr`` quantile of the scores of the calibration split's
-benign records, which the network never saw. The hybrid is the stacked classifiers and such an
-autoencoder in one exported module and one decision (see ``models/hybrid.py``).
+the anomaly threshold is the smallest that flags at most a ``target_fpr`` share of the scores of
+the calibration split's benign records, which the network never saw. The hybrid is the stacked
+classifiers and such an autoencoder in one exported module and one decision (see
+``models/hybrid.py``).
 
 Options (``train(options=...)``): ``latent`` (bottleneck width; default sized to the data),
 ``hidden``, ``depth``, ``noise`` (std of the denoising noise), ``scale_floor``.
@@ -26,6 +27,7 @@ from .api import (
     Split,
     TrainContext,
     Trained,
+    fpr_cut,
     require_labelled_validation,
     require_two_labels,
     train_classifier,
@@ -81,10 +83,11 @@ def fit_scale(ae: nn.Module, X: np.ndarray, floor: float) -> torch.Tensor:
 
 
 def calibrate(scores: np.ndarray, target_fpr: float) -> float:
-    """The threshold that flags a ``target_fpr`` share of benign ``scores`` (flag: >=)."""
+    """The smallest threshold that flags at most a ``target_fpr`` share of benign ``scores``
+    (flag: >=; records tied at the boundary are all flagged or none: :func:`fpr_cut`)."""
     if len(scores) == 0:
         raise DataError("no benign records were left to calibrate the anomaly threshold")
-    return float(np.quantile(scores.astype(np.float64), 1.0 - target_fpr, method="higher"))
+    return fpr_cut(scores, target_fpr)
 
 
 def _benign(split: Split, what: str) -> Split:

@@ -290,13 +290,35 @@ def fewest_errors_threshold(score: np.ndarray, attack: np.ndarray, weight: np.nd
 FPR_NEEDS_BENIGN = "--decision fpr needs benign ('normal') records in the validation data"
 
 
+def fpr_cut(scores: np.ndarray, target_fpr: float) -> float:
+    """The threshold t (flag ``score >= t``): the smallest of ``scores`` (not empty) that flags
+    at most a ``target_fpr`` share of them, or just above the largest (``np.nextafter``) where
+    none does.
+
+    Records tied at the boundary are flagged together or not at all: where flagging them would
+    pass the share, t is the next larger score, so none of them is flagged. (The
+    ``1 - target_fpr`` quantile flagged every record tied at it: on duplicated records or
+    saturated probabilities, far more than the share.)
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    # the most records that may be flagged (the factor: 0.29 * 100 is 28.999999999999996)
+    allowed = int(np.floor(target_fpr * n * (1.0 + 1e-12)))
+    k = n - allowed  # flagging s[k:] flags `allowed` records
+    if k > 0 and k < n and s[k - 1] == s[k]:  # s[k] is tied with records below the cut
+        k = int(np.searchsorted(s, s[k], side="right"))
+    if k >= n:
+        return float(np.nextafter(s[-1], np.inf))
+    return float(s[k])
+
+
 def fpr_threshold(score: np.ndarray | None, held: Split, target_fpr: float) -> float:
-    """The score threshold whose false-positive rate on the held-out benign records is
-    ``target_fpr`` (scores: 1 - P(normal))."""
+    """The score threshold flagging at most a ``target_fpr`` share of the held-out benign
+    records, the smallest that does (:func:`fpr_cut`; scores: 1 - P(normal))."""
     benign = held.labels == BENIGN if held.labels is not None else None
     if score is None or benign is None or not benign.any():
         raise DataError(FPR_NEEDS_BENIGN)
-    return float(np.quantile(score[benign], 1.0 - target_fpr, method="higher"))
+    return fpr_cut(score[benign], target_fpr)
 
 
 def _fold_indices(labels: np.ndarray, folds: int, seed: int
