@@ -97,11 +97,12 @@ DATA_HEADERS = {"content-security-policy": "default-src 'none'; frame-ancestors 
 
 
 def dashboard_policy(page: bytes) -> str:
-    """The dashboard's Content-Security-Policy: its own inline ``<script>`` and ``<style>`` run
-    (allowed by their SHA-256), nothing else does; it may fetch only from this server, load
-    nothing from elsewhere, and no other site may frame it. It draws the senders' text (user
-    agents, URLs, labels) as text; the policy keeps any markup that got into the page from
-    running all the same (an ``onerror`` attribute, an injected ``<script>``)."""
+    """The dashboard's Content-Security-Policy (and the API page's, ``/docs``): its own inline
+    ``<script>`` and ``<style>`` run (allowed by their SHA-256), nothing else does; it may
+    fetch only from this server, load nothing from elsewhere, and no other site may frame it.
+    It draws the senders' text (user agents, URLs, labels) as text; the policy keeps any markup
+    that got into the page from running all the same (an ``onerror`` attribute, an injected
+    ``<script>``)."""
 
     def hashes(tag: bytes) -> str:
         found = re.findall(rb"<" + tag + rb">(.*?)</" + tag + rb">", page, re.DOTALL)
@@ -275,7 +276,13 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
     dashboard = resources.files("deepwatch.serve").joinpath("dashboard.html").read_bytes()
     dashboard_headers = {"content-security-policy": dashboard_policy(dashboard),
                          "x-content-type-options": "nosniff"}
-    app = FastAPI(title="deepwatch", version=__version__, redoc_url=None,
+    # the API page: self-contained as the dashboard is (FastAPI's Swagger UI page loaded its
+    # script and style from cdn.jsdelivr.net: blank offline, and a third party's script ran on
+    # this origin, in the page where the key is typed)
+    api_page = resources.files("deepwatch.serve").joinpath("apidocs.html").read_bytes()
+    api_page_headers = {"content-security-policy": dashboard_policy(api_page),
+                        "x-content-type-options": "nosniff"}
+    app = FastAPI(title="deepwatch", version=__version__, docs_url=None, redoc_url=None,
                   description="Scores network records with a trained deepwatch bundle.")
     app.state.service = service
     scoring = app.state.scoring = ScoringBudget(SCORING_BODIES * service.limits.max_body_bytes)
@@ -385,6 +392,10 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
     @app.get("/", response_class=HTMLResponse, summary="The live dashboard")
     async def index() -> HTMLResponse:
         return HTMLResponse(dashboard, headers=dashboard_headers)
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def api_docs() -> HTMLResponse:
+        return HTMLResponse(api_page, headers=api_page_headers)
 
     # innermost: a request refused by the gate or the browser guard takes no slot or upload
     app.state.intake = Intake(service.limits, service.metrics)
