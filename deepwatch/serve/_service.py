@@ -138,19 +138,27 @@ class ScoringService:
             self.metrics.reloads.labels("failed").inc()
             raise
 
-    def reload(self, bundle: str | Path | None = None) -> LoadedModel:
+    def reload(self, bundle: str | Path | None = None, *, counted: bool = True) -> LoadedModel:
         """Load ``bundle`` (default: the bundle path being served, re-read from disk) and swap it
-        in. On any error the model being served stays, and the error is raised."""
+        in. On any error the model being served stays, and the error is raised. ``counted``:
+        the outcome goes to ``deepwatch_model_reloads_total`` (False: the caller counts the
+        reload once it knows the rest of it, see :meth:`count_reload`)."""
         with self._reload_lock:
             path = Path(bundle) if bundle is not None else self._model.path
             try:
                 model = self._load(path, self._model.generation + 1)
             except DeepwatchError:
-                self.metrics.reloads.labels("failed").inc()
+                if counted:
+                    self.count_reload(False)
                 raise
             self._model = model  # the swap: one reference assignment
-            self.metrics.reloads.labels("ok").inc()
+            if counted:
+                self.count_reload(True)
             return model
+
+    def count_reload(self, ok: bool) -> None:
+        """One reload in ``deepwatch_model_reloads_total``: ``ok`` or ``failed``."""
+        self.metrics.reloads.labels("ok" if ok else "failed").inc()
 
     def score(self, body: bytes) -> bytes:
         """Response bytes of ``POST /v1/score``; RequestError for a request refused as a whole."""

@@ -318,8 +318,11 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
         try:
             body = await read_body(request, 64 * 1024, service.limits)
             target = _reload_target(body)
-            # one of several workers: only check here; the workers are replaced together
-            model = await run_in_threadpool(service.check if group else service.reload, target)
+            # one of several workers: only check here; the workers are replaced together. One
+            # process with TLS: counted once the certificate's outcome is known too
+            model = await run_in_threadpool(
+                service.check if group else service.reload, target,
+                **({} if group is not None or tls is None else {"counted": False}))
         except RequestError as exc:
             service.metrics.rejected_requests.labels(str(exc.status)).inc()
             return _error(exc.status, exc.reason)
@@ -330,6 +333,7 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
             # one process: the certificate is read again all the same (it does not wait on
             # the bundle), and its outcome told
             certificate = await run_in_threadpool(tls.renew, "POST /v1/reload")
+            service.count_reload(False)
             return Response(orjson.dumps({"detail": reason, "certificate": certificate}),
                             status_code=422, media_type=JSON)
         if group is not None:  # it loads: now every worker moves to it, one by one
@@ -349,7 +353,11 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
             log.info("reloaded %s (generation %d)", model.path, model.generation)
             answer = {"status": "reloaded", "model": model.describe()}
             if tls is not None:
-                answer["certificate"] = await run_in_threadpool(tls.renew, "POST /v1/reload")
+                certificate = await run_in_threadpool(tls.renew, "POST /v1/reload")
+                answer["certificate"] = certificate
+                # a certificate refused is a failed reload, as of --workers (where it refuses
+                # the whole reload): an alert on failed reloads sees a renewal gone wrong
+                service.count_reload(certificate["status"] == "reloaded")
         return Response(orjson.dumps(answer), media_type=JSON)
 
     @app.get("/healthz", response_model=None, summary="Liveness (no key needed)")
@@ -471,14 +479,18 @@ def _install_sighup(service: ScoringService, tls: TlsReload | None = None) -> No
     own so requests keep being answered (each of the two whether or not the other loads)."""
 
     def reload() -> None:
-        try:
-            model = service.reload()
+        loaded = True
+        try:  # (with TLS counted below, once the certificate's outcome is known)
+            model = service.reload(counted=tls is None)
         except DeepwatchError as exc:
+            loaded = False
             log.error("SIGHUP: bundle not reloaded, still serving the previous one: %s", exc)
         else:
             log.warning("SIGHUP: reloaded %s (generation %d)", model.path, model.generation)
         if tls is not None:
-            tls.renew("SIGHUP")
+            # one reload, counted once: failed where the bundle or the certificate did not
+            # load (--workers counts a certificate refused as a failed reload too)
+            service.count_reload(loaded and tls.renew("SIGHUP")["status"] == "reloaded")
 
     def on_hup(signum: int, frame: Any) -> None:
         threading.Thread(target=reload, name="deepwatch-reload", daemon=True).start()
