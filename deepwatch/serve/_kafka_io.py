@@ -79,8 +79,13 @@ PROBE_TIMEOUT_S = 0.5
 #: errors served between them (librdkafka reports them only from a poll) and a stop heard
 METADATA_SLICE_S = 0.5
 #: The consumer waits for a micro-batch (``--batch-wait-ms``) in waits of at most this long, a
-#: stop heard between them
+#: stop heard between them; so does the producer for its acknowledgements
 STOP_SLICE_S = 0.2
+#: Once a stop (SIGTERM, SIGINT) is heard, the producer waits at most this long, in all, for the
+#: brokers to acknowledge what was written: enough for brokers that answer, while brokers that
+#: do not (an outage) held the stop up to ``flush_timeout`` (60 s) in the loop and as long again
+#: at close. What is not acknowledged then is not committed: its records are read again.
+STOP_FLUSH_S = 5.0
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "enable.auto.commit": False,
@@ -784,6 +789,13 @@ class KafkaSink:
         #: whether messages were produced since the last sign that the brokers take them
         self._sent = False
         self._closed = False
+        #: set by a stop (SIGTERM): acknowledgements are then waited for ``STOP_FLUSH_S`` at most
+        self._stop = stop
+        #: when a wait for acknowledgements first saw the stop
+        self._stop_seen: float | None = None
+        #: messages of each kind written since the last flush (said when a stop leaves them
+        #: unacknowledged)
+        self._since: dict[str, int] = {}
         self.producer = _client(ck, "Producer", conf, redact, origins)
         if check_timeout > 0:
             try:
@@ -888,6 +900,8 @@ class KafkaSink:
             except BufferError:  # queue full: let the broker catch up (backpressure)
                 self.waits += 1
                 self.producer.poll(0.05)
+                if self._stop_ends_wait() <= 0:
+                    raise DeliveryError(self._stopped(len(self.producer))) from None
             except ck.KafkaException as exc:
                 err = exc.args[0]
                 if err.code() == ck.KafkaError.MSG_SIZE_TOO_LARGE:
@@ -915,6 +929,7 @@ class KafkaSink:
                         failed.append(i)
             if failed:
                 letters += self._too_large(out, kind, failed)
+            self._since[kind] = self._since.get(kind, 0) + len(out.messages[kind])
         if letters:
             topic = self.topics.get(DEAD_LETTER)
             if topic is None:
@@ -926,6 +941,7 @@ class KafkaSink:
                                         f"bytes is too large to produce to {topic!r} (over "
                                         f"message.max.bytes, {self.max_message_bytes:,})")
             out.add_dead_letters(letters)
+            self._since[DEAD_LETTER] = self._since.get(DEAD_LETTER, 0) + len(letters)
         self.producer.poll(0)
 
     def _too_large(self, out: Output, kind: str, failed: list[int]
@@ -957,16 +973,48 @@ class KafkaSink:
                 self._replace_refused()
         finally:
             self._written.clear()
+            self._since.clear()
+
+    def _stop_ends_wait(self) -> float:
+        """How long a wait for acknowledgements may still go on once a stop was heard (the
+        first call that sees it starts the ``STOP_FLUSH_S``); infinity before a stop."""
+        if self._stop is None or not self._stop.is_set():
+            return float("inf")
+        now = time.monotonic()
+        if self._stop_seen is None:
+            self._stop_seen = now
+        return self._stop_seen + STOP_FLUSH_S - now
+
+    def _flush(self, timeout: float) -> int:
+        """``producer.flush(timeout)`` in waits of at most ``STOP_SLICE_S``, a stop heard
+        between them: it ends the wait ``STOP_FLUSH_S`` after it came. What is left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            end = min(deadline - time.monotonic(), self._stop_ends_wait())
+            left = int(self.producer.flush(max(0.0, min(STOP_SLICE_S, end))))
+            if not left or end <= STOP_SLICE_S:
+                return left
+
+    def _stopped(self, left: int) -> str:
+        """What a stop left unacknowledged (``left`` messages), said when the worker exits."""
+        records = sum(raw.count for raw, _, _ in self._written)
+        kinds = [f"{self._since.get(k, 0):,} {k.replace('_', ' ')}s" for k in KINDS
+                 if k in self.topics]
+        written = ", ".join(kinds[:-1]) + " and " + kinds[-1] if len(kinds) > 1 else kinds[0]
+        return (f"stopped while the brokers had not acknowledged {left:,} messages "
+                f"{STOP_FLUSH_S:.0f}s after the stop (of the {written} written since the last "
+                f"commit): none of their {records:,} records was committed, so they are read "
+                "again at the next start (an alert delivered already is then written again)")
 
     def _wait(self) -> None:
         """Waits for every message produced to be acknowledged; a DeliveryError when one was
-        not, other than for its size (those are in ``refused``)."""
-        deadline = time.monotonic() + self.flush_timeout
-        left = self.producer.flush(self.flush_timeout)
-        while left and time.monotonic() < deadline:
-            left = self.producer.flush(1.0)
+        not, other than for its size (those are in ``refused``), and when a stop ended the
+        wait (``STOP_FLUSH_S``)."""
+        left = self._flush(self.flush_timeout)
         self._log.check("producer")
         if left:
+            if self._stop_seen is not None:
+                raise DeliveryError(self._stopped(left))
             raise DeliveryError(f"{left} messages not acknowledged within "
                                 f"{self.flush_timeout:.0f}s")
         if self._sent and not self.errors:
@@ -1061,13 +1109,13 @@ class KafkaSink:
         return replaced
 
     def close(self) -> None:
-        """Waits up to ``flush_timeout`` for what was produced to be acknowledged, then destroys
-        the producer. What is still not acknowledged then is dropped: it was not committed, so
-        it is read again."""
+        """Waits up to ``flush_timeout`` (after a stop: what is left of ``STOP_FLUSH_S``) for
+        what was produced to be acknowledged, then destroys the producer. What is still not
+        acknowledged then is dropped: it was not committed, so it is read again."""
         if self._closed:
             return
         try:
-            self.producer.flush(self.flush_timeout)
+            self._flush(self.flush_timeout)
         finally:
             self._destroy()
 
