@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,3 +81,57 @@ def test_a_certificate_refused_at_a_reload_is_a_failed_reload(
         assert _reloads_become(c, {"ok": 2, "failed": 3}) == {"ok": 2, "failed": 3}
     assert _stop(proc) == 0
     assert "Traceback" not in log.read_text()
+
+
+#: ``deepwatch serve`` as ``python -m deepwatch.cli`` runs it, with the pair broken on disk
+#: right after the app is made: after the start-up check of the files, before uvicorn loads
+#: them (argv[1]: the file to put over the key, or ``-`` to remove the key; argv[2]: the key).
+#: The tries of ``load_tls_context`` are made 0.05 s apart instead of 0.2 s, to wait less.
+BREAKS_AFTER_THE_CHECK = """\
+import os, shutil, sys
+from deepwatch.serve import app
+source, key = sys.argv.pop(1), sys.argv.pop(1)
+app.TLS_LOAD_PAUSE_SECONDS = 0.05
+made = app.create_app
+def create_app(*args, **kwargs):
+    made_app = made(*args, **kwargs)
+    if source == "-":
+        os.remove(key)
+    else:
+        shutil.copyfile(source, key)
+    return made_app
+app.create_app = create_app
+from deepwatch.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("broken", ["other.key", "-"])
+def test_a_pair_that_breaks_after_the_start_up_check_is_one_error_line(
+        kdd_bundle: Path, tls: dict[str, Path], tmp_path: Path, broken: str) -> None:
+    """Files that passed the check and then stayed broken past the tries as uvicorn loaded
+    them (a key that is not the certificate's, a key removed) ended in uvicorn's traceback
+    (exit 1); a key removed did at once. Now: one error line with the check's reason, exit 2,
+    as when the check itself refuses them."""
+    live = tmp_path / "live"
+    live.mkdir()
+    _put_in_place(live, cert=tls["server.pem"], key=tls["server.key"])
+    key = live / "key.pem"
+    key.chmod(0o600)  # (else a warning at start)
+    run = subprocess.run(
+        [sys.executable, "-c", BREAKS_AFTER_THE_CHECK,
+         "-" if broken == "-" else str(tls[broken]), str(key), "serve", str(kdd_bundle),
+         "--port", "0", "--tls-cert", str(live / "cert.pem"), "--tls-key", str(key)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    reason = (f"--tls-key file {key} does not exist" if broken == "-" else
+              f"--tls-key {key} is not the private key of the certificate in --tls-cert "
+              f"{live / 'cert.pem'}")
+    errors = [ln for ln in run.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        "error: the certificate files changed after the start-up check and did not load for "
+        f"0.45 s as the server started: {reason}; put a whole certificate and key in place "
+        "and start again"], run.stderr
+    assert run.stderr.splitlines()[-1] == errors[0]
+    assert len(run.stderr.splitlines()) <= 3, run.stderr  # serving..., trying again..., error

@@ -951,13 +951,20 @@ def load_tls_context(default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     for attempt in range(1, TLS_LOAD_TRIES + 1):
         try:
             return default()
-        except ssl.SSLError as exc:
+        except (ssl.SSLError, OSError) as exc:  # (OSError: a file missing for a moment)
             if attempt == TLS_LOAD_TRIES:
                 raise
-            log.info("the certificate files do not load (%s): trying again in %g s (a "
-                     "renewal half-way?)", exc.reason or exc, TLS_LOAD_PAUSE_SECONDS)
+            if attempt == 1:  # once, not at every try
+                log.info("the certificate files do not load (%s): trying again for %g s (a "
+                         "renewal half-way?)", _ssl_reason(exc),
+                         (TLS_LOAD_TRIES - 1) * TLS_LOAD_PAUSE_SECONDS)
             time.sleep(TLS_LOAD_PAUSE_SECONDS)
     raise AssertionError("unreachable")
+
+
+def _ssl_reason(exc: OSError) -> str:
+    """OpenSSL's short reason (``KEY_VALUES_MISMATCH``), or the system's (``No such file``)."""
+    return str(getattr(exc, "reason", None) or exc.strerror or exc)
 
 
 class TlsReload:
@@ -1007,11 +1014,34 @@ class TlsReload:
     def context_factory(self, config: Any, default: Any) -> ssl.SSLContext:
         """uvicorn's ``ssl_context_factory``: its own context (``default()``), kept here with
         the event loop that serves it (uvicorn calls this in the loop, as the server starts)."""
-        context = load_tls_context(default)
+        try:
+            context = load_tls_context(default)
+        except (ssl.SSLError, OSError) as exc:
+            raise self._unloadable(exc) from None
         self._context = context
         with contextlib.suppress(RuntimeError):
             self._loop = asyncio.get_running_loop()
         return context
+
+    def _unloadable(self, exc: OSError) -> DeepwatchError:
+        """The one-line error for files that passed the start-up check but no longer load as
+        the server starts (past the tries of :func:`load_tls_context`): the check's own reason
+        for them as they are now (its warnings not repeated), else OpenSSL's. It ended in
+        uvicorn's traceback."""
+        waited = (TLS_LOAD_TRIES - 1) * TLS_LOAD_PAUSE_SECONDS
+        kind: type[DeepwatchError] = UsageError
+        log.disabled = True  # (the check's warnings were given at start)
+        try:
+            self.check()
+        except DeepwatchError as found:
+            kind, reason = type(found), str(found)
+        else:  # whole again by now: what OpenSSL said when it tried
+            reason = f"they did not load ({_ssl_reason(exc)})"
+        finally:
+            log.disabled = False
+        return kind(f"the certificate files changed after the start-up check and did not "
+                    f"load for {waited:g} s as the server started: {reason}; put a whole "
+                    f"certificate and key in place and start again")
 
     def check(self) -> dict[str, Any]:
         """uvicorn's ``ssl_*`` settings for the files as they are now; UsageError or InputError
