@@ -23,8 +23,11 @@ empty .bz2) on rows of their own, so that the driver logs each, once, as the loc
 
 With a cluster (``--master`` other than ``local[...]``), the bundle, the inputs and the directory of
 ``--out`` must be at the same paths on every executor (a shared filesystem), and the executors
-need deepwatch installed. Formats whose parsing depends on earlier lines, and derived features
-with state across records, see each partition on its own.
+need deepwatch installed. Derived features with per-client windows (an access log's) see, in
+every partition, the requests before it: a first job finds each partition's last requests of
+each client, the driver hands them on from partition to partition in input order, and each
+partition is scored from the windows it is handed (see TAILS). A featurizer with any other state
+across records has its lines scored by one task, in input order.
 """
 
 from __future__ import annotations
@@ -175,6 +178,18 @@ def _record_lines(result: Any, first_line: int) -> np.ndarray:
     return every[~np.isin(every, rejected)]
 
 
+def _parse_run(fmt: Format, text: pa.Array, first_line: int, label: str | None,
+               parsed: pa.Schema, context: str | None) -> tuple[Any, pa.RecordBatch | None]:
+    """The parse of one run of consecutive lines of one file, and its records (labelled, with
+    ``parsed``'s columns) to score, None where there is none."""
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(text)], pa.int32()), text),
+                            "\n")[0].as_py()
+    result = fmt.parse_in_context(joined + "\n", first_line, context)
+    if not result.batch.num_rows:
+        return result, None
+    return result, _conform(with_label(result.batch, label, fmt), parsed)
+
+
 def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: int,
                label: str | None, parsed: pa.Schema, union: pa.Schema,
                context: str | None = None, state: dict[str, Any] | None = None
@@ -183,12 +198,9 @@ def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: 
     ``context``: the format's context line in force before the run (a Zeek #fields header, or
     a ``LogAscii::tsv=T`` log's field-name line). ``state``: the detector's state carried from
     the runs before it in the partition (per-client windows of derived features)."""
-    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(text)], pa.int32()), text),
-                            "\n")[0].as_py()
-    result = fmt.parse_in_context(joined + "\n", first_line, context)
+    result, records = _parse_run(fmt, text, first_line, label, parsed, context)
     parts = []
-    if result.batch.num_rows:
-        records = _conform(with_label(result.batch, label, fmt), parsed)
+    if records is not None:
         scored = det.score_batch(records, state)
         lines = _record_lines(result, first_line)
         extra = {"_file": pa.array(np.full(len(lines), file_no, np.int32)),
@@ -208,14 +220,37 @@ def _score_run(det: Any, fmt: Format, text: pa.Array, file_no: int, first_line: 
     return _conform(both.take(pc.sort_indices(both.column("_line"))), union)
 
 
+def _runs(batch: pa.RecordBatch) -> Iterator[tuple[int, int, str]]:
+    """The runs of ``batch`` (LINES rows): (start, end, kind), kind "noted" (see _noted),
+    "refused" (see _refused) or "lines" (consecutive lines of one file, to parse)."""
+    n = batch.num_rows
+    files = to_numpy(batch.column("file")).astype(np.int64)
+    lines = to_numpy(batch.column("line")).astype(np.int64, copy=False)
+    refused = _refused(batch)
+    noted = _noted(batch)
+    cut = np.flatnonzero((np.diff(files) != 0) | (np.diff(lines) != 1)
+                         | (refused[1:] != refused[:-1]) | (noted[1:] != noted[:-1])) + 1
+    for a, b in zip(np.r_[0, cut], np.r_[cut, n], strict=True):
+        yield int(a), int(b), "noted" if noted[a] else "refused" if refused[a] else "lines"
+
+
+def _batch_key(batch: pa.RecordBatch) -> tuple[int, int]:
+    """The (file, line) of a LINES batch's first row: what names its partition (see TAILS)."""
+    return int(batch.column("file")[0].as_py()), int(batch.column("line")[0].as_py())
+
+
 def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name: str,
                     labels: Sequence[str | None], parsed: pa.Schema, union: pa.Schema,
                     contexts: dict[int, list[tuple[int, str]]] | None = None,
                     backend: str = "auto", explain: bool | None = None,
+                    windows: dict[tuple[int, int], str | None] | None = None,
                     ) -> Iterator[pa.RecordBatch]:
     """The ``mapInArrow`` function: (file, line, text) rows in, scored rows and rejects out.
     ``contexts``: per file, its context lines (line number, text) in order (see _contexts).
-    ``backend`` and ``explain`` are the driver's, so that every partition scores as it does."""
+    ``backend`` and ``explain`` are the driver's, so that every partition scores as it does.
+    ``windows``: for a detector whose features keep per-client windows, the windows each
+    partition starts with, by its first (file, line) (see _hand_over): the path of a Parquet
+    file, None for no earlier request of any of its clients."""
     from .models.detector import Detector
 
     # once per partition; verify=True checks every file's sha256
@@ -223,30 +258,187 @@ def score_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name:
     fmt = get_format(format_name)
     # one state for the partition, as the local engine has one for the run: the per-client
     # windows of derived features go on across its runs (cut at an over-long line, a damage, a
-    # file's end) and Arrow batches, not from nothing at each
+    # file's end) and Arrow batches, not from nothing at each; they start with what the
+    # requests before the partition left in them
     state = det.new_state()
+    first = True
     for batch in batches:
-        n = batch.num_rows
-        if n == 0:
+        if batch.num_rows == 0:
             continue
+        if first and windows is not None:
+            state = _windows_at(windows, _batch_key(batch))
+        first = False
         files = to_numpy(batch.column("file")).astype(np.int64)
         lines = to_numpy(batch.column("line")).astype(np.int64, copy=False)
         text = batch.column("text")
-        refused = _refused(batch)
-        noted = _noted(batch)
-        cut = np.flatnonzero((np.diff(files) != 0) | (np.diff(lines) != 1)
-                             | (refused[1:] != refused[:-1]) | (noted[1:] != noted[:-1])) + 1
-        for a, b in zip(np.r_[0, cut], np.r_[cut, n], strict=True):
+        for a, b, kind in _runs(batch):
             f = int(files[a])
-            if noted[a]:
+            if kind == "noted":
                 yield _noted_run(batch.slice(a, b - a), union)
-                continue
-            if refused[a]:
+            elif kind == "refused":
                 yield _refused_run(batch.slice(a, b - a), union)
+            else:
+                yield _score_run(det, fmt, text.slice(a, b - a), f, int(lines[a]), labels[f],
+                                 parsed, union, _context_at((contexts or {}).get(f, []),
+                                                            int(lines[a])), state)
+
+
+# ---- per-client windows across partitions ---------------------------------------------------
+#
+# An access log's window features (features/_window.py) see, for each request, its client's
+# last requests, in input order, however far back they came. The local engine carries one
+# state through the run; here each partition would start with empty windows. So a first job
+# (``tail_partition``) reads and parses every partition as the scoring job will and keeps, as
+# the local engine's state keeps, each client's last ``window - 1`` requests in it; the driver
+# then goes through the partitions in input order (``_hand_over``), carrying every client's last
+# requests from one to the next, and writes for each partition the windows of its clients as
+# they stand at its start; the scoring job starts each partition with those.
+
+#: The derivers whose only state is the per-client window of features/_window.py.
+WINDOWED = frozenset({"access_v1"})
+#: A partition's tail (its clients' last requests, the window state's columns), each row with
+#: the (file, line) of its partition's first row and its place in the tail. A partition whose
+#: tail is empty still has one row, with a null client, so that every partition is known.
+TAILS = pa.schema([pa.field("client", pa.string()), pa.field("ts", pa.float64()),
+                   pa.field("path", pa.string()), pa.field("status", pa.int64()),
+                   pa.field("post", pa.bool_()), pa.field("_from_file", pa.int32()),
+                   pa.field("_from_line", pa.int64()), pa.field("_seq", pa.int64())])
+_WINDOW_COLUMNS = TAILS.names[:5]
+
+
+def tail_partition(batches: Iterator[pa.RecordBatch], bundle: str, format_name: str,
+                   labels: Sequence[str | None], parsed: pa.Schema,
+                   contexts: dict[int, list[tuple[int, str]]] | None = None,
+                   backend: str = "auto", explain: bool | None = None,
+                   ) -> Iterator[pa.RecordBatch]:
+    """The ``mapInArrow`` function of the first job for windowed features: LINES rows in, the
+    partition's TAILS out. Its records are parsed and derived as ``score_partition`` does
+    (the same runs, the same parse), from empty windows, and not scored."""
+    from .features._window import STATE_KEY
+    from .models.detector import Detector
+
+    det = Detector(bundle, engine=backend, explain=explain)
+    fmt = get_format(format_name)
+    state = det.new_state()
+    key: tuple[int, int] | None = None
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        key = key or _batch_key(batch)
+        files = to_numpy(batch.column("file")).astype(np.int64)
+        lines = to_numpy(batch.column("line")).astype(np.int64, copy=False)
+        text = batch.column("text")
+        for a, b, kind in _runs(batch):
+            if kind != "lines":
                 continue
-            yield _score_run(det, fmt, text.slice(a, b - a), f, int(lines[a]), labels[f],
-                             parsed, union, _context_at((contexts or {}).get(f, []),
-                                                        int(lines[a])), state)
+            f = int(files[a])
+            _, records = _parse_run(fmt, text.slice(a, b - a), int(lines[a]), labels[f], parsed,
+                                    _context_at((contexts or {}).get(f, []), int(lines[a])))
+            if records is not None:
+                det.featurizer._derive(pa.Table.from_batches([det.as_batch(records)]), state)
+    if key is None:
+        return
+    tail = state.get(STATE_KEY)
+    if tail is None or tail.num_rows == 0:
+        tail = pa.table({"client": pa.nulls(1, pa.string())})
+    n = tail.num_rows
+    table = pa.Table.from_arrays([tail.column(c) if c in tail.schema.names else
+                                  pa.nulls(n, TAILS.field(c).type) for c in _WINDOW_COLUMNS],
+                                 names=_WINDOW_COLUMNS)
+    table = (table.append_column("_from_file", pa.array(np.full(n, key[0], np.int32)))
+             .append_column("_from_line", pa.array(np.full(n, key[1], np.int64)))
+             .append_column("_seq", pa.array(np.arange(n, dtype=np.int64))))
+    yield _conform(table, TAILS)
+
+
+def _windows_at(windows: dict[tuple[int, int], str | None], key: tuple[int, int]
+                ) -> dict[str, Any]:
+    """The state a partition whose first row is ``key`` starts with (see _hand_over)."""
+    import pyarrow.parquet as pq
+
+    from .features._window import STATE_KEY
+
+    if key not in windows:  # the scoring job cut the lines otherwise than the first job
+        raise SparkError(f"no client windows for the partition from line {key[1]} of input "
+                         f"{key[0] + 1}: Spark cut the input otherwise for the two jobs; "
+                         "please report")
+    path = windows[key]
+    return {} if path is None else {STATE_KEY: pq.read_table(path).combine_chunks()}
+
+
+def _window_bounds(derive: dict[str, Any]) -> tuple[int, int]:
+    """The requests of each client a window state keeps (the window's size less one), and the
+    most it keeps in all (as features/_window.py's ``window_features`` does)."""
+    import inspect
+
+    from .features._window import window_features
+    from .features.web import DEFAULT_PARAMS
+
+    keep = int({**DEFAULT_PARAMS, **derive.get("params", {})}["window"]) - 1
+    clients = inspect.signature(window_features).parameters["max_clients"].default
+    return keep, int(clients) * keep if clients else sys.maxsize
+
+
+def _last_per_client(table: pa.Table, keep: int) -> pa.Table:
+    """Each client's last ``keep`` rows of ``table`` (in input order), in ``table``'s order."""
+    if table.num_rows == 0:
+        return table
+    codes = np.asarray(pc.dictionary_encode(table.column("client").combine_chunks()).indices
+                       .to_numpy(zero_copy_only=False), dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    sc = codes[order]
+    n = len(sc)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = sc[1:] != sc[:-1]
+    pos = np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    size = np.bincount(codes)[sc]
+    return table.take(pa.array(np.sort(order[pos >= size - keep])))
+
+
+def _hand_over(tails: Path, out: Path, keep: int, bound: int) -> dict[tuple[int, int], str | None]:
+    """From the partitions' tails (TAILS, staged in ``tails``), in input order, the windows each
+    partition starts with: every client's last ``keep`` requests before it, of the clients it
+    has (a Parquet file in ``out``, None where there is none), by its first (file, line). As
+    the local engine's state, what is carried keeps at most ``bound`` requests, the latest."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tails, schema=TAILS) if any(tails.glob("*.parquet")) else \
+        TAILS.empty_table()
+    table = table.sort_by([("_from_file", "ascending"), ("_from_line", "ascending"),
+                           ("_seq", "ascending")])
+    froms = np.stack([to_numpy(table.column("_from_file")).astype(np.int64),
+                      to_numpy(table.column("_from_line")).astype(np.int64)], axis=1)
+    cuts = np.flatnonzero(np.any(np.diff(froms, axis=0) != 0, axis=1)) + 1 if len(froms) else \
+        np.array([], np.int64)
+    carried = table.select(_WINDOW_COLUMNS).slice(0, 0).append_column(
+        "_order", pa.array([], pa.int64()))
+    windows: dict[tuple[int, int], str | None] = {}
+    done = 0
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, len(froms)], strict=True)):
+        if a == b:
+            continue
+        part = table.slice(int(a), int(b - a))
+        tail = part.filter(pc.is_valid(part.column("client")))
+        key = (int(froms[a, 0]), int(froms[a, 1]))
+        mine = pc.is_in(carried.column("client"), tail.column("client").unique())
+        before = carried.filter(mine)
+        windows[key] = None
+        if before.num_rows:
+            path = out / f"{k}.parquet"
+            ordered = before.take(pc.sort_indices(before.column("_order")))
+            pq.write_table(ordered.select(_WINDOW_COLUMNS), path)
+            windows[key] = str(path)
+        if tail.num_rows:
+            done += 1
+            new = tail.select(_WINDOW_COLUMNS).append_column(
+                "_order", pc.add(tail.column("_seq"), pa.scalar(done << 40, pa.int64())))
+            carried = pa.concat_tables([carried.filter(pc.invert(mine)),
+                                        _last_per_client(pa.concat_tables([before, new]), keep)])
+            if carried.num_rows > bound:
+                carried = carried.take(pc.sort_indices(carried.column("_order"))).slice(
+                    carried.num_rows - bound)
+    return windows
 
 
 def _refused(batch: pa.RecordBatch) -> np.ndarray:
@@ -564,8 +756,11 @@ def _count_range(piece: tuple[str, int, int]) -> int:
     return lines_starting_in(*piece)
 
 
-def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
-    """A DataFrame of LINES: every line of every input, numbered from 1 per file."""
+def _lines_frame(session: Any, specs: Sequence[InputSpec], same_cuts: bool = False) -> Any:
+    """A DataFrame of LINES: every line of every input, numbered from 1 per file. ``same_cuts``:
+    every job over it must see the same partitions (the same lines in each): where the lines
+    are spread over the cores, whose cuts Spark draws from a sample anew for each job, the
+    frame is persisted (to be unpersisted by the caller) once spread."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
     sc = session.sparkContext
@@ -580,6 +775,10 @@ def _lines_frame(session: Any, specs: Sequence[InputSpec]) -> Any:
         # each range still in input order, so that every executor scores a share
         frame = frame.repartitionByRange(spread, "file", "line").sortWithinPartitions(
             "file", "line")
+        if same_cuts:
+            from pyspark import StorageLevel
+
+            frame = frame.persist(StorageLevel.MEMORY_AND_DISK)
     return frame
 
 
@@ -698,6 +897,7 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
         session, owned = spark_session(master)
         stops = _Stops(session.sparkContext)
         staging: Path | None = None
+        lines: Any = None
         reject_sink = RejectSink(rejects)
     except BaseException:
         sink.abort()  # (its output's lock let go: see scoring.score_files)
@@ -707,12 +907,26 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
             try:
                 staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-", dir=Path(out).parent))
                 try:  # the jobs: counting the lines of big plain files, Zeek's headers, scoring
-                    lines = _lines_frame(session, specs)
-                    work = functools.partial(score_partition, bundle=str(Path(bundle).resolve()),
-                                             format_name=format_name,
-                                             labels=[s.label for s in specs], parsed=parsed,
-                                             union=union, contexts=_contexts(lines, fmt),
-                                             backend=backend, explain=explain)
+                    derive = det.featurizer.spec.get("derive") or {}
+                    lines = _lines_frame(session, specs, same_cuts=derive.get("name") in WINDOWED)
+                    common = {"bundle": str(Path(bundle).resolve()), "format_name": format_name,
+                              "labels": [s.label for s in specs], "parsed": parsed,
+                              "contexts": _contexts(lines, fmt), "backend": backend,
+                              "explain": explain}
+                    windows = None
+                    if derive.get("name") in WINDOWED:
+                        # the windows each partition starts with, from a first job (see TAILS)
+                        lines.mapInArrow(functools.partial(tail_partition, **common),
+                                         from_arrow_schema(TAILS)).write.mode(
+                                             "overwrite").parquet(str(staging / "tails"))
+                        windows = _hand_over(staging / "tails", staging / "windows",
+                                             *_window_bounds(derive))
+                    elif derive:
+                        # state this engine cannot hand from one partition to the next: the
+                        # lines are scored by one task, in input order, as the local engine does
+                        lines = lines.repartition(1).sortWithinPartitions("file", "line")
+                    work = functools.partial(score_partition, union=union, windows=windows,
+                                             **common)
                     frame = lines.mapInArrow(work, from_arrow_schema(union))
                     frame.write.mode("overwrite").parquet(str(staging / "parts"))
                 except DeepwatchError:
@@ -734,6 +948,9 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
             else:
                 _close(sink, reject_sink, scored, complete=True)
             finally:
+                if lines is not None and lines.is_cached:
+                    with contextlib.suppress(Exception):  # (Spark may be gone after a stop)
+                        lines.unpersist()
                 if staging is not None:
                     shutil.rmtree(staging, ignore_errors=True)
                 engine = f"spark {session.sparkContext.master}, {det.engine}"

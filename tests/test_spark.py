@@ -612,30 +612,41 @@ def test_a_zeek_header_run_into_a_record_by_a_cr_is_no_header_on_spark(
         "uid").to_pylist()
 
 
+@pytest.fixture(scope="module")
+def access_bundle(tmp_path_factory: pytest.TempPathFactory
+                  ) -> tuple[Path, list[str], list[str]]:
+    """A tiny access bundle (one epoch), and the real site and scan lines it was trained on the
+    end of: (bundle, the site log's first 450 lines, the w3af scan's first 100)."""
+    from deepwatch.train.api import train
+
+    root = tmp_path_factory.mktemp("spark_access")
+    site = head_lines(data_file("weblogs/apache_access.log.gz"), 450)
+    scan = head_lines(data_file("weblogs/scan_w3af.log.gz"), 100)
+    (root / "site.log").write_text("".join(site[300:]))
+    (root / "scan.log").write_text("".join(scan))
+    bundle = root / "access"
+    train("access", "mlp", [f"{root / 'site.log'}=normal", f"{root / 'scan.log'}=scan"],
+          bundle, epochs=1, seed=0)
+    return bundle, site, scan
+
+
 @pytest.mark.slow
 def test_client_windows_go_on_across_runs_and_batches_of_a_partition(
-        spark: Any, tmp_path: Path) -> None:
+        spark: Any, access_bundle: tuple[Path, list[str], list[str]], tmp_path: Path) -> None:
     """An access log's derived features keep a window of each client's last requests, which the
     local engine carries through the whole run. On Spark every run of lines (cut at an over-long
     line) and every Arrow batch was scored from an empty window, so the requests after each cut
-    got other scores, even other verdicts; the window now goes on through the partition, and a
-    file read by one task gets the local engine's scores."""
+    got other scores, even other verdicts; the window now goes on through the partition. The
+    log is one piece, whose lines Spark spreads over the cores (cut where it draws the cuts from
+    a sample, anew for each job): each partition starts with the windows the partitions before
+    it leave, and the scores are the local engine's."""
     from deepwatch.spark import score_spark
-    from deepwatch.train.api import train
 
-    site = head_lines(data_file("weblogs/apache_access.log.gz"), 450)
-    scan = head_lines(data_file("weblogs/scan_w3af.log.gz"), 100)
-    (tmp_path / "site.log").write_text("".join(site[300:]))
-    (tmp_path / "scan.log").write_text("".join(scan))
-    bundle = tmp_path / "access"
-    train("access", "mlp", [f"{tmp_path / 'site.log'}=normal", f"{tmp_path / 'scan.log'}=scan"],
-          bundle, epochs=1, seed=0)
+    bundle, site, scan = access_bundle
     log = tmp_path / "cut.log"
     log.write_text("".join(site[:150]) + "Y" * (MAX_LINE_BYTES + 3) + "\n" + "".join(site[150:300])
                    + "".join(scan[:100]))
-    empty = tmp_path / "empty.log"  # (a second piece: the log is one task, not spread)
-    empty.write_text("")
-    inputs = [str(log), str(empty)]
+    inputs = [str(log)]
     local = score_files(str(bundle), "access", inputs, str(tmp_path / "local.jsonl"))
     conf = spark.conf  # type: ignore[attr-defined]
     conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "37")
@@ -650,6 +661,46 @@ def test_client_windows_go_on_across_runs_and_batches_of_a_partition(
     assert [r["verdict"] for r in rows] == [r["verdict"] for r in local_rows]
     assert (dist.alerts, dist.stats.rejected) == (local.alerts, local.stats.rejected) == (
         local.alerts, 1)
+
+
+def _client(line: str) -> str:
+    return line.split(" ", 1)[0]
+
+
+@pytest.mark.slow
+def test_client_windows_go_on_across_partitions_and_files_as_with_the_local_engine(
+        spark: Any, access_bundle: tuple[Path, list[str], list[str]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each partition started with empty client windows, so a client's first requests in a
+    partition scored otherwise than with the local engine, which carries the windows through
+    the whole run (across files too). The windows each partition starts with are now handed on
+    from the partitions before it: Spark's scores equal the local engine's, row for row, for a
+    plain file cut into byte ranges followed by a second file."""
+    import deepwatch.spark
+    from deepwatch.spark import score_spark
+
+    bundle, site, scan = access_bundle
+    # the site's requests, the scan's spread among them: clients come back after many lines
+    body = [*site[:300], *scan[:60]]
+    random.Random(7).shuffle(body)
+    log = tmp_path / "site.log"
+    log.write_text("".join(body[:250]))
+    more = tmp_path / "more.log"  # (the local engine's windows go on into the next file)
+    more.write_text("".join(body[250:]))
+    split = 8 << 10
+    monkeypatch.setattr(deepwatch.spark, "SPLIT_BYTES", split)
+    # several ranges, and clients with requests on both sides of a cut
+    assert log.stat().st_size > 3 * split
+    sizes = [len(line.encode()) for line in body[:250]]
+    cut = next(i for i in range(len(sizes)) if sum(sizes[:i]) >= split)
+    assert {_client(x) for x in body[:cut]} & {_client(x) for x in body[cut:cut + 20]}
+    inputs = [str(log), str(more)]
+    score_files(str(bundle), "access", inputs, str(tmp_path / "local.jsonl"))
+    score_spark(str(bundle), "access", inputs, str(tmp_path / "spark.jsonl"))
+    rows, local_rows = _rejects(tmp_path / "spark.jsonl"), _rejects(tmp_path / "local.jsonl")
+    assert len(rows) == len(local_rows) == len(body)
+    assert [(r["client_ip"], r["score"], r["verdict"]) for r in rows] == [
+        (r["client_ip"], pytest.approx(r["score"], abs=1e-6), r["verdict"]) for r in local_rows]
 
 
 @pytest.mark.slow
