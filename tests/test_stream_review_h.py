@@ -71,25 +71,32 @@ class _StopBrokerOnSecondBatch:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("queue", ["room", "full"])
 def test_a_stop_while_the_brokers_do_not_acknowledge_is_bounded_and_commits_nothing_unacked(
-        tansu: Any, kdd_bundle: Path, small_kdd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tansu: Any, kdd_bundle: Path, small_kdd: Path, monkeypatch: pytest.MonkeyPatch,
+        queue: str) -> None:
     """SIGTERM while the loop waited for its alerts' acknowledgements from brokers that did not
     answer (an outage; reproduced with the real command on Tansu, the broker SIGSTOPped) was held
     by the producer's flush for its whole 60 s, then 60 s more at close (117.7 s from SIGTERM to
     exit 1, 'error: 809 messages not acknowledged within 60s'). The wait now ends
     ``STOP_FLUSH_S`` after the stop; the error says what was not acknowledged, and the batch
-    whose messages were not acknowledged is not committed (read again at the next start)."""
+    whose messages were not acknowledged is not committed (read again at the next start).
+    So it is when the producer's queue is full (``full``: it takes 5 messages here) and the
+    loop waits for room in it to write the batch."""
     from deepwatch.serve import _kafka_io
     from deepwatch.serve._kafka_io import KafkaSink
     from deepwatch.serve.stream import run_loop, stop_on_signals
 
     # 5 s in use: the test stays short (raising=False: the code before the bound had none)
     monkeypatch.setattr(_kafka_io, "STOP_FLUSH_S", 1.0, raising=False)
-    out = {"alert": "h-stop.alerts", "verdict": "h-stop.verdicts", "dead_letter": "h-stop.dead"}
+    out = {"alert": f"h-{queue}.alerts", "verdict": f"h-{queue}.verdicts",
+           "dead_letter": f"h-{queue}.dead"}
     _create(tansu.address, 1, *out.values())
+    options = {"queue.buffering.max.messages": "5"} if queue == "full" else {}
     values: list[bytes | None] = list(small_kdd.read_bytes().split(b"\n")[:30])
     stop = threading.Event()
-    sink = KafkaSink(tansu.address, dict(out), stop=stop, check_timeout=10.0, max_pending=1)
+    sink = KafkaSink(tansu.address, dict(out), options, stop=stop, check_timeout=10.0,
+                     max_pending=1)
     source = MemorySource(values, batch_size=10, topic="h-stop")
     detector = _StopBrokerOnSecondBatch(Detector(kdd_bundle), tansu, after=0.5)
     try:
@@ -110,6 +117,8 @@ def test_a_stop_while_the_brokers_do_not_acknowledge_is_bounded_and_commits_noth
     assert message.startswith("stopped while the brokers had not acknowledged "), message
     assert "verdicts and 0 dead letters written since the last commit): none of their 10 " \
            "records was committed, so they are read again at the next start" in message
+    if queue == "full":  # what the queue holds (the rest of the batch never went in)
+        assert message.startswith("stopped while the brokers had not acknowledged 5 messages")
     assert source.committed == 10  # the first batch, acknowledged before the outage, only
 
 

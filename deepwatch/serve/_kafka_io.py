@@ -918,6 +918,7 @@ class KafkaSink:
             if topic is None or not len(msgs):
                 continue
             self._sent = True
+            self._since[kind] = self._since.get(kind, 0) + len(msgs)
             keys = msgs.keys if msgs.keys is not None else [None] * len(msgs)
             produce = self.producer.produce
             failed: list[int] = []
@@ -929,19 +930,19 @@ class KafkaSink:
                         failed.append(i)
             if failed:
                 letters += self._too_large(out, kind, failed)
-            self._since[kind] = self._since.get(kind, 0) + len(out.messages[kind])
+                self._since[kind] -= len(failed)
         if letters:
             topic = self.topics.get(DEAD_LETTER)
             if topic is None:
                 raise DeliveryError(f"{len(letters)} messages were too large to produce and "
                                     "there is no dead-letter topic for them")
+            self._since[DEAD_LETTER] = self._since.get(DEAD_LETTER, 0) + len(letters)
             for key, value in letters:
                 if self._produce(topic, value, key) is not None:
                     raise DeliveryError(f"a dead letter of {len(value) + len(key or b''):,} "
                                         f"bytes is too large to produce to {topic!r} (over "
                                         f"message.max.bytes, {self.max_message_bytes:,})")
             out.add_dead_letters(letters)
-            self._since[DEAD_LETTER] = self._since.get(DEAD_LETTER, 0) + len(letters)
         self.producer.poll(0)
 
     def _too_large(self, out: Output, kind: str, failed: list[int]
