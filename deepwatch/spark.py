@@ -921,6 +921,7 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                                              "overwrite").parquet(str(staging / "tails"))
                         windows = _hand_over(staging / "tails", staging / "windows",
                                              *_window_bounds(derive))
+                        stops.raise_held()  # (a stop while no job ran: no scoring job starts)
                     elif derive:
                         # state this engine cannot hand from one partition to the next: the
                         # lines are scored by one task, in input order, as the local engine does
