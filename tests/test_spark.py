@@ -684,16 +684,17 @@ def test_client_windows_go_on_across_partitions_and_files_as_with_the_local_engi
     body = [*site[:300], *scan[:60]]
     random.Random(7).shuffle(body)
     log = tmp_path / "site.log"
-    log.write_text("".join(body[:250]))
+    log.write_text("".join(body[:120]))
     more = tmp_path / "more.log"  # (the local engine's windows go on into the next file)
-    more.write_text("".join(body[250:]))
-    split = 8 << 10
+    more.write_text("".join(body[120:]))
+    split = 16 << 10
     monkeypatch.setattr(deepwatch.spark, "SPLIT_BYTES", split)
-    # several ranges, and clients with requests on both sides of a cut
-    assert log.stat().st_size > 3 * split
-    sizes = [len(line.encode()) for line in body[:250]]
+    # two ranges, and clients with requests on both sides of the cut and in the next file
+    assert split < log.stat().st_size < 2 * split
+    sizes = [len(line.encode()) for line in body[:120]]
     cut = next(i for i in range(len(sizes)) if sum(sizes[:i]) >= split)
     assert {_client(x) for x in body[:cut]} & {_client(x) for x in body[cut:cut + 20]}
+    assert {_client(x) for x in body[:120]} & {_client(x) for x in body[120:140]}
     inputs = [str(log), str(more)]
     score_files(str(bundle), "access", inputs, str(tmp_path / "local.jsonl"))
     score_spark(str(bundle), "access", inputs, str(tmp_path / "spark.jsonl"))
