@@ -56,8 +56,10 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
         if "label" not in batch.schema.names or (
                 spec.display not in labelled_inputs
                 and batch.column("label").null_count == batch.num_rows):
-            raise DataError("measuring detection needs labelled records: every record needs "
-                            "a label (from the data, or PATH=LABEL, e.g. site.log=normal)")
+            # named: among several inputs, which one has none was left to guess
+            raise DataError(f"measuring detection needs labelled records: {spec.display} has "
+                            "none; every record needs a label (from the data, or PATH=LABEL, "
+                            "e.g. site.log=normal)")
         labelled_inputs.add(spec.display)
         batch, no_label = split_unlabelled(batch, spec.display, no_label_reason("evaluation"),
                                            reader)
@@ -78,6 +80,8 @@ def collect(detector: Any, format_name: str, inputs: Sequence[str], progress: bo
             sampler.add(cols["label"], cols["_X"], offset)
         offset += batch.num_rows
     seconds = time.perf_counter() - t0
+    if not parts and not reader.stats.lines:  # (not "could be parsed", as if they held garbage)
+        raise DataError("nothing to evaluate: the evaluation inputs are empty (0 lines read)")
     if not parts:
         raise DataError("no records could be parsed from the evaluation inputs"
                         + reader.stats.format_hint(format_name))
@@ -231,18 +235,38 @@ def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str =
     return result, cols
 
 
+#: Why a binary rate has no value on the records measured (see :func:`undefined_rates`).
+NO_ATTACKS = "no attack records"
+NO_BENIGN = "no benign records"
+_NOT_SHOWN = {NO_ATTACKS: "no precision, recall or F1", NO_BENIGN: "no false-positive rate"}
+
+
+def undefined_rates(binary: dict[str, Any]) -> dict[str, str]:
+    """The rates of ``binary`` that mean nothing on the records measured, each with why: without
+    attack records precision, recall and F1 (the JSON's 0.0 read "every attack missed"), without
+    benign records the false-positive rate, as ``train`` names its validation figures."""
+    out: dict[str, str] = {}
+    if "tp" in binary and not binary["tp"] + binary["fn"]:
+        out.update(dict.fromkeys(("precision", "recall", "f1"), NO_ATTACKS))
+    if "tn" in binary and not binary["tn"] + binary["fp"]:
+        out["fpr"] = NO_BENIGN
+    return out
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """What ``evaluate`` and ``report`` say on stderr of a run: the headline metrics with the
     counts of lines read, parsed and rejected, then a warning naming the labels no KDD category
     knows, if any."""
     b = result["binary"]
-    line = (f"n {result['n']:,}: precision {b['precision']:.4f} recall {b['recall']:.4f} "
-            f"f1 {b['f1']:.4f} fpr {b['fpr']:.4f}")
+    missing = undefined_rates(b)
+    rates = [k for k in ("precision", "recall", "f1", "fpr") if k not in missing]
+    line = f"n {result['n']:,}:" + "".join(f" {k} {b[k]:.4f}" for k in rates)
     if result.get("kdd_cost") is not None:
         line += f" kdd_cost {result['kdd_cost']:.4f}"
     rec = result["records"]
     lines = [line + f" ({result['rows_per_second']:,.0f} rows/s); {rec['lines']:,} lines read: "
-                    f"{rec['parsed']:,} parsed, {rec['rejected']:,} rejected"]
+                    f"{rec['parsed']:,} parsed, {rec['rejected']:,} rejected"
+             + "".join(f"; {why}: {_NOT_SHOWN[why]}" for why in dict.fromkeys(missing.values()))]
     if result.get("uncategorised"):
         odd = result["uncategorised"]
         shown = ", ".join(f"{k!r} ({v:,})" for k, v in list(odd.items())[:5])

@@ -71,8 +71,14 @@ def _plot(fig: Any, div_id: str, scripts: list[str]) -> str:
 
 
 def _summary(result: dict[str, Any]) -> str:
+    from ..evaluate.run import undefined_rates
+
     b = result.get("binary") or {}
-    rows = [[name, _num(result["n"] if key == "n" else b.get(key))] for name, key in _METRICS]
+    # a rate with nothing to measure is no 0: recall 0.0000 on normal records alone read as
+    # every attack missed
+    missing = undefined_rates(b)
+    rows = [[name, f"– ({missing[key]})" if key in missing else
+             _num(result["n"] if key == "n" else b.get(key))] for name, key in _METRICS]
     if result.get("kdd_cost") is not None:
         rows.append(["KDD cost per record", _num(result["kdd_cost"])])
     rows.append(["rows per second", f"{float(result.get('rows_per_second') or 0):,.0f}"])
