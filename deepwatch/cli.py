@@ -422,7 +422,7 @@ def serve(
 @app.command()
 def demo(out: Annotated[str, typer.Option(help="Directory for the demo's outputs")] = "demo-out",
          ) -> None:
-    """Run the whole pipeline offline on data at hand and print what it found."""
+    """Run the whole pipeline offline on simulated web traffic and print what it found."""
     from .demo import run_demo
 
     run_demo(out, log=_err)
