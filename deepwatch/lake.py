@@ -326,8 +326,12 @@ def _append_ingested(root: Path, lines: Sequence[str]) -> str | None:
         return None
     try:
         fd = os.open(root / INGESTED, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        data = "".join(lines).encode()
         try:
-            os.write(fd, "".join(lines).encode())
+            # one write, so that it is not interleaved with another ingest's: a short one (a
+            # disk filling up) is said, not left as a cut line without a word
+            if os.write(fd, data) < len(data):
+                raise OSError(0, "the disk took only part of the entries (is it full?)")
         finally:
             os.close(fd)
     except OSError as exc:

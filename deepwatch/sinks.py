@@ -582,6 +582,22 @@ def escape_unsafe_documents(encoded: Any) -> Any:
     return encoded.str.replace_many(list(_UNSAFE_CHARS), list(_UNSAFE_CHARS.values()))
 
 
+def write_all(fh: IO[bytes], data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fh``, or raise ``OSError``.
+
+    An unbuffered stream (stdout under ``PYTHONUNBUFFERED=1``, as many container images set, or
+    ``python -u``) is a raw file: one ``write`` may take only part of the bytes and return the
+    count (a pipe whose reader went away, a signal during the write). The rest is written again,
+    to finish or to get the error; ignoring the count lost the rest of the output silently (``score
+    --out - | head`` then said every row was written and exited 0)."""
+    view = memoryview(data)
+    while view:
+        taken = fh.write(view)
+        if not taken:  # none taken (a non-blocking pipe that is full): never spin on it
+            raise OSError(0, "the output took none of the bytes written to it")
+        view = view[taken:]
+
+
 def write_jsonl(batch: pa.RecordBatch | pa.Table, fh: IO[bytes]) -> None:
     import polars as pl
 
@@ -589,7 +605,7 @@ def write_jsonl(batch: pa.RecordBatch | pa.Table, fh: IO[bytes]) -> None:
     assert isinstance(df, pl.DataFrame)
     buf = io.BytesIO()
     df.write_ndjson(buf)
-    fh.write(escape_unsafe_text(buf.getvalue()))
+    write_all(fh, escape_unsafe_text(buf.getvalue()))
 
 
 class RejectSink:

@@ -278,19 +278,15 @@ class JsonlSink:
         return DeliveryError(f"cannot write {self._names[kind]}: {exc.strerror or exc}")
 
     def write(self, out: Output) -> None:
+        from ..sinks import write_all
+
         for kind, msgs in out.messages.items():
             fh = self._files.get(kind)
             if fh is None or not len(msgs):
                 continue
-            data = memoryview(b"\n".join(msgs.values) + b"\n")
             try:
-                # a pipe whose reader went away can take part of a write and report no error
-                # (write returns the count): what is left is written again, to get the error
-                while data:
-                    taken = fh.write(data)
-                    if not taken:  # none taken (a non-blocking pipe): never loop on it
-                        raise OSError(0, "the output took none of the bytes written to it")
-                    data = data[taken:]
+                # (a pipe whose reader went away can take part of a write and report no error)
+                write_all(fh, b"\n".join(msgs.values) + b"\n")
             except OSError as exc:
                 raise self._failure(kind, exc) from None
 
