@@ -534,6 +534,24 @@ def _global_state_kept() -> Iterator[None]:
         random.setstate(python_rng)
 
 
+def training_environment() -> dict[str, Any]:
+    """Torch's thread count now (set for the training: ``loop.seed_everything``) and the
+    versions of the libraries the training's numbers go through. One seed gives the same
+    weights again only with the same of each: another thread count (``DEEPWATCH_TORCH_THREADS``,
+    another CPU quota) or another numpy or torch gives other weights, and so other figures."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions: dict[str, str | None] = {}
+    for name in ("torch", "numpy", "pyarrow", "polars", "onnx"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {"torch_threads": torch.get_num_threads(), "libraries": versions}
+
+
 def check_paths_and_device(out: Any, rejects: Any, device: Any) -> None:
     """A UsageError for ``out`` or ``rejects`` that is no path, or a ``device`` that is no
     string: ``out=None`` failed with pathlib's ``TypeError: expected str, bytes or
@@ -914,6 +932,9 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             "seed": seed,
             "device": str(distributed.device_for(pick_device(device), dist)),
             "world_size": dist.world,
+            # what the same seed's weights depend on besides the data and the code: torch's
+            # thread count (its float sums are split by thread) and the libraries' versions
+            **training_environment(),
             "folds": folds,
             "refit": refit,
             "seconds": round(t_train, 2),
