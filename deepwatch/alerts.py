@@ -14,9 +14,12 @@ is mapped with ``100 * a / (a + threshold)``, so its threshold too reads as 50.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import IO, Any
 
 import numpy as np
@@ -106,6 +109,54 @@ def _timestamp(frame: pl.DataFrame, ctx: AlertContext, now: datetime | None) -> 
         return pl.col(column).cast(pl.String)
     stamp = (now or datetime.now(UTC)).astimezone(UTC)
     return pl.lit(stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z")
+
+
+#: An endpoint written with its port (``a.b.c.d:443``, ``host:8080``, ``[v6]:443``) or in
+#: brackets (``[v6]``): the host and the port.
+_BRACKETED = re.compile(r"\[([^\[\]]+)\](?::(\d{1,5}))?")
+_HOST_PORT = re.compile(r"([^:\[\]]+):(\d{1,5})")
+
+
+@lru_cache(maxsize=65536)
+def endpoint(value: str) -> tuple[str | None, int | None, str | None]:
+    """``(ip, port, domain)`` of a record's endpoint as written. ECS's ``*.ip`` fields are IP
+    addresses (an index maps them as ``ip`` and refuses a document whose value is not one), so a
+    client written with its port (``203.0.113.5:51234``, ``[2001:db8::1]:443``) gives its
+    address and its port, and a host name (Apache's ``HostnameLookups On``) or any other text
+    gives the domain, not an ip."""
+    host, port = value, None
+    match = _BRACKETED.fullmatch(value) or _HOST_PORT.fullmatch(value)
+    if match and (match.group(2) is None or int(match.group(2)) <= 65535):
+        host = match.group(1)
+        port = int(match.group(2)) if match.group(2) is not None else None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None, port, host
+    if ip.version == 6:
+        from .features._lookups import canonical_v6
+
+        return canonical_v6(host), port, None
+    return str(ip), port, None
+
+
+def _endpoint_columns(frame: pl.DataFrame, column: str
+                      ) -> tuple[pl.Series, pl.Series | None, pl.Series | None]:
+    """The ip, port and domain of each row's ``column`` (see ``endpoint``); port and domain
+    are None where no row has one, so the common alert (an address alone) keeps its shape."""
+    values = frame[column]
+    distinct = values.drop_nulls().unique().to_list()
+    parts = {v: endpoint(v) for v in distinct}
+    if all(p == (v, None, None) for v, p in parts.items()):
+        return values, None, None
+    ip = values.replace_strict({v: p[0] for v, p in parts.items()}, default=None,
+                               return_dtype=pl.String)
+    port = values.replace_strict({v: p[1] for v, p in parts.items()}, default=None,
+                                 return_dtype=pl.Int64)
+    domain = values.replace_strict({v: p[2] for v, p in parts.items()}, default=None,
+                                   return_dtype=pl.String)
+    return (ip, port if port.null_count() < len(port) else None,
+            domain if domain.null_count() < len(domain) else None)
 
 
 def _nest(tree: dict[str, Any], dotted: str, expr: pl.Expr) -> None:
@@ -200,9 +251,22 @@ def alert_frame(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
         "observer": {"type": pl.lit("ids"), "vendor": pl.lit("deepwatch"),
                      "product": pl.lit("deepwatch"), "version": pl.lit(__version__)},
     }
+    endpoints: dict[str, pl.Series] = {}
     for dotted, column in ctx.ecs_fields.items():
-        if dotted != "@timestamp" and column in frame.columns:
-            _nest(tree, dotted, pl.col(column))
+        if dotted == "@timestamp" or column not in frame.columns:
+            continue
+        if dotted.endswith(".ip") and frame.schema[column] == pl.String:
+            ip, port, domain = _endpoint_columns(frame, column)
+            prefix = dotted[: -len(".ip")]
+            parts = {dotted: ip, f"{prefix}.port": port, f"{prefix}.domain": domain}
+            for name, series in parts.items():
+                if series is not None and (name == dotted or name not in ctx.ecs_fields):
+                    endpoints[f"_ecs_{name}"] = series
+                    _nest(tree, name, pl.col(f"_ecs_{name}"))
+            continue
+        _nest(tree, dotted, pl.col(column))
+    if endpoints:
+        work = work.with_columns(**endpoints)
     own: dict[str, Any] = {}
     for name in ("score", "anomaly_score", "verdict", "attack_type", "category"):
         if name in frame.columns:
