@@ -1,5 +1,8 @@
 """The Python API in one place: ``from deepwatch.api import train, evaluate, Detector``.
 
+Each command's work is one function here: ``train``, ``evaluate`` (and ``report``'s metrics),
+``score_files`` (``score``), ``ingest``, ``simulate``, ``fetch`` (``datasets fetch``).
+
 The functions live in their modules (``deepwatch.train.api.train`` and so on); this module only
 names them, and loads each module on first use, so importing it costs nothing until a name is
 touched (``import deepwatch.api`` does not load torch or onnxruntime).
@@ -14,6 +17,8 @@ _WHERE = {
     "train": "deepwatch.train.api",
     "evaluate": "deepwatch.evaluate.run",
     "Detector": "deepwatch.models.detector",
+    "score_files": "deepwatch.scoring",
+    "ingest": "deepwatch.web_cli",
     "get_format": "deepwatch.formats",
     "read_inputs": "deepwatch.sources.files",
     "read_lake": "deepwatch.lake",
@@ -45,11 +50,13 @@ __all__ = [
     "evaluate",
     "fetch",
     "get_format",
+    "ingest",
     "iter_lake",
     "lake_days",
     "read_inputs",
     "read_lake",
     "register_deriver",
+    "score_files",
     "simulate",
     "train",
 ]
@@ -70,9 +77,11 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr_
     from .formats import get_format
     from .lake import iter_lake, lake_days, read_lake
     from .models.detector import Detector
+    from .scoring import score_files
     from .simulate import simulate
     from .sources.files import read_inputs
     from .train.api import train
+    from .web_cli import ingest
 
 
 def __getattr__(name: str) -> Any:
