@@ -118,6 +118,21 @@ class LakeStats:
     days: set[str] | None = None
 
 
+def _local_root(root: str | Path) -> Path:
+    """``root`` as the local directory it names; a UsageError for a URL (``s3://bucket/lake``,
+    ``file:///data/lake``): a lake is written with local renames and locks, and a URL was taken
+    for a relative path (``s3:/bucket/lake`` under the current directory), so ingest made a
+    stray lake there and then failed with a traceback, and ``train --lake`` read that stray
+    lake's 0 records."""
+    text = os.fspath(root)
+    scheme, sep, _ = text.partition("://")
+    if sep and scheme and scheme[0].isalpha() \
+            and all(c.isalnum() or c in "+.-" for c in scheme):
+        raise UsageError(f"the lake {text} is a URL; a lake is a local directory (give its "
+                         "path; for object storage, mount it or sync a local lake to it)")
+    return Path(text)
+
+
 def _manifest(root: Path) -> dict[str, object]:
     path = root / MANIFEST
     if not path.exists():
@@ -137,14 +152,14 @@ def _manifest(root: Path) -> dict[str, object]:
 
 def lake_format(root: str | Path) -> str:
     """The format name the lake at ``root`` holds."""
-    return str(_manifest(Path(root))["format"])
+    return str(_manifest(_local_root(root))["format"])
 
 
 class LakeWriter:
     """Appends parsed batches and rejects to a lake, creating it on first use."""
 
     def __init__(self, root: str | Path, format_name: str):
-        self.root = Path(root)
+        self.root = _local_root(root)
         self.format = format_name
         if self.root.exists() and not self.root.is_dir():
             raise UsageError(f"lake {self.root} is a file; a lake is a directory")
@@ -528,8 +543,9 @@ def lake_days(root: str | Path) -> list[str]:
     """The days a lake holds records for, in order: day folders without parts are not (a
     rolled-back commit leaves the folders its moves made, since a concurrent ingest may be
     moving a part into one)."""
-    _manifest(Path(root))
-    folder = Path(root) / RECORDS
+    root = _local_root(root)
+    _manifest(root)
+    folder = root / RECORDS
     return sorted(p.name.removeprefix("day=") for p in folder.glob("day=*")
                   if _part_files(p)) if folder.exists() else []
 
@@ -559,7 +575,7 @@ def iter_lake(root: str | Path, days: str | Sequence[str] | None = None,
     ``digest`` (a ``hashlib`` object), the parts read are added to it as :func:`lake_sha256`
     does, from the very bytes the records come from (an ingest running meanwhile may add
     parts; the digest is of those read)."""
-    root = Path(root)
+    root = _local_root(root)
     format_name = str(_manifest(root)["format"])
     schema = _schema(format_name)
     added = ADDED_COLUMNS.get(format_name, frozenset())
@@ -644,7 +660,7 @@ def lake_sha256(root: str | Path, days: str | Sequence[str] | None = None) -> st
     the sha256 of, for each record part in reading order (days in order), its path within the
     lake, a NUL, its size in bytes, a NUL, and its bytes. It changes when a part is added,
     removed, renamed or altered; rejects and the lake's own files do not count."""
-    root = Path(root)
+    root = _local_root(root)
     _manifest(root)
     digest = hashlib.sha256()
     for part in _parts(root, days):
@@ -666,7 +682,7 @@ def read_lake(root: str | Path, days: str | Sequence[str] | None = None) -> pa.T
 def read_rejects(root: str | Path) -> pa.Table | None:
     """The lake's rejected lines with their reasons, as one table; None when it has none. Read
     like a day's records (:func:`_part_files`): files another tool compacted them into count."""
-    folder = Path(root) / REJECTS
+    folder = _local_root(root) / REJECTS
     parts = _part_files(folder) if folder.is_dir() else []
     if not parts:
         return None

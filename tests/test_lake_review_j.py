@@ -1,0 +1,38 @@
+"""A review of the lake as an analyst uses it daily, on slices of the real site log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import data_file, head_lines
+
+from deepwatch.cli import main
+
+
+@pytest.fixture
+def site_log(tmp_path: Path) -> Path:
+    """The first 200 lines of the real site log (May 2015), plain text."""
+    path = tmp_path / "site.log"
+    path.write_text("".join(head_lines(data_file("weblogs/apache_access.log.gz"), 200)))
+    return path
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/lake", "file:///{tmp}/lake"])
+def test_a_lake_given_as_a_url_is_refused_before_anything_is_made(
+        tmp_path: Path, site_log: Path, url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # a URL was taken for a relative path: ingest made ./s3:/bucket/lake/_lake.json, then died
+    # with a traceback (pyarrow read the part's path as an S3 URI); train --lake then read that
+    # stray lake's 0 records
+    url = url.format(tmp=tmp_path.as_posix().lstrip("/"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "--format", "access", "--lake", url, str(site_log)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the lake {url} is a URL; a lake is a local directory" in err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["site.log"]  # no stray s3: or file: directory
+    assert main(["train", "--format", "access", "--model", "autoencoder", "--out",
+                 str(tmp_path / "b"), "--lake", url]) == 2
+    assert f"error: the lake {url} is a URL" in capsys.readouterr().err
