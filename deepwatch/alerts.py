@@ -302,7 +302,7 @@ def alert_lines(scored: pa.RecordBatch | pa.Table | pl.DataFrame, ctx: AlertCont
     encoded = alerts.select(pl.struct(pl.all()).struct.json_encode().alias("j"))["j"]
     if explanation is not None:  # every document ends with "}}": deepwatch's and its own
         encoded = pl.select(pl.concat_str([
-            encoded.str.slice(0, encoded.str.len_bytes() - 2), pl.lit(',"explanation":'),
+            encoded.str.slice(0, encoded.str.len_chars() - 2), pl.lit(',"explanation":'),
             explanation, pl.lit("}}")]))[:, 0]
     # an alert goes to terminals and line-based files too: no raw DEL, C1, line separator,
     # bidirectional control or invisible format character (sinks._UNSAFE_RANGES)

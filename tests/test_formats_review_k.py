@@ -66,3 +66,23 @@ def test_a_zeek_alert_keeps_its_ports_and_moves_a_damaged_address_out_of_ip() ->
         {"ip": None, "domain": "10.0.0.\\xFF9", "port": 5},
     ]
     assert docs[0]["destination"] == {"ip": "10.0.0.10", "port": 80}
+
+
+def test_an_alert_with_text_beyond_ascii_and_an_explanation_is_one_json_document() -> None:
+    """The explanation (JSON text) was spliced in after cutting the alert's last two
+    *bytes*' worth of characters: with one 'é' in a URL the cut left a '}' too many, and the
+    alert (``stream`` on an access line ``GET /café``, an autoencoder bundle) was no JSON."""
+    fmt = get_format("access")
+    lines = [_LINE.format(client="198.51.100.7").replace("/admin.php", path)
+             for path in ("/café", "/路径/😀", "/plain")]
+    res = fmt.parse("\n".join(lines) + "\n")
+    scored = pa.Table.from_batches([res.batch]).append_column(
+        "score", pa.array([0.9] * 3)).append_column(
+        "verdict", pa.array(["malicious"] * 3)).append_column(
+        "explanation", pa.array(['[{"feature": "url_non_ascii", "share": 0.6}]'] * 3))
+    ctx = AlertContext(rule_name="r", rule_version="x", format_name="access",
+                       ecs_fields=dict(fmt.ecs_fields))
+    docs = [json.loads(b) for b in alert_lines(scored, ctx)]
+    assert [d["url"]["path"] for d in docs] == ["/café", "/路径/😀", "/plain"]
+    assert all(d["deepwatch"]["explanation"] == [{"feature": "url_non_ascii", "share": 0.6}]
+               for d in docs)
