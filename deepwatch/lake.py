@@ -194,6 +194,7 @@ class LakeWriter:
         self._seq = 0
         self.stats = LakeStats(days=set())
         self._sums: dict[str, tuple[int, str]] = {}
+        self._asked: list[tuple[int, str]] = []  # the inputs seen_before was asked about
         self._staged: list[Path] = []  # this run's parts (their final paths), not yet in place
         self._written: list[Path] = []  # those moved into place by a commit under way
         self._staging: Path | None = None
@@ -321,9 +322,14 @@ class LakeWriter:
             self._lock = None
 
     def seen_before(self, path: str | Path) -> bool:
-        """Whether an input with ``path``'s size and sha256 was ingested into this lake before
-        (ingest appends regardless: this is for a warning)."""
+        """Whether an input with ``path``'s size and sha256 was ingested into this lake before,
+        or is an input this run asked about already (ingest appends regardless: this is for a
+        warning). The same file given twice to one ingest (``'logs/*.log' logs/site.log``, or
+        by two names) was stored twice without a word, since neither was in the lake yet."""
         size, digest = self._checksum(path)
+        if (size, digest) in self._asked:
+            return True
+        self._asked.append((size, digest))
         return any(e.get("size") == size and e.get("sha256") == digest
                    for e in _ingested(self.root))
 

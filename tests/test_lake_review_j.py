@@ -36,3 +36,18 @@ def test_a_lake_given_as_a_url_is_refused_before_anything_is_made(
     assert main(["train", "--format", "access", "--model", "autoencoder", "--out",
                  str(tmp_path / "b"), "--lake", url]) == 2
     assert f"error: the lake {url} is a URL" in capsys.readouterr().err
+
+
+def test_a_file_given_twice_to_one_ingest_is_warned_about(
+        tmp_path: Path, site_log: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an overlapping glob stored site.log twice without a word: the warning looked only at the
+    # lake's earlier ingests, and neither copy was in the lake yet
+    lake = tmp_path / "lake"
+    other = tmp_path / "other.log"
+    other.write_text("".join(head_lines(data_file("weblogs/scan_w3af.log.gz"), 20)))
+    assert main(["ingest", "--format", "access", "--lake", str(lake),
+                 str(tmp_path / "*.log"), str(site_log)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {site_log} (same size and sha256) was already ingested" in err
+    assert err.count("was already ingested") == 1  # the second site.log only
+    assert "420 records" in err  # appended anyway, as the docs say: 200 + 20 + 200
