@@ -571,8 +571,28 @@ def check_lake_days(roots: Sequence[str | Path], days: str | Sequence[str] | Non
         if not any(_in_spans(day, [span]) for day in held):
             where = f"the lake at {roots[0]} holds no" if len(roots) == 1 else \
                 f"none of the {len(roots)} lakes holds"
-            has = f"{held[0]} .. {held[-1]}" if held else "none"
-            raise InputError(f"{where} records for {text} (days held: {has})")
+            raise InputError(f"{where} records for {text} (days held: {_held_text(held)})")
+
+
+def _held_text(held: Sequence[str], most: int = 6) -> str:
+    """``held`` (day folder names, in order) as runs of consecutive days: ``2015-05-16,
+    2015-05-18``, not ``2015-05-16 .. 2015-05-18``, which said that a lake without 2015-05-17
+    held it ("holds no records for 2015-05-17 (days held: 2015-05-16 .. 2015-05-18)"); only
+    the first and last runs where there are more than ``most``."""
+    runs: list[list[str]] = []
+    for day in held:
+        last = runs[-1][-1] if runs else None
+        if last is not None and _is_day(day) and _is_day(last) and (
+                datetime.strptime(day, "%Y-%m-%d")
+                - datetime.strptime(last, "%Y-%m-%d")).days == 1:
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    text = [run[0] if len(run) == 1 else f"{run[0]} .. {run[-1]}" for run in runs]
+    if len(text) > most:
+        half = most // 2
+        text = [*text[:half], f"{len(text) - 2 * half} more", *text[-half:]]
+    return ", ".join(text) or "none"
 
 
 def iter_lake(root: str | Path, days: str | Sequence[str] | None = None,

@@ -51,3 +51,21 @@ def test_a_file_given_twice_to_one_ingest_is_warned_about(
     assert f"warning: {site_log} (same size and sha256) was already ingested" in err
     assert err.count("was already ingested") == 1  # the second site.log only
     assert "420 records" in err  # appended anyway, as the docs say: 200 + 20 + 200
+
+
+def test_a_day_missing_between_held_days_is_not_said_to_be_held(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # "holds no records for 2015-05-18 (days held: 2015-05-17 .. 2015-05-19)" read as if the
+    # lake held the very day it said it did not
+    lines = head_lines(data_file("weblogs/apache_access.log.gz"), 10_000)
+    log = tmp_path / "gap.log"
+    log.write_text("".join([next(x for x in lines if "[17/May" in x),
+                            next(x for x in lines if "[19/May" in x)]))
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(log)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--format", "access", "--model", "autoencoder", "--out",
+                 str(tmp_path / "b"), "--lake", str(lake), "--days", "2015-05-18"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: the lake at {lake} holds no records for 2015-05-18 (days held: 2015-05-17, "
+        "2015-05-19)")
