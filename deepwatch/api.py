@@ -1,7 +1,8 @@
 """The Python API in one place: ``from deepwatch.api import train, evaluate, Detector``.
 
-Each command's work is one function here: ``train``, ``evaluate`` (and ``report``'s metrics),
-``score_files`` (``score``), ``ingest``, ``simulate``, ``fetch`` (``datasets fetch``).
+Each command's work is one function here: ``train``, ``evaluate``, ``score_files``
+(``score``), ``write_report`` (``report``: the page of what ``evaluate`` returns), ``ingest``,
+``simulate``, ``fetch`` (``datasets fetch``).
 
 The functions live in their modules (``deepwatch.train.api.train`` and so on); this module only
 names them, and loads each module on first use, so importing it costs nothing until a name is
@@ -19,6 +20,7 @@ _WHERE = {
     "Detector": "deepwatch.models.detector",
     "score_files": "deepwatch.scoring",
     "ingest": "deepwatch.web_cli",
+    "write_report": "deepwatch.viz.report",
     "get_format": "deepwatch.formats",
     "read_inputs": "deepwatch.sources.files",
     "read_lake": "deepwatch.lake",
@@ -59,6 +61,7 @@ __all__ = [
     "score_files",
     "simulate",
     "train",
+    "write_report",
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr__ below
@@ -81,6 +84,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr_
     from .simulate import simulate
     from .sources.files import read_inputs
     from .train.api import train
+    from .viz.report import write_report
     from .web_cli import ingest
 
 
