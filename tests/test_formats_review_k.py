@@ -86,3 +86,18 @@ def test_an_alert_with_text_beyond_ascii_and_an_explanation_is_one_json_document
     assert [d["url"]["path"] for d in docs] == ["/café", "/路径/😀", "/plain"]
     assert all(d["deepwatch"]["explanation"] == [{"feature": "url_non_ascii", "share": 0.6}]
                for d in docs)
+
+
+def test_a_request_method_is_kept_as_sent() -> None:
+    """``get /index.php`` (a scanner's or fuzzer's, answered 501) was read, scored and
+    alerted on as ``GET``: the method's case was lost, from a line and from a JSON record's
+    ``request`` alike, while the raw ``request`` and the protocol keep theirs. HTTP's methods
+    are case-sensitive and ECS keeps ``http.request.method`` as sent."""
+    fmt = get_format("access")
+    line = ('198.51.100.7 - - [18/May/2015:08:51:57 +0000] "{req}" 501 0 "-" "Mozilla/5.0"')
+    res = fmt.parse("\n".join(line.format(req=r) for r in (
+        "get /index.php HTTP/1.1", "GeT /a HTTP/1.1", "POST /login HTTP/1.1")) + "\n")
+    assert res.batch.column("method").to_pylist() == ["get", "GeT", "POST"]
+    rec = fmt.parse_records([{"client_ip": "198.51.100.7", "timestamp": "2015-05-18T08:51:57Z",
+                              "request": "post /login HTTP/1.1", "status": 200, "bytes": 1}])
+    assert rec.batch.column("method").to_pylist() == ["post"]

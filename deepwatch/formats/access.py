@@ -246,7 +246,8 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         .with_columns(req.alias("r"))
         .unnest("r")
         .with_columns(
-            pl.col("method").str.to_uppercase(),
+            # the method as sent: HTTP's method names are case-sensitive, and a scanner's or
+            # fuzzer's 'get' is evidence (ECS keeps http.request.method's casing too)
             pl.col("url").str.extract(r"(?s)^([^?#]*)", 1).alias("path"),
             pl.col("url").str.extract(r"(?s)\?([^#]*)", 1).alias("query"),
             dash_null("ident"),
@@ -565,7 +566,6 @@ def _split_requests(batch: pa.RecordBatch) -> pa.RecordBatch:
     req = pl.col("request").str.extract_groups(_REQUEST).struct.rename_fields(
         ["_m", "_u", "_p"])
     frame = frame.with_columns(req.alias("_r")).unnest("_r").with_columns(
-        pl.col("_m").str.to_uppercase(),
         pl.col("_u").str.extract(r"(?s)^([^?#]*)", 1).alias("_path"),
         pl.col("_u").str.extract(r"(?s)\?([^#]*)", 1).alias("_query"),
     )
