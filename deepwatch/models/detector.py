@@ -387,8 +387,11 @@ class ResultCache:
             slot = index.lookup(a, b)
             miss = np.flatnonzero(slot < 0)
             if len(miss) and len(index) + len(miss) > self.max_rows:
-                index.clear()  # full: start again
-                cols = {}
+                # full: start again, in a new index; the store keeps the old index and its
+                # columns together until the new ones are made (cleared in place, a stop in
+                # _decide below left an empty index beside the old columns, and every later
+                # record took another's verdict)
+                index, cols = KeyIndex(), {}
                 slot[:] = -1
                 miss = np.arange(len(first))
             self.hits += len(first) - len(miss)
@@ -401,10 +404,14 @@ class ResultCache:
             elif len(miss):
                 new_rows = det._columns(det._decide(batch.take(pa.array(first[miss])), None))
             if len(miss):
-                slot[miss] = index.add(a[miss], b[miss])
                 cols = ({k: pa.concat_arrays([v, new_rows[k]]) for k, v in cols.items()}
                         if cols else new_rows)
-                self._stores[explain] = (index, cols)
+                try:
+                    slot[miss] = index.add(a[miss], b[miss])
+                    self._stores[explain] = (index, cols)
+                except BaseException:  # (keys without their columns: drop the store)
+                    self._stores.pop(explain, None)
+                    raise
             if result is not None:
                 return result
             idx = pa.array(slot[inverse])
