@@ -70,6 +70,9 @@ def as_arrow(records: Any, what: str) -> pa.RecordBatch | pa.Table:
     if not isinstance(records, list | tuple):
         try:
             return without_views(pa.table(records))
+        except OverflowError as exc:  # (a pandas object column holding 2**70)
+            raise InputError(f"{what}: a value does not fit a 64-bit number column: "
+                             f"{first_line(exc)}") from None
         except (TypeError, ValueError, pa.ArrowException) as exc:
             raise InputError(f"{what} takes parsed records as a table (pyarrow, pandas, "
                              f"polars), not {type(records).__name__}: {first_line(exc)}"

@@ -38,3 +38,18 @@ def test_a_stop_while_the_full_cache_starts_again_leaves_no_wrong_verdicts(
         got = det.score_batch(then)
         assert got.column("verdict").equals(want.column("verdict"))
         assert got.column("score").equals(want.column("score"))
+
+
+def test_a_frame_with_an_int_too_large_for_arrow_is_one_input_error(kdd_bundle: Path,
+                                                                      kdd_test_file: Path) -> None:
+    """A pandas object column holding 2**70 escaped as pyarrow's raw OverflowError."""
+    from deepwatch.errors import InputError
+    from deepwatch.formats import get_format
+    from deepwatch.models.detector import Detector
+
+    frame = get_format("kdd").parse("".join(head_lines(kdd_test_file, 3)).encode()).batch \
+        .to_pandas()
+    frame["src_bytes"] = frame["src_bytes"].astype(object)
+    frame.loc[0, "src_bytes"] = 2**70
+    with pytest.raises(InputError, match="does not fit a 64-bit number column"):
+        Detector(kdd_bundle).score_batch(frame)
