@@ -96,6 +96,21 @@ def with_label(batch: pa.RecordBatch, label: str | None, fmt: Format) -> pa.Reco
     return batch.append_column("label", col)
 
 
+def _warn_lakes_named_twice(lakes: Sequence[str]) -> None:
+    """One warning line per lake named more than once (the same real path by any name): it is
+    read as often as it is named, as a file named twice is, so its records count twice."""
+    import sys
+
+    first: dict[str, str] = {}
+    for root in lakes:
+        real = os.path.realpath(root)
+        if real in first:
+            print(f"warning: the lake {root} was named twice (also as {first[real]}); its "
+                  "records are read again, as a file given twice is", file=sys.stderr)
+        else:
+            first[real] = root
+
+
 class InputReader:
     """Iterates ``(batch, rejects, spec)`` over inputs; rejects carry their source."""
 
@@ -119,6 +134,7 @@ class InputReader:
             self.specs.extend([s] if isinstance(s, InputSpec) else
                               parse_input_spec(input_list(s)[0]))
         self.lakes = input_list(lakes, "lakes")
+        _warn_lakes_named_twice(self.lakes)
         #: the days of the lakes read (as :func:`deepwatch.lake.day_spans` takes them); None: all
         self.lake_days = [lake_days] if isinstance(lake_days, str) else \
             None if lake_days is None else list(lake_days)

@@ -1,0 +1,38 @@
+"""Small defects found by reviews (batch n): lakes named twice, ingest's checks, the
+featurizer's spec, the Python API's error wording."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import data_file, head_lines
+
+from deepwatch.cli import main
+
+
+@pytest.fixture
+def site_log(tmp_path: Path) -> Path:
+    """The first 50 lines of the real site log, plain text."""
+    path = tmp_path / "site.log"
+    path.write_text("".join(head_lines(data_file("weblogs/apache_access.log.gz"), 50)))
+    return path
+
+
+def test_a_lake_named_twice_is_warned_about(
+        tmp_path: Path, site_log: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # score/train --lake L1 --lake ./L1 read the lake twice without a word (doubling its
+    # records); a file given twice is read twice, so the lake is too, but now it is said
+    from deepwatch.formats import get_format
+    from deepwatch.io import InputReader
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "--format", "access", "--lake", "L1", str(site_log)]) == 0
+    capsys.readouterr()
+    reader = InputReader(get_format("access"), [], lakes=["L1", "./L1", str(tmp_path / "L1")])
+    err = capsys.readouterr().err
+    assert "warning: the lake ./L1 was named twice (also as L1)" in err
+    assert f"warning: the lake {tmp_path / 'L1'} was named twice (also as L1)" in err
+    assert err.count("warning") == 2
+    assert sum(batch.num_rows for batch, _r, _s in reader) == 150  # as named, like files
