@@ -24,8 +24,10 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
     from .lake import LakeWriter
 
     fmt = get_format(format_name)
-    writer = LakeWriter(lake, format_name)
+    # the inputs are checked (a missing file, a glob matching none) before the lake is made:
+    # a new lake was created, _lake.json and all, by a run that then failed on its input
     reader = InputReader(fmt, inputs, progress=progress)
+    writer = LakeWriter(lake, format_name)
     # ingest appends: a file ingested before is ingested again (warned about, not refused)
     files = [s.path for s in reader.specs if s.path != "-" and os.path.isfile(s.path)]
     for path in files:

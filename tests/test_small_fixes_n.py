@@ -36,3 +36,14 @@ def test_a_lake_named_twice_is_warned_about(
     assert f"warning: the lake {tmp_path / 'L1'} was named twice (also as L1)" in err
     assert err.count("warning") == 2
     assert sum(batch.num_rows for batch, _r, _s in reader) == 150  # as named, like files
+
+
+@pytest.mark.parametrize("missing", ["nope.log", "nope-*.log"])
+def test_an_ingest_of_a_missing_input_makes_no_lake(
+        tmp_path: Path, site_log: Path, missing: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # the lake (its directory and _lake.json) was made before the inputs were looked at
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "--format", "access", "--lake", "NEW", str(site_log), missing]) == 2
+    assert "error: no " in capsys.readouterr().err
+    assert not (tmp_path / "NEW").exists()
