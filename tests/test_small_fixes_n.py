@@ -47,3 +47,26 @@ def test_an_ingest_of_a_missing_input_makes_no_lake(
     assert main(["ingest", "--format", "access", "--lake", "NEW", str(site_log), missing]) == 2
     assert "error: no " in capsys.readouterr().err
     assert not (tmp_path / "NEW").exists()
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    (None, "a spec is a dict"),
+    ({"foo": 1}, "spec key 'foo' is not one of categorical, numeric"),
+    ({}, "the spec names no column"),
+    ({"numeric": "dur"}, "spec 'numeric' is not a list of column names"),
+    ({"numeric": ["dur"], "min_count": 0}, "spec 'min_count' is 0"),
+    ({"numeric": ["dur"], "derive": {"name": "nope"}}, "nope"),
+])
+def test_a_featurizer_spec_is_checked_as_a_saved_one_is(spec: object, says: str) -> None:
+    # Featurizer(None) raised AttributeError (at fit); Featurizer({"foo": 1}) was taken and
+    # fitted 0 features
+    from deepwatch.errors import UsageError
+    from deepwatch.features import Featurizer
+
+    with pytest.raises(UsageError, match=says):
+        Featurizer(spec)  # type: ignore[arg-type]
+    if spec is not None:  # as from_dict says of a saved one
+        with pytest.raises(ValueError, match=says):
+            Featurizer.from_dict({"kind": "tabular/v1", "spec": spec, "vocab": {}, "mean": {},
+                                  "std": {}, "feature_names": []})
+    Featurizer({"numeric": ["dur"], "min_count": 2})  # a good one is taken

@@ -31,6 +31,10 @@ class Featurizer:
     """
 
     def __init__(self, spec: dict[str, Any]):
+        try:  # (None raised AttributeError at fit; {"foo": 1} was taken, and fit 0 features)
+            check_spec(spec)
+        except ValueError as exc:
+            raise UsageError(f"Featurizer(spec): {exc}") from None
         self.spec = spec
 
     def __repr__(self) -> str:
@@ -230,18 +234,7 @@ class Featurizer:
         spec = d.get("spec")
         if not isinstance(spec, dict):
             raise ValueError("'spec' is not an object")
-        for key in ("categorical", "numeric", "log1p"):
-            if not _str_list(spec.get(key, [])):
-                raise ValueError(f"spec {key!r} is not a list of column names")
-        derive = spec.get("derive")
-        if derive:
-            if not (isinstance(derive, dict) and isinstance(derive.get("name"), str)
-                    and isinstance(derive.get("params", {}), dict)):
-                raise ValueError("spec 'derive' is not {\"name\": ..., \"params\": {...}}")
-            try:
-                get_deriver(derive["name"])
-            except KeyError as exc:
-                raise ValueError(str(exc.args[0])) from None
+        check_spec(spec)
         vocab, mean, std = d.get("vocab"), d.get("mean"), d.get("std")
         if not (isinstance(vocab, dict) and all(_str_list(v) for v in vocab.values())):
             raise ValueError("'vocab' is not an object of lists of categories")
@@ -288,6 +281,40 @@ class Featurizer:
         """Identifies the input layout the models were trained on (names and order)."""
         blob = json.dumps({"names": self.feature_names_, "spec": self.spec}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+#: the keys of a featurizer's spec (see :class:`Featurizer`)
+SPEC_KEYS = ("categorical", "numeric", "log1p", "min_count", "max_categories", "derive")
+
+
+def check_spec(spec: Any) -> None:
+    """ValueError where ``spec`` is not a featurizer spec (see :class:`Featurizer`): not a
+    dict, a key it does not know, a value of the wrong kind, no column to featurize. The same
+    checks :meth:`Featurizer.from_dict` makes of a saved featurizer's spec."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a spec is a dict (keys {', '.join(SPEC_KEYS)}), not "
+                         f"{type(spec).__name__}")
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise ValueError(f"spec key {unknown[0]!r} is not one of {', '.join(SPEC_KEYS)}")
+    for key in ("categorical", "numeric", "log1p"):
+        if not _str_list(spec.get(key, [])):
+            raise ValueError(f"spec {key!r} is not a list of column names")
+    if not (spec.get("categorical") or spec.get("numeric")):
+        raise ValueError("the spec names no column: give 'categorical' or 'numeric' columns")
+    for key in ("min_count", "max_categories"):
+        value = spec.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"spec {key!r} is {value!r}, not a whole number of 1 or more")
+    derive = spec.get("derive")
+    if derive:
+        if not (isinstance(derive, dict) and isinstance(derive.get("name"), str)
+                and isinstance(derive.get("params", {}), dict)):
+            raise ValueError("spec 'derive' is not {\"name\": ..., \"params\": {...}}")
+        try:
+            get_deriver(derive["name"])
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
 
 
 def missing_columns(missing: list[str], present: list[str], reader: str,
