@@ -612,7 +612,8 @@ def _download(ds: Dataset, progress: bool) -> Path:
             temp.close()
     raise DataError(f"cannot download {ds.name} (no internet, or its servers are unreachable: "
                     f"{'; '.join(failures)}); copy it from a local directory with "
-                    f"`deepwatch datasets fetch {ds.name} --from DIR`")
+                    f"`deepwatch datasets fetch {ds.name} --from DIR` (in Python: "
+                    f"fetch({ds.name!r}, from_dir=DIR))")
 
 
 def _fetch_one(ds: Dataset, from_dir: str | None, progress: bool) -> Path:

@@ -70,3 +70,24 @@ def test_a_featurizer_spec_is_checked_as_a_saved_one_is(spec: object, says: str)
             Featurizer.from_dict({"kind": "tabular/v1", "spec": spec, "vocab": {}, "mean": {},
                                   "std": {}, "feature_names": []})
     Featurizer({"numeric": ["dur"], "min_count": 2})  # a good one is taken
+
+
+def test_a_failed_download_says_how_to_copy_it_in_python_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # fetch() told its Python caller only to run `deepwatch datasets fetch ... --from DIR`
+    import dataclasses
+
+    from conftest import free_port
+
+    from deepwatch import datasets
+    from deepwatch.api import fetch
+    from deepwatch.errors import DataError
+
+    monkeypatch.setenv("DEEPWATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEEPWATCH_DATA", raising=False)
+    ds = dataclasses.replace(datasets.DATASETS["nslkdd-test"],
+                             urls=(f"http://127.0.0.1:{free_port()}/KDDTest+.txt",))
+    monkeypatch.setitem(datasets.DATASETS, "nslkdd-test", ds)
+    with pytest.raises(DataError, match=r"with `deepwatch datasets fetch nslkdd-test --from DIR` "
+                                        r"\(in Python: fetch\('nslkdd-test', from_dir=DIR\)\)$"):
+        fetch("nslkdd-test")
