@@ -234,7 +234,20 @@ class Detector:
 
         ``batch``: parsed records (a format's ``parse(...).batch``, a lake's table), as a
         pyarrow RecordBatch or Table, or any frame pyarrow converts (pandas, polars); the
-        result is a RecordBatch (``.to_pandas()`` makes it a frame)."""
+        result is a RecordBatch (``.to_pandas()`` makes it a frame).
+
+        ``state``: a stateful detector (access logs: per-client windows of requests, see
+        ``featurizer.stateful``) scores each batch from the windows it is given. To score a log
+        in pieces as it would be scored whole, make one ``state = det.new_state()`` and pass it
+        with every piece, in order; without it each piece starts with empty windows, and its
+        verdicts differ from the whole log's. Stateless detectors (KDD, Zeek) ignore it.
+
+        Records not parsed by deepwatch (built by hand, read from a CSV or a frame) should come
+        through ``get_format(NAME).parse_records(records)`` (dicts or a frame) or
+        ``.parse(text)`` (lines) first, and their ``.batch`` be scored: ``score_batch`` does not
+        check values the parsers refuse (NaN, inf, negative counts or sizes, KDD rates outside
+        0..1, as rejects with a reason). It gives such records verdicts all the same, which
+        mean nothing."""
         batch = self.as_batch(batch)
         if batch.num_rows >= DEDUPE_MIN_ROWS and not self.featurizer.stateful:
             # A record's verdict depends on nothing but its own fields: records seen before
