@@ -194,7 +194,8 @@ class LakeWriter:
         self._seq = 0
         self.stats = LakeStats(days=set())
         self._sums: dict[str, tuple[int, str]] = {}
-        self._asked: list[tuple[int, str]] = []  # the inputs seen_before was asked about
+        #: the inputs seen_before was asked about (by size and sha256), each with its path
+        self._asked: dict[tuple[int, str], str] = {}
         self._staged: list[Path] = []  # this run's parts (their final paths), not yet in place
         self._written: list[Path] = []  # those moved into place by a commit under way
         self._staging: Path | None = None
@@ -329,9 +330,14 @@ class LakeWriter:
         size, digest = self._checksum(path)
         if (size, digest) in self._asked:
             return True
-        self._asked.append((size, digest))
+        self._asked[size, digest] = str(path)
         return any(e.get("size") == size and e.get("sha256") == digest
                    for e in _ingested(self.root))
+
+    def given_earlier(self, path: str | Path) -> str | None:
+        """The input of this run that :meth:`seen_before` was asked about with ``path``'s size
+        and sha256 (the same file given twice to one ingest), or None."""
+        return self._asked.get(self._checksum(path))
 
     def _checksum(self, path: str | Path) -> tuple[int, str]:
         if str(path) not in self._sums:  # each input is read once to checksum it, not twice

@@ -31,7 +31,12 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
     # ingest appends: a file ingested before is ingested again (warned about, not refused)
     files = [s.path for s in reader.specs if s.path != "-" and os.path.isfile(s.path)]
     for path in files:
-        if writer.seen_before(path):
+        earlier = writer.given_earlier(path)
+        if earlier is not None:  # (it said "was already ingested into LAKE": it was not)
+            same = "" if earlier == path else f" (same size and sha256 as {earlier})"
+            print(f"warning: {path} was given twice in this run{same}; its records are "
+                  "stored twice", file=sys.stderr)
+        elif writer.seen_before(path):
             print(f"warning: {path} (same size and sha256) was already ingested into {lake}; "
                   "its records are appended again", file=sys.stderr)
     try:

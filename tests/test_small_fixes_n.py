@@ -91,3 +91,21 @@ def test_a_failed_download_says_how_to_copy_it_in_python_too(
     with pytest.raises(DataError, match=r"with `deepwatch datasets fetch nslkdd-test --from DIR` "
                                         r"\(in Python: fetch\('nslkdd-test', from_dir=DIR\)\)$"):
         fetch("nslkdd-test")
+
+
+def test_a_file_given_twice_to_one_ingest_is_said_to_be_given_twice(
+        tmp_path: Path, site_log: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the second site.log of one run was said to be "already ingested into LAKE": it was not,
+    # the lake was new
+    copy = tmp_path / "copy.log"
+    copy.write_bytes(site_log.read_bytes())
+    assert main(["ingest", "--format", "access", "--lake", str(tmp_path / "lake"),
+                 str(site_log), str(tmp_path / "*.log")]) == 0
+    err = capsys.readouterr().err
+    assert "already ingested" not in err
+    assert (f"warning: {copy} was given twice in this run (same size and sha256 as "
+            f"{site_log}); its records are stored twice") in err
+    assert f"warning: {site_log} was given twice in this run; its records are stored twice" in err
+    assert main(["ingest", "--format", "access", "--lake", str(tmp_path / "lake"),
+                 str(site_log)]) == 0
+    assert f"{site_log} (same size and sha256) was already ingested" in capsys.readouterr().err
