@@ -74,6 +74,38 @@ def decode_text(data: bytes) -> str:
     return data.decode("utf-8", HEX_ERRORS)
 
 
+def _surrogates_as_bytes(exc: UnicodeError) -> tuple[bytes, int]:
+    """Codecs error handler: a lone surrogate U+DC80..U+DCFF written back as the byte it
+    stands for (Python's ``surrogateescape``), any other lone surrogate as its three bytes
+    (``surrogatepass``); both are then not UTF-8, and read as such bytes are (``\\xHH``)."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    out = bytearray()
+    for ch in exc.object[exc.start : exc.end]:
+        code = ord(ch)
+        out += (bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF
+                else ch.encode("utf-8", "surrogatepass"))
+    return bytes(out), exc.end
+
+
+SURROGATE_BYTES = "deepwatch-surrogate-bytes"
+codecs.register_error(SURROGATE_BYTES, _surrogates_as_bytes)
+
+
+def as_bytes(data: bytes | bytearray | memoryview | str) -> bytes:
+    """Raw input text as bytes, whatever :func:`check_text` lets through: a ``bytearray`` or
+    ``memoryview`` copied, a ``str`` encoded as UTF-8. A str may hold lone surrogates: Python
+    keeps the bytes of text that is not UTF-8 so (``errors="surrogateescape"``: ``sys.stdin``
+    in the C or POSIX locale, ``os.fsdecode``, ``open(..., errors="surrogateescape")``), and
+    strict encoding raised UnicodeEncodeError from deep inside a parse: they are written back
+    as those bytes, so the text parses as the bytes it was read from do."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8", SURROGATE_BYTES)
+    return bytes(data)
+
+
 def cut_raw(raw: str, why: str) -> tuple[str, str]:
     """A rejected record's raw text and reason as kept: a text longer than MAX_RAW keeps its
     beginning, and the reason says so."""
@@ -195,13 +227,14 @@ def check_text(data: object) -> None:
                          f"{type(data).__name__}{hint}")
 
 
-def split_lines(data: bytes | str) -> list[str]:
+def split_lines(data: bytes | bytearray | memoryview | str) -> list[str]:
     """Split raw input into lines the way every format counts them.
 
     Only ``\\n`` ends a line; one trailing ``\\r`` is dropped (CRLF files); a final line without a
     newline counts; a byte that is not UTF-8 is written ``\\xHH`` (see HEX_ERRORS), never fatal.
     """
-    text = decode_text(data) if isinstance(data, bytes) else data
+    # a str of ASCII holds no surrogates; any other input is read as its bytes (see as_bytes)
+    text = data if isinstance(data, str) and data.isascii() else decode_text(as_bytes(data))
     if not text:
         return []
     lines = text.split("\n")
@@ -295,7 +328,7 @@ class Format(ABC):
         ``context_prefixes``, else ``context`` (None for formats without them)."""
         if not self.context_prefixes:
             return None
-        raw = data.encode("utf-8") if isinstance(data, str) else data
+        raw = as_bytes(data)
         found = [_last_line_starting(raw, p.encode()) for p in self.context_prefixes]
         start, line = max(found, key=lambda f: f[0])
         return line if start >= 0 else context

@@ -19,6 +19,7 @@ from .._arrow import from_numpy, to_numpy
 from ._base import (
     BOM_LINE_REASON,
     ParseResult,
+    as_bytes,
     count_lines,
     empty_rejects,
     make_rejects,
@@ -280,7 +281,7 @@ def parse_delimited(
     and the ParseResult with rejects and line numbers.
     """
     full = max(schemas, key=len)
-    raw_bytes = data.encode("utf-8") if isinstance(data, str) else data
+    raw_bytes = as_bytes(data)
     n_lines = count_lines(raw_bytes)
     if n_lines == 0:
         empty = full.empty_table()

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from .._dedupe import MOSTLY_DISTINCT, distinct
-from ._base import ParseResult
+from ._base import ParseResult, as_bytes
 
 if TYPE_CHECKING:
     import polars as pl
@@ -85,7 +85,7 @@ def broadcast(rows: pa.RecordBatch | pa.Table, at: np.ndarray, rejects: pa.Table
 
 def parse_repeated(parse: Any, data: bytes | str, first_line: int) -> ParseResult:
     """``parse(data, first_line)``, with each distinct line parsed only once (the same result)."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    raw = as_bytes(data)
     lines = line_array(raw)
     first, inverse = distinct(line_keys(lines))
     if len(first) >= MOSTLY_DISTINCT * len(lines):

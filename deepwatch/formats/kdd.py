@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import kdd_category
-from ._base import Format, ParseResult, check_text, reject_rows, split_lines
+from ._base import Format, ParseResult, as_bytes, check_text, reject_rows, split_lines
 from ._delimited import FRACTION, parse_delimited
 from ._records import record_text
 
@@ -64,6 +64,7 @@ class KDD(Format):
 
     def parse(self, data: bytes | str, first_line: int = 1) -> ParseResult:
         check_text(data)
+        data = as_bytes(data)  # once: parse_delimited and the rejects below read the bytes
         table, result = parse_delimited(
             data, self._schemas(), first_line=first_line, sep=",",
             nonneg=[f for f in KDD_FEATURES if f not in CATEGORICAL], fractions=_RATES,
