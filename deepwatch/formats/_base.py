@@ -369,13 +369,7 @@ class Format(ABC):
         them, the bad ones rejects."""
         from ._records import records_to_batch
 
-        if not isinstance(records, list):
-            # iterated, a DataFrame gives its column names: an IndexError followed
-            from .._arrow import as_arrow
-
-            records = (list(records) if isinstance(records, tuple)
-                       else as_arrow(records, "parse_records").to_pylist())
-        return records_to_batch(self.schema, records, self.nonnegative)
+        return records_to_batch(self.schema, record_list(records), self.nonnegative)
 
     def feature_spec(self) -> dict[str, Any]:
         """The default featurizer specification for this format (see deepwatch.features)."""
@@ -384,3 +378,16 @@ class Format(ABC):
     def category_of(self, label: str) -> str:
         """The category a ground-truth label belongs to (label itself unless KDD)."""
         return label
+
+
+def record_list(records: list[dict[str, Any]] | Any) -> list[dict[str, Any]]:
+    """``parse_records``'s records as a list of dicts: a list as it is, a tuple as a list, the
+    rows of a table (pyarrow, pandas, polars) as dicts. (Iterated, a DataFrame gives its column
+    names; indexed by a row's number, it looks a column up.)"""
+    if isinstance(records, list):
+        return records
+    if isinstance(records, tuple):
+        return list(records)
+    from .._arrow import as_arrow
+
+    return as_arrow(records, "parse_records").to_pylist()  # type: ignore[no-any-return]

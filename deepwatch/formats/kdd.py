@@ -11,7 +11,15 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import kdd_category
-from ._base import Format, ParseResult, as_bytes, check_text, reject_rows, split_lines
+from ._base import (
+    Format,
+    ParseResult,
+    as_bytes,
+    check_text,
+    record_list,
+    reject_rows,
+    split_lines,
+)
 from ._delimited import FRACTION, parse_delimited
 from ._records import record_text
 
@@ -83,6 +91,7 @@ class KDD(Format):
         :func:`_text_fields`): ``{"protocol_type": " tcp"}`` scores as ``"tcp"``, and a text
         field of spaces only is a reject with the reason a line gets; so is a rate past 1 (see
         :func:`_rates_past_one`)."""
+        records = record_list(records)  # (a frame's rows: looked up below by row number)
         result = super().parse_records(records)
         result.batch, reasons = _text_fields(result.batch)
         numbers = np.asarray(result.line_numbers, dtype=np.int64)  # 1-based, one per row
