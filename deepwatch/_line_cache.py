@@ -30,6 +30,29 @@ from .formats._repeats import (
 BACKOFF_CHUNKS = 7
 
 
+#: The one text column of a scored row that is not drawn from a small set of values.
+FREE_TEXT = frozenset({"explanation"})
+
+
+def categorical(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` with its text columns dictionary-encoded, but for :data:`FREE_TEXT`.
+
+    A line format's text fields (KDD's protocol, service, flag, label) and a verdict's (verdict,
+    attack type, category) each take a few dozen values. Copied to every repeat of a line as
+    dictionary indices, they cost a quarter of what the strings do, and the Parquet writer
+    stores the indices as they are instead of hashing every string again
+    (:class:`deepwatch.sinks.RecordSink` writes them back as plain text columns). Every batch
+    the cache returns has the same columns, encoded the same way."""
+    cols = batch.columns
+    out = [c.dictionary_encode() if pa.types.is_string(f.type) and f.name not in FREE_TEXT
+           else c for f, c in zip(batch.schema, cols, strict=True)]
+    if all(o is c for o, c in zip(out, cols, strict=True)):
+        return batch
+    schema = pa.schema([f.with_type(o.type) for f, o in zip(batch.schema, out, strict=True)],
+                       metadata=batch.schema.metadata)
+    return pa.RecordBatch.from_arrays(out, schema=schema)
+
+
 class ScoredLineCache:
     """``parse(data, first_line)`` that returns the chunk's rows already scored."""
 
@@ -87,11 +110,11 @@ class ScoredLineCache:
 
     def _score_as_is(self, raw: bytes, first_line: int) -> ParseResult:
         result = self.fmt.parse(raw, first_line)
-        result.batch = self.detector.score_batch(result.batch)
+        result.batch = categorical(self.detector.score_batch(result.batch))
         return result
 
     def _add(self, a: np.ndarray, b: np.ndarray, scored: pa.RecordBatch) -> np.ndarray:
-        new = pa.Table.from_batches([scored])
+        new = pa.Table.from_batches([categorical(scored)])
         # one chunk per column: the broadcast is then one take per column
         self._table = new if self._table is None else pa.concat_tables(
             [self._table, new]).combine_chunks()

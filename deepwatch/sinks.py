@@ -352,6 +352,11 @@ class RecordSink:
     Encoding and compression run on one background thread (Arrow and polars release the GIL), so
     writing a batch overlaps parsing and scoring the next; at most two batches wait. Batches are
     written in order, and an error in the writer surfaces on the next ``write`` or ``close``.
+
+    Dictionary-encoded columns (what ``score``'s line cache hands over for text, see
+    :func:`deepwatch._line_cache.categorical`) are stored as Parquet's dictionary pages as they
+    are, and read back as the plain columns they stand for; batches of one run may mix the two
+    encodings (:func:`conform`).
     """
 
     #: zstd at level 1: about a third faster than the default level, files ~4% larger
@@ -417,11 +422,15 @@ class RecordSink:
 
             if self._writer is None:
                 target = self._parquet_target()
+                encoded = batch.schema != plain_schema(batch.schema)
                 self._writer = pq.ParquetWriter(target, batch.schema,
                                                 compression=self.COMPRESSION,
-                                                compression_level=self.COMPRESSION_LEVEL)
+                                                compression_level=self.COMPRESSION_LEVEL,
+                                                store_schema=not encoded)
+                if encoded:  # read back as the plain columns they stand for
+                    self._writer.add_key_value_metadata(_arrow_schema(batch.schema))
                 self._made = _identity(os.stat(target))
-            self._writer.write_batch(batch)
+            self._writer.write_batch(conform(batch, self._writer.schema))
             return
         if self._fh is None:
             self._fh = sys.stdout.buffer if self.path == "-" else open(self.path, "wb")  # noqa: SIM115
@@ -502,7 +511,7 @@ class RecordSink:
                 import pyarrow.parquet as pq
 
                 buf = pa.BufferOutputStream()
-                pq.write_table((schema or pa.schema([])).empty_table(), buf)
+                pq.write_table(plain_schema(schema or pa.schema([])).empty_table(), buf)
                 replace_file(self.path, buf.getvalue().to_pybytes())
             else:
                 self._writer.close()
@@ -596,6 +605,38 @@ def write_all(fh: IO[bytes], data: bytes | memoryview) -> None:
         if not taken:  # none taken (a non-blocking pipe that is full): never spin on it
             raise OSError(0, "the output took none of the bytes written to it")
         view = view[taken:]
+
+
+def plain_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with each dictionary-encoded column as the type of its values."""
+    if not any(pa.types.is_dictionary(f.type) for f in schema):
+        return schema
+    return pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+                      for f in schema], metadata=schema.metadata)
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with each column encoded as in ``schema`` (dictionary or plain), which it
+    otherwise matches: the batches of one run may differ only in that."""
+    if batch.schema == schema:
+        return batch
+    cols = []
+    for f, c in zip(schema, batch.columns, strict=True):
+        if pa.types.is_dictionary(f.type) and not pa.types.is_dictionary(c.type):
+            c = c.dictionary_encode().cast(f.type)
+        elif c.type != f.type:
+            c = c.cast(f.type)
+        cols.append(c)
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def _arrow_schema(schema: pa.Schema) -> dict[bytes, bytes]:
+    """The Parquet footer entry that gives the Arrow types to read the file back with: those of
+    :func:`plain_schema` (as Arrow itself writes the entry: the schema's IPC form, base64)."""
+    import base64
+
+    ipc = plain_schema(schema).serialize().to_pybytes()
+    return {b"ARROW:schema": base64.b64encode(ipc)}
 
 
 def write_jsonl(batch: pa.RecordBatch | pa.Table, fh: IO[bytes]) -> None:
