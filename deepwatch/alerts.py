@@ -123,7 +123,9 @@ def endpoint(value: str) -> tuple[str | None, int | None, str | None]:
     addresses (an index maps them as ``ip`` and refuses a document whose value is not one), so a
     client written with its port (``203.0.113.5:51234``, ``[2001:db8::1]:443``) gives its
     address and its port, and a host name (Apache's ``HostnameLookups On``) or any other text
-    gives the domain, not an ip."""
+    gives the domain, not an ip. An IPv6 address is written as the features see it
+    (``canonical_v6``): ``2001:DB8::1`` is ``2001:db8::1``, and an IPv4-mapped one,
+    ``::ffff:203.0.113.5``, is the IPv4 client ``203.0.113.5``."""
     host, port = value, None
     match = _BRACKETED.fullmatch(value) or _HOST_PORT.fullmatch(value)
     if match and (match.group(2) is None or int(match.group(2)) <= 65535):

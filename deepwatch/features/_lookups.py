@@ -59,9 +59,11 @@ _BRACKETED = r"^\[([0-9A-Fa-f]*:[0-9A-Fa-f:.]*(?:%[^\[\]]+)?)\](?::\d{1,5})?$"
 @lru_cache(maxsize=262144)
 def canonical_v6(addr: str) -> str:
     """An IPv6 address in its canonical form (RFC 5952: lower case, zeros compressed:
-    ``2001:DB8:0:0::1`` is ``2001:db8::1``; an IPv4-mapped one ends in its IPv4 address,
-    ``::ffff:192.0.2.1``, whichever Python writes it), its zone (``%eth0``) kept as written; any
-    other value as it is."""
+    ``2001:DB8:0:0::1`` is ``2001:db8::1``), its zone (``%eth0``) kept as written; an
+    IPv4-mapped one (``::ffff:192.0.2.1``, ``::FFFF:c000:201``, ``0:0:0:0:0:ffff:192.0.2.1``: a
+    dual-stack server's spelling of an IPv4 client) is its IPv4 address, ``192.0.2.1``, the
+    client that server logs as ``192.0.2.1`` when it listens on IPv4 (one with a zone, which no
+    IPv4 address has, stays ``::ffff:192.0.2.1%eth0``); any other value as it is."""
     if ":" not in addr:
         return addr
     try:
@@ -70,7 +72,9 @@ def canonical_v6(addr: str) -> str:
         return addr
     if ip.ipv4_mapped is None:
         return str(ip)
-    return f"::ffff:{ip.ipv4_mapped}" + (f"%{ip.scope_id}" if ip.scope_id else "")
+    if not ip.scope_id:
+        return str(ip.ipv4_mapped)
+    return f"::ffff:{ip.ipv4_mapped}%{ip.scope_id}"
 
 
 def _canonical(col: pa.Array) -> pa.Array:
@@ -89,9 +93,10 @@ def client_address(col: pa.Array | pa.ChunkedArray) -> pa.Array:
     (``a.b.c.d:port``, ``host:port``, ``[v6]:port``), the brackets off an IPv6 address
     (``[v6]``), and an IPv6 address in its canonical form (``canonical_v6``: ``2001:DB8:0:0::1``,
     ``[2001:db8::1]:443`` and ``2001:db8::1`` are all ``2001:db8::1``; a zone is kept, so
-    ``fe80::1%eth0`` and ``fe80::1%eth1`` stay two); any other value as written. The records keep
-    their client as written: this is what the address features and the per-client windows look
-    at."""
+    ``fe80::1%eth0`` and ``fe80::1%eth1`` stay two; an IPv4-mapped one, ``::ffff:192.0.2.1`` or
+    ``[::ffff:192.0.2.1]:443``, is its IPv4 address ``192.0.2.1``); any other value as written.
+    The records keep their client as written: this is what the address features and the
+    per-client windows look at."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
     col = pc.replace_substring_regex(col, _HOST_PORT, r"\1")

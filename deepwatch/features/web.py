@@ -3,12 +3,13 @@
 From each request: method, status and its class, size, URL shape (length, depth, query length,
 parameter count), character-class counts and ratios, entropy, percent-encodings, file extension,
 hashed character n-grams of path and query; the user agent as browser, OS and device class; the
-client address (no port or brackets, IPv6 canonical, see ``client_address``) as country,
-private/public and IPv6; the referer as present and its host; hour of day (the server's local
-hour, see ``LOCAL_HOUR``). Per client (its address, whatever port it came from), behaviour over a
-sliding window of recent requests (see ``_window``). The featurizer then one-hot encodes the
-categorical columns with learned vocabularies and standardises the numbers. The virtual host
-(``vhost``) is not a feature: a featurizer fitted before it was kept computes what it did.
+client address (no port or brackets, IPv6 canonical, IPv4-mapped IPv6 as its IPv4 address, see
+``client_address``) as country, private/public and IPv6; the referer as present and its host; hour
+of day (the server's local hour, see ``LOCAL_HOUR``). Per client (its address, whatever port it
+came from), behaviour over a sliding window of recent requests (see ``_window``). The featurizer
+then one-hot encodes the categorical columns with learned vocabularies and standardises the
+numbers. The virtual host (``vhost``) is not a feature: a featurizer fitted before it was kept
+computes what it did.
 """
 
 from __future__ import annotations

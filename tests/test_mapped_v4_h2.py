@@ -1,0 +1,99 @@
+"""An IPv4 client that a dual-stack server logs as an IPv4-mapped IPv6 address
+(``::ffff:203.0.113.7``, in any spelling) is that IPv4 client. The per-client windows counted
+``::ffff:8.8.8.8`` and ``8.8.8.8`` as two clients, the mapped form's country was 'private'
+(where ``8.8.8.8``'s is 'US') and its ``ip_v6`` 1, and an alert's ECS ``source.ip`` was
+``::ffff:8.8.8.8``. The records keep the client as written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+from conftest import data_file, head_lines
+from test_web_features import _line as _site_line
+from test_web_features import _table
+
+from deepwatch.alerts import AlertContext, alert_lines
+from deepwatch.features._lookups import client_address, ip_info
+from deepwatch.features._window import WINDOW_COLUMNS
+from deepwatch.features.web import derive_access
+from deepwatch.formats import get_format
+
+PUBLIC = "8.8.8.8"
+#: One IPv4 client, every way a log may write it.
+MAPPED = [PUBLIC, f"::ffff:{PUBLIC}", f"::FFFF:{PUBLIC}", f"0:0:0:0:0:ffff:{PUBLIC}",
+          f"0000:0000:0000:0000:0000:FFFF:{PUBLIC}", "::ffff:808:808", "::FFFF:0808:0808",
+          f"[::ffff:{PUBLIC}]", f"[::ffff:{PUBLIC}]:51234", "[0:0:0:0:0:FFFF:808:808]:443"]
+_ADDRESS_COLUMNS = ("country", "ip_private", "ip_v6")
+
+
+def _lines(clients: list[str]) -> list[str]:
+    return [_site_line(c, i, f"/p{i % 3}", 404 if i % 4 == 0 else 200)
+            for i, c in enumerate(clients)]
+
+
+def test_every_spelling_of_a_mapped_address_is_the_ipv4_address() -> None:
+    assert client_address(pa.array(MAPPED)).to_pylist() == [PUBLIC] * len(MAPPED)
+    # every other address is what it was
+    others = ["2001:DB8::1", "[2001:db8::1]:443", "::1", "::", "fe80::1%eth0",
+              "::ffff:8.8.8.8%eth0", "[::FFFF:8.8.8.8%eth0]:80",  # a zone: not an IPv4 client
+              "::8.8.8.8", "64:ff9b::808:808", "::ffff:0:808:808", "2001:db8::1:443",
+              "::ffff:8.8.8.8:80", "www.example.com:80", "203.0.113.5:1", "-", "", None]
+    assert client_address(pa.array(others)).to_pylist() == [
+        "2001:db8::1", "2001:db8::1", "::1", "::", "fe80::1%eth0",
+        "::ffff:8.8.8.8%eth0", "::ffff:8.8.8.8%eth0",
+        "::808:808", "64:ff9b::808:808", "::ffff:0:808:808", "2001:db8::1:443",
+        "::ffff:8.8.8.8:80", "www.example.com", "203.0.113.5", "-", "", None]
+
+
+def test_a_mapped_client_is_the_ipv4_client_in_windows_and_lookups() -> None:
+    d = derive_access(_table(_lines(MAPPED)), {}, {})
+    assert d.column("client_ip").to_pylist() == MAPPED  # the records keep it as written
+    assert d.column("win_requests").to_pylist() == list(range(1, len(MAPPED) + 1))
+    assert d.column("win_gap").to_pylist() == [3600.0] + [1.0] * (len(MAPPED) - 1)
+    country = ip_info(PUBLIC)[0]
+    assert country not in ("private", "unknown", "invalid")
+    assert set(zip(*(d.column(c).to_pylist() for c in _ADDRESS_COLUMNS), strict=True)) == {
+        (country, 0.0, 0.0)}
+    plain = derive_access(_table(_lines([PUBLIC] * len(MAPPED))), {}, {})
+    for col in (*WINDOW_COLUMNS, *_ADDRESS_COLUMNS):
+        assert d.column(col).to_pylist() == plain.column(col).to_pylist(), col
+
+
+def test_real_site_log_written_by_a_dual_stack_server_featurises_as_ipv4() -> None:
+    lines = [ln.rstrip("\n")
+             for ln in head_lines(data_file("weblogs/apache_access.log.gz"), 400)]
+    spell = [lambda a, i: a, lambda a, i: f"::ffff:{a}", lambda a, i: f"::FFFF:{a}",
+             lambda a, i: f"[0:0:0:0:0:ffff:{a}]:{40000 + i}"]
+    mixed = []
+    for i, ln in enumerate(lines):
+        v4, rest = ln.split(" ", 1)
+        mixed.append(f"{spell[i % len(spell)](v4, i)} {rest}")
+    plain, written = _table(lines), _table(mixed)
+    # in pieces with one state, as a stream scores it
+    state: dict[str, object] = {}
+    parts = pa.concat_tables([derive_access(written.slice(i, 90), {}, state)
+                              for i in range(0, written.num_rows, 90)])
+    whole = derive_access(plain, {}, {})
+    for col in (*WINDOW_COLUMNS, *_ADDRESS_COLUMNS):
+        assert np.array_equal(parts.column(col).to_numpy(zero_copy_only=False),
+                              whole.column(col).to_numpy(zero_copy_only=False)), col
+
+
+def test_an_alert_for_a_mapped_client_has_its_ipv4_source_ip() -> None:
+    fmt = get_format("access")
+    clients = [f"::ffff:{PUBLIC}", f"[::FFFF:{PUBLIC}]:51234", "0:0:0:0:0:ffff:808:808",
+               PUBLIC, "2001:DB8::1", "::ffff:8.8.8.8%eth0"]
+    res = fmt.parse("\n".join(_lines(clients)) + "\n")
+    assert res.rejects.num_rows == 0
+    n = res.batch.num_rows
+    scored = pa.Table.from_batches([res.batch]).append_column(
+        "score", pa.array([0.9] * n)).append_column("verdict", pa.array(["malicious"] * n))
+    ctx = AlertContext(rule_name="deepwatch-autoencoder", rule_version="x",
+                       format_name=fmt.name, ecs_fields=dict(fmt.ecs_fields))
+    docs = [json.loads(b) for b in alert_lines(scored, ctx)]
+    assert [(d["source"]["ip"], d["source"].get("port")) for d in docs] == [
+        (PUBLIC, None), (PUBLIC, 51234), (PUBLIC, None), (PUBLIC, None), ("2001:db8::1", None),
+        ("::ffff:8.8.8.8%eth0", None)]
+    assert [d["deepwatch"]["record"]["client_ip"] for d in docs] == clients
