@@ -20,7 +20,10 @@ directory is locked for as long as its ingest lives; the next writer removes tho
 or finishes the moves of one killed while committing (``commit.json`` lists them). The manifest
 is written under a hidden temporary name and renamed into place. Ingest appends: the same input
 ingested twice is there twice. ``_ingested.jsonl`` lists the inputs ingested (path, size,
-sha256), so a repeat can be warned about.
+sha256), so a repeat can be warned about; a running ingest claims its inputs in its staging
+directory (``claims.jsonl``), so of two ingests of one file at the same time the second is
+warned too (the check and the claim are made under an exclusive ``flock`` of ``_lake.json``,
+held for just that; readers take no lock).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ INGESTED = "_ingested.jsonl"
 STAGING_PREFIX = ".ingest-"
 #: In a staging directory: the moves of a commit under way (finished by the next writer).
 COMMIT = "commit.json"
+#: In a staging directory: the inputs its ingest claimed (size, sha256), for :meth:`seen_before`.
+CLAIMS = "claims.jsonl"
 
 
 def _part_files(folder: Path) -> list[Path]:
@@ -324,15 +329,34 @@ class LakeWriter:
 
     def seen_before(self, path: str | Path) -> bool:
         """Whether an input with ``path``'s size and sha256 was ingested into this lake before,
-        or is an input this run asked about already (ingest appends regardless: this is for a
-        warning). The same file given twice to one ingest (``'logs/*.log' logs/site.log``, or
-        by two names) was stored twice without a word, since neither was in the lake yet."""
+        or is being ingested by another ingest running now, or is an input this run asked about
+        already (ingest appends regardless: this is for a warning). The same file given twice
+        to one ingest (``'logs/*.log' logs/site.log``, or by two names) was stored twice without
+        a word, since neither was in the lake yet."""
         size, digest = self._checksum(path)
         if (size, digest) in self._asked:
             return True
         self._asked[size, digest] = str(path)
-        return any(e.get("size") == size and e.get("sha256") == digest
-                   for e in _ingested(self.root))
+        # Two ingests of one file started together both found it in no list (neither had
+        # committed yet) and stored it without a word. So the input is claimed in this run's
+        # staging directory, and looked for among the claims of the ingests running now, under
+        # an exclusive lock on the manifest held for just that: of two such runs, the second
+        # is told. (Readers take no lock; the kernel lets go of it if this process dies.)
+        try:
+            with _locked(self.root / MANIFEST):
+                if self._staging is None:
+                    self._staging, self._lock = _make_staging(self.root)
+                # claims first, then the list: an ingest that commits meanwhile notes its
+                # inputs before it removes its claims, so one or the other shows it
+                seen = _claimed_elsewhere(self.root, self._staging, size, digest) or any(
+                    e.get("size") == size and e.get("sha256") == digest
+                    for e in _ingested(self.root))
+                with (self._staging / CLAIMS).open("a") as f:
+                    f.write(json.dumps({"size": size, "sha256": digest}) + "\n")
+        except OSError as exc:
+            raise OutputError(f"cannot write the lake at {self.root}: "
+                              f"{exc.strerror or first_line(exc)}") from None
+        return seen
 
     def given_earlier(self, path: str | Path) -> str | None:
         """The input of this run that :meth:`seen_before` was asked about with ``path``'s size
@@ -364,6 +388,63 @@ def _append_ingested(root: Path, lines: Sequence[str]) -> str | None:
     except OSError as exc:
         return f"could not note the inputs as ingested in {root}: {exc.strerror or exc}"
     return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (waiting for it) for the ``with`` block; the kernel
+    lets go of it if the process dies. Nothing is locked where there is no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing lets go of the lock)
+
+
+def _claimed_elsewhere(root: Path, own: Path, size: int, digest: str) -> bool:
+    """Whether an ingest running now (its staging directory's lock held) other than the one
+    staging in ``own`` claimed an input of ``size`` and ``digest`` (see
+    :meth:`LakeWriter.seen_before`); the claims of ingests that died are not counted."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): whose claims are live cannot be told
+        return False
+    from ._held_dirs import LOCK
+
+    for staging in root.glob(f"{STAGING_PREFIX}*"):
+        if staging == own:
+            continue
+        try:
+            claims = (staging / CLAIMS).read_text().splitlines()
+        except OSError:  # no claims, or removed meanwhile (its ingest ended)
+            continue
+        if not any(_claim_of(line) == (size, digest) for line in claims):
+            continue
+        try:
+            fd = os.open(staging / LOCK, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its ingest is running
+            return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def _claim_of(line: str) -> tuple[object, object] | None:
+    try:
+        entry = json.loads(line)
+        return entry["size"], entry["sha256"]
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _make_staging(root: Path) -> tuple[Path, int | None]:
