@@ -251,7 +251,9 @@ class LineBuffer:
     last line that has no line break and starts the numbering over (rotation, truncation). A
     UTF-8 byte order mark at the very start (of the input, or after ``finish``) is dropped. A
     line over ``max_line`` bytes is not kept: an empty chunk with ``damage`` stands for it (its
-    first bytes in ``lost``), so memory stays bounded whatever the input.
+    first bytes in ``lost``), so memory stays bounded whatever the input. A line's length leaves
+    out its line ending, ``\r\n`` as ``\n`` (a ``\r`` that ends the input too: the formats drop
+    it there as well), so that a CRLF line of exactly ``max_line`` bytes is kept as an LF one is.
     """
 
     def __init__(self, spec: InputSpec, max_line: int = MAX_LINE_BYTES):
@@ -262,6 +264,7 @@ class LineBuffer:
         self.at_start = True  # nothing handed out since the input started
         self.long = 0  # bytes so far of an over-long line being skipped (0: none)
         self.long_head = b""  # its first bytes (at most LOST_BYTES)
+        self.long_cr = False  # its last byte so far is a \r (the start of a CRLF line ending)
 
     def _handed_out(self, data: bytes) -> bytes:
         """``data``, the next bytes handed out, without the byte order mark if it opens them."""
@@ -274,22 +277,26 @@ class LineBuffer:
     def _skip(self, data: bytes) -> None:
         """Bytes of an over-long line: counted, the first few kept."""
         self.long += len(data)
+        if data:
+            self.long_cr = data[-1] == 13
         if len(self.long_head) < LOST_BYTES:
             self.long_head += data[: LOST_BYTES - len(self.long_head)]
 
     def _long_line(self) -> Chunk:
         """The reject standing for the over-long line just skipped."""
-        chunk = Chunk(b"", self.line, self.spec, damage=long_line_reason(self.long, self.max_line),
+        size = self.long - self.long_cr  # (a \r that ends it is its line ending's)
+        chunk = Chunk(b"", self.line, self.spec, damage=long_line_reason(size, self.max_line),
                       lost=self.long_head)
         self.line += 1
-        self.long, self.long_head = 0, b""
+        self.long, self.long_head, self.long_cr = 0, b"", False
         return chunk
 
     def _whole(self, data: bytes) -> list[Chunk]:
         """Chunks of ``data`` (whole lines), each over-long line among them a reject."""
         # A line over max_line = 2w bytes holds a whole w-byte window, aligned on a multiple of
         # w, without a line break; a window with one is found by memchr in its first bytes. So
-        # where every window has one, no line is over the limit (checked at C speed).
+        # where every window has one, no line is over the limit (checked at C speed). (A CRLF
+        # line is over it when it is over by more than its \r: over it in bytes first.)
         w = max(1, self.max_line // 2)
         if len(data) <= self.max_line + 1 or all(
                 data.find(b"\n", k, k + w) >= 0 for k in range(0, len(data) - w + 1, w)):
@@ -300,7 +307,10 @@ class LineBuffer:
 
         ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
         starts = np.concatenate(([0], ends[:-1] + 1))
-        long = np.flatnonzero(ends - starts > self.max_line)
+        sizes = ends - starts
+        if ends.size:  # the \r of a CRLF line ending is no part of the line
+            sizes -= (np.frombuffer(data, np.uint8)[np.maximum(ends - 1, 0)] == 13) & (sizes > 0)
+        long = np.flatnonzero(sizes > self.max_line)
         if not long.size:
             chunks = [Chunk(data, self.line, self.spec)]
             self.line += len(ends)
@@ -338,8 +348,10 @@ class LineBuffer:
                      else block if cut + 1 == len(block) else block[: cut + 1])
             self.rest = block[cut + 1 :]
             out.extend(self._whole(self._handed_out(whole)))
-        # the start of an over-long line (a byte order mark still to be dropped not counted)
-        if len(self.rest) - (3 if self.at_start and self.rest[:3] == BOM else 0) > self.max_line:
+        # the start of an over-long line (a byte order mark still to be dropped not counted, nor
+        # a \r that may be the start of its line ending)
+        if (len(self.rest) - (3 if self.at_start and self.rest[:3] == BOM else 0)
+                - self.rest.endswith(b"\r") > self.max_line):
             rest, self.rest = self.rest, b""
             self._skip(self._handed_out(rest))
         return out
