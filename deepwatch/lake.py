@@ -799,4 +799,23 @@ def read_rejects(root: str | Path) -> pa.Table | None:
     parts = _part_files(folder) if folder.is_dir() else []
     if not parts:
         return None
-    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    return pa.concat_tables([_reject_part(p) for p in parts], promote_options="default")
+
+
+def _reject_part(part: Path) -> pa.Table:
+    """One rejects part, its columns of the types deepwatch writes: a part rewritten by polars
+    (``large_string``) beside deepwatch's own made the reading fail with a traceback
+    (``Unable to merge: Field raw has incompatible types: large_string vs string``)."""
+    from .formats._base import REJECT_SCHEMA
+
+    types = {f.name: f.type for f in REJECT_SCHEMA} | {"source": pa.string()}
+    try:
+        table = pq.read_table(part)
+        for i, field in enumerate(table.schema):
+            want = types.get(field.name)
+            if want is not None and field.type != want:
+                table = table.set_column(i, pa.field(field.name, want),
+                                         table.column(i).cast(want))
+    except (OSError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError too
+        raise InputError(f"cannot read the rejects part {part}: {first_line(exc)}") from None
+    return table

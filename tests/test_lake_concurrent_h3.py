@@ -1,4 +1,5 @@
-"""Two ingests of one file at the same time, as real processes: the second is told."""
+"""The lake under concurrent ingests (real processes: the second of two ingests of one file is
+told), and rejects parts rewritten by other tools."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from deepwatch.errors import InputError
 from deepwatch.lake import lake_days, read_lake
 
 LINE = ('9.9.9.{a} - - [14/May/2024:12:{m:02d}:{s:02d} +0000] "GET /h3/{i} HTTP/1.1" 200 10 '
@@ -89,3 +93,34 @@ def test_a_killed_ingest_claims_nothing_and_locks_nothing(tmp_path: Path) -> Non
         assert read_lake(lake).num_rows == 30 and lake_days(lake) == ["2024-05-14"]
     finally:
         os.close(fd)
+
+
+def test_rejects_compacted_by_another_tool_read_beside_deepwatchs(tmp_path: Path) -> None:
+    """A rejects part rewritten by polars (its strings ``large_string``) beside one deepwatch
+    wrote made read_rejects fail with a traceback (``Unable to merge: Field raw has
+    incompatible types``), though rejects another tool compacted are to be read as records
+    are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deepwatch.lake import read_rejects
+
+    lake = tmp_path / "lake"
+    for name in ("a", "b"):
+        bad = tmp_path / f"{name}.log"
+        bad.write_text(f"not a log line {name}\n")
+        assert _ingest(lake, str(bad)).returncode == 0
+    first = sorted((lake / "rejects").glob("part-*.parquet"))[0]
+    table = pq.read_table(first)
+    wide = pa.schema([f.with_type(pa.large_string()) if f.type == pa.string() else f
+                      for f in table.schema])
+    pq.write_table(table.cast(wide), first)  # as polars' write_parquet writes it
+    rejects = read_rejects(lake)
+    assert rejects is not None
+    assert sorted(rejects.column("raw").to_pylist()) == ["not a log line a",
+                                                        "not a log line b"]
+    assert rejects.schema.field("raw").type == pa.string()
+
+    first.write_bytes(b"not parquet")  # a damaged part is one clear error, not a traceback
+    with pytest.raises(InputError, match="cannot read the rejects part"):
+        read_rejects(lake)
