@@ -110,6 +110,10 @@ class ScoringService:
         return self._model
 
     def _load(self, path: Path, generation: int, announce: bool = True) -> LoadedModel:
+        if "\x00" in str(path):  # (POST /v1/reload's JSON can hold one; the stat raised
+            # ValueError, a 500)
+            raise BundleError(f"cannot read the bundle at {str(path)!r}: a path cannot hold "
+                              f"a NUL character")
         try:
             detector = Detector(path, engine=self.engine, explain=False)
             fingerprint = sha256_file(path / MANIFEST)
