@@ -638,6 +638,8 @@ def _open(spec: InputSpec, stop: threading.Event | None = None) -> BinaryIO | No
     """Stdin or a file that is not compressed (None: ``stop`` was set while a named pipe
     waited for its writer)."""
     if spec.path == "-":
+        if sys.stdin is None:  # its descriptor was closed when the run began (``- <&-``)
+            raise InputError("cannot read <stdin>: standard input is closed")
         return sys.stdin.buffer
     try:
         return open_input(spec.path, stop)
