@@ -11,7 +11,7 @@ import pytest
 from conftest import ThreadServer
 
 uvicorn = pytest.importorskip("uvicorn")
-from deepwatch.serve.app import create_app, uvicorn_options  # noqa: E402
+from deepwatch.serve.app import create_app, read_api_key, uvicorn_options  # noqa: E402
 
 JSON_TYPE = {"content-type": "application/json"}
 
@@ -43,3 +43,21 @@ def _failed_reloads(c: httpx.Client) -> float:
         if line.startswith('deepwatch_model_reloads_total{result="failed"}'):
             return float(line.split()[-1])
     raise AssertionError("no failed-reloads counter")
+
+
+def test_a_key_file_saved_with_a_byte_order_mark_takes_its_key(kdd_bundle: Path,
+                                                              tmp_path: Path) -> None:
+    """A key file written by an editor that starts UTF-8 with a byte order mark (Notepad,
+    PowerShell 5's ``Set-Content -Encoding UTF8``) made U+FEFF part of the key: every client
+    sending the key in the file got 401, and only one sending the mark's bytes got in. The
+    mark is not part of the key."""
+    key_file = tmp_path / "key.txt"
+    key_file.write_bytes(b"\xef\xbb\xbfbom-key-0123\r\n")
+    key = read_api_key(key_file)
+    with ThreadServer(create_app(kdd_bundle, api_key=key), **uvicorn_options()) as srv:
+        assert httpx.get(srv.url + "/v1/stats").status_code == 401
+        r = httpx.get(srv.url + "/v1/stats", headers={"Authorization": "Bearer bom-key-0123"})
+        assert r.status_code == 200, r.text
+        marked = httpx.get(srv.url + "/v1/stats",
+                           headers={"Authorization": b"Bearer \xef\xbb\xbfbom-key-0123"})
+        assert marked.status_code == 401

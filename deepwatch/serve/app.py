@@ -462,7 +462,9 @@ def _reload_target(body: bytes) -> str | None:
 def read_api_key(path: str | Path) -> str:
     p = Path(path)
     try:
-        key = p.read_text(encoding="utf-8").strip()
+        # utf-8-sig: a byte order mark an editor wrote first is no part of the key (it was:
+        # every client sending the key in the file got 401)
+        key = p.read_text(encoding="utf-8-sig").strip()
     except FileNotFoundError:
         raise InputError(f"API key file {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
