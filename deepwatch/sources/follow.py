@@ -24,6 +24,9 @@ from .files import (
     Chunk,
     InputSpec,
     LineBuffer,
+    _refuse_compressed,
+    _refuse_utf16,
+    _starts_a_magic,
     chunks_from_reads,
     open_input,
     read_when_ready,
@@ -141,7 +144,9 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
 
     A named pipe neither grows nor rotates: it is read as stdin is, its lines as they come,
     until its writer closes it or ``stop`` is set, waiting in ``select`` (a buffered read would
-    wait for a whole chunk, deaf to the stop).
+    wait for a whole chunk, deaf to the stop). Its first bytes are looked at as stdin's are
+    (:func:`~deepwatch.sources.files.iter_chunks`): compressed data or UTF-16 text is refused
+    with one line (:class:`~deepwatch.errors.InputError`), not read as lines of junk.
     """
     opened = _open(spec.path, stop, poll)
     if opened is None:
@@ -150,8 +155,21 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
     if waits_for_data(fh):
         try:
             fd = fh.fileno()
-            yield from chunks_from_reads(lambda: read_when_ready(fd, chunk_bytes, stop), spec,
-                                         stop.is_set)
+            first = True
+
+            def read() -> bytes:
+                nonlocal first
+                block = read_when_ready(fd, chunk_bytes, stop)
+                if first:  # (not while they may be half a magic: a writer's first write cut)
+                    first = False
+                    while _starts_a_magic(block) and (
+                            more := read_when_ready(fd, chunk_bytes - len(block), stop)):
+                        block += more
+                    _refuse_compressed(spec, block)
+                    _refuse_utf16(spec, block)
+                return block
+
+            yield from chunks_from_reads(read, spec, stop.is_set)
         finally:
             fh.close()
         return
