@@ -61,3 +61,35 @@ def test_a_key_file_saved_with_a_byte_order_mark_takes_its_key(kdd_bundle: Path,
         marked = httpx.get(srv.url + "/v1/stats",
                            headers={"Authorization": b"Bearer \xef\xbb\xbfbom-key-0123"})
         assert marked.status_code == 401
+
+
+LINE = ("0,tcp,http,SF,181,5450,0,0,0,0,0,1,0,0,0,0,0,0,0,0,0,0,8,8,0.00,0.00,0.00,0.00,1.00,"
+        "0.00,0.00,9,9,1.00,0.00,0.11,0.00,0.00,0.00,0.00,0.00,normal.")
+
+
+@pytest.mark.parametrize("body", [
+    '{"records": [LINE, LINE], "records": ["not a record"]}',
+    '{"records": [LINE, LINE], "rec\\u006frds": ["not a record"]}',  # the same key, escaped
+    '{"format": "nslkdd", "records": [LINE], "format": "kdd"}',
+])
+def test_a_key_given_twice_in_the_body_is_refused(server: ThreadServer, body: str) -> None:
+    """JSON with a key twice was read as its last: ``{"records": [A, B], "records": [C]}``
+    scored C alone as index 0 and dropped A and B without a word (neither a result nor a
+    reject), and a proxy or filter that reads the first (some do) saw other records or another
+    format than the model scored. It is refused as a whole: 422 naming the key."""
+    body = body.replace("LINE", f'"{LINE}"')
+    r = httpx.post(server.url + "/v1/score", content=body, headers=JSON_TYPE, timeout=30)
+    assert r.status_code == 422, r.text
+    assert "more than once" in r.json()["detail"]
+    key = "'format'" if '"format"' in body else "'records'"
+    assert key in r.json()["detail"]
+
+
+def test_the_key_names_within_records_are_no_repeats(server: ThreadServer) -> None:
+    """Record text (or an object's field) that reads like a key is not a key of the body."""
+    body = {"records": ["records", '"records"', LINE, {"records": 1, "format": "kdd"}],
+            "format": "kdd"}
+    r = httpx.post(server.url + "/v1/score", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [x["index"] for x in r.json()["results"]] == [2]
+    assert [x["index"] for x in r.json()["rejects"]] == [0, 1, 3]
