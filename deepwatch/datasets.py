@@ -561,6 +561,7 @@ def download_limit(ds: Dataset) -> int:
 
 
 def _download(ds: Dataset, progress: bool) -> Path:
+    import http.client
     import urllib.error
     import urllib.request
     from contextlib import nullcontext
@@ -606,6 +607,11 @@ def _download(ds: Dataset, progress: bool) -> Path:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             failures.append(f"{url}: {reason}")
+        except http.client.HTTPException as exc:
+            # not an OSError: a server that answers with no HTTP (BadStatusLine), a header
+            # line past http.client's limit (LineTooLong), a chunked body cut short
+            # (IncompleteRead) ended the fetch in a traceback, the next URL untried
+            failures.append(f"{url}: not a whole HTTP answer ({_http_problem(exc)})")
         except DataError as exc:
             failures.append(f"{url}: {exc}")
         finally:
@@ -614,6 +620,18 @@ def _download(ds: Dataset, progress: bool) -> Path:
                     f"{'; '.join(failures)}); copy it from a local directory with "
                     f"`deepwatch datasets fetch {ds.name} --from DIR` (in Python: "
                     f"fetch({ds.name!r}, from_dir=DIR))")
+
+
+def _http_problem(exc: Exception) -> str:
+    """What http.client found wrong with a server's answer, in one short line (the detail
+    may be the server's own bytes: shown as a Python literal, cut)."""
+    from .errors import first_line
+
+    detail = first_line(exc, limit=60, default="")
+    if detail.startswith(type(exc).__name__):  # (IncompleteRead's text is its repr)
+        detail = detail[len(type(exc).__name__):].strip("()")
+        return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return f"{type(exc).__name__}: {detail!r}" if detail else type(exc).__name__
 
 
 def _fetch_one(ds: Dataset, from_dir: str | None, progress: bool) -> Path:
