@@ -246,6 +246,12 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
         if (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
                 or name == MANIFEST):
             raise BundleError(f"manifest names a file outside the bundle: {name!r}")
+        if not name.isprintable():
+            # a line break or a terminal escape in a name went out raw in the messages that
+            # name the file ('is missing', 'does not match'): a second line of the bundle's
+            # own words after the error, or colours and cursor moves in the user's terminal
+            raise BundleError(f"{path / MANIFEST} names a file with a control character in "
+                              f"its name ({name!r}); it is not a manifest deepwatch wrote")
         if not (isinstance(expected, str) and len(expected) == 64
                 and set(expected) <= _SHA256_HEX):
             raise BundleError(f"{path / MANIFEST}: the checksum of {name} is not a sha256")

@@ -104,3 +104,37 @@ def test_a_broken_answer_falls_back_to_the_next_url(
     (got,) = datasets.fetch("nslkdd-test")
     assert got == isolated / "datasets" / "nslkdd" / "KDDTest+.txt.gz"
     assert got.read_bytes() == body
+
+
+# ---- bundles: file names in the manifest ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["weights.bin\nerror: none; the bundle checks out",
+                                  "weights\x1b[2K\x1b[1Gbin", "weights\u2028bin"])
+def test_a_manifest_file_name_with_a_control_character_is_refused_in_one_line(
+        name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A name holding a line break or a terminal escape went out raw in 'bundle ... is
+    missing NAME': the error ran on to a second line of the bundle's own words, or moved the
+    cursor in the user's terminal. Nothing is read before the names are checked."""
+    import hashlib
+    import json
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    files = {}
+    for part in ("featurizer.json", "weights.safetensors"):
+        (bundle / part).write_bytes(b"{}")
+        files[part] = hashlib.sha256(b"{}").hexdigest()
+    files[name] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(
+        {"format_version": 1, "deepwatch_version": "0.1.0", "model_kind": "mlp",
+         "files": files}))
+    records = tmp_path / "in.csv"
+    records.write_text("0,tcp,http,SF,181,5450" + ",0" * 35 + ",normal.\n")
+    assert main(["score", str(bundle), "--format", "kdd", "--out",
+                 str(tmp_path / "out.jsonl"), str(records)]) == 3
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert "\x1b" not in err and "\u2028" not in err
+    assert err.startswith(f"error: {bundle / 'manifest.json'} names a file with a control "
+                          f"character in its name ({name!r})"), err
+    assert not (tmp_path / "out.jsonl").exists()
