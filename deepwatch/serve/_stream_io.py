@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -27,6 +29,11 @@ from ..sources.follow import follow_chunks
 from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_messages
 
 CHUNK_BYTES = 4 << 20
+#: Once a stop (SIGTERM, SIGINT) is heard, the JSONL sink's writes may go on for at most this
+#: long, in all: an output that takes nothing more (a pipe whose reader stopped reading) is then
+#: given up, and the worker exits 1 saying so. (It waited in the write for ever, deaf to every
+#: further SIGTERM and Ctrl-C: only SIGKILL ended it.)
+STOP_WRITE_S = 5.0
 
 
 class DeliveryError(DeepwatchError):
@@ -230,18 +237,31 @@ class FileSource:
         pass
 
 
+class _WriteGivenUp(Exception):
+    """Raised (by SIGALRM) in a write still under way ``STOP_WRITE_S`` after a stop."""
+
+
 class JsonlSink:
     """Alerts to ``alerts`` (``-`` is stdout), every verdict to ``verdicts`` and dead letters to
-    ``dead_letters`` when named: one JSON object a line."""
+    ``dead_letters`` when named: one JSON object a line.
+
+    ``stop``: the worker's stop event. Once it is set, writes (and flushes) may go on for
+    ``STOP_WRITE_S`` in all (on the main thread, where a SIGALRM can end a blocked write): one
+    still blocked then is a DeliveryError. The stop's signal handler calls :meth:`on_stop`, so
+    that a write blocked when the stop comes is bounded too."""
 
     def __init__(self, alerts: str = "-", verdicts: str | None = None,
-                 dead_letters: str | None = None):
+                 dead_letters: str | None = None, stop: threading.Event | None = None):
         from ..sinks import writable_file
 
         self._files: dict[str, IO[bytes]] = {}
         self._names: dict[str, str] = {}
         self._own: list[IO[bytes]] = []
         self._failed = False
+        self._stop = stop
+        self._writing = False  # in a write or flush (what a stop bounds)
+        self._alarm: Any = None  # the SIGALRM handler found, while ours is in
+        self._deadline: float | None = None  # STOP_WRITE_S after the stop was first seen
         named = [(kind, flag, path) for kind, flag, path in (
             (ALERT, "--out", alerts), (VERDICT, "--verdicts", verdicts),
             (DEAD_LETTER, "--rejects", dead_letters)) if path is not None]
@@ -277,6 +297,56 @@ class JsonlSink:
             _drop_stdout()  # the reader is gone: no second error when Python exits
         return DeliveryError(f"cannot write {self._names[kind]}: {exc.strerror or exc}")
 
+    def _given_up(self, kind: str) -> DeliveryError:
+        """A write to ``kind``'s output still blocked ``STOP_WRITE_S`` after the stop."""
+        self._failed = True
+        fh = self._files[kind]
+        if fh is sys.stdout.buffer:
+            _drop_stdout()
+        else:  # closing it would flush what it holds, and wait again
+            _drop_fd(fh)
+        return DeliveryError(
+            f"cannot write {self._names[kind]}: it took nothing more for {STOP_WRITE_S:g}s "
+            "after the stop (its reader is not reading): the lines of the batch in hand were "
+            "not all written, and the last one written may be cut short")
+
+    def on_stop(self) -> None:
+        """Called by the stop's signal handler: a write blocked now is given ``STOP_WRITE_S``."""
+        if self._writing:
+            self._arm()
+
+    def _arm(self) -> None:
+        """SIGALRM ends a write still under way ``STOP_WRITE_S`` after the stop was seen."""
+        if self._alarm is not None or threading.current_thread() is not threading.main_thread():
+            return
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + STOP_WRITE_S
+        self._alarm = signal.signal(signal.SIGALRM, self._give_up) or signal.SIG_DFL
+        signal.setitimer(signal.ITIMER_REAL, max(0.001, self._deadline - now))
+
+    def _disarm(self) -> None:
+        if self._alarm is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._alarm)
+            self._alarm = None
+
+    def _give_up(self, _signum: int, _frame: Any) -> None:
+        if self._writing:
+            raise _WriteGivenUp
+
+    @contextlib.contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """A write or flush: bounded by ``STOP_WRITE_S`` once the stop is set."""
+        self._writing = True
+        try:
+            if self._stop is not None and self._stop.is_set():
+                self._arm()
+            yield
+        finally:
+            self._writing = False
+            self._disarm()
+
     def write(self, out: Output) -> None:
         from ..sinks import write_all
 
@@ -285,17 +355,24 @@ class JsonlSink:
             if fh is None or not len(msgs):
                 continue
             try:
-                # (a pipe whose reader went away can take part of a write and report no error)
-                write_all(fh, b"\n".join(msgs.values) + b"\n")
+                with self._bounded():
+                    # (a pipe whose reader went away can take part of a write and report no
+                    # error)
+                    write_all(fh, b"\n".join(msgs.values) + b"\n")
             except OSError as exc:
                 raise self._failure(kind, exc) from None
+            except _WriteGivenUp:
+                raise self._given_up(kind) from None
 
     def flush(self) -> None:
         for kind, fh in self._files.items():
             try:
-                fh.flush()
+                with self._bounded():
+                    fh.flush()
             except OSError as exc:
                 raise self._failure(kind, exc) from None
+            except _WriteGivenUp:
+                raise self._given_up(kind) from None
 
     def close(self) -> None:
         try:
@@ -305,6 +382,14 @@ class JsonlSink:
             for fh in self._own:
                 with contextlib.suppress(OSError):
                     fh.close()
+
+
+def _drop_fd(fh: IO[bytes]) -> None:
+    """Point ``fh``'s descriptor at /dev/null: what it still holds goes nowhere when closed."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fh.fileno())
+        os.close(devnull)
 
 
 def _drop_stdout() -> None:

@@ -176,7 +176,7 @@ def _observe(metrics: StreamMetrics, out: Any, seconds: float) -> None:
 
 
 def stop_on_signals(stop: threading.Event, received: list[int] | None = None
-                    ) -> StopSignals:
+                    ) -> _SetsStop:
     """SIGTERM and SIGINT set ``stop`` (the batch in hand finishes) instead of killing; each
     signal is added to ``received``."""
     return _SetsStop(stop, received)
@@ -189,6 +189,9 @@ class _SetsStop(StopSignals):
     def __init__(self, stop: threading.Event, received: list[int] | None):
         super().__init__()
         self.stop, self.received = stop, received
+        #: called after the stop is set, in the handler (the JSONL sink bounds a write blocked
+        #: in an output that takes nothing more)
+        self.then: Callable[[], None] = lambda: None
 
     def _takes(self, signum: int, handler: Any) -> bool:
         return True
@@ -203,6 +206,7 @@ class _SetsStop(StopSignals):
         if self.received is not None:
             self.received.append(signum)
         self.stop.set()
+        self.then()
 
 
 #: The Kafka consumer group where ``--group`` is not given.
@@ -367,7 +371,7 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
     with ExitStack() as signals:
         # SIGTERM while the brokers are asked about the topics at start (up to 10 s each when
         # they cannot be reached) stops the worker as it does later, instead of killing it
-        signals.enter_context(stop_on_signals(stop, received))
+        stops = signals.enter_context(stop_on_signals(stop, received))
         if opts.brokers:
             try:
                 source, sink = _kafka_io(opts, metrics, stop, settings)
@@ -377,7 +381,11 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
             verdicts = bool(opts.verdict_topic)
         else:
             source = FileSource(opts.inputs, follow=opts.follow, batch_size=opts.batch_size)
-            sink = JsonlSink(opts.out, opts.verdicts, opts.rejects)
+            sink = JsonlSink(opts.out, opts.verdicts, opts.rejects, stop=stop)
+            # a stop while a write waits on an output that takes nothing more (a pipe whose
+            # reader stopped reading) ends that write STOP_WRITE_S later: the worker waited in
+            # it for ever, deaf to every later SIGTERM and Ctrl-C
+            stops.then = sink.on_stop
             verdicts = opts.verdicts is not None
         context = AlertContext.from_detector(det, include_record=opts.alert_record)
         processor = StreamProcessor(det, fmt, verdicts=verdicts, alert_context=context)

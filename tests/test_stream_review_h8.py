@@ -1,0 +1,117 @@
+"""``deepwatch stream``: defects found in review h8 (each test fails on the code before its fix)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deepwatch.models.detector import Detector
+from deepwatch.serve import _stream_io
+from deepwatch.serve._stream_io import DeliveryError
+from deepwatch.serve.stream import StreamOptions, run_stream
+
+
+@pytest.fixture(scope="module")
+def detector(kdd_bundle: Path) -> Detector:
+    return Detector(kdd_bundle)
+
+
+def _queued(fd: int) -> int:
+    """Bytes waiting in the pipe whose read end is ``fd``."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
+
+
+def test_a_stop_while_an_output_takes_nothing_more_ends_the_write(
+        detector: Detector, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output whose reader stopped reading (a named pipe, or stdout piped to a stalled log
+    shipper): the worker logged "stopping after the batch in hand" at SIGTERM and then waited in
+    the write for ever, every later SIGTERM and Ctrl-C logged and ignored (only SIGKILL ended
+    it). After a stop, writes may go on for STOP_WRITE_S: one still blocked then ends the run
+    with a DeliveryError that says so."""
+    monkeypatch.setattr(_stream_io, "STOP_WRITE_S", 0.5)
+    fifo = tmp_path / "verdicts.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read (until the end)
+    done = threading.Event()
+    sent: list[float] = []
+
+    def stop_when_full() -> None:
+        deadline = time.monotonic() + 60
+        while _queued(reader) < 65536 and time.monotonic() < deadline:  # the pipe is full
+            time.sleep(0.02)
+        time.sleep(0.2)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+        if not done.wait(5):  # the old code waits for ever: read the pipe so that it ends
+            while not done.is_set():
+                try:
+                    os.read(reader, 1 << 20)
+                except BlockingIOError:
+                    time.sleep(0.01)
+
+    helper = threading.Thread(target=stop_when_full, daemon=True)
+    opts = StreamOptions(bundle=str(kdd_bundle), format="kdd", inputs=[str(small_kdd_test)],
+                         out=str(tmp_path / "alerts.jsonl"), verdicts=str(fifo))
+    before = signal.getsignal(signal.SIGALRM)
+    helper.start()
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            run_stream(opts, detector=detector)
+        ended = time.monotonic()
+    finally:
+        done.set()
+        helper.join(30)
+        os.close(reader)
+    assert f"cannot write --verdicts {fifo}: it took nothing more for 0.5s after the stop" in str(
+        caught.value)
+    assert sent and ended - sent[0] < 3.0, ended - sent[0]
+    # the alarm it set is gone with it
+    assert signal.getsignal(signal.SIGALRM) == before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("blocked", ["write", "flush"])
+def test_after_a_stop_a_write_or_flush_to_a_full_output_is_given_up(
+        blocked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop came before the write (the batch in hand is written after it): a write, or the
+    flush of what the file object holds, that the output does not take within STOP_WRITE_S is
+    a DeliveryError; the file is then closed without waiting again."""
+    from deepwatch.serve._stream_core import ALERT, Messages, Output
+    from deepwatch.serve._stream_io import JsonlSink
+
+    monkeypatch.setattr(_stream_io, "STOP_WRITE_S", 0.3)
+    fifo = tmp_path / "alerts.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    stop = threading.Event()
+    sink = JsonlSink(str(fifo), stop=stop)
+    try:
+        if blocked == "flush":  # the pipe full already: a small write is held in the buffer
+            filler = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                while True:
+                    os.write(filler, b"\n" * 4096)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(filler)
+        lines = [b"{}"] * (10 if blocked == "flush" else 200_000)
+        out = Output({ALERT: Messages(lines)}, len(lines), len(lines), 0, len(lines))
+        stop.set()
+        t0 = time.monotonic()
+        with pytest.raises(DeliveryError, match="it took nothing more for 0.3s after the stop"):
+            sink.write(out)
+            sink.flush()
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        sink.close()  # returns at once: what the file object held goes to /dev/null
+        os.close(reader)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
