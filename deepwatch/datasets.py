@@ -293,7 +293,7 @@ def _recorded() -> dict[str, Any]:
     path = _recorded_path()
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file in place of its folder: none)
         return {}
     except (OSError, UnicodeDecodeError) as exc:
         raise _damaged_record(f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
@@ -487,9 +487,7 @@ def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
     checksum: it was read whole twice before (once to check, once to copy, and the copy once
     more to make sure it was the file checked), and the copy is the bytes checked however
     ``src`` changes meanwhile. The copy is moved into place only when it checks out."""
-    dest_dir = cache_dir() / "datasets" / ds.group
-    made = not dest_dir.is_dir()  # (a copy refused leaves no empty folder)
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest_dir, made = _cache_folder(ds)
     tmp: _Temp | None = None
     stored = False
     try:
@@ -517,8 +515,7 @@ def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
     except _WriteFailed as exc:
         raise DataError(f"cannot store {ds.name} in the cache at {dest_dir}: {exc}") from None
     except OSError as exc:  # a full disk, a read-only cache: no partial copy is left behind
-        raise DataError(f"cannot store {ds.name} in the cache at {dest_dir}: "
-                        f"{exc.strerror or exc}") from None
+        raise _cannot_store(ds, dest_dir, exc) from None
     finally:
         if tmp is not None:
             tmp.close()
@@ -534,6 +531,25 @@ def _store(ds: Dataset, src: Path, source: str, move: bool) -> Path:
         dest.unlink(missing_ok=True)
         raise DataError(f"{exc}; {ds.name} was not stored") from None
     return dest
+
+
+def _cannot_store(ds: Dataset, folder: Path, exc: OSError) -> DataError:
+    return DataError(f"cannot store {ds.name} in the cache at {folder}: "
+                     f"{exc.strerror or exc}")
+
+
+def _cache_folder(ds: Dataset) -> tuple[Path, bool]:
+    """The cache folder of ``ds``'s group, made where it is not there yet (and whether it was
+    made here: a copy refused leaves no empty folder). A cache that cannot be made (a file in
+    its place, a folder that cannot be written) is a DataError in one line: it ended fetch in
+    a traceback, before any copy was read or download begun."""
+    folder = cache_dir() / "datasets" / ds.group
+    try:
+        made = not folder.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_store(ds, folder, exc) from None
+    return folder, made
 
 
 class _Writer:
@@ -569,12 +585,14 @@ def _download(ds: Dataset, progress: bool) -> Path:
     from . import __version__
     from .progress import byte_progress
 
-    part_dir = cache_dir() / "datasets" / ds.group
-    part_dir.mkdir(parents=True, exist_ok=True)
+    part_dir, _made = _cache_folder(ds)
     failures: list[str] = []
     limit = download_limit(ds)
     for url in ds.urls:
-        temp = _Temp(part_dir, f".{ds.name}.", ".download")
+        try:
+            temp = _Temp(part_dir, f".{ds.name}.", ".download")
+        except OSError as exc:  # (a cache folder that cannot be written to)
+            raise _cannot_store(ds, part_dir, exc) from None
         tmp = temp.path
         try:
             req = urllib.request.Request(url, headers={"User-Agent": f"deepwatch/{__version__}"})

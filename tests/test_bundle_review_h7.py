@@ -106,6 +106,37 @@ def test_a_broken_answer_falls_back_to_the_next_url(
     assert got.read_bytes() == body
 
 
+
+@pytest.mark.parametrize("how", ["--from", "download"])
+def test_a_cache_that_cannot_be_made_is_one_line_not_a_traceback(
+        how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """DEEPWATCH_CACHE naming a file: making the data set's folder in it raised
+    NotADirectoryError out of fetch (a traceback, exit 1), and `datasets list` called the
+    record of first fetches, which cannot be there, damaged."""
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder\n")
+    monkeypatch.setenv("DEEPWATCH_CACHE", str(cache))
+    monkeypatch.delenv("DEEPWATCH_DATA", raising=False)
+    if how == "--from":
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        (copy / "KDDTest+.txt.gz").write_bytes(data_file("nslkdd/KDDTest+.txt.gz").read_bytes())
+        argv = ["datasets", "fetch", "nslkdd-test", "--from", str(copy)]
+    else:
+        with socket.socket() as s:  # a loopback port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            _point_at(monkeypatch, "nslkdd-test",
+                      f"http://127.0.0.1:{s.getsockname()[1]}/KDDTest+.txt")
+        argv = ["datasets", "fetch", "nslkdd-test"]
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot store nslkdd-test in the cache at {cache}/datasets/nslkdd: "
+                   "Not a directory\n"), err
+    assert cache.read_text() == "not a folder\n"
+    assert main(["datasets", "list"]) == 0
+    assert "nslkdd-test" in capsys.readouterr().out
+
 # ---- bundles: file names in the manifest ---------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["weights.bin\nerror: none; the bundle checks out",
