@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import termios
@@ -115,3 +116,77 @@ def test_after_a_stop_a_write_or_flush_to_a_full_output_is_given_up(
         sink.close()  # returns at once: what the file object held goes to /dev/null
         os.close(reader)
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def _when_handlers_are_in(then: float = 0.3) -> None:
+    """Waits until run_stream has put its SIGTERM handler in (so that a SIGTERM cannot end the
+    test process), then ``then`` more seconds."""
+    first = signal.getsignal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while signal.getsignal(signal.SIGTERM) is first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(then)
+
+
+def test_a_stop_while_an_output_pipe_has_no_reader_ends_the_run(
+        detector: Detector, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """``--out FIFO`` that no one has opened yet: opening it waited in the kernel for a reader,
+    for ever, every SIGTERM and Ctrl-C logged and ignored. A stop now ends the wait; nothing
+    is read, and the stop line says why."""
+    fifo = tmp_path / "alerts.fifo"
+    os.mkfifo(fifo)
+    done = threading.Event()
+    sent: list[float] = []
+
+    def stop_it() -> None:
+        _when_handlers_are_in()
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+        if not done.wait(3):  # the old code waits in open() for ever: be its reader
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                while not done.is_set():
+                    try:
+                        os.read(reader, 1 << 20)
+                    except BlockingIOError:
+                        time.sleep(0.01)
+            finally:
+                os.close(reader)
+
+    helper = threading.Thread(target=stop_it, daemon=True)
+    opts = StreamOptions(bundle=str(kdd_bundle), format="kdd", inputs=[str(small_kdd_test)],
+                         out=str(fifo))
+    helper.start()
+    try:
+        report = run_stream(opts, detector=detector)
+        ended = time.monotonic()
+    finally:
+        done.set()
+        helper.join(30)
+    assert (report.records, report.batches) == (0, 0)
+    assert report.unread == [f"--out {fifo} had no reader yet: no input was read"]
+    assert sent and ended - sent[0] < 1.0, ended - sent[0]
+
+
+def test_an_output_pipe_opened_by_its_reader_later_gets_every_alert(
+        detector: Detector, kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """The reader of ``--out FIFO`` comes after the worker started: it gets every alert, as
+    when it was there first."""
+    fifo = tmp_path / "alerts.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+
+    def read_later() -> None:
+        _when_handlers_are_in(0.3)
+        with open(fifo, "rb") as fh:
+            got.append(fh.read())
+
+    reader = threading.Thread(target=read_later, daemon=True)
+    opts = StreamOptions(bundle=str(kdd_bundle), format="kdd", inputs=[str(small_kdd_test)],
+                         out=str(fifo))
+    reader.start()
+    report = run_stream(opts, detector=detector)
+    reader.join(30)
+    lines = got[0].splitlines()
+    assert report.alerts > 100 and len(lines) == report.alerts
+    assert all(json.loads(x)["event"]["kind"] == "alert" for x in lines)

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -34,6 +37,10 @@ CHUNK_BYTES = 4 << 20
 #: given up, and the worker exits 1 saying so. (It waited in the write for ever, deaf to every
 #: further SIGTERM and Ctrl-C: only SIGKILL ended it.)
 STOP_WRITE_S = 5.0
+#: How often an output that is a named pipe without a reader is opened again (a stop is heard
+#: between the tries)
+PIPE_READER_POLL_S = 0.1
+log = logging.getLogger("deepwatch.stream")
 
 
 class DeliveryError(DeepwatchError):
@@ -262,6 +269,9 @@ class JsonlSink:
         self._writing = False  # in a write or flush (what a stop bounds)
         self._alarm: Any = None  # the SIGALRM handler found, while ours is in
         self._deadline: float | None = None  # STOP_WRITE_S after the stop was first seen
+        #: the output (flag and path) a stop came while it waited for a reader of (a named
+        #: pipe): the outputs after it are not opened, and nothing may be read
+        self.unopened: str | None = None
         named = [(kind, flag, path) for kind, flag, path in (
             (ALERT, "--out", alerts), (VERDICT, "--verdicts", verdicts),
             (DEAD_LETTER, "--rejects", dead_letters)) if path is not None]
@@ -277,15 +287,41 @@ class JsonlSink:
                     self._files[kind] = sys.stdout.buffer
                     continue
                 try:
-                    fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+                    fh = (self._open_pipe(path, self._names[kind]) if _is_fifo(path)
+                          else open(path, "wb"))  # noqa: SIM115 - closed in close()
                 except OSError as exc:
                     raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+                if fh is None:  # stopped while the named pipe had no reader
+                    self.unopened = self._names[kind]
+                    break
                 self._files[kind] = fh
                 self._own.append(fh)
         except BaseException:
             for opened in self._own:
                 opened.close()
             raise
+
+    def _open_pipe(self, path: str, name: str) -> IO[bytes] | None:
+        """A named pipe opened for writing once a reader opens it, or None when the stop came
+        first. (``open`` waited in the kernel until a reader came, for ever, every SIGTERM and
+        Ctrl-C meanwhile logged and ignored.)"""
+        said = False
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                    raise
+            else:
+                os.set_blocking(fd, True)
+                return os.fdopen(fd, "wb")
+            if self._stop is not None and self._stop.is_set():
+                return None
+            if not said:
+                said = True
+                log.info(f"waiting for a reader of {name} (a named pipe)",
+                         extra={"event": "output_wait", "output": name})
+            time.sleep(PIPE_READER_POLL_S)
 
     @property
     def kinds(self) -> set[str]:
@@ -382,6 +418,13 @@ class JsonlSink:
             for fh in self._own:
                 with contextlib.suppress(OSError):
                     fh.close()
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _drop_fd(fh: IO[bytes]) -> None:

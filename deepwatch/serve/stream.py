@@ -395,7 +395,12 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
             "group": (opts.group or DEFAULT_GROUP) if opts.brokers else None,
             "batch_size": opts.batch_size})
         try:
-            report = run_loop(source, sink, processor, stop, metrics)
+            unopened = getattr(sink, "unopened", None)
+            if unopened:  # stopped while an output (a named pipe) waited for its reader
+                report = StreamReport(unread=[f"{unopened} had no reader yet: no input was "
+                                              "read"])
+            else:
+                report = run_loop(source, sink, processor, stop, metrics)
         finally:
             # the handlers put back first: a second SIGTERM while closing (the producer waits up
             # to 60 s for its acknowledgements) is not ignored. The source commits only what the
