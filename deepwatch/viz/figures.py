@@ -33,13 +33,29 @@ MAX_NAME = 48
 _HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5"
                      "\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164"
                      "\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3"
-                     "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
+                     "\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+                     # lone surrogates: no character, and UTF-8 has no bytes for them (see
+                     # visible)
+                     "\ud800-\udfff]")
+
+
+def _shown(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as Python keeps it
+        return f"\\x{code - 0xDC00:02X}"
+    return f"<U+{code:04X}>"
 
 
 def visible(text: str) -> str:
     """``text`` with each character a page would draw as nothing (:data:`_HIDDEN`) written as
-    ``<U+XXXX>``, as the dashboard writes them: two texts that differ look different."""
-    return _HIDDEN.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
+    ``<U+XXXX>``, as the dashboard writes them: two texts that differ look different.
+
+    A lone surrogate U+DC80..U+DCFF is a byte that is not UTF-8 kept by Python's
+    ``surrogateescape`` (a path of such bytes, ``os.fsdecode``): it is written ``\\xHH``, as
+    the formats write such bytes of the data; another lone surrogate ``<U+XXXX>``. Left as
+    they were, the page could not be encoded: ``deepwatch report`` on a bundle in a directory
+    named in Latin-1 ended in a traceback (UnicodeEncodeError) after all its work."""
+    return _HIDDEN.sub(lambda m: _shown(m.group()), text)
 
 
 def _as_text(name: str) -> str:

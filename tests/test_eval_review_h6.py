@@ -1,0 +1,32 @@
+"""Review of ``deepwatch evaluate`` and ``deepwatch report`` (h6): defects found by running the
+real commands on small real data, each test failing on the code before its fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from deepwatch.cli import main
+
+
+def test_a_bundle_path_that_is_not_utf8_is_written_in_the_report(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A directory named in Latin-1 ('modèles' as bytes): Python keeps its byte 0xE8 as the
+    # lone surrogate U+DCE8. The page (its title and the bundle note hold the path) could not
+    # be encoded as UTF-8: 'deepwatch report' ended in a UnicodeEncodeError traceback, exit 1,
+    # no report, after all its work. The byte is written \xE8, as the formats write such bytes.
+    bundle = Path(os.fsdecode(bytes(tmp_path) + b"/mod\xe8les"))
+    shutil.copytree(kdd_bundle, bundle)
+    data = tmp_path / "t.kdd"
+    data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:12]))
+    out = tmp_path / "r.html"
+    assert main(["report", str(bundle), "--format", "kdd", "--out", str(out), str(data)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "<h1><bdi>deepwatch report: " in page
+    assert "mod\\xE8les</bdi></h1>" in page
+    assert "from <bdi>" in page and page.count("mod\\xE8les") >= 3  # title, heading, note
+    assert "report written to" in capsys.readouterr().err
