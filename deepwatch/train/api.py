@@ -733,6 +733,11 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
 
         check_distinct_outputs([("--rejects", rejects)], [*inputs, *val_inputs],
                                [("the bundle", str(out))])
+        if Path(out).resolve() == Path(rejects).resolve():
+            # (where neither was there yet, the file took the bundle's place: the run trained
+            # and then failed with '--out ... is a file', the model lost)
+            raise UsageError(f"--rejects {rejects} is the bundle directory --out {out}: give "
+                             "each its own path")
         if Path(out).resolve() in Path(rejects).resolve().parents:
             # (it was refused only after training: the file made --out a non-bundle directory)
             raise UsageError(f"--rejects {rejects} is inside the bundle directory --out {out}, "
