@@ -71,8 +71,8 @@ def test_a_stop_while_an_output_takes_nothing_more_ends_the_write(
         done.set()
         helper.join(30)
         os.close(reader)
-    assert f"cannot write --verdicts {fifo}: it took nothing more for 0.5s after the stop" in str(
-        caught.value)
+    assert (f"cannot write --verdicts {fifo}: it had not taken the batch in hand 0.5s after "
+            "the stop") in str(caught.value)
     assert sent and ended - sent[0] < 3.0, ended - sent[0]
     # the alarm it set is gone with it
     assert signal.getsignal(signal.SIGALRM) == before
@@ -108,7 +108,8 @@ def test_after_a_stop_a_write_or_flush_to_a_full_output_is_given_up(
         out = Output({ALERT: Messages(lines)}, len(lines), len(lines), 0, len(lines))
         stop.set()
         t0 = time.monotonic()
-        with pytest.raises(DeliveryError, match="it took nothing more for 0.3s after the stop"):
+        with pytest.raises(DeliveryError,
+                           match="it had not taken the batch in hand 0.3s after the stop"):
             sink.write(out)
             sink.flush()
         assert time.monotonic() - t0 < 2.0

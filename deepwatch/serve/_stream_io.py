@@ -342,9 +342,9 @@ class JsonlSink:
         else:  # closing it would flush what it holds, and wait again
             _drop_fd(fh)
         return DeliveryError(
-            f"cannot write {self._names[kind]}: it took nothing more for {STOP_WRITE_S:g}s "
-            "after the stop (its reader is not reading): the lines of the batch in hand were "
-            "not all written, and the last one written may be cut short")
+            f"cannot write {self._names[kind]}: it had not taken the batch in hand "
+            f"{STOP_WRITE_S:g}s after the stop (is its reader reading?): the rest of the "
+            "batch's lines were not written, and the last one written may be cut short")
 
     def on_stop(self) -> None:
         """Called by the stop's signal handler: a write blocked now is given ``STOP_WRITE_S``."""
