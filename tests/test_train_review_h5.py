@@ -1,11 +1,14 @@
 """``deepwatch train`` and ``deepwatch.api.train`` reviewed afresh (h5): paths and arguments
-refused before any training, not after it."""
+refused before any training, not after it, and numpy's numbers taken as Python's."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from conftest import head_lines, run_cli
 
@@ -36,3 +39,26 @@ def test_rejects_at_the_bundle_path_is_refused_before_training(twenty: Path,
     assert _refused(r) == (f"error: --rejects {out} is the bundle directory --out {out}: "
                            "give each its own path")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("model", "given"), [
+    ("mlp", {"seed": np.int64(3), "folds": np.int64(2), "epochs": np.int32(1)}),
+    ("autoencoder", {"target_fpr": np.float32(0.05),
+                     "options": {"noise": np.float32(0.05), "latent": np.int64(4)}}),
+])
+def test_numpy_numbers_are_taken_as_python_ones(model: str, given: dict[str, Any],
+                                                twenty: Path, tmp_path: Path) -> None:
+    # a notebook's np.int64 seed (or np.float32 rate) passed every check, trained the whole
+    # model and then failed with "TypeError: Object of type int64 is not JSON serializable"
+    # where the manifest was written
+    from deepwatch.api import train
+
+    out = tmp_path / "b"
+    manifest = train("kdd", model, twenty, out, **{"epochs": 1, **given})
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["training"]["seed"] == int(given.get("seed", 0))
+    assert saved["training"]["folds"] == int(given.get("folds", 1))
+    if model == "autoencoder":
+        assert saved["thresholds"]["target_fpr"] == pytest.approx(0.05)
+        assert saved["training"]["autoencoder"]["latent"] == 4
+    assert manifest["model_kind"] == model

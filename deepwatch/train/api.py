@@ -472,6 +472,8 @@ def train(
     them: ``YYYY-MM-DD``, ``FIRST..LAST`` or ``unknown``, one or a list); each must match
     records of a lake.
     ``inputs``, ``val_inputs`` and ``lakes``: one path (``str`` or ``pathlib.Path``) or a list.
+    The numbers (``seed``, ``epochs``, ``folds``, ``target_fpr``, ``options``' values) may be
+    Python's or numpy's (``np.int64``, ``np.float32``).
     ``options``: the training loop's settings (``batch_size``, ``lr``, ``weight_decay``,
     ``patience``, ``class_balance``, ``epoch_size``) and the autoencoder's
     (:mod:`deepwatch.train.anomaly`); a name or a value it cannot take is a UsageError before
@@ -487,6 +489,10 @@ def train(
     rejects = os.fspath(rejects) if rejects is not None else None
     check_options(options, model)
     check_numbers(seed=seed, epochs=epochs, folds=folds, target_fpr=target_fpr)
+    # numpy's numbers (np.int64 seeds, np.float32 rates) as Python's: the manifest is JSON
+    seed, folds, target_fpr = int(seed), int(folds), float(target_fpr)
+    epochs = int(epochs) if epochs is not None else None
+    options = plain_numbers(options)
     check_arguments(model, inputs, out, target_fpr=target_fpr, device=device, policy=policy,
                     lakes=lakes, folds=folds, val_inputs=val_inputs, epochs=epochs,
                     rejects=rejects, format_name=format_name, refit=refit, days=days)
@@ -592,6 +598,20 @@ def check_options(options: dict[str, Any] | None, model: str | None = None) -> N
     if model in BATCH_NORMED and options.get("batch_size") == 1:
         raise UsageError(f"option batch_size must be at least 2 for model {model!r}, whose "
                          "batch normalisation needs two rows a batch, not 1")
+
+
+def plain_numbers(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``options`` (checked by :func:`check_options`) with each number a Python ``int`` or
+    ``float`` of the same value: a numpy one (``np.float32(0.05)``, ``np.int64(8)``) trained
+    the whole model and then failed with a TypeError ('Object of type float32 is not JSON
+    serializable') where the manifest records it."""
+    import numbers
+
+    if options is None:
+        return None
+    return {k: int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool)
+            else float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+            for k, v in options.items()}
 
 
 #: What each training option takes: (whole number?, lowest, lowest allowed?, highest, highest
