@@ -30,3 +30,43 @@ def test_a_bundle_path_that_is_not_utf8_is_written_in_the_report(
     assert "mod\\xE8les</bdi></h1>" in page
     assert "from <bdi>" in page and page.count("mod\\xE8les") >= 3  # title, heading, note
     assert "report written to" in capsys.readouterr().err
+
+
+def _well_formed_json(text: str) -> dict:
+    """``text`` parsed as a strict parser would: a lone surrogate (an escape ``\\udcff``, which
+    I-JSON forbids and Rust's serde_json refuses) is an error, as NaN is."""
+    import json
+
+    def refuse(word: str) -> None:
+        raise AssertionError(f"{word} in the JSON")
+
+    value = json.loads(text, parse_constant=refuse)
+
+    def check(v: object) -> None:
+        if isinstance(v, str):
+            v.encode("utf-8")  # UnicodeEncodeError on a lone surrogate
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                check(k)
+                check(x)
+        elif isinstance(v, list):
+            for x in v:
+                check(x)
+
+    check(value)
+    return value
+
+
+def test_evaluate_json_holds_no_lone_surrogate_for_a_path_that_is_not_utf8(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    # The JSON named the bundle "path": "b_\udcff" (Python's surrogateescape of the byte 0xFF,
+    # written as a JSON escape): no strict JSON; jq read it as U+FFFD, serde_json refuses it.
+    bundle = Path(os.fsdecode(bytes(tmp_path) + b"/b_\xff"))
+    shutil.copytree(kdd_bundle, bundle)
+    data = tmp_path / "t.kdd"
+    data.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:12]))
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(bundle), "--format", "kdd", "--json", str(out), str(data)]) == 0
+    result = _well_formed_json(out.read_text(encoding="utf-8"))
+    assert result["bundle"]["path"].endswith("/b_\\xFF")
+    assert result["n"] == 12

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -53,9 +54,34 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _as_byte(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"<U+{code:04X}>"
+
+
+def well_formed(value: Any) -> Any:
+    """``value`` with every string (and key), at any depth, free of lone surrogates: one of
+    U+DC80..U+DCFF is a byte that is not UTF-8 as Python keeps it (``surrogateescape``: a path
+    named in Latin-1) and is written ``\\xHH``, as the formats write such bytes; another is
+    written ``<U+XXXX>``. JSON text holding one as an escape (``"\\udcff"``) is no strict
+    JSON: I-JSON (RFC 7493) forbids it, strict parsers (Rust's serde_json) refuse it, jq makes
+    it U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub(_as_byte, value)
+    if isinstance(value, dict):
+        return {well_formed(k): well_formed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [well_formed(v) for v in value]
+    return value
+
+
 def to_json(result: dict[str, Any]) -> str:
-    """The evaluation JSON: strict JSON, an undefined number written ``null``, never NaN."""
-    return json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n"
+    """The evaluation JSON: strict JSON, an undefined number written ``null``, never NaN, and
+    no text a strict parser refuses (see :func:`well_formed`)."""
+    return json.dumps(well_formed(finite_or_none(result)), indent=2, allow_nan=False) + "\n"
 
 
 def _safe(a: float, b: float) -> float:
