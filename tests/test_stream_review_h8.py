@@ -191,3 +191,25 @@ def test_an_output_pipe_opened_by_its_reader_later_gets_every_alert(
     lines = got[0].splitlines()
     assert report.alerts > 100 and len(lines) == report.alerts
     assert all(json.loads(x)["event"]["kind"] == "alert" for x in lines)
+
+
+@pytest.mark.parametrize("flag", ["output_topic", "verdict_topic", "dead_letter_topic"])
+def test_an_output_topic_that_is_the_input_topic_is_refused(kdd_bundle: Path,
+                                                            flag: str) -> None:
+    """``--dead-letter-topic`` (or another output) naming the input topic: the worker read what
+    it wrote as records, and a dead letter read again was rejected again, for ever (on Tansu,
+    one bad record became 217 dead letters in a minute, and counting). Refused before anything
+    is read, as an output file that is an input file is. (The stop is set: the old code returned
+    at once instead of waiting for the unreachable brokers.)"""
+    from deepwatch.errors import UsageError
+
+    topics = {"output_topic": "conn.alerts", "verdict_topic": "conn.verdicts",
+              "dead_letter_topic": "conn.dead", flag: "conn"}
+    opts = StreamOptions(bundle=str(kdd_bundle), format="kdd", brokers="127.0.0.1:9",
+                         input_topic="conn", **topics)
+    stopped = threading.Event()
+    stopped.set()
+    flag_name = "--" + flag.replace("_", "-")
+    with pytest.raises(UsageError, match=f"^{flag_name} 'conn' is the input topic: the worker "
+                                         "would read what it writes as records"):
+        run_stream(opts, stop=stopped)

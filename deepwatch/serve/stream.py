@@ -268,6 +268,19 @@ class StreamOptions:
             if files:
                 raise UsageError(f"{', '.join(files)} name files; with --brokers, records go "
                                  "to --output-topic, --verdict-topic and --dead-letter-topic")
+            # an output written to the input topic is read again as records: every alert and
+            # verdict a dead letter, and a dead letter read again is rejected again, for ever
+            # (one bad record made 217 dead letters in a minute, and more with every second)
+            looped = [flag for flag, topic in (("--output-topic", self.output_topic),
+                                               ("--verdict-topic", self.verdict_topic),
+                                               ("--dead-letter-topic", self.dead_letters))
+                      if topic == self.input_topic]
+            if looped:
+                raise UsageError(f"{' and '.join(looped)} {self.input_topic!r} "
+                                 f"{'is' if len(looped) == 1 else 'are'} the input topic: the "
+                                 "worker would read what it writes as records (a dead letter "
+                                 "read again is rejected again, for ever); give "
+                                 f"{'it' if len(looped) == 1 else 'each'} another topic")
         else:
             if self.follow and list(self.inputs or ["-"]) == ["-"]:
                 # (it was ignored: stdin is read to its end, with --follow or without)
