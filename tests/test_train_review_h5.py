@@ -62,3 +62,26 @@ def test_numpy_numbers_are_taken_as_python_ones(model: str, given: dict[str, Any
         assert saved["thresholds"]["target_fpr"] == pytest.approx(0.05)
         assert saved["training"]["autoencoder"]["latent"] == 4
     assert manifest["model_kind"] == model
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    # an unset shell variable (--out "$OUT"): the current directory, a bundle written into it
+    # where it was empty ('error:  exists and is not a deepwatch bundle' elsewhere)
+    (["--out", ""], "error: --out is empty: give the bundle's directory"),
+    # a directory named '-' was made
+    (["--out", "-"], "error: --out takes the bundle's directory, not '-': a bundle is a "
+                     "directory of files, not written to standard output"),
+    # no rejects file at all, without a word
+    (["--out", "b", "--rejects", ""], "error: --rejects is empty: give a file path"),
+], ids=["empty-out", "dash-out", "empty-rejects"])
+def test_an_output_naming_no_path_is_refused(given: list[str], says: str, twenty: Path,
+                                             tmp_path: Path) -> None:
+    import sys
+
+    here = tmp_path / "here"
+    here.mkdir()
+    r = subprocess.run([sys.executable, "-m", "deepwatch", "train", "--format", "kdd",
+                        "--model", "mlp", "--epochs", "1", *given, str(twenty)],
+                       capture_output=True, text=True, timeout=300, cwd=here)
+    assert _refused(r) == says
+    assert not any(here.iterdir())  # nothing written where it ran

@@ -747,6 +747,7 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
 
     check_lake_days(lakes, days)  # a day mistyped or not ingested, before reading the rest
     pick_device(device)  # an unknown or absent device
+    check_output_names(out, rejects)
     check_bundle_target(out)
     if rejects:
         from ..sinks import check_distinct_outputs, writable_file
@@ -763,6 +764,21 @@ def check_arguments(model: str, inputs: Sequence[str], out: str | Path, *,
             raise UsageError(f"--rejects {rejects} is inside the bundle directory --out {out}, "
                              "which is written whole: give a path outside it")
         writable_file(rejects, "--rejects")
+
+
+def check_output_names(out: str | Path, rejects: str | None) -> None:
+    """A UsageError for an ``out`` or ``rejects`` that names no path: an empty one (a shell
+    variable not set: ``--out "$OUT"``), or an ``out`` of ``-``. An empty ``--out`` was the
+    current directory (a bundle written into it where it was empty, else ``error:  exists and
+    is not a deepwatch bundle``), an empty ``--rejects`` no rejects file at all, and ``--out -``
+    made a directory named ``-`` (``--rejects -`` is refused as every such file option's)."""
+    if rejects is not None and not os.fspath(rejects):
+        raise UsageError("--rejects is empty: give a file path")
+    if not os.fspath(out):
+        raise UsageError("--out is empty: give the bundle's directory")
+    if os.fspath(out) == "-":
+        raise UsageError("--out takes the bundle's directory, not '-': a bundle is a directory "
+                         "of files, not written to standard output")
 
 
 def _silent(msg: str) -> None:
