@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 import numpy as np
 
+from .._surrogates import without_surrogates
 from ..labels import KDD_CATEGORIES, KDD_COST
 
 
@@ -54,14 +54,6 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _as_byte(m: re.Match[str]) -> str:
-    code = ord(m.group())
-    return f"\\x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"<U+{code:04X}>"
-
-
 def well_formed(value: Any) -> Any:
     """``value`` with every string (and key), at any depth, free of lone surrogates: one of
     U+DC80..U+DCFF is a byte that is not UTF-8 as Python keeps it (``surrogateescape``: a path
@@ -70,7 +62,7 @@ def well_formed(value: Any) -> Any:
     JSON: I-JSON (RFC 7493) forbids it, strict parsers (Rust's serde_json) refuse it, jq makes
     it U+FFFD."""
     if isinstance(value, str):
-        return _SURROGATE.sub(_as_byte, value)
+        return without_surrogates(value)
     if isinstance(value, dict):
         return {well_formed(k): well_formed(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -21,6 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from .._surrogates import without_surrogates
 from ..errors import InputError, UsageError
 from ..formats._base import MAX_RAW, count_newlines
 from ._tail import all_zero, zeros_to_end
@@ -113,7 +114,10 @@ class InputSpec:
 
     @property
     def display(self) -> str:
-        return "<stdin>" if self.path == "-" else self.path
+        """The input as messages, rejects' ``source`` and outputs name it: a path's bytes that
+        are not UTF-8 (a name in Latin-1) written ``\\xHH`` (a file with a rejected line of such
+        a name crashed ``score``, ``evaluate`` and ``ingest`` when its ``source`` was stored)."""
+        return "<stdin>" if self.path == "-" else without_surrogates(self.path)
 
     @property
     def compression(self) -> str | None:
@@ -411,6 +415,7 @@ def parse_input_spec(text: str) -> list[InputSpec]:
     read_as = ""
     if not os.path.exists(text) and "=" in text:
         path, label = _split_label(text)
+        label = without_surrogates(label)  # (stored in a column: written as text can be)
         if not label:
             raise InputError(f"empty label in {text!r}; write PATH=LABEL")
         if path == "-":

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .._surrogates import shown
 from ..evaluate.metrics import label_codes
 from ..labels import BENIGN
 
@@ -39,13 +40,6 @@ _HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b
                      "\ud800-\udfff]")
 
 
-def _shown(ch: str) -> str:
-    code = ord(ch)
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as Python keeps it
-        return f"\\x{code - 0xDC00:02X}"
-    return f"<U+{code:04X}>"
-
-
 def visible(text: str) -> str:
     """``text`` with each character a page would draw as nothing (:data:`_HIDDEN`) written as
     ``<U+XXXX>``, as the dashboard writes them: two texts that differ look different.
@@ -55,7 +49,7 @@ def visible(text: str) -> str:
     the formats write such bytes of the data; another lone surrogate ``<U+XXXX>``. Left as
     they were, the page could not be encoded: ``deepwatch report`` on a bundle in a directory
     named in Latin-1 ended in a traceback (UnicodeEncodeError) after all its work."""
-    return _HIDDEN.sub(lambda m: _shown(m.group()), text)
+    return _HIDDEN.sub(lambda m: shown(m.group()), text)
 
 
 def _as_text(name: str) -> str:
