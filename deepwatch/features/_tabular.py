@@ -363,8 +363,12 @@ def _cast(col: pa.ChunkedArray, to: pa.DataType, name: str) -> pa.ChunkedArray:
     """``col`` cast to ``to``; where it cannot be (text that is no number in a numeric column,
     a list where a category goes), an InputError naming the column instead of pyarrow's
     ArrowInvalid or ArrowNotImplementedError, which named neither the column nor the API."""
+    # an integer past 2**53 (a byte count of 1e16 parses as int64) is a float64 rounded, as
+    # transform's matrix has it: a safe cast refused it, so that one such training line
+    # stopped training on the whole file, while scoring took the same line
+    safe = not (pa.types.is_integer(col.type) and pa.types.is_floating(to))
     try:
-        return pc.cast(col, to)
+        return pc.cast(col, to, safe=safe)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
         want = "numbers" if pa.types.is_floating(to) else "categories (text)"
         raise InputError(f"column {name!r} holds values that are not {want} ({col.type}), "
