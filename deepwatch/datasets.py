@@ -341,6 +341,12 @@ def _checked(ds: Dataset, p: Path, take: Callable[[int], Digest], text: Path) ->
         raise _different(ds, p, found, sha, size, origin) from None
     if sha is None:
         _check_parses(ds, text, shown=p)
+        if ds.records is not None and got.records != ds.records:
+            # trusted on first use, a cut-short copy (an interrupted download, a sample) was
+            # recorded as the data set, and every whole copy after it refused as different
+            raise DataError(f"{p} holds {got.records:,} lines; the published {ds.name} has "
+                            f"{ds.records:,} records: a cut-short or different copy, not "
+                            "recorded; refusing it")
         return got
     if got.sha256 != sha or (size is not None and got.text_bytes != size):
         raise _different(ds, p, f"sha256 {got.sha256[:12]}…, {got.text_bytes:,} bytes", sha,

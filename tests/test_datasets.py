@@ -266,7 +266,9 @@ def test_unknown_checksum_is_recorded_on_first_fetch(
         nsl_test_gz: Path, tmp_path: Path) -> None:
     lines = gzip.decompress(nsl_test_gz.read_bytes()).splitlines(keepends=True)
     first, second = tmp_path / "a", tmp_path / "b"
-    for d, part in ((first, lines[:300]), (second, lines[300:600])):
+    n = datasets.get("nslkdd-test21").records  # (copies of the published length: see below)
+    assert n is not None
+    for d, part in ((first, lines[:n]), (second, lines[-n:])):
         d.mkdir()
         (d / "KDDTest-21.txt").write_bytes(b"".join(part))
     assert datasets.expected(datasets.get("nslkdd-test21"))[0] is None
@@ -288,7 +290,8 @@ def test_a_record_that_cannot_be_written_is_one_line_and_stores_nothing(
     import os
 
     lines = gzip.decompress(nsl_test_gz.read_bytes()).splitlines(keepends=True)
-    (tmp_path / "KDDTest-21.txt").write_bytes(b"".join(lines[:300]))
+    n = datasets.get("nslkdd-test21").records
+    (tmp_path / "KDDTest-21.txt").write_bytes(b"".join(lines[:n]))
     real_replace = os.replace
 
     def full_disk(a: str | Path, b: str | Path) -> None:
@@ -303,6 +306,29 @@ def test_a_record_that_cannot_be_written_is_one_line_and_stores_nothing(
     assert err.rstrip().endswith("No space left on device; nslkdd-test21 was not stored"), err
     assert len(err.splitlines()) == 1, err
     assert [p.name for p in (isolated / "datasets").rglob("*") if p.is_file()] == []
+
+
+def test_a_cut_short_copy_is_not_trusted_on_first_use(
+        nsl_test_gz: Path, tmp_path: Path, isolated: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a checksum in the registry, the first copy fetched is recorded: a copy of 1,000
+    lines (an interrupted download, a sample) was recorded as KDDTest-21, and the whole file
+    fetched later refused as "a modified or different copy". The published record count is
+    checked first."""
+    lines = gzip.decompress(nsl_test_gz.read_bytes()).splitlines(keepends=True)
+    n = datasets.get("nslkdd-test21").records
+    assert n is not None
+    short, whole = tmp_path / "short", tmp_path / "whole"
+    for d, part in ((short, lines[:1000]), (whole, lines[:n])):
+        d.mkdir()
+        (d / "KDDTest-21.txt").write_bytes(b"".join(part))
+    assert main(["datasets", "fetch", "nslkdd-test21", "--from", str(short)]) == 4
+    err = capsys.readouterr().err
+    assert "holds 1,000 lines; the published nslkdd-test21 has 11,850 records" in err, err
+    assert len(err.splitlines()) == 1, err
+    assert datasets.expected(datasets.get("nslkdd-test21"))[0] is None  # nothing recorded
+    (got,) = datasets.fetch("nslkdd-test21", from_dir=str(whole))
+    assert datasets.expected(datasets.get("nslkdd-test21"))[0] == datasets.digest(got).sha256
 
 
 @pytest.mark.parametrize("text", ['{"nslkdd-test21": {"sha256": "abc"}}',
