@@ -24,7 +24,8 @@ def mode() -> Mode:
         return "off"  # one voice per distributed run: rank 0's
     flag = os.environ.get("DEEPWATCH_PROGRESS")
     if flag is not None:
-        return "off" if flag in ("0", "false", "no") else "bars"
+        # (any case, and "off" too: DEEPWATCH_PROGRESS=off or FALSE drew the bars)
+        return "off" if flag.strip().lower() in ("0", "false", "no", "off") else "bars"
     return "bars" if sys.stderr.isatty() else "lines"
 
 
