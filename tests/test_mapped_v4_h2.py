@@ -6,20 +6,17 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import data_file, head_lines
+from test_formats_review_k import _access_alerts
 from test_web_features import _line as _site_line
 from test_web_features import _table
 
-from deepwatch.alerts import AlertContext, alert_lines
 from deepwatch.features._lookups import client_address, ip_info
 from deepwatch.features._window import WINDOW_COLUMNS
 from deepwatch.features.web import derive_access
-from deepwatch.formats import get_format
 
 PUBLIC = "8.8.8.8"
 #: One IPv4 client, every way a log may write it.
@@ -83,17 +80,9 @@ def test_real_site_log_written_by_a_dual_stack_server_featurises_as_ipv4() -> No
 
 
 def test_an_alert_for_a_mapped_client_has_its_ipv4_source_ip() -> None:
-    fmt = get_format("access")
     clients = [f"::ffff:{PUBLIC}", f"[::FFFF:{PUBLIC}]:51234", "0:0:0:0:0:ffff:808:808",
                PUBLIC, "2001:DB8::1", "::ffff:8.8.8.8%eth0"]
-    res = fmt.parse("\n".join(_lines(clients)) + "\n")
-    assert res.rejects.num_rows == 0
-    n = res.batch.num_rows
-    scored = pa.Table.from_batches([res.batch]).append_column(
-        "score", pa.array([0.9] * n)).append_column("verdict", pa.array(["malicious"] * n))
-    ctx = AlertContext(rule_name="deepwatch-autoencoder", rule_version="x",
-                       format_name=fmt.name, ecs_fields=dict(fmt.ecs_fields))
-    docs = [json.loads(b) for b in alert_lines(scored, ctx)]
+    docs = _access_alerts(clients)
     assert [(d["source"]["ip"], d["source"].get("port")) for d in docs] == [
         (PUBLIC, None), (PUBLIC, 51234), (PUBLIC, None), (PUBLIC, None), ("2001:db8::1", None),
         ("::ffff:8.8.8.8%eth0", None)]
