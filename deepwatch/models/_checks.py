@@ -73,6 +73,14 @@ def check_network(network: dict[str, Any], n_features: int) -> None:
         if level > MAX_NESTING:
             raise BundleError(f"the manifest's network is nested too deeply (at {where})")
         if isinstance(node, dict):
+            for key in node:
+                if not key.isprintable():
+                    # a line break or a terminal escape in a key went out raw in the messages
+                    # that name it (network.KEY is ...): a second line of the bundle's own
+                    # words after the error, or colours and cursor moves in the terminal
+                    raise BundleError(f"the manifest's network has a key with a control "
+                                      f"character in it ({key!r} in {where}); it is not a "
+                                      "manifest deepwatch wrote")
             for key, value in node.items():
                 walk(value, f"{where}.{key}", level + 1)
             if "d_in" in node and node["d_in"] != n_features:
