@@ -63,3 +63,35 @@ def test_a_network_key_with_a_control_character_is_refused_in_one_line(
         Detector(bundle)
     assert str(info.value).isprintable(), str(info.value)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# ---- 2. a featurizer's spread that fit could not have written ----------------------------------
+
+@pytest.mark.parametrize("std", [1e-308, 5e-324, 1e-12, 1e-9])
+def test_a_featurizer_std_fit_never_writes_is_refused(
+        std: float, kdd_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A spread of 1e-308 passed (only 0, NaN and inf were refused) and saturated the column
+    for every record, changing verdicts without a word; fit writes 1.0 for any std at or below
+    1e-9, so a featurizer holding one is no featurizer deepwatch wrote."""
+
+    def tiny(f: dict[str, Any]) -> str:
+        f["std"]["src_bytes"] = std
+        return json.dumps(f)
+
+    bundle = edited(kdd_bundle, tmp_path / "b", featurizer=tiny)
+    code, err = score(bundle, tmp_path, capsys)
+    assert code == 3
+    assert err.splitlines() == [
+        f"error: {bundle / 'featurizer.json'} is not a valid featurizer: the std of "
+        f"'src_bytes' is {std}, not a finite number above 1e-09 (fit gives a column that "
+        "barely varies 1.0)"], err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_featurizer_std_just_above_what_fit_refuses_still_loads(
+        kdd_bundle: Path, tmp_path: Path) -> None:
+    def small(f: dict[str, Any]) -> str:
+        f["std"]["src_bytes"] = 2e-9
+        return json.dumps(f)
+
+    Detector(edited(kdd_bundle, tmp_path / "b", featurizer=small))

@@ -19,6 +19,9 @@ from ._derive import deriver_reads, get_deriver
 
 OTHER = "<other>"
 CLIP = 50.0
+#: The smallest spread a fitted featurizer holds is above this: fit writes 1.0 for a column
+#: whose std is this or less, and a saved featurizer with one is refused at load.
+MIN_STD = 1e-9
 
 
 class Featurizer:
@@ -254,13 +257,16 @@ class Featurizer:
         except (TypeError, ValueError):
             raise ValueError("'mean' and 'std' must hold numbers") from None
         # a NaN or infinite moment, or a spread of 0, makes every record's features NaN or
-        # saturated: each verdict would be the same, whatever the record
+        # saturated: each verdict would be the same, whatever the record. A tiny spread
+        # (1e-308) saturates them as well, and fit never writes one: at or below MIN_STD it
+        # writes 1.0
         for k in f.mean_:
             if not math.isfinite(f.mean_[k]):
                 raise ValueError(f"the mean of {k!r} is {f.mean_[k]}, not a finite number")
         for k in f.std_:
-            if not (math.isfinite(f.std_[k]) and f.std_[k] > 0):
-                raise ValueError(f"the std of {k!r} is {f.std_[k]}, not a finite number above 0")
+            if not (math.isfinite(f.std_[k]) and f.std_[k] > MIN_STD):
+                raise ValueError(f"the std of {k!r} is {f.std_[k]}, not a finite number above "
+                                 f"{MIN_STD:g} (fit gives a column that barely varies 1.0)")
         f.feature_names_ = list(d["feature_names"])
         return f
 
