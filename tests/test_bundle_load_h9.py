@@ -95,3 +95,34 @@ def test_a_featurizer_std_just_above_what_fit_refuses_still_loads(
         return json.dumps(f)
 
     Detector(edited(kdd_bundle, tmp_path / "b", featurizer=small))
+
+
+# ---- 3. repeated keys in featurizer.json -------------------------------------------------------
+
+def _top_std_first(f: dict[str, Any]) -> str:
+    """Another 'std' object before the real one: json kept the last, so a tiny spread in the
+    first was never seen by the checks."""
+    text = json.dumps(f)
+    return '{"std": ' + json.dumps({**f["std"], "src_bytes": 1e-308}) + ", " + text[1:]
+
+
+def _column_twice(f: dict[str, Any]) -> str:
+    text = json.dumps(f)
+    return text.replace('"std": {', '"std": {"src_bytes": 0.0, ', 1)
+
+
+@pytest.mark.parametrize(("change", "key"), [(_top_std_first, "std"),
+                                             (_column_twice, "src_bytes")])
+def test_a_featurizer_giving_a_key_twice_is_refused(
+        change: Callable[[dict[str, Any]], str], key: str, kdd_bundle: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Repeated keys in manifest.json were refused, in featurizer.json taken (the last kept)."""
+    bundle = edited(kdd_bundle, tmp_path / "b", featurizer=change)
+    assert (bundle / "featurizer.json").read_text().count(f'"{key}"') == (
+        (kdd_bundle / "featurizer.json").read_text().count(f'"{key}"') + 1)
+    code, err = score(bundle, tmp_path, capsys)
+    assert code == 3
+    assert err.splitlines() == [
+        f"error: {bundle / 'featurizer.json'} is not a valid featurizer: it gives {key!r} "
+        "twice in one object; it is not a featurizer deepwatch wrote"], err
+    assert not (tmp_path / "out.jsonl").exists()

@@ -281,7 +281,10 @@ class Featurizer:
 
     @classmethod
     def from_json(cls, text: str) -> Featurizer:
-        return cls.from_dict(json.loads(text))
+        """The featurizer :meth:`to_json` wrote; ValueError for anything else, a key given
+        twice in one object included (json keeps the last silently: of two ``std`` objects,
+        the one checked is whichever comes last), as a bundle's manifest is read."""
+        return cls.from_dict(json.loads(text, object_pairs_hook=_no_repeated_keys))
 
     def schema_hash(self) -> str:
         """Identifies the input layout the models were trained on (names and order)."""
@@ -379,6 +382,17 @@ def _cast(col: pa.ChunkedArray, to: pa.DataType, name: str) -> pa.ChunkedArray:
         want = "numbers" if pa.types.is_floating(to) else "categories (text)"
         raise InputError(f"column {name!r} holds values that are not {want} ({col.type}), "
                          f"which this featurizer reads as {want}: {first_line(exc)}") from None
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; ValueError where it gives a key twice."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"it gives {key!r} twice in one object; it is not a featurizer "
+                             "deepwatch wrote")
+        obj[key] = value
+    return obj
 
 
 def _str_list(value: Any) -> bool:
