@@ -7,8 +7,11 @@ their order and every other record becomes a reject naming its index in the requ
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +51,8 @@ class ScoreRequest:
     records: list[Any]
     #: add the ``explanation`` of each malicious record (costs extra inference passes)
     explain: bool
+    #: records refused before parsing, by index: the reason (an object naming a field twice)
+    refused: dict[int, str] = field(default_factory=dict)
 
 
 def decode(body: bytes, bundle_format: str, max_records: int) -> ScoreRequest:
@@ -83,26 +88,86 @@ def decode(body: bytes, bundle_format: str, max_records: int) -> ScoreRequest:
     explain = payload.get("explain", False)
     if not isinstance(explain, bool):
         raise RequestError(422, "'explain' must be true or false")
-    return ScoreRequest(fmt, records, explain)
+    return ScoreRequest(fmt, records, explain, _repeated_keys(body, payload, records))
 
 
-def parse(fmt: Format, records: list[Any]) -> Parsed:
-    """Parse ``records``: strings as raw lines, objects as parsed fields, anything else refused."""
-    if all(type(r) is str for r in records):
-        return _lines(fmt, records, np.arange(len(records)))
-    if all(type(r) is dict for r in records):
-        return _objects(fmt, records, np.arange(len(records)))
+#: A key's closing quote and its colon with whitespace between (``"a" : 1``).
+_SPACED_KEY = re.compile(rb'"[ \t\r\n]+:')
+
+
+def _zero(text: str) -> int:
+    return 0
+
+
+class _Pairs(list):  # type: ignore[type-arg]
+    """An object's ``(key, value)`` pairs as the standard json module reads them, every one."""
+
+
+def _repeated_keys(body: bytes, payload: dict[str, Any], records: list[Any]) -> dict[int, str]:
+    """The records (objects) that name a field twice, by index: the reason; RequestError (422)
+    when the body itself names a key twice.
+
+    orjson keeps the last of them: ``{"records": [A, B], "records": [C]}`` scored C alone and
+    dropped A and B without a word, ``{"duration": 0, "duration": 9, ...}`` was scored with 9,
+    and a proxy or filter reading the first saw other records or values than the model scored.
+
+    Each key in the body ends in a quote and a colon, and outside strings a colon is nothing
+    else: so where the body holds no more colons (then no more quote-colons) than the keys
+    orjson kept of the body and its records, no key was given twice (one count of the body,
+    the common case). Otherwise (a colon in the data, an object elsewhere) the body is read
+    again by the standard library, which shows every pair."""
+    kept = len(payload) + sum(len(r) for r in records if type(r) is dict)
+    if body.count(b":") == kept:
+        return {}
+    if body.count(b'":') + len(_SPACED_KEY.findall(body)) == kept:
+        return {}
+    try:  # (numbers are not needed: not read, so no digit limit)
+        top = json.loads(body, object_pairs_hook=_Pairs, parse_int=_zero, parse_float=_zero)
+    except RecursionError:
+        raise RequestError(400, "the body is nested too deeply to be read") from None
+    except ValueError:  # (not expected of JSON orjson read: then there is nothing to tell)
+        return {}
+    repeated = _twice(top)
+    if repeated:
+        raise RequestError(422, f"the body names {repeated} more than once (a JSON reader "
+                                f"keeps only one of them); send each key once")
+    refused: dict[int, str] = {}
+    items: list[Any] = next((v for k, v in top if k == "records"), [])
+    for i, item in enumerate(items):
+        if type(item) is _Pairs and (repeated := _twice(item)):
+            refused[i] = (f"the record names {repeated} more than once (a JSON reader keeps "
+                          f"only one of them); send each field once")
+    return refused
+
+
+def _twice(pairs: _Pairs) -> str:
+    """The keys named more than once among ``pairs``, quoted (empty where none is)."""
+    return ", ".join(map(repr, sorted(k for k, n in Counter(k for k, _ in pairs).items()
+                                      if n > 1)))
+
+
+def parse(fmt: Format, records: list[Any], refused: dict[int, str] | None = None) -> Parsed:
+    """Parse ``records``: strings as raw lines, objects as parsed fields, anything else refused,
+    as are the records in ``refused`` (index: reason)."""
+    if not refused:
+        if all(type(r) is str for r in records):
+            return _lines(fmt, records, np.arange(len(records)))
+        if all(type(r) is dict for r in records):
+            return _objects(fmt, records, np.arange(len(records)))
     kinds = np.array([0 if type(r) is str else 1 if type(r) is dict else 2 for r in records],
                      dtype=np.int8)
+    if refused:
+        kinds[list(refused)] = 3
     parts: list[Parsed] = []
     idx_lines, idx_objects = np.flatnonzero(kinds == 0), np.flatnonzero(kinds == 1)
     if idx_lines.size:
         parts.append(_lines(fmt, [records[i] for i in idx_lines], idx_lines))
     if idx_objects.size:
         parts.append(_objects(fmt, [records[i] for i in idx_objects], idx_objects))
-    refused = [{"index": int(i), "reason": "a record must be a raw line (string) or a JSON "
-                "object of fields"} for i in np.flatnonzero(kinds == 2)]
-    return _merge(fmt, parts, refused)
+    others = [{"index": int(i), "reason": "a record must be a raw line (string) or a JSON "
+               "object of fields"} for i in np.flatnonzero(kinds == 2)]
+    others += [{"index": i, "reason": reason} for i, reason in (refused or {}).items()]
+    return _merge(fmt, parts, others)
 
 
 def _lines(fmt: Format, lines: list[str], positions: np.ndarray) -> Parsed:

@@ -10,11 +10,8 @@ request holding it finishes.
 from __future__ import annotations
 
 import copy
-import json
-import re
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,50 +27,13 @@ from ..formats import Format, get_format
 from ..models.detector import Detector
 from ..sinks import escape_unsafe_text
 from ._metrics import Metrics
-from ._request import ALLOWED_KEYS, Parsed, RequestError, decode, parse
+from ._request import Parsed, decode, parse
 from ._stats import RecentStats
 
 #: Columns of a result, in this order, where the model produces them.
 RESULT_COLUMNS = ("score", "anomaly_score", "verdict", "attack_type", "category", "explanation")
 #: Alerts kept per request for the dashboard (the newest).
 DASHBOARD_ALERTS_PER_REQUEST = 10
-
-
-#: A score request's keys as a body spells them without escapes.
-_QUOTED_KEYS = tuple(f'"{k}"'.encode() for k in sorted(ALLOWED_KEYS))
-#: A ``\\u`` escape of a lower-case letter: how a key can be written without its own bytes.
-_LETTER_ESCAPE = re.compile(rb"\\u00[67][0-9a-fA-F]")
-
-
-def _zero(text: str) -> int:
-    return 0
-
-
-def refuse_repeated_keys(body: bytes) -> None:
-    """RequestError (422) when the body (JSON already read, an object) names a key twice.
-
-    orjson keeps the last of them: ``{"records": [A, B], "records": [C]}`` scored C alone and
-    dropped A and B without a word, and a proxy or filter reading the first saw other records
-    than the model scored. Only a body that spells a key more than once, or spells a letter as
-    an escape, is read again (by the standard library, which shows every pair) to tell."""
-    if not (any(body.count(k) > 1 for k in _QUOTED_KEYS) or _LETTER_ESCAPE.search(body)):
-        return
-    keys: list[str] = []
-
-    def pairs(items: list[tuple[str, Any]]) -> None:
-        keys[:] = [k for k, _ in items]  # the outermost object's come last
-
-    try:  # (numbers are not needed: not read, so no digit limit)
-        json.loads(body, object_pairs_hook=pairs, parse_int=_zero, parse_float=_zero)
-    except RecursionError:
-        raise RequestError(400, "the body is nested too deeply to be read") from None
-    except ValueError:  # (not expected of JSON orjson read: then there is nothing to tell)
-        return
-    repeated = [k for k, n in Counter(keys).items() if n > 1]
-    if repeated:
-        raise RequestError(422, f"the body names {', '.join(map(repr, sorted(repeated)))} "
-                                f"more than once (a JSON reader keeps only one of them); "
-                                f"send each key once")
 
 
 #: The default time a request body has to arrive in whole (``serve --body-timeout``).
@@ -209,8 +169,7 @@ class ScoringService:
         model = self._model
         t0 = time.perf_counter()
         request = decode(body, model.format, self.limits.max_records)
-        refuse_repeated_keys(body)
-        parsed = parse(request.format, request.records)
+        parsed = parse(request.format, request.records, request.refused)
         detector = model.explaining if request.explain else model.detector
         scored = detector.score_batch(parsed.batch, detector.new_state())
         out = render(scored, parsed)
