@@ -57,13 +57,15 @@ def _bundle_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def check_bundle_target(out: str | Path) -> Path:
+def check_bundle_target(out: str | Path, make_parents: bool = False) -> Path:
     """Refuse, before any training, a place a bundle cannot be saved to; the directory a bundle
     goes to (the path resolved: ``.`` is the current directory) where it can.
 
     A bundle goes where nothing is, into an empty directory, or in place of a deepwatch bundle
     holding nothing but its own files. A file, a directory holding anything else (which saving
-    would delete) or one that cannot be written is refused.
+    would delete) or one that cannot be written is refused. Missing parent directories are
+    made only with ``make_parents`` (when saving): the check before training leaves nothing
+    behind, so a run that then fails or is stopped leaves no empty directories.
     """
     target = Path(out).resolve()
     if target.exists() and not target.is_dir():
@@ -85,9 +87,18 @@ def check_bundle_target(out: str | Path) -> Path:
     # an empty directory is written in place (it may be the current directory or a mount
     # point); anything else is made beside the target and moved into place
     probe_in = target if target.is_dir() and not held else target.parent
+    # where parents are missing, the nearest one there is must be a directory (a file on the
+    # way, file.txt/sub, was 'File exists') and is the one written to (probed) to make them
+    present = probe_in
+    while not os.path.lexists(present) and present != present.parent:
+        present = present.parent
+    if not present.is_dir():
+        raise OutputError(f"cannot write a bundle at {out}: {present} is not a directory")
     try:  # a real write, not a permission bit: read-only mounts and odd file systems count
-        probe_in.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe.", dir=probe_in))
+        if make_parents:
+            probe_in.mkdir(parents=True, exist_ok=True)
+            present = probe_in
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe.", dir=present))
     except OSError as exc:
         raise OutputError(f"cannot write a bundle at {out}: {exc.strerror or exc}") from None
     return target
@@ -100,7 +111,7 @@ def save_bundle(out: str | Path, manifest: dict[str, Any], files: dict[str, byte
     half-written bundle where a good one was. Into an empty directory the files are moved one
     by one, the manifest last: until it is there, the directory is no bundle.
     """
-    target = check_bundle_target(out)
+    target = check_bundle_target(out, make_parents=True)
     try:
         return _save(target, manifest, files)
     except OSError as exc:  # a full disk, a directory removed under us

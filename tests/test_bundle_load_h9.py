@@ -126,3 +126,41 @@ def test_a_featurizer_giving_a_key_twice_is_refused(
         f"error: {bundle / 'featurizer.json'} is not a valid featurizer: it gives {key!r} "
         "twice in one object; it is not a featurizer deepwatch wrote"], err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# ---- 4. train --out in directories that are not there yet ----------------------------------------
+
+def test_a_failed_train_leaves_no_directories_its_out_check_made(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The writability check before training made new/sub for '-o new/sub/b': a run that then
+    failed (or was stopped) left them behind, empty."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("not a kdd record\n")
+    assert main(["train", "-f", "kdd", "-m", "mlp", "-o", str(tmp_path / "new" / "sub" / "b"),
+                 str(bad)]) == 4
+    assert "too few training records" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
+def test_out_under_a_file_is_refused_naming_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """'-o file.txt/sub' was refused with 'cannot write a bundle at file.txt/sub: File exists'."""
+    (tmp_path / "file.txt").write_text("x")
+    records = tmp_path / "in.csv"
+    records.write_text(RECORD)
+    out = tmp_path / "file.txt" / "sub"
+    assert main(["train", "-f", "kdd", "-m", "mlp", "-o", str(out), str(records)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: cannot write a bundle at {out}: {tmp_path.resolve() / 'file.txt'} is not a "
+        "directory"]
+    assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_saving_still_makes_the_missing_parents(tmp_path: Path) -> None:
+    from deepwatch.bundle import check_bundle_target, save_bundle
+
+    out = tmp_path / "new" / "sub" / "b"
+    assert check_bundle_target(out) == out.resolve()
+    assert not (tmp_path / "new").exists()
+    save_bundle(out, {"model_kind": "mlp"}, {"featurizer.json": b"{}"})
+    assert sorted(p.name for p in out.iterdir()) == ["featurizer.json", "manifest.json"]
