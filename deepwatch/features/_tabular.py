@@ -96,7 +96,7 @@ class Featurizer:
             x = self._numeric(table, name, name in log_cols)
             mean[name] = float(np.mean(x))
             s = float(np.std(x))
-            std[name] = s if s > 1e-9 else 1.0
+            std[name] = s if s > MIN_STD else 1.0
         self.vocab_ = vocab
         for cached in ("_value_sets", "_moment_arrays"):  # derived from an earlier fit
             self.__dict__.pop(cached, None)
