@@ -21,6 +21,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .._surrogates import without_surrogates
 from ..bundle import MANIFEST, sha256_file
 from ..errors import BundleError, DeepwatchError
 from ..formats import Format, get_format
@@ -88,7 +89,9 @@ class LoadedModel:
     generation: int
 
     def describe(self) -> dict[str, Any]:
-        return {**self.detector.describe(), "bundle": str(self.path),
+        # (a byte of the path that is not UTF-8 \\xHH: JSON cannot hold it, /v1/stats and
+        # POST /v1/reload were a 500)
+        return {**self.detector.describe(), "bundle": without_surrogates(str(self.path)),
                 "fingerprint": self.fingerprint, "generation": self.generation,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
 

@@ -57,6 +57,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .. import __version__
 from ..errors import DeepwatchError, InputError, UsageError
 from ..sinks import escape_unsafe_text
+from ..viz.figures import visible
 from ._auth import OPEN_PATHS, ASGIApp, Gate, Receive, Scope, Send
 from ._intake import TICKET, Intake, IntakeGuard, ScoringBudget, read_body
 from ._intake import error_response as _error
@@ -327,7 +328,11 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
             service.metrics.rejected_requests.labels(str(exc.status)).inc()
             return _error(exc.status, exc.reason)
         except DeepwatchError as exc:
-            reason = f"the bundle was not loaded (still serving the previous one): {exc}"
+            # (the reason quotes the path sent: a character drawn as nothing, a bidirectional
+            # control that would reorder the text around it, is written visibly, and a byte of
+            # a served path that is not UTF-8 \xHH, where it made the answer a 500)
+            reason = (f"the bundle was not loaded (still serving the previous one): "
+                      f"{visible(str(exc))}")
             if tls is None or group is not None:
                 return _error(422, reason)
             # one process: the certificate is read again all the same (it does not wait on
@@ -345,7 +350,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                     log.warning("POST /v1/reload: the workers are not replaced (they serve on "
                                 "with the bundle and certificate they have): %s", exc)
                     return _error(422, f"the workers were not replaced (they serve on with the "
-                                       f"bundle and certificate they have): {exc}")
+                                       f"bundle and certificate they have): "
+                                       f"{visible(str(exc))}")
             group.reload_all(model.path)  # (the parent counts the replacement's outcome)
             log.info("replacing the workers to serve %s", model.path)
             answer = {"status": "reloading", "model": model.describe(), "workers": "replacing"}
@@ -358,7 +364,8 @@ def create_app(bundle_path: str | Path, api_key: str | None = None, *, engine: s
                 # a certificate refused is a failed reload, as of --workers (where it refuses
                 # the whole reload): an alert on failed reloads sees a renewal gone wrong
                 service.count_reload(certificate["status"] == "reloaded")
-        return Response(orjson.dumps(answer), media_type=JSON)
+        # (the bundle's path as sent: escaped as /v1/stats writes it)
+        return Response(escape_unsafe_text(orjson.dumps(answer)), media_type=JSON)
 
     @app.get("/healthz", response_model=None, summary="Liveness (no key needed)")
     async def healthz() -> Response:
