@@ -133,6 +133,34 @@ def _lines(raw: RawBatch) -> list[bytes]:
     return [x.removesuffix(b"\r") for x in raw.data.split(b"\n")]
 
 
+def _over_long(data: bytes) -> np.ndarray:
+    """The rows (lines of ``data``) over ``MAX_LINE_BYTES``, a ``\\r`` ending one left out of
+    its length as a file's line ending is. Where every window of half the limit holds a line
+    break, none is (looked at with ``bytes.find``, at C speed, as ``sources.files`` does)."""
+    from ..sources.files import MAX_LINE_BYTES
+
+    w = MAX_LINE_BYTES // 2
+    if len(data) <= MAX_LINE_BYTES or all(
+            data.find(b"\n", k, k + w) >= 0 for k in range(0, len(data) - w + 1, w)):
+        return np.empty(0, dtype=np.int64)
+    buf = np.frombuffer(data, np.uint8)
+    ends = np.append(np.flatnonzero(buf == 10), len(data))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    sizes = ends - starts
+    sizes -= (sizes > 0) & (buf[np.maximum(ends - 1, 0)] == 13)
+    return np.flatnonzero(sizes > MAX_LINE_BYTES).astype(np.int64)
+
+
+def _long_text(raw: RawBatch, row: int) -> tuple[str, str]:
+    """The raw text and reason of the dead letter of record ``row``, over ``MAX_LINE_BYTES``:
+    the words and the cut of a file's line that long (``sources.files.long_line_reason``)."""
+    from ..formats._base import cut_lost
+    from ..sources.files import LOST_BYTES, long_line_reason
+
+    line = raw.line(row)
+    return cut_lost(line[:LOST_BYTES], long_line_reason(len(line)))
+
+
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -255,11 +283,15 @@ class StreamProcessor:
         scored_idx = np.asarray(result.line_numbers, dtype=np.int64)
         batch = result.batch
         broken = np.empty(0, dtype=np.int64)
-        if raw.broken and batch.num_rows:
+        # a record over MAX_LINE_BYTES (a Kafka message; a file's line that long is never read
+        # as one, see sources.files.LineBuffer) is a dead letter saying so, as a file's is: it
+        # was parsed and scored. (``broken`` holds these too, once taken out of the scored.)
+        long = set(_over_long(raw.data).tolist())
+        if (raw.broken or long) and batch.num_rows:
             # a message holding a line break is one record, rejected whole: the format may have
             # parsed it all the same (a KDD label, an access log's quoted user agent, holding
             # the text "\n"), and it was scored
-            hit = np.isin(scored_idx, np.asarray(raw.broken, dtype=np.int64))
+            hit = np.isin(scored_idx, np.asarray([*raw.broken, *long], dtype=np.int64))
             if hit.any():
                 broken = scored_idx[hit]
                 batch = batch.filter(pa.array(~hit))
@@ -285,13 +317,19 @@ class StreamProcessor:
         reject_idx = np.asarray(rejects.column("line"), dtype=np.int64)
         texts = rejects.column("raw").to_pylist()
         reasons = rejects.column("reason").to_pylist()
+        if long:
+            # one the format rejected is rejected for its length (whatever else it holds)
+            for j, row in enumerate(reject_idx.tolist()):
+                if row in long:
+                    texts[j], reasons[j] = _long_text(raw, row)
         if len(broken) or len(headers):
             from ..formats._base import cut_raw, decode_text
 
             held = set(raw.broken)
             for row in broken.tolist() + headers.tolist():
-                text, why = cut_raw(decode_text(raw.line(row)),
-                                    BROKEN if row in held else HEADER_MESSAGE)
+                text, why = (_long_text(raw, row) if row in long else
+                             cut_raw(decode_text(raw.line(row)),
+                                     BROKEN if row in held else HEADER_MESSAGE))
                 texts.append(text)
                 reasons.append(why)
             reject_idx = np.concatenate([reject_idx, broken, headers])
