@@ -7,6 +7,7 @@ Against a real Kafka-protocol broker (Tansu, in-memory storage) of this module's
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ RECORD = (b"0,tcp,private,REJ,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,229,10,0.00,0.
 
 #: Tansu answers a group's first join after about half the session timeout: 1 s, not 5 s
 FAST_JOIN = {"session.timeout.ms": "2000", "heartbeat.interval.ms": "500"}
+#: a member whose broker does not answer for 0.6 s loses its partitions
+QUICK_LOSS = {"session.timeout.ms": "600", "heartbeat.interval.ms": "200"}
 
 
 def _sized(size: int) -> bytes:
@@ -163,3 +166,112 @@ def test_a_message_at_the_limit_with_a_crlf_is_scored(kdd_bundle: Path) -> None:
         for size in (MAX_LINE_BYTES + 1, MAX_LINE_BYTES + 5)]
     assert dead[1]["raw"] == "y" * 10_000
     assert source.committed == 4
+
+
+class _LoseThenHandOver:
+    """The detector; while it scores the first batch, the broker stops answering (SIGSTOP) for
+    longer than the worker's session timeout, so that the worker's member loses its partitions,
+    and ``hand_over`` (another member taking them, reading and committing) runs after."""
+
+    def __init__(self, detector: Detector, broker: Any, hand_over: Any, stopped: float):
+        self._detector, self._broker, self._hand_over = detector, broker, hand_over
+        self._stopped = stopped
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._detector, name)
+
+    def score_batch(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        if self.calls == 1:
+            self._broker.proc.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(self._stopped)
+            finally:
+                self._broker.proc.send_signal(signal.SIGCONT)
+            self._hand_over()
+        return self._detector.score_batch(*args, **kwargs)
+
+
+@pytest.mark.integration
+def test_a_batch_written_before_its_partition_was_lost_does_not_commit_it(
+        tansu: Any, kdd_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose member lost its partition (its session timed out: the broker did not
+    answer) while a written batch waited for its commit committed that batch's offset after
+    the loss, over the new owner's: on Tansu the new owner read all 20 records and committed
+    20, then the old worker committed 10 (the group's offset went back: 10 records read again).
+    Offsets of a lost partition are now taken out of the batches not committed yet."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from deepwatch.serve import stream
+    from deepwatch.serve._kafka_io import KafkaSource
+
+    # the written batch waits for its commit (as it may for up to 1 s or 4 batches)
+    monkeypatch.setattr(stream, "SETTLE_EVERY_S", 60.0)
+    topic, group = "h10-lost", "h10-lost-group"
+    _create(tansu.address, 1, topic)
+    producer = Producer({"bootstrap.servers": tansu.address})
+    for i in range(20):
+        producer.produce(topic, RECORD, str(i).encode())
+    assert producer.flush(30) == 0
+    del producer
+
+    other = Consumer({"bootstrap.servers": tansu.address, "group.id": group,
+                      "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                      **QUICK_LOSS})
+    taken = threading.Event()
+    done = threading.Event()
+
+    def run_other() -> None:  # joins once the worker's member is gone: reads all, commits 20
+        other.subscribe([topic])
+        seen = 0
+        while not done.is_set():
+            msg = other.poll(0.1)
+            if msg is not None and msg.error() is None:
+                seen += 1
+                if seen == 20:
+                    other.commit(offsets=[TopicPartition(topic, 0, 20)], asynchronous=False)
+                    taken.set()
+
+    joiner = threading.Thread(target=run_other, daemon=True)
+
+    def hand_over() -> None:
+        joiner.start()
+        assert taken.wait(30), "the other member never read the partition"
+
+    stop = threading.Event()
+    source = KafkaSource(tansu.address, topic, group, batch_size=10, max_wait=0.2,
+                         options=QUICK_LOSS)
+    lost: list[int] = []
+    on_lost = source._on_lost
+
+    def losing(consumer: Any, partitions: list[Any]) -> None:
+        lost.extend(p.partition for p in partitions)
+        on_lost(consumer, partitions)
+        stop.set()
+
+    source._on_lost = losing  # type: ignore[method-assign]
+    sink = MemorySink()
+    sink.max_pending = 4  # type: ignore[attr-defined]
+    detector = _LoseThenHandOver(Detector(kdd_bundle), tansu, hand_over, stopped=1.0)
+    timer = threading.Timer(60, stop.set)
+    timer.start()
+    try:
+        report = stream.run_loop(source, sink, StreamProcessor(detector, get_format("kdd")), stop)
+        source.close()
+        assert lost == [0], "the worker's member never lost its partition"
+        assert report.records == 10
+        checker = Consumer({"bootstrap.servers": tansu.address, "group.id": group})
+        try:
+            (committed,) = checker.committed([TopicPartition(topic, 0)], timeout=10)
+        finally:
+            checker.close()
+        assert committed.offset == 20, (f"the group's offset went back to {committed.offset} "
+                                        "after the partition was lost")
+    finally:
+        timer.cancel()
+        done.set()
+        if joiner.is_alive():
+            joiner.join(30)
+        other.close()
+        source.close()

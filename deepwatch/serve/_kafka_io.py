@@ -481,6 +481,9 @@ class KafkaSource:
         self._revoke_error: Exception | None = None
         #: partitions revoked or lost while a micro-batch is waited for (``_consume``)
         self._gone: set[tuple[str, int]] = set()
+        #: the batches handed out and not committed yet: a partition revoked or lost is taken
+        #: out of their ``positions`` (``_forget``)
+        self._handed: list[RawBatch] = []
         self.committed: dict[tuple[str, int], int] = {}
         #: told True when the input topic is found missing (once, until it is found), False
         #: when it is found after that
@@ -575,10 +578,7 @@ class KafkaSource:
         except Exception as exc:  # raised from batches(): the loop must not commit past it
             self._revoke_error = exc
         self._commit_sync(revoked)
-        for tp in revoked:
-            self.acked.pop(tp, None)
-            self.committed.pop(tp, None)
-            self.confirmed.pop(tp, None)
+        self._forget(revoked)
         log.info("partitions revoked", extra={
             "event": "revoke", "partitions": sorted(p for _, p in revoked)})
         self.on_event("revoke", len(partitions))
@@ -628,13 +628,26 @@ class KafkaSource:
                 return msgs
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
-        self._gone |= {(p.topic, p.partition) for p in partitions}
-        for p in partitions:  # another member owns them now: committing would be refused
-            self.acked.pop((p.topic, p.partition), None)
-            self.committed.pop((p.topic, p.partition), None)
-            self.confirmed.pop((p.topic, p.partition), None)
+        lost = {(p.topic, p.partition) for p in partitions}
+        self._gone |= lost
+        # another member owns them now: what this one read of them is not committed, not even
+        # by a batch written before the loss and committed after it (its commit went through,
+        # and set the group's offset back over the new owner's: reproduced on Tansu)
+        self._forget(lost)
         log.warning("partitions lost", extra={
             "event": "lost", "partitions": sorted(p.partition for p in partitions)})
+
+    def _forget(self, partitions: set[tuple[str, int]]) -> None:
+        """Partitions this member no longer owns: their offsets are neither kept nor committed,
+        and the batches handed out and not committed yet no longer hold them (the run loop
+        commits such a batch after the revoke or loss, when its writes are acknowledged)."""
+        for tp in partitions:
+            self.acked.pop(tp, None)
+            self.committed.pop(tp, None)
+            self.confirmed.pop(tp, None)
+        for batch in self._handed:
+            for tp in partitions:
+                batch.positions.pop(tp, None)
 
     def _report_errors(self, msgs: list[Any]) -> None:
         ck = self._ck
@@ -663,10 +676,13 @@ class KafkaSource:
         positions = {(t, int(p)): int(o) + 1 for t, p, o in ends.iter_rows()}
         keys = [m.key() for m in msgs]
         data, broken = join_messages([m.value() for m in msgs])
-        return RawBatch(data, n, origin, keys, positions, broken=broken)
+        batch = RawBatch(data, n, origin, keys, positions, broken=broken)
+        self._handed.append(batch)
+        return batch
 
     def commit(self, batch: RawBatch) -> None:
         ck = self._ck
+        self._handed = [b for b in self._handed if b is not batch]
         for tp, offset in batch.positions.items():
             if offset > self.acked.get(tp, -1):
                 self.acked[tp] = offset
