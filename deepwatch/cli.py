@@ -272,7 +272,9 @@ def score(
     out: Annotated[str, typer.Option("--out", "-o", help="Output .parquet or .jsonl (- stdout)")],
     alerts_only: Annotated[bool, typer.Option("--alerts-only", help="Keep malicious only")] = False,
     rejects: Annotated[str | None, typer.Option(help="Write rejected lines (JSONL) here")] = None,
-    engine: Annotated[str, typer.Option(help="local (ONNX Runtime) or spark")] = "local",
+    engine: Annotated[str, typer.Option(
+        help="local (in this process) or spark (a Spark job, see --master); both score "
+             "through --backend")] = "local",
     master: Annotated[str | None, typer.Option(help="Spark master URL (engine spark)")] = None,
     backend: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
     cluster: Annotated[bool, typer.Option(
