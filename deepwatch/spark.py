@@ -142,14 +142,35 @@ def spark_session(master: str | None = None) -> tuple[Any, bool]:
                    .config("spark.pyspark.python", sys.executable))
         # PySpark starts its Python workers with $PYSPARK_PYTHON, else whatever `python3` is
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    try:
-        session = builder.getOrCreate()
-    except Exception as exc:  # py4j / JVM start-up failures have many types
+    # started on a thread of its own: on the main thread, pyspark puts its own Ctrl-C handler
+    # in, which calls into the JVM from the main thread while that waits on the JVM (a Ctrl-C
+    # while Spark started printed pages of py4j tracebacks); the main thread waits, and the
+    # run's stop handlers (see _Stops) take a Ctrl-C or SIGTERM meanwhile
+    started: list[Any] = []
+
+    def start() -> None:
+        try:
+            session = builder.getOrCreate()
+            # a failed job is reported as one line (SparkError); executors' traces are noise
+            session.sparkContext.setLogLevel("FATAL")
+            started.append(session)
+        except BaseException as exc:  # py4j / JVM start-up failures have many types
+            started.append(exc)
+
+    starter = threading.Thread(target=start, name="deepwatch-spark-start", daemon=True)
+    starter.start()
+    while starter.is_alive():
+        starter.join(0.05)
+    if isinstance(started[0], BaseException):
+        exc = started[0]
         raise SparkError(f"cannot start Spark with master {master} (is Java 17 installed and "
                          f"JAVA_HOME set?): {str(exc).splitlines()[0] if str(exc) else exc}"
                          ) from None
-    # a failed job is reported as one line (SparkError); the executors' stack traces are noise
-    session.sparkContext.setLogLevel("FATAL")
+    # the active session of this thread too (Spark keeps one per thread): the next call in
+    # this thread finds it, and does not take it for its own (which it would stop)
+    session = started[0]
+    SparkSession._get_j_spark_session_class(session.sparkContext._jvm).setActiveSession(
+        session._jsparkSession)
     return session, True
 
 
@@ -889,21 +910,34 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
     fmt = get_format(format_name)
     specs = _specs(inputs)
     sink = RecordSink(out)
+    # the run's stop handlers, taken from before Spark starts (seconds): a SIGTERM then killed
+    # the run, its output's lock file left behind and no line said; a stop while Spark starts
+    # is raised once it has started, and the session stopped
+    stops = _Stops(None)
+    session: Any = None
+    owned = False
     try:
         parsed, sample = _parsed_schema(fmt, specs)
         scored = det.score_batch(sample).schema
         union = pa.schema([_for_spark(f).with_nullable(True) for f in scored] + list(HELPERS))
-        interrupt = signal.getsignal(signal.SIGINT)  # (pyspark puts its own in, for good)
+        interrupt = signal.getsignal(signal.SIGINT)  # (put back after the run)
+        stops._take()
         session, owned = spark_session(master)
-        stops = _Stops(session.sparkContext)
+        stops.sc = session.sparkContext
+        stops.raise_held()
         staging: Path | None = None
         lines: Any = None
         reject_sink = RejectSink(rejects)
     except BaseException:
         sink.abort()  # (its output's lock let go: see scoring.score_files)
+        stops._restore()
+        if owned:
+            with contextlib.suppress(Exception):
+                session.stop()
         raise
     try:
-        with stops:  # (the stops after the first are held through the clean-up)
+        with contextlib.ExitStack() as held:
+            held.callback(stops._restore)  # (the stops after the first are held to the end)
             try:
                 staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-", dir=Path(out).parent))
                 try:  # the jobs: counting the lines of big plain files, Zeek's headers, scoring
@@ -998,6 +1032,8 @@ class _Stops(StopSignals):
         raise Interrupted(terminated=signum == signal.SIGTERM)
 
     def _cancel(self) -> None:
+        if self.sc is None:  # (Spark is starting: no job runs yet)
+            return
         with contextlib.suppress(Exception):  # (the jobs may have ended, Spark stopped)
             self.sc.cancelAllJobs()
 
