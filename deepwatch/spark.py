@@ -939,7 +939,10 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
         with contextlib.ExitStack() as held:
             held.callback(stops._restore)  # (the stops after the first are held to the end)
             try:
-                staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-", dir=Path(out).parent))
+                # absolute: Spark takes a relative path whose first part holds a ':'
+                # (runs/10:30/out.jsonl) for a URI of that scheme, and the job failed
+                staging = Path(tempfile.mkdtemp(prefix=".deepwatch-spark-",
+                                                dir=Path(os.path.abspath(out)).parent))
                 try:  # the jobs: counting the lines of big plain files, Zeek's headers, scoring
                     derive = det.featurizer.spec.get("derive") or {}
                     lines = _lines_frame(session, specs, same_cuts=derive.get("name") in WINDOWED)

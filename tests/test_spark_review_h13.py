@@ -3,6 +3,7 @@ one at any other time does."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import need
+from test_spark import spark  # noqa: F401 - test_spark's Spark session fixture, for this module
+
+from deepwatch.scoring import score_files
 
 
 def _children(pid: int) -> list[int]:
@@ -105,3 +109,28 @@ def test_a_stop_while_spark_starts_is_raised_once_started_and_spark_stopped(
         signal.signal(signal.SIGTERM, before)
     assert stop.value.terminated and stopped == [True]
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("spark")
+def test_a_relative_out_whose_first_directory_holds_a_colon_is_written(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--out runs/10:30/out.jsonl`` (a relative path whose first part holds a ':', as a time
+    of day does): the Spark job failed ('Relative path in absolute URI'), Spark taking the
+    staging directory beside it for a URI of scheme ``10``; the local engine wrote it. Both
+    write the same rows now."""
+    from deepwatch.spark import score_spark
+
+    part = tmp_path / "part.csv"
+    part.write_text("".join(small_kdd_test.read_text().splitlines(keepends=True)[:50]))
+    (tmp_path / "10:30" / "x:y").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    report = score_spark(str(kdd_bundle), "kdd", [str(part)], "10:30/x:y/out.jsonl")
+    local = score_files(str(kdd_bundle), "kdd", [str(part)], "10:30/local.jsonl")
+    assert report.written == local.written == 50
+    rows = (tmp_path / "10:30" / "x:y" / "out.jsonl").read_text().splitlines()
+    local_rows = (tmp_path / "10:30" / "local.jsonl").read_text().splitlines()
+    assert [json.loads(r)["verdict"] for r in rows] == [
+        json.loads(r)["verdict"] for r in local_rows]
+    assert sorted(p.name for p in (tmp_path / "10:30" / "x:y").iterdir()) == ["out.jsonl"]
