@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,17 @@ class SparkError(DeepwatchError):
 
 # ---- the session ----------------------------------------------------------------------------
 
-def spark_session(master: str | None = None) -> tuple[Any, bool]:
-    """The active SparkSession, or a new one for ``master``; and whether it was created here."""
+#: How long a stop that came while Spark starts waits for the start to end (so that the session
+#: is stopped cleanly) before the run gives the start up: a start that hangs (a JVM that never
+#: answers) held the stop until SIGKILL.
+START_STOP_WAIT_S = 10.0
+
+
+def spark_session(master: str | None = None, abandon: Callable[[], bool] | None = None
+                  ) -> tuple[Any, bool]:
+    """The active SparkSession, or a new one for ``master``; and whether it was created here.
+    ``abandon``: asked while a new session starts; once it says True the start is given up
+    (``(None, False)``: its thread is left to end with the process, and with it the JVM)."""
     try:
         from pyspark.sql import SparkSession
     except ImportError:
@@ -161,6 +170,8 @@ def spark_session(master: str | None = None) -> tuple[Any, bool]:
     starter.start()
     while starter.is_alive():
         starter.join(0.05)
+        if starter.is_alive() and abandon is not None and abandon():
+            return None, False
     if isinstance(started[0], BaseException):
         exc = started[0]
         raise SparkError(f"cannot start Spark with master {master} (is Java 17 installed and "
@@ -922,7 +933,11 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
         union = pa.schema([_for_spark(f).with_nullable(True) for f in scored] + list(HELPERS))
         interrupt = signal.getsignal(signal.SIGINT)  # (put back after the run)
         stops._take()
-        session, owned = spark_session(master)
+        session, owned = spark_session(master, stops.give_up_start)
+        if session is None:  # a stop held past START_STOP_WAIT_S while Spark started
+            raise Interrupted(f"Spark had not started {START_STOP_WAIT_S:.0f} s after the "
+                              "stop; its start was given up, nothing was scored",
+                              terminated=stops.signum == signal.SIGTERM)
         stops.sc = session.sparkContext
         stops.raise_held()
         staging: Path | None = None
@@ -1023,6 +1038,7 @@ class _Stops(StopSignals):
         self.sc = sc
         self.signum: int | None = None
         self.running = True  # the Spark jobs: a stop cancels them, and is raised once they end
+        self._held_at: float | None = None  # when a stop came while Spark started
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         if self.signum is not None:
@@ -1033,6 +1049,14 @@ class _Stops(StopSignals):
             threading.Thread(target=self._cancel, daemon=True).start()
             return
         raise Interrupted(terminated=signum == signal.SIGTERM)
+
+    def give_up_start(self) -> bool:
+        """Whether a stop has been held for :data:`START_STOP_WAIT_S` while Spark starts."""
+        if self.signum is None:
+            return False
+        if self._held_at is None:
+            self._held_at = time.monotonic()
+        return time.monotonic() - self._held_at > START_STOP_WAIT_S
 
     def _cancel(self) -> None:
         if self.sc is None:  # (Spark is starting: no job runs yet)

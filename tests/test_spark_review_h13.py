@@ -87,7 +87,7 @@ def test_a_stop_while_spark_starts_is_raised_once_started_and_spark_stopped(
         def stop(self) -> None:
             stopped.append(True)
 
-    def starting(master: str | None = None) -> tuple[Session, bool]:
+    def starting(master: str | None = None, abandon: object = None) -> tuple[Session, bool]:
         os.kill(os.getpid(), signal.SIGTERM)  # (taken at once, on this thread)
         return Session(), True
 
