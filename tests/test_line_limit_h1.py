@@ -93,3 +93,17 @@ def test_a_followed_log_keeps_a_line_of_exactly_the_limit(tmp_path: Path, end: b
         timer.cancel()
     assert not [c.damage for c in chunks if c.damage]
     assert b"".join(c.data for c in chunks).count(b"\n") == 3
+
+
+def test_long_lines_finds_the_same_rows_for_files_and_messages() -> None:
+    """One measure of a line for a file (whole lines) and a Kafka batch (an unended last
+    message): the CRLF ending is no part of a line, an unended last line counts."""
+    from deepwatch.sources.files import long_lines
+
+    assert long_lines(b"abcd\nefgh\n" * 50, 4) is None
+    assert long_lines(b"abcd\r\nab\n", 4) is None  # 4 bytes and its \r: not over
+    found = long_lines(b"ab\nabcde\r\nxy\nabcdef", 4)
+    assert found is not None
+    rows, starts, ends = found
+    assert rows.tolist() == [1, 3]
+    assert starts[rows].tolist() == [3, 13] and ends[rows].tolist() == [9, 19]

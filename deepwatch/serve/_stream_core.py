@@ -134,21 +134,12 @@ def _lines(raw: RawBatch) -> list[bytes]:
 
 
 def _over_long(data: bytes) -> np.ndarray:
-    """The rows (lines of ``data``) over ``MAX_LINE_BYTES``, a ``\\r`` ending one left out of
-    its length as a file's line ending is. Where every window of half the limit holds a line
-    break, none is (looked at with ``bytes.find``, at C speed, as ``sources.files`` does)."""
-    from ..sources.files import MAX_LINE_BYTES
+    """The rows (lines of ``data``) over ``MAX_LINE_BYTES``, measured as a file's lines are
+    (``sources.files.long_lines``)."""
+    from ..sources.files import MAX_LINE_BYTES, long_lines
 
-    w = MAX_LINE_BYTES // 2
-    if len(data) <= MAX_LINE_BYTES or all(
-            data.find(b"\n", k, k + w) >= 0 for k in range(0, len(data) - w + 1, w)):
-        return np.empty(0, dtype=np.int64)
-    buf = np.frombuffer(data, np.uint8)
-    ends = np.append(np.flatnonzero(buf == 10), len(data))
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    sizes = ends - starts
-    sizes -= (sizes > 0) & (buf[np.maximum(ends - 1, 0)] == 13)
-    return np.flatnonzero(sizes > MAX_LINE_BYTES).astype(np.int64)
+    found = long_lines(data, MAX_LINE_BYTES)
+    return np.empty(0, dtype=np.int64) if found is None else found[0].astype(np.int64)
 
 
 def _long_text(raw: RawBatch, row: int) -> tuple[str, str]:

@@ -248,6 +248,32 @@ def long_line_reason(size: int, limit: int = MAX_LINE_BYTES) -> str:
     return f"the line is {size:,} bytes long, over the limit of {limit:,} bytes for one record"
 
 
+def long_lines(data: bytes, max_line: int) -> tuple[Any, Any, Any] | None:
+    """The lines of ``data`` over ``max_line`` bytes, as numpy arrays ``(rows, starts, ends)``
+    (``ends``: where each line's ``\n`` is, or ``len(data)`` for an unended last line), or
+    None where no line is over it. The ``\r`` of a CRLF ending is no part of a line.
+
+    A line over ``max_line = 2w`` bytes holds a whole w-byte window, aligned on a multiple of
+    w, without a line break; a window with one is found by memchr in its first bytes. So where
+    every window has one, no line is over the limit: most data is cleared at C speed, without
+    numpy. (A CRLF line is over the limit only when it is over it in bytes first.)"""
+    w = max(1, max_line // 2)
+    if len(data) <= max_line or all(
+            data.find(b"\n", k, k + w) >= 0 for k in range(0, len(data) - w + 1, w)):
+        return None
+    import numpy as np
+
+    buf = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    if not data.endswith(b"\n"):
+        ends = np.append(ends, len(data))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    sizes = ends - starts
+    sizes -= (sizes > 0) & (buf[np.maximum(ends - 1, 0)] == 13)
+    rows = np.flatnonzero(sizes > max_line)
+    return (rows, starts, ends) if rows.size else None
+
+
 class LineBuffer:
     """Cuts a byte stream into chunks of whole lines, numbering lines from 1.
 
@@ -297,28 +323,12 @@ class LineBuffer:
 
     def _whole(self, data: bytes) -> list[Chunk]:
         """Chunks of ``data`` (whole lines), each over-long line among them a reject."""
-        # A line over max_line = 2w bytes holds a whole w-byte window, aligned on a multiple of
-        # w, without a line break; a window with one is found by memchr in its first bytes. So
-        # where every window has one, no line is over the limit (checked at C speed). (A CRLF
-        # line is over it when it is over by more than its \r: over it in bytes first.)
-        w = max(1, self.max_line // 2)
-        if len(data) <= self.max_line + 1 or all(
-                data.find(b"\n", k, k + w) >= 0 for k in range(0, len(data) - w + 1, w)):
+        found = long_lines(data, self.max_line)
+        if found is None:
             chunks = [Chunk(data, self.line, self.spec)]
             self.line += count_newlines(data)
             return chunks
-        import numpy as np
-
-        ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
-        starts = np.concatenate(([0], ends[:-1] + 1))
-        sizes = ends - starts
-        if ends.size:  # the \r of a CRLF line ending is no part of the line
-            sizes -= (np.frombuffer(data, np.uint8)[np.maximum(ends - 1, 0)] == 13) & (sizes > 0)
-        long = np.flatnonzero(sizes > self.max_line)
-        if not long.size:
-            chunks = [Chunk(data, self.line, self.spec)]
-            self.line += len(ends)
-            return chunks
+        long, starts, ends = found
         out, at = [], 0
         for i in long.tolist():
             begin, end = int(starts[i]), int(ends[i])
