@@ -124,6 +124,39 @@ _STATUS_CODES = (100, 599)
 _STATUS_REASON = f"status is not a code {_STATUS_CODES[0]}-{_STATUS_CODES[1]}: "
 
 
+#: The scheme and authority of an absolute-form target (RFC 9112 section 3.2.2: what a client
+#: sends a proxy, and scanners send any server): ``http://example.com:8080`` of
+#: ``http://example.com:8080/a/b?x=1``. Any scheme (RFC 3986's letters), in any case.
+_ABSOLUTE = r"(?s)^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*"
+#: An authority-form target (RFC 9112 section 3.2.3, ``CONNECT example.com:443``): a host and a
+#: port, no path.
+_AUTHORITY = r"^[^\s/?#]+:\d*$"
+
+
+def _target_path(method: Any, url: Any) -> Any:
+    """The polars expression of the path of a request target ``url`` (``method``: the request's
+    method), as ECS's ``url.path`` has it: all before the query or fragment of an origin-form
+    target (``/a/b`` of ``/a/b?x=1``); of an absolute-form one the same after its scheme and
+    authority, ``/`` where it has none (``http://example.com``: RFC 9110 section 4.2.3, the path
+    a server serves for it); none (null) for a ``CONNECT``'s authority-form target, a host and a
+    port. An asterisk-form target (``OPTIONS *``) is its own path, ``*`` (Apache's ``%U``).
+    ``url`` (``url.original``) stays as sent either way."""
+    import polars as pl
+
+    absolute = url.str.contains(_ABSOLUTE)
+    path = url.str.replace(_ABSOLUTE, "").str.extract(r"(?s)^([^?#]*)", 1)
+    authority = (method == "CONNECT") & url.str.contains(_AUTHORITY)
+    return (pl.when(absolute & (path == "")).then(pl.lit("/"))
+            .when(authority & ~absolute).then(pl.lit(None, pl.String))
+            .otherwise(path))
+
+
+def _target_query(url: Any) -> Any:
+    """The polars expression of the query of a request target ``url``: between its first ``?``
+    and its fragment (an absolute-form target's authority holds no ``?``)."""
+    return url.str.extract(r"(?s)\?([^#]*)", 1)
+
+
 def _bad_status(status: Any) -> Any:
     """Where ``status`` (a polars expression or a numpy array of integers) is no HTTP code."""
     return (status < _STATUS_CODES[0]) | (status > _STATUS_CODES[1])
@@ -248,8 +281,8 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
         .with_columns(
             # the method as sent: HTTP's method names are case-sensitive, and a scanner's or
             # fuzzer's 'get' is evidence (ECS keeps http.request.method's casing too)
-            pl.col("url").str.extract(r"(?s)^([^?#]*)", 1).alias("path"),
-            pl.col("url").str.extract(r"(?s)\?([^#]*)", 1).alias("query"),
+            _target_path(pl.col("method"), pl.col("url")).alias("path"),
+            _target_query(pl.col("url")).alias("query"),
             dash_null("ident"),
             dash_null("user"),
             dash_null("referer"),
@@ -566,8 +599,8 @@ def _split_requests(batch: pa.RecordBatch) -> pa.RecordBatch:
     req = pl.col("request").str.extract_groups(_REQUEST).struct.rename_fields(
         ["_m", "_u", "_p"])
     frame = frame.with_columns(req.alias("_r")).unnest("_r").with_columns(
-        pl.col("_u").str.extract(r"(?s)^([^?#]*)", 1).alias("_path"),
-        pl.col("_u").str.extract(r"(?s)\?([^#]*)", 1).alias("_query"),
+        _target_path(pl.col("_m"), pl.col("_u")).alias("_path"),
+        _target_query(pl.col("_u")).alias("_query"),
     )
     absent = pl.all_horizontal([pl.col(c).is_null() for c in parts])
     derived = {"method": "_m", "url": "_u", "path": "_path", "query": "_query", "protocol": "_p"}
