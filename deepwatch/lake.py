@@ -20,7 +20,8 @@ directory is locked for as long as its ingest lives; the next writer removes tho
 or finishes the moves of one killed while committing (``commit.json`` lists them). The manifest
 is written under a hidden temporary name and renamed into place. Ingest appends: the same input
 ingested twice is there twice. ``_ingested.jsonl`` lists the inputs ingested (path, size,
-sha256), so a repeat can be warned about; a running ingest claims its inputs in its staging
+sha256 of the bytes read), so a repeat can be warned about, and a file that has grown since it was
+ingested (a live log) too, by its beginning; a running ingest claims its inputs in its staging
 directory (``claims.jsonl``), so of two ingests of one file at the same time the second is
 warned too (the check and the claim are made under an exclusive ``flock`` of ``_lake.json``,
 held for just that; readers take no lock).
@@ -36,7 +37,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -198,7 +199,12 @@ class LakeWriter:
         self._ingest = f"{time.time_ns():020d}-{secrets.token_hex(3)}"
         self._seq = 0
         self.stats = LakeStats(days=set())
-        self._sums: dict[str, tuple[int, str]] = {}
+        self._sums: dict[str, _Sum] = {}
+        #: per input, the size of the longest beginning of it ingested before (see
+        #: :meth:`ingested_part`)
+        self._parts_before: dict[str, int] = {}
+        #: what :meth:`commit` has to say about its inputs (one changed while it was read)
+        self.notes: list[str] = []
         #: the inputs seen_before was asked about (by size and sha256), each with its path
         self._asked: dict[tuple[int, str], str] = {}
         self._staged: list[Path] = []  # this run's parts (their final paths), not yet in place
@@ -246,9 +252,17 @@ class LakeWriter:
                               f"{exc.strerror or first_line(exc)}") from None
         self._staged.append(final)
 
-    def commit(self, inputs: Sequence[str | Path] = ()) -> str | None:
+    def commit(self, inputs: Sequence[str | Path] = (),
+               lines_read: Sequence[int | None] | None = None) -> str | None:
         """Move every part this run wrote into place, all together, and note ``inputs`` (the
         files read, for :meth:`seen_before`) in ``_ingested.jsonl``.
+
+        Each input is noted with the size and sha256 of the bytes read from it. They are those
+        :meth:`seen_before` checksummed before the reading, unless the file changed since (a
+        live log written to meanwhile was read past that size): then, given ``lines_read`` (for
+        each input, the number of the last line of it stored, as a record or a reject; None for
+        a compressed one), it is noted up to that line, where its beginning is as it was (it
+        grew by appending); otherwise it is not noted at all. Either is said in :attr:`notes`.
 
         Until now no reader saw any of this run's records, so a run killed outright (SIGKILL,
         the OOM killer, a power cut) leaves none behind to be stored twice when it is run
@@ -263,9 +277,12 @@ class LakeWriter:
         landing between the append and the line after it does not remove records the lake
         says were ingested (a later ingest of the same file then warned of a repeat that was
         not there)."""
+        counts = list(lines_read) if lines_read is not None else [None] * len(inputs)
+        noted = [(path, read) for path, n in zip(inputs, counts, strict=True)
+                 if (read := self._as_read(path, n)) is not None]
         lines = [json.dumps({"path": str(path), "size": size, "sha256": digest,
                              "ingest": self._ingest}) + "\n"
-                 for path in inputs for size, digest in [self._checksum(path)]]
+                 for path, (size, digest) in noted]
         if self._staging is None:  # no records: only the inputs to note
             failed = _append_ingested(self.root, lines)
             self.committed = True
@@ -348,9 +365,16 @@ class LakeWriter:
                     self._staging, self._lock = _make_staging(self.root)
                 # claims first, then the list: an ingest that commits meanwhile notes its
                 # inputs before it removes its claims, so one or the other shows it
+                entries = _ingested(self.root)
                 seen = _claimed_elsewhere(self.root, self._staging, size, digest) or any(
-                    e.get("size") == size and e.get("sha256") == digest
-                    for e in _ingested(self.root))
+                    e.get("size") == size and e.get("sha256") == digest for e in entries)
+                # a file ingested before that has grown since (a live log): its beginning is
+                # one of those noted (sizes noted meanwhile were not checksummed: not looked at)
+                prefixes = self._sums[str(path)].prefixes
+                part = max((n for n, sha in _sizes(entries)
+                            if 0 < n < size and prefixes.get(n) == sha), default=None)
+                if part is not None:
+                    self._parts_before[str(path)] = part
                 with (self._staging / CLAIMS).open("a") as f:
                     f.write(json.dumps({"size": size, "sha256": digest}) + "\n")
         except OSError as exc:
@@ -363,10 +387,51 @@ class LakeWriter:
         and sha256 (the same file given twice to one ingest), or None."""
         return self._asked.get(self._checksum(path))
 
+    def ingested_part(self, path: str | Path) -> int | None:
+        """The size of the longest beginning of ``path`` (shorter than the whole) that was
+        ingested into this lake before: the file has grown since (a live log), so its records
+        up to there are stored again. None where there is none, or :meth:`seen_before` was not
+        asked about ``path``."""
+        return self._parts_before.get(str(path))
+
     def _checksum(self, path: str | Path) -> tuple[int, str]:
         if str(path) not in self._sums:  # each input is read once to checksum it, not twice
-            self._sums[str(path)] = _checksum(Path(path))
-        return self._sums[str(path)]
+            # (and the sizes ingested before are checksummed in the same reading, for
+            # ingested_part)
+            self._sums[str(path)] = _checksum(
+                Path(path), [n for n, _ in _sizes(_ingested(self.root))])
+        found = self._sums[str(path)]
+        return found.size, found.sha256
+
+    def _as_read(self, path: str | Path, lines: int | None) -> tuple[int, str] | None:
+        """The size and sha256 of the bytes read from ``path`` (up to its line ``lines``, the
+        last one stored), to note it as ingested; None (and a note) where they cannot be
+        told."""
+        self._checksum(path)
+        before = self._sums[str(path)]
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and _ident(st) == before.ident and st.st_size == before.size:
+            return before.size, before.sha256  # not changed since it was checksummed
+        now = "gone" if st is None else f"{st.st_size:,} now"
+        change = f"{path} changed while it was ingested ({before.size:,} bytes when the run " \
+            f"began, {now})"
+        read = None
+        if lines is not None and st is not None:
+            with contextlib.suppress(OSError):
+                read = _checksum_lines(Path(path), lines, before.size)
+        if read is None or read[2] != before.sha256:
+            self.notes.append(f"{change}: which of its bytes were read cannot be told, so it "
+                              "is not noted as ingested, and ingesting it again will not be "
+                              "warned about")
+            return None
+        self.notes.append(f"{path} grew while it was ingested ({before.size:,} bytes when the "
+                          f"run began, {now}): it is noted as ingested up to line {lines:,}, the "
+                          f"last one stored ({read[0]:,} bytes): a later ingest of it warns that "
+                          "those are in the lake already")
+        return read[0], read[1]
 
 
 
@@ -520,14 +585,76 @@ def _finish_commit(root: Path, staging: Path) -> bool:
     return True
 
 
-def _checksum(path: Path) -> tuple[int, str]:
+@dataclass(frozen=True)
+class _Sum:
+    """A file's size and sha256 as it was read to its end, the file's identity once read (see
+    :func:`_ident`), and the sha256 of its first bytes at each size asked for (shorter)."""
+
+    size: int
+    sha256: str
+    ident: tuple[int, int, int, int]
+    prefixes: dict[int, str]
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file changed (written to, truncated, replaced): device, inode, size and
+    modification time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _checksum(path: Path, at: Iterable[int] = ()) -> _Sum:
+    """``path``'s size and sha256, and the sha256 of its first ``n`` bytes for each ``n`` in
+    ``at`` shorter than it, in one reading."""
     digest = hashlib.sha256()
     size = 0
+    marks = sorted({n for n in at if n > 0}, reverse=True)
+    prefixes = {}
     with path.open("rb") as f:
         while block := f.read(1 << 20):
+            view = memoryview(block)
+            done = 0  # (hashed on to each size in turn: a lake of many inputs costs no more)
+            while marks and marks[-1] < size + len(block):
+                n = marks.pop()
+                digest.update(view[done:n - size])
+                done = n - size
+                prefixes[n] = digest.hexdigest()
+            digest.update(view[done:])
+            size += len(block)
+        st = os.fstat(f.fileno())
+    return _Sum(size, digest.hexdigest(), _ident(st), prefixes)
+
+
+def _checksum_lines(path: Path, lines: int, start: int) -> tuple[int, str, str | None] | None:
+    """The size and sha256 of ``path``'s first ``lines`` lines (a last one without its line
+    break counts), and the sha256 of its first ``start`` bytes (None where those lines are
+    shorter); None where it has fewer lines."""
+    digest = hashlib.sha256()
+    head = digest.hexdigest() if start == 0 else None
+    size = 0
+    left = lines
+    last = b"\n"
+    with path.open("rb") as f:
+        while left > 0 and (block := f.read(1 << 20)):
+            if block.count(b"\n") >= left:
+                end = -1
+                for _ in range(left):
+                    end = block.find(b"\n", end + 1)
+                block = block[:end + 1]
+                left = 0
+            else:
+                left -= block.count(b"\n")
+            if head is None and size + len(block) >= start:
+                part = digest.copy()
+                part.update(block[:start - size])
+                head = part.hexdigest()
             size += len(block)
             digest.update(block)
-    return size, digest.hexdigest()
+            last = block[-1:]
+    if left == 1 and last != b"\n":  # the last line read had no line break (yet)
+        left = 0
+    if left:
+        return None
+    return size, digest.hexdigest(), head
 
 
 def _ingested(root: Path) -> list[dict[str, object]]:
@@ -542,6 +669,12 @@ def _ingested(root: Path) -> list[dict[str, object]]:
             if isinstance(entry, dict):
                 out.append(entry)
     return out
+
+
+def _sizes(entries: list[dict[str, object]]) -> list[tuple[int, object]]:
+    """The size and sha256 of each entry of ``_ingested.jsonl`` that has a size."""
+    return [(n, e.get("sha256")) for e in entries
+            if isinstance(n := e.get("size"), int) and not isinstance(n, bool)]
 
 
 def _time_column(format_name: str) -> str | None:

@@ -8,12 +8,17 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .errors import InputError, Interrupted, OutputError, sigterm_stops_cleanly
 from .lake import LakeStats
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .io import InputReader
 
 
 def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = False,
@@ -29,7 +34,8 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
     reader = InputReader(fmt, inputs, progress=progress)
     writer = LakeWriter(lake, format_name)
     # ingest appends: a file ingested before is ingested again (warned about, not refused)
-    files = [s.path for s in reader.specs if s.path != "-" and os.path.isfile(s.path)]
+    kept = [i for i, s in enumerate(reader.specs) if s.path != "-" and os.path.isfile(s.path)]
+    files = [reader.specs[i].path for i in kept]
     for path in files:
         earlier = writer.given_earlier(path)
         if earlier is not None:  # (it said "was already ingested into LAKE": it was not)
@@ -39,14 +45,26 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
         elif writer.seen_before(path):
             print(f"warning: {path} (same size and sha256) was already ingested into {lake}; "
                   "its records are appended again", file=sys.stderr)
+        elif (part := writer.ingested_part(path)) is not None:  # a live log ingested before
+            print(f"warning: {path} begins with the {part:,} bytes ingested into {lake} before "
+                  "(it has grown since); their records are appended again", file=sys.stderr)
+    # the last line stored of each input (by its place in reader.specs; None: not known): a file
+    # written to while it is read (a live log) is noted as ingested up to it, not as it was
+    # when the run began
+    place = {id(s): i for i, s in enumerate(reader.specs)}
+    last: dict[int, int | None] = {}
     try:
-        for batch, rejects, _spec in reader:
+        for batch, rejects, spec in reader:
             writer.write(batch)
             writer.write_rejects(rejects)
+            if (i := place.get(id(spec))) is not None:
+                last[i] = _last_line(reader, batch, rejects, last.get(i, 0))
             if on_batch is not None:
                 on_batch(batch.num_rows)
+        lines = [last.get(i, 0) if reader.specs[i].compression is None else None
+                 for i in kept]
         # the run's parts appear together, and only now: a run killed before leaves none
-        failed = writer.commit(files)
+        failed = writer.commit(files, lines)
     except BaseException as exc:  # a full disk, an unreadable input, Ctrl-C: keep nothing
         removed = writer.rollback()
         if writer.committed:  # stopped once its inputs were noted: the run is in, whole
@@ -65,10 +83,33 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(kept_nothing, getattr(exc, "terminated", False)) from None
         raise
+    for note in writer.notes:  # an input that changed while it was read
+        print(f"warning: {note}", file=sys.stderr)
     if failed is not None:  # the records are in: only the duplicate warning loses out
         print(f"warning: {failed}; ingesting them again will not be warned about",
               file=sys.stderr)
     return writer.stats, reader.stats.summary()
+
+
+def _last_line(reader: InputReader, batch: pa.RecordBatch, rejects: pa.Table,
+               before: int | None) -> int | None:
+    """The number of the last line of its input that the batch just yielded (records and
+    rejects) or an earlier one of the same input (``before``) came from; None where one of
+    them does not say."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if before is None:
+        return None
+    top = before
+    if batch.num_rows:
+        found = reader.lines_of(np.arange(batch.num_rows), raw=False)
+        if found is None:
+            return None
+        top = max(top, int(found[0].max()))
+    if rejects.num_rows:
+        top = max(top, int(pc.max(rejects.column("line")).as_py()))
+    return top
 
 
 def register(app: typer.Typer) -> None:
@@ -82,7 +123,8 @@ def register(app: typer.Typer) -> None:
         """Parse records into a Parquet lake partitioned by day; rejected lines kept beside.
 
         Ingest appends and is not idempotent: ingesting the same file twice stores its records
-        twice (a warning says so when a file of the same size and sha256 was ingested before).
+        twice (a warning says so when a file of the same size and sha256 was ingested before,
+        or one it begins with: a live log that has grown since).
         A run's records appear in the lake together when it ends; one that fails (a full disk,
         an unreadable input, Ctrl-C, SIGTERM) or is killed outright keeps nothing it wrote, so
         it can be run again as it was.
