@@ -12,6 +12,7 @@ import stat
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any, Protocol
 
@@ -28,7 +29,13 @@ from ..sources.files import (
     iter_chunks,
     parse_input_spec,
 )
-from ..sources.follow import follow_chunks
+from ..sources.follow import (
+    Position,
+    SavedPosition,
+    follow_positions,
+    read_position,
+    write_position,
+)
 from ._stream_core import ALERT, DEAD_LETTER, VERDICT, Output, RawBatch, join_messages
 
 CHUNK_BYTES = 4 << 20
@@ -151,8 +158,12 @@ class FileSource:
     text of the gzip member or xz stream it cut short, which could not be verified)."""
 
     def __init__(self, inputs: Sequence[str], follow: bool = False,
-                 chunk_bytes: int = CHUNK_BYTES, batch_size: int | None = None):
-        """``batch_size``: the most records in one batch (``--batch-size``); None: a chunk's."""
+                 chunk_bytes: int = CHUNK_BYTES, batch_size: int | None = None,
+                 position_file: str | None = None):
+        """``batch_size``: the most records in one batch (``--batch-size``); None: a chunk's.
+        ``position_file`` (``--position-file``, with ``follow``): where the followed file was
+        read to is kept there as each batch is committed, and a run started again reads on from
+        there (see :func:`~deepwatch.sources.follow.follow_positions`)."""
         self.specs: list[InputSpec] = []
         for text in inputs or ["-"]:
             for spec in parse_input_spec(text):
@@ -170,15 +181,45 @@ class FileSource:
         #: what a stop left unread of regular files (each a sentence; empty after a run that
         #: read every input to its end)
         self.unread: list[str] = []
+        self.position_file = position_file
+        #: the batches written but not yet committed that end at a position, in order
+        self._placed: deque[tuple[RawBatch, Position]] = deque()
+        self._position_failed = False
+        self._resume: SavedPosition | None = None
+        if position_file is not None:
+            self._resume = self._check_position_file(position_file)
 
-    def _chunks(self, spec: InputSpec, stop: threading.Event) -> Iterator[Chunk]:
+    def _check_position_file(self, path: str) -> SavedPosition | None:
+        """The position kept in ``path`` (None: none yet), once ``--position-file`` is found to
+        apply: one followed regular file (or one not made yet), and a regular file to keep it in
+        where the run may write."""
+        from ..sinks import writable_file
+
+        if not self.follow or self.specs[0].path == "-":
+            raise UsageError("--position-file keeps the place reached in a file read with "
+                             "--follow: give --follow and one file")
+        followed = self.specs[0].path
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.stat(followed).st_mode):
+                raise UsageError(f"--position-file keeps a place in a regular file; {followed} "
+                                 "is not one (a named pipe or device cannot be read again)")
+        writable_file(path, "--position-file")
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise UsageError(f"--position-file {path} is not a regular file: give the path "
+                                 "of a file the worker may replace")
+        return read_position(path)
+
+    def _chunks(self, spec: InputSpec, stop: threading.Event
+                ) -> Iterator[tuple[Chunk, Position | None]]:
         if self.follow and spec.path != "-":
-            return follow_chunks(spec, stop, self.chunk_bytes)
+            return follow_positions(spec, stop, self.chunk_bytes, resume=self._resume,
+                                    placed=self.position_file is not None)
         # stdin and a named pipe of text hand out their lines as soon as they arrive (a pipe
         # given by path waited for 4 MiB or its writer's close); their first bytes are looked
         # at as score does (compressed stdin was read as text: dead letters, not an error)
-        return iter_chunks(spec, self.chunk_bytes, stop=stop, on_cut=self.cuts.append,
-                           promptly=True)
+        return _unplaced(iter_chunks(spec, self.chunk_bytes, stop=stop,
+                                     on_cut=self.cuts.append, promptly=True))
 
     def batches(self, stop: threading.Event) -> Iterator[RawBatch]:
         for number, spec in enumerate(self.specs):
@@ -190,7 +231,7 @@ class FileSource:
             ends_on_stop = self.follow or cannot_be_read_again(spec.path) or spec.path == "-"
             handed = 0  # bytes of a plain file handed out
             try:
-                for chunk in chunks:
+                for chunk, position in chunks:
                     handed += len(chunk.data)
                     # the unreadable rest of a damaged input: one dead letter says why
                     n = 1 if chunk.damage is not None else count_lines(chunk.data)
@@ -198,14 +239,22 @@ class FileSource:
                     pieces = ([(chunk.data, n)] if chunk.damage is not None
                               else _at_most(chunk.data, n, self.batch_size))
                     first = chunk.first_line
+                    after = len(chunk.data)  # bytes of the chunk from this piece on
                     for data, count in pieces:
                         origin = pl.DataFrame({
                             "file": pl.repeat(spec.display, count, eager=True, dtype=pl.String),
                             "line": np.arange(first, first + count, dtype=np.int64),
                         })
                         first += count
-                        yield RawBatch(data, count, origin, stream=f"{number}:{spec.display}",
-                                       damage=chunk.damage, lost=chunk.lost)
+                        after -= len(data)
+                        batch = RawBatch(data, count, origin, stream=f"{number}:{spec.display}",
+                                         damage=chunk.damage, lost=chunk.lost)
+                        if position is not None and self.position_file is not None:
+                            # a piece before the chunk's last ends where its bytes do (a chunk
+                            # that ends at a position is a run of the file's bytes up to it)
+                            self._placed.append((batch, position if not after else
+                                                 position.at(position.offset - after, first)))
+                        yield batch
                     if stop.is_set() and not ends_on_stop:
                         self._note_unread(spec, first, handed, self.specs[number + 1:])
                         return
@@ -238,10 +287,44 @@ class FileSource:
                                f"({names}) {'were' if len(later) > 1 else 'was'} not read")
 
     def commit(self, batch: RawBatch) -> None:
-        pass
+        """With ``position_file``: where ``batch`` ends, if it ends at a position, is kept
+        there (the sink has flushed what it produced, and what the batches before it did)."""
+        if not any(placed is batch for placed, _ in self._placed):
+            return
+        while True:
+            placed, position = self._placed.popleft()
+            if placed is batch:
+                break
+        assert self.position_file is not None
+        try:
+            write_position(self.position_file, position, self.specs[0].path)
+        except OSError as exc:
+            # scoring goes on: a position left behind costs only lines scored again at the
+            # next start. Said once, and once more when it can be written again.
+            if not self._position_failed:
+                self._position_failed = True
+                log.warning(f"cannot write --position-file {self.position_file}: "
+                            f"{exc.strerror or exc}; a restart would read again from the last "
+                            "position written", extra={"event": "position_error"})
+            return
+        if self._position_failed:
+            self._position_failed = False
+            log.info(f"--position-file {self.position_file} is written again",
+                     extra={"event": "position_written"})
 
     def close(self) -> None:
         pass
+
+
+def _unplaced(chunks: Iterator[Chunk]) -> Iterator[tuple[Chunk, Position | None]]:
+    """``chunks``, each at no position (closed with it, when it is a generator)."""
+    try:
+        for chunk in chunks:
+            yield chunk, None
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 class _WriteGivenUp(Exception):
@@ -255,10 +338,16 @@ class JsonlSink:
     ``stop``: the worker's stop event. Once it is set, writes (and flushes) may go on for
     ``STOP_WRITE_S`` in all (on the main thread, where a SIGALRM can end a blocked write): one
     still blocked then is a DeliveryError. The stop's signal handler calls :meth:`on_stop`, so
-    that a write blocked when the stop comes is bounded too."""
+    that a write blocked when the stop comes is bounded too.
+
+    ``resumed`` (``--position-file``): the outputs go on from where a run before left them
+    (appended to, not truncated; an unfinished last line, which a killed run may leave, cut
+    off: the batch it was written for is scored again), and a flush syncs them to disk, so
+    that a position kept after it never runs ahead of what they hold."""
 
     def __init__(self, alerts: str = "-", verdicts: str | None = None,
-                 dead_letters: str | None = None, stop: threading.Event | None = None):
+                 dead_letters: str | None = None, stop: threading.Event | None = None,
+                 resumed: bool = False):
         from ..sinks import writable_file
 
         self._files: dict[str, IO[bytes]] = {}
@@ -266,6 +355,8 @@ class JsonlSink:
         self._own: list[IO[bytes]] = []
         self._failed = False
         self._stop = stop
+        self._resumed = resumed
+        self._synced: list[IO[bytes]] = []  # the outputs a flush syncs to disk
         self._writing = False  # in a write or flush (what a stop bounds)
         self._alarm: Any = None  # the SIGALRM handler found, while ours is in
         self._deadline: float | None = None  # STOP_WRITE_S after the stop was first seen
@@ -288,7 +379,7 @@ class JsonlSink:
                     continue
                 try:
                     fh = (self._open_pipe(path, self._names[kind]) if _is_fifo(path)
-                          else open(path, "wb"))  # noqa: SIM115 - closed in close()
+                          else self._open_file(path, self._names[kind]))
                 except OSError as exc:
                     raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
                 if fh is None:  # stopped while the named pipe had no reader
@@ -300,6 +391,19 @@ class JsonlSink:
             for opened in self._own:
                 opened.close()
             raise
+
+    def _open_file(self, path: str, name: str) -> IO[bytes]:
+        if not self._resumed:
+            return open(path, "wb")  # noqa: SIM115 - closed in close()
+        fh = open(path, "a+b")  # noqa: SIM115 - closed in close() (read: its last line)
+        try:
+            if stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                _cut_unfinished(fh, name)
+                self._synced.append(fh)
+        except BaseException:
+            fh.close()
+            raise
+        return fh
 
     def _open_pipe(self, path: str, name: str) -> IO[bytes] | None:
         """A named pipe opened for writing once a reader opens it, or None when the stop came
@@ -405,6 +509,8 @@ class JsonlSink:
             try:
                 with self._bounded():
                     fh.flush()
+                    if fh in self._synced:
+                        os.fsync(fh.fileno())
             except OSError as exc:
                 raise self._failure(kind, exc) from None
             except _WriteGivenUp:
@@ -418,6 +524,26 @@ class JsonlSink:
             for fh in self._own:
                 with contextlib.suppress(OSError):
                     fh.close()
+
+
+def _cut_unfinished(fh: IO[bytes], name: str) -> None:
+    """Cut off an output's unfinished last line (a run killed in the middle of a write leaves
+    one), so that what is appended starts a line of its own."""
+    size = os.fstat(fh.fileno()).st_size
+    if not size or os.pread(fh.fileno(), 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        at = os.pread(fh.fileno(), end - start, start).rfind(b"\n")
+        if at >= 0:
+            end = start + at + 1
+            break
+        end = start
+    os.ftruncate(fh.fileno(), end)
+    log.warning(f"{name} ended in an unfinished line ({size - end:,} bytes, from a run that was "
+                "killed while it wrote): cut off, its batch is scored again",
+                extra={"event": "output_cut", "bytes": size - end})
 
 
 def _is_fifo(path: str) -> bool:

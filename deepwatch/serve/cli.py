@@ -31,6 +31,9 @@ def stream(
         help="Interface for --metrics-port (default 127.0.0.1)")] = None,
     follow: Annotated[bool, typer.Option(
         "--follow", help="Keep reading a growing file, as tail -F")] = False,
+    position_file: Annotated[str | None, typer.Option(
+        help="With --follow: keep the place reached in this file, and read on from it when "
+             "started again (outputs are then appended to)")] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Without --brokers: alerts JSONL "
                                      "(- stdout)")] = "-",
     verdicts: Annotated[str | None, typer.Option(
@@ -71,7 +74,8 @@ def stream(
         input_topic=input_topic, output_topic=output_topic, verdict_topic=verdict_topic,
         dead_letter_topic=dead_letter_topic, group=group, batch_size=batch_size,
         batch_wait_ms=batch_wait_ms, metrics_port=metrics_port, metrics_host=metrics_host,
-        follow=follow, out=out, verdicts=verdicts, rejects=rejects, backend=backend,
+        follow=follow, position_file=position_file, out=out, verdicts=verdicts,
+        rejects=rejects, backend=backend,
         explain=explain, alert_record=alert_record, kafka_options=parse_options(kafka_option or []),
         kafka_config=kafka_config,
     )

@@ -233,6 +233,9 @@ class StreamOptions:
     #: the interface of the metrics port (None: loopback); only with ``metrics_port``
     metrics_host: str | None = None
     follow: bool = False
+    #: where the place reached in the followed file is kept, and read on from at start
+    #: (``--position-file``); only with ``follow``
+    position_file: str | None = None
     out: str = "-"
     verdicts: str | None = None
     rejects: str | None = None
@@ -262,6 +265,9 @@ class StreamOptions:
                 raise UsageError("stream reads either --brokers or files, not both")
             if self.follow:
                 raise UsageError("--follow tails files; it does not apply to --brokers")
+            if self.position_file:
+                raise UsageError("--position-file keeps the place in a followed file; with "
+                                 "--brokers the consumer group keeps it (--group)")
             files = [flag for flag, v in (("--out", None if self.out == "-" else self.out),
                                           ("--verdicts", self.verdicts),
                                           ("--rejects", self.rejects)) if v]
@@ -286,6 +292,9 @@ class StreamOptions:
                 # (it was ignored: stdin is read to its end, with --follow or without)
                 raise UsageError("--follow tails a file; stdin (-) is read until it ends "
                                  "without it")
+            if self.position_file and not self.follow:
+                raise UsageError("--position-file keeps the place reached in a file read with "
+                                 "--follow: give --follow and one file")
             kafka_only = [flag for flag, v in (("--input-topic", self.input_topic),
                                                ("--output-topic", self.output_topic),
                                                ("--verdict-topic", self.verdict_topic),
@@ -304,7 +313,8 @@ class StreamOptions:
             bundle = [("the bundle", self.bundle)] if os.path.isfile(
                 os.path.join(self.bundle, MANIFEST)) else []
             check_distinct_outputs([("--out", None if self.out == "-" else self.out),
-                                    ("--verdicts", self.verdicts), ("--rejects", self.rejects)],
+                                    ("--verdicts", self.verdicts), ("--rejects", self.rejects),
+                                    ("--position-file", self.position_file)],
                                    self.inputs, bundle)
 
     @property
@@ -393,8 +403,11 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
                 raise
             verdicts = bool(opts.verdict_topic)
         else:
-            source = FileSource(opts.inputs, follow=opts.follow, batch_size=opts.batch_size)
-            sink = JsonlSink(opts.out, opts.verdicts, opts.rejects, stop=stop)
+            source = FileSource(opts.inputs, follow=opts.follow, batch_size=opts.batch_size,
+                                position_file=opts.position_file)
+            # (with a position kept, a restarted worker appends to its outputs)
+            sink = JsonlSink(opts.out, opts.verdicts, opts.rejects, stop=stop,
+                             resumed=opts.position_file is not None)
             # a stop while a write waits on an output that takes nothing more (a pipe whose
             # reader stopped reading) ends that write STOP_WRITE_S later: the worker waited in
             # it for ever, deaf to every later SIGTERM and Ctrl-C

@@ -10,16 +10,26 @@ file was rewritten and is read again from its start.
 A rotated file is still read for a while after the path moved on: a writer goes on writing to
 the file it has open until it is told to reopen the path (nginx's USR1 in logrotate's
 postrotate), and those lines must not be lost.
+
+Where the whole lines handed out end can be kept (:class:`Position`, ``stream --position-file``)
+and reading resumed there by a later run, when the path still names that file, as long and with
+the same first bytes (:class:`SavedPosition`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, BinaryIO
 
+from ..errors import InputError
 from .files import (
     Chunk,
     InputSpec,
@@ -38,6 +48,134 @@ POLL_SECONDS = 0.2
 ROTATE_WAIT_SECONDS = 5.0
 #: How many of the first bytes read, and of the last ones, are read again before each read.
 SEEN_BYTES = 64
+#: The version of the JSON a :class:`Position` is kept in.
+POSITION_VERSION = 1
+#: The most bytes a position file is read to (it holds one small JSON object).
+POSITION_MAX_BYTES = 4096
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the whole lines handed out of a followed file end: its identity (device, inode),
+    the byte ``offset`` just past the last whole line, the ``line`` number of the line that
+    starts there, and the file's first bytes (``head``, at least ``min(offset, SEEN_BYTES)``
+    of them), which tell the file from another one that took its inode or its place."""
+
+    dev: int
+    ino: int
+    offset: int
+    line: int
+    head: bytes = b""
+
+    def at(self, offset: int, line: int) -> Position:
+        """The same file, read to ``offset`` (line ``line`` starting there)."""
+        return replace(self, offset=offset, line=line)
+
+    def to_json(self, path: str) -> bytes:
+        """The position as one JSON object (``path``: the followed path, for the reader)."""
+        n = min(self.offset, SEEN_BYTES)
+        return json.dumps({
+            "version": POSITION_VERSION, "path": path, "device": self.dev, "inode": self.ino,
+            "offset": self.offset, "line": self.line, "head_bytes": n,
+            "head_sha256": hashlib.sha256(self.head[:n]).hexdigest()}).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class SavedPosition:
+    """A :class:`Position` read back from its JSON: the first bytes as their length and
+    SHA-256."""
+
+    dev: int
+    ino: int
+    offset: int
+    line: int
+    head_bytes: int
+    head_sha256: str
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SavedPosition:
+        """The position ``data`` holds; ValueError (saying what is wrong) when it holds none."""
+        try:
+            doc: Any = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"it is not JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ValueError("it is not a JSON object")
+        if doc.get("version") != POSITION_VERSION:
+            raise ValueError(f"its version is {doc.get('version')!r}, not {POSITION_VERSION}")
+
+        def number(key: str, least: int, most: int | None = None) -> int:
+            value = doc.get(key)
+            if type(value) is not int or value < least or (most is not None and value > most):
+                raise ValueError(f"its {key!r} is {value!r}, not a whole number from {least}"
+                                 + (f" to {most}" if most is not None else ""))
+            return value
+
+        offset = number("offset", 0)
+        dev, ino, line = number("device", 0), number("inode", 0), number("line", 1)
+        head_bytes = number("head_bytes", min(offset, SEEN_BYTES), min(offset, SEEN_BYTES))
+        digest = doc.get("head_sha256")
+        if not (isinstance(digest, str) and len(digest) == 64
+                and all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError(f"its 'head_sha256' is {digest!r}, not 64 hex digits")
+        return cls(dev, ino, offset, line, head_bytes, digest)
+
+    def mismatch(self, fd: int) -> str | None:
+        """Why the open file ``fd`` cannot be read on from this position (None: it can)."""
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+            return (f"it is not the file the position was kept for (device {st.st_dev}, inode "
+                    f"{st.st_ino}, not {self.dev}, {self.ino}): it was rotated or replaced")
+        if st.st_size < self.offset:
+            return (f"it was truncated: it holds {st.st_size:,} bytes, the position is at byte "
+                    f"{self.offset:,}")
+        head = os.pread(fd, self.head_bytes, 0)
+        if hashlib.sha256(head).hexdigest() != self.head_sha256:
+            return ("its first bytes are not those of the file the position was kept for: it "
+                    "was truncated and written again, or its inode was given to another file")
+        return None
+
+
+def read_position(path: str) -> SavedPosition | None:
+    """The position kept in ``path`` (None: there is no such file yet). One that cannot be read
+    or holds no position is an :class:`~deepwatch.errors.InputError`: reading the followed file
+    again from its start would raise every old alert again, so it is not done unasked."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(POSITION_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InputError(f"cannot read --position-file {path}: {exc.strerror or exc}") from None
+    try:
+        if len(data) > POSITION_MAX_BYTES:
+            raise ValueError(f"it is over {POSITION_MAX_BYTES:,} bytes long")
+        return SavedPosition.from_json(data)
+    except ValueError as exc:
+        raise InputError(f"--position-file {path} holds no position deepwatch can read: {exc}; "
+                         "remove it to read the followed file from its start") from None
+
+
+def write_position(path: str, position: Position, followed: str) -> None:
+    """Keep ``position`` (of the file at ``followed``) in ``path`` at once: written to a file
+    beside it (mode 0600), synced to disk, then put in its place, so that ``path`` always holds
+    a whole position, the last or the one before."""
+    import tempfile
+
+    data = position.to_json(followed)
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class _Seen:
@@ -148,12 +286,44 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
     (:func:`~deepwatch.sources.files.iter_chunks`): compressed data or UTF-16 text is refused
     with one line (:class:`~deepwatch.errors.InputError`), not read as lines of junk.
     """
+    with contextlib.closing(follow_positions(spec, stop, chunk_bytes, poll, rotate_wait)) as it:
+        for chunk, _position in it:
+            yield chunk
+
+
+def _last_at(chunks: list[Chunk], position: Position) -> Iterator[tuple[Chunk, Position | None]]:
+    """``chunks`` of one read, the last one with ``position`` (where they all end)."""
+    for n, chunk in enumerate(chunks, start=1):
+        yield chunk, position if n == len(chunks) else None
+
+
+def _unplaced(chunks: list[Chunk]) -> Iterator[tuple[Chunk, Position | None]]:
+    for chunk in chunks:
+        yield chunk, None
+
+
+def follow_positions(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 << 20,
+                     poll: float = POLL_SECONDS, rotate_wait: float = ROTATE_WAIT_SECONDS,
+                     resume: SavedPosition | None = None, placed: bool = False
+                     ) -> Generator[tuple[Chunk, Position | None]]:
+    """:func:`follow_chunks`, each chunk with the :class:`Position` its last line ends at in the
+    file the path names, where it ends one: None for the lines of a rotated file, and for the
+    unfinished last line a stop hands out (read again when the run resumes).
+
+    ``resume``: a position kept by an earlier run. Where the file first opened is the one it was
+    kept for (:meth:`SavedPosition.mismatch`), it is read on from there, its lines numbered on;
+    else it is read from its start, and one log line says why. ``placed``: positions are
+    wanted, so a named pipe, which has none, is refused (:class:`~deepwatch.errors.InputError`).
+    """
     opened = _open(spec.path, stop, poll)
     if opened is None:
         return
     fh, inode = opened
     if waits_for_data(fh):
         try:
+            if placed:
+                raise InputError(f"{spec.display} is a named pipe: no position can be kept in "
+                                 "it (--position-file follows a regular file)")
             fd = fh.fileno()
             first = True
 
@@ -169,30 +339,54 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
                     _refuse_utf16(spec, block)
                 return block
 
-            yield from chunks_from_reads(read, spec, stop.is_set)
+            for chunk in chunks_from_reads(read, spec, stop.is_set):
+                yield chunk, None
         finally:
             fh.close()
         return
     lines = LineBuffer(spec)
     seen = _Seen()
     rotated: _Rotated | None = None
+    dev = os.fstat(fh.fileno()).st_dev
+    handed = 0  # where the last whole line handed out of the file the path names ends
+
+    def here() -> Position:
+        return Position(dev, inode, handed, lines.line, seen.head)
+
+    if resume is not None:
+        why = resume.mismatch(fh.fileno())
+        if why is None:
+            fh.seek(resume.offset)
+            handed, lines.line = resume.offset, resume.line
+            lines.at_start = resume.offset == 0  # (a byte order mark only opens the file)
+            seen = _Seen.of(fh.fileno(), resume.offset)
+            log.info(f"resuming {spec.display} at line {resume.line:,} (byte "
+                     f"{resume.offset:,})", extra={"event": "resume", "line": resume.line,
+                                                   "offset": resume.offset})
+        else:
+            log.info(f"reading {spec.display} from its start: {why}",
+                     extra={"event": "resume", "line": 1, "offset": 0})
     try:
         while True:
             # before each read: the bytes read so far still those in the file, and no more than
             # it holds (checked after a poll's wait, and after the reader was handed a chunk)
             if (change := _change(fh, seen)) is not None:
                 last = lines.finish()
-                if last is not None:
-                    yield last
                 if change == "hole":  # zeros up to the offset: what follows them is new
                     seen = _Seen.of(fh.fileno(), fh.tell())
                 else:
                     fh.seek(0)
                     seen = _Seen()
+                handed = fh.tell()
+                if last is not None:
+                    yield last, here()
             block = fh.read(chunk_bytes)
             if block:
                 seen.add(block)
-                yield from lines.feed(block)
+                chunks = lines.feed(block)
+                if (cut := block.rfind(b"\n")) >= 0:
+                    handed = fh.tell() - len(block) + cut + 1
+                yield from _last_at(chunks, here())
                 if not stop.is_set():
                     continue
                 # stopped while the file holds more (a backlog, a busy log): the whole lines
@@ -200,13 +394,13 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
                 # not handed out in half. A rotated file still read is let go to its end.
                 if rotated is not None:
                     old, rotated = rotated, None
-                    yield from old.let_go(chunk_bytes)
+                    yield from _unplaced(old.let_go(chunk_bytes))
                 return
             if rotated is not None:
-                yield from rotated.read(chunk_bytes)
+                yield from _unplaced(rotated.read(chunk_bytes))
                 if stop.is_set() or rotated.expired():
                     old, rotated = rotated, None
-                    yield from old.let_go(chunk_bytes)
+                    yield from _unplaced(old.let_go(chunk_bytes))
             if stop.is_set():
                 break
             try:
@@ -219,17 +413,18 @@ def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 <
                     break
                 older, rotated = rotated, _Rotated(fh, lines, rotate_wait)
                 (fh, inode), lines, seen = opened, LineBuffer(spec), _Seen()
+                dev, handed = os.fstat(fh.fileno()).st_dev, 0
                 if older is not None:  # rotated twice within the wait: let the older go
-                    yield from older.let_go(chunk_bytes)
-                yield from rotated.read(chunk_bytes)  # what came before the switch
+                    yield from _unplaced(older.let_go(chunk_bytes))
+                yield from _unplaced(rotated.read(chunk_bytes))  # what came before the switch
             else:
                 stop.wait(poll)
         last = lines.finish(stopped=True)  # (only a stop ends the loop)
         if last is not None:
-            yield last
+            yield last, None  # (unfinished: read again, whole, by a resumed run)
         if rotated is not None:  # stopped while the new file was missing again
             old, rotated = rotated, None
-            yield from old.let_go(chunk_bytes)
+            yield from _unplaced(old.let_go(chunk_bytes))
     finally:
         fh.close()
         if rotated is not None:
