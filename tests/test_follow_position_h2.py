@@ -91,6 +91,8 @@ def test_a_restart_reads_on_from_the_position(kdd_bundle: Path, small_kdd_test: 
     assert pos["head_bytes"] == 64 and len(pos["head_sha256"]) == 64
     alerts_before = (tmp_path / "alerts.jsonl").read_bytes()
     assert alerts_before  # (the kept alerts are checked below)
+    with (tmp_path / "alerts.jsonl").open("ab") as fh:  # as a worker killed in a write leaves it
+        fh.write(b'{"@timestamp": "2026-')
 
     with log.open("ab") as fh:  # the unfinished line finished, and 50 more, one of them junk
         fh.write(recs[100][30:] + b"\n" + b"\n".join(recs[101:150]) + b"\ngarbage two\n")
@@ -98,6 +100,8 @@ def test_a_restart_reads_on_from_the_position(kdd_bundle: Path, small_kdd_test: 
     err = second.stop_when(153)
     assert _source_lines(tmp_path / "verdicts.jsonl") == [*range(1, 101), *range(102, 152)]
     assert f"resuming {log} at line 102 (byte" in " ".join(_messages(err))
+    assert (f"--out {tmp_path / 'alerts.jsonl'} ended in an unfinished line (21 bytes, from a "
+            "run that was killed while it wrote): cut off") in " ".join(_messages(err))
     rejects = _lines(tmp_path / "rejects.jsonl")
     assert [r["deepwatch"]["source"]["line"] for r in rejects] == [101, 102, 152]
     assert [r["raw"] for r in rejects] == ["garbage one", recs[100][:30].decode(), "garbage two"]
@@ -136,6 +140,15 @@ def test_another_file_or_a_truncated_one_is_read_from_its_start(
     said = [m for m in _messages(err) if "from its start" in m]
     assert len(said) == 1 and "it was truncated: it holds" in said[0], err
     assert _source_lines(tmp_path / "verdicts.jsonl") == list(range(1, 6))
+    (tmp_path / "verdicts.jsonl").unlink()
+
+    with log.open("r+b") as fh:  # cut and written again, past the position, while it was down
+        fh.truncate(0)
+        fh.write(b"\n".join(recs[10:20]) + b"\n")
+    err = Worker(kdd_bundle, tmp_path, log).stop_when(11)
+    said = [m for m in _messages(err) if "from its start" in m]
+    assert len(said) == 1 and "its first bytes are not those of the file" in said[0], err
+    assert _source_lines(tmp_path / "verdicts.jsonl") == list(range(1, 11))
 
 
 def test_rotation_while_running_moves_the_position_to_the_new_file(
@@ -177,6 +190,9 @@ def test_a_position_file_that_cannot_be_read_stops_the_start(
          "its 'offset' is -1, not a whole number from 0"),
         ('{"version": 7}', "its version is 7, not 1"),
         ("[1, 2]", "it is not a JSON object"),
+        ('{"version": 1, "device": 1, "inode": 2, "offset": 9, "line": 1, "head_bytes": 9, '
+         '"head_sha256": "x"}', "its 'head_sha256' is 'x', not 64 hex digits"),
+        ("{}" + " " * 5000, "it is over 4,096 bytes long"),
     ]:
         pos.write_text(text)
         rc = main(["stream", str(kdd_bundle), "--format", "kdd", str(log), "--follow",
@@ -213,3 +229,36 @@ def test_the_option_is_refused_where_it_does_not_apply(
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert not pos.exists()
+
+
+def test_a_position_that_cannot_be_written_does_not_stop_the_scoring(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """The position file cannot be replaced for a while (here a directory is in its place):
+    one warning, the lines are scored on, and the position is kept again once it can be."""
+    recs = _records(small_kdd_test, 30)
+    log = tmp_path / "live.csv"
+    log.write_bytes(b"\n".join(recs[:10]) + b"\n")
+    pos = tmp_path / "pos.json"
+    worker = Worker(kdd_bundle, tmp_path, log)
+    deadline = time.monotonic() + 60
+    while _kept(pos) != 11:
+        assert time.monotonic() < deadline and worker.proc.poll() is None
+        time.sleep(0.05)
+    pos.unlink()
+    pos.mkdir()
+    for n in (20, 30):
+        with log.open("ab") as fh:
+            fh.write(b"\n".join(recs[n - 10 : n]) + b"\n")
+        while len(_lines(tmp_path / "verdicts.jsonl")) < n:
+            assert time.monotonic() < deadline and worker.proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.2)
+        if n == 20:
+            pos.rmdir()
+    err = worker.stop_when(31)
+    said = [m for m in _messages(err) if "position-file" in m]
+    assert said == [f"cannot write --position-file {pos}: Is a directory; a restart would read "
+                    "again from the last position written",
+                    f"--position-file {pos} is written again"], err
+    assert _source_lines(tmp_path / "verdicts.jsonl") == list(range(1, 31))
+    assert not [x for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
