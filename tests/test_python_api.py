@@ -234,6 +234,26 @@ def test_a_misspelt_training_option_is_refused(tiny_kdd: Path, tmp_path: Path) -
     assert manifest["training"]["autoencoder"]["latent"] == 5
 
 
+@pytest.mark.parametrize(("model", "options", "foreign"), [
+    ("mlp", {"hidden": 256}, "hidden"),
+    ("stack", {"lr": 1e-3, "latent": 8}, "latent"),
+    ("resnet", {"novel_category": "dos"}, "novel_category"),
+    ("autoencoder", {"class_balance": 0.5}, "class_balance"),
+    ("autoencoder", {"novel_category": "dos"}, "novel_category"),
+])
+def test_an_option_of_another_model_is_refused(tiny_kdd: Path, tmp_path: Path, model: str,
+                                               options: dict[str, object], foreign: str) -> None:
+    """The autoencoder's ``hidden`` given to an ``mlp`` was taken and did nothing: the network
+    stayed 128 wide, and the manifest gave no hint (``class_balance`` for an autoencoder,
+    which samples benign rows by weight alone, the same)."""
+    from deepwatch.train.api import train
+
+    with pytest.raises(UsageError, match=re.escape(
+            f"option {foreign!r} does not apply to model {model!r}; its options are ")):
+        train("kdd", model, tiny_kdd, tmp_path / "b", epochs=1, options=options)
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_device_the_machine_lacks_is_a_usage_error(kdd_bundle: Path) -> None:
     """``Detector(b, engine="torch", device="gpu")`` (or ``"cuda"`` on a machine without one)
     raised a BundleError, "the bundle cannot be loaded (RuntimeError: Expected one of cpu,

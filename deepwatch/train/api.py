@@ -475,9 +475,10 @@ def train(
     The numbers (``seed``, ``epochs``, ``folds``, ``target_fpr``, ``options``' values) may be
     Python's or numpy's (``np.int64``, ``np.float32``).
     ``options``: the training loop's settings (``batch_size``, ``lr``, ``weight_decay``,
-    ``patience``, ``class_balance``, ``epoch_size``) and the autoencoder's
-    (:mod:`deepwatch.train.anomaly`); a name or a value it cannot take is a UsageError before
-    any work.
+    ``patience``, ``class_balance``, ``epoch_size``), for every model (``class_balance`` not
+    for ``autoencoder``), and the autoencoder's (:mod:`deepwatch.train.anomaly`), for
+    ``autoencoder`` and ``hybrid`` (``novel_category``: ``hybrid`` only); a name or a value it
+    cannot take, or one of another model's, is a UsageError before any work.
     ``progress``: show progress on stderr as ``deepwatch train`` does (bars on a terminal, a
     line per epoch elsewhere, as ``DEEPWATCH_PROGRESS`` says); by default nothing is shown.
     Calls from several threads run one at a time, each as it would alone; the global random
@@ -588,11 +589,22 @@ def check_options(options: dict[str, Any] | None, model: str | None = None) -> N
     if not isinstance(options, dict):
         raise UsageError(f"options must be a dict of option names to values, not "
                          f"{type(options).__name__}")
-    known = {*_LOOP_OPTIONS, *DEFAULTS, "latent", "novel_category"}
+    autoencoder = {*DEFAULTS, "latent"}
+    known = {*_LOOP_OPTIONS, *autoencoder, "novel_category"}
     unknown = [k for k in options if k not in known]
     if unknown:
         raise UsageError(f"unknown training option {unknown[0]!r}; the options are "
                          f"{', '.join(sorted(known))}")
+    # an option of another kind of model (the autoencoder's 'hidden' given to an mlp) was taken
+    # and had no effect: the model trained with its own sizes, and said nothing
+    # (the autoencoder samples its benign rows by their weight alone: class_balance is 1)
+    own = {"autoencoder": {*_LOOP_OPTIONS, *autoencoder} - {"class_balance"},
+           "hybrid": known}.get(
+        model or "", set(_LOOP_OPTIONS))
+    foreign = [k for k in options if k not in own]
+    if foreign and model in _TRAINERS:  # (an unknown model is said as such, later)
+        raise UsageError(f"option {foreign[0]!r} does not apply to model {model!r}; its "
+                         f"options are {', '.join(sorted(own))}")
     for name, value in options.items():
         _check_option_value(name, value)
     if model in BATCH_NORMED and options.get("batch_size") == 1:
