@@ -262,3 +262,29 @@ def test_a_position_that_cannot_be_written_does_not_stop_the_scoring(
                     f"--position-file {pos} is written again"], err
     assert _source_lines(tmp_path / "verdicts.jsonl") == list(range(1, 31))
     assert not [x for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
+
+
+def test_every_batch_of_a_chunk_ends_at_its_own_position(tmp_path: Path) -> None:
+    """A chunk cut into batches (``--batch-size``): each batch, once committed, keeps the place
+    just past its own last line, so that a worker killed between two of them reads on from
+    there, not from the chunk's start or past lines it never wrote."""
+    import threading
+
+    from deepwatch.serve._stream_io import FileSource
+
+    log = tmp_path / "live.log"
+    data = b"".join(b"line %d %s\n" % (i, b"x" * (i % 13)) for i in range(1, 51))
+    log.write_bytes(data)
+    pos = tmp_path / "pos.json"
+    stop = threading.Event()
+    source = FileSource([str(log)], follow=True, batch_size=7, position_file=str(pos))
+    kept = []
+    for batch in source.batches(stop):
+        source.commit(batch)
+        kept.append(json.loads(pos.read_text()))
+        if kept[-1]["line"] == 51:
+            stop.set()
+    assert [k["line"] for k in kept] == [*range(8, 51, 7), 51]
+    for k in kept:  # just past the line before it
+        assert data[: k["offset"]].count(b"\n") == k["line"] - 1
+        assert data[k["offset"] - 1 : k["offset"]] == b"\n"
