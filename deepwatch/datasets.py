@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
-from .errors import DataError, InputError, UsageError
+from .errors import DataError, InputError, UsageError, check_flags
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: The compressed copies a data set may be kept as: suffix, first bytes, opener.
@@ -703,6 +703,7 @@ def iter_fetch(name: str, from_dir: str | os.PathLike[str] | None = None,
     """:func:`fetch`, yielding each data set's path as soon as it is there (a group's first
     before its second is downloaded). The name is checked before anything is yielded."""
     sets = _expand(name)
+    check_flags(progress=progress)
     from_text = os.fspath(from_dir) if from_dir is not None else None
     return (_fetch_one(ds, from_text, progress) for ds in sets)
 

@@ -60,6 +60,16 @@ class DistributedError(DeepwatchError):
     exit_code = 1
 
 
+def check_flags(**flags: Any) -> None:
+    """A UsageError for a flag argument that is not ``True`` or ``False`` (numpy's bools are
+    taken; ``None`` is not, except where the default is None and the caller leaves it out of
+    ``flags``): ``alerts_only="no"`` was taken as true, and only the alerts were written."""
+    for name, value in flags.items():
+        if not isinstance(value, bool) and not (type(value).__module__ == "numpy"
+                                                and type(value).__name__ in ("bool_", "bool")):
+            raise UsageError(f"{name} must be True or False, not {value!r:.60}")
+
+
 def first_line(exc: BaseException, limit: int = 300, default: str | None = None) -> str:
     """The first line of an exception's message, for a one-line error (at most ``limit``
     characters); ``default`` (else the exception's type name) when it has no message."""

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import DataError
+from .errors import DataError, check_flags
 from .formats import REJECT_SCHEMA, Format
 from .formats._base import ParseResult, cut_lost, make_rejects
 from .sources.files import (
@@ -119,6 +119,7 @@ class InputReader:
                  parse: Callable[[bytes, int], ParseResult] | None = None,
                  checksums: bool = False,
                  lake_days: str | Sequence[str] | None = None):
+        check_flags(progress=progress)
         self.fmt = fmt
         #: parses a chunk of raw text (default: the format's ``parse_bulk``); a parse that also
         #: scores (:class:`deepwatch._line_cache.ScoredLineCache`) sets ``scored`` on its batches

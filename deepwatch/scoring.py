@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._line_cache import ScoredLineCache
-from .errors import DeepwatchError, Interrupted, OutputError, StopSignals, UsageError
+from .errors import DeepwatchError, Interrupted, OutputError, StopSignals, UsageError, check_flags
 from .formats import Format, get_format
 from .io import InputReader, Stats
 from .sinks import RecordSink, RejectSink, rejects_read
@@ -58,6 +58,8 @@ def score_files(bundle: str | Path, format_name: str, inputs: Inputs, out: str |
     from .models.detector import Detector
 
     inputs, lakes = input_list(inputs), input_list(lakes, "lakes")
+    check_flags(alerts_only=alerts_only, progress=progress, cluster=cluster,
+                **({} if explain is None else {"explain": explain}))
     out = os.fspath(out)
     rejects = os.fspath(rejects) if rejects is not None else None
 

@@ -591,3 +591,47 @@ def test_a_detector_of_no_path_says_so(path: object) -> None:
         Detector(path)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match=re.escape(said)):
         evaluate(path, "kdd", __file__)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("call", ["detector", "score_files", "train", "evaluate", "fetch",
+                                  "read_inputs", "write_report"])
+def test_a_flag_that_is_not_a_bool_is_refused(call: str, kdd_bundle: Path, tiny_kdd: Path,
+                                              tmp_path: Path) -> None:
+    """The README promises a DeepwatchError for an argument of the wrong type, but a flag took
+    any value: ``score_files(..., alerts_only="no")`` wrote only the alerts,
+    ``Detector(b, explain="no")`` explained, ``train(..., refit="no")`` refitted and wrote
+    ``"refit": "no"`` into the manifest."""
+    from deepwatch import api
+
+    out = tmp_path / "out.jsonl"
+    calls = {
+        "detector": (lambda: api.Detector(kdd_bundle, explain="no"), "explain"),
+        "score_files": (lambda: api.score_files(kdd_bundle, "kdd", tiny_kdd, out,
+                                                alerts_only="no"), "alerts_only"),
+        "train": (lambda: api.train("kdd", "mlp", tiny_kdd, tmp_path / "b", refit="no"),
+                  "refit"),
+        "evaluate": (lambda: api.evaluate(kdd_bundle, "kdd", tiny_kdd, progress="no"),
+                     "progress"),
+        "fetch": (lambda: api.fetch("kdd99-corrected", progress=1), "progress"),
+        "read_inputs": (lambda: api.read_inputs(tiny_kdd, "kdd", progress="off"), "progress"),
+        "write_report": (lambda: api.write_report(tmp_path / "r.html", {}, {}, progress="no"),
+                         "progress"),
+    }
+    run, name = calls[call]
+    with pytest.raises(UsageError, match=rf"^{name} must be True or False, not "):
+        run()
+    assert not out.exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_numpy_bools_are_taken_as_flags(kdd_bundle: Path, tiny_kdd: Path,
+                                        tmp_path: Path) -> None:
+    import numpy as np
+
+    from deepwatch import api
+
+    report = api.score_files(kdd_bundle, "kdd", tiny_kdd, tmp_path / "o.jsonl",
+                             alerts_only=np.bool_(True))
+    assert report is not None
+    rows = (tmp_path / "o.jsonl").read_text().splitlines()
+    assert rows and all('"verdict":"malicious"' in r for r in rows)

@@ -20,6 +20,7 @@ from ..errors import (
     FormatError,
     InputError,
     UsageError,
+    check_flags,
     first_line,
 )
 from ..features import Featurizer
@@ -55,6 +56,7 @@ class Detector:
         if not isinstance(path, str | os.PathLike):  # (not pathlib's TypeError from inside)
             raise UsageError(f"a Detector loads a bundle directory: give its path (str or "
                              f"pathlib.Path), not {type(path).__name__}")
+        check_flags(verify=verify, **({} if explain is None else {"explain": explain}))
         self.path = Path(path)
         # the files the loader reads are checked as they are read (the bytes checked are the
         # bytes loaded); the others after, so that every file is hashed once

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from torch import nn
 
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, check_bundle_target, save_bundle
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, check_flags
 from ..features import Featurizer
 from ..formats import Format, get_format
 from ..io import InputReader, Stats, labels_of, no_label_reason, read_labelled
@@ -489,6 +489,7 @@ def train(
     check_paths_and_device(out, rejects, device)
     rejects = os.fspath(rejects) if rejects is not None else None
     check_options(options, model)
+    check_flags(progress=progress, refit=refit)
     check_numbers(seed=seed, epochs=epochs, folds=folds, target_fpr=target_fpr)
     # numpy's numbers (np.int64 seeds, np.float32 rates) as Python's: the manifest is JSON
     seed, folds, target_fpr = int(seed), int(folds), float(target_fpr)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputError, UsageError, sigterm_stops_cleanly
+from ..errors import OutputError, UsageError, check_flags, sigterm_stops_cleanly
 from ..sinks import replace_file, writable_file
 from . import figures
 from .sample import balanced_pick
@@ -268,6 +268,8 @@ def write_report(path: str | Path, result: dict[str, Any], cols: dict[str, np.nd
     """Write the report page to ``path``; returns the path. SIGTERM while the page is made
     (the t-SNE map takes a while) or written stops it as Ctrl-C does (``terminated``), an older
     report at ``path`` kept whole and no temporary file left."""
+    if progress is not None:
+        check_flags(progress=progress)
     out = Path(path)
     with sigterm_stops_cleanly():
         page = render(result, cols, title, progress=progress)
