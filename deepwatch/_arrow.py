@@ -86,10 +86,22 @@ def as_arrow(records: Any, what: str) -> pa.RecordBatch | pa.Table:
 def without_views(table: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
     """``table`` with its ``string_view``/``binary_view`` columns as plain strings/binaries:
     polars hands its frames over in the view types, on which some of pyarrow's kernels
-    (``take``, which scoring uses on repeated records) have no implementation."""
-    fields = [pa.field(f.name, pa.string() if pa.types.is_string_view(f.type)
-                       else pa.binary() if pa.types.is_binary_view(f.type) else f.type,
-                       f.nullable, f.metadata)
-              for f in table.schema]
+    (``take``, which scoring uses on repeated records) have no implementation. A polars
+    ``Categorical`` or ``Enum`` comes as a dictionary of ``string_view`` values: its values are
+    made plain strings too (scored as they were, it was refused as "not categories (text)")."""
+    fields = [pa.field(f.name, plain_type(f.type), f.nullable, f.metadata) for f in table.schema]
     schema = pa.schema(fields, metadata=table.schema.metadata)
     return table if schema.equals(table.schema) else table.cast(schema)
+
+
+def plain_type(typ: pa.DataType) -> pa.DataType:
+    """``typ`` with a view type (itself, or a dictionary's values) as its plain counterpart."""
+    if pa.types.is_string_view(typ):
+        return pa.string()
+    if pa.types.is_binary_view(typ):
+        return pa.binary()
+    if pa.types.is_dictionary(typ):
+        values = plain_type(typ.value_type)
+        if values != typ.value_type:
+            return pa.dictionary(typ.index_type, values, typ.ordered)
+    return typ

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .._arrow import as_arrow, to_numpy
+from .._arrow import as_arrow, plain_type, to_numpy
 from ..errors import DataError, InputError, UsageError, first_line
 from ._derive import deriver_reads, get_deriver
 
@@ -377,6 +377,8 @@ def _cast(col: pa.ChunkedArray, to: pa.DataType, name: str) -> pa.ChunkedArray:
     # stopped training on the whole file, while scoring took the same line
     safe = not (pa.types.is_integer(col.type) and pa.types.is_floating(to))
     try:
+        if pa.types.is_dictionary(col.type):  # (a polars Categorical's string_view values
+            col = pc.cast(col, plain_type(col.type))  # have no take, which the cast does)
         return pc.cast(col, to, safe=safe)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
         want = "numbers" if pa.types.is_floating(to) else "categories (text)"

@@ -1,0 +1,43 @@
+"""A notebook's frames through ``Detector.score_batch`` (a data scientist's review)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from conftest import head_lines
+
+from deepwatch.formats import get_format
+from deepwatch.models.detector import Detector
+
+TEXT = ("protocol_type", "service", "flag")
+
+
+@pytest.fixture(scope="module")
+def kdd_records(kdd_test_file: Path) -> pa.RecordBatch:
+    return get_format("kdd").parse("".join(head_lines(kdd_test_file, 300)).encode()).batch
+
+
+@pytest.mark.parametrize("kind", ["categorical", "enum"])
+@pytest.mark.parametrize("how", ["frame", "record batch"])
+def test_polars_categorical_and_enum_columns_score_as_their_text(
+        kdd_bundle: Path, kdd_records: pa.RecordBatch, kind: str, how: str) -> None:
+    """A polars Categorical or Enum reaches pyarrow as a dictionary of ``string_view`` values,
+    which pyarrow cannot cast to text: score_batch refused such a frame with "column
+    'protocol_type' holds values that are not categories (text)"."""
+    det = Detector(kdd_bundle)
+    want = det.score_batch(kdd_records).column("score").to_numpy()
+    frame = pl.from_arrow(kdd_records)
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.with_columns([
+        pl.col(c).cast(pl.Categorical if kind == "categorical"
+                       else pl.Enum(sorted(frame[c].unique().to_list())))
+        for c in TEXT])
+    records = frame if how == "frame" else pa.table(frame).combine_chunks().to_batches()[0]
+    got = det.score_batch(records)
+    assert got.num_rows == kdd_records.num_rows
+    assert np.array_equal(got.column("score").to_numpy(), want)
+    assert got.column("service").to_pylist() == kdd_records.column("service").to_pylist()
