@@ -8,8 +8,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-from conftest import head_lines
+from conftest import data_file, head_lines
 
+from deepwatch.features import Featurizer
 from deepwatch.formats import get_format
 from deepwatch.models.detector import Detector
 
@@ -41,3 +42,24 @@ def test_polars_categorical_and_enum_columns_score_as_their_text(
     assert got.num_rows == kdd_records.num_rows
     assert np.array_equal(got.column("score").to_numpy(), want)
     assert got.column("service").to_pylist() == kdd_records.column("service").to_pylist()
+
+
+def test_access_log_frame_with_category_columns_is_featurised_as_its_text() -> None:
+    """An access-log frame whose text columns are pandas ``category`` (a notebook's way to save
+    memory) or polars ``Categorical`` reached the access deriver as Arrow dictionaries, and
+    scoring it failed with pyarrow's traceback (``ArrowNotImplementedError: Function
+    'utf8_length' has no kernel matching input types (dictionary<...>)``)."""
+    fmt = get_format("access")
+    lines = "".join(head_lines(data_file("weblogs/apache_access.log.gz"), 400))
+    parsed = fmt.parse(lines.encode()).batch
+    featurizer = Featurizer(fmt.feature_spec()).fit(parsed)
+    want = featurizer.transform(parsed)
+    frame = parsed.to_pandas()
+    text = [f.name for f in parsed.schema if pa.types.is_string(f.type)]
+    assert {"path", "query", "user_agent", "client_ip", "referer"} <= set(text)
+    as_category = frame.astype(dict.fromkeys(text, "category"))
+    assert np.array_equal(featurizer.transform(as_category), want)
+    polars_frame = pl.from_arrow(parsed)
+    assert isinstance(polars_frame, pl.DataFrame)
+    as_categorical = polars_frame.with_columns([pl.col(c).cast(pl.Categorical) for c in text])
+    assert np.array_equal(featurizer.transform(as_categorical), want)
