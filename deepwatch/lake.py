@@ -21,10 +21,12 @@ or finishes the moves of one killed while committing (``commit.json`` lists them
 is written under a hidden temporary name and renamed into place. Ingest appends: the same input
 ingested twice is there twice. ``_ingested.jsonl`` lists the inputs ingested (path, size,
 sha256 of the bytes read), so a repeat can be warned about, and a file that has grown since it was
-ingested (a live log) too, by its beginning; a running ingest claims its inputs in its staging
-directory (``claims.jsonl``), so of two ingests of one file at the same time the second is
-warned too (the check and the claim are made under an exclusive ``flock`` of ``_lake.json``,
-held for just that; readers take no lock).
+ingested (a live log) too, by its beginning; a compressed input is noted with the size and
+sha256 of its text too (decompressed), so the same lines are recognised compressed or not (a
+rotated log that ``logrotate`` compressed since it was ingested); a running ingest claims its
+inputs in its staging directory (``claims.jsonl``), so of two ingests of one file at the same
+time the second is warned too (the check and the claim are made under an exclusive ``flock`` of
+``_lake.json``, held for just that; readers take no lock).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import lzma
 import os
 import secrets
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -203,6 +207,10 @@ class LakeWriter:
         #: per input, the size of the longest beginning of it ingested before (see
         #: :meth:`ingested_part`)
         self._parts_before: dict[str, int] = {}
+        #: the inputs whose ingested part is of their text, decompressed
+        self._decompressed: set[str] = set()
+        #: per input found by its text alone, the path noted of the one ingested before
+        self._same_text: dict[str, str] = {}
         #: what :meth:`commit` has to say about its inputs (one changed while it was read)
         self.notes: list[str] = []
         #: the inputs seen_before was asked about (by size and sha256), each with its path
@@ -281,6 +289,7 @@ class LakeWriter:
         noted = [(path, read) for path, n in zip(inputs, counts, strict=True)
                  if (read := self._as_read(path, n)) is not None]
         lines = [json.dumps({"path": str(path), "size": size, "sha256": digest,
+                             **self._text_of(path, size, digest),
                              "ingest": self._ingest}) + "\n"
                  for path, (size, digest) in noted]
         if self._staging is None:  # no records: only the inputs to note
@@ -368,11 +377,31 @@ class LakeWriter:
                 entries = _ingested(self.root)
                 seen = _claimed_elsewhere(self.root, self._staging, size, digest) or any(
                     e.get("size") == size and e.get("sha256") == digest for e in entries)
+                found = self._sums[str(path)]
+                # the same lines, compressed or not (a rotated log compressed since): what is
+                # compared is the text, decompressed, of the input and of each entry
+                text = found.text or (size, digest)
+                same = None if seen else next(
+                    (e for e in entries if _text_id(e) == text), None)
+                if same is not None:
+                    self._same_text[str(path)] = str(same.get("path"))
+                    seen = True
                 # a file ingested before that has grown since (a live log): its beginning is
                 # one of those noted (sizes noted meanwhile were not checksummed: not looked at)
-                prefixes = self._sums[str(path)].prefixes
-                part = max((n for n, sha in _sizes(entries)
+                # (a plain file's text is its bytes: it is compared with the text of the
+                # compressed inputs noted too)
+                prefixes = found.prefixes
+                noted = _sizes(entries) if found.text else _sizes(entries) + _text_ids(entries)
+                part = max((n for n, sha in noted
                             if 0 < n < size and prefixes.get(n) == sha), default=None)
+                if part is None and found.text is not None and found.text_prefixes is not None:
+                    # a live log ingested, rotated and compressed since: its text begins so
+                    text_prefixes = found.text_prefixes
+                    part = max((n for n, sha in _text_ids(entries)
+                                if 0 < n < found.text[0] and text_prefixes.get(n) == sha),
+                               default=None)
+                    if part is not None:
+                        self._decompressed.add(str(path))
                 if part is not None:
                     self._parts_before[str(path)] = part
                 with (self._staging / CLAIMS).open("a") as f:
@@ -381,6 +410,24 @@ class LakeWriter:
             raise OutputError(f"cannot write the lake at {self.root}: "
                               f"{exc.strerror or first_line(exc)}") from None
         return seen
+
+    def same_text_as(self, path: str | Path) -> str | None:
+        """The path noted of the input ingested before whose text (decompressed) is that of
+        ``path``, where :meth:`seen_before` found it by its text alone (one of the two is
+        compressed: a rotated log compressed since), else None."""
+        return self._same_text.get(str(path))
+
+    def part_decompressed(self, path: str | Path) -> bool:
+        """Whether :meth:`ingested_part` is of ``path``'s text, decompressed."""
+        return str(path) in self._decompressed
+
+    def _text_of(self, path: str | Path, size: int, digest: str) -> dict[str, object]:
+        """The size and sha256 of a compressed input's text, to note beside its own (nothing
+        for a file that is not compressed, or that changed since it was checksummed)."""
+        found = self._sums.get(str(path))
+        if found is None or found.text is None or (found.size, found.sha256) != (size, digest):
+            return {}
+        return {"text_size": found.text[0], "text_sha256": found.text[1]}
 
     def given_earlier(self, path: str | Path) -> str | None:
         """The input of this run that :meth:`seen_before` was asked about with ``path``'s size
@@ -398,8 +445,9 @@ class LakeWriter:
         if str(path) not in self._sums:  # each input is read once to checksum it, not twice
             # (and the sizes ingested before are checksummed in the same reading, for
             # ingested_part)
+            entries = _ingested(self.root)
             self._sums[str(path)] = _checksum(
-                Path(path), [n for n, _ in _sizes(_ingested(self.root))])
+                Path(path), [n for n, _ in _sizes(entries) + _text_ids(entries)])
         found = self._sums[str(path)]
         return found.size, found.sha256
 
@@ -594,6 +642,11 @@ class _Sum:
     sha256: str
     ident: tuple[int, int, int, int]
     prefixes: dict[int, str]
+    #: a compressed file's text (decompressed): its size and sha256, and the sha256 of its
+    #: first bytes at each size asked for; None for a file that is not compressed (its text
+    #: is its bytes) or whose decompression failed (damaged)
+    text: tuple[int, str] | None = None
+    text_prefixes: dict[int, str] | None = None
 
 
 def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -602,26 +655,61 @@ def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _checksum(path: Path, at: Iterable[int] = ()) -> _Sum:
-    """``path``'s size and sha256, and the sha256 of its first ``n`` bytes for each ``n`` in
-    ``at`` shorter than it, in one reading."""
+#: The first bytes of the compressed files read (as ``sources/files.py`` tells them), and the
+#: module that decompresses each (its whole members or streams, as the reader does).
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+
+
+def _hash_stream(read: Callable[[int], bytes], at: Iterable[int]
+                 ) -> tuple[int, str, dict[int, str]]:
+    """The size and sha256 of what ``read`` gives to its end, and the sha256 of its first ``n``
+    bytes for each ``n`` in ``at`` shorter than it, in one reading."""
     digest = hashlib.sha256()
     size = 0
     marks = sorted({n for n in at if n > 0}, reverse=True)
     prefixes = {}
+    while block := read(1 << 20):
+        view = memoryview(block)
+        done = 0  # (hashed on to each size in turn: a lake of many inputs costs no more)
+        while marks and marks[-1] < size + len(block):
+            n = marks.pop()
+            digest.update(view[done:n - size])
+            done = n - size
+            prefixes[n] = digest.hexdigest()
+        digest.update(view[done:])
+        size += len(block)
+    return size, digest.hexdigest(), prefixes
+
+
+def _text_sum(path: Path, head: bytes, at: Iterable[int]
+              ) -> tuple[tuple[int, str], dict[int, str]] | None:
+    """The size and sha256 of a compressed file's text (and of its first bytes at each size in
+    ``at``); None where ``head`` shows no compression or the file does not decompress."""
+    import importlib
+
+    module = next((name for magic, name in _COMPRESSED if head.startswith(magic)), None)
+    if module is None:
+        return None
+    try:
+        with importlib.import_module(module).open(path, "rb") as f:
+            size, digest, prefixes = _hash_stream(f.read, at)
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error):  # damaged: not known
+        return None
+    return (size, digest), prefixes
+
+
+def _checksum(path: Path, at: Iterable[int] = ()) -> _Sum:
+    """``path``'s size and sha256, and the sha256 of its first ``n`` bytes for each ``n`` in
+    ``at`` shorter than it, in one reading; for a compressed file (gzip, bzip2, xz, by its
+    first bytes), the same of its text, decompressed."""
+    at = list(at)
     with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            view = memoryview(block)
-            done = 0  # (hashed on to each size in turn: a lake of many inputs costs no more)
-            while marks and marks[-1] < size + len(block):
-                n = marks.pop()
-                digest.update(view[done:n - size])
-                done = n - size
-                prefixes[n] = digest.hexdigest()
-            digest.update(view[done:])
-            size += len(block)
+        head = f.read(6)
+        f.seek(0)
+        size, digest, prefixes = _hash_stream(f.read, at)
         st = os.fstat(f.fileno())
-    return _Sum(size, digest.hexdigest(), _ident(st), prefixes)
+    text = _text_sum(path, head, at)
+    return _Sum(size, digest, _ident(st), prefixes, *(text or (None, None)))
 
 
 def _checksum_lines(path: Path, lines: int, start: int) -> tuple[int, str, str | None] | None:
@@ -675,6 +763,20 @@ def _sizes(entries: list[dict[str, object]]) -> list[tuple[int, object]]:
     """The size and sha256 of each entry of ``_ingested.jsonl`` that has a size."""
     return [(n, e.get("sha256")) for e in entries
             if isinstance(n := e.get("size"), int) and not isinstance(n, bool)]
+
+
+def _text_id(entry: dict[str, object]) -> tuple[object, object]:
+    """The size and sha256 of the text of an entry of ``_ingested.jsonl``: its decompressed
+    text's for a compressed input, else its bytes' (a plain file's text)."""
+    if "text_sha256" in entry:
+        return entry.get("text_size"), entry.get("text_sha256")
+    return entry.get("size"), entry.get("sha256")
+
+
+def _text_ids(entries: list[dict[str, object]]) -> list[tuple[int, object]]:
+    """:func:`_text_id` of each entry whose text has a size."""
+    return [(n, sha) for n, sha in map(_text_id, entries)
+            if isinstance(n, int) and not isinstance(n, bool)]
 
 
 def _time_column(format_name: str) -> str | None:

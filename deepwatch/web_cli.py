@@ -43,11 +43,20 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
             print(f"warning: {path} was given twice in this run{same}; its records are "
                   "stored twice", file=sys.stderr)
         elif writer.seen_before(path):
-            print(f"warning: {path} (same size and sha256) was already ingested into {lake}; "
-                  "its records are appended again", file=sys.stderr)
+            if (other := writer.same_text_as(path)) is not None:
+                # one of the two compressed: a rotated log (access.log.1 is access.log.2.gz
+                # today) was stored again without a word, its compressed bytes being new
+                print(f"warning: {path} holds the same lines as {other} (one of the two "
+                      f"compressed), ingested into {lake} before; its records are appended "
+                      "again", file=sys.stderr)
+            else:
+                print(f"warning: {path} (same size and sha256) was already ingested into "
+                      f"{lake}; its records are appended again", file=sys.stderr)
         elif (part := writer.ingested_part(path)) is not None:  # a live log ingested before
-            print(f"warning: {path} begins with the {part:,} bytes ingested into {lake} before "
-                  "(it has grown since); their records are appended again", file=sys.stderr)
+            how = ", decompressed," if writer.part_decompressed(path) else ""
+            print(f"warning: {path} begins{how} with the {part:,} bytes ingested into {lake} "
+                  "before (it has grown since); their records are appended again",
+                  file=sys.stderr)
     # the last line stored of each input (by its place in reader.specs; None: not known): a file
     # written to while it is read (a live log) is noted as ingested up to it, not as it was
     # when the run began

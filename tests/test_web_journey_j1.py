@@ -1,0 +1,93 @@
+"""An analyst's journey with web server logs (simulate -> ingest -> train -> score -> report),
+walked with the real CLI: the defects it found, each reproduced here first."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from deepwatch.cli import main
+from deepwatch.lake import read_lake
+
+LINES = "".join(
+    f'203.0.113.{i % 7 + 1} - - [14/May/2024:10:{i // 60:02d}:{i % 60:02d} +0000] '
+    f'"GET /page/{i} HTTP/1.1" 200 {100 + i} "-" "Mozilla/5.0"\n' for i in range(40))
+
+COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
+    "gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}
+
+
+@pytest.mark.parametrize("suffix", sorted(COMPRESSORS))
+def test_rotated_log_compressed_since_is_warned_about(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str) -> None:
+    """logrotate's ``delaycompress``: yesterday's ``access.log.1`` is ``access.log.2.gz``
+    today, the same lines. Ingesting ``access.log*`` each day stored them again without a word
+    (only the compressed bytes were checksummed, and they differ); now it warns, as for a
+    file ingested before, naming the file ingested."""
+    logs, lake = tmp_path / "logs", tmp_path / "lake"
+    logs.mkdir()
+    plain = logs / "access.log.1"
+    plain.write_text(LINES)
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(plain)]) == 0
+    capsys.readouterr()
+    rotated = logs / f"access.log.2.{suffix}"
+    rotated.write_bytes(COMPRESSORS[suffix](LINES.encode()))
+    plain.unlink()
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(rotated)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {rotated} holds the same lines as {plain}" in err, err
+    assert "its records are appended again" in err
+    assert read_lake(lake).num_rows == 80  # appended all the same, as documented
+
+
+def test_compressed_log_then_its_text_is_warned_about(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The other way round: a ``.gz`` ingested, then the same log decompressed."""
+    lake = tmp_path / "lake"
+    packed = tmp_path / "access.log.2.gz"
+    packed.write_bytes(gzip.compress(LINES.encode()))
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(packed)]) == 0
+    text = tmp_path / "access.log.2"
+    with gzip.open(packed) as f, text.open("wb") as out:
+        shutil.copyfileobj(f, out)
+    capsys.readouterr()
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(text)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {text} holds the same lines as {packed}" in err, err
+
+
+def test_live_log_ingested_then_rotated_and_compressed_is_warned_about(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A live log ingested part-way through the day, rotated and compressed since: the
+    compressed file's lines begin with those stored, and are stored again."""
+    lake = tmp_path / "lake"
+    live = tmp_path / "access.log"
+    half = LINES[:LINES.index("\n", len(LINES) // 2) + 1]
+    live.write_text(half)
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(live)]) == 0
+    packed = tmp_path / "access.log.1.gz"
+    packed.write_bytes(gzip.compress(LINES.encode()))
+    capsys.readouterr()
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(packed)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {packed} begins, decompressed, with the {len(half):,} bytes ingested" \
+        in err, err
+
+
+def test_unrelated_compressed_log_is_not_warned_about(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lake = tmp_path / "lake"
+    first = tmp_path / "a.log"
+    first.write_text(LINES)
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(first)]) == 0
+    other = tmp_path / "b.log.gz"
+    other.write_bytes(gzip.compress(LINES.replace("Mozilla", "curl").encode()))
+    capsys.readouterr()
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(other)]) == 0
+    assert "warning" not in capsys.readouterr().err
