@@ -15,6 +15,7 @@ form) and ``flood`` (a request flood). Logs are written in combined format, one 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from urllib.parse import quote
 from .errors import OutputError, UsageError
 
 SITE = "shop.example.com"
+DAY_S = 86_400.0
 ATTACKS = ("sqli", "xss", "traversal", "scanner", "bruteforce", "flood")
 
 CATEGORIES = ("shoes", "jackets", "bags", "hats", "socks", "gloves", "scarves", "belts")
@@ -189,11 +191,24 @@ class Simulator:
         self.book = AddressBook(self.rng, [c for c, _ in COUNTRIES])
 
     def _when(self) -> datetime:
-        # busier afternoons and evenings: a mixture over the simulated span
+        # busier afternoons and evenings: a mixture over a day (a span of a day or less: over
+        # the span, as ever)
         span = self.hours * 3600.0
-        t = self.rng.random() * span if self.rng.random() < 0.5 else min(
+        if span <= DAY_S:
+            return self.start + timedelta(seconds=self._time_of_day(span))
+        # several days: a day of the span, then the time on it as on a one-day run. The mixture
+        # was drawn once over the whole span, so three days were one bump (the middle day 3.5
+        # times the first) with as many requests before noon as after
+        days = math.ceil(span / DAY_S)
+        while True:  # a time past the end of a last day cut short is drawn again
+            t = self.rng.randrange(days) * DAY_S + self._time_of_day(DAY_S)
+            if t < span:
+                return self.start + timedelta(seconds=t)
+
+    def _time_of_day(self, span: float) -> float:
+        """Seconds into a ``span`` (a day, or less), afternoons and evenings the busiest."""
+        return self.rng.random() * span if self.rng.random() < 0.5 else min(
             span - 1, abs(self.rng.gauss(0.62, 0.18)) * span)
-        return self.start + timedelta(seconds=t)
 
     def _country(self) -> str:
         names = [c for c, _ in COUNTRIES]

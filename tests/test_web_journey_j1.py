@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import lzma
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +16,15 @@ import pytest
 
 from deepwatch.cli import main
 from deepwatch.lake import read_lake
+from deepwatch.simulate import simulate
 
 LINES = "".join(
     f'203.0.113.{i % 7 + 1} - - [14/May/2024:10:{i // 60:02d}:{i % 60:02d} +0000] '
     f'"GET /page/{i} HTTP/1.1" 200 {100 + i} "-" "Mozilla/5.0"\n' for i in range(40))
+
+#: simulate(visits=30, attacks=["sqli"], seed=4, hours=24) before several days were drawn
+#: each with its own afternoon (a day or less is drawn as it was)
+ONE_DAY_SHA256 = "3914bc79e78f419337168cc891822173ed9b0339bc6cb2585d1a461b8e5ebb1b"
 
 COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
     "gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}
@@ -78,16 +85,42 @@ def test_live_log_ingested_then_rotated_and_compressed_is_warned_about(
     err = capsys.readouterr().err
     assert f"warning: {packed} begins, decompressed, with the {len(half):,} bytes ingested" \
         in err, err
-
-
-def test_unrelated_compressed_log_is_not_warned_about(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lake = tmp_path / "lake"
-    first = tmp_path / "a.log"
-    first.write_text(LINES)
-    assert main(["ingest", "--format", "access", "--lake", str(lake), str(first)]) == 0
+    # other lines, compressed, are not taken for those
     other = tmp_path / "b.log.gz"
     other.write_bytes(gzip.compress(LINES.replace("Mozilla", "curl").encode()))
-    capsys.readouterr()
     assert main(["ingest", "--format", "access", "--lake", str(lake), str(other)]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def _per_day_and_half(log: Path) -> tuple[Counter[str], int, int]:
+    """Lines per day, and lines before and after noon, of a simulated log."""
+    days: Counter[str] = Counter()
+    morning = afternoon = 0
+    for line in log.read_text().splitlines():
+        stamp = line.split("[", 1)[1].split("]", 1)[0]  # 14/May/2024:13:05:00 +0000
+        days[stamp[:11]] += 1
+        if int(stamp[12:14]) < 12:
+            morning += 1
+        else:
+            afternoon += 1
+    return days, morning, afternoon
+
+
+def test_simulate_several_days_gives_each_day_its_busy_afternoon(tmp_path: Path) -> None:
+    """``simulate --hours 72``: the afternoon peak was drawn once over the whole span (62% of
+    the way through it), so three days were one bump (the middle day 3.5 times busier than the
+    first) with no daily rhythm at all (as many requests before noon as after), where the docs
+    promise a shop busier in the afternoon and evening, each day."""
+    paths = simulate(tmp_path / "sim", visits=600, attacks=[], seed=4, hours=72)
+    days, morning, afternoon = _per_day_and_half(paths["normal"])
+    total = sum(days.values())
+    # (a visit begun late on the last day may run on a little past midnight)
+    busy = {day: n / total for day, n in days.items() if n / total > 0.02}
+    assert sorted(busy) == ["14/May/2024", "15/May/2024", "16/May/2024"], days
+    assert all(0.22 < share < 0.45 for share in busy.values()), days
+    assert afternoon > 1.3 * morning, (morning, afternoon)
+    # a day or less (the default, the demo's) is drawn as before, line for line
+    one_day = simulate(tmp_path / "day", visits=30, attacks=["sqli"], seed=4, hours=24)
+    digest = hashlib.sha256(one_day["normal"].read_bytes() + one_day["sqli"].read_bytes())
+    assert digest.hexdigest() == ONE_DAY_SHA256
+
