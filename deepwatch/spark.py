@@ -26,8 +26,9 @@ With a cluster (``--master`` other than ``local[...]``), the bundle, the inputs 
 need deepwatch installed. Derived features with per-client windows (an access log's) see, in
 every partition, the requests before it: a first job finds each partition's last requests of
 each client, the driver hands them on from partition to partition in input order, and each
-partition is scored from the windows it is handed (see TAILS). A featurizer with any other state
-across records has its lines scored by one task, in input order.
+partition is scored from the windows it is handed (see TAILS); the lines the first job read are
+kept for the second (memory, then disk), so the files are read once. A featurizer with any
+other state across records has its lines scored by one task, in input order.
 """
 
 from __future__ import annotations
@@ -790,9 +791,14 @@ def _count_range(piece: tuple[str, int, int]) -> int:
 
 def _lines_frame(session: Any, specs: Sequence[InputSpec], same_cuts: bool = False) -> Any:
     """A DataFrame of LINES: every line of every input, numbered from 1 per file. ``same_cuts``:
-    every job over it must see the same partitions (the same lines in each): where the lines
-    are spread over the cores, whose cuts Spark draws from a sample anew for each job, the
-    frame is persisted (to be unpersisted by the caller) once spread."""
+    more than one job runs over it (windowed features: the tails, then the scoring), and every
+    one must see the same partitions with the same lines in each. The frame is then persisted
+    (memory, then disk; to be unpersisted by the caller), so the first job reads the files and
+    the others read what it kept: where the lines are spread over the cores, Spark draws the
+    cuts from a sample anew for each job; where each piece is a partition of its own, the
+    scoring job read every file again, twice the reading, and a file changed in between (a
+    live log) failed the run ("changed while it was read") or, changed at the same size, was
+    scored from other bytes than the windows came from."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
     sc = session.sparkContext
@@ -807,10 +813,10 @@ def _lines_frame(session: Any, specs: Sequence[InputSpec], same_cuts: bool = Fal
         # each range still in input order, so that every executor scores a share
         frame = frame.repartitionByRange(spread, "file", "line").sortWithinPartitions(
             "file", "line")
-        if same_cuts:
-            from pyspark import StorageLevel
+    if same_cuts:
+        from pyspark import StorageLevel
 
-            frame = frame.persist(StorageLevel.MEMORY_AND_DISK)
+        frame = frame.persist(StorageLevel.MEMORY_AND_DISK)
     return frame
 
 
