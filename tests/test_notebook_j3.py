@@ -63,3 +63,30 @@ def test_access_log_frame_with_category_columns_is_featurised_as_its_text() -> N
     assert isinstance(polars_frame, pl.DataFrame)
     as_categorical = polars_frame.with_columns([pl.col(c).cast(pl.Categorical) for c in text])
     assert np.array_equal(featurizer.transform(as_categorical), want)
+
+
+def test_polars_enum_frames_with_other_category_lists_get_their_own_results(
+        kdd_bundle: Path, kdd_records: pa.RecordBatch) -> None:
+    """A detector keeps the results of the records it scored, keyed by a hash of their fields;
+    polars hashes an Enum by its position in the Enum's list of categories. Two frames whose
+    Enums list their services in another order (each file's own ``sorted(unique())``, say) then
+    gave a record of one service the results cached for another: ``private`` connections scored
+    as the ``http`` ones of the frame before."""
+    frame = pl.from_arrow(kdd_records)
+    assert isinstance(frame, pl.DataFrame)
+    frame = pl.concat([frame] * 14)  # (4,200 rows: past DEDUPE_MIN_ROWS, where the cache is)
+    services = sorted(frame["service"].unique().to_list())
+    assert {"http", "private"} <= set(services)
+    swap = {"http": "private", "private": "http"}
+    first = frame.with_columns(pl.col("service").cast(pl.Enum(services)))
+    # the same connections on the other service, each service where the other was in the list
+    second = frame.with_columns(pl.col("service").replace(swap)
+                                .cast(pl.Enum([swap.get(s, s) for s in services])))
+    det = Detector(kdd_bundle)
+    det.score_batch(first)
+    got = det.score_batch(second)
+    want = Detector(kdd_bundle).score_batch(second)
+    assert got.column("service").to_pylist() == want.column("service").to_pylist()
+    wrong = got.column("score").to_numpy() != want.column("score").to_numpy()
+    assert int(wrong.sum()) == 0  # (3,290 of the 4,200 before)
+    assert got.column("attack_type").to_pylist() == want.column("attack_type").to_pylist()

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
 
-from .._arrow import as_arrow, without_views
+from .._arrow import as_arrow, plain_type, without_views
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
 from ..errors import (
@@ -26,6 +26,9 @@ from ..errors import (
 from ..features import Featurizer
 from ._checks import check_manifest, check_onnx, check_scoring
 from .decision import Decision
+
+if TYPE_CHECKING:
+    import polars as pl
 
 #: What :meth:`Detector.score_batch` takes: a RecordBatch, a Table, or what ``pa.table``
 #: converts (a pandas or polars DataFrame, a dict of columns).
@@ -320,7 +323,19 @@ def distinct_rows(table: pa.Table | pa.RecordBatch, columns: list[str]
                   ) -> tuple[np.ndarray, np.ndarray]:
     """``(first, inverse)``: the first row of each distinct record and, for every row, the index
     of its distinct record, so that ``rows == first[inverse]`` in content."""
-    return distinct(record_keys(table, columns))
+    return distinct(_record_keys(table, columns))
+
+
+def _record_keys(table: pa.Table | pa.RecordBatch, columns: list[str]) -> pl.DataFrame:
+    """:func:`~deepwatch._dedupe.record_keys` of ``columns``, dictionary columns by their values:
+    polars hashes an Enum by its place in the Enum's categories, so that a record of a frame
+    whose Enum listed them in another order took the cached results of another record (a
+    ``private`` connection those of an ``http`` one of the frame before)."""
+    sub = table.select(columns)
+    if any(pa.types.is_dictionary(t) for t in sub.schema.types):
+        sub = sub.cast(pa.schema([f.with_type(plain_type(f.type.value_type))
+                                  if pa.types.is_dictionary(f.type) else f for f in sub.schema]))
+    return record_keys(sub, columns)
 
 
 def _expand(value: Any, inverse: np.ndarray) -> Any:
@@ -392,7 +407,7 @@ class ResultCache:
         return sum(len(keys) for keys, _cols in self._stores.values())
 
     def columns(self, batch: pa.RecordBatch, det: Detector) -> dict[str, pa.Array]:
-        keys = record_keys(batch, det.featurizer.input_columns)
+        keys = _record_keys(batch, det.featurizer.input_columns)
         first, inverse = distinct(keys)
         a = keys["a"].to_numpy()[first]
         b = keys["b"].to_numpy()[first]
