@@ -635,3 +635,31 @@ def test_numpy_bools_are_taken_as_flags(kdd_bundle: Path, tiny_kdd: Path,
     assert report is not None
     rows = (tmp_path / "o.jsonl").read_text().splitlines()
     assert rows and all('"verdict":"malicious"' in r for r in rows)
+
+
+@pytest.mark.parametrize(("given", "said"), [
+    ({"feature_sample": "10"}, "feature_sample must be a whole number, 0 or more, not '10'"),
+    ({"feature_sample": 1.5}, "feature_sample must be a whole number, 0 or more, not 1.5"),
+    ({"feature_sample": -1}, "feature_sample must be a whole number, 0 or more, not -1"),
+    ({"rejects": 3}, "rejects must be a path (str or pathlib.Path), not int"),
+    ({"log": "warnings.txt"}, "log must be a function taking a line (str), not str"),
+])
+def test_an_evaluate_argument_it_cannot_take_is_refused_first(
+        kdd_bundle: Path, tiny_kdd: Path, given: dict[str, object], said: str) -> None:
+    """``feature_sample="10"`` and ``rejects=3`` failed with Python's TypeError, ``1.5`` only
+    after every record was scored, ``-1`` was taken as 0."""
+    from deepwatch.api import evaluate
+
+    with pytest.raises(UsageError, match=re.escape(said)):
+        evaluate(kdd_bundle, "kdd", tiny_kdd, **given)  # type: ignore[arg-type]
+
+
+def test_read_inputs_of_no_format_says_so(tiny_kdd: Path) -> None:
+    """``read_inputs(path, 3)`` failed with ``AttributeError: parse_bulk``."""
+    from deepwatch.api import read_inputs
+    from deepwatch.formats import get_format
+
+    with pytest.raises(UsageError, match=re.escape("fmt must be a format or its name")):
+        read_inputs(tiny_kdd, 3)  # type: ignore[arg-type]
+    table, _rejects, _stats = read_inputs(tiny_kdd, get_format("kdd"))
+    assert table.num_rows > 0

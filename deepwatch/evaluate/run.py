@@ -185,6 +185,24 @@ def verdict_threshold(decision: Any, cols: dict[str, np.ndarray]) -> float | Non
     return cut
 
 
+def _check_arguments(feature_sample: Any, rejects: Any, log: Any) -> None:
+    """A UsageError for an argument :func:`evaluate` cannot take, before any scoring:
+    ``feature_sample="10"`` and ``rejects=3`` failed with Python's TypeError, ``1.5`` only
+    after every record was scored, and ``-1`` was taken as 0."""
+    import numbers
+
+    if (isinstance(feature_sample, bool) or not isinstance(feature_sample, numbers.Integral)
+            or feature_sample < 0):
+        raise UsageError(f"feature_sample must be a whole number, 0 or more, not "
+                         f"{feature_sample!r:.60}")
+    if rejects is not None and not isinstance(rejects, str | os.PathLike):
+        raise UsageError(f"rejects must be a path (str or pathlib.Path), not "
+                         f"{type(rejects).__name__}")
+    if log is not None and not callable(log):
+        raise UsageError(f"log must be a function taking a line (str), not "
+                         f"{type(log).__name__}")
+
+
 def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str = "auto",
              progress: bool = False, feature_sample: int = 0, policy: str | None = None,
              rejects: str | Path | None = None, log: Callable[[str], None] | None = None
@@ -204,6 +222,7 @@ def evaluate(bundle: str | Path, format_name: str, inputs: Inputs, engine: str =
     from ..sinks import keeping_rejects
 
     inputs = input_list(inputs)
+    _check_arguments(feature_sample, rejects, log)
     if not inputs:  # (not "no records could be parsed", as if the inputs held garbage)
         raise UsageError("nothing to evaluate on: give one or more labelled input files")
     rejects = os.fspath(rejects) if rejects is not None else None

@@ -1358,5 +1358,8 @@ def read_inputs(specs: Inputs | Sequence[InputSpec], fmt: Format | str,
 
     if isinstance(fmt, str):
         fmt = get_format(fmt)
+    elif not hasattr(fmt, "parse_bulk"):  # (it failed with "AttributeError: parse_bulk")
+        raise UsageError(f"fmt must be a format or its name ('kdd', 'access'...), not "
+                         f"{type(fmt).__name__}")
     reader = InputReader(fmt, specs, progress=progress)
     return reader.read_all()
