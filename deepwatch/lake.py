@@ -896,6 +896,12 @@ def check_lake_days(roots: Sequence[str | Path], days: str | Sequence[str] | Non
             raise InputError(f"{where} records for {text} (days held: {_held_text(held)})")
 
 
+def days_text(days: Sequence[str]) -> str:
+    """``days`` (day folder names, in order) as runs of consecutive days, as the errors about
+    ``--days`` list the days held (``2024-05-14 .. 2024-05-16, 2024-05-20``)."""
+    return _held_text(days)
+
+
 def _held_text(held: Sequence[str], most: int = 6) -> str:
     """``held`` (day folder names, in order) as runs of consecutive days: ``2015-05-16,
     2015-05-18``, not ``2015-05-16 .. 2015-05-18``, which said that a lake without 2015-05-17

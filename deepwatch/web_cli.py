@@ -100,6 +100,24 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
     return writer.stats, reader.stats.summary()
 
 
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
+def _stored(lake: str, stats: LakeStats) -> str:
+    """What an ingest stored: the records, the days they are filed under (as runs of days:
+    ``2024-05-14, 2024-05-20``), the Parquet parts written for them, and the rejected lines.
+    (It said ``41 records in 2 files (2024-05-14 .. 2024-05-20)``: the parts read as input
+    files, and the span as days held that the lake then said it did not hold.)"""
+    from .lake import days_text
+
+    days = sorted(stats.days or ())
+    where = f" for {_plural(len(days), 'day')} ({days_text(days)})" if days else ""
+    return (f"{_plural(stats.records, 'record')} stored in {lake}{where}, as "
+            f"{_plural(stats.files, 'new Parquet part')}; "
+            f"{_plural(stats.rejects, 'rejected line')} kept in {lake}/rejects")
+
+
 def _last_line(reader: InputReader, batch: pa.RecordBatch, rejects: pa.Table,
                before: int | None) -> int | None:
     """The number of the last line of its input that the batch just yielded (records and
@@ -142,10 +160,7 @@ def register(app: typer.Typer) -> None:
 
         with sigterm_stops_cleanly():  # SIGTERM rolls the run back as Ctrl-C does
             stats, summary = ingest(fmt, lake, files, progress=enabled())
-        days = sorted(stats.days or ())
-        span = f"{days[0]} .. {days[-1]}" if days else "no days"
-        typer.echo(f"{summary}; {stats.records:,} records in {stats.files} files ({span}), "
-                   f"{stats.rejects:,} rejects kept in {lake}/rejects", err=True)
+        typer.echo(f"{summary}; {_stored(lake, stats)}", err=True)
 
     @app.command("simulate")
     def simulate_cmd(

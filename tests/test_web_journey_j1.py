@@ -124,3 +124,20 @@ def test_simulate_several_days_gives_each_day_its_busy_afternoon(tmp_path: Path)
     digest = hashlib.sha256(one_day["normal"].read_bytes() + one_day["sqli"].read_bytes())
     assert digest.hexdigest() == ONE_DAY_SHA256
 
+
+
+def test_ingest_summary_names_the_days_stored_and_no_files_it_did_not_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The ingest summary counted the Parquet parts it wrote as "files" (one log ingested:
+    "40 records in 2 files"), and gave the days stored as one span: a log of 14 and 20 May
+    read "(2024-05-14 .. 2024-05-20)", where ``train --days 2024-05-17`` then said the lake
+    "holds no records for 2024-05-17 (days held: 2024-05-14, 2024-05-20)"."""
+    log = tmp_path / "access.log"
+    week_later = LINES.replace("14/May/2024", "20/May/2024")
+    log.write_text(LINES + week_later.splitlines(keepends=True)[0] + "garbage\n")
+    lake = tmp_path / "lake"
+    assert main(["ingest", "--format", "access", "--lake", str(lake), str(log)]) == 0
+    err = capsys.readouterr().err
+    assert f"41 records stored in {lake} for 2 days (2024-05-14, 2024-05-20), as 2 new " \
+        f"Parquet parts; 1 rejected line kept in {lake}/rejects" in err, err
+    assert " files (" not in err
