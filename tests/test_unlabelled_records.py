@@ -93,3 +93,28 @@ def test_an_input_without_labels_stays_an_error_or_unlabelled_data(
     table, rejects, stats = read_labelled(InputReader(get_format("kdd"), [str(bare)]))
     assert table.num_rows == 50 and table.column("label").null_count == 50
     assert rejects.num_rows == 0 and stats.rejected == 0
+
+
+def test_an_unlabelled_record_whose_text_was_cut_is_counted_and_kept(
+        labelled: list[str], tmp_path: Path) -> None:
+    """A record without a label whose line is over MAX_RAW (its reason goes on: "(raw text cut
+    to its first 10,000 of ... characters)") was neither counted in "N records rejected: no
+    label" nor written to train's --rejects: it was lost from the rejects file."""
+    from deepwatch.sinks import keeping_rejects
+    from deepwatch.train.api import _log_no_label, _read_keeping
+
+    fields = _unlabelled(labelled[0]).rstrip("\n").split(",")
+    fields[2] = "x" * 20_000  # a service name: parsed (as 'other'), its text over MAX_RAW
+    p = tmp_path / "t.csv"
+    p.write_text("".join(labelled[:100]) + _unlabelled(labelled[1]) + ",".join(fields) + "\n")
+    out = tmp_path / "rejects.jsonl"
+    said: list[str] = []
+    with keeping_rejects(str(out)) as kept:
+        _reader, table, rejects, stats = _read_keeping(get_format("kdd"), [str(p)],
+                                                       "training", kept)
+    _log_no_label(rejects, "training", said.append)
+    assert table.num_rows == 100 and stats.rejected == 2
+    assert said == ["2 records rejected: no label in labelled training data"]
+    kept_lines = out.read_text().splitlines()
+    assert len(kept_lines) == 2 and '"line": 102' in kept_lines[1]
+    assert "(raw text cut to its first 10,000 of" in kept_lines[1]

@@ -390,7 +390,9 @@ def _no_label(rejects: pa.Table, purpose: str) -> pa.Table:
     ``rejects``, the reader's, have other reasons)."""
     if not rejects.num_rows:
         return rejects
-    return rejects.filter(pc.equal(rejects.column("reason"), no_label_reason(purpose)))
+    # (a reason may go on: "... (raw text cut to its first 4,096 of 20,131 bytes)", and such a
+    # record was neither counted nor kept in --rejects)
+    return rejects.filter(pc.starts_with(rejects.column("reason"), no_label_reason(purpose)))
 
 
 def _log_unparsed(stats: Stats, format_name: str, log: Callable[[str], None]) -> None:
