@@ -10,6 +10,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -415,9 +416,37 @@ def input_list(inputs: Inputs, what: str = "inputs") -> list[str]:
     return out
 
 
+#: A rotated log's name: the log's, then logrotate's number (``access.log.2``) or date
+#: (``dateext``: ``access.log-20240514``, ``access.log-2024051413``, ``access.log.2024-05-14``),
+#: then the compression's extension, if any
+_ROTATED = re.compile(r"(?P<log>.+?)(?:\.(?P<n>\d{1,6})|[-.](?P<date>\d{8}(?:\d{2})?|"
+                      r"\d{4}-\d{2}-\d{2}))(?:\.(?:gz|bz2|xz))?")
+
+
+def log_order(paths: Sequence[str]) -> list[str]:
+    """``paths`` sorted, except that the rotated files of a log that is among them come just
+    before it, oldest first: ``access.log*`` gives ``access.log.2.gz``, ``access.log.1``,
+    ``access.log`` (sorted, the newest came first, then the older ones in turn, and the
+    per-client windows of an access log saw later requests before earlier ones); by date with
+    ``dateext`` names, by number (``.10`` is older than ``.9``) with logrotate's. Files whose
+    log is not among them are sorted as they are (``part.1``, ``part.2``)."""
+    names = set(paths)
+
+    def key(path: str) -> tuple[str, int, int, str, str]:
+        m = _ROTATED.fullmatch(path)
+        if m is None or m["log"] not in names:
+            return path, 1, 0, "", path
+        if m["n"] is not None:
+            return m["log"], 0, -int(m["n"]), "", path
+        return m["log"], 0, 0, m["date"].replace("-", ""), path
+
+    return sorted(paths, key=key)
+
+
 def parse_input_spec(text: str) -> list[InputSpec]:
     """``PATH``, ``PATH=LABEL``, a glob, ``-`` or ``-=LABEL`` (stdin). A glob expands to its
-    files, sorted; a path that exists is taken as it is written, even with ``*?[`` in it."""
+    files, sorted, a log's rotated files oldest first (:func:`log_order`); a path that exists is
+    taken as it is written, even with ``*?[`` in it."""
     if text == "-":
         return [InputSpec("-")]
     label = None
@@ -432,7 +461,7 @@ def parse_input_spec(text: str) -> list[InputSpec]:
             return [InputSpec("-", label)]
         read_as = f" (read {text!r} as PATH=LABEL with the label {label!r})"
     if not os.path.exists(path) and any(c in path for c in "*?["):
-        found = sorted(glob.glob(path))
+        found = log_order(glob.glob(path))
         if not found:
             raise InputError(f"no file matches {path!r}{read_as}")
         # a directory it matches is refused here, as one named is: found only when opened, it
