@@ -184,7 +184,10 @@ def register(app: typer.Typer) -> None:
         paths = simulate(out, visits=visits, attacks=kinds,
                          attack_share=0.05 if attack_share is None else attack_share,
                          seed=seed, hours=hours, log=lambda s: typer.echo(s, err=True))
-        args = " ".join(f"{p}={label}" for label, p in paths.items())
+        import shlex
+
+        # (quoted where needed, so that the line can be pasted: an --out holding a space)
+        args = " ".join(shlex.quote(f"{p}={label}") for label, p in paths.items())
         typer.echo(f"evaluate with: deepwatch evaluate BUNDLE --format access --json OUT.json "
                    f"{args}", err=True)
 

@@ -121,3 +121,17 @@ def test_an_attack_named_twice_gets_its_whole_share(tmp_path: Path) -> None:
                      seed=3)
     assert list(twice) == ["normal", "sqli"]
     assert twice["sqli"].read_bytes() == once["sqli"].read_bytes()
+
+
+def test_the_evaluate_line_it_prints_can_be_pasted(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The ``evaluate with:`` line did not quote the paths: with an --out holding a space it
+    could not be pasted into a shell."""
+    import shlex
+
+    out = tmp_path / "my logs"
+    assert main(["simulate", "--out", str(out), "--visits", "10", "--attacks", "sqli"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines()
+                if x.startswith("evaluate with: "))
+    words = shlex.split(line.removeprefix("evaluate with: "))
+    assert words[-2:] == [f"{out / 'normal.log'}=normal", f"{out / 'sqli.log'}=sqli"]
