@@ -113,6 +113,13 @@ _BOUNDARY = '" "'
 #: Request line: method token, target (which may hold spaces), optional protocol.
 _REQUEST = r"(?s)^([A-Za-z][A-Za-z_-]{0,31}) (\S.*?)(?: (" + _PROTOCOL + r"))?$"
 _TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
+#: The other times a server may be set to write in the brackets, tried (in this order) only on
+#: the lines whose time ``_TIME_FORMAT`` does not read: Apache's with a fraction of a second
+#: (``%{%d/%b/%Y:%H:%M:%S}t.%{msec_frac}t %{%z}t``: ``10/Oct/2000:13:55:36.123 -0700``, or
+#: ``usec_frac``'s six digits), and ISO 8601 (NGINX's ``$time_iso8601``,
+#: ``2024-05-14T13:55:36+02:00``; a fraction, ``+0200`` and ``Z`` too). A fraction is
+#: kept to the millisecond, what ``timestamp`` holds (``.123456`` is ``.123``: cut, not rounded).
+_OTHER_TIME_FORMATS = ("%d/%b/%Y:%H:%M:%S%.f %z", "%Y-%m-%dT%H:%M:%S%.f%#z")
 #: The greatest UTC offset, in minutes either way, of a line's time (``+2359``, what polars'
 #: ``%z`` reads: a time beyond is unreadable) and of a record's ``utc_offset_minutes``.
 _OFFSET_LIMIT = 23 * 60 + 59
@@ -231,12 +238,11 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     status = pl.col("status").cast(pl.Int64, strict=False)
     size = pl.when(pl.col("bytes") == "-").then(0).otherwise(
         pl.col("bytes").cast(pl.Int64, strict=False))
-    stamp = pl.col("time").str.to_datetime(_TIME_FORMAT, strict=False, time_unit="ms")
     df = df.with_columns(
         status.alias("_status"),
         size.alias("_bytes"),
-        stamp.dt.convert_time_zone("UTC").alias("_ts"),
         _offset_minutes(pl.col("time")).alias("_offset"),
+        _stamps(df.get_column("time")).alias("_ts"),
     )
     df = df.with_columns(_frame_text_reasons(df).alias("_client"))
     matched = pl.col("client_ip").is_not_null()
@@ -255,7 +261,8 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
             "unterminated quoted field after the size (the line may be cut short)"))
         .when(~matched).then(pl.lit("not in common or combined log format"))
         .when(pl.col("_client").is_not_null()).then(pl.col("_client"))
-        .when(pl.col("_ts").is_null() | (pl.col("_offset").abs() > _OFFSET_LIMIT))
+        .when(pl.col("_ts").is_null() | pl.col("_offset").is_null()
+              | (pl.col("_offset").abs() > _OFFSET_LIMIT))
         .then(pl.lit("unreadable time '") + pl.col("time").str.slice(0, 60) + pl.lit("'"))
         # in UTC past 9999 (31/Dec/9999:23:30 -0100) or before year 1: no day a lake can
         # file it under (day=10000-01-01 sorted before the others, could not be named in
@@ -292,16 +299,39 @@ def _parse_frame(lines: list[str]) -> tuple[Any, Any]:
     return good, df.get_column("reason")
 
 
+def _stamps(times: Any) -> Any:
+    """The polars Series of the UTC times (``Datetime("ms", "UTC")``) of ``times``, a polars
+    Series of the text in a line's brackets: null where none of the forms a server writes
+    reads it. ``_TIME_FORMAT`` is tried on all; each of ``_OTHER_TIME_FORMATS`` only on those
+    still unread, so that a log in the usual form costs no more than that one format."""
+    def read(text: Any, form: str) -> Any:
+        return (text.str.to_datetime(form, strict=False, time_unit="ms")
+                .dt.convert_time_zone("UTC"))
+
+    stamps = read(times, _TIME_FORMAT)
+    for form in _OTHER_TIME_FORMATS:
+        rows = (stamps.is_null() & times.is_not_null()).arg_true()
+        if len(rows) == 0:
+            break
+        stamps = stamps.scatter(rows, read(times.gather(rows), form))
+    return stamps
+
+
 def _offset_minutes(time: Any) -> Any:
     """The polars expression of the UTC offset of a log time (``[10/Oct/2000:13:55:36 -0700]``)
-    in minutes east of UTC (-420 there): null where the time has none it can read."""
+    in minutes east of UTC (-420 there; ``+02:00`` of an ISO time reads too, and its ``Z`` is 0,
+    as ``+0000`` is): null where the time has none it can read (``+02``, an offset of hours
+    alone, which ISO 8601 allows but no server writes: such a time is a reject)."""
     import polars as pl
 
     parts = time.str.extract_groups(r"([+-])(\d{2}):?(\d{2})\s*$").struct.rename_fields(
         ["sign", "h", "m"])
     minutes = (parts.struct.field("h").cast(pl.Int32, strict=False) * 60
                + parts.struct.field("m").cast(pl.Int32, strict=False))
-    return pl.when(parts.struct.field("sign") == "-").then(-minutes).otherwise(minutes)
+    # literal tests, not a pattern: this runs on every line
+    utc = time.str.ends_with("Z") | time.str.ends_with("z")
+    return (pl.when(utc).then(pl.lit(0, pl.Int32))
+            .when(parts.struct.field("sign") == "-").then(-minutes).otherwise(minutes))
 
 
 #: An IPv4 or IPv6 address, written as servers write a client.
