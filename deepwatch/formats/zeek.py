@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._base import (
+    BOM_LINE_REASON,
     CR_INSIDE,
     CR_INSIDE_REASON,
     Format,
@@ -114,6 +115,8 @@ SCHEMA = pa.schema(
 #: The codecs error handler for a JSON line's bytes that are not UTF-8: each written ``\\xHH``
 #: with its backslash escaped for JSON, so that the string JSON reads holds ``\xHH``.
 JSON_HEX_ERRORS = register_hex_errors("deepwatch-json-hex", "\\\\")
+#: A JSON line: an object, maybe after blanks (JSON allows them; a TSV line starts with its ts).
+_JSON_START = r"^[ \t]*\{"
 #: The column of the text a JSON line's fields are read from (see ``_json_texts``).
 _JSON_TEXT = "_json_text"
 
@@ -129,7 +132,7 @@ def _json_texts(data: bytes | str, every: Any) -> Any:
     whose backslash is not itself escaped is that escape, and is read as ``\\\\xHH`` (the value
     holds ``\\xHH``, as when the bytes are parsed): ``--engine spark`` reads what ``score``
     reads."""
-    suspect = every.str.starts_with("{") & every.str.contains("\\x", literal=True)
+    suspect = every.str.contains(_JSON_START) & every.str.contains("\\x", literal=True)
     if not suspect.any():
         return None
     rows = suspect.arg_true()
@@ -275,7 +278,7 @@ def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
     df = pl.DataFrame({"raw": raw} if json_text is None
                       else {"raw": raw, _JSON_TEXT: json_text})
     source = pl.col("raw" if json_text is None else _JSON_TEXT)
-    is_json = pl.col("raw").str.starts_with("{")
+    is_json = pl.col("raw").str.contains(_JSON_START)
     parts = pl.col("raw").str.split("\t")
     exprs = [is_json.alias("_json"), parts.list.len().alias("_n")]
     for name, col, _typ in CONN_FIELDS:
@@ -376,6 +379,8 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
     not_utf8 = (pl.col(_JSON_TEXT) != pl.col("raw")) if _JSON_TEXT in df.columns else pl.lit(False)
     shape = (
         pl.when(pl.col("raw").str.strip_chars().str.len_chars() == 0).then(pl.lit("empty line"))
+        # a mark inside the input (one opening it is dropped): a file joined to the one before
+        .when(pl.col("raw").str.starts_with("\ufeff")).then(pl.lit(BOM_LINE_REASON))
         .when(pl.col("raw").str.contains(CR_INSIDE)).then(pl.lit(CR_INSIDE_REASON))
         .when(pl.col("raw").str.starts_with("#"))
         .then(pl.lit("a line starting with '#' that is not a Zeek header (#fields, #types...)"))

@@ -1,0 +1,59 @@
+"""Zeek conn.log journey review (j6): lines a Zeek log's reader meets that were misread.
+
+Each test fails on the code before its fix (checked by reverting the fix by hand).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepwatch.formats._base import BOM_LINE_REASON
+from deepwatch.formats.zeek import Zeek
+
+#: A conn.log JSON line as Zeek's JSON writer logs it (LogAscii::use_json=T).
+LINE = {"ts": 1715644800.123456, "uid": "CJ1", "id.orig_h": "fe80::1", "id.orig_p": 5353,
+        "id.resp_h": "ff02::fb", "id.resp_p": 5353, "proto": "udp", "service": "dns",
+        "duration": 0.25, "orig_bytes": 10, "resp_bytes": 0, "conn_state": "S0",
+        "local_orig": True, "local_resp": False, "missed_bytes": 0, "history": "D",
+        "orig_pkts": 1, "orig_ip_bytes": 58, "resp_pkts": 0, "resp_ip_bytes": 0,
+        "tunnel_parents": []}
+TSV_HEADER = (
+    "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n#path\tconn\n"
+    "#open\t2024-05-14-00-00-00\n#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p"
+    "\tproto\tservice\tduration\torig_bytes\tresp_bytes\tconn_state\tlocal_orig\tlocal_resp"
+    "\tmissed_bytes\thistory\torig_pkts\torig_ip_bytes\tresp_pkts\tresp_ip_bytes\ttunnel_parents\n"
+    "#types\ttime\tstring\taddr\tport\taddr\tport\tenum\tstring\tinterval\tcount\tcount\tstring"
+    "\tbool\tbool\tcount\tstring\tcount\tcount\tcount\tcount\tset[string]\n")
+TSV_LINE = ("1715644800.123456\tCJ1\tfe80::1\t5353\tff02::fb\t5353\tudp\tdns\t0.250000\t10\t0\tS0"
+            "\tT\tF\t0\tD\t1\t58\t0\t0\t(empty)\n")
+
+
+def _rows(data: bytes) -> tuple[list[dict[str, object]], list[str]]:
+    result = Zeek().parse(data)
+    return result.batch.to_pylist(), result.rejects.column("reason").to_pylist()
+
+
+@pytest.mark.parametrize("indent", [" ", "  ", "\t"])
+def test_json_line_opened_by_blanks_is_read_as_json(indent: str) -> None:
+    """JSON allows blanks before an object; such a line (a shipper's or an editor's indent) was
+    taken for a TSV line and refused as 'expected 20 tab-separated fields, found 1'."""
+    line = json.dumps(LINE)
+    rows, reasons = _rows(f"{indent}{line}\n{line}\n".encode())
+    assert reasons == []
+    assert len(rows) == 2 and rows[0] == rows[1]
+    assert rows[0]["orig_h"] == "fe80::1" and rows[0]["local_orig"] == "T"
+
+
+def test_byte_order_mark_inside_an_input_says_so() -> None:
+    """Two logs joined (``cat a.log b.json``), the second saved with a byte order mark: its
+    first line, a Zeek header or a JSON record, was refused as 'expected 21 tab-separated
+    fields, found 1' (or 2), not for the mark, as a KDD or access log line is."""
+    bom = "\ufeff"
+    data = (TSV_HEADER + TSV_LINE + bom + "#separator \\x09\n" + TSV_LINE
+            + bom + json.dumps(LINE) + "\n" + json.dumps(LINE) + "\n").encode()
+    result = Zeek().parse(data)
+    assert result.rejects.column("line").to_pylist() == [10, 12]
+    assert result.rejects.column("reason").to_pylist() == [BOM_LINE_REASON] * 2
+    assert result.batch.num_rows == 3
