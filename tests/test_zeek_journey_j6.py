@@ -57,3 +57,37 @@ def test_byte_order_mark_inside_an_input_says_so() -> None:
     assert result.rejects.column("line").to_pylist() == [10, 12]
     assert result.rejects.column("reason").to_pylist() == [BOM_LINE_REASON] * 2
     assert result.batch.num_rows == 3
+
+
+def _nested(record: dict[str, object]) -> dict[str, object]:
+    """``record`` with the connection's endpoints in one ``id`` object, as tools that reshape
+    Zeek logs (Zed's ``zq -j``) write them: ``"id": {"orig_h": ..., "orig_p": ...}``."""
+    ids = {k.removeprefix("id."): v for k, v in record.items() if k.startswith("id.")}
+    rest = {k: v for k, v in record.items() if not k.startswith("id.") and k not in ("ts", "uid")}
+    return {"ts": record["ts"], "uid": record["uid"], "id": ids, **rest}
+
+
+def test_json_line_with_nested_id_object_is_read() -> None:
+    """A conn.log JSON line whose endpoints are one nested ``id`` object was refused as
+    'missing field orig_h', a field the line has. It reads as Zeek's own flat line does."""
+    flat, nested = json.dumps(LINE), json.dumps(_nested(LINE))
+    rows, reasons = _rows(f"{flat}\n{nested}\n".encode())
+    assert reasons == []
+    assert len(rows) == 2 and rows[0] == rows[1]
+    assert (rows[1]["orig_h"], rows[1]["orig_p"], rows[1]["resp_h"], rows[1]["resp_p"]) == (
+        "fe80::1", 5353, "ff02::fb", 5353)
+    # an address given as an array inside it is refused as at the top (see _JSON_CONTAINER)
+    bad = _nested(LINE)
+    bad["id"] = {**bad["id"], "orig_h": ["fe80::1"]}  # type: ignore[dict-item]
+    _rows_bad, why = _rows(json.dumps(bad).encode())
+    assert why == ["field orig_h is a JSON array or object, not one value (a string, as Zeek "
+                   "writes it)"]
+
+
+def test_record_object_with_nested_id_is_read() -> None:
+    """The same record posted as an object (REST, ``parse_records``) was refused as
+    "missing field 'orig_h'"; it reads as the flat one does."""
+    result = Zeek().parse_records([dict(LINE), _nested(LINE)])
+    assert result.rejects.num_rows == 0
+    rows = result.batch.to_pylist()
+    assert len(rows) == 2 and rows[0] == rows[1] and rows[1]["resp_p"] == 5353

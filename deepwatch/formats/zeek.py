@@ -102,6 +102,9 @@ ISO_TS = "%Y-%m-%dT%H:%M:%S%.fZ"
 #: ``{`` or ``,`` then a quote cannot occur inside a JSON string, whose quotes are escaped.
 _JSON_CONTAINER = (r'[{,]\s*"(' + "|".join(
     name.replace(".", r"\.") for name, _c, typ in CONN_FIELDS if pa.types.is_string(typ))
+    # and the endpoints' own names, inside a nested "id" object (see _NESTED_ID)
+    + "".join(f"|{col}" for name, col, typ in CONN_FIELDS
+              if pa.types.is_string(typ) and name != col)
     + r')"\s*:\s*[\[{]')
 
 SCHEMA = pa.schema(
@@ -117,6 +120,10 @@ SCHEMA = pa.schema(
 JSON_HEX_ERRORS = register_hex_errors("deepwatch-json-hex", "\\\\")
 #: A JSON line: an object, maybe after blanks (JSON allows them; a TSV line starts with its ts).
 _JSON_START = r"^[ \t]*\{"
+#: A JSON line giving the connection's endpoints as one object, ``"id": {"orig_h": ...,
+#: "orig_p": ...}``, as tools that reshape Zeek logs write them (Zed's ``zq -j``; Zeek's own JSON
+#: writer names them ``id.orig_h``...): read as Zeek's names are, which win where a line has both.
+_NESTED_ID = r'"id"\s*:\s*\{'
 #: The column of the text a JSON line's fields are read from (see ``_json_texts``).
 _JSON_TEXT = "_json_text"
 
@@ -281,8 +288,13 @@ def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
     is_json = pl.col("raw").str.contains(_JSON_START)
     parts = pl.col("raw").str.split("\t")
     exprs = [is_json.alias("_json"), parts.list.len().alias("_n")]
+    # the endpoints in one object (see _NESTED_ID): looked for only where a line has one
+    nested = bool(raw.str.contains(_NESTED_ID).any())
     for name, col, _typ in CONN_FIELDS:
         from_json = source.str.json_path_match(f"$['{name}']")
+        if nested and name.startswith("id."):  # Zeek's own flat name wins where both are
+            from_json = pl.coalesce(
+                from_json, source.str.json_path_match(f"$['id']['{name.removeprefix('id.')}']"))
         if name in order:
             from_tsv = parts.list.get(order.index(name), null_on_oob=True)
         else:
@@ -581,6 +593,10 @@ class Zeek(Format):
         other: dict[int, str] = {}  # another log's record (see _other_log), by position
         for i, r in enumerate(records):
             if type(r) is dict:
+                ids = r.get("id")
+                if type(ids) is dict:  # the endpoints in one object (see _NESTED_ID)
+                    r = {**r, **{name: ids[col] for name, col in _DOTTED
+                                 if col in ids and r.get(name) is None}}
                 if (any(r.get(name) is None and r.get(col) is None for name, col in _IDENTITY)
                         or all(r.get(k) is None for k in CONN_OWN)):
                     # (a conn record has ts, hosts, proto and some of conn.log's own fields:
