@@ -91,3 +91,39 @@ def test_record_object_with_nested_id_is_read() -> None:
     assert result.rejects.num_rows == 0
     rows = result.batch.to_pylist()
     assert len(rows) == 2 and rows[0] == rows[1] and rows[1]["resp_p"] == 5353
+
+
+def _scoped(text: str) -> str:
+    """``text`` as Zeek writes it with ``redef Log::default_scope_sep = "_"``: the endpoints'
+    names are ``id_orig_h``... where the default writes ``id.orig_h``..."""
+    for name in ("orig_h", "orig_p", "resp_h", "resp_p"):
+        text = text.replace(f"id.{name}", f"id_{name}")
+    return text
+
+
+def test_log_written_with_underscore_scope_separator_is_read() -> None:
+    """A conn.log written with ``Log::default_scope_sep = "_"`` (``id_orig_h``...): each of
+    its lines, TSV under its #fields header or JSON, was refused as another Zeek log's ('it
+    has no id.orig_h, id.resp_h, which every connection record has ... (files.log...)?'). They
+    read as the log written with the default separator, and so does such a posted object."""
+    tsv, line = TSV_HEADER + TSV_LINE, json.dumps(LINE) + "\n"
+    assert "id_orig_h" in _scoped(tsv) and "id_orig_h" in _scoped(line)
+    expected, no_rejects = _rows((tsv + line).encode())
+    assert no_rejects == [] and len(expected) == 2
+    rows, reasons = _rows(_scoped(tsv + line).encode())
+    assert reasons == []
+    assert rows == expected
+    records = Zeek().parse_records([json.loads(_scoped(line))])
+    assert records.rejects.num_rows == 0 and records.batch.to_pylist() == expected[1:]
+
+
+def test_other_log_with_underscore_scope_separator_names_its_own_fields() -> None:
+    """A dns.log written so is still refused, its reason naming the dns.log's own fields, not
+    the endpoints' (which conn.log has too) as fields conn.log does not have."""
+    dns = _scoped(json.dumps({"ts": 1715644800.1, "uid": "CD1", "id.orig_h": "10.0.0.1",
+                              "id.orig_p": 5353, "id.resp_h": "10.0.0.2", "id.resp_p": 53,
+                              "proto": "udp", "trans_id": 7, "query": "example.com",
+                              "rcode": 0}))
+    _rows_dns, reasons = _rows(dns.encode())
+    assert len(reasons) == 1 and "is not conn.log's" in reasons[0]
+    assert "3 fields conn.log does not have (trans_id, query, rcode)" in reasons[0]

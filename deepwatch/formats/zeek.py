@@ -79,6 +79,9 @@ CONN_FIELDS: tuple[tuple[str, str, pa.DataType], ...] = (
 )
 #: Zeek's names of the connection's endpoints (``id.orig_h``...) and their columns.
 _DOTTED = tuple((name, col) for name, col, _t in CONN_FIELDS if name != col)
+#: The endpoints' names in a log written with ``redef Log::default_scope_sep = "_"``
+#: (``id_orig_h``...) -> Zeek's default names (``id.orig_h``...): read as those are.
+_SCOPED = {name.replace(".", "_"): name for name, _col in _DOTTED}
 _REQUIRED = ("ts", "orig_h", "resp_h", "proto")
 #: The connection's ports: a TCP or UDP port (an ICMP type or code) is 16 bits, so a value past
 #: 65535 is damage, not a port (it was kept, a port no traffic can have, as a category to score).
@@ -103,8 +106,8 @@ ISO_TS = "%Y-%m-%dT%H:%M:%S%.fZ"
 _JSON_CONTAINER = (r'[{,]\s*"(' + "|".join(
     name.replace(".", r"\.") for name, _c, typ in CONN_FIELDS if pa.types.is_string(typ))
     # and the endpoints' own names, inside a nested "id" object (see _NESTED_ID)
-    + "".join(f"|{col}" for name, col, typ in CONN_FIELDS
-              if pa.types.is_string(typ) and name != col)
+    + "".join(f"|{col}|{name.replace('.', '_')}" for name, col, typ in CONN_FIELDS
+              if pa.types.is_string(typ) and name != col)  # and as _SCOPED names them
     + r')"\s*:\s*[\[{]')
 
 SCHEMA = pa.schema(
@@ -124,6 +127,8 @@ _JSON_START = r"^[ \t]*\{"
 #: "orig_p": ...}``, as tools that reshape Zeek logs write them (Zed's ``zq -j``; Zeek's own JSON
 #: writer names them ``id.orig_h``...): read as Zeek's names are, which win where a line has both.
 _NESTED_ID = r'"id"\s*:\s*\{'
+#: A JSON line naming an endpoint as a log written with ``Log::default_scope_sep = "_"`` does.
+_SCOPED_KEY = r'"id_(?:orig|resp)_[hp]"\s*:'
 #: The column of the text a JSON line's fields are read from (see ``_json_texts``).
 _JSON_TEXT = "_json_text"
 
@@ -171,7 +176,7 @@ CONN_OWN = ("duration", "orig_bytes", "resp_bytes", "conn_state", "missed_bytes"
 #: Fields a conn.log has beyond ``CONN_FIELDS``, from Zeek's options and common packages.
 _CONN_EXTRA = frozenset(("tunnel_parents", "community_id", "ip_proto", "orig_l2_addr",
                          "resp_l2_addr", "vlan", "inner_vlan", "speculative_service"))
-_CONN_NAMES = frozenset(name for name, _c, _t in CONN_FIELDS) | _CONN_EXTRA
+_CONN_NAMES = frozenset(name for name, _c, _t in CONN_FIELDS) | _CONN_EXTRA | frozenset(_SCOPED)
 #: How many fields conn.log does not have make a header (or a JSON object) naming none of
 #: conn.log's own another log's: a conn.log filtered down to the connection's identity, maybe
 #: with one field of a package's added, is still read; another Zeek log has several of its own
@@ -199,7 +204,7 @@ def _other_log(names: Any, what: str, known: frozenset[str] = _CONN_NAMES,
     anyway, this says why). ``records``: ``names`` are an object's of ``parse_records``, where
     a column's name (``orig_h``) gives the field as well as Zeek's (``id.orig_h``). ``what``:
     what names them, for the reason."""
-    has = set(names)
+    has = {_SCOPED.get(name, name) for name in names}  # (id_orig_h is id.orig_h)
     own = not has.isdisjoint(CONN_OWN)
     missing = [name for name, col in _IDENTITY
                if name not in has and not (records and col in has)]
@@ -273,7 +278,8 @@ def _order(header: str | None) -> list[str]:
         names = header.rstrip("\r").split("\t")
     else:
         return DEFAULT_ORDER
-    return names if any(names) else DEFAULT_ORDER
+    # a log written with Log::default_scope_sep = "_" names the endpoints id_orig_h...
+    return [_SCOPED.get(name, name) for name in names] if any(names) else DEFAULT_ORDER
 
 
 def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
@@ -288,13 +294,19 @@ def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
     is_json = pl.col("raw").str.contains(_JSON_START)
     parts = pl.col("raw").str.split("\t")
     exprs = [is_json.alias("_json"), parts.list.len().alias("_n")]
-    # the endpoints in one object (see _NESTED_ID): looked for only where a line has one
+    # the endpoints in one object (see _NESTED_ID), or named id_orig_h... (see _SCOPED):
+    # looked for only where a line has such names
     nested = bool(raw.str.contains(_NESTED_ID).any())
+    scoped = bool(raw.str.contains(_SCOPED_KEY).any())
     for name, col, _typ in CONN_FIELDS:
         from_json = source.str.json_path_match(f"$['{name}']")
-        if nested and name.startswith("id."):  # Zeek's own flat name wins where both are
+        if name.startswith("id.") and (nested or scoped):  # Zeek's default name wins
             from_json = pl.coalesce(
-                from_json, source.str.json_path_match(f"$['id']['{name.removeprefix('id.')}']"))
+                from_json,
+                *([source.str.json_path_match(f"$['{name.replace('.', '_')}']")]
+                  if scoped else []),
+                *([source.str.json_path_match(f"$['id']['{name.removeprefix('id.')}']")]
+                  if nested else []))
         if name in order:
             from_tsv = parts.list.get(order.index(name), null_on_oob=True)
         else:
@@ -593,6 +605,10 @@ class Zeek(Format):
         other: dict[int, str] = {}  # another log's record (see _other_log), by position
         for i, r in enumerate(records):
             if type(r) is dict:
+                scoped = {name: r[key] for key, name in _SCOPED.items()
+                          if key in r and r.get(name) is None}
+                if scoped:  # id_orig_h... (see _SCOPED)
+                    r = {**r, **scoped}
                 ids = r.get("id")
                 if type(ids) is dict:  # the endpoints in one object (see _NESTED_ID)
                     r = {**r, **{name: ids[col] for name, col in _DOTTED
