@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .._surrogates import without_surrogates
 from ._base import ParseResult, make_rejects
 
 _NONE = type(None)
@@ -83,7 +84,10 @@ def _coerce(value: Any, typ: pa.DataType) -> Any:
     if kind == "str":
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ValueError("is not a string")
-        return str(value)
+        # a lone surrogate (a byte kept by Python's surrogateescape) has no UTF-8: written
+        # \xHH, as a line's bytes that are not UTF-8 are (pyarrow's UnicodeEncodeError, a
+        # traceback from parse_records or score_batch)
+        return without_surrogates(str(value))
     if kind == "bool":
         if not isinstance(value, bool):
             raise ValueError("is not a boolean")
@@ -143,7 +147,7 @@ def _column(values: list[Any], field: pa.Field, nonnegative: bool
     if kind in _CLEAN and types <= _CLEAN[kind]:
         try:
             arr = pa.array(values, typ)
-        except (pa.ArrowException, OverflowError):
+        except (pa.ArrowException, OverflowError, UnicodeEncodeError):
             arr = None
     if arr is None:
         coerced: list[Any] = []
@@ -239,13 +243,15 @@ def _json_head(value: Any, limit: int) -> str:
 
 
 def record_text(record: Any) -> str:
-    """A record as a reject's raw text: its JSON (the first 10,000 characters)."""
+    """A record as a reject's raw text: its JSON (the first 10,000 characters), lone
+    surrogates written visibly (:func:`~deepwatch._surrogates.without_surrogates`)."""
     try:
-        return json.dumps(record, ensure_ascii=False, default=str)[:10_000]
+        text = json.dumps(record, ensure_ascii=False, default=str)[:10_000]
     except RecursionError:
-        return _json_head(record, 10_000)
+        text = _json_head(record, 10_000)
     except (TypeError, ValueError):
-        return str(record)[:10_000]
+        text = str(record)[:10_000]
+    return without_surrogates(text)
 
 
 def records_to_batch(schema: pa.Schema, records: list[Any],
