@@ -186,6 +186,7 @@ class FileSource:
         self._placed: deque[tuple[RawBatch, Position]] = deque()
         self._position_failed = False
         self._resume: SavedPosition | None = None
+        self._lock: int | None = None  # the descriptor holding the position file's lock
         if position_file is not None:
             self._resume = self._check_position_file(position_file)
 
@@ -208,7 +209,12 @@ class FileSource:
             if not stat.S_ISREG(os.stat(path).st_mode):
                 raise UsageError(f"--position-file {path} is not a regular file: give the path "
                                  "of a file the worker may replace")
-        return read_position(path)
+        self._lock = _lock_position_file(path)
+        try:
+            return read_position(path)
+        except BaseException:
+            self.close()
+            raise
 
     def _chunks(self, spec: InputSpec, stop: threading.Event
                 ) -> Iterator[tuple[Chunk, Position | None]]:
@@ -313,7 +319,47 @@ class FileSource:
                      extra={"event": "position_written"})
 
     def close(self) -> None:
-        pass
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock_position_file(path: str) -> int | None:
+    """An advisory lock (``flock``) held for the run on ``.NAME.lock`` beside the position
+    file ``path`` (the position file itself is replaced at every commit, so a lock on it would
+    not last): the descriptor holding it; None where there is no ``flock`` (Windows, a file
+    system without it). A second worker given the same position file is refused
+    (:class:`~deepwatch.errors.UsageError`) before it reads or writes anything: it accepted
+    one, and each overwrote the other's position, so that a restart read its log again from
+    the start (another worker's file named in it) and raised every old alert again. The lock
+    file stays (removing it while another run may be opening it would let both hold a lock);
+    the kernel lets go of the lock however the process ends."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    from ..sinks import _lock_holder
+
+    folder, name = os.path.split(os.path.abspath(path))
+    lock = os.path.join(folder, f".{name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot write --position-file {path}: cannot make its lock file "
+                         f"{lock}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(os.fstat(fd))
+        os.close(fd)
+        raise UsageError(f"--position-file {path} is being used by another run"
+                         f"{f' (pid {holder})' if holder else ''}: two workers must not keep "
+                         "their places in one file; stop the other or give another path"
+                         ) from None
+    except OSError:  # a file system without flock: unlocked, as outputs are there
+        os.close(fd)
+        return None
+    return fd
 
 
 def _unplaced(chunks: Iterator[Chunk]) -> Iterator[tuple[Chunk, Position | None]]:

@@ -406,8 +406,12 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
             source = FileSource(opts.inputs, follow=opts.follow, batch_size=opts.batch_size,
                                 position_file=opts.position_file)
             # (with a position kept, a restarted worker appends to its outputs)
-            sink = JsonlSink(opts.out, opts.verdicts, opts.rejects, stop=stop,
-                             resumed=opts.position_file is not None)
+            try:
+                sink = JsonlSink(opts.out, opts.verdicts, opts.rejects, stop=stop,
+                                 resumed=opts.position_file is not None)
+            except BaseException:
+                source.close()  # (it holds the position file's lock)
+                raise
             # a stop while a write waits on an output that takes nothing more (a pipe whose
             # reader stopped reading) ends that write STOP_WRITE_S later: the worker waited in
             # it for ever, deaf to every later SIGTERM and Ctrl-C
