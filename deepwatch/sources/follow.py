@@ -269,6 +269,41 @@ class _Rotated:
         return out if last is None else [*out, last]
 
 
+def _identity(position: SavedPosition) -> os.stat_result:
+    """A stat result that names the file ``position`` was kept for (for ``samestat``)."""
+    return os.stat_result((0, position.ino, position.dev, 0, 0, 0, 0, 0, 0, 0))
+
+
+def _rotated_at(spec: InputSpec, position: SavedPosition, wait: float) -> _Rotated | None:
+    """The file ``position`` was kept for, found by its identity in the directory of
+    ``spec.path`` (logrotate's ``access.log.1``, ``access.log-20261125``), opened at the
+    position to be read on as a rotated file; None where no file there is it, as long and with
+    the same first bytes."""
+    folder = os.path.dirname(os.path.abspath(spec.path))
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.path for e in entries if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if not os.path.samestat(os.stat(name, follow_symlinks=False), _identity(position)):
+                continue
+            fh = open(name, "rb", buffering=0)  # noqa: SIM115 - closed with the _Rotated
+        except OSError:
+            continue
+        try:
+            if position.mismatch(fh.fileno()) is None:
+                fh.seek(position.offset)
+                lines = LineBuffer(spec)
+                lines.line, lines.at_start = position.line, position.offset == 0
+                return _Rotated(fh, lines, wait)
+        except OSError:
+            pass
+        fh.close()
+    return None
+
+
 def follow_chunks(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 << 20,
                   poll: float = POLL_SECONDS, rotate_wait: float = ROTATE_WAIT_SECONDS
                   ) -> Iterator[Chunk]:
@@ -363,10 +398,42 @@ def follow_positions(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 
             log.info(f"resuming {spec.display} at line {resume.line:,} (byte "
                      f"{resume.offset:,})", extra={"event": "resume", "line": resume.line,
                                                    "offset": resume.offset})
-        else:
+        elif os.path.samestat(os.fstat(fh.fileno()), _identity(resume)):
             log.info(f"reading {spec.display} from its start: {why}",
                      extra={"event": "resume", "line": 1, "offset": 0})
+        else:
+            # rotated while the worker was stopped: the lines written to the file the position
+            # was kept for after it are read first, where it is still beside the path (they
+            # were lost: the new file was read from its start, and nothing read the old one)
+            rotated = _rotated_at(spec, resume, rotate_wait)
+            if rotated is not None:
+                log.info(f"reading {spec.display} from its start: {why}; the lines written to "
+                         f"that file after the position are read first, from "
+                         f"{rotated.fh.name} at line {resume.line:,} (byte {resume.offset:,})",
+                         extra={"event": "resume", "line": 1, "offset": 0,
+                                "rotated": rotated.fh.name, "rotated_line": resume.line,
+                                "rotated_offset": resume.offset})
+            else:
+                log.warning(f"reading {spec.display} from its start: {why}, and that file is "
+                            "no longer beside it (compressed, moved or removed): lines written "
+                            f"to it after line {resume.line - 1:,} (byte {resume.offset:,}), "
+                            "if any, are not scored",
+                            extra={"event": "resume", "line": 1, "offset": 0})
     try:
+        if rotated is not None and resume is not None:
+            # its rest first, at positions in it: a restart meanwhile reads on there
+            rfd = rotated.fh.fileno()
+            rst = os.fstat(rfd)
+            at = Position(rst.st_dev, rst.st_ino, resume.offset, resume.line,
+                          os.pread(rfd, SEEN_BYTES, 0))
+            while block := rotated.fh.read(chunk_bytes):
+                rotated.quiet_since = time.monotonic()
+                chunks = rotated.lines.feed(block)
+                if (cut := block.rfind(b"\n")) >= 0:
+                    at = at.at(rotated.fh.tell() - len(block) + cut + 1, rotated.lines.line)
+                yield from _last_at(chunks, at)
+                if stop.is_set():  # the rest stays in it, where the position kept still is
+                    return
         while True:
             # before each read: the bytes read so far still those in the file, and no more than
             # it holds (checked after a poll's wait, and after the reader was handed a chunk)
