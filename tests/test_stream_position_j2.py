@@ -148,3 +148,43 @@ def test_a_stop_while_the_rotated_file_is_read_keeps_the_place_in_it(
     assert len(said) == 1 and said[0].levelno == logging.WARNING
     assert ("and that file is no longer beside it (compressed, moved or removed): lines "
             "written to it after line 5 (byte 30), if any, are not scored") in said[0].getMessage()
+
+
+def test_a_second_worker_writing_the_same_output_is_refused(
+        kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
+    """A second worker given an output the first writes (a test run by hand beside the
+    service) truncated it and wrote over it: the first's verdicts became a run of NUL bytes and
+    the second's lines, and both exited 0. It is refused as score refuses it, exit 2."""
+    recs = _records(small_kdd_test, 30)
+    log = tmp_path / "live.csv"
+    log.write_bytes(b"\n".join(recs[:20]) + b"\n")
+    other = tmp_path / "other.csv"
+    other.write_bytes(b"\n".join(recs[20:30]) + b"\n")
+    pos, verdicts = tmp_path / "pos.json", tmp_path / "verdicts.jsonl"
+    first = Worker(kdd_bundle, tmp_path, log)
+    deadline = time.monotonic() + 60
+    while _kept(pos) != 21:
+        assert first.proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    written = verdicts.read_bytes()
+    second = subprocess.Popen(
+        [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
+         str(other), "--follow", "--out", str(tmp_path / "b-alerts.jsonl"),
+         "--verdicts", str(verdicts)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+    deadline = time.monotonic() + 30
+    while second.poll() is None:
+        if not verdicts.read_bytes().startswith(written) or time.monotonic() > deadline:
+            second.kill()
+            second.communicate()
+            first.proc.kill()
+            pytest.fail("a second worker given the same --verdicts was not refused: "
+                        f"{verdicts.read_bytes()[:80]!r}")
+        time.sleep(0.05)
+    err = second.communicate()[1]
+    assert second.returncode == 2 and "Traceback" not in err, err
+    assert (f"error: --verdicts {verdicts} is being written by another run (pid "
+            f"{first.proc.pid}); wait for it to end or give another path") in err
+    assert not (tmp_path / "b-alerts.jsonl").exists()
+    first.stop_when(21)
+    assert _source_lines(verdicts) == list(range(1, 21))

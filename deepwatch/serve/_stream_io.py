@@ -394,9 +394,11 @@ class JsonlSink:
     def __init__(self, alerts: str = "-", verdicts: str | None = None,
                  dead_letters: str | None = None, stop: threading.Event | None = None,
                  resumed: bool = False):
-        from ..sinks import writable_file
+        from ..sinks import OutputLock, writable_file
 
         self._files: dict[str, IO[bytes]] = {}
+        #: held until closed: a second run given the same output is refused (see OutputLock)
+        self._locks: list[OutputLock] = []
         self._names: dict[str, str] = {}
         self._own: list[IO[bytes]] = []
         self._failed = False
@@ -418,6 +420,11 @@ class JsonlSink:
             if path != "-":
                 writable_file(path, flag)
         try:
+            # (a second worker given one of them truncated the first's output, which then
+            # wrote on at its own offset: a run of NUL bytes, the first's lines lost, exit 0)
+            for _kind, flag, path in named:
+                if path != "-":
+                    self._locks.append(OutputLock(path, flag))
             for kind, flag, path in named:
                 self._names[kind] = f"{flag} (stdout)" if path == "-" else f"{flag} {path}"
                 if path == "-":
@@ -436,7 +443,13 @@ class JsonlSink:
         except BaseException:
             for opened in self._own:
                 opened.close()
+            self._release()
             raise
+
+    def _release(self) -> None:
+        locks, self._locks = self._locks, []
+        for lock in locks:
+            lock.release()
 
     def _open_file(self, path: str, name: str) -> IO[bytes]:
         if not self._resumed:
@@ -570,6 +583,7 @@ class JsonlSink:
             for fh in self._own:
                 with contextlib.suppress(OSError):
                     fh.close()
+            self._release()
 
 
 def _cut_unfinished(fh: IO[bytes], name: str) -> None:
