@@ -251,8 +251,8 @@ def long_line_reason(size: int, limit: int = MAX_LINE_BYTES) -> str:
 
 def long_lines(data: bytes, max_line: int) -> tuple[Any, Any, Any] | None:
     """The lines of ``data`` over ``max_line`` bytes, as numpy arrays ``(rows, starts, ends)``
-    (``ends``: where each line's ``\n`` is, or ``len(data)`` for an unended last line), or
-    None where no line is over it. The ``\r`` of a CRLF ending is no part of a line.
+    (``ends``: where each line's ``\\n`` is, or ``len(data)`` for an unended last line), or
+    None where no line is over it. The ``\\r`` of a CRLF ending is no part of a line.
 
     A line over ``max_line = 2w`` bytes holds a whole w-byte window, aligned on a multiple of
     w, without a line break; a window with one is found by memchr in its first bytes. So where
