@@ -331,7 +331,10 @@ class LakeWriter:
             self._staged.clear()
             self._written.clear()
             return 0
-        removed = len(self._staged)
+        # (a part being written when the stop came is on disk, not yet listed: counted too)
+        on_disk = (sum(1 for _ in self._staging.rglob("*.parquet"))
+                   if self._staging is not None else 0)
+        removed = max(len(self._staged), on_disk)
         for part in self._written:  # moved into place by a commit that failed part-way
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()

@@ -1014,6 +1014,8 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
                     shutil.rmtree(staging, ignore_errors=True)
                 engine = f"spark {session.sparkContext.master}, {det.engine}"
     finally:
+        if stops.signum is not None and _jvm_gone(session):
+            _quiet_py4j()
         if owned:
             # after a stop, the JVM may be gone already (SIGTERM to the whole process group, as
             # `timeout`, systemd or a batch scheduler send it): nothing is left to stop
@@ -1023,6 +1025,39 @@ def _score_spark(bundle: str, format_name: str, inputs: Sequence[str], out: str,
             if interrupt is not None and _main_thread():
                 signal.signal(signal.SIGINT, interrupt)
     return ScoreReport(stats, sink.rows, alerts, time.perf_counter() - t0, engine)
+
+
+def _jvm_gone(session: Any) -> bool:
+    """Whether the JVM this process started for ``session`` has ended (killed with the
+    process group by a SIGTERM meant for the run)."""
+    gateway = getattr(getattr(session, "sparkContext", None), "_gateway", None)
+    proc = getattr(gateway, "proc", None)
+    return proc is not None and proc.poll() is not None
+
+
+def _quiet_py4j() -> None:
+    """After a stop, with the JVM gone (SIGTERM to the whole process group): the calls into it
+    that then fail outside the run's control (py4j's log of a closed connection, a Java
+    object's finaliser at exit, a py4j thread) printed a traceback after the run's one line
+    (once in a CI run: "py4j.protocol.Py4JNetworkError: Error while sending or receiving").
+    They are dropped; any other error is reported as before."""
+    logging.getLogger("py4j").setLevel(logging.CRITICAL + 1)
+
+    def from_py4j(exc: BaseException | None) -> bool:
+        return exc is not None and type(exc).__module__.startswith("py4j")
+
+    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+
+    def on_unraisable(info: Any) -> None:
+        if not from_py4j(info.exc_value):
+            unraisable(info)
+
+    def on_thread_error(args: Any) -> None:
+        if not from_py4j(args.exc_value):
+            thread_hook(args)
+
+    sys.unraisablehook = on_unraisable
+    threading.excepthook = on_thread_error
 
 
 def _main_thread() -> bool:

@@ -174,7 +174,7 @@ def test_rotation_while_running_moves_the_position_to_the_new_file(
 
 def test_a_position_file_that_cannot_be_read_stops_the_start(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], json_stderr: None) -> None:
     """A damaged position file is one error line, exit 2, nothing read or written: reading
     the log again from its start would raise every old alert again. It is never evaluated or
     unpickled, only parsed as JSON."""
@@ -216,7 +216,9 @@ def test_a_position_file_that_cannot_be_read_stops_the_start(
 ])
 def test_the_option_is_refused_where_it_does_not_apply(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path, args: list[str], message: str,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], json_stderr: None) -> None:
+    # (json_stderr: the worker's log set up in this process is put back after, as a later
+    # in-process serve test would otherwise see its own warnings through it)
     log = tmp_path / "live.csv"
     log.write_bytes(b"\n".join(_records(small_kdd_test, 5)) + b"\n")
     fifo = tmp_path / "live.fifo"

@@ -382,3 +382,15 @@ def test_an_ingest_sent_stop_after_stop_still_rolls_back_whole(tmp_path: Path,
     assert lines[-1].startswith("terminated: nothing from this run was kept ("), err
     assert lines[:-1] in ([], ["already stopping: the clean-up under way is finished first"]), err
     assert not list(lake.rglob("*.parquet")) and not list(lake.rglob(".*.tmp"))
+
+
+def test_a_rollback_counts_the_part_being_written_when_the_stop_came(tmp_path: Path) -> None:
+    """A stop landing while a part was written (on disk, not yet listed) said "1 part it had
+    written was removed" while two were (seen in a CI run of the SIGTERM test above)."""
+    fmt = get_format("access")
+    writer = LakeWriter(tmp_path / "lake", "access")
+    writer.write(fmt.parse(_log(tmp_path / "a.log", [14]).read_bytes()).batch)
+    [listed] = list((tmp_path / "lake").rglob("part-*.parquet"))
+    pq.write_table(pa.table({"n": [1]}), listed.with_name("part-half-written.parquet"))
+    assert writer.rollback() == 2
+    assert not list((tmp_path / "lake").rglob("*.parquet"))

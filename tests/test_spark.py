@@ -894,3 +894,40 @@ def test_the_two_jobs_of_windowed_features_read_the_files_once(spark: object,
             (0, 200, 200), (1, 100, 100)]
     finally:
         lines.unpersist()
+
+
+def test_after_a_stop_with_the_jvm_gone_py4j_errors_print_nothing(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM to the whole process group kills the JVM with the run: once in a CI run a py4j
+    error ("Py4JNetworkError: Error while sending or receiving") was printed, a traceback, after
+    the run's one line ``terminated``. Such errors from py4j's threads and finalisers are then
+    dropped; any other error is still reported."""
+    import sys
+    import threading
+
+    from py4j.protocol import Py4JNetworkError
+
+    from deepwatch.spark import _quiet_py4j
+
+    printed: list[str] = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: printed.append(type(args.exc_value).__name__))
+    monkeypatch.setattr(sys, "unraisablehook",
+                        lambda info: printed.append(type(info.exc_value).__name__))
+    py4j_log = logging.getLogger("py4j")
+    level = py4j_log.level
+    try:
+        _quiet_py4j()
+
+        def fail(exc: BaseException) -> None:
+            raise exc
+
+        for exc in (Py4JNetworkError("Error while sending or receiving"), ValueError("ours")):
+            t = threading.Thread(target=fail, args=(exc,))
+            t.start()
+            t.join()
+            sys.unraisablehook(type("Info", (), {"exc_value": exc})())
+        assert printed == ["ValueError", "ValueError"]
+        assert py4j_log.level > logging.CRITICAL
+    finally:
+        py4j_log.setLevel(level)
