@@ -105,3 +105,14 @@ def plain_type(typ: pa.DataType) -> pa.DataType:
         if values != typ.value_type:
             return pa.dictionary(typ.index_type, values, typ.ordered)
     return typ
+
+
+def decoded(table: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """``table`` with its dictionary columns as their values (plain strings for a polars
+    ``Categorical``'s views): pyarrow's string functions have no kernel for dictionaries, and
+    polars hashes an ``Enum`` by its place in the Enum's categories, not by its text."""
+    if not any(pa.types.is_dictionary(t) for t in table.schema.types):
+        return table
+    return table.cast(pa.schema(
+        [f.with_type(plain_type(f.type.value_type)) if pa.types.is_dictionary(f.type) else f
+         for f in table.schema], metadata=table.schema.metadata))

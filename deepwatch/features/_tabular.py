@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .._arrow import as_arrow, plain_type, to_numpy
+from .._arrow import as_arrow, decoded, plain_type, to_numpy
 from ..errors import DataError, InputError, UsageError, first_line
 from ._derive import deriver_reads, get_deriver
 
@@ -109,7 +109,7 @@ class Featurizer:
         d = self.spec.get("derive")
         if not d:
             return table
-        return get_deriver(d["name"])(_decoded(table), d.get("params", {}), state)
+        return get_deriver(d["name"])(decoded(table), d.get("params", {}), state)
 
     @staticmethod
     def _numeric(table: pa.Table, name: str, log: bool) -> np.ndarray:
@@ -366,18 +366,6 @@ def _as_float(table: pa.Table, name: str) -> np.ndarray:
     if col.null_count == 0 and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         return np.asarray(to_numpy(col), dtype=np.float64)
     return to_numpy(pc.fill_null(_cast(col, pa.float64(), name), 0.0))
-
-
-def _decoded(table: pa.Table) -> pa.Table:
-    """``table`` with its dictionary columns as their values: a frame's pandas ``category`` or
-    polars ``Categorical`` text reached the derivers as dictionaries, on which pyarrow's string
-    functions have no kernel (``ArrowNotImplementedError: Function 'utf8_length' has no kernel
-    matching input types (dictionary<...>)``, a traceback from scoring an access-log frame)."""
-    if not any(pa.types.is_dictionary(t) for t in table.schema.types):
-        return table
-    return table.cast(pa.schema(
-        [f.with_type(plain_type(f.type.value_type)) if pa.types.is_dictionary(f.type) else f
-         for f in table.schema], metadata=table.schema.metadata))
 
 
 def _cast(col: pa.ChunkedArray, to: pa.DataType, name: str) -> pa.ChunkedArray:

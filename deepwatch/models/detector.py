@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import pyarrow as pa
 
-from .._arrow import as_arrow, plain_type, without_views
+from .._arrow import as_arrow, decoded, without_views
 from .._dedupe import MOSTLY_DISTINCT, KeyIndex, distinct, record_keys
 from ..bundle import FEATURIZER, ONNX, WEIGHTS, read_bundle_file, read_manifest, verify_files
 from ..errors import (
@@ -331,11 +331,7 @@ def _record_keys(table: pa.Table | pa.RecordBatch, columns: list[str]) -> pl.Dat
     polars hashes an Enum by its place in the Enum's categories, so that a record of a frame
     whose Enum listed them in another order took the cached results of another record (a
     ``private`` connection those of an ``http`` one of the frame before)."""
-    sub = table.select(columns)
-    if any(pa.types.is_dictionary(t) for t in sub.schema.types):
-        sub = sub.cast(pa.schema([f.with_type(plain_type(f.type.value_type))
-                                  if pa.types.is_dictionary(f.type) else f for f in sub.schema]))
-    return record_keys(sub, columns)
+    return record_keys(decoded(table.select(columns)), columns)
 
 
 def _expand(value: Any, inverse: np.ndarray) -> Any:
