@@ -19,23 +19,30 @@ from test_follow_position_h2 import Worker, _kept, _messages, _records, _source_
 from deepwatch.serve._stream_io import FileSource
 
 
+def _first_worker(bundle: Path, source: Path, tmp_path: Path, name: str, other_name: str
+                  ) -> tuple[Path, Path, Worker]:
+    """A log of 20 records and another of 10; a worker following the first, once it has kept
+    its position past them (tmp_path/pos.json)."""
+    recs = _records(source, 30)
+    log, other = tmp_path / name, tmp_path / other_name
+    log.write_bytes(b"\n".join(recs[:20]) + b"\n")
+    other.write_bytes(b"\n".join(recs[20:30]) + b"\n")
+    first = Worker(bundle, tmp_path, log)
+    deadline = time.monotonic() + 60
+    while _kept(tmp_path / "pos.json") != 21:
+        assert first.proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return log, other, first
+
+
 def test_a_second_worker_with_the_same_position_file_is_refused(
         kdd_bundle: Path, small_kdd_test: Path, tmp_path: Path) -> None:
     """Two workers given one position file (a unit copied for a second log) each overwrote the
     other's position, so that a restart found the other log named in it and read its own from
     the start, every old alert raised again. The second is refused before it reads or writes
     anything; the first goes on, and a restart after it takes the lock over."""
-    recs = _records(small_kdd_test, 30)
-    log = tmp_path / "a.csv"
-    log.write_bytes(b"\n".join(recs[:20]) + b"\n")
-    other = tmp_path / "b.csv"
-    other.write_bytes(b"\n".join(recs[20:30]) + b"\n")
+    log, other, first = _first_worker(kdd_bundle, small_kdd_test, tmp_path, "a.csv", "b.csv")
     pos = tmp_path / "pos.json"
-    first = Worker(kdd_bundle, tmp_path, log)
-    deadline = time.monotonic() + 60
-    while _kept(pos) != 21:
-        assert first.proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
     kept = pos.read_bytes()
     second = subprocess.Popen(
         [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
@@ -59,7 +66,7 @@ def test_a_second_worker_with_the_same_position_file_is_refused(
     first.stop_when(21)
     assert pos.read_bytes() == kept  # (the first's, untouched by the second)
     with log.open("ab") as fh:
-        fh.write(b"\n".join(recs[20:25]) + b"\n")
+        fh.write(b"\n".join(_records(small_kdd_test, 30)[20:25]) + b"\n")
     err = Worker(kdd_bundle, tmp_path, log).stop_when(26)  # the lock let go with the first
     assert f"resuming {log} at line 21" in " ".join(_messages(err))
     assert _source_lines(tmp_path / "verdicts.jsonl") == list(range(1, 26))
@@ -155,17 +162,9 @@ def test_a_second_worker_writing_the_same_output_is_refused(
     """A second worker given an output the first writes (a test run by hand beside the
     service) truncated it and wrote over it: the first's verdicts became a run of NUL bytes and
     the second's lines, and both exited 0. It is refused as score refuses it, exit 2."""
-    recs = _records(small_kdd_test, 30)
-    log = tmp_path / "live.csv"
-    log.write_bytes(b"\n".join(recs[:20]) + b"\n")
-    other = tmp_path / "other.csv"
-    other.write_bytes(b"\n".join(recs[20:30]) + b"\n")
-    pos, verdicts = tmp_path / "pos.json", tmp_path / "verdicts.jsonl"
-    first = Worker(kdd_bundle, tmp_path, log)
-    deadline = time.monotonic() + 60
-    while _kept(pos) != 21:
-        assert first.proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    log, other, first = _first_worker(kdd_bundle, small_kdd_test, tmp_path, "live.csv",
+                                      "other.csv")
+    verdicts = tmp_path / "verdicts.jsonl"
     written = verdicts.read_bytes()
     second = subprocess.Popen(
         [sys.executable, "-m", "deepwatch.cli", "stream", str(kdd_bundle), "--format", "kdd",
