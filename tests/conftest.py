@@ -243,11 +243,11 @@ def run_cli(*args: str, timeout: float = 300) -> Any:
 
 
 def free_port() -> int:
-    import socket
+    """A port for a server a test starts: outside the kernel's ephemeral range, so that no
+    outgoing connection takes it before the server binds (a CI failure at 9e27e9b)."""
+    from deepwatch.serve.tansu import free_port as outside_ephemeral
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return outside_ephemeral()
 
 
 class ThreadServer:

@@ -9,6 +9,7 @@ is answered UNKNOWN_TOPIC_OR_PART for a topic that does not exist."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -19,7 +20,35 @@ from typing import IO
 from ..errors import UsageError
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux's ``ip_local_port_range``;
+    the IANA range where that file is missing or unreadable)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 49152, 65535
+    return low, high
+
+
 def free_port() -> int:
+    """A TCP port that nothing holds on any address now, for a listener started next.
+
+    A port the kernel picks (bind to port 0) lies in its ephemeral range, where any outgoing
+    connection made before the listener binds may take it: the listener then fails with
+    "Address already in use". So the port is drawn outside that range and checked free on
+    0.0.0.0 (which conflicts with every address); the kernel's pick is the fallback when no
+    drawn port is free."""
+    low, high = _ephemeral_range()
+    ports = [*range(10_000, low), *range(high + 1, 65_536)]
+    draw = random.SystemRandom()
+    for _ in range(100 if ports else 0):
+        port = draw.choice(ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
