@@ -111,6 +111,10 @@ def _warn_lakes_named_twice(lakes: Sequence[str]) -> None:
             first[real] = root
 
 
+def _days_read(days: Sequence[str] | None) -> str:
+    return "" if days is None else f" (those of the days read, {', '.join(days)})"
+
+
 class InputReader:
     """Iterates ``(batch, rejects, spec)`` over inputs; rejects carry their source."""
 
@@ -151,6 +155,11 @@ class InputReader:
         #: with ``checksums``: for each lake (by its place in ``lakes``), the digest of the
         #: parts read from it (see :func:`deepwatch.lake.lake_sha256`) and their records
         self.lake_hashes: dict[int, Any] | None = {} if checksums else None
+        #: for each input checksummed to compare it with the lakes' inputs or with another
+        #: reader's (by its place in ``specs``): its :func:`deepwatch.lake.input_sum`, which
+        #: :meth:`sha256` uses where the file has not changed since (read once, not twice)
+        self._sums: dict[int, Any] = {}
+        self._lakes_compared = False
 
     def sha256(self, i: int) -> str:
         """The sha256 of input ``i`` (its place in ``specs``): of the bytes read from it where
@@ -160,9 +169,60 @@ class InputReader:
         read = self._read_hashes.get(i)
         if read is not None:
             return str(read.hexdigest())
+        from .lake import unchanged
+
+        found = self._sums.get(i)
+        if found is not None and unchanged(self.specs[i].path, found):
+            return str(found.sha256)
         from .bundle import sha256_file
 
         return sha256_file(self.specs[i].path)
+
+    def input_sum(self, i: int) -> Any:
+        """The :func:`deepwatch.lake.input_sum` of input ``i`` (its place in ``specs``), taken
+        once; None for one that cannot be read again (stdin, a pipe) or not at all."""
+        if i not in self._sums:
+            spec = self.specs[i]
+            if not _rereadable(spec.path):
+                return None
+            from .lake import input_sum
+
+            try:
+                self._sums[i] = input_sum(spec.path)
+            except OSError:  # (its reading says why)
+                return None
+        return self._sums[i]
+
+    def _warn_ingested(self) -> None:
+        """One warning line per input ingested into one of the lakes read too (the same bytes,
+        or the same lines with one of the two compressed: ``access.log.1`` ingested,
+        ``access.log.1.gz`` given): its records are read twice, from the file and from the lake
+        (training counted them twice, without a word). A file is checksummed only where a lake
+        noted an input as long (or it is compressed), and only once: :meth:`sha256` reuses it."""
+        import sys
+
+        from .lake import ingested_entry, ingested_inputs, may_hold
+
+        noted = [(root, ingested_inputs(root)) for root in self.lakes]
+        for i, spec in enumerate(self.specs):
+            try:
+                size = os.stat(spec.path).st_size if _rereadable(spec.path) else None
+            except OSError:
+                size = None
+            for root, entries in noted:
+                if size is None or not may_hold(entries, size, spec.compression is not None):
+                    continue
+                found = self.input_sum(i)
+                entry = None if found is None else ingested_entry(entries, found)
+                if entry is not None:
+                    bytes_of = (entry.get("size"), entry.get("sha256"))
+                    how = "" if bytes_of == (found.size, found.sha256) else \
+                        " (the same lines, one of the two compressed)"
+                    print(f"warning: {spec.display} was ingested into the lake {root} already, "
+                          f"from {entry.get('path')}{how}; its records"
+                          f"{_days_read(self.lake_days)} are read twice, from the file and from "
+                          "the lake", file=sys.stderr)
+                    break
 
     def _total_bytes(self) -> int | None:
         """The size of the inputs, as the bytes read from them (compressed, for a compressed
@@ -184,6 +244,9 @@ class InputReader:
 
         from .progress import byte_progress
 
+        if self.lakes and not self._lakes_compared:
+            self._lakes_compared = True
+            self._warn_ingested()
         ctx = byte_progress("reading", self._total_bytes()) if self.progress else nullcontext()
         with ctx as advance:  # by the bytes read from each file, compressed or not
             for i, spec in enumerate(self.specs):
@@ -263,6 +326,59 @@ class InputReader:
             if rej.num_rows:
                 rejects.append(rej)
         return (*_tables(batches, rejects, self.fmt.schema), self.stats)
+
+
+def warn_validation_in_training(val: InputReader, training: InputReader) -> None:
+    """One warning line per validation input (``val``) that is training data too: ingested
+    into a lake the training data is read from, or the same bytes (or the same lines, one of
+    the two compressed) as a training input. Its records, held out to stop early on and to
+    calibrate with, were trained on, so both were judged on records the model had seen, without
+    a word. Files are checksummed only where sizes allow a match, each once."""
+    import sys
+
+    from .lake import ingested_entry, ingested_inputs, may_hold, same_text
+
+    noted = [(root, ingested_inputs(root)) for root in training.lakes]
+    also = "validation records are also training records (early stopping and calibration " \
+        "are judged on records the model was trained on)"
+    sizes: dict[int, int | None] = {}
+
+    def size_of(reader: InputReader, i: int) -> int | None:
+        try:
+            return os.stat(reader.specs[i].path).st_size \
+                if _rereadable(reader.specs[i].path) else None
+        except OSError:
+            return None
+
+    for i, spec in enumerate(val.specs):
+        size = size_of(val, i)
+        if size is None:
+            continue
+        compressed = spec.compression is not None
+        said = None
+        for root, entries in noted:
+            found = val.input_sum(i) if may_hold(entries, size, compressed) else None
+            entry = None if found is None else ingested_entry(entries, found)
+            if entry is not None:
+                said = (f"was ingested into the training lake {root}, from {entry.get('path')}; "
+                        f"its records{_days_read(training.lake_days)} are read for training too")
+                break
+        for j, tspec in enumerate(training.specs):
+            if said is not None:
+                break
+            if j not in sizes:
+                sizes[j] = size_of(training, j)
+            if sizes[j] is None or (not compressed and tspec.compression is None
+                                    and sizes[j] != size):
+                continue
+            mine, theirs = val.input_sum(i), training.input_sum(j)
+            if mine is not None and theirs is not None and same_text(mine, theirs):
+                how = "the same bytes" if mine.sha256 == theirs.sha256 else \
+                    "the same lines, one of the two compressed"
+                said = f"holds {how} as the training input {tspec.display}"
+        if said is not None:
+            print(f"warning: the validation input {spec.display} (--val) {said}: {also}",
+                  file=sys.stderr)
 
 
 def _tables(batches: list[pa.RecordBatch], rejects: list[pa.Table], default: pa.Schema

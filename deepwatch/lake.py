@@ -215,6 +215,9 @@ class LakeWriter:
         self.notes: list[str] = []
         #: the inputs seen_before was asked about (by size and sha256), each with its path
         self._asked: dict[tuple[int, str], str] = {}
+        #: the same by their text's size and sha256 (decompressed, for a compressed input): the
+        #: first input of this run with each text
+        self._asked_text: dict[tuple[int, str], str] = {}
         self._staged: list[Path] = []  # this run's parts (their final paths), not yet in place
         self._written: list[Path] = []  # those moved into place by a commit under way
         self._staging: Path | None = None
@@ -359,13 +362,20 @@ class LakeWriter:
     def seen_before(self, path: str | Path) -> bool:
         """Whether an input with ``path``'s size and sha256 was ingested into this lake before,
         or is being ingested by another ingest running now, or is an input this run asked about
-        already (ingest appends regardless: this is for a warning). The same file given twice
-        to one ingest (``'logs/*.log' logs/site.log``, or by two names) was stored twice without
-        a word, since neither was in the lake yet."""
+        already, by its bytes or by its text (the same lines compressed and not, which
+        :meth:`same_text_as` then names) (ingest appends regardless: this is for a warning).
+        The same file given twice to one ingest (``'logs/*.log' logs/site.log``, or by two
+        names, or once compressed) was stored twice without a word, since neither was in the
+        lake yet."""
         size, digest = self._checksum(path)
         if (size, digest) in self._asked:
             return True
         self._asked[size, digest] = str(path)
+        # an input of this run with the same text, one of the two compressed (access.log.1 and
+        # access.log.1.gz in one run were both stored without a word: their bytes differ)
+        found = self._sums[str(path)]
+        text = found.text or (size, digest)
+        earlier_text = self._asked_text.setdefault(text, str(path))
         # Two ingests of one file started together both found it in no list (neither had
         # committed yet) and stored it without a word. So the input is claimed in this run's
         # staging directory, and looked for among the claims of the ingests running now, under
@@ -380,14 +390,15 @@ class LakeWriter:
                 entries = _ingested(self.root)
                 seen = _claimed_elsewhere(self.root, self._staging, size, digest) or any(
                     e.get("size") == size and e.get("sha256") == digest for e in entries)
-                found = self._sums[str(path)]
                 # the same lines, compressed or not (a rotated log compressed since): what is
                 # compared is the text, decompressed, of the input and of each entry
-                text = found.text or (size, digest)
                 same = None if seen else next(
                     (e for e in entries if _text_id(e) == text), None)
                 if same is not None:
                     self._same_text[str(path)] = str(same.get("path"))
+                    seen = True
+                elif not seen and earlier_text != str(path):  # given earlier in this run
+                    self._same_text[str(path)] = earlier_text
                     seen = True
                 # a file ingested before that has grown since (a live log): its beginning is
                 # one of those noted (sizes noted meanwhile were not checksummed: not looked at)
@@ -417,7 +428,8 @@ class LakeWriter:
     def same_text_as(self, path: str | Path) -> str | None:
         """The path noted of the input ingested before whose text (decompressed) is that of
         ``path``, where :meth:`seen_before` found it by its text alone (one of the two is
-        compressed: a rotated log compressed since), else None."""
+        compressed: a rotated log compressed since), or of the input of this run it was asked
+        about earlier with that text (``access.log.1 access.log.1.gz``), else None."""
         return self._same_text.get(str(path))
 
     def part_decompressed(self, path: str | Path) -> bool:
@@ -780,6 +792,56 @@ def _text_ids(entries: list[dict[str, object]]) -> list[tuple[int, object]]:
     """:func:`_text_id` of each entry whose text has a size."""
     return [(n, sha) for n, sha in map(_text_id, entries)
             if isinstance(n, int) and not isinstance(n, bool)]
+
+
+def ingested_inputs(root: str | Path) -> list[dict[str, object]]:
+    """The entries of the lake at ``root``'s ``_ingested.jsonl`` (the inputs ingested into it:
+    ``path``, ``size``, ``sha256``, and for a compressed one ``text_size`` and ``text_sha256``);
+    none where it cannot be read (it is a warning's, not the records')."""
+    try:
+        return _ingested(_local_root(root))
+    except (OSError, UsageError):
+        return []
+
+
+def may_hold(entries: list[dict[str, object]], size: int, compressed: bool) -> bool:
+    """Whether an input of ``size`` bytes (``compressed`` or not) can be one of ``entries``
+    (:func:`ingested_inputs`) by its bytes or text, as far as sizes tell: a file of text is
+    checksummed only where an entry is as long (a compressed one's text size is known only
+    once it is decompressed)."""
+    if compressed:
+        return bool(entries)
+    return any(n == size for n, _ in _sizes(entries) + _text_ids(entries))
+
+
+def input_sum(path: str | Path) -> _Sum:
+    """``path``'s size and sha256, and for a compressed file its text's (decompressed), in one
+    reading (an OSError where it cannot be read)."""
+    return _checksum(Path(path))
+
+
+def unchanged(path: str | Path, found: _Sum) -> bool:
+    """Whether ``path`` is as it was when ``found`` (:func:`input_sum`) was taken."""
+    try:
+        return _ident(os.stat(path)) == found.ident
+    except OSError:
+        return False
+
+
+def same_text(a: _Sum, b: _Sum) -> bool:
+    """Whether two inputs (:func:`input_sum`) hold the same bytes, or the same text with one or
+    both compressed."""
+    return (a.size, a.sha256) == (b.size, b.sha256) \
+        or (a.text or (a.size, a.sha256)) == (b.text or (b.size, b.sha256))
+
+
+def ingested_entry(entries: list[dict[str, object]], found: _Sum) -> dict[str, object] | None:
+    """The first of ``entries`` (:func:`ingested_inputs`) noting an input with the bytes of
+    ``found`` (:func:`input_sum`), or its text (the same lines, compressed or not), else None."""
+    text = found.text or (found.size, found.sha256)
+    return next((e for e in entries
+                 if (e.get("size"), e.get("sha256")) == (found.size, found.sha256)
+                 or _text_id(e) == text), None)
 
 
 def _time_column(format_name: str) -> str | None:

@@ -23,7 +23,14 @@ from ..bundle import FEATURIZER, ONNX, WEIGHTS, check_bundle_target, save_bundle
 from ..errors import DataError, UsageError, check_flags
 from ..features import Featurizer
 from ..formats import Format, get_format
-from ..io import InputReader, Stats, labels_of, no_label_reason, read_labelled
+from ..io import (
+    InputReader,
+    Stats,
+    labels_of,
+    no_label_reason,
+    read_labelled,
+    warn_validation_in_training,
+)
 from ..labels import BENIGN, KDD_CATEGORIES, KDD_COST
 from ..models import MODEL_KINDS
 from ..sources.files import Inputs, input_list
@@ -847,6 +854,8 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
             log(f"validation data: {vstats.summary()}")
             _log_unparsed(vstats, format_name, log)
             _log_no_label(vrej, "validation", log)
+            if dist.main:  # (a --val file in a training lake, or given for training too)
+                warn_validation_in_training(val_reader, reader)
             vlabels = _labels(vtable)
             if vtable.num_rows < 2:
                 raise DataError("the validation data has fewer than two records"
