@@ -159,6 +159,9 @@ class InputReader:
         #: reader's (by its place in ``specs``): its :func:`deepwatch.lake.input_sum`, which
         #: :meth:`sha256` uses where the file has not changed since (read once, not twice)
         self._sums: dict[int, Any] = {}
+        #: whether a file given beside a lake it was ingested into is warned about (once, when
+        #: reading starts): off for the ranks of a distributed run but the first, which speaks
+        self.warn_ingested = True
         self._lakes_compared = False
 
     def sha256(self, i: int) -> str:
@@ -244,7 +247,7 @@ class InputReader:
 
         from .progress import byte_progress
 
-        if self.lakes and not self._lakes_compared:
+        if self.lakes and self.warn_ingested and not self._lakes_compared:
             self._lakes_compared = True
             self._warn_ingested()
         ctx = byte_progress("reading", self._total_bytes()) if self.progress else nullcontext()

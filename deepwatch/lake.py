@@ -218,6 +218,8 @@ class LakeWriter:
         #: the same by their text's size and sha256 (decompressed, for a compressed input): the
         #: first input of this run with each text
         self._asked_text: dict[tuple[int, str], str] = {}
+        #: the inputs whose :meth:`same_text_as` is an input of this run, not one ingested before
+        self._same_text_in_run: set[str] = set()
         self._staged: list[Path] = []  # this run's parts (their final paths), not yet in place
         self._written: list[Path] = []  # those moved into place by a commit under way
         self._staging: Path | None = None
@@ -399,6 +401,7 @@ class LakeWriter:
                     seen = True
                 elif not seen and earlier_text != str(path):  # given earlier in this run
                     self._same_text[str(path)] = earlier_text
+                    self._same_text_in_run.add(str(path))
                     seen = True
                 # a file ingested before that has grown since (a live log): its beginning is
                 # one of those noted (sizes noted meanwhile were not checksummed: not looked at)
@@ -431,6 +434,11 @@ class LakeWriter:
         compressed: a rotated log compressed since), or of the input of this run it was asked
         about earlier with that text (``access.log.1 access.log.1.gz``), else None."""
         return self._same_text.get(str(path))
+
+    def same_text_in_run(self, path: str | Path) -> bool:
+        """Whether :meth:`same_text_as` names an input given earlier in this run (not one
+        ingested before it)."""
+        return str(path) in self._same_text_in_run
 
     def part_decompressed(self, path: str | Path) -> bool:
         """Whether :meth:`ingested_part` is of ``path``'s text, decompressed."""

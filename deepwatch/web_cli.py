@@ -43,7 +43,12 @@ def ingest(format_name: str, lake: str, inputs: Sequence[str], progress: bool = 
             print(f"warning: {path} was given twice in this run{same}; its records are "
                   "stored twice", file=sys.stderr)
         elif writer.seen_before(path):
-            if (other := writer.same_text_as(path)) is not None:
+            if (other := writer.same_text_as(path)) is not None and \
+                    writer.same_text_in_run(path):
+                print(f"warning: {path} holds the same lines as {other} (one of the two "
+                      "compressed), given earlier in this run; its records are stored twice",
+                      file=sys.stderr)
+            elif other is not None:
                 # one of the two compressed: a rotated log (access.log.1 is access.log.2.gz
                 # today) was stored again without a word, its compressed bytes being new
                 print(f"warning: {path} holds the same lines as {other} (one of the two "

@@ -50,8 +50,8 @@ def test_the_same_lines_compressed_and_not_given_to_one_ingest_are_warned_about(
     first, second = (plain, packed) if order == "plain first" else (packed, plain)
     _ingest(tmp_path / "lake", first, second)
     err = capsys.readouterr().err
-    assert f"warning: {second} holds the same lines as {first} (one of the two compressed)" \
-        in err
+    assert f"warning: {second} holds the same lines as {first} (one of the two compressed), " \
+        "given earlier in this run; its records are stored twice" in err, err
     assert err.count("warning:") == 1
     assert "40 records stored" in err  # appended anyway, as for any repeat
 

@@ -433,7 +433,7 @@ class _RejectsKeptAsRead(InputReader):
 
 def _read_keeping(fmt: Format, inputs: Sequence[str], purpose: str, kept: RejectSink,
                   progress: bool = False, lakes: Sequence[str] = (),
-                  days: str | Sequence[str] | None = None
+                  days: str | Sequence[str] | None = None, warn: bool = True
                   ) -> tuple[InputReader, pa.Table, pa.Table, Stats]:
     """:func:`read_labelled`, each rejected record written to ``kept`` as soon as it is known:
     the reader's as each chunk is read, so that a run stopped while reading (which can take
@@ -442,6 +442,7 @@ def _read_keeping(fmt: Format, inputs: Sequence[str], purpose: str, kept: Reject
     rejects and the counts."""
     reader = _RejectsKeptAsRead(fmt, inputs, kept, progress=progress, lakes=lakes,
                                 checksums=True, lake_days=days)
+    reader.warn_ingested = warn  # (one voice per distributed run)
     table, rejects, stats = read_labelled(reader, purpose)
     kept.write(_no_label(rejects, purpose))
     return reader, table, rejects, stats
@@ -821,7 +822,7 @@ def _train(format_name: str, model: str, inputs: Sequence[str], out: str | Path,
     # never an empty file; one stopped while reading keeps them too, said to be incomplete
     with keeping_rejects(rejects_path) as kept:
         reader, table, rejects, stats = _read_keeping(fmt, inputs, "training", kept,
-                                                      progress, lakes, days)
+                                                      progress, lakes, days, dist.main)
         kept.complete = not val_inputs  # (else once the validation records are read too)
         table = _derive_in_order(fmt, table)
         log(f"training data: {stats.summary()}")
