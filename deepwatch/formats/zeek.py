@@ -9,6 +9,16 @@ one line of field names (``ts\tuid\tid.orig_h...``): it is read as a ``#fields``
 conn.log's first field is ``ts``, and a record's ``ts`` is a time, never the text ``ts``: so a
 line whose first field is ``ts`` is that header.
 
+A record's ground-truth label is read where its log has one: a field ``label`` (a TSV header
+naming it, a JSON line's or an object's key) and ``detailed-label`` (or ``detailed_label``), as
+Stratosphere's IoT-23 data set writes its ``conn.log.labeled`` files. ``Benign`` (any case) is
+``normal``, ``Malicious`` the detailed label where one is set, else ``malicious``; any other value
+is kept, and an unset one (``-``) leaves the record unlabelled (see ``label_value``). IoT-23's
+headers join their last three names with three spaces in one tab-field, and each line under
+them its last three values alike: such a header's last field, where it names a label, is read
+as those names, and the last field of each TSV line under it as that many values (see
+``_joined``). The label is no feature (see ``feature_spec``).
+
 Zeek's other logs are refused: a ``dns.log`` line has every field a record needs (ts, hosts,
 proto) and became a connection with no bytes, duration or state. A header naming fields of its
 own (see ``OTHER_LOG_MIN``) and none of conn.log's own fields, or not every field a record needs
@@ -34,11 +44,13 @@ The raw text of a reject shows the bytes ``\\xHH`` in either layout.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
+from ..labels import BENIGN
 from ._base import (
     BOM_LINE_REASON,
     CR_INSIDE,
@@ -176,7 +188,19 @@ CONN_OWN = ("duration", "orig_bytes", "resp_bytes", "conn_state", "missed_bytes"
 #: Fields a conn.log has beyond ``CONN_FIELDS``, from Zeek's options and common packages.
 _CONN_EXTRA = frozenset(("tunnel_parents", "community_id", "ip_proto", "orig_l2_addr",
                          "resp_l2_addr", "vlan", "inner_vlan", "speculative_service"))
-_CONN_NAMES = frozenset(name for name, _c, _t in CONN_FIELDS) | _CONN_EXTRA | frozenset(_SCOPED)
+#: The ground-truth label's fields (IoT-23's ``conn.log.labeled``): ``label`` (``Benign``,
+#: ``Malicious``) and the attack's name (``PartOfAHorizontalPortScan``, ``C&C``... or ``-``).
+LABEL_FIELD = "label"
+DETAILED_FIELDS = ("detailed-label", "detailed_label")
+_LABEL_NAMES = frozenset((LABEL_FIELD, *DETAILED_FIELDS))
+#: The label's values read as deepwatch's (any case): the benign one, and an attack whose name
+#: the detailed label gives where it is set.
+_BENIGN_VALUE = "benign"
+_MALICIOUS_VALUE = "malicious"
+#: Zeek's marks of an unset or empty field: no value.
+_UNSET = ("-", "(empty)", "")
+_CONN_NAMES = (frozenset(name for name, _c, _t in CONN_FIELDS) | _CONN_EXTRA | frozenset(_SCOPED)
+               | _LABEL_NAMES)
 #: How many fields conn.log does not have make a header (or a JSON object) naming none of
 #: conn.log's own another log's: a conn.log filtered down to the connection's identity, maybe
 #: with one field of a package's added, is still read; another Zeek log has several of its own
@@ -190,8 +214,43 @@ OTHER_LOG_MIN = 2
 #: ``proto``, and before Zeek 5.1 no ``id.orig_h``/``id.resp_h`` either: ``tx_hosts``...).
 _IDENTITY = tuple((name, col) for name, col, _t in CONN_FIELDS if col in _REQUIRED)
 #: The names a record given as an object (``parse_records``) may have beside a log's: the
-#: columns' own (``orig_h``...) and the label.
-_RECORD_NAMES = _CONN_NAMES | frozenset(col for _name, col in _DOTTED) | {"label"}
+#: columns' own (``orig_h``...). (The label's are a log's: ``_LABEL_NAMES``.)
+_RECORD_NAMES = _CONN_NAMES | frozenset(col for _name, col in _DOTTED)
+
+
+def label_value(label: Any, detailed: Any = None) -> str | None:
+    """A record's ground-truth label as deepwatch names it, from a log's ``label`` and
+    ``detailed-label`` values (IoT-23's): ``Benign`` (any case) is ``normal`` (``BENIGN``),
+    ``Malicious`` (any case) the detailed label where it is set (not ``-`` or empty), else
+    ``malicious``; any other value is kept, stripped; an unset one (``-``, empty, None) is None
+    (no label). ``_label_expr`` reads a log's lines alike, in bulk."""
+    if label is None:
+        return None
+    text = str(label).strip()
+    if text in _UNSET:
+        return None
+    kind = text.lower()
+    if kind == _BENIGN_VALUE:
+        return BENIGN
+    if kind == _MALICIOUS_VALUE:
+        attack = None if detailed is None else str(detailed).strip()
+        return attack if attack not in (None, *_UNSET) else _MALICIOUS_VALUE
+    return text
+
+
+def _label_expr(label: Any, detailed: Any) -> Any:
+    """``label_value`` as a polars expression over the text columns ``label`` and
+    ``detailed`` (null where unset)."""
+    import polars as pl
+
+    text = label.str.strip_chars()
+    kind = text.str.to_lowercase()
+    attack = detailed.str.strip_chars()
+    attack = pl.when(attack.is_in(list(_UNSET))).then(None).otherwise(attack)
+    return (pl.when(text.is_null() | text.is_in(list(_UNSET))).then(None)
+            .when(kind == _BENIGN_VALUE).then(pl.lit(BENIGN))
+            .when(kind == _MALICIOUS_VALUE).then(pl.coalesce(attack, pl.lit(_MALICIOUS_VALUE)))
+            .otherwise(text))
 
 
 def _other_log(names: Any, what: str, known: frozenset[str] = _CONN_NAMES,
@@ -267,25 +326,51 @@ def _json_other_log(frame: Any, reason: Any) -> Any:
     return reason.scatter(list(found), list(found.values()))
 
 
-def _order(header: str | None) -> list[str]:
+#: IoT-23's header's last tab-field: names joined by one run of spaces (three, as written).
+_JOINED_NAMES = re.compile(r"\S+( +)\S+(?:\1\S+)*")
+
+
+def _order(header: str | None) -> tuple[list[str], tuple[int, str] | None]:
     """The field order a ``#fields`` header line, or a ``LogAscii::tsv=T`` log's field-name
-    line, declares (the standard one without either)."""
+    line, declares (the standard one without either), and how its last names share one
+    tab-field (see ``_joined``)."""
     if not header:
-        return DEFAULT_ORDER
+        return DEFAULT_ORDER, None
     if header.startswith(FIELDS_PREFIX):
         names = header.rstrip("\r").split("\t")[1:]
     elif header.startswith(TSV_PREFIX):
         names = header.rstrip("\r").split("\t")
     else:
-        return DEFAULT_ORDER
+        return DEFAULT_ORDER, None
+    if not any(names):
+        return DEFAULT_ORDER, None
+    joined = _joined(names[-1])
+    if joined is not None:
+        names = names[:-1] + names[-1].split(joined[1])
     # a log written with Log::default_scope_sep = "_" names the endpoints id_orig_h...
-    return [_SCOPED.get(name, name) for name in names] if any(names) else DEFAULT_ORDER
+    return [_SCOPED.get(name, name) for name in names], joined
 
 
-def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
-    """A polars frame of every record line's fields as text (null where absent or unset).
-    ``json_text``: the text JSON lines are read from, where it is not ``raw`` (``_json_texts``).
-    """
+def _joined(last: str) -> tuple[int, str] | None:
+    """(how many names, the spaces between them) where a header's last tab-field ``last`` is
+    several names joined by spaces, one of them the label's, as IoT-23 writes its headers
+    (``tunnel_parents   label   detailed-label``): the last tab-field of each TSV line under
+    it then holds that many values, joined alike (``-   Malicious   C&C``). None otherwise:
+    Zeek's names hold no spaces, and only this layout is read so."""
+    found = _JOINED_NAMES.fullmatch(last)
+    if found is None:
+        return None
+    names = last.split(found.group(1))
+    return (len(names), found.group(1)) if _LABEL_NAMES.intersection(names) else None
+
+
+def _text_columns(raw: Any, order: list[str], json_text: Any = None,
+                  joined: tuple[int, str] | None = None) -> Any:
+    """A polars frame of every record line's fields as text (null where absent or unset), and
+    its ``label`` (see ``label_value``; null where none is read). ``json_text``: the text JSON
+    lines are read from, where it is not ``raw`` (``_json_texts``). ``joined``: the last names
+    of ``order`` that share the last tab-field (see ``_joined``): ``_n`` counts the tab-fields,
+    ``_k`` the values in the last one."""
     import polars as pl
 
     df = pl.DataFrame({"raw": raw} if json_text is None
@@ -294,6 +379,19 @@ def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
     is_json = pl.col("raw").str.contains(_JSON_START)
     parts = pl.col("raw").str.split("\t")
     exprs = [is_json.alias("_json"), parts.list.len().alias("_n")]
+    tabbed = len(order) - (joined[0] - 1 if joined else 0)  # the tab-fields of a line
+    if joined:
+        tail = parts.list.last().str.split(joined[1])
+        exprs.append(tail.list.len().alias("_k"))
+
+    def tsv(name: str) -> Any:
+        at = order.index(name)
+        if joined and at >= tabbed - 1:
+            return tail.list.get(at - tabbed + 1, null_on_oob=True)
+        return parts.list.get(at, null_on_oob=True)
+
+    def unset(text: Any) -> Any:
+        return pl.when(text.is_in(list(_UNSET))).then(None).otherwise(text)
     # the endpoints in one object (see _NESTED_ID), or named id_orig_h... (see _SCOPED):
     # looked for only where a line has such names
     nested = bool(raw.str.contains(_NESTED_ID).any())
@@ -307,15 +405,25 @@ def _text_columns(raw: Any, order: list[str], json_text: Any = None) -> Any:
                   if scoped else []),
                 *([source.str.json_path_match(f"$['id']['{name.removeprefix('id.')}']")]
                   if nested else []))
-        if name in order:
-            from_tsv = parts.list.get(order.index(name), null_on_oob=True)
-        else:
-            from_tsv = pl.lit(None, dtype=pl.String)
+        from_tsv = tsv(name) if name in order else pl.lit(None, dtype=pl.String)
         if col in _FLAGS:  # JSON logs write true/false where TSV logs write T/F
             from_json = from_json.replace_strict(_JSON_FLAGS, default=from_json)
         text = pl.when(is_json).then(from_json).otherwise(from_tsv)
-        exprs.append(pl.when(text.is_in(["-", "(empty)", ""])).then(None).otherwise(text)
-                     .alias(col))
+        exprs.append(unset(text).alias(col))
+    # the label: from a header naming it, or JSON lines having the key (looked for only then)
+    tsv_label = LABEL_FIELD in order
+    json_label = bool(raw.str.contains(f'"{LABEL_FIELD}"', literal=True).any())
+    if not (tsv_label or json_label):
+        exprs.append(pl.lit(None, dtype=pl.String).alias(LABEL_FIELD))
+        return df.with_columns(exprs)
+    none = pl.lit(None, dtype=pl.String)
+    texts = []
+    for names in ((LABEL_FIELD,), DETAILED_FIELDS):
+        from_tsv = pl.coalesce([tsv(n) for n in names if n in order] or [none])
+        from_json = (pl.coalesce([source.str.json_path_match(f"$['{n}']") for n in names])
+                     if json_label else none)
+        texts.append(unset(pl.when(is_json).then(from_json).otherwise(from_tsv)))
+    exprs.append(_label_expr(*texts).alias(LABEL_FIELD))
     return df.with_columns(exprs)
 
 
@@ -347,13 +455,16 @@ def _json_whole_numbers(df: Any) -> Any:
     return df.with_columns(fixed) if fixed else df
 
 
-def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
+def _typed(df: Any, n_fields: int, exact: bool = False,
+           joined: tuple[list[str], str] | None = None) -> tuple[Any, Any]:
     """(typed record frame, reason per line: null where the line is a record). ``exact``: the
     field order comes from a header (``#fields``, or a ``LogAscii::tsv=T`` field-name line), so
     a TSV line has exactly ``n_fields`` fields (Zeek writes a tab inside a field as ``\\x09``);
     more are records run together (a lost line break), whose first would pass and the others
     vanish. Without a header the standard order names the first fields only, and a log may have
-    more (``tunnel_parents`` ...)."""
+    more (``tunnel_parents`` ...). ``joined``: the names the header's last tab-field joins, and
+    the spaces between them (see ``_joined``): a TSV line's last field holds exactly as many
+    values (``_k``)."""
     import polars as pl
 
     df = _json_whole_numbers(df)
@@ -421,7 +532,15 @@ def _typed(df: Any, n_fields: int, exact: bool = False) -> tuple[Any, Any]:
         .then(pl.lit(f"expected {n_fields} tab-separated fields, found ")
               + pl.col("_n").cast(pl.String))
     )
+    if joined is not None:
+        names, spaces = joined
+        shape = shape.when(~pl.col("_json") & (pl.col("_k") != len(names))).then(
+            pl.lit(f"expected the last tab-separated field to hold {len(names)} values "
+                   f"separated by {len(spaces)} spaces ({', '.join(names)}, as the header "
+                   "names them), found ") + pl.col("_k").cast(pl.String))
     reason = frame.select(pl.coalesce([shape, *reasons]).alias("r"))["r"]
+    if joined is not None:  # (the frames of a chunk's segments are concatenated: same columns)
+        frame = frame.drop("_k")
     return frame, _json_other_log(frame, _json_containers(frame, reason))
 
 
@@ -457,10 +576,11 @@ def _to_batch(frame: Any) -> pa.RecordBatch:
 
     cols = [(pl.col("_v_ts") * 1000).round(0).cast(pl.Int64).alias("ts")]
     cols += [pl.col(f"_v_{col}").alias(col) for _n, col, _t in CONN_FIELDS[1:]]
+    cols.append(pl.col(LABEL_FIELD))
     table = frame.select(cols).to_arrow()
     arrays = [table.column("ts").combine_chunks().cast(pa.int64()).cast(SCHEMA.field("ts").type)]
     arrays += [table.column(col).combine_chunks().cast(typ) for _n, col, typ in CONN_FIELDS[1:]]
-    arrays.append(pa.nulls(table.num_rows, pa.string()))
+    arrays.append(table.column(LABEL_FIELD).combine_chunks().cast(pa.string()))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
@@ -555,15 +675,18 @@ class Zeek(Format):
         starts = [every.str.starts_with(p) for p in self.context_prefixes]
         is_fields = np.logical_or.reduce([s.to_numpy() for s in starts]) & ~run_together
         headers = [context] + [every[int(i)] for i in np.flatnonzero(is_fields)]
-        orders = [_order(h) for h in headers]
+        layouts = [_order(h) for h in headers]
         segment = np.cumsum(is_fields)[record]
         frames, reasons = [], []
         for seg in np.unique(segment):  # segments are runs: records stay in order
             part = raw.filter(pl.Series(segment == seg))
             json_part = None if json_raw is None else json_raw.filter(pl.Series(segment == seg))
-            order = orders[seg]  # DEFAULT_ORDER itself where no #fields header declares one
-            frame, reason = _typed(_text_columns(part, order, json_part), len(order),
-                                   exact=order is not DEFAULT_ORDER)
+            # DEFAULT_ORDER itself where no #fields header declares one
+            order, joined = layouts[seg]
+            frame, reason = _typed(
+                _text_columns(part, order, json_part, joined),
+                len(order) - (joined[0] - 1 if joined else 0), exact=order is not DEFAULT_ORDER,
+                joined=None if joined is None else (order[-joined[0]:], joined[1]))
             other = _header_other_log(headers[seg], order)
             if other is not None:  # each TSV line under another log's header: refused so
                 tsv = frame.select(~pl.col("_json") & pl.col("raw").str.contains(r"\S")
@@ -593,7 +716,9 @@ class Zeek(Format):
         an integer ``ts`` from ``MAX_TS`` on is in milliseconds, as in a JSON line;
         ``local_orig``/``local_resp`` may be JSON booleans and are kept as ``T``/``F``, as from
         a log line. An object of another Zeek log (``dns.log``, ``files.log``) is a reject with
-        the reason its JSON line gets (see ``_other_log``)."""
+        the reason its JSON line gets (see ``_other_log``). A ``label`` (with ``detailed-label``
+        or ``detailed_label``) is read as a log's is (``Benign`` is ``normal``: see
+        ``label_value``)."""
         if not isinstance(records, list):
             # a table: its rows as dicts first (iterated, a frame gives its column names)
             from .._arrow import as_arrow
@@ -627,6 +752,12 @@ class Zeek(Format):
                 ts = r.get("ts")
                 if type(ts) is int and MAX_TS <= ts < MAX_TS * 1000:  # JSON::TS_MILLIS
                     r = {**r, "ts": ts / 1000}
+                if r.get(LABEL_FIELD) is not None:  # read as a log's label (see label_value)
+                    given = r[LABEL_FIELD]
+                    detailed = next((r[k] for k in DETAILED_FIELDS if r.get(k) is not None), None)
+                    label = label_value(given, detailed) if type(given) is str else given
+                    if label != given:
+                        r = {**r, LABEL_FIELD: label}
                 if any(type(r.get(k)) is bool or r.get(k) in ("true", "false") for k in _FLAGS):
                     r = {**r, **{k: flags[r[k]] for k in _FLAGS
                                  if type(r.get(k)) is bool or r.get(k) in ("true", "false")}}
@@ -640,6 +771,12 @@ class Zeek(Format):
                 1, result.rejects.schema.field("raw"),
                 pa.array([record_text(records[n - 1]) for n in lines], pa.string()))
         return _other_logs_rejected(result, records, other) if other else result
+
+    def label_of(self, given: str) -> str:
+        """A label given for a whole log (``PATH=LABEL``) read as a record's own (see
+        ``label_value``): ``benign`` (any case) is ``normal``, ``malicious`` (any case)
+        ``malicious``; any other label is kept (stripped), an unset one (``-``) as given."""
+        return label_value(given) or given
 
     def feature_spec(self) -> dict[str, Any]:
         numeric = ["duration", "orig_bytes", "resp_bytes", "missed_bytes", "orig_pkts",
