@@ -56,6 +56,7 @@ CASES = [
     (("Malicious", "-"), "malicious"),
     (("malicious", "DDoS"), "DDoS"),
     (("BENIGN", "-"), "normal"),
+    (("Normal", "-"), "normal"),
     (("Suspicious", "-"), "Suspicious"),
 ]
 
@@ -148,9 +149,10 @@ def test_json_lines_and_objects_carry_labels() -> None:
 
 
 def test_path_label_is_read_as_a_records_label(tmp_path: Path) -> None:
-    """``file=benign`` is ``normal`` (it was an attack named 'benign'); other names are kept."""
-    assert [FMT.label_of(g) for g in ("benign", "Benign", "Malicious", "scanner")] == [
-        "normal", "normal", "malicious", "scanner"]
+    """``file=benign`` is ``normal`` (it was an attack named 'benign'), as is ``Normal`` (an
+    attack named so before); other names are kept."""
+    assert [FMT.label_of(g) for g in ("benign", "Benign", "Normal", "Malicious", "scanner")] == [
+        "normal", "normal", "normal", "malicious", "scanner"]
     log = tmp_path / "plain.log"
     log.write_text("\n".join([_header(joined=False), _line(0, "-", "-", joined=False)]) + "\n")
     table, _, _ = read_labelled(InputReader(FMT, [f"{log}=Benign"]))

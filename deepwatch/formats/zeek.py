@@ -9,15 +9,15 @@ one line of field names (``ts\tuid\tid.orig_h...``): it is read as a ``#fields``
 conn.log's first field is ``ts``, and a record's ``ts`` is a time, never the text ``ts``: so a
 line whose first field is ``ts`` is that header.
 
-A record's ground-truth label is read where its log has one: a field ``label`` (a TSV header
-naming it, a JSON line's or an object's key) and ``detailed-label`` (or ``detailed_label``), as
-Stratosphere's IoT-23 data set writes its ``conn.log.labeled`` files. ``Benign`` (any case) is
-``normal``, ``Malicious`` the detailed label where one is set, else ``malicious``; any other value
-is kept, and an unset one (``-``) leaves the record unlabelled (see ``label_value``). IoT-23's
-headers join their last three names with three spaces in one tab-field, and each line under
-them its last three values alike: such a header's last field, where it names a label, is read
-as those names, and the last field of each TSV line under it as that many values (see
-``_joined``). The label is no feature (see ``feature_spec``).
+A record's ground-truth label is read where its log has one: a field ``label`` (a TSV header naming
+it, a JSON line's or an object's key) and ``detailed-label`` (or ``detailed_label``), as
+Stratosphere's IoT-23 data set writes its ``conn.log.labeled`` files. ``Benign`` or ``Normal`` (any
+case) is ``normal``, ``Malicious`` the detailed label where one is set, else ``malicious``; any
+other value is kept, and an unset one (``-``) leaves the record unlabelled (see ``label_value``).
+IoT-23's headers join their last three names with three spaces in one tab-field, and each line
+under them its last three values alike: such a header's last field, where it names a label, is read
+as those names, and the last field of each TSV line under it as that many values (see ``_joined``).
+The label is no feature (see ``feature_spec``).
 
 Zeek's other logs are refused: a ``dns.log`` line has every field a record needs (ts, hosts,
 proto) and became a connection with no bytes, duration or state. A header naming fields of its
@@ -195,7 +195,7 @@ DETAILED_FIELDS = ("detailed-label", "detailed_label")
 _LABEL_NAMES = frozenset((LABEL_FIELD, *DETAILED_FIELDS))
 #: The label's values read as deepwatch's (any case): the benign one, and an attack whose name
 #: the detailed label gives where it is set.
-_BENIGN_VALUE = "benign"
+_BENIGN_VALUES = ("benign", BENIGN)
 _MALICIOUS_VALUE = "malicious"
 #: Zeek's marks of an unset or empty field: no value.
 _UNSET = ("-", "(empty)", "")
@@ -220,17 +220,17 @@ _RECORD_NAMES = _CONN_NAMES | frozenset(col for _name, col in _DOTTED)
 
 def label_value(label: Any, detailed: Any = None) -> str | None:
     """A record's ground-truth label as deepwatch names it, from a log's ``label`` and
-    ``detailed-label`` values (IoT-23's): ``Benign`` (any case) is ``normal`` (``BENIGN``),
-    ``Malicious`` (any case) the detailed label where it is set (not ``-`` or empty), else
-    ``malicious``; any other value is kept, stripped; an unset one (``-``, empty, None) is None
-    (no label). ``_label_expr`` reads a log's lines alike, in bulk."""
+    ``detailed-label`` values (IoT-23's): ``Benign`` or ``Normal`` (any case) is ``normal``
+    (``BENIGN``), ``Malicious`` (any case) the detailed label where it is set (not ``-`` or
+    empty), else ``malicious``; any other value is kept, stripped; an unset one (``-``, empty,
+    None) is None (no label). ``_label_expr`` reads a log's lines alike, in bulk."""
     if label is None:
         return None
     text = str(label).strip()
     if text in _UNSET:
         return None
     kind = text.lower()
-    if kind == _BENIGN_VALUE:
+    if kind in _BENIGN_VALUES:
         return BENIGN
     if kind == _MALICIOUS_VALUE:
         attack = None if detailed is None else str(detailed).strip()
@@ -248,7 +248,7 @@ def _label_expr(label: Any, detailed: Any) -> Any:
     attack = detailed.str.strip_chars()
     attack = pl.when(attack.is_in(list(_UNSET))).then(None).otherwise(attack)
     return (pl.when(text.is_null() | text.is_in(list(_UNSET))).then(None)
-            .when(kind == _BENIGN_VALUE).then(pl.lit(BENIGN))
+            .when(kind.is_in(list(_BENIGN_VALUES))).then(pl.lit(BENIGN))
             .when(kind == _MALICIOUS_VALUE).then(pl.coalesce(attack, pl.lit(_MALICIOUS_VALUE)))
             .otherwise(text).alias(LABEL_FIELD))
 
