@@ -632,6 +632,43 @@ def _other_logs_rejected(result: ParseResult, records: list[Any],
                        [other[int(p)] for p in positions[rows]])
 
 
+def _table_labels(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` (a table given to ``Detector.score_batch``) with each text ``label`` that is
+    ``Benign``, ``Normal`` or ``Malicious`` (any case, stripped) read as ``label_value`` reads
+    it: ``normal``, or the ``detailed-label`` (``detailed_label``) where set, else
+    ``malicious``. A frame read from an IoT-23 log (``pd.read_json``) kept ``Benign`` and
+    ``Malicious``: its benign records were attacks to deepwatch's metrics, and its attacks had
+    lost their names, where the same records given as objects, lines or files were read so.
+    Other labels stay as they are: a batch deepwatch parsed is unchanged."""
+    import pyarrow.compute as pc
+
+    at = batch.schema.get_field_index(LABEL_FIELD)
+    if at < 0 or not (pa.types.is_string(batch.schema.field(at).type)
+                      or pa.types.is_large_string(batch.schema.field(at).type)):
+        return batch
+    given = batch.column(at)
+    kind = pc.utf8_lower(pc.utf8_trim_whitespace(given))
+    benign = pc.is_in(kind, pa.array(_BENIGN_VALUES, given.type))
+    malicious = pc.equal(kind, _MALICIOUS_VALUE)
+    if not (pc.any(benign).as_py() or pc.any(malicious).as_py()):
+        return batch
+    attack = pa.nulls(len(given), given.type)
+    for name in DETAILED_FIELDS:  # the first one set, record by record, as parse_records
+        i = batch.schema.get_field_index(name)
+        if i < 0 or not (pa.types.is_string(batch.schema.field(i).type)
+                         or pa.types.is_large_string(batch.schema.field(i).type)):
+            continue
+        text = pc.utf8_trim_whitespace(batch.column(i).cast(given.type))
+        text = pc.if_else(pc.is_in(text, pa.array(_UNSET, given.type)),
+                          pa.scalar(None, given.type), text)
+        attack = pc.coalesce(attack, text)
+    label = pc.if_else(benign.fill_null(False), pa.scalar(BENIGN, given.type),
+                       pc.if_else(malicious.fill_null(False),
+                                  pc.coalesce(attack, pa.scalar(_MALICIOUS_VALUE, given.type)),
+                                  given))
+    return batch.set_column(at, batch.schema.field(at), label)
+
+
 class Zeek(Format):
     """Zeek connection records (``conn.log``), TSV or JSON lines."""
 
@@ -775,6 +812,11 @@ class Zeek(Format):
                 1, result.rejects.schema.field("raw"),
                 pa.array([record_text(records[n - 1]) for n in lines], pa.string()))
         return _other_logs_rejected(result, records, other) if other else result
+
+    def with_column_names(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """:meth:`Format.with_column_names`, and a ``label`` column written as a log writes it
+        read as ``parse_records`` reads an object's (see ``_table_labels``)."""
+        return _table_labels(super().with_column_names(batch))
 
     def label_of(self, given: str) -> str:
         """A label given for a whole log (``PATH=LABEL``) read as a record's own (see
