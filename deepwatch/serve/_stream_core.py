@@ -52,6 +52,10 @@ class RawBatch:
     #: The records whose message held a line break (joined with it written as the two
     #: characters ``\\n``, see :func:`join_messages`): each is a dead letter, never scored.
     broken: tuple[int, ...] = ()
+    #: Where the source knows it (a followed file read on from a kept position): the format's
+    #: context in force before this batch's first line, as a 1-tuple, in place of the one the
+    #: batches before it in ``stream`` left (see :class:`deepwatch.sources.files.Chunk`).
+    context: tuple[str | None] | None = None
     _split: list[bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -253,7 +257,8 @@ class StreamProcessor:
                 self._dead_letters(now or datetime.now(UTC), *_damage_text(raw), raw.origin),
                 _take_keys(raw.keys, idx), idx)
             return Output(messages, raw.count, 0, raw.count, 0, raw, self.fmt.name, now)
-        context = self._contexts.get(raw.stream) if raw.stream is not None else None
+        context = raw.context[0] if raw.context is not None else \
+            self._contexts.get(raw.stream) if raw.stream is not None else None
         result = (self.fmt.parse_bulk(raw.data, first_line=0, context=context) if raw.count
                   else None)
         if raw.stream is not None and raw.count:

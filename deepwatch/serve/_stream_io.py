@@ -30,6 +30,7 @@ from ..sources.files import (
     parse_input_spec,
 )
 from ..sources.follow import (
+    ContextAfter,
     Position,
     SavedPosition,
     follow_positions,
@@ -159,11 +160,13 @@ class FileSource:
 
     def __init__(self, inputs: Sequence[str], follow: bool = False,
                  chunk_bytes: int = CHUNK_BYTES, batch_size: int | None = None,
-                 position_file: str | None = None):
+                 position_file: str | None = None, context_after: ContextAfter | None = None):
         """``batch_size``: the most records in one batch (``--batch-size``); None: a chunk's.
         ``position_file`` (``--position-file``, with ``follow``): where the followed file was
         read to is kept there as each batch is committed, and a run started again reads on from
-        there (see :func:`~deepwatch.sources.follow.follow_positions`)."""
+        there (see :func:`~deepwatch.sources.follow.follow_positions`). ``context_after``: the
+        format's (one with a context: Zeek's ``#fields`` header), so that a run started again
+        reads on under the header in force there (``RawBatch.context``)."""
         self.specs: list[InputSpec] = []
         for text in inputs or ["-"]:
             for spec in parse_input_spec(text):
@@ -182,6 +185,7 @@ class FileSource:
         #: read every input to its end)
         self.unread: list[str] = []
         self.position_file = position_file
+        self.context_after = context_after
         #: the batches written but not yet committed that end at a position, in order
         self._placed: deque[tuple[RawBatch, Position]] = deque()
         self._position_failed = False
@@ -220,7 +224,8 @@ class FileSource:
                 ) -> Iterator[tuple[Chunk, Position | None]]:
         if self.follow and spec.path != "-":
             return follow_positions(spec, stop, self.chunk_bytes, resume=self._resume,
-                                    placed=self.position_file is not None)
+                                    placed=self.position_file is not None,
+                                    context_after=self.context_after)
         # stdin and a named pipe of text hand out their lines as soon as they arrive (a pipe
         # given by path waited for 4 MiB or its writer's close); their first bytes are looked
         # at as score does (compressed stdin was read as text: dead letters, not an error)
@@ -246,6 +251,7 @@ class FileSource:
                               else _at_most(chunk.data, n, self.batch_size))
                     first = chunk.first_line
                     after = len(chunk.data)  # bytes of the chunk from this piece on
+                    context = chunk.context  # (for its first piece: the others follow it)
                     for data, count in pieces:
                         origin = pl.DataFrame({
                             "file": pl.repeat(spec.display, count, eager=True, dtype=pl.String),
@@ -254,7 +260,8 @@ class FileSource:
                         first += count
                         after -= len(data)
                         batch = RawBatch(data, count, origin, stream=f"{number}:{spec.display}",
-                                         damage=chunk.damage, lost=chunk.lost)
+                                         damage=chunk.damage, lost=chunk.lost, context=context)
+                        context = None
                         if position is not None and self.position_file is not None:
                             # a piece before the chunk's last ends where its bytes do (a chunk
                             # that ends at a position is a run of the file's bytes up to it)

@@ -404,7 +404,8 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
             verdicts = bool(opts.verdict_topic)
         else:
             source = FileSource(opts.inputs, follow=opts.follow, batch_size=opts.batch_size,
-                                position_file=opts.position_file)
+                                position_file=opts.position_file,
+                                context_after=fmt.context_after if fmt.context_prefixes else None)
             # (with a position kept, a restarted worker appends to its outputs)
             try:
                 sink = JsonlSink(opts.out, opts.verdicts, opts.rejects, stop=stop,

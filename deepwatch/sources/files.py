@@ -234,6 +234,10 @@ class Chunk:
     #: with ``damage``: True when the chunk stands for the unreadable rest of a damaged input
     #: (a warning was logged), False when it stands for one over-long line.
     rest_lost: bool = False
+    #: where the reader found it (a followed file read on from a kept position): the format's
+    #: context in force before this chunk's first line (a Zeek ``#fields`` header), as a
+    #: 1-tuple; None where the chunk follows the one before it, which set it.
+    context: tuple[str | None] | None = None
 
 
 #: Why the last line of an input that a stop ended (stdin, a named pipe, a followed file), read

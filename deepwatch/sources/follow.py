@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
@@ -337,9 +337,38 @@ def _unplaced(chunks: list[Chunk]) -> Iterator[tuple[Chunk, Position | None]]:
         yield chunk, None
 
 
+#: Reads the format's context (a Zeek ``#fields`` header) out of whole lines: the context in
+#: force after them, given the one before (:meth:`deepwatch.formats.Format.context_after`).
+ContextAfter = Callable[[bytes, str | None], str | None]
+
+
+def _context_before(fd: int, offset: int, context_after: ContextAfter,
+                    block: int = 8 << 20) -> str | None:
+    """The context in force at ``offset`` of the file ``fd`` (a line's start): read from its
+    first bytes, as a run reading the file from its start had it there. A byte order mark
+    opening the file is no part of its first line."""
+    context: str | None = None
+    carry = b""
+    at = 0
+    while at < offset:
+        data = os.pread(fd, min(block, offset - at), at)
+        if not data:
+            break
+        if at == 0:
+            data = data.removeprefix(b"\xef\xbb\xbf")
+        at += len(data)
+        data = carry + data
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            context = context_after(data[:cut], context)
+        carry = data[cut:]
+    return context_after(carry, context) if carry else context
+
+
 def follow_positions(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 4 << 20,
                      poll: float = POLL_SECONDS, rotate_wait: float = ROTATE_WAIT_SECONDS,
-                     resume: SavedPosition | None = None, placed: bool = False
+                     resume: SavedPosition | None = None, placed: bool = False,
+                     context_after: ContextAfter | None = None
                      ) -> Generator[tuple[Chunk, Position | None]]:
     """:func:`follow_chunks`, each chunk with the :class:`Position` its last line ends at in the
     file the path names, where it ends one: None for the lines of a rotated file, and for the
@@ -349,6 +378,9 @@ def follow_positions(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 
     kept for (:meth:`SavedPosition.mismatch`), it is read on from there, its lines numbered on;
     else it is read from its start, and one log line says why. ``placed``: positions are
     wanted, so a named pipe, which has none, is refused (:class:`~deepwatch.errors.InputError`).
+    ``context_after`` (a format with a context: Zeek's ``#fields`` header): the first chunk
+    read on from ``resume`` carries the context in force there, read from the file's start
+    (:attr:`Chunk.context`): a restarted run read the lines after it in the standard order.
     """
     opened = _open(spec.path, stop, poll)
     if opened is None:
@@ -388,9 +420,14 @@ def follow_positions(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 
     def here() -> Position:
         return Position(dev, inode, handed, lines.line, seen.head)
 
+    # the context where reading the file the path names resumes (see context_after), for its
+    # first chunk
+    resumed: tuple[str | None] | None = None
     if resume is not None:
         why = resume.mismatch(fh.fileno())
         if why is None:
+            if context_after is not None and resume.offset:
+                resumed = (_context_before(fh.fileno(), resume.offset, context_after),)
             fh.seek(resume.offset)
             handed, lines.line = resume.offset, resume.line
             lines.at_start = resume.offset == 0  # (a byte order mark only opens the file)
@@ -426,11 +463,15 @@ def follow_positions(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 
             rst = os.fstat(rfd)
             at = Position(rst.st_dev, rst.st_ino, resume.offset, resume.line,
                           os.pread(rfd, SEEN_BYTES, 0))
+            old_context = None if context_after is None else (
+                _context_before(rfd, resume.offset, context_after),)
             while block := rotated.fh.read(chunk_bytes):
                 rotated.quiet_since = time.monotonic()
                 chunks = rotated.lines.feed(block)
                 if (cut := block.rfind(b"\n")) >= 0:
                     at = at.at(rotated.fh.tell() - len(block) + cut + 1, rotated.lines.line)
+                if chunks and old_context is not None:
+                    chunks[0].context, old_context = old_context, None
                 yield from _last_at(chunks, at)
                 if stop.is_set():  # the rest stays in it, where the position kept still is
                     return
@@ -453,6 +494,8 @@ def follow_positions(spec: InputSpec, stop: threading.Event, chunk_bytes: int = 
                 chunks = lines.feed(block)
                 if (cut := block.rfind(b"\n")) >= 0:
                     handed = fh.tell() - len(block) + cut + 1
+                if chunks and resumed is not None:
+                    chunks[0].context, resumed = resumed, None
                 yield from _last_at(chunks, here())
                 if not stop.is_set():
                     continue
