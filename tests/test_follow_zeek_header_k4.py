@@ -9,8 +9,9 @@ file the path names and for the rest of a file rotated while the worker was stop
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
+
+from test_stream_position_j2 import read_batches
 
 from deepwatch.formats import get_format
 from deepwatch.serve._stream_core import RawBatch
@@ -34,25 +35,6 @@ def _source(log: Path, pos: Path) -> FileSource:
                       position_file=str(pos), context_after=FMT.context_after)
 
 
-def _read(source: FileSource, records: int) -> list[RawBatch]:
-    """The batches of a worker run until ``records`` lines (headers included) came, each
-    committed (its position kept); at most 5 s."""
-    stop = threading.Event()
-    got: list[RawBatch] = []
-    timer = threading.Timer(5, stop.set)
-    timer.start()
-    try:
-        for batch in source.batches(stop):
-            got.append(batch)
-            source.commit(batch)
-            if sum(b.count for b in got) >= records:
-                stop.set()
-    finally:
-        timer.cancel()
-        source.close()
-    return got
-
-
 def _parsed(batches: list[RawBatch]) -> tuple[list[object], list[str]]:
     """The labels and the reject reasons, each batch read as the stream processor reads it:
     in the context its source gave, else in the one the batches before it left."""
@@ -72,11 +54,11 @@ def _parsed(batches: list[RawBatch]) -> tuple[list[object], list[str]]:
 def test_a_restarted_worker_reads_on_under_the_header_in_force(tmp_path: Path) -> None:
     log, pos = tmp_path / "conn.log", tmp_path / "pos.json"
     log.write_bytes(HEADER.encode() + _lines(0, 10))
-    first = _read(_source(log, pos), 11)
+    first = read_batches(_source(log, pos), 11)
     assert _parsed(first) == (["malicious" if i % 2 == 0 else "normal" for i in range(10)], [])
     with log.open("ab") as fh:
         fh.write(_lines(10, 12))
-    again = _read(_source(log, pos), 12)
+    again = read_batches(_source(log, pos), 12)
     assert again[0].origin["line"][0] == 12 and again[0].context == (HEADER.rstrip("\n"),)
     assert all(b.context is None for b in again[1:])  # the batches after it follow it
     labels, reasons = _parsed(again)
@@ -88,12 +70,12 @@ def test_the_rest_of_a_file_rotated_while_stopped_reads_under_its_own_header(
         tmp_path: Path) -> None:
     log, pos = tmp_path / "conn.log", tmp_path / "pos.json"
     log.write_bytes(b"\xef\xbb\xbf" + HEADER.encode() + _lines(0, 6))  # a BOM opening it
-    assert len(_read(_source(log, pos), 7)) >= 2
+    assert len(read_batches(_source(log, pos), 7)) >= 2
     with log.open("ab") as fh:
         fh.write(_lines(6, 5))
     log.rename(tmp_path / "conn.log.1")
     log.write_bytes(HEADER.encode() + _lines(100, 3))  # the new file, with its header
-    again = _read(_source(log, pos), 9)
+    again = read_batches(_source(log, pos), 9)
     assert again[0].context == (HEADER.rstrip("\n"),)
     labels, reasons = _parsed(again)
     assert reasons == [] and len(labels) == 8

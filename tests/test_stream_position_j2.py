@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT
 from test_follow_position_h2 import Worker, _kept, _messages, _records, _source_lines
 
+from deepwatch.serve._stream_core import RawBatch
 from deepwatch.serve._stream_io import FileSource
 
 
@@ -95,24 +96,29 @@ def test_lines_written_before_a_rotation_while_stopped_are_read(
     assert (pos["inode"], pos["line"]) == (log.stat().st_ino, 11)
 
 
-def _read(source: FileSource, lines: int) -> list[int]:
-    """The line numbers of the batches ``source`` hands out, each committed, until at least
-    ``lines`` lines were (then it is stopped: the batches of the chunk in hand still come), or
-    for at most 5 s."""
+def read_batches(source: FileSource, lines: int) -> list[RawBatch]:
+    """The batches ``source`` hands out, each committed, until they hold at least ``lines``
+    lines (then it is stopped: the batches of the chunk in hand still come), or for at most
+    5 s."""
     stop = threading.Event()
-    numbers: list[int] = []
+    batches: list[RawBatch] = []
     timer = threading.Timer(5, stop.set)
     timer.start()
     try:
         for batch in source.batches(stop):
-            numbers += batch.origin["line"].to_list()
+            batches.append(batch)
             source.commit(batch)
-            if len(numbers) >= lines:
+            if sum(b.count for b in batches) >= lines:
                 stop.set()
     finally:
         timer.cancel()
         source.close()
-    return numbers
+    return batches
+
+
+def _read(source: FileSource, lines: int) -> list[int]:
+    """The line numbers of :func:`read_batches`."""
+    return [n for b in read_batches(source, lines) for n in b.origin["line"].to_list()]
 
 
 def test_a_stop_while_the_rotated_file_is_read_keeps_the_place_in_it(
