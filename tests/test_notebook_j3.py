@@ -90,3 +90,26 @@ def test_polars_enum_frames_with_other_category_lists_get_their_own_results(
     wrong = got.column("score").to_numpy() != want.column("score").to_numpy()
     assert int(wrong.sum()) == 0  # (3,290 of the 4,200 before)
     assert got.column("attack_type").to_pylist() == want.column("attack_type").to_pylist()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_polars_nan_or_infinity_is_an_error_naming_it_not_a_normal_verdict(
+        kdd_bundle: Path, kdd_records: pa.RecordBatch, bad: float) -> None:
+    """A polars frame keeps a float NaN (pandas' becomes null): its record scored NaN, which no
+    threshold reaches, so its verdict was ``normal`` without a word. It is one InputError
+    naming the column and row, and saying how to have such records rejected instead."""
+    from deepwatch.errors import InputError
+
+    det = Detector(kdd_bundle)
+    frame = pl.from_arrow(kdd_records)
+    assert isinstance(frame, pl.DataFrame)
+    assert det.score_batch(frame).num_rows == 300  # the same frame, every value finite
+    rows = pl.int_range(pl.len())
+    damaged = frame.with_columns(pl.when(rows == 7).then(bad).otherwise(pl.col("serror_rate"))
+                                 .alias("serror_rate"))
+    with pytest.raises(InputError, match=rf"column 'serror_rate' holds a value that is not a "
+                       rf"finite number \({bad} at row 7\).*parse_records"):
+        det.score_batch(damaged)
+    parsed = get_format("kdd").parse_records(damaged)  # the way the error names
+    assert parsed.rejects.num_rows == 1 and parsed.batch.num_rows == 299
+    assert det.score_batch(parsed.batch).num_rows == 299

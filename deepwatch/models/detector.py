@@ -250,9 +250,11 @@ class Detector:
         Records not parsed by deepwatch (built by hand, read from a CSV or a frame) should come
         through ``get_format(NAME).parse_records(records)`` (dicts or a frame) or
         ``.parse(text)`` (lines) first, and their ``.batch`` be scored: ``score_batch`` does not
-        check values the parsers refuse (NaN, inf, negative counts or sizes, KDD rates outside
-        0..1, as rejects with a reason). It gives such records verdicts all the same, which
-        mean nothing."""
+        check every value the parsers refuse (negative counts or sizes, KDD rates outside 0..1,
+        as rejects with a reason), and gives such records verdicts all the same, which mean
+        nothing. A NaN or infinity in a column of floats (a polars frame keeps a NaN; pandas'
+        becomes null) is an :class:`~deepwatch.errors.InputError` naming it: its record scored
+        NaN, which no threshold reaches (verdict ``normal``)."""
         batch = self.as_batch(batch)
         if batch.num_rows >= DEDUPE_MIN_ROWS and not self.featurizer.stateful:
             # A record's verdict depends on nothing but its own fields: records seen before
@@ -346,13 +348,27 @@ def _expand(value: Any, inverse: np.ndarray) -> Any:
 def _check_numbers(records: pa.RecordBatch, names: list[str], format_name: str) -> None:
     """An InputError naming a column the model reads as numbers that holds something else (a
     frame's ``"abc"`` or dates): it failed in the featurizer with pyarrow's ``ArrowInvalid:
-    Failed to parse string``. Only columns of other types than numbers are looked at."""
+    Failed to parse string``. Columns of other types than numbers are looked at, and columns of
+    floats for NaN and infinities: a polars frame keeps a NaN (pandas' becomes null), and its
+    record scored NaN, which no threshold reaches: the verdict ``normal``, without a word (the
+    parsers reject such a record with its reason; records parsed by deepwatch never hold one)."""
     import pyarrow.compute as pc
 
     for name in names:
         column = records.column(name)
         typ = column.type
-        if (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_null(typ)
+        if pa.types.is_floating(typ):
+            finite = pc.is_finite(column)
+            if finite.null_count < len(column) and not pc.all(finite).as_py():
+                row = int(pc.index(finite, False).as_py())
+                raise InputError(
+                    f"column {name!r} holds a value that is not a finite number "
+                    f"({column[row].as_py()} at row {row}), which this {format_name} model "
+                    f"cannot score: parse the records first (get_format({format_name!r})"
+                    ".parse_records(frame)), which rejects such records with their reason, and "
+                    "score the result's .batch")
+            continue
+        if (pa.types.is_integer(typ) or pa.types.is_null(typ)
                 or pa.types.is_boolean(typ) or pa.types.is_decimal(typ)):
             continue
         try:
