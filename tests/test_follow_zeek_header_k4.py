@@ -79,3 +79,25 @@ def test_the_rest_of_a_file_rotated_while_stopped_reads_under_its_own_header(
     assert again[0].context == (HEADER.rstrip("\n"),)
     labels, reasons = _parsed(again)
     assert reasons == [] and len(labels) == 8
+
+
+def test_the_stream_processor_scores_the_resumed_lines_under_the_header(tmp_path: Path) -> None:
+    """The worker's own path: a small Zeek model, the batches of a restarted run through the
+    stream processor. Without the header each resumed line was a reject (9 fields, not the
+    standard conn.log's)."""
+    from deepwatch.models.detector import Detector
+    from deepwatch.serve._stream_core import StreamProcessor
+    from deepwatch.train.api import train
+
+    training = tmp_path / "train.log"
+    training.write_bytes(HEADER.encode() + _lines(0, 300))
+    train("zeek", "autoencoder", [str(training)], tmp_path / "ae", epochs=1, seed=0)
+    log, pos = tmp_path / "conn.log", tmp_path / "pos.json"
+    log.write_bytes(HEADER.encode() + _lines(0, 10))
+    read_batches(_source(log, pos), 11)
+    with log.open("ab") as fh:
+        fh.write(_lines(10, 12))
+    processor = StreamProcessor(Detector(tmp_path / "ae"), FMT)
+    outs = [processor.process(b) for b in read_batches(_source(log, pos), 12)]
+    assert sum(o.rejected for o in outs) == 0
+    assert sum(o.scored for o in outs) == 12

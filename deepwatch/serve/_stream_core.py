@@ -250,6 +250,8 @@ class StreamProcessor:
         self._contexts: dict[str, str | None] = {}  # per input stream: its format context
 
     def process(self, raw: RawBatch, now: datetime | None = None) -> Output:
+        if raw.context is not None and raw.stream is not None:  # (a damaged batch's too)
+            self._contexts[raw.stream] = raw.context[0]
         if raw.damage is not None:
             messages = {k: Messages(keys=[] if raw.keys is not None else None) for k in KINDS}
             idx = np.arange(raw.count, dtype=np.int64)
@@ -257,8 +259,7 @@ class StreamProcessor:
                 self._dead_letters(now or datetime.now(UTC), *_damage_text(raw), raw.origin),
                 _take_keys(raw.keys, idx), idx)
             return Output(messages, raw.count, 0, raw.count, 0, raw, self.fmt.name, now)
-        context = raw.context[0] if raw.context is not None else \
-            self._contexts.get(raw.stream) if raw.stream is not None else None
+        context = self._contexts.get(raw.stream) if raw.stream is not None else None
         result = (self.fmt.parse_bulk(raw.data, first_line=0, context=context) if raw.count
                   else None)
         if raw.stream is not None and raw.count:
