@@ -175,10 +175,43 @@ def _observe(metrics: StreamMetrics, out: Any, seconds: float) -> None:
     metrics.last_batch.set_to_current_time()
 
 
+#: The longest one wait of a :class:`StopEvent` lasts before it looks at the flag again.
+STOP_WAKE_S = 0.2
+
+
+class StopEvent(threading.Event):
+    """The worker's stop: a :class:`threading.Event` that the stop's signal handler may set.
+
+    A Python signal handler runs on the main thread between two steps of whatever it
+    interrupted, which may be this event's own ``wait`` while it holds the event's lock (on its
+    way in, or back out after its timeout). ``threading.Event``'s lock is not reentrant: the
+    handler's ``set`` then waited for a lock its own thread held, for ever, and every later
+    SIGTERM's handler did the same (the worker following an idle log polls in ``wait`` five
+    times a second; only SIGKILL ended it). Here the lock is reentrant, so the handler's
+    ``set`` goes through; a set that came between the ``wait``'s look at the flag and its
+    sleep is seen when the sleep ends, which is at most ``STOP_WAKE_S`` later, however long
+    the ``wait`` was asked to last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition(threading.RLock())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = STOP_WAKE_S if end is None else min(STOP_WAKE_S, end - time.monotonic())
+            if super().wait(max(0.0, left)):
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
+
+
 def stop_on_signals(stop: threading.Event, received: list[int] | None = None
                     ) -> _SetsStop:
     """SIGTERM and SIGINT set ``stop`` (the batch in hand finishes) instead of killing; each
-    signal is added to ``received``."""
+    signal is added to ``received``. ``stop`` is best a :class:`StopEvent`, which the handler
+    sets at once; another event is set by a thread the handler starts (its lock may be held
+    by the code the handler interrupted)."""
     return _SetsStop(stop, received)
 
 
@@ -205,7 +238,10 @@ class _SetsStop(StopSignals):
                  extra={"event": "signal", "signal": signal.Signals(signum).name})
         if self.received is not None:
             self.received.append(signum)
-        self.stop.set()
+        if isinstance(self.stop, StopEvent):
+            self.stop.set()
+        else:  # (see StopEvent: its set could wait here for ever on a lock this thread holds)
+            threading.Thread(target=self.stop.set, name="deepwatch-stop", daemon=True).start()
         self.then()
 
 
@@ -381,7 +417,7 @@ def run_stream(opts: StreamOptions, stop: threading.Event | None = None,
     if opts.format != det.format:
         raise UsageError(f"the bundle was trained on format {det.format!r}, not {opts.format!r}")
     fmt = get_format(opts.format)
-    stop = stop or threading.Event()
+    stop = stop or StopEvent()
     metrics = StreamMetrics()
     if opts.metrics_port is not None:
         host = opts.metrics_host or "127.0.0.1"
