@@ -117,3 +117,32 @@ def test_a_stop_event_set_as_its_wait_begins_ends_the_wait_within_a_slice() -> N
     assert time.monotonic() - started < stream.STOP_WAKE_S + 1.0
     assert not stream.StopEvent().wait(0.05)  # a timeout still ends it, unset
     assert isinstance(stop, threading.Event)
+
+
+def test_a_stop_with_a_chunk_in_hand_ends_after_the_batch_in_hand(tmp_path: Path) -> None:
+    """``--follow --position-file`` with a backlog: a stop after the first batch ends the
+    batches there; the place kept is after it, and the rest of what was read is left in the
+    file for the next start. (Every batch of the 4 MiB chunk read was scored first: with
+    ``--batch-size 1`` the real command, stopped on a 26k-line backlog, went on scoring for
+    5 s, then exited 1 saying its --verdicts file had not taken the batch.)"""
+    import threading
+
+    from deepwatch.serve._stream_io import FileSource
+    from deepwatch.sources.follow import read_position
+
+    log = tmp_path / "live.csv"
+    log.write_bytes(b"".join(b"line %d\n" % i for i in range(1, 51)))
+    pos = tmp_path / "pos.json"
+    stop = threading.Event()
+    source = FileSource([str(log)], follow=True, batch_size=1, position_file=str(pos))
+    try:
+        batches = source.batches(stop)
+        first = next(batches)
+        stop.set()
+        rest = list(batches)
+        source.commit(first)
+    finally:
+        source.close()
+    assert (first.count, rest) == (1, [])
+    kept = read_position(str(pos))
+    assert kept is not None and (kept.line, kept.offset) == (2, len(b"line 1\n"))
