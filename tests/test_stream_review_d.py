@@ -239,6 +239,26 @@ def test_a_stop_while_files_are_read_says_what_was_left_unread(
     assert stopped.levelno == logging.INFO
 
 
+def test_a_stop_while_a_file_is_read_in_small_batches_ends_after_the_batch_in_hand(
+        detector: Detector, small_kdd_test: Path, tmp_path: Path) -> None:
+    """With --batch-size, a stop while a file (not followed) was read scored every batch of
+    the 4 MiB chunk in hand first (with --batch-size 1, one record a batch for minutes, or a
+    write given up 5 s after the stop, exit 1): it ends after the batch in hand, and the rest
+    is said unread."""
+    from deepwatch.serve.stream import StreamOptions, run_stream
+
+    big = tmp_path / "big.csv"
+    big.write_bytes(small_kdd_test.read_bytes())
+    stop = threading.Event()
+    opts = StreamOptions(bundle="unused", format="kdd", inputs=[str(big)], batch_size=7,
+                         out=str(tmp_path / "alerts.jsonl"))
+    report = run_stream(opts, stop, _StopOnFirstBatch(detector, stop))
+    assert report.records == 7
+    read = len(b"".join(big.read_bytes().splitlines(True)[:7]))
+    assert report.unread == [f"{big} was read up to line 7 ({read:,} of {big.stat().st_size:,} "
+                             "bytes): the lines after it were not scored"]
+
+
 def test_a_message_holding_a_line_break_is_a_dead_letter_even_where_the_format_parses_it(
         detector: Detector, small_kdd_test: Path) -> None:
     """'A message holding a line break is one record, rejected whole' (docs/stream.md): it was

@@ -270,13 +270,17 @@ class FileSource:
                             self._placed.append((batch, position if not after else
                                                  position.at(position.offset - after, first)))
                         yield batch
-                        if placed and after and stop.is_set():
+                        if after and stop.is_set() and (placed or not ends_on_stop):
                             # stopped with more of the chunk read (up to 4 MiB: tens of
                             # thousands of records, one --batch-size batch after another): the
                             # rest stays in the file, read again at the next start from the
-                            # place kept. (It was all scored first: a SIGTERM that came on a
-                            # backlog went on for minutes with --batch-size 1, or ended 5 s
-                            # later as a write given up, exit 1, blaming the output.)
+                            # place kept, or said unread (a file not followed). (It was all
+                            # scored first: a SIGTERM that came on a backlog went on for
+                            # minutes with --batch-size 1, or ended 5 s later as a write given
+                            # up, exit 1, blaming the output.)
+                            if not placed:
+                                self._note_unread(spec, first, handed - after,
+                                                  self.specs[number + 1:])
                             return
                     if stop.is_set() and not ends_on_stop:
                         self._note_unread(spec, first, handed, self.specs[number + 1:])
