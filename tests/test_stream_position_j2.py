@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,15 +51,9 @@ def test_a_second_worker_with_the_same_position_file_is_refused(
          str(other), "--follow", "--position-file", str(pos), "--out",
          str(tmp_path / "b-alerts.jsonl"), "--verdicts", str(tmp_path / "b-verdicts.jsonl")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, text=True)
-    deadline = time.monotonic() + 30
-    while second.poll() is None:
-        if json.loads(pos.read_bytes())["path"] == str(other) or time.monotonic() > deadline:
-            second.kill()  # (it ran on, its own place kept in the first's position file)
-            second.communicate()
-            first.proc.kill()
-            pytest.fail("a second worker given the same --position-file was not refused")
-        time.sleep(0.05)
-    err = second.communicate()[1]
+    # (run on, it kept its own place in the first's position file)
+    err = _ended(second, first, lambda: json.loads(pos.read_bytes())["path"] == str(other),
+                 "a second worker given the same --position-file was not refused")
     assert second.returncode == 2 and "Traceback" not in err, err
     assert (f"error: --position-file {pos} is being used by another run (pid "
             f"{first.proc.pid}): two workers must not keep their places in one file") in err
@@ -94,6 +89,22 @@ def test_lines_written_before_a_rotation_while_stopped_are_read(
         f"position are read first, from {tmp_path / 'live.csv.1'} at line 31 (byte " in said[0]
     pos = json.loads((tmp_path / "pos.json").read_text())
     assert (pos["inode"], pos["line"]) == (log.stat().st_ino, 11)
+
+
+def _ended(second: subprocess.Popen[str], first: Worker, went_on: Callable[[], bool],
+           failure: str, shown: Callable[[], str] = lambda: "") -> str:
+    """The stderr of ``second`` once it has exited; the test fails (both workers killed) where
+    ``went_on`` shows it running on, or it is still running 30 s on."""
+    deadline = time.monotonic() + 30
+    while second.poll() is None:
+        if went_on() or time.monotonic() > deadline:
+            detail = shown()
+            second.kill()
+            second.communicate()
+            first.proc.kill()
+            pytest.fail(failure + detail)
+        time.sleep(0.05)
+    return str(second.communicate()[1])
 
 
 def read_batches(source: FileSource, lines: int) -> list[RawBatch]:
@@ -177,16 +188,9 @@ def test_a_second_worker_writing_the_same_output_is_refused(
          str(other), "--follow", "--out", str(tmp_path / "b-alerts.jsonl"),
          "--verdicts", str(verdicts)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, text=True)
-    deadline = time.monotonic() + 30
-    while second.poll() is None:
-        if not verdicts.read_bytes().startswith(written) or time.monotonic() > deadline:
-            second.kill()
-            second.communicate()
-            first.proc.kill()
-            pytest.fail("a second worker given the same --verdicts was not refused: "
-                        f"{verdicts.read_bytes()[:80]!r}")
-        time.sleep(0.05)
-    err = second.communicate()[1]
+    err = _ended(second, first, lambda: not verdicts.read_bytes().startswith(written),
+                 "a second worker given the same --verdicts was not refused",
+                 lambda: f": {verdicts.read_bytes()[:80]!r}")
     assert second.returncode == 2 and "Traceback" not in err, err
     assert (f"error: --verdicts {verdicts} is being written by another run (pid "
             f"{first.proc.pid}); wait for it to end or give another path") in err
